@@ -1,0 +1,47 @@
+# storvisor: the two commands are `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STORVISOR_HOME ?= $(HOME)/.local/share/storvisor
+
+# Debian packages: the run-time tools, then what the tests drive (real peers and guests).
+APT_RUN  := qemu-utils
+APT_TEST := qemu-utils qemu-system-x86 qemu-system-common nbdkit nbdkit-plugin-python \
+            libnbd-bin python3-libnbd fio libvirt-clients linux-image-amd64 busybox-static
+
+.PHONY: run test lint typecheck pytest apt-run apt-test venv clean bench
+
+run: apt-run venv
+	$(VENV)/bin/storvisor --home "$(STORVISOR_HOME)" serve --demo
+
+test: apt-test venv lint typecheck pytest
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+pytest: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+apt-run:
+	@scripts/apt-ensure $(APT_RUN)
+
+apt-test:
+	@scripts/apt-ensure $(APT_TEST)
+
+bench: venv
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

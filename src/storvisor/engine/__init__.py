@@ -1,0 +1,1 @@
+"""Pools, backing devices, thin volumes, snapshots, clones and their metadata. No sockets."""

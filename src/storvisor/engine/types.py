@@ -1,0 +1,79 @@
+"""Plain records the engine hands to the layers above (API, CLI, exports).
+
+They are frozen and hold only values, so they can cross a thread or process boundary and be
+rendered as JSON by ``dataclasses.asdict``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class BackingKind(enum.StrEnum):
+    FILE = "file"
+    BLOCK = "block"
+
+
+@dataclass(frozen=True, slots=True)
+class BackingInfo:
+    path: str
+    kind: BackingKind
+    size: int  # bytes usable for clusters
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """Space of a pool in bytes. ``provisioned`` is the sum of volume sizes (may exceed
+    ``capacity``: thin provisioning); ``allocated + free == capacity``."""
+
+    capacity: int
+    allocated: int
+    provisioned: int
+    free: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolInfo:
+    name: str
+    cluster_size: int
+    backings: tuple[BackingInfo, ...]
+    stats: PoolStats
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeInfo:
+    pool: str
+    name: str
+    size: int
+    allocated: int  # bytes of clusters this volume owns (not shared with its parent)
+    origin: str | None  # "VOL@SNAP" for a linked clone until flattened, else None
+    serial: str  # stable identifier, reported as the virtio-blk GET_ID serial
+    created: float  # Unix time
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    pool: str
+    volume: str
+    name: str
+    size: int
+    created: float
+    clones: tuple[str, ...]  # names of volumes cloned from this snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class FsckReport:
+    """What ``Pool.fsck`` found. Cluster numbers are pool-wide physical cluster indexes."""
+
+    pool: str
+    clusters_total: int
+    clusters_used: int
+    leaked: tuple[int, ...]  # marked used but referenced by no map
+    doubly_owned: tuple[int, ...]  # referenced more often than their refcount allows
+    dangling: tuple[str, ...]  # maps pointing outside the pool or to missing parents
+    errors: tuple[str, ...]  # any other inconsistency, one line each
+
+    @property
+    def clean(self) -> bool:
+        return not (self.leaked or self.doubly_owned or self.dangling or self.errors)

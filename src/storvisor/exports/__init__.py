@@ -1,0 +1,1 @@
+"""Servers that bind a protocol from ``storvisor.protocols`` to a ``BlockDevice``."""
