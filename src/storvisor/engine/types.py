@@ -16,6 +16,15 @@ class BackingKind(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class BackingSpec:
+    """A backing device to add to a pool: an existing file or block device (a LUN), or, with
+    ``size``, a sparse regular file created (or grown) to that many bytes."""
+
+    path: str
+    size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class BackingInfo:
     path: str
     kind: BackingKind
