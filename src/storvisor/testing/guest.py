@@ -1,0 +1,533 @@
+"""Boot a throw-away Linux guest under QEMU (TCG) and run a shell script inside it.
+
+Theory of operation
+-------------------
+The guest is the host's own Debian kernel (``/boot/vmlinuz-VERSION``) with an initramfs built
+here: a static busybox, the kernel modules a test needs (virtio, virtio_blk, virtio_scsi, 9p by
+default, with their dependencies resolved through ``modules.dep`` and loaded with ``insmod`` in
+dependency order) and an ``/init`` that mounts ``/proc``, ``/sys`` and ``/dev``, runs the test's
+script in a subshell, prints one marker line with the script's exit status and powers the
+machine off. The base archive is cached per kernel version and module list (see
+``cache_dir``); each run appends a second, tiny cpio archive holding the script and a random
+nonce (the kernel unpacks concatenated archives in order), so a script cannot fake the marker
+by accident.
+
+The guest always gets its RAM from a shared ``memory-backend-memfd`` (vhost-user back-ends
+must map it) and its serial console on QEMU's stdout, which a reader thread collects line by
+line, so a test can wait for a line the script prints (``Guest.wait_for_line``) and act on the
+host while the guest keeps running, e.g. kill and restart a back-end during guest I/O.
+
+Inside the script, ``/bin`` holds every busybox applet, the working directory is a tmpfs-like
+``/tmp`` in the initramfs, and the shell function ``wait_for_block DEV [SECONDS]`` waits until a
+block device node appears.
+
+Errors: ``GuestError`` when QEMU cannot start, dies, or the guest stops without reporting a
+status; ``GuestTimeout`` (a ``GuestError``) when the deadline passes, after QEMU was killed. A
+non-zero script status is not an error: ``GuestResult.check`` turns it into ``GuestFailed``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import lzma
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from storvisor.errors import StorvisorError
+
+DEFAULT_MODULES: tuple[str, ...] = (
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "sd_mod",
+    "9pnet_virtio",
+    "9p",
+)
+"""Modules loaded by default: virtio-blk and virtio-scsi disks, 9p host directory shares."""
+
+BUSYBOX = "/bin/busybox"
+QEMU = "qemu-system-x86_64"
+_MARKER = "STORVISOR-GUEST-EXIT"
+_TAIL_LINES = 40
+
+_INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in $(cat /lib/modules/load-order); do
+    insmod "/lib/modules/$m.ko" || echo "storvisor-guest: insmod $m failed"
+done
+wait_for_block() {
+    _n=0
+    while [ ! -b "$1" ]; do
+        _n=$((_n + 1))
+        [ "$_n" -gt $((${2:-10} * 20)) ] && { echo "storvisor-guest: no $1"; return 1; }
+        usleep 50000
+    done
+}
+read nonce < /storvisor/nonce
+(cd /tmp && . /storvisor/script.sh)
+rc=$?
+sync
+echo "STORVISOR-GUEST-EXIT $nonce $rc"
+usleep 200000
+poweroff -f
+"""
+
+
+class GuestError(StorvisorError):
+    """The guest could not be run to completion; ``str(e)`` includes the console's tail."""
+
+
+class GuestTimeout(GuestError):
+    """The guest did not finish (or print an awaited line) in time; QEMU has been killed."""
+
+
+class GuestFailed(GuestError):
+    """The guest's script exited with a non-zero status (raised by ``GuestResult.check``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Kernel:
+    """A bootable kernel image and the directory holding its modules."""
+
+    version: str
+    image: Path
+    modules_dir: Path
+
+    @classmethod
+    def find(cls, version: str | None = None) -> Kernel:
+        """The given kernel version, or the newest ``/boot/vmlinuz-*`` that has modules.
+
+        Raises ``GuestError`` if there is none (install ``linux-image-amd64``).
+        """
+        candidates = (
+            [f"/boot/vmlinuz-{version}"] if version else sorted(glob.glob("/boot/vmlinuz-*"))
+        )
+        for image in reversed(candidates):
+            ver = image.removeprefix("/boot/vmlinuz-")
+            modules = Path("/lib/modules") / ver
+            if os.access(image, os.R_OK) and (modules / "modules.dep").is_file():
+                return cls(ver, Path(image), modules)
+        raise GuestError(
+            f"no readable kernel with modules ({version or '/boot/vmlinuz-*'}); "
+            "install linux-image-amd64"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GuestResult:
+    """What a finished guest reported."""
+
+    status: int
+    """Exit status of the script (0 = success)."""
+    console: str
+    """Everything the serial console printed, ``\\r`` removed."""
+    seconds: float
+    """Wall time from QEMU start to QEMU exit."""
+
+    def check(self) -> GuestResult:
+        """Return ``self`` if the script succeeded; raise ``GuestFailed`` otherwise."""
+        if self.status != 0:
+            raise GuestFailed(
+                f"guest script exited with status {self.status}\n{_tail(self.console)}"
+            )
+        return self
+
+
+def cache_dir() -> Path:
+    """Where built initramfs archives are cached: ``$STORVISOR_GUEST_CACHE`` or a temp dir."""
+    env = os.environ.get("STORVISOR_GUEST_CACHE")
+    if env:
+        return Path(env)
+    return Path(tempfile.gettempdir()) / f"storvisor-guest-cache-{os.getuid()}"
+
+
+def module_load_order(kernel: Kernel, modules: Sequence[str]) -> list[tuple[str, Path]]:
+    """``(name, path)`` of ``modules`` and everything they depend on, dependencies first.
+
+    Read from the kernel's ``modules.dep``; modules built into the kernel are skipped. Raises
+    ``GuestError`` for a module the kernel has neither built in nor as a file.
+    """
+    deps: dict[str, tuple[Path, list[str]]] = {}
+    for line in (kernel.modules_dir / "modules.dep").read_text().splitlines():
+        target, _, rest = line.partition(":")
+        deps[_module_name(target)] = (
+            kernel.modules_dir / target,
+            [_module_name(d) for d in rest.split()],
+        )
+    builtin_file = kernel.modules_dir / "modules.builtin"
+    builtin = (
+        {_module_name(line) for line in builtin_file.read_text().split()}
+        if builtin_file.is_file()
+        else set()
+    )
+    order: list[tuple[str, Path]] = []
+    seen: set[str] = set()
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if name in seen or name in builtin:
+            return
+        if name in chain:
+            raise GuestError(f"module dependency loop: {' -> '.join((*chain, name))}")
+        if name not in deps:
+            raise GuestError(f"kernel {kernel.version} has no module {name}")
+        path, needs = deps[name]
+        for dep in needs:
+            visit(dep, (*chain, name))
+        seen.add(name)
+        order.append((name, path))
+
+    for module in modules:
+        visit(module.replace("-", "_"), ())
+    return order
+
+
+def _module_name(path: str) -> str:
+    """``kernel/fs/9p/9p.ko.xz`` -> ``9p``; dashes become underscores, as the kernel does."""
+    return Path(path).name.split(".ko")[0].replace("-", "_")
+
+
+class CpioWriter:
+    """Writes an uncompressed ``newc`` cpio archive, the format the kernel unpacks."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._ino = 1
+
+    def directory(self, name: str) -> None:
+        self._entry(name, 0o040755, b"")
+
+    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        self._entry(name, 0o100000 | mode, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, 0o120777, target.encode())
+
+    def char_device(self, name: str, major: int, minor: int, mode: int = 0o600) -> None:
+        self._entry(name, 0o020000 | mode, b"", rdev=(major, minor))
+
+    def getvalue(self) -> bytes:
+        """The archive, trailer included."""
+        trailer = self._header("TRAILER!!!", 0, 0, 0, (0, 0))
+        return b"".join([*self._parts, trailer])
+
+    def _entry(self, name: str, mode: int, data: bytes, rdev: tuple[int, int] = (0, 0)) -> None:
+        self._ino += 1
+        self._parts.append(self._header(name, self._ino, mode, len(data), rdev))
+        self._parts.append(data + bytes(-len(data) % 4))
+
+    @staticmethod
+    def _header(name: str, ino: int, mode: int, size: int, rdev: tuple[int, int]) -> bytes:
+        raw_name = name.encode() + b"\0"
+        nlink = 2 if mode & 0o040000 else 1
+        fields = (ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev[0], rdev[1], len(raw_name), 0)
+        header = b"070701" + b"".join(b"%08X" % f for f in fields) + raw_name
+        return header + bytes(-len(header) % 4)
+
+
+def build_initramfs(
+    kernel: Kernel, modules: Sequence[str] = DEFAULT_MODULES, *, cache: Path | None = None
+) -> Path:
+    """Build (or reuse from the cache) the base initramfs for ``kernel`` and ``modules``.
+
+    The result is keyed by kernel version, module list, busybox binary and ``/init`` text, and
+    written atomically, so concurrent builders are safe. Raises ``GuestError`` if busybox or a
+    module is missing.
+    """
+    if not os.access(BUSYBOX, os.X_OK):
+        raise GuestError(f"{BUSYBOX} missing; install busybox-static")
+    busybox = Path(BUSYBOX).read_bytes()
+    key = hashlib.sha256(
+        "\0".join([kernel.version, *modules, _INIT]).encode() + hashlib.sha256(busybox).digest()
+    ).hexdigest()[:16]
+    directory = cache or cache_dir()
+    target = directory / f"initramfs-{kernel.version}-{key}.cpio"
+    if target.is_file():
+        return target
+    order = module_load_order(kernel, modules)
+    archive = CpioWriter()
+    for d in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules", "storvisor"):
+        archive.directory(d)
+    archive.char_device("dev/console", 5, 1)
+    archive.char_device("dev/null", 1, 3, 0o666)
+    archive.file("bin/busybox", busybox, 0o755)
+    archive.symlink("bin/sh", "busybox")
+    archive.file("init", _INIT.encode(), 0o755)
+    for name, path in order:
+        archive.file(f"lib/modules/{name}.ko", _module_bytes(path))
+    archive.file("lib/modules/load-order", "".join(f"{n}\n" for n, _ in order).encode())
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".initramfs-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(archive.getvalue())
+    os.replace(tmp, target)
+    return target
+
+
+def _module_bytes(path: Path) -> bytes:
+    """A module's ELF image; ``.ko.xz`` files are decompressed (insmod cannot)."""
+    data = path.read_bytes()
+    if path.name.endswith(".ko.xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".ko"):
+        return data
+    raise GuestError(f"cannot load compressed module {path} (only .ko and .ko.xz)")
+
+
+class Guest:
+    """One QEMU/TCG guest running ``script``; use as a context manager.
+
+    ``qemu_args`` are appended to the command line (disks, chardevs, netdevs). The guest has
+    ``memory_mib`` of shared memfd RAM and ``cpus`` vCPUs. ``timeout`` bounds ``wait`` and
+    ``wait_for_line`` when they are not given their own. Leaving the ``with`` block kills QEMU
+    if it still runs and removes the per-run files.
+    """
+
+    def __init__(
+        self,
+        script: str,
+        *,
+        qemu_args: Sequence[str] = (),
+        memory_mib: int = 256,
+        cpus: int = 1,
+        modules: Sequence[str] = DEFAULT_MODULES,
+        kernel: Kernel | None = None,
+        timeout: float = 120.0,
+        append: str = "",
+    ) -> None:
+        self.script = script
+        self.qemu_args = list(qemu_args)
+        self.memory_mib = memory_mib
+        self.cpus = cpus
+        self.modules = tuple(modules)
+        self.kernel = kernel
+        self.timeout = timeout
+        self.append = append
+        self._nonce = secrets.token_hex(8)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._workdir: str | None = None
+        self._lines: list[str] = []
+        self._stderr: list[str] = []
+        self._cond = threading.Condition()
+        self._eof = False
+        self._readers: list[threading.Thread] = []
+        self._started = 0.0
+        self._command: list[str] = []
+
+    @property
+    def pid(self) -> int | None:
+        """QEMU's process id once started."""
+        return self._proc.pid if self._proc else None
+
+    @property
+    def console(self) -> str:
+        """What the serial console has printed so far."""
+        with self._cond:
+            return "".join(f"{line}\n" for line in self._lines)
+
+    def start(self) -> None:
+        """Build the initramfs if needed and start QEMU; returns once QEMU is running.
+
+        Raises ``GuestError`` if QEMU cannot be executed.
+        """
+        if self._proc is not None:
+            raise GuestError("guest already started")
+        kernel = self.kernel or Kernel.find()
+        base = build_initramfs(kernel, self.modules)
+        self._workdir = tempfile.mkdtemp(prefix="storvisor-guest-")
+        initrd = Path(self._workdir) / "initrd.cpio"
+        extra = CpioWriter()
+        extra.file("storvisor/script.sh", self.script.encode(), 0o755)
+        extra.file("storvisor/nonce", f"{self._nonce}\n".encode())
+        with initrd.open("wb") as out, base.open("rb") as src:
+            shutil.copyfileobj(src, out)
+            out.write(extra.getvalue())
+        mem = f"{self.memory_mib}M"
+        self._command = [
+            QEMU,
+            "-accel", "tcg",
+            "-nodefaults",
+            "-no-user-config",
+            "-display", "none",
+            "-no-reboot",
+            "-machine", "pc,memory-backend=mem",
+            "-m", mem,
+            "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
+            "-smp", str(self.cpus),
+            "-kernel", str(kernel.image),
+            "-initrd", str(initrd),
+            "-append", f"console=ttyS0 panic=-1 quiet {self.append}".strip(),
+            "-serial", "stdio",
+            "-monitor", "none",
+            *self.qemu_args,
+        ]  # fmt: skip
+        self._started = time.monotonic()
+        try:
+            self._proc = subprocess.Popen(
+                self._command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as e:
+            self._cleanup()
+            raise GuestError(f"cannot run {QEMU}: {e.strerror}") from e
+        assert self._proc.stdout is not None and self._proc.stderr is not None
+        self._readers = [
+            threading.Thread(target=self._read, args=(self._proc.stdout, self._lines), daemon=True),
+            threading.Thread(
+                target=self._read, args=(self._proc.stderr, self._stderr), daemon=True
+            ),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def wait_for_line(self, text: str, timeout: float | None = None) -> str:
+        """Block until a console line contains ``text``; return that line.
+
+        Raises ``GuestTimeout`` (after killing QEMU) if it does not appear in time, and
+        ``GuestError`` if the guest stops first.
+        """
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        seen = 0
+        with self._cond:
+            while True:
+                for line in self._lines[seen:]:
+                    if text in line:
+                        return line
+                seen = len(self._lines)
+                if self._eof:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+        if self._eof:
+            self._join()
+            raise GuestError(f"guest stopped before printing {text!r}\n{self._report()}")
+        self.kill()
+        raise GuestTimeout(f"guest did not print {text!r} in time\n{self._report()}")
+
+    def wait(self, timeout: float | None = None) -> GuestResult:
+        """Wait for the guest to power off and return its result.
+
+        Raises ``GuestTimeout`` (after killing QEMU) if it runs past ``timeout`` (default: the
+        constructor's), ``GuestError`` if it stopped without printing its status marker.
+        """
+        if self._proc is None:
+            raise GuestError("guest not started")
+        if timeout is None:
+            timeout = max(0.0, self._started + self.timeout - time.monotonic())
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            ran = time.monotonic() - self._started
+            raise GuestTimeout(
+                f"guest still running after {ran:.0f} s; killed\n{self._report()}"
+            ) from None
+        self._join()
+        seconds = time.monotonic() - self._started
+        pattern = re.compile(rf"{_MARKER} {self._nonce} (\d+)")
+        with self._cond:
+            for line in reversed(self._lines):
+                match = pattern.search(line)
+                if match:
+                    return GuestResult(int(match.group(1)), self.console, seconds)
+        raise GuestError(
+            f"guest stopped without reporting a status (QEMU exit {self._proc.returncode})\n"
+            f"{self._report()}"
+        )
+
+    def kill(self) -> None:
+        """Stop QEMU now (SIGTERM, then SIGKILL after 3 s); a no-op once it has exited."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(3)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self._join()
+
+    def __enter__(self) -> Guest:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.kill()
+        self._cleanup()
+
+    def _read(self, stream: IO[bytes], sink: list[str]) -> None:
+        while True:
+            raw = stream.readline()
+            if not raw:
+                break
+            line = raw.decode(errors="replace").rstrip("\r\n").replace("\r", "")
+            with self._cond:
+                sink.append(line)
+                self._cond.notify_all()
+        if sink is self._lines:
+            with self._cond:
+                self._eof = True
+                self._cond.notify_all()
+
+    def _join(self) -> None:
+        for reader in self._readers:
+            reader.join(5)
+
+    def _cleanup(self) -> None:
+        if self._proc is not None:
+            for stream in (self._proc.stdout, self._proc.stderr):
+                if stream is not None:
+                    stream.close()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def _report(self) -> str:
+        with self._cond:
+            stderr = "\n".join(self._stderr[-10:])
+        parts = [f"command: {' '.join(self._command)}"]
+        if stderr:
+            parts.append(f"QEMU stderr:\n{stderr}")
+        parts.append(_tail(self.console))
+        return "\n".join(parts)
+
+
+def run_guest(script: str, *, qemu_args: Sequence[str] = (), timeout: float = 120.0) -> GuestResult:
+    """Boot a guest with the default modules, run ``script``, return its result.
+
+    Raises ``GuestTimeout`` or ``GuestError`` as ``Guest.wait`` does.
+    """
+    with Guest(script, qemu_args=qemu_args, timeout=timeout) as guest:
+        return guest.wait()
+
+
+def _tail(console: str) -> str:
+    lines = console.splitlines()[-_TAIL_LINES:]
+    return "console (last lines):\n" + "\n".join(f"  | {line}" for line in lines)
