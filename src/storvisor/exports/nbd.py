@@ -1,0 +1,477 @@
+"""The NBD export: serves ``BlockDevice``s to NBD clients over Unix sockets and TCP.
+
+Theory of operation
+-------------------
+``NBDServer`` owns its listening sockets and one accept thread per socket. Each accepted
+connection gets a thread that runs the handshake (``storvisor.protocols.nbd`` does all the
+protocol work; this module only moves bytes and answers the questions the codec asks), opens
+the chosen export's device (``NBDExport.open``, once per connection) and then serves commands.
+
+The transmission loop is built for throughput: it ``recv_into``s the codec's buffer, executes
+every complete request that arrived (reads go into a reusable arena, so a batch of reads
+allocates nothing but reply headers), and sends all the replies of the batch with one
+``sendmsg`` of memoryviews. Replies therefore come in request order within a connection,
+which the protocol allows (any order is legal). A refused request is answered with the
+spec's error and the connection carries on; a protocol violation closes that connection only.
+
+Multi-conn: every export is advertised with NBD_FLAG_CAN_MULTI_CONN. This is safe because the
+devices that ``NBDExport.open`` returns for one export must share one volume (an engine
+volume handle, or file descriptors of one file): a FLUSH on any connection makes the writes
+completed on every connection durable. An ``open`` whose handles do not share their write
+cache must not be exported by this server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import stat
+import threading
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from storvisor.engine.device import BlockDevice, Buffer
+from storvisor.errors import Conflict, InvalidArgument, IOFailure, NotFound, ProtocolError
+from storvisor.protocols.nbd import (
+    NEED_DATA,
+    Aborted,
+    Command,
+    ConnectionClosed,
+    Disconnect,
+    ExportDetails,
+    ExportListRequest,
+    ExportRequest,
+    ServerConnection,
+    wire_error,
+)
+from storvisor.protocols.nbd import constants as C
+
+log = logging.getLogger(__name__)
+
+_ARENA_SIZE = 8 << 20
+_IOV_MAX = 1024
+_RECV_SIZE = 256 << 10
+
+
+@dataclass(frozen=True)
+class NBDExport:
+    """A named export. ``open`` is called once per client connection that chooses it, and the
+    server closes what it returns when that connection ends. The export is read-only if
+    ``read_only`` is set or the device says so."""
+
+    name: str
+    open: Callable[[], BlockDevice]
+    description: str = ""
+    read_only: bool = False
+
+
+class NBDServer:
+    """An NBD server for a set of exports; thread-safe.
+
+    Lifecycle: add exports and listen (any order), ``start`` to serve in background
+    threads, ``close`` to stop. Exports may be added and removed while serving.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._exports: dict[str, NBDExport] = {}
+        self._listeners: list[socket.socket] = []
+        self._unix_paths: list[str] = []
+        self._threads: list[threading.Thread] = []
+        self._connections: set[_Connection] = set()
+        self._started = False
+        self._closed = False
+
+    # -- exports ------------------------------------------------------------------------
+
+    def add_export(self, export: NBDExport) -> None:
+        """Serve ``export`` to new connections.
+
+        Raises:
+            Conflict: an export with that name exists.
+        """
+        with self._lock:
+            if export.name in self._exports:
+                raise Conflict(f"NBD export {export.name!r} already exists")
+            self._exports[export.name] = export
+
+    def remove_export(self, name: str) -> None:
+        """Stop serving ``name`` and close the connections using it.
+
+        Raises:
+            NotFound: no export has that name.
+        """
+        with self._lock:
+            if name not in self._exports:
+                raise NotFound(f"no NBD export named {name!r}")
+            del self._exports[name]
+            victims = [c for c in self._connections if c.export_name == name]
+        for connection in victims:
+            connection.abort()
+
+    def exports(self) -> list[NBDExport]:
+        """The exports, in the order they were added."""
+        with self._lock:
+            return list(self._exports.values())
+
+    def _lookup(self, name: str) -> NBDExport | None:
+        """The export for a client's name; the empty name selects the first export."""
+        with self._lock:
+            if name:
+                return self._exports.get(name)
+            return next(iter(self._exports.values()), None)
+
+    # -- listening ------------------------------------------------------------------------
+
+    def listen_unix(self, path: str) -> None:
+        """Listen on a Unix socket at ``path``, replacing a stale socket file.
+
+        Raises:
+            Conflict: ``path`` exists and is not a socket, or the server is closed.
+            IOFailure: the socket cannot be bound.
+        """
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise Conflict(f"{path} exists and is not a socket")
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            sock.listen(128)
+        except OSError as e:
+            sock.close()
+            raise IOFailure(f"cannot listen on {path}: {e.strerror}", e.errno or 5) from e
+        self._add_listener(sock, path)
+
+    def listen_tcp(self, host: str = "127.0.0.1", port: int = 10809) -> int:
+        """Listen on TCP ``host:port`` (port 0 picks a free port); returns the port.
+
+        Raises:
+            Conflict: the server is closed.
+            IOFailure: the address cannot be bound (in use, not local).
+        """
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(128)
+        except OSError as e:
+            sock.close()
+            raise IOFailure(f"cannot listen on {host}:{port}: {e.strerror}", e.errno or 5) from e
+        bound: int = sock.getsockname()[1]
+        self._add_listener(sock, None)
+        return bound
+
+    def _add_listener(self, sock: socket.socket, unix_path: str | None) -> None:
+        with self._lock:
+            if self._closed:
+                sock.close()
+                raise Conflict("the NBD server is closed")
+            self._listeners.append(sock)
+            if unix_path is not None:
+                self._unix_paths.append(unix_path)
+            if self._started:
+                self._spawn(self._accept_loop, sock)
+
+    def start(self) -> None:
+        """Serve every listening socket (present and future) in background threads.
+
+        Raises:
+            Conflict: already started or closed.
+        """
+        with self._lock:
+            if self._started or self._closed:
+                raise Conflict("the NBD server is already started or closed")
+            self._started = True
+            for sock in self._listeners:
+                self._spawn(self._accept_loop, sock)
+
+    def close(self) -> None:
+        """Stop listening, end every connection (closing its device) and wait for the
+        threads. Idempotent."""
+        with self._lock:
+            self._closed = True
+            listeners, self._listeners = self._listeners, []
+            paths, self._unix_paths = self._unix_paths, []
+            connections = list(self._connections)
+            threads = list(self._threads)
+        for sock in listeners:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        for connection in connections:
+            connection.abort()
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=10)
+
+    def _spawn(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True, name="nbd")
+        self._threads = [t for t in self._threads if t.is_alive()]
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return  # shut down by close()
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connection = _Connection(self, sock)
+            with self._lock:
+                if self._closed:
+                    sock.close()
+                    return
+                self._connections.add(connection)
+                self._spawn(connection.run)
+
+    def _forget(self, connection: _Connection) -> None:
+        with self._lock:
+            self._connections.discard(connection)
+
+
+def nbd_uri(
+    export_name: str,
+    *,
+    unix_path: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+) -> str:
+    """The NBD URI of an export: ``nbd+unix:///NAME?socket=PATH`` or ``nbd://HOST:PORT/NAME``.
+
+    Raises:
+        InvalidArgument: neither or both of ``unix_path`` and ``host`` are given.
+    """
+    name = urllib.parse.quote(export_name, safe="")
+    if (unix_path is None) == (host is None):
+        raise InvalidArgument("give either a Unix socket path or a host for the NBD URI")
+    if unix_path is not None:
+        return f"nbd+unix:///{name}?socket={urllib.parse.quote(unix_path, safe='/')}"
+    assert host is not None
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    return f"nbd://{netloc}/{name}"
+
+
+class _Connection:
+    """One client: the handshake, then the transmission loop, in the connection's thread."""
+
+    def __init__(self, server: NBDServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.export_name: str | None = None
+        self.codec = ServerConnection()
+        self.device: BlockDevice | None = None
+        self._aborted = False
+
+    def abort(self) -> None:
+        """End the connection from another thread (wakes the blocked receive)."""
+        self._aborted = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def run(self) -> None:
+        try:
+            if self._handshake():
+                self._transmission()
+        except ProtocolError as e:
+            log.info("NBD client dropped: %s", e)
+        except OSError as e:
+            if not self._aborted:
+                log.info("NBD connection ended: %s", e)
+        except Exception:
+            log.exception("NBD connection failed")
+        finally:
+            if self.device is not None:
+                try:
+                    self.device.close()
+                except Exception:
+                    log.exception("closing the device of an NBD connection failed")
+            self.sock.close()
+            self.server._forget(self)
+
+    def _receive(self) -> None:
+        view = self.codec.get_buffer(_RECV_SIZE)
+        try:
+            n = self.sock.recv_into(view)
+        finally:
+            view.release()
+        self.codec.buffer_updated(n)
+
+    def _handshake(self) -> bool:
+        """Negotiate; True when the transmission phase begins."""
+        codec = self.codec
+        self.sock.sendall(codec.data_to_send())
+        opened: tuple[NBDExport, BlockDevice] | None = None
+        try:
+            while True:
+                event = codec.next_event()
+                if event is NEED_DATA:
+                    self.sock.sendall(codec.data_to_send())
+                    self._receive()
+                    continue
+                if isinstance(event, ExportListRequest):
+                    codec.send_export_list([(e.name, e.description) for e in self.server.exports()])
+                elif isinstance(event, ExportRequest):
+                    opened = self._answer_export(event, opened)
+                    if codec.export is not None:
+                        assert opened is not None
+                        self.export_name = opened[0].name
+                        self.device, opened = opened[1], None
+                        self.sock.sendall(codec.data_to_send())
+                        return not self._aborted
+                elif isinstance(event, (Aborted, ConnectionClosed)):
+                    self.sock.sendall(codec.data_to_send())
+                    return False
+                self.sock.sendall(codec.data_to_send())
+        finally:
+            if opened is not None:
+                opened[1].close()
+
+    def _answer_export(
+        self, request: ExportRequest, opened: tuple[NBDExport, BlockDevice] | None
+    ) -> tuple[NBDExport, BlockDevice] | None:
+        """Answer INFO/GO/EXPORT_NAME, keeping the opened device for a following GO."""
+        codec = self.codec
+        export = self.server._lookup(request.name)
+        if export is None:
+            codec.send_export_error(C.NBD_REP_ERR_UNKNOWN, f"no export named {request.name!r}")
+            return opened
+        if opened is not None and opened[0] is not export:
+            opened[1].close()
+            opened = None
+        if opened is None:
+            try:
+                opened = (export, export.open())
+            except Exception as e:
+                log.warning("cannot open NBD export %r: %s", export.name, e)
+                codec.send_export_error(C.NBD_REP_ERR_UNKNOWN, f"cannot open export: {e}")
+                return None
+        device = opened[1]
+        details = ExportDetails(
+            name=export.name,
+            size=device.size,
+            read_only=export.read_only or device.read_only,
+            description=export.description,
+            preferred_block_size=max(4096, device.block_size),
+        )
+        codec.send_export(details)
+        return opened
+
+    def _transmission(self) -> None:
+        codec = self.codec
+        device = self.device
+        assert device is not None
+        sock = self.sock
+        arena = memoryview(bytearray(_ARENA_SIZE))
+        next_event = codec.next_event
+        while True:
+            replies: list[Buffer] = []
+            used = 0
+            while True:
+                event = next_event()
+                if type(event) is Command:
+                    if event.type == C.NBD_CMD_READ and not event.error:
+                        length = event.length
+                        if used + length > _ARENA_SIZE:
+                            if replies:
+                                _send_all(sock, replies)
+                                replies = []
+                            used = 0
+                        if length <= _ARENA_SIZE:
+                            buf = arena[used : used + length]
+                            used += length
+                        else:
+                            buf = memoryview(bytearray(length))
+                        replies += self._read(event, buf)
+                    else:
+                        replies += self._execute(event)
+                elif event is NEED_DATA:
+                    break
+                else:  # Disconnect, ConnectionClosed
+                    assert isinstance(event, (Disconnect, ConnectionClosed))
+                    if replies:
+                        _send_all(sock, replies)
+                    return
+            if replies:
+                _send_all(sock, replies)
+            self._receive()
+
+    def _read(self, command: Command, buf: memoryview) -> list[Buffer]:
+        assert self.device is not None
+        try:
+            self.device.read_into(command.offset, buf)
+        except IOFailure as e:
+            return self.codec.reply_error(command, wire_error(e.errno))
+        return self.codec.reply_read(command, buf)
+
+    def _execute(self, command: Command) -> list[Buffer]:
+        codec = self.codec
+        if command.error:
+            return codec.reply_error(command, command.error)
+        device = self.device
+        assert device is not None
+        kind = command.type
+        fua = bool(command.flags & C.NBD_CMD_FLAG_FUA)
+        try:
+            if kind == C.NBD_CMD_WRITE:
+                assert command.payload is not None
+                device.write(command.offset, command.payload, fua=fua)
+            elif kind == C.NBD_CMD_FLUSH:
+                device.flush()
+            elif kind == C.NBD_CMD_TRIM:
+                device.discard(command.offset, command.length)
+                if fua:
+                    device.flush()
+            elif kind == C.NBD_CMD_WRITE_ZEROES:
+                may_unmap = not command.flags & C.NBD_CMD_FLAG_NO_HOLE
+                device.write_zeroes(command.offset, command.length, may_unmap=may_unmap, fua=fua)
+            elif kind == C.NBD_CMD_BLOCK_STATUS:
+                extents = device.block_status(command.offset, command.length)
+                return codec.reply_block_status(
+                    command,
+                    (
+                        (
+                            e.length,
+                            (0 if e.allocated else C.NBD_STATE_HOLE)
+                            | (C.NBD_STATE_ZERO if e.zero else 0),
+                        )
+                        for e in extents
+                    ),
+                )
+            # NBD_CMD_CACHE: the device has no prefetch hint; success is a valid answer
+        except IOFailure as e:
+            return codec.reply_error(command, wire_error(e.errno))
+        except Exception:
+            log.exception("NBD command %r failed", command)
+            return codec.reply_error(command, C.NBD_EIO)
+        return codec.reply_ok(command)
+
+
+def _send_all(sock: socket.socket, buffers: list[Buffer]) -> None:
+    """``sendmsg`` every buffer, in batches of at most IOV_MAX, retrying partial sends."""
+    while buffers:
+        batch = buffers[:_IOV_MAX]
+        sent = sock.sendmsg(batch)
+        if sent == sum(len(b) for b in batch):
+            buffers = buffers[len(batch) :]
+            continue
+        rest: list[Buffer] = []
+        for i, b in enumerate(buffers):
+            n = len(b)
+            if sent >= n:
+                sent -= n
+                continue
+            rest = [memoryview(b)[sent:], *buffers[i + 1 :]]
+            break
+        buffers = rest

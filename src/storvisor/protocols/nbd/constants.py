@@ -1,0 +1,140 @@
+"""NBD wire constants, named exactly as the NBD protocol specification (``doc/proto.md``)
+names them. All integers on the wire are big-endian."""
+
+from __future__ import annotations
+
+import errno
+
+# Magics ("Newstyle negotiation", "Option haggling", "Transmission phase").
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+NBD_REP_MAGIC = 0x0003E889045565A9
+NBD_REQUEST_MAGIC = 0x25609513
+NBD_SIMPLE_REPLY_MAGIC = 0x67446698
+NBD_STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+# Handshake flags (server) and client flags share the bit positions.
+NBD_FLAG_FIXED_NEWSTYLE = 1 << 0
+NBD_FLAG_NO_ZEROES = 1 << 1
+NBD_FLAG_C_FIXED_NEWSTYLE = NBD_FLAG_FIXED_NEWSTYLE
+NBD_FLAG_C_NO_ZEROES = NBD_FLAG_NO_ZEROES
+
+# Transmission flags.
+NBD_FLAG_HAS_FLAGS = 1 << 0
+NBD_FLAG_READ_ONLY = 1 << 1
+NBD_FLAG_SEND_FLUSH = 1 << 2
+NBD_FLAG_SEND_FUA = 1 << 3
+NBD_FLAG_ROTATIONAL = 1 << 4
+NBD_FLAG_SEND_TRIM = 1 << 5
+NBD_FLAG_SEND_WRITE_ZEROES = 1 << 6
+NBD_FLAG_SEND_DF = 1 << 7
+NBD_FLAG_CAN_MULTI_CONN = 1 << 8
+NBD_FLAG_SEND_RESIZE = 1 << 9
+NBD_FLAG_SEND_CACHE = 1 << 10
+NBD_FLAG_SEND_FAST_ZERO = 1 << 11
+
+# Options.
+NBD_OPT_EXPORT_NAME = 1
+NBD_OPT_ABORT = 2
+NBD_OPT_LIST = 3
+NBD_OPT_PEEK_EXPORT = 4
+NBD_OPT_STARTTLS = 5
+NBD_OPT_INFO = 6
+NBD_OPT_GO = 7
+NBD_OPT_STRUCTURED_REPLY = 8
+NBD_OPT_LIST_META_CONTEXT = 9
+NBD_OPT_SET_META_CONTEXT = 10
+NBD_OPT_EXTENDED_HEADERS = 11
+
+# Option reply types.
+NBD_REP_ACK = 1
+NBD_REP_SERVER = 2
+NBD_REP_INFO = 3
+NBD_REP_META_CONTEXT = 4
+NBD_REP_FLAG_ERROR = 1 << 31
+NBD_REP_ERR_UNSUP = NBD_REP_FLAG_ERROR | 1
+NBD_REP_ERR_POLICY = NBD_REP_FLAG_ERROR | 2
+NBD_REP_ERR_INVALID = NBD_REP_FLAG_ERROR | 3
+NBD_REP_ERR_PLATFORM = NBD_REP_FLAG_ERROR | 4
+NBD_REP_ERR_TLS_REQD = NBD_REP_FLAG_ERROR | 5
+NBD_REP_ERR_UNKNOWN = NBD_REP_FLAG_ERROR | 6
+NBD_REP_ERR_SHUTDOWN = NBD_REP_FLAG_ERROR | 7
+NBD_REP_ERR_BLOCK_SIZE_REQD = NBD_REP_FLAG_ERROR | 8
+NBD_REP_ERR_TOO_BIG = NBD_REP_FLAG_ERROR | 9
+
+# Information types of NBD_OPT_INFO / NBD_OPT_GO.
+NBD_INFO_EXPORT = 0
+NBD_INFO_NAME = 1
+NBD_INFO_DESCRIPTION = 2
+NBD_INFO_BLOCK_SIZE = 3
+
+# Commands.
+NBD_CMD_READ = 0
+NBD_CMD_WRITE = 1
+NBD_CMD_DISC = 2
+NBD_CMD_FLUSH = 3
+NBD_CMD_TRIM = 4
+NBD_CMD_CACHE = 5
+NBD_CMD_WRITE_ZEROES = 6
+NBD_CMD_BLOCK_STATUS = 7
+
+# Command flags.
+NBD_CMD_FLAG_FUA = 1 << 0
+NBD_CMD_FLAG_NO_HOLE = 1 << 1
+NBD_CMD_FLAG_DF = 1 << 2
+NBD_CMD_FLAG_REQ_ONE = 1 << 3
+NBD_CMD_FLAG_FAST_ZERO = 1 << 4
+
+# Structured reply chunks.
+NBD_REPLY_FLAG_DONE = 1 << 0
+NBD_REPLY_TYPE_NONE = 0
+NBD_REPLY_TYPE_OFFSET_DATA = 1
+NBD_REPLY_TYPE_OFFSET_HOLE = 2
+NBD_REPLY_TYPE_BLOCK_STATUS = 5
+NBD_REPLY_TYPE_ERROR = (1 << 15) + 1
+NBD_REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
+
+# base:allocation flags.
+NBD_STATE_HOLE = 1 << 0
+NBD_STATE_ZERO = 1 << 1
+
+# Error values ("Error values": numerically Linux errno values).
+NBD_EPERM = 1
+NBD_EIO = 5
+NBD_ENOMEM = 12
+NBD_EINVAL = 22
+NBD_ENOSPC = 28
+NBD_EOVERFLOW = 75
+NBD_ENOTSUP = 95
+NBD_ESHUTDOWN = 108
+
+_WIRE_ERRORS = {
+    errno.EPERM: NBD_EPERM,
+    errno.EACCES: NBD_EPERM,
+    errno.EROFS: NBD_EPERM,
+    errno.EIO: NBD_EIO,
+    errno.ENOMEM: NBD_ENOMEM,
+    errno.EINVAL: NBD_EINVAL,
+    errno.ENOSPC: NBD_ENOSPC,
+    errno.EDQUOT: NBD_ENOSPC,
+    errno.EFBIG: NBD_ENOSPC,
+    errno.EOVERFLOW: NBD_EOVERFLOW,
+    errno.ENOTSUP: NBD_ENOTSUP,
+    errno.EOPNOTSUPP: NBD_ENOTSUP,
+    errno.ESHUTDOWN: NBD_ESHUTDOWN,
+}
+
+
+def wire_error(code: int) -> int:
+    """Map a host errno to the NBD error value that goes on the wire (EIO if NBD has none).
+
+    "The server SHOULD return EIO for errors it cannot otherwise classify" (Error values).
+    """
+    return _WIRE_ERRORS.get(code, NBD_EIO)
+
+
+BASE_ALLOCATION = "base:allocation"
+"""The one metadata context storvisor serves."""
+
+NBD_MAX_STRING_SIZE = 4096
+"""Names, descriptions and context queries are at most 4096 bytes ("Metadata querying")."""
