@@ -1,0 +1,829 @@
+"""A pool: backing devices cut into clusters, and the thin volumes, snapshots and clones on them.
+
+Theory of operation
+-------------------
+Every volume is a chain of *layers*. A layer maps virtual clusters to physical clusters (or to
+an explicit zero); the volume's writable ``top`` layer sits over its parents. Taking a
+snapshot freezes the top layer under the snapshot's name and gives the volume a new, empty
+top whose parent is the frozen one; a linked clone is a new volume whose top's parent is a
+snapshot's layer. Neither copies a map, so both cost O(1) in the volume's size.
+
+A physical cluster belongs to exactly one layer's map (its refcount is 1); sharing happens
+through the chain. Writing to a cluster another layer owns allocates a cluster in the top
+layer and copies the untouched part of the old cluster into it (copy-on-write); writing to an
+unmapped cluster fills the rest of the new cluster with zeros. Discard and write-zeroes free
+clusters the top owns and leave an explicit zero where a parent still has data.
+
+Deleting a snapshot drops its name; its layer is then *hidden*. A hidden layer with no child is
+freed (and its parent is looked at in turn); a hidden layer with one child is merged into that
+child (the child takes every entry it lacks); a hidden layer with several children (clones, or
+the layers left by a rollback) stays until only one depends on it.
+
+All metadata lives in memory (``Layer.map`` dicts, and per open volume a merged *view* of its
+chain, so a read costs one dict lookup) and reaches the SQLite catalog through ``Batch``es.
+``flush`` makes data durable first (``fdatasync`` of every backing device), then commits the
+batch in one transaction; a background thread does the same at least every second. A cluster
+released by a batch is reused only after that batch committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from storvisor.engine.allocator import Allocator
+from storvisor.engine.backing import Backing, Header, split_phys
+from storvisor.engine.catalog import ZERO, Batch, Catalog
+from storvisor.engine.fsck import check_pool
+from storvisor.engine.types import (
+    BackingSpec,
+    FsckReport,
+    PoolInfo,
+    PoolStats,
+    SnapshotInfo,
+    VolumeInfo,
+)
+from storvisor.engine.volume import Volume, VolumeState
+from storvisor.errors import (
+    Conflict,
+    CorruptMetadata,
+    InvalidArgument,
+    NotFound,
+    StorvisorError,
+)
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+MIN_CLUSTER = 4096
+MAX_CLUSTER = 2 << 20
+DEFAULT_CLUSTER = 64 << 10
+COMMIT_INTERVAL = 0.5
+"""Seconds between background commits (the contract is at most one second)."""
+
+
+def check_name(name: str, what: str) -> None:
+    """Raise ``InvalidArgument`` unless ``name`` matches ``[A-Za-z0-9][A-Za-z0-9._-]{0,62}``."""
+    if not isinstance(name, str) or NAME_RE.fullmatch(name) is None:
+        raise InvalidArgument(
+            f"invalid {what} name {name!r}: use up to 63 of A-Z a-z 0-9 . _ - "
+            "starting with a letter or digit"
+        )
+
+
+def check_cluster_size(cluster_size: int) -> None:
+    if (
+        not isinstance(cluster_size, int)
+        or cluster_size < MIN_CLUSTER
+        or cluster_size > MAX_CLUSTER
+        or cluster_size & (cluster_size - 1)
+    ):
+        raise InvalidArgument(
+            f"invalid cluster size {cluster_size}: a power of two from 4K to 2M is needed"
+        )
+
+
+@dataclass
+class Layer:
+    id: int
+    parent: int | None
+    map: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class _VolumeRec:
+    id: int
+    name: str
+    size: int
+    top: int
+    origin: str | None
+    origin_snap: int | None
+    serial: str
+    created: float
+
+
+@dataclass
+class _SnapRec:
+    id: int
+    volume: int
+    name: str
+    layer: int
+    size: int
+    created: float
+
+
+class Pool:
+    """One pool. Thread-safe. Obtain it from ``Home.pool``; see the module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        directory: Path,
+        catalog: Catalog,
+        identity: Header,
+        backings: dict[int, Backing],
+    ) -> None:
+        self.name = name
+        self.directory = directory
+        self.cluster_size = identity.cluster_size
+        self._identity = identity
+        self._catalog = catalog
+        self._backings = backings
+        self._lock = threading.RLock()
+        self._commit_lock = threading.Lock()
+        self._batch = Batch()
+        self._data_dirty = False
+        self._states: dict[tuple[int, int | None], VolumeState] = {}
+        self._layers: dict[int, Layer] = {}
+        self._volumes: dict[str, _VolumeRec] = {}
+        self._snapshots: dict[int, _SnapRec] = {}
+        self._load()
+        self._closed = False
+        self._stop = threading.Event()
+        self._committer = threading.Thread(
+            target=self._commit_loop, name=f"storvisor-commit-{name}", daemon=True
+        )
+        self._committer.start()
+
+    # ----------------------------------------------------------------- opening and creating
+
+    @classmethod
+    def create(
+        cls,
+        directory: Path,
+        name: str,
+        backings: Sequence[BackingSpec],
+        cluster_size: int | None = None,
+    ) -> Pool:
+        """Create the pool's catalog in ``directory`` (which must not exist) and write a header
+        on every backing device. On failure nothing is left behind: ``Conflict`` for a device
+        of another pool, ``InvalidArgument``, ``NotFound`` for a missing device."""
+        check_name(name, "pool")
+        cluster_size = DEFAULT_CLUSTER if cluster_size is None else cluster_size
+        check_cluster_size(cluster_size)
+        if not backings:
+            raise InvalidArgument("a pool needs at least one backing device")
+        paths = [os.path.abspath(spec.path) for spec in backings]
+        if len(set(paths)) != len(paths):
+            raise InvalidArgument("the same backing device is listed twice")
+        pool_uuid = uuid.uuid4()
+        attached: list[tuple[Backing, bool]] = []
+        directory.mkdir(parents=True)
+        try:
+            for index, (spec, path) in enumerate(zip(backings, paths, strict=True)):
+                header = Header(index, cluster_size, pool_uuid, name)
+                attached.append(Backing.attach(BackingSpec(path, spec.size), header))
+            catalog = Catalog(directory / "catalog.db")
+            batch = Batch()
+            for key, value in (
+                ("uuid", str(pool_uuid)),
+                ("name", name),
+                ("cluster_size", str(cluster_size)),
+                ("format", "1"),
+            ):
+                batch.statements.append(("INSERT INTO meta VALUES (?, ?)", (key, value)))
+            for backing, created in attached:
+                batch.statements.append(
+                    (
+                        "INSERT INTO devices VALUES (?, ?, ?)",
+                        (backing.index, backing.path, int(created)),
+                    )
+                )
+            catalog.apply(batch)
+        except BaseException:
+            for backing, created in attached:
+                backing.wipe_header()
+                backing.close()
+                if created:
+                    os.unlink(backing.path)
+            for child in directory.iterdir():
+                child.unlink()
+            directory.rmdir()
+            raise
+        header = Header(0, cluster_size, pool_uuid, name)
+        return cls(name, directory, catalog, header, {b.index: b for b, _ in attached})
+
+    @classmethod
+    def open(cls, directory: Path, name: str) -> Pool:
+        """Open an existing pool. Raises ``NotFound`` if there is none, ``CorruptMetadata`` if
+        its catalog or a device header is unreadable."""
+        db = directory / "catalog.db"
+        if not db.exists():
+            raise NotFound(f"no pool named {name!r}")
+        catalog = Catalog(db)
+        try:
+            meta = catalog.meta()
+            identity = Header(0, int(meta["cluster_size"]), uuid.UUID(meta["uuid"]), meta["name"])
+        except (KeyError, ValueError) as e:
+            catalog.close()
+            raise CorruptMetadata(f"pool {name!r}: catalog has no valid identity") from e
+        backings: dict[int, Backing] = {}
+        try:
+            for index, path, _created in catalog.query("SELECT idx, path, created FROM devices"):
+                expected = Header(
+                    index, identity.cluster_size, identity.pool_uuid, identity.pool_name
+                )
+                backings[index] = Backing.open(path, expected)
+        except BaseException:
+            for backing in backings.values():
+                backing.close()
+            catalog.close()
+            raise
+        return cls(name, directory, catalog, identity, backings)
+
+    def _load(self) -> None:
+        cat = self._catalog
+        for lid, parent in cat.query("SELECT id, parent FROM layers"):
+            self._layers[lid] = Layer(lid, parent)
+        for lid, vc, phys in cat.query("SELECT layer, vc, phys FROM map"):
+            layer = self._layers.get(lid)
+            if layer is not None:
+                layer.map[vc] = phys
+        for row in cat.query(
+            "SELECT id, name, size, top, origin, origin_snap, serial, created FROM volumes"
+        ):
+            rec = _VolumeRec(*row)
+            self._volumes[rec.name] = rec
+        for row in cat.query("SELECT id, volume, name, layer, size, created FROM snapshots"):
+            snap = _SnapRec(*row)
+            self._snapshots[snap.id] = snap
+        used = [phys for (phys,) in cat.query("SELECT phys FROM refcount")]
+        self._allocator = Allocator({i: b.clusters for i, b in self._backings.items()}, used)
+        ids = [0, *self._layers, *(v.id for v in self._volumes.values()), *self._snapshots]
+        self._next_id = max(ids) + 1
+
+    # ------------------------------------------------------------------------ pool level
+
+    def info(self) -> PoolInfo:
+        """Devices and space of the pool."""
+        with self._lock:
+            cs = self.cluster_size
+            capacity = self._allocator.capacity * cs
+            allocated = self._allocator.used * cs
+            provisioned = sum(v.size for v in self._volumes.values())
+            stats = PoolStats(capacity, allocated, provisioned, capacity - allocated)
+            backings = tuple(self._backings[i].info() for i in sorted(self._backings))
+            return PoolInfo(self.name, cs, backings, stats)
+
+    def add_backing(self, spec: BackingSpec) -> PoolInfo:
+        """Add a backing device online; it is usable at once and durable when this returns.
+
+        Naming a file that is already a device of this pool with a larger ``size`` grows it.
+        Raises ``Conflict`` for a device of another pool (or of this one, without growth),
+        ``NotFound`` and ``InvalidArgument`` as ``Backing.attach`` does.
+        """
+        path = os.path.abspath(spec.path)
+        with self._lock:
+            self._check_open()
+            for backing in self._backings.values():
+                if os.path.realpath(backing.path) == os.path.realpath(path):
+                    if spec.size is None or spec.size <= (backing.clusters + 1) * self.cluster_size:
+                        raise Conflict(f"{path} is already a device of pool {self.name!r}")
+                    backing.grow(spec.size)
+                    self._allocator.set_device(backing.index, backing.clusters)
+                    return self.info()
+            index = max(self._backings, default=-1) + 1
+            header = Header(index, self.cluster_size, self._identity.pool_uuid, self.name)
+            backing, created = Backing.attach(BackingSpec(path, spec.size), header)
+            self._backings[index] = backing
+            self._allocator.set_device(index, backing.clusters)
+            self._batch.statements.append(
+                ("INSERT INTO devices VALUES (?, ?, ?)", (index, path, int(created)))
+            )
+        self.flush()
+        return self.info()
+
+    def flush(self) -> None:
+        """Make every write and metadata change completed before this call durable.
+
+        Order: ``fdatasync`` every backing device, then commit the pending batch in one SQLite
+        transaction. Raises ``IOFailure`` if either step fails; the batch then stays pending
+        and is retried by the next flush.
+        """
+        with self._commit_lock:
+            with self._lock:
+                batch, self._batch = self._batch, Batch()
+                dirty, self._data_dirty = self._data_dirty, False
+                backings = list(self._backings.values())
+            if not batch and not dirty:
+                return
+            try:
+                for backing in backings:
+                    backing.sync()
+                if batch:
+                    self._catalog.apply(batch)
+            except BaseException:
+                with self._lock:
+                    batch.absorb(self._batch)
+                    self._batch = batch
+                    self._data_dirty = True
+                raise
+            with self._lock:
+                self._allocator.recycle(batch.frees)
+
+    def close(self) -> None:
+        """Stop the background commit, flush, and release every device. Open ``Volume``
+        handles fail afterwards."""
+        if self._closed:
+            return
+        self._stop.set()
+        self._committer.join()
+        try:
+            self.flush()
+        finally:
+            with self._lock:
+                self._closed = True
+                for state in self._states.values():
+                    state.closed = True
+                self._states.clear()
+                self._catalog.close()
+                for backing in self._backings.values():
+                    backing.close()
+
+    def has_open_volumes(self) -> bool:
+        """Whether any handle on a volume or snapshot of this pool is open."""
+        with self._lock:
+            return any(state.handles > 0 for state in self._states.values())
+
+    def destroy(self) -> None:
+        """Close the pool, erase the headers of its devices and delete the files it created.
+        The catalog directory is left to the caller (``Home.delete_pool``)."""
+        created = {i for (i,) in self._catalog.query("SELECT idx FROM devices WHERE created")}
+        self.close()
+        for backing in self._backings.values():
+            try:
+                fd = os.open(backing.path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                continue  # a vanished device has nothing to erase
+            try:
+                backing.fd = fd
+                backing.wipe_header()
+            finally:
+                backing.close()
+            if backing.index in created:
+                os.unlink(backing.path)
+
+    @property
+    def metadata_writes(self) -> int:
+        """Catalog rows written since the pool was opened (a diagnostic: it shows how much
+        metadata an operation really writes)."""
+        with self._commit_lock:
+            return self._catalog.changes
+
+    def _commit_loop(self) -> None:
+        while not self._stop.wait(COMMIT_INTERVAL):
+            if self._batch or self._data_dirty:
+                try:
+                    self.flush()
+                except StorvisorError as e:
+                    log.error("pool %s: background commit failed: %s", self.name, e)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Conflict(f"pool {self.name!r} is closed")
+
+    # ------------------------------------------------------------------------- volumes
+
+    def create_volume(self, name: str, size: int) -> VolumeInfo:
+        """Create an empty thin volume of ``size`` bytes (a positive multiple of 512).
+        Durable when this returns. Raises ``InvalidArgument`` or ``Conflict`` (name taken)."""
+        check_name(name, "volume")
+        _check_size(size)
+        with self._lock:
+            self._check_open()
+            if name in self._volumes:
+                raise Conflict(f"volume {self.name}/{name} already exists")
+            top = self._new_layer(None)
+            self._add_volume(name, size, top, None, None)
+        self.flush()
+        return self.volume_info(name)
+
+    def volumes(self) -> list[VolumeInfo]:
+        with self._lock:
+            return [self._volume_info(v) for v in sorted(self._volumes.values(), key=_by_name)]
+
+    def volume_info(self, name: str) -> VolumeInfo:
+        """Raises ``NotFound``."""
+        with self._lock:
+            return self._volume_info(self._volume(name))
+
+    def delete_volume(self, name: str) -> None:
+        """Delete a volume and all its snapshots, freeing the clusters only they use.
+
+        Clones of its snapshots keep their data (the layers they depend on stay, hidden,
+        until those clones are flattened or deleted). Raises ``NotFound``, and ``Conflict``
+        if the volume or one of its snapshots has open handles. Durable when this returns.
+        """
+        with self._lock:
+            self._check_open()
+            vol = self._volume(name)
+            if self._busy(vol.id, any_snapshot=True):
+                raise Conflict(f"volume {self.name}/{name} or one of its snapshots is open")
+            snaps = sorted(
+                (s for s in self._snapshots.values() if s.volume == vol.id),
+                key=lambda s: -s.layer,  # newest first: each is freed, not merged
+            )
+            del self._volumes[name]
+            self._stmt("DELETE FROM volumes WHERE id = ?", vol.id)
+            self._release(vol.top)
+            for snap in snaps:
+                del self._snapshots[snap.id]
+                self._stmt("DELETE FROM snapshots WHERE id = ?", snap.id)
+                self._release(snap.layer)
+        self.flush()
+
+    def extend_volume(self, name: str, size: int) -> VolumeInfo:
+        """Grow a volume online; open handles see the new size at once. Raises
+        ``InvalidArgument`` when ``size`` is smaller than the current size."""
+        _check_size(size)
+        with self._lock:
+            self._check_open()
+            vol = self._volume(name)
+            if size < vol.size:
+                raise InvalidArgument(
+                    f"volume {self.name}/{name} is {vol.size} bytes; shrinking is not supported"
+                )
+            vol.size = size
+            self._stmt("UPDATE volumes SET size = ? WHERE id = ?", size, vol.id)
+            state = self._states.get((vol.id, None))
+            if state is not None:
+                state.size = size
+        self.flush()
+        return self.volume_info(name)
+
+    def open_volume(self, volume: str, snapshot: str | None = None) -> Volume:
+        """A ``BlockDevice`` handle on a volume, or a read-only one on a snapshot.
+
+        Handles to the same volume share one in-memory map view (built here on first open).
+        Raises ``NotFound``.
+        """
+        with self._lock:
+            self._check_open()
+            vol = self._volume(volume)
+            if snapshot is None:
+                key: tuple[int, int | None] = (vol.id, None)
+                top, size, read_only = vol.top, vol.size, False
+            else:
+                snap = self._snapshot(vol, snapshot)
+                key = (vol.id, snap.id)
+                top, size, read_only = snap.layer, snap.size, True
+            state = self._states.get(key)
+            if state is None:
+                state = VolumeState(self, key, top, size, read_only, vol.serial)
+                state.view = self._build_view(top)
+                self._states[key] = state
+            state.handles += 1
+            label = f"{self.name}/{volume}" + ("" if snapshot is None else f"@{snapshot}")
+            return Volume(state, label)
+
+    # ------------------------------------------------------------------ snapshots, clones
+
+    def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
+        """Freeze the volume's current data under ``snapshot``: O(1), online (writes that
+        complete after this returns are not in the snapshot). Durable when this returns.
+        Raises ``NotFound``, ``InvalidArgument``, ``Conflict`` (name taken)."""
+        check_name(snapshot, "snapshot")
+        with self._lock:
+            self._check_open()
+            vol = self._volume(volume)
+            if any(s.volume == vol.id and s.name == snapshot for s in self._snapshots.values()):
+                raise Conflict(f"snapshot {self.name}/{volume}@{snapshot} already exists")
+            snap = _SnapRec(self._take_id(), vol.id, snapshot, vol.top, vol.size, time.time())
+            self._snapshots[snap.id] = snap
+            self._stmt(
+                "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?)",
+                snap.id,
+                snap.volume,
+                snap.name,
+                snap.layer,
+                snap.size,
+                snap.created,
+            )
+            vol.top = self._new_layer(vol.top)
+            self._stmt("UPDATE volumes SET top = ? WHERE id = ?", vol.top, vol.id)
+            state = self._states.get((vol.id, None))
+            if state is not None:
+                state.top = vol.top  # every view entry now belongs to a parent: copy-on-write
+            info = self._snapshot_info(vol, snap)
+        self.flush()
+        return info
+
+    def snapshots(self, volume: str) -> list[SnapshotInfo]:
+        """The volume's snapshots, oldest first. Raises ``NotFound``."""
+        with self._lock:
+            vol = self._volume(volume)
+            snaps = sorted(
+                (s for s in self._snapshots.values() if s.volume == vol.id),
+                key=lambda s: (s.created, s.id),
+            )
+            return [self._snapshot_info(vol, s) for s in snaps]
+
+    def delete_snapshot(self, volume: str, snapshot: str) -> None:
+        """Delete a snapshot; every other snapshot, the volume and clones keep their data.
+
+        Its layer is merged into its only child, or kept hidden while several layers (clones,
+        rollback branches) depend on it, or freed if none does. Raises ``NotFound`` and
+        ``Conflict`` if the snapshot has open handles. Durable when this returns.
+        """
+        with self._lock:
+            self._check_open()
+            vol = self._volume(volume)
+            snap = self._snapshot(vol, snapshot)
+            if self._busy(vol.id, snap.id):
+                raise Conflict(f"snapshot {self.name}/{volume}@{snapshot} is open")
+            del self._snapshots[snap.id]
+            self._stmt("DELETE FROM snapshots WHERE id = ?", snap.id)
+            self._release(snap.layer)
+        self.flush()
+
+    def rollback(self, volume: str, snapshot: str) -> VolumeInfo:
+        """Make the volume's data (and size) that of ``snapshot`` again; later snapshots stay.
+        Raises ``NotFound`` and ``Conflict`` if the volume has open handles."""
+        with self._lock:
+            self._check_open()
+            vol = self._volume(volume)
+            snap = self._snapshot(vol, snapshot)
+            if self._busy(vol.id):
+                raise Conflict(f"volume {self.name}/{volume} is open")
+            old = vol.top
+            vol.top = self._new_layer(snap.layer)
+            vol.size = snap.size
+            self._stmt(
+                "UPDATE volumes SET top = ?, size = ? WHERE id = ?", vol.top, vol.size, vol.id
+            )
+            self._release(old)
+        self.flush()
+        return self.volume_info(volume)
+
+    def clone(self, volume: str, snapshot: str, new: str) -> VolumeInfo:
+        """Create the writable volume ``new`` sharing ``snapshot``'s data copy-on-write: O(1).
+        Raises ``NotFound``, ``InvalidArgument``, ``Conflict`` (name taken)."""
+        check_name(new, "volume")
+        with self._lock:
+            self._check_open()
+            vol = self._volume(volume)
+            snap = self._snapshot(vol, snapshot)
+            if new in self._volumes:
+                raise Conflict(f"volume {self.name}/{new} already exists")
+            top = self._new_layer(snap.layer)
+            self._add_volume(new, snap.size, top, f"{volume}@{snapshot}", snap.id)
+        self.flush()
+        return self.volume_info(new)
+
+    def flatten(self, volume: str) -> VolumeInfo:
+        """Copy every cluster the volume reads from a parent layer into its own top layer, so
+        it depends on no other layer (its origin snapshot may then be deleted). Online: open
+        handles keep working; allocating writes wait. Raises ``NotFound``, ``NoSpace``
+        (clusters copied so far stay owned by the volume). Durable when this returns."""
+        handle = self.open_volume(volume)
+        try:
+            handle.state.copy_up()
+            with self._lock:
+                vol = self._volume(volume)
+                top = self._layers[vol.top]
+                old_parent, top.parent = top.parent, None
+                vol.origin = vol.origin_snap = None
+                self._stmt("UPDATE layers SET parent = NULL WHERE id = ?", top.id)
+                self._stmt(
+                    "UPDATE volumes SET origin = NULL, origin_snap = NULL WHERE id = ?", vol.id
+                )
+                for vc in [vc for vc, p in top.map.items() if p == ZERO]:
+                    self._set_entry(top.id, vc, None)
+                handle.state.view = self._build_view(top.id)
+                if old_parent is not None:
+                    self._release(old_parent)
+        finally:
+            handle.close()
+        self.flush()
+        return self.volume_info(volume)
+
+    # ------------------------------------------------------------------------------ fsck
+
+    def fsck(self) -> FsckReport:
+        """Check the committed metadata (after a flush) against itself and the devices.
+
+        Reports clusters marked used that no map references (leaked), clusters referenced more
+        often than their refcount (doubly owned, including references to clusters not marked
+        used), references beyond a device's end or to missing layers (dangling), and other
+        inconsistencies (cycles, orphaned layers, bad device headers). Changes nothing.
+        """
+        self.flush()
+        with self._commit_lock:
+            with self._lock:
+                devices = {i: b.clusters for i, b in self._backings.items()}
+                headers = {i: (b.path, b.fd) for i, b in self._backings.items()}
+            return check_pool(self.name, self._catalog, devices, headers, self._identity)
+
+    # ----------------------------------------------------- internals used by VolumeState
+
+    def locate(self, phys: int) -> tuple[int, int]:
+        """The backing fd and byte offset of a physical cluster."""
+        index, local = split_phys(phys)
+        backing = self._backings[index]
+        return backing.fd, backing.offset(local)
+
+    def allocate(self) -> int:
+        """A free cluster; call with the pool lock held. Raises ``NoSpace``."""
+        return self._allocator.allocate()
+
+    def unallocate(self, phys: int) -> None:
+        """Give back a cluster from ``allocate`` that was never published."""
+        with self._lock:
+            self._allocator.unallocate(phys)
+
+    def set_entry(self, layer_id: int, vc: int, value: int | None) -> None:
+        """Map ``vc`` of a layer to a cluster, to ``ZERO``, or to nothing (None), releasing
+        the cluster it mapped before. Call with the pool lock held."""
+        self._set_entry(layer_id, vc, value)
+
+    def mark_dirty(self) -> None:
+        self._data_dirty = True
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self._lock
+
+    def layer_has_parent(self, layer_id: int) -> bool:
+        return self._layers[layer_id].parent is not None
+
+    def drop_state(self, state: VolumeState) -> None:
+        with self._lock:
+            state.handles -= 1
+            if state.handles <= 0 and self._states.get(state.key) is state:
+                del self._states[state.key]
+
+    # ------------------------------------------------------------------------ internals
+
+    def _set_entry(self, layer_id: int, vc: int, value: int | None) -> None:
+        layer = self._layers[layer_id]
+        old = layer.map.get(vc)
+        if old is not None and old >= 0 and old != value:
+            self._batch.frees.append(old)
+        if value is None:
+            layer.map.pop(vc, None)
+        else:
+            layer.map[vc] = value
+            if value >= 0 and value != old:
+                self._batch.allocs.append(value)
+        self._batch.maps[(layer_id, vc)] = value
+
+    def _build_view(self, top: int) -> dict[int, tuple[int, int, int]]:
+        chain = list(self._chain(top))
+        view: dict[int, tuple[int, int, int]] = {}
+        zero_entry: dict[int, tuple[int, int, int]] = {}
+        for layer in reversed(chain):
+            zero = zero_entry.setdefault(layer.id, (-1, 0, layer.id))
+            for vc, phys in layer.map.items():
+                if phys == ZERO:
+                    view[vc] = zero
+                else:
+                    fd, offset = self.locate(phys)
+                    view[vc] = (fd, offset, layer.id)
+        return view
+
+    def _chain(self, top: int) -> Iterator[Layer]:
+        seen: set[int] = set()
+        lid: int | None = top
+        while lid is not None:
+            if lid in seen:
+                raise CorruptMetadata(f"pool {self.name!r}: layer {lid} is in a cycle")
+            seen.add(lid)
+            layer = self._layers.get(lid)
+            if layer is None:
+                raise CorruptMetadata(f"pool {self.name!r}: layer {lid} is missing")
+            yield layer
+            lid = layer.parent
+
+    def _new_layer(self, parent: int | None) -> int:
+        lid = self._take_id()
+        self._layers[lid] = Layer(lid, parent)
+        self._stmt("INSERT INTO layers VALUES (?, ?)", lid, parent)
+        return lid
+
+    def _add_volume(
+        self, name: str, size: int, top: int, origin: str | None, origin_snap: int | None
+    ) -> None:
+        rec = _VolumeRec(
+            self._take_id(),
+            name,
+            size,
+            top,
+            origin,
+            origin_snap,
+            uuid.uuid4().hex[:20],
+            time.time(),
+        )
+        self._volumes[name] = rec
+        self._stmt(
+            "INSERT INTO volumes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            rec.id,
+            rec.name,
+            rec.size,
+            rec.top,
+            rec.origin,
+            rec.origin_snap,
+            rec.serial,
+            rec.created,
+        )
+
+    def _release(self, lid: int | None) -> None:
+        """Drop one reference to a layer (a volume top, a snapshot, a child) and collect what
+        is no longer needed: free a layer nothing depends on, merge a layer into its only
+        child."""
+        while lid is not None:
+            if self._layer_named(lid):
+                return
+            layer = self._layers[lid]
+            children = [c for c in self._layers.values() if c.parent == lid]
+            if len(children) > 1:
+                return
+            if children:
+                child = children[0]
+                for vc, phys in layer.map.items():
+                    if vc in child.map:
+                        if phys >= 0:
+                            self._batch.frees.append(phys)
+                    else:
+                        child.map[vc] = phys
+                        self._batch.maps[(child.id, vc)] = phys
+                child.parent = layer.parent
+                self._stmt("UPDATE layers SET parent = ? WHERE id = ?", child.parent, child.id)
+                self._drop_layer(layer)
+                return
+            for phys in layer.map.values():
+                if phys >= 0:
+                    self._batch.frees.append(phys)
+            self._drop_layer(layer)
+            lid = layer.parent
+
+    def _drop_layer(self, layer: Layer) -> None:
+        for vc in layer.map:
+            self._batch.maps.pop((layer.id, vc), None)
+        del self._layers[layer.id]
+        self._stmt("DELETE FROM map WHERE layer = ?", layer.id)
+        self._stmt("DELETE FROM layers WHERE id = ?", layer.id)
+
+    def _layer_named(self, lid: int) -> bool:
+        return any(v.top == lid for v in self._volumes.values()) or any(
+            s.layer == lid for s in self._snapshots.values()
+        )
+
+    def _busy(self, vid: int, snap: int | None = None, *, any_snapshot: bool = False) -> bool:
+        return any(
+            state.handles > 0 and key[0] == vid and (any_snapshot or key[1] == snap)
+            for key, state in self._states.items()
+        )
+
+    def _volume(self, name: str) -> _VolumeRec:
+        vol = self._volumes.get(name)
+        if vol is None:
+            raise NotFound(f"no volume {self.name}/{name}")
+        return vol
+
+    def _snapshot(self, vol: _VolumeRec, name: str) -> _SnapRec:
+        for snap in self._snapshots.values():
+            if snap.volume == vol.id and snap.name == name:
+                return snap
+        raise NotFound(f"no snapshot {self.name}/{vol.name}@{name}")
+
+    def _volume_info(self, vol: _VolumeRec) -> VolumeInfo:
+        owned = sum(1 for p in self._layers[vol.top].map.values() if p >= 0)
+        return VolumeInfo(
+            self.name,
+            vol.name,
+            vol.size,
+            owned * self.cluster_size,
+            vol.origin,
+            vol.serial,
+            vol.created,
+        )
+
+    def _snapshot_info(self, vol: _VolumeRec, snap: _SnapRec) -> SnapshotInfo:
+        clones = tuple(sorted(v.name for v in self._volumes.values() if v.origin_snap == snap.id))
+        return SnapshotInfo(self.name, vol.name, snap.name, snap.size, snap.created, clones)
+
+    def _take_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
+    def _stmt(self, sql: str, *params: object) -> None:
+        self._batch.statements.append((sql, params))
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.name} {self.directory}>"
+
+
+def _check_size(size: int) -> None:
+    if not isinstance(size, int) or size <= 0 or size % 512:
+        raise InvalidArgument(f"invalid volume size {size}: a positive multiple of 512 is needed")
+
+
+def _by_name(vol: _VolumeRec) -> str:
+    return vol.name

@@ -1,0 +1,400 @@
+"""Thin volume handles: the data path of the engine.
+
+Theory of operation
+-------------------
+Every open volume (or snapshot) has one ``VolumeState`` shared by all its handles. Its
+``view`` merges the layer chain into one dict: virtual cluster -> ``(fd, byte offset, owner
+layer)``, with ``fd = -1`` for an explicit zero. So:
+
+* a read of one cluster is one dict lookup and one ``preadv`` into the caller's buffer
+  (contiguous clusters are read with one ``preadv``); unmapped clusters read as zeros;
+* a write to a cluster the top layer owns is one ``pwritev`` from the caller's buffer, with no
+  lock; any other write *allocates*: under the state's lock it takes a free cluster, writes
+  the whole cluster (the caller's bytes plus zeros, or plus the parent's data: copy-on-write),
+  and only then publishes the mapping, so no reader ever sees a cluster's stale contents;
+* discard and write-zeroes release whole clusters the top owns and record explicit zeros
+  where a parent has data; partial clusters get zeros written.
+
+Snapshot creation only changes ``top``: entries owned by the old top are then treated as a
+parent's, and the next write to them copies.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from typing import TYPE_CHECKING
+
+from storvisor.engine.catalog import ZERO
+from storvisor.engine.device import Buffer, Extent
+from storvisor.errors import IOFailure
+
+if TYPE_CHECKING:
+    from storvisor.engine.pool import Pool
+
+Entry = tuple[int, int, int]
+"""A view entry: backing fd (-1 for an explicit zero), byte offset, owning layer id."""
+
+
+class VolumeState:
+    """What all handles of one open volume or snapshot share. Internal to the engine."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        key: tuple[int, int | None],
+        top: int,
+        size: int,
+        read_only: bool,
+        serial: str,
+    ) -> None:
+        self.pool = pool
+        self.key = key
+        self.top = top
+        self.size = size
+        self.read_only = read_only
+        self.serial = serial
+        self.cluster_size = pool.cluster_size
+        self.shift = pool.cluster_size.bit_length() - 1
+        self.zeros = memoryview(bytes(pool.cluster_size))
+        self.view: dict[int, Entry] = {}
+        self.handles = 0
+        self.closed = False
+        self.lock = threading.Lock()  # allocations, zeroing and flatten of this volume
+
+    # --------------------------------------------------------------- allocating writes
+
+    def allocating_write(self, vc: int, within: int, data: memoryview) -> None:
+        """Write ``data`` at ``within`` of virtual cluster ``vc``, which the top layer does not
+        own (yet): copy-on-write from the parent's cluster, or zero-fill."""
+        cs = self.cluster_size
+        pool = self.pool
+        with self.lock:
+            entry = self.view.get(vc)
+            if entry is not None and entry[2] == self.top and entry[0] >= 0:
+                _pwrite(entry[0], data, entry[1] + within)  # allocated meanwhile
+                return
+            with pool.lock:
+                phys = pool.allocate()
+            fd, base = pool.locate(phys)
+            try:
+                if len(data) == cs:
+                    _pwrite(fd, data, base)
+                else:
+                    buf = bytearray(cs)
+                    if entry is not None and entry[0] >= 0:
+                        _pread(entry[0], memoryview(buf), entry[1])
+                    buf[within : within + len(data)] = data
+                    _pwrite(fd, memoryview(buf), base)
+            except BaseException:
+                pool.unallocate(phys)
+                raise
+            with pool.lock:
+                pool.set_entry(self.top, vc, phys)
+                self.view[vc] = (fd, base, self.top)
+
+    def zero_clusters(self, first: int, last: int, unmap: bool) -> None:
+        """Make whole clusters ``[first, last)`` read as zeros, releasing owned clusters when
+        ``unmap``; otherwise owned clusters are overwritten with zeros in place."""
+        pool = self.pool
+        with self.lock:
+            view = self.view
+            if last - first <= 2 * len(view) + 64:
+                vcs: list[int] = [vc for vc in range(first, last) if vc in view]
+            else:
+                vcs = sorted(vc for vc in view if first <= vc < last)
+            in_place: list[Entry] = []
+            with pool.lock:
+                top = self.top
+                explicit = pool.layer_has_parent(top)
+                for vc in vcs:
+                    entry = view[vc]
+                    if entry[0] < 0:
+                        continue  # already zero
+                    if not unmap and entry[2] == top:
+                        in_place.append(entry)
+                        continue
+                    if explicit:
+                        pool.set_entry(top, vc, ZERO)
+                        view[vc] = (-1, 0, top)
+                    else:
+                        pool.set_entry(top, vc, None)
+                        del view[vc]
+            for fd, base, _ in in_place:
+                _pwrite(fd, self.zeros, base)
+
+    def copy_up(self) -> None:
+        """Copy every cluster the view takes from a parent layer into the top layer."""
+        cs = self.cluster_size
+        pool = self.pool
+        buf = bytearray(cs)
+        with self.lock:
+            for vc, entry in sorted(self.view.items()):
+                if entry[2] == self.top or entry[0] < 0:
+                    continue
+                with pool.lock:
+                    phys = pool.allocate()
+                fd, base = pool.locate(phys)
+                try:
+                    _pread(entry[0], memoryview(buf), entry[1])
+                    _pwrite(fd, memoryview(buf), base)
+                except BaseException:
+                    pool.unallocate(phys)
+                    raise
+                with pool.lock:
+                    pool.set_entry(self.top, vc, phys)
+                    self.view[vc] = (fd, base, self.top)
+            pool.mark_dirty()
+
+
+class Volume:
+    """A ``BlockDevice`` handle on a thin volume or (read-only) snapshot.
+
+    Obtain it from ``Pool.open_volume``. Thread-safe; several handles to one volume share
+    their state (an online extend is visible in ``size`` at once). ``flush`` commits the
+    whole pool (data, then metadata). After ``close`` every call raises
+    ``IOFailure(EBADF)``; closing the pool closes every handle.
+    """
+
+    def __init__(self, state: VolumeState, name: str) -> None:
+        self.state = state
+        self.name = name
+        """``POOL/VOL`` or ``POOL/VOL@SNAP``."""
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self.state.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.state.read_only
+
+    @property
+    def block_size(self) -> int:
+        """512: any aligned or unaligned request works; ``cluster_size`` is the allocation
+        granularity."""
+        return 512
+
+    @property
+    def cluster_size(self) -> int:
+        return self.state.cluster_size
+
+    @property
+    def serial(self) -> str:
+        """The volume's stable serial (at most 20 characters, as virtio-blk's GET_ID wants)."""
+        return self.state.serial
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the bytes at ``offset``. Raises ``IOFailure`` (EINVAL out of
+        range, EBADF when closed, the errno of a failed ``preadv``)."""
+        s = self.state
+        n = len(buf)
+        if self._closed or s.closed or offset < 0 or offset + n > s.size:
+            self._refuse(offset, n, writing=False)
+        cs = s.cluster_size
+        within = offset & (cs - 1)
+        if within + n <= cs:  # one cluster: one lookup, one preadv
+            entry = s.view.get(offset >> s.shift)
+            if entry is None or entry[0] < 0:
+                buf[:] = s.zeros[:n]
+            else:
+                _pread(entry[0], buf, entry[1] + within)
+            return
+        self._read_span(offset, buf)
+
+    def _read_span(self, offset: int, buf: memoryview) -> None:
+        s = self.state
+        view = s.view
+        cs = s.cluster_size
+        mask = cs - 1
+        n = len(buf)
+        pos = 0
+        run_fd = -1
+        run_off = run_start = run_len = 0
+        while pos < n:
+            off = offset + pos
+            within = off & mask
+            chunk = min(cs - within, n - pos)
+            entry = view.get(off >> s.shift)
+            if entry is None or entry[0] < 0:
+                buf[pos : pos + chunk] = s.zeros[:chunk]
+            elif run_len and entry[0] == run_fd and entry[1] + within == run_off + run_len:
+                run_len += chunk
+            else:
+                if run_len:
+                    _pread(run_fd, buf[run_start : run_start + run_len], run_off)
+                run_fd, run_off, run_start, run_len = entry[0], entry[1] + within, pos, chunk
+            pos += chunk
+        if run_len:
+            _pread(run_fd, buf[run_start : run_start + run_len], run_off)
+
+    def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
+        """Write ``data`` at ``offset``, allocating clusters as needed; with ``fua`` the pool
+        is flushed before returning. Raises ``IOFailure`` (ENOSPC out of range, EPERM on a
+        snapshot, ``NoSpace`` when the pool is full, EBADF when closed)."""
+        s = self.state
+        view_ = memoryview(data).cast("B")
+        n = len(view_)
+        if self._closed or s.closed or offset < 0 or offset + n > s.size or s.read_only:
+            self._refuse(offset, n, writing=True)
+        s.pool.mark_dirty()
+        view = s.view
+        cs = s.cluster_size
+        mask = cs - 1
+        pos = 0
+        run_fd = -1
+        run_off = run_start = run_len = 0
+        while pos < n:
+            off = offset + pos
+            within = off & mask
+            chunk = min(cs - within, n - pos)
+            entry = view.get(off >> s.shift)
+            if entry is not None and entry[2] == s.top and entry[0] >= 0:
+                if run_len and entry[0] == run_fd and entry[1] + within == run_off + run_len:
+                    run_len += chunk
+                else:
+                    if run_len:
+                        _pwrite(run_fd, view_[run_start : run_start + run_len], run_off)
+                    run_fd, run_off, run_start, run_len = entry[0], entry[1] + within, pos, chunk
+            else:
+                if run_len:
+                    _pwrite(run_fd, view_[run_start : run_start + run_len], run_off)
+                    run_len = 0
+                s.allocating_write(off >> s.shift, within, view_[pos : pos + chunk])
+            pos += chunk
+        if run_len:
+            _pwrite(run_fd, view_[run_start : run_start + run_len], run_off)
+        if fua:
+            s.pool.flush()
+
+    def flush(self) -> None:
+        """Make every completed write durable: flushes the whole pool (data, then metadata)."""
+        if self._closed or self.state.closed:
+            self._refuse(0, 0, writing=False)
+        self.state.pool.flush()
+
+    def discard(self, offset: int, length: int) -> None:
+        """Release the whole clusters of the range; the range reads as zeros afterwards."""
+        self._zero(offset, length, unmap=True)
+
+    def write_zeroes(
+        self, offset: int, length: int, *, may_unmap: bool = True, fua: bool = False
+    ) -> None:
+        """Make the range read as zeros; ``may_unmap`` lets whole clusters be released
+        (otherwise owned clusters keep their allocation and are zeroed in place)."""
+        self._zero(offset, length, unmap=may_unmap)
+        if fua:
+            self.state.pool.flush()
+
+    def _zero(self, offset: int, length: int, *, unmap: bool) -> None:
+        s = self.state
+        if self._closed or s.closed or offset < 0 or offset + length > s.size or s.read_only:
+            self._refuse(offset, length, writing=True)
+        if length == 0:
+            return
+        s.pool.mark_dirty()
+        cs = s.cluster_size
+        end = offset + length
+        first = -(-offset // cs)
+        last = end // cs
+        if first >= last:  # no whole cluster inside
+            self._zero_partial(offset, end)
+            return
+        if offset < first * cs:
+            self._zero_partial(offset, first * cs)
+        s.zero_clusters(first, last, unmap)
+        if end > last * cs:
+            self._zero_partial(last * cs, end)
+
+    def _zero_partial(self, start: int, end: int) -> None:
+        s = self.state
+        cs = s.cluster_size
+        pos = start
+        while pos < end:
+            stop = min(end, (pos // cs + 1) * cs)
+            entry = s.view.get(pos >> s.shift)
+            if entry is not None and entry[0] >= 0:
+                self.write(pos, s.zeros[: stop - pos])
+            pos = stop
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Extents from the map: a mapped cluster is allocated data; an unmapped one or an
+        explicit zero is a hole that reads as zeros."""
+        s = self.state
+        if self._closed or s.closed or offset < 0 or offset + length > s.size:
+            self._refuse(offset, length, writing=False)
+        cs = s.cluster_size
+        end = offset + length
+        first, last = offset // cs, -(-end // cs)
+        view = s.view
+        if last - first <= 2 * len(view) + 64:
+            data = [vc for vc in range(first, last) if (e := view.get(vc)) and e[0] >= 0]
+        else:
+            data = sorted(vc for vc, e in view.items() if first <= vc < last and e[0] >= 0)
+        extents: list[Extent] = []
+        pos = offset
+
+        def emit(stop: int, allocated: bool) -> None:
+            nonlocal pos
+            stop = min(stop, end)
+            if stop <= pos:
+                return
+            if extents and extents[-1].allocated == allocated:
+                last_ = extents.pop()
+                extents.append(Extent(last_.offset, stop - last_.offset, allocated, not allocated))
+            else:
+                extents.append(Extent(pos, stop - pos, allocated, not allocated))
+            pos = stop
+
+        for vc in data:
+            emit(vc * cs, False)
+            emit((vc + 1) * cs, True)
+        emit(end, False)
+        if not extents:
+            extents.append(Extent(offset, 0, False, True))
+        return extents
+
+    def close(self) -> None:
+        """Release the handle (without flushing); idempotent."""
+        if not self._closed:
+            self._closed = True
+            self.state.pool.drop_state(self.state)
+
+    def _refuse(self, offset: int, length: int, *, writing: bool) -> None:
+        if self._closed or self.state.closed:
+            raise IOFailure(f"{self.name}: handle is closed", errno.EBADF)
+        if offset < 0 or length < 0:
+            raise IOFailure(f"negative offset or length ({offset}, {length})", errno.EINVAL)
+        if offset + length > self.state.size:
+            raise IOFailure(
+                f"{self.name}: request [{offset}, {offset + length}) beyond end of device "
+                f"({self.state.size})",
+                errno.ENOSPC if writing else errno.EINVAL,
+            )
+        raise IOFailure(f"{self.name} is read-only", errno.EPERM)
+
+    def __repr__(self) -> str:
+        return f"<Volume {self.name}>"
+
+
+def _pread(fd: int, buf: memoryview, offset: int) -> None:
+    try:
+        got = os.preadv(fd, [buf], offset)
+        while got < len(buf):
+            more = os.preadv(fd, [buf[got:]], offset + got)
+            if more == 0:
+                raise IOFailure("short read from a backing device", errno.EIO)
+            got += more
+    except OSError as e:
+        raise IOFailure(f"read failed: {e.strerror}", e.errno or errno.EIO) from e
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> None:
+    try:
+        done = os.pwritev(fd, [data], offset)
+        while done < len(data):
+            done += os.pwritev(fd, [data[done:]], offset + done)
+    except OSError as e:
+        raise IOFailure(f"write failed: {e.strerror}", e.errno or errno.EIO) from e
