@@ -1,0 +1,726 @@
+"""vhost-user-blk export: serves a ``BlockDevice`` to QEMU (or any vhost-user front-end).
+
+Theory of operation
+-------------------
+:class:`VhostUserBlkServer` listens on a Unix socket and serves one front-end at a time
+(others wait in the listen backlog). One control thread reads vhost-user messages, feeds them
+to the sans-I/O :class:`~storvisor.protocols.vhost_user.backend.VhostUserBackend` and sends its
+replies; it implements that state machine's ``BackendDevice`` interface here: guest memory is
+``mmap``-ed from the fds the front-end passes, eventfds are kept per queue, the inflight buffer
+is a memfd.
+
+Each running queue has its own worker thread. On a kick it drains the whole avail ring:
+pops a chain, runs it with :func:`storvisor.protocols.virtio.blk.execute` (the guest's buffers
+are ``memoryview`` s of the mapping, passed straight to ``read_into``/``write``, so data is
+never copied in Python), pushes the used entry; then it signals the call eventfd once for the
+batch if the driver wants it, and re-arms notifications. Data calls release the GIL inside
+``preadv``/``pwritev``, so queues overlap on several cores.
+
+Failure model: a malformed message or a hostile memory table drops the connection (the queues
+are stopped and memory unmapped; a reconnecting front-end starts afresh). A bad descriptor
+chain marks that queue broken (it stops processing, the error eventfd is signalled) while the
+connection stays up, as a virtio device in NEEDS_RESET would. Device I/O errors fail one
+request with status IOERR. Nothing a front-end sends stops the server or touches other exports.
+
+Reconnect: with INFLIGHT_SHMFD the front-end keeps the inflight buffer across back-end
+restarts; a queue started over a used buffer resubmits the requests found in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import mmap
+import os
+import select
+import socket
+import stat
+import threading
+from dataclasses import dataclass
+
+from storvisor.engine.device import BlockDevice
+from storvisor.errors import ProtocolError, StorvisorError
+from storvisor.protocols.vhost_user import inflight as infl
+from storvisor.protocols.vhost_user import messages as m
+from storvisor.protocols.vhost_user.backend import QueueSetup, VhostUserBackend
+from storvisor.protocols.vhost_user.messages import MemoryRegion, ProtocolFeature
+from storvisor.protocols.virtio import blk
+from storvisor.protocols.virtio.blk import bit
+from storvisor.protocols.virtio.memory import GuestMemory, GuestRegion
+from storvisor.protocols.virtio.ring import (
+    SplitQueue,
+    avail_ring_size,
+    desc_table_size,
+    used_ring_size,
+)
+
+log = logging.getLogger(__name__)
+
+VIRTIO_FEATURES = (
+    bit(blk.VIRTIO_F_VERSION_1)
+    | bit(m.VHOST_USER_F_PROTOCOL_FEATURES)
+    | bit(blk.VIRTIO_RING_F_INDIRECT_DESC)
+    | bit(blk.VIRTIO_RING_F_EVENT_IDX)
+    | bit(blk.VIRTIO_BLK_F_FLUSH)
+    | bit(blk.VIRTIO_BLK_F_BLK_SIZE)
+    | bit(blk.VIRTIO_BLK_F_SEG_MAX)
+    | bit(blk.VIRTIO_BLK_F_MQ)
+    | bit(blk.VIRTIO_BLK_F_DISCARD)
+    | bit(blk.VIRTIO_BLK_F_WRITE_ZEROES)
+    | bit(blk.VIRTIO_BLK_F_CONFIG_WCE)
+)
+"""Virtio feature bits offered (plus ``VIRTIO_BLK_F_RO`` for a read-only export)."""
+
+PROTOCOL_FEATURES = (
+    bit(ProtocolFeature.MQ)
+    | bit(ProtocolFeature.REPLY_ACK)
+    | bit(ProtocolFeature.BACKEND_REQ)
+    | bit(ProtocolFeature.CONFIG)
+    | bit(ProtocolFeature.INFLIGHT_SHMFD)
+    | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+)
+"""vhost-user protocol features offered."""
+
+MAX_QUEUES = 64
+
+
+_FENCE_LOCK = threading.Lock()
+
+
+def _full_fence() -> None:
+    """A full memory barrier: an uncontended lock uses a locked instruction on x86-64."""
+    with _FENCE_LOCK:
+        pass
+
+
+@dataclass(slots=True)
+class _Mapping:
+    region: MemoryRegion
+    mm: mmap.mmap
+
+
+class _QueueWorker:
+    """One thread serving one virtqueue until :meth:`stop`."""
+
+    def __init__(self, owner: _Device, setup: QueueSetup, queue: SplitQueue) -> None:
+        self.owner = owner
+        self.index = setup.index
+        self.queue: SplitQueue | None = queue
+        self.resubmit: list[int] = []
+        self._stop = False
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._thread = threading.Thread(
+            target=self._run, name=f"vhost-blk-q{setup.index}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        os.eventfd_write(self._wake, 1)
+
+    def stop(self) -> int:
+        """Stop after the batch in progress; return the next avail index."""
+        self._stop = True
+        self.wake()
+        self._thread.join()
+        os.close(self._wake)
+        assert self.queue is not None
+        last_avail = self.queue.last_avail
+        self.queue = None  # drop the ring views before memory is unmapped
+        return last_avail
+
+    def _run(self) -> None:
+        owner = self.owner
+        poller = select.poll()
+        poller.register(self._wake, select.POLLIN)
+        kick = owner.kick_fds[self.index]
+        if kick is not None:
+            poller.register(kick, select.POLLIN)
+        try:
+            self._resubmit()
+            self._drain()
+            owner.signal(self.index)  # once after (re)start, whatever happened before
+            while not self._stop:
+                events = poller.poll(None if kick is not None else 1)
+                if self._stop:
+                    break
+                for fd, _ in events:
+                    _eventfd_clear(fd)
+                current = owner.kick_fds[self.index]
+                if current != kick:
+                    if kick is not None:
+                        poller.unregister(kick)
+                    kick = current
+                    if kick is not None:
+                        poller.register(kick, select.POLLIN)
+                self._drain()
+        except ProtocolError as e:
+            log.error("vhost-user-blk queue %d is broken: %s", self.index, e)
+            owner.queue_broken(self.index)
+        except Exception:  # a bug must not take the server down: fail the queue only
+            log.exception("vhost-user-blk queue %d failed", self.index)
+            owner.queue_broken(self.index)
+
+    def _resubmit(self) -> None:
+        queue = self.queue
+        assert queue is not None
+        owner = self.owner
+        for head in self.resubmit:
+            chain = queue.walk(head)
+            used_len = blk.execute(
+                owner.block,
+                chain,
+                serial=owner.serial,
+                writethrough=owner.writethrough,
+                read_only=owner.read_only,
+            )
+            queue.push(chain.head, used_len)
+        self.resubmit = []
+
+    def _drain(self) -> None:
+        queue = self.queue
+        assert queue is not None
+        owner = self.owner
+        execute = blk.execute
+        device = owner.block
+        serial = owner.serial
+        read_only = owner.read_only
+        while not self._stop:
+            served = 0
+            writethrough = owner.writethrough
+            while True:
+                chain = queue.pop()
+                if chain is None:
+                    break
+                used_len = execute(
+                    device, chain, serial=serial, writethrough=writethrough, read_only=read_only
+                )
+                queue.push(chain.head, used_len)
+                served += 1
+            del chain
+            if served and queue.should_notify():
+                owner.signal(self.index)
+            if not queue.enable_notification():
+                return
+
+
+def _eventfd_clear(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+    except OSError as e:
+        if e.errno != errno.EAGAIN:
+            raise
+
+
+class _Device:
+    """The I/O side of one front-end connection (implements ``BackendDevice``)."""
+
+    def __init__(self, server: VhostUserBlkServer) -> None:
+        self.server = server
+        self.block = server.device
+        self.serial = server.serial.encode()[: blk.VIRTIO_BLK_ID_BYTES]
+        self.read_only = server.read_only
+        self.writethrough = False
+        n = server.num_queues
+        self.kick_fds: list[int | None] = [None] * n
+        self._call_fds: list[int | None] = [None] * n
+        self._err_fds: list[int | None] = [None] * n
+        self._call_lock = threading.Lock()
+        self._mappings: list[_Mapping] = []
+        self.memory = GuestMemory([])
+        self._workers: dict[int, _QueueWorker] = {}
+        self._inflight: mmap.mmap | None = None
+        self._inflight_shape = (0, 0)
+        self.backend_channel: socket.socket | None = None
+        self._channel_lock = threading.Lock()
+        self.broken: set[int] = set()
+        self._retired_kicks: list[int | None] = []
+
+    # -- BackendDevice -----------------------------------------------------------------------
+
+    @property
+    def features(self) -> int:
+        return VIRTIO_FEATURES | (bit(blk.VIRTIO_BLK_F_RO) if self.read_only else 0)
+
+    @property
+    def protocol_features(self) -> int:
+        return PROTOCOL_FEATURES
+
+    @property
+    def num_queues(self) -> int:
+        return self.server.num_queues
+
+    def config(self) -> blk.BlkConfig:
+        block_size = max(512, self.block.block_size)
+        return blk.BlkConfig(
+            capacity=self.block.size >> blk.SECTOR_SHIFT,
+            blk_size=block_size,
+            wce=0 if self.writethrough else 1,
+            num_queues=self.server.num_queues,
+            discard_sector_alignment=block_size >> blk.SECTOR_SHIFT,
+        )
+
+    def get_config(self) -> bytes:
+        return self.config().pack()
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        if offset <= blk.WCE_OFFSET < offset + len(data):
+            self.writethrough = data[blk.WCE_OFFSET - offset] == 0
+
+    def set_memory(self, regions: list[tuple[MemoryRegion, int]]) -> None:
+        new: list[_Mapping] = []
+        try:
+            for region, fd in regions:
+                new.append(_map_region(region, fd))
+        except BaseException:
+            for mapping in new:
+                mapping.mm.close()
+            for _, fd in regions[len(new) :]:
+                os.close(fd)
+            raise
+        self._install(new)
+
+    def add_memory(self, region: MemoryRegion, fd: int) -> None:
+        if len(self._mappings) >= 32:
+            os.close(fd)
+            raise ProtocolError("ADD_MEM_REG: too many regions")
+        self._install([*self._mappings, _map_region(region, fd)], close_old=False)
+
+    def remove_memory(self, region: MemoryRegion) -> None:
+        keep = [
+            mp
+            for mp in self._mappings
+            if (mp.region.guest_phys_addr, mp.region.memory_size, mp.region.userspace_addr)
+            != (region.guest_phys_addr, region.memory_size, region.userspace_addr)
+        ]
+        if len(keep) == len(self._mappings):
+            raise ProtocolError("REM_MEM_REG: no such region")
+        gone = [mp for mp in self._mappings if mp not in keep]
+        self._install(keep, close_old=False)
+        for mp in gone:
+            _close_mmap(mp.mm)
+
+    def _install(self, mappings: list[_Mapping], *, close_old: bool = True) -> None:
+        regions = []
+        for mp in mappings:
+            r = mp.region
+            start = r.mmap_offset
+            regions.append(
+                GuestRegion(
+                    gpa=r.guest_phys_addr,
+                    size=r.memory_size,
+                    uva=r.userspace_addr,
+                    view=memoryview(mp.mm)[start : start + r.memory_size],
+                )
+            )
+        _check_overlaps(regions)
+        old = self._mappings
+        self.memory = GuestMemory(regions)
+        self._mappings = mappings
+        if close_old:
+            for mp in old:
+                _close_mmap(mp.mm)
+
+    def set_vring_kick(self, index: int, fd: int | None) -> None:
+        old = self.kick_fds[index]
+        self.kick_fds[index] = fd
+        worker = self._workers.get(index)
+        if worker is not None:
+            worker.wake()
+            # the worker re-registers on wake-up; keep the old fd open until it has
+            # (it is closed with the next replacement or on reset)
+            self._retired_kicks.append(old)
+        elif old is not None:
+            os.close(old)
+
+    def set_vring_call(self, index: int, fd: int | None) -> None:
+        with self._call_lock:
+            old = self._call_fds[index]
+            self._call_fds[index] = fd
+        if old is not None:
+            os.close(old)
+        self.signal(index)  # a pending interrupt may have been lost while masked
+
+    def set_vring_err(self, index: int, fd: int | None) -> None:
+        old = self._err_fds[index]
+        self._err_fds[index] = fd
+        if old is not None:
+            os.close(old)
+
+    def start_queue(self, setup: QueueSetup) -> None:
+        memory = self.memory
+        try:
+            queue = SplitQueue(
+                memory,
+                setup.num,
+                memory.uva_view(setup.desc_addr, desc_table_size(setup.num)),
+                memory.uva_view(setup.avail_addr, avail_ring_size(setup.num)),
+                memory.uva_view(setup.used_addr, used_ring_size(setup.num)),
+                last_avail=setup.last_avail,
+                event_idx=setup.event_idx,
+                fence=_full_fence,
+            )
+        except ProtocolError as e:
+            log.error("vhost-user-blk queue %d cannot start: %s", setup.index, e)
+            self.queue_broken(setup.index)
+            return
+        resubmit: list[int] = []
+        if self._inflight is not None:
+            num_queues, queue_size = self._inflight_shape
+            if setup.index < num_queues and queue_size == setup.num:
+                part = infl.queue_region_size(queue_size)
+                view = memoryview(self._inflight)[setup.index * part : (setup.index + 1) * part]
+                tracker = infl.InflightQueue(view, queue_size, queue.used_idx)
+                if tracker.last_avail is not None:
+                    queue.last_avail = tracker.last_avail
+                    resubmit = tracker.resubmit
+                    if resubmit:
+                        log.info(
+                            "vhost-user-blk queue %d: resubmitting %d in-flight requests",
+                            setup.index,
+                            len(resubmit),
+                        )
+                queue.inflight = tracker
+            else:
+                log.warning("inflight buffer does not fit queue %d; not tracked", setup.index)
+        worker = _QueueWorker(self, setup, queue)
+        worker.resubmit = resubmit
+        self._workers[setup.index] = worker
+        self.broken.discard(setup.index)
+        worker.start()
+
+    def stop_queue(self, index: int) -> int:
+        worker = self._workers.pop(index, None)
+        if worker is None:
+            return 0
+        last_avail = worker.stop()
+        self._drop_retired_kicks()
+        return last_avail
+
+    def get_inflight(self, num_queues: int, queue_size: int) -> tuple[int, int]:
+        size = infl.region_size(num_queues, queue_size)
+        fd = os.memfd_create("storvisor-inflight", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+        except OSError as e:
+            os.close(fd)
+            raise ProtocolError(f"cannot size the inflight buffer: {e.strerror}") from e
+        return fd, size
+
+    def set_inflight(
+        self, fd: int, mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int
+    ) -> None:
+        try:
+            if mmap_size < infl.region_size(num_queues, queue_size):
+                raise ProtocolError(f"inflight buffer of {mmap_size} bytes is too small")
+            _check_fd_size(fd, mmap_offset + mmap_size, "inflight buffer")
+            try:
+                mm = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, offset=mmap_offset)
+            except (OSError, ValueError, OverflowError) as e:
+                raise ProtocolError(f"cannot map the inflight buffer: {e}") from e
+        finally:
+            os.close(fd)
+        if self._inflight is not None:
+            _close_mmap(self._inflight)
+        self._inflight = mm
+        self._inflight_shape = (num_queues, queue_size)
+
+    def set_backend_channel(self, fd: int) -> None:
+        try:
+            channel = socket.socket(fileno=fd)
+        except OSError as e:
+            os.close(fd)
+            raise ProtocolError(f"backend request fd is not a socket: {e}") from e
+        with self._channel_lock:
+            old, self.backend_channel = self.backend_channel, channel
+        if old is not None:
+            old.close()
+
+    def reset(self) -> None:
+        for index in list(self._workers):
+            self.stop_queue(index)
+        self._drop_retired_kicks()
+        for fds in (self.kick_fds, self._call_fds, self._err_fds):
+            for i, fd in enumerate(fds):
+                if fd is not None:
+                    os.close(fd)
+                fds[i] = None
+        self.memory = GuestMemory([])
+        for mp in self._mappings:
+            _close_mmap(mp.mm)
+        self._mappings = []
+        if self._inflight is not None:
+            _close_mmap(self._inflight)
+            self._inflight = None
+        with self._channel_lock:
+            channel, self.backend_channel = self.backend_channel, None
+        if channel is not None:
+            channel.close()
+
+    # -- used by workers and the server ----------------------------------------------------
+
+    def signal(self, index: int) -> None:
+        with self._call_lock:
+            fd = self._call_fds[index]
+            if fd is not None:
+                try:
+                    os.eventfd_write(fd, 1)
+                except OSError as e:
+                    log.warning("cannot signal queue %d: %s", index, e)
+
+    def queue_broken(self, index: int) -> None:
+        self.broken.add(index)
+        fd = self._err_fds[index]
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(fd, 1)
+
+    def send_config_change(self) -> bool:
+        with self._channel_lock:
+            channel = self.backend_channel
+            if channel is None:
+                return False
+            try:
+                channel.sendall(m.encode(m.BackendRequest.CONFIG_CHANGE_MSG))
+            except OSError as e:
+                log.warning("cannot send a config change to the front-end: %s", e)
+                return False
+        return True
+
+    def _drop_retired_kicks(self) -> None:
+        for fd in self._retired_kicks:
+            if fd is not None:
+                os.close(fd)
+        self._retired_kicks.clear()
+
+
+def _check_fd_size(fd: int, needed: int, what: str) -> None:
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise ProtocolError(f"{what}: bad fd: {e.strerror}") from e
+    if stat.S_ISREG(st.st_mode) and st.st_size < needed:
+        raise ProtocolError(f"{what}: {needed} bytes asked of a {st.st_size}-byte file")
+
+
+def _map_region(region: MemoryRegion, fd: int) -> _Mapping:
+    """Map ``[0, mmap_offset + size)`` of ``fd`` (the fd is closed in any case)."""
+    try:
+        length = region.mmap_offset + region.memory_size
+        _check_fd_size(fd, length, "memory region")
+        try:
+            mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError, OverflowError) as e:
+            raise ProtocolError(f"cannot map a memory region: {e}") from e
+    finally:
+        os.close(fd)
+    return _Mapping(region, mm)
+
+
+def _close_mmap(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:
+        # a view is still alive somewhere; the mapping goes when the last one does
+        log.debug("guest memory mapping still referenced; left to the garbage collector")
+
+
+def _check_overlaps(regions: list[GuestRegion]) -> None:
+    ordered = sorted(regions, key=lambda r: r.gpa)
+    for a, b in itertools.pairwise(ordered):
+        if a.gpa + a.size > b.gpa:
+            raise ProtocolError("guest memory regions overlap")
+
+
+class VhostUserBlkServer:
+    """Serve ``device`` as a vhost-user-blk device on the Unix socket ``socket_path``.
+
+    ``num_queues`` virtqueues (1..64) are offered; ``read_only`` offers VIRTIO_BLK_F_RO and
+    fails writes; ``serial`` is what GET_ID returns (at most 20 bytes are used).
+    The device is used, never closed, by the server.
+    """
+
+    def __init__(
+        self,
+        device: BlockDevice,
+        socket_path: str,
+        *,
+        num_queues: int = 1,
+        read_only: bool = False,
+        serial: str = "",
+    ) -> None:
+        if not 1 <= num_queues <= MAX_QUEUES:
+            raise ValueError(f"num_queues must be 1..{MAX_QUEUES}, not {num_queues}")
+        self.device = device
+        self.socket_path = socket_path
+        self.num_queues = num_queues
+        self.read_only = read_only or device.read_only
+        self.serial = serial
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._lock = threading.Lock()
+        self._conn: socket.socket | None = None
+        self._device: _Device | None = None
+        self.connections = 0
+        """Front-end connections served so far (for tests and metrics)."""
+
+    def start(self) -> None:
+        """Bind the socket (replacing a stale one) and serve in a background thread.
+
+        Raises ``OSError`` if the socket cannot be bound.
+        """
+        try:
+            if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
+                os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            listener.bind(self.socket_path)
+            listener.listen(4)
+        except OSError:
+            listener.close()
+            raise
+        self._listener = listener
+        self._thread = threading.Thread(
+            target=self._serve, name=f"vhost-blk {self.socket_path}", daemon=True
+        )
+        self._thread.start()
+
+    def notify_config_change(self) -> None:
+        """Tell the connected front-end that the config (capacity) changed.
+
+        Needs the BACKEND_REQ channel; without a front-end or a channel this does nothing
+        (the next GET_CONFIG reports the new capacity anyway).
+        """
+        with self._lock:
+            device = self._device
+        if device is not None:
+            device.send_config_change()
+
+    def close(self) -> None:
+        """Stop serving: disconnect the front-end, stop the queues, remove the socket.
+
+        The block device is left open. Idempotent.
+        """
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        with self._lock:
+            conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    @property
+    def broken_queues(self) -> frozenset[int]:
+        """Queues of the current front-end stopped by a bad descriptor chain."""
+        with self._lock:
+            device = self._device
+        return frozenset(device.broken) if device is not None else frozenset()
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        assert self._listener is not None
+        poller = select.poll()
+        poller.register(self._listener, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._stop.is_set():
+            poller.poll()
+            if self._stop.is_set():
+                return
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                continue
+            self._handle_connection(conn)
+
+    def _handle_connection(self, conn: socket.socket) -> None:
+        device = _Device(self)
+        backend = VhostUserBackend(device)
+        with self._lock:
+            self._conn, self._device = conn, device
+        self.connections += 1
+        try:
+            while not self._stop.is_set():
+                msg = _receive(conn)
+                if msg is None:
+                    break
+                try:
+                    reply = backend.handle(msg)
+                finally:
+                    for fd in msg.fds:
+                        os.close(fd)
+                if reply is not None:
+                    try:
+                        if reply.fds:
+                            socket.send_fds(conn, [reply.data], list(reply.fds))
+                        else:
+                            conn.sendall(reply.data)
+                    finally:
+                        for fd in reply.fds:
+                            os.close(fd)
+        except ProtocolError as e:
+            log.warning("vhost-user front-end dropped: %s", e)
+        except OSError as e:
+            if not self._stop.is_set():
+                log.warning("vhost-user connection failed: %s", e)
+        except StorvisorError as e:
+            log.error("vhost-user connection failed: %s", e)
+        finally:
+            with self._lock:
+                self._conn, self._device = None, None
+            try:
+                device.reset()
+            finally:
+                conn.close()
+
+
+def _receive(conn: socket.socket) -> m.Message | None:
+    """Read one message with its fds; ``None`` on a clean EOF between messages."""
+    data, fds, flags, _ = socket.recv_fds(conn, m.HEADER.size, m.MAX_FDS)
+    try:
+        if flags & socket.MSG_CTRUNC:
+            raise ProtocolError("too many file descriptors with one message")
+        if not data:
+            if fds:
+                raise ProtocolError("file descriptors without a message")
+            return None
+        header = bytearray(data)
+        while len(header) < m.HEADER.size:
+            more = conn.recv(m.HEADER.size - len(header))
+            if not more:
+                raise ProtocolError("connection closed inside a header")
+            header += more
+        request, msg_flags, size = m.decode_header(header)
+        payload = bytearray()
+        while len(payload) < size:
+            more = conn.recv(size - len(payload), socket.MSG_WAITALL)
+            if not more:
+                raise ProtocolError("connection closed inside a payload")
+            payload += more
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return m.Message(request, msg_flags, bytes(payload), list(fds))
