@@ -14,10 +14,11 @@ layer and copies the untouched part of the old cluster into it (copy-on-write); 
 unmapped cluster fills the rest of the new cluster with zeros. Discard and write-zeroes free
 clusters the top owns and leave an explicit zero where a parent still has data.
 
+A snapshot with linked clones cannot be deleted until they are flattened or deleted.
 Deleting a snapshot drops its name; its layer is then *hidden*. A hidden layer with no child is
 freed (and its parent is looked at in turn); a hidden layer with one child is merged into that
-child (the child takes every entry it lacks); a hidden layer with several children (clones, or
-the layers left by a rollback) stays until only one depends on it.
+child (the child takes every entry it lacks); a hidden layer with several children (the layers
+left by rollbacks) stays until only one depends on it.
 
 All metadata lives in memory (``Layer.map`` dicts, and per open volume a merged *view* of its
 chain, so a read costs one dict lookup) and reaches the SQLite catalog through ``Batch``es.
@@ -417,15 +418,18 @@ class Pool:
     def delete_volume(self, name: str) -> None:
         """Delete a volume and all its snapshots, freeing the clusters only they use.
 
-        Clones of its snapshots keep their data (the layers they depend on stay, hidden,
-        until those clones are flattened or deleted). Raises ``NotFound``, and ``Conflict``
-        if the volume or one of its snapshots has open handles. Durable when this returns.
+        Raises ``NotFound``, and ``Conflict`` if the volume or one of its snapshots has open
+        handles or if a snapshot has clones (flatten or delete them first). Durable when this
+        returns.
         """
         with self._lock:
             self._check_open()
             vol = self._volume(name)
             if self._busy(vol.id, any_snapshot=True):
                 raise Conflict(f"volume {self.name}/{name} or one of its snapshots is open")
+            for snap in self._snapshots.values():
+                if snap.volume == vol.id:
+                    self._check_no_clones(vol, snap)
             snaps = sorted(
                 (s for s in self._snapshots.values() if s.volume == vol.id),
                 key=lambda s: -s.layer,  # newest first: each is freed, not merged
@@ -526,11 +530,12 @@ class Pool:
             return [self._snapshot_info(vol, s) for s in snaps]
 
     def delete_snapshot(self, volume: str, snapshot: str) -> None:
-        """Delete a snapshot; every other snapshot, the volume and clones keep their data.
+        """Delete a snapshot; every other snapshot and the volume keep their data.
 
-        Its layer is merged into its only child, or kept hidden while several layers (clones,
-        rollback branches) depend on it, or freed if none does. Raises ``NotFound`` and
-        ``Conflict`` if the snapshot has open handles. Durable when this returns.
+        Its layer is merged into its only child, or kept hidden while several layers (rollback
+        branches) depend on it, or freed if none does. Raises ``NotFound``, and ``Conflict`` if
+        the snapshot has open handles or clones (flatten or delete them first). Durable when
+        this returns.
         """
         with self._lock:
             self._check_open()
@@ -538,6 +543,7 @@ class Pool:
             snap = self._snapshot(vol, snapshot)
             if self._busy(vol.id, snap.id):
                 raise Conflict(f"snapshot {self.name}/{volume}@{snapshot} is open")
+            self._check_no_clones(vol, snap)
             del self._snapshots[snap.id]
             self._stmt("DELETE FROM snapshots WHERE id = ?", snap.id)
             self._release(snap.layer)
@@ -780,6 +786,14 @@ class Pool:
             state.handles > 0 and key[0] == vid and (any_snapshot or key[1] == snap)
             for key, state in self._states.items()
         )
+
+    def _check_no_clones(self, vol: _VolumeRec, snap: _SnapRec) -> None:
+        clones = sorted(v.name for v in self._volumes.values() if v.origin_snap == snap.id)
+        if clones:
+            raise Conflict(
+                f"snapshot {self.name}/{vol.name}@{snap.name} has clones "
+                f"({', '.join(clones)}): flatten or delete them first"
+            )
 
     def _volume(self, name: str) -> _VolumeRec:
         vol = self._volumes.get(name)

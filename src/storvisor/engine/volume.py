@@ -219,6 +219,9 @@ class Volume:
             chunk = min(cs - within, n - pos)
             entry = view.get(off >> s.shift)
             if entry is None or entry[0] < 0:
+                if run_len:
+                    _pread(run_fd, buf[run_start : run_start + run_len], run_off)
+                    run_len = 0
                 buf[pos : pos + chunk] = s.zeros[:chunk]
             elif run_len and entry[0] == run_fd and entry[1] + within == run_off + run_len:
                 run_len += chunk
