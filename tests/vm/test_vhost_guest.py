@@ -1,22 +1,29 @@
 """End to end: a QEMU guest (TCG) whose virtio disk is served over vhost-user-blk.
 
 The guest writes a pattern with dd, reads it back, discards a range, and the host then checks
-the same bytes on the back-end's side. qemu-storage-daemon runs the same script as the
-reference; storvisor must behave identically, also when it is SIGKILLed and restarted during
-guest I/O.
+the same bytes on the back-end's side: in the raw file, or through an NBD export of the thin
+volume (with ``qemu-img``). qemu-storage-daemon runs the same script as the reference; storvisor
+must behave identically, also when it is SIGKILLed and restarted during guest I/O.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from storvisor.engine.home import Home
+from storvisor.engine.types import BackingSpec
+from storvisor.exports.nbd import NBDExport, NBDServer, nbd_uri
 from storvisor.testing.guest import Guest, run_guest
-from storvisor.testing.vhost_backend import QsdVhostBackend
+from storvisor.testing.vhost_backend import QsdVhostBackend, StorvisorVhostBackend, VolumeRef
 
 pytestmark = [
     pytest.mark.slow,
@@ -110,8 +117,138 @@ def test_pattern_discard_roundtrip_qsd_reference(disk_file: str, sockdir: str) -
     assert read_file_range(disk_file, 0, WRITE_AT) == bytes(WRITE_AT)
 
 
-def test_guest_script_failure_is_reported(sockdir: str) -> None:
-    """A failing dd (no disk attached) surfaces as a non-zero status, not a pass."""
+def make_volume(home_dir: Path, size: int = DISK_SIZE) -> tuple[VolumeRef, str]:
+    """A pool on a sparse file with one thin volume; returns it and its serial."""
+    with Home(home_dir) as home:
+        home.create_pool("p", [BackingSpec(str(home_dir / "backing.raw"), size=4 * size)])
+        info = home.pool("p").create_volume("v", size)
+    return VolumeRef(str(home_dir), "p", "v"), info.serial
+
+
+def volume_through_nbd(ref: VolumeRef, sockdir: str) -> tuple[bytes, list[dict[str, object]]]:
+    """The whole volume as ``qemu-img convert`` reads it over storvisor's NBD export, and
+    ``qemu-img map``'s view of its allocation."""
+    out = Path(sockdir) / "volume.raw"
+    nbd_sock = f"{sockdir}/nbd.sock"
+    with Home(ref.home) as home:
+        pool = home.pool(ref.pool)
+        server = NBDServer()
+        server.add_export(NBDExport(ref.volume, lambda: pool.open_volume(ref.volume)))
+        server.listen_unix(nbd_sock)
+        server.start()
+        try:
+            uri = nbd_uri(ref.volume, unix_path=nbd_sock)
+            subprocess.run(
+                ["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(out)], check=True
+            )
+            mapped = subprocess.run(
+                ["qemu-img", "map", "-f", "raw", "--output=json", uri],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+        finally:
+            server.close()
+    data = out.read_bytes()
+    out.unlink()
+    extents: list[dict[str, object]] = json.loads(mapped.stdout)
+    return data, extents
+
+
+def test_pattern_discard_roundtrip_storvisor_thin_volume_two_queues(
+    tmp_path: Path, sockdir: str
+) -> None:
+    """Same script on a thin volume served by storvisor with two queues and two vCPUs; the
+    host reads the volume back through storvisor's NBD export."""
+    ref, serial = make_volume(tmp_path / "home")
+    sock = f"{sockdir}/sv.sock"
+    backend = StorvisorVhostBackend(ref, sock, num_queues=2)
+    with backend:
+        with Guest(ROUNDTRIP_SCRIPT, qemu_args=vhost_disk_args(sock, 2), cpus=2, timeout=90) as g:
+            result = g.wait()
+        assert backend.stop() == 0, backend.output
+    result.check()
+    assert "roundtrip-ok" in result.console
+    assert f"size-sectors {DISK_SIZE // 512}" in result.console
+    assert f"serial [{serial[:20]}]" in result.console
+    assert "queues 2" in result.console
+    data, extents = volume_through_nbd(ref, sockdir)
+    assert len(data) == DISK_SIZE
+    assert data[WRITE_AT : WRITE_AT + PATTERN_SIZE] == expected_after_roundtrip()
+    assert data[:WRITE_AT] == bytes(WRITE_AT)
+    assert data[WRITE_AT + PATTERN_SIZE :] == bytes(DISK_SIZE - WRITE_AT - PATTERN_SIZE)
+    # The discarded range is a hole again, as are the never-written ones.
+    holes = [(e["start"], e["length"]) for e in extents if not e["data"]]
+    assert any(
+        int(str(start)) <= DISCARD_AT
+        and int(str(start)) + int(str(length)) >= DISCARD_AT + DISCARD_LEN
+        for start, length in holes
+    ), extents
+
+
+RECONNECT_MIB = 24
+RECONNECT_SCRIPT = f"""
+wait_for_block /dev/vda || exit 10
+dd if=/dev/urandom of=data bs=1M count={RECONNECT_MIB} 2>/dev/null || exit 11
+echo "data-md5 $(md5sum < data)"
+i=0
+while [ $i -lt {RECONNECT_MIB} ]; do
+    dd if=data of=/dev/vda bs=1M skip=$i seek=$i count=1 oflag=direct conv=fsync 2>/dev/null \
+        || {{ echo "write-failed $i"; exit 12; }}
+    echo "wrote $i"
+    i=$((i + 1))
+done
+dd if=/dev/vda of=back bs=1M count={RECONNECT_MIB} iflag=direct 2>/dev/null || exit 13
+cmp data back || exit 14
+echo "errors-in-dmesg $(dmesg | grep -c -i 'error')"
+echo reconnect-ok
+"""
+
+
+@pytest.mark.parametrize("preallocated", [True, False], ids=["overwrite", "allocating"])
+def test_backend_sigkill_and_restart_during_guest_io(
+    tmp_path: Path, sockdir: str, preallocated: bool
+) -> None:
+    """SIGKILL storvisor while the guest writes, start it again on the same socket: QEMU
+    reconnects, the requests in flight are resubmitted, the guest sees no error and every
+    byte it wrote is in the volume.
+
+    ``overwrite`` rewrites clusters the volume already owns; ``allocating`` writes to a fresh
+    thin volume, so the kill also lands between cluster allocations and their commit.
+    """
+    ref, _ = make_volume(tmp_path / "home")
+    if preallocated:
+        with Home(ref.home) as home:
+            volume = home.pool(ref.pool).open_volume(ref.volume)
+            volume.write(0, b"\xa5" * (RECONNECT_MIB * MiB))
+            volume.flush()
+            volume.close()
+    sock = f"{sockdir}/sv.sock"
+    backend = StorvisorVhostBackend(ref, sock, num_queues=1)
+    with backend:
+        args = vhost_disk_args(sock, 1, reconnect=True)
+        with Guest(RECONNECT_SCRIPT, qemu_args=args, timeout=150) as guest:
+            guest.wait_for_line("wrote 3", timeout=90)
+            backend.kill()
+            time.sleep(0.5)  # the guest's I/O now waits for a back-end
+            console_while_down = guest.console
+            backend.start()
+            result = guest.wait()
+        assert backend.stop() == 0, backend.output
+    result.check()
+    # The kill did land in the middle of the guest's writes: they stalled until the restart.
+    assert f"wrote {RECONNECT_MIB - 1}" not in console_while_down
+    assert "reconnect-ok" in result.console
+    assert "errors-in-dmesg 0" in result.console
+    assert "I/O error" not in result.console
+    line = next(x for x in result.console.splitlines() if x.startswith("data-md5 "))
+    guest_md5 = line.split()[1]
+    data, _ = volume_through_nbd(ref, sockdir)
+    assert hashlib.md5(data[: RECONNECT_MIB * MiB]).hexdigest() == guest_md5
+
+
+def test_guest_script_failure_is_reported() -> None:
+    """A missing disk surfaces as a non-zero status, not a pass."""
     with Guest("wait_for_block /dev/vda 1 || exit 10\n", timeout=60) as guest:
         result = guest.wait()
     assert result.status == 10

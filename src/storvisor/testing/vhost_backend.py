@@ -52,6 +52,7 @@ class _Process:
         self.name = name
         self.socket_path = socket_path
         self._proc: subprocess.Popen[bytes] | None = None
+        self._final_output = ""
         self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (lives as long as self)
             prefix=f"storvisor-{name}-", suffix=".log", delete=True
         )
@@ -63,7 +64,9 @@ class _Process:
 
     @property
     def output(self) -> str:
-        """Everything the child (all its runs) printed so far."""
+        """Everything the child (all its runs) printed so far, also after ``close``."""
+        if self._log.closed:
+            return self._final_output
         return Path(self._log.name).read_text(errors="replace")
 
     def command(self) -> list[str]:
@@ -127,9 +130,11 @@ class _Process:
         self._proc = None
 
     def close(self) -> None:
-        """Stop the child if it runs and drop its log."""
+        """Stop the child if it runs and drop its log file (``output`` stays readable)."""
         self.stop()
-        self._log.close()
+        if not self._log.closed:
+            self._final_output = self.output
+            self._log.close()
 
     def __enter__(self) -> _Process:
         self.start()

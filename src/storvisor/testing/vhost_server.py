@@ -1,0 +1,75 @@
+"""``python -m storvisor.testing.vhost_server``: one vhost-user-blk export in its own process.
+
+A small entry point for tests and benchmarks that need storvisor's back-end as a separate
+process they can SIGKILL and restart (``storvisor.testing.vhost_backend.StorvisorVhostBackend``
+drives it). It serves a raw file (``--file``) or a thin volume of a pool home (``--home DIR
+--volume POOL/VOL``), prints ``READY`` once the socket listens, and on SIGTERM or SIGINT stops
+serving, flushes and closes the device, and exits 0. Bad arguments print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+
+from storvisor.engine.device import BlockDevice, FileDevice
+from storvisor.engine.home import Home
+from storvisor.errors import StorvisorError
+from storvisor.exports.vhost_user_blk import VhostUserBlkServer
+from storvisor.testing.vhost_backend import READY
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; see the module docstring. Returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m storvisor.testing.vhost_server")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--file", help="raw file to serve")
+    what.add_argument("--volume", help="POOL/VOL in the pool home given by --home")
+    parser.add_argument("--home", help="pool home directory (with --volume)")
+    parser.add_argument("--socket", required=True, help="Unix socket to listen on")
+    parser.add_argument("--queues", type=int, default=1)
+    parser.add_argument("--read-only", action="store_true")
+    parser.add_argument("--serial", default=None, help="GET_ID serial (default: the volume's)")
+    args = parser.parse_args(argv)
+    if args.volume and (not args.home or "/" not in args.volume):
+        parser.error("--volume POOL/VOL needs --home DIR")
+
+    # Block the stop signals before any thread starts, so that only sigwait() sees them.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    home: Home | None = None
+    device: BlockDevice
+    serial = args.serial or ""
+    try:
+        if args.file:
+            device = FileDevice(args.file, read_only=args.read_only)
+        else:
+            pool_name, volume_name = args.volume.split("/", 1)
+            home = Home(args.home)
+            volume = home.pool(pool_name).open_volume(volume_name)
+            serial = volume.serial if args.serial is None else args.serial
+            device = volume
+        server = VhostUserBlkServer(
+            device, args.socket, num_queues=args.queues, read_only=args.read_only, serial=serial
+        )
+        server.start()
+    except (StorvisorError, OSError, ValueError) as e:
+        print(f"vhost_server: {e}", file=sys.stderr)
+        if home is not None:
+            home.close()
+        return 1
+    print(READY, flush=True)
+    signal.sigwait(stop_signals)
+    server.close()
+    if not device.read_only:
+        device.flush()
+    device.close()
+    if home is not None:
+        home.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
