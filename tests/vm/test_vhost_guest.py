@@ -247,6 +247,74 @@ def test_backend_sigkill_and_restart_during_guest_io(
     assert hashlib.md5(data[: RECONNECT_MIB * MiB]).hexdigest() == guest_md5
 
 
+GROW_SCRIPT = f"""
+wait_for_block /dev/vda || exit 10
+echo "size-before $(cat /sys/block/vda/size)"
+echo grow-now
+n=0
+while [ "$(cat /sys/block/vda/size)" = "{DISK_SIZE // 512}" ]; do
+    n=$((n + 1)); [ $n -gt 300 ] && {{ echo "size never changed"; exit 11; }}
+    usleep 50000
+done
+after=$(cat /sys/block/vda/size)
+echo "size-after $after"
+printf 'storvisor-tail-marker' | dd of=/dev/vda bs=512 seek=$((after - 1)) count=1 \\
+    conv=sync,fsync oflag=direct 2>/dev/null || exit 12
+echo grow-ok
+"""
+
+
+def test_online_extend_reaches_the_guest(tmp_path: Path, sockdir: str) -> None:
+    """Growing the volume while it is served changes the guest's disk size at once (virtio
+    config-change notification), and the guest can write into the new space."""
+    ref, _ = make_volume(tmp_path / "home")
+    new_size = DISK_SIZE + 32 * MiB
+    sock = f"{sockdir}/sv.sock"
+    backend = StorvisorVhostBackend(ref, sock)
+    with backend:
+        with Guest(GROW_SCRIPT, qemu_args=vhost_disk_args(sock, 1), timeout=90) as guest:
+            guest.wait_for_line("grow-now", timeout=60)
+            backend.grow(new_size)
+            result = guest.wait()
+        assert backend.stop() == 0, backend.output
+    result.check()
+    assert f"size-before {DISK_SIZE // 512}" in result.console
+    assert f"size-after {new_size // 512}" in result.console
+    data, _ = volume_through_nbd(ref, sockdir)
+    assert len(data) == new_size
+    assert data[-512:] == b"storvisor-tail-marker".ljust(512, b"\0")
+
+
+READ_ONLY_SCRIPT = """
+wait_for_block /dev/vda || exit 10
+echo "ro-flag $(cat /sys/block/vda/ro)"
+echo "serial [$(cat /sys/block/vda/serial)]"
+echo "header [$(dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 16)]"
+if dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct 2>/dev/null; then
+    echo "write-accepted"
+else
+    echo "write-refused"
+fi
+"""
+
+
+def test_read_only_export(disk_file: str, sockdir: str) -> None:
+    """A read-only export shows up read-only in the guest, refuses writes, serves reads,
+    and reports the serial it was given."""
+    with open(disk_file, "r+b") as f:
+        f.write(b"storvisor-header")
+    sock = f"{sockdir}/ro.sock"
+    backend = StorvisorVhostBackend(disk_file, sock, read_only=True, serial="sv-ro-0001")
+    with backend:
+        result = run_guest(READ_ONLY_SCRIPT, qemu_args=vhost_disk_args(sock, 1), timeout=90)
+    result.check()
+    assert "ro-flag 1" in result.console
+    assert "serial [sv-ro-0001]" in result.console
+    assert "header [storvisor-header]" in result.console
+    assert "write-refused" in result.console
+    assert read_file_range(disk_file, 0, 4096) == b"storvisor-header".ljust(4096, b"\0")
+
+
 def test_guest_script_failure_is_reported() -> None:
     """A missing disk surfaces as a non-zero status, not a pass."""
     with Guest("wait_for_block /dev/vda 1 || exit 10\n", timeout=60) as guest:

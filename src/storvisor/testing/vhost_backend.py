@@ -16,6 +16,7 @@ the child fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -30,6 +31,8 @@ from storvisor.errors import StorvisorError
 
 READY = "storvisor-vhost-server: ready"
 """The line ``storvisor.testing.vhost_server`` prints once its socket listens."""
+GROWN = "storvisor-vhost-server: grown to"
+"""The line prefix it prints after an online extend."""
 
 
 class BackendError(StorvisorError):
@@ -208,6 +211,35 @@ class StorvisorVhostBackend(_Process):
         self.num_queues = num_queues
         self.read_only = read_only
         self.serial = serial
+        self._grow_file = f"{self._log.name}.grow"
+
+    def grow(self, size: int, timeout: float = 10.0) -> None:
+        """Grow the served file or volume to ``size`` bytes while it is being served, and
+        have the back-end notify the front-end (a virtio config change).
+
+        Raises ``BackendError`` if the child refuses or does not answer within ``timeout``.
+        """
+        pid = self.pid
+        if pid is None:
+            raise BackendError(f"{self.name} is not running")
+        with open(self._grow_file, "w") as f:
+            f.write(str(size))
+        offset = len(self.output)
+        os.kill(pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            new = self.output[offset:]
+            if f"{GROWN} {size}" in new:
+                return
+            if "GROW FAILED" in new:
+                raise BackendError(f"{self.name} could not grow to {size}:\n{new}")
+            time.sleep(0.02)
+        raise BackendError(f"{self.name} did not report growing to {size}\n{self.output}")
+
+    def close(self) -> None:
+        super().close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._grow_file)
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "storvisor.testing.vhost_server"]
@@ -221,6 +253,7 @@ class StorvisorVhostBackend(_Process):
         else:
             cmd += ["--file", self.target]
         cmd += ["--socket", self.socket_path, "--queues", str(self.num_queues)]
+        cmd += ["--grow-file", self._grow_file]
         if self.serial:
             cmd += ["--serial", self.serial]
         if self.read_only:

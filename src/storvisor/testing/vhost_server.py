@@ -5,6 +5,10 @@ process they can SIGKILL and restart (``storvisor.testing.vhost_backend.Storviso
 drives it). It serves a raw file (``--file``) or a thin volume of a pool home (``--home DIR
 --volume POOL/VOL``), prints ``READY`` once the socket listens, and on SIGTERM or SIGINT stops
 serving, flushes and closes the device, and exits 0. Bad arguments print one line and exit 2.
+
+Online extend: on SIGUSR1 it reads a size in bytes from the ``--grow-file``, grows the file or
+volume to it, tells the front-end (``notify_config_change``) and prints ``GROWN <size>``; a
+failure prints ``GROW FAILED: <reason>`` and the export carries on.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ import argparse
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from storvisor.engine.device import BlockDevice, FileDevice
 from storvisor.engine.home import Home
+from storvisor.engine.pool import Pool
 from storvisor.errors import StorvisorError
 from storvisor.exports.vhost_user_blk import VhostUserBlkServer
-from storvisor.testing.vhost_backend import READY
+from storvisor.testing.vhost_backend import GROWN, READY
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,14 +38,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--queues", type=int, default=1)
     parser.add_argument("--read-only", action="store_true")
     parser.add_argument("--serial", default=None, help="GET_ID serial (default: the volume's)")
+    parser.add_argument("--grow-file", default=None, help="size to grow to on SIGUSR1")
     args = parser.parse_args(argv)
     if args.volume and (not args.home or "/" not in args.volume):
         parser.error("--volume POOL/VOL needs --home DIR")
 
     # Block the stop signals before any thread starts, so that only sigwait() sees them.
     stop_signals = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {*stop_signals, signal.SIGUSR1})
     home: Home | None = None
+    pool: Pool | None = None
     device: BlockDevice
     serial = args.serial or ""
     try:
@@ -48,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             pool_name, volume_name = args.volume.split("/", 1)
             home = Home(args.home)
-            volume = home.pool(pool_name).open_volume(volume_name)
+            pool = home.pool(pool_name)
+            volume = pool.open_volume(volume_name)
             serial = volume.serial if args.serial is None else args.serial
             device = volume
         server = VhostUserBlkServer(
@@ -61,7 +70,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             home.close()
         return 1
     print(READY, flush=True)
-    signal.sigwait(stop_signals)
+    while signal.sigwait({*stop_signals, signal.SIGUSR1}) == signal.SIGUSR1:
+        try:
+            size = int(Path(args.grow_file).read_text()) if args.grow_file else 0
+            if pool is not None:
+                pool.extend_volume(args.volume.split("/", 1)[1], size)
+            elif isinstance(device, FileDevice) and size >= device.size:
+                device.resize(size)
+            else:
+                raise StorvisorError(f"cannot grow to {size} bytes")
+            server.notify_config_change()
+        except (StorvisorError, OSError, ValueError) as e:
+            print(f"GROW FAILED: {e}", flush=True)
+        else:
+            print(f"{GROWN} {size}", flush=True)
     server.close()
     if not device.read_only:
         device.flush()
