@@ -238,11 +238,31 @@ class Volume:
         is flushed before returning. Raises ``IOFailure`` (ENOSPC out of range, EPERM on a
         snapshot, ``NoSpace`` when the pool is full, EBADF when closed)."""
         s = self.state
-        view_ = memoryview(data).cast("B")
+        view_ = data if type(data) is memoryview else memoryview(data)
+        if view_.ndim != 1 or view_.itemsize != 1:
+            view_ = view_.cast("B")
         n = len(view_)
         if self._closed or s.closed or offset < 0 or offset + n > s.size or s.read_only:
             self._refuse(offset, n, writing=True)
         s.pool.mark_dirty()
+        cs = s.cluster_size
+        within = offset & (cs - 1)
+        if within + n <= cs:  # one cluster: the common case
+            entry = s.view.get(offset >> s.shift)
+            if entry is not None and entry[2] == s.top and entry[0] >= 0:
+                _pwrite(entry[0], view_, entry[1] + within)
+            else:
+                s.allocating_write(offset >> s.shift, within, view_)
+            if fua:
+                s.pool.flush()
+            return
+        self._write_span(offset, view_)
+        if fua:
+            s.pool.flush()
+
+    def _write_span(self, offset: int, view_: memoryview) -> None:
+        s = self.state
+        n = len(view_)
         view = s.view
         cs = s.cluster_size
         mask = cs - 1
@@ -269,8 +289,6 @@ class Volume:
             pos += chunk
         if run_len:
             _pwrite(run_fd, view_[run_start : run_start + run_len], run_off)
-        if fua:
-            s.pool.flush()
 
     def flush(self) -> None:
         """Make every completed write durable: flushes the whole pool (data, then metadata)."""
