@@ -71,7 +71,9 @@ class Home:
         """Every pool, by name (opening each one)."""
         with self._lock:
             self._check_open()
-            names = sorted(p.name for p in (self.path / "pools").iterdir() if p.is_dir())
+            names = sorted(
+                p.name for p in (self.path / "pools").iterdir() if (p / "catalog.db").exists()
+            )
             return [self.pool(name).info() for name in names]
 
     def pool(self, name: str) -> Pool:

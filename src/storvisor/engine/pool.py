@@ -490,8 +490,9 @@ class Pool:
     # ------------------------------------------------------------------ snapshots, clones
 
     def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
-        """Freeze the volume's current data under ``snapshot``: O(1), online (writes that
-        complete after this returns are not in the snapshot). Durable when this returns.
+        """Freeze the volume's current data under ``snapshot``: O(1), online. Writes completed
+        before the call are in the snapshot, writes issued after it returns are not, writes in
+        flight meanwhile may be either. Durable when this returns.
         Raises ``NotFound``, ``InvalidArgument``, ``Conflict`` (name taken)."""
         check_name(snapshot, "snapshot")
         with self._lock:

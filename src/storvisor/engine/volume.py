@@ -353,7 +353,8 @@ class Volume:
         if last - first <= 2 * len(view) + 64:
             data = [vc for vc in range(first, last) if (e := view.get(vc)) and e[0] >= 0]
         else:
-            data = sorted(vc for vc, e in view.items() if first <= vc < last and e[0] >= 0)
+            items = list(view.items())  # one C-level copy: writers may add entries meanwhile
+            data = sorted(vc for vc, e in items if first <= vc < last and e[0] >= 0)
         extents: list[Extent] = []
         pos = offset
 

@@ -1,0 +1,74 @@
+"""Volumes used from several threads while snapshots come and go."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+from storvisor.engine.pool import Pool
+
+CS = 64 << 10
+REGION = 16 * CS
+
+
+def test_writers_readers_and_snapshots_at_once(pool: Pool) -> None:
+    pool.create_volume("v", 4 * REGION)
+    handle = pool.open_volume("v")
+    models = [bytearray(REGION) for _ in range(4)]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def writer(i: int) -> None:
+        rng = random.Random(i)
+        try:
+            for _ in range(300):
+                offset = rng.randrange(REGION - 1)
+                length = rng.randrange(1, min(REGION - offset, 3 * CS) + 1)
+                if rng.random() < 0.15:
+                    handle.discard(i * REGION + offset, length)
+                    models[i][offset : offset + length] = bytes(length)
+                else:
+                    data = rng.randbytes(length)
+                    handle.write(i * REGION + offset, data)
+                    models[i][offset : offset + length] = data
+                got = bytearray(length)
+                handle.read_into(i * REGION + offset, memoryview(got))
+                assert got == models[i][offset : offset + length], f"writer {i} read back"
+        except BaseException as e:
+            errors.append(e)
+
+    def snapshotter() -> None:
+        n = 0
+        try:
+            while not stop.is_set():
+                pool.create_snapshot("v", f"s{n}")
+                if n >= 2:
+                    pool.delete_snapshot("v", f"s{n - 2}")
+                n += 1
+        except BaseException as e:
+            errors.append(e)
+
+    def mapper() -> None:
+        try:
+            while not stop.is_set():
+                extents = handle.block_status(0, handle.size)
+                assert sum(e.length for e in extents) == handle.size
+        except BaseException as e:
+            errors.append(e)
+
+    writers = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    helpers = [threading.Thread(target=snapshotter), threading.Thread(target=mapper)]
+    for t in writers + helpers:
+        t.start()
+    for t in writers:
+        t.join()
+    stop.set()
+    for t in helpers:
+        t.join()
+    assert not errors, errors
+    got = bytearray(4 * REGION)
+    handle.read_into(0, memoryview(got))
+    assert got == b"".join(models)
+    handle.close()
+    report = pool.fsck()
+    assert report.clean, report
