@@ -1,0 +1,102 @@
+"""The storvisor daemon: one HOME, its exports and the local API, in the foreground.
+
+``serve`` takes the HOME lock, starts the NBD listener(s) and every recorded export, starts
+the API on ``HOME/api.sock`` and runs until SIGTERM or SIGINT; then it stops accepting API
+calls, stops every export, flushes and closes every pool and releases the lock. It installs
+signal handlers, so it must be called from the main thread of a program (the CLI's ``serve``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from storvisor.api.exports import ExportInfo, ExportRuntime, TcpAddress
+from storvisor.api.server import APIServer
+from storvisor.api.service import API_SOCKET, Service
+from storvisor.engine.home import Home
+from storvisor.units import format_size
+
+log = logging.getLogger(__name__)
+
+
+def serve(
+    home_path: str | os.PathLike[str],
+    *,
+    demo: bool = False,
+    nbd_tcp: TcpAddress | None = None,
+    say: Callable[[str], None] = print,
+    home_hint: str = "",
+) -> None:
+    """Run the daemon until SIGTERM/SIGINT. ``say`` receives the start-up banner (how to
+    connect). Raises ``Conflict`` if the HOME is in use or a listening address is taken;
+    whatever happens, everything opened is closed before returning."""
+    home = Home(home_path)
+    runtime = ExportRuntime(home.path, nbd_tcp)
+    service = Service(home, runtime)
+    api: APIServer | None = None
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        runtime.start()
+        service.start_exports()
+        demo_export = service.ensure_demo() if demo else None
+        api = APIServer(home.path / API_SOCKET, service)
+        api.start()
+        log.info("serving %s (pid %d)", home.path, os.getpid())
+        say(_banner(service, demo_export, home_hint))
+        while not stop.wait(1.0):
+            pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if api is not None:
+            api.close()
+        service.close()
+        log.info("stopped")
+
+
+def _banner(service: Service, demo: ExportInfo | None, home_hint: str) -> str:
+    status = service.status()
+    lines = [
+        f"storvisor is serving {status.home} (pid {status.pid})",
+        f"  API: {status.api_socket}",
+        f"  NBD: {status.nbd_socket}" + (f" and tcp {status.nbd_tcp}" if status.nbd_tcp else ""),
+    ]
+    if demo is not None:
+        uri = demo.uris[0]
+        q = shlex.quote(uri)
+        size = format_size(service.volume_info(demo.spec.pool, demo.spec.volume).size)
+        lines += [
+            "",
+            f"Volume {demo.spec.target} ({size}) is exported over NBD as {demo.spec.name!r}:",
+            f"  {uri}",
+            *(f"  {other}" for other in demo.uris[1:]),
+            "",
+            "Try it from another terminal:",
+            f"  nbdinfo {q}",
+            f"  qemu-io -f raw -c 'write -P 0x5a 0 1M' -c 'read -P 0x5a 0 1M' {q}",
+            f"  qemu-img info {q}",
+            f"  storvisor{home_hint} volume list",
+        ]
+    lines += ["", "Stop with Ctrl-C (or SIGTERM)."]
+    return "\n".join(lines)
+
+
+def default_home() -> Path:
+    """``$STORVISOR_HOME``, else ``~/.local/share/storvisor``."""
+    env = os.environ.get("STORVISOR_HOME")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".local" / "share" / "storvisor"

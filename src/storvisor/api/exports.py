@@ -1,0 +1,283 @@
+"""Export definitions, their persistence in HOME, and the servers that run them.
+
+Theory of operation
+-------------------
+An export is a *definition* (``ExportSpec``: which volume, over which protocol, under which
+name) plus, while the daemon runs, a *live server* for it. Definitions are kept in
+``HOME/exports.json`` (written to a temporary file, fsynced and renamed over the old one, so a
+crash leaves either the old or the new list). A command run without the daemon only edits
+definitions; the daemon starts every definition when it starts (``ExportRuntime``), and a
+definition whose volume has gone is reported with state ``broken``, never fatal.
+
+NBD exports share one ``NBDServer`` listening on ``HOME/nbd.sock`` (and on TCP when asked);
+each client connection opens its own volume handle, which the server closes. Each
+vhost-user-blk export has its own ``VhostUserBlkServer`` holding one open volume handle for
+as long as the export lives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from storvisor.api.codec import decode_list, encode
+from storvisor.engine.device import BlockDevice
+from storvisor.errors import Conflict, CorruptMetadata, InvalidArgument, NotFound, ProtocolError
+from storvisor.exports.nbd import NBDExport, NBDServer, nbd_uri
+from storvisor.exports.vhost_user_blk import VhostUserBlkServer
+
+log = logging.getLogger(__name__)
+
+EXPORTS_FILE = "exports.json"
+NBD_SOCKET = "nbd.sock"
+
+_EXPORT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@/:+-]{0,127}$")
+
+
+class ExportKind(enum.StrEnum):
+    NBD = "nbd"
+    VHOST_USER_BLK = "vhost-user-blk"
+
+
+class ExportState(enum.StrEnum):
+    ACTIVE = "active"  # served by the running daemon
+    INACTIVE = "inactive"  # recorded; the daemon is not running and starts it next time
+    BROKEN = "broken"  # the daemon could not start it (see ExportInfo.message)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportSpec:
+    """A persisted export definition.
+
+    ``socket`` is the vhost-user socket path (absolute) and ``queues`` its queue count; both
+    are unused for NBD. A snapshot (``snapshot`` set) is always exported read-only.
+    """
+
+    name: str
+    kind: ExportKind
+    pool: str
+    volume: str
+    snapshot: str | None = None
+    read_only: bool = False
+    socket: str | None = None
+    queues: int = 1
+
+    @property
+    def target(self) -> str:
+        """``POOL/VOL`` or ``POOL/VOL@SNAP``."""
+        ref = f"{self.pool}/{self.volume}"
+        return f"{ref}@{self.snapshot}" if self.snapshot else ref
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfo:
+    """An export definition with its current state and how to connect to it.
+
+    ``uris`` lists the NBD URIs (Unix socket first, then TCP when listening) or, for
+    vhost-user-blk, the socket path; ``message`` explains an ``inactive`` or ``broken`` state.
+    """
+
+    spec: ExportSpec
+    state: ExportState
+    uris: tuple[str, ...]
+    message: str = ""
+
+
+def check_export_name(name: str) -> str:
+    """Return ``name`` if it is a valid export name, else raise ``InvalidArgument``."""
+    if not _EXPORT_NAME_RE.match(name):
+        raise InvalidArgument(
+            f"invalid export name {name!r}: use letters, digits and . _ @ / : + - "
+            "(up to 128, starting with a letter or digit)"
+        )
+    return name
+
+
+class ExportStore:
+    """The export definitions of one HOME, in ``HOME/exports.json``.
+
+    Not thread-safe: the service serialises calls. ``save`` is atomic and durable.
+    """
+
+    def __init__(self, home: Path) -> None:
+        self._path = home / EXPORTS_FILE
+
+    def load(self) -> list[ExportSpec]:
+        """Read the definitions; none when the file does not exist.
+
+        Raises ``CorruptMetadata`` if the file cannot be parsed.
+        """
+        try:
+            text = self._path.read_text()
+        except FileNotFoundError:
+            return []
+        try:
+            doc = json.loads(text)
+            return decode_list(ExportSpec, doc["exports"])
+        except (ValueError, KeyError, TypeError, ProtocolError) as e:
+            raise CorruptMetadata(f"{self._path}: unreadable export definitions: {e}") from e
+
+    def save(self, specs: list[ExportSpec]) -> None:
+        """Replace the definitions atomically (temporary file, fsync, rename)."""
+        tmp = self._path.with_name(f".{EXPORTS_FILE}.tmp")
+        data = json.dumps({"version": 1, "exports": encode(specs)}, indent=2) + "\n"
+        with open(tmp, "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._path)
+        dir_fd = os.open(self._path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+@dataclass(frozen=True, slots=True)
+class TcpAddress:
+    host: str
+    port: int
+
+
+def parse_tcp_address(text: str) -> TcpAddress:
+    """Parse ``[HOST:]PORT`` (``HOST`` defaults to 127.0.0.1; ``[::1]:PORT`` for IPv6)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host = "127.0.0.1"
+    host = host.strip("[]") or "127.0.0.1"
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise InvalidArgument(f"invalid TCP address {text!r}: expected [HOST:]PORT")
+    return TcpAddress(host, int(port_text))
+
+
+def export_uris(
+    spec: ExportSpec, nbd_socket: Path, nbd_tcp: TcpAddress | None = None
+) -> tuple[str, ...]:
+    """How a client reaches ``spec``: NBD URIs (Unix socket first), or the vhost-user socket."""
+    if spec.kind is ExportKind.VHOST_USER_BLK:
+        return (spec.socket or "",)
+    uris = [nbd_uri(spec.name, unix_path=str(nbd_socket))]
+    if nbd_tcp is not None:
+        uris.append(nbd_uri(spec.name, host=nbd_tcp.host, port=nbd_tcp.port))
+    return tuple(uris)
+
+
+class ExportRuntime:
+    """The live export servers of the daemon.
+
+    ``start`` binds ``HOME/nbd.sock`` (and TCP when ``nbd_tcp`` is given); ``activate`` and
+    ``deactivate`` add and remove one export; ``close`` stops everything and closes every
+    volume handle it holds. Not thread-safe: the service serialises calls.
+    """
+
+    def __init__(self, home: Path, nbd_tcp: TcpAddress | None = None) -> None:
+        self.nbd_socket = home / NBD_SOCKET
+        self._nbd_tcp_request = nbd_tcp
+        self.nbd_tcp: TcpAddress | None = None
+        self._nbd = NBDServer()
+        self._nbd_names: set[str] = set()
+        self._vhost: dict[str, tuple[VhostUserBlkServer, BlockDevice]] = {}
+        self._started = False
+
+    def start(self) -> None:
+        """Listen on the NBD socket(s). Raises ``Conflict`` if an address is taken."""
+        with contextlib.suppress(FileNotFoundError):
+            self.nbd_socket.unlink()
+        try:
+            self._nbd.listen_unix(str(self.nbd_socket))
+            os.chmod(self.nbd_socket, 0o600)
+            if self._nbd_tcp_request is not None:
+                req = self._nbd_tcp_request
+                port = self._nbd.listen_tcp(req.host, req.port)
+                self.nbd_tcp = TcpAddress(req.host, port)
+        except OSError as e:
+            self._nbd.close()
+            raise Conflict(f"cannot listen for NBD: {e.strerror or e}") from e
+        self._nbd.start()
+        self._started = True
+
+    def uris(self, spec: ExportSpec) -> tuple[str, ...]:
+        """How a client reaches ``spec`` once it is active."""
+        return export_uris(spec, self.nbd_socket, self.nbd_tcp)
+
+    def activate(
+        self, spec: ExportSpec, open_volume: Callable[[], BlockDevice], serial: str = ""
+    ) -> None:
+        """Start serving ``spec``; ``open_volume`` opens a handle to its volume.
+
+        Raises ``Conflict`` when the vhost-user socket cannot be bound, and whatever
+        ``open_volume`` raises (the export is then not active).
+        """
+        read_only = spec.read_only or spec.snapshot is not None
+        if spec.kind is ExportKind.NBD:
+            self._nbd.add_export(
+                NBDExport(spec.name, open_volume, description=spec.target, read_only=read_only)
+            )
+            self._nbd_names.add(spec.name)
+            return
+        if spec.socket is None:
+            raise InvalidArgument(f"export {spec.name}: no vhost-user socket path")
+        device = open_volume()
+        try:
+            Path(spec.socket).parent.mkdir(parents=True, exist_ok=True)
+            server = VhostUserBlkServer(
+                device, spec.socket, num_queues=spec.queues, read_only=read_only, serial=serial
+            )
+            server.start()
+        except OSError as e:
+            device.close()
+            raise Conflict(f"cannot listen on {spec.socket}: {e.strerror or e}") from e
+        except BaseException:
+            device.close()
+            raise
+        self._vhost[spec.name] = (server, device)
+
+    def is_active(self, name: str) -> bool:
+        return name in self._nbd_names or name in self._vhost
+
+    def deactivate(self, name: str) -> None:
+        """Stop serving ``name`` (no-op if it is not active) and close what it held."""
+        if name in self._nbd_names:
+            self._nbd_names.discard(name)
+            self._nbd.remove_export(name)
+        entry = self._vhost.pop(name, None)
+        if entry is not None:
+            server, device = entry
+            try:
+                server.close()
+            finally:
+                device.close()
+
+    def notify_resized(self, names: list[str]) -> None:
+        """Tell the front-ends of these vhost-user exports that the disk size changed."""
+        for name in names:
+            entry = self._vhost.get(name)
+            if entry is not None:
+                entry[0].notify_config_change()
+
+    def close(self) -> None:
+        """Stop every export and the NBD listeners; remove the NBD socket file."""
+        for name in list(self._vhost):
+            try:
+                self.deactivate(name)
+            except Exception:
+                log.exception("closing export %s failed", name)
+        self._nbd_names.clear()
+        self._nbd.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.nbd_socket.unlink()
+
+
+def without(specs: list[ExportSpec], name: str) -> list[ExportSpec]:
+    """``specs`` minus the one called ``name``; ``NotFound`` if there is none."""
+    rest = [s for s in specs if s.name != name]
+    if len(rest) == len(specs):
+        raise NotFound(f"no export named {name!r}")
+    return rest

@@ -1,0 +1,76 @@
+"""Request and error bodies of the local REST API (responses are the service's records).
+
+Every body is a frozen dataclass, encoded and decoded by ``storvisor.api.codec``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from storvisor.api.exports import ExportKind
+from storvisor.engine.types import BackingSpec
+
+API_PREFIX = "/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class CreatePool:
+    name: str
+    backings: tuple[BackingSpec, ...]
+    cluster_size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CreateVolume:
+    name: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Resize:
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class CreateSnapshot:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rollback:
+    snapshot: str
+
+
+@dataclass(frozen=True, slots=True)
+class CreateClone:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class CreateExport:
+    """``socket`` and ``queues`` apply to vhost-user-blk; ``snapshot`` to NBD only."""
+
+    kind: ExportKind
+    pool: str
+    volume: str
+    snapshot: str | None = None
+    name: str | None = None
+    read_only: bool = False
+    socket: str | None = None
+    queues: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class LibvirtXml:
+    xml: str
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorDetail:
+    type: str  # the storvisor.errors class name, or "InternalError"
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorBody:
+    error: ErrorDetail

@@ -1,0 +1,503 @@
+"""The management service: every operation the CLI and the API offer, typed.
+
+A ``Service`` owns one ``Home`` (and so its lock) and the export definitions kept there. In
+the daemon it also owns an ``ExportRuntime`` that serves the exports; without one (a CLI
+command run while no daemon is up) export commands only record definitions, which the daemon
+starts at its next start.
+
+All methods return the engine's frozen records (or the export records of
+``storvisor.api.exports``) and raise only ``storvisor.errors`` exceptions: ``NotFound`` for a
+missing pool, volume, snapshot or export, ``Conflict`` for duplicates and objects in use
+(deleting an exported volume among them), ``InvalidArgument`` for malformed input. Calls are
+serialised by one lock, so the API server may call from several threads.
+
+``Management`` is the protocol both ``Service`` and ``storvisor.api.client.Client`` implement;
+the CLI is written against it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from storvisor.api.exports import (
+    NBD_SOCKET,
+    ExportInfo,
+    ExportKind,
+    ExportRuntime,
+    ExportSpec,
+    ExportState,
+    ExportStore,
+    check_export_name,
+    export_uris,
+    without,
+)
+from storvisor.engine.device import BlockDevice
+from storvisor.engine.home import Home
+from storvisor.engine.types import (
+    BackingSpec,
+    FsckReport,
+    PoolInfo,
+    SnapshotInfo,
+    VolumeInfo,
+)
+from storvisor.errors import Conflict, InvalidArgument, NotFound, StorvisorError
+
+log = logging.getLogger(__name__)
+
+API_SOCKET = "api.sock"
+
+DEMO_POOL = "default"
+DEMO_BACKING = "default-pool.img"
+DEMO_POOL_SIZE = 64 << 30
+DEMO_VOLUME = "demo"
+DEMO_VOLUME_SIZE = 1 << 30
+DEMO_EXPORT = "demo"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStatus:
+    """Where a service lives and whether it serves exports (``daemon``)."""
+
+    home: str
+    pid: int
+    daemon: bool
+    api_socket: str
+    nbd_socket: str
+    nbd_tcp: str | None  # "HOST:PORT" when NBD also listens on TCP
+
+
+class Management(Protocol):
+    """The operations of storvisor's management API (see ``Service`` for the contracts)."""
+
+    def status(self) -> ServiceStatus: ...
+    def create_pool(
+        self, name: str, backings: Sequence[BackingSpec], cluster_size: int | None = None
+    ) -> PoolInfo: ...
+    def pools(self) -> list[PoolInfo]: ...
+    def pool_info(self, name: str) -> PoolInfo: ...
+    def delete_pool(self, name: str, *, force: bool = False) -> None: ...
+    def add_backing(self, pool: str, spec: BackingSpec) -> PoolInfo: ...
+    def create_volume(self, pool: str, name: str, size: int) -> VolumeInfo: ...
+    def volumes(self, pool: str | None = None) -> list[VolumeInfo]: ...
+    def volume_info(self, pool: str, name: str) -> VolumeInfo: ...
+    def delete_volume(self, pool: str, name: str) -> None: ...
+    def extend_volume(self, pool: str, name: str, size: int) -> VolumeInfo: ...
+    def clone(self, pool: str, volume: str, snapshot: str, new: str) -> VolumeInfo: ...
+    def flatten(self, pool: str, volume: str) -> VolumeInfo: ...
+    def create_snapshot(self, pool: str, volume: str, snapshot: str) -> SnapshotInfo: ...
+    def snapshots(self, pool: str, volume: str) -> list[SnapshotInfo]: ...
+    def delete_snapshot(self, pool: str, volume: str, snapshot: str) -> None: ...
+    def rollback(self, pool: str, volume: str, snapshot: str) -> VolumeInfo: ...
+    def fsck(self, pool: str) -> FsckReport: ...
+    def export_nbd(
+        self,
+        pool: str,
+        volume: str,
+        snapshot: str | None = None,
+        *,
+        name: str | None = None,
+        read_only: bool = False,
+    ) -> ExportInfo: ...
+    def export_vhost_user_blk(
+        self,
+        pool: str,
+        volume: str,
+        socket: str,
+        *,
+        queues: int = 1,
+        read_only: bool = False,
+        name: str | None = None,
+    ) -> ExportInfo: ...
+    def exports(self) -> list[ExportInfo]: ...
+    def export_info(self, name: str) -> ExportInfo: ...
+    def remove_export(self, name: str) -> None: ...
+    def libvirt_xml(self, pool: str, volume: str) -> str: ...
+    def close(self) -> None: ...
+
+
+class Service:
+    """Management operations over one HOME. See the module docstring.
+
+    ``runtime`` is given by the daemon only; ``start_exports`` then serves every recorded
+    export. ``close`` stops the exports, then flushes and closes every pool and drops the
+    HOME lock; the service is unusable afterwards.
+    """
+
+    def __init__(self, home: Home, runtime: ExportRuntime | None = None) -> None:
+        self.home = home
+        self._runtime = runtime
+        self._store = ExportStore(home.path)
+        self._specs = self._store.load()
+        self._broken: dict[str, str] = {}
+        self._lock = threading.RLock()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Service:
+        """Open HOME for offline use (no export servers). Raises ``Conflict`` when another
+        process (normally the daemon) holds the HOME lock."""
+        return cls(Home(path))
+
+    # -- status -------------------------------------------------------------------------
+
+    def status(self) -> ServiceStatus:
+        """Describe this service."""
+        tcp = self._runtime.nbd_tcp if self._runtime is not None else None
+        return ServiceStatus(
+            home=str(self.home.path),
+            pid=os.getpid(),
+            daemon=self._runtime is not None,
+            api_socket=str(self.home.path / API_SOCKET),
+            nbd_socket=str(self.home.path / NBD_SOCKET),
+            nbd_tcp=f"{tcp.host}:{tcp.port}" if tcp is not None else None,
+        )
+
+    # -- pools --------------------------------------------------------------------------
+
+    def create_pool(
+        self, name: str, backings: Sequence[BackingSpec], cluster_size: int | None = None
+    ) -> PoolInfo:
+        """Create a pool over ``backings``. ``Conflict`` if it exists; ``InvalidArgument``
+        for a bad name, no backing, or a bad cluster size."""
+        if not backings:
+            raise InvalidArgument("a pool needs at least one backing device")
+        with self._lock:
+            return self.home.create_pool(name, backings, cluster_size)
+
+    def pools(self) -> list[PoolInfo]:
+        """Every pool, sorted by name."""
+        with self._lock:
+            return sorted(self.home.pools(), key=lambda p: p.name)
+
+    def pool_info(self, name: str) -> PoolInfo:
+        """One pool (``NotFound``)."""
+        with self._lock:
+            return self.home.pool(name).info()
+
+    def delete_pool(self, name: str, *, force: bool = False) -> None:
+        """Delete a pool. ``Conflict`` if it has volumes (unless ``force``) or exports."""
+        with self._lock:
+            self.home.pool(name)
+            self._refuse_if_exported(name, None, None, f"pool {name}")
+            self.home.delete_pool(name, force=force)
+
+    def add_backing(self, pool: str, spec: BackingSpec) -> PoolInfo:
+        """Add a backing device to a pool, online."""
+        with self._lock:
+            return self.home.pool(pool).add_backing(spec)
+
+    # -- volumes ------------------------------------------------------------------------
+
+    def create_volume(self, pool: str, name: str, size: int) -> VolumeInfo:
+        """Create a thin volume of ``size`` bytes (``Conflict`` if the name is taken)."""
+        if size <= 0:
+            raise InvalidArgument(f"invalid volume size {size}: must be positive")
+        with self._lock:
+            return self.home.pool(pool).create_volume(name, size)
+
+    def volumes(self, pool: str | None = None) -> list[VolumeInfo]:
+        """The volumes of ``pool``, or of every pool, sorted by pool then name."""
+        with self._lock:
+            names = [pool] if pool is not None else [p.name for p in self.home.pools()]
+            found: list[VolumeInfo] = []
+            for name in names:
+                found.extend(self.home.pool(name).volumes())
+            return sorted(found, key=lambda v: (v.pool, v.name))
+
+    def volume_info(self, pool: str, name: str) -> VolumeInfo:
+        with self._lock:
+            return self.home.pool(pool).volume_info(name)
+
+    def delete_volume(self, pool: str, name: str) -> None:
+        """Delete a volume. ``Conflict`` if it (or one of its snapshots) is exported."""
+        with self._lock:
+            p = self.home.pool(pool)
+            p.volume_info(name)
+            self._refuse_if_exported(pool, name, None, f"volume {pool}/{name}")
+            p.delete_volume(name)
+
+    def extend_volume(self, pool: str, name: str, size: int) -> VolumeInfo:
+        """Grow a volume online; its vhost-user-blk front-ends are told the new size.
+        ``InvalidArgument`` if ``size`` is smaller than the current size."""
+        with self._lock:
+            info = self.home.pool(pool).extend_volume(name, size)
+            if self._runtime is not None:
+                self._runtime.notify_resized(
+                    [
+                        s.name
+                        for s in self._specs
+                        if s.kind is ExportKind.VHOST_USER_BLK
+                        and (s.pool, s.volume, s.snapshot) == (pool, name, None)
+                    ]
+                )
+            return info
+
+    def clone(self, pool: str, volume: str, snapshot: str, new: str) -> VolumeInfo:
+        """Create the writable linked clone ``new`` of ``volume@snapshot`` in the same pool."""
+        with self._lock:
+            return self.home.pool(pool).clone(volume, snapshot, new)
+
+    def flatten(self, pool: str, volume: str) -> VolumeInfo:
+        """Copy the data a clone shares with its origin so it no longer depends on it."""
+        with self._lock:
+            return self.home.pool(pool).flatten(volume)
+
+    # -- snapshots ----------------------------------------------------------------------
+
+    def create_snapshot(self, pool: str, volume: str, snapshot: str) -> SnapshotInfo:
+        with self._lock:
+            return self.home.pool(pool).create_snapshot(volume, snapshot)
+
+    def snapshots(self, pool: str, volume: str) -> list[SnapshotInfo]:
+        with self._lock:
+            return self.home.pool(pool).snapshots(volume)
+
+    def delete_snapshot(self, pool: str, volume: str, snapshot: str) -> None:
+        """Delete a snapshot; ``Conflict`` if it is exported."""
+        with self._lock:
+            p = self.home.pool(pool)
+            self._snapshot_info(pool, volume, snapshot)
+            self._refuse_if_exported(pool, volume, snapshot, f"snapshot {pool}/{volume}@{snapshot}")
+            p.delete_snapshot(volume, snapshot)
+
+    def rollback(self, pool: str, volume: str, snapshot: str) -> VolumeInfo:
+        """Return a volume to a snapshot's contents; ``Conflict`` while it has open handles
+        (a vhost-user-blk export or a connected NBD client)."""
+        with self._lock:
+            return self.home.pool(pool).rollback(volume, snapshot)
+
+    def fsck(self, pool: str) -> FsckReport:
+        with self._lock:
+            return self.home.pool(pool).fsck()
+
+    # -- exports ------------------------------------------------------------------------
+
+    def export_nbd(
+        self,
+        pool: str,
+        volume: str,
+        snapshot: str | None = None,
+        *,
+        name: str | None = None,
+        read_only: bool = False,
+    ) -> ExportInfo:
+        """Export a volume (or, read-only, a snapshot) over NBD under ``name`` (default
+        ``POOL/VOL[@SNAP]``). ``Conflict`` if the name is taken; ``NotFound`` if the target
+        does not exist. Without the daemon the export is recorded for its next start."""
+        spec = ExportSpec(
+            name=name or (f"{pool}/{volume}@{snapshot}" if snapshot else f"{pool}/{volume}"),
+            kind=ExportKind.NBD,
+            pool=pool,
+            volume=volume,
+            snapshot=snapshot,
+            read_only=read_only or snapshot is not None,
+        )
+        return self._add_export(spec)
+
+    def export_vhost_user_blk(
+        self,
+        pool: str,
+        volume: str,
+        socket: str,
+        *,
+        queues: int = 1,
+        read_only: bool = False,
+        name: str | None = None,
+    ) -> ExportInfo:
+        """Serve a volume as a vhost-user-blk device on the Unix socket ``socket`` (an
+        absolute path) with ``queues`` virtqueues. ``name`` defaults to
+        ``vhost-user-blk:POOL/VOL``. ``Conflict`` if the name or socket is taken."""
+        if not os.path.isabs(socket):
+            raise InvalidArgument(f"vhost-user socket path must be absolute: {socket!r}")
+        if not 1 <= queues <= 64:
+            raise InvalidArgument(f"invalid queue count {queues}: expected 1 to 64")
+        with self._lock:
+            for s in self._specs:
+                if s.socket is not None and os.path.realpath(s.socket) == os.path.realpath(socket):
+                    raise Conflict(f"socket {socket} is already used by export {s.name}")
+            spec = ExportSpec(
+                name=name or f"vhost-user-blk:{pool}/{volume}",
+                kind=ExportKind.VHOST_USER_BLK,
+                pool=pool,
+                volume=volume,
+                read_only=read_only,
+                socket=socket,
+                queues=queues,
+            )
+            return self._add_export(spec)
+
+    def exports(self) -> list[ExportInfo]:
+        """Every export definition with its state, sorted by name."""
+        with self._lock:
+            return [self._export_info(s) for s in sorted(self._specs, key=lambda s: s.name)]
+
+    def export_info(self, name: str) -> ExportInfo:
+        with self._lock:
+            return self._export_info(self._spec(name))
+
+    def remove_export(self, name: str) -> None:
+        """Stop an export (disconnecting its clients) and forget its definition."""
+        with self._lock:
+            rest = without(self._specs, name)
+            if self._runtime is not None:
+                self._runtime.deactivate(name)
+            self._store.save(rest)
+            self._specs = rest
+            self._broken.pop(name, None)
+
+    def libvirt_xml(self, pool: str, volume: str) -> str:
+        """The libvirt ``<disk type='vhostuser'>`` element for the volume's vhost-user-blk
+        export, with the ``<memoryBacking>`` the domain needs. ``NotFound`` if the volume has
+        no vhost-user-blk export."""
+        from storvisor.integrations.libvirt import vhost_user_disk_xml
+
+        with self._lock:
+            info = self.home.pool(pool).volume_info(volume)
+            for spec in self._specs:
+                if spec.kind is ExportKind.VHOST_USER_BLK and (spec.pool, spec.volume) == (
+                    pool,
+                    volume,
+                ):
+                    return vhost_user_disk_xml(
+                        spec.socket or "",
+                        queues=spec.queues,
+                        read_only=spec.read_only,
+                        serial=info.serial,
+                    )
+            raise NotFound(
+                f"volume {pool}/{volume} has no vhost-user-blk export "
+                f"(storvisor export vhost-user-blk {pool}/{volume} --socket PATH)"
+            )
+
+    # -- daemon -------------------------------------------------------------------------
+
+    def start_exports(self) -> None:
+        """Serve every recorded export (daemon only). A definition that cannot start is
+        logged and reported as ``broken`` by ``exports``; the others still start."""
+        runtime = self._require_runtime()
+        with self._lock:
+            for spec in self._specs:
+                try:
+                    self._activate(runtime, spec)
+                except StorvisorError as e:
+                    self._broken[spec.name] = str(e)
+                    log.warning("export %s (%s) not started: %s", spec.name, spec.target, e)
+                else:
+                    log.info("export %s: %s over %s", spec.name, spec.target, spec.kind)
+
+    def ensure_demo(self) -> ExportInfo:
+        """Make sure the demo set-up exists: pool ``default`` on a 64G sparse file in HOME,
+        volume ``default/demo`` (1G), exported over NBD as ``demo``. Idempotent."""
+        with self._lock:
+            if DEMO_POOL not in {p.name for p in self.home.pools()}:
+                backing = BackingSpec(str(self.home.path / DEMO_BACKING), DEMO_POOL_SIZE)
+                self.home.create_pool(DEMO_POOL, [backing])
+                log.info("created pool %s on %s", DEMO_POOL, backing.path)
+            pool = self.home.pool(DEMO_POOL)
+            if DEMO_VOLUME not in {v.name for v in pool.volumes()}:
+                pool.create_volume(DEMO_VOLUME, DEMO_VOLUME_SIZE)
+                log.info("created volume %s/%s", DEMO_POOL, DEMO_VOLUME)
+            for spec in self._specs:
+                if spec.name == DEMO_EXPORT:
+                    return self._export_info(spec)
+            return self.export_nbd(DEMO_POOL, DEMO_VOLUME, name=DEMO_EXPORT)
+
+    def close(self) -> None:
+        """Stop every export, flush and close every pool, release the HOME lock."""
+        with self._lock:
+            try:
+                if self._runtime is not None:
+                    self._runtime.close()
+            finally:
+                self.home.close()
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _require_runtime(self) -> ExportRuntime:
+        if self._runtime is None:
+            raise Conflict("this operation needs the running daemon (storvisor serve)")
+        return self._runtime
+
+    def _spec(self, name: str) -> ExportSpec:
+        for spec in self._specs:
+            if spec.name == name:
+                return spec
+        raise NotFound(f"no export named {name!r}")
+
+    def _snapshot_info(self, pool: str, volume: str, snapshot: str) -> SnapshotInfo:
+        for snap in self.home.pool(pool).snapshots(volume):
+            if snap.name == snapshot:
+                return snap
+        raise NotFound(f"no snapshot {pool}/{volume}@{snapshot}")
+
+    def _refuse_if_exported(
+        self, pool: str, volume: str | None, snapshot: str | None, what: str
+    ) -> None:
+        users = [
+            s.name
+            for s in self._specs
+            if s.pool == pool
+            and (volume is None or s.volume == volume)
+            and (snapshot is None or s.snapshot == snapshot)
+        ]
+        if users:
+            raise Conflict(
+                f"{what} is exported ({', '.join(sorted(users))}); remove the export first"
+            )
+
+    def _add_export(self, spec: ExportSpec) -> ExportInfo:
+        check_export_name(spec.name)
+        with self._lock:
+            if any(s.name == spec.name for s in self._specs):
+                raise Conflict(f"export {spec.name!r} already exists")
+            info = self.home.pool(spec.pool).volume_info(spec.volume)
+            if spec.snapshot is not None:
+                self._snapshot_info(spec.pool, spec.volume, spec.snapshot)
+            if self._runtime is not None:
+                self._activate(self._runtime, spec, info.serial)
+            try:
+                self._store.save([*self._specs, spec])
+            except OSError:
+                if self._runtime is not None:
+                    self._runtime.deactivate(spec.name)
+                raise
+            self._specs.append(spec)
+            return self._export_info(spec)
+
+    def _activate(
+        self, runtime: ExportRuntime, spec: ExportSpec, serial: str | None = None
+    ) -> None:
+        pool = self.home.pool(spec.pool)
+        if serial is None:
+            serial = pool.volume_info(spec.volume).serial
+        if spec.snapshot is not None:
+            self._snapshot_info(spec.pool, spec.volume, spec.snapshot)
+
+        def open_volume() -> BlockDevice:
+            return pool.open_volume(spec.volume, spec.snapshot)
+
+        runtime.activate(spec, open_volume, serial)
+        self._broken.pop(spec.name, None)
+
+    def _export_info(self, spec: ExportSpec) -> ExportInfo:
+        if self._runtime is None:
+            return ExportInfo(
+                spec,
+                ExportState.INACTIVE,
+                export_uris(spec, self.home.path / NBD_SOCKET),
+                "the daemon is not running; the export starts with `storvisor serve`",
+            )
+        uris = self._runtime.uris(spec)
+        if self._runtime.is_active(spec.name):
+            return ExportInfo(spec, ExportState.ACTIVE, uris)
+        return ExportInfo(spec, ExportState.BROKEN, uris, self._broken.get(spec.name, ""))
+
+
+def home_from(path: str | os.PathLike[str]) -> Path:
+    """Normalise a HOME path (``~`` expanded, made absolute)."""
+    return Path(path).expanduser().absolute()

@@ -1,0 +1,508 @@
+"""The ``storvisor`` command line.
+
+When a daemon serves the HOME (its ``api.sock`` answers), every command goes through the API;
+otherwise the command opens the HOME itself, under the HOME lock, so a pool is never opened
+by two processes at once. Export commands run without the daemon record the export, which
+the daemon starts at its next start.
+
+Exit status: 0 on success, 1 when an operation fails (a missing pool, a duplicate name, an
+fsck that finds problems), 2 for a usage error. Errors are one line on stderr,
+``storvisor: error: ...``; a traceback is printed only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+from storvisor import __version__
+from storvisor.api.client import Client
+from storvisor.api.exports import ExportInfo, ExportState, TcpAddress, parse_tcp_address
+from storvisor.api.service import Management, Service
+from storvisor.cli import output
+from storvisor.engine.types import BackingSpec
+from storvisor.errors import StorvisorError
+from storvisor.units import parse_size
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line: ``storvisor: error: ...``."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"storvisor: error: {message}\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+# -- argument types -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeRef:
+    pool: str
+    volume: str
+    snapshot: str | None = None
+
+    def __str__(self) -> str:
+        ref = f"{self.pool}/{self.volume}"
+        return f"{ref}@{self.snapshot}" if self.snapshot else ref
+
+
+def _name(text: str, what: str) -> str:
+    if not _NAME_RE.match(text):
+        raise argparse.ArgumentTypeError(
+            f"invalid {what} name {text!r}: use letters, digits, '.', '_' and '-' "
+            "(up to 63, starting with a letter or digit)"
+        )
+    return text
+
+
+def _ref(text: str, snapshot: bool | None) -> VolumeRef:
+    """``POOL/VOL`` (``snapshot`` False), ``POOL/VOL@SNAP`` (True) or either (None)."""
+    form = {False: "POOL/VOL", True: "POOL/VOL@SNAP", None: "POOL/VOL[@SNAP]"}[snapshot]
+    vol_part, at, snap = text.partition("@")
+    pool, slash, vol = vol_part.partition("/")
+    if not slash or (snapshot is True and not at) or (snapshot is False and at):
+        raise argparse.ArgumentTypeError(f"invalid reference {text!r}: expected {form}")
+    return VolumeRef(
+        _name(pool, "pool"), _name(vol, "volume"), _name(snap, "snapshot") if at else None
+    )
+
+
+def pool_name(text: str) -> str:
+    return _name(text, "pool")
+
+
+def volume_ref(text: str) -> VolumeRef:
+    return _ref(text, False)
+
+
+def snapshot_ref(text: str) -> VolumeRef:
+    return _ref(text, True)
+
+
+def volume_or_snapshot_ref(text: str) -> VolumeRef:
+    return _ref(text, None)
+
+
+def size(text: str) -> int:
+    try:
+        value = parse_size(text)
+    except StorvisorError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be positive")
+    return value
+
+
+def backing(text: str) -> BackingSpec:
+    """``PATH`` (an existing file or block device) or ``PATH:SIZE`` (a sparse file created or
+    grown to SIZE). A colon followed by something that is not a size stays in the path."""
+    path, colon, tail = text.rpartition(":")
+    if colon and path:
+        try:
+            return BackingSpec(os.path.abspath(path), parse_size(tail))
+        except StorvisorError:
+            pass
+    if not text:
+        raise argparse.ArgumentTypeError("empty backing path")
+    return BackingSpec(os.path.abspath(text))
+
+
+def tcp_address(text: str) -> TcpAddress:
+    try:
+        return parse_tcp_address(text)
+    except StorvisorError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def queues(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"invalid queue count {text!r}: expected 1 to 64")
+    return int(text)
+
+
+# -- commands -------------------------------------------------------------------------------
+
+Command = Callable[[Management, argparse.Namespace], int]
+
+
+def _print(args: argparse.Namespace, value: object, text: str) -> int:
+    print(output.to_json(value) if getattr(args, "json", False) else text)
+    return 0
+
+
+def pool_create(m: Management, a: argparse.Namespace) -> int:
+    info = m.create_pool(a.name, a.backing, a.cluster_size)
+    return _print(a, info, output.pool_details(info))
+
+
+def pool_list(m: Management, a: argparse.Namespace) -> int:
+    pools = m.pools()
+    return _print(a, pools, output.pools_table(pools))
+
+
+def pool_show(m: Management, a: argparse.Namespace) -> int:
+    info = m.pool_info(a.name)
+    return _print(a, info, output.pool_details(info))
+
+
+def pool_delete(m: Management, a: argparse.Namespace) -> int:
+    m.delete_pool(a.name, force=a.force)
+    print(f"deleted pool {a.name}")
+    return 0
+
+
+def pool_add_backing(m: Management, a: argparse.Namespace) -> int:
+    info: object = None
+    for spec in a.backing:
+        info = m.add_backing(a.name, spec)
+    return _print(a, info, output.pool_details(m.pool_info(a.name)))
+
+
+def volume_create(m: Management, a: argparse.Namespace) -> int:
+    info = m.create_volume(a.ref.pool, a.ref.volume, a.size)
+    return _print(a, info, output.volume_details(info))
+
+
+def volume_list(m: Management, a: argparse.Namespace) -> int:
+    vols = m.volumes(a.pool)
+    return _print(a, vols, output.volumes_table(vols))
+
+
+def volume_show(m: Management, a: argparse.Namespace) -> int:
+    info = m.volume_info(a.ref.pool, a.ref.volume)
+    return _print(a, info, output.volume_details(info))
+
+
+def volume_delete(m: Management, a: argparse.Namespace) -> int:
+    m.delete_volume(a.ref.pool, a.ref.volume)
+    print(f"deleted volume {a.ref}")
+    return 0
+
+
+def volume_extend(m: Management, a: argparse.Namespace) -> int:
+    info = m.extend_volume(a.ref.pool, a.ref.volume, a.size)
+    return _print(a, info, output.volume_details(info))
+
+
+def volume_clone(m: Management, a: argparse.Namespace) -> int:
+    src: VolumeRef = a.source
+    new: VolumeRef = a.new
+    if new.pool != src.pool:
+        raise _usage(f"a clone lives in the pool of its snapshot ({src.pool}), not {new.pool}")
+    assert src.snapshot is not None
+    info = m.clone(src.pool, src.volume, src.snapshot, new.volume)
+    return _print(a, info, output.volume_details(info))
+
+
+def volume_flatten(m: Management, a: argparse.Namespace) -> int:
+    info = m.flatten(a.ref.pool, a.ref.volume)
+    return _print(a, info, output.volume_details(info))
+
+
+def snapshot_create(m: Management, a: argparse.Namespace) -> int:
+    info = m.create_snapshot(a.ref.pool, a.ref.volume, a.ref.snapshot)
+    return _print(a, info, output.snapshot_details(info))
+
+
+def snapshot_delete(m: Management, a: argparse.Namespace) -> int:
+    m.delete_snapshot(a.ref.pool, a.ref.volume, a.ref.snapshot)
+    print(f"deleted snapshot {a.ref}")
+    return 0
+
+
+def snapshot_rollback(m: Management, a: argparse.Namespace) -> int:
+    info = m.rollback(a.ref.pool, a.ref.volume, a.ref.snapshot)
+    return _print(a, info, output.volume_details(info))
+
+
+def snapshot_list(m: Management, a: argparse.Namespace) -> int:
+    snaps = m.snapshots(a.ref.pool, a.ref.volume)
+    return _print(a, snaps, output.snapshots_table(snaps))
+
+
+def fsck(m: Management, a: argparse.Namespace) -> int:
+    report = m.fsck(a.pool)
+    _print(a, report, output.fsck_report(report))
+    return 0 if report.clean else EXIT_FAILURE
+
+
+def _export_result(a: argparse.Namespace, info: ExportInfo) -> int:
+    if getattr(a, "json", False):
+        return _print(a, info, "")
+    if info.state is ExportState.ACTIVE:
+        print(info.uris[0])
+        for other in info.uris[1:]:
+            print(other)
+    else:
+        print(output.export_details(info))
+    return 0
+
+
+def export_nbd(m: Management, a: argparse.Namespace) -> int:
+    ref: VolumeRef = a.ref
+    info = m.export_nbd(ref.pool, ref.volume, ref.snapshot, name=a.name, read_only=a.read_only)
+    return _export_result(a, info)
+
+
+def export_vhost_user_blk(m: Management, a: argparse.Namespace) -> int:
+    info = m.export_vhost_user_blk(
+        a.ref.pool,
+        a.ref.volume,
+        os.path.abspath(a.socket),
+        queues=a.queues,
+        read_only=a.read_only,
+        name=a.name,
+    )
+    return _export_result(a, info)
+
+
+def export_list(m: Management, a: argparse.Namespace) -> int:
+    exports = m.exports()
+    return _print(a, exports, output.exports_table(exports))
+
+
+def export_show(m: Management, a: argparse.Namespace) -> int:
+    info = m.export_info(a.name)
+    return _print(a, info, output.export_details(info))
+
+
+def export_remove(m: Management, a: argparse.Namespace) -> int:
+    m.remove_export(a.name)
+    print(f"removed export {a.name}")
+    return 0
+
+
+def libvirt_xml(m: Management, a: argparse.Namespace) -> int:
+    print(m.libvirt_xml(a.ref.pool, a.ref.volume), end="")
+    return 0
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _usage(message: str) -> _UsageError:
+    return _UsageError(message)
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``storvisor`` argument parser (see docs/cli.md)."""
+    p = _Parser(
+        prog="storvisor",
+        description="storvisor: thin volumes, snapshots and clones served over NBD and "
+        "vhost-user-blk.",
+    )
+    p.add_argument(
+        "--home",
+        metavar="DIR",
+        type=Path,
+        help="state directory (default: $STORVISOR_HOME or ~/.local/share/storvisor)",
+    )
+    p.add_argument("--debug", action="store_true", help="verbose logs and full tracebacks")
+    p.add_argument("--version", action="version", version=f"storvisor {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def cmd(
+        parent: argparse._SubParsersAction[_Parser],
+        name: str,
+        func: Command | None,
+        help: str,
+        *,
+        json: bool = False,
+    ) -> _Parser:
+        sp = parent.add_parser(name, help=help, description=help)
+        if func is not None:
+            sp.set_defaults(func=func)
+        if json:
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
+        return sp
+
+    def group(name: str, help: str) -> argparse._SubParsersAction[_Parser]:
+        gp = cmd(sub, name, None, help)
+        return gp.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    s = cmd(sub, "serve", None, "run the daemon in the foreground")
+    s.add_argument("--demo", action="store_true", help="create and export a demo volume")
+    s.add_argument(
+        "--nbd-tcp",
+        metavar="[HOST:]PORT",
+        type=tcp_address,
+        help="also serve NBD on TCP (HOST defaults to 127.0.0.1)",
+    )
+    s.set_defaults(func=None, serve=True)
+
+    pool = group("pool", "manage pools")
+    c = cmd(pool, "create", pool_create, "create a pool", json=True)
+    c.add_argument("name", metavar="NAME", type=pool_name)
+    c.add_argument(
+        "--backing",
+        metavar="PATH[:SIZE]",
+        type=backing,
+        action="append",
+        required=True,
+        help="a file or block device; with :SIZE a sparse file of that size (repeatable)",
+    )
+    c.add_argument("--cluster-size", metavar="SIZE", type=size)
+    cmd(pool, "list", pool_list, "list pools", json=True)
+    c = cmd(pool, "show", pool_show, "show a pool", json=True)
+    c.add_argument("name", metavar="NAME", type=pool_name)
+    c = cmd(pool, "delete", pool_delete, "delete a pool")
+    c.add_argument("name", metavar="NAME", type=pool_name)
+    c.add_argument("--force", action="store_true", help="also delete its volumes")
+    c = cmd(pool, "add-backing", pool_add_backing, "add backing devices to a pool", json=True)
+    c.add_argument("name", metavar="NAME", type=pool_name)
+    c.add_argument("--backing", metavar="PATH[:SIZE]", type=backing, action="append", required=True)
+
+    vol = group("volume", "manage volumes")
+    c = cmd(vol, "create", volume_create, "create a thin volume", json=True)
+    c.add_argument("ref", metavar="POOL/VOL", type=volume_ref)
+    c.add_argument("--size", metavar="SIZE", type=size, required=True)
+    c = cmd(vol, "list", volume_list, "list volumes", json=True)
+    c.add_argument("pool", metavar="POOL", type=pool_name, nargs="?")
+    c = cmd(vol, "show", volume_show, "show a volume", json=True)
+    c.add_argument("ref", metavar="POOL/VOL", type=volume_ref)
+    c = cmd(vol, "delete", volume_delete, "delete a volume")
+    c.add_argument("ref", metavar="POOL/VOL", type=volume_ref)
+    c = cmd(vol, "extend", volume_extend, "grow a volume (online)", json=True)
+    c.add_argument("ref", metavar="POOL/VOL", type=volume_ref)
+    c.add_argument("--size", metavar="SIZE", type=size, required=True)
+    c = cmd(vol, "clone", volume_clone, "create a linked clone of a snapshot", json=True)
+    c.add_argument("source", metavar="POOL/VOL@SNAP", type=snapshot_ref)
+    c.add_argument("new", metavar="POOL/NEW", type=volume_ref)
+    c = cmd(vol, "flatten", volume_flatten, "make a clone independent of its origin", json=True)
+    c.add_argument("ref", metavar="POOL/VOL", type=volume_ref)
+
+    snap = group("snapshot", "manage snapshots")
+    for name, func, help in [
+        ("create", snapshot_create, "create a read-only snapshot"),
+        ("delete", snapshot_delete, "delete a snapshot"),
+        ("rollback", snapshot_rollback, "return a volume to a snapshot's contents"),
+    ]:
+        c = cmd(snap, name, func, help, json=name != "delete")
+        c.add_argument("ref", metavar="POOL/VOL@SNAP", type=snapshot_ref)
+    c = cmd(snap, "list", snapshot_list, "list the snapshots of a volume", json=True)
+    c.add_argument("ref", metavar="POOL/VOL", type=volume_ref)
+
+    exp = group("export", "manage exports")
+    c = cmd(exp, "nbd", export_nbd, "export a volume or snapshot over NBD", json=True)
+    c.add_argument("ref", metavar="POOL/VOL[@SNAP]", type=volume_or_snapshot_ref)
+    c.add_argument("--name", metavar="NAME", help="export name (default: POOL/VOL[@SNAP])")
+    c.add_argument("--read-only", action="store_true")
+    c = cmd(
+        exp,
+        "vhost-user-blk",
+        export_vhost_user_blk,
+        "serve a volume to QEMU over vhost-user-blk",
+        json=True,
+    )
+    c.add_argument("ref", metavar="POOL/VOL", type=volume_ref)
+    c.add_argument("--socket", metavar="PATH", required=True, help="Unix socket to listen on")
+    c.add_argument("--queues", metavar="N", type=queues, default=1)
+    c.add_argument("--read-only", action="store_true")
+    c.add_argument("--name", metavar="NAME", help="export name (default: vhost-user-blk:POOL/VOL)")
+    cmd(exp, "list", export_list, "list exports", json=True)
+    c = cmd(exp, "show", export_show, "show an export", json=True)
+    c.add_argument("name", metavar="NAME")
+    c = cmd(exp, "remove", export_remove, "stop an export and forget it")
+    c.add_argument("name", metavar="NAME")
+
+    c = cmd(sub, "fsck", fsck, "check a pool's consistency", json=True)
+    c.add_argument("pool", metavar="POOL", type=pool_name)
+
+    c = cmd(sub, "libvirt-xml", libvirt_xml, "print the libvirt disk XML of a vhost-user export")
+    c.add_argument("ref", metavar="POOL/VOL", type=volume_ref)
+    return p
+
+
+# -- entry point ----------------------------------------------------------------------------
+
+
+def _home(args: argparse.Namespace) -> Path:
+    from storvisor.api.daemon import default_home
+
+    home: Path = args.home if args.home is not None else default_home()
+    return home.expanduser().absolute()
+
+
+def _connect(home: Path) -> Management:
+    """The daemon's API if it answers, else the HOME opened by this process."""
+    client = Client.for_home(home)
+    if client is not None:
+        return client
+    return Service.open(home)
+
+
+def _serve(args: argparse.Namespace, home: Path) -> int:
+    from storvisor.api.daemon import serve
+
+    hint = "" if args.home is None else f" --home {home}"
+    serve(home, demo=args.demo, nbd_tcp=args.nbd_tcp, say=_say, home_hint=hint)
+    return 0
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the command; return the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG
+        if args.debug
+        else logging.INFO
+        if args.command == "serve"
+        else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        home = _home(args)
+        if args.command == "serve":
+            return _serve(args, home)
+        management = _connect(home)
+        try:
+            status: int = args.func(management, args)
+        finally:
+            management.close()
+        return status
+    except _UsageError as e:
+        sys.stderr.write(f"storvisor: error: {e}\n")
+        return EXIT_USAGE
+    except StorvisorError as e:
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write(f"storvisor: error: {e}\n")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        sys.stderr.write("storvisor: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return EXIT_FAILURE
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write(f"storvisor: error: internal error: {type(e).__name__}: {e}\n")
+        return EXIT_FAILURE
+
+
+def main() -> NoReturn:
+    """Console-script entry point."""
+    sys.exit(run())

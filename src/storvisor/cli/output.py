@@ -1,0 +1,177 @@
+"""How the CLI renders records: aligned plain-text tables and ``key: value`` blocks, or JSON.
+
+JSON output is the records' fields as the API sends them (``storvisor.api.codec``), so a
+script reading ``--json`` sees the same shape over the API and offline.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Sequence
+
+from storvisor.api.codec import encode
+from storvisor.api.exports import ExportInfo
+from storvisor.engine.types import FsckReport, PoolInfo, SnapshotInfo, VolumeInfo
+from storvisor.units import format_size
+
+
+def to_json(value: object) -> str:
+    """A record or list of records as indented JSON."""
+    return json.dumps(encode(value), indent=2)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell; the last column is not padded."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    lines = []
+    for cells in [headers, *rows]:
+        padded = [c.ljust(w) for c, w in zip(cells[:-1], widths[:-1], strict=True)]
+        lines.append("  ".join([*padded, cells[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def fields(pairs: Sequence[tuple[str, str]]) -> str:
+    """``key: value`` lines with the values aligned."""
+    width = max(len(k) for k, _ in pairs) + 1
+    return "\n".join(f"{(k + ':').ljust(width)} {v}" for k, v in pairs)
+
+
+def _time(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def pools_table(pools: Sequence[PoolInfo]) -> str:
+    return table(
+        ["NAME", "CLUSTER", "CAPACITY", "ALLOCATED", "PROVISIONED", "FREE", "BACKINGS"],
+        [
+            [
+                p.name,
+                format_size(p.cluster_size),
+                format_size(p.stats.capacity),
+                format_size(p.stats.allocated),
+                format_size(p.stats.provisioned),
+                format_size(p.stats.free),
+                str(len(p.backings)),
+            ]
+            for p in pools
+        ],
+    )
+
+
+def pool_details(p: PoolInfo) -> str:
+    text = fields(
+        [
+            ("name", p.name),
+            ("cluster size", format_size(p.cluster_size)),
+            ("capacity", format_size(p.stats.capacity)),
+            ("allocated", format_size(p.stats.allocated)),
+            ("provisioned", format_size(p.stats.provisioned)),
+            ("free", format_size(p.stats.free)),
+        ]
+    )
+    backings = table(
+        ["BACKING", "KIND", "SIZE"],
+        [[b.path, str(b.kind), format_size(b.size)] for b in p.backings],
+    )
+    return f"{text}\n\n{backings}"
+
+
+def volumes_table(volumes: Sequence[VolumeInfo]) -> str:
+    return table(
+        ["POOL", "NAME", "SIZE", "ALLOCATED", "ORIGIN"],
+        [
+            [v.pool, v.name, format_size(v.size), format_size(v.allocated), v.origin or "-"]
+            for v in volumes
+        ],
+    )
+
+
+def volume_details(v: VolumeInfo) -> str:
+    return fields(
+        [
+            ("volume", f"{v.pool}/{v.name}"),
+            ("size", format_size(v.size)),
+            ("allocated", format_size(v.allocated)),
+            ("origin", v.origin or "-"),
+            ("serial", v.serial),
+            ("created", _time(v.created)),
+        ]
+    )
+
+
+def snapshots_table(snapshots: Sequence[SnapshotInfo]) -> str:
+    return table(
+        ["NAME", "SIZE", "CREATED", "CLONES"],
+        [
+            [s.name, format_size(s.size), _time(s.created), ",".join(s.clones) or "-"]
+            for s in snapshots
+        ],
+    )
+
+
+def snapshot_details(s: SnapshotInfo) -> str:
+    return fields(
+        [
+            ("snapshot", f"{s.pool}/{s.volume}@{s.name}"),
+            ("size", format_size(s.size)),
+            ("created", _time(s.created)),
+            ("clones", ", ".join(s.clones) or "-"),
+        ]
+    )
+
+
+def exports_table(exports: Sequence[ExportInfo]) -> str:
+    return table(
+        ["NAME", "KIND", "TARGET", "STATE", "ADDRESS"],
+        [
+            [
+                e.spec.name,
+                str(e.spec.kind),
+                e.spec.target,
+                str(e.state),
+                e.uris[0] if e.uris else "-",
+            ]
+            for e in exports
+        ],
+    )
+
+
+def export_details(e: ExportInfo) -> str:
+    pairs = [
+        ("export", e.spec.name),
+        ("kind", str(e.spec.kind)),
+        ("target", e.spec.target),
+        ("read-only", "yes" if e.spec.read_only else "no"),
+        ("state", str(e.state)),
+    ]
+    if e.spec.socket is not None:
+        pairs.append(("queues", str(e.spec.queues)))
+    pairs += [("address", u) for u in e.uris]
+    if e.message:
+        pairs.append(("note", e.message))
+    return fields(pairs)
+
+
+def fsck_report(r: FsckReport) -> str:
+    pairs = [
+        ("pool", r.pool),
+        ("result", "clean" if r.clean else "PROBLEMS FOUND"),
+        ("clusters", f"{r.clusters_used} used of {r.clusters_total}"),
+        ("leaked", _ids(r.leaked)),
+        ("doubly owned", _ids(r.doubly_owned)),
+        ("dangling", str(len(r.dangling))),
+        ("errors", str(len(r.errors))),
+    ]
+    lines = [fields(pairs)]
+    lines += [f"dangling: {d}" for d in r.dangling]
+    lines += [f"error: {e}" for e in r.errors]
+    return "\n".join(lines)
+
+
+def _ids(clusters: Sequence[int]) -> str:
+    if not clusters:
+        return "0"
+    shown = ", ".join(str(c) for c in clusters[:16])
+    more = f", ... ({len(clusters)} in all)" if len(clusters) > 16 else ""
+    return f"{len(clusters)} ({shown}{more})"
