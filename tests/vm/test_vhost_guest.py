@@ -76,6 +76,28 @@ echo roundtrip-ok
 """
 
 
+PARALLEL_AT = (8 * MiB, 12 * MiB)
+PARALLEL_SCRIPT = f"""
+# One writer per vCPU, so that blk-mq sends them down different virtqueues.
+taskset -c 0 dd if=pattern of=/dev/vda bs=64k seek={PARALLEL_AT[0] // 65536} oflag=direct &
+taskset -c 1 dd if=pattern of=/dev/vda bs=64k seek={PARALLEL_AT[1] // 65536} oflag=direct &
+wait
+grep -E 'virtio[0-9]+-req' /proc/interrupts
+echo parallel-ok
+"""
+
+
+def queue_interrupts(console: str) -> dict[str, int]:
+    """Interrupts per virtqueue (``req.0``, ``req.1``...) from the guest's /proc/interrupts."""
+    counts: dict[str, int] = {}
+    for line in console.splitlines():
+        fields = line.split()
+        if fields and fields[-1].startswith("virtio") and "-req." in fields[-1]:
+            queue = fields[-1].split("-", 1)[1]
+            counts[queue] = sum(int(f) for f in fields[1:] if f.isdigit())
+    return counts
+
+
 @pytest.fixture
 def sockdir() -> Iterator[str]:
     # Unix socket paths are limited to 107 bytes: keep them short, under /tmp.
@@ -164,7 +186,8 @@ def test_pattern_discard_roundtrip_storvisor_thin_volume_two_queues(
     sock = f"{sockdir}/sv.sock"
     backend = StorvisorVhostBackend(ref, sock, num_queues=2)
     with backend:
-        with Guest(ROUNDTRIP_SCRIPT, qemu_args=vhost_disk_args(sock, 2), cpus=2, timeout=90) as g:
+        script = ROUNDTRIP_SCRIPT + PARALLEL_SCRIPT
+        with Guest(script, qemu_args=vhost_disk_args(sock, 2), cpus=2, timeout=90) as g:
             result = g.wait()
         assert backend.stop() == 0, backend.output
     result.check()
@@ -172,11 +195,20 @@ def test_pattern_discard_roundtrip_storvisor_thin_volume_two_queues(
     assert f"size-sectors {DISK_SIZE // 512}" in result.console
     assert f"serial [{serial[:20]}]" in result.console
     assert "queues 2" in result.console
+    assert "parallel-ok" in result.console
+    interrupts = queue_interrupts(result.console)
+    assert interrupts.get("req.0", 0) > 0 and interrupts.get("req.1", 0) > 0, interrupts
     data, extents = volume_through_nbd(ref, sockdir)
     assert len(data) == DISK_SIZE
     assert data[WRITE_AT : WRITE_AT + PATTERN_SIZE] == expected_after_roundtrip()
     assert data[:WRITE_AT] == bytes(WRITE_AT)
-    assert data[WRITE_AT + PATTERN_SIZE :] == bytes(DISK_SIZE - WRITE_AT - PATTERN_SIZE)
+    for at in PARALLEL_AT:
+        assert data[at : at + PATTERN_SIZE] == pattern(PATTERN_SIZE)
+    written_end = PARALLEL_AT[1] + PATTERN_SIZE
+    assert data[WRITE_AT + PATTERN_SIZE : PARALLEL_AT[0]] == bytes(
+        PARALLEL_AT[0] - WRITE_AT - PATTERN_SIZE
+    )
+    assert data[written_end:] == bytes(DISK_SIZE - written_end)
     # The discarded range is a hole again, as are the never-written ones.
     holes = [(e["start"], e["length"]) for e in extents if not e["data"]]
     assert any(
