@@ -19,6 +19,7 @@ from storvisor.testing.guest import (
     build_initramfs,
     module_load_order,
     run_guest,
+    share_dir_args,
 )
 
 needs_kernel = pytest.mark.skipif(
@@ -131,3 +132,20 @@ def test_bad_qemu_argument_is_a_guest_error() -> None:
     with pytest.raises(GuestError, match="no-such-device") as info:
         run_guest("exit 0\n", qemu_args=["-device", "no-such-device"], timeout=30)
     assert not isinstance(info.value, GuestTimeout)
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+@needs_kernel
+def test_host_directory_shared_over_9p(tmp_path: Path) -> None:
+    (tmp_path / "hello.txt").write_text("from-the-host\n")
+    script = (
+        "mkdir -p /mnt && mount -t 9p -o trans=virtio,version=9p2000.L share /mnt || exit 20\n"
+        "cat /mnt/hello.txt\n"
+        "touch /mnt/new 2>/dev/null && echo writable || echo read-only\n"
+    )
+    result = run_guest(script, qemu_args=share_dir_args(str(tmp_path), "share"), timeout=60)
+    result.check()
+    assert "from-the-host" in result.console
+    assert "read-only" in result.console
+    assert not (tmp_path / "new").exists()

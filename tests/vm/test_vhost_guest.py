@@ -22,7 +22,7 @@ import pytest
 from storvisor.engine.home import Home
 from storvisor.engine.types import BackingSpec
 from storvisor.exports.nbd import NBDExport, NBDServer, nbd_uri
-from storvisor.testing.guest import Guest, run_guest
+from storvisor.testing.guest import Guest, run_guest, vhost_user_blk_args
 from storvisor.testing.vhost_backend import QsdVhostBackend, StorvisorVhostBackend, VolumeRef
 
 pytestmark = [
@@ -43,18 +43,6 @@ def pattern(size: int) -> bytes:
     """What ``seq -w 0 999999 | head -c SIZE`` prints inside the guest."""
     lines = "".join(f"{i:06d}\n" for i in range(size // 7 + 1))
     return lines.encode()[:size]
-
-
-def vhost_disk_args(socket_path: str, queues: int, *, reconnect: bool = False) -> list[str]:
-    chardev = f"socket,id=vub0,path={socket_path}"
-    if reconnect:
-        chardev += ",reconnect=1"
-    return [
-        "-chardev",
-        chardev,
-        "-device",
-        f"vhost-user-blk-pci,chardev=vub0,num-queues={queues}",
-    ]
 
 
 ROUNDTRIP_SCRIPT = f"""
@@ -131,7 +119,7 @@ def test_pattern_discard_roundtrip_qsd_reference(disk_file: str, sockdir: str) -
     """The script and the host-side checks hold for qemu-storage-daemon's export."""
     sock = f"{sockdir}/qsd.sock"
     with QsdVhostBackend(disk_file, sock, num_queues=1):
-        result = run_guest(ROUNDTRIP_SCRIPT, qemu_args=vhost_disk_args(sock, 1), timeout=90)
+        result = run_guest(ROUNDTRIP_SCRIPT, qemu_args=vhost_user_blk_args(sock), timeout=90)
     result.check()
     assert "roundtrip-ok" in result.console
     assert f"size-sectors {DISK_SIZE // 512}" in result.console
@@ -187,7 +175,7 @@ def test_pattern_discard_roundtrip_storvisor_thin_volume_two_queues(
     backend = StorvisorVhostBackend(ref, sock, num_queues=2)
     with backend:
         script = ROUNDTRIP_SCRIPT + PARALLEL_SCRIPT
-        with Guest(script, qemu_args=vhost_disk_args(sock, 2), cpus=2, timeout=90) as g:
+        with Guest(script, qemu_args=vhost_user_blk_args(sock, queues=2), cpus=2, timeout=90) as g:
             result = g.wait()
         assert backend.stop() == 0, backend.output
     result.check()
@@ -258,7 +246,7 @@ def test_backend_sigkill_and_restart_during_guest_io(
     sock = f"{sockdir}/sv.sock"
     backend = StorvisorVhostBackend(ref, sock, num_queues=1)
     with backend:
-        args = vhost_disk_args(sock, 1, reconnect=True)
+        args = vhost_user_blk_args(sock, reconnect=True)
         with Guest(RECONNECT_SCRIPT, qemu_args=args, timeout=150) as guest:
             guest.wait_for_line("wrote 3", timeout=90)
             backend.kill()
@@ -304,7 +292,7 @@ def test_online_extend_reaches_the_guest(tmp_path: Path, sockdir: str) -> None:
     sock = f"{sockdir}/sv.sock"
     backend = StorvisorVhostBackend(ref, sock)
     with backend:
-        with Guest(GROW_SCRIPT, qemu_args=vhost_disk_args(sock, 1), timeout=90) as guest:
+        with Guest(GROW_SCRIPT, qemu_args=vhost_user_blk_args(sock), timeout=90) as guest:
             guest.wait_for_line("grow-now", timeout=60)
             backend.grow(new_size)
             result = guest.wait()
@@ -338,7 +326,7 @@ def test_read_only_export(disk_file: str, sockdir: str) -> None:
     sock = f"{sockdir}/ro.sock"
     backend = StorvisorVhostBackend(disk_file, sock, read_only=True, serial="sv-ro-0001")
     with backend:
-        result = run_guest(READ_ONLY_SCRIPT, qemu_args=vhost_disk_args(sock, 1), timeout=90)
+        result = run_guest(READ_ONLY_SCRIPT, qemu_args=vhost_user_blk_args(sock), timeout=90)
     result.check()
     assert "ro-flag 1" in result.console
     assert "serial [sv-ro-0001]" in result.console

@@ -519,6 +519,31 @@ class Guest:
         return "\n".join(parts)
 
 
+def vhost_user_blk_args(
+    socket_path: str, *, queues: int = 1, reconnect: bool = False, index: int = 0
+) -> list[str]:
+    """QEMU arguments attaching the vhost-user-blk back-end at ``socket_path`` as a virtio
+    disk (the ``index``-th one gets ids ``vub<index>``; the guest names disks vda, vdb... in
+    PCI order). With ``reconnect``, QEMU reconnects every second after the back-end goes away.
+    """
+    chardev = f"socket,id=vub{index},path={socket_path}"
+    if reconnect:
+        chardev += ",reconnect=1"
+    return [
+        "-chardev",
+        chardev,
+        "-device",
+        f"vhost-user-blk-pci,chardev=vub{index},num-queues={queues}",
+    ]
+
+
+def share_dir_args(host_dir: str, tag: str, *, read_only: bool = True) -> list[str]:
+    """QEMU arguments sharing ``host_dir`` over 9p; inside the guest mount it with
+    ``mount -t 9p -o trans=virtio,version=9p2000.L TAG /mnt``."""
+    spec = f"local,path={host_dir},mount_tag={tag},security_model=none"
+    return ["-virtfs", spec + (",readonly=on" if read_only else "")]
+
+
 def run_guest(script: str, *, qemu_args: Sequence[str] = (), timeout: float = 120.0) -> GuestResult:
     """Boot a guest with the default modules, run ``script``, return its result.
 
