@@ -343,3 +343,17 @@ def test_second_frontend_waits_for_the_first(
         second.close()
         assert first.write(0, b"1" * 512) == Status.OK
     _still_serving(victim)
+
+
+def test_rings_outside_memory_break_the_queue(
+    fe: VhostUserFrontend, servers: tuple[VhostUserBlkServer, VhostUserBlkServer]
+) -> None:
+    victim, _ = servers
+    base = fe.stop_queue(0)
+    fe.request(Request.SET_VRING_BASE, m.VHOST_VRING_STATE.pack(0, base))
+    fe.request(Request.SET_VRING_ADDR, m.VHOST_VRING_ADDR.pack(0, 0, 1 << 50, 1 << 51, 1 << 52, 0))
+    fe.request(Request.SET_VRING_KICK, m.U64.pack(0), [fe.queues[0].kick])
+    fe.request(Request.SET_VRING_ENABLE, m.VHOST_VRING_STATE.pack(0, 1))
+    assert victim.broken_queues == {0}
+    assert fe.stop_queue(0) == base
+    assert fe.write(0, b"q1" * 256, queue=1) == Status.OK

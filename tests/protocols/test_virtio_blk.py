@@ -7,7 +7,7 @@ import errno
 import pytest
 
 from storvisor.engine.device import Buffer
-from storvisor.errors import IOFailure
+from storvisor.errors import CorruptMetadata, IOFailure
 from storvisor.protocols.virtio import blk
 from storvisor.protocols.virtio.blk import BlkConfig, RequestType, Status
 from storvisor.protocols.virtio.ring import Chain, RingError
@@ -223,3 +223,14 @@ def test_config_layout() -> None:
     assert int.from_bytes(space[52:56], "little") == 16
     assert space[56] == 1  # write_zeroes_may_unmap
     assert space[57:] == bytes(39)
+
+
+class Corrupt(MemoryDevice):
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        raise CorruptMetadata("map is inconsistent")
+
+
+def test_other_device_errors_fail_the_request() -> None:
+    w = views(513)
+    assert blk.execute(Corrupt(SIZE), Chain(0, views(header(RequestType.IN)), w)) == 1
+    assert w[0][-1] == Status.IOERR

@@ -240,6 +240,7 @@ class _Device:
         self._channel_lock = threading.Lock()
         self.broken: set[int] = set()
         self._retired_kicks: list[int | None] = []
+        self._unstarted: dict[int, int] = {}
 
     # -- BackendDevice -----------------------------------------------------------------------
 
@@ -368,6 +369,7 @@ class _Device:
         except ProtocolError as e:
             log.error("vhost-user-blk queue %d cannot start: %s", setup.index, e)
             self.queue_broken(setup.index)
+            self._unstarted[setup.index] = setup.last_avail
             return
         resubmit: list[int] = []
         if self._inflight is not None:
@@ -397,7 +399,7 @@ class _Device:
     def stop_queue(self, index: int) -> int:
         worker = self._workers.pop(index, None)
         if worker is None:
-            return 0
+            return self._unstarted.pop(index, 0)
         last_avail = worker.stop()
         self._drop_retired_kicks()
         return last_avail

@@ -9,7 +9,8 @@ is the last byte of the last writable buffer. Sectors are always 512 bytes.
 reading and writing guest memory in place (the ``memoryview`` s of the chain go straight to
 ``read_into``/``write``), writes the status byte and returns ``used.len``. Device failures
 become status IOERR (or UNSUPP for an unsupported operation); a chain that cannot even hold a
-header and a status byte raises :class:`~storvisor.protocols.virtio.ring.RingError`.
+header and a status byte raises :class:`~storvisor.protocols.virtio.ring.RingError`. Any other
+``StorvisorError`` from the device (say ``CorruptMetadata``) also fails just that request.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import struct
 from dataclasses import dataclass
 
 from storvisor.engine.device import BlockDevice
-from storvisor.errors import IOFailure
+from storvisor.errors import IOFailure, ProtocolError, StorvisorError
 from storvisor.protocols.virtio.ring import Chain, RingError
 
 SECTOR_SIZE = 512
@@ -239,6 +240,12 @@ def execute(
             status = Status.UNSUPP
     except IOFailure as e:
         status = _status_of(e)
+        if rtype == RequestType.IN:
+            used_len = 1
+    except ProtocolError:
+        raise
+    except StorvisorError:  # e.g. CorruptMetadata: the request fails, the queue lives on
+        status = Status.IOERR
         if rtype == RequestType.IN:
             used_len = 1
     status_view[0] = status
