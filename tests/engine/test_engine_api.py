@@ -428,7 +428,31 @@ def test_clone_and_flatten(pool: Pool) -> None:
     assert pool.info().stats.allocated == pool.volume_info("c").allocated
 
 
-def test_discard_and_zeroes_over_a_parent(pool: Pool) -> None:
+def test_discard_frees_owned_clusters(pool: Pool) -> None:
+    pool.create_volume("v", 1 << 20)
+    handle = pool.open_volume("v")
+    handle.write(0, b"\x55" * (1 << 20))
+    pool.flush()
+    assert pool.info().stats.allocated == 1 << 20
+    handle.discard(100, 5 * CS)  # frees clusters 1..4, zeroes the rest of the range
+    handle.write_zeroes(8 * CS, 2 * CS, may_unmap=False)  # keeps its clusters
+    handle.write_zeroes(12 * CS, 2 * CS)  # frees them
+    assert pool.volume_info("v").allocated == (16 - 4 - 2) * CS
+    assert pool.info().stats.allocated == 1 << 20  # frees count until they commit
+    pool.flush()
+    assert pool.info().stats.allocated == (16 - 4 - 2) * CS
+    expected = bytearray(b"\x55" * (1 << 20))
+    expected[100 : 100 + 5 * CS] = bytes(5 * CS)
+    expected[8 * CS : 10 * CS] = bytes(2 * CS)
+    expected[12 * CS : 14 * CS] = bytes(2 * CS)
+    assert read(handle, 0, 1 << 20) == expected
+    holes = [(e.offset, e.length) for e in handle.block_status(0, 1 << 20) if not e.allocated]
+    assert holes == [(CS, 4 * CS), (12 * CS, 2 * CS)]
+    handle.close()
+    assert pool.fsck().clean
+
+
+def test_discard_and_zeroes_over_a_parent(home: Home, pool: Pool) -> None:
     pool.create_volume("v", 1 << 20)
     write(pool, "v", 0, b"\xaa" * (1 << 20))
     pool.create_snapshot("v", "s")
@@ -449,9 +473,13 @@ def test_discard_and_zeroes_over_a_parent(pool: Pool) -> None:
     assert pool.volume_info("c").allocated == CS  # only the copied-on-write cluster
     handle.write(CS, b"z")  # writing into an explicit zero allocates a zero-filled cluster
     assert read(handle, CS, CS) == b"z" + bytes(CS - 1)
+    clone_data = read(handle, 0, 1 << 20)
     handle.close()
     assert content(pool, "v", "s") == b"\xaa" * (1 << 20)
     assert pool.fsck().clean
+    home.close()
+    with Home(home.path) as again:  # the explicit zeros persist
+        assert content(again.pool("p"), "c") == clone_data
 
 
 def test_persistence_across_reopen(home: Home, pool: Pool) -> None:
