@@ -233,9 +233,11 @@ def test_backend_sigkill_and_restart_during_guest_io(
     reconnects, the requests in flight are resubmitted, the guest sees no error and every
     byte it wrote is in the volume.
 
-    ``overwrite`` rewrites clusters the volume already owns; ``allocating`` writes to a fresh
-    thin volume, so the kill also lands between cluster allocations and their commit.
+    ``overwrite`` rewrites clusters the volume already owns (one queue); ``allocating`` writes
+    to a fresh thin volume, so the kill also lands between cluster allocations and their
+    commit (two queues, two vCPUs: both queues are set up again after the restart).
     """
+    queues = 1 if preallocated else 2
     ref, _ = make_volume(tmp_path / "home")
     if preallocated:
         with Home(ref.home) as home:
@@ -244,10 +246,10 @@ def test_backend_sigkill_and_restart_during_guest_io(
             volume.flush()
             volume.close()
     sock = f"{sockdir}/sv.sock"
-    backend = StorvisorVhostBackend(ref, sock, num_queues=1)
+    backend = StorvisorVhostBackend(ref, sock, num_queues=queues)
     with backend:
-        args = vhost_user_blk_args(sock, reconnect=True)
-        with Guest(RECONNECT_SCRIPT, qemu_args=args, timeout=150) as guest:
+        args = vhost_user_blk_args(sock, queues=queues, reconnect=True)
+        with Guest(RECONNECT_SCRIPT, qemu_args=args, cpus=queues, timeout=150) as guest:
             guest.wait_for_line("wrote 3", timeout=90)
             backend.kill()
             time.sleep(0.5)  # the guest's I/O now waits for a back-end
