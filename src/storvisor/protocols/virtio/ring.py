@@ -192,6 +192,7 @@ class SplitQueue:
         indirect = False
         unpack = VIRTQ_DESC.unpack_from
         memory = self.memory
+        regions = memory.regions
         writing = False
         while True:
             budget -= 1
@@ -216,11 +217,19 @@ class SplitQueue:
                 continue
             if flags & VRING_DESC_F_WRITE:
                 writing = True
-                memory.gpa_views(addr, length, chain.writable)
+                target = chain.writable
             elif writing:
                 raise RingError("device-readable descriptor after a writable one")
             else:
-                memory.gpa_views(addr, length, chain.readable)
+                target = chain.readable
+            if length:
+                for region in regions:  # fast path: inside one region (few regions)
+                    offset = addr - region.gpa
+                    if offset >= 0 and offset + length <= region.size:
+                        target.append(region.view[offset : offset + length])
+                        break
+                else:  # crosses regions, or is outside memory (raises)
+                    memory.gpa_views(addr, length, target)
             if not flags & VRING_DESC_F_NEXT:
                 return chain
             if nxt >= limit:
