@@ -128,41 +128,50 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="sv-vbench-", dir=args.workdir or "/tmp"))
     tool = build_tool(Path(tempfile.gettempdir()) / "storvisor-vhost-blk-bench")
     image = workdir / "disk.raw"
-    sock = str(workdir / "vub.sock")
     results: dict[tuple[str, int, str], dict[str, object]] = {}
     failed = False
     started = time.monotonic()
     try:
-        prefill(tool, image, size, sock)
+        prefill(tool, image, size, str(workdir / "prefill.sock"))
         for queues in queue_counts:
-            for backend_name in backends:
-                backend: QsdVhostBackend | StorvisorVhostBackend
-                if backend_name == "qsd":
-                    backend = QsdVhostBackend(str(image), sock, num_queues=queues)
-                else:
-                    backend = StorvisorVhostBackend(str(image), sock, num_queues=queues)
-                with backend:
-                    for w in WORKLOADS:
+            # Both back-ends run side by side (an idle one costs nothing) and every workload
+            # runs on one right after the other, so background load hits both alike.
+            running: dict[str, QsdVhostBackend | StorvisorVhostBackend] = {}
+            try:
+                for name in backends:
+                    sock = str(workdir / f"{name}.sock")
+                    running[name] = (
+                        QsdVhostBackend(str(image), sock, num_queues=queues)
+                        if name == "qsd"
+                        else StorvisorVhostBackend(str(image), sock, num_queues=queues)
+                    )
+                    running[name].start()
+                for w in WORKLOADS:
+                    for name, backend in running.items():
                         result = run_client(
                             tool,
-                            sock,
+                            backend.socket_path,
                             [
                                 "--rw", w.rw, "--bs", w.bs, "--iodepth", str(w.iodepth),
                                 "--queues", str(queues), "--seconds", str(args.seconds),
                                 "--ramp", str(args.ramp), "--backend-pid", str(backend.pid),
                             ],
                         )  # fmt: skip
-                        result.update(backend=backend_name, workload=w.name)
-                        results[(backend_name, queues, w.name)] = result
+                        result.update(backend=name, workload=w.name)
+                        results[(name, queues, w.name)] = result
                         if result.get("exit_code") != 0 or result.get("errors"):
                             failed = True
                         print(
-                            f"  {backend_name:9} q{queues} {w.name:18} "
+                            f"  {name:9} q{queues} {w.name:18} "
                             f"{fmt_iops(float(str(result['iops']))):>9} IOPS "
                             f"cpu {result.get('backend_cpu_pct')}% "
+                            f"host busy {result.get('host_busy_pct')}% "
                             f"exit {result.get('exit_code')}",
                             file=sys.stderr,
                         )
+            finally:
+                for backend in running.values():
+                    backend.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
