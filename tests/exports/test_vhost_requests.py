@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -204,11 +205,16 @@ def test_without_event_idx_or_indirect(server: VhostUserBlkServer, sock: str) ->
 
 
 def test_event_idx_avail_event_tracks_position(fe: VhostUserFrontend) -> None:
-    # the back-end must publish avail_event = last_avail or the driver stops kicking
+    # the back-end must publish avail_event = last_avail (after the batch, so wait a little)
+    # or the driver stops kicking
     q = fe.queues[0]
+    avail_event = q.used_gpa + 4 + 8 * q.size
     for _ in range(20):
-        fe.write(0, b"k" * 512)
-        assert fe._u16(q.used_gpa + 4 + 8 * q.size) == q.avail_idx
+        assert fe.write(0, b"k" * 512) == Status.OK
+        deadline = time.monotonic() + 5
+        while fe._u16(avail_event) != q.avail_idx:
+            assert time.monotonic() < deadline, "avail_event never caught up"
+            time.sleep(0.001)
     assert q.kicks == 20  # each request came after the back-end went idle: each kicked
 
 

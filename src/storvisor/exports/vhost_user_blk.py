@@ -188,10 +188,10 @@ class _QueueWorker:
         device = owner.block
         serial = owner.serial
         read_only = owner.read_only
-        while not self._stop:
+        while True:
             served = 0
             writethrough = owner.writethrough
-            while True:
+            while not self._stop:  # a stop request ends the batch (GET_VRING_BASE waits)
                 chain = queue.pop()
                 if chain is None:
                     break
@@ -200,10 +200,10 @@ class _QueueWorker:
                 )
                 queue.push(chain.head, used_len)
                 served += 1
-            del chain
+            chain = None  # no guest-memory view outlives the batch
             if served and queue.should_notify():
                 owner.signal(self.index)
-            if not queue.enable_notification():
+            if self._stop or not queue.enable_notification():
                 return
 
 
