@@ -117,7 +117,9 @@ class Kernel:
         Raises ``GuestError`` if there is none (install ``linux-image-amd64``).
         """
         candidates = (
-            [f"/boot/vmlinuz-{version}"] if version else sorted(glob.glob("/boot/vmlinuz-*"))
+            [f"/boot/vmlinuz-{version}"]
+            if version
+            else sorted(glob.glob("/boot/vmlinuz-*"), key=_version_key)
         )
         for image in reversed(candidates):
             ver = image.removeprefix("/boot/vmlinuz-")
@@ -551,6 +553,11 @@ def run_guest(script: str, *, qemu_args: Sequence[str] = (), timeout: float = 12
     """
     with Guest(script, qemu_args=qemu_args, timeout=timeout) as guest:
         return guest.wait()
+
+
+def _version_key(text: str) -> list[tuple[int, str]]:
+    """Sort key putting ``6.1.0-10`` after ``6.1.0-9``."""
+    return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"(\d+)", text)]
 
 
 def _tail(console: str) -> str:
