@@ -149,3 +149,14 @@ def test_host_directory_shared_over_9p(tmp_path: Path) -> None:
     assert "from-the-host" in result.console
     assert "read-only" in result.console
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+@needs_kernel
+def test_guest_crash_is_a_guest_error_with_the_console() -> None:
+    with pytest.raises(GuestError, match="without reporting a status") as info:
+        run_guest("echo before-crash\necho c > /proc/sysrq-trigger\nsleep 30\n", timeout=60)
+    assert "Kernel panic" in str(info.value)  # the tail of the console is in the message
+    assert "before-crash" in info.value.console  # the whole console is kept
+    assert not isinstance(info.value, GuestTimeout)

@@ -91,7 +91,12 @@ poweroff -f
 
 
 class GuestError(StorvisorError):
-    """The guest could not be run to completion; ``str(e)`` includes the console's tail."""
+    """The guest could not be run to completion; ``str(e)`` includes the console's tail and
+    ``console`` holds everything the console printed."""
+
+    def __init__(self, message: str, console: str = "") -> None:
+        super().__init__(message)
+        self.console = console
 
 
 class GuestTimeout(GuestError):
@@ -147,7 +152,8 @@ class GuestResult:
         """Return ``self`` if the script succeeded; raise ``GuestFailed`` otherwise."""
         if self.status != 0:
             raise GuestFailed(
-                f"guest script exited with status {self.status}\n{_tail(self.console)}"
+                f"guest script exited with status {self.status}\n{_tail(self.console)}",
+                self.console,
             )
         return self
 
@@ -423,9 +429,11 @@ class Guest:
                 self._cond.wait(left)
         if self._eof:
             self._join()
-            raise GuestError(f"guest stopped before printing {text!r}\n{self._report()}")
+            raise GuestError(
+                f"guest stopped before printing {text!r}\n{self._report()}", self.console
+            )
         self.kill()
-        raise GuestTimeout(f"guest did not print {text!r} in time\n{self._report()}")
+        raise GuestTimeout(f"guest did not print {text!r} in time\n{self._report()}", self.console)
 
     def wait(self, timeout: float | None = None) -> GuestResult:
         """Wait for the guest to power off and return its result.
@@ -443,7 +451,7 @@ class Guest:
             self.kill()
             ran = time.monotonic() - self._started
             raise GuestTimeout(
-                f"guest still running after {ran:.0f} s; killed\n{self._report()}"
+                f"guest still running after {ran:.0f} s; killed\n{self._report()}", self.console
             ) from None
         self._join()
         seconds = time.monotonic() - self._started
@@ -455,7 +463,8 @@ class Guest:
                     return GuestResult(int(match.group(1)), self.console, seconds)
         raise GuestError(
             f"guest stopped without reporting a status (QEMU exit {self._proc.returncode})\n"
-            f"{self._report()}"
+            f"{self._report()}",
+            self.console,
         )
 
     def kill(self) -> None:
