@@ -319,8 +319,8 @@ def test_unknown_request(fe: VhostUserFrontend) -> None:
     fe.send(99, need_reply=True)
     reply, _ = fe.recv_reply(99)
     assert reply == m.U64.pack(1)
-    fe.send(Request.SET_LOG_BASE, m.VHOST_USER_LOG.pack(4096, 0), need_reply=True)
-    assert fe.recv_reply(Request.SET_LOG_BASE)[0] == m.U64.pack(1)
+    fe.send(Request.SET_VRING_ENDIAN, m.VHOST_VRING_STATE.pack(0, 0), need_reply=True)
+    assert fe.recv_reply(Request.SET_VRING_ENDIAN)[0] == m.U64.pack(1)
     assert fe.read(0, 512)[0] == Status.OK
 
 

@@ -16,8 +16,8 @@ from storvisor.protocols.vhost_user import messages as m
 from storvisor.protocols.vhost_user.backend import QueueSetup, Reply, VhostUserBackend
 from storvisor.protocols.vhost_user.messages import MemoryRegion, Message, Request
 
-FEATURES = (1 << 32) | (1 << 30) | (1 << 29) | (1 << 9)
-PROTOCOL = (1 << 0) | (1 << 3) | (1 << 9) | (1 << 12) | (1 << 15) | (1 << 5)
+FEATURES = (1 << 32) | (1 << 30) | (1 << 29) | (1 << 26) | (1 << 9)
+PROTOCOL = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 9) | (1 << 12) | (1 << 15) | (1 << 5)
 
 
 class RecordingDevice:
@@ -66,6 +66,15 @@ class RecordingDevice:
         if region not in self.regions:
             raise ProtocolError("no such region")
         self.regions.remove(region)
+
+    def set_features(self, features: int) -> None:
+        self.calls.append(("features", features))
+
+    def set_vring_log(self, index: int, log_guest_addr: int | None) -> None:
+        self.calls.append(("vring_log", index, log_guest_addr))
+
+    def set_log_base(self, fd: int, mmap_size: int, mmap_offset: int) -> None:
+        self.calls.append(("log_base", fd, mmap_size, mmap_offset))
 
     def set_vring_kick(self, index: int, fd: int | None) -> None:
         self.calls.append(("kick", index, fd))
@@ -248,9 +257,28 @@ def test_unknown_request(backend: VhostUserBackend) -> None:
     assert backend.handle(msg(77, b"junk")) is None
     assert reply_payload(backend.handle(msg(77, ack=True)), 77) == m.U64.pack(1)
     # a known-but-unsupported one carrying an fd leaves the fd to the shell
-    message = msg(Request.SET_LOG_BASE, m.VHOST_USER_LOG.pack(4096, 0), [5], ack=True)
-    assert reply_payload(backend.handle(message), Request.SET_LOG_BASE) == m.U64.pack(1)
+    message = msg(Request.SET_VRING_ENDIAN, m.VHOST_VRING_STATE.pack(0, 0), [5], ack=True)
+    assert reply_payload(backend.handle(message), Request.SET_VRING_ENDIAN) == m.U64.pack(1)
     assert message.fds == [5]
+
+
+def test_dirty_log_messages(backend: VhostUserBackend, dev: RecordingDevice) -> None:
+    backend.handle(msg(Request.SET_PROTOCOL_FEATURES, m.U64.pack(1 << 1)))
+    message = msg(Request.SET_LOG_BASE, m.VHOST_USER_LOG.pack(8192, 4096), [5])
+    assert reply_payload(backend.handle(message), Request.SET_LOG_BASE) == m.U64.pack(0)
+    assert dev.calls[-1] == ("log_base", 5, 8192, 4096) and message.fds == []
+    message = msg(Request.SET_LOG_FD, b"", [6])
+    assert backend.handle(message) is None and message.fds == [6]  # the shell closes it
+    backend.handle(
+        msg(Request.SET_VRING_ADDR, m.VHOST_VRING_ADDR.pack(1, 1, 0, 8192, 4096, 0x3000))
+    )
+    assert dev.calls[-1] == ("vring_log", 1, 0x3000)
+    backend.handle(
+        msg(Request.SET_VRING_ADDR, m.VHOST_VRING_ADDR.pack(1, 0, 0, 8192, 4096, 0x3000))
+    )
+    assert dev.calls[-1] == ("vring_log", 1, None)
+    backend.handle(msg(Request.SET_FEATURES, m.U64.pack(1 << 26 | 1 << 32)))
+    assert dev.calls[-1] == ("features", 1 << 26 | 1 << 32)
 
 
 def _setup_queue(backend: VhostUserBackend, index: int, *, enable: bool = True) -> None:
@@ -323,7 +351,9 @@ def test_inflight_messages(backend: VhostUserBackend, dev: RecordingDevice) -> N
     "request_, payload, fds",
     [
         (Request.SET_FEATURES, m.U64.pack(1 << 40), []),  # never offered
-        (Request.SET_PROTOCOL_FEATURES, m.U64.pack(1 << 1), []),
+        (Request.SET_PROTOCOL_FEATURES, m.U64.pack(1 << 2), []),
+        (Request.SET_LOG_BASE, m.VHOST_USER_LOG.pack(4096, 0), [3]),  # LOG_SHMFD not agreed
+        (Request.SET_LOG_FD, b"", []),
         (Request.SET_VRING_NUM, m.VHOST_VRING_STATE.pack(0, 3), []),
         (Request.SET_VRING_NUM, m.VHOST_VRING_STATE.pack(0, 65536), []),
         (Request.SET_VRING_NUM, m.VHOST_VRING_STATE.pack(2, 128), []),  # no queue 2

@@ -24,6 +24,11 @@ request with status IOERR. Nothing a front-end sends stops the server or touches
 
 Reconnect: with INFLIGHT_SHMFD the front-end keeps the inflight buffer across back-end
 restarts; a queue started over a used buffer resubmits the requests found in flight.
+
+Live migration: LOG_SHMFD and ``VHOST_F_LOG_ALL`` are offered. While the front-end has
+``VHOST_F_LOG_ALL`` set, every completed request marks the guest pages it may have written
+(its writable buffers, and the used-ring entry and index when the queue asked for it) in the
+shared bitmap, under one lock shared by the queue threads.
 """
 
 from __future__ import annotations
@@ -45,11 +50,13 @@ from storvisor.errors import ProtocolError, StorvisorError
 from storvisor.protocols.vhost_user import inflight as infl
 from storvisor.protocols.vhost_user import messages as m
 from storvisor.protocols.vhost_user.backend import QueueSetup, VhostUserBackend
+from storvisor.protocols.vhost_user.dirty_log import DirtyLog
 from storvisor.protocols.vhost_user.messages import MemoryRegion, ProtocolFeature
 from storvisor.protocols.virtio import blk
 from storvisor.protocols.virtio.blk import bit
 from storvisor.protocols.virtio.memory import GuestMemory, GuestRegion
 from storvisor.protocols.virtio.ring import (
+    Chain,
     SplitQueue,
     avail_ring_size,
     desc_table_size,
@@ -70,6 +77,7 @@ VIRTIO_FEATURES = (
     | bit(blk.VIRTIO_BLK_F_DISCARD)
     | bit(blk.VIRTIO_BLK_F_WRITE_ZEROES)
     | bit(blk.VIRTIO_BLK_F_CONFIG_WCE)
+    | bit(m.VHOST_F_LOG_ALL)
 )
 """Virtio feature bits offered (plus ``VIRTIO_BLK_F_RO`` for a read-only export)."""
 
@@ -80,6 +88,7 @@ PROTOCOL_FEATURES = (
     | bit(ProtocolFeature.CONFIG)
     | bit(ProtocolFeature.INFLIGHT_SHMFD)
     | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    | bit(ProtocolFeature.LOG_SHMFD)
 )
 """vhost-user protocol features offered."""
 
@@ -168,6 +177,7 @@ class _QueueWorker:
         queue = self.queue
         assert queue is not None
         owner = self.owner
+        queue.record_writes = owner.logging
         for head in self.resubmit:
             chain = queue.walk(head)
             used_len = blk.execute(
@@ -177,7 +187,10 @@ class _QueueWorker:
                 writethrough=owner.writethrough,
                 read_only=owner.read_only,
             )
+            slot = queue.used_idx % queue.num
             queue.push(chain.head, used_len)
+            if owner.logging:
+                owner.log_completion(self.index, chain, slot)
         self.resubmit = []
 
     def _drain(self) -> None:
@@ -191,6 +204,7 @@ class _QueueWorker:
         while True:
             served = 0
             writethrough = owner.writethrough
+            logging = queue.record_writes = owner.logging
             while not self._stop:  # a stop request ends the batch (GET_VRING_BASE waits)
                 chain = queue.pop()
                 if chain is None:
@@ -198,7 +212,12 @@ class _QueueWorker:
                 used_len = execute(
                     device, chain, serial=serial, writethrough=writethrough, read_only=read_only
                 )
-                queue.push(chain.head, used_len)
+                if logging:
+                    slot = queue.used_idx % queue.num
+                    queue.push(chain.head, used_len)
+                    owner.log_completion(self.index, chain, slot)
+                else:
+                    queue.push(chain.head, used_len)
                 served += 1
             chain = None  # no guest-memory view outlives the batch
             if served and queue.should_notify():
@@ -241,6 +260,11 @@ class _Device:
         self.broken: set[int] = set()
         self._retired_kicks: list[int | None] = []
         self._unstarted: dict[int, int] = {}
+        self.logging = False
+        self._log_lock = threading.Lock()
+        self._dirty_log: DirtyLog | None = None
+        self._log_mm: mmap.mmap | None = None
+        self._vring_log: list[int | None] = [None] * n
 
     # -- BackendDevice -----------------------------------------------------------------------
 
@@ -326,6 +350,45 @@ class _Device:
         if close_old:
             for mp in old:
                 _close_mmap(mp.mm)
+
+    def set_features(self, features: int) -> None:
+        logging = bool(features & bit(m.VHOST_F_LOG_ALL))
+        if logging != self.logging:
+            log.info("vhost-user-blk dirty logging %s", "on" if logging else "off")
+        self.logging = logging
+
+    def set_vring_log(self, index: int, log_guest_addr: int | None) -> None:
+        self._vring_log[index] = log_guest_addr
+
+    def set_log_base(self, fd: int, mmap_size: int, mmap_offset: int) -> None:
+        try:
+            _check_fd_size(fd, mmap_offset + mmap_size, "dirty log")
+            try:
+                mm = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, offset=mmap_offset)
+            except (OSError, ValueError, OverflowError) as e:
+                raise ProtocolError(f"cannot map the dirty log: {e}") from e
+        finally:
+            os.close(fd)
+        with self._log_lock:
+            old_log, old_mm = self._dirty_log, self._log_mm
+            self._dirty_log, self._log_mm = DirtyLog(memoryview(mm)), mm
+        if old_log is not None:
+            old_log.release()
+        if old_mm is not None:
+            _close_mmap(old_mm)
+
+    def log_completion(self, index: int, chain: Chain, slot: int) -> None:
+        """Mark what completing ``chain`` in used-ring ``slot`` wrote to guest memory."""
+        with self._log_lock:
+            dirty = self._dirty_log
+            if dirty is None:
+                return
+            for gpa, length in chain.written:
+                dirty.mark(gpa, length)
+            used = self._vring_log[index]
+            if used is not None:
+                dirty.mark(used + 4 + 8 * slot, 8)
+                dirty.mark(used + 2, 2)
 
     def set_vring_kick(self, index: int, fd: int | None) -> None:
         old = self.kick_fds[index]
@@ -463,6 +526,14 @@ class _Device:
             channel, self.backend_channel = self.backend_channel, None
         if channel is not None:
             channel.close()
+        with self._log_lock:
+            dirty, log_mm = self._dirty_log, self._log_mm
+            self._dirty_log = self._log_mm = None
+        if dirty is not None:
+            dirty.release()
+        if log_mm is not None:
+            _close_mmap(log_mm)
+        self.logging = False
 
     # -- used by workers and the server ----------------------------------------------------
 

@@ -37,6 +37,7 @@ from types import TracebackType
 from storvisor.engine.device import Buffer, Extent, check_range
 from storvisor.errors import IOFailure, ProtocolError
 from storvisor.protocols.vhost_user import messages as m
+from storvisor.protocols.vhost_user.dirty_log import log_size_for
 from storvisor.protocols.vhost_user.messages import MemoryRegion, ProtocolFeature, Request
 from storvisor.protocols.virtio import blk
 from storvisor.protocols.virtio.blk import RequestType, Status, bit
@@ -117,6 +118,7 @@ class VhostUserFrontend:
         event_idx: bool = True,
         indirect: bool = True,
         inflight: bool = False,
+        dirty_log: bool = False,
         timeout: float = 10.0,
     ) -> None:
         self.socket_path = socket_path
@@ -126,6 +128,9 @@ class VhostUserFrontend:
         self.want_event_idx = event_idx
         self.want_indirect = indirect
         self.want_inflight = inflight
+        self.want_dirty_log = dirty_log
+        self.log_fd: int | None = None
+        self.log_size = 0
         self.timeout = timeout
         self.sock: socket.socket | None = None
         self.regions: list[_Region] = []
@@ -194,6 +199,9 @@ class VhostUserFrontend:
         if self.inflight_fd is not None:
             os.close(self.inflight_fd)
             self.inflight_fd = None
+        if self.log_fd is not None:
+            os.close(self.log_fd)
+            self.log_fd = None
 
     def disconnect(self) -> None:
         """Close the socket only (guest memory, rings and the inflight fd stay)."""
@@ -306,6 +314,7 @@ class VhostUserFrontend:
             | bit(ProtocolFeature.BACKEND_REQ)
             | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
             | (bit(ProtocolFeature.INFLIGHT_SHMFD) if self.want_inflight else 0)
+            | (bit(ProtocolFeature.LOG_SHMFD) if self.want_dirty_log else 0)
         )
         self.protocol_features = offered & wanted
         self.send(Request.SET_PROTOCOL_FEATURES, m.U64.pack(self.protocol_features))
@@ -447,6 +456,47 @@ class VhostUserFrontend:
         self.set_mem_table()
         for q in self.queues:
             self.start_queue(q.index, base=self._used_idx(q))
+
+    def start_logging(self) -> None:
+        """Start dirty logging as QEMU does at migration: SET_LOG_BASE with a fresh bitmap,
+        SET_FEATURES with ``VHOST_F_LOG_ALL``, SET_VRING_ADDR with ``VHOST_VRING_F_LOG``.
+        Needs ``dirty_log=True`` (LOG_SHMFD)."""
+        end = max(r.spec.gpa + r.spec.size for r in self.regions)
+        self.log_size = log_size_for(end)
+        if self.log_fd is None:
+            self.log_fd = os.memfd_create("dirty-log", os.MFD_CLOEXEC)
+        os.ftruncate(self.log_fd, 0)
+        os.ftruncate(self.log_fd, self.log_size)
+        reply = self.call(
+            Request.SET_LOG_BASE, m.VHOST_USER_LOG.pack(self.log_size, 0), [self.log_fd]
+        )
+        if reply != m.U64.pack(0):
+            raise ProtocolError(f"SET_LOG_BASE failed: {reply!r}")
+        self.features |= bit(m.VHOST_F_LOG_ALL)
+        self.request(Request.SET_FEATURES, m.U64.pack(self.features))
+        for q in self.queues:
+            addr = m.VHOST_VRING_ADDR.pack(
+                q.index,
+                m.VHOST_VRING_F_LOG,
+                self.uva(q.desc_gpa),
+                self.uva(q.used_gpa),
+                self.uva(q.avail_gpa),
+                q.used_gpa,
+            )
+            self.request(Request.SET_VRING_ADDR, addr)
+
+    def stop_logging(self) -> None:
+        self.features &= ~bit(m.VHOST_F_LOG_ALL)
+        self.request(Request.SET_FEATURES, m.U64.pack(self.features))
+
+    def dirty_pages(self, *, clear: bool = True) -> set[int]:
+        """Guest page numbers (gpa // 4096) marked in the log; ``clear`` resets the log."""
+        assert self.log_fd is not None, "logging never started"
+        raw = os.pread(self.log_fd, self.log_size, 0)
+        pages = {8 * i + b for i, byte in enumerate(raw) if byte for b in range(8) if byte >> b & 1}
+        if clear:
+            os.pwrite(self.log_fd, bytes(self.log_size), 0)
+        return pages
 
     # -- guest memory ---------------------------------------------------------------------------
 

@@ -118,6 +118,15 @@ class BackendDevice(Protocol):
         """Remove the region matching ``guest_phys_addr``, ``memory_size`` and
         ``userspace_addr``; ``ProtocolError`` if there is none."""
 
+    def set_features(self, features: int) -> None:
+        """The negotiated virtio features (sent again to toggle ``VHOST_F_LOG_ALL``)."""
+
+    def set_vring_log(self, index: int, log_guest_addr: int | None) -> None:
+        """Where to log used-ring writes of a queue (``None``: do not log them)."""
+
+    def set_log_base(self, fd: int, mmap_size: int, mmap_offset: int) -> None:
+        """Use this dirty-page bitmap (fd now owned)."""
+
     def set_vring_kick(self, index: int, fd: int | None) -> None:
         """New kick eventfd (``None``: the front-end polls, so must we)."""
 
@@ -268,6 +277,7 @@ class VhostUserBackend:
             raise ProtocolError(f"SET_FEATURES: {features:#x} has bits never offered")
         self.negotiated.features = features
         self.negotiated.features_set = True
+        self.device.set_features(features)
         for vring in self.vrings:
             self._maybe_start(vring)
 
@@ -341,6 +351,7 @@ class VhostUserBackend:
         vring.desc_addr, vring.used_addr, vring.avail_addr = desc, used, avail
         vring.log_addr, vring.addr_flags = log_addr, flags
         vring.has_addr = True
+        self.device.set_vring_log(index, log_addr if flags & m.VHOST_VRING_F_LOG else None)
         self._maybe_start(vring)
 
     def _set_vring_base(self, msg: Message) -> None:
@@ -418,6 +429,20 @@ class VhostUserBackend:
             raise ProtocolError("SET_INFLIGHT_FD while queues run")
         self.device.set_inflight(msg.take_fd(), size, offset, num_queues, queue_size)
 
+    def _set_log_base(self, msg: Message) -> bytes:
+        if not self._has_protocol(m.ProtocolFeature.LOG_SHMFD):
+            raise ProtocolError("SET_LOG_BASE without LOG_SHMFD")
+        msg.expect_size(m.VHOST_USER_LOG.size)
+        size, offset = m.VHOST_USER_LOG.unpack(msg.payload)
+        self.device.set_log_base(msg.take_fd(), size, offset)
+        return m.U64.pack(0)  # with LOG_SHMFD this message always has a reply
+
+    def _set_log_fd(self, msg: Message) -> None:
+        msg.expect_size(0, 8)
+        if len(msg.fds) != 1:
+            raise ProtocolError("SET_LOG_FD: expected exactly one fd")
+        # an optional "log changed" eventfd we never signal: left in msg.fds for the shell
+
     def _set_backend_req_fd(self, msg: Message) -> None:
         msg.expect_size(0, 8)
         self.device.set_backend_channel(msg.take_fd())
@@ -457,6 +482,8 @@ _HANDLERS: dict[int, Callable[[VhostUserBackend, Message], bytes | Reply | None]
     Request.GET_QUEUE_NUM: VhostUserBackend._get_queue_num,
     Request.SET_VRING_ENABLE: VhostUserBackend._set_vring_enable,
     Request.SET_BACKEND_REQ_FD: VhostUserBackend._set_backend_req_fd,
+    Request.SET_LOG_BASE: VhostUserBackend._set_log_base,
+    Request.SET_LOG_FD: VhostUserBackend._set_log_fd,
     Request.GET_CONFIG: VhostUserBackend._get_config,
     Request.SET_CONFIG: VhostUserBackend._set_config,
     Request.GET_INFLIGHT_FD: VhostUserBackend._get_inflight_fd,

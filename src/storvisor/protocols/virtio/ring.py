@@ -88,6 +88,9 @@ class Chain:
     head: int
     readable: list[memoryview] = field(default_factory=list)
     writable: list[memoryview] = field(default_factory=list)
+    written: list[tuple[int, int]] = field(default_factory=list)
+    """``(gpa, length)`` of the writable descriptors, filled only when the queue's
+    ``record_writes`` is set (dirty logging)."""
 
 
 class SplitQueue:
@@ -137,6 +140,8 @@ class SplitQueue:
         self.used_idx = self._used16[1]
         self._signalled_used = self.used_idx
         self.broken = False
+        self.record_writes = False
+        """Fill ``Chain.written`` (set while live migration logs dirty pages)."""
 
     # -- reading the driver's side ---------------------------------------------------------
 
@@ -193,6 +198,7 @@ class SplitQueue:
         unpack = VIRTQ_DESC.unpack_from
         memory = self.memory
         regions = memory.regions
+        record = self.record_writes
         writing = False
         while True:
             budget -= 1
@@ -218,6 +224,8 @@ class SplitQueue:
             if flags & VRING_DESC_F_WRITE:
                 writing = True
                 target = chain.writable
+                if record:
+                    chain.written.append((addr, length))
             elif writing:
                 raise RingError("device-readable descriptor after a writable one")
             else:
