@@ -1,0 +1,578 @@
+"""Crash-consistency kit: a random workload, a durability log and a checker.
+
+Theory of operation
+-------------------
+A workload (``run_workload``) issues writes, FUA writes, discards, write-zeroes, flushes and
+snapshot/clone/delete operations through a ``Writer``. *Before* issuing each operation it
+appends a record of it to a ``Log``; after a flush completes it appends ``durable`` (every
+operation logged before that flush is now durable), and after a FUA write completes it
+appends ``done`` for that write. Data is never logged: a write is ``(offset, length, seed)``
+and ``payload(seed, length)`` regenerates its bytes.
+
+The process issuing the workload is then killed at a random moment. ``History`` replays the
+log: each *target* (a volume ``VOL``, a snapshot ``VOL@SNAP`` or a clone) gets the ordered list
+of operations that may have reached it, starting from a known *base* content (zeros for a new
+volume, or what an earlier round verified). ``History.verify(reader)`` checks every target
+against the contract of a disk with a volatile write cache, at 512-byte sector granularity
+(split further at operation boundaries):
+
+* the newest operation covering a piece that is known durable (logged before a completed
+  flush, or a completed FUA write) sets a floor: the piece must read as that operation's data,
+  or as the data of any operation logged after it (those may or may not have landed);
+* a piece no durable operation covers may also read as its base content (zeros if never
+  written);
+* a snapshot or clone whose creation was followed by a completed flush must exist; one that
+  was not may be missing; a snapshot whose deletion is durable must be gone.
+
+The log and the checker know nothing of how operations are issued: ``EngineWriter`` drives a
+pool in this process (the worker below), and the same workload can drive a daemon over NBD
+with another ``Writer``. The worker program::
+
+    python -m storvisor.testing.crashkit --home DIR --pool POOL --volume VOL \\
+        --seed N --round R --log-fd FD [--ops N] [--flush-rate F] [--snapshots] [--discards]
+
+opens the Home, logs ``ready``, runs the workload (logging to file descriptor ``FD``) and then
+sleeps until it is killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from storvisor.engine.device import BlockDevice
+from storvisor.errors import NotFound, StorvisorError
+
+SECTOR = 512
+"""Granularity at which a torn, unflushed write may be partly visible."""
+
+
+def payload(seed: int, length: int) -> bytes:
+    """The bytes a logged write of ``length`` bytes with ``seed`` carried."""
+    return random.Random(seed).randbytes(length)
+
+
+# -- the log -------------------------------------------------------------------------------
+
+
+class Log(Protocol):
+    """Where the workload appends records; a record must be out of the process when
+    ``append`` returns (so that it survives a SIGKILL right after)."""
+
+    def append(self, record: Mapping[str, object]) -> None: ...
+
+
+class FdLog:
+    """A ``Log`` writing one JSON object per line to a file descriptor (a pipe or a file)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def append(self, record: Mapping[str, object]) -> None:
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        view = memoryview(line)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+
+class ListLog:
+    """A ``Log`` kept in memory, for a workload that runs in the checking process."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, object]] = []
+
+    def append(self, record: Mapping[str, object]) -> None:
+        self.records.append(dict(record))
+
+
+def parse_log(lines: Iterable[bytes | str]) -> list[dict[str, object]]:
+    """Decode ``FdLog`` lines; an incomplete last line (cut by the kill) is dropped."""
+    records: list[dict[str, object]] = []
+    for line in lines:
+        text = line.decode() if isinstance(line, bytes) else line
+        if not text.endswith("\n"):
+            break
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError(f"log line is not an object: {text!r}")
+        records.append(value)
+    return records
+
+
+# -- issuing operations --------------------------------------------------------------------
+
+
+class Writer(Protocol):
+    """How a workload reaches the storage. Targets are volume names; a snapshot is
+    ``VOL@SNAP``. Every method returns once the operation has completed."""
+
+    def write(self, target: str, offset: int, data: bytes, *, fua: bool) -> None: ...
+
+    def discard(self, target: str, offset: int, length: int) -> None: ...
+
+    def write_zeroes(self, target: str, offset: int, length: int, *, may_unmap: bool) -> None: ...
+
+    def flush(self) -> None:
+        """Make every operation completed before this call durable, on every target."""
+
+    def snapshot(self, volume: str, snapshot: str) -> None: ...
+
+    def clone(self, volume: str, snapshot: str, new: str) -> None: ...
+
+    def delete_snapshot(self, volume: str, snapshot: str) -> None: ...
+
+
+class Reader(Protocol):
+    """How the checker reads what survived."""
+
+    def read(self, target: str) -> bytes | None:
+        """The whole content of ``target`` (``VOL`` or ``VOL@SNAP``), or None if missing."""
+
+
+class PoolLike(Protocol):
+    """The part of ``storvisor.engine.pool.Pool`` the engine writer and reader use."""
+
+    def open_volume(self, volume: str, snapshot: str | None = None) -> BlockDevice: ...
+
+    def create_snapshot(self, volume: str, snapshot: str) -> object: ...
+
+    def clone(self, volume: str, snapshot: str, new: str) -> object: ...
+
+    def delete_snapshot(self, volume: str, snapshot: str) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class EngineWriter:
+    """A ``Writer`` over an engine pool in this process. Handles stay open; ``flush`` flushes
+    every handle written since the last flush, and the pool when its catalog changed."""
+
+    def __init__(self, pool: PoolLike) -> None:
+        self.pool = pool
+        self.handles: dict[str, BlockDevice] = {}
+        self.dirty: set[str] = set()
+        self.catalog_changed = False
+
+    def _handle(self, target: str) -> BlockDevice:
+        if target not in self.handles:
+            self.handles[target] = self.pool.open_volume(target)
+        self.dirty.add(target)
+        return self.handles[target]
+
+    def write(self, target: str, offset: int, data: bytes, *, fua: bool) -> None:
+        self._handle(target).write(offset, data, fua=fua)
+
+    def discard(self, target: str, offset: int, length: int) -> None:
+        self._handle(target).discard(offset, length)
+
+    def write_zeroes(self, target: str, offset: int, length: int, *, may_unmap: bool) -> None:
+        self._handle(target).write_zeroes(offset, length, may_unmap=may_unmap)
+
+    def flush(self) -> None:
+        for target in sorted(self.dirty):
+            self.handles[target].flush()
+        self.dirty.clear()
+        if self.catalog_changed:
+            self.pool.flush()
+            self.catalog_changed = False
+
+    def snapshot(self, volume: str, snapshot: str) -> None:
+        self.pool.create_snapshot(volume, snapshot)
+        self.catalog_changed = True
+
+    def clone(self, volume: str, snapshot: str, new: str) -> None:
+        self.pool.clone(volume, snapshot, new)
+        self.catalog_changed = True
+
+    def delete_snapshot(self, volume: str, snapshot: str) -> None:
+        self.pool.delete_snapshot(volume, snapshot)
+        self.catalog_changed = True
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+        self.handles.clear()
+
+
+class EngineReader:
+    """A ``Reader`` over an engine pool in this process."""
+
+    def __init__(self, pool: PoolLike) -> None:
+        self.pool = pool
+
+    def read(self, target: str) -> bytes | None:
+        volume, _, snapshot = target.partition("@")
+        try:
+            device = self.pool.open_volume(volume, snapshot or None)
+        except NotFound:
+            return None
+        try:
+            buf = bytearray(device.size)
+            device.read_into(0, memoryview(buf))
+            return bytes(buf)
+        finally:
+            device.close()
+
+
+# -- the workload --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """What a round does.
+
+    ``volumes`` maps the writable volumes to their sizes; ``snapshots`` lists the existing
+    ``VOL@SNAP`` targets without clones (candidates for deletion). A ``flush_rate`` share of
+    the operations are flushes. Of the others, 15% are discards or write-zeroes when
+    ``discards`` is set, and 2% are snapshot operations when ``snapshot_ops`` is set: they
+    create a snapshot (and sometimes a clone of it) up to ``max_snapshots`` and
+    ``max_volumes``, and past that limit delete a snapshot instead. The rest are writes, one
+    in five with FUA.
+    """
+
+    volumes: Mapping[str, int]
+    snapshots: Sequence[str] = ()
+    ops: int = 400
+    discards: bool = False
+    snapshot_ops: bool = False
+    name_prefix: str = "r0"
+    flush_rate: float = 0.1
+    max_snapshots: int = 4
+    max_volumes: int = 3
+    max_io: int = 64 * 1024
+
+
+def run_workload(writer: Writer, log: Log, rng: random.Random, workload: Workload) -> None:
+    """Issue ``workload.ops`` random operations through ``writer``, logging each (see the
+    module docstring). Ends with a flush. Raises whatever ``writer`` raises."""
+    volumes = dict(workload.volumes)
+    snapshots = list(workload.snapshots)
+    cloned: set[str] = set()
+    seq = 0
+    made = 0
+
+    def next_seq() -> int:
+        nonlocal seq
+        seq += 1
+        return seq
+
+    for _ in range(workload.ops):
+        target = rng.choice(sorted(volumes))
+        size = volumes[target]
+        offset, length = _pick_range(rng, size, workload.max_io)
+        roll = rng.random()
+        if rng.random() < workload.flush_rate:
+            s = next_seq()
+            log.append({"t": "flush", "seq": s})
+            writer.flush()
+            log.append({"t": "durable", "seq": s})
+        elif workload.discards and roll < 0.15:
+            s = next_seq()
+            unmap = rng.random() < 0.5
+            kind = "discard" if roll < 0.08 else "zeroes"
+            log.append(
+                {"t": "op", "seq": s, "kind": kind, "target": target, "off": offset, "len": length}
+            )
+            if kind == "discard":
+                writer.discard(target, offset, length)
+            else:
+                writer.write_zeroes(target, offset, length, may_unmap=unmap)
+        elif workload.snapshot_ops and roll < 0.17:
+            deletable = sorted(set(snapshots) - cloned)
+            if len(snapshots) >= workload.max_snapshots and deletable:
+                snap = rng.choice(deletable)
+                volume, _, name = snap.partition("@")
+                s = next_seq()
+                log.append({"t": "delete", "seq": s, "name": snap})
+                writer.delete_snapshot(volume, name)
+                log.append({"t": "done", "seq": s})
+                snapshots.remove(snap)
+                continue
+            if len(snapshots) >= workload.max_snapshots:
+                continue
+            made += 1
+            name = f"{workload.name_prefix}s{made}"
+            snap = f"{target}@{name}"
+            s = next_seq()
+            log.append({"t": "fork", "seq": s, "kind": "snapshot", "source": target, "name": snap})
+            writer.snapshot(target, name)
+            log.append({"t": "done", "seq": s})
+            snapshots.append(snap)
+            if len(volumes) < workload.max_volumes and rng.random() < 0.5:
+                new = f"{workload.name_prefix}c{made}"
+                s = next_seq()
+                log.append({"t": "fork", "seq": s, "kind": "clone", "source": snap, "name": new})
+                writer.clone(target, name, new)
+                log.append({"t": "done", "seq": s})
+                volumes[new] = size
+                cloned.add(snap)
+        else:
+            s = next_seq()
+            wseed = rng.randrange(1 << 62)
+            fua = rng.random() < 0.2
+            log.append(
+                {
+                    "t": "op",
+                    "seq": s,
+                    "kind": "write",
+                    "target": target,
+                    "off": offset,
+                    "len": length,
+                    "seed": wseed,
+                    "fua": fua,
+                }
+            )
+            writer.write(target, offset, payload(wseed, length), fua=fua)
+            log.append({"t": "done", "seq": s})
+    s = next_seq()
+    log.append({"t": "flush", "seq": s})
+    writer.flush()
+    log.append({"t": "durable", "seq": s})
+
+
+def _pick_range(rng: random.Random, size: int, max_io: int) -> tuple[int, int]:
+    if rng.random() < 0.3:  # sector-aligned, as most guests issue
+        offset = rng.randrange(size // SECTOR) * SECTOR
+        length = rng.randrange(1, min(max_io, size - offset) // SECTOR + 1) * SECTOR
+    else:
+        offset = rng.randrange(size)
+        length = rng.randrange(1, min(max_io, size - offset) + 1)
+    return offset, length
+
+
+# -- the checker ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """A data operation on one target; ``seed`` is None for discard and write-zeroes."""
+
+    seq: int
+    offset: int
+    length: int
+    seed: int | None
+    fua: bool
+
+    def data(self) -> bytes:
+        return bytes(self.length) if self.seed is None else payload(self.seed, self.length)
+
+
+@dataclass(slots=True)
+class Target:
+    """A volume, snapshot or clone: ``base`` content (None: inherit from ``parent`` as it was
+    just before ``fork_seq``), then ``ops``."""
+
+    name: str
+    base: bytes | None = None
+    parent: str | None = None
+    fork_seq: int = 0
+    deleted_seq: int | None = None
+    ops: list[Op] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    target: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.target}: {self.message}"
+
+
+class History:
+    """What a log says may be on the storage; see the module docstring for the rule."""
+
+    def __init__(self, base: Mapping[str, bytes], records: Sequence[Mapping[str, object]]):
+        """``base`` maps every target that exists before the log starts to its exact
+        content."""
+        self.targets: dict[str, Target] = {n: Target(n, base=b) for n, b in base.items()}
+        self.durable = 0
+        self.completed_fua: set[int] = set()
+        self.records = len(records)
+        self.killed_at = 0
+        for record in records:
+            self._apply(record)
+
+    def _apply(self, r: Mapping[str, object]) -> None:
+        kind = r["t"]
+        seq = _int(r.get("seq", 0))
+        self.killed_at = max(self.killed_at, seq)
+        if kind == "op":
+            target = self.targets[_str(r["target"])]
+            seed = None if r["kind"] != "write" else _int(r["seed"])
+            fua = bool(r.get("fua", False))
+            target.ops.append(Op(seq, _int(r["off"]), _int(r["len"]), seed, fua))
+        elif kind == "fork":
+            name = _str(r["name"])
+            self.targets[name] = Target(name, parent=_str(r["source"]), fork_seq=seq)
+        elif kind == "delete":
+            self.targets[_str(r["name"])].deleted_seq = seq
+        elif kind == "durable":
+            self.durable = max(self.durable, seq)
+        elif kind == "done":
+            self.completed_fua.add(seq)
+        elif kind not in ("flush", "ready", "idle"):
+            raise ValueError(f"unknown log record {r!r}")
+
+    def is_durable(self, op: Op) -> bool:
+        return op.seq < self.durable or (op.fua and op.seq in self.completed_fua)
+
+    def lineage(self, name: str) -> tuple[bytes, list[Op]]:
+        """The base content of ``name`` and every operation that may have reached it."""
+        target = self.targets[name]
+        if target.parent is None:
+            assert target.base is not None
+            return target.base, list(target.ops)
+        base, ops = self.lineage(target.parent)
+        return base, [op for op in ops if op.seq < target.fork_seq] + target.ops
+
+    def verify(self, reader: Reader) -> list[Problem]:
+        """Check every target through ``reader``; returns the problems found (empty: good)."""
+        problems: list[Problem] = []
+        for name in sorted(self.targets):
+            target = self.targets[name]
+            content = reader.read(name)
+            if target.deleted_seq is not None:
+                if content is not None and target.deleted_seq < self.durable:
+                    problems.append(Problem(name, "deletion was flushed but it still exists"))
+                if content is None or target.deleted_seq < self.durable:
+                    continue
+            if content is None:
+                if target.parent is None or target.fork_seq < self.durable:
+                    problems.append(Problem(name, "missing although its creation was flushed"))
+                continue
+            problems.extend(self._verify_content(name, content))
+        return problems
+
+    def _verify_content(self, name: str, content: bytes) -> list[Problem]:
+        base, ops = self.lineage(name)
+        if len(content) != len(base):
+            return [Problem(name, f"size {len(content)}, expected {len(base)}")]
+        size = len(base)
+        cuts = set(range(0, size, SECTOR)) | {size}
+        for op in ops:
+            cuts.add(op.offset)
+            cuts.add(op.offset + op.length)
+        bounds = sorted(cuts)
+        covering: list[list[int]] = [[] for _ in range(len(bounds) - 1)]
+        for index, op in enumerate(ops):
+            first = bisect.bisect_left(bounds, op.offset)
+            last = bisect.bisect_left(bounds, op.offset + op.length)
+            for piece in range(first, last):
+                covering[piece].append(index)
+        datas: dict[int, bytes] = {}
+        problems: list[Problem] = []
+        for piece, indexes in enumerate(covering):
+            start, end = bounds[piece], bounds[piece + 1]
+            got = content[start:end]
+            allowed: list[str] = []
+            matched = False
+            floor_reached = False
+            for index in reversed(indexes):
+                op = ops[index]
+                if index not in datas:
+                    datas[index] = op.data()
+                rel = start - op.offset
+                if got == datas[index][rel : rel + end - start]:
+                    matched = True
+                    break
+                allowed.append(f"seq {op.seq}")
+                if self.is_durable(op):
+                    floor_reached = True
+                    break
+            if not matched and not floor_reached:
+                matched = got == base[start:end]
+                allowed.append("base")
+            if not matched:
+                problems.append(
+                    Problem(name, f"[{start}, {end}) matches none of {', '.join(allowed)}")
+                )
+                if len(problems) >= 10:
+                    break
+        return problems
+
+    def survivors(self, reader: Reader) -> dict[str, bytes]:
+        """The exact content of every target that exists now: the base of the next round."""
+        result: dict[str, bytes] = {}
+        for name in sorted(self.targets):
+            content = reader.read(name)
+            if content is not None:
+                result[name] = content
+        return result
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int):
+        raise ValueError(f"expected an integer in the log, got {value!r}")
+    return value
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string in the log, got {value!r}")
+    return value
+
+
+# -- the worker program --------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the worker (see the module docstring). Exits 0 only when not killed first."""
+    parser = argparse.ArgumentParser(prog="python -m storvisor.testing.crashkit")
+    parser.add_argument("--home", required=True)
+    parser.add_argument("--pool", required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--round", type=int, default=0)
+    parser.add_argument("--log-fd", type=int, required=True)
+    parser.add_argument("--ops", type=int, default=400)
+    parser.add_argument("--flush-rate", type=float, default=0.1)
+    parser.add_argument("--discards", action="store_true")
+    parser.add_argument("--snapshots", action="store_true")
+    parser.add_argument("--exit", action="store_true", help="exit instead of waiting to be killed")
+    args = parser.parse_args(argv)
+
+    from storvisor.engine.home import Home  # the worker is the only part that needs the engine
+
+    log = FdLog(args.log_fd)
+    home = Home(args.home)
+    try:
+        pool = home.pool(args.pool)
+        volumes = {v.name: v.size for v in pool.volumes()}
+        snapshots = [  # those without clones may be deleted
+            f"{v}@{s.name}" for v in sorted(volumes) for s in pool.snapshots(v) if not s.clones
+        ]
+        log.append({"t": "ready", "pid": os.getpid()})
+        workload = Workload(
+            volumes=volumes,
+            snapshots=snapshots,
+            ops=args.ops,
+            discards=args.discards,
+            flush_rate=args.flush_rate,
+            snapshot_ops=args.snapshots,
+            name_prefix=f"r{args.round}",
+        )
+        writer = EngineWriter(pool)
+        run_workload(writer, log, random.Random(args.seed), workload)
+        log.append({"t": "idle"})
+        if not args.exit:
+            while True:
+                time.sleep(3600)
+        writer.close()
+    except StorvisorError as e:
+        print(f"crashkit worker: {e}", file=sys.stderr)
+        return 1
+    finally:
+        home.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
