@@ -35,6 +35,7 @@ import os
 import re
 import socket
 import socketserver
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -329,4 +330,8 @@ class APIServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def handle_error(
         self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
     ) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError):
+            log.debug("API client went away: %s", exc)
+            return
         log.exception("API connection failed")

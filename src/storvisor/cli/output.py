@@ -37,6 +37,17 @@ def fields(pairs: Sequence[tuple[str, str]]) -> str:
     return "\n".join(f"{(k + ':').ljust(width)} {v}" for k, v in pairs)
 
 
+def human(size: int) -> str:
+    """``format_size`` when it is short and exact (``64G``), else one decimal (``63.9G``)."""
+    exact = format_size(size)
+    if len(exact) <= 5:
+        return exact
+    for shift, suffix in ((50, "P"), (40, "T"), (30, "G"), (20, "M"), (10, "K")):
+        if size >= 1 << shift:
+            return f"{size / (1 << shift):.1f}{suffix}"
+    return exact
+
+
 def _time(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
@@ -47,11 +58,11 @@ def pools_table(pools: Sequence[PoolInfo]) -> str:
         [
             [
                 p.name,
-                format_size(p.cluster_size),
-                format_size(p.stats.capacity),
-                format_size(p.stats.allocated),
-                format_size(p.stats.provisioned),
-                format_size(p.stats.free),
+                human(p.cluster_size),
+                human(p.stats.capacity),
+                human(p.stats.allocated),
+                human(p.stats.provisioned),
+                human(p.stats.free),
                 str(len(p.backings)),
             ]
             for p in pools
@@ -63,16 +74,16 @@ def pool_details(p: PoolInfo) -> str:
     text = fields(
         [
             ("name", p.name),
-            ("cluster size", format_size(p.cluster_size)),
-            ("capacity", format_size(p.stats.capacity)),
-            ("allocated", format_size(p.stats.allocated)),
-            ("provisioned", format_size(p.stats.provisioned)),
-            ("free", format_size(p.stats.free)),
+            ("cluster size", human(p.cluster_size)),
+            ("capacity", human(p.stats.capacity)),
+            ("allocated", human(p.stats.allocated)),
+            ("provisioned", human(p.stats.provisioned)),
+            ("free", human(p.stats.free)),
         ]
     )
     backings = table(
         ["BACKING", "KIND", "SIZE"],
-        [[b.path, str(b.kind), format_size(b.size)] for b in p.backings],
+        [[b.path, str(b.kind), human(b.size)] for b in p.backings],
     )
     return f"{text}\n\n{backings}"
 
@@ -81,7 +92,7 @@ def volumes_table(volumes: Sequence[VolumeInfo]) -> str:
     return table(
         ["POOL", "NAME", "SIZE", "ALLOCATED", "ORIGIN"],
         [
-            [v.pool, v.name, format_size(v.size), format_size(v.allocated), v.origin or "-"]
+            [v.pool, v.name, human(v.size), human(v.allocated), v.origin or "-"]
             for v in volumes
         ],
     )
@@ -91,8 +102,8 @@ def volume_details(v: VolumeInfo) -> str:
     return fields(
         [
             ("volume", f"{v.pool}/{v.name}"),
-            ("size", format_size(v.size)),
-            ("allocated", format_size(v.allocated)),
+            ("size", human(v.size)),
+            ("allocated", human(v.allocated)),
             ("origin", v.origin or "-"),
             ("serial", v.serial),
             ("created", _time(v.created)),
@@ -104,7 +115,7 @@ def snapshots_table(snapshots: Sequence[SnapshotInfo]) -> str:
     return table(
         ["NAME", "SIZE", "CREATED", "CLONES"],
         [
-            [s.name, format_size(s.size), _time(s.created), ",".join(s.clones) or "-"]
+            [s.name, human(s.size), _time(s.created), ",".join(s.clones) or "-"]
             for s in snapshots
         ],
     )
@@ -114,7 +125,7 @@ def snapshot_details(s: SnapshotInfo) -> str:
     return fields(
         [
             ("snapshot", f"{s.pool}/{s.volume}@{s.name}"),
-            ("size", format_size(s.size)),
+            ("size", human(s.size)),
             ("created", _time(s.created)),
             ("clones", ", ".join(s.clones) or "-"),
         ]
