@@ -94,6 +94,16 @@ def _verify(home_dir: Path, history: History, where: str) -> dict[str, bytes]:
         home.close()
 
 
+class Fixed:
+    """A ``crashkit.Reader`` over given contents."""
+
+    def __init__(self, contents: dict[str, bytes]) -> None:
+        self.contents = contents
+
+    def read(self, target: str) -> bytes | None:
+        return self.contents.get(target)
+
+
 @pytest.mark.parametrize("cluster_size", [4096, 65536])
 def test_crash_rounds(tmp_path: Path, cluster_size: int) -> None:
     seed = int(os.environ.get("STORVISOR_CRASH_SEED", random.randrange(1 << 32)))
@@ -146,13 +156,6 @@ def test_checker_catches_lost_and_stray_writes() -> None:
     first = crashkit.payload(7, 700)
     second = crashkit.payload(8, 50)
 
-    class Fixed:
-        def __init__(self, contents: dict[str, bytes]) -> None:
-            self.contents = contents
-
-        def read(self, target: str) -> bytes | None:
-            return self.contents.get(target)
-
     flushed = bytearray(4096)
     flushed[100:800] = first
     with_second = bytearray(flushed)
@@ -176,3 +179,29 @@ def test_checker_catches_lost_and_stray_writes() -> None:
     history = History({"v": bytes(4096)}, records)
     assert history.verify(Fixed({"v": bytes(4096)}))
     assert not history.verify(Fixed({"v": bytes(4096), "v@s": bytes(with_second)}))
+
+
+def test_checker_fua_and_committed_snapshots() -> None:
+    """A completed FUA write is durable without a flush; so is a committed snapshot."""
+    records: list[dict[str, object]] = [
+        {"t": "op", "seq": 1, "kind": "write", "target": "v", "off": 0, "len": 512, "seed": 1},
+        {"t": "done", "seq": 1},
+        {"t": "op", "seq": 2, "kind": "write", "target": "v", "off": 512, "len": 512, "seed": 2,
+         "fua": True},
+        {"t": "done", "seq": 2},
+        {"t": "fork", "seq": 3, "kind": "snapshot", "source": "v", "name": "v@s"},
+        {"t": "committed", "seq": 3},
+        {"t": "delete", "seq": 4, "name": "v@old"},
+    ]  # fmt: skip
+    history = History({"v": bytes(2048), "v@old": bytes(2048)}, records)
+    written = bytearray(2048)
+    written[512:1024] = crashkit.payload(2, 512)
+    both = bytearray(written)
+    both[0:512] = crashkit.payload(1, 512)
+    contents = {"v": bytes(written), "v@s": bytes(written)}
+    assert not history.verify(Fixed(contents))
+    assert not history.verify(Fixed({**contents, "v@s": bytes(both), "v@old": bytes(2048)}))
+    assert history.verify(Fixed({"v": bytes(written)})), "a committed snapshot went missing"
+    assert history.verify(Fixed({"v": bytes(2048), "v@s": bytes(2048)})), "FUA write lost"
+    # the deletion was not committed: the old snapshot may stay, but must keep its data
+    assert history.verify(Fixed({**contents, "v@old": bytes(written)}))

@@ -5,9 +5,10 @@ Theory of operation
 A workload (``run_workload``) issues writes, FUA writes, discards, write-zeroes, flushes and
 snapshot/clone/delete operations through a ``Writer``. *Before* issuing each operation it
 appends a record of it to a ``Log``; after a flush completes it appends ``durable`` (every
-operation logged before that flush is now durable), and after a FUA write completes it
-appends ``done`` for that write. Data is never logged: a write is ``(offset, length, seed)``
-and ``payload(seed, length)`` regenerates its bytes.
+operation logged before that flush is now durable), after a write completes it appends
+``done``, and after a snapshot, clone or snapshot deletion completes, ``committed`` if the
+writer makes those durable on return (``done`` otherwise). Data is never logged: a write is
+``(offset, length, seed)`` and ``payload(seed, length)`` regenerates its bytes.
 
 The process issuing the workload is then killed at a random moment. ``History`` replays the
 log: each *target* (a volume ``VOL``, a snapshot ``VOL@SNAP`` or a clone) gets the ordered list
@@ -21,18 +22,19 @@ against the contract of a disk with a volatile write cache, at 512-byte sector g
   or as the data of any operation logged after it (those may or may not have landed);
 * a piece no durable operation covers may also read as its base content (zeros if never
   written);
-* a snapshot or clone whose creation was followed by a completed flush must exist; one that
-  was not may be missing; a snapshot whose deletion is durable must be gone.
+* a snapshot or clone whose creation is durable (committed, or followed by a completed flush)
+  must exist, one whose creation is not may be missing; a snapshot whose deletion is
+  durable must be gone.
 
 The log and the checker know nothing of how operations are issued: ``EngineWriter`` drives a
 pool in this process (the worker below), and the same workload can drive a daemon over NBD
 with another ``Writer``. The worker program::
 
-    python -m storvisor.testing.crashkit --home DIR --pool POOL --volume VOL \\
-        --seed N --round R --log-fd FD [--ops N] [--flush-rate F] [--snapshots] [--discards]
+    python -m storvisor.testing.crashkit --home DIR --pool POOL --seed N --round R \\
+        --log-fd FD [--ops N] [--flush-rate F] [--snapshots] [--discards] [--exit]
 
-opens the Home, logs ``ready``, runs the workload (logging to file descriptor ``FD``) and then
-sleeps until it is killed.
+opens the Home, logs ``ready``, runs the workload over every volume of the pool (logging to
+file descriptor ``FD``) and then sleeps until it is killed (or exits, with ``--exit``).
 """
 
 from __future__ import annotations
@@ -112,7 +114,14 @@ def parse_log(lines: Iterable[bytes | str]) -> list[dict[str, object]]:
 
 class Writer(Protocol):
     """How a workload reaches the storage. Targets are volume names; a snapshot is
-    ``VOL@SNAP``. Every method returns once the operation has completed."""
+    ``VOL@SNAP``. Every method returns once the operation has completed.
+
+    ``management_durable`` says whether ``snapshot``, ``clone`` and ``delete_snapshot`` are
+    durable when they return; otherwise they are durable after the next ``flush``.
+    """
+
+    @property
+    def management_durable(self) -> bool: ...
 
     def write(self, target: str, offset: int, data: bytes, *, fua: bool) -> None: ...
 
@@ -160,6 +169,11 @@ class EngineWriter:
         self.handles: dict[str, BlockDevice] = {}
         self.dirty: set[str] = set()
         self.catalog_changed = False
+
+    @property
+    def management_durable(self) -> bool:
+        """The engine commits snapshot, clone and delete before returning."""
+        return True
 
     def _handle(self, target: str) -> BlockDevice:
         if target not in self.handles:
@@ -259,6 +273,9 @@ def run_workload(writer: Writer, log: Log, rng: random.Random, workload: Workloa
     seq = 0
     made = 0
 
+    def managed(s: int) -> None:
+        log.append({"t": "committed" if writer.management_durable else "done", "seq": s})
+
     def next_seq() -> int:
         nonlocal seq
         seq += 1
@@ -293,7 +310,7 @@ def run_workload(writer: Writer, log: Log, rng: random.Random, workload: Workloa
                 s = next_seq()
                 log.append({"t": "delete", "seq": s, "name": snap})
                 writer.delete_snapshot(volume, name)
-                log.append({"t": "done", "seq": s})
+                managed(s)
                 snapshots.remove(snap)
                 continue
             if len(snapshots) >= workload.max_snapshots:
@@ -304,14 +321,14 @@ def run_workload(writer: Writer, log: Log, rng: random.Random, workload: Workloa
             s = next_seq()
             log.append({"t": "fork", "seq": s, "kind": "snapshot", "source": target, "name": snap})
             writer.snapshot(target, name)
-            log.append({"t": "done", "seq": s})
+            managed(s)
             snapshots.append(snap)
             if len(volumes) < workload.max_volumes and rng.random() < 0.5:
                 new = f"{workload.name_prefix}c{made}"
                 s = next_seq()
                 log.append({"t": "fork", "seq": s, "kind": "clone", "source": snap, "name": new})
                 writer.clone(target, name, new)
-                log.append({"t": "done", "seq": s})
+                managed(s)
                 volumes[new] = size
                 cloned.add(snap)
         else:
@@ -396,6 +413,7 @@ class History:
         self.targets: dict[str, Target] = {n: Target(n, base=b) for n, b in base.items()}
         self.durable = 0
         self.completed_fua: set[int] = set()
+        self.committed: set[int] = set()
         self.records = len(records)
         self.killed_at = 0
         for record in records:
@@ -417,6 +435,8 @@ class History:
             self.targets[_str(r["name"])].deleted_seq = seq
         elif kind == "durable":
             self.durable = max(self.durable, seq)
+        elif kind == "committed":
+            self.committed.add(seq)
         elif kind == "done":
             self.completed_fua.add(seq)
         elif kind not in ("flush", "ready", "idle"):
@@ -424,6 +444,10 @@ class History:
 
     def is_durable(self, op: Op) -> bool:
         return op.seq < self.durable or (op.fua and op.seq in self.completed_fua)
+
+    def is_committed(self, seq: int) -> bool:
+        """Whether a snapshot, clone or delete logged as ``seq`` is durable."""
+        return seq < self.durable or seq in self.committed
 
     def lineage(self, name: str) -> tuple[bytes, list[Op]]:
         """The base content of ``name`` and every operation that may have reached it."""
@@ -441,12 +465,12 @@ class History:
             target = self.targets[name]
             content = reader.read(name)
             if target.deleted_seq is not None:
-                if content is not None and target.deleted_seq < self.durable:
+                if content is not None and self.is_committed(target.deleted_seq):
                     problems.append(Problem(name, "deletion was flushed but it still exists"))
-                if content is None or target.deleted_seq < self.durable:
+                if content is None or self.is_committed(target.deleted_seq):
                     continue
             if content is None:
-                if target.parent is None or target.fork_seq < self.durable:
+                if target.parent is None or self.is_committed(target.fork_seq):
                     problems.append(Problem(name, "missing although its creation was flushed"))
                 continue
             problems.extend(self._verify_content(name, content))
