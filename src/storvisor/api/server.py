@@ -220,6 +220,18 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch()
 
+    def do_PUT(self) -> None:
+        self._dispatch()
+
+    def do_PATCH(self) -> None:
+        self._dispatch()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors found by ``http.server`` itself (a malformed request line, an unknown
+        method) are answered in the API's JSON shape too."""
+        self.close_connection = True
+        self._send_error(HTTPStatus(code), "InvalidArgument", message or HTTPStatus(code).phrase)
+
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
         # Match on the raw path, then decode each parameter: "%2F" stays inside its segment.
