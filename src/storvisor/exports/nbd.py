@@ -51,7 +51,6 @@ from storvisor.protocols.nbd import constants as C
 
 log = logging.getLogger(__name__)
 
-_ARENA_SIZE = 8 << 20
 _IOV_MAX = 1024
 _RECV_SIZE = 256 << 10
 
@@ -370,42 +369,30 @@ class _Connection:
 
     def _transmission(self) -> None:
         codec = self.codec
-        device = self.device
-        assert device is not None
-        sock = self.sock
-        arena = memoryview(bytearray(_ARENA_SIZE))
         next_event = codec.next_event
-        while True:
-            replies: list[Buffer] = []
-            used = 0
+        sender = _Sender(self.sock)
+        try:
             while True:
-                event = next_event()
-                if type(event) is Command:
-                    if event.type == C.NBD_CMD_READ and not event.error:
-                        length = event.length
-                        if used + length > _ARENA_SIZE:
-                            if replies:
-                                _send_all(sock, replies)
-                                replies = []
-                            used = 0
-                        if length <= _ARENA_SIZE:
-                            buf = arena[used : used + length]
-                            used += length
+                replies: list[Buffer] = []
+                count = 0
+                while True:
+                    event = next_event()
+                    if type(event) is Command:
+                        count += 1
+                        if event.type == C.NBD_CMD_READ and not event.error:
+                            replies += self._read(event, memoryview(bytearray(event.length)))
                         else:
-                            buf = memoryview(bytearray(length))
-                        replies += self._read(event, buf)
-                    else:
-                        replies += self._execute(event)
-                elif event is NEED_DATA:
-                    break
-                else:  # Disconnect, ConnectionClosed
-                    assert isinstance(event, (Disconnect, ConnectionClosed))
-                    if replies:
-                        _send_all(sock, replies)
-                    return
-            if replies:
-                _send_all(sock, replies)
-            self._receive()
+                            replies += self._execute(event)
+                    elif event is NEED_DATA:
+                        break
+                    else:  # Disconnect, ConnectionClosed
+                        assert isinstance(event, (Disconnect, ConnectionClosed))
+                        sender.send(replies)
+                        return
+                sender.send(replies, alone=count == 1)
+                self._receive()
+        finally:
+            sender.close()
 
     def _read(self, command: Command, buf: memoryview) -> list[Buffer]:
         assert self.device is not None
@@ -456,6 +443,91 @@ class _Connection:
             log.exception("NBD command %r failed", command)
             return codec.reply_error(command, C.NBD_EIO)
         return codec.reply_ok(command)
+
+
+class _Sender:
+    """A connection's reply writer thread: the receiving thread queues the replies of each
+    batch of requests, and this thread sends everything queued with one ``sendmsg``, so
+    sending overlaps with receiving and executing the next batch (both release the GIL).
+    A lone reply while nothing is queued or being sent is sent by the caller itself: at
+    queue depth 1 a thread hand-off would only add latency. The queue is bounded: a client
+    that stops reading stalls the receiving thread."""
+
+    LIMIT = 64 << 20
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._cond = threading.Condition()
+        self._pending: list[Buffer] = []
+        self._pending_bytes = 0
+        self._closing = False
+        self._busy = False  # a sendmsg is in progress
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="nbd-send")
+        self._thread.start()
+
+    def send(self, buffers: list[Buffer], *, alone: bool = False) -> None:
+        """Queue ``buffers`` (kept alive until sent), or send them now if ``alone`` (the
+        replies of a single request) and the sender is idle. Raises the ``OSError`` that
+        stopped the sender, if any."""
+        if not buffers:
+            return
+        if alone:
+            with self._cond:
+                inline = not (self._busy or self._pending or self._error)
+                if inline:
+                    self._busy = True
+            if inline:
+                try:
+                    _send_all(self._sock, buffers)
+                finally:
+                    with self._cond:
+                        self._busy = False
+                        self._cond.notify_all()
+                return
+        size = sum(len(b) for b in buffers)
+        with self._cond:
+            while self._pending_bytes > self.LIMIT and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+            self._pending += buffers
+            self._pending_bytes += size
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Send what is queued, then stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                while not (self._pending and not self._busy) and not self._closing:
+                    cond.wait()
+                while self._busy:
+                    cond.wait()
+                if not self._pending:
+                    return
+                batch, self._pending = self._pending, []
+                self._pending_bytes = 0
+                self._busy = True
+                cond.notify_all()
+            try:
+                _send_all(self._sock, batch)
+            except OSError as e:
+                with cond:
+                    self._error = e
+                    self._pending = []
+                    self._busy = False
+                    cond.notify_all()
+                return
+            with cond:
+                self._busy = False
+                cond.notify_all()
 
 
 def _send_all(sock: socket.socket, buffers: list[Buffer]) -> None:

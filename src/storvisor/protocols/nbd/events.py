@@ -77,7 +77,7 @@ class Command:
         cookie: int,
         offset: int,
         length: int,
-        payload: bytes | None = None,
+        payload: bytes | bytearray | None = None,
         error: int = 0,
     ) -> None:
         self.type = type

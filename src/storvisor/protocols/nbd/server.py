@@ -59,6 +59,7 @@ BASE_ALLOCATION_ID = 1
 """The metadata context id of ``base:allocation``."""
 _MAX_EXTENTS = 1 << 20  # "the server MUST NOT send more than 2^20 extents in one chunk"
 _INITIAL_BUFFER = 256 << 10
+_DIRECT_PAYLOAD = 64 << 10  # larger WRITE payloads are received straight into their own buffer
 
 _GREETING = struct.Struct(">QQH")
 _CLIENT_FLAGS = struct.Struct(">I")
@@ -128,6 +129,9 @@ class ServerConnection:
         self._end = 0
         self._want = 0  # bytes the message at _start needs in total (0: unknown yet)
         self._skip = 0  # bytes still to drain (refused WRITE payload, oversized option)
+        self._payload: bytearray | None = None  # a large WRITE payload being received
+        self._payload_filled = 0
+        self._payload_header: tuple[int, int, int, int] = (0, 0, 0, 0)
         self._eof = False
         self._error: ProtocolError | None = None
         self._out = bytearray(_GREETING.pack(C.NBDMAGIC, C.IHAVEOPT, _SERVER_FLAGS))
@@ -172,15 +176,23 @@ class ServerConnection:
         if not data:
             self._eof = True
             return
-        n = len(data)
-        view = self.get_buffer(n)
-        view[:n] = data
-        view.release()
-        self._end += n
+        source = memoryview(data).cast("B")
+        while source:
+            with self.get_buffer(len(source)) as view:
+                n = min(len(view), len(source))
+                view[:n] = source[:n]
+            self.buffer_updated(n)
+            source = source[n:]
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
-        """A writable view of free receive space (at least ``sizehint`` bytes, and enough for
-        the message being assembled), for ``recv_into``; report with ``buffer_updated``."""
+        """A writable view of free receive space, for ``recv_into``; report what was written
+        with ``buffer_updated`` before calling any other method.
+
+        The view holds at least ``sizehint`` bytes and enough for the message being
+        assembled, except while a large WRITE payload is received: then it is the rest of
+        that payload's own buffer (so the data is received without a copy)."""
+        if self._payload is not None:
+            return memoryview(self._payload)[self._payload_filled :]
         used = self._end - self._start
         need = max(sizehint, self._want - used, 1)
         if len(self._buf) - self._end < need:
@@ -199,6 +211,8 @@ class ServerConnection:
         """``nbytes`` were written at the start of the last ``get_buffer`` view (0 is EOF)."""
         if nbytes == 0:
             self._eof = True
+        elif self._payload is not None:
+            self._payload_filled += nbytes
         else:
             self._end += nbytes
 
@@ -264,7 +278,7 @@ class ServerConnection:
     def _starved(self) -> Sentinel | ConnectionClosed:
         if not self._eof:
             return NEED_DATA
-        if self._end != self._start or self._skip:
+        if self._end != self._start or self._skip or self._payload is not None:
             raise ProtocolError("the client closed the connection in the middle of a message")
         self._go(Trigger.END)
         return ConnectionClosed()
@@ -473,6 +487,8 @@ class ServerConnection:
     # -- transmission --------------------------------------------------------------------
 
     def _next_command(self) -> Event | Sentinel:
+        if self._payload is not None:
+            return self._payload_done()
         start = self._start
         if self._end - start < 28:
             self._want = 28
@@ -496,12 +512,34 @@ class ServerConnection:
             return Command(kind, flags, cookie, offset, length, None, error)
         end = start + 28 + length
         if self._end < end:
-            self._want = 28 + length
-            return self._starved()
-        payload = bytes(self._buf[start + 28 : end])
+            if length < _DIRECT_PAYLOAD or self._eof:
+                self._want = 28 + length
+                return self._starved()
+            # receive the rest straight into the payload's own buffer
+            payload = bytearray(length)
+            have = self._end - start - 28
+            payload[:have] = memoryview(self._buf)[start + 28 : self._end]
+            self._start = self._end = 0
+            self._want = 0
+            self._payload = payload
+            self._payload_filled = have
+            self._payload_header = (flags, cookie, offset, length)
+            return NEED_DATA
+        payload_bytes = bytes(memoryview(self._buf)[start + 28 : end])
         self._start = end
         self._want = 0
-        return Command(kind, flags, cookie, offset, length, payload, 0)
+        return Command(kind, flags, cookie, offset, length, payload_bytes, 0)
+
+    def _payload_done(self) -> Event | Sentinel:
+        payload = self._payload
+        assert payload is not None
+        if self._payload_filled < len(payload):
+            if self._eof:
+                raise ProtocolError("the client closed the connection in the middle of a message")
+            return NEED_DATA
+        self._payload = None
+        flags, cookie, offset, length = self._payload_header
+        return Command(C.NBD_CMD_WRITE, flags, cookie, offset, length, payload, 0)
 
     def _check(self, kind: int, flags: int, offset: int, length: int) -> int:
         """The NBD error for a request, or 0 when it may be executed ("Request types")."""
