@@ -380,12 +380,20 @@ def test_bad_messages_raise_protocol_error(
         backend.handle(msg(request_, payload, list(fds)))
 
 
-def test_reset_owner_forgets_everything(backend: VhostUserBackend, dev: RecordingDevice) -> None:
+def test_reset_owner_stops_and_forgets_the_rings(
+    backend: VhostUserBackend, dev: RecordingDevice
+) -> None:
     backend.handle(msg(Request.SET_FEATURES, m.U64.pack(1 << 32)))
     _setup_queue(backend, 0)
+    assert 0 in dev.running
     backend.handle(msg(Request.RESET_OWNER))
-    assert dev.running == {} and ("reset",) in dev.calls
-    assert not backend.has_memory
+    assert dev.running == {} and dev.calls[-1] == ("features", 0)
+    assert backend.vrings[0].num == 0 and not backend.vrings[0].kicked
+    assert backend.has_memory  # memory and the connection-level state stay
+    backend.handle(msg(Request.SET_VRING_NUM, m.VHOST_VRING_STATE.pack(0, 64)))
+    backend.handle(msg(Request.SET_VRING_ADDR, m.VHOST_VRING_ADDR.pack(0, 0, 0, 8192, 4096, 0)))
+    backend.handle(msg(Request.SET_VRING_KICK, m.U64.pack(0), [4]))
+    assert dev.running[0].num == 64 and dev.running[0].last_avail == 0
 
 
 REQUESTS = st.sampled_from([int(r) for r in Request] + [0, 41, 1000])

@@ -153,9 +153,6 @@ class BackendDevice(Protocol):
     def set_backend_channel(self, fd: int) -> None:
         """Socket for back-end initiated messages (fd now owned)."""
 
-    def reset(self) -> None:
-        """Stop every queue and forget memory (RESET_OWNER, disconnect)."""
-
 
 @dataclass(slots=True)
 class _Negotiated:
@@ -296,13 +293,17 @@ class VhostUserBackend:
         self.negotiated.owner = True
 
     def _reset_owner(self, msg: Message) -> None:
+        # Deprecated; QEMU may send it on a device reset. Like a virtio reset it stops and
+        # forgets the rings and the virtio features; connection-level state (protocol
+        # features, memory, back-end channel, inflight buffer) stays, as the front-end
+        # does not send it again.
         msg.expect_size(0, 8)
         for vring in self.vrings:
             self._stop(vring)
-        self.device.reset()
         self.vrings = [VringState(i) for i in range(self.device.num_queues)]
-        self.has_memory = False
-        self.negotiated = _Negotiated()
+        self.negotiated.features = 0
+        self.negotiated.features_set = False
+        self.device.set_features(0)
 
     def _get_queue_num(self, msg: Message) -> bytes:
         msg.expect_size(0, 8)
