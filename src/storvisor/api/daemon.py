@@ -32,11 +32,13 @@ def serve(
     demo: bool = False,
     nbd_tcp: TcpAddress | None = None,
     say: Callable[[str], None] = print,
-    home_hint: str = "",
+    cli: str = "storvisor",
 ) -> None:
-    """Run the daemon until SIGTERM/SIGINT. ``say`` receives the start-up banner (how to
-    connect). Raises ``Conflict`` if the HOME is in use or a listening address is taken;
-    whatever happens, everything opened is closed before returning."""
+    """Run the daemon until SIGTERM/SIGINT.
+
+    ``say`` receives the start-up banner (how to connect); ``cli`` is how the banner spells
+    the command-line tool. Raises ``Conflict`` if the HOME is in use or a listening address
+    is taken; whatever happens, everything opened is closed before returning."""
     home = Home(home_path)
     runtime = ExportRuntime(home.path, nbd_tcp)
     service = Service(home, runtime)
@@ -55,7 +57,7 @@ def serve(
         api = APIServer(home.path / API_SOCKET, service)
         api.start()
         log.info("serving %s (pid %d)", home.path, os.getpid())
-        say(_banner(service, demo_export, home_hint))
+        say(_banner(service, demo_export, cli))
         while not stop.wait(1.0):
             pass
     finally:
@@ -67,7 +69,7 @@ def serve(
         log.info("stopped")
 
 
-def _banner(service: Service, demo: ExportInfo | None, home_hint: str) -> str:
+def _banner(service: Service, demo: ExportInfo | None, cli: str) -> str:
     status = service.status()
     lines = [
         f"storvisor is serving {status.home} (pid {status.pid})",
@@ -88,7 +90,7 @@ def _banner(service: Service, demo: ExportInfo | None, home_hint: str) -> str:
             f"  nbdinfo {q}",
             f"  qemu-io -f raw -c 'write -P 0x5a 0 1M' -c 'read -P 0x5a 0 1M' {q}",
             f"  qemu-img info {q}",
-            f"  storvisor{home_hint} volume list",
+            f"  {cli} volume list",
         ]
     lines += ["", "Stop with Ctrl-C (or SIGTERM)."]
     return "\n".join(lines)

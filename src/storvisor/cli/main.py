@@ -16,6 +16,8 @@ import argparse
 import logging
 import os
 import re
+import shlex
+import shutil
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -450,10 +452,13 @@ def _connect(home: Path) -> Management:
 
 
 def _serve(args: argparse.Namespace, home: Path) -> int:
-    from storvisor.api.daemon import serve
+    from storvisor.api.daemon import default_home, serve
 
-    hint = "" if args.home is None else f" --home {home}"
-    serve(home, demo=args.demo, nbd_tcp=args.nbd_tcp, say=_say, home_hint=hint)
+    # How to run this CLI again from another terminal, as the banner suggests.
+    prog = "storvisor" if shutil.which("storvisor") else shlex.quote(sys.argv[0])
+    if home != default_home().expanduser().absolute():
+        prog += f" --home {shlex.quote(str(home))}"
+    serve(home, demo=args.demo, nbd_tcp=args.nbd_tcp, say=_say, cli=prog)
     return 0
 
 
