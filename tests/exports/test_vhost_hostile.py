@@ -357,3 +357,21 @@ def test_rings_outside_memory_break_the_queue(
     assert victim.broken_queues == {0}
     assert fe.stop_queue(0) == base
     assert fe.write(0, b"q1" * 256, queue=1) == Status.OK
+
+
+def test_messages_arriving_byte_by_byte(fe: VhostUserFrontend) -> None:
+    assert fe.sock is not None
+    data = m.encode(Request.GET_CONFIG, m.VHOST_USER_CONFIG.pack(0, 36, 0) + bytes(36))
+    for i in range(len(data)):
+        fe.sock.send(data[i : i + 1])
+        time.sleep(0.001)
+    reply, _ = fe.recv_reply(Request.GET_CONFIG)
+    assert len(reply) == 12 + 36 and reply[12:20] == (SIZE // 512).to_bytes(8, "little")
+    # an fd travelling with the first byte of a header split in two
+    q = fe.queues[1]
+    data = m.encode(Request.SET_VRING_CALL, m.U64.pack(1))
+    socket.send_fds(fe.sock, [data[:1]], [q.call])
+    time.sleep(0.01)
+    fe.sock.send(data[1:])
+    assert fe.is_connected_alive()
+    assert fe.write(0, b"z" * 512, queue=1) == Status.OK
