@@ -128,10 +128,10 @@ class SplitQueue:
         self.num = num
         self._desc = desc
         # Aligned 16-bit views: one instruction per index access (see module docstring).
-        self._avail16 = avail.cast("B").cast("H") if _aligned(avail, 2) else None
-        self._used16 = used.cast("B").cast("H") if _aligned(used, 2) else None
-        if self._avail16 is None or self._used16 is None or not _aligned(used, 4):
+        if not (_aligned(avail, 2) and _aligned(used, 4)):
             raise RingError("avail ring must be 2-byte and used ring 4-byte aligned")
+        self._avail16 = avail.cast("B").cast("H")
+        self._used16 = used.cast("B").cast("H")
         self._used32 = used[: 4 + 8 * num].cast("B").cast("I")
         self._event_idx = event_idx
         self._fence = fence
@@ -139,6 +139,7 @@ class SplitQueue:
         self.last_avail = last_avail & 0xFFFF
         self.used_idx = self._used16[1]
         self._signalled_used = self.used_idx
+        self._ready = 0  # chains known available beyond last_avail (from the last idx read)
         self.broken = False
         self.record_writes = False
         """Fill ``Chain.written`` (set while live migration logs dirty pages)."""
@@ -146,7 +147,6 @@ class SplitQueue:
     # -- reading the driver's side ---------------------------------------------------------
 
     def avail_idx(self) -> int:
-        assert self._avail16 is not None
         return int(self._avail16[1])
 
     def pending(self) -> int:
@@ -156,21 +156,24 @@ class SplitQueue:
         """
         if self.broken:
             return 0
-        n = (self.avail_idx() - self.last_avail) & 0xFFFF
+        n = (int(self._avail16[1]) - self.last_avail) & 0xFFFF
         if n > self.num:
             self._break(f"avail.idx moved {n} entries ahead of a ring of {self.num}")
+        self._ready = n
         return n
 
     def pop(self) -> Chain | None:
         """Pop the next available chain, or ``None`` if the ring is empty (or broken).
 
-        Raises ``RingError`` (and marks the queue broken) for a bad chain.
+        ``avail.idx`` is read again only once the chains seen at the previous read are
+        popped. Raises ``RingError`` (and marks the queue broken) for a bad chain.
         """
-        if self.broken or not self.pending():
+        if not self._ready and (self.broken or not self.pending()):
             return None
-        assert self._avail16 is not None
-        head = int(self._avail16[2 + (self.last_avail % self.num)])
-        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        self._ready -= 1
+        last = self.last_avail
+        head = int(self._avail16[2 + (last % self.num)])
+        self.last_avail = (last + 1) & 0xFFFF
         chain = self.walk(head)
         if self.inflight is not None:
             self.inflight.begin(head)
@@ -246,6 +249,7 @@ class SplitQueue:
 
     def _break(self, reason: str) -> None:
         self.broken = True
+        self._ready = 0
         raise RingError(reason)
 
     # -- completing ------------------------------------------------------------------------
@@ -260,7 +264,6 @@ class SplitQueue:
         used32[slot] = head
         used32[slot + 1] = length
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        assert self._used16 is not None
         self._used16[1] = self.used_idx
         if inflight is not None:
             inflight.after_push(head, self.used_idx)
@@ -271,7 +274,6 @@ class SplitQueue:
         new, old = self.used_idx, self._signalled_used
         if new == old:
             return False
-        assert self._avail16 is not None
         if self._event_idx:
             self._fence()
             used_event = int(self._avail16[2 + self.num])
@@ -287,7 +289,6 @@ class SplitQueue:
         if self.broken:
             return False
         if self._event_idx:
-            assert self._used16 is not None
             self._used16[2 + 4 * self.num] = self.last_avail
             self._fence()
         return self.avail_idx() != self.last_avail
