@@ -13,7 +13,8 @@ import pytest
 
 from storvisor.engine.device import FileDevice
 from storvisor.exports.vhost_user_blk import VhostUserBlkServer
-from storvisor.protocols.vhost_user.messages import BackendRequest
+from storvisor.protocols.vhost_user import messages as m
+from storvisor.protocols.vhost_user.messages import BackendRequest, Request
 from storvisor.protocols.virtio import blk
 from storvisor.protocols.virtio.blk import RequestType, Status
 from storvisor.testing.memory import MemoryDevice
@@ -301,3 +302,17 @@ def test_file_device_and_reconnect(tmp_path: Path, sock: str) -> None:
         server.close()
         device.close()
     assert image.read_bytes()[:1536] == b"\x01" * 512 + b"\x02" * 512 + b"\x03" * 512
+
+
+def test_polling_mode_without_eventfds(server: VhostUserBlkServer, sock: str) -> None:
+    with VhostUserFrontend(sock, queue_size=16) as fe:
+        fe.setup()
+        base = fe.stop_queue(0)
+        nofd = m.VHOST_USER_VRING_NOFD_MASK
+        fe.request(Request.SET_VRING_BASE, m.VHOST_VRING_STATE.pack(0, base))
+        fe.request(Request.SET_VRING_KICK, m.U64.pack(0 | nofd))  # the back-end must poll
+        fe.request(Request.SET_VRING_CALL, m.U64.pack(0 | nofd))  # and may not signal
+        fe.request(Request.SET_VRING_ENABLE, m.VHOST_VRING_STATE.pack(0, 1))
+        for i in range(10):
+            head, _, status = fe.blk_submit(RequestType.OUT, i, out=bytes([i]) * 512, kick=False)
+            assert fe.wait(0, head) == 1 and fe.read_mem(status, 1) == b"\x00"
