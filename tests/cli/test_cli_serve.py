@@ -8,7 +8,7 @@ import re
 import shlex
 import subprocess
 
-from cli_harness import Daemon
+from cli_harness import CLI, Daemon
 
 from storvisor.engine.home import Home
 
@@ -112,3 +112,13 @@ def test_cli_without_daemon_is_locked_out_by_another_holder(cli, home):
     finally:
         holder.close()
     assert cli("pool", "list", "--json").json() == []
+
+
+def test_unusable_home_is_one_line(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    line = CLI(not_a_dir).fails("pool", "list")
+    assert str(not_a_dir) in line
+    long_home = tmp_path / ("d" * 100)
+    line = CLI(long_home).fails("serve")
+    assert "too deep" in line

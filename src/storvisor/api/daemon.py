@@ -17,13 +17,16 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from storvisor.api.exports import ExportInfo, ExportRuntime, TcpAddress
+from storvisor.api.exports import NBD_SOCKET, ExportInfo, ExportRuntime, TcpAddress
 from storvisor.api.server import APIServer
 from storvisor.api.service import API_SOCKET, Service
 from storvisor.engine.home import Home
+from storvisor.errors import Conflict, InvalidArgument
 from storvisor.units import format_size
 
 log = logging.getLogger(__name__)
+
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
 
 def serve(
@@ -39,6 +42,12 @@ def serve(
     ``say`` receives the start-up banner (how to connect); ``cli`` is how the banner spells
     the command-line tool. Raises ``Conflict`` if the HOME is in use or a listening address
     is taken; whatever happens, everything opened is closed before returning."""
+    for name in (API_SOCKET, NBD_SOCKET):
+        sock = Path(home_path).absolute() / name
+        if len(os.fsencode(sock)) > _SUN_PATH_MAX:
+            raise InvalidArgument(
+                f"HOME is too deep for a Unix socket path ({_SUN_PATH_MAX} bytes at most): {sock}"
+            )
     home = Home(home_path)
     runtime = ExportRuntime(home.path, nbd_tcp)
     service = Service(home, runtime)
@@ -54,7 +63,10 @@ def serve(
         runtime.start()
         service.start_exports()
         demo_export = service.ensure_demo() if demo else None
-        api = APIServer(home.path / API_SOCKET, service)
+        try:
+            api = APIServer(home.path / API_SOCKET, service)
+        except OSError as e:
+            raise Conflict(f"cannot listen on {home.path / API_SOCKET}: {e.strerror or e}") from e
         api.start()
         log.info("serving %s (pid %d)", home.path, os.getpid())
         say(_banner(service, demo_export, cli))
@@ -66,7 +78,8 @@ def serve(
         if api is not None:
             api.close()
         service.close()
-        log.info("stopped")
+        if api is not None:
+            log.info("stopped")
 
 
 def _banner(service: Service, demo: ExportInfo | None, cli: str) -> str:
