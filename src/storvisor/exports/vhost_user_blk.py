@@ -49,7 +49,7 @@ from storvisor.engine.device import BlockDevice
 from storvisor.errors import ProtocolError, StorvisorError
 from storvisor.protocols.vhost_user import inflight as infl
 from storvisor.protocols.vhost_user import messages as m
-from storvisor.protocols.vhost_user.backend import QueueSetup, VhostUserBackend
+from storvisor.protocols.vhost_user.backend import MAX_MEM_SLOTS, QueueSetup, VhostUserBackend
 from storvisor.protocols.vhost_user.dirty_log import DirtyLog
 from storvisor.protocols.vhost_user.messages import MemoryRegion, ProtocolFeature
 from storvisor.protocols.virtio import blk
@@ -301,20 +301,25 @@ class _Device:
         new: list[_Mapping] = []
         try:
             for region, fd in regions:
-                new.append(_map_region(region, fd))
+                new.append(_map_region(region, fd))  # closes fd whatever happens
+            self._install(new)
         except BaseException:
             for mapping in new:
-                mapping.mm.close()
-            for _, fd in regions[len(new) :]:
+                _close_mmap(mapping.mm)
+            for _, fd in regions[len(new) + 1 :]:  # never handed to _map_region
                 os.close(fd)
             raise
-        self._install(new)
 
     def add_memory(self, region: MemoryRegion, fd: int) -> None:
-        if len(self._mappings) >= 32:
+        if len(self._mappings) >= MAX_MEM_SLOTS:
             os.close(fd)
-            raise ProtocolError("ADD_MEM_REG: too many regions")
-        self._install([*self._mappings, _map_region(region, fd)], close_old=False)
+            raise ProtocolError("ADD_MEM_REG: no free memory slot")
+        mapping = _map_region(region, fd)
+        try:
+            self._install([*self._mappings, mapping], close_old=False)
+        except BaseException:
+            _close_mmap(mapping.mm)
+            raise
 
     def remove_memory(self, region: MemoryRegion) -> None:
         keep = [
@@ -397,7 +402,7 @@ class _Device:
         if worker is not None:
             worker.wake()
             # the worker re-registers on wake-up; keep the old fd open until it has
-            # (it is closed with the next replacement or on reset)
+            # (retired fds are closed when the queue stops)
             self._retired_kicks.append(old)
         elif old is not None:
             os.close(old)
