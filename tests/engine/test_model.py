@@ -32,7 +32,7 @@ from storvisor.errors import Conflict, InvalidArgument, IOFailure, NotFound
 
 KIB = 1024
 POOL_BYTES = 16 << 20
-MAX_VOLUMES = 4
+MAX_VOLUMES = 5
 MAX_SNAPSHOTS = 3
 MAX_IO = 40 * KIB
 
@@ -58,6 +58,9 @@ class EngineModel(RuleBasedStateMachine):
         self.snaps: dict[str, dict[str, bytes]] = {}
         self.origin: dict[str, tuple[str, str] | None] = {}
         self.handles: dict[str, BlockDevice] = {}
+        self.snap_handles: dict[tuple[str, str], BlockDevice] = {}
+        self.backings = 1
+        self.steps_since_reopen = 0
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -107,9 +110,15 @@ class EngineModel(RuleBasedStateMachine):
         assert device.size == len(expected), f"{name}: size {device.size} != {len(expected)}"
         assert _read(device, 0, len(expected)) == expected, f"{name} differs from the model"
 
+    def close_snapshot_handles(self, volume: str, snapshot: str | None = None) -> None:
+        for key in [k for k in self.snap_handles if k[0] == volume and snapshot in (None, k[1])]:
+            self.snap_handles.pop(key).close()
+
     def check_snapshot(self, volume: str, snapshot: str) -> None:
+        """Read the snapshot through its long-lived handle if one is open, else a new one."""
         expected = self.snaps[volume][snapshot]
-        device = self.pool.open_volume(volume, snapshot)
+        kept = self.snap_handles.get((volume, snapshot))
+        device = kept or self.pool.open_volume(volume, snapshot)
         try:
             assert device.read_only, f"{volume}@{snapshot} opened writable"
             assert device.size == len(expected)
@@ -122,7 +131,8 @@ class EngineModel(RuleBasedStateMachine):
             else:
                 raise AssertionError(f"write to snapshot {volume}@{snapshot} succeeded")
         finally:
-            device.close()
+            if kept is None:
+                device.close()
 
     # -- set-up and tear-down ----------------------------------------------------------------
 
@@ -139,6 +149,8 @@ class EngineModel(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
+            for volume, _ in list(self.snap_handles):
+                self.close_snapshot_handles(volume)
             for name in list(self.handles):
                 self.close_handle(name)
             if self.home is not None:
@@ -170,13 +182,17 @@ class EngineModel(RuleBasedStateMachine):
             raise AssertionError(f"creating {name} twice succeeded")
 
     @precondition(has_volumes)
-    @rule(data=st.data(), seed=st.integers(0, 2**32), fua=st.booleans())
-    def write(self, data: st.DataObject, seed: int, fua: bool) -> None:
+    @rule(data=st.data(), seed=st.integers(0, 2**32), count=st.integers(1, 3))
+    def write(self, data: st.DataObject, seed: int, count: int) -> None:
+        """Up to three writes to one volume (writes are most of what a disk sees)."""
         name = self.pick_volume(data)
-        offset, length = self.pick_range(data, len(self.volumes[name]))
-        payload = random.Random(seed).randbytes(length)
-        self.handle(name).write(offset, payload, fua=fua)
-        self.volumes[name][offset : offset + length] = payload
+        rng = random.Random(seed)
+        for _ in range(count):
+            offset, length = self.pick_range(data, len(self.volumes[name]))
+            fua = data.draw(st.booleans(), label="fua")
+            payload = rng.randbytes(length)
+            self.handle(name).write(offset, payload, fua=fua)
+            self.volumes[name][offset : offset + length] = payload
 
     @precondition(has_volumes)
     @rule(data=st.data())
@@ -292,6 +308,7 @@ class EngineModel(RuleBasedStateMachine):
         else:
             raise AssertionError(f"deleted {name} while a handle was open")
         self.close_handle(name)
+        self.close_snapshot_handles(name)
         owned = self.pool.volume_info(name).allocated
         before = self.pool.info().stats.allocated
         if pinned:
@@ -338,8 +355,26 @@ class EngineModel(RuleBasedStateMachine):
 
     @precondition(has_snapshots)
     @rule(data=st.data())
+    def keep_snapshot_open(self, data: st.DataObject) -> None:
+        """A snapshot handle left open must keep reading the frozen data while its volume
+        is written, discarded, rolled back or snapshotted again."""
+        key = self.pick_snapshot(data)
+        if key not in self.snap_handles:
+            self.snap_handles[key] = self.pool.open_volume(*key)
+        self.check_snapshot(*key)
+
+    @precondition(has_snapshots)
+    @rule(data=st.data())
     def delete_snapshot(self, data: st.DataObject) -> None:
         volume, snap = self.pick_snapshot(data)
+        if (volume, snap) in self.snap_handles:
+            try:
+                self.pool.delete_snapshot(volume, snap)
+            except Conflict:
+                pass
+            else:
+                raise AssertionError(f"deleted {volume}@{snap} while a handle was open")
+            self.close_snapshot_handles(volume, snap)
         if self.clones_of(volume, snap):
             try:
                 self.pool.delete_snapshot(volume, snap)
@@ -390,18 +425,42 @@ class EngineModel(RuleBasedStateMachine):
         self.origin[name] = None
         self.check_volume(name)
 
+    # -- the pool ---------------------------------------------------------------------------
+
+    @precondition(lambda self: self.backings < 3)
+    @rule(megabytes=st.integers(1, 4))
+    def add_backing(self, megabytes: int) -> None:
+        """A device added online adds its clusters to the pool's capacity."""
+        before = self.pool.info().stats
+        path = self.dir / f"backing{self.backings}.img"
+        info = self.pool.add_backing(BackingSpec(str(path), size=megabytes << 20))
+        self.backings += 1
+        assert len(info.backings) == self.backings, info.backings
+        grown = info.stats.capacity - before.capacity
+        assert (megabytes << 20) - 2 * self.cluster_size <= grown <= megabytes << 20, info
+        assert info.stats.allocated == before.allocated, info
+
     # -- the whole Home ----------------------------------------------------------------------
 
+    @precondition(lambda self: self.steps_since_reopen >= 10)
     @rule()
     def reopen_home(self) -> None:
         """After a flush and a clean close, everything persists."""
         assert self.home is not None
         self.pool.flush()
+        stats = self.pool.info().stats
+        capacity_allocated = (stats.capacity, stats.allocated)
         for name in list(self.handles):
             self.close_handle(name)
+        for volume, _ in list(self.snap_handles):
+            self.close_snapshot_handles(volume)
         self.home.close()
+        self.steps_since_reopen = 0
         self.home = Home(self.dir / "home")
         assert [p.name for p in self.home.pools()] == ["p"]
+        info = self.pool.info()
+        assert len(info.backings) == self.backings, info.backings
+        assert (info.stats.capacity, info.stats.allocated) == capacity_allocated, info
         assert sorted(v.name for v in self.pool.volumes()) == sorted(self.volumes)
         for name in self.volumes:
             self.check_volume(name)
@@ -418,6 +477,7 @@ class EngineModel(RuleBasedStateMachine):
     def fsck_clean(self) -> None:
         if self.home is None:
             return
+        self.steps_since_reopen += 1
         report = self.pool.fsck()
         assert report.clean, report
 
@@ -442,8 +502,8 @@ class EngineModel(RuleBasedStateMachine):
 
 
 EngineModel.TestCase.settings = settings(
-    max_examples=60,
-    stateful_step_count=50,
+    max_examples=150,
+    stateful_step_count=60,
     deadline=None,
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
