@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -375,3 +376,29 @@ def test_messages_arriving_byte_by_byte(fe: VhostUserFrontend) -> None:
     fe.sock.send(data[1:])
     assert fe.is_connected_alive()
     assert fe.write(0, b"z" * 512, queue=1) == Status.OK
+
+
+def test_no_fd_or_thread_leak(servers: tuple[VhostUserBlkServer, VhostUserBlkServer]) -> None:
+    victim, _ = servers
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def cycle() -> None:
+        with VhostUserFrontend(victim.socket_path, num_queues=2, timeout=5) as fe:
+            fe.setup()
+            fe.write(0, b"x" * 512)
+            fe.write(0, b"y" * 512, queue=1)
+            _region_beyond_file(fe)  # dropped with queues running and memory mapped
+            assert _closed(fe)
+        deadline = time.monotonic() + 5
+        while victim.connected:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    cycle()  # warm up (lazy imports, logging)
+    fds, threads = open_fds(), threading.active_count()
+    for _ in range(5):
+        cycle()
+    assert open_fds() == fds
+    assert threading.active_count() == threads

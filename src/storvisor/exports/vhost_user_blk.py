@@ -710,6 +710,12 @@ class VhostUserBlkServer:
         self._wake_r = self._wake_w = -1
 
     @property
+    def connected(self) -> bool:
+        """Whether a front-end is connected right now."""
+        with self._lock:
+            return self._device is not None
+
+    @property
     def broken_queues(self) -> frozenset[int]:
         """Queues of the current front-end stopped by a bad descriptor chain."""
         with self._lock:
