@@ -281,7 +281,8 @@ class _Device:
         return self.server.num_queues
 
     def config(self) -> blk.BlkConfig:
-        block_size = max(512, self.block.block_size)
+        # the guest's logical block size; Linux refuses one above the page size
+        block_size = min(max(512, self.block.block_size), 4096)
         return blk.BlkConfig(
             capacity=self.block.size >> blk.SECTOR_SHIFT,
             blk_size=block_size,
