@@ -47,6 +47,8 @@ _ERRORS: dict[str, type[StorvisorError]] = {
         errors.Conflict,
         errors.InvalidArgument,
         errors.CorruptMetadata,
+        errors.IOFailure,
+        errors.NoSpace,
     )
 }
 

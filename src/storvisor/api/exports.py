@@ -26,12 +26,15 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from storvisor.api.codec import decode_list, encode
 from storvisor.engine.device import BlockDevice
 from storvisor.errors import Conflict, CorruptMetadata, InvalidArgument, NotFound, ProtocolError
 from storvisor.exports.nbd import NBDExport, NBDServer, nbd_uri
-from storvisor.exports.vhost_user_blk import VhostUserBlkServer
+
+if TYPE_CHECKING:
+    from storvisor.exports.vhost_user_blk import VhostUserBlkServer
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +227,9 @@ class ExportRuntime:
             return
         if spec.socket is None:
             raise InvalidArgument(f"export {spec.name}: no vhost-user socket path")
+        # Imported here: commands that only edit definitions need not load the data path.
+        from storvisor.exports.vhost_user_blk import VhostUserBlkServer
+
         device = open_volume()
         try:
             Path(spec.socket).parent.mkdir(parents=True, exist_ok=True)

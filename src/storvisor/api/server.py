@@ -118,6 +118,11 @@ def _create_export(s: Service, r: Request) -> object:
     )
 
 
+def _create_volume(s: Service, r: Request) -> object:
+    req = r.parse(CreateVolume)
+    return s.create_volume(r.params[0], req.name, req.size)
+
+
 def _create_pool(s: Service, r: Request) -> object:
     req = r.parse(CreatePool)
     return s.create_pool(req.name, req.backings, req.cluster_size)
@@ -143,7 +148,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
         (
             "POST",
             f"/pools/{_P}/volumes",
-            lambda s, r: s.create_volume(r.params[0], *_fields(r.parse(CreateVolume))),
+            _create_volume,
         ),
         ("GET", f"/pools/{_P}/volumes/{_P}", lambda s, r: s.volume_info(*r.params)),
         ("DELETE", f"/pools/{_P}/volumes/{_P}", lambda s, r: s.delete_volume(*r.params)),
@@ -185,10 +190,6 @@ _ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
         ("DELETE", f"/exports/{_P}", lambda s, r: s.remove_export(r.params[0])),
     ]
 ]
-
-
-def _fields(req: CreateVolume) -> tuple[str, int]:
-    return req.name, req.size
 
 
 def _status_for(exc: BaseException) -> HTTPStatus:
