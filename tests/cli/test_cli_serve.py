@@ -122,3 +122,9 @@ def test_unusable_home_is_one_line(tmp_path):
     long_home = tmp_path / ("d" * 100)
     line = CLI(long_home).fails("serve")
     assert "too deep" in line
+
+
+def test_debug_shows_the_traceback(cli):
+    err = cli("--debug", "pool", "show", "nope", rc=1).err
+    assert "Traceback" in err
+    assert err.splitlines()[-1].startswith("storvisor: error: ")

@@ -205,6 +205,7 @@ def _status_for(exc: BaseException) -> HTTPStatus:
 class _Handler(BaseHTTPRequestHandler):
     server: APIServer
     server_version = "storvisor"
+    timeout = 60  # seconds a client may take to send its request (bounds shutdown)
 
     def address_string(self) -> str:
         return "api.sock"
@@ -310,8 +311,8 @@ class APIServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     guarantees no other daemon serves it.
     """
 
-    daemon_threads = True
-    block_on_close = True
+    daemon_threads = False
+    block_on_close = True  # close() waits for requests in progress
 
     def __init__(self, path: str | os.PathLike[str], service: Service) -> None:
         self.path = Path(path)
