@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import signal
 import subprocess
 
 from cli_harness import CLI, Daemon
@@ -128,3 +129,17 @@ def test_debug_shows_the_traceback(cli):
     err = cli("--debug", "pool", "show", "nope", rc=1).err
     assert "Traceback" in err
     assert err.splitlines()[-1].startswith("storvisor: error: ")
+
+
+def test_after_sigkill_stale_sockets_do_not_matter(cli, home, tmp_path):
+    d = Daemon(home, "--demo").start()
+    d.stop(signal.SIGKILL)
+    assert (home / "api.sock").exists()  # left behind by the killed daemon
+    # The CLI notices nobody answers and opens HOME itself; the lock died with the process.
+    assert [v["name"] for v in cli("volume", "list", "--json").json()] == ["demo"]
+    assert cli("export", "list", "--json").json()[0]["state"] == "inactive"
+    d = Daemon(home).start()
+    try:
+        assert cli("export", "list", "--json").json()[0]["state"] == "active"
+    finally:
+        assert d.stop()[0] == 0
