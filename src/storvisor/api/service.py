@@ -22,7 +22,6 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from storvisor.api.exports import (
@@ -496,8 +495,3 @@ class Service:
         if self._runtime.is_active(spec.name):
             return ExportInfo(spec, ExportState.ACTIVE, uris)
         return ExportInfo(spec, ExportState.BROKEN, uris, self._broken.get(spec.name, ""))
-
-
-def home_from(path: str | os.PathLike[str]) -> Path:
-    """Normalise a HOME path (``~`` expanded, made absolute)."""
-    return Path(path).expanduser().absolute()
