@@ -91,10 +91,7 @@ def pool_details(p: PoolInfo) -> str:
 def volumes_table(volumes: Sequence[VolumeInfo]) -> str:
     return table(
         ["POOL", "NAME", "SIZE", "ALLOCATED", "ORIGIN"],
-        [
-            [v.pool, v.name, human(v.size), human(v.allocated), v.origin or "-"]
-            for v in volumes
-        ],
+        [[v.pool, v.name, human(v.size), human(v.allocated), v.origin or "-"] for v in volumes],
     )
 
 
@@ -114,10 +111,7 @@ def volume_details(v: VolumeInfo) -> str:
 def snapshots_table(snapshots: Sequence[SnapshotInfo]) -> str:
     return table(
         ["NAME", "SIZE", "CREATED", "CLONES"],
-        [
-            [s.name, human(s.size), _time(s.created), ",".join(s.clones) or "-"]
-            for s in snapshots
-        ],
+        [[s.name, human(s.size), _time(s.created), ",".join(s.clones) or "-"] for s in snapshots],
     )
 
 
