@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STORVISOR_HOME ?= $(HOME)/.local/share/storvisor
 
 # Debian packages: the run-time tools, then what the tests drive (real peers and guests).
-APT_RUN  := qemu-utils
+APT_RUN  := qemu-utils libnbd-bin
 APT_TEST := qemu-utils qemu-system-x86 qemu-system-common nbdkit nbdkit-plugin-python \
             libnbd-bin python3-libnbd fio libvirt-clients libxml2-utils linux-image-amd64 \
             busybox-static
