@@ -463,3 +463,13 @@ def test_block_status_reply(
     assert b"".join(conn.reply_block_status(command, extents)) == header + body
     with pytest.raises(ValueError):
         conn.reply_block_status(command, [])
+
+
+@pytest.mark.parametrize("chunk", [1000, 65536, 200_000])
+def test_large_write_payload_in_pieces(chunk: int) -> None:
+    payload = bytes(range(256)) * 1000  # 256,000 bytes: received into its own buffer
+    data = GO_DISK + request(W, 4096, len(payload), payload=payload) + request(C.NBD_CMD_FLUSH)
+    events, _ = drive(ServerConnection(), [data[i : i + chunk] for i in range(0, len(data), chunk)])
+    assert events[1:] == [Command(W, 0, 7, 4096, len(payload), payload), Command(3, 0, 7, 0, 0)]
+    with pytest.raises(ProtocolError):
+        drive(ServerConnection(), [data[i : i + chunk] for i in range(0, 100_000, chunk)], eof=True)

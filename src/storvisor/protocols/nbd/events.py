@@ -63,9 +63,9 @@ class Command:
     ``error`` is 0 for a command to execute, or the NBD error value the codec already chose
     (bad flags, out of range, read-only export, unknown command, no metadata context): the
     server must reply with ``reply_error(command, command.error)`` without touching the
-    device. ``payload`` holds the data of a WRITE to execute (``None`` otherwise; the data
-    of a rejected WRITE is drained by the codec). A plain slotted class: one is built per
-    request on the hot path.
+    device. ``payload`` holds the data of a WRITE to execute, owned by the command (the
+    codec keeps no reference); it is ``None`` otherwise, and the data of a refused WRITE is
+    drained by the codec. A plain slotted class: one is built per request on the hot path.
     """
 
     __slots__ = ("cookie", "error", "flags", "length", "offset", "payload", "type")

@@ -131,6 +131,7 @@ class ServerConnection:
         self._skip = 0  # bytes still to drain (refused WRITE payload, oversized option)
         self._payload: bytearray | None = None  # a large WRITE payload being received
         self._payload_filled = 0
+        self._payload_ready: bytearray | None = None  # ... and complete
         self._payload_header: tuple[int, int, int, int] = (0, 0, 0, 0)
         self._eof = False
         self._error: ProtocolError | None = None
@@ -213,6 +214,8 @@ class ServerConnection:
             self._eof = True
         elif self._payload is not None:
             self._payload_filled += nbytes
+            if self._payload_filled == len(self._payload):
+                self._payload_ready, self._payload = self._payload, None
         else:
             self._end += nbytes
 
@@ -487,7 +490,7 @@ class ServerConnection:
     # -- transmission --------------------------------------------------------------------
 
     def _next_command(self) -> Event | Sentinel:
-        if self._payload is not None:
+        if self._payload_ready is not None or self._payload is not None:
             return self._payload_done()
         start = self._start
         if self._end - start < 28:
@@ -531,13 +534,12 @@ class ServerConnection:
         return Command(kind, flags, cookie, offset, length, payload_bytes, 0)
 
     def _payload_done(self) -> Event | Sentinel:
-        payload = self._payload
-        assert payload is not None
-        if self._payload_filled < len(payload):
+        payload = self._payload_ready
+        if payload is None:
             if self._eof:
                 raise ProtocolError("the client closed the connection in the middle of a message")
             return NEED_DATA
-        self._payload = None
+        self._payload_ready = None
         flags, cookie, offset, length = self._payload_header
         return Command(C.NBD_CMD_WRITE, flags, cookie, offset, length, payload, 0)
 
