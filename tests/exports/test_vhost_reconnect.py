@@ -87,7 +87,7 @@ class _Server:
 @pytest.fixture
 def server(tmp_path: Path, sock: str) -> Iterator[_Server]:
     image = tmp_path / "disk.img"
-    image.write_bytes(bytes(1 << 20))
+    image.write_bytes(bytes(4 << 20))
     srv = _Server(image, sock)
     yield srv
     if srv.proc is not None:
@@ -103,8 +103,18 @@ def _inflight_flags(fe: VhostUserFrontend) -> list[int]:
     ]
 
 
-@pytest.mark.parametrize("claimed_base", ["used", "avail"])
-def test_sigkill_with_request_in_flight(server: _Server, sock: str, claimed_base: str) -> None:
+@pytest.mark.parametrize(
+    "claimed_base, block, stuck",
+    [
+        ("used", 4096, 1),  # small requests run in order on the queue thread: one stuck
+        ("avail", 4096, 1),
+        ("used", 256 << 10, 5),  # large ones run on the I/O pool: all the rest in flight
+    ],
+    ids=["used-small", "avail-small", "used-large"],
+)
+def test_sigkill_with_requests_in_flight(
+    server: _Server, sock: str, claimed_base: str, block: int, stuck: int
+) -> None:
     server.start(fast_writes=3)
     with VhostUserFrontend(sock, inflight=True, queue_size=32, timeout=10) as fe:
         fe.setup()
@@ -112,21 +122,22 @@ def test_sigkill_with_request_in_flight(server: _Server, sock: str, claimed_base
         heads = []
         for i in range(8):
             head, _, status = fe.blk_submit(
-                RequestType.OUT, 8 * i, out=bytes([i + 1]) * 4096, kick=False
+                RequestType.OUT, i * block // 512, out=bytes([i + 1]) * block, kick=False
             )
             heads.append((head, status))
         fe.kick(0)
-        # three complete, the fourth hangs inside the device: it is recorded in flight
+        # three complete, the fourth write hangs inside the device: what was popped and not
+        # completed is recorded in flight
+        q = fe.queues[0]
         deadline = time.monotonic() + 10
-        while len(_inflight_flags(fe)) != 1 or fe._used_idx(fe.queues[0]) != 3:
+        while len(_inflight_flags(fe)) != stuck or fe._used_idx(q) != 3:
             assert time.monotonic() < deadline, "the back-end never stalled"
             time.sleep(0.01)
-        stuck = _inflight_flags(fe)[0]
-        assert stuck == heads[3][0]
+        if stuck == 1:
+            assert _inflight_flags(fe) == [heads[3][0]]
 
         server.kill()
         server.start(fast_writes=-1)
-        q = fe.queues[0]
         fe.disconnect()
         fe.connect()
         fe.negotiate()
@@ -143,11 +154,11 @@ def test_sigkill_with_request_in_flight(server: _Server, sock: str, claimed_base
             assert fe.read_mem(status, 1)[0] == Status.OK
         assert _inflight_flags(fe) == []
         for i in range(8):
-            assert fe.read(4096 * i, 4096) == (Status.OK, bytes([i + 1]) * 4096)
+            assert fe.read(block * i, block) == (Status.OK, bytes([i + 1]) * block)
         assert fe.stop_queue(0) == q.avail_idx
     data = server.image.read_bytes()
     for i in range(8):
-        assert data[4096 * i : 4096 * (i + 1)] == bytes([i + 1]) * 4096
+        assert data[block * i : block * (i + 1)] == bytes([i + 1]) * block
     server.stop()
 
 

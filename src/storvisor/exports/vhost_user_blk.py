@@ -13,8 +13,11 @@ Each running queue has its own worker thread. On a kick it drains the whole avai
 pops a chain, runs it with :func:`storvisor.protocols.virtio.blk.execute` (the guest's buffers
 are ``memoryview`` s of the mapping, passed straight to ``read_into``/``write``, so data is
 never copied in Python), pushes the used entry; then it signals the call eventfd once for the
-batch if the driver wants it, and re-arms notifications. Data calls release the GIL inside
-``preadv``/``pwritev``, so queues overlap on several cores.
+batch if the driver wants it, and re-arms notifications. Requests of at least
+``OFFLOAD_BYTES`` run on a small thread pool shared by the server's queues instead, so large
+copies proceed on several cores at once (the data calls release the GIL); their completions
+come back to the queue thread, the only one that writes the used ring, and may be out of
+order. Small requests stay on the queue thread: handing them over costs more than they do.
 
 Failure model: a malformed message or a hostile memory table drops the connection (the queues
 are stopped and memory unmapped; a reconnecting front-end starts afresh). A bad descriptor
@@ -33,6 +36,7 @@ shared bitmap, under one lock shared by the queue threads.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import itertools
@@ -43,6 +47,7 @@ import select
 import socket
 import stat
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from storvisor.engine.device import BlockDevice
@@ -110,8 +115,18 @@ class _Mapping:
     mm: mmap.mmap
 
 
+OFFLOAD_BYTES = 128 << 10
+"""Requests carrying at least this much data run on the server's I/O pool, so several large
+copies proceed on several cores while the queue thread keeps popping."""
+
+
 class _QueueWorker:
-    """One thread serving one virtqueue until :meth:`stop`."""
+    """One thread serving one virtqueue until :meth:`stop`.
+
+    Small requests run inline on this thread. Large ones go to the I/O pool; the pool thread
+    appends the finished chain to ``_done`` and wakes this thread, which alone touches the
+    used ring. ``stop`` returns only once every request it popped has been completed.
+    """
 
     def __init__(self, owner: _Device, setup: QueueSetup, queue: SplitQueue) -> None:
         self.owner = owner
@@ -120,6 +135,8 @@ class _QueueWorker:
         self.resubmit: list[int] = []
         self._stop = False
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._done: collections.deque[tuple[Chain, int | None]] = collections.deque()
+        self._offloaded = 0
         self._thread = threading.Thread(
             target=self._run, name=f"vhost-blk-q{setup.index}", daemon=True
         )
@@ -131,7 +148,8 @@ class _QueueWorker:
         os.eventfd_write(self._wake, 1)
 
     def stop(self) -> int:
-        """Stop after the batch in progress; return the next avail index."""
+        """Stop after the batch in progress and its offloaded requests; return the next
+        avail index."""
         self._stop = True
         self.wake()
         self._thread.join()
@@ -149,23 +167,26 @@ class _QueueWorker:
         if kick is not None:
             poller.register(kick, select.POLLIN)
         try:
-            self._resubmit()
-            self._drain()
-            owner.signal(self.index)  # once after (re)start, whatever happened before
-            while not self._stop:
-                events = poller.poll(None if kick is not None else 1)
-                if self._stop:
-                    break
-                for fd, _ in events:
-                    _eventfd_clear(fd)
-                current = owner.kick_fds[self.index]
-                if current != kick:
-                    if kick is not None:
-                        poller.unregister(kick)
-                    kick = current
-                    if kick is not None:
-                        poller.register(kick, select.POLLIN)
+            try:
+                self._resubmit()
                 self._drain()
+                owner.signal(self.index)  # once after (re)start, whatever happened before
+                while not self._stop:
+                    events = poller.poll(None if kick is not None else 1)
+                    if self._stop:
+                        break
+                    for fd, _ in events:
+                        _eventfd_clear(fd)
+                    current = owner.kick_fds[self.index]
+                    if current != kick:
+                        if kick is not None:
+                            poller.unregister(kick)
+                        kick = current
+                        if kick is not None:
+                            poller.register(kick, select.POLLIN)
+                    self._drain()
+            finally:
+                self._finish_offloaded()
         except ProtocolError as e:
             log.error("vhost-user-blk queue %d is broken: %s", self.index, e)
             owner.queue_broken(self.index)
@@ -173,25 +194,74 @@ class _QueueWorker:
             log.exception("vhost-user-blk queue %d failed", self.index)
             owner.queue_broken(self.index)
 
+    def _execute(self, chain: Chain) -> int:
+        owner = self.owner
+        return blk.execute(
+            owner.block,
+            chain,
+            serial=owner.serial,
+            writethrough=owner.writethrough,
+            read_only=owner.read_only,
+        )
+
+    def _complete(self, chain: Chain, used_len: int) -> None:
+        queue = self.queue
+        assert queue is not None
+        if self.owner.logging:
+            slot = queue.used_idx % queue.num
+            queue.push(chain.head, used_len)
+            self.owner.log_completion(self.index, chain, slot)
+        else:
+            queue.push(chain.head, used_len)
+
     def _resubmit(self) -> None:
         queue = self.queue
         assert queue is not None
-        owner = self.owner
-        queue.record_writes = owner.logging
+        queue.record_writes = self.owner.logging
         for head in self.resubmit:
             chain = queue.walk(head)
-            used_len = blk.execute(
-                owner.block,
-                chain,
-                serial=owner.serial,
-                writethrough=owner.writethrough,
-                read_only=owner.read_only,
-            )
-            slot = queue.used_idx % queue.num
-            queue.push(chain.head, used_len)
-            if owner.logging:
-                owner.log_completion(self.index, chain, slot)
+            self._complete(chain, self._execute(chain))
         self.resubmit = []
+
+    def _offload(self, chain: Chain) -> None:
+        """Runs on a pool thread."""
+        try:
+            used_len: int | None = self._execute(chain)
+        except Exception:
+            log.exception("vhost-user-blk queue %d: offloaded request failed", self.index)
+            used_len = None
+        self._done.append((chain, used_len))
+        os.eventfd_write(self._wake, 1)  # open: the worker waits for every offloaded request
+
+    def _reap(self) -> int:
+        """Publish offloaded requests that finished; returns how many."""
+        done = self._done
+        count = 0
+        while done:
+            chain, used_len = done.popleft()
+            self._offloaded -= 1
+            if used_len is None:
+                raise ProtocolError("a request failed unexpectedly")
+            self._complete(chain, used_len)
+            count += 1
+        return count
+
+    def _finish_offloaded(self) -> None:
+        """Wait for every offloaded request and publish it (also after an error)."""
+        poller = select.poll()
+        poller.register(self._wake, select.POLLIN)
+        reaped = 0
+        while self._offloaded:
+            if not self._done:
+                poller.poll(1000)
+                _eventfd_clear(self._wake)
+            try:
+                reaped += self._reap()
+            except ProtocolError:
+                continue  # the queue is broken anyway; keep waiting for the others
+        queue = self.queue
+        if reaped and queue is not None and queue.should_notify():
+            self.owner.signal(self.index)
 
     def _drain(self) -> None:
         queue = self.queue
@@ -201,25 +271,35 @@ class _QueueWorker:
         device = owner.block
         serial = owner.serial
         read_only = owner.read_only
+        pool = owner.server.io_pool()
         while True:
-            served = 0
+            served = self._reap() if self._offloaded else 0
             writethrough = owner.writethrough
             logging = queue.record_writes = owner.logging
             while not self._stop:  # a stop request ends the batch (GET_VRING_BASE waits)
                 chain = queue.pop()
                 if chain is None:
                     break
+                size = 0
+                for view in chain.writable:
+                    size += len(view)
+                for view in chain.readable:
+                    size += len(view)
+                if size >= OFFLOAD_BYTES and pool is not None:
+                    self._offloaded += 1
+                    pool.submit(self._offload, chain)
+                    continue
                 used_len = execute(
                     device, chain, serial=serial, writethrough=writethrough, read_only=read_only
                 )
                 if logging:
-                    slot = queue.used_idx % queue.num
-                    queue.push(chain.head, used_len)
-                    owner.log_completion(self.index, chain, slot)
+                    self._complete(chain, used_len)
                 else:
                     queue.push(chain.head, used_len)
                 served += 1
             chain = None  # no guest-memory view outlives the batch
+            if self._offloaded:
+                served += self._reap()
             if served and queue.should_notify():
                 owner.signal(self.index)
             if self._stop or not queue.enable_notification():
@@ -649,6 +729,8 @@ class VhostUserBlkServer:
         self._device: _Device | None = None
         self.connections = 0
         """Front-end connections served so far (for tests and metrics)."""
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     def start(self) -> None:
         """Bind the socket (replacing a stale one) and serve in a background thread.
@@ -709,6 +791,19 @@ class VhostUserBlkServer:
             if fd >= 0:
                 os.close(fd)
         self._wake_r = self._wake_w = -1
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def io_pool(self) -> ThreadPoolExecutor | None:
+        """The shared pool large requests run on (``None`` on a one-CPU machine)."""
+        with self._pool_lock:
+            if self._pool is None and (os.cpu_count() or 1) > 1:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=os.cpu_count() or 1, thread_name_prefix="vhost-blk-io"
+                )
+            return self._pool
 
     @property
     def connected(self) -> bool:
