@@ -17,11 +17,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from storvisor.api.client import Client
 from storvisor.engine.home import Home
-from storvisor.engine.types import BackingSpec
+from storvisor.engine.types import BackingSpec, VolumeInfo
 from storvisor.testing import crashkit
 from storvisor.testing.crashkit import EngineReader, History
 
@@ -205,3 +207,113 @@ def test_checker_fua_and_committed_snapshots() -> None:
     assert history.verify(Fixed({"v": bytes(2048), "v@s": bytes(2048)})), "FUA write lost"
     # the deletion was not committed: the old snapshot may stay, but must keep its data
     assert history.verify(Fixed({**contents, "v@old": bytes(written)}))
+
+
+DAEMON_ROUNDS = 5
+
+
+class DaemonRound:
+    """``storvisor serve`` on the Home, NBD connections to its exports, and a timer that
+    SIGKILLs the daemon."""
+
+    def __init__(self, home: Path, log_dir: Path) -> None:
+        self.home = home
+        storvisor = str(Path(sys.executable).with_name("storvisor"))
+        self.stderr = open(log_dir / "daemon.err", "ab")  # noqa: SIM115 (closed in close())
+        self.proc = subprocess.Popen(
+            [storvisor, "--home", str(home), "serve"],
+            stdout=subprocess.DEVNULL,
+            stderr=self.stderr,
+        )
+        self.killed = threading.Event()
+        self.handles: list[Any] = []
+        deadline = time.monotonic() + 30
+        client = None
+        while client is None:
+            assert self.proc.poll() is None, "the daemon exited at start"
+            assert time.monotonic() < deadline, "the daemon did not start"
+            time.sleep(0.05)
+            client = Client.for_home(home)
+        self.api = client
+
+    def connect(self, volume: str) -> Any:
+        nbd = pytest.importorskip("nbd")
+        exports = {e.spec.name: e for e in self.api.exports()}
+        info = exports.get(volume) or self.api.export_nbd("p", volume, name=volume)
+        handle = nbd.NBD()
+        handle.connect_uri(info.uris[0])
+        self.handles.append(handle)
+        return handle
+
+    def kill_after(self, delay: float) -> threading.Timer:
+        def kill() -> None:
+            self.killed.set()
+            self.proc.send_signal(signal.SIGKILL)
+
+        timer = threading.Timer(delay, kill)
+        timer.start()
+        return timer
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+        self.handles.clear()  # a libnbd handle closes when dropped
+        self.stderr.close()
+
+
+def test_daemon_crash_rounds(tmp_path: Path) -> None:
+    """The same check with the daemon as the victim: writes over NBD, snapshots and clones
+    through the API, SIGKILL of ``storvisor serve`` at a random moment."""
+    pytest.importorskip("nbd")
+    seed = int(os.environ.get("STORVISOR_CRASH_SEED", random.randrange(1 << 32)))
+    rng = random.Random(seed)
+    home_dir = tmp_path / "home"
+    home = Home(home_dir)
+    home.create_pool("p", [BackingSpec(str(tmp_path / "b0.img"), size=POOL_BYTES)], 16384)
+    home.pool("p").create_volume("v", VOLUME)
+    home.close()
+
+    known: dict[str, bytes] = {"v": bytes(VOLUME)}
+    flushed_rounds = 0
+    for round_ in range(DAEMON_ROUNDS):
+        where = f"daemon, seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
+        volumes = {name: len(data) for name, data in known.items() if "@" not in name}
+        snapshots = [name for name in known if "@" in name]
+        cloned = {f"{v.origin}" for v in _volume_infos(home_dir) if v.origin}
+        workload = crashkit.Workload(
+            volumes=volumes,
+            snapshots=[s for s in snapshots if s not in cloned],
+            ops=100_000,
+            discards=True,
+            snapshot_ops=round_ % 2 == 1,
+            flush_rate=rng.choice([0.1, 0.02]),
+            name_prefix=f"r{round_}",
+        )
+        daemon = DaemonRound(home_dir, tmp_path)
+        log = crashkit.ListLog()
+        writer = crashkit.NbdWriter(daemon.connect, daemon.api, "p")
+        timer = daemon.kill_after(rng.uniform(0.2, 1.2))
+        try:
+            try:
+                crashkit.run_workload(writer, log, random.Random(rng.randrange(1 << 32)), workload)
+            except Exception:
+                if not daemon.killed.is_set():
+                    raise
+            timer.join()
+            assert daemon.killed.is_set(), f"{where}: the workload ended before the kill"
+        finally:
+            timer.cancel()
+            daemon.close()
+        history = History(known, log.records)
+        if history.durable:
+            flushed_rounds += 1
+        known = _verify(home_dir, history, where)
+    assert flushed_rounds >= DAEMON_ROUNDS // 2, f"seed {seed}: too few rounds reached a flush"
+
+
+def _volume_infos(home_dir: Path) -> list[VolumeInfo]:
+    home = Home(home_dir)
+    try:
+        return home.pool("p").volumes()
+    finally:
+        home.close()

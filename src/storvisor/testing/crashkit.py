@@ -27,8 +27,9 @@ against the contract of a disk with a volatile write cache, at 512-byte sector g
   durable must be gone.
 
 The log and the checker know nothing of how operations are issued: ``EngineWriter`` drives a
-pool in this process (the worker below), and the same workload can drive a daemon over NBD
-with another ``Writer``. The worker program::
+pool in this process (the worker below), and ``NbdWriter`` drives a daemon over NBD and its
+management API (the workload then runs in the checking process with a ``ListLog``, and the
+daemon is what gets killed). The worker program::
 
     python -m storvisor.testing.crashkit --home DIR --pool POOL --seed N --round R \\
         --log-fd FD [--ops N] [--flush-rate F] [--snapshots] [--discards] [--exit]
@@ -46,7 +47,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -214,6 +215,92 @@ class EngineWriter:
         for handle in self.handles.values():
             handle.close()
         self.handles.clear()
+
+
+NBD_CMD_FLAG_FUA = 1 << 0
+"""NBD protocol: force unit access (as libnbd's ``CMD_FLAG_FUA``)."""
+NBD_CMD_FLAG_NO_HOLE = 1 << 1
+"""NBD protocol: WRITE_ZEROES must not punch a hole (as libnbd's ``CMD_FLAG_NO_HOLE``)."""
+
+
+class NbdHandle(Protocol):
+    """The part of a connected ``libnbd`` handle (``nbd.NBD``) the NBD writer uses."""
+
+    def pwrite(self, buf: bytes, offset: int, flags: int = 0) -> None: ...
+
+    def trim(self, count: int, offset: int, flags: int = 0) -> None: ...
+
+    def zero(self, count: int, offset: int, flags: int = 0) -> None: ...
+
+    def flush(self, flags: int = 0) -> None: ...
+
+
+class Management(Protocol):
+    """The part of the management API (``storvisor.api.client.Client``) the NBD writer uses."""
+
+    def create_snapshot(self, pool: str, volume: str, snapshot: str) -> object: ...
+
+    def clone(self, pool: str, volume: str, snapshot: str, new: str) -> object: ...
+
+    def delete_snapshot(self, pool: str, volume: str, snapshot: str) -> None: ...
+
+
+class NbdWriter:
+    """A ``Writer`` that drives a daemon: data over NBD, snapshots and clones over its API.
+
+    ``connect(volume)`` returns a connected handle on an NBD export of ``volume`` (exporting
+    it first if needed); it is called once per target. ``flush`` flushes every connection
+    written since the last flush. ``management_durable`` is what the API promises for
+    snapshot, clone and delete.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[str], NbdHandle],
+        api: Management,
+        pool: str,
+        *,
+        management_durable: bool = True,
+    ) -> None:
+        self.connect = connect
+        self.api = api
+        self.pool = pool
+        self._management_durable = management_durable
+        self.handles: dict[str, NbdHandle] = {}
+        self.dirty: set[str] = set()
+
+    @property
+    def management_durable(self) -> bool:
+        return self._management_durable
+
+    def _handle(self, target: str) -> NbdHandle:
+        if target not in self.handles:
+            self.handles[target] = self.connect(target)
+        self.dirty.add(target)
+        return self.handles[target]
+
+    def write(self, target: str, offset: int, data: bytes, *, fua: bool) -> None:
+        self._handle(target).pwrite(data, offset, NBD_CMD_FLAG_FUA if fua else 0)
+
+    def discard(self, target: str, offset: int, length: int) -> None:
+        self._handle(target).trim(length, offset)
+
+    def write_zeroes(self, target: str, offset: int, length: int, *, may_unmap: bool) -> None:
+        self._handle(target).zero(length, offset, 0 if may_unmap else NBD_CMD_FLAG_NO_HOLE)
+
+    def flush(self) -> None:
+        for target in sorted(self.dirty):
+            self.handles[target].flush()
+        self.dirty.clear()
+
+    def snapshot(self, volume: str, snapshot: str) -> None:
+        self.api.create_snapshot(self.pool, volume, snapshot)
+
+    def clone(self, volume: str, snapshot: str, new: str) -> None:
+        self.api.clone(self.pool, volume, snapshot, new)
+
+    def delete_snapshot(self, volume: str, snapshot: str) -> None:
+        self.api.delete_snapshot(self.pool, volume, snapshot)
 
 
 class EngineReader:
