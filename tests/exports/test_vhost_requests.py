@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -316,3 +317,56 @@ def test_polling_mode_without_eventfds(server: VhostUserBlkServer, sock: str) ->
         for i in range(10):
             head, _, status = fe.blk_submit(RequestType.OUT, i, out=bytes([i]) * 512, kick=False)
             assert fe.wait(0, head) == 1 and fe.read_mem(status, 1) == b"\x00"
+
+
+class SlowLargeReads(MemoryDevice):
+    """Large reads take a while, so that small requests overtake them."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.release = threading.Event()
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        if len(buf) >= 128 << 10:
+            self.release.wait(10)
+        super().read_into(offset, buf)
+
+
+def test_small_requests_overtake_large_ones(sock: str) -> None:
+    device = SlowLargeReads(SIZE)
+    device.write(0, pattern(SIZE, 4))
+    server = VhostUserBlkServer(device, sock)
+    server.start()
+    try:
+        with VhostUserFrontend(sock, queue_size=64) as fe:
+            fe.setup()
+            big, big_data, _ = fe.blk_submit(RequestType.IN, 0, in_len=256 << 10, kick=False)
+            small, _, small_status = fe.blk_submit(RequestType.OUT, 2048, out=b"s" * 4096)
+            assert fe.wait(0, small) == 1 and fe.read_mem(small_status, 1) == b"\x00"
+            assert big not in fe.queues[0].completions and fe.in_flight() == 1
+            device.release.set()
+            assert fe.wait(0, big) == (256 << 10) + 1
+            assert fe.read_mem(big_data, 256 << 10) == pattern(SIZE, 4)[: 256 << 10]
+            assert fe.stop_queue(0) == 2
+    finally:
+        server.close()
+
+
+def test_stop_waits_for_offloaded_requests(sock: str) -> None:
+    device = SlowLargeReads(SIZE)
+    server = VhostUserBlkServer(device, sock)
+    server.start()
+    try:
+        with VhostUserFrontend(sock) as fe:
+            fe.setup()
+            head, _, status = fe.blk_submit(RequestType.IN, 0, in_len=256 << 10)
+            time.sleep(0.05)
+            threading.Timer(0.2, device.release.set).start()
+            started = time.monotonic()
+            assert fe.stop_queue(0) == 1  # returns only once the request completed
+            assert time.monotonic() - started >= 0.1
+            fe.poll_used(0)
+            assert fe.queues[0].completions.get(head) == (256 << 10) + 1
+            assert fe.read_mem(status, 1) == b"\x00"
+    finally:
+        server.close()
