@@ -3,8 +3,11 @@
 It shares memfd "guest memory" (one or several regions, any guest-physical base and
 ``mmap_offset``), negotiates features, lays out split rings and submits virtio-blk requests
 of every type: data split over several descriptors, indirect tables, buffers that straddle
-two regions. It also sends deliberately broken things (raw messages, bad descriptors) and
-can reconnect to a restarted back-end with the inflight buffer it kept, as QEMU does.
+two regions. It also sends deliberately broken things (raw messages, bad descriptors),
+can reconnect to a restarted back-end with the inflight buffer it kept, as QEMU does, and
+can turn on dirty-page logging and read the bitmap back (``start_logging``,
+``dirty_pages``). :class:`FrontendBlockDevice` wraps a front-end as a ``BlockDevice`` so the
+conformance suite runs through an export.
 
 Typical use::
 
