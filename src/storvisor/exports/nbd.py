@@ -78,7 +78,7 @@ class NBDServer:
         self._lock = threading.Lock()
         self._exports: dict[str, NBDExport] = {}
         self._listeners: list[socket.socket] = []
-        self._unix_paths: list[str] = []
+        self._unix_paths: list[tuple[str, int, int]] = []  # path, st_dev, st_ino
         self._threads: list[threading.Thread] = []
         self._connections: set[_Connection] = set()
         self._started = False
@@ -143,7 +143,8 @@ class NBDServer:
         except OSError as e:
             sock.close()
             raise IOFailure(f"cannot listen on {path}: {e.strerror}", e.errno or 5) from e
-        self._add_listener(sock, path)
+        st = os.stat(path)
+        self._add_listener(sock, (path, st.st_dev, st.st_ino))
 
     def listen_tcp(self, host: str = "127.0.0.1", port: int = 10809) -> int:
         """Listen on TCP ``host:port`` (port 0 picks a free port); returns the port.
@@ -165,7 +166,7 @@ class NBDServer:
         self._add_listener(sock, None)
         return bound
 
-    def _add_listener(self, sock: socket.socket, unix_path: str | None) -> None:
+    def _add_listener(self, sock: socket.socket, unix_path: tuple[str, int, int] | None) -> None:
         with self._lock:
             if self._closed:
                 sock.close()
@@ -202,9 +203,11 @@ class NBDServer:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
-        for path in paths:
+        for path, dev, ino in paths:
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) == (dev, ino):  # not replaced by another server
+                    os.unlink(path)
         for connection in connections:
             connection.abort()
         for thread in threads:
@@ -483,7 +486,8 @@ class _Sender:
                 finally:
                     with self._cond:
                         self._busy = False
-                        self._cond.notify_all()
+                        if self._pending:  # only then is the thread waiting for this
+                            self._cond.notify_all()
                 return
         size = sum(len(b) for b in buffers)
         with self._cond:
