@@ -62,6 +62,9 @@ class RequestType(enum.IntEnum):
     SECURE_ERASE = 14
 
 
+_IN = int(RequestType.IN)
+_OUT = int(RequestType.OUT)
+
 VIRTIO_BLK_T_BARRIER = 0x80000000
 """Legacy flag; masked off."""
 
@@ -191,19 +194,32 @@ def execute(
     used_len = 1
     status = Status.OK
     try:
-        if rtype == RequestType.IN:
-            data = writable[:-1]
-            if len(last) > 1:
-                data.append(last[: len(last) - 1])
-            total = sum(len(v) for v in data)
-            pos = _check(device, sector, total)
-            for view in data:
-                device.read_into(pos, view)
-                pos += len(view)
+        if rtype == _IN:
+            if len(writable) == 2 and len(last) == 1:  # the usual layout: data, status
+                view = writable[0]
+                total = len(view)
+                device.read_into(_check(device, sector, total), view)
+            else:
+                data = writable[:-1]
+                if len(last) > 1:
+                    data.append(last[: len(last) - 1])
+                total = 0
+                for view in data:
+                    total += len(view)
+                pos = _check(device, sector, total)
+                for view in data:
+                    device.read_into(pos, view)
+                    pos += len(view)
             used_len = total + 1
-        elif rtype == RequestType.OUT:
-            views = _data_views(chain.readable, index, offset)
-            total = sum(len(v) for v in views)
+        elif rtype == _OUT:
+            readable = chain.readable
+            if index == 0 and offset == 16 and len(readable) == 2 and len(readable[0]) == 16:
+                views = readable[1:]  # the usual layout: header, data
+            else:
+                views = _data_views(readable, index, offset)
+            total = 0
+            for view in views:
+                total += len(view)
             pos = _check(device, sector, total)
             if read_only:
                 raise IOFailure("write to a read-only device", errno.EPERM)
@@ -240,13 +256,13 @@ def execute(
             status = Status.UNSUPP
     except IOFailure as e:
         status = _status_of(e)
-        if rtype == RequestType.IN:
+        if rtype == _IN:
             used_len = 1
     except ProtocolError:
         raise
     except StorvisorError:  # e.g. CorruptMetadata: the request fails, the queue lives on
         status = Status.IOERR
-        if rtype == RequestType.IN:
+        if rtype == _IN:
             used_len = 1
     status_view[0] = status
     return used_len
