@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from storvisor.exports.vhost_user_blk import VhostUserBlkServer
 from storvisor.protocols.vhost_user import messages as m
@@ -402,3 +404,38 @@ def test_no_fd_or_thread_leak(servers: tuple[VhostUserBlkServer, VhostUserBlkSer
         cycle()
     assert open_fds() == fds
     assert threading.active_count() == threads
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 45), st.binary(max_size=64), st.integers(0, 2)),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_fuzzed_messages_never_hurt_the_server(
+    servers: tuple[VhostUserBlkServer, VhostUserBlkServer], messages: list[tuple[int, bytes, int]]
+) -> None:
+    victim, _ = servers
+    fe = VhostUserFrontend(victim.socket_path, timeout=2)
+    try:
+        fe.connect()
+        for request, payload, nfds in messages:
+            fds = [os.eventfd(0) for _ in range(nfds)]
+            try:
+                fe.send(request, payload, fds)
+            except OSError:
+                break  # the back-end already dropped us
+            finally:
+                for fd in fds:
+                    os.close(fd)
+    finally:
+        fe.close()
+    deadline = time.monotonic() + 5
+    while victim.connected:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    _still_serving(victim)
