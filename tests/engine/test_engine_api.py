@@ -11,11 +11,19 @@ from pathlib import Path
 
 import pytest
 
+from storvisor.engine import pool as pool_module
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.home import Home
 from storvisor.engine.pool import Pool
 from storvisor.engine.types import BackingKind, BackingSpec
-from storvisor.errors import Conflict, InvalidArgument, IOFailure, NoSpace, NotFound
+from storvisor.errors import (
+    Conflict,
+    CorruptMetadata,
+    InvalidArgument,
+    IOFailure,
+    NoSpace,
+    NotFound,
+)
 
 CS = 64 << 10
 
@@ -518,3 +526,46 @@ def test_snapshot_and_clone_creation_are_o1(pool: Pool) -> None:
         costs.append(pool.metadata_writes - before)
     assert costs[0] == costs[1] <= 8, costs
     assert content(pool, "small-clone")[:1] == b"d"
+
+
+def test_freed_clusters_are_not_reused_before_the_free_commits(
+    home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pool_module, "COMMIT_INTERVAL", 3600.0)  # only explicit flushes commit
+    home.create_pool("tight", [BackingSpec(str(tmp_path / "t.img"), 5 * 4096)], 4096)
+    pool = home.pool("tight")
+    pool.create_volume("v", 8 * 4096)
+    handle = pool.open_volume("v")
+    handle.write(0, b"\x01" * 4 * 4096)  # the pool is full
+    handle.discard(0, 4096)
+    with pytest.raises(NoSpace):
+        handle.write(5 * 4096, b"x")  # the discarded cluster is not free yet
+    pool.flush()
+    handle.write(5 * 4096, b"x")
+    assert read(handle, 0, 6 * 4096) == bytes(4096) + b"\x01" * 3 * 4096 + bytes(
+        4096
+    ) + b"x" + bytes(4095)
+    handle.close()
+    assert pool.fsck().clean
+
+
+def test_busy_snapshot_blocks_volume_delete(pool: Pool) -> None:
+    pool.create_volume("v", 1 << 20)
+    pool.create_snapshot("v", "s")
+    snap = pool.open_volume("v", "s")
+    with pytest.raises(Conflict):
+        pool.delete_volume("v")
+    snap.close()
+    pool.delete_volume("v")
+    assert pool.volumes() == []
+
+
+def test_swapped_devices_are_refused(home: Home, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    home.create_pool("two", [BackingSpec(str(a), 4 << 20), BackingSpec(str(b), 4 << 20)])
+    home.close()
+    a.rename(tmp_path / "x.img")
+    b.rename(a)
+    (tmp_path / "x.img").rename(b)
+    with Home(home.path) as again, pytest.raises(CorruptMetadata):
+        again.pool("two")
