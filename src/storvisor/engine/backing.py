@@ -89,7 +89,7 @@ class Backing:
         """
         fd, created = _open_spec(spec)
         try:
-            found = Header.unpack(os.pread(fd, HEADER_BYTES, 0))
+            found = _read_header(fd, spec.path)
             if found is not None:
                 raise Conflict(
                     f"{spec.path} belongs to pool {found.pool_name!r} ({found.pool_uuid})"
@@ -100,7 +100,7 @@ class Backing:
                     f"{spec.path} is too small: at least two clusters of "
                     f"{header.cluster_size} bytes are needed"
                 )
-            _write_header(fd, header.pack())
+            _write_header(fd, header.pack(), spec.path)
         except BaseException:
             os.close(fd)
             if created:
@@ -118,7 +118,11 @@ class Backing:
             raise NotFound(f"backing device {path} is missing") from e
         except OSError as e:
             raise IOFailure(f"cannot open {path}: {e.strerror}", e.errno or errno.EIO) from e
-        found = Header.unpack(os.pread(fd, HEADER_BYTES, 0))
+        try:
+            found = _read_header(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
         if found is None or (found.pool_uuid, found.index) != (expected.pool_uuid, expected.index):
             os.close(fd)
             raise CorruptMetadata(
@@ -138,7 +142,12 @@ class Backing:
         if self.kind is not BackingKind.FILE:
             raise InvalidArgument(f"{self.path} is a block device; it cannot be resized here")
         if size > _device_bytes(self.fd):
-            os.ftruncate(self.fd, size)
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError as e:
+                raise IOFailure(
+                    f"cannot grow {self.path}: {e.strerror}", e.errno or errno.EIO
+                ) from e
         self.clusters = _device_bytes(self.fd) // self.cluster_size - 1
 
     def sync(self) -> None:
@@ -150,7 +159,7 @@ class Backing:
 
     def wipe_header(self) -> None:
         """Erase the header so the device may join a pool again."""
-        _write_header(self.fd, bytes(HEADER_BYTES))
+        _write_header(self.fd, bytes(HEADER_BYTES), self.path)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -201,6 +210,18 @@ def _device_bytes(fd: int) -> int:
     return os.lseek(fd, 0, os.SEEK_END)
 
 
-def _write_header(fd: int, raw: bytes) -> None:
-    os.pwrite(fd, raw, 0)
-    os.fsync(fd)
+def _read_header(fd: int, path: str) -> Header | None:
+    try:
+        return Header.unpack(os.pread(fd, HEADER_BYTES, 0))
+    except OSError as e:
+        raise IOFailure(f"cannot read {path}: {e.strerror}", e.errno or errno.EIO) from e
+
+
+def _write_header(fd: int, raw: bytes, path: str) -> None:
+    try:
+        os.pwrite(fd, raw, 0)
+        os.fsync(fd)
+    except OSError as e:
+        raise IOFailure(
+            f"cannot write the header of {path}: {e.strerror}", e.errno or errno.EIO
+        ) from e
