@@ -1,0 +1,230 @@
+"""NBD export benchmark: storvisor against nbdkit's file plugin and qemu-storage-daemon.
+
+Every server serves a 1 GiB image (written, not sparse) on a Unix socket; the same client,
+``qemu-img bench`` (O_DIRECT off the client side, ``-t none -n``), drives each in turn:
+
+* 4k "random" read and write at queue depth 1 and 32: qemu-img bench steps through the image
+  by a large prime number of 4 KiB blocks (``-S``), wrapping around, which scatters requests;
+* 1 MiB sequential read and write at queue depth 8.
+
+The "first" write row is the first write to each block after the image was prepared: on
+the snapshotted thin volume it pays copy-on-write of every cluster it touches. The write
+rows after it overwrite the same blocks (steady state), so comparing the snapshotted volume
+with the fresh one there measures the cost of the chain itself.
+
+storvisor is measured serving a raw file (``FileDevice``), a thin volume, and a thin volume
+with ten snapshots in its chain. The table gives requests per second and the ratio of each
+storvisor configuration to each peer. Usage::
+
+    .venv/bin/python bench/nbd_bench.py [--scale 1.0] [--only raw,thin]
+
+``--scale`` multiplies the request counts (0.2 for a quick look).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SIZE = 1 << 30
+STEP_4K = 4096 * 104729  # a prime number of blocks: scattered offsets
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    size: int
+    step: int
+    depth: int
+    write: bool
+    count: int
+
+
+WORKLOADS = [
+    Workload("4k randread qd1", 4096, STEP_4K, 1, False, 20000),
+    Workload("4k randread qd32", 4096, STEP_4K, 32, False, 100000),
+    Workload("4k randwrite qd32 first", 4096, STEP_4K, 32, True, 100000),
+    Workload("4k randwrite qd1", 4096, STEP_4K, 1, True, 20000),
+    Workload("4k randwrite qd32", 4096, STEP_4K, 32, True, 100000),
+    Workload("1M seqread qd8", 1 << 20, 1 << 20, 8, False, 3000),
+    Workload("1M seqwrite qd8", 1 << 20, 1 << 20, 8, True, 3000),
+]
+
+
+def _wait_for(path: str, proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(600):
+        if os.path.exists(path):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early: {proc.args!r}")
+        time.sleep(0.05)
+    raise RuntimeError(f"server did not listen on {path}")
+
+
+def bench(uri: str, w: Workload, scale: float) -> float:
+    """Requests per second of one qemu-img bench run."""
+    count = max(int(w.count * scale), 100)
+    argv = ["qemu-img", "bench", "-f", "raw", "-t", "none", "-n", "-d", str(w.depth)]
+    argv += ["-s", str(w.size), "-S", str(w.step), "-c", str(count)]
+    if w.write:
+        argv += ["-w", "--pattern=0x5a"]
+    out = subprocess.run([*argv, uri], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"Run completed in ([0-9.]+) seconds", out)
+    assert match, out
+    return count / float(match.group(1))
+
+
+def storvisor_server(kind: str, image: Path, sock: str, work: Path) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, __file__, "--serve", kind, "--image", str(image), "--socket", sock]
+    return subprocess.Popen([*argv, "--work", str(work)])
+
+
+def serve(kind: str, image: str, sock: str, work: str) -> None:
+    """Child process: serve ``image`` (raw) or a thin copy of it until SIGTERM."""
+    from storvisor.engine.device import FileDevice
+    from storvisor.exports.nbd import NBDExport, NBDServer
+
+    home = None
+    if kind == "raw":
+        export = NBDExport("disk", lambda: FileDevice(image))
+    else:
+        from storvisor.engine.home import Home
+        from storvisor.engine.types import BackingSpec
+
+        home = Home(work)
+        home.create_pool("p", [BackingSpec(os.path.join(work, "backing"), size=3 * IMAGE_SIZE)])
+        pool = home.pool("p")
+        pool.create_volume("v", IMAGE_SIZE)
+        volume = pool.open_volume("v")
+        source = FileDevice(image, read_only=True)
+        chunk = memoryview(bytearray(4 << 20))
+        snapshots = 10 if kind == "chain" else 0
+        for offset in range(0, IMAGE_SIZE, len(chunk)):
+            source.read_into(offset, chunk)
+            volume.write(offset, chunk)
+            # spread the snapshots through the fill: each layer of the chain owns data
+            if snapshots and offset % (IMAGE_SIZE // snapshots) == 0 and offset:
+                pool.create_snapshot("v", f"s{offset // (IMAGE_SIZE // snapshots)}")
+        for i in range(1, snapshots + 1):
+            if f"s{i}" not in {s.name for s in pool.snapshots("v")}:
+                pool.create_snapshot("v", f"s{i}")
+        volume.flush()
+        volume.close()
+        source.close()
+        export = NBDExport("disk", lambda: pool.open_volume("v"))
+    server = NBDServer()
+    server.add_export(export)
+    server.listen_unix(sock)
+    stop = False
+
+    def on_term(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    server.start()
+    while not stop:
+        time.sleep(0.1)
+    server.close()
+    if home is not None:
+        home.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--only", default="")
+    parser.add_argument("--serve")
+    parser.add_argument("--image")
+    parser.add_argument("--socket")
+    parser.add_argument("--work")
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.image, args.socket, args.work)
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="nbdbench", dir="/tmp"))
+    image = work / "image.raw"
+    subprocess.run(
+        [
+            "dd",
+            "if=/dev/urandom",
+            f"of={image}",
+            "bs=4M",
+            f"count={IMAGE_SIZE >> 22}",
+            "status=none",
+        ],
+        check=True,
+    )
+    servers: dict[str, list[str] | str] = {
+        "nbdkit file": ["nbdkit", "-f", "-U", "{sock}", "file", str(image)],
+        "qemu-storage-daemon": [
+            "qemu-storage-daemon",
+            "--blockdev",
+            f"driver=file,node-name=f0,filename={image},aio=io_uring,cache.direct=off",
+            "--nbd-server",
+            "addr.type=unix,addr.path={sock}",
+            "--export",
+            "type=nbd,id=e0,node-name=f0,name=disk,writable=on",
+        ],
+        "storvisor raw": "raw",
+        "storvisor thin": "thin",
+        "storvisor thin+10 snaps": "chain",
+    }
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    results: dict[str, dict[str, float]] = {}
+    try:
+        for label, how in servers.items():
+            if only and not any(o in label for o in only):
+                continue
+            sock = str(work / f"{len(results)}.sock")
+            if isinstance(how, str):
+                sub = work / f"home{len(results)}"
+                sub.mkdir()
+                proc = storvisor_server(how, image, sock, sub)
+            else:
+                proc = subprocess.Popen([a.replace("{sock}", sock) for a in how])
+            try:
+                _wait_for(sock, proc)
+                uri = f"nbd+unix:///disk?socket={sock}"
+                results[label] = {}
+                for w in WORKLOADS:
+                    results[label][w.name] = bench(uri, w, args.scale)
+                    print(
+                        f"{label:26} {w.name:18} {results[label][w.name]:>10.0f} req/s", flush=True
+                    )
+            finally:
+                proc.terminate()
+                proc.wait(30)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_table(results)
+
+
+def print_table(results: dict[str, dict[str, float]]) -> None:
+    peers = [p for p in ("nbdkit file", "qemu-storage-daemon") if p in results]
+    ours = [s for s in results if s.startswith("storvisor")]
+    pairs: list[tuple[str, str]] = [(o, p) for o in ours for p in peers]
+    if "storvisor thin" in results and "storvisor thin+10 snaps" in results:
+        pairs.append(("storvisor thin+10 snaps", "storvisor thin"))
+    print()
+    names = [*results, *(f"{o.removeprefix('storvisor ')} / {p.split()[-1]}" for o, p in pairs)]
+    print("| workload (req/s) | " + " | ".join(names) + " |")
+    print("|" + " --- |" * (1 + len(names)))
+    for w in WORKLOADS:
+        row = [f"{results[s][w.name]:,.0f}" for s in results]
+        row += [f"{results[o][w.name] / results[p][w.name]:.2f}x" for o, p in pairs]
+        print(f"| {w.name} | " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
