@@ -651,6 +651,7 @@ class Pool:
         self._set_entry(layer_id, vc, value)
 
     def mark_dirty(self) -> None:
+        """Record that data was written since the last flush (call after the write)."""
         self._data_dirty = True
 
     @property

@@ -244,7 +244,6 @@ class Volume:
         n = len(view_)
         if self._closed or s.closed or offset < 0 or offset + n > s.size or s.read_only:
             self._refuse(offset, n, writing=True)
-        s.pool.mark_dirty()
         cs = s.cluster_size
         within = offset & (cs - 1)
         if within + n <= cs:  # one cluster: the common case
@@ -253,10 +252,9 @@ class Volume:
                 _pwrite(entry[0], view_, entry[1] + within)
             else:
                 s.allocating_write(offset >> s.shift, within, view_)
-            if fua:
-                s.pool.flush()
-            return
-        self._write_span(offset, view_)
+        else:
+            self._write_span(offset, view_)
+        s.pool.mark_dirty()  # after the data is written: a flush from now on must sync it
         if fua:
             s.pool.flush()
 
@@ -315,19 +313,19 @@ class Volume:
             self._refuse(offset, length, writing=True)
         if length == 0:
             return
-        s.pool.mark_dirty()
         cs = s.cluster_size
         end = offset + length
         first = -(-offset // cs)
         last = end // cs
         if first >= last:  # no whole cluster inside
             self._zero_partial(offset, end)
-            return
-        if offset < first * cs:
-            self._zero_partial(offset, first * cs)
-        s.zero_clusters(first, last, unmap)
-        if end > last * cs:
-            self._zero_partial(last * cs, end)
+        else:
+            if offset < first * cs:
+                self._zero_partial(offset, first * cs)
+            s.zero_clusters(first, last, unmap)
+            if end > last * cs:
+                self._zero_partial(last * cs, end)
+        s.pool.mark_dirty()
 
     def _zero_partial(self, start: int, end: int) -> None:
         s = self.state
