@@ -234,3 +234,21 @@ def test_other_device_errors_fail_the_request() -> None:
     w = views(513)
     assert blk.execute(Corrupt(SIZE), Chain(0, views(header(RequestType.IN)), w)) == 1
     assert w[0][-1] == Status.IOERR
+
+
+class Huge:
+    """A BlockDevice-shaped sink of 16 GiB that stores nothing."""
+
+    size = 16 << 30
+    read_only = False
+    block_size = 512
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        pass
+
+
+def test_transfer_larger_than_used_len_can_say_is_refused() -> None:
+    page = memoryview(bytearray(1 << 20))
+    writable = [page] * 4096 + [memoryview(bytearray(1))]  # 4 GiB of (overlapping) buffers
+    used = blk.execute(Huge(), Chain(0, views(header(RequestType.IN)), writable))  # type: ignore[arg-type]
+    assert used == 1 and writable[-1][0] == Status.IOERR

@@ -268,8 +268,14 @@ def execute(
     return used_len
 
 
+MAX_REQUEST_BYTES = (1 << 32) - SECTOR_SIZE
+"""Largest data transfer accepted: ``used.len`` (data + status) must fit in a u32."""
+
+
 def _check(device: BlockDevice, sector: int, length: int) -> int:
     """Validate a data request; return its byte offset."""
+    if length > MAX_REQUEST_BYTES:
+        raise IOFailure(f"request of {length} bytes is too large", errno.EINVAL)
     if length % SECTOR_SIZE:
         raise IOFailure(f"request length {length} is not a multiple of 512", errno.EINVAL)
     offset = sector << SECTOR_SHIFT
