@@ -245,13 +245,17 @@ def execute(
                 break
             used_len = done + 1
         elif rtype in (RequestType.DISCARD, RequestType.WRITE_ZEROES):
-            status = _discard_or_zero(
-                device,
-                RequestType(rtype),
-                b"".join(_data_views(chain.readable, index, offset)),
-                writethrough=writethrough,
-                read_only=read_only,
-            )
+            views = _data_views(chain.readable, index, offset)
+            if sum(len(v) for v in views) > MAX_SEGMENTS * VIRTIO_BLK_DISCARD_WRITE_ZEROES.size:
+                status = Status.IOERR  # more segments than max_*_seg: never copied
+            else:
+                status = _discard_or_zero(
+                    device,
+                    RequestType(rtype),
+                    b"".join(views),
+                    writethrough=writethrough,
+                    read_only=read_only,
+                )
         else:
             status = Status.UNSUPP
     except IOFailure as e:
