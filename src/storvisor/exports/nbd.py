@@ -7,12 +7,17 @@ connection gets a thread that runs the handshake (``storvisor.protocols.nbd`` do
 protocol work; this module only moves bytes and answers the questions the codec asks), opens
 the chosen export's device (``NBDExport.open``, once per connection) and then serves commands.
 
-The transmission loop is built for throughput: it ``recv_into``s the codec's buffer, executes
-every complete request that arrived (reads go into a reusable arena, so a batch of reads
-allocates nothing but reply headers), and sends all the replies of the batch with one
-``sendmsg`` of memoryviews. Replies therefore come in request order within a connection,
-which the protocol allows (any order is legal). A refused request is answered with the
-spec's error and the connection carries on; a protocol violation closes that connection only.
+The transmission phase uses two threads per connection, so that it can keep both cores
+busy (socket and file syscalls release the GIL). The receiving thread ``recv_into``s the
+codec's buffer (large WRITE payloads land straight in their own buffer), executes every
+complete request that arrived, in order, and queues the replies of the whole batch; the
+sending thread (``_Sender``) writes everything queued with one ``sendmsg`` of memoryviews
+while the receiving thread goes on with the next batch. A batch of one request is sent by the
+receiving thread itself when nothing else is queued, which keeps queue-depth-1 latency free
+of thread hand-offs. Replies leave in request order (the protocol allows any order), and
+the sender serialises the socket writes. A refused
+request is answered with the spec's error and the connection carries on; a protocol
+violation closes that connection only, and the server keeps serving the others.
 
 Multi-conn: every export is advertised with NBD_FLAG_CAN_MULTI_CONN. This is safe because the
 devices that ``NBDExport.open`` returns for one export must share one volume (an engine
