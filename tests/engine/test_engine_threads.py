@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import threading
 
+import pytest
+
 from storvisor.engine.pool import Pool
 
 CS = 64 << 10
@@ -72,3 +74,38 @@ def test_writers_readers_and_snapshots_at_once(pool: Pool) -> None:
     handle.close()
     report = pool.fsck()
     assert report.clean, report
+
+
+@pytest.mark.parametrize("round_", range(4))
+def test_concurrent_first_writes_to_one_cluster_all_land(pool: Pool, round_: int) -> None:
+    """Threads writing different sectors of the same new clusters: no write may be lost to a
+    second allocation of the same cluster."""
+    pool.create_volume("v", 8 * CS)
+    handle = pool.open_volume("v")
+    handle.write(0, b"\xee" * 4 * CS)
+    pool.create_snapshot("v", "s")  # half of the clusters are then copied on write
+    errors: list[BaseException] = []
+    sectors = CS // 512
+    barrier = threading.Barrier(8)
+
+    def writer(i: int) -> None:
+        try:
+            barrier.wait()
+            for sector in range(i, 8 * sectors, 8):
+                handle.write(sector * 512, bytes([i + 1]) * 512)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    got = bytearray(8 * CS)
+    handle.read_into(0, memoryview(got))
+    expected = b"".join(bytes([s % 8 + 1]) * 512 for s in range(8 * sectors))
+    assert got == expected
+    assert pool.volume_info("v").allocated == 8 * CS
+    handle.close()
+    assert pool.fsck().clean

@@ -9,9 +9,11 @@ layer)``, with ``fd = -1`` for an explicit zero. So:
 * a read of one cluster is one dict lookup and one ``preadv`` into the caller's buffer
   (contiguous clusters are read with one ``preadv``); unmapped clusters read as zeros;
 * a write to a cluster the top layer owns is one ``pwritev`` from the caller's buffer, with no
-  lock; any other write *allocates*: under the state's lock it takes a free cluster, writes
-  the whole cluster (the caller's bytes plus zeros, or plus the parent's data: copy-on-write),
-  and only then publishes the mapping, so no reader ever sees a cluster's stale contents;
+  lock; any other write *allocates*: it marks the virtual cluster pending (a second writer to
+  it waits, then writes in place), takes a free cluster, writes the whole cluster (the
+  caller's bytes plus zeros, or plus the parent's data: copy-on-write) and only then
+  publishes the mapping, so no reader ever sees a cluster's stale contents. Allocations of
+  different clusters run in parallel;
 * discard and write-zeroes release whole clusters the top owns and record explicit zeros
   where a parent has data; partial clusters get zeros written.
 
@@ -61,44 +63,81 @@ class VolumeState:
         self.view: dict[int, Entry] = {}
         self.handles = 0
         self.closed = False
-        self.lock = threading.Lock()  # allocations, zeroing and flatten of this volume
+        self.lock = threading.Lock()  # guards ``pending``; held while zeroing or flattening
+        self.pending: dict[int, threading.Event] = {}  # clusters being allocated
 
     # --------------------------------------------------------------- allocating writes
 
     def allocating_write(self, vc: int, within: int, data: memoryview) -> None:
         """Write ``data`` at ``within`` of virtual cluster ``vc``, which the top layer does not
-        own (yet): copy-on-write from the parent's cluster, or zero-fill."""
-        cs = self.cluster_size
-        pool = self.pool
-        with self.lock:
-            entry = self.view.get(vc)
-            if entry is not None and entry[2] == self.top and entry[0] >= 0:
+        own (yet): copy-on-write from the parent's cluster, or zero-fill.
+
+        Allocations of different clusters run in parallel; a second writer to a cluster
+        being allocated waits for it and then writes in place.
+        """
+        while True:
+            with self.lock:
+                entry = self.view.get(vc)
+                owned = entry is not None and entry[2] == self.top and entry[0] >= 0
+                busy = None if owned else self.pending.get(vc)
+                if not owned and busy is None:
+                    done = self.pending[vc] = threading.Event()
+            if owned:
+                assert entry is not None
                 _pwrite(entry[0], data, entry[1] + within)  # allocated meanwhile
                 return
-            with pool.lock:
-                phys = pool.allocate()
-            fd, base = pool.locate(phys)
-            try:
-                if len(data) == cs:
-                    _pwrite(fd, data, base)
-                else:
-                    buf = bytearray(cs)
-                    if entry is not None and entry[0] >= 0:
-                        _pread(entry[0], memoryview(buf), entry[1])
-                    buf[within : within + len(data)] = data
-                    _pwrite(fd, memoryview(buf), base)
-            except BaseException:
-                pool.unallocate(phys)
-                raise
-            with pool.lock:
-                pool.set_entry(self.top, vc, phys)
-                self.view[vc] = (fd, base, self.top)
+            if busy is None:
+                break
+            busy.wait()
+        try:
+            self._allocate_and_write(vc, within, data, entry)
+        finally:
+            with self.lock:
+                del self.pending[vc]
+            done.set()
+
+    def _allocate_and_write(
+        self, vc: int, within: int, data: memoryview, entry: Entry | None
+    ) -> None:
+        cs = self.cluster_size
+        pool = self.pool
+        with pool.lock:
+            phys = pool.allocate()
+        fd, base = pool.locate(phys)
+        try:
+            if len(data) == cs:
+                _pwrite(fd, data, base)
+            else:
+                buf = bytearray(cs)
+                if entry is not None and entry[0] >= 0:
+                    _pread(entry[0], memoryview(buf), entry[1])
+                buf[within : within + len(data)] = data
+                _pwrite(fd, memoryview(buf), base)
+        except BaseException:
+            pool.unallocate(phys)
+            raise
+        with pool.lock:
+            pool.set_entry(self.top, vc, phys)
+            self.view[vc] = (fd, base, self.top)
+
+    def _quiesce(self, first: int = 0, last: int | None = None) -> None:
+        """Return with ``self.lock`` held and no allocation in flight in ``[first, last)``."""
+        while True:
+            self.lock.acquire()
+            busy = [
+                ev for vc, ev in self.pending.items() if vc >= first and (last is None or vc < last)
+            ]
+            if not busy:
+                return
+            self.lock.release()
+            busy[0].wait()
 
     def zero_clusters(self, first: int, last: int, unmap: bool) -> None:
         """Make whole clusters ``[first, last)`` read as zeros, releasing owned clusters when
         ``unmap``; otherwise owned clusters are overwritten with zeros in place."""
         pool = self.pool
-        with self.lock:
+        self._quiesce(first, last)
+        try:
             view = self.view
             if last - first <= 2 * len(view) + 64:
                 vcs: list[int] = [vc for vc in range(first, last) if vc in view]
@@ -123,13 +162,16 @@ class VolumeState:
                         del view[vc]
             for fd, base, _ in in_place:
                 _pwrite(fd, self.zeros, base)
+        finally:
+            self.lock.release()
 
     def copy_up(self) -> None:
         """Copy every cluster the view takes from a parent layer into the top layer."""
         cs = self.cluster_size
         pool = self.pool
         buf = bytearray(cs)
-        with self.lock:
+        self._quiesce()
+        try:
             for vc, entry in sorted(self.view.items()):
                 if entry[2] == self.top or entry[0] < 0:
                     continue
@@ -146,6 +188,8 @@ class VolumeState:
                     pool.set_entry(self.top, vc, phys)
                     self.view[vc] = (fd, base, self.top)
             pool.mark_dirty()
+        finally:
+            self.lock.release()
 
 
 class Volume:
