@@ -439,3 +439,16 @@ def test_fuzzed_messages_never_hurt_the_server(
         assert time.monotonic() < deadline
         time.sleep(0.005)
     _still_serving(victim)
+
+
+def test_broken_queue_signals_the_error_eventfd(
+    fe: VhostUserFrontend, servers: tuple[VhostUserBlkServer, VhostUserBlkServer]
+) -> None:
+    err = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        fe.request(Request.SET_VRING_ERR, m.U64.pack(0), [err])
+        _loop(fe)
+        _wait_for(lambda: servers[0].broken_queues == {0})
+        assert os.eventfd_read(err) == 1
+    finally:
+        os.close(err)

@@ -43,6 +43,7 @@ import itertools
 import logging
 import mmap
 import os
+import platform
 import select
 import socket
 import stat
@@ -742,6 +743,11 @@ class VhostUserBlkServer:
                 os.unlink(self.socket_path)
         except FileNotFoundError:
             pass
+        if platform.machine() not in ("x86_64", "AMD64", "i686", "i386"):
+            # the rings rely on x86's ordering of plain loads and stores (see ring.py)
+            log.warning(
+                "vhost-user-blk rings are only safe on x86 hosts, not %s", platform.machine()
+            )
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             listener.bind(self.socket_path)
