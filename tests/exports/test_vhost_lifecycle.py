@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from storvisor.errors import Conflict
 from storvisor.exports.vhost_user_blk import VhostUserBlkServer
 from storvisor.protocols.vhost_user import messages as m
 from storvisor.protocols.vhost_user.messages import MemoryRegion, Request
@@ -129,3 +130,18 @@ def test_close_while_front_end_is_busy(server: VhostUserBlkServer) -> None:
     assert not os.path.exists(server.socket_path)
     fe.close()
     server.close()  # idempotent
+
+
+def test_start_twice_or_after_close_is_refused(server: VhostUserBlkServer) -> None:
+    with pytest.raises(Conflict):
+        server.start()
+    _still_usable(server)
+    server.close()
+    with pytest.raises(Conflict):
+        server.start()
+
+
+def _still_usable(server: VhostUserBlkServer) -> None:
+    with VhostUserFrontend(server.socket_path) as fe:
+        fe.setup()
+        assert fe.flush() == Status.OK

@@ -52,7 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from storvisor.engine.device import BlockDevice
-from storvisor.errors import ProtocolError, StorvisorError
+from storvisor.errors import Conflict, ProtocolError, StorvisorError
 from storvisor.protocols.vhost_user import inflight as infl
 from storvisor.protocols.vhost_user import messages as m
 from storvisor.protocols.vhost_user.backend import MAX_MEM_SLOTS, QueueSetup, VhostUserBackend
@@ -736,8 +736,11 @@ class VhostUserBlkServer:
     def start(self) -> None:
         """Bind the socket (replacing a stale one) and serve in a background thread.
 
-        Raises ``OSError`` if the socket cannot be bound.
+        Raises ``OSError`` if the socket cannot be bound, ``Conflict`` if already started or
+        closed.
         """
+        if self._listener is not None or self._wake_r < 0:
+            raise Conflict(f"vhost-user-blk server on {self.socket_path} already started")
         try:
             if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
                 os.unlink(self.socket_path)
