@@ -14,11 +14,12 @@ with the fresh one there measures the cost of the chain itself.
 
 storvisor is measured serving a raw file (``FileDevice``), a thin volume, and a thin volume
 with ten snapshots in its chain. The table gives requests per second and the ratio of each
-storvisor configuration to each peer. Usage::
+storvisor configuration to each peer. All servers run at once and each workload visits
+them in turn ``--repeat`` times; the figure is the median. Usage::
 
-    .venv/bin/python bench/nbd_bench.py [--scale 1.0] [--only raw,thin]
+    .venv/bin/python bench/nbd_bench.py [--scale 0.5] [--repeat 3] [--only raw,thin]
 
-``--scale`` multiplies the request counts (0.2 for a quick look).
+``--scale`` multiplies the request counts (0.1 for a quick look).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -141,7 +143,8 @@ def serve(kind: str, image: str, sock: str, work: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--scale", type=float, default=0.5)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only", default="")
     parser.add_argument("--serve")
     parser.add_argument("--image")
@@ -181,32 +184,42 @@ def main() -> None:
         "storvisor thin+10 snaps": "chain",
     }
     only = [s.strip() for s in args.only.split(",") if s.strip()]
-    results: dict[str, dict[str, float]] = {}
+    chosen = {k: v for k, v in servers.items() if not only or any(o in k for o in only)}
+    procs: list[subprocess.Popen[bytes]] = []
+    uris: dict[str, str] = {}
+    runs: dict[str, dict[str, list[float]]] = {label: {} for label in chosen}
     try:
-        for label, how in servers.items():
-            if only and not any(o in label for o in only):
-                continue
-            sock = str(work / f"{len(results)}.sock")
+        # every server runs for the whole benchmark; each workload then visits them in turn,
+        # repeatedly, so that a disturbance of the (shared) machine hits all of them alike
+        for n, (label, how) in enumerate(chosen.items()):
+            sock = str(work / f"{n}.sock")
             if isinstance(how, str):
-                sub = work / f"home{len(results)}"
+                sub = work / f"home{n}"
                 sub.mkdir()
-                proc = storvisor_server(how, image, sock, sub)
+                procs.append(storvisor_server(how, image, sock, sub))
             else:
-                proc = subprocess.Popen([a.replace("{sock}", sock) for a in how])
-            try:
-                _wait_for(sock, proc)
-                uri = f"nbd+unix:///disk?socket={sock}"
-                results[label] = {}
-                for w in WORKLOADS:
-                    results[label][w.name] = bench(uri, w, args.scale)
-                    print(
-                        f"{label:26} {w.name:18} {results[label][w.name]:>10.0f} req/s", flush=True
-                    )
-            finally:
-                proc.terminate()
-                proc.wait(30)
+                procs.append(subprocess.Popen([a.replace("{sock}", sock) for a in how]))
+            _wait_for(sock, procs[-1])
+            uris[label] = f"nbd+unix:///disk?socket={sock}"
+        subprocess.run(["sync"], check=True)  # no writeback of the set-up under the runs
+        for w in WORKLOADS:
+            for _ in range(args.repeat):
+                for label, uri in uris.items():
+                    runs[label].setdefault(w.name, []).append(bench(uri, w, args.scale))
+            line = "  ".join(
+                f"{label}: {statistics.median(runs[label][w.name]):,.0f}" for label in uris
+            )
+            print(f"{w.name:24} {line}", flush=True)
     finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
         shutil.rmtree(work, ignore_errors=True)
+    results = {
+        label: {name: statistics.median(values) for name, values in per.items()}
+        for label, per in runs.items()
+    }
     print_table(results)
 
 
@@ -217,7 +230,14 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
     if "storvisor thin" in results and "storvisor thin+10 snaps" in results:
         pairs.append(("storvisor thin+10 snaps", "storvisor thin"))
     print()
-    names = [*results, *(f"{o.removeprefix('storvisor ')} / {p.split()[-1]}" for o, p in pairs)]
+    short = {"nbdkit file": "nbdkit", "qemu-storage-daemon": "qsd"}
+    names = [
+        *results,
+        *(
+            f"{o.removeprefix('storvisor ')} / {short.get(p, p.removeprefix('storvisor '))}"
+            for o, p in pairs
+        ),
+    ]
     print("| workload (req/s) | " + " | ".join(names) + " |")
     print("|" + " --- |" * (1 + len(names)))
     for w in WORKLOADS:
