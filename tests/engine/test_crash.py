@@ -280,10 +280,11 @@ def test_daemon_crash_rounds(tmp_path: Path) -> None:
         where = f"daemon, seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
         volumes = {name: len(data) for name, data in known.items() if "@" not in name}
         snapshots = [name for name in known if "@" in name]
-        cloned = {f"{v.origin}" for v in _volume_infos(home_dir) if v.origin}
+        clones = {v.name: v.origin for v in _volume_infos(home_dir) if v.origin is not None}
         workload = crashkit.Workload(
             volumes=volumes,
-            snapshots=[s for s in snapshots if s not in cloned],
+            snapshots=snapshots,
+            clones=clones,
             ops=100_000,
             discards=True,
             snapshot_ops=round_ % 2 == 1,

@@ -3,12 +3,12 @@
 Theory of operation
 -------------------
 A workload (``run_workload``) issues writes, FUA writes, discards, write-zeroes, flushes and
-snapshot/clone/delete operations through a ``Writer``. *Before* issuing each operation it
-appends a record of it to a ``Log``; after a flush completes it appends ``durable`` (every
-operation logged before that flush is now durable), after a write completes it appends
-``done``, and after a snapshot, clone or snapshot deletion completes, ``committed`` if the
-writer makes those durable on return (``done`` otherwise). Data is never logged: a write is
-``(offset, length, seed)`` and ``payload(seed, length)`` regenerates its bytes.
+snapshot, clone, flatten and snapshot-delete operations through a ``Writer``. *Before*
+issuing each operation it appends a record of it to a ``Log``; after a flush completes it
+appends ``durable`` (every operation logged before that flush is now durable), after a write
+completes it appends ``done``, and after a management operation completes, ``committed`` if
+the writer makes those durable on return (``done`` otherwise). Data is never logged: a write
+is ``(offset, length, seed)`` and ``payload(seed, length)`` regenerates its bytes.
 
 The process issuing the workload is then killed at a random moment. ``History`` replays the
 log: each *target* (a volume ``VOL``, a snapshot ``VOL@SNAP`` or a clone) gets the ordered list
@@ -139,6 +139,8 @@ class Writer(Protocol):
 
     def delete_snapshot(self, volume: str, snapshot: str) -> None: ...
 
+    def flatten(self, volume: str) -> None: ...
+
 
 class Reader(Protocol):
     """How the checker reads what survived."""
@@ -157,6 +159,8 @@ class PoolLike(Protocol):
     def clone(self, volume: str, snapshot: str, new: str) -> object: ...
 
     def delete_snapshot(self, volume: str, snapshot: str) -> None: ...
+
+    def flatten(self, volume: str) -> object: ...
 
     def flush(self) -> None: ...
 
@@ -211,6 +215,10 @@ class EngineWriter:
         self.pool.delete_snapshot(volume, snapshot)
         self.catalog_changed = True
 
+    def flatten(self, volume: str) -> None:
+        self.pool.flatten(volume)
+        self.catalog_changed = True
+
     def close(self) -> None:
         for handle in self.handles.values():
             handle.close()
@@ -243,6 +251,8 @@ class Management(Protocol):
     def clone(self, pool: str, volume: str, snapshot: str, new: str) -> object: ...
 
     def delete_snapshot(self, pool: str, volume: str, snapshot: str) -> None: ...
+
+    def flatten(self, pool: str, volume: str) -> object: ...
 
 
 class NbdWriter:
@@ -302,6 +312,9 @@ class NbdWriter:
     def delete_snapshot(self, volume: str, snapshot: str) -> None:
         self.api.delete_snapshot(self.pool, volume, snapshot)
 
+    def flatten(self, volume: str) -> None:
+        self.api.flatten(self.pool, volume)
+
 
 class EngineReader:
     """A ``Reader`` over an engine pool in this process."""
@@ -331,16 +344,19 @@ class Workload:
     """What a round does.
 
     ``volumes`` maps the writable volumes to their sizes; ``snapshots`` lists the existing
-    ``VOL@SNAP`` targets without clones (candidates for deletion). A ``flush_rate`` share of
+    ``VOL@SNAP`` targets; ``clones`` maps each existing linked clone (not yet flattened) to
+    the snapshot it depends on. A ``flush_rate`` share of
     the operations are flushes. Of the others, 15% are discards or write-zeroes when
     ``discards`` is set, and 2% are snapshot operations when ``snapshot_ops`` is set: they
-    create a snapshot (and sometimes a clone of it) up to ``max_snapshots`` and
-    ``max_volumes``, and past that limit delete a snapshot instead. The rest are writes, one
+    flatten a clone, or create a snapshot (and sometimes a clone
+    of it) up to ``max_snapshots`` and ``max_volumes``, and past that limit delete a snapshot
+    instead. The rest are writes, one
     in five with FUA.
     """
 
     volumes: Mapping[str, int]
     snapshots: Sequence[str] = ()
+    clones: Mapping[str, str] = field(default_factory=dict)
     ops: int = 400
     discards: bool = False
     snapshot_ops: bool = False
@@ -356,7 +372,8 @@ def run_workload(writer: Writer, log: Log, rng: random.Random, workload: Workloa
     module docstring). Ends with a flush. Raises whatever ``writer`` raises."""
     volumes = dict(workload.volumes)
     snapshots = list(workload.snapshots)
-    cloned: set[str] = set()
+    origins = dict(workload.clones)  # clone -> snapshot it depends on
+    cloned = set(origins.values())
     seq = 0
     made = 0
 
@@ -390,6 +407,16 @@ def run_workload(writer: Writer, log: Log, rng: random.Random, workload: Workloa
             else:
                 writer.write_zeroes(target, offset, length, may_unmap=unmap)
         elif workload.snapshot_ops and roll < 0.17:
+            if origins and rng.random() < 0.25:
+                clone = rng.choice(sorted(origins))
+                s = next_seq()
+                log.append({"t": "flatten", "seq": s, "name": clone})
+                writer.flatten(clone)
+                managed(s)
+                snap = origins.pop(clone)
+                if snap not in origins.values():
+                    cloned.discard(snap)
+                continue
             deletable = sorted(set(snapshots) - cloned)
             if len(snapshots) >= workload.max_snapshots and deletable:
                 snap = rng.choice(deletable)
@@ -418,6 +445,7 @@ def run_workload(writer: Writer, log: Log, rng: random.Random, workload: Workloa
                 managed(s)
                 volumes[new] = size
                 cloned.add(snap)
+                origins[new] = snap
         else:
             s = next_seq()
             wseed = rng.randrange(1 << 62)
@@ -526,7 +554,7 @@ class History:
             self.committed.add(seq)
         elif kind == "done":
             self.completed_fua.add(seq)
-        elif kind not in ("flush", "ready", "idle"):
+        elif kind not in ("flush", "flatten", "ready", "idle"):
             raise ValueError(f"unknown log record {r!r}")
 
     def is_durable(self, op: Op) -> bool:
@@ -657,13 +685,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         pool = home.pool(args.pool)
         volumes = {v.name: v.size for v in pool.volumes()}
-        snapshots = [  # those without clones may be deleted
-            f"{v}@{s.name}" for v in sorted(volumes) for s in pool.snapshots(v) if not s.clones
-        ]
+        snapshots = [f"{v}@{s.name}" for v in sorted(volumes) for s in pool.snapshots(v)]
+        clones = {v.name: v.origin for v in pool.volumes() if v.origin is not None}
         log.append({"t": "ready", "pid": os.getpid()})
         workload = Workload(
             volumes=volumes,
             snapshots=snapshots,
+            clones=clones,
             ops=args.ops,
             discards=args.discards,
             flush_rate=args.flush_rate,
