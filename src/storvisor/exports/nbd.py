@@ -241,6 +241,15 @@ class NBDServer:
                 self._connections.add(connection)
                 self._spawn(connection.run)
 
+    def _claim(self, connection: _Connection, export: NBDExport) -> bool:
+        """Bind a connection to the export it negotiated; False if that export was removed
+        (or the connection aborted) in the meantime."""
+        with self._lock:
+            if self._exports.get(export.name) is not export or connection.aborted:
+                return False
+            connection.export_name = export.name
+            return True
+
     def _forget(self, connection: _Connection) -> None:
         with self._lock:
             self._connections.discard(connection)
@@ -279,11 +288,11 @@ class _Connection:
         self.export_name: str | None = None
         self.codec = ServerConnection()
         self.device: BlockDevice | None = None
-        self._aborted = False
+        self.aborted = False
 
     def abort(self) -> None:
         """End the connection from another thread (wakes the blocked receive)."""
-        self._aborted = True
+        self.aborted = True
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
@@ -294,7 +303,7 @@ class _Connection:
         except ProtocolError as e:
             log.info("NBD client dropped: %s", e)
         except OSError as e:
-            if not self._aborted:
+            if not self.aborted:
                 log.info("NBD connection ended: %s", e)
         except Exception:
             log.exception("NBD connection failed")
@@ -333,10 +342,10 @@ class _Connection:
                     opened = self._answer_export(event, opened)
                     if codec.export is not None:
                         assert opened is not None
-                        self.export_name = opened[0].name
-                        self.device, opened = opened[1], None
+                        export, self.device, opened = opened[0], opened[1], None
                         self.sock.sendall(codec.data_to_send())
-                        return not self._aborted
+                        # an export removed meanwhile must not go on being served
+                        return self.server._claim(self, export)
                 elif isinstance(event, (Aborted, ConnectionClosed)):
                     self.sock.sendall(codec.data_to_send())
                     return False
