@@ -62,9 +62,14 @@ _RECV_SIZE = 256 << 10
 
 @dataclass(frozen=True)
 class NBDExport:
-    """A named export. ``open`` is called once per client connection that chooses it, and the
-    server closes what it returns when that connection ends. The export is read-only if
-    ``read_only`` is set or the device says so."""
+    """A named export. ``open`` is called once per client connection that chooses it (and
+    for NBD_OPT_INFO), and the server closes what it returns when that connection ends. The
+    export is read-only if ``read_only`` is set or the device says so.
+
+    Every export is advertised with NBD_FLAG_CAN_MULTI_CONN, so the devices ``open`` returns
+    must all be handles of one volume (engine volumes and ``FileDevice``s of one file are): a
+    FLUSH on one connection then covers the writes completed on all of them.
+    """
 
     name: str
     open: Callable[[], BlockDevice]
