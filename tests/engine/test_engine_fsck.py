@@ -156,3 +156,19 @@ def test_bad_device_header(home_dir: Path, tmp_path: Path) -> None:
         os.close(fd)
         report = pool.fsck()
     assert any("header" in line for line in report.errors), report
+
+
+def test_catalog_changed_behind_an_open_pool(home_dir: Path) -> None:
+    """A consistent-looking catalog that no longer matches what the open pool holds."""
+    with Home(home_dir) as home:
+        pool = home.pool("p")
+        assert pool.fsck().clean
+        db = sqlite3.connect(home_dir / "pools" / "p" / "catalog.db")
+        (layer, vc, phys) = db.execute("SELECT * FROM map WHERE phys >= 0 LIMIT 1").fetchone()
+        db.execute("DELETE FROM map WHERE layer = ? AND vc = ?", (layer, vc))
+        db.execute("DELETE FROM refcount WHERE phys = ?", (phys,))
+        db.commit()
+        db.close()
+        report = pool.fsck()
+    assert not report.leaked and not report.doubly_owned and not report.dangling
+    assert report.errors == (f"layer {layer} cluster {vc}: {phys} in memory, None in the catalog",)

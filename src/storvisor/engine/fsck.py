@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass
 
 from storvisor.engine.backing import HEADER_BYTES, Header, split_phys
 from storvisor.engine.catalog import ZERO, Catalog
@@ -20,15 +21,28 @@ from storvisor.errors import CorruptMetadata
 _LIMIT = 20  # samples listed per kind of dangling reference
 
 
+@dataclass(frozen=True)
+class Memory:
+    """The in-memory metadata of an open pool with nothing pending, to compare with the
+    catalog: layer -> parent, (layer, vc) -> phys, volume -> (size, top), snapshot id ->
+    (volume id, name, layer)."""
+
+    layers: dict[int, int | None]
+    maps: dict[tuple[int, int], int]
+    volumes: dict[str, tuple[int, int]]
+    snapshots: dict[int, tuple[int, str, int]]
+
+
 def check_pool(
     name: str,
     catalog: Catalog,
     devices: dict[int, int],
     headers: dict[int, tuple[str, int]],
     identity: Header,
+    memory: Memory | None = None,
 ) -> FsckReport:
-    """Check ``catalog`` against the devices (index -> data clusters) and their headers
-    (index -> (path, open fd)). Reads only."""
+    """Check ``catalog`` against the devices (index -> data clusters), their headers
+    (index -> (path, open fd)) and, if given, the pool's in-memory metadata. Reads only."""
     leaked: list[int] = []
     doubly: list[int] = []
     dangling: list[str] = []
@@ -122,6 +136,9 @@ def check_pool(
         if found is None or (found.pool_uuid, found.index) != (identity.pool_uuid, index):
             errors.append(f"device {index} ({path}): header does not name this pool and index")
 
+    if memory is not None:
+        errors.extend(_compare(catalog, memory, layers))
+
     return FsckReport(
         pool=name,
         clusters_total=sum(devices.values()),
@@ -131,3 +148,34 @@ def check_pool(
         dangling=tuple(dangling),
         errors=tuple(errors),
     )
+
+
+def _compare(catalog: Catalog, memory: Memory, layers: dict[int, int | None]) -> list[str]:
+    """Differences between the catalog and the in-memory metadata, a few samples of each."""
+    found: list[str] = []
+    if layers != memory.layers:
+        found.append("in-memory layers differ from the catalog")
+    rows = {(layer, vc): phys for layer, vc, phys in catalog.query("SELECT * FROM map")}
+    if rows != memory.maps:
+        differ = sorted(
+            k for k in rows.keys() | memory.maps.keys() if rows.get(k) != memory.maps.get(k)
+        )
+        for layer, vc in differ[:_LIMIT]:
+            found.append(
+                f"layer {layer} cluster {vc}: {memory.maps.get((layer, vc))} in memory, "
+                f"{rows.get((layer, vc))} in the catalog"
+            )
+    volumes = {
+        n: (size, top) for n, size, top in catalog.query("SELECT name, size, top FROM volumes")
+    }
+    if volumes != memory.volumes:
+        found.append("in-memory volumes differ from the catalog")
+    snapshots = {
+        sid: (volume, sname, layer)
+        for sid, volume, sname, layer in catalog.query(
+            "SELECT id, volume, name, layer FROM snapshots"
+        )
+    }
+    if snapshots != memory.snapshots:
+        found.append("in-memory snapshots differ from the catalog")
+    return found

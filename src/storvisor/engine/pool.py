@@ -42,7 +42,7 @@ from pathlib import Path
 from storvisor.engine.allocator import Allocator
 from storvisor.engine.backing import Backing, Header, split_phys
 from storvisor.engine.catalog import ZERO, Batch, Catalog
-from storvisor.engine.fsck import check_pool
+from storvisor.engine.fsck import Memory, check_pool
 from storvisor.engine.types import (
     BackingSpec,
     FsckReport,
@@ -619,14 +619,30 @@ class Pool:
         Reports clusters marked used that no map references (leaked), clusters referenced more
         often than their refcount (doubly owned, including references to clusters not marked
         used), references beyond a device's end or to missing layers (dangling), and other
-        inconsistencies (cycles, orphaned layers, bad device headers). Changes nothing.
+        inconsistencies (cycles, orphaned layers, bad device headers). When no change is
+        pending it also checks that the in-memory metadata equals the committed one (what a
+        restart would load). Changes nothing.
         """
         self.flush()
         with self._commit_lock:
             with self._lock:
                 devices = {i: b.clusters for i, b in self._backings.items()}
                 headers = {i: (b.path, b.fd) for i, b in self._backings.items()}
-            return check_pool(self.name, self._catalog, devices, headers, self._identity)
+                memory: Memory | None = None
+                if not self._batch:
+                    memory = Memory(
+                        layers={lid: layer.parent for lid, layer in self._layers.items()},
+                        maps={
+                            (lid, vc): phys
+                            for lid, layer in self._layers.items()
+                            for vc, phys in layer.map.items()
+                        },
+                        volumes={v.name: (v.size, v.top) for v in self._volumes.values()},
+                        snapshots={
+                            s.id: (s.volume, s.name, s.layer) for s in self._snapshots.values()
+                        },
+                    )
+            return check_pool(self.name, self._catalog, devices, headers, self._identity, memory)
 
     # ----------------------------------------------------- internals used by VolumeState
 
