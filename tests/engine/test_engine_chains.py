@@ -74,8 +74,8 @@ def test_random_chain_operations(home: Home, pool: Pool, seed: int) -> None:
         elif name in origins:
             pool.flatten(name)
             del origins[name]
-    for name, data in volumes.items():
-        assert read_all(pool, name) == data, f"seed {seed}: {name}"
+    for name, expected in volumes.items():
+        assert read_all(pool, name) == expected, f"seed {seed}: {name}"
     for (volume, snap), frozen in snaps.items():
         assert read_all(pool, volume, snap) == frozen, f"seed {seed}: {volume}@{snap}"
     report = pool.fsck()
@@ -83,8 +83,8 @@ def test_random_chain_operations(home: Home, pool: Pool, seed: int) -> None:
     home.close()
     with Home(home.path) as again:
         pool2 = again.pool("p")
-        for name, data in volumes.items():
-            assert read_all(pool2, name) == data, f"seed {seed}: {name} after reopen"
+        for name, expected in volumes.items():
+            assert read_all(pool2, name) == expected, f"seed {seed}: {name} after reopen"
         for (volume, snap), frozen in snaps.items():
             assert read_all(pool2, volume, snap) == frozen
         # deleting everything returns every cluster (clones before their origins)
