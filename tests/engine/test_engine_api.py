@@ -569,3 +569,16 @@ def test_swapped_devices_are_refused(home: Home, tmp_path: Path) -> None:
     (tmp_path / "x.img").rename(b)
     with Home(home.path) as again, pytest.raises(CorruptMetadata):
         again.pool("two")
+
+
+def test_pool_with_a_missing_device(home: Home, tmp_path: Path) -> None:
+    home.create_pool("gone", [BackingSpec(str(tmp_path / "g.img"), 4 << 20)])
+    home.close()
+    (tmp_path / "g.img").unlink()
+    with Home(home.path) as again:
+        with pytest.raises(CorruptMetadata, match="missing"):
+            again.pool("gone")
+        with pytest.raises(CorruptMetadata):
+            again.delete_pool("gone")
+        again.delete_pool("gone", force=True)
+        assert again.pools() == []

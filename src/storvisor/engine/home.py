@@ -20,7 +20,7 @@ from pathlib import Path
 
 from storvisor.engine.pool import Pool, check_name
 from storvisor.engine.types import BackingSpec, PoolInfo
-from storvisor.errors import Conflict, IOFailure
+from storvisor.errors import Conflict, CorruptMetadata, IOFailure
 
 __all__ = ["Home", "Pool"]
 
@@ -90,9 +90,16 @@ class Home:
     def delete_pool(self, name: str, *, force: bool = False) -> None:
         """Delete a pool: its catalog, the headers on its devices, and the files created for
         it. Raises ``NotFound``; ``Conflict`` if it has volumes and not ``force``, or if a
-        volume is open."""
+        volume is open. A pool that cannot be opened (``CorruptMetadata``: a device is missing
+        or foreign) is deleted with ``force`` by removing its catalog only."""
         with self._lock:
-            pool = self.pool(name)
+            try:
+                pool = self.pool(name)
+            except CorruptMetadata:
+                if not force:
+                    raise
+                shutil.rmtree(self._dir(name))
+                return
             if pool.volumes() and not force:
                 raise Conflict(f"pool {name!r} has volumes (use force to delete them too)")
             if pool.has_open_volumes():

@@ -214,7 +214,7 @@ class Pool:
     @classmethod
     def open(cls, directory: Path, name: str) -> Pool:
         """Open an existing pool. Raises ``NotFound`` if there is none, ``CorruptMetadata`` if
-        its catalog or a device header is unreadable."""
+        its catalog is unreadable or a device is missing or carries another identity."""
         db = directory / "catalog.db"
         if not db.exists():
             raise NotFound(f"no pool named {name!r}")
@@ -231,7 +231,10 @@ class Pool:
                 expected = Header(
                     index, identity.cluster_size, identity.pool_uuid, identity.pool_name
                 )
-                backings[index] = Backing.open(path, expected)
+                try:
+                    backings[index] = Backing.open(path, expected)
+                except NotFound as e:
+                    raise CorruptMetadata(f"pool {name!r}: {e}") from e
         except BaseException:
             for backing in backings.values():
                 backing.close()
