@@ -255,6 +255,11 @@ class DaemonRound:
         timer.start()
         return timer
 
+    def stderr_tail(self) -> str:
+        self.stderr.flush()
+        with open(self.stderr.name, "rb") as f:
+            return "daemon stderr:\n" + f.read()[-4000:].decode(errors="replace")
+
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait(timeout=30)
@@ -298,9 +303,9 @@ def test_daemon_crash_rounds(tmp_path: Path) -> None:
         try:
             try:
                 crashkit.run_workload(writer, log, random.Random(rng.randrange(1 << 32)), workload)
-            except Exception:
+            except Exception as e:
                 if not daemon.killed.is_set():
-                    raise
+                    raise AssertionError(f"{where}: {e}\n{daemon.stderr_tail()}") from e
             timer.join()
             assert daemon.killed.is_set(), f"{where}: the workload ended before the kill"
         finally:
