@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 A workload (``run_workload``) issues writes, FUA writes, discards, write-zeroes, flushes and
-snapshot, clone, flatten and snapshot-delete operations through a ``Writer``. *Before*
+snapshot, clone, flatten, rollback and snapshot-delete operations through a ``Writer``. *Before*
 issuing each operation it appends a record of it to a ``Log``; after a flush completes it
 appends ``durable`` (every operation logged before that flush is now durable), after a write
 completes it appends ``done``, and after a management operation completes, ``committed`` if
@@ -24,7 +24,9 @@ against the contract of a disk with a volatile write cache, at 512-byte sector g
   written);
 * a snapshot or clone whose creation is durable (committed, or followed by a completed flush)
   must exist, one whose creation is not may be missing; a snapshot whose deletion is
-  durable must be gone.
+  durable must be gone;
+* a rollback that is not known durable leaves two histories (with and without it): the
+  content must fit one of them.
 
 The log and the checker know nothing of how operations are issued: ``EngineWriter`` drives a
 pool in this process (the worker below), and ``NbdWriter`` drives a daemon over NBD and its
@@ -32,7 +34,7 @@ management API (the workload then runs in the checking process with a ``ListLog`
 daemon is what gets killed). The worker program::
 
     python -m storvisor.testing.crashkit --home DIR --pool POOL --seed N --round R \\
-        --log-fd FD [--ops N] [--flush-rate F] [--snapshots] [--discards] [--exit]
+        --log-fd FD [--ops N] [--flush-rate F] [--snapshots [--rollbacks]] [--discards] [--exit]
 
 opens the Home, logs ``ready``, runs the workload over every volume of the pool (logging to
 file descriptor ``FD``) and then sleeps until it is killed (or exits, with ``--exit``).
@@ -141,6 +143,8 @@ class Writer(Protocol):
 
     def flatten(self, volume: str) -> None: ...
 
+    def rollback(self, volume: str, snapshot: str) -> None: ...
+
 
 class Reader(Protocol):
     """How the checker reads what survived."""
@@ -161,6 +165,8 @@ class PoolLike(Protocol):
     def delete_snapshot(self, volume: str, snapshot: str) -> None: ...
 
     def flatten(self, volume: str) -> object: ...
+
+    def rollback(self, volume: str, snapshot: str) -> object: ...
 
     def flush(self) -> None: ...
 
@@ -219,6 +225,16 @@ class EngineWriter:
         self.pool.flatten(volume)
         self.catalog_changed = True
 
+    def rollback(self, volume: str, snapshot: str) -> None:
+        """Close this writer's handle on ``volume`` (a rollback needs it closed), then roll
+        back; the handle is reopened by the next write."""
+        handle = self.handles.pop(volume, None)
+        if handle is not None:
+            handle.close()
+        self.dirty.discard(volume)
+        self.pool.rollback(volume, snapshot)
+        self.catalog_changed = True
+
     def close(self) -> None:
         for handle in self.handles.values():
             handle.close()
@@ -253,6 +269,8 @@ class Management(Protocol):
     def delete_snapshot(self, pool: str, volume: str, snapshot: str) -> None: ...
 
     def flatten(self, pool: str, volume: str) -> object: ...
+
+    def rollback(self, pool: str, volume: str, snapshot: str) -> object: ...
 
 
 class NbdWriter:
@@ -315,6 +333,10 @@ class NbdWriter:
     def flatten(self, volume: str) -> None:
         self.api.flatten(self.pool, volume)
 
+    def rollback(self, volume: str, snapshot: str) -> None:
+        """Roll back through the API; the volume must have no export holding it open."""
+        self.api.rollback(self.pool, volume, snapshot)
+
 
 class EngineReader:
     """A ``Reader`` over an engine pool in this process."""
@@ -348,9 +370,9 @@ class Workload:
     the snapshot it depends on. A ``flush_rate`` share of
     the operations are flushes. Of the others, 15% are discards or write-zeroes when
     ``discards`` is set, and 2% are snapshot operations when ``snapshot_ops`` is set: they
-    flatten a clone, or create a snapshot (and sometimes a clone
-    of it) up to ``max_snapshots`` and ``max_volumes``, and past that limit delete a snapshot
-    instead. The rest are writes, one
+    roll a volume back to one of its snapshots (if ``rollbacks`` is set), flatten a clone, or
+    create a snapshot (and sometimes a clone of it) up to ``max_snapshots`` and
+    ``max_volumes``, and past that limit delete a snapshot instead. The rest are writes, one
     in five with FUA.
     """
 
@@ -360,6 +382,7 @@ class Workload:
     ops: int = 400
     discards: bool = False
     snapshot_ops: bool = False
+    rollbacks: bool = False
     name_prefix: str = "r0"
     flush_rate: float = 0.1
     max_snapshots: int = 4
@@ -407,6 +430,14 @@ def run_workload(writer: Writer, log: Log, rng: random.Random, workload: Workloa
             else:
                 writer.write_zeroes(target, offset, length, may_unmap=unmap)
         elif workload.snapshot_ops and roll < 0.17:
+            own = sorted(x for x in snapshots if x.partition("@")[0] == target)
+            if workload.rollbacks and own and rng.random() < 0.2:
+                snap = rng.choice(own)
+                s = next_seq()
+                log.append({"t": "rollback", "seq": s, "target": target, "source": snap})
+                writer.rollback(target, snap.partition("@")[2])
+                managed(s)
+                continue
             if origins and rng.random() < 0.25:
                 clone = rng.choice(sorted(origins))
                 s = next_seq()
@@ -485,13 +516,15 @@ def _pick_range(rng: random.Random, size: int, max_io: int) -> tuple[int, int]:
 
 @dataclass(frozen=True, slots=True)
 class Op:
-    """A data operation on one target; ``seed`` is None for discard and write-zeroes."""
+    """An operation on one target: a write (``seed`` set), a discard or write-zeroes
+    (``seed`` None), or a rollback to the snapshot ``rollback_to``."""
 
     seq: int
     offset: int
     length: int
     seed: int | None
     fua: bool
+    rollback_to: str | None = None
 
     def data(self) -> bytes:
         return bytes(self.length) if self.seed is None else payload(self.seed, self.length)
@@ -543,6 +576,9 @@ class History:
             seed = None if r["kind"] != "write" else _int(r["seed"])
             fua = bool(r.get("fua", False))
             target.ops.append(Op(seq, _int(r["off"]), _int(r["len"]), seed, fua))
+        elif kind == "rollback":
+            target = self.targets[_str(r["target"])]
+            target.ops.append(Op(seq, 0, 0, None, False, rollback_to=_str(r["source"])))
         elif kind == "fork":
             name = _str(r["name"])
             self.targets[name] = Target(name, parent=_str(r["source"]), fork_seq=seq)
@@ -564,14 +600,25 @@ class History:
         """Whether a snapshot, clone or delete logged as ``seq`` is durable."""
         return seq < self.durable or seq in self.committed
 
-    def lineage(self, name: str) -> tuple[bytes, list[Op]]:
-        """The base content of ``name`` and every operation that may have reached it."""
+    def lineages(self, name: str, before: int | None = None) -> list[tuple[bytes, list[Op]]]:
+        """The possible histories of ``name`` (counting only operations logged before
+        ``before``): each is a base content and the data operations that may have reached it
+        since. There is one, unless a rollback may or may not have happened."""
         target = self.targets[name]
         if target.parent is None:
             assert target.base is not None
-            return target.base, list(target.ops)
-        base, ops = self.lineage(target.parent)
-        return base, [op for op in ops if op.seq < target.fork_seq] + target.ops
+            alternatives: list[tuple[bytes, list[Op]]] = [(target.base, [])]
+        else:
+            alternatives = self.lineages(target.parent, target.fork_seq)
+        for op in target.ops:
+            if before is not None and op.seq >= before:
+                break
+            if op.rollback_to is None:
+                alternatives = [(base, [*ops, op]) for base, ops in alternatives]
+                continue
+            after = self.lineages(op.rollback_to)
+            alternatives = after if self.is_committed(op.seq) else alternatives + after
+        return alternatives
 
     def verify(self, reader: Reader) -> list[Problem]:
         """Check every target through ``reader``; returns the problems found (empty: good)."""
@@ -592,7 +639,20 @@ class History:
         return problems
 
     def _verify_content(self, name: str, content: bytes) -> list[Problem]:
-        base, ops = self.lineage(name)
+        """Problems of the history ``content`` fits best (none if it fits one)."""
+        best: list[Problem] | None = None
+        for base, ops in self.lineages(name):
+            problems = self._verify_history(name, content, base, ops)
+            if best is None or len(problems) < len(best):
+                best = problems
+            if not best:
+                break
+        assert best is not None
+        return best
+
+    def _verify_history(
+        self, name: str, content: bytes, base: bytes, ops: list[Op]
+    ) -> list[Problem]:
         if len(content) != len(base):
             return [Problem(name, f"size {len(content)}, expected {len(base)}")]
         size = len(base)
@@ -675,6 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--flush-rate", type=float, default=0.1)
     parser.add_argument("--discards", action="store_true")
     parser.add_argument("--snapshots", action="store_true")
+    parser.add_argument("--rollbacks", action="store_true")
     parser.add_argument("--exit", action="store_true", help="exit instead of waiting to be killed")
     args = parser.parse_args(argv)
 
@@ -696,6 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             discards=args.discards,
             flush_rate=args.flush_rate,
             snapshot_ops=args.snapshots,
+            rollbacks=args.rollbacks,
             name_prefix=f"r{args.round}",
         )
         writer = EngineWriter(pool)
