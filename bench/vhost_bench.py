@@ -8,8 +8,9 @@ temporary directory, the source directory is read-only), in the same run:
 * 1 MiB sequential read and write at queue depth 8,
 
 each with 1 and 2 virtqueues (the depth is per queue). For every cell it prints IOPS, MiB/s,
-the back-end's CPU use (100% = one core, measured by the client from /proc) and the ratio
-storvisor/qsd. Usage::
+the back-end's CPU use (100% = one core, measured by the client from /proc), the ratio
+storvisor/qsd and how busy the whole host was (the higher of the two runs: other work on the
+machine shows up there). Usage::
 
     .venv/bin/python bench/vhost_bench.py [--seconds 5] [--size 1G] [--json results.jsonl]
 
@@ -197,6 +198,7 @@ def print_table(
         header += [f"{b} IOPS", f"{b} MiB/s", f"{b} CPU%"]
     if {"qsd", "storvisor"} <= set(backends):
         header.append("storvisor/qsd")
+    header.append("host busy")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|")
     for queues in queue_counts:
@@ -222,6 +224,12 @@ def print_table(
                     else None
                 )
                 row.append("-" if ratio is None else f"{ratio:.2f}x")
+            busy = [
+                float(str(r["host_busy_pct"]))
+                for b in backends
+                if (r := results.get((b, queues, w.name))) and r.get("host_busy_pct") is not None
+            ]
+            row.append(f"{max(busy):.0f}%" if busy else "-")
             print("| " + " | ".join(row) + " |")
 
 
