@@ -35,14 +35,15 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from storvisor.engine.allocator import Allocator
 from storvisor.engine.backing import Backing, Header, split_phys
 from storvisor.engine.catalog import ZERO, Batch, Catalog
 from storvisor.engine.fsck import Memory, check_pool
+from storvisor.engine.layers import LayerTree
 from storvisor.engine.types import (
     BackingSpec,
     FsckReport,
@@ -92,13 +93,6 @@ def check_cluster_size(cluster_size: int) -> None:
 
 
 @dataclass
-class Layer:
-    id: int
-    parent: int | None
-    map: dict[int, int] = field(default_factory=dict)
-
-
-@dataclass
 class _VolumeRec:
     id: int
     name: str
@@ -142,7 +136,7 @@ class Pool:
         self._batch = Batch()
         self._data_dirty = False
         self._states: dict[tuple[int, int | None], VolumeState] = {}
-        self._layers: dict[int, Layer] = {}
+        self._tree = LayerTree(name)
         self._volumes: dict[str, _VolumeRec] = {}
         self._snapshots: dict[int, _SnapRec] = {}
         self._load()
@@ -244,12 +238,9 @@ class Pool:
 
     def _load(self) -> None:
         cat = self._catalog
-        for lid, parent in cat.query("SELECT id, parent FROM layers"):
-            self._layers[lid] = Layer(lid, parent)
-        for lid, vc, phys in cat.query("SELECT layer, vc, phys FROM map"):
-            layer = self._layers.get(lid)
-            if layer is not None:
-                layer.map[vc] = phys
+        self._tree.load(
+            cat.query("SELECT id, parent FROM layers"), cat.query("SELECT layer, vc, phys FROM map")
+        )
         for row in cat.query(
             "SELECT id, name, size, top, origin, origin_snap, serial, created FROM volumes"
         ):
@@ -260,7 +251,7 @@ class Pool:
             self._snapshots[snap.id] = snap
         used = [phys for (phys,) in cat.query("SELECT phys FROM refcount")]
         self._allocator = Allocator({i: b.clusters for i, b in self._backings.items()}, used)
-        ids = [0, *self._layers, *(v.id for v in self._volumes.values()), *self._snapshots]
+        ids = [0, *self._tree.layers, *(v.id for v in self._volumes.values()), *self._snapshots]
         self._next_id = max(ids) + 1
 
     # ------------------------------------------------------------------------ pool level
@@ -597,18 +588,13 @@ class Pool:
             handle.state.copy_up()
             with self._lock:
                 vol = self._volume(volume)
-                top = self._layers[vol.top]
-                old_parent, top.parent = top.parent, None
+                old_parent = self._tree.cut(self._batch, vol.top)
                 vol.origin = vol.origin_snap = None
-                self._stmt("UPDATE layers SET parent = NULL WHERE id = ?", top.id)
                 self._stmt(
                     "UPDATE volumes SET origin = NULL, origin_snap = NULL WHERE id = ?", vol.id
                 )
-                for vc in [vc for vc, p in top.map.items() if p == ZERO]:
-                    self._set_entry(top.id, vc, None)
-                handle.state.view = self._build_view(top.id)
-                if old_parent is not None:
-                    self._release(old_parent)
+                handle.state.view = self._build_view(vol.top)
+                self._release(old_parent)
         finally:
             handle.close()
         self.flush()
@@ -634,10 +620,10 @@ class Pool:
                 memory: Memory | None = None
                 if not self._batch:
                     memory = Memory(
-                        layers={lid: layer.parent for lid, layer in self._layers.items()},
+                        layers={lid: layer.parent for lid, layer in self._tree.layers.items()},
                         maps={
                             (lid, vc): phys
-                            for lid, layer in self._layers.items()
+                            for lid, layer in self._tree.layers.items()
                             for vc, phys in layer.map.items()
                         },
                         volumes={v.name: (v.size, v.top) for v in self._volumes.values()},
@@ -667,7 +653,7 @@ class Pool:
     def set_entry(self, layer_id: int, vc: int, value: int | None) -> None:
         """Map ``vc`` of a layer to a cluster, to ``ZERO``, or to nothing (None), releasing
         the cluster it mapped before. Call with the pool lock held."""
-        self._set_entry(layer_id, vc, value)
+        self._tree.set_entry(self._batch, layer_id, vc, value)
 
     def mark_dirty(self) -> None:
         """Record that data was written since the last flush (call after the write)."""
@@ -678,7 +664,7 @@ class Pool:
         return self._lock
 
     def layer_has_parent(self, layer_id: int) -> bool:
-        return self._layers[layer_id].parent is not None
+        return self._tree[layer_id].parent is not None
 
     def drop_state(self, state: VolumeState) -> None:
         with self._lock:
@@ -688,21 +674,8 @@ class Pool:
 
     # ------------------------------------------------------------------------ internals
 
-    def _set_entry(self, layer_id: int, vc: int, value: int | None) -> None:
-        layer = self._layers[layer_id]
-        old = layer.map.get(vc)
-        if old is not None and old >= 0 and old != value:
-            self._batch.frees.append(old)
-        if value is None:
-            layer.map.pop(vc, None)
-        else:
-            layer.map[vc] = value
-            if value >= 0 and value != old:
-                self._batch.allocs.append(value)
-        self._batch.maps[(layer_id, vc)] = value
-
     def _build_view(self, top: int) -> dict[int, tuple[int, int, int]]:
-        chain = list(self._chain(top))
+        chain = list(self._tree.chain(top))
         view: dict[int, tuple[int, int, int]] = {}
         zero_entry: dict[int, tuple[int, int, int]] = {}
         for layer in reversed(chain):
@@ -715,24 +688,8 @@ class Pool:
                     view[vc] = (fd, offset, layer.id)
         return view
 
-    def _chain(self, top: int) -> Iterator[Layer]:
-        seen: set[int] = set()
-        lid: int | None = top
-        while lid is not None:
-            if lid in seen:
-                raise CorruptMetadata(f"pool {self.name!r}: layer {lid} is in a cycle")
-            seen.add(lid)
-            layer = self._layers.get(lid)
-            if layer is None:
-                raise CorruptMetadata(f"pool {self.name!r}: layer {lid} is missing")
-            yield layer
-            lid = layer.parent
-
     def _new_layer(self, parent: int | None) -> int:
-        lid = self._take_id()
-        self._layers[lid] = Layer(lid, parent)
-        self._stmt("INSERT INTO layers VALUES (?, ?)", lid, parent)
-        return lid
+        return self._tree.new(self._batch, self._take_id(), parent)
 
     def _add_volume(
         self, name: str, size: int, top: int, origin: str | None, origin_snap: int | None
@@ -761,41 +718,7 @@ class Pool:
         )
 
     def _release(self, lid: int | None) -> None:
-        """Drop one reference to a layer (a volume top, a snapshot, a child) and collect what
-        is no longer needed: free a layer nothing depends on, merge a layer into its only
-        child."""
-        while lid is not None:
-            if self._layer_named(lid):
-                return
-            layer = self._layers[lid]
-            children = [c for c in self._layers.values() if c.parent == lid]
-            if len(children) > 1:
-                return
-            if children:
-                child = children[0]
-                for vc, phys in layer.map.items():
-                    if vc in child.map:
-                        if phys >= 0:
-                            self._batch.frees.append(phys)
-                    else:
-                        child.map[vc] = phys
-                        self._batch.maps[(child.id, vc)] = phys
-                child.parent = layer.parent
-                self._stmt("UPDATE layers SET parent = ? WHERE id = ?", child.parent, child.id)
-                self._drop_layer(layer)
-                return
-            for phys in layer.map.values():
-                if phys >= 0:
-                    self._batch.frees.append(phys)
-            self._drop_layer(layer)
-            lid = layer.parent
-
-    def _drop_layer(self, layer: Layer) -> None:
-        for vc in layer.map:
-            self._batch.maps.pop((layer.id, vc), None)
-        del self._layers[layer.id]
-        self._stmt("DELETE FROM map WHERE layer = ?", layer.id)
-        self._stmt("DELETE FROM layers WHERE id = ?", layer.id)
+        self._tree.release(self._batch, lid, self._layer_named)
 
     def _layer_named(self, lid: int) -> bool:
         return any(v.top == lid for v in self._volumes.values()) or any(
@@ -829,7 +752,7 @@ class Pool:
         raise NotFound(f"no snapshot {self.name}/{vol.name}@{name}")
 
     def _volume_info(self, vol: _VolumeRec) -> VolumeInfo:
-        owned = sum(1 for p in self._layers[vol.top].map.values() if p >= 0)
+        owned = self._tree.owned(vol.top)
         return VolumeInfo(
             self.name,
             vol.name,
