@@ -9,6 +9,7 @@ known content, so later rounds also catch damage to data that was already verifi
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,14 @@ class Worker:
                 self.lines.append(line)
                 if line.startswith(b'{"t":"ready"'):
                     self.ready.set()
+
+    def wait_for_records(self, count: int, timeout: float = 20) -> None:
+        """Wait until the worker has logged ``count`` records (or ended, or ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while len(self.lines) < count and self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.002)
 
     def kill(self) -> list[dict[str, object]]:
         """SIGKILL the worker (if still running) and return its log."""
@@ -132,9 +142,10 @@ def test_crash_rounds(tmp_path: Path, cluster_size: int) -> None:
         )
         if round_ % 5 == 4:  # while it opens the Home (and recovers from the last crash)
             time.sleep(rng.uniform(0.0, 0.4))
-        else:
+        else:  # after a random number of operations, then at a random moment
             assert worker.ready.wait(30), f"{where}: worker never became ready"
-            time.sleep(rng.uniform(0.0, 0.6))
+            worker.wait_for_records(rng.randrange(10, 3000))
+            time.sleep(rng.uniform(0.0, 0.02))
         records = worker.kill()
         history = History(known, records)
         if history.durable:
@@ -267,6 +278,22 @@ class DaemonRound:
         self.stderr.close()
 
 
+class KillingLog(crashkit.ListLog):
+    """A ``ListLog`` that calls ``kill`` (which starts a timer) once it holds ``count``
+    records."""
+
+    def __init__(self, count: int, kill: Callable[[], threading.Timer]) -> None:
+        super().__init__()
+        self.count = count
+        self.kill = kill
+        self.timer: threading.Timer | None = None
+
+    def append(self, record: Mapping[str, object]) -> None:
+        super().append(record)
+        if len(self.records) == self.count:
+            self.timer = self.kill()
+
+
 def test_daemon_crash_rounds(tmp_path: Path) -> None:
     """The same check with the daemon as the victim: writes over NBD, snapshots and clones
     through the API, SIGKILL of ``storvisor serve`` at a random moment."""
@@ -297,19 +324,21 @@ def test_daemon_crash_rounds(tmp_path: Path) -> None:
             name_prefix=f"r{round_}",
         )
         daemon = DaemonRound(home_dir, tmp_path)
-        log = crashkit.ListLog()
+        kill = functools.partial(daemon.kill_after, rng.uniform(0, 0.02))
+        log = KillingLog(rng.randrange(10, 2500), kill)
         writer = crashkit.NbdWriter(daemon.connect, daemon.api, "p")
-        timer = daemon.kill_after(rng.uniform(0.2, 1.2))
+        timer = daemon.kill_after(60)  # in case the workload stalls
         try:
             try:
                 crashkit.run_workload(writer, log, random.Random(rng.randrange(1 << 32)), workload)
             except Exception as e:
                 if not daemon.killed.is_set():
                     raise AssertionError(f"{where}: {e}\n{daemon.stderr_tail()}") from e
-            timer.join()
             assert daemon.killed.is_set(), f"{where}: the workload ended before the kill"
         finally:
             timer.cancel()
+            if log.timer is not None:
+                log.timer.join()
             daemon.close()
         history = History(known, log.records)
         if history.durable:
