@@ -1,11 +1,12 @@
-"""Crash test: SIGKILL a worker writing to a pool at random moments, then check what survived.
+"""Crash tests: SIGKILL whatever writes to a pool at random moments, then check what survived.
 
-Each round starts ``python -m storvisor.testing.crashkit`` on the same Home, waits a random
-time, kills it, reopens the Home in this process, requires ``fsck`` clean and checks every
-volume, snapshot and clone against the worker's log (``crashkit.History``): what was flushed
-reads back, what was never written reads as zeros. What survived becomes the next round's
-known content, so later rounds also catch damage to data that was already verified.
-"""
+Each round of ``test_crash_rounds`` starts ``python -m storvisor.testing.crashkit`` on the
+same Home, lets it log a random number of operations, kills it, reopens the Home in this
+process, requires ``fsck`` clean and checks every volume, snapshot and clone against the
+worker's log (``crashkit.History``): what was flushed reads back, what was never written reads
+as zeros. What survived becomes the next round's known content, so later rounds also catch
+damage to data that was already verified. ``test_daemon_crash_rounds`` does the same with
+``storvisor serve`` as the victim, the workload running here over NBD and the API."""
 
 from __future__ import annotations
 
