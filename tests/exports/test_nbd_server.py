@@ -147,3 +147,26 @@ def test_read_only_device_makes_a_read_only_export(short_dir: Path) -> None:
         h.shutdown()
     finally:
         server.close()
+
+
+def test_close_leaves_no_thread_behind(short_dir: Path) -> None:
+    before = set(threading.enumerate())
+    server = NBDServer()
+    server.add_export(NBDExport("d", lambda: MemoryDevice(1 << 20)))
+    sock = str(short_dir / "s.sock")
+    server.listen_unix(sock)
+    server.start()
+    handles = []
+    for _ in range(3):
+        h = nbd.NBD()
+        h.connect_uri(nbd_uri("d", unix_path=sock))
+        h.pread(4096, 0)
+        handles.append(h)
+    idle = socket.socket(socket.AF_UNIX)  # a client stuck in the handshake
+    idle.connect(sock)
+    server.close()
+    idle.close()
+    leftover = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert not leftover, leftover
+    with pytest.raises(nbd.Error):
+        handles[0].pread(4096, 0)
