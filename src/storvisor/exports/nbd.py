@@ -29,6 +29,7 @@ cache must not be exported by this server.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -152,7 +153,7 @@ class NBDServer:
             sock.listen(128)
         except OSError as e:
             sock.close()
-            raise IOFailure(f"cannot listen on {path}: {e.strerror}", e.errno or 5) from e
+            raise IOFailure(f"cannot listen on {path}: {e.strerror}", e.errno or errno.EIO) from e
         st = os.stat(path)
         self._add_listener(sock, (path, st.st_dev, st.st_ino))
 
@@ -171,7 +172,9 @@ class NBDServer:
             sock.listen(128)
         except OSError as e:
             sock.close()
-            raise IOFailure(f"cannot listen on {host}:{port}: {e.strerror}", e.errno or 5) from e
+            raise IOFailure(
+                f"cannot listen on {host}:{port}: {e.strerror}", e.errno or errno.EIO
+            ) from e
         bound: int = sock.getsockname()[1]
         self._add_listener(sock, None)
         return bound
