@@ -536,3 +536,27 @@ def test_same_behaviour_as_qemu_nbd(served: Served) -> None:
     finally:
         qnbd.terminate()
         qnbd.wait(10)
+
+
+def test_nbdcopy_into_a_thin_volume_with_multi_conn(served: Served) -> None:
+    source = served.dir / "source.img"
+    with open(source, "wb") as f:
+        f.truncate(SIZE)
+        for offset in range(0, SIZE, 3 << 20):
+            f.seek(offset + 12345)
+            f.write(os.urandom(700_000))
+    home = Home(served.dir / "home")
+    try:
+        home.create_pool("p", [BackingSpec(str(served.dir / "backing"), size=256 << 20)])
+        pool = home.pool("p")
+        pool.create_volume("v", SIZE)
+        served.server.add_export(NBDExport("v", lambda: pool.open_volume("v")))
+        # 4 connections, 64 requests in flight each, all on one engine volume
+        run("nbdcopy", "--connections=4", "--requests=64", str(source), served.uri("v"))
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", served.uri("v"), str(source))
+        back = served.dir / "back.img"
+        run("nbdcopy", "--connections=4", served.uri("v"), str(back))
+        assert back.read_bytes() == source.read_bytes()
+        served.server.remove_export("v")
+    finally:
+        home.close()
