@@ -560,3 +560,23 @@ def test_nbdcopy_into_a_thin_volume_with_multi_conn(served: Served) -> None:
         served.server.remove_export("v")
     finally:
         home.close()
+
+
+@pytest.mark.parametrize("rw", ["randwrite", "write"])
+def test_fio_nbd_engine_writes_and_verifies(served: Served, rw: str) -> None:
+    out = run(
+        "fio",
+        "--name=verify",
+        "--ioengine=nbd",
+        f"--uri={served.uri('mem')}",
+        f"--rw={rw}",
+        "--bsrange=512-128k",
+        "--size=4m",
+        "--iodepth=16",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--output-format=json",
+    )
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    assert job["error"] == 0
+    assert job["write"]["io_bytes"] == 4 << 20 and job["read"]["io_bytes"] == 4 << 20
