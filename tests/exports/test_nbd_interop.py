@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import struct
@@ -580,3 +581,45 @@ def test_fio_nbd_engine_writes_and_verifies(served: Served, rw: str) -> None:
     job = json.loads(out[out.index("{") :])["jobs"][0]
     assert job["error"] == 0
     assert job["write"]["io_bytes"] == 4 << 20 and job["read"]["io_bytes"] == 4 << 20
+
+
+def test_mutated_sessions_never_crash_a_connection(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    flags = struct.pack(">I", 3)
+    name = b"mem"
+    go = struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, C.NBD_INFO_BLOCK_SIZE)
+    meta = struct.pack(">I", len(name)) + name + struct.pack(">II", 1, 15) + b"base:allocation"
+    session = (
+        flags
+        + struct.pack(">QII", C.IHAVEOPT, C.NBD_OPT_STRUCTURED_REPLY, 0)
+        + struct.pack(">QII", C.IHAVEOPT, C.NBD_OPT_SET_META_CONTEXT, len(meta))
+        + meta
+        + struct.pack(">QII", C.IHAVEOPT, C.NBD_OPT_GO, len(go))
+        + go
+        + struct.pack(">IHHQQI", C.NBD_REQUEST_MAGIC, 0, C.NBD_CMD_WRITE, 1, 4096, 8)
+        + b"12345678"
+        + struct.pack(">IHHQQI", C.NBD_REQUEST_MAGIC, 0, C.NBD_CMD_READ, 2, 0, 65536)
+        + struct.pack(">IHHQQI", C.NBD_REQUEST_MAGIC, 8, C.NBD_CMD_BLOCK_STATUS, 3, 0, 1 << 20)
+        + struct.pack(">IHHQQI", C.NBD_REQUEST_MAGIC, 0, C.NBD_CMD_WRITE_ZEROES, 4, 0, 4096)
+        + struct.pack(">IHHQQI", C.NBD_REQUEST_MAGIC, 0, C.NBD_CMD_DISC, 5, 0, 0)
+    )
+    rng = random.Random(1234)
+    caplog.set_level("INFO", logger="storvisor.exports.nbd")
+    for _ in range(60):
+        data = bytearray(session)
+        for _ in range(rng.randint(1, 4)):
+            pos = rng.randrange(len(data))
+            data[pos] = rng.randrange(256)
+        s = _raw(served)
+        try:
+            s.sendall(bytes(data[: rng.randrange(len(data) + 1)]))
+            s.shutdown(socket.SHUT_WR)
+            _closed_by_server(s)
+        except OSError:
+            pass  # the server may close while we still send
+        finally:
+            s.close()
+    _still_serving(served)
+    crashes = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert not crashes, crashes[0].getMessage()
