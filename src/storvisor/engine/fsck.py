@@ -24,10 +24,11 @@ _LIMIT = 20  # samples listed per kind of dangling reference
 @dataclass(frozen=True)
 class Memory:
     """The in-memory metadata of an open pool with nothing pending, to compare with the
-    catalog: layer -> parent, (layer, vc) -> phys, volume -> (size, top), snapshot id ->
-    (volume id, name, layer)."""
+    catalog: layer -> parent, layer -> clusters it counts as its own, (layer, vc) -> phys,
+    volume -> (size, top), snapshot id -> (volume id, name, layer)."""
 
     layers: dict[int, int | None]
+    owned: dict[int, int]
     maps: dict[tuple[int, int], int]
     volumes: dict[str, tuple[int, int]]
     snapshots: dict[int, tuple[int, str, int]]
@@ -155,6 +156,10 @@ def _compare(catalog: Catalog, memory: Memory, layers: dict[int, int | None]) ->
     found: list[str] = []
     if layers != memory.layers:
         found.append("in-memory layers differ from the catalog")
+    counted = Counter(layer for (layer, _), phys in memory.maps.items() if phys >= 0)
+    for layer, owned in sorted(memory.owned.items()):
+        if owned != counted[layer]:
+            found.append(f"layer {layer}: counts {owned} clusters but maps {counted[layer]}")
     rows = {(layer, vc): phys for layer, vc, phys in catalog.query("SELECT * FROM map")}
     if rows != memory.maps:
         differ = sorted(

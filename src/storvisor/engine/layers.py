@@ -20,6 +20,7 @@ class Layer:
     id: int
     parent: int | None
     map: dict[int, int] = field(default_factory=dict)
+    owned: int = 0  # entries of ``map`` that are clusters (not ``ZERO``)
 
 
 class LayerTree:
@@ -40,6 +41,7 @@ class LayerTree:
             layer = self.layers.get(lid)
             if layer is not None:
                 layer.map[vc] = phys
+                layer.owned += phys >= 0
 
     def new(self, batch: Batch, lid: int, parent: int | None) -> int:
         """Create an empty layer ``lid`` over ``parent``."""
@@ -52,14 +54,18 @@ class LayerTree:
         cluster it mapped before is released; a new cluster is recorded as allocated."""
         layer = self.layers[lid]
         old = layer.map.get(vc)
-        if old is not None and old >= 0 and old != value:
-            batch.frees.append(old)
+        if old is not None and old >= 0:
+            layer.owned -= 1
+            if old != value:
+                batch.frees.append(old)
         if value is None:
             layer.map.pop(vc, None)
         else:
             layer.map[vc] = value
-            if value >= 0 and value != old:
-                batch.allocs.append(value)
+            if value >= 0:
+                layer.owned += 1
+                if value != old:
+                    batch.allocs.append(value)
         batch.maps[(lid, vc)] = value
 
     def cut(self, batch: Batch, lid: int) -> int | None:
@@ -89,7 +95,7 @@ class LayerTree:
 
     def owned(self, lid: int) -> int:
         """Clusters layer ``lid`` maps (its own, not its parents')."""
-        return sum(1 for phys in self.layers[lid].map.values() if phys >= 0)
+        return self.layers[lid].owned
 
     def release(self, batch: Batch, lid: int | None, named: Callable[[int], bool]) -> None:
         """Drop one reference to a layer (a volume's top, a snapshot, a child) and collect what
@@ -117,6 +123,7 @@ class LayerTree:
                     batch.frees.append(phys)  # shadowed by the child
             else:
                 child.map[vc] = phys
+                child.owned += phys >= 0
                 batch.maps[(child.id, vc)] = phys
         child.parent = layer.parent
         batch.statements.append(

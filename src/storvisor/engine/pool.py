@@ -621,6 +621,7 @@ class Pool:
                 if not self._batch:
                     memory = Memory(
                         layers={lid: layer.parent for lid, layer in self._tree.layers.items()},
+                        owned={lid: layer.owned for lid, layer in self._tree.layers.items()},
                         maps={
                             (lid, vc): phys
                             for lid, layer in self._tree.layers.items()
