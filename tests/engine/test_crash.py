@@ -61,7 +61,8 @@ class Worker:
             "--ops=2000",
             f"--flush-rate={flush_rate}",
         ]
-        args += ["--discards"] * discards + ["--snapshots", "--rollbacks"] * snapshots
+        args += ["--discards"] * discards
+        args += ["--snapshots", "--rollbacks", "--extends"] * snapshots
         self.proc = subprocess.Popen(args, pass_fds=[write_fd], stderr=subprocess.PIPE)
         os.close(write_fd)
         self.lines: list[bytes] = []
@@ -312,7 +313,7 @@ def test_daemon_crash_rounds(tmp_path: Path) -> None:
     for round_ in range(DAEMON_ROUNDS):
         where = f"daemon, seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
         volumes = {name: len(data) for name, data in known.items() if "@" not in name}
-        snapshots = [name for name in known if "@" in name]
+        snapshots = {name: len(data) for name, data in known.items() if "@" in name}
         clones = {v.name: v.origin for v in _volume_infos(home_dir) if v.origin is not None}
         workload = crashkit.Workload(
             volumes=volumes,
@@ -321,6 +322,7 @@ def test_daemon_crash_rounds(tmp_path: Path) -> None:
             ops=100_000,
             discards=True,
             snapshot_ops=round_ % 2 == 1,
+            extends=True,
             flush_rate=rng.choice([0.1, 0.02]),
             name_prefix=f"r{round_}",
         )
@@ -381,3 +383,26 @@ def test_checker_rollback() -> None:
     history = History({"v": bytes(2048)}, records)
     assert history.verify(Fixed({"v": new, "v@s": old})), "a committed rollback went missing"
     assert not history.verify(Fixed({"v": old, "v@s": old}))
+
+
+def test_checker_extend() -> None:
+    """An extend adds zeros; one that may not have happened allows either size."""
+    records: list[dict[str, object]] = [
+        {"t": "extend", "seq": 1, "target": "v", "size": 2048},
+        {"t": "op", "seq": 2, "kind": "write", "target": "v", "off": 1000, "len": 1000, "seed": 2},
+    ]
+    written = bytearray(2048)
+    written[1000:2000] = crashkit.payload(2, 1000)
+    history = History({"v": bytes(1024)}, records)
+    assert not history.verify(Fixed({"v": bytes(1024)}))
+    assert not history.verify(Fixed({"v": bytes(2048)}))
+    assert not history.verify(Fixed({"v": bytes(written)}))
+    # the extend lost, the part of the write inside the old size kept: legal
+    assert not history.verify(Fixed({"v": bytes(written[:1024])}))
+    junk = bytearray(2048)
+    junk[1500] = 1
+    assert history.verify(Fixed({"v": bytes(junk)})), "data nobody wrote in the new space"
+    assert history.verify(Fixed({"v": bytes(4096)})), "a size nobody asked for"
+    records.append({"t": "committed", "seq": 1})
+    history = History({"v": bytes(1024)}, records)
+    assert history.verify(Fixed({"v": bytes(1024)})), "a committed extend went missing"

@@ -3,12 +3,13 @@
 Theory of operation
 -------------------
 A workload (``run_workload``) issues writes, FUA writes, discards, write-zeroes, flushes and
-snapshot, clone, flatten, rollback and snapshot-delete operations through a ``Writer``. *Before*
-issuing each operation it appends a record of it to a ``Log``; after a flush completes it
-appends ``durable`` (every operation logged before that flush is now durable), after a write
-completes it appends ``done``, and after a management operation completes, ``committed`` if
-the writer makes those durable on return (``done`` otherwise). Data is never logged: a write
-is ``(offset, length, seed)`` and ``payload(seed, length)`` regenerates its bytes.
+snapshot, clone, flatten, rollback, extend and snapshot-delete operations through a
+``Writer``. *Before* issuing each operation it appends a record of it to a ``Log``; after a
+flush completes it appends ``durable`` (every operation logged before that flush is now
+durable), after a write completes it appends ``done``, and after a management operation
+completes, ``committed`` if the writer makes those durable on return (``done`` otherwise).
+Data is never logged: a write is ``(offset, length, seed)`` and ``payload(seed, length)``
+regenerates its bytes.
 
 The process issuing the workload is then killed at a random moment. ``History`` replays the
 log: each *target* (a volume ``VOL``, a snapshot ``VOL@SNAP`` or a clone) gets the ordered list
@@ -25,8 +26,8 @@ against the contract of a disk with a volatile write cache, at 512-byte sector g
 * a snapshot or clone whose creation is durable (committed, or followed by a completed flush)
   must exist, one whose creation is not may be missing; a snapshot whose deletion is
   durable must be gone;
-* a rollback that is not known durable leaves two histories (with and without it): the
-  content must fit one of them.
+* a rollback or extend that is not known durable leaves two histories (with and without
+  it): the content (and size) must fit one of them.
 
 The log and the checker know nothing of how operations are issued: ``EngineWriter`` drives a
 pool in this process (the worker below), and ``NbdWriter`` drives a daemon over NBD and its
@@ -34,7 +35,8 @@ management API (the workload then runs in the checking process with a ``ListLog`
 daemon is what gets killed). The worker program::
 
     python -m storvisor.testing.crashkit --home DIR --pool POOL --seed N --round R \\
-        --log-fd FD [--ops N] [--flush-rate F] [--snapshots [--rollbacks]] [--discards] [--exit]
+        --log-fd FD [--ops N] [--flush-rate F] [--discards] [--exit] \\
+        [--snapshots [--rollbacks] [--extends]]
 
 opens the Home, logs ``ready``, runs the workload over every volume of the pool (logging to
 file descriptor ``FD``) and then sleeps until it is killed (or exits, with ``--exit``).
@@ -145,6 +147,8 @@ class Writer(Protocol):
 
     def rollback(self, volume: str, snapshot: str) -> None: ...
 
+    def extend(self, volume: str, size: int) -> None: ...
+
 
 class Reader(Protocol):
     """How the checker reads what survived."""
@@ -167,6 +171,8 @@ class PoolLike(Protocol):
     def flatten(self, volume: str) -> object: ...
 
     def rollback(self, volume: str, snapshot: str) -> object: ...
+
+    def extend_volume(self, name: str, size: int) -> object: ...
 
     def flush(self) -> None: ...
 
@@ -235,6 +241,10 @@ class EngineWriter:
         self.pool.rollback(volume, snapshot)
         self.catalog_changed = True
 
+    def extend(self, volume: str, size: int) -> None:
+        self.pool.extend_volume(volume, size)
+        self.catalog_changed = True
+
     def close(self) -> None:
         for handle in self.handles.values():
             handle.close()
@@ -272,6 +282,8 @@ class Management(Protocol):
 
     def rollback(self, pool: str, volume: str, snapshot: str) -> object: ...
 
+    def extend_volume(self, pool: str, name: str, size: int) -> object: ...
+
 
 class NbdWriter:
     """A ``Writer`` that drives a daemon: data over NBD, snapshots and clones over its API.
@@ -296,6 +308,7 @@ class NbdWriter:
         self._management_durable = management_durable
         self.handles: dict[str, NbdHandle] = {}
         self.dirty: set[str] = set()
+        self.retired: list[NbdHandle] = []
 
     @property
     def management_durable(self) -> bool:
@@ -317,6 +330,9 @@ class NbdWriter:
         self._handle(target).zero(length, offset, 0 if may_unmap else NBD_CMD_FLAG_NO_HOLE)
 
     def flush(self) -> None:
+        for handle in self.retired:
+            handle.flush()
+        self.retired.clear()
         for target in sorted(self.dirty):
             self.handles[target].flush()
         self.dirty.clear()
@@ -336,6 +352,15 @@ class NbdWriter:
     def rollback(self, volume: str, snapshot: str) -> None:
         """Roll back through the API; the volume must have no export holding it open."""
         self.api.rollback(self.pool, volume, snapshot)
+
+    def extend(self, volume: str, size: int) -> None:
+        """Extend through the API, then reconnect (an NBD export's size is fixed per
+        connection); the old connection is flushed with the others at the next flush."""
+        self.api.extend_volume(self.pool, volume, size)
+        handle = self.handles.pop(volume, None)
+        if handle is not None and volume in self.dirty:
+            self.retired.append(handle)
+        self.dirty.discard(volume)
 
 
 class EngineReader:
@@ -365,24 +390,27 @@ class EngineReader:
 class Workload:
     """What a round does.
 
-    ``volumes`` maps the writable volumes to their sizes; ``snapshots`` lists the existing
-    ``VOL@SNAP`` targets; ``clones`` maps each existing linked clone (not yet flattened) to
-    the snapshot it depends on. A ``flush_rate`` share of
+    ``volumes`` maps the writable volumes to their sizes, ``snapshots`` the existing
+    ``VOL@SNAP`` targets to theirs; ``clones`` maps each existing linked clone (not yet
+    flattened) to the snapshot it depends on. A ``flush_rate`` share of
     the operations are flushes. Of the others, 15% are discards or write-zeroes when
     ``discards`` is set, and 2% are snapshot operations when ``snapshot_ops`` is set: they
-    roll a volume back to one of its snapshots (if ``rollbacks`` is set), flatten a clone, or
+    extend a volume up to ``max_size`` (if ``extends`` is set), roll a volume back to one of
+    its snapshots (if ``rollbacks`` is set), flatten a clone, or
     create a snapshot (and sometimes a clone of it) up to ``max_snapshots`` and
     ``max_volumes``, and past that limit delete a snapshot instead. The rest are writes, one
     in five with FUA.
     """
 
     volumes: Mapping[str, int]
-    snapshots: Sequence[str] = ()
+    snapshots: Mapping[str, int] = field(default_factory=dict)
     clones: Mapping[str, str] = field(default_factory=dict)
     ops: int = 400
     discards: bool = False
     snapshot_ops: bool = False
     rollbacks: bool = False
+    extends: bool = False
+    max_size: int = 2 << 20
     name_prefix: str = "r0"
     flush_rate: float = 0.1
     max_snapshots: int = 4
@@ -394,7 +422,7 @@ def run_workload(writer: Writer, log: Log, rng: random.Random, workload: Workloa
     """Issue ``workload.ops`` random operations through ``writer``, logging each (see the
     module docstring). Ends with a flush. Raises whatever ``writer`` raises."""
     volumes = dict(workload.volumes)
-    snapshots = list(workload.snapshots)
+    snapshots = dict(workload.snapshots)
     origins = dict(workload.clones)  # clone -> snapshot it depends on
     cloned = set(origins.values())
     seq = 0
@@ -430,6 +458,14 @@ def run_workload(writer: Writer, log: Log, rng: random.Random, workload: Workloa
             else:
                 writer.write_zeroes(target, offset, length, may_unmap=unmap)
         elif workload.snapshot_ops and roll < 0.17:
+            if workload.extends and size < workload.max_size and rng.random() < 0.2:
+                new_size = min(workload.max_size, size + rng.choice([4096, 65536, 262144]))
+                s = next_seq()
+                log.append({"t": "extend", "seq": s, "target": target, "size": new_size})
+                writer.extend(target, new_size)
+                managed(s)
+                volumes[target] = new_size
+                continue
             own = sorted(x for x in snapshots if x.partition("@")[0] == target)
             if workload.rollbacks and own and rng.random() < 0.2:
                 snap = rng.choice(own)
@@ -437,6 +473,7 @@ def run_workload(writer: Writer, log: Log, rng: random.Random, workload: Workloa
                 log.append({"t": "rollback", "seq": s, "target": target, "source": snap})
                 writer.rollback(target, snap.partition("@")[2])
                 managed(s)
+                volumes[target] = snapshots[snap]  # a rollback restores the size too
                 continue
             if origins and rng.random() < 0.25:
                 clone = rng.choice(sorted(origins))
@@ -456,7 +493,7 @@ def run_workload(writer: Writer, log: Log, rng: random.Random, workload: Workloa
                 log.append({"t": "delete", "seq": s, "name": snap})
                 writer.delete_snapshot(volume, name)
                 managed(s)
-                snapshots.remove(snap)
+                del snapshots[snap]
                 continue
             if len(snapshots) >= workload.max_snapshots:
                 continue
@@ -467,7 +504,7 @@ def run_workload(writer: Writer, log: Log, rng: random.Random, workload: Workloa
             log.append({"t": "fork", "seq": s, "kind": "snapshot", "source": target, "name": snap})
             writer.snapshot(target, name)
             managed(s)
-            snapshots.append(snap)
+            snapshots[snap] = size
             if len(volumes) < workload.max_volumes and rng.random() < 0.5:
                 new = f"{workload.name_prefix}c{made}"
                 s = next_seq()
@@ -517,7 +554,8 @@ def _pick_range(rng: random.Random, size: int, max_io: int) -> tuple[int, int]:
 @dataclass(frozen=True, slots=True)
 class Op:
     """An operation on one target: a write (``seed`` set), a discard or write-zeroes
-    (``seed`` None), or a rollback to the snapshot ``rollback_to``."""
+    (``seed`` None), a rollback to the snapshot ``rollback_to``, or an extend to
+    ``extend_to`` bytes."""
 
     seq: int
     offset: int
@@ -525,6 +563,7 @@ class Op:
     seed: int | None
     fua: bool
     rollback_to: str | None = None
+    extend_to: int | None = None
 
     def data(self) -> bytes:
         return bytes(self.length) if self.seed is None else payload(self.seed, self.length)
@@ -576,6 +615,9 @@ class History:
             seed = None if r["kind"] != "write" else _int(r["seed"])
             fua = bool(r.get("fua", False))
             target.ops.append(Op(seq, _int(r["off"]), _int(r["len"]), seed, fua))
+        elif kind == "extend":
+            target = self.targets[_str(r["target"])]
+            target.ops.append(Op(seq, 0, 0, None, False, extend_to=_int(r["size"])))
         elif kind == "rollback":
             target = self.targets[_str(r["target"])]
             target.ops.append(Op(seq, 0, 0, None, False, rollback_to=_str(r["source"])))
@@ -613,10 +655,14 @@ class History:
         for op in target.ops:
             if before is not None and op.seq >= before:
                 break
-            if op.rollback_to is None:
+            if op.extend_to is not None:
+                size = op.extend_to
+                after = [(b + bytes(size - len(b)), ops) for b, ops in alternatives]
+            elif op.rollback_to is not None:
+                after = self.lineages(op.rollback_to)
+            else:
                 alternatives = [(base, [*ops, op]) for base, ops in alternatives]
                 continue
-            after = self.lineages(op.rollback_to)
             alternatives = after if self.is_committed(op.seq) else alternatives + after
         return alternatives
 
@@ -656,15 +702,16 @@ class History:
         if len(content) != len(base):
             return [Problem(name, f"size {len(content)}, expected {len(base)}")]
         size = len(base)
+        ops = [op for op in ops if op.offset < size]  # beyond an extend that did not happen
         cuts = set(range(0, size, SECTOR)) | {size}
         for op in ops:
             cuts.add(op.offset)
-            cuts.add(op.offset + op.length)
+            cuts.add(min(op.offset + op.length, size))
         bounds = sorted(cuts)
         covering: list[list[int]] = [[] for _ in range(len(bounds) - 1)]
         for index, op in enumerate(ops):
             first = bisect.bisect_left(bounds, op.offset)
-            last = bisect.bisect_left(bounds, op.offset + op.length)
+            last = bisect.bisect_left(bounds, min(op.offset + op.length, size))
             for piece in range(first, last):
                 covering[piece].append(index)
         datas: dict[int, bytes] = {}
@@ -736,6 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--discards", action="store_true")
     parser.add_argument("--snapshots", action="store_true")
     parser.add_argument("--rollbacks", action="store_true")
+    parser.add_argument("--extends", action="store_true")
     parser.add_argument("--exit", action="store_true", help="exit instead of waiting to be killed")
     args = parser.parse_args(argv)
 
@@ -746,7 +794,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         pool = home.pool(args.pool)
         volumes = {v.name: v.size for v in pool.volumes()}
-        snapshots = [f"{v}@{s.name}" for v in sorted(volumes) for s in pool.snapshots(v)]
+        snapshots = {f"{v}@{s.name}": s.size for v in sorted(volumes) for s in pool.snapshots(v)}
         clones = {v.name: v.origin for v in pool.volumes() if v.origin is not None}
         log.append({"t": "ready", "pid": os.getpid()})
         workload = Workload(
@@ -758,6 +806,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush_rate=args.flush_rate,
             snapshot_ops=args.snapshots,
             rollbacks=args.rollbacks,
+            extends=args.extends,
             name_prefix=f"r{args.round}",
         )
         writer = EngineWriter(pool)
