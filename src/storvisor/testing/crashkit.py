@@ -121,8 +121,9 @@ class Writer(Protocol):
     """How a workload reaches the storage. Targets are volume names; a snapshot is
     ``VOL@SNAP``. Every method returns once the operation has completed.
 
-    ``management_durable`` says whether ``snapshot``, ``clone`` and ``delete_snapshot`` are
-    durable when they return; otherwise they are durable after the next ``flush``.
+    ``management_durable`` says whether the management operations (``snapshot``, ``clone``,
+    ``delete_snapshot``, ``flatten``, ``rollback``, ``extend``) are durable when they return;
+    otherwise they are durable after the next ``flush``.
     """
 
     @property
@@ -189,7 +190,7 @@ class EngineWriter:
 
     @property
     def management_durable(self) -> bool:
-        """The engine commits snapshot, clone and delete before returning."""
+        """The engine commits every management operation before returning."""
         return True
 
     def _handle(self, target: str) -> BlockDevice:
@@ -289,9 +290,9 @@ class NbdWriter:
     """A ``Writer`` that drives a daemon: data over NBD, snapshots and clones over its API.
 
     ``connect(volume)`` returns a connected handle on an NBD export of ``volume`` (exporting
-    it first if needed); it is called once per target. ``flush`` flushes every connection
-    written since the last flush. ``management_durable`` is what the API promises for
-    snapshot, clone and delete.
+    it first if needed); it is called when a target is first written, and again after an
+    extend. ``flush`` flushes every connection written since the last flush.
+    ``management_durable`` is what the API promises for its management operations.
     """
 
     def __init__(
