@@ -577,6 +577,8 @@ def test_fio_nbd_engine_writes_and_verifies(served: Served, rw: str) -> None:
         "--verify=crc32c",
         "--do_verify=1",
         "--output-format=json",
+        f"--directory={served.dir}",
+        "--verify_state_save=0",
     )
     job = json.loads(out[out.index("{") :])["jobs"][0]
     assert job["error"] == 0
