@@ -118,15 +118,18 @@ class Fixed:
         return self.contents.get(target)
 
 
-@pytest.mark.parametrize("cluster_size", [4096, 65536])
-def test_crash_rounds(tmp_path: Path, cluster_size: int) -> None:
+@pytest.mark.parametrize(
+    ("cluster_size", "devices"),
+    [(4096, 1), (65536, 2)],  # with two small devices, allocations spill onto the second
+)
+def test_crash_rounds(tmp_path: Path, cluster_size: int, devices: int) -> None:
     seed = int(os.environ.get("STORVISOR_CRASH_SEED", random.randrange(1 << 32)))
     rng = random.Random(seed)
     home_dir = tmp_path / "home"
     home = Home(home_dir)
-    home.create_pool(
-        "p", [BackingSpec(str(tmp_path / "b0.img"), size=POOL_BYTES)], cluster_size=cluster_size
-    )
+    size = POOL_BYTES if devices == 1 else 12 << 20
+    backings = [BackingSpec(str(tmp_path / f"b{i}.img"), size=size) for i in range(devices)]
+    home.create_pool("p", backings, cluster_size=cluster_size)
     home.pool("p").create_volume("v", VOLUME)
     home.close()
 
