@@ -2,8 +2,9 @@
 
 Volumes, snapshots (read-only, frozen copies), linked clones, flatten, rollback, discard,
 write-zeroes, extend and close/reopen of the Home are applied to both the engine and a plain
-in-memory model; every read must match the model, ``fsck`` must stay clean and the pool's space
-accounting must stay consistent after every step.
+in-memory model; every read must match the model, the pool's space accounting must stay
+consistent after every step, and ``fsck`` must stay clean (checked every third step, after each
+reopen and at the end). ``test_out_of_space`` checks the one case the model avoids: a full pool.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -28,7 +30,7 @@ from storvisor.engine.device import BlockDevice
 from storvisor.engine.home import Home
 from storvisor.engine.pool import Pool
 from storvisor.engine.types import BackingSpec
-from storvisor.errors import Conflict, InvalidArgument, IOFailure, NotFound
+from storvisor.errors import Conflict, InvalidArgument, IOFailure, NoSpace, NotFound
 
 KIB = 1024
 POOL_BYTES = 16 << 20
@@ -515,3 +517,46 @@ EngineModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestEngineModel = EngineModel.TestCase
+
+
+def test_out_of_space(tmp_path: Path) -> None:
+    """A write that finds no free cluster fails with ``NoSpace`` (ENOSPC) and changes nothing
+    else: earlier data stays, fsck stays clean, and space freed by a discard is usable again
+    once the discard is committed."""
+    home = Home(tmp_path / "home")
+    try:
+        home.create_pool("p", [BackingSpec(str(tmp_path / "small.img"), size=1 << 20)], 4096)
+        pool = home.pool("p")
+        capacity = pool.info().stats.capacity
+        pool.create_volume("v", 2 * capacity)
+        device = pool.open_volume("v")
+        rng = random.Random(7)
+        model = bytearray(2 * capacity)
+        offset = 0
+        with pytest.raises(NoSpace) as failure:
+            while True:
+                chunk = rng.randbytes(10_000)
+                device.write(offset, chunk)
+                model[offset : offset + len(chunk)] = chunk
+                offset += len(chunk)
+        assert failure.value.errno == errno.ENOSPC
+        assert offset >= capacity - 10_000 - 4096, f"NoSpace after {offset} of {capacity} bytes"
+        stats = pool.info().stats
+        assert (stats.allocated, stats.free) == (capacity, 0), stats
+        # the failed write may have filled the clusters it could get; all else is unchanged
+        assert _read(device, 0, offset) == model[:offset]
+        tail = _read(device, offset + 10_000, len(model) - offset - 10_000)
+        assert tail == bytes(len(tail))
+        assert pool.fsck().clean
+        device.discard(0, 64 * KIB)
+        model[: 64 * KIB] = bytes(64 * KIB)
+        device.flush()
+        device.write(offset + 10_000, b"x" * 20_000)
+        model[offset + 10_000 : offset + 30_000] = b"x" * 20_000
+        assert _read(device, offset + 10_000, 20_000) == model[offset + 10_000 : offset + 30_000]
+        assert _read(device, 0, offset) == model[:offset]
+        device.close()
+        report = pool.fsck()
+        assert report.clean, report
+    finally:
+        home.close()
