@@ -156,7 +156,7 @@ def test_crash_rounds(tmp_path: Path, cluster_size: int, devices: int) -> None:
         if history.durable:
             flushed_rounds += 1
         known = _verify(home_dir, history, where)
-    # a round may end before its first flush; most must not, or nothing was tested
+    # a round may end before its first flush, but enough must get further to test anything
     assert flushed_rounds >= ROUNDS // 4, f"seed {seed}: too few rounds reached a flush"
 
 
