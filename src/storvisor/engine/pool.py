@@ -565,7 +565,8 @@ class Pool:
 
     def clone(self, volume: str, snapshot: str, new: str) -> VolumeInfo:
         """Create the writable volume ``new`` sharing ``snapshot``'s data copy-on-write: O(1).
-        Raises ``NotFound``, ``InvalidArgument``, ``Conflict`` (name taken)."""
+        Durable when this returns. Raises ``NotFound``, ``InvalidArgument``, ``Conflict``
+        (name taken)."""
         check_name(new, "volume")
         with self._lock:
             self._check_open()
