@@ -101,6 +101,8 @@ class Backing:
                     f"{header.cluster_size} bytes are needed"
                 )
             _write_header(fd, header.pack(), spec.path)
+            if created:
+                sync_directory(os.path.dirname(os.path.abspath(spec.path)))
         except BaseException:
             os.close(fd)
             if created:
@@ -215,6 +217,20 @@ def _read_header(fd: int, path: str) -> Header | None:
         return Header.unpack(os.pread(fd, HEADER_BYTES, 0))
     except OSError as e:
         raise IOFailure(f"cannot read {path}: {e.strerror}", e.errno or errno.EIO) from e
+
+
+def sync_directory(path: str | os.PathLike[str]) -> None:
+    """fsync a directory so that the names created in it survive a machine crash.
+
+    Raises ``IOFailure`` if the directory cannot be opened or synced."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise IOFailure(f"cannot sync directory {path}: {e.strerror}", e.errno or errno.EIO) from e
 
 
 def _write_header(fd: int, raw: bytes, path: str) -> None:

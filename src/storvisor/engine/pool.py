@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storvisor.engine.allocator import Allocator
-from storvisor.engine.backing import Backing, Header, split_phys
+from storvisor.engine.backing import Backing, Header, split_phys, sync_directory
 from storvisor.engine.catalog import ZERO, Batch, Catalog
 from storvisor.engine.fsck import Memory, check_pool
 from storvisor.engine.layers import LayerTree
@@ -192,6 +192,10 @@ class Pool:
                     )
                 )
             catalog.apply(batch)
+            # the catalog's name and the pool directory's own entries must outlive a machine
+            # crash, up to the state directory
+            for parent in (directory, directory.parent, directory.parent.parent):
+                sync_directory(parent)
         except BaseException:
             for backing, created in attached:
                 backing.wipe_header()
