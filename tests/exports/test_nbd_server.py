@@ -170,3 +170,44 @@ def test_close_leaves_no_thread_behind(short_dir: Path) -> None:
     assert not leftover, leftover
     with pytest.raises(nbd.Error):
         handles[0].pread(4096, 0)
+
+
+def test_pipelined_small_and_large_reads_and_writes(short_dir: Path) -> None:
+    """Batches of small replies are sent by the receiving thread and batches carrying much
+    READ data by the sending thread; mixed in one pipeline, every reply still carries its
+    own request's data and every write lands."""
+    half = 4 << 20
+    device = MemoryDevice(2 * half)
+    image = bytearray(bytes(range(251)) * (2 * half // 251 + 1))[: 2 * half]
+    device.write(0, image)
+    server = NBDServer()
+    server.add_export(NBDExport("d", lambda: device))
+    sock = str(short_dir / "s.sock")
+    server.listen_unix(sock)
+    server.start()
+    try:
+        h = nbd.NBD()
+        h.connect_uri(nbd_uri("d", unix_path=sock))
+        for round_ in range(4):
+            reads: list[tuple[int, nbd.Buffer]] = []
+            for i in range(96):
+                if i % 7 == 3:  # writes go to the second half, reads to the first
+                    offset = half + (i * 36864 + round_ * 512) % (half - 4096)
+                    data = bytes([i + round_]) * 4096
+                    h.aio_pwrite(data, offset)
+                    image[offset : offset + 4096] = data
+                    continue
+                length = (1 << 20) if i % 24 == 5 else 4096 * (1 + i % 3)
+                offset = (i * 69632 + round_ * 4096) % (half - length)
+                buf = nbd.Buffer(length)
+                reads.append((offset, buf))
+                h.aio_pread(buf, offset)
+            while h.aio_in_flight() > 0:
+                h.poll(-1)
+            for offset, buf in reads:
+                got = buf.to_bytearray()
+                assert got == image[offset : offset + len(got)]
+        assert h.pread(2 * half, 0) == image
+        h.shutdown()
+    finally:
+        server.close()

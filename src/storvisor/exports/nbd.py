@@ -12,10 +12,12 @@ busy (socket and file syscalls release the GIL). The receiving thread ``recv_int
 codec's buffer (large WRITE payloads land straight in their own buffer), executes every
 complete request that arrived, in order, and queues the replies of the whole batch; the
 sending thread (``_Sender``) writes everything queued with one ``sendmsg`` of memoryviews
-while the receiving thread goes on with the next batch. A batch of one request is sent by the
-receiving thread itself when nothing else is queued, which keeps queue-depth-1 latency free
-of thread hand-offs. Replies leave in request order (the protocol allows any order), and
-the sender serialises the socket writes. A refused
+while the receiving thread goes on with the next batch. Only batches carrying much READ data
+(more than ``_INLINE_DATA``) are handed over: the receiving thread sends any other batch
+itself with one ``sendmsg`` when nothing is queued, because for small replies the thread
+hand-off (a futex wake and the GIL changing hands) costs more than the send it overlaps.
+Replies leave in request order (the protocol allows any order), and the sender serialises
+the socket writes. A refused
 request is answered with the spec's error and the connection carries on; a protocol
 violation closes that connection only, and the server keeps serving the others.
 
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 
 _IOV_MAX = 1024
 _RECV_SIZE = 256 << 10
+_INLINE_DATA = 256 << 10  # replies carrying at most this much READ data are sent inline
 
 
 @dataclass(frozen=True)
@@ -399,12 +402,12 @@ class _Connection:
         try:
             while True:
                 replies: list[Buffer] = []
-                count = 0
+                data = 0  # READ payload bytes in this batch's replies
                 while True:
                     event = next_event()
                     if type(event) is Command:
-                        count += 1
                         if event.type == C.NBD_CMD_READ and not event.error:
+                            data += event.length
                             replies += self._read(event, memoryview(bytearray(event.length)))
                         else:
                             replies += self._execute(event)
@@ -414,7 +417,7 @@ class _Connection:
                         assert isinstance(event, (Disconnect, ConnectionClosed))
                         sender.send(replies)
                         return
-                sender.send(replies, alone=count == 1)
+                sender.send(replies, inline=data <= _INLINE_DATA)
                 self._receive()
         finally:
             sender.close()
@@ -474,8 +477,8 @@ class _Sender:
     """A connection's reply writer thread: the receiving thread queues the replies of each
     batch of requests, and this thread sends everything queued with one ``sendmsg``, so
     sending overlaps with receiving and executing the next batch (both release the GIL).
-    A lone reply while nothing is queued or being sent is sent by the caller itself: at
-    queue depth 1 a thread hand-off would only add latency. The queue is bounded: a client
+    Small replies while nothing is queued or being sent are sent by the caller itself: a
+    thread hand-off would cost more than it overlaps. The queue is bounded: a client
     that stops reading stalls the receiving thread."""
 
     LIMIT = 64 << 20
@@ -491,18 +494,17 @@ class _Sender:
         self._thread = threading.Thread(target=self._run, daemon=True, name="nbd-send")
         self._thread.start()
 
-    def send(self, buffers: list[Buffer], *, alone: bool = False) -> None:
-        """Queue ``buffers`` (kept alive until sent), or send them now if ``alone`` (the
-        replies of a single request) and the sender is idle. Raises the ``OSError`` that
-        stopped the sender, if any."""
+    def send(self, buffers: list[Buffer], *, inline: bool = False) -> None:
+        """Queue ``buffers`` (kept alive until sent), or send them now if ``inline`` and
+        the sender is idle. Raises the ``OSError`` that stopped the sender, if any."""
         if not buffers:
             return
-        if alone:
+        if inline:
             with self._cond:
-                inline = not (self._busy or self._pending or self._error)
-                if inline:
+                now = not (self._busy or self._pending or self._error)
+                if now:
                     self._busy = True
-            if inline:
+            if now:
                 try:
                     _send_all(self._sock, buffers)
                 finally:
