@@ -15,9 +15,11 @@ are ``memoryview`` s of the mapping, passed straight to ``read_into``/``write``,
 never copied in Python), pushes the used entry; then it signals the call eventfd once for the
 batch if the driver wants it, and re-arms notifications. Requests of at least
 ``OFFLOAD_BYTES`` run on a small thread pool shared by the server's queues instead, so large
-copies proceed on several cores at once (the data calls release the GIL); their completions
-come back to the queue thread, the only one that writes the used ring, and may be out of
-order. Small requests stay on the queue thread: handing them over costs more than they do.
+copies proceed on several cores at once (the data calls release the GIL). The pool thread
+that ran a request also completes it: it pushes the used entry and signals the call eventfd
+itself, under a per-queue lock that serialises every write to the used ring, so no thread
+hand-off lies between the copy and the guest's interrupt; completions may be out of order.
+Small requests stay on the queue thread: handing them over costs more than they do.
 
 Failure model: a malformed message or a hostile memory table drops the connection (the queues
 are stopped and memory unmapped; a reconnecting front-end starts afresh). A bad descriptor
@@ -36,7 +38,6 @@ shared bitmap, under one lock shared by the queue threads.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import itertools
@@ -44,11 +45,11 @@ import logging
 import mmap
 import os
 import platform
+import queue
 import select
 import socket
 import stat
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from storvisor.engine.device import BlockDevice
@@ -121,12 +122,49 @@ OFFLOAD_BYTES = 128 << 10
 copies proceed on several cores while the queue thread keeps popping."""
 
 
+class _IOPool:
+    """Threads running large requests for every queue of one server.
+
+    A pool thread runs the request and completes it itself (:meth:`_QueueWorker.finish`):
+    no hand-off back to the queue thread stands between the data copy and the call eventfd.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._jobs: queue.SimpleQueue[tuple[_QueueWorker, Chain] | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"vhost-blk-io{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, worker: _QueueWorker, chain: Chain) -> None:
+        self._jobs.put((worker, chain))
+
+    def shutdown(self) -> None:
+        """Stop the threads once the requests already submitted are done."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def _run(self) -> None:
+        get = self._jobs.get
+        while True:
+            job = get()
+            if job is None:
+                return
+            job[0].finish(job[1])
+            job = None  # no guest-memory view kept while idle
+
+
 class _QueueWorker:
     """One thread serving one virtqueue until :meth:`stop`.
 
-    Small requests run inline on this thread. Large ones go to the I/O pool; the pool thread
-    appends the finished chain to ``_done`` and wakes this thread, which alone touches the
-    used ring. ``stop`` returns only once every request it popped has been completed.
+    Small requests run inline on this thread. Large ones go to the I/O pool, whose thread
+    runs them and publishes them in the used ring; ``_ring_lock`` serialises every write to
+    the used ring (and the notification decision) between this thread and the pool.
+    ``stop`` returns only once every request it popped has been completed.
     """
 
     def __init__(self, owner: _Device, setup: QueueSetup, queue: SplitQueue) -> None:
@@ -136,8 +174,10 @@ class _QueueWorker:
         self.resubmit: list[int] = []
         self._stop = False
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._done: collections.deque[tuple[Chain, int | None]] = collections.deque()
-        self._offloaded = 0
+        self._ring_lock = threading.Lock()
+        self._offloaded = 0  # under _ring_lock
+        self._draining = False  # under _ring_lock: wake this thread when _offloaded drops
+        self._failed = False
         self._thread = threading.Thread(
             target=self._run, name=f"vhost-blk-q{setup.index}", daemon=True
         )
@@ -206,6 +246,7 @@ class _QueueWorker:
         )
 
     def _complete(self, chain: Chain, used_len: int) -> None:
+        """Publish ``chain`` (the caller holds ``_ring_lock`` when the pool may run)."""
         queue = self.queue
         assert queue is not None
         if self.owner.logging:
@@ -224,45 +265,40 @@ class _QueueWorker:
             self._complete(chain, self._execute(chain))
         self.resubmit = []
 
-    def _offload(self, chain: Chain) -> None:
-        """Runs on a pool thread."""
+    def finish(self, chain: Chain) -> None:
+        """Run an offloaded request and publish it; runs on a pool thread."""
         try:
             used_len: int | None = self._execute(chain)
         except Exception:
             log.exception("vhost-user-blk queue %d: offloaded request failed", self.index)
             used_len = None
-        self._done.append((chain, used_len))
-        os.eventfd_write(self._wake, 1)  # open: the worker waits for every offloaded request
-
-    def _reap(self) -> int:
-        """Publish offloaded requests that finished; returns how many."""
-        done = self._done
-        count = 0
-        while done:
-            chain, used_len = done.popleft()
+        notify = False
+        with self._ring_lock:
             self._offloaded -= 1
             if used_len is None:
-                raise ProtocolError("a request failed unexpectedly")
-            self._complete(chain, used_len)
-            count += 1
-        return count
+                self._failed = True
+            else:
+                self._complete(chain, used_len)
+                queue = self.queue
+                assert queue is not None
+                notify = queue.should_notify()
+            wake = self._draining or used_len is None
+        if notify:
+            self.owner.signal(self.index)
+        if wake:
+            os.eventfd_write(self._wake, 1)  # open: this thread waits for the pool
 
     def _finish_offloaded(self) -> None:
-        """Wait for every offloaded request and publish it (also after an error)."""
+        """Wait until the pool has completed every offloaded request (also after an error)."""
         poller = select.poll()
         poller.register(self._wake, select.POLLIN)
-        reaped = 0
-        while self._offloaded:
-            if not self._done:
-                poller.poll(1000)
-                _eventfd_clear(self._wake)
-            try:
-                reaped += self._reap()
-            except ProtocolError:
-                continue  # the queue is broken anyway; keep waiting for the others
-        queue = self.queue
-        if reaped and queue is not None and queue.should_notify():
-            self.owner.signal(self.index)
+        while True:
+            with self._ring_lock:
+                self._draining = True
+                if not self._offloaded:
+                    return
+            poller.poll(1000)
+            _eventfd_clear(self._wake)
 
     def _drain(self) -> None:
         queue = self.queue
@@ -273,8 +309,11 @@ class _QueueWorker:
         serial = owner.serial
         read_only = owner.read_only
         pool = owner.server.io_pool()
+        lock = self._ring_lock
         while True:
-            served = self._reap() if self._offloaded else 0
+            if self._failed:
+                raise ProtocolError("a request failed unexpectedly")
+            served = 0
             writethrough = owner.writethrough
             logging = queue.record_writes = owner.logging
             while not self._stop:  # a stop request ends the batch (GET_VRING_BASE waits)
@@ -287,22 +326,25 @@ class _QueueWorker:
                 for view in chain.readable:
                     size += len(view)
                 if size >= OFFLOAD_BYTES and pool is not None:
-                    self._offloaded += 1
-                    pool.submit(self._offload, chain)
+                    with lock:
+                        self._offloaded += 1
+                    pool.submit(self, chain)
                     continue
                 used_len = execute(
                     device, chain, serial=serial, writethrough=writethrough, read_only=read_only
                 )
-                if logging:
-                    self._complete(chain, used_len)
-                else:
-                    queue.push(chain.head, used_len)
+                with lock:
+                    if logging:
+                        self._complete(chain, used_len)
+                    else:
+                        queue.push(chain.head, used_len)
                 served += 1
             chain = None  # no guest-memory view outlives the batch
-            if self._offloaded:
-                served += self._reap()
-            if served and queue.should_notify():
-                owner.signal(self.index)
+            if served:
+                with lock:
+                    notify = queue.should_notify()
+                if notify:
+                    owner.signal(self.index)
             if self._stop or not queue.enable_notification():
                 return
 
@@ -730,7 +772,7 @@ class VhostUserBlkServer:
         self._device: _Device | None = None
         self.connections = 0
         """Front-end connections served so far (for tests and metrics)."""
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: _IOPool | None = None
         self._pool_lock = threading.Lock()
 
     def start(self) -> None:
@@ -803,15 +845,13 @@ class VhostUserBlkServer:
         with self._pool_lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=True)
+            pool.shutdown()
 
-    def io_pool(self) -> ThreadPoolExecutor | None:
+    def io_pool(self) -> _IOPool | None:
         """The shared pool large requests run on (``None`` on a one-CPU machine)."""
         with self._pool_lock:
             if self._pool is None and (os.cpu_count() or 1) > 1:
-                self._pool = ThreadPoolExecutor(
-                    max_workers=os.cpu_count() or 1, thread_name_prefix="vhost-blk-io"
-                )
+                self._pool = _IOPool(os.cpu_count() or 1)
             return self._pool
 
     @property
