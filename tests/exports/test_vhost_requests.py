@@ -371,3 +371,27 @@ def test_stop_waits_for_offloaded_requests(sock: str) -> None:
             assert fe.read_mem(status, 1) == b"\x00"
     finally:
         server.close()
+
+
+def test_file_device_many_segments_one_call(tmp_path: Path, sock: str) -> None:
+    """A raw file gets a request's buffers in one preadv/pwritev (small and offloaded)."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(2 << 20))
+    device = FileDevice(str(image))
+    server = VhostUserBlkServer(device, sock)
+    server.start()
+    try:
+        with VhostUserFrontend(sock, queue_size=256) as fe:
+            fe.setup()
+            small = pattern(12 << 10, 5)
+            large = pattern(1 << 20, 6)
+            assert fe.write(4096, small, segments=3) == Status.OK
+            assert fe.write(1 << 20, large, segments=100, indirect=True) == Status.OK
+            assert fe.read(4096, len(small), segments=5) == (Status.OK, small)
+            assert fe.read(1 << 20, len(large), segments=77, indirect=True) == (Status.OK, large)
+            assert fe.read(0, 16 << 10, segments=4)[1] == bytes(4096) + small
+    finally:
+        server.close()
+        device.close()
+    data = image.read_bytes()
+    assert data[4096 : 4096 + len(small)] == small and data[1 << 20 :] == large

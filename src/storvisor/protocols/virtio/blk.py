@@ -19,6 +19,7 @@ import enum
 import errno
 import struct
 from dataclasses import dataclass
+from typing import Protocol
 
 from storvisor.engine.device import BlockDevice
 from storvisor.errors import IOFailure, ProtocolError, StorvisorError
@@ -142,6 +143,18 @@ MAX_SEGMENTS = 16
 """``max_discard_seg`` and ``max_write_zeroes_seg`` enforced by :func:`execute`."""
 
 
+class VectoredIO(Protocol):
+    """An optional fast path for a request's data: all its buffers in one call (for a raw
+    file, one ``preadv``/``pwritev`` instead of one per buffer). Failures raise
+    ``IOFailure``; offsets and lengths are already checked against the device's capacity."""
+
+    def read_into(self, offset: int, views: list[memoryview]) -> None:
+        """Fill ``views`` in order from ``offset``."""
+
+    def write(self, offset: int, views: list[memoryview], *, fua: bool) -> None:
+        """Write ``views`` in order at ``offset``; ``fua``: durable on return."""
+
+
 def _status_of(exc: IOFailure) -> Status:
     if exc.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
         return Status.UNSUPP
@@ -177,11 +190,14 @@ def execute(
     serial: bytes = b"",
     writethrough: bool = False,
     read_only: bool = False,
+    vectored: VectoredIO | None = None,
 ) -> int:
     """Run one virtio-blk request and write its status byte; return ``used.len``.
 
     ``writethrough`` (config ``wce`` = 0) makes every write durable before it completes.
     ``read_only`` refuses writes even if the device would take them (status IOERR).
+    ``vectored``, if given, moves the data of a request split over several buffers in one
+    call (it must act on the same storage as ``device``).
     Raises ``RingError`` only if the chain has no header or no status byte.
     """
     writable = chain.writable
@@ -207,9 +223,12 @@ def execute(
                 for view in data:
                     total += len(view)
                 pos = _check(device, sector, total)
-                for view in data:
-                    device.read_into(pos, view)
-                    pos += len(view)
+                if vectored is not None and len(data) > 1:
+                    vectored.read_into(pos, data)
+                else:
+                    for view in data:
+                        device.read_into(pos, view)
+                        pos += len(view)
             used_len = total + 1
         elif rtype == _OUT:
             readable = chain.readable
@@ -223,9 +242,12 @@ def execute(
             pos = _check(device, sector, total)
             if read_only:
                 raise IOFailure("write to a read-only device", errno.EPERM)
-            for view in views:
-                device.write(pos, view, fua=writethrough)
-                pos += len(view)
+            if vectored is not None and len(views) > 1:
+                vectored.write(pos, views, fua=writethrough)
+            else:
+                for view in views:
+                    device.write(pos, view, fua=writethrough)
+                    pos += len(view)
         elif rtype == RequestType.FLUSH:
             device.flush()
         elif rtype == RequestType.GET_ID:
