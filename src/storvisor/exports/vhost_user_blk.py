@@ -941,16 +941,10 @@ class VhostUserBlkServer:
             pool.shutdown()
 
     def io_pool(self) -> _IOPool | None:
-        """The shared pool large requests run on (``None`` on a one-CPU machine).
-
-        Two threads per CPU: a pool thread waiting for the GIL, or for the file's lock in
-        the kernel (buffered writes to one file are serialised there), holds no core, and
-        the spare threads keep the cores copying meanwhile.
-        """
+        """The shared pool large requests run on (``None`` on a one-CPU machine)."""
         with self._pool_lock:
-            cpus = os.cpu_count() or 1
-            if self._pool is None and cpus > 1:
-                self._pool = _IOPool(2 * cpus)
+            if self._pool is None and (os.cpu_count() or 1) > 1:
+                self._pool = _IOPool(os.cpu_count() or 1)
             return self._pool
 
     @property
