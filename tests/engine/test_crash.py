@@ -28,7 +28,7 @@ from storvisor.api.client import Client
 from storvisor.engine.home import Home
 from storvisor.engine.types import BackingSpec, VolumeInfo
 from storvisor.testing import crashkit
-from storvisor.testing.crashkit import EngineReader, History
+from storvisor.testing.crashkit import History
 
 ROUNDS = 10
 VOLUME = 1 << 20
@@ -94,20 +94,6 @@ class Worker:
         return crashkit.parse_log(self.lines)
 
 
-def _verify(home_dir: Path, history: History, where: str) -> dict[str, bytes]:
-    home = Home(home_dir)
-    try:
-        pool = home.pool("p")
-        report = pool.fsck()
-        assert report.clean, f"{where}: fsck after the crash: {report}"
-        reader = EngineReader(pool)
-        problems = history.verify(reader)
-        assert not problems, f"{where}: " + "; ".join(map(str, problems))
-        return history.survivors(reader)
-    finally:
-        home.close()
-
-
 class Fixed:
     """A ``crashkit.Reader`` over given contents."""
 
@@ -155,7 +141,7 @@ def test_crash_rounds(tmp_path: Path, cluster_size: int, devices: int) -> None:
         history = History(known, records)
         if history.durable:
             flushed_rounds += 1
-        known = _verify(home_dir, history, where)
+        known = crashkit.check_home(home_dir, history, where)
     # a round may end before its first flush, but enough must get further to test anything
     assert flushed_rounds >= ROUNDS // 4, f"seed {seed}: too few rounds reached a flush"
 
@@ -349,7 +335,7 @@ def test_daemon_crash_rounds(tmp_path: Path) -> None:
         history = History(known, log.records)
         if history.durable:
             flushed_rounds += 1
-        known = _verify(home_dir, history, where)
+        known = crashkit.check_home(home_dir, history, where)
     assert flushed_rounds >= 1, f"seed {seed}: no round reached a flush"
 
 

@@ -36,7 +36,7 @@ import pytest
 from storvisor.engine.home import Home
 from storvisor.engine.types import BackingSpec
 from storvisor.testing import crashkit
-from storvisor.testing.crashkit import EngineReader, History
+from storvisor.testing.crashkit import History
 from storvisor.testing.powercut import SECTOR, FileCache
 
 ROUNDS = 10
@@ -183,20 +183,6 @@ def _point(link: Path, target: Path) -> None:
     tmp.replace(link)
 
 
-def _verify(home_dir: Path, history: History, where: str) -> dict[str, bytes]:
-    home = Home(home_dir)
-    try:
-        pool = home.pool("p")
-        report = pool.fsck()
-        assert report.clean, f"{where}: fsck after the power cut: {report}"
-        reader = EngineReader(pool)
-        problems = history.verify(reader)
-        assert not problems, f"{where}: " + "; ".join(map(str, problems))
-        return history.survivors(reader)
-    finally:
-        home.close()
-
-
 @pytest.fixture
 def fuse() -> None:
     """Skips the test when a FUSE file system cannot be mounted here."""
@@ -294,7 +280,7 @@ def test_powercut_rounds(tmp_path: Path) -> None:
         history = History(known, records)
         if history.durable:
             flushed_rounds += 1
-        known = _verify(home_dir, history, where)
+        known = crashkit.check_home(home_dir, history, where)
     assert flushed_rounds >= ROUNDS // 3, f"seed {seed}: too few rounds reached a flush"
 
 

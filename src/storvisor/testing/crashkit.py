@@ -384,6 +384,29 @@ class EngineReader:
             device.close()
 
 
+def check_home(
+    home_dir: str | os.PathLike[str], history: History, where: str, *, pool: str = "p"
+) -> dict[str, bytes]:
+    """Open the Home at ``home_dir`` after a crash, require ``fsck`` clean and ``history`` to
+    verify, and return what survived (the known content for the next round).
+
+    Raises ``AssertionError`` naming ``where`` and what broke. The Home is closed on return.
+    """
+    from storvisor.engine.home import Home  # only the checking side needs the engine here
+
+    home = Home(home_dir)
+    try:
+        opened = home.pool(pool)
+        report = opened.fsck()
+        assert report.clean, f"{where}: fsck after the crash: {report}"
+        reader = EngineReader(opened)
+        problems = history.verify(reader)
+        assert not problems, f"{where}: " + "; ".join(map(str, problems))
+        return history.survivors(reader)
+    finally:
+        home.close()
+
+
 # -- the workload --------------------------------------------------------------------------
 
 
