@@ -377,8 +377,11 @@ class Pool:
             return self._catalog.changes
 
     def _commit_loop(self) -> None:
+        # Only pending metadata needs the timer (DESIGN.md: metadata commits at least every
+        # second). In-place overwrites alone are the volatile cache's to lose until the next
+        # flush or FUA, so they cost no background fdatasync.
         while not self._stop.wait(COMMIT_INTERVAL):
-            if self._batch or self._data_dirty:
+            if self._batch:
                 try:
                     self.flush()
                 except StorvisorError as e:
