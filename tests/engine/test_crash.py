@@ -35,65 +35,6 @@ VOLUME = 1 << 20
 POOL_BYTES = 64 << 20
 
 
-class Worker:
-    """A crashkit worker process and the log it writes to a pipe."""
-
-    def __init__(
-        self,
-        home: Path,
-        seed: int,
-        round_: int,
-        *,
-        flush_rate: float,
-        discards: bool,
-        snapshots: bool,
-    ) -> None:
-        read_fd, write_fd = os.pipe()
-        args = [
-            sys.executable,
-            "-m",
-            "storvisor.testing.crashkit",
-            f"--home={home}",
-            "--pool=p",
-            f"--seed={seed}",
-            f"--round={round_}",
-            f"--log-fd={write_fd}",
-            "--ops=2000",
-            f"--flush-rate={flush_rate}",
-        ]
-        args += ["--discards"] * discards
-        args += ["--snapshots", "--rollbacks", "--extends"] * snapshots
-        self.proc = subprocess.Popen(args, pass_fds=[write_fd], stderr=subprocess.PIPE)
-        os.close(write_fd)
-        self.lines: list[bytes] = []
-        self.ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, args=(read_fd,), daemon=True)
-        self._reader.start()
-
-    def _read(self, fd: int) -> None:
-        with os.fdopen(fd, "rb") as pipe:
-            for line in pipe:
-                self.lines.append(line)
-                if line.startswith(b'{"t":"ready"'):
-                    self.ready.set()
-
-    def wait_for_records(self, count: int, timeout: float = 20) -> None:
-        """Wait until the worker has logged ``count`` records (or ended, or ``timeout``)."""
-        deadline = time.monotonic() + timeout
-        while len(self.lines) < count and self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.002)
-
-    def kill(self) -> list[dict[str, object]]:
-        """SIGKILL the worker (if still running) and return its log."""
-        self.proc.send_signal(signal.SIGKILL)
-        _, stderr = self.proc.communicate(timeout=30)
-        self._reader.join(timeout=30)
-        assert self.proc.returncode == -signal.SIGKILL, f"worker died early: {stderr.decode()}"
-        return crashkit.parse_log(self.lines)
-
-
 class Fixed:
     """A ``crashkit.Reader`` over given contents."""
 
@@ -123,10 +64,11 @@ def test_crash_rounds(tmp_path: Path, cluster_size: int, devices: int) -> None:
     flushed_rounds = 0
     for round_ in range(ROUNDS):
         where = f"seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
-        worker = Worker(
+        worker = crashkit.WorkerProcess(
             home_dir,
-            rng.randrange(1 << 32),
-            round_,
+            seed=rng.randrange(1 << 32),
+            round_=round_,
+            ops=2000,
             flush_rate=rng.choice([0.1, 0.02, 0.005]),
             discards=round_ % 3 != 0,
             snapshots=round_ % 2 == 1,
@@ -135,9 +77,11 @@ def test_crash_rounds(tmp_path: Path, cluster_size: int, devices: int) -> None:
             time.sleep(rng.uniform(0.0, 0.4))
         else:  # after a random number of operations, then at a random moment
             assert worker.ready.wait(30), f"{where}: worker never became ready"
-            worker.wait_for_records(rng.randrange(10, 3000))
+            count = rng.randrange(10, 3000)
+            worker.wait_for(functools.partial(worker.logged, count), timeout=20)
             time.sleep(rng.uniform(0.0, 0.02))
         records = worker.kill()
+        assert worker.proc.returncode == -signal.SIGKILL, f"worker died early: {worker.stderr}"
         history = History(known, records)
         if history.durable:
             flushed_rounds += 1

@@ -26,9 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -118,64 +116,6 @@ class Mount:
             subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=True)
 
 
-class Worker:
-    """A crashkit worker process and the log it writes to a pipe."""
-
-    def __init__(
-        self, home: Path, seed: int, round_: int, *, flush_rate: float, snapshots: bool
-    ) -> None:
-        read_fd, write_fd = os.pipe()
-        args = [
-            sys.executable,
-            "-m",
-            "storvisor.testing.crashkit",
-            f"--home={home}",
-            "--pool=p",
-            f"--seed={seed}",
-            f"--round={round_}",
-            f"--log-fd={write_fd}",
-            "--ops=1500",
-            f"--flush-rate={flush_rate}",
-            "--discards",
-        ]
-        args += ["--snapshots", "--rollbacks", "--extends"] * snapshots
-        self.proc = subprocess.Popen(args, pass_fds=[write_fd], stderr=subprocess.PIPE)
-        os.close(write_fd)
-        self.lines: list[bytes] = []
-        self.stderr = ""
-        self.ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, args=(read_fd,), daemon=True)
-        self._reader.start()
-
-    def _read(self, fd: int) -> None:
-        with os.fdopen(fd, "rb") as pipe:
-            for line in pipe:
-                self.lines.append(line)
-                if line.startswith(b'{"t":"ready"'):
-                    self.ready.set()
-
-    def wait_for(self, condition: Callable[[], bool], timeout: float = 30) -> None:
-        """Wait until ``condition()`` holds, the worker is idle (its workload done) or has
-        ended, or ``timeout`` passed."""
-        deadline = time.monotonic() + timeout
-        while not condition() and self.proc.poll() is None and time.monotonic() < deadline:
-            if self.lines and self.lines[-1].startswith(b'{"t":"idle"'):
-                return
-            time.sleep(0.002)
-
-    def has_logged(self, count: int) -> bool:
-        return len(self.lines) >= count
-
-    def kill(self) -> list[dict[str, object]]:
-        """SIGKILL the worker and return its log. The worker may have ended on its own in
-        the meantime, failing on the vanished file system."""
-        self.proc.kill()
-        _, stderr = self.proc.communicate(timeout=30)
-        self.stderr = stderr.decode(errors="replace")
-        self._reader.join(timeout=30)
-        return crashkit.parse_log(self.lines)
-
-
 def _point(link: Path, target: Path) -> None:
     """Make the symbolic link ``link`` point at ``target`` (atomically)."""
     tmp = link.with_name(link.name + ".new")
@@ -254,11 +194,13 @@ def test_powercut_rounds(tmp_path: Path) -> None:
             cut_at_sync=rng.randrange(1, 150) if cut == "sync" else None,
         )
         try:
-            worker = Worker(
+            worker = crashkit.WorkerProcess(
                 home_dir,
-                rng.randrange(1 << 32),
-                round_,
+                seed=rng.randrange(1 << 32),
+                round_=round_,
+                ops=1500,
                 flush_rate=rng.choice([0.1, 0.02]),
+                discards=True,
                 snapshots=round_ % 4 >= 2,
             )
             if cut == "open":
@@ -267,7 +209,7 @@ def test_powercut_rounds(tmp_path: Path) -> None:
                 worker.wait_for(mount.has_cut)
             else:
                 assert worker.ready.wait(30), f"{where}: worker never became ready"
-                worker.wait_for(functools.partial(worker.has_logged, rng.randrange(10, 1500)))
+                worker.wait_for(functools.partial(worker.logged, rng.randrange(10, 1500)))
                 time.sleep(rng.uniform(0.0, 0.02))
             alive = worker.proc.poll() is None
             cut_itself = mount.has_cut()  # the worker then fails, and may end

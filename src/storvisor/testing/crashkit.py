@@ -49,7 +49,9 @@ import bisect
 import json
 import os
 import random
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -405,6 +407,79 @@ def check_home(
         return history.survivors(reader)
     finally:
         home.close()
+
+
+class WorkerProcess:
+    """The worker program below in a child process, its log read from a pipe as it arrives.
+
+    ``lines`` holds the raw log lines so far, ``ready`` is set once the worker has opened the
+    Home, ``proc`` is the child. ``kill`` ends it and returns the parsed log; the caller
+    decides whether the child was still running (``proc.returncode == -SIGKILL``).
+    """
+
+    def __init__(
+        self,
+        home: str | os.PathLike[str],
+        *,
+        seed: int,
+        round_: int,
+        ops: int,
+        flush_rate: float,
+        discards: bool,
+        snapshots: bool,
+        pool: str = "p",
+    ) -> None:
+        read_fd, write_fd = os.pipe()
+        args = [
+            sys.executable,
+            "-m",
+            "storvisor.testing.crashkit",
+            f"--home={home}",
+            f"--pool={pool}",
+            f"--seed={seed}",
+            f"--round={round_}",
+            f"--log-fd={write_fd}",
+            f"--ops={ops}",
+            f"--flush-rate={flush_rate}",
+        ]
+        args += ["--discards"] * discards
+        args += ["--snapshots", "--rollbacks", "--extends"] * snapshots
+        self.proc = subprocess.Popen(args, pass_fds=[write_fd], stderr=subprocess.PIPE)
+        os.close(write_fd)
+        self.lines: list[bytes] = []
+        self.stderr = ""
+        self.ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, args=(read_fd,), daemon=True)
+        self._reader.start()
+
+    def _read(self, fd: int) -> None:
+        with os.fdopen(fd, "rb") as pipe:
+            for line in pipe:
+                self.lines.append(line)
+                if line.startswith(b'{"t":"ready"'):
+                    self.ready.set()
+
+    def logged(self, count: int) -> bool:
+        """Whether the worker has logged at least ``count`` records."""
+        return len(self.lines) >= count
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 30) -> None:
+        """Wait until ``condition()`` holds, the worker is idle (its workload done) or has
+        ended, or ``timeout`` passed."""
+        deadline = time.monotonic() + timeout
+        while not condition() and self.proc.poll() is None and time.monotonic() < deadline:
+            if self.lines and self.lines[-1].startswith(b'{"t":"idle"'):
+                return
+            time.sleep(0.002)
+
+    def kill(self) -> list[dict[str, object]]:
+        """SIGKILL the worker (a no-op if it has ended), keep its stderr in ``stderr`` and
+        return its parsed log."""
+        self.proc.kill()
+        _, stderr = self.proc.communicate(timeout=30)
+        self.stderr = stderr.decode(errors="replace")
+        self._reader.join(timeout=30)
+        return parse_log(self.lines)
 
 
 # -- the workload --------------------------------------------------------------------------
