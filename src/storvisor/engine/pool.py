@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storvisor.engine.allocator import Allocator
-from storvisor.engine.backing import Backing, Header, split_phys, sync_directory
+from storvisor.engine.backing import Backing, Header, phys_number, split_phys, sync_directory
 from storvisor.engine.catalog import ZERO, Batch, Catalog
 from storvisor.engine.fsck import Memory, check_pool
 from storvisor.engine.layers import LayerTree
@@ -324,6 +324,14 @@ class Pool:
                     self._batch = batch
                     self._data_dirty = True
                 raise
+            if batch.frees:
+                # no in-place I/O that looked a freed cluster up may still be running when
+                # the cluster is handed out again
+                with self._lock:
+                    states = list(self._states.values())
+                for state in states:
+                    with state.frozen():
+                        pass
             with self._lock:
                 self._allocator.recycle(batch.frees)
 
@@ -459,7 +467,7 @@ class Pool:
             self._stmt("UPDATE volumes SET size = ? WHERE id = ?", size, vol.id)
             state = self._states.get((vol.id, None))
             if state is not None:
-                state.size = size
+                state.set_size(size)
         self.flush()
         return self.volume_info(name)
 
@@ -516,7 +524,7 @@ class Pool:
             self._stmt("UPDATE volumes SET top = ? WHERE id = ?", vol.top, vol.id)
             state = self._states.get((vol.id, None))
             if state is not None:
-                state.top = vol.top  # every view entry now belongs to a parent: copy-on-write
+                state.set_top(vol.top)  # every view entry now belongs to a parent: copy-on-write
             info = self._snapshot_info(vol, snap)
         self.flush()
         return info
@@ -601,7 +609,7 @@ class Pool:
                 self._stmt(
                     "UPDATE volumes SET origin = NULL, origin_snap = NULL WHERE id = ?", vol.id
                 )
-                handle.state.view = self._build_view(vol.top)
+                handle.state.rebuild(self._build_view(vol.top))
                 self._release(old_parent)
         finally:
             handle.close()
@@ -643,6 +651,19 @@ class Pool:
             return check_pool(self.name, self._catalog, devices, headers, self._identity, memory)
 
     # ----------------------------------------------------- internals used by VolumeState
+
+    def phys_at(self, fd: int, offset: int) -> int:
+        """The physical cluster number of the byte ``offset`` of backing fd ``fd``."""
+        for index, backing in self._backings.items():
+            if backing.fd == fd:
+                return phys_number(index, offset // self.cluster_size - 1)
+        raise KeyError(fd)
+
+    def backing_fds(self) -> dict[int, int]:
+        """Backing device index -> its open fd (for data planes, which read and write
+        clusters at ``(local + 1) * cluster_size``)."""
+        with self._lock:
+            return {index: b.fd for index, b in self._backings.items()}
 
     def locate(self, phys: int) -> tuple[int, int]:
         """The backing fd and byte offset of a physical cluster."""

@@ -9,16 +9,23 @@ layer)``, with ``fd = -1`` for an explicit zero. So:
 * a read of one cluster is one dict lookup and one ``preadv`` into the caller's buffer
   (contiguous clusters are read with one ``preadv``); unmapped clusters read as zeros;
 * a write to a cluster the top layer owns is one ``pwritev`` from the caller's buffer, with no
-  lock; any other write *allocates*: it marks the virtual cluster pending (a second writer to
-  it waits, then writes in place), takes a free cluster, writes the whole cluster (the
-  caller's bytes plus zeros, or plus the parent's data: copy-on-write) and only then
-  publishes the mapping, so no reader ever sees a cluster's stale contents. Allocations of
-  different clusters run in parallel;
+  lock but inside the state's ``Gate`` (sharedmap.py); any other write *allocates*: it marks
+  the virtual cluster pending (a second writer to it waits, then writes in place), takes a
+  free cluster, writes the whole cluster (the caller's bytes plus zeros, or plus the parent's
+  data: copy-on-write) and only then publishes the mapping, so no reader ever sees a
+  cluster's stale contents. Allocations of different clusters run in parallel;
 * discard and write-zeroes release whole clusters the top owns and record explicit zeros
   where a parent has data; partial clusters get zeros written.
 
 Snapshot creation only changes ``top``: entries owned by the old top are then treated as a
-parent's, and the next write to them copies.
+parent's, and the next write to them copies. It changes ``top`` with the gate frozen, so no
+in-place write that found its cluster owned before can land in the snapshot afterwards; for
+the same reason the pool recycles freed clusters only through a frozen gate.
+
+Data planes: another process may serve the volume (``storvisor.exports.dataplane``); it reads
+a ``SharedMap`` mirror of the view that every change here keeps current (``_publish``,
+``set_top``, ``set_size``), runs its own in-place I/O inside its own gate, and sends every
+other request here. Freezing the state freezes its planes too.
 """
 
 from __future__ import annotations
@@ -26,10 +33,12 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol
 
 from storvisor.engine.catalog import ZERO
 from storvisor.engine.device import Buffer, Extent
+from storvisor.engine.sharedmap import Gate, SharedMap
 from storvisor.errors import IOFailure
 
 if TYPE_CHECKING:
@@ -37,6 +46,21 @@ if TYPE_CHECKING:
 
 Entry = tuple[int, int, int]
 """A view entry: backing fd (-1 for an explicit zero), byte offset, owning layer id."""
+
+
+class DataPlane(Protocol):
+    """Another process serving this volume from a ``SharedMap`` (exports/dataplane.py)."""
+
+    @property
+    def map(self) -> SharedMap: ...
+
+    def freeze(self) -> None:
+        """Return once the plane runs no direct read or write; hold new ones back."""
+
+    def thaw(self) -> None: ...
+
+    def resized(self) -> None:
+        """The volume grew (the map already says so)."""
 
 
 class VolumeState:
@@ -65,6 +89,66 @@ class VolumeState:
         self.closed = False
         self.lock = threading.Lock()  # guards ``pending``; held while zeroing or flattening
         self.pending: dict[int, threading.Event] = {}  # clusters being allocated
+        self.gate = Gate()  # in-place writes run inside it (see ``frozen``)
+        self.planes: list[DataPlane] = []  # other processes serving this state
+
+    # ------------------------------------------------------------- data planes, ownership
+
+    def frozen(self) -> _Frozen:
+        """A context in which no in-place write runs, here or in a data plane, so clusters
+        can change owner (a snapshot) or be reused (freed clusters)."""
+        return _Frozen(self)
+
+    def attach(self, plane: DataPlane) -> None:
+        """Start mirroring this state's view into ``plane.map``. Call with the pool lock."""
+        plane.map.fill(self.map_entries())
+        self.planes.append(plane)
+
+    def detach(self, plane: DataPlane) -> None:
+        with self.pool.lock:
+            if plane in self.planes:
+                self.planes.remove(plane)
+
+    def map_entries(self) -> Iterator[tuple[int, int | None, bool]]:
+        """The view as ``(vc, phys or None, owned by the top)``. Call with the pool lock."""
+        phys_at = self.pool.phys_at
+        top = self.top
+        for vc, (fd, offset, owner) in self.view.items():
+            if fd < 0:
+                yield vc, None, False
+            else:
+                yield vc, phys_at(fd, offset), owner == top
+
+    def set_top(self, top: int) -> None:
+        """The volume's top layer changed (a snapshot was taken); call with the pool lock.
+        Every cluster becomes a parent's: the next write to it copies."""
+        with self.frozen():
+            self.top = top
+            for plane in self.planes:
+                plane.map.share_all(self.map_entries())
+
+    def rebuild(self, view: dict[int, Entry]) -> None:
+        """Replace the view (after a flatten); call with the pool lock."""
+        with self.frozen():
+            self.view = view
+            for plane in self.planes:
+                plane.map.fill(self.map_entries())
+
+    def set_size(self, size: int) -> None:
+        """An online extend; call with the pool lock."""
+        self.size = size
+        for plane in self.planes:
+            plane.map.resize(size)
+            plane.resized()
+
+    def _publish(self, vc: int, entry: Entry, phys: int | None) -> None:
+        """Record ``vc``'s new view entry (with the pool lock held) in every plane's map."""
+        if entry[0] < 0 and not self.pool.layer_has_parent(self.top):
+            self.view.pop(vc, None)
+        else:
+            self.view[vc] = entry
+        for plane in self.planes:
+            plane.map.set(vc, phys)
 
     # --------------------------------------------------------------- allocating writes
 
@@ -84,8 +168,14 @@ class VolumeState:
                     done = self.pending[vc] = threading.Event()
             if owned:
                 assert entry is not None
-                _pwrite(entry[0], data, entry[1] + within)  # allocated meanwhile
-                return
+                self.gate.enter()
+                try:
+                    if entry[2] == self.top:
+                        _pwrite(entry[0], data, entry[1] + within)  # allocated meanwhile
+                        return
+                finally:
+                    self.gate.leave()
+                continue  # a snapshot came between: copy after all
             if busy is None:
                 break
             busy.wait()
@@ -118,7 +208,7 @@ class VolumeState:
             raise
         with pool.lock:
             pool.set_entry(self.top, vc, phys)
-            self.view[vc] = (fd, base, self.top)
+            self._publish(vc, (fd, base, self.top), phys)
 
     def _quiesce(self, first: int = 0, last: int | None = None) -> None:
         """Return with ``self.lock`` held and no allocation in flight in ``[first, last)``."""
@@ -154,14 +244,15 @@ class VolumeState:
                     if not unmap and entry[2] == top:
                         in_place.append(entry)
                         continue
-                    if explicit:
-                        pool.set_entry(top, vc, ZERO)
-                        view[vc] = (-1, 0, top)
-                    else:
-                        pool.set_entry(top, vc, None)
-                        del view[vc]
-            for fd, base, _ in in_place:
-                _pwrite(fd, self.zeros, base)
+                    pool.set_entry(top, vc, ZERO if explicit else None)
+                    self._publish(vc, (-1, 0, top), None)
+            if in_place:
+                self.gate.enter()
+                try:
+                    for fd, base, _ in in_place:
+                        _pwrite(fd, self.zeros, base)
+                finally:
+                    self.gate.leave()
         finally:
             self.lock.release()
 
@@ -186,10 +277,35 @@ class VolumeState:
                     raise
                 with pool.lock:
                     pool.set_entry(self.top, vc, phys)
-                    self.view[vc] = (fd, base, self.top)
+                    self._publish(vc, (fd, base, self.top), phys)
             pool.mark_dirty()
         finally:
             self.lock.release()
+
+
+class _Frozen:
+    def __init__(self, state: VolumeState) -> None:
+        self._state = state
+        self._frozen: list[DataPlane] = []
+
+    def __enter__(self) -> None:
+        state = self._state
+        state.gate.freeze()
+        try:
+            for plane in state.planes:
+                plane.freeze()
+                self._frozen.append(plane)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            for plane in self._frozen:
+                plane.thaw()
+        finally:
+            self._frozen.clear()
+            self._state.gate.thaw()
 
 
 class Volume:
@@ -291,10 +407,17 @@ class Volume:
         cs = s.cluster_size
         within = offset & (cs - 1)
         if within + n <= cs:  # one cluster: the common case
-            entry = s.view.get(offset >> s.shift)
-            if entry is not None and entry[2] == s.top and entry[0] >= 0:
-                _pwrite(entry[0], view_, entry[1] + within)
-            else:
+            gate = s.gate
+            gate.enter()
+            try:
+                entry = s.view.get(offset >> s.shift)
+                owned = entry is not None and entry[2] == s.top and entry[0] >= 0
+                if owned:
+                    assert entry is not None
+                    _pwrite(entry[0], view_, entry[1] + within)
+            finally:
+                gate.leave()
+            if not owned:
                 s.allocating_write(offset >> s.shift, within, view_)
         else:
             self._write_span(offset, view_)
@@ -311,26 +434,36 @@ class Volume:
         pos = 0
         run_fd = -1
         run_off = run_start = run_len = 0
-        while pos < n:
-            off = offset + pos
-            within = off & mask
-            chunk = min(cs - within, n - pos)
-            entry = view.get(off >> s.shift)
-            if entry is not None and entry[2] == s.top and entry[0] >= 0:
-                if run_len and entry[0] == run_fd and entry[1] + within == run_off + run_len:
-                    run_len += chunk
+        gate = s.gate
+        gate.enter()  # left around allocating writes, which may wait for a freezer
+        try:
+            while pos < n:
+                off = offset + pos
+                within = off & mask
+                chunk = min(cs - within, n - pos)
+                entry = view.get(off >> s.shift)
+                if entry is not None and entry[2] == s.top and entry[0] >= 0:
+                    if run_len and entry[0] == run_fd and entry[1] + within == run_off + run_len:
+                        run_len += chunk
+                    else:
+                        if run_len:
+                            _pwrite(run_fd, view_[run_start : run_start + run_len], run_off)
+                        run_fd, run_off, run_start = entry[0], entry[1] + within, pos
+                        run_len = chunk
                 else:
                     if run_len:
                         _pwrite(run_fd, view_[run_start : run_start + run_len], run_off)
-                    run_fd, run_off, run_start, run_len = entry[0], entry[1] + within, pos, chunk
-            else:
-                if run_len:
-                    _pwrite(run_fd, view_[run_start : run_start + run_len], run_off)
-                    run_len = 0
-                s.allocating_write(off >> s.shift, within, view_[pos : pos + chunk])
-            pos += chunk
-        if run_len:
-            _pwrite(run_fd, view_[run_start : run_start + run_len], run_off)
+                        run_len = 0
+                    gate.leave()
+                    try:
+                        s.allocating_write(off >> s.shift, within, view_[pos : pos + chunk])
+                    finally:
+                        gate.enter()
+                pos += chunk
+            if run_len:
+                _pwrite(run_fd, view_[run_start : run_start + run_len], run_off)
+        finally:
+            gate.leave()
 
     def flush(self) -> None:
         """Make every completed write durable: flushes the whole pool (data, then metadata)."""
