@@ -662,8 +662,11 @@ class Pool:
     def backing_fds(self) -> dict[int, int]:
         """Backing device index -> its open fd (for data planes, which read and write
         clusters at ``(local + 1) * cluster_size``)."""
-        with self._lock:
-            return {index: b.fd for index, b in self._backings.items()}
+        return {index: b.fd for index, b in dict(self._backings).items()}
+
+    def backing_fd(self, index: int) -> int:
+        """The open fd of backing device ``index`` (no lock taken). Raises ``KeyError``."""
+        return self._backings[index].fd
 
     def locate(self, phys: int) -> tuple[int, int]:
         """The backing fd and byte offset of a physical cluster."""

@@ -1,0 +1,714 @@
+"""Data planes: serving a volume's I/O from another process than the pool's owner.
+
+Theory of operation
+-------------------
+A pool lives in one process (the daemon): its maps, allocator and catalog are Python objects
+there. Python runs one thread at a time per process, so exports whose per-request work is
+Python-bound (many small requests) would share one core however many volumes they serve. A
+*data plane* moves that work to a process of its own while the pool stays where it is:
+
+* the owner (``PlaneHost``) holds a ``Volume`` handle, mirrors its view into a ``SharedMap``
+  (engine/sharedmap.py) and answers requests on a channel (a Unix stream socket pair);
+* the data plane (``RemoteVolume``, a ``BlockDevice``) maps that memfd read-only and gets the
+  pool's backing device fds. A read is served entirely in the data plane (map lookup,
+  ``preadv``), as is a write whose clusters the volume's top layer owns (``pwritev`` in
+  place). Everything that changes metadata goes over the channel to the owner and is done by
+  its ``Volume``: a write that allocates or copies on write, discard, write-zeroes, flush,
+  block status;
+* the owner freezes the data plane's gate (``FREEZE``/``THAW``) whenever a snapshot changes
+  which clusters are owned, and before freed clusters are reused, so no direct read or write
+  that looked a cluster up before the change is still running after it.
+
+Durability: the data plane's direct writes go to the same files the owner syncs; a flush is
+a request to the owner, which marks the pool's data dirty and flushes it (``fdatasync`` of
+every backing device, then the catalog commit). A write with FUA is followed by such a flush.
+
+Channel frames: a 24-byte header ``<BBHIQQ`` (op, flags, 0, id, a, b) and, for ``WRITE`` and
+replies, ``b`` bytes of payload. Requests carry an id the reply repeats; a reply's ``a`` is
+0 or an errno, its payload the result (block status extents) or the error message. A backing
+fd the data plane lacks (a device added online) comes with the reply to ``GETFD`` as
+``SCM_RIGHTS``. A broken channel ends the data plane (its process exits); the owner treats a
+dead plane as frozen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from queue import SimpleQueue
+
+from storvisor.engine.backing import LOCAL_MASK, PHYS_SHIFT
+from storvisor.engine.device import Buffer, Extent
+from storvisor.engine.sharedmap import (
+    EPOCH_SHIFT,
+    HEADER_WORDS,
+    PHYS_MASK,
+    Gate,
+    MapReader,
+    SharedMap,
+)
+from storvisor.engine.volume import Volume
+from storvisor.errors import IOFailure, ProtocolError, StorvisorError
+
+log = logging.getLogger(__name__)
+
+FRAME = struct.Struct("<BBHIQQ")
+EXTENT = struct.Struct("<QQB")
+
+
+class Op:
+    """Channel operations (see the module docstring)."""
+
+    REPLY = 1
+    WRITE = 2  # a = offset, b = length, payload = data
+    ZERO = 3  # a = offset, b = length
+    FLUSH = 4
+    STATUS = 5  # a = offset, b = length; reply payload = EXTENT records
+    GETFD = 6  # a = device index; reply carries the fd
+    FREEZE = 7  # owner -> plane; the reply comes once no direct I/O runs
+    THAW = 8  # owner -> plane
+    RESIZED = 9  # owner -> plane: the map's size changed
+    READY = 10  # plane -> owner, unsolicited: the plane serves
+
+
+class Flag:
+    FUA = 1
+    UNMAP = 2  # ZERO: may release clusters
+    DISCARD = 4  # ZERO: a discard (always unmaps)
+
+
+_FREEZE_TIMEOUT = 30.0
+_HOST_THREADS = 4
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytearray | None:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            if got == 0:
+                return None
+            raise ProtocolError("data-plane channel closed inside a frame")
+        got += k
+    return buf
+
+
+class _Sender:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._lock = threading.Lock()
+
+    def send(
+        self, op: int, ident: int, a: int = 0, b: int = 0, payload: Buffer = b"", flags: int = 0
+    ) -> None:
+        header = FRAME.pack(op, flags, 0, ident, a, b)
+        with self._lock:
+            if len(payload) <= 65536:
+                self.sock.sendall(header + bytes(payload))
+            else:
+                self.sock.sendall(header)
+                self.sock.sendall(payload)
+
+    def send_fd(self, ident: int, fd: int) -> None:
+        header = FRAME.pack(Op.REPLY, 0, 0, ident, 0, 0)
+        with self._lock:
+            socket.send_fds(self.sock, [header], [fd])
+
+
+# ----------------------------------------------------------------------------- owner side
+
+
+class PlaneHost:
+    """The owner's end of one data plane: serves ``volume`` over ``sock`` and keeps the
+    shared map current while attached. ``on_stuck`` is called (to kill the plane's process)
+    when it does not answer a freeze in time."""
+
+    def __init__(
+        self, volume: Volume, sock: socket.socket, on_stuck: Callable[[], None] | None = None
+    ) -> None:
+        self.volume = volume
+        self.map = SharedMap(volume.name.replace("/", "-"), volume.size, volume.cluster_size)
+        self.ready = threading.Event()
+        self._sock = sock
+        self._sender = _Sender(sock)
+        self._on_stuck = on_stuck
+        self._ids = itertools.count(1)
+        self._waits: dict[int, threading.Event] = {}
+        self._waits_lock = threading.Lock()
+        self._dead = threading.Event()
+        self._jobs: SimpleQueue[tuple[int, int, int, int, int, bytearray | None] | None] = (
+            SimpleQueue()
+        )
+        self._threads = [
+            threading.Thread(target=self._work, name=f"plane-host-{i}", daemon=True)
+            for i in range(_HOST_THREADS)
+        ]
+        self._reader = threading.Thread(target=self._read, name="plane-host-rx", daemon=True)
+        self._attached = False
+
+    def start(self) -> None:
+        """Attach to the volume and serve the channel."""
+        state = self.volume.state
+        with state.pool.lock:
+            state.attach(self)
+        self._attached = True
+        for thread in self._threads:
+            thread.start()
+        self._reader.start()
+
+    @property
+    def alive(self) -> bool:
+        return not self._dead.is_set()
+
+    # -- DataPlane (engine/volume.py) --
+
+    def freeze(self) -> None:
+        if self._dead.is_set():
+            return
+        ident = next(self._ids)
+        done = threading.Event()
+        with self._waits_lock:
+            self._waits[ident] = done
+        try:
+            self._sender.send(Op.FREEZE, ident)
+        except OSError:
+            self._die()
+        if not done.wait(_FREEZE_TIMEOUT) and not self._dead.is_set():
+            log.error("data plane of %s did not freeze in time; stopping it", self.volume.name)
+            if self._on_stuck is not None:
+                self._on_stuck()
+            self._dead.wait(_FREEZE_TIMEOUT)
+        with self._waits_lock:
+            self._waits.pop(ident, None)
+
+    def thaw(self) -> None:
+        if not self._dead.is_set():
+            with contextlib.suppress(OSError):
+                self._sender.send(Op.THAW, 0)
+
+    def resized(self) -> None:
+        if not self._dead.is_set():
+            with contextlib.suppress(OSError):
+                self._sender.send(Op.RESIZED, 0)
+
+    # -- lifecycle --
+
+    def close(self) -> None:
+        """Detach from the volume and drop the channel (the plane's process then exits).
+        The volume handle stays open."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._die()
+        if self._reader.is_alive():
+            self._reader.join()
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join()
+        self._sock.close()
+        self.map.close()
+
+    def _die(self) -> None:
+        if self._attached:
+            self._attached = False
+            self.volume.state.detach(self)
+        self._dead.set()
+        with self._waits_lock:
+            waits = list(self._waits.values())
+        for event in waits:
+            event.set()
+
+    def _read(self) -> None:
+        sock = self._sock
+        try:
+            while True:
+                header = _recv_exact(sock, FRAME.size)
+                if header is None:
+                    return
+                op, flags, _, ident, a, b = FRAME.unpack(header)
+                if op == Op.REPLY:
+                    with self._waits_lock:
+                        event = self._waits.get(ident)
+                    if event is not None:
+                        event.set()
+                elif op == Op.READY:
+                    self.ready.set()
+                elif op == Op.WRITE:
+                    if b > 64 << 20:
+                        raise ProtocolError(f"data-plane write of {b} bytes")
+                    data = _recv_exact(sock, b) if b else bytearray()
+                    if data is None:
+                        raise ProtocolError("data-plane channel closed inside a write")
+                    self._jobs.put((op, flags, ident, a, b, data))
+                elif op in (Op.ZERO, Op.FLUSH, Op.STATUS, Op.GETFD):
+                    self._jobs.put((op, flags, ident, a, b, None))
+                else:
+                    raise ProtocolError(f"unknown data-plane operation {op}")
+        except (OSError, ProtocolError) as e:
+            if not self._dead.is_set():
+                log.warning("data-plane channel of %s failed: %s", self.volume.name, e)
+        finally:
+            self._die()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            op, flags, ident, a, b, data = job
+            try:
+                if op == Op.GETFD:
+                    self._sender.send_fd(ident, self.volume.state.pool.backing_fd(a))
+                    continue
+                payload = self._execute(op, flags, a, b, data)
+                self._sender.send(Op.REPLY, ident, 0, len(payload), payload)
+            except StorvisorError as e:
+                code = e.errno if isinstance(e, IOFailure) else errno.EIO
+                message = str(e).encode()[:4000]
+                with contextlib.suppress(OSError):
+                    self._sender.send(Op.REPLY, ident, code or errno.EIO, len(message), message)
+            except KeyError:
+                with contextlib.suppress(OSError):
+                    self._sender.send(Op.REPLY, ident, errno.ENODEV, 0)
+            except OSError:
+                self._die()
+
+    def _execute(self, op: int, flags: int, a: int, b: int, data: bytearray | None) -> bytes:
+        volume = self.volume
+        if op == Op.WRITE:
+            assert data is not None
+            volume.write(a, data, fua=bool(flags & Flag.FUA))
+        elif op == Op.ZERO:
+            if flags & Flag.DISCARD:
+                volume.discard(a, b)
+            else:
+                volume.write_zeroes(
+                    a, b, may_unmap=bool(flags & Flag.UNMAP), fua=bool(flags & Flag.FUA)
+                )
+        elif op == Op.FLUSH:
+            volume.state.pool.mark_dirty()  # the plane's own writes
+            volume.flush()
+        elif op == Op.STATUS:
+            return b"".join(
+                EXTENT.pack(e.offset, e.length, e.allocated | e.zero << 1)
+                for e in volume.block_status(a, b)
+            )
+        return b""
+
+
+# ------------------------------------------------------------------------ data-plane side
+
+
+@dataclass
+class _Call:
+    done: threading.Event
+    code: int = 0
+    payload: bytes = b""
+    fd: int = -1
+
+
+class RemoteVolume:
+    """A ``BlockDevice`` served by a ``PlaneHost`` in the pool's owner process.
+
+    ``backings`` maps device index -> fd of the pool's backing devices (more are fetched
+    on demand); ``on_lost`` runs once when the channel breaks. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        map_fd: int,
+        backings: dict[int, int],
+        cluster_size: int,
+        *,
+        read_only: bool = False,
+        serial: str = "",
+        on_lost: Callable[[], None] | None = None,
+        on_resized: Callable[[], None] | None = None,
+    ) -> None:
+        self._sock = sock
+        self._sender = _Sender(sock)
+        self._reader_map = MapReader(map_fd)
+        self._fds = dict(backings)
+        self._fds_lock = threading.Lock()
+        self._cs = cluster_size
+        self._shift = cluster_size.bit_length() - 1
+        self._zeros = memoryview(bytes(cluster_size))
+        self._read_only = read_only
+        self.serial = serial
+        self._on_lost = on_lost
+        self._on_resized = on_resized
+        self._gate = Gate()
+        self._remap_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._calls: dict[int, _Call] = {}
+        self._calls_lock = threading.Lock()
+        self._lost = False
+        self._closed = False
+        self.vectors = _RemoteVectors(self)
+        """``blk.VectoredIO`` over this volume (a request's buffers in as few calls as the
+        cluster layout allows)."""
+        self._reader = threading.Thread(target=self._read, name="plane-rx", daemon=True)
+        self._reader.start()
+
+    # -- BlockDevice --
+
+    @property
+    def size(self) -> int:
+        return self._reader_map.size
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def block_size(self) -> int:
+        return 512
+
+    @property
+    def cluster_size(self) -> int:
+        return self._cs
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        self._check(offset, len(buf), writing=False)
+        self.vectors.read_into(offset, [buf])
+
+    def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
+        view = data if type(data) is memoryview else memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        self._check(offset, len(view), writing=True)
+        self.vectors.write(offset, [view], fua=fua)
+
+    def flush(self) -> None:
+        self._check(0, 0, writing=False)
+        self._call(Op.FLUSH)
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check(offset, length, writing=True)
+        self._call(Op.ZERO, Flag.DISCARD, offset, length)
+
+    def write_zeroes(
+        self, offset: int, length: int, *, may_unmap: bool = True, fua: bool = False
+    ) -> None:
+        self._check(offset, length, writing=True)
+        flags = (Flag.UNMAP if may_unmap else 0) | (Flag.FUA if fua else 0)
+        self._call(Op.ZERO, flags, offset, length)
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        self._check(offset, length, writing=False)
+        raw = self._call(Op.STATUS, 0, offset, length)
+        return [
+            Extent(off, n, bool(kind & 1), bool(kind & 2))
+            for off, n, kind in EXTENT.iter_unpack(raw)
+        ]
+
+    def close(self) -> None:
+        """Drop the channel; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        if self._reader is not threading.current_thread():
+            self._reader.join()
+        self._sock.close()
+        self._reader_map.close()
+
+    # -- direct I/O --
+
+    def _check(self, offset: int, length: int, *, writing: bool) -> None:
+        if self._closed or self._lost:
+            raise IOFailure("data plane: the volume's owner is gone", errno.EIO)
+        size = self._reader_map.size
+        if offset < 0 or length < 0:
+            raise IOFailure(f"negative offset or length ({offset}, {length})", errno.EINVAL)
+        if offset + length > size:
+            raise IOFailure(
+                f"request [{offset}, {offset + length}) beyond end of device ({size})",
+                errno.ENOSPC if writing else errno.EINVAL,
+            )
+        if writing and self._read_only:
+            raise IOFailure("device is read-only", errno.EPERM)
+
+    def _plan(self, offset: int, length: int) -> list[tuple[int, int, int, bool]]:
+        """``(fd or -1 for zeros, file offset, length, owned)`` runs covering the range.
+        Call inside the gate."""
+        words = self._reader_map.words
+        cs = self._cs
+        shift = self._shift
+        last = (offset + length - 1) >> shift
+        if HEADER_WORDS + last >= len(words):
+            self._remap()
+            words = self._reader_map.words
+        epoch = words[1]
+        runs: list[tuple[int, int, int, bool]] = []
+        pos = offset
+        end = offset + length
+        fds = self._fds
+        while pos < end:
+            within = pos & (cs - 1)
+            chunk = min(cs - within, end - pos)
+            word = words[HEADER_WORDS + (pos >> shift)]
+            if word == 0:
+                fd, where, owned = -1, 0, False
+            else:
+                phys = (word & PHYS_MASK) - 1
+                index = phys >> PHYS_SHIFT
+                fd = fds.get(index, -2)
+                if fd == -2:
+                    raise _NeedFd(index)
+                where = ((phys & LOCAL_MASK) + 1) * cs + within
+                owned = word >> EPOCH_SHIFT == epoch
+            if runs:
+                rfd, roff, rlen, rown = runs[-1]
+                if rfd == fd and rown == owned and (fd < 0 or roff + rlen == where):
+                    runs[-1] = (rfd, roff, rlen + chunk, rown)
+                    pos += chunk
+                    continue
+            runs.append((fd, where, chunk, owned))
+            pos += chunk
+        return runs
+
+    def _remap(self) -> None:
+        with self._remap_lock:
+            self._reader_map.remap()
+
+    def _plan_outside(self, offset: int, length: int) -> list[tuple[int, int, int, bool]]:
+        """``_plan``, entering the gate; returns inside it. Fetches missing backing fds
+        first (never inside the gate: a freeze must not wait for the owner)."""
+        gate = self._gate
+        while True:
+            gate.enter()
+            try:
+                return self._plan(offset, length)
+            except _NeedFd as need:
+                gate.leave()
+                self._fetch_fd(need.index)
+            except BaseException:
+                gate.leave()
+                raise
+
+    def _fetch_fd(self, index: int) -> None:
+        with self._fds_lock:
+            if index not in self._fds:
+                started = self._start_call(Op.GETFD, 0, index, 0)
+                self._finish_call(started)
+                if started[1].fd < 0:
+                    raise IOFailure(f"data plane: no backing device {index}", errno.ENODEV)
+                self._fds[index] = started[1].fd
+
+    # -- the channel --
+
+    def _call(
+        self, op: int, flags: int = 0, a: int = 0, b: int = 0, payload: Buffer = b""
+    ) -> bytes:
+        call = self._start_call(op, flags, a, b, payload)
+        return self._finish_call(call)
+
+    def _start_call(
+        self, op: int, flags: int, a: int, b: int, payload: Buffer = b""
+    ) -> tuple[int, _Call]:
+        if self._lost:
+            raise IOFailure("data plane: the volume's owner is gone", errno.EIO)
+        ident = next(self._ids) & 0xFFFFFFFF
+        call = _Call(threading.Event())
+        with self._calls_lock:
+            self._calls[ident] = call
+        try:
+            self._sender.send(op, ident, a, b, payload, flags)
+        except OSError as e:
+            with self._calls_lock:
+                self._calls.pop(ident, None)
+            raise IOFailure(f"data plane: channel failed: {e.strerror}", errno.EIO) from e
+        return ident, call
+
+    def _finish_call(self, started: tuple[int, _Call]) -> bytes:
+        _, call = started
+        call.done.wait()
+        if call.code:
+            raise IOFailure(call.payload.decode(errors="replace") or "owner failed", call.code)
+        return call.payload
+
+    def _read(self) -> None:
+        sock = self._sock
+        try:
+            while True:
+                data, fds, _, _ = socket.recv_fds(sock, FRAME.size, 1)
+                if not data:
+                    return
+                header = bytearray(data)
+                if len(header) < FRAME.size:
+                    rest = _recv_exact(sock, FRAME.size - len(header))
+                    if rest is None:
+                        raise ProtocolError("data-plane channel closed inside a frame")
+                    header += rest
+                op, _, _, ident, a, b = FRAME.unpack(header)
+                if op == Op.REPLY:
+                    payload = bytes(_recv_exact(sock, b) or b"") if b else b""
+                    with self._calls_lock:
+                        call = self._calls.pop(ident, None)
+                    if call is None:
+                        for fd in fds:
+                            os.close(fd)
+                        continue
+                    call.code, call.payload = a, payload
+                    if fds:
+                        call.fd = fds[0]
+                    call.done.set()
+                elif op == Op.FREEZE:
+                    self._gate.freeze()
+                    self._sender.send(Op.REPLY, ident)
+                elif op == Op.THAW:
+                    self._gate.thaw()
+                elif op == Op.RESIZED:
+                    self._remap()
+                    if self._on_resized is not None:
+                        self._on_resized()
+                else:
+                    raise ProtocolError(f"unknown data-plane operation {op}")
+        except (OSError, ProtocolError) as e:
+            if not self._closed:
+                log.error("data-plane channel failed: %s", e)
+        finally:
+            self._lost = True
+            with self._calls_lock:
+                calls, self._calls = list(self._calls.values()), {}
+            for call in calls:
+                call.code, call.payload = errno.EIO, b"the volume's owner is gone"
+                call.done.set()
+            if not self._closed and self._on_lost is not None:
+                self._on_lost()
+
+    def ready(self) -> None:
+        """Tell the owner this plane serves (its export listens)."""
+        self._sender.send(Op.READY, 0)
+
+    def __repr__(self) -> str:
+        return f"<RemoteVolume fd={self._sock.fileno()}>"
+
+
+class _NeedFd(Exception):
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def _slice(views: list[memoryview], start: int, length: int) -> list[memoryview]:
+    """The buffers of ``views`` (concatenated) from ``start`` for ``length`` bytes."""
+    out: list[memoryview] = []
+    for view in views:
+        n = len(view)
+        if start >= n:
+            start -= n
+            continue
+        take = min(n - start, length)
+        out.append(view[start : start + take] if start or take != n else view)
+        length -= take
+        start = 0
+        if not length:
+            break
+    return out
+
+
+_IOV_MAX = 1024
+
+
+def _preadv(fd: int, views: list[memoryview], offset: int) -> None:
+    while views:
+        try:
+            n = os.preadv(fd, views[:_IOV_MAX], offset)
+        except OSError as e:
+            raise IOFailure(f"read failed: {e.strerror}", e.errno or errno.EIO) from e
+        if n == 0:
+            raise IOFailure("short read from a backing device", errno.EIO)
+        offset += n
+        total = sum(len(v) for v in views)
+        if n >= total:
+            return
+        views = _slice(views, n, total - n)
+
+
+def _pwritev(fd: int, views: list[memoryview], offset: int) -> None:
+    while views:
+        try:
+            n = os.pwritev(fd, views[:_IOV_MAX], offset)
+        except OSError as e:
+            raise IOFailure(f"write failed: {e.strerror}", e.errno or errno.EIO) from e
+        offset += n
+        total = sum(len(v) for v in views)
+        if n >= total:
+            return
+        views = _slice(views, n, total - n)
+
+
+class _RemoteVectors:
+    """``blk.VectoredIO`` for a ``RemoteVolume``; ranges are checked by the caller."""
+
+    def __init__(self, volume: RemoteVolume) -> None:
+        self._v = volume
+
+    def read_into(self, offset: int, views: list[memoryview]) -> None:
+        v = self._v
+        length = sum(len(view) for view in views)
+        if not length:
+            return
+        gate = v._gate
+        runs = v._plan_outside(offset, length)
+        try:
+            if len(runs) == 1 and runs[0][0] >= 0:
+                _preadv(runs[0][0], views, runs[0][1])
+                return
+            pos = 0
+            for fd, where, n, _ in runs:
+                part = _slice(views, pos, n)
+                if fd < 0:
+                    for view in part:
+                        _fill_zeros(view, v._zeros)
+                else:
+                    _preadv(fd, part, where)
+                pos += n
+        finally:
+            gate.leave()
+
+    def write(self, offset: int, views: list[memoryview], *, fua: bool) -> None:
+        v = self._v
+        length = sum(len(view) for view in views)
+        gate = v._gate
+        remote: list[tuple[int, int]] = []  # (position in the request, length)
+        if not length:
+            return
+        runs = v._plan_outside(offset, length)
+        try:
+            pos = 0
+            for fd, where, n, owned in runs:
+                if owned:
+                    _pwritev(fd, _slice(views, pos, n), where)
+                else:
+                    remote.append((pos, n))
+                pos += n
+        finally:
+            gate.leave()
+        for pos, n in remote:  # outside the gate: the owner may freeze it meanwhile
+            data = b"".join(_slice(views, pos, n))
+            v._call(Op.WRITE, 0, offset + pos, n, data)
+        if fua:
+            v._call(Op.FLUSH)
+
+
+def _fill_zeros(view: memoryview, zeros: memoryview) -> None:
+    pos = 0
+    while pos < len(view):
+        n = min(len(zeros), len(view) - pos)
+        view[pos : pos + n] = zeros[:n]
+        pos += n
