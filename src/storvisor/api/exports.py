@@ -11,8 +11,9 @@ definition whose volume has gone is reported with state ``broken``, never fatal.
 
 NBD exports share one ``NBDServer`` listening on ``HOME/nbd.sock`` (and on TCP when asked);
 each client connection opens its own volume handle, which the server closes. Each
-vhost-user-blk export has its own ``VhostUserBlkServer`` holding one open volume handle for
-as long as the export lives.
+vhost-user-blk export of a volume runs in a data-plane process of its own
+(``exports/vhost_worker.py``), so several exports use several cores; the daemon holds its
+volume handle for as long as the export lives and does its allocations and flushes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from storvisor.exports.nbd import NBDExport, NBDServer, nbd_uri
 
 if TYPE_CHECKING:
     from storvisor.exports.vhost_user_blk import VhostUserBlkServer
+    from storvisor.exports.vhost_worker import VhostDataPlane
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +188,7 @@ class ExportRuntime:
         self.nbd_tcp: TcpAddress | None = None
         self._nbd = NBDServer()
         self._nbd_names: set[str] = set()
-        self._vhost: dict[str, tuple[VhostUserBlkServer, BlockDevice]] = {}
+        self._vhost: dict[str, tuple[VhostUserBlkServer | VhostDataPlane, BlockDevice]] = {}
         self._started = False
 
     def start(self) -> None:
@@ -228,14 +230,22 @@ class ExportRuntime:
         if spec.socket is None:
             raise InvalidArgument(f"export {spec.name}: no vhost-user socket path")
         # Imported here: commands that only edit definitions need not load the data path.
+        from storvisor.engine.volume import Volume
         from storvisor.exports.vhost_user_blk import VhostUserBlkServer
+        from storvisor.exports.vhost_worker import VhostDataPlane
 
         device = open_volume()
+        server: VhostUserBlkServer | VhostDataPlane
         try:
             Path(spec.socket).parent.mkdir(parents=True, exist_ok=True)
-            server = VhostUserBlkServer(
-                device, spec.socket, num_queues=spec.queues, read_only=read_only, serial=serial
-            )
+            if isinstance(device, Volume):
+                server = VhostDataPlane(
+                    device, spec.socket, num_queues=spec.queues, read_only=read_only, serial=serial
+                )
+            else:
+                server = VhostUserBlkServer(
+                    device, spec.socket, num_queues=spec.queues, read_only=read_only, serial=serial
+                )
             server.start()
         except OSError as e:
             device.close()

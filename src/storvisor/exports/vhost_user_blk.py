@@ -57,6 +57,7 @@ from typing import cast
 
 from storvisor.engine.device import BlockDevice, FileDevice
 from storvisor.errors import Conflict, IOFailure, ProtocolError, StorvisorError
+from storvisor.exports.dataplane import RemoteVolume
 from storvisor.protocols.vhost_user import inflight as infl
 from storvisor.protocols.vhost_user import messages as m
 from storvisor.protocols.vhost_user.backend import MAX_MEM_SLOTS, QueueSetup, VhostUserBackend
@@ -459,7 +460,11 @@ class _Device:
         self.block = server.device
         self.serial = server.serial.encode()[: blk.VIRTIO_BLK_ID_BYTES]
         self.read_only = server.read_only
-        self.vectored = _FileVectors(self.block) if isinstance(self.block, FileDevice) else None
+        self.vectored: blk.VectoredIO | None = None
+        if isinstance(self.block, FileDevice):
+            self.vectored = _FileVectors(self.block)
+        elif isinstance(self.block, RemoteVolume):
+            self.vectored = self.block.vectors
         self.writethrough = False
         n = server.num_queues
         self.kick_fds: list[int | None] = [None] * n
@@ -837,7 +842,9 @@ class VhostUserBlkServer:
 
     ``num_queues`` virtqueues (1..64) are offered; ``read_only`` offers VIRTIO_BLK_F_RO and
     fails writes; ``serial`` is what GET_ID returns (at most 20 bytes are used).
-    The device is used, never closed, by the server.
+    The device is used, never closed, by the server. With ``listener`` (a bound, listening
+    Unix socket, e.g. inherited from the process that owns the path) the server accepts on
+    it instead of binding ``socket_path``, and leaves the path alone on ``close``.
     """
 
     def __init__(
@@ -848,6 +855,7 @@ class VhostUserBlkServer:
         num_queues: int = 1,
         read_only: bool = False,
         serial: str = "",
+        listener: socket.socket | None = None,
     ) -> None:
         if not 1 <= num_queues <= MAX_QUEUES:
             raise ValueError(f"num_queues must be 1..{MAX_QUEUES}, not {num_queues}")
@@ -857,6 +865,7 @@ class VhostUserBlkServer:
         self.read_only = read_only or device.read_only
         self.serial = serial
         self._listener: socket.socket | None = None
+        self._given_listener = listener
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -876,6 +885,13 @@ class VhostUserBlkServer:
         """
         if self._listener is not None or self._wake_r < 0:
             raise Conflict(f"vhost-user-blk server on {self.socket_path} already started")
+        if self._given_listener is not None:
+            self._listener = self._given_listener
+            self._thread = threading.Thread(
+                target=self._serve, name=f"vhost-blk {self.socket_path}", daemon=True
+            )
+            self._thread.start()
+            return
         try:
             if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
                 os.unlink(self.socket_path)
@@ -929,8 +945,9 @@ class VhostUserBlkServer:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.socket_path)
+            if self._given_listener is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.socket_path)
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)

@@ -1,0 +1,102 @@
+"""vhost-user-blk exports of the daemon run in data-plane processes of their own: one per
+export, restarted when killed (the front-end reconnects and its data is intact), and gone
+when the daemon dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from storvisor.protocols.virtio.blk import Status
+from storvisor.testing.vhost_frontend import VhostUserFrontend
+
+MiB = 1 << 20
+
+
+def _planes(daemon_pid: int) -> dict[str, int]:
+    """socket path -> pid of the daemon's data-plane processes."""
+    found: dict[str, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == daemon_pid and b"storvisor.exports.vhost_worker" in cmdline:
+            config = cmdline[cmdline.index(b"storvisor.exports.vhost_worker") + 1]
+            path = config.split(b'"socket_path": "')[1].split(b'"')[0].decode()
+            found[path] = int(entry)
+    return found
+
+
+def _wait(predicate, timeout: float = 15.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def _read(fe: VhostUserFrontend, offset: int, length: int) -> bytes:
+    status, data = fe.read(offset, length)
+    assert status == Status.OK
+    return data
+
+
+def test_each_export_has_its_own_process_restarted_after_a_kill(cli, daemon, tmp_path):
+    cli("pool", "create", "p", "--backing", f"{tmp_path}/disk.img:1G")
+    socks = {}
+    for name in ("a", "b"):
+        cli("volume", "create", f"p/{name}", "--size", "64M")
+        socks[name] = str(tmp_path / f"{name}.sock")
+        cli("export", "vhost-user-blk", f"p/{name}", "--socket", socks[name], "--queues", "2")
+    planes = _wait(lambda: (p := _planes(daemon.proc.pid)) and len(p) == 2 and p)
+    assert set(planes) == set(socks.values())
+    assert daemon.proc.pid not in planes.values()
+
+    with VhostUserFrontend(socks["a"], queue_size=16, num_queues=2, inflight=True) as fe:
+        fe.setup()
+        assert fe.write(0, b"\x5a" * 65536) == Status.OK  # allocates in the daemon
+        assert fe.write(4096, b"\xa5" * 4096) == Status.OK  # in place, in the data plane
+        assert fe.flush() == Status.OK
+
+        os.kill(planes[socks["a"]], signal.SIGKILL)
+        again = _wait(
+            lambda: (
+                (p := _planes(daemon.proc.pid)).get(socks["a"], planes[socks["a"]])
+                != planes[socks["a"]]
+                and p
+            )
+        )
+        assert again[socks["b"]] == planes[socks["b"]]  # the other export never noticed
+        fe.reconnect()
+        assert _read(fe, 0, 8192) == b"\x5a" * 4096 + b"\xa5" * 4096
+        assert fe.write(8192, b"\x77" * 4096) == Status.OK
+        assert fe.flush() == Status.OK
+        # one request in many buffers over owned, never written and zeroed clusters
+        assert fe.write_zeroes([(65536 >> 9, 65536 >> 9, 0)]) == Status.OK
+        status, data = fe.read(0, 3 * 65536, segments=24, indirect=True)
+        assert status == Status.OK
+        expect = b"\x5a" * 4096 + b"\xa5" * 4096 + b"\x77" * 4096 + b"\x5a" * (65536 - 12288)
+        assert data == expect + bytes(2 * 65536)
+
+    uri = cli("export", "nbd", "p/a").out.strip()
+    assert uri
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait()
+    for pid in again.values():  # the data planes follow their daemon
+        _wait(lambda pid=pid: not Path(f"/proc/{pid}").exists() or _zombie(pid))
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
