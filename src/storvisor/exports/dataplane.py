@@ -322,7 +322,8 @@ class RemoteVolume:
     """A ``BlockDevice`` served by a ``PlaneHost`` in the pool's owner process.
 
     ``backings`` maps device index -> fd of the pool's backing devices (more are fetched
-    on demand); ``on_lost`` runs once when the channel breaks. Thread-safe.
+    on demand); ``on_lost`` runs once when the channel breaks, before any request waiting
+    for the owner fails (``IOFailure(EIO)``). Thread-safe.
     """
 
     def __init__(
@@ -582,14 +583,16 @@ class RemoteVolume:
             if not self._closed:
                 log.error("data-plane channel failed: %s", e)
         finally:
+            # on_lost first: a data plane that exits now completes nothing with an error
+            # (a vhost-user front-end resubmits what was in flight to the next one)
+            if not self._closed and self._on_lost is not None:
+                self._on_lost()
             self._lost = True
             with self._calls_lock:
                 calls, self._calls = list(self._calls.values()), {}
             for call in calls:
                 call.code, call.payload = errno.EIO, b"the volume's owner is gone"
                 call.done.set()
-            if not self._closed and self._on_lost is not None:
-                self._on_lost()
 
     def ready(self) -> None:
         """Tell the owner this plane serves (its export listens)."""

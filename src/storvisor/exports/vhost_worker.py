@@ -15,7 +15,9 @@ Supervision: a thread of the daemon waits for the process; if it ends while the 
 still exists (a crash, or a kill), a new one is started on the same listening socket after
 a short delay (growing while starts keep failing). A vhost-user front-end started with
 ``reconnect`` comes back to it and resubmits what was in flight (INFLIGHT_SHMFD). The process
-exits when its channel breaks, so a daemon that dies takes its data planes with it.
+exits when its channel breaks, so a daemon that dies takes its data planes with it: at once
+(SIGKILL), completing no request with an error, so that a front-end with INFLIGHT_SHMFD
+resubmits what was in flight once a new daemon serves the export again.
 """
 
 from __future__ import annotations
@@ -284,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.cluster_size,
         read_only=config.read_only,
         serial=config.serial,
-        on_lost=lambda: os.kill(me, signal.SIGTERM),
+        on_lost=lambda: os.kill(me, signal.SIGKILL),  # complete nothing with an error
         on_resized=resized,
     )
     listener = socket.socket(fileno=config.listener_fd)

@@ -3,7 +3,8 @@
 A small entry point for tests and benchmarks that need storvisor's back-end as a separate
 process they can SIGKILL and restart (``storvisor.testing.vhost_backend.StorvisorVhostBackend``
 drives it). It serves a raw file (``--file``) or a thin volume of a pool home (``--home DIR
---volume POOL/VOL``), prints ``READY`` once the socket listens, and on SIGTERM or SIGINT stops
+--volume POOL/VOL``; served as the daemon serves it, from a data-plane process, unless
+``--in-process``), prints ``READY`` once the socket listens, and on SIGTERM or SIGINT stops
 serving, flushes and closes the device, and exits 0. Bad arguments print one line and exit 2.
 
 Online extend: on SIGUSR1 it reads a size in bytes from the ``--grow-file``, grows the file or
@@ -22,8 +23,10 @@ from pathlib import Path
 from storvisor.engine.device import BlockDevice, FileDevice
 from storvisor.engine.home import Home
 from storvisor.engine.pool import Pool
+from storvisor.engine.volume import Volume
 from storvisor.errors import StorvisorError
 from storvisor.exports.vhost_user_blk import VhostUserBlkServer
+from storvisor.exports.vhost_worker import VhostDataPlane
 from storvisor.testing.vhost_backend import GROWN, READY
 
 
@@ -39,6 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--read-only", action="store_true")
     parser.add_argument("--serial", default=None, help="GET_ID serial (default: the volume's)")
     parser.add_argument("--grow-file", default=None, help="size to grow to on SIGUSR1")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="serve a volume from this process instead of a data-plane process (as the "
+        "daemon does)",
+    )
     args = parser.parse_args(argv)
     if args.volume and (not args.home or "/" not in args.volume):
         parser.error("--volume POOL/VOL needs --home DIR")
@@ -60,9 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             volume = pool.open_volume(volume_name)
             serial = volume.serial if args.serial is None else args.serial
             device = volume
-        server = VhostUserBlkServer(
-            device, args.socket, num_queues=args.queues, read_only=args.read_only, serial=serial
-        )
+        server: VhostUserBlkServer | VhostDataPlane
+        if isinstance(device, Volume) and not args.in_process:
+            server = VhostDataPlane(
+                device, args.socket, num_queues=args.queues, read_only=args.read_only, serial=serial
+            )
+        else:
+            server = VhostUserBlkServer(
+                device, args.socket, num_queues=args.queues, read_only=args.read_only, serial=serial
+            )
         server.start()
     except (StorvisorError, OSError, ValueError) as e:
         print(f"vhost_server: {e}", file=sys.stderr)

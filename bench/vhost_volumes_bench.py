@@ -1,0 +1,272 @@
+"""Several vhost-user-blk volumes at once: do they use more than one core?
+
+Two exports are driven at the same time by two ``vhost-blk-bench`` clients (one each, same
+workload), and the sum of their IOPS is reported with the CPU the back-end used (all its
+processes, 100% = one core), for three back-ends:
+
+* ``storvisor``: the daemon (``storvisor serve``) exporting two thin volumes of one pool;
+  each export runs in a data-plane process of its own;
+* ``one-process``: the same two volumes served by two ``VhostUserBlkServer`` s inside one
+  Python process (how every export ran before data planes);
+* ``qsd``: qemu-storage-daemon exporting two raw files, each export on an iothread of its
+  own (its multi-core configuration).
+
+All images are prefilled and in the page cache. Usage::
+
+    .venv/bin/python bench/vhost_volumes_bench.py [--seconds 5] [--size 512M] [--queues 1]
+
+Exit status 0 when every run completed without I/O errors, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+from vhost_bench import build_tool, prefill, run_client  # noqa: E402
+
+STORVISOR = str(Path(sys.executable).with_name("storvisor"))
+WORKLOADS = [
+    ("4k randread qd32", "randread", "4k", 32),
+    ("4k randwrite qd32", "randwrite", "4k", 32),
+    ("1M read qd8", "read", "1M", 8),
+    ("1M write qd8", "write", "1M", 8),
+]
+ONE_PROCESS = textwrap.dedent(
+    """
+    import signal, sys
+    from storvisor.engine.home import Home
+    from storvisor.exports.vhost_user_blk import VhostUserBlkServer
+    home_dir, queues, socks = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    home = Home(home_dir)
+    pool = home.pool("p")
+    servers = []
+    for i, sock in enumerate(socks):
+        server = VhostUserBlkServer(pool.open_volume(f"v{i}"), sock, num_queues=queues)
+        server.start()
+        servers.append(server)
+    print("READY", flush=True)
+    signal.sigwait({signal.SIGTERM})
+    for server in servers:
+        server.close()
+    home.close()
+    """
+)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes and their threads, in seconds."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def wait_for(path: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear")
+        time.sleep(0.05)
+
+
+def run_pair(
+    tool: Path,
+    socks: list[str],
+    workload: tuple[str, str, str, int],
+    args: argparse.Namespace,
+    pids: list[int],
+) -> tuple[float, float, bool]:
+    """Both clients at once; (total IOPS, back-end CPU %, all ok)."""
+    _, rw, bs, depth = workload
+    cmd_args = [
+        "--rw", rw, "--bs", bs, "--iodepth", str(depth), "--queues", str(args.queues),
+        "--seconds", str(args.seconds), "--ramp", str(args.ramp),
+        "--size-limit", str(args.size_bytes),
+    ]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [str(tool), "--socket", sock, "--json", "--seed", str(i + 1), *cmd_args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, sock in enumerate(socks)
+    ]
+    time.sleep(args.ramp)
+    cpu0, t0 = cpu_seconds(pids), time.monotonic()
+    outs = [p.communicate() for p in procs]
+    cpu1, t1 = cpu_seconds(pids), time.monotonic()
+    total, ok = 0.0, True
+    import json
+
+    for p, (out, err) in zip(procs, outs, strict=True):
+        lines = out.strip().splitlines()
+        if p.returncode != 0 or not lines:
+            ok = False
+            print(err, file=sys.stderr)
+            continue
+        result = json.loads(lines[-1])
+        total += float(result["iops"])
+        ok = ok and not result.get("errors")
+    return total, 100 * (cpu1 - cpu0) / (t1 - t0), ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--ramp", type=float, default=1.0)
+    parser.add_argument("--size", default="512M", help="size of each volume (M or G suffix)")
+    parser.add_argument("--queues", type=int, default=1)
+    parser.add_argument("--backends", default="qsd,one-process,storvisor")
+    args = parser.parse_args()
+    args.size_bytes = int(args.size[:-1]) << {"M": 20, "G": 30}[args.size[-1].upper()]
+    backends = args.backends.split(",")
+    workdir = Path(tempfile.mkdtemp(prefix="sv-vvbench-"))
+    tool = build_tool(Path(tempfile.gettempdir()) / "storvisor-vhost-blk-bench")
+    home = workdir / "home"
+    env = dict(os.environ, STORVISOR_HOME=str(home))
+    results: dict[tuple[str, str], tuple[float, float, bool]] = {}
+    started = time.monotonic()
+
+    def sv(*argv: str) -> None:
+        subprocess.run([STORVISOR, "--home", str(home), *argv], check=True, env=env,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+
+    try:
+        images = [workdir / f"disk{i}.raw" for i in range(2)]
+        if "qsd" in backends:
+            for i, image in enumerate(images):
+                prefill(tool, image, args.size_bytes, str(workdir / f"prefill{i}.sock"))
+        sv(
+            "pool",
+            "create",
+            "p",
+            "--backing",
+            f"{workdir}/pool.img:{2 * args.size_bytes + (256 << 20)}",
+        )
+        for i in range(2):
+            sv("volume", "create", f"p/v{i}", "--size", str(args.size_bytes))
+        # allocate every cluster of both volumes (the runs then overwrite in place)
+        proc = subprocess.Popen(
+            [STORVISOR, "--home", str(home), "serve"], env=env, stdout=subprocess.DEVNULL
+        )
+        try:
+            wait_for(str(home / "api.sock"))
+            time.sleep(0.5)
+            for i in range(2):
+                sock = str(workdir / f"fill{i}.sock")
+                sv("export", "vhost-user-blk", f"p/v{i}", "--socket", sock)
+                result = run_client(tool, sock, ["--verify", "--bs", "1M", "--iodepth", "8",
+                                                 "--size-limit", str(args.size_bytes)])  # fmt: skip
+                if result.get("exit_code") != 0:
+                    raise RuntimeError(f"prefill failed: {result}")
+                sv("export", "remove", f"vhost-user-blk:p/v{i}")
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        for backend in backends:
+            socks = [str(workdir / f"{backend}{i}.sock") for i in range(2)]
+            if backend == "qsd":
+                cmd = ["qemu-storage-daemon"]
+                for i, image in enumerate(images):
+                    cmd += [
+                        "--object", f"iothread,id=t{i}",
+                        "--blockdev", f"driver=file,node-name=f{i},filename={image},"
+                        "cache.direct=off,aio=threads",
+                        "--blockdev", f"driver=raw,node-name=d{i},file=f{i}",
+                        "--export", f"type=vhost-user-blk,id=e{i},node-name=d{i},"
+                        f"addr.type=unix,addr.path={socks[i]},writable=on,"
+                        f"num-queues={args.queues},iothread=t{i}",
+                    ]  # fmt: skip
+                proc = subprocess.Popen(cmd)
+            elif backend == "one-process":
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", ONE_PROCESS, str(home), str(args.queues), *socks],
+                    stdout=subprocess.DEVNULL,
+                )
+            else:
+                proc = subprocess.Popen(
+                    [STORVISOR, "--home", str(home), "serve"], env=env, stdout=subprocess.DEVNULL
+                )
+                wait_for(str(home / "api.sock"))
+                time.sleep(0.5)
+                for i, sock in enumerate(socks):
+                    sv("export", "vhost-user-blk", f"p/v{i}", "--socket", sock,
+                       "--queues", str(args.queues))  # fmt: skip
+            try:
+                for sock in socks:
+                    wait_for(sock)
+                pids = [proc.pid, *children(proc.pid)]
+                for workload in WORKLOADS:
+                    result = run_pair(tool, socks, workload, args, pids)
+                    results[(backend, workload[0])] = result
+                    print(f"  {backend:12} {workload[0]:18} {result[0]:>10,.0f} IOPS "
+                          f"cpu {result[1]:.0f}%", file=sys.stderr)  # fmt: skip
+            finally:
+                proc.terminate()
+                proc.wait(30)
+                if backend == "storvisor":
+                    for i in range(2):
+                        name = f"vhost-user-blk:p/v{i}"
+                        subprocess.run([STORVISOR, "--home", str(home), "export", "remove", name],
+                                       env=env, capture_output=True)  # fmt: skip
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    header = ["workload (2 volumes at once)"]
+    for b in backends:
+        header += [f"{b} IOPS", f"{b} CPU%"]
+    if {"storvisor", "one-process"} <= set(backends):
+        header.append("storvisor / one-process")
+    if {"storvisor", "qsd"} <= set(backends):
+        header.append("storvisor / qsd")
+    print("| " + " | ".join(header) + " |")
+    print("|---|" + "---:|" * (len(header) - 1))
+    ok = True
+    for name, *_ in WORKLOADS:
+        row = [name]
+        for b in backends:
+            iops, cpu, good = results.get((b, name), (0.0, 0.0, False))
+            ok = ok and good
+            row += [f"{iops:,.0f}", f"{cpu:.0f}%"]
+        for a, b in (("storvisor", "one-process"), ("storvisor", "qsd")):
+            if {a, b} <= set(backends):
+                den = results.get((b, name), (0.0,))[0]
+                row.append(f"{results.get((a, name), (0.0,))[0] / den:.2f}x" if den else "-")
+        print("| " + " | ".join(row) + " |")
+    print(f"\n{time.monotonic() - started:.0f} s, {os.cpu_count()} CPUs, volumes of {args.size}, "
+          f"{args.queues} queue(s) each, {args.seconds:g} s per run")  # fmt: skip
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
