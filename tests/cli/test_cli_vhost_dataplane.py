@@ -4,6 +4,7 @@ when the daemon dies."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -15,9 +16,9 @@ from storvisor.testing.vhost_frontend import VhostUserFrontend
 MiB = 1 << 20
 
 
-def _planes(daemon_pid: int) -> dict[str, int]:
-    """socket path -> pid of the daemon's data-plane processes."""
-    found: dict[str, int] = {}
+def _planes(daemon_pid: int) -> dict[str, list[int]]:
+    """socket path -> pids of the daemon's data-plane processes for it, by slot."""
+    found: dict[str, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -28,9 +29,9 @@ def _planes(daemon_pid: int) -> dict[str, int]:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         if ppid == daemon_pid and b"storvisor.exports.vhost_worker" in cmdline:
-            config = cmdline[cmdline.index(b"storvisor.exports.vhost_worker") + 1]
-            path = config.split(b'"socket_path": "')[1].split(b'"')[0].decode()
-            found[path] = int(entry)
+            config = json.loads(cmdline[cmdline.index(b"storvisor.exports.vhost_worker") + 1])
+            slots = found.setdefault(config["socket_path"], [0] * config["slots"])
+            slots[config["slot"]] = int(entry)
     return found
 
 
@@ -57,21 +58,26 @@ def test_each_export_has_its_own_process_restarted_after_a_kill(cli, daemon, tmp
         cli("volume", "create", f"p/{name}", "--size", "64M")
         socks[name] = str(tmp_path / f"{name}.sock")
         cli("export", "vhost-user-blk", f"p/{name}", "--socket", socks[name], "--queues", "2")
-    planes = _wait(lambda: (p := _planes(daemon.proc.pid)) and len(p) == 2 and p)
+    planes = _wait(
+        lambda: (p := _planes(daemon.proc.pid)) and len(p) == 2 and all(map(all, p.values())) and p
+    )
     assert set(planes) == set(socks.values())
-    assert daemon.proc.pid not in planes.values()
+    # two queues on this 2-CPU machine: two processes per export, none of them the daemon
+    assert all(len(pids) == min(2, os.cpu_count() or 1) for pids in planes.values())
+    assert daemon.proc.pid not in [pid for pids in planes.values() for pid in pids]
 
     with VhostUserFrontend(socks["a"], queue_size=16, num_queues=2, inflight=True) as fe:
         fe.setup()
         assert fe.write(0, b"\x5a" * 65536) == Status.OK  # allocates in the daemon
-        assert fe.write(4096, b"\xa5" * 4096) == Status.OK  # in place, in the data plane
+        assert fe.write(4096, b"\xa5" * 4096, queue=1) == Status.OK  # in place, queue 1
         assert fe.flush() == Status.OK
 
-        os.kill(planes[socks["a"]], signal.SIGKILL)
+        os.kill(planes[socks["a"]][-1], signal.SIGKILL)  # the process of queue 1
         again = _wait(
             lambda: (
-                (p := _planes(daemon.proc.pid)).get(socks["a"], planes[socks["a"]])
-                != planes[socks["a"]]
+                (p := _planes(daemon.proc.pid))
+                and all(map(all, p.values()))
+                and set(p.get(socks["a"], [])).isdisjoint(planes[socks["a"]])
                 and p
             )
         )
@@ -91,7 +97,7 @@ def test_each_export_has_its_own_process_restarted_after_a_kill(cli, daemon, tmp
     assert uri
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait()
-    for pid in again.values():  # the data planes follow their daemon
+    for pid in [p for pids in again.values() for p in pids]:  # the data planes follow their daemon
         _wait(lambda pid=pid: not Path(f"/proc/{pid}").exists() or _zombie(pid))
 
 

@@ -41,7 +41,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import itertools
+import json
 import logging
 import mmap
 import os
@@ -50,8 +52,9 @@ import queue
 import select
 import socket
 import stat
+import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -485,7 +488,15 @@ class _Device:
         self._log_lock = threading.Lock()
         self._dirty_log: DirtyLog | None = None
         self._log_mm: mmap.mmap | None = None
+        self._log_fd = -1  # kept when other processes mark the same log (POSIX lock on it)
         self._vring_log: list[int | None] = [None] * n
+        self._slot, self._slots = server.slot, server.slots
+        self.remote_bases: dict[int, int] = {}  # queues of other processes: their stop bases
+        self.stopped: dict[int, int] = {}  # queues this process stopped (base), for the control
+
+    def owns(self, index: int) -> bool:
+        """Whether this process runs queue ``index`` (queue ``i`` runs in slot ``i % slots``)."""
+        return index % self._slots == self._slot
 
     # -- BackendDevice -----------------------------------------------------------------------
 
@@ -594,11 +605,15 @@ class _Device:
                 mm = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, offset=mmap_offset)
             except (OSError, ValueError, OverflowError) as e:
                 raise ProtocolError(f"cannot map the dirty log: {e}") from e
+            keep = os.dup(fd) if self._slots > 1 else -1
         finally:
             os.close(fd)
         with self._log_lock:
-            old_log, old_mm = self._dirty_log, self._log_mm
+            old_log, old_mm, old_fd = self._dirty_log, self._log_mm, self._log_fd
             self._dirty_log, self._log_mm = DirtyLog(memoryview(mm)), mm
+            self._log_fd = keep
+        if old_fd >= 0:
+            os.close(old_fd)
         if old_log is not None:
             old_log.release()
         if old_mm is not None:
@@ -610,12 +625,18 @@ class _Device:
             dirty = self._dirty_log
             if dirty is None:
                 return
-            for gpa, length in chain.written:
-                dirty.mark(gpa, length)
-            used = self._vring_log[index]
-            if used is not None:
-                dirty.mark(used + 4 + 8 * slot, 8)
-                dirty.mark(used + 2, 2)
+            if self._log_fd >= 0:  # other processes mark bits in the same bytes
+                fcntl.lockf(self._log_fd, fcntl.LOCK_EX)
+            try:
+                for gpa, length in chain.written:
+                    dirty.mark(gpa, length)
+                used = self._vring_log[index]
+                if used is not None:
+                    dirty.mark(used + 4 + 8 * slot, 8)
+                    dirty.mark(used + 2, 2)
+            finally:
+                if self._log_fd >= 0:
+                    fcntl.lockf(self._log_fd, fcntl.LOCK_UN)
 
     def set_vring_kick(self, index: int, fd: int | None) -> None:
         old = self.kick_fds[index]
@@ -644,6 +665,8 @@ class _Device:
             os.close(old)
 
     def start_queue(self, setup: QueueSetup) -> None:
+        if not self.owns(setup.index):
+            return  # another process of this export runs it
         memory = self.memory
         try:
             queue = SplitQueue(
@@ -687,11 +710,15 @@ class _Device:
         worker.start()
 
     def stop_queue(self, index: int) -> int:
+        if not self.owns(index):
+            return self.remote_bases.pop(index, 0)
         worker = self._workers.pop(index, None)
         if worker is None:
-            return self._unstarted.pop(index, 0)
-        last_avail = worker.stop()
-        self._drop_retired_kicks()
+            last_avail = self._unstarted.pop(index, 0)
+        else:
+            last_avail = worker.stop()
+            self._drop_retired_kicks()
+        self.stopped[index] = last_avail
         return last_avail
 
     def get_inflight(self, num_queues: int, queue_size: int) -> tuple[int, int]:
@@ -754,8 +781,11 @@ class _Device:
         if channel is not None:
             channel.close()
         with self._log_lock:
-            dirty, log_mm = self._dirty_log, self._log_mm
+            dirty, log_mm, log_fd = self._dirty_log, self._log_mm, self._log_fd
             self._dirty_log = self._log_mm = None
+            self._log_fd = -1
+        if log_fd >= 0:
+            os.close(log_fd)
         if dirty is not None:
             dirty.release()
         if log_mm is not None:
@@ -842,6 +872,13 @@ class VhostUserBlkServer:
 
     ``num_queues`` virtqueues (1..64) are offered; ``read_only`` offers VIRTIO_BLK_F_RO and
     fails writes; ``serial`` is what GET_ID returns (at most 20 bytes are used).
+    Queue processes: with ``peers`` (links to ``VhostUserBlkServer.serve_peer`` in other
+    processes serving the same device), queue ``i`` runs in process ``i % (len(peers) + 1)``
+    and this one in slot 0: every vhost-user message is first handed to every peer (which
+    runs the same state machine, so its memory map, rings and fds match) and applied there,
+    then here; a peer's queue stop reports its next avail index back. Several queues of one
+    export thus run on several cores.
+
     The device is used, never closed, by the server. With ``listener`` (a bound, listening
     Unix socket, e.g. inherited from the process that owns the path) the server accepts on
     it instead of binding ``socket_path``, and leaves the path alone on ``close``.
@@ -856,9 +893,18 @@ class VhostUserBlkServer:
         read_only: bool = False,
         serial: str = "",
         listener: socket.socket | None = None,
+        peers: Sequence[socket.socket] = (),
+        slot: int = 0,
+        slots: int = 1,
     ) -> None:
         if not 1 <= num_queues <= MAX_QUEUES:
             raise ValueError(f"num_queues must be 1..{MAX_QUEUES}, not {num_queues}")
+        if peers:
+            slots = len(peers) + 1
+        if not 0 <= slot < slots:
+            raise ValueError(f"slot {slot} of {slots}")
+        self.peers = list(peers)
+        self.slot, self.slots = slot, slots
         self.device = device
         self.socket_path = socket_path
         self.num_queues = num_queues
@@ -1006,6 +1052,8 @@ class VhostUserBlkServer:
                 if msg is None:
                     break
                 try:
+                    if self.peers:
+                        device.remote_bases.update(_forward(self.peers, msg))
                     reply = backend.handle(msg)
                 finally:
                     for fd in msg.fds:
@@ -1031,8 +1079,101 @@ class VhostUserBlkServer:
                 self._conn, self._device = None, None
             try:
                 device.reset()
+                if self.peers:
+                    try:
+                        _forward(self.peers, m.Message(_PEER_RESET, m.VHOST_USER_VERSION, b""))
+                    except (OSError, ProtocolError) as e:
+                        log.error("vhost-user-blk queue processes did not reset: %s", e)
             finally:
                 conn.close()
+
+    def serve_peer(self, link: socket.socket) -> None:
+        """Run as a queue process (slot ``slot`` of ``slots``) of the server at the other end
+        of ``link``: apply every message it forwards, run this slot's queues, until the link
+        closes. Raises nothing for a broken link (it just returns)."""
+        device = _Device(self)
+        backend = VhostUserBackend(device)
+        with self._lock:
+            self._device = device
+        try:
+            while True:
+                try:
+                    msg = _receive(link)
+                except (OSError, ProtocolError):
+                    return
+                if msg is None:
+                    return
+                ok = True
+                device.stopped.clear()
+                try:
+                    if msg.request == _PEER_RESET:
+                        device.reset()
+                        device = _Device(self)
+                        backend = VhostUserBackend(device)
+                        with self._lock:
+                            self._device = device
+                    else:
+                        reply = backend.handle(msg)
+                        if reply is not None:
+                            for fd in reply.fds:
+                                os.close(fd)
+                except (ProtocolError, StorvisorError) as e:
+                    log.warning("vhost-user-blk queue process: %s", e)
+                    ok = False
+                finally:
+                    for fd in msg.fds:
+                        os.close(fd)
+                answer = json.dumps({"ok": ok, "stopped": device.stopped}).encode()
+                try:
+                    link.sendall(_ANSWER.pack(len(answer)) + answer)
+                except OSError:
+                    return
+        finally:
+            with self._lock:
+                self._device = None
+            device.reset()
+
+
+_PEER_RESET = 0
+"""A request number no vhost-user message uses: the control's "connection ended"."""
+
+_ANSWER = struct.Struct("<I")
+
+
+def _forward(peers: list[socket.socket], msg: m.Message) -> dict[int, int]:
+    """Hand ``msg`` (with its fds) to every queue process and wait until each applied it;
+    returns the next avail index of every queue they stopped. Raises ``ProtocolError`` if
+    one failed or its link broke (the connection must then end)."""
+    data = m.encode(msg.request, msg.payload, flags=msg.flags)
+    for peer in peers:
+        try:
+            if msg.fds:
+                socket.send_fds(peer, [data], msg.fds)
+            else:
+                peer.sendall(data)
+        except OSError as e:
+            raise ProtocolError(f"queue process unreachable: {e.strerror}") from e
+    bases: dict[int, int] = {}
+    for peer in peers:
+        try:
+            size = _ANSWER.unpack(_recv_all(peer, _ANSWER.size))[0]
+            answer = json.loads(_recv_all(peer, size))
+        except (OSError, ValueError, struct.error) as e:
+            raise ProtocolError(f"queue process did not answer: {e}") from e
+        if not answer.get("ok"):
+            raise ProtocolError(f"a queue process refused {msg.name}")
+        bases.update({int(k): int(v) for k, v in answer.get("stopped", {}).items()})
+    return bases
+
+
+def _recv_all(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        more = sock.recv(n - len(data))
+        if not more:
+            raise OSError(errno.EPIPE, "link closed")
+        data += more
+    return bytes(data)
 
 
 def _receive(conn: socket.socket) -> m.Message | None:

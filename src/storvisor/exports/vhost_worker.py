@@ -27,6 +27,7 @@ import errno
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import stat
@@ -49,11 +50,17 @@ STOP_TIMEOUT = 10.0
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """What a data-plane process is started with (as JSON on its command line)."""
+    """What a data-plane process is started with (as JSON on its command line).
+
+    Slot 0 owns the vhost-user socket (``listener_fd``) and links to the other slots
+    (``link_fds``); slot ``k`` > 0 serves its queues over ``link_fds[0]``."""
 
     channel_fd: int
     map_fd: int
     listener_fd: int
+    link_fds: list[int]
+    slot: int
+    slots: int
     backings: dict[int, int]
     cluster_size: int
     socket_path: str
@@ -72,8 +79,9 @@ class WorkerConfig:
 
 
 class VhostDataPlane:
-    """One vhost-user-blk export of ``volume`` on ``socket_path``, served by a process of its
-    own (see the module docstring). The volume handle stays the caller's."""
+    """One vhost-user-blk export of ``volume`` on ``socket_path``, served by processes of its
+    own (see the module docstring): ``min(num_queues, CPUs)`` of them, queue ``i`` in process
+    ``i % processes``. The volume handle stays the caller's."""
 
     def __init__(
         self,
@@ -83,31 +91,34 @@ class VhostDataPlane:
         num_queues: int = 1,
         read_only: bool = False,
         serial: str = "",
+        processes: int | None = None,
     ) -> None:
         self.volume = volume
         self.socket_path = socket_path
         self.num_queues = num_queues
         self.read_only = read_only or volume.read_only
         self.serial = serial
+        self.processes = max(1, min(num_queues, processes or os.cpu_count() or 1))
         self.starts = 0
-        """Processes started so far (1 unless one had to be restarted)."""
+        """Process groups started so far (1 unless one had to be restarted)."""
         self._listener: socket.socket | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._host: PlaneHost | None = None
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._hosts: list[PlaneHost] = []
         self._lock = threading.Lock()
         self._closing = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._supervisor: threading.Thread | None = None
 
     @property
-    def pid(self) -> int | None:
-        """The data-plane process's pid (None while none runs)."""
+    def pids(self) -> list[int]:
+        """The data-plane processes' pids, slot 0 first (empty while none runs)."""
         with self._lock:
-            return self._proc.pid if self._proc is not None else None
+            return [proc.pid for proc in self._procs]
 
     def start(self) -> None:
-        """Bind the socket (replacing a stale one), start the process and wait until it
-        serves. Raises ``OSError`` if the socket cannot be bound, ``IOFailure`` if the
-        process does not come up."""
+        """Bind the socket (replacing a stale one), start the processes and wait until they
+        serve. Raises ``OSError`` if the socket cannot be bound, ``IOFailure`` if the
+        processes do not come up."""
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
                 os.unlink(self.socket_path)
@@ -130,99 +141,136 @@ class VhostDataPlane:
         self._supervisor.start()
 
     def notify_config_change(self) -> None:
-        """Nothing to do: an extend reaches the process through the shared map."""
+        """Nothing to do: an extend reaches the processes through the shared map."""
 
     def close(self) -> None:
-        """Stop the process and remove the socket. Idempotent."""
+        """Stop the processes and remove the socket. Idempotent."""
         self._closing.set()
-        with self._lock:
-            proc, host = self._proc, self._host
-        if proc is not None:
-            _stop(proc)
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
         if self._supervisor is not None and self._supervisor is not threading.current_thread():
             self._supervisor.join()
             self._supervisor = None
-        if host is not None:
-            host.close()
-        with self._lock:
-            self._proc = self._host = None
+        self._stop_group()
         if self._listener is not None:
             self._listener.close()
             self._listener = None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
 
     # -- internals --
 
     def _spawn(self) -> None:
+        """Start one process per slot (slot 0 last, once its peers listen) and wait until
+        every one serves."""
         assert self._listener is not None
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        host = PlaneHost(self.volume, ours, on_stuck=self._kill)
+        slots = self.processes
+        links = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(slots - 1)]
+        pool = self.volume.state.pool
+        backings = pool.backing_fds()
         try:
-            host.start()
-            pool = self.volume.state.pool
-            backings = pool.backing_fds()
-            config = WorkerConfig(
-                channel_fd=theirs.fileno(),
-                map_fd=host.map.fd,
-                listener_fd=self._listener.fileno(),
-                backings=backings,
-                cluster_size=self.volume.cluster_size,
-                socket_path=self.socket_path,
-                queues=self.num_queues,
-                read_only=self.read_only,
-                serial=self.serial,
-            )
-            fds = [theirs.fileno(), host.map.fd, self._listener.fileno(), *backings.values()]
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "storvisor.exports.vhost_worker", config.to_json()],
-                pass_fds=fds,
-                stdin=subprocess.DEVNULL,
-            )
-        except BaseException:
-            theirs.close()
-            host.close()
-            raise
-        theirs.close()
+            for slot in [*range(1, slots), 0]:
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                host = PlaneHost(self.volume, ours, on_stuck=self._kill)
+                try:
+                    host.start()
+                    link_fds = (
+                        [a.fileno() for a, _ in links]
+                        if slot == 0
+                        else [links[slot - 1][1].fileno()]
+                    )
+                    listener_fd = self._listener.fileno() if slot == 0 else -1
+                    config = WorkerConfig(
+                        channel_fd=theirs.fileno(),
+                        map_fd=host.map.fd,
+                        listener_fd=listener_fd,
+                        link_fds=link_fds,
+                        slot=slot,
+                        slots=slots,
+                        backings=backings,
+                        cluster_size=self.volume.cluster_size,
+                        socket_path=self.socket_path,
+                        queues=self.num_queues,
+                        read_only=self.read_only,
+                        serial=self.serial,
+                    )
+                    fds = [theirs.fileno(), host.map.fd, *link_fds, *backings.values()]
+                    if listener_fd >= 0:
+                        fds.append(listener_fd)
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "storvisor.exports.vhost_worker", config.to_json()],
+                        pass_fds=fds,
+                        stdin=subprocess.DEVNULL,
+                    )
+                except BaseException:
+                    host.close()
+                    raise
+                finally:
+                    theirs.close()
+                with self._lock:
+                    self._procs.insert(0 if slot == 0 else len(self._procs), proc)
+                    self._hosts.append(host)
+        finally:
+            for a, b in links:
+                a.close()
+                b.close()
         self.starts += 1
-        with self._lock:
-            self._proc, self._host = proc, host
         deadline = time.monotonic() + READY_TIMEOUT
-        while not host.ready.wait(0.05):
-            if proc.poll() is not None or not host.alive or time.monotonic() > deadline:
-                raise IOFailure(
-                    f"vhost-user-blk data plane for {self.socket_path} did not start "
-                    f"(exit status {proc.poll()})",
-                    errno.EIO,
-                )
+        for host, proc in zip(self._hosts, [*self._procs[1:], self._procs[0]], strict=True):
+            while not host.ready.wait(0.05):
+                if proc.poll() is not None or not host.alive or time.monotonic() > deadline:
+                    raise IOFailure(
+                        f"vhost-user-blk data plane for {self.socket_path} did not start "
+                        f"(exit status {proc.poll()})",
+                        errno.EIO,
+                    )
 
     def _kill(self) -> None:
         with self._lock:
-            proc = self._proc
-        if proc is not None:
+            procs = list(self._procs)
+        for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
 
+    def _stop_group(self) -> None:
+        with self._lock:
+            procs, hosts = self._procs, self._hosts
+            self._procs, self._hosts = [], []
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for host in hosts:
+            host.close()
+
     def _supervise(self) -> None:
+        """Restart the whole group when one of its processes ends (a vhost-user connection
+        is one state shared by the group, so the front-end reconnects to a new one)."""
         delay = 0.1
         while not self._closing.is_set():
             with self._lock:
-                proc, host = self._proc, self._host
-            if proc is None:
-                return
+                procs = list(self._procs)
             started = time.monotonic()
-            status = proc.wait()
+            if procs:
+                _wait_any(procs, self._wake_r)
             if self._closing.is_set():
                 return
             log.warning(
-                "vhost-user-blk data plane for %s exited (status %s); restarting",
+                "a vhost-user-blk data plane for %s exited (status %s); restarting",
                 self.socket_path,
-                status,
+                [proc.poll() for proc in procs],
             )
-            if host is not None:
-                host.close()
-            with self._lock:
-                self._proc = self._host = None
+            self._stop_group()
             delay = 0.1 if time.monotonic() - started > 10 else min(delay * 2, 5.0)
             while not self._closing.wait(delay):
                 try:
@@ -230,26 +278,27 @@ class VhostDataPlane:
                     break
                 except Exception as e:
                     log.error("restarting the data plane for %s failed: %s", self.socket_path, e)
-                    self._kill()
-                    with self._lock:
-                        proc, host = self._proc, self._host
-                        self._proc = self._host = None
-                    if proc is not None:
-                        proc.wait()
-                    if host is not None:
-                        host.close()
+                    self._stop_group()
                     delay = min(delay * 2, 5.0)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def _wait_any(procs: list[subprocess.Popen[bytes]], wake_fd: int) -> None:
+    """Return when one of ``procs`` has ended or ``wake_fd`` is readable."""
+    poller = select.poll()
+    pidfds = []
+    try:
+        for proc in procs:
+            try:
+                fd = os.pidfd_open(proc.pid)
+            except ProcessLookupError:
+                return
+            pidfds.append(fd)
+            poller.register(fd, select.POLLIN)
+        poller.register(wake_fd, select.POLLIN)
+        poller.poll()
+    finally:
+        for fd in pidfds:
+            os.close(fd)
 
 
 # --------------------------------------------------------------------- the process itself
@@ -289,19 +338,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_lost=lambda: os.kill(me, signal.SIGKILL),  # complete nothing with an error
         on_resized=resized,
     )
-    listener = socket.socket(fileno=config.listener_fd)
+    links = [socket.socket(fileno=fd) for fd in config.link_fds]
+    if config.slot > 0:  # a queue process: serves its queues until the link closes
+        peer = VhostUserBlkServer(
+            remote,
+            config.socket_path,
+            num_queues=config.queues,
+            read_only=config.read_only,
+            serial=config.serial,
+            slot=config.slot,
+            slots=config.slots,
+        )
+        remote.ready()
+
+        def serve() -> None:
+            peer.serve_peer(links[0])
+            os.kill(me, signal.SIGTERM)  # slot 0 has gone: so do we
+
+        threading.Thread(target=serve, name="vhost-peer", daemon=True).start()
+        signal.sigwait(stop_signals)
+        links[0].close()
+        remote.close()
+        return 0
     server = VhostUserBlkServer(
         remote,
         config.socket_path,
         num_queues=config.queues,
         read_only=config.read_only,
         serial=config.serial,
-        listener=listener,
+        listener=socket.socket(fileno=config.listener_fd),
+        peers=links,
     )
     server.start()
     remote.ready()
     signal.sigwait(stop_signals)
     server.close()
+    for link in links:
+        link.close()
     remote.close()
     return 0
 
