@@ -1,19 +1,21 @@
-"""Several vhost-user-blk volumes at once: do they use more than one core?
+"""Several vhost-user-blk volumes or queues at once: do they use more than one core?
 
-Two exports are driven at the same time by two ``vhost-blk-bench`` clients (one each, same
-workload), and the sum of their IOPS is reported with the CPU the back-end used (all its
+``--exports`` exports (default 2) with ``--queues`` queues each (default 1) are driven at the
+same time by one ``vhost-blk-bench`` client per export (same workload, the depth is per
+queue), and the sum of their IOPS is reported with the CPU the back-end used (all its
 processes, 100% = one core), for three back-ends:
 
-* ``storvisor``: the daemon (``storvisor serve``) exporting two thin volumes of one pool;
-  each export runs in a data-plane process of its own;
-* ``one-process``: the same two volumes served by two ``VhostUserBlkServer`` s inside one
-  Python process (how every export ran before data planes);
-* ``qsd``: qemu-storage-daemon exporting two raw files, each export on an iothread of its
-  own (its multi-core configuration).
+* ``storvisor``: the daemon (``storvisor serve``) exporting thin volumes of one pool; each
+  export runs in data-plane processes of its own (one per queue, up to one per CPU);
+* ``one-process``: the same volumes served by ``VhostUserBlkServer`` s inside one Python
+  process, a thread per queue (how every export ran before data planes);
+* ``qsd``: qemu-storage-daemon exporting raw files, each export on an iothread of its own
+  (its multi-core configuration; its queues share their export's iothread).
 
 All images are prefilled and in the page cache. Usage::
 
-    .venv/bin/python bench/vhost_volumes_bench.py [--seconds 5] [--size 512M] [--queues 1]
+    .venv/bin/python bench/vhost_volumes_bench.py [--seconds 5] [--size 512M]
+    .venv/bin/python bench/vhost_volumes_bench.py --exports 1 --queues 2   # queues, one volume
 
 Exit status 0 when every run completed without I/O errors, 1 otherwise.
 """
@@ -145,7 +147,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--ramp", type=float, default=1.0)
     parser.add_argument("--size", default="512M", help="size of each volume (M or G suffix)")
-    parser.add_argument("--queues", type=int, default=1)
+    parser.add_argument("--queues", type=int, default=1, help="queues per export")
+    parser.add_argument("--exports", type=int, default=2, help="volumes served at once")
     parser.add_argument("--backends", default="qsd,one-process,storvisor")
     args = parser.parse_args()
     args.size_bytes = int(args.size[:-1]) << {"M": 20, "G": 30}[args.size[-1].upper()]
@@ -162,7 +165,7 @@ def main() -> int:
                        stdout=subprocess.DEVNULL)  # fmt: skip
 
     try:
-        images = [workdir / f"disk{i}.raw" for i in range(2)]
+        images = [workdir / f"disk{i}.raw" for i in range(args.exports)]
         if "qsd" in backends:
             for i, image in enumerate(images):
                 prefill(tool, image, args.size_bytes, str(workdir / f"prefill{i}.sock"))
@@ -171,9 +174,9 @@ def main() -> int:
             "create",
             "p",
             "--backing",
-            f"{workdir}/pool.img:{2 * args.size_bytes + (256 << 20)}",
+            f"{workdir}/pool.img:{args.exports * args.size_bytes + (256 << 20)}",
         )
-        for i in range(2):
+        for i in range(args.exports):
             sv("volume", "create", f"p/v{i}", "--size", str(args.size_bytes))
         # allocate every cluster of both volumes (the runs then overwrite in place)
         proc = subprocess.Popen(
@@ -182,7 +185,7 @@ def main() -> int:
         try:
             wait_for(str(home / "api.sock"))
             time.sleep(0.5)
-            for i in range(2):
+            for i in range(args.exports):
                 sock = str(workdir / f"fill{i}.sock")
                 sv("export", "vhost-user-blk", f"p/v{i}", "--socket", sock)
                 result = run_client(tool, sock, ["--verify", "--bs", "1M", "--iodepth", "8",
@@ -194,7 +197,7 @@ def main() -> int:
             proc.terminate()
             proc.wait(30)
         for backend in backends:
-            socks = [str(workdir / f"{backend}{i}.sock") for i in range(2)]
+            socks = [str(workdir / f"{backend}{i}.sock") for i in range(args.exports)]
             if backend == "qsd":
                 cmd = ["qemu-storage-daemon"]
                 for i, image in enumerate(images):
@@ -235,14 +238,14 @@ def main() -> int:
                 proc.terminate()
                 proc.wait(30)
                 if backend == "storvisor":
-                    for i in range(2):
+                    for i in range(args.exports):
                         name = f"vhost-user-blk:p/v{i}"
                         subprocess.run([STORVISOR, "--home", str(home), "export", "remove", name],
                                        env=env, capture_output=True)  # fmt: skip
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    header = ["workload (2 volumes at once)"]
+    header = [f"workload ({args.exports} export(s) x {args.queues} queue(s) at once)"]
     for b in backends:
         header += [f"{b} IOPS", f"{b} CPU%"]
     if {"storvisor", "one-process"} <= set(backends):
