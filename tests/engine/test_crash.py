@@ -10,6 +10,7 @@ damage to data that was already verified. ``test_daemon_crash_rounds`` does the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -174,6 +175,7 @@ class DaemonRound:
         )
         self.killed = threading.Event()
         self.handles: list[Any] = []
+        self.frontends: list[Any] = []
         deadline = time.monotonic() + 30
         client = None
         while client is None:
@@ -192,6 +194,19 @@ class DaemonRound:
         self.handles.append(handle)
         return handle
 
+    def connect_vhost(self, volume: str) -> Any:
+        from storvisor.testing.vhost_frontend import VhostUserFrontend
+
+        exports = {e.spec.name: e for e in self.api.exports()}
+        name = f"vhost-user-blk:p/{volume}"
+        if name not in exports:
+            sock = str(self.home.parent / f"{volume}.sock")
+            self.api.export_vhost_user_blk("p", volume, sock, queues=2)
+        fe = VhostUserFrontend(exports[name].uris[0] if name in exports else sock, timeout=3)
+        fe.setup()
+        self.frontends.append(fe)
+        return fe
+
     def kill_after(self, delay: float) -> threading.Timer:
         def kill() -> None:
             self.killed.set()
@@ -209,6 +224,9 @@ class DaemonRound:
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait(timeout=30)
+        for fe in self.frontends:
+            with contextlib.suppress(Exception):
+                fe.close()
         self.handles.clear()  # a libnbd handle closes when dropped
         self.stderr.close()
 
@@ -281,6 +299,86 @@ def test_daemon_crash_rounds(tmp_path: Path) -> None:
             flushed_rounds += 1
         known = crashkit.check_home(home_dir, history, where)
     assert flushed_rounds >= 1, f"seed {seed}: no round reached a flush"
+
+
+def test_daemon_crash_rounds_over_vhost_user(tmp_path: Path) -> None:
+    """The daemon as the victim again, with the data over vhost-user-blk exports: reads and
+    in-place writes run in the exports' data-plane processes (two queues: two of them),
+    allocations, discards and flushes in the daemon; snapshots, clones, flattens and extends
+    through the API while the volumes are exported. SIGKILL of ``storvisor serve`` takes its
+    data planes down with it."""
+    seed = int(os.environ.get("STORVISOR_CRASH_SEED", random.randrange(1 << 32)))
+    rng = random.Random(seed)
+    home_dir = tmp_path / "home"
+    home = Home(home_dir)
+    home.create_pool("p", [BackingSpec(str(tmp_path / "b0.img"), size=POOL_BYTES)], 16384)
+    home.pool("p").create_volume("v", VOLUME)
+    home.close()
+
+    known: dict[str, bytes] = {"v": bytes(VOLUME)}
+    flushed_rounds = 0
+    for round_ in range(DAEMON_ROUNDS):
+        where = f"daemon over vhost-user, seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
+        volumes = {name: len(data) for name, data in known.items() if "@" not in name}
+        snapshots = {name: len(data) for name, data in known.items() if "@" in name}
+        clones = {v.name: v.origin for v in _volume_infos(home_dir) if v.origin is not None}
+        workload = crashkit.Workload(
+            volumes=volumes,
+            snapshots=snapshots,
+            clones=clones,
+            ops=100_000,
+            discards=True,
+            snapshot_ops=round_ % 2 == 1,
+            extends=True,
+            flush_rate=rng.choice([0.1, 0.02]),
+            name_prefix=f"r{round_}",
+            aligned=True,
+        )
+        daemon = DaemonRound(home_dir, tmp_path)
+        kill = functools.partial(daemon.kill_after, rng.uniform(0, 0.02))
+        log = KillingLog(rng.randrange(10, 1500), kill)
+        writer = crashkit.VhostWriter(daemon.connect_vhost, daemon.api, "p")
+        timer = daemon.kill_after(60)  # in case the workload stalls
+        try:
+            try:
+                crashkit.run_workload(writer, log, random.Random(rng.randrange(1 << 32)), workload)
+            except Exception as e:
+                if not daemon.killed.is_set():
+                    raise AssertionError(f"{where}: {e}\n{daemon.stderr_tail()}") from e
+            assert daemon.killed.is_set(), f"{where}: the workload ended before the kill"
+        finally:
+            timer.cancel()
+            if log.timer is not None:
+                log.timer.join()
+            daemon.close()
+        _wait_planes_gone(home_dir)
+        history = History(known, log.records)
+        if history.durable:
+            flushed_rounds += 1
+        known = crashkit.check_home(home_dir, history, where)
+    assert flushed_rounds >= 1, f"seed {seed}: no round reached a flush"
+
+
+def _wait_planes_gone(home_dir: Path, timeout: float = 10.0) -> None:
+    """Data planes of a killed daemon exit on their own; wait until they have (they keep the
+    backing files open, and must not write after the checker looked)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                    state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                except OSError:
+                    continue
+                mine = str(home_dir.parent).encode() in cmdline  # its socket is there
+                if b"storvisor.exports.vhost_worker" in cmdline and mine and state != "Z":
+                    alive.append(entry)
+        if not alive:
+            return
+        assert time.monotonic() < deadline, f"data planes still running: {alive}"
+        time.sleep(0.05)
 
 
 def _volume_infos(home_dir: Path) -> list[VolumeInfo]:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import errno
 import json
 import os
 import random
@@ -58,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from storvisor.engine.device import BlockDevice
-from storvisor.errors import NotFound, StorvisorError
+from storvisor.errors import IOFailure, NotFound, StorvisorError
 
 SECTOR = 512
 """Granularity at which a torn, unflushed write may be partly visible."""
@@ -366,6 +367,85 @@ class NbdWriter:
         self.dirty.discard(volume)
 
 
+class VhostHandle(Protocol):
+    """The part of ``storvisor.testing.vhost_frontend.VhostUserFrontend`` the vhost-user
+    writer uses (each returns a virtio-blk status)."""
+
+    def write(self, offset: int, data: bytes) -> int: ...
+
+    def discard(self, ranges: list[tuple[int, int, int]]) -> int: ...
+
+    def write_zeroes(self, ranges: list[tuple[int, int, int]]) -> int: ...
+
+    def flush(self) -> int: ...
+
+
+class VhostWriter:
+    """A ``Writer`` that drives a daemon: data over vhost-user-blk exports (virtio-blk
+    requests from ``connect(volume)``'s front-end), management over its API. Needs an
+    ``aligned`` workload. FUA is a write followed by a flush (virtio-blk has none)."""
+
+    def __init__(self, connect: Callable[[str], VhostHandle], api: Management, pool: str) -> None:
+        self.connect = connect
+        self.api = api
+        self.pool = pool
+        self.handles: dict[str, VhostHandle] = {}
+        self.dirty: set[str] = set()
+
+    @property
+    def management_durable(self) -> bool:
+        return True
+
+    def _handle(self, target: str) -> VhostHandle:
+        if target not in self.handles:
+            self.handles[target] = self.connect(target)
+        self.dirty.add(target)
+        return self.handles[target]
+
+    @staticmethod
+    def _ok(status: int, what: str) -> None:
+        if status != 0:
+            raise IOFailure(f"vhost-user-blk {what} failed with status {status}", errno.EIO)
+
+    def write(self, target: str, offset: int, data: bytes, *, fua: bool) -> None:
+        handle = self._handle(target)
+        self._ok(handle.write(offset, data), "write")
+        if fua:
+            self._ok(handle.flush(), "flush")
+
+    def discard(self, target: str, offset: int, length: int) -> None:
+        self._ok(self._handle(target).discard([(offset >> 9, length >> 9, 0)]), "discard")
+
+    def write_zeroes(self, target: str, offset: int, length: int, *, may_unmap: bool) -> None:
+        ranges = [(offset >> 9, length >> 9, 1 if may_unmap else 0)]
+        self._ok(self._handle(target).write_zeroes(ranges), "write-zeroes")
+
+    def flush(self) -> None:
+        for target in sorted(self.dirty):
+            self._ok(self.handles[target].flush(), "flush")
+        self.dirty.clear()
+
+    def snapshot(self, volume: str, snapshot: str) -> None:
+        self.api.create_snapshot(self.pool, volume, snapshot)
+
+    def clone(self, volume: str, snapshot: str, new: str) -> None:
+        self.api.clone(self.pool, volume, snapshot, new)
+
+    def delete_snapshot(self, volume: str, snapshot: str) -> None:
+        self.api.delete_snapshot(self.pool, volume, snapshot)
+
+    def flatten(self, volume: str) -> None:
+        self.api.flatten(self.pool, volume)
+
+    def rollback(self, volume: str, snapshot: str) -> None:
+        raise IOFailure("a volume exported over vhost-user cannot be rolled back", errno.EBUSY)
+
+    def extend(self, volume: str, size: int) -> None:
+        """Extend through the API; the export follows (the back-end checks against the new
+        size at once)."""
+        self.api.extend_volume(self.pool, volume, size)
+
+
 class EngineReader:
     """A ``Reader`` over an engine pool in this process."""
 
@@ -515,6 +595,8 @@ class Workload:
     max_snapshots: int = 4
     max_volumes: int = 3
     max_io: int = 64 * 1024
+    aligned: bool = False
+    """Only whole 512-byte sectors (for writers over virtio-blk)."""
 
 
 def run_workload(writer: Writer, log: Log, rng: random.Random, workload: Workload) -> None:
@@ -538,7 +620,7 @@ def run_workload(writer: Writer, log: Log, rng: random.Random, workload: Workloa
     for _ in range(workload.ops):
         target = rng.choice(sorted(volumes))
         size = volumes[target]
-        offset, length = _pick_range(rng, size, workload.max_io)
+        offset, length = _pick_range(rng, size, workload.max_io, workload.aligned)
         roll = rng.random()
         if rng.random() < workload.flush_rate:
             s = next_seq()
@@ -637,8 +719,10 @@ def run_workload(writer: Writer, log: Log, rng: random.Random, workload: Workloa
     log.append({"t": "durable", "seq": s})
 
 
-def _pick_range(rng: random.Random, size: int, max_io: int) -> tuple[int, int]:
-    if rng.random() < 0.3:  # sector-aligned, as most guests issue
+def _pick_range(
+    rng: random.Random, size: int, max_io: int, aligned: bool = False
+) -> tuple[int, int]:
+    if aligned or rng.random() < 0.3:  # sector-aligned, as most guests issue
         offset = rng.randrange(size // SECTOR) * SECTOR
         length = rng.randrange(1, min(max_io, size - offset) // SECTOR + 1) * SECTOR
     else:
