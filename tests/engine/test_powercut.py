@@ -24,6 +24,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ import pytest
 
 from storvisor.engine.home import Home
 from storvisor.engine.types import BackingSpec
+from storvisor.exports.dataplane import PlaneHost, RemoteVolume
 from storvisor.testing import crashkit
 from storvisor.testing.crashkit import History
 from storvisor.testing.powercut import SECTOR, FileCache
@@ -224,6 +226,48 @@ def test_powercut_rounds(tmp_path: Path) -> None:
             flushed_rounds += 1
         known = crashkit.check_home(home_dir, history, where)
     assert flushed_rounds >= ROUNDS // 3, f"seed {seed}: too few rounds reached a flush"
+
+
+@pytest.mark.usefixtures("fuse")
+def test_data_plane_writes_survive_a_cut_after_flush(tmp_path: Path) -> None:
+    """A data plane writes in place itself; its flush, done by the pool's owner, must sync
+    those writes too (the owner never saw them) before it returns."""
+    backing, mountpoint, disk = tmp_path / "backing", tmp_path / "mnt", tmp_path / "disk"
+    backing.mkdir()
+    mountpoint.mkdir()
+    _point(disk, mountpoint)
+    mount = Mount(backing, mountpoint, writeback=0.0, seed=0)
+    try:
+        home = Home(disk / "home")
+        home.create_pool("p", [BackingSpec(str(disk / "b0.img"), size=DEVICE_BYTES)], 4096)
+        pool = home.pool("p")
+        pool.create_volume("v", VOLUME)
+        volume = pool.open_volume("v")
+        ours, theirs = socket.socketpair()
+        host = PlaneHost(volume, ours)
+        host.start()
+        remote = RemoteVolume(theirs, os.dup(host.map.fd), pool.backing_fds(), 4096)
+        remote.write(0, b"a" * 8192)  # allocates: done by the owner
+        remote.flush()
+        remote.write(0, b"b" * 4096)  # in place: done by the data plane alone
+        remote.flush()
+        remote.write(4096, b"c" * 4096)  # never flushed: may be lost
+        mount.cut()
+        remote.close()
+        host.close()
+    finally:
+        mount.close()
+    _point(disk, backing)
+    home = Home(disk / "home")
+    try:
+        v = home.pool("p").open_volume("v")
+        buf = bytearray(8192)
+        v.read_into(0, memoryview(buf))
+        assert bytes(buf[:4096]) == b"b" * 4096, "a flushed in-place write was lost"
+        assert bytes(buf[4096:]) in (b"a" * 4096, b"c" * 4096)
+        v.close()
+    finally:
+        home.close()
 
 
 def test_file_cache_against_a_model(tmp_path: Path) -> None:
