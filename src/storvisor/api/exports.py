@@ -10,7 +10,9 @@ definitions; the daemon starts every definition when it starts (``ExportRuntime`
 definition whose volume has gone is reported with state ``broken``, never fatal.
 
 NBD exports share one ``NBDServer`` listening on ``HOME/nbd.sock`` (and on TCP when asked);
-each client connection opens its own volume handle, which the server closes. Each
+each client connection opens its own volume handle, which is closed when it ends. The daemon
+hands every accepted connection to one of its NBD data-plane processes
+(``exports/nbd_worker.py``), so several clients use several cores. Each
 vhost-user-blk export of a volume runs in a data-plane process of its own
 (``exports/vhost_worker.py``), so several exports use several cores; the daemon holds its
 volume handle for as long as the export lives and does its allocations and flushes.
@@ -35,6 +37,7 @@ from storvisor.errors import Conflict, CorruptMetadata, InvalidArgument, NotFoun
 from storvisor.exports.nbd import NBDExport, NBDServer, nbd_uri
 
 if TYPE_CHECKING:
+    from storvisor.exports.nbd_worker import NbdDataPlanes
     from storvisor.exports.vhost_user_blk import VhostUserBlkServer
     from storvisor.exports.vhost_worker import VhostDataPlane
 
@@ -182,11 +185,18 @@ class ExportRuntime:
     volume handle it holds. Not thread-safe: the service serialises calls.
     """
 
-    def __init__(self, home: Path, nbd_tcp: TcpAddress | None = None) -> None:
+    def __init__(
+        self, home: Path, nbd_tcp: TcpAddress | None = None, *, data_planes: bool = True
+    ) -> None:
         self.nbd_socket = home / NBD_SOCKET
         self._nbd_tcp_request = nbd_tcp
         self.nbd_tcp: TcpAddress | None = None
-        self._nbd = NBDServer()
+        self._planes: NbdDataPlanes | None = None
+        if data_planes:
+            from storvisor.exports.nbd_worker import NbdDataPlanes
+
+            self._planes = NbdDataPlanes()
+        self._nbd = NBDServer(handoff=self._planes.hand_over if self._planes else None)
         self._nbd_names: set[str] = set()
         self._vhost: dict[str, tuple[VhostUserBlkServer | VhostDataPlane, BlockDevice]] = {}
         self._started = False
@@ -205,6 +215,8 @@ class ExportRuntime:
         except OSError as e:
             self._nbd.close()
             raise Conflict(f"cannot listen for NBD: {e.strerror or e}") from e
+        if self._planes is not None:
+            self._planes.start()
         self._nbd.start()
         self._started = True
 
@@ -225,6 +237,8 @@ class ExportRuntime:
             self._nbd.add_export(
                 NBDExport(spec.name, open_volume, description=spec.target, read_only=read_only)
             )
+            if self._planes is not None:
+                self._planes.add_export(spec.name, open_volume, spec.target, read_only)
             self._nbd_names.add(spec.name)
             return
         if spec.socket is None:
@@ -263,6 +277,8 @@ class ExportRuntime:
         if name in self._nbd_names:
             self._nbd_names.discard(name)
             self._nbd.remove_export(name)
+            if self._planes is not None:
+                self._planes.remove_export(name)
         entry = self._vhost.pop(name, None)
         if entry is not None:
             server, device = entry
@@ -287,6 +303,8 @@ class ExportRuntime:
                 log.exception("closing export %s failed", name)
         self._nbd_names.clear()
         self._nbd.close()
+        if self._planes is not None:
+            self._planes.close()
         with contextlib.suppress(FileNotFoundError):
             self.nbd_socket.unlink()
 

@@ -131,12 +131,19 @@ class _Sender:
 class PlaneHost:
     """The owner's end of one data plane: serves ``volume`` over ``sock`` and keeps the
     shared map current while attached. ``on_stuck`` is called (to kill the plane's process)
-    when it does not answer a freeze in time."""
+    when it does not answer a freeze in time; ``on_closed`` (from the channel's thread) when
+    the plane ends the channel, unless ``close`` came first."""
 
     def __init__(
-        self, volume: Volume, sock: socket.socket, on_stuck: Callable[[], None] | None = None
+        self,
+        volume: Volume,
+        sock: socket.socket,
+        on_stuck: Callable[[], None] | None = None,
+        on_closed: Callable[[], None] | None = None,
     ) -> None:
         self.volume = volume
+        self._on_closed = on_closed
+        self._closing = False
         self.map = SharedMap(volume.name.replace("/", "-"), volume.size, volume.cluster_size)
         self.ready = threading.Event()
         self._sock = sock
@@ -205,7 +212,8 @@ class PlaneHost:
 
     def close(self) -> None:
         """Detach from the volume and drop the channel (the plane's process then exits).
-        The volume handle stays open."""
+        The volume handle stays open. Idempotent."""
+        self._closing = True
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._die()
@@ -260,6 +268,8 @@ class PlaneHost:
                 log.warning("data-plane channel of %s failed: %s", self.volume.name, e)
         finally:
             self._die()
+            if not self._closing and self._on_closed is not None:
+                self._on_closed()
 
     def _work(self) -> None:
         while True:

@@ -86,9 +86,13 @@ class NBDServer:
 
     Lifecycle: add exports and listen (any order), ``start`` to serve in background
     threads, ``close`` to stop. Exports may be added and removed while serving.
+
+    ``handoff``, if given, is offered every accepted connection first; when it returns True
+    it has taken the socket (to serve it elsewhere, see ``exports/nbd_worker.py``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, handoff: Callable[[socket.socket], bool] | None = None) -> None:
+        self._handoff = handoff
         self._lock = threading.Lock()
         self._exports: dict[str, NBDExport] = {}
         self._listeners: list[socket.socket] = []
@@ -244,13 +248,22 @@ class NBDServer:
                 return  # shut down by close()
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            connection = _Connection(self, sock)
-            with self._lock:
-                if self._closed:
-                    sock.close()
-                    return
-                self._connections.add(connection)
-                self._spawn(connection.run)
+            if self._handoff is not None and self._handoff(sock):
+                continue
+            if not self.serve_socket(sock):
+                return
+
+    def serve_socket(self, sock: socket.socket) -> bool:
+        """Serve a connected client socket (handshake first) in a background thread; the
+        server owns it from now on. False (socket closed) if the server is closed."""
+        connection = _Connection(self, sock)
+        with self._lock:
+            if self._closed:
+                sock.close()
+                return False
+            self._connections.add(connection)
+            self._spawn(connection.run)
+        return True
 
     def _claim(self, connection: _Connection, export: NBDExport) -> bool:
         """Bind a connection to the export it negotiated; False if that export was removed

@@ -1,0 +1,75 @@
+"""NBD connections to the daemon are served by its data-plane processes: clients are spread
+over them, a killed one is replaced (its clients lose their connection, the others do not
+notice), and every write reaches the volume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+nbd = pytest.importorskip("nbd")
+
+
+def _workers(daemon_pid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        mine = int(fields[1]) == daemon_pid and fields[0] != "Z"
+        if mine and b"storvisor.exports.nbd_worker" in cmdline:
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+def _alive(handle) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        handle.pread(512, 0)
+        return True
+    except nbd.Error:
+        return False
+
+
+def test_clients_are_served_by_data_plane_processes(cli, daemon, tmp_path):
+    cli("pool", "create", "p", "--backing", f"{tmp_path}/disk.img:1G")
+    cli("volume", "create", "p/v", "--size", "64M")
+    uri = cli("export", "nbd", "p/v").out.strip()
+    workers = _workers(daemon.proc.pid)
+    assert len(workers) == (os.cpu_count() or 1)
+
+    handles = []
+    for i in range(2 * len(workers)):
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        h.pwrite(bytes([i + 1]) * 65536, i * 65536)  # allocating: done by the daemon
+        h.pwrite(bytes([i + 0x41]) * 512, i * 65536)  # in place: done by the data plane
+        handles.append(h)
+    handles[0].flush()
+
+    os.kill(workers[0], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while True:
+        now = _workers(daemon.proc.pid)
+        if len(now) == len(workers) and workers[0] not in now:
+            break
+        assert time.monotonic() < deadline, "the killed data plane was not replaced"
+        time.sleep(0.05)
+    alive = [_alive(h) for h in handles]
+    if len(workers) > 1:
+        assert alive.count(False) == len(handles) // len(workers), alive  # its clients only
+    assert not all(alive)
+
+    again = nbd.NBD()
+    again.connect_uri(uri)
+    for i in range(len(handles)):
+        data = again.pread(65536, i * 65536)
+        assert data == bytes([i + 0x41]) * 512 + bytes([i + 1]) * (65536 - 512), i
