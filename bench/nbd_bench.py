@@ -13,9 +13,11 @@ rows after it overwrite the same blocks (steady state), so comparing the snapsho
 with the fresh one there measures the cost of the chain itself.
 
 storvisor is measured serving a raw file (``FileDevice``), a thin volume, and a thin volume
-with ten snapshots in its chain. The table gives requests per second and the ratio of each
-storvisor configuration to each peer. All servers run at once and each workload visits
-them in turn ``--repeat`` times; the figure is the median. Usage::
+with ten snapshots in its chain, all from the server's own process, and a thin volume as the
+daemon serves it: each connection handed to a data-plane process (``exports/nbd_worker.py``).
+The table gives requests per second and the ratio of each storvisor configuration to each peer.
+All servers run at once and each workload visits them in turn ``--repeat`` times; the figure is
+the median. Usage::
 
     .venv/bin/python bench/nbd_bench.py [--scale 0.5] [--repeat 3] [--only raw,thin]
 
@@ -123,7 +125,14 @@ def serve(kind: str, image: str, sock: str, work: str) -> None:
         volume.close()
         source.close()
         export = NBDExport("disk", lambda: pool.open_volume("v"))
-    server = NBDServer()
+    planes = None
+    if kind == "plane":  # as the daemon serves: connections handed to data-plane processes
+        from storvisor.exports.nbd_worker import NbdDataPlanes
+
+        planes = NbdDataPlanes()
+        planes.start()
+        planes.add_export("disk", export.open, "disk", False)
+    server = NBDServer(handoff=planes.hand_over if planes is not None else None)
     server.add_export(export)
     server.listen_unix(sock)
     stop = False
@@ -137,6 +146,8 @@ def serve(kind: str, image: str, sock: str, work: str) -> None:
     while not stop:
         time.sleep(0.1)
     server.close()
+    if planes is not None:
+        planes.close()
     if home is not None:
         home.close()
 
@@ -182,6 +193,7 @@ def main() -> None:
         "storvisor raw": "raw",
         "storvisor thin": "thin",
         "storvisor thin+10 snaps": "chain",
+        "storvisor thin, data plane": "plane",
     }
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     chosen = {k: v for k, v in servers.items() if not only or any(o in k for o in only)}

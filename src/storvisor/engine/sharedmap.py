@@ -30,6 +30,7 @@ import contextlib
 import mmap
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 
 MAGIC = 0x3150414D56525453  # b"STRVMAP1" little-endian
@@ -174,31 +175,42 @@ class MapReader:
 
 class Gate:
     """Lets many direct I/O operations run at once, and lets one party wait until none is
-    running and hold new ones back (see the module docstring)."""
+    running and hold new ones back (see the module docstring).
+
+    ``enter`` and ``leave`` take no lock: the running operations are the items of a list
+    (``append`` and ``pop`` are atomic), and an operation that finds the gate frozen after
+    counting itself in takes itself out again and waits. A freezer sets ``frozen`` first and
+    then waits for the list to empty, so an operation either is counted before the freezer
+    looks or sees the gate frozen. Freezing is rare (snapshots, reuse of freed clusters); it
+    polls."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._active = 0
+        self._active: list[None] = []
         self._frozen = 0
 
     def enter(self) -> None:
-        with self._cond:
-            while self._frozen:
-                self._cond.wait()
-            self._active += 1
+        active = self._active
+        while True:
+            active.append(None)
+            if not self._frozen:
+                return
+            active.pop()
+            with self._cond:
+                while self._frozen:
+                    self._cond.wait()
 
     def leave(self) -> None:
-        with self._cond:
-            self._active -= 1
-            if not self._active and self._frozen:
-                self._cond.notify_all()
+        self._active.pop()
 
     def freeze(self) -> None:
         """Return once no operation is inside; new ones wait until ``thaw``."""
         with self._cond:
             self._frozen += 1
-            while self._active:
-                self._cond.wait()
+        delay = 20e-6
+        while self._active:
+            time.sleep(delay)
+            delay = min(2 * delay, 1e-3)
 
     def thaw(self) -> None:
         with self._cond:

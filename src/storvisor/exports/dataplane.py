@@ -61,6 +61,7 @@ from storvisor.errors import IOFailure, ProtocolError, StorvisorError
 log = logging.getLogger(__name__)
 
 FRAME = struct.Struct("<BBHIQQ")
+_EPOCH_WORD, _SIZE_WORD = 1, 2  # of the shared map's header (engine/sharedmap.py)
 EXTENT = struct.Struct("<QQB")
 
 
@@ -392,14 +393,55 @@ class RemoteVolume:
         return self._cs
 
     def read_into(self, offset: int, buf: memoryview) -> None:
-        self._check(offset, len(buf), writing=False)
+        n = len(buf)
+        words = self._reader_map.words
+        if self._closed or self._lost or offset < 0 or offset + n > words[_SIZE_WORD]:
+            self._check(offset, n, writing=False)
+        cs = self._cs
+        within = offset & (cs - 1)
+        index = HEADER_WORDS + (offset >> self._shift)
+        if within + n <= cs and index < len(words):  # one cluster: the common case
+            gate = self._gate
+            gate.enter()
+            try:
+                word = words[index]
+                if word == 0:
+                    buf[:] = self._zeros[:n]
+                    return
+                phys = (word & PHYS_MASK) - 1
+                fd = self._fds.get(phys >> PHYS_SHIFT)
+                if fd is not None:
+                    _preadv(fd, [buf], ((phys & LOCAL_MASK) + 1) * cs + within)
+                    return
+            finally:
+                gate.leave()
         self.vectors.read_into(offset, [buf])
 
     def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         view = data if type(data) is memoryview else memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
-        self._check(offset, len(view), writing=True)
+        n = len(view)
+        words = self._reader_map.words
+        closed = self._closed or self._lost
+        if closed or offset < 0 or offset + n > words[_SIZE_WORD] or self._read_only:
+            self._check(offset, n, writing=True)
+        cs = self._cs
+        within = offset & (cs - 1)
+        index = HEADER_WORDS + (offset >> self._shift)
+        if within + n <= cs and index < len(words) and not fua:  # one cluster, in place
+            gate = self._gate
+            gate.enter()
+            try:
+                word = words[index]
+                if word and word >> EPOCH_SHIFT == words[_EPOCH_WORD]:
+                    phys = (word & PHYS_MASK) - 1
+                    fd = self._fds.get(phys >> PHYS_SHIFT)
+                    if fd is not None:
+                        _pwritev(fd, [view], ((phys & LOCAL_MASK) + 1) * cs + within)
+                        return
+            finally:
+                gate.leave()
         self.vectors.write(offset, [view], fua=fua)
 
     def flush(self) -> None:
