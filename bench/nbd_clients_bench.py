@@ -1,0 +1,159 @@
+"""Several NBD clients at once: do storvisor's NBD exports use more than one core?
+
+``--clients`` (default 2) ``qemu-img bench`` processes drive one export at the same time
+(multi-conn: each its own connection, each starting at another offset), and the total
+requests per second is reported, with the CPU the server used (all its processes, 100% = one
+core), for:
+
+* ``nbdkit file``: nbdkit's file plugin (C, a thread pool);
+* ``storvisor thin``: a thin volume served from one Python process (how NBD exports ran
+  before data planes);
+* ``storvisor thin, data plane``: the same as the daemon serves it, each connection handed
+  to one of its data-plane processes (one per CPU).
+
+The image is 1 GiB of random data, the thin volumes hold a copy of it (``bench/nbd_bench.py``
+prepares them). Usage::
+
+    .venv/bin/python bench/nbd_clients_bench.py [--clients 2] [--scale 0.5] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from nbd_bench import IMAGE_SIZE, STEP_4K, _wait_for, storvisor_server
+
+WORKLOADS = [
+    # name, request size, step, depth, write, requests per client
+    ("4k randread qd32", 4096, STEP_4K, 32, False, 100000),
+    ("4k randwrite qd32", 4096, STEP_4K, 32, True, 100000),
+    ("1M seqread qd8", 1 << 20, 1 << 20, 8, False, 3000),
+]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def family(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def run_clients(uri: str, workload: tuple[str, int, int, int, bool, int], clients: int,
+                scale: float, server_pid: int) -> tuple[float, float]:  # fmt: skip
+    """(total req/s, server CPU %) of ``clients`` concurrent qemu-img bench runs."""
+    _, size, step, depth, write, count = workload
+    count = max(int(count * scale), 100)
+    procs = []
+    pids = family(server_pid)
+    cpu0, t0 = cpu_seconds(pids), time.monotonic()
+    for i in range(clients):
+        argv = ["qemu-img", "bench", "-f", "raw", "-t", "none", "-n", "-d", str(depth)]
+        argv += ["-s", str(size), "-S", str(step), "-c", str(count)]
+        argv += ["-o", str((IMAGE_SIZE // clients) * i // size * size)]
+        if write:
+            argv += ["-w", "--pattern=0x5a"]
+        procs.append(subprocess.Popen([*argv, uri], stdout=subprocess.PIPE, text=True))
+    outs = [p.communicate()[0] for p in procs]
+    elapsed = time.monotonic() - t0
+    cpu = cpu_seconds(pids) - cpu0
+    for p, out in zip(procs, outs, strict=True):
+        if p.returncode != 0 or not re.search(r"Run completed", out):
+            raise RuntimeError(f"qemu-img bench failed: {out}")
+    return clients * count / elapsed, 100 * cpu / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--scale", type=float, default=0.5)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="nbdclients", dir="/tmp"))
+    image = work / "image.raw"
+    subprocess.run(["dd", "if=/dev/urandom", f"of={image}", "bs=4M",
+                    f"count={IMAGE_SIZE >> 22}", "status=none"], check=True)  # fmt: skip
+    servers = {
+        "nbdkit file": ["nbdkit", "-f", "-U", "{sock}", "file", str(image)],
+        "storvisor thin": "thin",
+        "storvisor thin, data plane": "plane",
+    }
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    uris: dict[str, str] = {}
+    runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    try:
+        for n, (label, how) in enumerate(servers.items()):
+            sock = str(work / f"{n}.sock")
+            if isinstance(how, str):
+                sub = work / f"home{n}"
+                sub.mkdir()
+                procs[label] = storvisor_server(how, image, sock, sub)
+            else:
+                procs[label] = subprocess.Popen([a.replace("{sock}", sock) for a in how])
+            _wait_for(sock, procs[label])
+            uris[label] = f"nbd+unix:///disk?socket={sock}"
+        for _ in range(args.repeat):
+            for workload in WORKLOADS:
+                for label in servers:
+                    result = run_clients(uris[label], workload, args.clients, args.scale,
+                                         procs[label].pid)  # fmt: skip
+                    runs.setdefault((label, workload[0]), []).append(result)
+                    print(f"  {label:28} {workload[0]:18} {result[0]:>10,.0f} req/s "
+                          f"cpu {result[1]:.0f}%", file=sys.stderr)  # fmt: skip
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+            proc.wait(60)
+        shutil.rmtree(work, ignore_errors=True)
+
+    header = [f"workload ({args.clients} clients at once)"]
+    for label in servers:
+        header += [f"{label} req/s", f"{label} CPU%"]
+    header += ["thin, data plane / nbdkit", "thin, data plane / thin"]
+    print("| " + " | ".join(header) + " |")
+    print("|---|" + "---:|" * (len(header) - 1))
+    for name, *_ in WORKLOADS:
+        row = [name]
+        med = {}
+        for label in servers:
+            results = runs[(label, name)]
+            med[label] = statistics.median(r[0] for r in results)
+            row += [f"{med[label]:,.0f}", f"{statistics.median(r[1] for r in results):.0f}%"]
+        plane = med["storvisor thin, data plane"]
+        row += [f"{plane / med['nbdkit file']:.2f}x", f"{plane / med['storvisor thin']:.2f}x"]
+        print("| " + " | ".join(row) + " |")
+    print(f"\n{os.cpu_count()} CPUs, scale {args.scale}, median of {args.repeat}")
+
+
+if __name__ == "__main__":
+    main()
