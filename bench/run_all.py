@@ -11,7 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ("engine_hot_path", "cluster_size", "nbd_bench", "vhost_bench")
+BENCHES = (
+    "engine_hot_path",
+    "cluster_size",
+    "nbd_bench",
+    "nbd_clients_bench",
+    "vhost_bench",
+    "vhost_volumes_bench",
+)
 
 
 def main(argv: list[str]) -> int:
