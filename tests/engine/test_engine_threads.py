@@ -109,3 +109,27 @@ def test_concurrent_first_writes_to_one_cluster_all_land(pool: Pool, round_: int
     assert pool.volume_info("v").allocated == 8 * CS
     handle.close()
     assert pool.fsck().clean
+
+
+def test_snapshot_waits_for_in_place_writes_in_flight(pool: Pool) -> None:
+    """A write that found its cluster owned holds the volume's gate until its pwritev is
+    done; a snapshot freezes the gate before the cluster becomes shared, so the write can
+    never land in the snapshot after it was taken."""
+    pool.create_volume("v", 1 << 20)
+    volume = pool.open_volume("v")
+    volume.write(0, b"a" * 65536)
+    volume.state.gate.enter()  # a write between its lookup and its pwritev
+    snapper = threading.Thread(target=pool.create_snapshot, args=("v", "s"))
+    snapper.start()
+    snapper.join(0.3)
+    assert snapper.is_alive(), "the snapshot did not wait for the write in flight"
+    volume.state.gate.leave()
+    snapper.join(10)
+    assert not snapper.is_alive()
+    volume.write(0, b"b" * 512)
+    snap = pool.open_volume("v", "s")
+    buf = bytearray(512)
+    snap.read_into(0, memoryview(buf))
+    assert bytes(buf) == b"a" * 512
+    snap.close()
+    volume.close()
