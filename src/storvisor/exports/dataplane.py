@@ -411,6 +411,11 @@ class RemoteVolume:
                 phys = (word & PHYS_MASK) - 1
                 fd = self._fds.get(phys >> PHYS_SHIFT)
                 if fd is not None:
+                    try:
+                        if os.preadv(fd, (buf,), ((phys & LOCAL_MASK) + 1) * cs + within) == n:
+                            return
+                    except OSError as e:
+                        raise IOFailure(f"read failed: {e.strerror}", e.errno or errno.EIO) from e
                     _preadv(fd, [buf], ((phys & LOCAL_MASK) + 1) * cs + within)
                     return
             finally:
@@ -438,7 +443,15 @@ class RemoteVolume:
                     phys = (word & PHYS_MASK) - 1
                     fd = self._fds.get(phys >> PHYS_SHIFT)
                     if fd is not None:
-                        _pwritev(fd, [view], ((phys & LOCAL_MASK) + 1) * cs + within)
+                        where = ((phys & LOCAL_MASK) + 1) * cs + within
+                        try:
+                            if os.pwritev(fd, (view,), where) == n:
+                                return
+                        except OSError as e:
+                            raise IOFailure(
+                                f"write failed: {e.strerror}", e.errno or errno.EIO
+                            ) from e
+                        _pwritev(fd, [view], where)
                         return
             finally:
                 gate.leave()
