@@ -61,6 +61,12 @@ class VolumeState:
         self.shift = pool.cluster_size.bit_length() - 1
         self.zeros = memoryview(bytes(pool.cluster_size))
         self.view: dict[int, Entry] = {}
+        self.group_shift = pool.group.bit_length() - 1
+        self.homes: dict[int, int] = {}
+        """Virtual group -> placement anchor in the top layer: the physical cluster number its
+        position 0 has (or would have) where the top already placed part of the group. A hint
+        (``Allocator.allocate`` checks that the cluster it points at is free): stale entries
+        after a discard or a merge cost contiguity, never correctness."""
         self.handles = 0
         self.closed = False
         self.lock = threading.Lock()  # guards ``pending``; held while zeroing or flattening
@@ -102,7 +108,7 @@ class VolumeState:
         cs = self.cluster_size
         pool = self.pool
         with pool.lock:
-            phys = pool.allocate()
+            phys = self.place(vc)
         fd, base = pool.locate(phys)
         try:
             if len(data) == cs:
@@ -119,6 +125,16 @@ class VolumeState:
         with pool.lock:
             pool.set_entry(self.top, vc, phys)
             self.view[vc] = (fd, base, self.top)
+
+    def place(self, vc: int) -> int:
+        """Allocate a physical cluster for ``vc`` of the top layer, next to the clusters the
+        top has in the same virtual group when possible. Call with the pool lock held.
+        Raises ``NoSpace``."""
+        group = vc >> self.group_shift
+        pos = vc - (group << self.group_shift)
+        phys = self.pool.allocate(pos, self.homes.get(group))
+        self.homes[group] = phys - pos
+        return phys
 
     def _quiesce(self, first: int = 0, last: int | None = None) -> None:
         """Return with ``self.lock`` held and no allocation in flight in ``[first, last)``."""
@@ -176,7 +192,7 @@ class VolumeState:
                 if entry[2] == self.top or entry[0] < 0:
                     continue
                 with pool.lock:
-                    phys = pool.allocate()
+                    phys = self.place(vc)
                 fd, base = pool.locate(phys)
                 try:
                     _pread(entry[0], memoryview(buf), entry[1])
