@@ -121,15 +121,17 @@ def serve(kind: str, image: str, sock: str, work: str) -> None:
         source = FileDevice(image, read_only=True)
         chunk = memoryview(bytearray(4 << 20))
         snapshots = 10 if kind == "chain" else 0
+        taken = 0
         for offset in range(0, IMAGE_SIZE, len(chunk)):
+            # spread the snapshots through the fill: each of the ten layers under the (empty)
+            # top owns a tenth of the data
+            if taken < snapshots - 1 and offset >= (taken + 1) * IMAGE_SIZE // snapshots:
+                taken += 1
+                pool.create_snapshot("v", f"s{taken}")
             source.read_into(offset, chunk)
             volume.write(offset, chunk)
-            # spread the snapshots through the fill: each layer of the chain owns data
-            if snapshots and offset % (IMAGE_SIZE // snapshots) == 0 and offset:
-                pool.create_snapshot("v", f"s{offset // (IMAGE_SIZE // snapshots)}")
-        for i in range(1, snapshots + 1):
-            if f"s{i}" not in {s.name for s in pool.snapshots("v")}:
-                pool.create_snapshot("v", f"s{i}")
+        if snapshots:
+            pool.create_snapshot("v", f"s{snapshots}")
         volume.flush()
         volume.close()
         source.close()
