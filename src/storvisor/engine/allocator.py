@@ -23,8 +23,8 @@ handed to anyone once no free group remains, and no space is ever lost.
 State per device: a bitmap with one bit per device cluster (set: in use, or not a data
 cluster: the header and the tail of a last, partial group), a used count per group and a
 state byte per group (``_EMPTY``, ``_PARTIAL``, ``_FULL``) that ``bytearray.find`` searches
-from a cursor below which no group of that state exists. About 3/8 byte per cluster: 12
-MiB for 16 TiB of 64 KiB clusters.
+from a cursor below which no group of that state exists. With 64 KiB clusters that is 1/4
+byte per cluster, 4 MiB per TiB of devices, whatever is allocated.
 
 The allocator is rebuilt at open from the committed refcount table, so a cluster allocated
 but never committed is simply free again after a crash. A released cluster stays in use,
@@ -35,7 +35,6 @@ cluster mapped twice.
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Iterable
 
 from storvisor.engine.backing import LOCAL_MASK, PHYS_SHIFT
@@ -61,7 +60,7 @@ class _Device:
     def __init__(self) -> None:
         self.clusters = 0  # data clusters
         self.bits = bytearray()
-        self.counts = array("H")
+        self.counts = bytearray()
         self.state = bytearray()
         self.next_empty = 0  # no _EMPTY group below
         self.next_partial = 0  # no _PARTIAL group below
@@ -74,9 +73,9 @@ class Allocator:
     def __init__(self, devices: dict[int, int], used: Iterable[int], group: int = 1) -> None:
         """``devices``: data clusters per device index; ``used``: the committed in-use
         physical clusters (those outside every device are ignored); ``group``: clusters per
-        group, a power of two."""
-        if group < 1 or group & (group - 1):
-            raise ValueError(f"group must be a power of two, not {group}")
+        group, a power of two up to 128."""
+        if not 1 <= group <= 128 or group & (group - 1):
+            raise ValueError(f"group must be a power of two up to 128, not {group}")
         self.group = group
         self._shift = group.bit_length() - 1
         self._devices: dict[int, _Device] = {}
@@ -95,11 +94,9 @@ class Allocator:
                 bits[d >> 3] |= 1 << (d & 7)
                 dev.counts[d >> shift] += 1
                 self.used += 1
+        states = bytes(_EMPTY if n == 0 else _FULL if n == group else _PARTIAL for n in range(256))
         for dev in self._devices.values():
-            state = dev.state
-            for g, count in enumerate(dev.counts):
-                if count:
-                    state[g] = _FULL if count == group else _PARTIAL
+            dev.state = dev.counts.translate(states)
 
     @property
     def capacity(self) -> int:
@@ -191,7 +188,7 @@ class Allocator:
         groups = -(-slots // group)
         more = groups - len(dev.state)
         dev.bits.extend(bytes(((groups << shift) + 7 >> 3) - len(dev.bits)))
-        dev.counts.frombytes(bytes(more * dev.counts.itemsize))
+        dev.counts.extend(bytes(more))
         dev.state.extend(bytes(more))  # _EMPTY
         for d in range(dev.clusters + 1, min(old_slots, slots)):  # the former tail
             self._unmark(dev, d)
