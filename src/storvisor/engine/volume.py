@@ -10,7 +10,8 @@ layer)``, with ``fd = -1`` for an explicit zero. So:
   (contiguous clusters are read with one ``preadv``); unmapped clusters read as zeros;
 * a write to a cluster the top layer owns is one ``pwritev`` from the caller's buffer, with no
   lock; any other write *allocates*: it marks the virtual cluster pending (a second writer to
-  it waits, then writes in place), takes a free cluster, writes the whole cluster (the
+  it waits, then writes in place), takes a free cluster (``place``: beside the top layer's
+  clusters of the same virtual group, see ``allocator``), writes the whole cluster (the
   caller's bytes plus zeros, or plus the parent's data: copy-on-write) and only then
   publishes the mapping, so no reader ever sees a cluster's stale contents. Allocations of
   different clusters run in parallel;
