@@ -15,9 +15,10 @@ with the fresh one there measures the cost of the chain itself.
 storvisor is measured serving a raw file (``FileDevice``), a thin volume, and a thin volume
 with ten snapshots in its chain, all from the server's own process, and a thin volume as the
 daemon serves it: each connection handed to a data-plane process (``exports/nbd_worker.py``).
-The table gives requests per second and the ratio of each storvisor configuration to each peer.
-All servers run at once and each workload visits them in turn ``--repeat`` times; the figure is
-the median. Usage::
+The table gives requests per second and the ratio of each storvisor configuration to each
+peer; a second table gives each server's CPU time per request (user + system, from
+``/proc``), which a busy machine disturbs less. All servers run at once and each workload
+visits them in turn ``--repeat`` times; the figure is the median. Usage::
 
     .venv/bin/python bench/nbd_bench.py [--scale 0.5] [--repeat 3] [--only raw,thin]
 
@@ -74,17 +75,26 @@ def _wait_for(path: str, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"server did not listen on {path}")
 
 
-def bench(uri: str, w: Workload, scale: float) -> float:
-    """Requests per second of one qemu-img bench run."""
+def server_cpu(pid: int) -> float:
+    """User plus system CPU seconds the server process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench(uri: str, w: Workload, scale: float, pid: int) -> tuple[float, float]:
+    """Requests per second of one qemu-img bench run, and the server's CPU microseconds per
+    request (a figure a busy machine disturbs less)."""
     count = max(int(w.count * scale), 100)
     argv = ["qemu-img", "bench", "-f", "raw", "-t", "none", "-n", "-d", str(w.depth)]
     argv += ["-s", str(w.size), "-S", str(w.step), "-c", str(count)]
     if w.write:
         argv += ["-w", "--pattern=0x5a"]
+    cpu = server_cpu(pid)
     out = subprocess.run([*argv, uri], capture_output=True, text=True, check=True).stdout
+    cpu = server_cpu(pid) - cpu
     match = re.search(r"Run completed in ([0-9.]+) seconds", out)
     assert match, out
-    return count / float(match.group(1))
+    return count / float(match.group(1)), cpu * 1e6 / count
 
 
 def storvisor_server(kind: str, image: Path, sock: str, work: Path) -> subprocess.Popen[bytes]:
@@ -112,15 +122,17 @@ def serve(kind: str, image: str, sock: str, work: str) -> None:
         source = FileDevice(image, read_only=True)
         chunk = memoryview(bytearray(4 << 20))
         snapshots = 10 if kind == "chain" else 0
+        taken = 0
         for offset in range(0, IMAGE_SIZE, len(chunk)):
+            # spread the snapshots through the fill: each of the ten layers under the (empty)
+            # top owns a tenth of the data
+            if taken < snapshots - 1 and offset >= (taken + 1) * IMAGE_SIZE // snapshots:
+                taken += 1
+                pool.create_snapshot("v", f"s{taken}")
             source.read_into(offset, chunk)
             volume.write(offset, chunk)
-            # spread the snapshots through the fill: each layer of the chain owns data
-            if snapshots and offset % (IMAGE_SIZE // snapshots) == 0 and offset:
-                pool.create_snapshot("v", f"s{offset // (IMAGE_SIZE // snapshots)}")
-        for i in range(1, snapshots + 1):
-            if f"s{i}" not in {s.name for s in pool.snapshots("v")}:
-                pool.create_snapshot("v", f"s{i}")
+        if snapshots:
+            pool.create_snapshot("v", f"s{snapshots}")
         volume.flush()
         volume.close()
         source.close()
@@ -200,6 +212,8 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     uris: dict[str, str] = {}
     runs: dict[str, dict[str, list[float]]] = {label: {} for label in chosen}
+    cpus: dict[str, dict[str, list[float]]] = {label: {} for label in chosen}
+    pids: dict[str, int] = {}
     try:
         # every server runs for the whole benchmark; each workload then visits them in turn,
         # repeatedly, so that a disturbance of the (shared) machine hits all of them alike
@@ -212,12 +226,15 @@ def main() -> None:
             else:
                 procs.append(subprocess.Popen([a.replace("{sock}", sock) for a in how]))
             _wait_for(sock, procs[-1])
+            pids[label] = procs[-1].pid
             uris[label] = f"nbd+unix:///disk?socket={sock}"
         subprocess.run(["sync"], check=True)  # no writeback of the set-up under the runs
         for w in WORKLOADS:
             for _ in range(args.repeat):
                 for label, uri in uris.items():
-                    runs[label].setdefault(w.name, []).append(bench(uri, w, args.scale))
+                    rate, cpu = bench(uri, w, args.scale, pids[label])
+                    runs[label].setdefault(w.name, []).append(rate)
+                    cpus[label].setdefault(w.name, []).append(cpu)
             line = "  ".join(
                 f"{label}: {statistics.median(runs[label][w.name]):,.0f}" for label in uris
             )
@@ -233,9 +250,17 @@ def main() -> None:
         for label, per in runs.items()
     }
     print_table(results)
+    print("\nserver CPU per request (us, median):")
+    print_table(
+        {
+            label: {name: statistics.median(values) for name, values in per.items()}
+            for label, per in cpus.items()
+        },
+        "us/req",
+    )
 
 
-def print_table(results: dict[str, dict[str, float]]) -> None:
+def print_table(results: dict[str, dict[str, float]], unit: str = "req/s") -> None:
     peers = [p for p in ("nbdkit file", "qemu-storage-daemon") if p in results]
     ours = [s for s in results if s.startswith("storvisor")]
     pairs: list[tuple[str, str]] = [(o, p) for o in ours for p in peers]
@@ -250,10 +275,10 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
             for o, p in pairs
         ),
     ]
-    print("| workload (req/s) | " + " | ".join(names) + " |")
+    print(f"| workload ({unit}) | " + " | ".join(names) + " |")
     print("|" + " --- |" * (1 + len(names)))
     for w in WORKLOADS:
-        row = [f"{results[s][w.name]:,.0f}" for s in results]
+        row = [f"{results[s][w.name]:,.{0 if unit == 'req/s' else 1}f}" for s in results]
         row += [f"{results[o][w.name] / results[p][w.name]:.2f}x" for o, p in pairs]
         print(f"| {w.name} | " + " | ".join(row) + " |")
 

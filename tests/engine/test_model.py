@@ -436,6 +436,7 @@ class EngineModel(RuleBasedStateMachine):
     @rule(megabytes=st.integers(1, 4))
     def add_backing(self, megabytes: int) -> None:
         """A device added online adds its clusters to the pool's capacity."""
+        self.pool.flush()  # add_backing commits; clusters whose release is pending free up
         before = self.pool.info().stats
         path = self.dir / f"backing{self.backings}.img"
         info = self.pool.add_backing(BackingSpec(str(path), size=megabytes << 20))

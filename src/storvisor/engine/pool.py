@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from storvisor.engine.allocator import Allocator
+from storvisor.engine.allocator import Allocator, group_clusters
 from storvisor.engine.backing import Backing, Header, phys_number, split_phys, sync_directory
 from storvisor.engine.catalog import ZERO, Batch, Catalog
 from storvisor.engine.fsck import Memory, check_pool
@@ -128,6 +128,8 @@ class Pool:
         self.name = name
         self.directory = directory
         self.cluster_size = identity.cluster_size
+        self.group = group_clusters(identity.cluster_size)
+        """Clusters per placement group (``allocator.group_clusters``)."""
         self._identity = identity
         self._catalog = catalog
         self._backings = backings
@@ -254,7 +256,9 @@ class Pool:
             snap = _SnapRec(*row)
             self._snapshots[snap.id] = snap
         used = [phys for (phys,) in cat.query("SELECT phys FROM refcount")]
-        self._allocator = Allocator({i: b.clusters for i, b in self._backings.items()}, used)
+        self._allocator = Allocator(
+            {i: b.clusters for i, b in self._backings.items()}, used, self.group
+        )
         ids = [0, *self._tree.layers, *(v.id for v in self._volumes.values()), *self._snapshots]
         self._next_id = max(ids) + 1
 
@@ -490,7 +494,7 @@ class Pool:
             state = self._states.get(key)
             if state is None:
                 state = VolumeState(self, key, top, size, read_only, vol.serial)
-                state.view = self._build_view(top)
+                state.view, state.homes = self._build_view(top, homes=not read_only)
                 self._states[key] = state
             state.handles += 1
             label = f"{self.name}/{volume}" + ("" if snapshot is None else f"@{snapshot}")
@@ -525,6 +529,7 @@ class Pool:
             state = self._states.get((vol.id, None))
             if state is not None:
                 state.set_top(vol.top)  # every view entry now belongs to a parent: copy-on-write
+                state.homes = {}  # ...and the new top has placed nothing yet
             info = self._snapshot_info(vol, snap)
         self.flush()
         return info
@@ -609,7 +614,9 @@ class Pool:
                 self._stmt(
                     "UPDATE volumes SET origin = NULL, origin_snap = NULL WHERE id = ?", vol.id
                 )
-                handle.state.rebuild(self._build_view(vol.top))
+                view, homes = self._build_view(vol.top, homes=True)
+                handle.state.rebuild(view)
+                handle.state.homes = homes
                 self._release(old_parent)
         finally:
             handle.close()
@@ -674,9 +681,10 @@ class Pool:
         backing = self._backings[index]
         return backing.fd, backing.offset(local)
 
-    def allocate(self) -> int:
-        """A free cluster; call with the pool lock held. Raises ``NoSpace``."""
-        return self._allocator.allocate()
+    def allocate(self, pos: int = 0, anchor: int | None = None) -> int:
+        """A free cluster for position ``pos`` of a virtual group placed from ``anchor``
+        (see ``Allocator.allocate``); call with the pool lock held. Raises ``NoSpace``."""
+        return self._allocator.allocate(pos, anchor)
 
     def unallocate(self, phys: int) -> None:
         """Give back a cluster from ``allocate`` that was never published."""
@@ -707,7 +715,11 @@ class Pool:
 
     # ------------------------------------------------------------------------ internals
 
-    def _build_view(self, top: int) -> dict[int, tuple[int, int, int]]:
+    def _build_view(
+        self, top: int, *, homes: bool
+    ) -> tuple[dict[int, tuple[int, int, int]], dict[int, int]]:
+        """The merged view of ``top``'s chain and, with ``homes``, the placement anchors of
+        ``top``'s virtual groups (``VolumeState.homes``)."""
         chain = list(self._tree.chain(top))
         view: dict[int, tuple[int, int, int]] = {}
         zero_entry: dict[int, tuple[int, int, int]] = {}
@@ -719,7 +731,13 @@ class Pool:
                 else:
                     fd, offset = self.locate(phys)
                     view[vc] = (fd, offset, layer.id)
-        return view
+        anchors: dict[int, int] = {}
+        if homes:
+            shift, mask = self.group.bit_length() - 1, self.group - 1
+            for vc, phys in chain[0].map.items():
+                if phys >= 0:
+                    anchors[vc >> shift] = phys - (vc & mask)
+        return view, anchors
 
     def _new_layer(self, parent: int | None) -> int:
         return self._tree.new(self._batch, self._take_id(), parent)

@@ -11,9 +11,10 @@ layer)``, with ``fd = -1`` for an explicit zero. So:
 * a write to a cluster the top layer owns is one ``pwritev`` from the caller's buffer, with no
   lock but inside the state's ``Gate`` (sharedmap.py); any other write *allocates*: it marks
   the virtual cluster pending (a second writer to it waits, then writes in place), takes a
-  free cluster, writes the whole cluster (the caller's bytes plus zeros, or plus the parent's
-  data: copy-on-write) and only then publishes the mapping, so no reader ever sees a
-  cluster's stale contents. Allocations of different clusters run in parallel;
+  free cluster (``place``: beside the top layer's clusters of the same virtual group, see
+  ``allocator``), writes the whole cluster (the caller's bytes plus zeros, or plus the
+  parent's data: copy-on-write) and only then publishes the mapping, so no reader ever sees
+  a cluster's stale contents. Allocations of different clusters run in parallel;
 * discard and write-zeroes release whole clusters the top owns and record explicit zeros
   where a parent has data; partial clusters get zeros written.
 
@@ -85,6 +86,12 @@ class VolumeState:
         self.shift = pool.cluster_size.bit_length() - 1
         self.zeros = memoryview(bytes(pool.cluster_size))
         self.view: dict[int, Entry] = {}
+        self.group_shift = pool.group.bit_length() - 1
+        self.homes: dict[int, int] = {}
+        """Virtual group -> placement anchor in the top layer: the physical cluster number its
+        position 0 has (or would have) where the top already placed part of the group. A hint
+        (``Allocator.allocate`` checks that the cluster it points at is free): stale entries
+        after a discard or a merge cost contiguity, never correctness."""
         self.handles = 0
         self.closed = False
         self.lock = threading.Lock()  # guards ``pending``; held while zeroing or flattening
@@ -192,7 +199,7 @@ class VolumeState:
         cs = self.cluster_size
         pool = self.pool
         with pool.lock:
-            phys = pool.allocate()
+            phys = self.place(vc)
         fd, base = pool.locate(phys)
         try:
             if len(data) == cs:
@@ -209,6 +216,16 @@ class VolumeState:
         with pool.lock:
             pool.set_entry(self.top, vc, phys)
             self._publish(vc, (fd, base, self.top), phys)
+
+    def place(self, vc: int) -> int:
+        """Allocate a physical cluster for ``vc`` of the top layer, next to the clusters the
+        top has in the same virtual group when possible. Call with the pool lock held.
+        Raises ``NoSpace``."""
+        group = vc >> self.group_shift
+        pos = vc - (group << self.group_shift)
+        phys = self.pool.allocate(pos, self.homes.get(group))
+        self.homes[group] = phys - pos
+        return phys
 
     def _quiesce(self, first: int = 0, last: int | None = None) -> None:
         """Return with ``self.lock`` held and no allocation in flight in ``[first, last)``."""
@@ -267,7 +284,7 @@ class VolumeState:
                 if entry[2] == self.top or entry[0] < 0:
                     continue
                 with pool.lock:
-                    phys = pool.allocate()
+                    phys = self.place(vc)
                 fd, base = pool.locate(phys)
                 try:
                     _pread(entry[0], memoryview(buf), entry[1])
