@@ -553,8 +553,11 @@ class ServerConnection:
         """
         start = self._start
         count = (self._end - start) // 28
+        buf = self._buf
         if (
             not count
+            or buf[start + 6]  # the type of the first request is not 0, NBD_CMD_READ
+            or buf[start + 7]
             or self._state is not State.TRANSMISSION
             or self._skip
             or self._payload is not None
@@ -567,9 +570,9 @@ class ServerConnection:
         largest = self._max_payload
         reads: list[tuple[int, int, int]] = []
         append = reads.append
-        with memoryview(self._buf) as buf:
+        with memoryview(buf) as view:
             for magic, flags, kind, cookie, offset, length in _REQUEST.iter_unpack(
-                buf[start : start + 28 * count]
+                view[start : start + 28 * count]
             ):
                 if (
                     kind  # NBD_CMD_READ is 0
