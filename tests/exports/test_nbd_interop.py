@@ -3,6 +3,7 @@ qemu-nbd serving a copy of the same image as the differential reference."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -21,6 +22,7 @@ import pytest
 from storvisor.engine.device import FileDevice
 from storvisor.engine.home import Home
 from storvisor.engine.types import BackingSpec
+from storvisor.errors import IOFailure
 from storvisor.exports.nbd import NBDExport, NBDServer, nbd_uri
 from storvisor.protocols.nbd import constants as C
 from storvisor.testing.memory import MemoryDevice
@@ -293,6 +295,44 @@ def test_libnbd_pipelined_requests(served: Served) -> None:
     h.shutdown()
 
 
+class BadSectorDevice(MemoryDevice):
+    """A memory device with one unreadable 512-byte sector (reads touching it fail with
+    EIO), filled with a pattern."""
+
+    def __init__(self, size: int, bad: int) -> None:
+        super().__init__(size)
+        self.bad = bad
+        self.write(0, bytes(range(251)) * (size // 251) + bytes(size % 251))
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        if offset < self.bad + 512 and self.bad < offset + len(buf):
+            raise IOFailure("unreadable sector", errno.EIO)
+        super().read_into(offset, buf)
+
+
+def test_libnbd_pipelined_reads_with_a_failing_one(served: Served) -> None:
+    """One READ of a pipeline fails with EIO (a structured error chunk); the READs before
+    and after it in the same batch carry their data."""
+    device = BadSectorDevice(1 << 20, bad=5 * 8192)
+    served.server.add_export(NBDExport("bad", lambda: device))
+    image = bytes(range(251)) * ((1 << 20) // 251) + bytes((1 << 20) % 251)
+    h = served.handle("bad")
+    for _ in range(3):
+        bufs = [nbd.Buffer(4096) for _ in range(16)]
+        cookies = [h.aio_pread(buf, i * 8192) for i, buf in enumerate(bufs)]
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        for i, (buf, cookie) in enumerate(zip(bufs, cookies, strict=True)):
+            if i == 5:
+                with pytest.raises(nbd.Error) as failed:
+                    h.aio_command_completed(cookie)
+                assert failed.value.args[1] == errno.EIO
+            else:
+                assert h.aio_command_completed(cookie)
+                assert buf.to_bytearray() == image[i * 8192 : i * 8192 + 4096]
+    h.shutdown()
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 
@@ -398,6 +438,56 @@ def test_bad_requests(served: Served) -> None:
     s.sendall(struct.pack(">IHHQQI", 0xDEADBEEF, 0, C.NBD_CMD_READ, 5, 0, 4))
     assert _closed_by_server(s)
     s.close()
+    _still_serving(served)
+
+
+def test_bad_requests_in_a_pipeline_of_reads(served: Served) -> None:
+    """Refused and failing READs in one batch get their errors and the others their data
+    (simple replies); a bad magic in the batch drops that connection only, after the
+    replies to the requests before it."""
+    device = BadSectorDevice(1 << 20, bad=3 * 4096)
+    served.server.add_export(NBDExport("bad", lambda: device))
+    image = bytes(range(251)) * ((1 << 20) // 251) + bytes((1 << 20) % 251)
+    other = served.handle()
+    s = _raw(served)
+    _go_raw(s, b"bad")
+    req = struct.Struct(">IHHQQI")
+    read = C.NBD_CMD_READ
+    magic = C.NBD_REQUEST_MAGIC
+    expected: dict[int, tuple[int, bytes]] = {}  # cookie: (error, data)
+    batch = b""
+    for cookie in range(1, 41):
+        offset, length, flags = cookie * 4096 % (1 << 20), 4096, 0
+        error = 0
+        if cookie == 3:  # the bad sector
+            error = 5
+        elif cookie == 9:  # past the end
+            offset, error = (1 << 20) - 512, 22
+        elif cookie == 17:  # an unknown flag
+            flags, error = 0x40, 22
+        elif cookie == 25:  # larger than the maximum block size
+            length, error = (32 << 20) + 1, 22
+        elif cookie == 30:  # a WRITE between the READs
+            batch += req.pack(magic, 0, C.NBD_CMD_WRITE, cookie, 0, 4) + b"abcd"
+            expected[cookie] = (0, b"")
+            image = b"abcd" + image[4:]
+            continue
+        batch += req.pack(magic, flags, read, cookie, offset, length)
+        expected[cookie] = (error, b"" if error else image[offset : offset + length])
+    batch += req.pack(0xDEADBEEF, 0, read, 99, 0, 4096)  # bad magic: the end
+    batch += req.pack(magic, 0, read, 100, 0, 4096)  # never answered
+    s.sendall(batch)
+    got: dict[int, tuple[int, bytes]] = {}
+    while len(got) < len(expected):
+        reply_magic, error, cookie = struct.unpack(">IIQ", _recv_exact(s, 16))
+        assert reply_magic == C.NBD_SIMPLE_REPLY_MAGIC
+        want_error, data = expected[cookie]
+        got[cookie] = (error, _recv_exact(s, len(data)) if error == 0 else b"")
+        assert got[cookie] == (want_error, data), cookie
+    assert _closed_by_server(s)
+    s.close()
+    assert other.pread(4, 0) is not None
+    other.shutdown()
     _still_serving(served)
 
 

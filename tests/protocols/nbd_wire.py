@@ -5,9 +5,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
+from storvisor.errors import ProtocolError
 from storvisor.protocols.nbd import (
     NEED_DATA,
     Aborted,
+    Command,
     ConnectionClosed,
     Disconnect,
     Event,
@@ -131,3 +133,32 @@ def whole_and_bytewise(data: bytes, *, eof: bool = False) -> tuple[list[Event], 
     bytewise = drive(ServerConnection(), [data[i : i + 1] for i in range(len(data))], eof=eof)
     assert whole == bytewise, "feeding byte by byte changed the outcome"
     return whole
+
+
+def command_stream(
+    conn: ServerConnection, chunks: Iterable[bytes], *, reads_first: bool
+) -> list[tuple[int | str, ...]]:
+    """Feed ``chunks`` and pull commands as the export does: with ``reads_first``,
+    ``next_reads`` before every ``next_event``, else ``next_event`` alone. Returns
+    ``(type, cookie, offset, length, error)`` of every command in order, then ``("DISC",)``
+    or ``("ProtocolError",)`` if the stream ended that way. Handshake events are answered."""
+    seen: list[tuple[int | str, ...]] = []
+    for chunk in chunks:
+        conn.receive_data(chunk)
+        while True:
+            if reads_first:
+                seen += [(C.NBD_CMD_READ, c, off, n, 0) for c, off, n in conn.next_reads()]
+            try:
+                event = conn.next_event()
+            except ProtocolError:
+                return [*seen, ("ProtocolError",)]
+            if event is NEED_DATA:
+                break
+            if isinstance(event, Command):
+                seen.append((event.type, event.cookie, event.offset, event.length, event.error))
+            elif isinstance(event, Disconnect):
+                return [*seen, ("DISC",)]
+            else:
+                answer(conn, event)
+                conn.data_to_send()
+    return seen

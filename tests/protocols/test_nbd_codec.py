@@ -11,6 +11,7 @@ from nbd_wire import (
     GREETING,
     SIZE,
     client_flags,
+    command_stream,
     drive,
     go_prologue,
     info_data,
@@ -23,6 +24,7 @@ from nbd_wire import (
 
 from storvisor.errors import Conflict, ProtocolError
 from storvisor.protocols.nbd import (
+    MAX_PAYLOAD,
     NEED_DATA,
     Aborted,
     Command,
@@ -473,3 +475,96 @@ def test_large_write_payload_in_pieces(chunk: int) -> None:
     assert events[1:] == [Command(W, 0, 7, 4096, len(payload), payload), Command(3, 0, 7, 0, 0)]
     with pytest.raises(ProtocolError):
         drive(ServerConnection(), [data[i : i + chunk] for i in range(0, 100_000, chunk)], eof=True)
+
+
+# -- the READ fast path --------------------------------------------------------------------
+
+
+def _reads(first_cookie: int, count: int, length: int = 4096) -> bytes:
+    return b"".join(
+        request(R, (i * 7 * length) % (SIZE - length), length, cookie=first_cookie + i)
+        for i in range(count)
+    )
+
+
+MIXED_BATCHES = {
+    "reads only": _reads(1, 40),
+    "refused reads between good ones": _reads(1, 5)
+    + request(R, SIZE - 4096, 4097, cookie=100)  # past the end
+    + _reads(10, 3)
+    + request(R, 0, 4096, flags=0x20, cookie=101)  # unknown flag
+    + request(R, 0, 0, cookie=102)  # empty read
+    + request(R, 0, MAX_PAYLOAD + 1, cookie=103)  # oversized
+    + request(R, 0, 4096, flags=C.NBD_CMD_FLAG_DF | C.NBD_CMD_FLAG_FUA, cookie=104)
+    + _reads(20, 3),
+    "writes and flushes between reads": _reads(1, 4)
+    + request(W, 4096, 8, cookie=50, payload=b"abcdefgh")
+    + _reads(60, 4)
+    + request(W, SIZE, 4, cookie=51, payload=b"junk")  # refused: payload drained
+    + _reads(70, 2)
+    + request(C.NBD_CMD_FLUSH, cookie=52)
+    + _reads(80, 2)
+    + request(C.NBD_CMD_DISC)
+    + _reads(90, 2),
+    "bad magic after reads": _reads(1, 6)
+    + struct.pack(">IHHQQI", 0xDEADBEEF, 0, R, 9, 0, 4096)
+    + _reads(20, 3),
+    "bad magic in a read-sized gap": _reads(1, 2) + b"\0" * 28 + _reads(3, 2),
+}
+
+
+@pytest.mark.parametrize("name", list(MIXED_BATCHES))
+def test_next_reads_agrees_with_next_event(name: str) -> None:
+    """Taking READs with ``next_reads`` first gives the same commands, errors and protocol
+    errors, in the same order, as ``next_event`` alone: whole, byte by byte, and in pieces
+    that cut requests in the middle."""
+    data = MIXED_BATCHES[name]
+    expected = command_stream(_connected(structured=True), [data], reads_first=False)
+    assert expected, "the batch should produce commands"
+    for size in (len(data), 1, 27, 28, 29, 1000):
+        chunks = [data[i : i + size] for i in range(0, len(data), size)]
+        got = command_stream(_connected(structured=True), chunks, reads_first=True)
+        assert got == expected, size
+
+
+def test_next_reads_stops_at_the_first_other_message() -> None:
+    conn = _connected(structured=True)
+    conn.receive_data(_reads(1, 3) + request(C.NBD_CMD_FLUSH, cookie=9) + _reads(4, 2)[:40])
+    assert [r[0] for r in conn.next_reads()] == [1, 2, 3]
+    assert conn.next_reads() == []
+    assert conn.next_event() == Command(C.NBD_CMD_FLUSH, 0, 9, 0, 0)
+    assert [r[0] for r in conn.next_reads()] == [4]  # the second one is incomplete
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(_reads(4, 2)[40:])
+    assert [r[0] for r in conn.next_reads()] == [5]
+
+
+def test_next_reads_outside_transmission_and_after_an_error() -> None:
+    conn = ServerConnection()
+    conn.receive_data(client_flags() + _reads(1, 2))
+    assert conn.next_reads() == []  # still in the handshake: the reads are option bytes
+    conn = _connected(structured=True)
+    conn.receive_data(b"\0" * 28 + _reads(1, 2))
+    with pytest.raises(ProtocolError):
+        conn.next_event()
+    assert conn.next_reads() == []
+
+
+def test_df_read_needs_structured_replies_in_the_fast_path_too() -> None:
+    conn = _connected(structured=False)
+    conn.receive_data(request(R, 0, 512, flags=C.NBD_CMD_FLAG_DF, cookie=3))
+    assert conn.next_reads() == []
+    assert conn.next_event() == Command(R, C.NBD_CMD_FLAG_DF, 3, 0, 512, None, C.NBD_EINVAL)
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_reply_reads_matches_reply_read(structured: bool) -> None:
+    conn = _connected(structured)
+    reads = [(11, 0, 3), (12, 4096, 5), (0xFFFF_FFFF_FFFF_FFFF, SIZE - 1, 1)]
+    buf, starts = conn.reply_reads(reads)
+    expected = b""
+    for (cookie, offset, length), pos in zip(reads, starts, strict=True):
+        data = bytes([cookie & 0x7F]) * length
+        buf[pos : pos + length] = data
+        expected += b"".join(conn.reply_read(Command(R, 0, cookie, offset, length), data))
+    assert bytes(buf) == expected

@@ -152,14 +152,19 @@ class FileDevice:
         return self._block_size
 
     def read_into(self, offset: int, buf: memoryview) -> None:
-        check_range(self, offset, len(buf), writing=False)
-        done = 0
-        while done < len(buf):
-            n = _io(os.preadv, self._fd, [buf[done:]], offset + done)
-            if n == 0:  # short file: the rest reads as zeros
-                buf[done:] = bytes(len(buf) - done)
+        n = len(buf)
+        if offset < 0 or offset + n > self._size:
+            check_range(self, offset, n, writing=False)
+        try:
+            done = os.preadv(self._fd, [buf], offset)
+        except OSError as e:
+            raise IOFailure(f"preadv failed: {e.strerror}", e.errno or errno.EIO) from e
+        while done < n:  # a short read: go on, or zeros past the end of a short file
+            got = _io(os.preadv, self._fd, [buf[done:]], offset + done)
+            if got == 0:
+                buf[done:] = bytes(n - done)
                 return
-            done += n
+            done += got
 
     def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         view = memoryview(data).cast("B")

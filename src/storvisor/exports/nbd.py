@@ -10,16 +10,19 @@ the chosen export's device (``NBDExport.open``, once per connection) and then se
 The transmission phase uses two threads per connection, so that it can keep both cores
 busy (socket and file syscalls release the GIL). The receiving thread ``recv_into``s the
 codec's buffer (large WRITE payloads land straight in their own buffer), executes every
-complete request that arrived, in order, and queues the replies of the whole batch; the
+complete request that arrived, in order, and queues the replies of the whole batch. Runs of
+READs take a fast path: the codec hands them over as plain tuples (``next_reads``) and
+packs their reply headers into one buffer with room for the data (``reply_reads``), the
+device reads straight into that buffer, and the run is sent as one piece. The
 sending thread (``_Sender``) writes everything queued with one ``sendmsg`` of memoryviews
 while the receiving thread goes on with the next batch. Only batches carrying much READ data
 (more than ``_INLINE_DATA``) are handed over: the receiving thread sends any other batch
 itself with one ``sendmsg`` when nothing is queued, because for small replies the thread
 hand-off (a futex wake and the GIL changing hands) costs more than the send it overlaps.
 Replies leave in request order (the protocol allows any order), and the sender serialises
-the socket writes. A refused
-request is answered with the spec's error and the connection carries on; a protocol
-violation closes that connection only, and the server keeps serving the others.
+the socket writes. A refused request is answered with the spec's error and the connection
+carries on; a protocol violation closes that connection only (after the replies to the
+requests before it), and the server keeps serving the others.
 
 Multi-conn: every export is advertised with NBD_FLAG_CAN_MULTI_CONN. This is safe because the
 devices that ``NBDExport.open`` returns for one export must share one volume (an engine
@@ -411,13 +414,21 @@ class _Connection:
     def _transmission(self) -> None:
         codec = self.codec
         next_event = codec.next_event
+        next_reads = codec.next_reads
         sender = _Sender(self.sock)
         try:
             while True:
                 replies: list[Buffer] = []
                 data = 0  # READ payload bytes in this batch's replies
                 while True:
-                    event = next_event()
+                    reads = next_reads()
+                    if reads:
+                        data += self._reads(reads, replies)
+                    try:
+                        event = next_event()
+                    except ProtocolError:
+                        sender.send(replies)  # answer what came before the bad request
+                        raise
                     if type(event) is Command:
                         if event.type == C.NBD_CMD_READ and not event.error:
                             data += event.length
@@ -434,6 +445,33 @@ class _Connection:
                 self._receive()
         finally:
             sender.close()
+
+    def _reads(self, reads: list[tuple[int, int, int]], replies: list[Buffer]) -> int:
+        """Execute the READs ``reads`` (from ``next_reads``) into one reply buffer and add
+        its pieces to ``replies``; returns the bytes of data read."""
+        buf, starts = self.codec.reply_reads(reads)
+        view = memoryview(buf)
+        assert self.device is not None
+        read_into = self.device.read_into
+        piece = 0  # start of the part of buf not yet in replies
+        end = 0  # end of the previous reply
+        total = 0
+        for (cookie, offset, length), pos in zip(reads, starts, strict=True):
+            stop = pos + length
+            try:
+                read_into(offset, view[pos:stop])
+            except IOFailure as e:
+                # answer this one with an error and leave its part of buf out
+                if end > piece:
+                    replies.append(view[piece:end])
+                command = Command(C.NBD_CMD_READ, 0, cookie, offset, length)
+                replies += self.codec.reply_error(command, wire_error(e.errno))
+                piece = stop
+            end = stop
+            total += length
+        if end > piece:
+            replies.append(view[piece:end])
+        return total
 
     def _read(self, command: Command, buf: memoryview) -> list[Buffer]:
         assert self.device is not None
@@ -502,7 +540,7 @@ class _Sender:
         self._pending: list[Buffer] = []
         self._pending_bytes = 0
         self._closing = False
-        self._busy = False  # a sendmsg is in progress
+        self._busy = False  # the thread is sending (set only by the thread)
         self._error: OSError | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name="nbd-send")
         self._thread.start()
@@ -512,20 +550,11 @@ class _Sender:
         the sender is idle. Raises the ``OSError`` that stopped the sender, if any."""
         if not buffers:
             return
-        if inline:
-            with self._cond:
-                now = not (self._busy or self._pending or self._error)
-                if now:
-                    self._busy = True
-            if now:
-                try:
-                    _send_all(self._sock, buffers)
-                finally:
-                    with self._cond:
-                        self._busy = False
-                        if self._pending:  # only then is the thread waiting for this
-                            self._cond.notify_all()
-                return
+        if inline and not (self._busy or self._pending):
+            # Only the caller queues work, so with nothing queued and nothing being sent
+            # the thread stays idle until the next ``send``: no lock is needed to send now.
+            _send_all(self._sock, buffers)
+            return
         size = sum(len(b) for b in buffers)
         with self._cond:
             while self._pending_bytes > self.LIMIT and self._error is None:
@@ -547,23 +576,21 @@ class _Sender:
         cond = self._cond
         while True:
             with cond:
-                while not (self._pending and not self._busy) and not self._closing:
-                    cond.wait()
-                while self._busy:
+                while not self._pending and not self._closing:
                     cond.wait()
                 if not self._pending:
                     return
+                # busy before the queue empties: ``send`` looks at both without the lock
+                self._busy = True
                 batch, self._pending = self._pending, []
                 self._pending_bytes = 0
-                self._busy = True
                 cond.notify_all()
             try:
                 _send_all(self._sock, batch)
             except OSError as e:
                 with cond:
-                    self._error = e
+                    self._error = e  # stays busy: every later ``send`` raises this
                     self._pending = []
-                    self._busy = False
                     cond.notify_all()
                 return
             with cond:

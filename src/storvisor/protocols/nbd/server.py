@@ -15,6 +15,12 @@ come out two ways:
   state, so worker threads may build replies while the reader thread parses; the caller
   serialises the socket writes.
 
+For pipelines of READs, the common case of a busy client, ``next_reads`` takes every
+complete and valid READ at the head of the buffer at once, as ``(cookie, offset, length)``
+tuples instead of ``Command`` events, and ``reply_reads`` lays out their replies back to
+back in one buffer for the server to read the data into. Everything else stays with
+``next_event``, so errors and protocol violations are found exactly as without it.
+
 The codec answers by itself everything that does not depend on the exports: option framing,
 NBD_OPT_STRUCTURED_REPLY, the ``base:allocation`` metadata context, ERR_UNSUP for options
 it does not implement (NBD_OPT_STARTTLS, NBD_OPT_EXTENDED_HEADERS and unknown ones) and
@@ -533,6 +539,55 @@ class ServerConnection:
         self._want = 0
         return Command(kind, flags, cookie, offset, length, payload_bytes, 0)
 
+    def next_reads(self) -> list[tuple[int, int, int]]:
+        """Consume the READ requests at the head of the receive buffer that are complete and
+        valid, up to the first other message; returns their ``(cookie, offset, length)``.
+
+        This is ``next_event`` for the common case of a pipeline of READs, without building
+        a ``Command`` per request: each READ returned here would have been a ``Command`` with
+        ``error`` 0, to be answered with ``reply_reads`` (or ``reply_error``). Anything else
+        (another command, a READ the spec refuses, bad magic, a partial request) is left in
+        the buffer for ``next_event``, which returns or raises what it always does, so the
+        replies and errors stay in request order. Returns ``[]`` outside the transmission
+        phase and after a protocol error.
+        """
+        start = self._start
+        count = (self._end - start) // 28
+        buf = self._buf
+        if (
+            not count
+            or buf[start + 6]  # the type of the first request is not 0, NBD_CMD_READ
+            or buf[start + 7]
+            or self._state is not State.TRANSMISSION
+            or self._skip
+            or self._payload is not None
+            or self._payload_ready is not None
+            or self._error is not None
+        ):
+            return []
+        allowed = ~(_FUA | C.NBD_CMD_FLAG_DF if self._structured else _FUA)
+        size = self._size
+        largest = self._max_payload
+        reads: list[tuple[int, int, int]] = []
+        append = reads.append
+        with memoryview(buf) as view:
+            for magic, flags, kind, cookie, offset, length in _REQUEST.iter_unpack(
+                view[start : start + 28 * count]
+            ):
+                if (
+                    kind  # NBD_CMD_READ is 0
+                    or magic != C.NBD_REQUEST_MAGIC
+                    or flags & allowed
+                    or not 0 < length <= largest
+                    or offset + length > size
+                ):
+                    break
+                append((cookie, offset, length))
+        if reads:
+            self._start = start + 28 * len(reads)
+            self._want = 0
+        return reads
+
     def _payload_done(self) -> Event | Sentinel:
         payload = self._payload_ready
         if payload is None:
@@ -628,6 +683,42 @@ class ServerConnection:
             command.offset,
         )
         return [header, data]
+
+    def reply_reads(self, reads: Sequence[tuple[int, int, int]]) -> tuple[bytearray, list[int]]:
+        """The success replies of the READs ``reads`` (``(cookie, offset, length)`` as from
+        ``next_reads``), back to back in one new buffer for one send: every header is
+        filled in and every data field is left for the caller to fill. Returns the buffer
+        and where each read's data starts; reply ``i`` is the buffer from the end of reply
+        ``i - 1`` (0 for the first) to its data start plus its length."""
+        if self._structured:
+            header = _CHUNK_OFFSET_DATA
+            size = header.size
+            total = sum(r[2] for r in reads) + size * len(reads)
+            out = bytearray(total)
+            pack_into = header.pack_into
+            magic = C.NBD_STRUCTURED_REPLY_MAGIC
+            done = C.NBD_REPLY_FLAG_DONE
+            kind = C.NBD_REPLY_TYPE_OFFSET_DATA
+            starts: list[int] = []
+            pos = 0
+            for cookie, offset, length in reads:
+                pack_into(out, pos, magic, done, kind, cookie, 8 + length, offset)
+                pos += size
+                starts.append(pos)
+                pos += length
+            return out, starts
+        size = _SIMPLE_REPLY.size
+        out = bytearray(sum(r[2] for r in reads) + size * len(reads))
+        pack_into = _SIMPLE_REPLY.pack_into
+        magic = C.NBD_SIMPLE_REPLY_MAGIC
+        starts = []
+        pos = 0
+        for cookie, _, length in reads:
+            pack_into(out, pos, magic, 0, cookie)
+            pos += size
+            starts.append(pos)
+            pos += length
+        return out, starts
 
     def reply_block_status(
         self, command: Command, extents: Iterable[tuple[int, int]]
