@@ -137,28 +137,32 @@ class _FileVectors:
         self._device = device
 
     def read_into(self, offset: int, views: list[memoryview]) -> None:
+        fd = self._device.fd
         while views:
-            batch = views[:_IOV_MAX]
             try:
-                n = os.preadv(self._device.fd, batch, offset)
+                n = os.preadv(fd, views if len(views) <= _IOV_MAX else views[:_IOV_MAX], offset)
             except OSError as e:
                 raise IOFailure(f"preadv failed: {e.strerror}", e.errno or errno.EIO) from e
             if n == 0:  # past the end of a file that shrank: the rest reads as zeros
                 for view in views:
                     view[:] = bytes(len(view))
                 return
+            if len(views) == 1 and n == len(views[0]):
+                return
             offset += n
             views = _advance(views, n)
 
     def write(self, offset: int, views: list[memoryview], *, fua: bool) -> None:
+        fd = self._device.fd
         while views:
-            batch = views[:_IOV_MAX]
             try:
-                n = os.pwritev(self._device.fd, batch, offset)
+                n = os.pwritev(fd, views if len(views) <= _IOV_MAX else views[:_IOV_MAX], offset)
             except OSError as e:
                 raise IOFailure(f"pwritev failed: {e.strerror}", e.errno or errno.EIO) from e
             if n == 0:
                 raise IOFailure("pwritev wrote nothing", errno.EIO)
+            if len(views) == 1 and n == len(views[0]):
+                break
             offset += n
             views = _advance(views, n)
         if fua:
@@ -459,7 +463,7 @@ class _Device:
         self.block = server.device
         self.serial = server.serial.encode()[: blk.VIRTIO_BLK_ID_BYTES]
         self.read_only = server.read_only
-        self.vectored = _FileVectors(self.block) if isinstance(self.block, FileDevice) else None
+        self.vectored = _FileVectors(self.block) if type(self.block) is FileDevice else None
         self.writethrough = False
         n = server.num_queues
         self.kick_fds: list[int | None] = [None] * n
