@@ -429,13 +429,15 @@ class _QueueWorker:
                 raise ProtocolError("a request failed unexpectedly")
             served = 0
             writethrough = owner.writethrough
-            with lock:
-                logging = queue.record_writes = owner.logging
+            logging = queue.record_writes = owner.logging
             parked = False
             while not self._stop:  # a stop request ends the batch (GET_VRING_BASE waits)
-                with lock:
-                    parked = self._parked
-                    chain = None if parked else queue.pop()
+                # Only this thread parks the ring, and pool threads pop it only while it is
+                # parked: seen unparked here, the ring is this thread's alone (no lock).
+                if self._parked:
+                    parked = True
+                    break
+                chain = queue.pop()
                 if chain is None:
                     break
                 size = 0
@@ -476,11 +478,8 @@ class _QueueWorker:
                     notify = queue.should_notify()
                 if notify:
                     owner.signal(self.index)
-            if self._stop or parked:
+            if self._stop or parked or not queue.enable_notification():
                 return
-            with lock:
-                if self._parked or not queue.enable_notification():
-                    return
 
 
 def _load_eventfd_write() -> Callable[[int, int], int] | None:
