@@ -108,7 +108,9 @@ def _inflight_flags(fe: VhostUserFrontend) -> list[int]:
     [
         ("used", 4096, 1),  # small requests run in order on the queue thread: one stuck
         ("avail", 4096, 1),
-        ("used", 256 << 10, 5),  # large ones run on the I/O pool: all the rest in flight
+        # large ones run on the I/O pool (one thread per CPU), whose threads pop the next
+        # chains themselves once every thread is busy: one stalled write per thread
+        ("used", 256 << 10, min(5, os.cpu_count() or 1)),
     ],
     ids=["used-small", "avail-small", "used-large"],
 )

@@ -3,6 +3,7 @@ wrap-around, indirect tables, chains crossing memory regions, several queues."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
@@ -18,6 +19,7 @@ from storvisor.protocols.vhost_user import messages as m
 from storvisor.protocols.vhost_user.messages import BackendRequest, Request
 from storvisor.protocols.virtio import blk
 from storvisor.protocols.virtio.blk import RequestType, Status
+from storvisor.protocols.virtio.ring import VRING_USED_F_NO_NOTIFY
 from storvisor.testing.memory import MemoryDevice
 from storvisor.testing.vhost_frontend import RegionSpec, VhostUserFrontend
 
@@ -369,6 +371,57 @@ def test_stop_waits_for_offloaded_requests(sock: str) -> None:
             fe.poll_used(0)
             assert fe.queues[0].completions.get(head) == (256 << 10) + 1
             assert fe.read_mem(status, 1) == b"\x00"
+    finally:
+        server.close()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="no I/O pool on one CPU")
+def test_busy_pool_pops_the_ring_itself(sock: str) -> None:
+    """Once every pool thread has a large request of a ring, the ring is parked: the driver
+    is told not to kick and the pool threads pop what follows as they finish."""
+    device = SlowLargeReads(SIZE)
+    device.write(0, pattern(SIZE, 9))
+    server = VhostUserBlkServer(device, sock)
+    server.start()
+    pool = server.io_pool()
+    assert pool is not None
+    big = 256 << 10
+    try:
+        with VhostUserFrontend(sock, event_idx=False, queue_size=64) as fe:
+            fe.setup()
+            q = fe.queues[0]
+            reads = [fe.blk_submit(RequestType.IN, i * big // 512, in_len=big) for i in range(2)]
+            reads += [
+                fe.blk_submit(RequestType.IN, i * big // 512, in_len=big, kick=False)
+                for i in range(2, pool.size)
+            ]
+            fe.kick(0)
+            deadline = time.monotonic() + 5
+            while not fe._u16(q.used_gpa) & VRING_USED_F_NO_NOTIFY:
+                assert time.monotonic() < deadline, "the ring was never parked"
+                time.sleep(0.001)
+            kicks = q.kicks
+            # the driver may skip kicks now: nobody but the pool looks at these
+            reads += [
+                fe.blk_submit(RequestType.IN, i * big // 512, in_len=big, kick=False)
+                for i in range(pool.size, pool.size + 4)
+            ]
+            end = (pool.size + 4) * big // 512  # past what the reads cover
+            small, _, small_status = fe.blk_submit(RequestType.OUT, end, out=b"s" * 512, kick=False)
+            device.release.set()
+            for i, (head, data, status) in enumerate(reads):
+                assert fe.wait(0, head) == big + 1
+                assert fe.read_mem(status, 1) == b"\x00"
+                assert fe.read_mem(data, big) == pattern(SIZE, 9)[i * big : (i + 1) * big]
+            assert fe.wait(0, small) == 1 and fe.read_mem(small_status, 1) == b"\x00"
+            assert q.kicks == kicks
+            # the ring is empty: kicks are wanted again
+            deadline = time.monotonic() + 5
+            while fe._u16(q.used_gpa) & VRING_USED_F_NO_NOTIFY:
+                assert time.monotonic() < deadline, "the ring stayed parked"
+                time.sleep(0.001)
+            assert fe.read(end * 512, 512) == (Status.OK, b"s" * 512)
+            assert fe.stop_queue(0) == len(reads) + 2
     finally:
         server.close()
 

@@ -17,6 +17,7 @@ from storvisor.protocols.virtio.ring import (
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
     RingError,
     SplitQueue,
     avail_ring_size,
@@ -249,6 +250,50 @@ def test_event_idx_notification_and_avail_event() -> None:
     assert d.queue.should_notify()  # used.idx = 2 passed used_event = 1
     assert not d.queue.enable_notification()
     assert d.u16(avail_event) == 2  # the driver kicks for the next chain
+
+
+def test_disable_notification_without_event_idx() -> None:
+    d = Driver()
+    d.desc(0, 0x4000, 1)
+    d.queue.disable_notification()
+    assert d.u16(USED) == VRING_USED_F_NO_NOTIFY
+    d.publish(0)
+    assert d.queue.enable_notification()  # flag cleared, then the ring re-checked
+    assert d.u16(USED) == 0
+    assert d.queue.pop() is not None
+    assert not d.queue.enable_notification()
+
+
+def test_disable_notification_with_event_idx_leaves_avail_event() -> None:
+    d = Driver(event_idx=True)
+    avail_event = USED + 4 + 8 * N
+    d.desc(0, 0x4000, 1)
+    assert not d.queue.enable_notification()
+    d.queue.disable_notification()
+    d.publish(0, 0)
+    assert d.queue.pop() is not None and d.queue.pop() is not None
+    assert d.u16(avail_event) == 0 and d.u16(USED) == 0  # the driver ignores the flag
+    assert not d.queue.enable_notification()
+    assert d.u16(avail_event) == 2
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_no_notify_left_by_an_earlier_backend_is_cleared(broken: bool) -> None:
+    d = Driver()
+    d.poke(USED, struct.pack("<H", VRING_USED_F_NO_NOTIFY))  # a back-end stopped while busy
+    queue = SplitQueue(  # the next one
+        d.memory,
+        N,
+        d.memory.gpa_view(DESC, desc_table_size(N)),
+        d.memory.gpa_view(AVAIL, avail_ring_size(N)),
+        d.memory.gpa_view(USED, used_ring_size(N)),
+    )
+    if broken:
+        d.publish(N)
+        with pytest.raises(RingError):
+            queue.pop()
+    queue.enable_notification()
+    assert d.u16(USED) == 0
 
 
 def test_used_idx_read_from_ring_on_start() -> None:

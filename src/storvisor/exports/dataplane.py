@@ -397,30 +397,8 @@ class RemoteVolume:
         words = self._reader_map.words
         if self._closed or self._lost or offset < 0 or offset + n > words[_SIZE_WORD]:
             self._check(offset, n, writing=False)
-        cs = self._cs
-        within = offset & (cs - 1)
-        index = HEADER_WORDS + (offset >> self._shift)
-        if within + n <= cs and index < len(words):  # one cluster: the common case
-            gate = self._gate
-            gate.enter()
-            try:
-                word = words[index]
-                if word == 0:
-                    buf[:] = self._zeros[:n]
-                    return
-                phys = (word & PHYS_MASK) - 1
-                fd = self._fds.get(phys >> PHYS_SHIFT)
-                if fd is not None:
-                    try:
-                        if os.preadv(fd, (buf,), ((phys & LOCAL_MASK) + 1) * cs + within) == n:
-                            return
-                    except OSError as e:
-                        raise IOFailure(f"read failed: {e.strerror}", e.errno or errno.EIO) from e
-                    _preadv(fd, [buf], ((phys & LOCAL_MASK) + 1) * cs + within)
-                    return
-            finally:
-                gate.leave()
-        self.vectors.read_into(offset, [buf])
+        if not self._read_one(offset, buf):
+            self.vectors.read_into(offset, [buf])
 
     def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         view = data if type(data) is memoryview else memoryview(data)
@@ -431,31 +409,71 @@ class RemoteVolume:
         closed = self._closed or self._lost
         if closed or offset < 0 or offset + n > words[_SIZE_WORD] or self._read_only:
             self._check(offset, n, writing=True)
+        if fua or not self._write_one(offset, view):
+            self.vectors.write(offset, [view], fua=fua)
+
+    def _read_one(self, offset: int, buf: memoryview) -> bool:
+        """Serve a read within one cluster directly (the common case); False if it is not
+        one (the caller takes the general path). The range is checked."""
+        n = len(buf)
         cs = self._cs
         within = offset & (cs - 1)
+        words = self._reader_map.words
         index = HEADER_WORDS + (offset >> self._shift)
-        if within + n <= cs and index < len(words) and not fua:  # one cluster, in place
-            gate = self._gate
-            gate.enter()
+        if within + n > cs or index >= len(words):
+            return False
+        gate = self._gate
+        gate.enter()
+        try:
+            word = words[index]
+            if word == 0:
+                buf[:] = self._zeros[:n]
+                return True
+            phys = (word & PHYS_MASK) - 1
+            fd = self._fds.get(phys >> PHYS_SHIFT)
+            if fd is None:
+                return False
+            where = ((phys & LOCAL_MASK) + 1) * cs + within
             try:
-                word = words[index]
-                if word and word >> EPOCH_SHIFT == words[_EPOCH_WORD]:
-                    phys = (word & PHYS_MASK) - 1
-                    fd = self._fds.get(phys >> PHYS_SHIFT)
-                    if fd is not None:
-                        where = ((phys & LOCAL_MASK) + 1) * cs + within
-                        try:
-                            if os.pwritev(fd, (view,), where) == n:
-                                return
-                        except OSError as e:
-                            raise IOFailure(
-                                f"write failed: {e.strerror}", e.errno or errno.EIO
-                            ) from e
-                        _pwritev(fd, [view], where)
-                        return
-            finally:
-                gate.leave()
-        self.vectors.write(offset, [view], fua=fua)
+                got = os.preadv(fd, (buf,), where)
+            except OSError as e:
+                raise IOFailure(f"read failed: {e.strerror}", e.errno or errno.EIO) from e
+            if got != n:
+                _preadv(fd, [buf], where)
+            return True
+        finally:
+            gate.leave()
+
+    def _write_one(self, offset: int, view: memoryview) -> bool:
+        """Write within one owned cluster directly (the common overwrite); False if the
+        write is not one (the caller takes the general path). The range is checked."""
+        n = len(view)
+        cs = self._cs
+        within = offset & (cs - 1)
+        words = self._reader_map.words
+        index = HEADER_WORDS + (offset >> self._shift)
+        if within + n > cs or index >= len(words):
+            return False
+        gate = self._gate
+        gate.enter()
+        try:
+            word = words[index]
+            if not word or word >> EPOCH_SHIFT != words[_EPOCH_WORD]:
+                return False
+            phys = (word & PHYS_MASK) - 1
+            fd = self._fds.get(phys >> PHYS_SHIFT)
+            if fd is None:
+                return False
+            where = ((phys & LOCAL_MASK) + 1) * cs + within
+            try:
+                done = os.pwritev(fd, (view,), where)
+            except OSError as e:
+                raise IOFailure(f"write failed: {e.strerror}", e.errno or errno.EIO) from e
+            if done != n:
+                _pwritev(fd, [view], where)
+            return True
+        finally:
+            gate.leave()
 
     def flush(self) -> None:
         self._check(0, 0, writing=False)
@@ -728,6 +746,8 @@ class _RemoteVectors:
 
     def read_into(self, offset: int, views: list[memoryview]) -> None:
         v = self._v
+        if len(views) == 1 and v._read_one(offset, views[0]):
+            return
         length = sum(len(view) for view in views)
         if not length:
             return
@@ -751,6 +771,10 @@ class _RemoteVectors:
 
     def write(self, offset: int, views: list[memoryview], *, fua: bool) -> None:
         v = self._v
+        if len(views) == 1 and v._write_one(offset, views[0]):
+            if fua:
+                v._call(Op.FLUSH)
+            return
         length = sum(len(view) for view in views)
         gate = v._gate
         remote: list[tuple[int, int]] = []  # (position in the request, length)

@@ -21,6 +21,16 @@ itself, under a per-queue lock that serialises every write to the used ring, so 
 hand-off lies between the copy and the guest's interrupt; completions may be out of order.
 Small requests stay on the queue thread: handing them over costs more than they do.
 
+Parking: once a queue has as many requests on the pool as the pool has threads, the queue
+thread stops popping and *parks* the ring: it tells the driver that kicks are not needed
+(``VRING_USED_F_NO_NOTIFY``, or ``avail_event`` left behind with EVENT_IDX) and goes back to
+sleep. Each pool thread that completes a request of a parked ring pops the next chain (small or
+large) and queues it on the pool itself; the one that finds the ring empty re-enables kicks,
+re-checks the ring and hands popping back to the queue thread. Under a deep queue of large
+requests the queue thread then sleeps and no kick or thread wake-up is spent per request; the
+price is that a small request arriving meanwhile waits for a pool thread. ``_ring_lock`` also
+serialises pops and the notification state while a pool thread may pop.
+
 Failure model: a malformed message or a hostile memory table drops the connection (the queues
 are stopped and memory unmapped; a reconnecting front-end starts afresh). A bad descriptor
 chain marks that queue broken (it stops processing, the error eventfd is signalled) while the
@@ -141,28 +151,32 @@ class _FileVectors:
         self._device = device
 
     def read_into(self, offset: int, views: list[memoryview]) -> None:
+        fd = self._device.fd
         while views:
-            batch = views[:_IOV_MAX]
             try:
-                n = os.preadv(self._device.fd, batch, offset)
+                n = os.preadv(fd, views if len(views) <= _IOV_MAX else views[:_IOV_MAX], offset)
             except OSError as e:
                 raise IOFailure(f"preadv failed: {e.strerror}", e.errno or errno.EIO) from e
             if n == 0:  # past the end of a file that shrank: the rest reads as zeros
                 for view in views:
                     view[:] = bytes(len(view))
                 return
+            if len(views) == 1 and n == len(views[0]):
+                return
             offset += n
             views = _advance(views, n)
 
     def write(self, offset: int, views: list[memoryview], *, fua: bool) -> None:
+        fd = self._device.fd
         while views:
-            batch = views[:_IOV_MAX]
             try:
-                n = os.pwritev(self._device.fd, batch, offset)
+                n = os.pwritev(fd, views if len(views) <= _IOV_MAX else views[:_IOV_MAX], offset)
             except OSError as e:
                 raise IOFailure(f"pwritev failed: {e.strerror}", e.errno or errno.EIO) from e
             if n == 0:
                 raise IOFailure("pwritev wrote nothing", errno.EIO)
+            if len(views) == 1 and n == len(views[0]):
+                break
             offset += n
             views = _advance(views, n)
         if fua:
@@ -189,6 +203,7 @@ class _IOPool:
     """
 
     def __init__(self, threads: int) -> None:
+        self.size = threads
         self._jobs: queue.SimpleQueue[tuple[_QueueWorker, Chain] | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._run, name=f"vhost-blk-io{i}", daemon=True)
@@ -222,7 +237,8 @@ class _QueueWorker:
 
     Small requests run inline on this thread. Large ones go to the I/O pool, whose thread
     runs them and publishes them in the used ring; ``_ring_lock`` serialises every write to
-    the used ring (and the notification decision) between this thread and the pool.
+    the used ring (and the notification decision) between this thread and the pool, and
+    every pop while the ring may be parked (see the module docstring).
     ``stop`` returns only once every request it popped has been completed.
     """
 
@@ -234,7 +250,9 @@ class _QueueWorker:
         self._stop = False
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._ring_lock = threading.Lock()
+        self._pool = owner.server.io_pool()
         self._offloaded = 0  # under _ring_lock
+        self._parked = False  # under _ring_lock: the pool pops this ring, kicks are off
         self._draining = False  # under _ring_lock: wake this thread when _offloaded drops
         self._failed = False
         self._thread = threading.Thread(
@@ -287,12 +305,21 @@ class _QueueWorker:
                     self._drain()
             finally:
                 self._finish_offloaded()
+                self._unpark()
         except ProtocolError as e:
             log.error("vhost-user-blk queue %d is broken: %s", self.index, e)
             owner.queue_broken(self.index)
         except Exception:  # a bug must not take the server down: fail the queue only
             log.exception("vhost-user-blk queue %d failed", self.index)
             owner.queue_broken(self.index)
+
+    def _unpark(self) -> None:
+        """Leave the driver kicking, whoever serves the ring next."""
+        queue = self.queue
+        assert queue is not None
+        with self._ring_lock:
+            self._parked = False
+            queue.enable_notification()
 
     def _execute(self, chain: Chain) -> int:
         owner = self.owner
@@ -326,13 +353,17 @@ class _QueueWorker:
         self.resubmit = []
 
     def finish(self, chain: Chain) -> None:
-        """Run an offloaded request and publish it; runs on a pool thread."""
+        """Run an offloaded request and publish it; runs on a pool thread.
+
+        While the ring is parked, also pop the next chain and hand it to the pool.
+        """
         try:
             used_len: int | None = self._execute(chain)
         except Exception:
             log.exception("vhost-user-blk queue %d: offloaded request failed", self.index)
             used_len = None
         notify = False
+        following: Chain | None = None
         with self._ring_lock:
             self._offloaded -= 1
             if used_len is None:
@@ -342,11 +373,36 @@ class _QueueWorker:
                 queue = self.queue
                 assert queue is not None
                 notify = queue.should_notify()
-            wake = self._draining or used_len is None
+                if self._parked and not (self._stop or self._draining or self._failed):
+                    try:
+                        following = self._pop_parked(queue)
+                    except ProtocolError as e:
+                        log.error("vhost-user-blk queue %d: %s", self.index, e)
+                        self._failed = True
+            wake = self._draining or self._failed
         if notify:
             self.owner.signal(self.index)
+        if following is not None:
+            assert self._pool is not None
+            self._pool.submit(self, following)
         if wake:
             os.eventfd_write(self._wake, 1)  # open: this thread waits for the pool
+
+    def _pop_parked(self, queue: SplitQueue) -> Chain | None:
+        """Pop the next chain of a parked ring (under ``_ring_lock``); unpark it when empty.
+
+        Counts the chain as offloaded. Raises ``RingError`` for a bad chain.
+        """
+        queue.record_writes = self.owner.logging
+        chain = queue.pop()
+        if chain is None and queue.enable_notification():  # arrived meanwhile
+            queue.disable_notification()
+            chain = queue.pop()
+        if chain is None:
+            self._parked = False  # kicks are on again; the queue thread takes over
+        else:
+            self._offloaded += 1
+        return chain
 
     def _finish_offloaded(self) -> None:
         """Wait until the pool has completed every offloaded request (also after an error)."""
@@ -369,7 +425,8 @@ class _QueueWorker:
         serial = owner.serial
         read_only = owner.read_only
         vectored = owner.vectored
-        pool = owner.server.io_pool()
+        pool = self._pool
+        cap = pool.size if pool is not None else 0
         lock = self._ring_lock
         while True:
             if self._failed:
@@ -377,7 +434,13 @@ class _QueueWorker:
             served = 0
             writethrough = owner.writethrough
             logging = queue.record_writes = owner.logging
+            parked = False
             while not self._stop:  # a stop request ends the batch (GET_VRING_BASE waits)
+                # Only this thread parks the ring, and pool threads pop it only while it is
+                # parked: seen unparked here, the ring is this thread's alone (no lock).
+                if self._parked:
+                    parked = True
+                    break
                 chain = queue.pop()
                 if chain is None:
                     break
@@ -389,7 +452,15 @@ class _QueueWorker:
                 if size >= OFFLOAD_BYTES and pool is not None:
                     with lock:
                         self._offloaded += 1
+                        if self._offloaded >= cap:
+                            # every pool thread has work of this ring: they pop the
+                            # next chains themselves as they finish, so kicks (and
+                            # waking this thread) are not needed until the ring is empty
+                            self._parked = parked = True
+                            queue.disable_notification()
                     pool.submit(self, chain)
+                    if parked:
+                        break
                     continue
                 used_len = execute(
                     device,
@@ -411,7 +482,7 @@ class _QueueWorker:
                     notify = queue.should_notify()
                 if notify:
                     owner.signal(self.index)
-            if self._stop or not queue.enable_notification():
+            if self._stop or parked or not queue.enable_notification():
                 return
 
 
@@ -464,7 +535,7 @@ class _Device:
         self.serial = server.serial.encode()[: blk.VIRTIO_BLK_ID_BYTES]
         self.read_only = server.read_only
         self.vectored: blk.VectoredIO | None = None
-        if isinstance(self.block, FileDevice):
+        if type(self.block) is FileDevice:  # a subclass may override read_into and write
             self.vectored = _FileVectors(self.block)
         elif isinstance(self.block, RemoteVolume):
             self.vectored = self.block.vectors

@@ -78,11 +78,15 @@ class Status(enum.IntEnum):
     UNSUPP = 2
 
 
+_OK = int(Status.OK)
+
+
 VIRTIO_BLK_ID_BYTES = 20
 VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
 
 VIRTIO_BLK_OUTHDR = struct.Struct("<IIQ")
 """``le32 type, le32 ioprio, le64 sector``."""
+_unpack_header = VIRTIO_BLK_OUTHDR.unpack_from
 VIRTIO_BLK_DISCARD_WRITE_ZEROES = struct.Struct("<QII")
 """``le64 sector, le32 num_sectors, le32 flags``."""
 
@@ -145,7 +149,8 @@ MAX_SEGMENTS = 16
 
 class VectoredIO(Protocol):
     """An optional fast path for a request's data: all its buffers in one call (for a raw
-    file, one ``preadv``/``pwritev`` instead of one per buffer). Failures raise
+    file, one ``preadv``/``pwritev`` instead of one per buffer, with no per-call range
+    checks). Used for every IN and OUT request when given. Failures raise
     ``IOFailure``; offsets and lengths are already checked against the device's capacity."""
 
     def read_into(self, offset: int, views: list[memoryview]) -> None:
@@ -203,18 +208,25 @@ def execute(
     writable = chain.writable
     if not writable or len(writable[-1]) == 0:
         raise RingError("virtio-blk request without a status byte")
-    rtype, sector, index, offset = _header(chain.readable)
+    readable = chain.readable
+    if readable and len(readable[0]) >= 16:
+        rtype, _, sector = _unpack_header(readable[0])
+        index, offset = 0, 16
+    else:
+        rtype, sector, index, offset = _header(readable)
     rtype &= ~VIRTIO_BLK_T_BARRIER
     last = writable[-1]
-    status_view = last[len(last) - 1 :]
     used_len = 1
-    status = Status.OK
+    status = _OK
     try:
         if rtype == _IN:
             if len(writable) == 2 and len(last) == 1:  # the usual layout: data, status
                 view = writable[0]
                 total = len(view)
-                device.read_into(_check(device, sector, total), view)
+                if vectored is not None:
+                    vectored.read_into(_check(device, sector, total), [view])
+                else:
+                    device.read_into(_check(device, sector, total), view)
             else:
                 data = writable[:-1]
                 if len(last) > 1:
@@ -223,7 +235,7 @@ def execute(
                 for view in data:
                     total += len(view)
                 pos = _check(device, sector, total)
-                if vectored is not None and len(data) > 1:
+                if vectored is not None:
                     vectored.read_into(pos, data)
                 else:
                     for view in data:
@@ -231,7 +243,6 @@ def execute(
                         pos += len(view)
             used_len = total + 1
         elif rtype == _OUT:
-            readable = chain.readable
             if index == 0 and offset == 16 and len(readable) == 2 and len(readable[0]) == 16:
                 views = readable[1:]  # the usual layout: header, data
             else:
@@ -242,7 +253,7 @@ def execute(
             pos = _check(device, sector, total)
             if read_only:
                 raise IOFailure("write to a read-only device", errno.EPERM)
-            if vectored is not None and len(views) > 1:
+            if vectored is not None:
                 vectored.write(pos, views, fua=writethrough)
             else:
                 for view in views:
@@ -290,7 +301,7 @@ def execute(
         status = Status.IOERR
         if rtype == _IN:
             used_len = 1
-    status_view[0] = status
+    last[len(last) - 1] = status
     return used_len
 
 

@@ -100,7 +100,7 @@ class SplitQueue:
     ``*_size`` helpers); ``memory`` translates the buffers' guest-physical addresses.
     ``last_avail`` is the next avail index to pop (``SET_VRING_BASE``); ``used_idx`` is read
     from the used ring (the ring may already hold completions from before a reconnect).
-    Not thread-safe: one thread owns a queue while it runs.
+    Not thread-safe: callers serialise every call on one queue.
     """
 
     def __init__(
@@ -140,6 +140,9 @@ class SplitQueue:
         self.used_idx = self._used16[1]
         self._signalled_used = self.used_idx
         self._ready = 0  # chains known available beyond last_avail (from the last idx read)
+        # VRING_USED_F_NO_NOTIFY is set (maybe by a back-end before a reconnect): the next
+        # enable_notification clears it
+        self._no_notify = bool(self._used16[0] & VRING_USED_F_NO_NOTIFY)
         self.broken = False
         self.record_writes = False
         """Fill ``Chain.written`` (set while live migration logs dirty pages)."""
@@ -286,12 +289,29 @@ class SplitQueue:
     def enable_notification(self) -> bool:
         """Ask the driver to kick for the next chain; returns True if chains arrived
         meanwhile (then keep processing instead of sleeping)."""
+        if self._no_notify:
+            self._used16[0] = 0
+            self._no_notify = False
+            if not self._event_idx:
+                self._fence()
         if self.broken:
             return False
         if self._event_idx:
             self._used16[2 + 4 * self.num] = self.last_avail
             self._fence()
         return self.avail_idx() != self.last_avail
+
+    def disable_notification(self) -> None:
+        """Tell the driver that kicks are not needed: the device comes back to the ring by
+        itself, and calls :meth:`enable_notification` (then re-checks) before it stops.
+
+        Without EVENT_IDX this sets ``VRING_USED_F_NO_NOTIFY``; with EVENT_IDX
+        ``avail_event`` is simply left behind, so the driver kicks at most once more.
+        Either way the driver may still kick (section 2.7.10); that is harmless.
+        """
+        if not self._event_idx and not self._no_notify:
+            self._used16[0] = VRING_USED_F_NO_NOTIFY
+            self._no_notify = True
 
 
 def _aligned(view: memoryview, alignment: int) -> bool:
