@@ -133,3 +133,23 @@ def test_snapshot_waits_for_in_place_writes_in_flight(pool: Pool) -> None:
     assert bytes(buf) == b"a" * 512
     snap.close()
     volume.close()
+
+
+def test_freed_clusters_wait_for_reads_in_flight(pool: Pool) -> None:
+    """A read that found a cluster holds the gate until its preadv is done; the commit that
+    would make a discarded cluster reusable waits for it, so the read can never return
+    another volume's data."""
+    pool.create_volume("v", 1 << 20)
+    volume = pool.open_volume("v")
+    volume.write(0, b"a" * 65536)
+    volume.flush()
+    volume.discard(0, 65536)
+    volume.state.gate.enter()  # a read between its lookup and its preadv
+    flusher = threading.Thread(target=pool.flush)
+    flusher.start()
+    flusher.join(0.3)
+    assert flusher.is_alive(), "the freed cluster was recycled under a read in flight"
+    volume.state.gate.leave()
+    flusher.join(10)
+    assert not flusher.is_alive()
+    volume.close()

@@ -7,7 +7,8 @@ Every open volume (or snapshot) has one ``VolumeState`` shared by all its handle
 layer)``, with ``fd = -1`` for an explicit zero. So:
 
 * a read of one cluster is one dict lookup and one ``preadv`` into the caller's buffer
-  (contiguous clusters are read with one ``preadv``); unmapped clusters read as zeros;
+  (contiguous clusters are read with one ``preadv``), inside the state's gate; unmapped
+  clusters read as zeros;
 * a write to a cluster the top layer owns is one ``pwritev`` from the caller's buffer, with no
   lock but inside the state's ``Gate`` (sharedmap.py); any other write *allocates*: it marks
   the virtual cluster pending (a second writer to it waits, then writes in place), takes a
@@ -372,14 +373,19 @@ class Volume:
             self._refuse(offset, n, writing=False)
         cs = s.cluster_size
         within = offset & (cs - 1)
-        if within + n <= cs:  # one cluster: one lookup, one preadv
-            entry = s.view.get(offset >> s.shift)
-            if entry is None or entry[0] < 0:
-                buf[:] = s.zeros[:n]
-            else:
-                _pread(entry[0], buf, entry[1] + within)
-            return
-        self._read_span(offset, buf)
+        gate = s.gate  # a freed cluster is not reused while a read that found it runs
+        gate.enter()
+        try:
+            if within + n <= cs:  # one cluster: one lookup, one preadv
+                entry = s.view.get(offset >> s.shift)
+                if entry is None or entry[0] < 0:
+                    buf[:] = s.zeros[:n]
+                else:
+                    _pread(entry[0], buf, entry[1] + within)
+                return
+            self._read_span(offset, buf)
+        finally:
+            gate.leave()
 
     def _read_span(self, offset: int, buf: memoryview) -> None:
         s = self.state
