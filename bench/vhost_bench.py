@@ -8,7 +8,8 @@ temporary directory, the source directory is read-only), in the same run:
 * 1 MiB sequential read and write at queue depth 8,
 
 each with 1 and 2 virtqueues (the depth is per queue). For every cell it prints IOPS, MiB/s,
-the back-end's CPU use (100% = one core, measured by the client from /proc), the ratio
+the back-end's CPU use (100% = one core, all its processes, from /proc over the whole run
+including the ramp), the ratio
 storvisor/qsd and how busy the whole host was (the higher of the two runs: other work on the
 machine shows up there). Usage::
 
@@ -103,6 +104,28 @@ def prefill(tool: Path, image: Path, size: int, sock: str) -> None:
         raise RuntimeError(f"prefill failed: {result}")
 
 
+def family_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its live descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, []))
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def fmt_iops(value: float) -> str:
     return f"{value:,.0f}"
 
@@ -149,6 +172,8 @@ def main() -> int:
                     running[name].start()
                 for w in WORKLOADS:
                     for name, backend in running.items():
+                        pid = backend.pid or 0
+                        cpu0, t0 = family_cpu(pid), time.monotonic()
                         result = run_client(
                             tool,
                             backend.socket_path,
@@ -158,7 +183,9 @@ def main() -> int:
                                 "--ramp", str(args.ramp), "--backend-pid", str(backend.pid),
                             ],
                         )  # fmt: skip
-                        result.update(backend=name, workload=w.name)
+                        # the client sees one pid; a back-end with queue processes has more
+                        cpu_pct = 100 * (family_cpu(pid) - cpu0) / (time.monotonic() - t0)
+                        result.update(backend=name, workload=w.name, backend_cpu_pct=cpu_pct)
                         results[(name, queues, w.name)] = result
                         if result.get("exit_code") != 0 or result.get("errors"):
                             failed = True

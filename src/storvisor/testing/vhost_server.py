@@ -7,6 +7,10 @@ drives it). It serves a raw file (``--file``) or a thin volume of a pool home (`
 ``--in-process``), prints ``READY`` once the socket listens, and on SIGTERM or SIGINT stops
 serving, flushes and closes the device, and exits 0. Bad arguments print one line and exit 2.
 
+A raw file with several queues is served as the daemon serves a volume: queue ``i`` in
+process ``i % P`` (``P`` = min(queues, CPUs); ``--in-process`` keeps them all here), which
+start with this one and end when it ends. Online extend (below) then only reaches slot 0.
+
 Online extend: on SIGUSR1 it reads a size in bytes from the ``--grow-file``, grows the file or
 volume to it, tells the front-end (``notify_config_change``) and prints ``GROWN <size>``; a
 failure prints ``GROW FAILED: <reason>`` and the export carries on.
@@ -15,7 +19,10 @@ failure prints ``GROW FAILED: <reason>`` and the export carries on.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,9 +55,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="serve a volume from this process instead of a data-plane process (as the "
         "daemon does)",
     )
+    parser.add_argument("--peer-fd", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.add_argument("--slot", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--slots", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.volume and (not args.home or "/" not in args.volume):
         parser.error("--volume POOL/VOL needs --home DIR")
+    if args.peer_fd >= 0:  # a queue process of a raw file's export
+        raw = FileDevice(args.file, read_only=args.read_only)
+        VhostUserBlkServer(
+            raw,
+            args.socket,
+            num_queues=args.queues,
+            read_only=args.read_only,
+            serial=args.serial or "",
+            slot=args.slot,
+            slots=args.slots,
+        ).serve_peer(socket.socket(fileno=args.peer_fd))
+        raw.close()
+        return 0
 
     # Block the stop signals before any thread starts, so that only sigwait() sees them.
     stop_signals = {signal.SIGTERM, signal.SIGINT}
@@ -75,8 +98,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 device, args.socket, num_queues=args.queues, read_only=args.read_only, serial=serial
             )
         else:
+            links = _queue_processes(args) if args.file and not args.in_process else []
             server = VhostUserBlkServer(
-                device, args.socket, num_queues=args.queues, read_only=args.read_only, serial=serial
+                device,
+                args.socket,
+                num_queues=args.queues,
+                read_only=args.read_only,
+                serial=serial,
+                peers=links,
             )
         server.start()
     except (StorvisorError, OSError, ValueError) as e:
@@ -106,6 +135,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if home is not None:
         home.close()
     return 0
+
+
+def _queue_processes(args: argparse.Namespace) -> list[socket.socket]:
+    """Start the queue processes of a raw file's export, as the daemon does for a volume:
+    ``min(queues, CPUs)`` slots, slot 0 being this process. Each opens the file itself (a
+    flush anywhere syncs it for all) and ends when its link to this process closes."""
+    slots = max(1, min(args.queues, os.cpu_count() or 1))
+    links = []
+    for slot in range(1, slots):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        argv = [sys.executable, "-m", "storvisor.testing.vhost_server", "--file", args.file]
+        argv += ["--socket", args.socket, "--queues", str(args.queues)]
+        argv += ["--peer-fd", str(theirs.fileno()), "--slot", str(slot), "--slots", str(slots)]
+        if args.read_only:
+            argv.append("--read-only")
+        if args.serial:
+            argv += ["--serial", args.serial]
+        subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()
+        links.append(ours)
+    return links
 
 
 if __name__ == "__main__":
