@@ -337,9 +337,10 @@ class _QueueWorker:
         queue = self.queue
         assert queue is not None
         if self.owner.logging:
-            slot = queue.used_idx % queue.num
+            # marked before the entry is published: a front-end that sees the completion
+            # finds the pages in the log
+            self.owner.log_completion(self.index, chain, queue.used_idx % queue.num)
             queue.push(chain.head, used_len)
-            self.owner.log_completion(self.index, chain, slot)
         else:
             queue.push(chain.head, used_len)
 
