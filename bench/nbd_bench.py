@@ -40,6 +40,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from proc_stats import family_cpu
+
 IMAGE_SIZE = 1 << 30
 STEP_4K = 4096 * 104729  # a prime number of blocks: scattered offsets
 
@@ -75,29 +77,6 @@ def _wait_for(path: str, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"server did not listen on {path}")
 
 
-def server_cpu(pid: int) -> float:
-    """User plus system CPU seconds the server has used so far: the process and its live
-    children (storvisor's data-plane processes)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        todo.extend(children.get(p, []))
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def bench(uri: str, w: Workload, scale: float, pid: int) -> tuple[float, float]:
     """Requests per second of one qemu-img bench run, and the server's CPU microseconds per
     request (a figure a busy machine disturbs less)."""
@@ -106,9 +85,9 @@ def bench(uri: str, w: Workload, scale: float, pid: int) -> tuple[float, float]:
     argv += ["-s", str(w.size), "-S", str(w.step), "-c", str(count)]
     if w.write:
         argv += ["-w", "--pattern=0x5a"]
-    cpu = server_cpu(pid)
+    cpu = family_cpu(pid)
     out = subprocess.run([*argv, uri], capture_output=True, text=True, check=True).stdout
-    cpu = server_cpu(pid) - cpu
+    cpu = family_cpu(pid) - cpu
     match = re.search(r"Run completed in ([0-9.]+) seconds", out)
     assert match, out
     return count / float(match.group(1)), cpu * 1e6 / count

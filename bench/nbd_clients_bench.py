@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from nbd_bench import IMAGE_SIZE, STEP_4K, _wait_for, storvisor_server
+from proc_stats import cpu_seconds, family
 
 WORKLOADS = [
     # name, request size, step, depth, write, requests per client
@@ -38,35 +39,6 @@ WORKLOADS = [
     ("4k randwrite qd32", 4096, STEP_4K, 32, True, 100000),
     ("1M seqread qd8", 1 << 20, 1 << 20, 8, False, 3000),
 ]
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def family(pid: int) -> list[int]:
-    """``pid`` and its descendants."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
 
 
 def run_clients(uri: str, workload: tuple[str, int, int, int, bool, int], clients: int,

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 TOOL_DIR = REPO.parent / "shared" / "tools" / "vhost-blk-bench"
 sys.path.insert(0, str(REPO / "src"))
 
+from proc_stats import family_cpu  # noqa: E402
 from storvisor.testing.vhost_backend import (  # noqa: E402
     QsdVhostBackend,
     StorvisorVhostBackend,
@@ -102,28 +103,6 @@ def prefill(tool: Path, image: Path, size: int, sock: str) -> None:
         )
     if result.get("exit_code") != 0:
         raise RuntimeError(f"prefill failed: {result}")
-
-
-def family_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by ``pid`` and its live descendants."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        todo.extend(children.get(p, []))
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def fmt_iops(value: float) -> str:

@@ -35,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
+from proc_stats import cpu_seconds, family  # noqa: E402
 from vhost_bench import build_tool, prefill, run_client  # noqa: E402
 
 STORVISOR = str(Path(sys.executable).with_name("storvisor"))
@@ -65,31 +66,6 @@ ONE_PROCESS = textwrap.dedent(
     home.close()
     """
 )
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of these processes and their threads, in seconds."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return out
 
 
 def wait_for(path: str, timeout: float = 30.0) -> None:
@@ -228,7 +204,7 @@ def main() -> int:
             try:
                 for sock in socks:
                     wait_for(sock)
-                pids = [proc.pid, *children(proc.pid)]
+                pids = family(proc.pid)
                 for workload in WORKLOADS:
                     result = run_pair(tool, socks, workload, args, pids)
                     results[(backend, workload[0])] = result
