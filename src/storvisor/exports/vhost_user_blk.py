@@ -1003,31 +1003,12 @@ class VhostUserBlkServer:
         """
         if self._listener is not None or self._wake_r < 0:
             raise Conflict(f"vhost-user-blk server on {self.socket_path} already started")
-        if self._given_listener is not None:
-            self._listener = self._given_listener
-            self._thread = threading.Thread(
-                target=self._serve, name=f"vhost-blk {self.socket_path}", daemon=True
-            )
-            self._thread.start()
-            return
-        try:
-            if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
-                os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
         if platform.machine() not in ("x86_64", "AMD64", "i686", "i386"):
             # the rings rely on x86's ordering of plain loads and stores (see ring.py)
             log.warning(
                 "vhost-user-blk rings are only safe on x86 hosts, not %s", platform.machine()
             )
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            listener.bind(self.socket_path)
-            listener.listen(4)
-        except OSError:
-            listener.close()
-            raise
-        self._listener = listener
+        self._listener = self._given_listener or listen_unix(self.socket_path)
         self._thread = threading.Thread(
             target=self._serve, name=f"vhost-blk {self.socket_path}", daemon=True
         )
@@ -1246,6 +1227,22 @@ def _recv_all(sock: socket.socket, n: int) -> bytes:
             raise OSError(errno.EPIPE, "link closed")
         data += more
     return bytes(data)
+
+
+def listen_unix(path: str) -> socket.socket:
+    """A listening Unix socket bound at ``path`` (a stale socket file there is replaced).
+    Raises ``OSError`` if it cannot be bound."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(path)
+        listener.listen(4)
+    except OSError:
+        listener.close()
+        raise
+    return listener
 
 
 def _receive(conn: socket.socket) -> m.Message | None:

@@ -30,7 +30,6 @@ import os
 import select
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import threading
@@ -41,6 +40,7 @@ from dataclasses import asdict, dataclass
 from storvisor.engine.volume import Volume
 from storvisor.errors import IOFailure
 from storvisor.exports.dataplane import PlaneHost, RemoteVolume
+from storvisor.exports.vhost_user_blk import VhostUserBlkServer, listen_unix
 
 log = logging.getLogger(__name__)
 
@@ -119,17 +119,7 @@ class VhostDataPlane:
         """Bind the socket (replacing a stale one), start the processes and wait until they
         serve. Raises ``OSError`` if the socket cannot be bound, ``IOFailure`` if the
         processes do not come up."""
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
-                os.unlink(self.socket_path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            listener.bind(self.socket_path)
-            listener.listen(4)
-        except OSError:
-            listener.close()
-            raise
-        self._listener = listener
+        self._listener = listen_unix(self.socket_path)
         try:
             self._spawn()
         except BaseException:
@@ -316,9 +306,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, KeyError) as e:
         print(f"vhost_worker: bad configuration: {e}", file=sys.stderr)
         return 2
-    # Imported here so that a bad command line fails fast.
-    from storvisor.exports.vhost_user_blk import VhostUserBlkServer
-
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     me = os.getpid()
