@@ -429,17 +429,10 @@ class RemoteVolume:
             if word == 0:
                 buf[:] = self._zeros[:n]
                 return True
-            phys = (word & PHYS_MASK) - 1
-            fd = self._fds.get(phys >> PHYS_SHIFT)
-            if fd is None:
+            place = self._locate(word, within)
+            if place is None:
                 return False
-            where = ((phys & LOCAL_MASK) + 1) * cs + within
-            try:
-                got = os.preadv(fd, (buf,), where)
-            except OSError as e:
-                raise IOFailure(f"read failed: {e.strerror}", e.errno or errno.EIO) from e
-            if got != n:
-                _preadv(fd, [buf], where)
+            _preadv(place[0], [buf], place[1])
             return True
         finally:
             gate.leave()
@@ -460,20 +453,22 @@ class RemoteVolume:
             word = words[index]
             if not word or word >> EPOCH_SHIFT != words[_EPOCH_WORD]:
                 return False
-            phys = (word & PHYS_MASK) - 1
-            fd = self._fds.get(phys >> PHYS_SHIFT)
-            if fd is None:
+            place = self._locate(word, within)
+            if place is None:
                 return False
-            where = ((phys & LOCAL_MASK) + 1) * cs + within
-            try:
-                done = os.pwritev(fd, (view,), where)
-            except OSError as e:
-                raise IOFailure(f"write failed: {e.strerror}", e.errno or errno.EIO) from e
-            if done != n:
-                _pwritev(fd, [view], where)
+            _pwritev(place[0], [view], place[1])
             return True
         finally:
             gate.leave()
+
+    def _locate(self, word: int, within: int) -> tuple[int, int] | None:
+        """The backing fd and byte offset of byte ``within`` of the cluster a (non-zero) map
+        word names; None when this plane has no fd for its device yet."""
+        phys = (word & PHYS_MASK) - 1
+        fd = self._fds.get(phys >> PHYS_SHIFT)
+        if fd is None:
+            return None
+        return fd, ((phys & LOCAL_MASK) + 1) * self._cs + within
 
     def flush(self) -> None:
         self._check(0, 0, writing=False)
@@ -540,7 +535,6 @@ class RemoteVolume:
         runs: list[tuple[int, int, int, bool]] = []
         pos = offset
         end = offset + length
-        fds = self._fds
         while pos < end:
             within = pos & (cs - 1)
             chunk = min(cs - within, end - pos)
@@ -548,12 +542,10 @@ class RemoteVolume:
             if word == 0:
                 fd, where, owned = -1, 0, False
             else:
-                phys = (word & PHYS_MASK) - 1
-                index = phys >> PHYS_SHIFT
-                fd = fds.get(index, -2)
-                if fd == -2:
-                    raise _NeedFd(index)
-                where = ((phys & LOCAL_MASK) + 1) * cs + within
+                place = self._locate(word, within)
+                if place is None:
+                    raise _NeedFd(((word & PHYS_MASK) - 1) >> PHYS_SHIFT)
+                fd, where = place
                 owned = word >> EPOCH_SHIFT == epoch
             if runs:
                 rfd, roff, rlen, rown = runs[-1]
@@ -718,6 +710,8 @@ def _preadv(fd: int, views: list[memoryview], offset: int) -> None:
             raise IOFailure(f"read failed: {e.strerror}", e.errno or errno.EIO) from e
         if n == 0:
             raise IOFailure("short read from a backing device", errno.EIO)
+        if len(views) == 1 and n == len(views[0]):
+            return  # the common case: all at once
         offset += n
         total = sum(len(v) for v in views)
         if n >= total:
@@ -731,6 +725,8 @@ def _pwritev(fd: int, views: list[memoryview], offset: int) -> None:
             n = os.pwritev(fd, views[:_IOV_MAX], offset)
         except OSError as e:
             raise IOFailure(f"write failed: {e.strerror}", e.errno or errno.EIO) from e
+        if len(views) == 1 and n == len(views[0]):
+            return  # the common case: all at once
         offset += n
         total = sum(len(v) for v in views)
         if n >= total:
