@@ -7,28 +7,17 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
+
+from storvisor.testing import procs
 
 nbd = pytest.importorskip("nbd")
 
 
 def _workers(daemon_pid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        mine = int(fields[1]) == daemon_pid and fields[0] != "Z"
-        if mine and b"storvisor.exports.nbd_worker" in cmdline:
-            pids.append(int(entry))
-    return sorted(pids)
+    children = procs.children(daemon_pid)
+    return sorted(c.pid for c in children if b"storvisor.exports.nbd_worker" in c.cmdline)
 
 
 def _alive(handle) -> bool:  # type: ignore[no-untyped-def]

@@ -8,9 +8,9 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 from storvisor.protocols.virtio.blk import Status
+from storvisor.testing import procs
 from storvisor.testing.vhost_frontend import VhostUserFrontend
 
 MiB = 1 << 20
@@ -19,19 +19,12 @@ MiB = 1 << 20
 def _planes(daemon_pid: int) -> dict[str, list[int]]:
     """socket path -> pids of the daemon's data-plane processes for it, by slot."""
     found: dict[str, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == daemon_pid and b"storvisor.exports.vhost_worker" in cmdline:
+    for child in procs.children(daemon_pid):
+        cmdline = child.cmdline
+        if b"storvisor.exports.vhost_worker" in cmdline:
             config = json.loads(cmdline[cmdline.index(b"storvisor.exports.vhost_worker") + 1])
             slots = found.setdefault(config["socket_path"], [0] * config["slots"])
-            slots[config["slot"]] = int(entry)
+            slots[config["slot"]] = child.pid
     return found
 
 
@@ -98,11 +91,4 @@ def test_each_export_has_its_own_process_restarted_after_a_kill(cli, daemon, tmp
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait()
     for pid in [p for pids in again.values() for p in pids]:  # the data planes follow their daemon
-        _wait(lambda pid=pid: not Path(f"/proc/{pid}").exists() or _zombie(pid))
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+        _wait(lambda pid=pid: procs.gone(pid))

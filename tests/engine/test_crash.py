@@ -28,7 +28,7 @@ import pytest
 from storvisor.api.client import Client
 from storvisor.engine.home import Home
 from storvisor.engine.types import BackingSpec, VolumeInfo
-from storvisor.testing import crashkit
+from storvisor.testing import crashkit, procs
 from storvisor.testing.crashkit import History
 
 ROUNDS = 10
@@ -211,7 +211,7 @@ class DaemonRound:
     def kill_after(self, delay: float) -> threading.Timer:
         def kill() -> None:
             self.killed.set()
-            self.planes = _children(self.proc.pid)  # they must follow the daemon
+            self.planes = [c.pid for c in procs.children(self.proc.pid)]  # to follow it
             self.proc.send_signal(signal.SIGKILL)
 
         timer = threading.Timer(delay, kill)
@@ -332,40 +332,15 @@ def _daemon_rounds(
             if log.timer is not None:
                 log.timer.join()
             daemon.close()
-        _wait_gone(daemon.planes)  # no data plane may write after the check began
+        try:  # no data plane may write after the check began
+            procs.wait_gone(daemon.planes)
+        except TimeoutError as e:
+            raise AssertionError(f"{where}: a data plane outlived its daemon: {e}") from e
         history = History(known, log.records)
         if history.durable:
             flushed_rounds += 1
         known = crashkit.check_home(home_dir, history, where)
     assert flushed_rounds >= 1, f"seed {seed}: no round reached a flush"
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
-def _wait_gone(pids: list[int], timeout: float = 10.0) -> None:
-    """Wait until these processes (a killed daemon's data planes) have exited."""
-    deadline = time.monotonic() + timeout
-    for pid in pids:
-        while True:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                break
-            if state == "Z":
-                break
-            assert time.monotonic() < deadline, f"data plane {pid} outlived its daemon"
-            time.sleep(0.05)
 
 
 def _volume_infos(home_dir: Path) -> list[VolumeInfo]:

@@ -105,8 +105,8 @@ def test_raw_file_queue_processes_verify(bench: Path, socket_dir: Path, tmp_path
     queue process goes when slot 0 does."""
     import os
     import signal
-    import time
 
+    from storvisor.testing import procs
     from storvisor.testing.vhost_backend import StorvisorVhostBackend
 
     image = tmp_path / "disk.img"
@@ -117,37 +117,15 @@ def test_raw_file_queue_processes_verify(bench: Path, socket_dir: Path, tmp_path
     backend.start()
     try:
         assert backend.pid is not None
-        peers = _children(backend.pid)
+        peers = [c.pid for c in procs.children(backend.pid)]
         assert len(peers) == min(2, os.cpu_count() or 1) - 1
         args = ["--verify", "--queues", "2", "--bs", "64k", "--iodepth", "8"]
         result = _run(bench, sock, *args, "--size-limit", str(32 << 20))
         assert result.returncode == 0, result.stdout + result.stderr
         os.kill(backend.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while any(os.path.exists(f"/proc/{p}") and not _zombie(p) for p in peers):
-            assert time.monotonic() < deadline, "a queue process outlived slot 0"
-            time.sleep(0.05)
+        try:
+            procs.wait_gone(peers)
+        except TimeoutError as e:
+            raise AssertionError(f"a queue process outlived slot 0: {e}") from e
     finally:
         backend.close()
-
-
-def _children(pid: int) -> list[int]:
-    import os
-
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
