@@ -56,7 +56,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from storvisor.engine.device import BlockDevice
 from storvisor.errors import IOFailure, NotFound, StorvisorError
@@ -289,7 +289,53 @@ class Management(Protocol):
     def extend_volume(self, pool: str, name: str, size: int) -> object: ...
 
 
-class NbdWriter:
+H = TypeVar("H")
+
+
+class _DaemonWriter(Generic[H]):
+    """What the writers that drive a daemon share: a data handle per target from
+    ``connect`` (opened when the target is first written), management over its API."""
+
+    def __init__(
+        self,
+        connect: Callable[[str], H],
+        api: Management,
+        pool: str,
+        *,
+        management_durable: bool = True,
+    ) -> None:
+        self.connect = connect
+        self.api = api
+        self.pool = pool
+        self._management_durable = management_durable
+        self.handles: dict[str, H] = {}
+        self.dirty: set[str] = set()
+
+    @property
+    def management_durable(self) -> bool:
+        """What the API promises for its management operations."""
+        return self._management_durable
+
+    def _handle(self, target: str) -> H:
+        if target not in self.handles:
+            self.handles[target] = self.connect(target)
+        self.dirty.add(target)
+        return self.handles[target]
+
+    def snapshot(self, volume: str, snapshot: str) -> None:
+        self.api.create_snapshot(self.pool, volume, snapshot)
+
+    def clone(self, volume: str, snapshot: str, new: str) -> None:
+        self.api.clone(self.pool, volume, snapshot, new)
+
+    def delete_snapshot(self, volume: str, snapshot: str) -> None:
+        self.api.delete_snapshot(self.pool, volume, snapshot)
+
+    def flatten(self, volume: str) -> None:
+        self.api.flatten(self.pool, volume)
+
+
+class NbdWriter(_DaemonWriter[NbdHandle]):
     """A ``Writer`` that drives a daemon: data over NBD, snapshots and clones over its API.
 
     ``connect(volume)`` returns a connected handle on an NBD export of ``volume`` (exporting
@@ -306,23 +352,8 @@ class NbdWriter:
         *,
         management_durable: bool = True,
     ) -> None:
-        self.connect = connect
-        self.api = api
-        self.pool = pool
-        self._management_durable = management_durable
-        self.handles: dict[str, NbdHandle] = {}
-        self.dirty: set[str] = set()
+        super().__init__(connect, api, pool, management_durable=management_durable)
         self.retired: list[NbdHandle] = []
-
-    @property
-    def management_durable(self) -> bool:
-        return self._management_durable
-
-    def _handle(self, target: str) -> NbdHandle:
-        if target not in self.handles:
-            self.handles[target] = self.connect(target)
-        self.dirty.add(target)
-        return self.handles[target]
 
     def write(self, target: str, offset: int, data: bytes, *, fua: bool) -> None:
         self._handle(target).pwrite(data, offset, NBD_CMD_FLAG_FUA if fua else 0)
@@ -340,18 +371,6 @@ class NbdWriter:
         for target in sorted(self.dirty):
             self.handles[target].flush()
         self.dirty.clear()
-
-    def snapshot(self, volume: str, snapshot: str) -> None:
-        self.api.create_snapshot(self.pool, volume, snapshot)
-
-    def clone(self, volume: str, snapshot: str, new: str) -> None:
-        self.api.clone(self.pool, volume, snapshot, new)
-
-    def delete_snapshot(self, volume: str, snapshot: str) -> None:
-        self.api.delete_snapshot(self.pool, volume, snapshot)
-
-    def flatten(self, volume: str) -> None:
-        self.api.flatten(self.pool, volume)
 
     def rollback(self, volume: str, snapshot: str) -> None:
         """Roll back through the API; the volume must have no export holding it open."""
@@ -380,27 +399,10 @@ class VhostHandle(Protocol):
     def flush(self) -> int: ...
 
 
-class VhostWriter:
+class VhostWriter(_DaemonWriter[VhostHandle]):
     """A ``Writer`` that drives a daemon: data over vhost-user-blk exports (virtio-blk
     requests from ``connect(volume)``'s front-end), management over its API. Needs an
     ``aligned`` workload. FUA is a write followed by a flush (virtio-blk has none)."""
-
-    def __init__(self, connect: Callable[[str], VhostHandle], api: Management, pool: str) -> None:
-        self.connect = connect
-        self.api = api
-        self.pool = pool
-        self.handles: dict[str, VhostHandle] = {}
-        self.dirty: set[str] = set()
-
-    @property
-    def management_durable(self) -> bool:
-        return True
-
-    def _handle(self, target: str) -> VhostHandle:
-        if target not in self.handles:
-            self.handles[target] = self.connect(target)
-        self.dirty.add(target)
-        return self.handles[target]
 
     @staticmethod
     def _ok(status: int, what: str) -> None:
@@ -424,18 +426,6 @@ class VhostWriter:
         for target in sorted(self.dirty):
             self._ok(self.handles[target].flush(), "flush")
         self.dirty.clear()
-
-    def snapshot(self, volume: str, snapshot: str) -> None:
-        self.api.create_snapshot(self.pool, volume, snapshot)
-
-    def clone(self, volume: str, snapshot: str, new: str) -> None:
-        self.api.clone(self.pool, volume, snapshot, new)
-
-    def delete_snapshot(self, volume: str, snapshot: str) -> None:
-        self.api.delete_snapshot(self.pool, volume, snapshot)
-
-    def flatten(self, volume: str) -> None:
-        self.api.flatten(self.pool, volume)
 
     def rollback(self, volume: str, snapshot: str) -> None:
         raise IOFailure("a volume exported over vhost-user cannot be rolled back", errno.EBUSY)
