@@ -1,13 +1,38 @@
 """Shared pytest set-up.
 
 Debian's ``python3-libnbd`` lives in the system dist-packages; it is made importable for the
-test process only (appended, so nothing else is shadowed).
+test process only (appended, so nothing else is shadowed). The ``home`` and ``pool`` fixtures
+give engine-level tests a fresh ``Home`` with one small pool on a sparse file (the CLI tests
+have a ``home`` directory fixture of their own).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from storvisor.engine.home import Home
+from storvisor.engine.pool import Pool
+from storvisor.engine.types import BackingSpec
 
 _DEBIAN_DIST = "/usr/lib/python3/dist-packages"
 if _DEBIAN_DIST not in sys.path:
     sys.path.append(_DEBIAN_DIST)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Home]:
+    h = Home(tmp_path / "home")
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture
+def pool(home: Home, tmp_path: Path) -> Pool:
+    home.create_pool("p", [BackingSpec(str(tmp_path / "d0.img"), 256 << 20)], 64 << 10)
+    return home.pool("p")

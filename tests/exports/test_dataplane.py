@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
 
@@ -42,21 +41,6 @@ class Plane:
         self.remote.close()
         self.host.close()
         self.volume.close()
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Iterator[Home]:
-    h = Home(tmp_path / "home")
-    try:
-        yield h
-    finally:
-        h.close()
-
-
-@pytest.fixture
-def pool(home: Home, tmp_path: Path) -> Pool:
-    home.create_pool("p", [BackingSpec(str(tmp_path / "d0.img"), 256 << 20)], 64 << 10)
-    return home.pool("p")
 
 
 def test_remote_volume_conforms(pool: Pool) -> None:
