@@ -149,9 +149,10 @@ class VolumeState:
             plane.map.resize(size)
             plane.resized()
 
-    def _publish(self, vc: int, entry: Entry, phys: int | None) -> None:
-        """Record ``vc``'s new view entry (with the pool lock held) in every plane's map."""
-        if entry[0] < 0 and not self.pool.layer_has_parent(self.top):
+    def _publish(self, vc: int, entry: Entry | None, phys: int | None) -> None:
+        """Record ``vc``'s new view entry (None: unmapped) in the view and in every plane's
+        map. Call with the pool lock held."""
+        if entry is None:
             self.view.pop(vc, None)
         else:
             self.view[vc] = entry
@@ -263,7 +264,7 @@ class VolumeState:
                         in_place.append(entry)
                         continue
                     pool.set_entry(top, vc, ZERO if explicit else None)
-                    self._publish(vc, (-1, 0, top), None)
+                    self._publish(vc, (-1, 0, top) if explicit else None, None)
             if in_place:
                 self.gate.enter()
                 try:
