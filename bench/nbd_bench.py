@@ -165,6 +165,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=0.5)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only", default="")
+    parser.add_argument("--each", action="store_true", help="print every visit's figures")
     parser.add_argument("--serve")
     parser.add_argument("--image")
     parser.add_argument("--socket")
@@ -228,7 +229,13 @@ def main() -> None:
         for w in WORKLOADS:
             for _ in range(args.repeat):
                 for label, uri in uris.items():
+                    # every run starts with a clean page cache: no writeback left over from the
+                    # run before (another server's, or a copy-on-write pass, which leaves
+                    # sixteen times the dirty data of an overwrite) lands under this one
+                    subprocess.run(["sync"], check=True)
                     rate, cpu = bench(uri, w, args.scale, pids[label])
+                    if args.each:
+                        print(f"  {w.name:24} {label:28} {rate:10,.0f} req/s {cpu:8.1f} us/req")
                     runs[label].setdefault(w.name, []).append(rate)
                     cpus[label].setdefault(w.name, []).append(cpu)
             line = "  ".join(

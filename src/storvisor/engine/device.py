@@ -40,7 +40,8 @@ Buffer = bytes | bytearray | memoryview
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+"""The C library, for the calls ``os`` lacks (``fallocate`` modes, ``sync_file_range``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +256,7 @@ def _io(func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """``fallocate(2)`` through libc (``os.posix_fallocate`` cannot punch holes)."""
-    ret = _LIBC.fallocate(
+    ret = LIBC.fallocate(
         ctypes.c_int(fd), ctypes.c_int(mode), ctypes.c_int64(offset), ctypes.c_int64(length)
     )
     if ret != 0:

@@ -23,8 +23,11 @@ left by rollbacks) stays until only one depends on it.
 All metadata lives in memory (``Layer.map`` dicts, and per open volume a merged *view* of its
 chain, so a read costs one dict lookup) and reaches the SQLite catalog through ``Batch``es.
 ``flush`` makes data durable first (``fdatasync`` of every backing device), then commits the
-batch in one transaction; a background thread does the same at least every second. A cluster
-released by a batch is reused only after that batch committed.
+batch in one transaction. A background thread commits pending metadata every half second; it
+makes durable only the clusters allocated since the last commit (``Backing.sync_clusters``),
+the data the new metadata points at, and leaves in-place overwrites to the next flush, as a
+disk with a volatile cache may. A cluster released by a batch is reused only after that batch
+committed.
 """
 
 from __future__ import annotations
@@ -137,6 +140,8 @@ class Pool:
         self._commit_lock = threading.Lock()
         self._batch = Batch()
         self._data_dirty = False
+        self._fresh: list[int] = []
+        """Clusters the batch maps that were allocated (and written) since the last commit."""
         self._states: dict[tuple[int, int | None], VolumeState] = {}
         self._tree = LayerTree(name)
         self._volumes: dict[str, _VolumeRec] = {}
@@ -310,23 +315,41 @@ class Pool:
         transaction. Raises ``IOFailure`` if either step fails; the batch then stays pending
         and is retried by the next flush.
         """
+        self._commit(full=True)
+
+    def _commit(self, *, full: bool) -> None:
+        """Commit the pending batch after making durable the data it points at: all written
+        data (``full``, a flush) or only the clusters allocated since the last commit."""
         with self._commit_lock:
             with self._lock:
                 batch, self._batch = self._batch, Batch()
-                dirty, self._data_dirty = self._data_dirty, False
-                backings = list(self._backings.values())
-            if not batch and not dirty:
+                fresh, self._fresh = self._fresh, []
+                dirty = self._data_dirty
+                if full:
+                    self._data_dirty = False
+                backings = dict(self._backings)
+            if not batch and not (full and dirty):
                 return
             try:
-                for backing in backings:
-                    backing.sync()
+                if full:
+                    for backing in backings.values():
+                        backing.sync()
+                else:
+                    by_device: dict[int, list[int]] = {}
+                    for phys in fresh:
+                        index, local = split_phys(phys)
+                        by_device.setdefault(index, []).append(local)
+                    for index, clusters in by_device.items():
+                        backings[index].sync_clusters(clusters)
                 if batch:
                     self._catalog.apply(batch)
             except BaseException:
                 with self._lock:
                     batch.absorb(self._batch)
                     self._batch = batch
-                    self._data_dirty = True
+                    self._fresh[:0] = fresh
+                    if full and dirty:
+                        self._data_dirty = True
                 raise
             if batch.frees:
                 # no in-place I/O that looked a freed cluster up may still be running when
@@ -390,12 +413,12 @@ class Pool:
 
     def _commit_loop(self) -> None:
         # Only pending metadata needs the timer (DESIGN.md: metadata commits at least every
-        # second). In-place overwrites alone are the volatile cache's to lose until the next
-        # flush or FUA, so they cost no background fdatasync.
+        # second). In-place overwrites are the volatile cache's to lose until the next flush
+        # or FUA, so they cost no background sync, also when allocations keep metadata coming.
         while not self._stop.wait(COMMIT_INTERVAL):
             if self._batch:
                 try:
-                    self.flush()
+                    self._commit(full=False)
                 except StorvisorError as e:
                     log.error("pool %s: background commit failed: %s", self.name, e)
 
@@ -693,8 +716,11 @@ class Pool:
 
     def set_entry(self, layer_id: int, vc: int, value: int | None) -> None:
         """Map ``vc`` of a layer to a cluster, to ``ZERO``, or to nothing (None), releasing
-        the cluster it mapped before. Call with the pool lock held."""
+        the cluster it mapped before. Call with the pool lock held, and only after a cluster
+        newly allocated for ``value`` holds its data: the next commit syncs it."""
         self._tree.set_entry(self._batch, layer_id, vc, value)
+        if value is not None and value >= 0:
+            self._fresh.append(value)
 
     def mark_dirty(self) -> None:
         """Record that data was written since the last flush (call after the write)."""
