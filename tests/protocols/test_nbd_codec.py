@@ -477,6 +477,26 @@ def test_large_write_payload_in_pieces(chunk: int) -> None:
         drive(ServerConnection(), [data[i : i + chunk] for i in range(0, 100_000, chunk)], eof=True)
 
 
+def test_a_released_payload_receives_the_next_write_of_its_length() -> None:
+    conn = _connected(structured=True)
+
+    def write(offset: int, payload: bytes) -> Command:
+        data = request(W, offset, len(payload), payload=payload)
+        (command,), _ = drive(conn, [data[i : i + 65536] for i in range(0, len(data), 65536)])
+        assert isinstance(command, Command) and command.payload == payload
+        return command
+
+    first, second = bytes(range(256)) * 1000, bytes(reversed(range(256))) * 1000
+    kept = write(0, first).payload
+    conn.release_payload(kept)
+    assert write(4096, second).payload is kept
+    # not released, or of another length: a buffer of its own
+    other = write(0, first).payload
+    assert other is not kept
+    conn.release_payload(other)
+    assert write(0, first + bytes(512)).payload is not other
+
+
 # -- the READ fast path --------------------------------------------------------------------
 
 

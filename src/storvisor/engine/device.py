@@ -77,7 +77,8 @@ class BlockDevice(Protocol):
         """Fill ``buf`` entirely with the bytes at ``offset``."""
 
     def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
-        """Write ``data`` at ``offset``; with ``fua`` it is durable when this returns."""
+        """Write ``data`` at ``offset``; with ``fua`` it is durable when this returns.
+        ``data`` is not referenced after this returns (callers reuse the buffer)."""
 
     def flush(self) -> None:
         """Make every write completed before this call durable (data and metadata)."""

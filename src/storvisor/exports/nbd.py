@@ -493,6 +493,7 @@ class _Connection:
             if kind == C.NBD_CMD_WRITE:
                 assert command.payload is not None
                 device.write(command.offset, command.payload, fua=fua)
+                codec.release_payload(command.payload)  # written: devices keep no reference
             elif kind == C.NBD_CMD_FLUSH:
                 device.flush()
             elif kind == C.NBD_CMD_TRIM:
