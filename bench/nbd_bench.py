@@ -1,11 +1,17 @@
 """NBD export benchmark: storvisor against nbdkit's file plugin and qemu-storage-daemon.
 
-Every server serves a 1 GiB image (written, not sparse) on a Unix socket; the same client,
-``qemu-img bench`` (O_DIRECT off the client side, ``-t none -n``), drives each in turn:
+Every server serves a 1 GiB image (written, not sparse) on a Unix socket; the same clients
+drive each in turn. ``qemu-img bench`` (O_DIRECT off the client side, ``-t none -n``):
 
 * 4k "random" read and write at queue depth 1 and 32: qemu-img bench steps through the image
   by a large prime number of 4 KiB blocks (``-S``), wrapping around, which scatters requests;
 * 1 MiB sequential read and write at queue depth 8.
+
+Then fio's ``nbd`` engine (libnbd), the "fio" rows: 4k random read and write at queue depth
+32 and 1 MiB sequential read and write at queue depth 8, each for a fixed time. At queue
+depth 32 qemu-img bench is the bottleneck itself (its own CPU time per request is about
+that of the servers, and it has one core); fio's client costs less, so it shows more of the
+servers.
 
 A "first" row is one run per server (no repeats): the first 4k writes after the image was
 prepared, which on the snapshotted thin volume pay copy-on-write of every 64 KiB cluster they
@@ -30,6 +36,7 @@ visits them in turn ``--repeat`` times (a "first" row once); the figure is the m
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -58,6 +65,9 @@ class Workload:
     count: int
     once: bool = False
     """Run once per server: the row measures writes to blocks never written since the set-up."""
+    client: str = "qemu-img"
+    """``qemu-img`` (``qemu-img bench``, ``count`` requests) or ``fio`` (its ``nbd`` engine,
+    libnbd, random or sequential for ``FIO_SECONDS`` times the scale)."""
 
 
 WORKLOADS = [
@@ -69,7 +79,12 @@ WORKLOADS = [
     Workload("1M seqread qd8", 1 << 20, 1 << 20, 8, False, 3000),
     Workload("1M seqwrite qd8 first", 1 << 20, 1 << 20, 8, True, 3000, once=True),
     Workload("1M seqwrite qd8", 1 << 20, 1 << 20, 8, True, 3000),
+    Workload("fio 4k randread qd32", 4096, 0, 32, False, 0, client="fio"),
+    Workload("fio 4k randwrite qd32", 4096, 0, 32, True, 0, client="fio"),
+    Workload("fio 1M seqread qd8", 1 << 20, 0, 8, False, 0, client="fio"),
+    Workload("fio 1M seqwrite qd8", 1 << 20, 0, 8, True, 0, client="fio"),
 ]
+FIO_SECONDS = 6
 
 
 def _wait_for(path: str, proc: subprocess.Popen[bytes]) -> None:
@@ -83,8 +98,10 @@ def _wait_for(path: str, proc: subprocess.Popen[bytes]) -> None:
 
 
 def bench(uri: str, w: Workload, scale: float, pid: int) -> tuple[float, float]:
-    """Requests per second of one qemu-img bench run, and the server's CPU microseconds per
-    request (a figure a busy machine disturbs less)."""
+    """Requests per second of one client run, and the server's CPU microseconds per request
+    (a figure a busy machine disturbs less)."""
+    if w.client == "fio":
+        return bench_fio(uri, w, scale, pid)
     count = max(int(w.count * scale), 100)
     argv = ["qemu-img", "bench", "-f", "raw", "-t", "none", "-n", "-d", str(w.depth)]
     argv += ["-s", str(w.size), "-S", str(w.step), "-c", str(count)]
@@ -96,6 +113,22 @@ def bench(uri: str, w: Workload, scale: float, pid: int) -> tuple[float, float]:
     match = re.search(r"Run completed in ([0-9.]+) seconds", out)
     assert match, out
     return count / float(match.group(1)), cpu * 1e6 / count
+
+
+def bench_fio(uri: str, w: Workload, scale: float, pid: int) -> tuple[float, float]:
+    """One time-based run of fio's nbd engine (one connection, ``w.depth`` requests in
+    flight, random offsets for 4k and sequential for larger blocks)."""
+    pattern = ("rand" if w.size <= 4096 else "") + ("write" if w.write else "read")
+    argv = ["fio", "--name=nbd", "--ioengine=nbd", f"--uri={uri}", f"--rw={pattern}"]
+    argv += [f"--bs={w.size}", f"--iodepth={w.depth}", f"--size={IMAGE_SIZE}"]
+    argv += [f"--runtime={max(1.0, FIO_SECONDS * scale):g}", "--time_based"]
+    argv += ["--output-format=json"]
+    cpu = family_cpu(pid)
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    cpu = family_cpu(pid) - cpu
+    job = json.loads(out[out.index("{") :])["jobs"][0]["write" if w.write else "read"]
+    ios = int(job["total_ios"])
+    return float(job["iops"]), cpu * 1e6 / max(ios, 1)
 
 
 def storvisor_server(kind: str, image: Path, sock: str, work: Path) -> subprocess.Popen[bytes]:
