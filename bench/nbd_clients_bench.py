@@ -11,15 +11,21 @@ core), for:
 * ``storvisor thin, data plane``: the same as the daemon serves it, each connection handed
   to one of its data-plane processes (one per CPU).
 
+With ``--client fio`` the clients are the jobs of one fio process with the ``nbd`` engine
+(libnbd, a connection per job, each for a fixed time): a client that costs less CPU per
+request than ``qemu-img bench``, so more of the two cores is left to the servers.
+
 The image is 1 GiB of random data, the thin volumes hold a copy of it (``bench/nbd_bench.py``
 prepares them). Usage::
 
-    .venv/bin/python bench/nbd_clients_bench.py [--clients 2] [--scale 0.5] [--repeat 3]
+    .venv/bin/python bench/nbd_clients_bench.py [--clients 2] [--client qemu-img|fio] \
+        [--scale 0.5] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -65,9 +71,28 @@ def run_clients(uri: str, workload: tuple[str, int, int, int, bool, int], client
     return clients * count / elapsed, 100 * cpu / elapsed
 
 
+def run_fio(uri: str, workload: tuple[str, int, int, int, bool, int], clients: int,
+            scale: float, server_pid: int) -> tuple[float, float]:  # fmt: skip
+    """(total req/s, server CPU %) of one fio run with ``clients`` jobs, a connection each."""
+    _, size, _, depth, write, _ = workload
+    pattern = ("rand" if size <= 4096 else "") + ("write" if write else "read")
+    argv = ["fio", "--name=nbd", "--ioengine=nbd", f"--uri={uri}", f"--rw={pattern}"]
+    argv += [f"--bs={size}", f"--iodepth={depth}", f"--numjobs={clients}", "--group_reporting"]
+    argv += [f"--size={IMAGE_SIZE // clients}", f"--offset_increment={IMAGE_SIZE // clients}"]
+    argv += [f"--runtime={max(1.0, 6 * scale):g}", "--time_based", "--output-format=json"]
+    pids = family(server_pid)
+    cpu0, t0 = cpu_seconds(pids), time.monotonic()
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    elapsed = time.monotonic() - t0
+    cpu = cpu_seconds(pids) - cpu0
+    job = json.loads(out[out.index("{") :])["jobs"][0]["write" if write else "read"]
+    return float(job["iops"]), 100 * cpu / elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--client", choices=["qemu-img", "fio"], default="qemu-img")
     parser.add_argument("--scale", type=float, default=0.5)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
@@ -97,8 +122,9 @@ def main() -> None:
         for _ in range(args.repeat):
             for workload in WORKLOADS:
                 for label in servers:
-                    result = run_clients(uris[label], workload, args.clients, args.scale,
-                                         procs[label].pid)  # fmt: skip
+                    run = run_fio if args.client == "fio" else run_clients
+                    result = run(uris[label], workload, args.clients, args.scale,
+                                 procs[label].pid)  # fmt: skip
                     runs.setdefault((label, workload[0]), []).append(result)
                     print(f"  {label:28} {workload[0]:18} {result[0]:>10,.0f} req/s "
                           f"cpu {result[1]:.0f}%", file=sys.stderr)  # fmt: skip
@@ -124,7 +150,7 @@ def main() -> None:
         plane = med["storvisor thin, data plane"]
         row += [f"{plane / med['nbdkit file']:.2f}x", f"{plane / med['storvisor thin']:.2f}x"]
         print("| " + " | ".join(row) + " |")
-    print(f"\n{os.cpu_count()} CPUs, scale {args.scale}, median of {args.repeat}")
+    print(f"\n{os.cpu_count()} CPUs, {args.client}, scale {args.scale}, median of {args.repeat}")
 
 
 if __name__ == "__main__":

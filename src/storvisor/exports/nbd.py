@@ -64,6 +64,11 @@ log = logging.getLogger(__name__)
 
 _IOV_MAX = 1024
 _RECV_SIZE = 256 << 10
+_EAGER = 4
+"""READs answered per send within a batch: the client gets the first replies, and sends its
+next requests, while the rest of the batch is read. With ``qemu-img bench`` at queue depth 32
+(the client as busy as the server) replies in fours gave 88k requests per second against
+72k for one send per batch; with fio's lighter client the rate stayed the same."""
 _INLINE_DATA = 256 << 10  # replies carrying at most this much READ data are sent inline
 
 
@@ -423,7 +428,12 @@ class _Connection:
                 while True:
                     reads = next_reads()
                     if reads:
-                        data += self._reads(reads, replies)
+                        for i in range(0, len(reads), _EAGER):
+                            data += self._reads(reads[i : i + _EAGER], replies)
+                            if i + _EAGER < len(reads):
+                                sender.send(replies, inline=data <= _INLINE_DATA)
+                                replies = []
+                                data = 0
                     try:
                         event = next_event()
                     except ProtocolError:
