@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from gates import assert_waits_for_gate
 from storvisor.engine.pool import Pool
 
 CS = 64 << 10
@@ -118,14 +119,12 @@ def test_snapshot_waits_for_in_place_writes_in_flight(pool: Pool) -> None:
     pool.create_volume("v", 1 << 20)
     volume = pool.open_volume("v")
     volume.write(0, b"a" * 65536)
-    volume.state.gate.enter()  # a write between its lookup and its pwritev
-    snapper = threading.Thread(target=pool.create_snapshot, args=("v", "s"))
-    snapper.start()
-    snapper.join(0.3)
-    assert snapper.is_alive(), "the snapshot did not wait for the write in flight"
-    volume.state.gate.leave()
-    snapper.join(10)
-    assert not snapper.is_alive()
+    # the gate held as by a write between its lookup and its pwritev
+    assert_waits_for_gate(
+        volume.state.gate,
+        lambda: pool.create_snapshot("v", "s"),
+        "the snapshot did not wait for the write in flight",
+    )
     volume.write(0, b"b" * 512)
     snap = pool.open_volume("v", "s")
     buf = bytearray(512)
@@ -144,12 +143,8 @@ def test_freed_clusters_wait_for_reads_in_flight(pool: Pool) -> None:
     volume.write(0, b"a" * 65536)
     volume.flush()
     volume.discard(0, 65536)
-    volume.state.gate.enter()  # a read between its lookup and its preadv
-    flusher = threading.Thread(target=pool.flush)
-    flusher.start()
-    flusher.join(0.3)
-    assert flusher.is_alive(), "the freed cluster was recycled under a read in flight"
-    volume.state.gate.leave()
-    flusher.join(10)
-    assert not flusher.is_alive()
+    # the gate held as by a read between its lookup and its preadv
+    assert_waits_for_gate(
+        volume.state.gate, pool.flush, "the freed cluster was recycled under a read in flight"
+    )
     volume.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gates import assert_waits_for_gate
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.home import Home
 from storvisor.engine.pool import Pool
@@ -235,14 +236,13 @@ def test_snapshot_waits_for_direct_io_in_flight_in_the_plane(pool: Pool) -> None
     plane = Plane(pool, "v")
     try:
         plane.remote.write(0, b"a" * 65536)
-        plane.remote._gate.enter()  # a direct write between its lookup and its pwritev
-        snapper = threading.Thread(target=pool.create_snapshot, args=("v", "s"))
-        snapper.start()
-        snapper.join(0.5)
-        assert snapper.is_alive(), "the snapshot did not wait for the plane's direct I/O"
-        plane.remote._gate.leave()
-        snapper.join(10)
-        assert not snapper.is_alive()
+        # the gate held as by a direct write between its lookup and its pwritev
+        assert_waits_for_gate(
+            plane.remote._gate,
+            lambda: pool.create_snapshot("v", "s"),
+            "the snapshot did not wait for the plane's direct I/O",
+            wait=0.5,
+        )
         plane.remote.write(0, b"b" * 512)  # now copy-on-write
         snap = pool.open_volume("v", "s")
         assert bytes(_read(snap, 0, 512)) == b"a" * 512
@@ -258,13 +258,12 @@ def test_freed_clusters_are_reused_only_after_the_plane_let_go(pool: Pool) -> No
         plane.remote.write(0, b"a" * 65536)
         plane.remote.flush()
         plane.remote.discard(0, 65536)
-        plane.remote._gate.enter()  # a direct read that found the cluster before the discard
-        flusher = threading.Thread(target=pool.flush)
-        flusher.start()
-        flusher.join(0.5)
-        assert flusher.is_alive(), "freed clusters were recycled under a running read"
-        plane.remote._gate.leave()
-        flusher.join(10)
-        assert not flusher.is_alive()
+        # the gate held as by a direct read that found the cluster before the discard
+        assert_waits_for_gate(
+            plane.remote._gate,
+            pool.flush,
+            "freed clusters were recycled under a running read",
+            wait=0.5,
+        )
     finally:
         plane.close()
