@@ -137,7 +137,9 @@ def storvisor_server(kind: str, image: Path, sock: str, work: Path) -> subproces
 
 
 def serve(kind: str, image: str, sock: str, work: str) -> None:
-    """Child process: serve ``image`` (raw) or a thin copy of it until SIGTERM."""
+    """Child process: serve ``image`` (raw) or a thin copy of it until SIGTERM. ``kind``:
+    raw, thin, chain (ten snapshots taken during the copy), plane (thin, through data-plane
+    processes) or empty (a thin volume of the image's size, never written)."""
     from storvisor.engine.device import FileDevice
     from storvisor.exports.nbd import NBDExport, NBDServer
 
@@ -148,22 +150,24 @@ def serve(kind: str, image: str, sock: str, work: str) -> None:
         from storvisor.engine.home import Home
         from storvisor.engine.types import BackingSpec
 
+        size = os.path.getsize(image)
         home = Home(work)
-        home.create_pool("p", [BackingSpec(os.path.join(work, "backing"), size=3 * IMAGE_SIZE)])
+        home.create_pool("p", [BackingSpec(os.path.join(work, "backing"), size=3 * size)])
         pool = home.pool("p")
-        pool.create_volume("v", IMAGE_SIZE)
+        pool.create_volume("v", size)
         volume = pool.open_volume("v")
         source = FileDevice(image, read_only=True)
-        chunk = memoryview(bytearray(4 << 20))
+        buf = memoryview(bytearray(4 << 20))
         snapshots = 10 if kind == "chain" else 0
         taken = 0
         # "empty": a volume never written, to compare first writes with ("--serve" only)
-        for offset in range(0, IMAGE_SIZE if kind != "empty" else 0, len(chunk)):
+        for offset in range(0, size if kind != "empty" else 0, len(buf)):
             # spread the snapshots through the fill: each of the ten layers under the (empty)
             # top owns a tenth of the data
-            if taken < snapshots - 1 and offset >= (taken + 1) * IMAGE_SIZE // snapshots:
+            if taken < snapshots - 1 and offset >= (taken + 1) * size // snapshots:
                 taken += 1
                 pool.create_snapshot("v", f"s{taken}")
+            chunk = buf[: min(len(buf), size - offset)]
             source.read_into(offset, chunk)
             volume.write(offset, chunk)
         if snapshots:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from nbd_bench import serve
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -71,48 +72,6 @@ def run(uri: str, pid: int, w: Workload) -> tuple[float, float, float]:
     match = re.search(r"Run completed in ([0-9.]+) seconds", out)
     assert match, out
     return w.count / float(match.group(1)), (user + system) / w.count * 1e6, system / w.count * 1e6
-
-
-def serve(device: str, image: str, sock: str, work: str) -> None:
-    """Child process: serve ``image`` (raw) or a thin copy of it until SIGTERM."""
-    from storvisor.engine.device import FileDevice
-    from storvisor.exports.nbd import NBDExport, NBDServer
-
-    home = None
-    if device == "raw":
-        export = NBDExport("disk", lambda: FileDevice(image))
-    else:
-        from storvisor.engine.home import Home
-        from storvisor.engine.types import BackingSpec
-
-        size = os.path.getsize(image)
-        home = Home(work)
-        home.create_pool("p", [BackingSpec(os.path.join(work, "backing"), size=3 * size)])
-        pool = home.pool("p")
-        pool.create_volume("v", size)
-        volume = pool.open_volume("v")
-        with open(image, "rb") as f:
-            for offset in range(0, size, 4 << 20):
-                volume.write(offset, f.read(4 << 20))
-        volume.flush()
-        volume.close()
-        export = NBDExport("disk", lambda: pool.open_volume("v"))
-    server = NBDServer()
-    server.add_export(export)
-    server.listen_unix(sock)
-    stop = False
-
-    def on_term(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_term)
-    server.start()
-    while not stop:
-        time.sleep(0.1)
-    server.close()
-    if home is not None:
-        home.close()
 
 
 def main() -> None:
