@@ -48,6 +48,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from proc_stats import family_cpu
 
@@ -118,17 +119,27 @@ def bench(uri: str, w: Workload, scale: float, pid: int) -> tuple[float, float]:
 def bench_fio(uri: str, w: Workload, scale: float, pid: int) -> tuple[float, float]:
     """One time-based run of fio's nbd engine (one connection, ``w.depth`` requests in
     flight, random offsets for 4k and sequential for larger blocks)."""
-    pattern = ("rand" if w.size <= 4096 else "") + ("write" if w.write else "read")
-    argv = ["fio", "--name=nbd", "--ioengine=nbd", f"--uri={uri}", f"--rw={pattern}"]
-    argv += [f"--bs={w.size}", f"--iodepth={w.depth}", f"--size={IMAGE_SIZE}"]
-    argv += [f"--runtime={max(1.0, FIO_SECONDS * scale):g}", "--time_based"]
-    argv += ["--output-format=json"]
     cpu = family_cpu(pid)
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    job = fio(uri, w.size, w.depth, w.write, max(1.0, FIO_SECONDS * scale))
     cpu = family_cpu(pid) - cpu
-    job = json.loads(out[out.index("{") :])["jobs"][0]["write" if w.write else "read"]
-    ios = int(job["total_ios"])
-    return float(job["iops"]), cpu * 1e6 / max(ios, 1)
+    return float(job["iops"]), cpu * 1e6 / max(int(job["total_ios"]), 1)
+
+
+def fio(
+    uri: str, size: int, depth: int, write: bool, seconds: float, jobs: int = 1
+) -> dict[str, Any]:
+    """Run fio's nbd engine for ``seconds`` with ``jobs`` jobs, each its own connection over
+    its own part of the image (random offsets for requests of 4k or less, sequential for
+    larger ones); returns the summed read or write statistics of fio's JSON report."""
+    pattern = ("rand" if size <= 4096 else "") + ("write" if write else "read")
+    argv = ["fio", "--name=nbd", "--ioengine=nbd", f"--uri={uri}", f"--rw={pattern}"]
+    argv += [f"--bs={size}", f"--iodepth={depth}", f"--numjobs={jobs}", "--group_reporting"]
+    argv += [f"--size={IMAGE_SIZE // jobs}", f"--offset_increment={IMAGE_SIZE // jobs}"]
+    argv += [f"--runtime={seconds:g}", "--time_based", "--output-format=json"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    job: dict[str, Any] = json.loads(out[out.index("{") :])["jobs"][0]
+    stats: dict[str, Any] = job["write" if write else "read"]
+    return stats
 
 
 def storvisor_server(kind: str, image: Path, sock: str, work: Path) -> subprocess.Popen[bytes]:

@@ -25,7 +25,6 @@ prepares them). Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -36,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nbd_bench import IMAGE_SIZE, STEP_4K, _wait_for, storvisor_server
+from nbd_bench import IMAGE_SIZE, STEP_4K, _wait_for, fio, storvisor_server
 from proc_stats import cpu_seconds, family
 
 WORKLOADS = [
@@ -75,17 +74,11 @@ def run_fio(uri: str, workload: tuple[str, int, int, int, bool, int], clients: i
             scale: float, server_pid: int) -> tuple[float, float]:  # fmt: skip
     """(total req/s, server CPU %) of one fio run with ``clients`` jobs, a connection each."""
     _, size, _, depth, write, _ = workload
-    pattern = ("rand" if size <= 4096 else "") + ("write" if write else "read")
-    argv = ["fio", "--name=nbd", "--ioengine=nbd", f"--uri={uri}", f"--rw={pattern}"]
-    argv += [f"--bs={size}", f"--iodepth={depth}", f"--numjobs={clients}", "--group_reporting"]
-    argv += [f"--size={IMAGE_SIZE // clients}", f"--offset_increment={IMAGE_SIZE // clients}"]
-    argv += [f"--runtime={max(1.0, 6 * scale):g}", "--time_based", "--output-format=json"]
     pids = family(server_pid)
     cpu0, t0 = cpu_seconds(pids), time.monotonic()
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    job = fio(uri, size, depth, write, max(1.0, 6 * scale), jobs=clients)
     elapsed = time.monotonic() - t0
     cpu = cpu_seconds(pids) - cpu0
-    job = json.loads(out[out.index("{") :])["jobs"][0]["write" if write else "read"]
     return float(job["iops"]), 100 * cpu / elapsed
 
 
