@@ -24,28 +24,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from nbd_bench import serve
+from nbd_bench import STEP_4K, Workload, serve
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    size: int
-    step: int
-    depth: int
-    write: bool
-    count: int
-
-
 WORKLOADS = [
-    Workload("4k randread qd32", 4096, 4096 * 104729, 32, False, 100000),
-    Workload("4k randread qd1", 4096, 4096 * 104729, 1, False, 20000),
-    Workload("4k randwrite qd32", 4096, 4096 * 104729, 32, True, 50000),
+    Workload("4k randread qd32", 4096, STEP_4K, 32, False, 100000),
+    Workload("4k randread qd1", 4096, STEP_4K, 1, False, 20000),
+    Workload("4k randwrite qd32", 4096, STEP_4K, 32, True, 50000),
     Workload("1M seqread qd8", 1 << 20, 1 << 20, 8, False, 3000),
     Workload("1M seqwrite qd8", 1 << 20, 1 << 20, 8, True, 2000),
 ]
