@@ -147,6 +147,22 @@ def storvisor_server(kind: str, image: Path, sock: str, work: Path) -> subproces
     return subprocess.Popen([*argv, "--work", str(work)])
 
 
+def start_server(
+    how: list[str] | str, image: Path, work: Path, n: int
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start server number ``n``: a storvisor ``serve`` kind, or a peer's argv with
+    ``{sock}`` for its socket; returns it, listening, and its NBD URI."""
+    sock = str(work / f"{n}.sock")
+    if isinstance(how, str):
+        sub = work / f"home{n}"
+        sub.mkdir()
+        proc = storvisor_server(how, image, sock, sub)
+    else:
+        proc = subprocess.Popen([a.replace("{sock}", sock) for a in how])
+    _wait_for(sock, proc)
+    return proc, f"nbd+unix:///disk?socket={sock}"
+
+
 def serve(kind: str, image: str, sock: str, work: str) -> None:
     """Child process: serve ``image`` (raw) or a thin copy of it until SIGTERM. ``kind``:
     raw, thin, chain (ten snapshots taken during the copy), plane (thin, through data-plane
@@ -269,16 +285,9 @@ def main() -> None:
         # every server runs for the whole benchmark; each workload then visits them in turn,
         # repeatedly, so that a disturbance of the (shared) machine hits all of them alike
         for n, (label, how) in enumerate(chosen.items()):
-            sock = str(work / f"{n}.sock")
-            if isinstance(how, str):
-                sub = work / f"home{n}"
-                sub.mkdir()
-                procs.append(storvisor_server(how, image, sock, sub))
-            else:
-                procs.append(subprocess.Popen([a.replace("{sock}", sock) for a in how]))
-            _wait_for(sock, procs[-1])
-            pids[label] = procs[-1].pid
-            uris[label] = f"nbd+unix:///disk?socket={sock}"
+            proc, uris[label] = start_server(how, image, work, n)
+            procs.append(proc)
+            pids[label] = proc.pid
         subprocess.run(["sync"], check=True)  # no writeback of the set-up under the runs
         for w in WORKLOADS:
             for _ in range(1 if w.once else args.repeat):

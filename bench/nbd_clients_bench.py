@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nbd_bench import IMAGE_SIZE, STEP_4K, _wait_for, fio, storvisor_server
+from nbd_bench import IMAGE_SIZE, STEP_4K, fio, start_server
 from proc_stats import cpu_seconds, family
 
 WORKLOADS = [
@@ -93,7 +93,7 @@ def main() -> None:
     image = work / "image.raw"
     subprocess.run(["dd", "if=/dev/urandom", f"of={image}", "bs=4M",
                     f"count={IMAGE_SIZE >> 22}", "status=none"], check=True)  # fmt: skip
-    servers = {
+    servers: dict[str, list[str] | str] = {
         "nbdkit file": ["nbdkit", "-f", "-U", "{sock}", "file", str(image)],
         "storvisor thin": "thin",
         "storvisor thin, data plane": "plane",
@@ -103,15 +103,7 @@ def main() -> None:
     runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
     try:
         for n, (label, how) in enumerate(servers.items()):
-            sock = str(work / f"{n}.sock")
-            if isinstance(how, str):
-                sub = work / f"home{n}"
-                sub.mkdir()
-                procs[label] = storvisor_server(how, image, sock, sub)
-            else:
-                procs[label] = subprocess.Popen([a.replace("{sock}", sock) for a in how])
-            _wait_for(sock, procs[label])
-            uris[label] = f"nbd+unix:///disk?socket={sock}"
+            procs[label], uris[label] = start_server(how, image, work, n)
         for _ in range(args.repeat):
             for workload in WORKLOADS:
                 for label in servers:
