@@ -270,6 +270,48 @@ def test_data_plane_writes_survive_a_cut_after_flush(tmp_path: Path) -> None:
         home.close()
 
 
+@pytest.mark.usefixtures("fuse")
+def test_an_owner_flush_syncs_data_plane_writes(tmp_path: Path) -> None:
+    """``Pool.flush`` must sync the data planes' in-place writes although the pool never saw
+    them and has nothing pending: a management operation flushes this way after the
+    background commit took its batch, and must then still make durable every write a plane
+    acknowledged before it (a snapshot taken then holds them)."""
+    backing, mountpoint, disk = tmp_path / "backing", tmp_path / "mnt", tmp_path / "disk"
+    backing.mkdir()
+    mountpoint.mkdir()
+    _point(disk, mountpoint)
+    mount = Mount(backing, mountpoint, writeback=0.0, seed=0)
+    try:
+        home = Home(disk / "home")
+        home.create_pool("p", [BackingSpec(str(disk / "b0.img"), size=DEVICE_BYTES)], 4096)
+        pool = home.pool("p")
+        pool.create_volume("v", VOLUME)
+        volume = pool.open_volume("v")
+        ours, theirs = socket.socketpair()
+        host = PlaneHost(volume, ours)
+        host.start()
+        remote = RemoteVolume(theirs, os.dup(host.map.fd), pool.backing_fds(), 4096)
+        remote.write(0, b"a" * 4096)  # allocates: done by the owner
+        remote.flush()
+        remote.write(0, b"b" * 4096)  # in place: the owner never sees it
+        pool.flush()  # nothing pending, as after a background commit took the batch
+        mount.cut()
+        remote.close()
+        host.close()
+    finally:
+        mount.close()
+    _point(disk, backing)
+    home = Home(disk / "home")
+    try:
+        v = home.pool("p").open_volume("v")
+        buf = bytearray(4096)
+        v.read_into(0, memoryview(buf))
+        v.close()
+        assert bytes(buf) == b"b" * 4096, "a flush left a data plane's in-place write unsynced"
+    finally:
+        home.close()
+
+
 def test_file_cache_against_a_model(tmp_path: Path) -> None:
     """``FileCache`` shows every write and truncate at once but keeps them off the backing
     file, puts exactly the shown content there at a sync, writes back early only one sector

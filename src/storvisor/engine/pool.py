@@ -139,7 +139,6 @@ class Pool:
         self._lock = threading.RLock()
         self._commit_lock = threading.Lock()
         self._batch = Batch()
-        self._data_dirty = False
         self._fresh: list[int] = []
         """Clusters the batch maps that were allocated (and written) since the last commit."""
         self._states: dict[tuple[int, int | None], VolumeState] = {}
@@ -312,8 +311,11 @@ class Pool:
         """Make every write and metadata change completed before this call durable.
 
         Order: ``fdatasync`` every backing device, then commit the pending batch in one SQLite
-        transaction. Raises ``IOFailure`` if either step fails; the batch then stays pending
-        and is retried by the next flush.
+        transaction. The devices are synced even when this process wrote nothing since the
+        last flush: data planes write in place without telling the pool, and a management
+        operation whose batch the background commit took must still sync what came before
+        it. Raises ``IOFailure`` if either step fails; the batch then stays pending and is
+        retried by the next flush.
         """
         self._commit(full=True)
 
@@ -324,11 +326,8 @@ class Pool:
             with self._lock:
                 batch, self._batch = self._batch, Batch()
                 fresh, self._fresh = self._fresh, []
-                dirty = self._data_dirty
-                if full:
-                    self._data_dirty = False
                 backings = dict(self._backings)
-            if not batch and not (full and dirty):
+            if not batch and not full:
                 return
             try:
                 if full:
@@ -348,8 +347,6 @@ class Pool:
                     batch.absorb(self._batch)
                     self._batch = batch
                     self._fresh[:0] = fresh
-                    if full and dirty:
-                        self._data_dirty = True
                 raise
             if batch.frees:
                 # no in-place I/O that looked a freed cluster up may still be running when
@@ -721,10 +718,6 @@ class Pool:
         self._tree.set_entry(self._batch, layer_id, vc, value)
         if value is not None and value >= 0:
             self._fresh.append(value)
-
-    def mark_dirty(self) -> None:
-        """Record that data was written since the last flush (call after the write)."""
-        self._data_dirty = True
 
     @property
     def lock(self) -> threading.RLock:

@@ -297,7 +297,6 @@ class VolumeState:
                 with pool.lock:
                     pool.set_entry(self.top, vc, phys)
                     self._publish(vc, (fd, base, self.top), phys)
-            pool.mark_dirty()
         finally:
             self.lock.release()
 
@@ -445,7 +444,6 @@ class Volume:
                 s.allocating_write(offset >> s.shift, within, view_)
         else:
             self._write_span(offset, view_)
-        s.pool.mark_dirty()  # after the data is written: a flush from now on must sync it
         if fua:
             s.pool.flush()
 
@@ -526,7 +524,6 @@ class Volume:
             s.zero_clusters(first, last, unmap)
             if end > last * cs:
                 self._zero_partial(last * cs, end)
-        s.pool.mark_dirty()
 
     def _zero_partial(self, start: int, end: int) -> None:
         s = self.state

@@ -20,7 +20,7 @@ Python-bound (many small requests) would share one core however many volumes the
   that looked a cluster up before the change is still running after it.
 
 Durability: the data plane's direct writes go to the same files the owner syncs; a flush is
-a request to the owner, which marks the pool's data dirty and flushes it (``fdatasync`` of
+a request to the owner, which flushes the pool (``fdatasync`` of
 every backing device, then the catalog commit). A write with FUA is followed by such a flush.
 
 Channel frames: a 24-byte header ``<BBHIQQ`` (op, flags, 0, id, a, b) and, for ``WRITE`` and
@@ -308,8 +308,7 @@ class PlaneHost:
                     a, b, may_unmap=bool(flags & Flag.UNMAP), fua=bool(flags & Flag.FUA)
                 )
         elif op == Op.FLUSH:
-            volume.state.pool.mark_dirty()  # the plane's own writes
-            volume.flush()
+            volume.flush()  # syncs the plane's own in-place writes too
         elif op == Op.STATUS:
             return b"".join(
                 EXTENT.pack(e.offset, e.length, e.allocated | e.zero << 1)
