@@ -164,3 +164,34 @@ def test_ranged_sync_of_a_block_device_survives_a_cut(tmp_path: Path) -> None:
             assert pool.fsck().clean
     finally:
         loop.detach()
+
+
+def test_a_snapshot_is_durable_when_it_returns(tmp_path: Path) -> None:
+    """A power cut right after ``create_snapshot`` returns: the snapshot exists and holds
+    every write completed before it (none of them was flushed), and so does the volume."""
+    require_fuse()
+    backing, mountpoint, disk = _places(tmp_path)
+    point(disk, mountpoint)
+    mount = Mount(backing, mountpoint)
+    try:
+        home = Home(disk / "home")
+        home.create_pool("p", [BackingSpec(str(disk / "b0.img"), size=4 * MiB)], CS)
+        pool = home.pool("p")
+        pool.create_volume("v", 1 * MiB)
+        volume = pool.open_volume("v")
+        volume.write(0, b"s" * (CS + 4096))  # allocates two clusters, no flush
+        pool.create_snapshot("v", "s")
+        mount.cut()
+    finally:
+        mount.close()
+    point(disk, backing)
+    with Home(disk / "home") as again:
+        pool = again.pool("p")
+        assert [s.name for s in pool.snapshots("v")] == ["s"], "the snapshot was lost"
+        for snapshot in ("s", None):
+            handle = pool.open_volume("v", snapshot)
+            buf = bytearray(CS + 4096)
+            handle.read_into(0, memoryview(buf))
+            handle.close()
+            assert buf == b"s" * (CS + 4096), f"a write before the snapshot was lost ({snapshot})"
+        assert pool.fsck().clean
