@@ -9,6 +9,7 @@ runs there with ``CI=true`` (a missing prerequisite fails instead of skipping) a
 selection runs once on the unmutated copy: a selection that fails there kills nothing.
 
     python scripts/mutants.py [--only NAME ...] [--timeout SECONDS] [--no-baseline]
+                              [--tests SELECTION ...]
 
 Exits 0 when every mutant is killed, 1 when one survives (or a snippet is not found, or a
 baseline fails).
@@ -65,7 +66,7 @@ def copy_tree(dest: Path) -> None:
 def run_tests(tree: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, float, str]:
     """Run ``tests`` in ``tree``: ("passed" | "failed" | "timeout" | "error", seconds, tail)."""
     env = dict(os.environ, CI="true", PYTHONPATH=str(tree / "src"), PYTHONDONTWRITEBYTECODE="1")
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider", *tests]
     started = time.monotonic()
     proc = subprocess.Popen(
         cmd,
@@ -104,8 +105,14 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=None, help="names of mutants to run")
     parser.add_argument("--timeout", type=float, default=600.0, help="per selection, seconds")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated runs")
+    parser.add_argument("--tests", nargs="+", help="run this selection instead of each one's")
     args = parser.parse_args()
     mutants = load(LIST)
+    if args.tests:
+        mutants = [
+            Mutant(m.name, m.file, m.original, m.replacement, tuple(args.tests), m.why)
+            for m in mutants
+        ]
     if args.only:
         unknown = set(args.only) - {m.name for m in mutants}
         if unknown:
