@@ -4,13 +4,15 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STORVISOR_HOME ?= $(HOME)/.local/share/storvisor
 
-# Debian packages: the run-time tools, then what the tests drive (real peers and guests).
+# Debian packages: the run-time tools, then what the tests drive (real peers and guests) and
+# what they need (fuse3 for power cuts, util-linux's losetup for loop devices); under CI=true
+# a missing prerequisite fails its test (tests/prereq.py).
 APT_RUN  := qemu-utils libnbd-bin
 APT_TEST := qemu-utils qemu-system-x86 qemu-system-common nbdkit nbdkit-plugin-python \
             libnbd-bin python3-libnbd fio libvirt-clients libxml2-utils linux-image-amd64 \
-            busybox-static gcc fuse3
+            busybox-static gcc fuse3 util-linux
 
-.PHONY: run test lint typecheck pytest apt-run apt-test venv clean bench
+.PHONY: run test lint typecheck pytest apt-run apt-test venv clean bench mutants
 
 run: apt-run venv
 	$(VENV)/bin/storvisor --home "$(STORVISOR_HOME)" serve --demo
@@ -43,6 +45,11 @@ apt-test:
 
 bench: venv
 	$(PY) bench/run_all.py
+
+# Each mutation of tests/mutants.toml, alone, against the tests that must kill it (in a
+# temporary copy of the tree); fails if one survives. Results: docs/testing.md.
+mutants: apt-test venv
+	$(PY) scripts/mutants.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -30,7 +30,9 @@ visits them in turn ``--repeat`` times (a "first" row once); the figure is the m
 
     .venv/bin/python bench/nbd_bench.py [--scale 0.5] [--repeat 3] [--only raw,thin]
 
-``--scale`` multiplies the request counts (0.1 for a quick look).
+``--scale`` multiplies the request counts (0.1 for a quick look). ``--only "never written"``
+adds a thin volume that was never written (first writes zero-fill instead of copying), left
+out otherwise.
 """
 
 from __future__ import annotations
@@ -274,8 +276,12 @@ def main() -> None:
         "storvisor thin+10 snaps": "chain",
         "storvisor thin, data plane": "plane",
     }
+    # only when --only names it: a thin volume never written, whose "first" rows are the
+    # zero-fill counterpart of the snapshotted volume's copy-on-write
+    on_request: dict[str, list[str] | str] = {"storvisor thin, never written": "empty"}
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     chosen = {k: v for k, v in servers.items() if not only or any(o in k for o in only)}
+    chosen |= {k: v for k, v in on_request.items() if any(o in k for o in only)}
     procs: list[subprocess.Popen[bytes]] = []
     uris: dict[str, str] = {}
     runs: dict[str, dict[str, list[float]]] = {label: {} for label in chosen}

@@ -14,7 +14,9 @@ from pathlib import Path
 BENCHES = (
     "engine_hot_path",
     "cluster_size",
+    "allocation",
     "nbd_bench",
+    "nbd_cpu",
     "nbd_clients_bench",
     "vhost_bench",
     "vhost_volumes_bench",

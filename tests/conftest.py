@@ -3,7 +3,8 @@
 Debian's ``python3-libnbd`` lives in the system dist-packages; it is made importable for the
 test process only (appended, so nothing else is shadowed). The ``home`` and ``pool`` fixtures
 give engine-level tests a fresh ``Home`` with one small pool on a sparse file (the CLI tests
-have a ``home`` directory fixture of their own).
+have a ``home`` directory fixture of their own). The ``requires(condition, reason)`` marker
+skips a test whose prerequisite is missing, and fails it in CI (``prereq.require``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from prereq import require
 from storvisor.engine.home import Home
 from storvisor.engine.pool import Pool
 from storvisor.engine.types import BackingSpec
@@ -36,3 +38,9 @@ def home(tmp_path: Path) -> Iterator[Home]:
 def pool(home: Home, tmp_path: Path) -> Pool:
     home.create_pool("p", [BackingSpec(str(tmp_path / "d0.img"), 256 << 20)], 64 << 10)
     return home.pool("p")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("requires"):
+        condition, reason = mark.args
+        require(condition, reason)

@@ -10,6 +10,8 @@ import subprocess
 import pytest
 from cli_harness import Daemon
 
+from prereq import available
+
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -96,7 +98,10 @@ def test_every_command(cli, home, tmp_path, mode):
     assert cli("export", "show", "vol1", "--json").json()["spec"]["volume"] == "v1"
     xml = cli("libvirt-xml", "p1/v2").out
     assert "<disk" in xml and str(sock) in xml and "<memoryBacking>" in xml
-    if shutil.which("virt-xml-validate") and shutil.which("xmllint"):
+    if available(
+        shutil.which("virt-xml-validate") and shutil.which("xmllint"),
+        "virt-xml-validate or xmllint is not installed (libvirt-clients, libxml2-utils)",
+    ):
         disk = xml[: xml.index("</disk>") + len("</disk>")]
         domain = tmp_path / "domain.xml"
         domain.write_text(

@@ -8,11 +8,10 @@ import os
 import signal
 import time
 
-import pytest
-
+from prereq import require, require_module
 from storvisor.testing import procs
 
-nbd = pytest.importorskip("nbd")
+nbd = require_module("nbd", "python3-libnbd is not installed")
 
 
 def _workers(daemon_pid: int) -> list[int]:
@@ -29,6 +28,7 @@ def _alive(handle) -> bool:  # type: ignore[no-untyped-def]
 
 
 def test_clients_are_served_by_data_plane_processes(cli, daemon, tmp_path):
+    require((os.cpu_count() or 1) >= 2, "one CPU: one data-plane process, no spreading to check")
     cli("pool", "create", "p", "--backing", f"{tmp_path}/disk.img:1G")
     cli("volume", "create", "p/v", "--size", "64M")
     uri = cli("export", "nbd", "p/v").out.strip()

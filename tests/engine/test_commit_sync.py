@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from prereq import require
 from storvisor.engine.backing import runs
 from storvisor.engine.device import LIBC
 from storvisor.engine.pool import Pool
@@ -40,7 +41,7 @@ def dirty_pages(fd: int, offset: int, length: int) -> int:
     rng = _Range(offset, length)
     if LIBC.syscall(SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(st), 0) != 0:
         err = ctypes.get_errno()
-        pytest.skip(f"cachestat is not available here: {os.strerror(err)}")
+        require(False, f"cachestat (Linux 6.5) is not available here: {os.strerror(err)}")
     return int(st.dirty + st.writeback)
 
 
@@ -68,8 +69,7 @@ def test_background_commit_syncs_new_clusters_and_leaves_overwrites_cached(
     pool: Pool, tmp_path: Path
 ) -> None:
     backing = pool._backings[0]
-    if not backing.ranged:
-        pytest.skip(f"{tmp_path} is on a file system without ranged sync (ext4 or XFS)")
+    require(backing.ranged, f"{tmp_path} is on a file system without ranged sync (ext4 or XFS)")
     pool.create_volume("v", 64 << 20)
     with closing(pool.open_volume("v")) as vol:
         vol.write(0, os.urandom(CLUSTER))

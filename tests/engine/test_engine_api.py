@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from prereq import require
 from storvisor.engine import pool as pool_module
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.home import Home
@@ -171,7 +172,8 @@ def test_block_device_backing(home: Home, tmp_path: Path) -> None:
             ["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True
         )
     except (OSError, subprocess.CalledProcessError) as e:
-        pytest.skip(f"no loop device available: {e}")
+        require(False, f"no loop device available: {e}")
+        raise
     device = out.stdout.strip()
     try:
         info = home.create_pool("lun", [BackingSpec(device)])

@@ -2,41 +2,127 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import random
+import socket
 import threading
 
 import pytest
 
-from gates import assert_waits_for_gate
+from gates import STALL, assert_waits_for_gate
+from storvisor.engine.device import BlockDevice
 from storvisor.engine.pool import Pool
+from storvisor.exports.dataplane import PlaneHost, RemoteVolume
 
 CS = 64 << 10
 REGION = 16 * CS
 
 
-def test_writers_readers_and_snapshots_at_once(pool: Pool) -> None:
-    pool.create_volume("v", 4 * REGION)
+class Plane:
+    """A handle of volume ``name`` served through a ``PlaneHost`` to a ``RemoteVolume`` (both
+    ends in this process), the way a data-plane process writes in place."""
+
+    def __init__(self, pool: Pool, name: str) -> None:
+        self.volume = pool.open_volume(name)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.host = PlaneHost(self.volume, ours)
+        self.host.start()
+        self.remote = RemoteVolume(
+            theirs, os.dup(self.host.map.fd), pool.backing_fds(), pool.cluster_size
+        )
+
+    def close(self) -> None:
+        self.remote.close()
+        self.host.close()
+        self.volume.close()
+
+
+SECTOR = 512
+BLOCK = 4096
+STRIPES = 4
+SNAPSHOTS = 20
+"""Writer ``i`` owns the 4 KiB blocks ``b`` with ``b % STRIPES == i``: the writers share every
+cluster, so a write that lands in a cluster after a snapshot shared it is lost to a
+neighbour's copy-on-write."""
+
+
+class _Writes:
+    """One writer's writes, in order: ``log[j]`` is ``(offset, data)`` (zeros for
+    write-zeroes); ``started`` counts the writes issued, ``completed`` those that returned."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[int, bytes]] = []
+        self.started = 0
+        self.completed = 0
+
+
+def _check_snapshot(
+    data: bytes, writes: list[_Writes], low: list[int], high: list[int], where: str
+) -> None:
+    """``data`` (a snapshot's content) holds, in every sector, what that sector held after
+    some number of each writer's writes between ``low`` (completed before the snapshot call)
+    and ``high`` (issued before it returned)."""
+    state = bytearray(len(data))
+    for w, lo in zip(writes, low, strict=True):
+        for offset, chunk in w.log[:lo]:
+            state[offset : offset + len(chunk)] = chunk
+    wrong = {
+        s for s in range(0, len(data), SECTOR) if data[s : s + SECTOR] != state[s : s + SECTOR]
+    }
+    for w, lo, hi in zip(writes, low, high, strict=True):
+        for offset, chunk in w.log[lo:hi]:  # the writes that may or may not be in it
+            state[offset : offset + len(chunk)] = chunk
+            first = offset // SECTOR * SECTOR
+            for s in range(first, offset + len(chunk), SECTOR):
+                if s in wrong and data[s : s + SECTOR] == state[s : s + SECTOR]:
+                    wrong.discard(s)
+    assert not wrong, f"{where}: sectors {sorted(wrong)[:8]} hold no write of their window"
+
+
+@pytest.mark.parametrize("where", ["volume", "plane"])
+def test_writers_readers_and_snapshots_at_once(pool: Pool, where: str) -> None:
+    """Writers (on the volume's handle, or in a data plane), a reader of block status and a
+    snapshotter at once. Every write reads back; every snapshot, read back at once, holds in
+    each sector the content of a state between the writes completed before the snapshot
+    call and those issued before it returned; the volume ends with the model's content."""
+    size = 4 * REGION
+    pool.create_volume("v", size)
     handle = pool.open_volume("v")
-    models = [bytearray(REGION) for _ in range(4)]
+    plane: Plane | None = Plane(pool, "v") if where == "plane" else None
+    device: BlockDevice = handle if plane is None else plane.remote
+    writes = [_Writes() for _ in range(STRIPES)]
+    lock = threading.Lock()
     errors: list[BaseException] = []
     stop = threading.Event()
+    enough = threading.Event()  # the writers may end once SNAPSHOTS were checked
+    checked = [0]
 
     def writer(i: int) -> None:
         rng = random.Random(i)
+        mine = writes[i]
         try:
-            for _ in range(300):
-                offset = rng.randrange(REGION - 1)
-                length = rng.randrange(1, min(REGION - offset, 3 * CS) + 1)
-                if rng.random() < 0.15:
-                    handle.discard(i * REGION + offset, length)
-                    models[i][offset : offset + length] = bytes(length)
+            for op in itertools.count():
+                if op >= 300 and enough.is_set():
+                    break
+                block = rng.randrange(i, size // BLOCK, STRIPES)
+                start = rng.randrange(BLOCK)
+                length = rng.randrange(1, BLOCK - start + 1)
+                offset = block * BLOCK + start
+                zero = rng.random() < 0.15
+                data = bytes(length) if zero else rng.randbytes(length)
+                with lock:
+                    mine.log.append((offset, data))
+                    mine.started += 1
+                if zero:
+                    device.write_zeroes(offset, length)
                 else:
-                    data = rng.randbytes(length)
-                    handle.write(i * REGION + offset, data)
-                    models[i][offset : offset + length] = data
+                    device.write(offset, data)
+                with lock:
+                    mine.completed += 1
                 got = bytearray(length)
-                handle.read_into(i * REGION + offset, memoryview(got))
-                assert got == models[i][offset : offset + length], f"writer {i} read back"
+                device.read_into(offset, memoryview(got))
+                assert got == data, f"writer {i} read back at {offset}"
         except BaseException as e:
             errors.append(e)
 
@@ -44,7 +130,19 @@ def test_writers_readers_and_snapshots_at_once(pool: Pool) -> None:
         n = 0
         try:
             while not stop.is_set():
+                with lock:
+                    low = [w.completed for w in writes]
                 pool.create_snapshot("v", f"s{n}")
+                with lock:
+                    high = [w.started for w in writes]
+                snap = pool.open_volume("v", f"s{n}")
+                data = bytearray(size)
+                snap.read_into(0, memoryview(data))
+                snap.close()
+                _check_snapshot(bytes(data), writes, low, high, f"snapshot s{n}")
+                checked[0] += 1
+                if checked[0] == SNAPSHOTS:
+                    enough.set()
                 if n >= 2:
                     pool.delete_snapshot("v", f"s{n - 2}")
                 n += 1
@@ -59,19 +157,29 @@ def test_writers_readers_and_snapshots_at_once(pool: Pool) -> None:
         except BaseException as e:
             errors.append(e)
 
-    writers = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    writers = [threading.Thread(target=writer, args=(i,)) for i in range(STRIPES)]
     helpers = [threading.Thread(target=snapshotter), threading.Thread(target=mapper)]
-    for t in writers + helpers:
-        t.start()
-    for t in writers:
-        t.join()
-    stop.set()
-    for t in helpers:
-        t.join()
-    assert not errors, errors
-    got = bytearray(4 * REGION)
-    handle.read_into(0, memoryview(got))
-    assert got == b"".join(models)
+    try:
+        for t in writers + helpers:
+            t.start()
+        for t in writers:
+            t.join(STALL)
+        stop.set()
+        for t in helpers:
+            t.join(STALL)
+        assert not any(t.is_alive() for t in writers + helpers), "a thread hung"
+        assert not errors, errors
+        model = bytearray(size)
+        for w in writes:
+            for offset, chunk in w.log:
+                model[offset : offset + len(chunk)] = chunk
+        got = bytearray(size)
+        device.read_into(0, memoryview(got))
+        assert got == model
+    finally:
+        stop.set()
+        if plane is not None:
+            plane.close()
     handle.close()
     report = pool.fsck()
     assert report.clean, report

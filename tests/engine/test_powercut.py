@@ -19,22 +19,17 @@ at the mount during a round and at the backing directory before and after it.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import random
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from powercuts import Mount, require_fuse
+from powercuts import point as _point
 from storvisor.engine.home import Home
 from storvisor.engine.types import BackingSpec
-from storvisor.exports.dataplane import PlaneHost, RemoteVolume
 from storvisor.testing import crashkit
 from storvisor.testing.crashkit import History
 from storvisor.testing.powercut import SECTOR, FileCache
@@ -44,93 +39,10 @@ VOLUME = 1 << 20
 DEVICE_BYTES = 16 << 20
 
 
-def _missing_requirement() -> str | None:
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        return "/dev/fuse is not usable"
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 is not installed (Debian package fuse3)"
-    if importlib.util.find_spec("mfusepy") is None:
-        return "mfusepy is not installed"
-    try:
-        import mfusepy  # noqa: F401  (it loads libfuse3 on import)
-    except (ImportError, OSError) as e:
-        return f"mfusepy cannot load libfuse: {e}"
-    return None
-
-
-def _mounted(path: Path) -> bool:
-    """Whether ``path`` is a mount point, dead FUSE mounts included (``os.path.ismount``
-    cannot see those: it stats the mount point, which then fails)."""
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(path) for line in f)
-
-
-class Mount:
-    """``python -m storvisor.testing.powercut BACKING MOUNTPOINT`` and its mount."""
-
-    def __init__(
-        self,
-        backing: Path,
-        mountpoint: Path,
-        *,
-        writeback: float,
-        seed: int,
-        cut_at_sync: int | None = None,
-    ) -> None:
-        self.mountpoint = mountpoint
-        args = [
-            sys.executable,
-            "-m",
-            "storvisor.testing.powercut",
-            str(backing),
-            str(mountpoint),
-            f"--writeback={writeback}",
-            f"--seed={seed}",
-        ]
-        if cut_at_sync is not None:
-            args.append(f"--cut-at-sync={cut_at_sync}")
-        self.stderr = ""
-        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 20
-        while not _mounted(mountpoint):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise AssertionError(f"the powercut file system did not mount: {self.stderr}")
-            time.sleep(0.01)
-
-    def has_cut(self) -> bool:
-        """Whether the file system has ended (it cut the power itself)."""
-        return self.proc.poll() is not None
-
-    def cut(self) -> None:
-        """Cut the power: SIGKILL the file system (unless it cut itself); its unsynced data
-        is gone."""
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def close(self) -> None:
-        """Kill the file system if it still runs and remove the mount."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        _, err = self.proc.communicate(timeout=30)
-        self.stderr = err.decode(errors="replace")
-        if _mounted(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=True)
-
-
-def _point(link: Path, target: Path) -> None:
-    """Make the symbolic link ``link`` point at ``target`` (atomically)."""
-    tmp = link.with_name(link.name + ".new")
-    tmp.symlink_to(target)
-    tmp.replace(link)
-
-
 @pytest.fixture
 def fuse() -> None:
-    """Skips the test when a FUSE file system cannot be mounted here."""
-    missing = _missing_requirement()
-    if missing is not None:
-        pytest.skip(missing)
+    """Skips the test when a FUSE file system cannot be mounted here (fails it in CI)."""
+    require_fuse()
 
 
 @pytest.mark.usefixtures("fuse")
@@ -226,90 +138,6 @@ def test_powercut_rounds(tmp_path: Path) -> None:
             flushed_rounds += 1
         known = crashkit.check_home(home_dir, history, where)
     assert flushed_rounds >= ROUNDS // 3, f"seed {seed}: too few rounds reached a flush"
-
-
-@pytest.mark.usefixtures("fuse")
-def test_data_plane_writes_survive_a_cut_after_flush(tmp_path: Path) -> None:
-    """A data plane writes in place itself; its flush, done by the pool's owner, must sync
-    those writes too (the owner never saw them) before it returns."""
-    backing, mountpoint, disk = tmp_path / "backing", tmp_path / "mnt", tmp_path / "disk"
-    backing.mkdir()
-    mountpoint.mkdir()
-    _point(disk, mountpoint)
-    mount = Mount(backing, mountpoint, writeback=0.0, seed=0)
-    try:
-        home = Home(disk / "home")
-        home.create_pool("p", [BackingSpec(str(disk / "b0.img"), size=DEVICE_BYTES)], 4096)
-        pool = home.pool("p")
-        pool.create_volume("v", VOLUME)
-        volume = pool.open_volume("v")
-        ours, theirs = socket.socketpair()
-        host = PlaneHost(volume, ours)
-        host.start()
-        remote = RemoteVolume(theirs, os.dup(host.map.fd), pool.backing_fds(), 4096)
-        remote.write(0, b"a" * 8192)  # allocates: done by the owner
-        remote.flush()
-        remote.write(0, b"b" * 4096)  # in place: done by the data plane alone
-        remote.flush()
-        remote.write(4096, b"c" * 4096)  # never flushed: may be lost
-        mount.cut()
-        remote.close()
-        host.close()
-    finally:
-        mount.close()
-    _point(disk, backing)
-    home = Home(disk / "home")
-    try:
-        v = home.pool("p").open_volume("v")
-        buf = bytearray(8192)
-        v.read_into(0, memoryview(buf))
-        assert bytes(buf[:4096]) == b"b" * 4096, "a flushed in-place write was lost"
-        assert bytes(buf[4096:]) in (b"a" * 4096, b"c" * 4096)
-        v.close()
-    finally:
-        home.close()
-
-
-@pytest.mark.usefixtures("fuse")
-def test_an_owner_flush_syncs_data_plane_writes(tmp_path: Path) -> None:
-    """``Pool.flush`` must sync the data planes' in-place writes although the pool never saw
-    them and has nothing pending: a management operation flushes this way after the
-    background commit took its batch, and must then still make durable every write a plane
-    acknowledged before it (a snapshot taken then holds them)."""
-    backing, mountpoint, disk = tmp_path / "backing", tmp_path / "mnt", tmp_path / "disk"
-    backing.mkdir()
-    mountpoint.mkdir()
-    _point(disk, mountpoint)
-    mount = Mount(backing, mountpoint, writeback=0.0, seed=0)
-    try:
-        home = Home(disk / "home")
-        home.create_pool("p", [BackingSpec(str(disk / "b0.img"), size=DEVICE_BYTES)], 4096)
-        pool = home.pool("p")
-        pool.create_volume("v", VOLUME)
-        volume = pool.open_volume("v")
-        ours, theirs = socket.socketpair()
-        host = PlaneHost(volume, ours)
-        host.start()
-        remote = RemoteVolume(theirs, os.dup(host.map.fd), pool.backing_fds(), 4096)
-        remote.write(0, b"a" * 4096)  # allocates: done by the owner
-        remote.flush()
-        remote.write(0, b"b" * 4096)  # in place: the owner never sees it
-        pool.flush()  # nothing pending, as after a background commit took the batch
-        mount.cut()
-        remote.close()
-        host.close()
-    finally:
-        mount.close()
-    _point(disk, backing)
-    home = Home(disk / "home")
-    try:
-        v = home.pool("p").open_volume("v")
-        buf = bytearray(4096)
-        v.read_into(0, memoryview(buf))
-        v.close()
-        assert bytes(buf) == b"b" * 4096, "a flush left a data plane's in-place write unsynced"
-    finally:
-        home.close()
 
 
 def test_file_cache_against_a_model(tmp_path: Path) -> None:

@@ -211,3 +211,41 @@ def test_pipelined_small_and_large_reads_and_writes(short_dir: Path) -> None:
         h.shutdown()
     finally:
         server.close()
+
+
+class UncheckedDevice(MemoryDevice):
+    """A device that does no bounds check of its own: a READ past its end returns 0xAA bytes
+    instead of failing. Only the codec's check can refuse such a READ."""
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        inside = self._data[offset : offset + len(buf)] if offset < self.size else b""
+        buf[: len(inside)] = inside
+        buf[len(inside) :] = b"\xaa" * (len(buf) - len(inside))
+
+
+def test_codec_refuses_reads_past_the_end_on_the_wire(short_dir: Path) -> None:
+    """ "The server MUST NOT send data past the end" (NBD spec, NBD_CMD_READ): a READ that
+    ends past the export's size gets EINVAL from the codec itself, on its fast path (a
+    pipeline of READs) and on the general one (a zero-length READ), through a device that
+    would answer it; the connection goes on serving."""
+    size = 1 << 20
+    device = UncheckedDevice(size)
+    device.write(size - 4096, b"e" * 4096)
+    server = NBDServer()
+    server.add_export(NBDExport("d", lambda: device))
+    sock = str(short_dir / "s.sock")
+    server.listen_unix(sock)
+    server.start()
+    try:
+        h = nbd.NBD()
+        h.set_strict_mode(h.get_strict_mode() & ~(nbd.STRICT_BOUNDS | nbd.STRICT_ZERO_SIZE))
+        h.connect_uri(nbd_uri("d", unix_path=sock))
+        assert h.get_size() == size
+        for offset, length in ((size - 512, 1024), (size, 512), (size + 4096, 0)):
+            with pytest.raises(nbd.Error) as refused:
+                h.pread(length, offset)
+            assert refused.value.errno == "EINVAL", (offset, length, refused.value)
+        assert h.pread(4096, size - 4096) == b"e" * 4096
+        h.shutdown()
+    finally:
+        server.close()

@@ -375,7 +375,7 @@ def test_stop_waits_for_offloaded_requests(sock: str) -> None:
         server.close()
 
 
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="no I/O pool on one CPU")
+@pytest.mark.requires((os.cpu_count() or 1) >= 2, "no I/O pool on one CPU")
 def test_busy_pool_pops_the_ring_itself(sock: str) -> None:
     """Once every pool thread has a large request of a ring, the ring is parked: the driver
     is told not to kick and the pool threads pop what follows as they finish."""

@@ -22,9 +22,7 @@ from storvisor.testing.guest import (
     share_dir_args,
 )
 
-needs_kernel = pytest.mark.skipif(
-    not any(Path("/boot").glob("vmlinuz-*")), reason="needs linux-image-amd64"
-)
+needs_kernel = pytest.mark.requires(any(Path("/boot").glob("vmlinuz-*")), "needs linux-image-amd64")
 vm = [pytest.mark.slow, pytest.mark.vm, needs_kernel]
 
 

@@ -28,7 +28,7 @@ from storvisor.testing.vhost_backend import QsdVhostBackend, StorvisorVhostBacke
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.vm,
-    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs QEMU"),
+    pytest.mark.requires(shutil.which("qemu-system-x86_64") is not None, "needs QEMU"),
 ]
 
 MiB = 1 << 20

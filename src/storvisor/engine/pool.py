@@ -282,9 +282,11 @@ class Pool:
     def add_backing(self, spec: BackingSpec) -> PoolInfo:
         """Add a backing device online; it is usable at once and durable when this returns.
 
-        Naming a file that is already a device of this pool with a larger ``size`` grows it.
-        Raises ``Conflict`` for a device of another pool (or of this one, without growth),
-        ``NotFound`` and ``InvalidArgument`` as ``Backing.attach`` does.
+        Naming a file that is already a device of this pool with a larger ``size`` grows it;
+        the new size is synced before any cluster of the grown part is handed out. Raises
+        ``Conflict`` for a device of another pool (or of this one, without growth),
+        ``NotFound`` and ``InvalidArgument`` as ``Backing.attach`` does, ``IOFailure`` when
+        the grown size cannot be made durable.
         """
         path = os.path.abspath(spec.path)
         with self._lock:
@@ -294,6 +296,7 @@ class Pool:
                     if spec.size is None or spec.size <= (backing.clusters + 1) * self.cluster_size:
                         raise Conflict(f"{path} is already a device of pool {self.name!r}")
                     backing.grow(spec.size)
+                    backing.sync()  # fdatasync makes the new file size durable
                     self._allocator.set_device(backing.index, backing.clusters)
                     return self.info()
             index = max(self._backings, default=-1) + 1

@@ -31,7 +31,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 MAGIC = 0x3150414D56525453  # b"STRVMAP1" little-endian
 HEADER_WORDS = 8
@@ -182,12 +182,16 @@ class Gate:
     counting itself in takes itself out again and waits. A freezer sets ``frozen`` first and
     then waits for the list to empty, so an operation either is counted before the freezer
     looks or sees the gate frozen. Freezing is rare (snapshots, reuse of freed clusters); it
-    polls."""
+    polls.
+
+    ``on_wait`` is a test seam: when set, a freezer that finds operations inside calls it
+    (from the freezer's thread) before it starts waiting for them."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._active: list[None] = []
         self._frozen = 0
+        self.on_wait: Callable[[], object] | None = None
 
     def enter(self) -> None:
         active = self._active
@@ -207,6 +211,8 @@ class Gate:
         """Return once no operation is inside; new ones wait until ``thaw``."""
         with self._cond:
             self._frozen += 1
+        if self._active and self.on_wait is not None:
+            self.on_wait()
         delay = 20e-6
         while self._active:
             time.sleep(delay)
