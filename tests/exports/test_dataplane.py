@@ -177,6 +177,8 @@ def test_snapshots_during_concurrent_plane_writes_keep_every_write(pool: Pool) -
                 assert got is not None and low <= got <= high, (
                     f"snapshot s{i}, block {block}: generation {got}, not in [{low}, {high}]"
                 )
+            # merged into the volume under the writers; keeps 30 rounds within the pool
+            pool.delete_snapshot("v", f"s{i}")
     finally:
         stop.set()
         for t in threads:
