@@ -46,6 +46,7 @@ from storvisor.engine.allocator import Allocator, group_clusters
 from storvisor.engine.backing import Backing, Header, phys_number, split_phys, sync_directory
 from storvisor.engine.catalog import ZERO, Batch, Catalog
 from storvisor.engine.fsck import Memory, check_pool
+from storvisor.engine.journal import RECORDS, UNMAPPED, Journal
 from storvisor.engine.layers import LayerTree
 from storvisor.engine.types import (
     BackingSpec,
@@ -60,6 +61,7 @@ from storvisor.errors import (
     Conflict,
     CorruptMetadata,
     InvalidArgument,
+    IOFailure,
     NotFound,
     StorvisorError,
 )
@@ -145,9 +147,16 @@ class Pool:
         self._tree = LayerTree(name)
         self._volumes: dict[str, _VolumeRec] = {}
         self._snapshots: dict[int, _SnapRec] = {}
+        try:
+            self._journal = Journal(directory / "journal")
+        except OSError as e:
+            raise IOFailure(f"pool {name!r}: cannot map its journal: {e.strerror}") from e
+        self._seq = self._committed_seq = self._replay()
+        """Number of the last map change recorded in the journal, and of the last committed."""
         self._load()
         self._closed = False
         self._stop = threading.Event()
+        self._wake = threading.Event()  # commit now: half the journal is pending
         self._committer = threading.Thread(
             target=self._commit_loop, name=f"storvisor-commit-{name}", daemon=True
         )
@@ -330,6 +339,9 @@ class Pool:
                 batch, self._batch = self._batch, Batch()
                 fresh, self._fresh = self._fresh, []
                 backings = dict(self._backings)
+                seq = self._seq
+                if seq != self._committed_seq:
+                    batch.statements.append(_journal_seq_statement(seq))
             if not batch and not full:
                 return
             try:
@@ -351,6 +363,8 @@ class Pool:
                     self._batch = batch
                     self._fresh[:0] = fresh
                 raise
+            with self._lock:
+                self._committed_seq = max(self._committed_seq, seq)
             if batch.frees:
                 # no in-place I/O that looked a freed cluster up may still be running when
                 # the cluster is handed out again
@@ -378,6 +392,7 @@ class Pool:
                     state.closed = True
                 self._states.clear()
                 self._catalog.close()
+                self._journal.close()
                 for backing in self._backings.values():
                     backing.close()
 
@@ -415,8 +430,10 @@ class Pool:
         # Only pending metadata needs the timer (DESIGN.md: metadata commits at least every
         # second). In-place overwrites are the volatile cache's to lose until the next flush
         # or FUA, so they cost no background sync, also when allocations keep metadata coming.
-        while not self._stop.wait(COMMIT_INTERVAL):
-            if self._batch:
+        while not self._stop.is_set():
+            self._wake.wait(COMMIT_INTERVAL)
+            self._wake.clear()
+            if self._batch and not self._stop.is_set():
                 try:
                     self._commit(full=False)
                 except StorvisorError as e:
@@ -721,6 +738,10 @@ class Pool:
         self._tree.set_entry(self._batch, layer_id, vc, value)
         if value is not None and value >= 0:
             self._fresh.append(value)
+        self._seq += 1
+        self._journal.append(self._seq, layer_id, vc, UNMAPPED if value is None else value)
+        if self._seq - self._committed_seq > RECORDS // 2:
+            self._wake.set()
 
     @property
     def lock(self) -> threading.RLock:
@@ -736,6 +757,59 @@ class Pool:
                 del self._states[state.key]
 
     # ------------------------------------------------------------------------ internals
+
+    def _replay(self) -> int:
+        """Apply the journal's records after the last commit to the catalog (see journal.py)
+        and return the number the next record follows. Runs before ``_load``."""
+        cat = self._catalog
+        committed = int(cat.meta().get("journal_seq", "0"))
+        newest = max(committed, self._journal.newest())
+        tree = LayerTree(self.name)
+        tree.load(
+            cat.query("SELECT id, parent FROM layers"), cat.query("SELECT layer, vc, phys FROM map")
+        )
+        used = {phys for (phys,) in cat.query("SELECT phys FROM refcount")}
+        batch = Batch()
+        replayed = skipped = 0
+        for _, lid, vc, value in self._journal.pending(committed):
+            layer = tree.layers.get(lid)
+            if layer is None:  # made by a management operation that never committed
+                skipped += 1
+                continue
+            old = layer.map.get(vc)
+            if value >= 0 and value != old and (value in used or not self._holds(value)):
+                log.error(
+                    "pool %s: journal names cluster %#x that is not free; ignored", self.name, value
+                )
+                skipped += 1
+                continue
+            tree.set_entry(batch, lid, vc, None if value == UNMAPPED else value)
+            if old is not None and old >= 0 and old != value:
+                used.discard(old)
+            if value >= 0:
+                used.add(value)
+            replayed += 1
+        if replayed:
+            for backing in self._backings.values():
+                backing.sync()  # the clusters the records name are only in the page cache
+        if newest != committed:
+            batch.statements.append(_journal_seq_statement(newest))
+            cat.apply(batch)
+        if replayed or skipped:
+            log.warning(
+                "pool %s: %d map changes the last process made after its last commit were "
+                "recovered from the journal (%d ignored)",
+                self.name,
+                replayed,
+                skipped,
+            )
+        self._journal.start()
+        return newest
+
+    def _holds(self, phys: int) -> bool:
+        index, local = split_phys(phys)
+        backing = self._backings.get(index)
+        return backing is not None and local < backing.clusters
 
     def _build_view(
         self, top: int, *, homes: bool
@@ -849,6 +923,10 @@ class Pool:
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} {self.directory}>"
+
+
+def _journal_seq_statement(seq: int) -> tuple[str, tuple[str]]:
+    return ("INSERT OR REPLACE INTO meta VALUES ('journal_seq', ?)", (str(seq),))
 
 
 def _check_size(size: int) -> None:
