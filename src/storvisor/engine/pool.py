@@ -61,6 +61,7 @@ from storvisor.errors import (
     CorruptMetadata,
     InvalidArgument,
     NotFound,
+    StateError,
     StorvisorError,
 )
 
@@ -424,7 +425,7 @@ class Pool:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise Conflict(f"pool {self.name!r} is closed")
+            raise StateError(f"pool {self.name!r} is closed")
 
     # ------------------------------------------------------------------------- volumes
 
