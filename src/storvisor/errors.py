@@ -8,8 +8,8 @@
      │    │                     fd; the connection and the other queues carry on
      │    ├── RingError         (protocols.virtio.ring) a chain broke a split-ring rule
      │    └── GuestMemoryError  (protocols.virtio.memory) an address outside guest memory
-     ├── LinkFailure            a link between storvisor's own processes failed: stop what it
-     │    │                     carried; no remote peer is to blame
+     ├── LocalFailure           storvisor's own side failed (a link between its processes, a
+     │    │                     local resource): stop what it carried; no peer is to blame
      │    └── DaemonUnavailable (api.client) the daemon's API socket does not answer
      ├── IOFailure              one request failed; carries an errno for the wire
      │    └── NoSpace           the pool ran out of clusters (ENOSPC)
@@ -44,7 +44,7 @@ class ProtocolError(StorvisorError):
 
     Protocol codecs raise only this (or a subclass) on bad input, whatever the bytes. A
     failure of storvisor's own side (a local socket, a link to one of its processes) is never
-    a ``ProtocolError``: see ``LinkFailure``.
+    a ``ProtocolError``: see ``LocalFailure``.
     """
 
 
@@ -55,11 +55,12 @@ class QueueBroken(StorvisorError):
     front-end may reset the queue (GET_VRING_BASE, then start it again)."""
 
 
-class LinkFailure(StorvisorError):
-    """A link between storvisor's own processes (a data-plane channel, a queue process, the
-    daemon's API socket) broke or carried a malformed frame. The caller stops what that link
-    carried (a data plane exits, a front-end connection ends); there is no remote peer to
-    blame and no errno for a request."""
+class LocalFailure(StorvisorError):
+    """storvisor's own side failed: a link between its processes (a data-plane channel, a
+    queue process, the daemon's API socket) broke or carried a malformed frame, or a local
+    resource (a memfd) could not be had. The caller stops what that link or resource carried
+    (a data plane exits, a front-end connection ends, a command fails) and logs it as a fault
+    of this host; there is no remote peer to blame and no errno for a request."""
 
 
 class IOFailure(StorvisorError):

@@ -31,7 +31,7 @@ STATUS = {
     errors.StorvisorError: HTTPStatus.INTERNAL_SERVER_ERROR,
     errors.ProtocolError: HTTPStatus.INTERNAL_SERVER_ERROR,
     errors.QueueBroken: HTTPStatus.INTERNAL_SERVER_ERROR,
-    errors.LinkFailure: HTTPStatus.INTERNAL_SERVER_ERROR,
+    errors.LocalFailure: HTTPStatus.INTERNAL_SERVER_ERROR,
     errors.IOFailure: HTTPStatus.INTERNAL_SERVER_ERROR,
     errors.NoSpace: HTTPStatus.INSUFFICIENT_STORAGE,
     errors.NotFound: HTTPStatus.NOT_FOUND,
@@ -86,14 +86,14 @@ def test_every_class_is_mapped_and_drawn_where_it_belongs() -> None:
     [
         (RingError, errors.QueueBroken),
         (GuestMemoryError, errors.QueueBroken),
-        (DaemonUnavailable, errors.LinkFailure),
+        (DaemonUnavailable, errors.LocalFailure),
         (HomeInUse, errors.Conflict),
         (errors.NoSpace, errors.IOFailure),
     ],
 )
 def test_subclasses_keep_their_consequence(cls: type, parent: type) -> None:
     assert issubclass(cls, parent)
-    consequences = (errors.ProtocolError, errors.QueueBroken, errors.LinkFailure)
+    consequences = (errors.ProtocolError, errors.QueueBroken, errors.LocalFailure)
     assert [c for c in consequences if issubclass(cls, c)] in ([], [parent])
 
 

@@ -56,7 +56,7 @@ from storvisor.engine.sharedmap import (
     SharedMap,
 )
 from storvisor.engine.volume import Volume
-from storvisor.errors import IOFailure, LinkFailure, StorvisorError
+from storvisor.errors import IOFailure, LocalFailure, StorvisorError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray | None:
         if k == 0:
             if got == 0:
                 return None
-            raise LinkFailure("data-plane channel closed inside a frame")
+            raise LocalFailure("data-plane channel closed inside a frame")
         got += k
     return buf
 
@@ -255,16 +255,16 @@ class PlaneHost:
                     self.ready.set()
                 elif op == Op.WRITE:
                     if b > 64 << 20:
-                        raise LinkFailure(f"data-plane write of {b} bytes")
+                        raise LocalFailure(f"data-plane write of {b} bytes")
                     data = _recv_exact(sock, b) if b else bytearray()
                     if data is None:
-                        raise LinkFailure("data-plane channel closed inside a write")
+                        raise LocalFailure("data-plane channel closed inside a write")
                     self._jobs.put((op, flags, ident, a, b, data))
                 elif op in (Op.ZERO, Op.FLUSH, Op.STATUS, Op.GETFD):
                     self._jobs.put((op, flags, ident, a, b, None))
                 else:
-                    raise LinkFailure(f"unknown data-plane operation {op}")
-        except (OSError, LinkFailure) as e:
+                    raise LocalFailure(f"unknown data-plane operation {op}")
+        except (OSError, LocalFailure) as e:
             if not self._dead.is_set():
                 log.warning("data-plane channel of %s failed: %s", self.volume.name, e)
         finally:
@@ -628,7 +628,7 @@ class RemoteVolume:
                 if len(header) < FRAME.size:
                     rest = _recv_exact(sock, FRAME.size - len(header))
                     if rest is None:
-                        raise LinkFailure("data-plane channel closed inside a frame")
+                        raise LocalFailure("data-plane channel closed inside a frame")
                     header += rest
                 op, _, _, ident, a, b = FRAME.unpack(header)
                 if op == Op.REPLY:
@@ -653,8 +653,8 @@ class RemoteVolume:
                     if self._on_resized is not None:
                         self._on_resized()
                 else:
-                    raise LinkFailure(f"unknown data-plane operation {op}")
-        except (OSError, LinkFailure) as e:
+                    raise LocalFailure(f"unknown data-plane operation {op}")
+        except (OSError, LocalFailure) as e:
             if not self._closed:
                 log.error("data-plane channel failed: %s", e)
         finally:

@@ -71,7 +71,7 @@ from typing import cast
 from storvisor.engine.device import BlockDevice, FileDevice
 from storvisor.errors import (
     IOFailure,
-    LinkFailure,
+    LocalFailure,
     ProtocolError,
     QueueBroken,
     StateError,
@@ -807,7 +807,7 @@ class _Device:
             os.ftruncate(fd, size)
         except OSError as e:
             os.close(fd)
-            raise ProtocolError(f"cannot size the inflight buffer: {e.strerror}") from e
+            raise LocalFailure(f"cannot size the inflight buffer: {e.strerror}") from e
         return fd, size
 
     def set_inflight(
@@ -1202,7 +1202,7 @@ _ANSWER = struct.Struct("<I")
 
 def _forward(peers: list[socket.socket], msg: m.Message) -> dict[int, int]:
     """Hand ``msg`` (with its fds) to every queue process and wait until each applied it;
-    returns the next avail index of every queue they stopped. Raises ``LinkFailure`` if a
+    returns the next avail index of every queue they stopped. Raises ``LocalFailure`` if a
     link broke, ``ProtocolError`` if one refused the message (the connection must then end)."""
     data = m.encode(msg.request, msg.payload, flags=msg.flags)
     for peer in peers:
@@ -1212,14 +1212,14 @@ def _forward(peers: list[socket.socket], msg: m.Message) -> dict[int, int]:
             else:
                 peer.sendall(data)
         except OSError as e:
-            raise LinkFailure(f"queue process unreachable: {e.strerror}") from e
+            raise LocalFailure(f"queue process unreachable: {e.strerror}") from e
     bases: dict[int, int] = {}
     for peer in peers:
         try:
             size = _ANSWER.unpack(_recv_all(peer, _ANSWER.size))[0]
             answer = json.loads(_recv_all(peer, size))
         except (OSError, ValueError, struct.error) as e:
-            raise LinkFailure(f"queue process did not answer: {e}") from e
+            raise LocalFailure(f"queue process did not answer: {e}") from e
         if not answer.get("ok"):
             raise ProtocolError(f"a queue process refused {msg.name}")
         bases.update({int(k): int(v) for k, v in answer.get("stopped", {}).items()})
