@@ -99,7 +99,10 @@ class InvalidArgument(StorvisorError):
 class StateError(StorvisorError):
     """The object cannot take this call in its current state: it is closed, already
     started, or the call came out of order. This is a bug of the caller, never of the user's
-    input; nothing was changed and retrying the same call cannot succeed."""
+    input; nothing was changed and retrying the same call cannot succeed.
+
+    I/O on a closed volume handle is the exception: it is an ``IOFailure`` (EBADF), so the
+    requests still in flight while an export stops fail one by one on the wire."""
 
 
 class CorruptMetadata(StorvisorError):
