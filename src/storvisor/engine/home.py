@@ -2,7 +2,7 @@
 
 Layout::
 
-    HOME/lock                      flock()ed by the one process using HOME: "PID USER\n"
+    HOME/lock                      flock()ed by the one process using HOME; holds "PID USER"
     HOME/pools/NAME/catalog.db     a pool's SQLite catalog (plus its -wal and -shm files)
 
 Backing devices live wherever their paths say; a pool's catalog records them.
@@ -112,7 +112,7 @@ class Home:
         except OSError as e:
             raise IOFailure(f"cannot use {self.path}: {e.strerror}", e.errno or errno.EIO) from e
         try:
-            self._take_lock(fd, user, wait if user is HomeUser.DAEMON else 0.0)
+            self._take_lock(fd, wait if user is HomeUser.DAEMON else 0.0)
             record = f"{os.getpid()} {user.value}\n".encode()
             os.pwrite(fd, record, 0)  # over the old record: never an empty file while held
             os.ftruncate(fd, len(record))
@@ -123,7 +123,8 @@ class Home:
         self._lock = threading.RLock()
         self._pools: dict[str, Pool] = {}
 
-    def _take_lock(self, fd: int, user: HomeUser, wait: float) -> None:
+    def _take_lock(self, fd: int, wait: float) -> None:
+        """flock ``fd``, waiting up to ``wait`` seconds for a holder that is not a daemon."""
         deadline = time.monotonic() + wait
         record_deadline: float | None = None
         told: LockHolder | None = None
