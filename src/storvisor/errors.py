@@ -3,18 +3,30 @@
 ::
 
     StorvisorError
-     ├── ProtocolError          the peer broke the protocol: close that connection only
+     ├── ProtocolError          the remote peer broke its protocol: close that connection only
+     ├── QueueBroken            one virtqueue is unusable: stop serving it, signal its error
+     │    │                     fd; the connection and the other queues carry on
+     │    ├── RingError         (protocols.virtio.ring) a chain broke a split-ring rule
+     │    └── GuestMemoryError  (protocols.virtio.memory) an address outside guest memory
+     ├── LocalFailure           storvisor's own side failed (a link between its processes, a
+     │    │                     local resource): stop what it carried; no peer is to blame
+     │    └── DaemonUnavailable (api.client) the daemon's API socket does not answer
      ├── IOFailure              one request failed; carries an errno for the wire
      │    └── NoSpace           the pool ran out of clusters (ENOSPC)
      ├── NotFound               a named pool, volume, snapshot or export does not exist
-     ├── Conflict               the name exists, the object is in use, or the state forbids it
+     ├── Conflict               the name exists, or the object is in use or depended on
+     │    └── HomeInUse         (engine.home) another process holds the HOME lock
      ├── InvalidArgument        a malformed size, name or option from a user or API call
+     ├── StateError             a call made in the wrong state (closed, started twice, out of
+     │                          order): a bug of the caller; nothing was changed
      └── CorruptMetadata        on-disk state is inconsistent; stop using the pool
 
 The engine raises only these (never HTTP codes or wire errors). Exports translate
-``IOFailure.errno`` to their protocol's error; the API and CLI map ``NotFound``, ``Conflict``
-and ``InvalidArgument`` to their own errors. Foreign exceptions (``OSError``,
-``sqlite3.Error``) are translated at the boundary where they arise, with ``raise ... from``.
+``IOFailure.errno`` to their protocol's error. The API answers ``NotFound`` 404, ``Conflict``
+409, ``InvalidArgument`` 400, ``NoSpace`` 507 and everything else 500, always with the class
+name (``storvisor.api.server``); the CLI prints one line for each and exits with status 1.
+Foreign exceptions (``OSError``, ``sqlite3.Error``) are translated at the boundary where they
+arise, with ``raise ... from``.
 """
 
 from __future__ import annotations
@@ -27,10 +39,28 @@ class StorvisorError(Exception):
 
 
 class ProtocolError(StorvisorError):
-    """The remote peer violated the protocol; the connection must be closed.
+    """The remote peer (an NBD client, a vhost-user front-end, an API client) violated the
+    protocol; the caller closes that connection and nothing else.
 
-    Protocol codecs raise only this (or a subclass) on bad input, whatever the bytes.
+    Protocol codecs raise only this (or a subclass) on bad input, whatever the bytes. A
+    failure of storvisor's own side (a local socket, a link to one of its processes) is never
+    a ``ProtocolError``: see ``LocalFailure``.
     """
+
+
+class QueueBroken(StorvisorError):
+    """One virtqueue cannot be served any more (the driver broke a ring rule, or a request
+    failed in a way the queue cannot report). The caller stops serving that queue and
+    signals its error eventfd; the connection and the other queues carry on, and the
+    front-end may reset the queue (GET_VRING_BASE, then start it again)."""
+
+
+class LocalFailure(StorvisorError):
+    """storvisor's own side failed: a link between its processes (a data-plane channel, a
+    queue process, the daemon's API socket) broke or carried a malformed frame, or a local
+    resource (a memfd) could not be had. The caller stops what that link or resource carried
+    (a data plane exits, a front-end connection ends, a command fails) and logs it as a fault
+    of this host; there is no remote peer to blame and no errno for a request."""
 
 
 class IOFailure(StorvisorError):
@@ -45,22 +75,34 @@ class IOFailure(StorvisorError):
 
 
 class NoSpace(IOFailure):
-    """The pool has no free cluster for an allocating write."""
+    """The pool has no free cluster for an allocating write (the request fails with
+    ENOSPC; freeing or adding space lets the next one succeed)."""
 
     def __init__(self, message: str = "pool is out of space") -> None:
         super().__init__(message, _errno.ENOSPC)
 
 
 class NotFound(StorvisorError):
-    """A named object (pool, volume, snapshot, export) does not exist."""
+    """A named object (pool, volume, snapshot, export) does not exist; nothing was changed."""
 
 
 class Conflict(StorvisorError):
-    """The request clashes with current state: duplicate name, object busy or depended on."""
+    """The request clashes with what exists: a duplicate name, an object in use or depended
+    on (open, exported, with clones), a device that belongs to a pool. Nothing was changed;
+    the same call may succeed once the other user is gone."""
 
 
 class InvalidArgument(StorvisorError):
-    """A malformed or out-of-range argument from a user or API call."""
+    """A malformed or out-of-range argument from a user or API call; nothing was changed."""
+
+
+class StateError(StorvisorError):
+    """The object cannot take this call in its current state: it is closed, already
+    started, or the call came out of order. This is a bug of the caller, never of the user's
+    input; nothing was changed and retrying the same call cannot succeed.
+
+    I/O on a closed volume handle is the exception: it is an ``IOFailure`` (EBADF), so the
+    requests still in flight while an export stops fail one by one on the wire."""
 
 
 class CorruptMetadata(StorvisorError):

@@ -13,7 +13,7 @@ import nbd
 import pytest
 
 from storvisor.engine.device import BlockDevice
-from storvisor.errors import Conflict, InvalidArgument, NotFound
+from storvisor.errors import Conflict, InvalidArgument, NotFound, StateError
 from storvisor.exports.nbd import NBDExport, NBDServer, nbd_uri
 from storvisor.testing.memory import MemoryDevice
 
@@ -70,10 +70,10 @@ def test_listen_unix_replaces_a_stale_socket_not_a_file(short_dir: Path) -> None
 def test_start_twice_and_listen_after_close(short_dir: Path) -> None:
     server = NBDServer()
     server.start()
-    with pytest.raises(Conflict):
+    with pytest.raises(StateError):
         server.start()
     server.close()
-    with pytest.raises(Conflict):
+    with pytest.raises(StateError):
         server.listen_unix(str(short_dir / "late.sock"))
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from storvisor.errors import Conflict
+from storvisor.errors import StateError
 from storvisor.exports.vhost_user_blk import VhostUserBlkServer
 from storvisor.protocols.vhost_user import messages as m
 from storvisor.protocols.vhost_user.messages import MemoryRegion, Request
@@ -133,11 +133,11 @@ def test_close_while_front_end_is_busy(server: VhostUserBlkServer) -> None:
 
 
 def test_start_twice_or_after_close_is_refused(server: VhostUserBlkServer) -> None:
-    with pytest.raises(Conflict):
+    with pytest.raises(StateError):
         server.start()
     _still_usable(server)
     server.close()
-    with pytest.raises(Conflict):
+    with pytest.raises(StateError):
         server.start()
 
 

@@ -22,7 +22,7 @@ from nbd_wire import (
     whole_and_bytewise,
 )
 
-from storvisor.errors import Conflict, ProtocolError
+from storvisor.errors import ProtocolError, StateError
 from storvisor.protocols.nbd import (
     MAX_PAYLOAD,
     NEED_DATA,
@@ -222,9 +222,9 @@ def test_events_wait_for_the_answer() -> None:
     conn = ServerConnection()
     conn.receive_data(client_flags() + option(C.NBD_OPT_LIST))
     assert conn.next_event() == ExportListRequest()
-    with pytest.raises(Conflict):
+    with pytest.raises(StateError):
         conn.next_event()
-    with pytest.raises(Conflict):
+    with pytest.raises(StateError):
         conn.send_export(ExportDetails("disk", SIZE))
     conn.send_export_list([])
     assert conn.next_event() is NEED_DATA

@@ -3,7 +3,7 @@
 Every method sends one request on a fresh connection and returns the same typed record the
 service returns. An error answer is re-raised as the ``storvisor.errors`` class it names
 (``StorvisorError`` for an unknown or internal one); a connection that fails mid-way raises
-``DaemonUnavailable``.
+``DaemonUnavailable``, the ``LocalFailure`` of this link.
 """
 
 from __future__ import annotations
@@ -34,27 +34,20 @@ from storvisor.api.messages import (
 )
 from storvisor.api.service import API_SOCKET, ServiceStatus
 from storvisor.engine.types import BackingSpec, FsckReport, PoolInfo, SnapshotInfo, VolumeInfo
-from storvisor.errors import ProtocolError, StorvisorError
+from storvisor.errors import LocalFailure, ProtocolError, StorvisorError
 
 _T = TypeVar("_T")
 
 _ERRORS: dict[str, type[StorvisorError]] = {
-    cls.__name__: cls
-    for cls in (
-        errors.StorvisorError,
-        errors.ProtocolError,
-        errors.NotFound,
-        errors.Conflict,
-        errors.InvalidArgument,
-        errors.CorruptMetadata,
-        errors.IOFailure,
-        errors.NoSpace,
-    )
+    name: cls
+    for name, cls in vars(errors).items()
+    if isinstance(cls, type) and issubclass(cls, StorvisorError)
 }
+"""Every class of ``storvisor.errors`` by name: what an error answer's ``type`` may name."""
 
 
-class DaemonUnavailable(StorvisorError):
-    """The daemon's API socket does not answer."""
+class DaemonUnavailable(LocalFailure):
+    """The daemon's API socket does not answer (no daemon, or one still starting or gone)."""
 
 
 class _UnixConnection(http.client.HTTPConnection):

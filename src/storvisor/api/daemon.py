@@ -1,9 +1,10 @@
 """The storvisor daemon: one HOME, its exports and the local API, in the foreground.
 
-``serve`` takes the HOME lock, starts the NBD listener(s) and every recorded export, starts
-the API on ``HOME/api.sock`` and runs until SIGTERM or SIGINT; then it stops accepting API
-calls, stops every export, flushes and closes every pool and releases the lock. It installs
-signal handlers, so it must be called from the main thread of a program (the CLI's ``serve``).
+``serve`` takes the HOME lock (waiting, bounded, for a command that holds it), starts the
+NBD listener(s) and every recorded export, starts the API on ``HOME/api.sock`` and runs until
+SIGTERM or SIGINT; then it stops accepting API calls, stops every export, flushes and closes
+every pool and releases the lock. It installs signal handlers, so it must be called from the
+main thread of a program (the CLI's ``serve``).
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ from types import FrameType
 from storvisor.api.exports import NBD_SOCKET, ExportInfo, ExportRuntime, TcpAddress
 from storvisor.api.server import APIServer
 from storvisor.api.service import API_SOCKET, Service
-from storvisor.engine.home import Home
+from storvisor.engine.home import Home, HomeUser
 from storvisor.errors import Conflict, InvalidArgument
 from storvisor.units import format_size
 
 log = logging.getLogger(__name__)
 
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+
+LOCK_WAIT = 30.0
+"""Seconds ``serve`` waits by default for a command holding the HOME lock."""
 
 
 def serve(
@@ -36,19 +40,23 @@ def serve(
     nbd_tcp: TcpAddress | None = None,
     say: Callable[[str], None] = print,
     cli: str = "storvisor",
+    lock_wait: float = LOCK_WAIT,
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT.
 
     ``say`` receives the start-up banner (how to connect); ``cli`` is how the banner spells
-    the command-line tool. Raises ``Conflict`` if the HOME is in use or a listening address
-    is taken; whatever happens, everything opened is closed before returning."""
+    the command-line tool. A command holding the HOME lock (one run while no daemon
+    answered) is waited for, up to ``lock_wait`` seconds. Raises ``HomeInUse`` (a
+    ``Conflict``) if another daemon holds HOME or the command did not finish in time,
+    ``Conflict`` if a listening address is taken; whatever happens, everything opened is
+    closed before returning."""
     for name in (API_SOCKET, NBD_SOCKET):
         sock = Path(home_path).absolute() / name
         if len(os.fsencode(sock)) > _SUN_PATH_MAX:
             raise InvalidArgument(
                 f"HOME is too deep for a Unix socket path ({_SUN_PATH_MAX} bytes at most): {sock}"
             )
-    home = Home(home_path)
+    home = Home(home_path, user=HomeUser.DAEMON, wait=lock_wait)
     runtime = ExportRuntime(home.path, nbd_tcp)
     service = Service(home, runtime)
     api: APIServer | None = None

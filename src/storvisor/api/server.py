@@ -21,9 +21,11 @@ Resources (all under ``/v1``; path segments are percent-encoded, so an export na
     GET    /exports/{name}                          DELETE /exports/{name}
 
 A success answers 200 with the record (or list of records) as JSON, or 204 with no body. An
-error answers ``{"error": {"type": ..., "message": ...}}`` with 404 (``NotFound``), 409
-(``Conflict``), 400 (``InvalidArgument``, malformed body), 405 (method not allowed) or 500
-(anything else, logged with its traceback here, never sent).
+error answers ``{"error": {"type": ..., "message": ...}}``, ``type`` being the
+``storvisor.errors`` class name, with the status ``status_for`` gives it: 404 (``NotFound``),
+409 (``Conflict``), 400 (``InvalidArgument``, malformed body), 507 (``NoSpace``) and 500 for
+every other ``StorvisorError``; 405 (method not allowed); 500 ``InternalError`` for anything
+else (logged with its traceback here, never sent).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from storvisor.engine.types import BackingSpec
 from storvisor.errors import (
     Conflict,
     InvalidArgument,
+    NoSpace,
     NotFound,
     ProtocolError,
     StorvisorError,
@@ -192,13 +195,21 @@ _ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
 ]
 
 
-def _status_for(exc: BaseException) -> HTTPStatus:
-    if isinstance(exc, NotFound):
-        return HTTPStatus.NOT_FOUND
-    if isinstance(exc, Conflict):
-        return HTTPStatus.CONFLICT
-    if isinstance(exc, InvalidArgument):
-        return HTTPStatus.BAD_REQUEST
+_STATUSES: tuple[tuple[type[StorvisorError], HTTPStatus], ...] = (
+    (NotFound, HTTPStatus.NOT_FOUND),
+    (Conflict, HTTPStatus.CONFLICT),
+    (InvalidArgument, HTTPStatus.BAD_REQUEST),
+    (NoSpace, HTTPStatus.INSUFFICIENT_STORAGE),
+)
+
+
+def status_for(exc: StorvisorError) -> HTTPStatus:
+    """The HTTP status of an error answer: the user can act on ``NotFound``, ``Conflict``,
+    ``InvalidArgument`` and ``NoSpace``; every other class (``IOFailure``, ``StateError``,
+    ``CorruptMetadata``, ...) is a failure of the daemon's side, 500."""
+    for cls, status in _STATUSES:
+        if isinstance(exc, cls):
+            return status
     return HTTPStatus.INTERNAL_SERVER_ERROR
 
 
@@ -253,7 +264,10 @@ class _Handler(BaseHTTPRequestHandler):
                 )
                 result = handler(self.server.service, request)
             except StorvisorError as e:
-                self._send_error(_status_for(e), type(e).__name__, str(e))
+                status = status_for(e)
+                if status is HTTPStatus.INTERNAL_SERVER_ERROR:
+                    log.error("%s %s failed: %s: %s", self.command, url.path, type(e).__name__, e)
+                self._send_error(status, type(e).__name__, str(e))
             except Exception as e:
                 log.exception("%s %s failed", self.command, url.path)
                 self._send_error(

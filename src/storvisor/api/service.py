@@ -45,7 +45,7 @@ from storvisor.engine.types import (
     SnapshotInfo,
     VolumeInfo,
 )
-from storvisor.errors import Conflict, InvalidArgument, NotFound, StorvisorError
+from storvisor.errors import Conflict, InvalidArgument, NotFound, StateError, StorvisorError
 
 log = logging.getLogger(__name__)
 
@@ -376,8 +376,9 @@ class Service:
     # -- daemon -------------------------------------------------------------------------
 
     def start_exports(self) -> None:
-        """Serve every recorded export (daemon only). A definition that cannot start is
-        logged and reported as ``broken`` by ``exports``; the others still start."""
+        """Serve every recorded export (daemon only: ``StateError`` without a runtime). A
+        definition that cannot start is logged and reported as ``broken`` by ``exports``; the
+        others still start."""
         runtime = self._require_runtime()
         with self._lock:
             for spec in self._specs:
@@ -419,7 +420,7 @@ class Service:
 
     def _require_runtime(self) -> ExportRuntime:
         if self._runtime is None:
-            raise Conflict("this operation needs the running daemon (storvisor serve)")
+            raise StateError("this operation needs the running daemon (storvisor serve)")
         return self._runtime
 
     def _spec(self, name: str) -> ExportSpec:

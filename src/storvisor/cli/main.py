@@ -5,6 +5,10 @@ otherwise the command opens the HOME itself, under the HOME lock, so a pool is n
 by two processes at once. Export commands run without the daemon record the export, which
 the daemon starts at its next start.
 
+A daemon that is starting (it holds the HOME lock, its API does not answer yet) is waited
+for, and a daemon that starts while a command holds HOME waits for that command: up to
+``--wait`` seconds either way (engine/home.py describes the lock).
+
 Exit status: 0 on success, 1 when an operation fails (a missing pool, a duplicate name, an
 fsck that finds problems), 2 for a usage error. Errors are one line on stderr,
 ``storvisor: error: ...``; a traceback is printed only with ``--debug``.
@@ -19,6 +23,7 @@ import re
 import shlex
 import shutil
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,10 +31,11 @@ from pathlib import Path
 from typing import NoReturn
 
 from storvisor import __version__
-from storvisor.api.client import Client
+from storvisor.api.client import Client, DaemonUnavailable
 from storvisor.api.exports import ExportInfo, ExportState, TcpAddress, parse_tcp_address
 from storvisor.api.service import Management, Service
 from storvisor.cli import output
+from storvisor.engine.home import HomeInUse, HomeUser
 from storvisor.engine.types import BackingSpec
 from storvisor.errors import StorvisorError
 from storvisor.units import parse_size
@@ -38,6 +44,10 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+DEFAULT_WAIT = 30.0
+"""Seconds a command waits for a starting daemon, and ``serve`` for a command holding HOME."""
+_POLL = 0.1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,6 +138,16 @@ def tcp_address(text: str) -> TcpAddress:
         return parse_tcp_address(text)
     except StorvisorError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"invalid time {text!r}: expected 0 to 3600 seconds")
+    return value
 
 
 def queues(text: str) -> int:
@@ -318,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="state directory (default: $STORVISOR_HOME or ~/.local/share/storvisor)",
     )
     p.add_argument("--debug", action="store_true", help="verbose logs and full tracebacks")
+    p.add_argument(
+        "--wait",
+        metavar="SECONDS",
+        type=seconds,
+        default=DEFAULT_WAIT,
+        help="how long a command waits for a starting daemon, and serve for a command "
+        f"using the HOME (default: {DEFAULT_WAIT:g})",
+    )
     p.add_argument("--version", action="version", version=f"storvisor {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -443,12 +471,25 @@ def _home(args: argparse.Namespace) -> Path:
     return home.expanduser().absolute()
 
 
-def _connect(home: Path) -> Management:
-    """The daemon's API if it answers, else the HOME opened by this process."""
-    client = Client.for_home(home)
-    if client is not None:
-        return client
-    return Service.open(home)
+def _connect(home: Path, wait: float) -> Management:
+    """The daemon's API if it answers, else the HOME opened by this process. A daemon that
+    holds HOME without answering yet (it is starting) is waited for, up to ``wait`` seconds;
+    one that is stopping lets go of HOME, which this process then opens."""
+    deadline = time.monotonic() + wait
+    while True:
+        client = Client.for_home(home)
+        if client is not None:
+            return client
+        try:
+            return Service.open(home)
+        except HomeInUse as e:
+            if e.holder is None or e.holder.user is not HomeUser.DAEMON:
+                raise
+            if time.monotonic() >= deadline:
+                raise DaemonUnavailable(
+                    f"{e}, whose API did not answer within {wait:g} s (see --wait)"
+                ) from e
+        time.sleep(_POLL)
 
 
 def _serve(args: argparse.Namespace, home: Path) -> int:
@@ -458,7 +499,7 @@ def _serve(args: argparse.Namespace, home: Path) -> int:
     prog = "storvisor" if shutil.which("storvisor") else shlex.quote(sys.argv[0])
     if home != default_home().expanduser().absolute():
         prog += f" --home {shlex.quote(str(home))}"
-    serve(home, demo=args.demo, nbd_tcp=args.nbd_tcp, say=_say, cli=prog)
+    serve(home, demo=args.demo, nbd_tcp=args.nbd_tcp, say=_say, cli=prog, lock_wait=args.wait)
     return 0
 
 
@@ -482,7 +523,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         home = _home(args)
         if args.command == "serve":
             return _serve(args, home)
-        management = _connect(home)
+        management = _connect(home, args.wait)
         try:
             status: int = args.func(management, args)
         finally:

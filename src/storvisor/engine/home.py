@@ -2,37 +2,109 @@
 
 Layout::
 
-    HOME/lock                      flock()ed by the one process using HOME; holds its pid
+    HOME/lock                      flock()ed by the one process using HOME; holds "PID USER"
     HOME/pools/NAME/catalog.db     a pool's SQLite catalog (plus its -wal and -shm files)
 
 Backing devices live wherever their paths say; a pool's catalog records them.
+
+The lock
+--------
+One process at a time uses HOME: the daemon for its whole life, or one command (a CLI run
+while no daemon serves) for its own. The holder takes ``flock(LOCK_EX)`` on ``HOME/lock`` and
+then writes its record, ``PID USER`` and a newline (``USER`` is ``daemon`` or ``command``),
+over the previous one; it empties the file before it lets go. A process that finds the lock
+taken reads the record to say who holds it. The record is trusted only when it is a whole
+line naming a live process: a holder that has just taken the lock may not have written it
+yet (the file is then empty, or still holds the record of a holder killed earlier), so the
+reader reads again for up to ``RECORD_WAIT`` seconds before it settles for "pid unknown".
+
+A daemon waits (up to the ``wait`` it is given) for a command to finish, since commands are
+short; it never waits for another daemon. A command never waits here: it learns from
+``HomeInUse.holder`` whether a daemon holds HOME (then the caller talks to that daemon, once
+its API answers).
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from storvisor.engine.pool import Pool, check_name
 from storvisor.engine.types import BackingSpec, PoolInfo
-from storvisor.errors import Conflict, CorruptMetadata, IOFailure
+from storvisor.errors import Conflict, CorruptMetadata, IOFailure, StateError
 
-__all__ = ["Home", "Pool"]
+__all__ = ["RECORD_WAIT", "Home", "HomeInUse", "HomeUser", "LockHolder", "Pool"]
+
+log = logging.getLogger(__name__)
+
+RECORD_WAIT = 1.0
+"""Seconds a reader waits for a new holder of the lock to write its record."""
+
+_POLL = 0.02
+
+
+class HomeUser(enum.Enum):
+    """Who holds the HOME lock."""
+
+    DAEMON = "daemon"  # ``storvisor serve``, for its whole life
+    COMMAND = "command"  # one command run without a daemon, for its own
+
+
+@dataclass(frozen=True, slots=True)
+class LockHolder:
+    """The record a holder of the HOME lock wrote: its pid and what it is (``None``: a
+    record without a user, as written by an older storvisor)."""
+
+    pid: int
+    user: HomeUser | None
+
+
+class HomeInUse(Conflict):
+    """Another process holds the HOME lock. ``holder`` is its record, ``None`` if it wrote
+    none in time (then its pid is not known)."""
+
+    def __init__(self, path: Path, holder: LockHolder | None) -> None:
+        if holder is None:
+            who = "another process (it has not written its pid)"
+        elif holder.user is HomeUser.DAEMON:
+            who = f"pid {holder.pid} (the storvisor daemon)"
+        elif holder.user is HomeUser.COMMAND:
+            who = f"pid {holder.pid} (a storvisor command)"
+        else:
+            who = f"pid {holder.pid}"
+        super().__init__(f"{path} is in use by {who}")
+        self.holder = holder
 
 
 class Home:
     """The state directory. Opening it takes an exclusive lock (``fcntl.flock`` on
-    ``HOME/lock``); a second process gets ``Conflict("... in use by pid N")``.
+    ``HOME/lock``; see the module docstring) as ``user``.
+
+    If another process holds the lock, a ``DAEMON`` waits up to ``wait`` seconds for a
+    command to let go (never for another daemon); then, and in every other case, this raises
+    ``HomeInUse`` (a ``Conflict``) naming the holder. ``IOFailure`` if HOME cannot be
+    created or opened.
 
     Thread-safe. Pools are opened on first use and cached until ``close``.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        user: HomeUser = HomeUser.COMMAND,
+        wait: float = 0.0,
+    ) -> None:
         self.path = Path(path).absolute()
         try:
             (self.path / "pools").mkdir(parents=True, exist_ok=True)
@@ -40,16 +112,48 @@ class Home:
         except OSError as e:
             raise IOFailure(f"cannot use {self.path}: {e.strerror}", e.errno or errno.EIO) from e
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            self._take_lock(fd, wait if user is HomeUser.DAEMON else 0.0)
+            record = f"{os.getpid()} {user.value}\n".encode()
+            os.pwrite(fd, record, 0)  # over the old record: never an empty file while held
+            os.ftruncate(fd, len(record))
+        except BaseException:
             os.close(fd)
-            raise Conflict(f"{self.path} is in use by pid {holder}") from e
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            raise
         self._lock_fd = fd
         self._lock = threading.RLock()
         self._pools: dict[str, Pool] = {}
+
+    def _take_lock(self, fd: int, wait: float) -> None:
+        """flock ``fd``, waiting up to ``wait`` seconds for a holder that is not a daemon."""
+        deadline = time.monotonic() + wait
+        record_deadline: float | None = None
+        told: LockHolder | None = None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                raise IOFailure(
+                    f"cannot lock {self.path}: {e.strerror}", e.errno or errno.EIO
+                ) from e
+            holder = _read_record(fd)
+            now = time.monotonic()
+            if holder is None:
+                # Just taken, record not written yet: read again (the holder may also be gone).
+                if record_deadline is None:
+                    record_deadline = now + RECORD_WAIT
+                if now >= max(record_deadline, deadline):
+                    raise HomeInUse(self.path, None)
+            else:
+                record_deadline = None
+                if holder.user is HomeUser.DAEMON or now >= deadline:
+                    raise HomeInUse(self.path, holder)
+                if holder != told:
+                    told = holder
+                    log.info("%s; waiting up to %g s", HomeInUse(self.path, holder), wait)
+            time.sleep(_POLL)
 
     def create_pool(
         self, name: str, backings: Sequence[BackingSpec], cluster_size: int | None = None
@@ -118,6 +222,8 @@ class Home:
                     pool.close()
             finally:
                 self._pools.clear()
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._lock_fd, 0)  # no record outlives its holder's lock
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
                 os.close(self._lock_fd)
                 self._lock_fd = -1
@@ -133,7 +239,24 @@ class Home:
 
     def _check_open(self) -> None:
         if self._lock_fd < 0:
-            raise Conflict(f"{self.path} is closed")
+            raise StateError(f"{self.path} is closed")
 
     def __repr__(self) -> str:
         return f"<Home {self.path}>"
+
+
+def _read_record(fd: int) -> LockHolder | None:
+    """The lock holder's record if it is one whole line naming a live process."""
+    line, newline, _ = os.pread(fd, 64, 0).decode("ascii", errors="replace").partition("\n")
+    fields = line.split()
+    if not newline or not fields or not fields[0].isdigit():
+        return None
+    pid = int(fields[0])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # a holder killed earlier; the new one has not written yet
+    except PermissionError:
+        pass  # alive, another user's
+    users = {u.value: u for u in HomeUser}
+    return LockHolder(pid, users.get(fields[1]) if len(fields) > 1 else None)

@@ -63,6 +63,7 @@ from storvisor.errors import (
     InvalidArgument,
     IOFailure,
     NotFound,
+    StateError,
     StorvisorError,
 )
 
@@ -441,7 +442,7 @@ class Pool:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise Conflict(f"pool {self.name!r} is closed")
+            raise StateError(f"pool {self.name!r} is closed")
 
     # ------------------------------------------------------------------------- volumes
 

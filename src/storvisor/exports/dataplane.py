@@ -56,7 +56,7 @@ from storvisor.engine.sharedmap import (
     SharedMap,
 )
 from storvisor.engine.volume import Volume
-from storvisor.errors import IOFailure, ProtocolError, StorvisorError
+from storvisor.errors import IOFailure, LocalFailure, StorvisorError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray | None:
         if k == 0:
             if got == 0:
                 return None
-            raise ProtocolError("data-plane channel closed inside a frame")
+            raise LocalFailure("data-plane channel closed inside a frame")
         got += k
     return buf
 
@@ -255,16 +255,16 @@ class PlaneHost:
                     self.ready.set()
                 elif op == Op.WRITE:
                     if b > 64 << 20:
-                        raise ProtocolError(f"data-plane write of {b} bytes")
+                        raise LocalFailure(f"data-plane write of {b} bytes")
                     data = _recv_exact(sock, b) if b else bytearray()
                     if data is None:
-                        raise ProtocolError("data-plane channel closed inside a write")
+                        raise LocalFailure("data-plane channel closed inside a write")
                     self._jobs.put((op, flags, ident, a, b, data))
                 elif op in (Op.ZERO, Op.FLUSH, Op.STATUS, Op.GETFD):
                     self._jobs.put((op, flags, ident, a, b, None))
                 else:
-                    raise ProtocolError(f"unknown data-plane operation {op}")
-        except (OSError, ProtocolError) as e:
+                    raise LocalFailure(f"unknown data-plane operation {op}")
+        except (OSError, LocalFailure) as e:
             if not self._dead.is_set():
                 log.warning("data-plane channel of %s failed: %s", self.volume.name, e)
         finally:
@@ -627,7 +627,7 @@ class RemoteVolume:
                 if len(header) < FRAME.size:
                     rest = _recv_exact(sock, FRAME.size - len(header))
                     if rest is None:
-                        raise ProtocolError("data-plane channel closed inside a frame")
+                        raise LocalFailure("data-plane channel closed inside a frame")
                     header += rest
                 op, _, _, ident, a, b = FRAME.unpack(header)
                 if op == Op.REPLY:
@@ -652,8 +652,8 @@ class RemoteVolume:
                     if self._on_resized is not None:
                         self._on_resized()
                 else:
-                    raise ProtocolError(f"unknown data-plane operation {op}")
-        except (OSError, ProtocolError) as e:
+                    raise LocalFailure(f"unknown data-plane operation {op}")
+        except (OSError, LocalFailure) as e:
             if not self._closed:
                 log.error("data-plane channel failed: %s", e)
         finally:

@@ -45,7 +45,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from storvisor.engine.device import BlockDevice, Buffer
-from storvisor.errors import Conflict, InvalidArgument, IOFailure, NotFound, ProtocolError
+from storvisor.errors import (
+    Conflict,
+    InvalidArgument,
+    IOFailure,
+    NotFound,
+    ProtocolError,
+    StateError,
+)
 from storvisor.protocols.nbd import (
     NEED_DATA,
     Aborted,
@@ -155,7 +162,8 @@ class NBDServer:
         """Listen on a Unix socket at ``path``, replacing a stale socket file.
 
         Raises:
-            Conflict: ``path`` exists and is not a socket, or the server is closed.
+            Conflict: ``path`` exists and is not a socket.
+            StateError: the server is closed.
             IOFailure: the socket cannot be bound.
         """
         with contextlib.suppress(FileNotFoundError):
@@ -176,7 +184,7 @@ class NBDServer:
         """Listen on TCP ``host:port`` (port 0 picks a free port); returns the port.
 
         Raises:
-            Conflict: the server is closed.
+            StateError: the server is closed.
             IOFailure: the address cannot be bound (in use, not local).
         """
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -198,7 +206,7 @@ class NBDServer:
         with self._lock:
             if self._closed:
                 sock.close()
-                raise Conflict("the NBD server is closed")
+                raise StateError("the NBD server is closed")
             self._listeners.append(sock)
             if unix_path is not None:
                 self._unix_paths.append(unix_path)
@@ -209,11 +217,11 @@ class NBDServer:
         """Serve every listening socket (present and future) in background threads.
 
         Raises:
-            Conflict: already started or closed.
+            StateError: already started or closed.
         """
         with self._lock:
             if self._started or self._closed:
-                raise Conflict("the NBD server is already started or closed")
+                raise StateError("the NBD server is already started or closed")
             self._started = True
             for sock in self._listeners:
                 self._spawn(self._accept_loop, sock)

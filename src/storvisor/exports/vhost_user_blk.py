@@ -69,7 +69,14 @@ from dataclasses import dataclass
 from typing import cast
 
 from storvisor.engine.device import BlockDevice, FileDevice
-from storvisor.errors import Conflict, IOFailure, ProtocolError, StorvisorError
+from storvisor.errors import (
+    IOFailure,
+    LocalFailure,
+    ProtocolError,
+    QueueBroken,
+    StateError,
+    StorvisorError,
+)
 from storvisor.exports.dataplane import RemoteVolume
 from storvisor.protocols.vhost_user import inflight as infl
 from storvisor.protocols.vhost_user import messages as m
@@ -306,7 +313,7 @@ class _QueueWorker:
             finally:
                 self._finish_offloaded()
                 self._unpark()
-        except ProtocolError as e:
+        except QueueBroken as e:
             log.error("vhost-user-blk queue %d is broken: %s", self.index, e)
             owner.queue_broken(self.index)
         except Exception:  # a bug must not take the server down: fail the queue only
@@ -377,7 +384,7 @@ class _QueueWorker:
                 if self._parked and not (self._stop or self._draining or self._failed):
                     try:
                         following = self._pop_parked(queue)
-                    except ProtocolError as e:
+                    except QueueBroken as e:
                         log.error("vhost-user-blk queue %d: %s", self.index, e)
                         self._failed = True
             wake = self._draining or self._failed
@@ -431,7 +438,7 @@ class _QueueWorker:
         lock = self._ring_lock
         while True:
             if self._failed:
-                raise ProtocolError("a request failed unexpectedly")
+                raise QueueBroken("a request failed unexpectedly")
             served = 0
             writethrough = owner.writethrough
             logging = queue.record_writes = owner.logging
@@ -751,7 +758,7 @@ class _Device:
                 event_idx=setup.event_idx,
                 fence=_full_fence,
             )
-        except ProtocolError as e:
+        except QueueBroken as e:
             log.error("vhost-user-blk queue %d cannot start: %s", setup.index, e)
             self.queue_broken(setup.index)
             self._unstarted[setup.index] = setup.last_avail
@@ -800,7 +807,7 @@ class _Device:
             os.ftruncate(fd, size)
         except OSError as e:
             os.close(fd)
-            raise ProtocolError(f"cannot size the inflight buffer: {e.strerror}") from e
+            raise LocalFailure(f"cannot size the inflight buffer: {e.strerror}") from e
         return fd, size
 
     def set_inflight(
@@ -998,11 +1005,11 @@ class VhostUserBlkServer:
     def start(self) -> None:
         """Bind the socket (replacing a stale one) and serve in a background thread.
 
-        Raises ``OSError`` if the socket cannot be bound, ``Conflict`` if already started or
+        Raises ``OSError`` if the socket cannot be bound, ``StateError`` if already started or
         closed.
         """
         if self._listener is not None or self._wake_r < 0:
-            raise Conflict(f"vhost-user-blk server on {self.socket_path} already started")
+            raise StateError(f"vhost-user-blk server on {self.socket_path} already started")
         if platform.machine() not in ("x86_64", "AMD64", "i686", "i386"):
             # the rings rely on x86's ordering of plain loads and stores (see ring.py)
             log.warning(
@@ -1135,7 +1142,7 @@ class VhostUserBlkServer:
                 if self.peers:
                     try:
                         _forward(self.peers, m.Message(_PEER_RESET, m.VHOST_USER_VERSION, b""))
-                    except (OSError, ProtocolError) as e:
+                    except (OSError, StorvisorError) as e:
                         log.error("vhost-user-blk queue processes did not reset: %s", e)
             finally:
                 conn.close()
@@ -1195,8 +1202,8 @@ _ANSWER = struct.Struct("<I")
 
 def _forward(peers: list[socket.socket], msg: m.Message) -> dict[int, int]:
     """Hand ``msg`` (with its fds) to every queue process and wait until each applied it;
-    returns the next avail index of every queue they stopped. Raises ``ProtocolError`` if
-    one failed or its link broke (the connection must then end)."""
+    returns the next avail index of every queue they stopped. Raises ``LocalFailure`` if a
+    link broke, ``ProtocolError`` if one refused the message (the connection must then end)."""
     data = m.encode(msg.request, msg.payload, flags=msg.flags)
     for peer in peers:
         try:
@@ -1205,14 +1212,14 @@ def _forward(peers: list[socket.socket], msg: m.Message) -> dict[int, int]:
             else:
                 peer.sendall(data)
         except OSError as e:
-            raise ProtocolError(f"queue process unreachable: {e.strerror}") from e
+            raise LocalFailure(f"queue process unreachable: {e.strerror}") from e
     bases: dict[int, int] = {}
     for peer in peers:
         try:
             size = _ANSWER.unpack(_recv_all(peer, _ANSWER.size))[0]
             answer = json.loads(_recv_all(peer, size))
         except (OSError, ValueError, struct.error) as e:
-            raise ProtocolError(f"queue process did not answer: {e}") from e
+            raise LocalFailure(f"queue process did not answer: {e}") from e
         if not answer.get("ok"):
             raise ProtocolError(f"a queue process refused {msg.name}")
         bases.update({int(k): int(v) for k, v in answer.get("stopped", {}).items()})

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from enum import Enum, auto
 
-from storvisor.errors import Conflict
+from storvisor.errors import StateError
 
 
 class State(Enum):
@@ -61,9 +61,9 @@ def transition(state: State, trigger: Trigger) -> State:
     """The state after ``trigger`` in ``state``.
 
     Raises:
-        Conflict: the transition is not in the table (the caller used the API out of order).
+        StateError: the transition is not in the table (the caller used the API out of order).
     """
     try:
         return TRANSITIONS[(state, trigger)]
     except KeyError:
-        raise Conflict(f"NBD connection: {trigger.name} is not allowed in {state.name}") from None
+        raise StateError(f"NBD connection: {trigger.name} is not allowed in {state.name}") from None

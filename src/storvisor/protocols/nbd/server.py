@@ -40,7 +40,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from storvisor.errors import Conflict, ProtocolError
+from storvisor.errors import ProtocolError, StateError
 from storvisor.protocols.nbd import constants as C
 from storvisor.protocols.nbd._state import State, Trigger, transition
 from storvisor.protocols.nbd.events import (
@@ -120,7 +120,7 @@ class ExportDetails:
 class ServerConnection:
     """One client connection's protocol state, from greeting to disconnect.
 
-    Methods raise ``Conflict`` when called in a state that does not allow them (a bug in the
+    Methods raise ``StateError`` when called in a state that does not allow them (a bug in the
     embedding server, not bad input); ``next_event`` raises ``ProtocolError`` on bad input.
     """
 
@@ -240,7 +240,7 @@ class ServerConnection:
         Raises:
             ProtocolError: the client broke the protocol; close the connection. Raised again
                 on every later call.
-            Conflict: an ``ExportRequest`` or ``ExportListRequest`` is still unanswered.
+            StateError: an ``ExportRequest`` or ``ExportListRequest`` is still unanswered.
         """
         if self._error is not None:
             raise self._error
@@ -275,7 +275,7 @@ class ServerConnection:
                 self._go(Trigger.CLIENT_FLAGS)
                 continue
             if state is State.AWAIT_ANSWER:
-                raise Conflict("answer the pending NBD option before reading more events")
+                raise StateError("answer the pending NBD option before reading more events")
             return NEED_DATA  # CLOSED: anything after ABORT or DISC is ignored
 
     def _have(self, n: int) -> bool:
@@ -413,10 +413,10 @@ class ServerConnection:
         """Answer an ``ExportListRequest`` with ``(name, description)`` pairs.
 
         Raises:
-            Conflict: no ``ExportListRequest`` is pending.
+            StateError: no ``ExportListRequest`` is pending.
         """
         if not isinstance(self._pending, ExportListRequest):
-            raise Conflict("no NBD_OPT_LIST is pending")
+            raise StateError("no NBD_OPT_LIST is pending")
         for name, description in exports:
             raw = name.encode()
             self._reply(
@@ -433,11 +433,11 @@ class ServerConnection:
         with this export; for NBD_OPT_INFO it stays in the handshake.
 
         Raises:
-            Conflict: no ``ExportRequest`` is pending.
+            StateError: no ``ExportRequest`` is pending.
         """
         request = self._pending
         if not isinstance(request, ExportRequest):
-            raise Conflict("no NBD export request is pending")
+            raise StateError("no NBD export request is pending")
         self._pending = None
         flags = details.transmission_flags
         if request.option == C.NBD_OPT_EXPORT_NAME:
@@ -473,11 +473,11 @@ class ServerConnection:
         and the server must close it.
 
         Raises:
-            Conflict: no request is pending.
+            StateError: no request is pending.
         """
         request = self._pending
         if request is None:
-            raise Conflict("no NBD option is pending")
+            raise StateError("no NBD option is pending")
         self._pending = None
         if isinstance(request, ExportRequest) and request.option == C.NBD_OPT_EXPORT_NAME:
             self._go(Trigger.EXPORT_NAME_REFUSED)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from storvisor.engine.device import BlockDevice
-from storvisor.errors import IOFailure, ProtocolError, StorvisorError
+from storvisor.errors import IOFailure, QueueBroken, StorvisorError
 from storvisor.protocols.virtio.ring import Chain, RingError
 
 SECTOR_SIZE = 512
@@ -295,7 +295,7 @@ def execute(
         status = _status_of(e)
         if rtype == _IN:
             used_len = 1
-    except ProtocolError:
+    except QueueBroken:
         raise
     except StorvisorError:  # e.g. CorruptMetadata: the request fails, the queue lives on
         status = Status.IOERR

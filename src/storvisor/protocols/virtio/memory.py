@@ -9,18 +9,19 @@ start at the region's first byte (``map + mmap_offset``). Two address spaces lea
 
 A buffer that crosses from one region into the next (GPA-adjacent RAM, e.g. hot-plugged) is
 split into one ``memoryview`` per region. Any address outside every region raises
-:class:`GuestMemoryError`, which callers treat as a broken queue.
+:class:`GuestMemoryError`, a :class:`~storvisor.errors.QueueBroken`: the queue that used the
+address is broken, the connection lives on.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from storvisor.errors import ProtocolError
+from storvisor.errors import QueueBroken
 
 
-class GuestMemoryError(ProtocolError):
-    """An address or length points outside guest memory."""
+class GuestMemoryError(QueueBroken):
+    """An address or length points outside guest memory; the queue that used it is broken."""
 
 
 @dataclass(frozen=True, slots=True)

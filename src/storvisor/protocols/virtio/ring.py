@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from storvisor.errors import ProtocolError
+from storvisor.errors import QueueBroken
 from storvisor.protocols.virtio.memory import GuestMemory
 
 VRING_DESC_F_NEXT = 1
@@ -46,8 +46,9 @@ MAX_INDIRECT = 1024
 """Entries an indirect table may hold beyond the queue size (Linux and QEMU use 1024)."""
 
 
-class RingError(ProtocolError):
-    """The driver broke a split-ring rule; the queue is unusable until it is reset."""
+class RingError(QueueBroken):
+    """The driver broke a split-ring rule; the queue is unusable until it is reset (the
+    connection and the other queues carry on)."""
 
 
 def desc_table_size(num: int) -> int:
@@ -187,7 +188,7 @@ class SplitQueue:
         requests after a reconnect). Raises ``RingError`` and marks the queue broken."""
         try:
             return self._walk(head)
-        except ProtocolError as e:
+        except QueueBroken as e:
             self._break(str(e))
             raise AssertionError("unreachable") from None
 
