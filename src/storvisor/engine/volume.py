@@ -33,13 +33,13 @@ other request here. Freezing the state freezes its planes too.
 from __future__ import annotations
 
 import errno
-import os
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
 from storvisor.engine.catalog import ZERO
 from storvisor.engine.device import Buffer, Extent
+from storvisor.engine.pio import preadv_full, pwritev_full
 from storvisor.engine.sharedmap import Gate, SharedMap
 from storvisor.errors import IOFailure
 
@@ -180,7 +180,7 @@ class VolumeState:
                 self.gate.enter()
                 try:
                     if entry[2] == self.top:
-                        _pwrite(entry[0], data, entry[1] + within)  # allocated meanwhile
+                        pwritev_full(entry[0], [data], entry[1] + within)  # allocated meanwhile
                         return
                 finally:
                     self.gate.leave()
@@ -205,13 +205,13 @@ class VolumeState:
         fd, base = pool.locate(phys)
         try:
             if len(data) == cs:
-                _pwrite(fd, data, base)
+                pwritev_full(fd, [data], base)
             else:
                 buf = bytearray(cs)
                 if entry is not None and entry[0] >= 0:
-                    _pread(entry[0], memoryview(buf), entry[1])
+                    preadv_full(entry[0], [memoryview(buf)], entry[1])
                 buf[within : within + len(data)] = data
-                _pwrite(fd, memoryview(buf), base)
+                pwritev_full(fd, [memoryview(buf)], base)
         except BaseException:
             pool.unallocate(phys)
             raise
@@ -269,7 +269,7 @@ class VolumeState:
                 self.gate.enter()
                 try:
                     for fd, base, _ in in_place:
-                        _pwrite(fd, self.zeros, base)
+                        pwritev_full(fd, [self.zeros], base)
                 finally:
                     self.gate.leave()
         finally:
@@ -289,8 +289,8 @@ class VolumeState:
                     phys = self.place(vc)
                 fd, base = pool.locate(phys)
                 try:
-                    _pread(entry[0], memoryview(buf), entry[1])
-                    _pwrite(fd, memoryview(buf), base)
+                    preadv_full(entry[0], [memoryview(buf)], entry[1])
+                    pwritev_full(fd, [memoryview(buf)], base)
                 except BaseException:
                     pool.unallocate(phys)
                     raise
@@ -382,7 +382,7 @@ class Volume:
                 if entry is None or entry[0] < 0:
                     buf[:] = s.zeros[:n]
                 else:
-                    _pread(entry[0], buf, entry[1] + within)
+                    preadv_full(entry[0], [buf], entry[1] + within)
                 return
             self._read_span(offset, buf)
         finally:
@@ -404,18 +404,18 @@ class Volume:
             entry = view.get(off >> s.shift)
             if entry is None or entry[0] < 0:
                 if run_len:
-                    _pread(run_fd, buf[run_start : run_start + run_len], run_off)
+                    preadv_full(run_fd, [buf[run_start : run_start + run_len]], run_off)
                     run_len = 0
                 buf[pos : pos + chunk] = s.zeros[:chunk]
             elif run_len and entry[0] == run_fd and entry[1] + within == run_off + run_len:
                 run_len += chunk
             else:
                 if run_len:
-                    _pread(run_fd, buf[run_start : run_start + run_len], run_off)
+                    preadv_full(run_fd, [buf[run_start : run_start + run_len]], run_off)
                 run_fd, run_off, run_start, run_len = entry[0], entry[1] + within, pos, chunk
             pos += chunk
         if run_len:
-            _pread(run_fd, buf[run_start : run_start + run_len], run_off)
+            preadv_full(run_fd, [buf[run_start : run_start + run_len]], run_off)
 
     def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         """Write ``data`` at ``offset``, allocating clusters as needed; with ``fua`` the pool
@@ -438,7 +438,7 @@ class Volume:
                 owned = entry is not None and entry[2] == s.top and entry[0] >= 0
                 if owned:
                     assert entry is not None
-                    _pwrite(entry[0], view_, entry[1] + within)
+                    pwritev_full(entry[0], [view_], entry[1] + within)
             finally:
                 gate.leave()
             if not owned:
@@ -471,12 +471,12 @@ class Volume:
                         run_len += chunk
                     else:
                         if run_len:
-                            _pwrite(run_fd, view_[run_start : run_start + run_len], run_off)
+                            pwritev_full(run_fd, [view_[run_start : run_start + run_len]], run_off)
                         run_fd, run_off, run_start = entry[0], entry[1] + within, pos
                         run_len = chunk
                 else:
                     if run_len:
-                        _pwrite(run_fd, view_[run_start : run_start + run_len], run_off)
+                        pwritev_full(run_fd, [view_[run_start : run_start + run_len]], run_off)
                         run_len = 0
                     gate.leave()
                     try:
@@ -485,7 +485,7 @@ class Volume:
                         gate.enter()
                 pos += chunk
             if run_len:
-                _pwrite(run_fd, view_[run_start : run_start + run_len], run_off)
+                pwritev_full(run_fd, [view_[run_start : run_start + run_len]], run_off)
         finally:
             gate.leave()
 
@@ -598,24 +598,3 @@ class Volume:
 
     def __repr__(self) -> str:
         return f"<Volume {self.name}>"
-
-
-def _pread(fd: int, buf: memoryview, offset: int) -> None:
-    try:
-        got = os.preadv(fd, [buf], offset)
-        while got < len(buf):
-            more = os.preadv(fd, [buf[got:]], offset + got)
-            if more == 0:
-                raise IOFailure("short read from a backing device", errno.EIO)
-            got += more
-    except OSError as e:
-        raise IOFailure(f"read failed: {e.strerror}", e.errno or errno.EIO) from e
-
-
-def _pwrite(fd: int, data: memoryview, offset: int) -> None:
-    try:
-        done = os.pwritev(fd, [data], offset)
-        while done < len(data):
-            done += os.pwritev(fd, [data[done:]], offset + done)
-    except OSError as e:
-        raise IOFailure(f"write failed: {e.strerror}", e.errno or errno.EIO) from e

@@ -47,6 +47,7 @@ from queue import SimpleQueue
 
 from storvisor.engine.backing import LOCAL_MASK, PHYS_SHIFT
 from storvisor.engine.device import Buffer, Extent
+from storvisor.engine.pio import preadv_full, pwritev_full
 from storvisor.engine.sharedmap import (
     EPOCH_SHIFT,
     HEADER_WORDS,
@@ -432,7 +433,7 @@ class RemoteVolume:
             place = self._locate(word, within)
             if place is None:
                 return False
-            _preadv(place[0], [buf], place[1])
+            preadv_full(place[0], [buf], place[1])
             return True
         finally:
             gate.leave()
@@ -456,7 +457,7 @@ class RemoteVolume:
             place = self._locate(word, within)
             if place is None:
                 return False
-            _pwritev(place[0], [view], place[1])
+            pwritev_full(place[0], [view], place[1])
             return True
         finally:
             gate.leave()
@@ -699,41 +700,6 @@ def _slice(views: list[memoryview], start: int, length: int) -> list[memoryview]
     return out
 
 
-_IOV_MAX = 1024
-
-
-def _preadv(fd: int, views: list[memoryview], offset: int) -> None:
-    while views:
-        try:
-            n = os.preadv(fd, views[:_IOV_MAX], offset)
-        except OSError as e:
-            raise IOFailure(f"read failed: {e.strerror}", e.errno or errno.EIO) from e
-        if n == 0:
-            raise IOFailure("short read from a backing device", errno.EIO)
-        if len(views) == 1 and n == len(views[0]):
-            return  # the common case: all at once
-        offset += n
-        total = sum(len(v) for v in views)
-        if n >= total:
-            return
-        views = _slice(views, n, total - n)
-
-
-def _pwritev(fd: int, views: list[memoryview], offset: int) -> None:
-    while views:
-        try:
-            n = os.pwritev(fd, views[:_IOV_MAX], offset)
-        except OSError as e:
-            raise IOFailure(f"write failed: {e.strerror}", e.errno or errno.EIO) from e
-        if len(views) == 1 and n == len(views[0]):
-            return  # the common case: all at once
-        offset += n
-        total = sum(len(v) for v in views)
-        if n >= total:
-            return
-        views = _slice(views, n, total - n)
-
-
 class _RemoteVectors:
     """``blk.VectoredIO`` for a ``RemoteVolume``; ranges are checked by the caller."""
 
@@ -751,7 +717,7 @@ class _RemoteVectors:
         runs = v._plan_outside(offset, length)
         try:
             if len(runs) == 1 and runs[0][0] >= 0:
-                _preadv(runs[0][0], views, runs[0][1])
+                preadv_full(runs[0][0], views, runs[0][1])
                 return
             pos = 0
             for fd, where, n, _ in runs:
@@ -760,7 +726,7 @@ class _RemoteVectors:
                     for view in part:
                         _fill_zeros(view, v._zeros)
                 else:
-                    _preadv(fd, part, where)
+                    preadv_full(fd, part, where)
                 pos += n
         finally:
             gate.leave()
@@ -781,7 +747,7 @@ class _RemoteVectors:
             pos = 0
             for fd, where, n, owned in runs:
                 if owned:
-                    _pwritev(fd, _slice(views, pos, n), where)
+                    pwritev_full(fd, _slice(views, pos, n), where)
                 else:
                     remote.append((pos, n))
                 pos += n
