@@ -1,7 +1,8 @@
 """The engine's hot path: a 4 KiB read and write of an allocated cluster through a ``Volume``,
 against the bare ``os.preadv``/``os.pwritev`` on the backing file it ends in, through a
 volume at the end of a 10-deep snapshot chain, and through a data plane's ``RemoteVolume``
-(its direct path: a shared-map lookup, then the same system call).
+(its direct path: a shared-map lookup, then the same system call; a read of an unmapped
+cluster is the lookup alone, with no system call).
 
 The difference is the engine's per-request cost (bounds check, one dict lookup). Run:
 ``.venv/bin/python bench/engine_hot_path.py``; a few seconds.
@@ -67,6 +68,12 @@ def main() -> None:
         host = PlaneHost(flat, ours)
         host.start()
         remote = RemoteVolume(theirs, os.dup(host.map.fd), pool.backing_fds(), CS)
+        pool.create_volume("sparse", SIZE)
+        sparse = pool.open_volume("sparse")
+        ours2, theirs2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        hole_host = PlaneHost(sparse, ours2)
+        hole_host.start()
+        hole = RemoteVolume(theirs2, os.dup(hole_host.map.fd), pool.backing_fds(), CS)
         rows = [
             ("os.preadv on the backing file", lambda o: os.preadv(fd, [buf], o + CS)),
             ("Volume.read_into", lambda o: flat.read_into(o, buf)),
@@ -75,6 +82,7 @@ def main() -> None:
             ("Volume.write (allocated cluster)", lambda o: flat.write(o, data)),
             ("RemoteVolume.read_into", lambda o: remote.read_into(o, buf)),
             ("RemoteVolume.write (owned cluster)", lambda o: remote.write(o, data)),
+            ("RemoteVolume.read_into (unmapped)", lambda o: hole.read_into(o, buf)),
         ]
         print(f"{N} random 4 KiB requests over {SIZE >> 20} MiB (page cache), ns per request")
         for label, func in rows:
@@ -83,6 +91,9 @@ def main() -> None:
         os.close(fd)
         remote.close()
         host.close()
+        hole.close()
+        hole_host.close()
+        sparse.close()
         flat.close()
         deep.close()
 

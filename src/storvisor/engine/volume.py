@@ -35,7 +35,7 @@ from __future__ import annotations
 import errno
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from storvisor.engine.catalog import ZERO
 from storvisor.engine.device import Buffer, Extent
@@ -43,11 +43,46 @@ from storvisor.engine.pio import preadv_full, pwritev_full
 from storvisor.engine.sharedmap import Gate, SharedMap
 from storvisor.errors import IOFailure
 
-if TYPE_CHECKING:
-    from storvisor.engine.pool import Pool
-
 Entry = tuple[int, int, int]
 """A view entry: backing fd (-1 for an explicit zero), byte offset, owning layer id."""
+
+
+class VolumePool(Protocol):
+    """What a volume needs from its pool (``engine.pool.Pool``; see its methods for the
+    contracts). The pool lock guards the pool's maps, allocator and every state's view."""
+
+    @property
+    def cluster_size(self) -> int: ...
+
+    @property
+    def group(self) -> int:
+        """Clusters per placement group."""
+
+    @property
+    def lock(self) -> threading.RLock: ...
+
+    def flush(self) -> None: ...
+
+    def mark_dirty(self) -> None: ...
+
+    def phys_at(self, fd: int, offset: int) -> int: ...
+
+    def locate(self, phys: int) -> tuple[int, int]: ...
+
+    def allocate(self, pos: int = 0, anchor: int | None = None) -> int: ...
+
+    def unallocate(self, phys: int) -> None: ...
+
+    def set_entry(self, layer_id: int, vc: int, value: int | None) -> None: ...
+
+    def layer_has_parent(self, layer_id: int) -> bool: ...
+
+    def backing_fds(self) -> dict[int, int]: ...
+
+    def backing_fd(self, index: int) -> int: ...
+
+    def drop_state(self, state: VolumeState) -> None:
+        """A handle on ``state`` was closed."""
 
 
 class DataPlane(Protocol):
@@ -70,7 +105,7 @@ class VolumeState:
 
     def __init__(
         self,
-        pool: Pool,
+        pool: VolumePool,
         key: tuple[int, int | None],
         top: int,
         size: int,
@@ -337,18 +372,18 @@ class Volume:
     """
 
     def __init__(self, state: VolumeState, name: str) -> None:
-        self.state = state
+        self._state = state
         self.name = name
         """``POOL/VOL`` or ``POOL/VOL@SNAP``."""
         self._closed = False
 
     @property
     def size(self) -> int:
-        return self.state.size
+        return self._state.size
 
     @property
     def read_only(self) -> bool:
-        return self.state.read_only
+        return self._state.read_only
 
     @property
     def block_size(self) -> int:
@@ -358,17 +393,17 @@ class Volume:
 
     @property
     def cluster_size(self) -> int:
-        return self.state.cluster_size
+        return self._state.cluster_size
 
     @property
     def serial(self) -> str:
         """The volume's stable serial (at most 20 characters, as virtio-blk's GET_ID wants)."""
-        return self.state.serial
+        return self._state.serial
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with the bytes at ``offset``. Raises ``IOFailure`` (EINVAL out of
         range, EBADF when closed, the errno of a failed ``preadv``)."""
-        s = self.state
+        s = self._state
         n = len(buf)
         if self._closed or s.closed or offset < 0 or offset + n > s.size:
             self._refuse(offset, n, writing=False)
@@ -389,7 +424,7 @@ class Volume:
             gate.leave()
 
     def _read_span(self, offset: int, buf: memoryview) -> None:
-        s = self.state
+        s = self._state
         view = s.view
         cs = s.cluster_size
         mask = cs - 1
@@ -421,7 +456,7 @@ class Volume:
         """Write ``data`` at ``offset``, allocating clusters as needed; with ``fua`` the pool
         is flushed before returning. Raises ``IOFailure`` (ENOSPC out of range, EPERM on a
         snapshot, ``NoSpace`` when the pool is full, EBADF when closed)."""
-        s = self.state
+        s = self._state
         view_ = data if type(data) is memoryview else memoryview(data)
         if view_.ndim != 1 or view_.itemsize != 1:
             view_ = view_.cast("B")
@@ -450,7 +485,7 @@ class Volume:
             s.pool.flush()
 
     def _write_span(self, offset: int, view_: memoryview) -> None:
-        s = self.state
+        s = self._state
         n = len(view_)
         view = s.view
         cs = s.cluster_size
@@ -491,9 +526,40 @@ class Volume:
 
     def flush(self) -> None:
         """Make every completed write durable: flushes the whole pool (data, then metadata)."""
-        if self._closed or self.state.closed:
+        if self._closed or self._state.closed:
             self._refuse(0, 0, writing=False)
-        self.state.pool.flush()
+        self._state.pool.flush()
+
+    # ------------------------------------------------- serving from another process
+
+    def attach_plane(self, plane: DataPlane) -> None:
+        """Mirror the volume's map into ``plane.map`` from now on, and freeze ``plane``
+        whenever clusters change owner or are reused (see the module docstring)."""
+        s = self._state
+        with s.pool.lock:
+            s.attach(plane)
+
+    def detach_plane(self, plane: DataPlane) -> None:
+        """Stop mirroring into ``plane``; a plane not attached is ignored."""
+        self._state.detach(plane)
+
+    def backing_fds(self) -> dict[int, int]:
+        """Backing device index -> open fd, for a plane's direct I/O: the cluster at byte
+        ``offset`` of device ``index`` (as ``SharedMap`` lookups give them) is read and
+        written in place in that fd. The fds stay the pool's (do not close them)."""
+        return self._state.pool.backing_fds()
+
+    def backing_fd(self, index: int) -> int:
+        """The fd of backing device ``index`` (one added since ``backing_fds``). Raises
+        ``KeyError``."""
+        return self._state.pool.backing_fd(index)
+
+    def mark_written(self) -> None:
+        """Record that clusters of this volume were written in place from outside this
+        handle (a data plane's direct writes): the next ``flush`` makes them durable."""
+        self._state.pool.mark_dirty()
+
+    # ------------------------------------------------------------------------ zeroing
 
     def discard(self, offset: int, length: int) -> None:
         """Release the whole clusters of the range; the range reads as zeros afterwards."""
@@ -506,10 +572,10 @@ class Volume:
         (otherwise owned clusters keep their allocation and are zeroed in place)."""
         self._zero(offset, length, unmap=may_unmap)
         if fua:
-            self.state.pool.flush()
+            self._state.pool.flush()
 
     def _zero(self, offset: int, length: int, *, unmap: bool) -> None:
-        s = self.state
+        s = self._state
         if self._closed or s.closed or offset < 0 or offset + length > s.size or s.read_only:
             self._refuse(offset, length, writing=True)
         if length == 0:
@@ -529,7 +595,7 @@ class Volume:
         s.pool.mark_dirty()
 
     def _zero_partial(self, start: int, end: int) -> None:
-        s = self.state
+        s = self._state
         cs = s.cluster_size
         pos = start
         while pos < end:
@@ -542,7 +608,7 @@ class Volume:
     def block_status(self, offset: int, length: int) -> list[Extent]:
         """Extents from the map: a mapped cluster is allocated data; an unmapped one or an
         explicit zero is a hole that reads as zeros."""
-        s = self.state
+        s = self._state
         if self._closed or s.closed or offset < 0 or offset + length > s.size:
             self._refuse(offset, length, writing=False)
         cs = s.cluster_size
@@ -581,17 +647,17 @@ class Volume:
         """Release the handle (without flushing); idempotent."""
         if not self._closed:
             self._closed = True
-            self.state.pool.drop_state(self.state)
+            self._state.pool.drop_state(self._state)
 
     def _refuse(self, offset: int, length: int, *, writing: bool) -> None:
-        if self._closed or self.state.closed:
+        if self._closed or self._state.closed:
             raise IOFailure(f"{self.name}: handle is closed", errno.EBADF)
         if offset < 0 or length < 0:
             raise IOFailure(f"negative offset or length ({offset}, {length})", errno.EINVAL)
-        if offset + length > self.state.size:
+        if offset + length > self._state.size:
             raise IOFailure(
                 f"{self.name}: request [{offset}, {offset + length}) beyond end of device "
-                f"({self.state.size})",
+                f"({self._state.size})",
                 errno.ENOSPC if writing else errno.EINVAL,
             )
         raise IOFailure(f"{self.name} is read-only", errno.EPERM)

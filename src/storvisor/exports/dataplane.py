@@ -45,24 +45,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from queue import SimpleQueue
 
-from storvisor.engine.backing import LOCAL_MASK, PHYS_SHIFT
 from storvisor.engine.device import Buffer, Extent
 from storvisor.engine.pio import preadv_full, pwritev_full
-from storvisor.engine.sharedmap import (
-    EPOCH_SHIFT,
-    HEADER_WORDS,
-    PHYS_MASK,
-    Gate,
-    MapReader,
-    SharedMap,
-)
+from storvisor.engine.sharedmap import Gate, MapReader, SharedMap
 from storvisor.engine.volume import Volume
 from storvisor.errors import IOFailure, ProtocolError, StorvisorError
 
 log = logging.getLogger(__name__)
 
 FRAME = struct.Struct("<BBHIQQ")
-_EPOCH_WORD, _SIZE_WORD = 1, 2  # of the shared map's header (engine/sharedmap.py)
 EXTENT = struct.Struct("<QQB")
 
 
@@ -167,9 +158,7 @@ class PlaneHost:
 
     def start(self) -> None:
         """Attach to the volume and serve the channel."""
-        state = self.volume.state
-        with state.pool.lock:
-            state.attach(self)
+        self.volume.attach_plane(self)
         self._attached = True
         for thread in self._threads:
             thread.start()
@@ -232,7 +221,7 @@ class PlaneHost:
     def _die(self) -> None:
         if self._attached:
             self._attached = False
-            self.volume.state.detach(self)
+            self.volume.detach_plane(self)
         self._dead.set()
         with self._waits_lock:
             waits = list(self._waits.values())
@@ -281,7 +270,7 @@ class PlaneHost:
             op, flags, ident, a, b, data = job
             try:
                 if op == Op.GETFD:
-                    self._sender.send_fd(ident, self.volume.state.pool.backing_fd(a))
+                    self._sender.send_fd(ident, self.volume.backing_fd(a))
                     continue
                 payload = self._execute(op, flags, a, b, data)
                 self._sender.send(Op.REPLY, ident, 0, len(payload), payload)
@@ -309,7 +298,7 @@ class PlaneHost:
                     a, b, may_unmap=bool(flags & Flag.UNMAP), fua=bool(flags & Flag.FUA)
                 )
         elif op == Op.FLUSH:
-            volume.state.pool.mark_dirty()  # the plane's own writes
+            volume.mark_written()  # the plane's own writes
             volume.flush()
         elif op == Op.STATUS:
             return b"".join(
@@ -353,6 +342,9 @@ class RemoteVolume:
         self._sock = sock
         self._sender = _Sender(sock)
         self._reader_map = MapReader(map_fd)
+        self._size = self._reader_map.size
+        """The size last seen: a request within it is in range (a volume only grows);
+        ``_check`` looks again for one beyond it."""
         self._fds = dict(backings)
         self._fds_lock = threading.Lock()
         self._cs = cluster_size
@@ -395,8 +387,7 @@ class RemoteVolume:
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         n = len(buf)
-        words = self._reader_map.words
-        if self._closed or self._lost or offset < 0 or offset + n > words[_SIZE_WORD]:
+        if self._closed or self._lost or offset < 0 or offset + n > self._size:
             self._check(offset, n, writing=False)
         if not self._read_one(offset, buf):
             self.vectors.read_into(offset, [buf])
@@ -406,9 +397,8 @@ class RemoteVolume:
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
         n = len(view)
-        words = self._reader_map.words
         closed = self._closed or self._lost
-        if closed or offset < 0 or offset + n > words[_SIZE_WORD] or self._read_only:
+        if closed or offset < 0 or offset + n > self._size or self._read_only:
             self._check(offset, n, writing=True)
         if fua or not self._write_one(offset, view):
             self.vectors.write(offset, [view], fua=fua)
@@ -419,21 +409,22 @@ class RemoteVolume:
         n = len(buf)
         cs = self._cs
         within = offset & (cs - 1)
-        words = self._reader_map.words
-        index = HEADER_WORDS + (offset >> self._shift)
-        if within + n > cs or index >= len(words):
+        if within + n > cs:
             return False
         gate = self._gate
         gate.enter()
         try:
-            word = words[index]
-            if word == 0:
+            try:
+                place = self._reader_map.lookup(offset >> self._shift)
+            except IndexError:  # the volume grew: the general path remaps
+                return False
+            if place is None:
                 buf[:] = self._zeros[:n]
                 return True
-            place = self._locate(word, within)
-            if place is None:
+            fd = self._fds.get(place[0])
+            if fd is None:
                 return False
-            preadv_full(place[0], [buf], place[1])
+            preadv_full(fd, [buf], place[1] + within)
             return True
         finally:
             gate.leave()
@@ -444,32 +435,24 @@ class RemoteVolume:
         n = len(view)
         cs = self._cs
         within = offset & (cs - 1)
-        words = self._reader_map.words
-        index = HEADER_WORDS + (offset >> self._shift)
-        if within + n > cs or index >= len(words):
+        if within + n > cs:
             return False
         gate = self._gate
         gate.enter()
         try:
-            word = words[index]
-            if not word or word >> EPOCH_SHIFT != words[_EPOCH_WORD]:
+            try:
+                place = self._reader_map.lookup(offset >> self._shift)
+            except IndexError:
                 return False
-            place = self._locate(word, within)
-            if place is None:
+            if place is None or not place[2]:
                 return False
-            pwritev_full(place[0], [view], place[1])
+            fd = self._fds.get(place[0])
+            if fd is None:
+                return False
+            pwritev_full(fd, [view], place[1] + within)
             return True
         finally:
             gate.leave()
-
-    def _locate(self, word: int, within: int) -> tuple[int, int] | None:
-        """The backing fd and byte offset of byte ``within`` of the cluster a (non-zero) map
-        word names; None when this plane has no fd for its device yet."""
-        phys = (word & PHYS_MASK) - 1
-        fd = self._fds.get(phys >> PHYS_SHIFT)
-        if fd is None:
-            return None
-        return fd, ((phys & LOCAL_MASK) + 1) * self._cs + within
 
     def flush(self) -> None:
         self._check(0, 0, writing=False)
@@ -511,7 +494,7 @@ class RemoteVolume:
     def _check(self, offset: int, length: int, *, writing: bool) -> None:
         if self._closed or self._lost:
             raise IOFailure("data plane: the volume's owner is gone", errno.EIO)
-        size = self._reader_map.size
+        size = self._size = self._reader_map.size
         if offset < 0 or length < 0:
             raise IOFailure(f"negative offset or length ({offset}, {length})", errno.EINVAL)
         if offset + length > size:
@@ -525,29 +508,27 @@ class RemoteVolume:
     def _plan(self, offset: int, length: int) -> list[tuple[int, int, int, bool]]:
         """``(fd or -1 for zeros, file offset, length, owned)`` runs covering the range.
         Call inside the gate."""
-        words = self._reader_map.words
         cs = self._cs
         shift = self._shift
-        last = (offset + length - 1) >> shift
-        if HEADER_WORDS + last >= len(words):
+        if (offset + length - 1) >> shift >= self._reader_map.clusters:
             self._remap()
-            words = self._reader_map.words
-        epoch = words[1]
+        lookup = self._reader_map.lookup
+        fds = self._fds
         runs: list[tuple[int, int, int, bool]] = []
         pos = offset
         end = offset + length
         while pos < end:
             within = pos & (cs - 1)
             chunk = min(cs - within, end - pos)
-            word = words[HEADER_WORDS + (pos >> shift)]
-            if word == 0:
+            place = lookup(pos >> shift)
+            if place is None:
                 fd, where, owned = -1, 0, False
             else:
-                place = self._locate(word, within)
-                if place is None:
-                    raise _NeedFd(((word & PHYS_MASK) - 1) >> PHYS_SHIFT)
-                fd, where = place
-                owned = word >> EPOCH_SHIFT == epoch
+                device, base, owned = place
+                found = fds.get(device)
+                if found is None:
+                    raise _NeedFd(device)
+                fd, where = found, base + within
             if runs:
                 rfd, roff, rlen, rown = runs[-1]
                 if rfd == fd and rown == owned and (fd < 0 or roff + rlen == where):
@@ -561,6 +542,7 @@ class RemoteVolume:
     def _remap(self) -> None:
         with self._remap_lock:
             self._reader_map.remap()
+            self._size = self._reader_map.size
 
     def _plan_outside(self, offset: int, length: int) -> list[tuple[int, int, int, bool]]:
         """``_plan``, entering the gate; returns inside it. Fetches missing backing fds
