@@ -62,6 +62,8 @@ BAD = [
         "from storvisor.api import codec", "layers", "storvisor.api.codec"),
     Bad("export imports the CLI", "exports/nbd.py",
         "import storvisor.cli.output", "layers", "storvisor.cli.output"),
+    Bad("CLI imports the test kit", "cli/output.py",
+        "import storvisor.testing.procs", "layers", "storvisor.testing.procs"),
     Bad("integration imports the API", "integrations/libvirt/vhostuser.py",
         "import storvisor.api.client", "layers", "storvisor.api.client"),
     Bad("protocol imports socket", "protocols/virtio/ring.py",
