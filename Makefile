@@ -20,8 +20,9 @@ run: apt-run venv
 test: apt-test venv lint typecheck pytest
 
 lint: venv
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/ruff format --check src tests bench scripts
+	PYTHONPATH=src $(VENV)/bin/lint-imports --no-cache --no-logo  # the layers (pyproject.toml)
 
 typecheck: venv
 	$(VENV)/bin/mypy

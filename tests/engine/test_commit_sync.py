@@ -74,12 +74,12 @@ def test_background_commit_syncs_new_clusters_and_leaves_overwrites_cached(
     with closing(pool.open_volume("v")) as vol:
         vol.write(0, os.urandom(CLUSTER))
         vol.flush()
-        (fd, old, _) = vol.state.view[0]
+        (fd, old, _) = vol._state.view[0]
         vol.write(0, os.urandom(CLUSTER))  # in place: cached until a flush asks for it
         assert dirty_pages(fd, old, CLUSTER) > 0
         before = pool.metadata_writes
         vol.write(10 * CLUSTER, os.urandom(CLUSTER))  # allocates: metadata to commit
-        (fd, new, _) = vol.state.view[10]
+        (fd, new, _) = vol._state.view[10]
         _wait_commit(pool, before)
         assert dirty_pages(fd, new, CLUSTER) == 0, "the new cluster was committed unsynced"
         assert dirty_pages(fd, old, CLUSTER) > 0, "the background commit synced an overwrite"
@@ -94,7 +94,7 @@ def test_background_commit_syncs_everything_without_ranged_sync(pool: Pool) -> N
     with closing(pool.open_volume("v")) as vol:
         vol.write(0, os.urandom(CLUSTER))
         vol.flush()
-        (fd, old, _) = vol.state.view[0]
+        (fd, old, _) = vol._state.view[0]
         vol.write(0, os.urandom(CLUSTER))
         before = pool.metadata_writes
         vol.write(10 * CLUSTER, os.urandom(CLUSTER))

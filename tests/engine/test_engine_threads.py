@@ -229,7 +229,7 @@ def test_snapshot_waits_for_in_place_writes_in_flight(pool: Pool) -> None:
     volume.write(0, b"a" * 65536)
     # the gate held as by a write between its lookup and its pwritev
     assert_waits_for_gate(
-        volume.state.gate,
+        volume._state.gate,
         lambda: pool.create_snapshot("v", "s"),
         "the snapshot did not wait for the write in flight",
     )
@@ -253,6 +253,6 @@ def test_freed_clusters_wait_for_reads_in_flight(pool: Pool) -> None:
     volume.discard(0, 65536)
     # the gate held as by a read between its lookup and its preadv
     assert_waits_for_gate(
-        volume.state.gate, pool.flush, "the freed cluster was recycled under a read in flight"
+        volume._state.gate, pool.flush, "the freed cluster was recycled under a read in flight"
     )
     volume.close()

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ParamSpec, Protocol, TypeVar, runtime_checkable
 
+from storvisor.engine.pio import preadv_full, pwritev_full
 from storvisor.errors import IOFailure, NotFound
 
 Buffer = bytes | bytearray | memoryview
@@ -157,23 +158,12 @@ class FileDevice:
         n = len(buf)
         if offset < 0 or offset + n > self._size:
             check_range(self, offset, n, writing=False)
-        try:
-            done = os.preadv(self._fd, [buf], offset)
-        except OSError as e:
-            raise IOFailure(f"preadv failed: {e.strerror}", e.errno or errno.EIO) from e
-        while done < n:  # a short read: go on, or zeros past the end of a short file
-            got = _io(os.preadv, self._fd, [buf[done:]], offset + done)
-            if got == 0:
-                buf[done:] = bytes(n - done)
-                return
-            done += got
+        preadv_full(self._fd, [buf], offset, zeros_at_eof=True)  # a file that shrank
 
     def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         view = memoryview(data).cast("B")
         check_range(self, offset, len(view), writing=True)
-        done = 0
-        while done < len(view):
-            done += _io(os.pwritev, self._fd, [view[done:]], offset + done)
+        pwritev_full(self._fd, [view], offset)
         if fua:
             self.flush()
 

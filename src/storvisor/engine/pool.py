@@ -647,7 +647,9 @@ class Pool:
         (clusters copied so far stay owned by the volume). Durable when this returns."""
         handle = self.open_volume(volume)
         try:
-            handle.state.copy_up()
+            with self._lock:
+                state = self._states[(self._volume(volume).id, None)]  # open: the handle's
+            state.copy_up()
             with self._lock:
                 vol = self._volume(volume)
                 old_parent = self._tree.cut(self._batch, vol.top)
@@ -656,8 +658,8 @@ class Pool:
                     "UPDATE volumes SET origin = NULL, origin_snap = NULL WHERE id = ?", vol.id
                 )
                 view, homes = self._build_view(vol.top, homes=True)
-                handle.state.rebuild(view)
-                handle.state.homes = homes
+                state.rebuild(view)
+                state.homes = homes
                 self._release(old_parent)
         finally:
             handle.close()

@@ -15,7 +15,12 @@ epoch equals the header's current epoch. Taking a snapshot makes every cluster s
 the owner bumps the epoch (when the 12-bit epoch wraps, every word is rewritten). Words are
 aligned 8-byte stores, so a reader sees either the old or the new value of a word.
 
-Header (native 64-bit words): magic, epoch, size in bytes, capacity in words.
+Header (native 64-bit words): magic, epoch, size in bytes, capacity in words, log2 of the
+cluster size.
+
+The word layout is the engine's alone: a data plane asks ``MapReader.lookup`` where a
+virtual cluster lives (backing device index, byte offset in it, owned or not) and never
+decodes a word itself.
 
 The map alone does not order a data-plane write against a change of ownership: a write that
 found its cluster owned may still be running when a snapshot shares that cluster. A
@@ -33,18 +38,20 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-MAGIC = 0x3150414D56525453  # b"STRVMAP1" little-endian
-HEADER_WORDS = 8
-HEADER_BYTES = HEADER_WORDS * 8
-EPOCH_SHIFT = 52
-EPOCH_MASK = (1 << (64 - EPOCH_SHIFT)) - 1
-PHYS_MASK = (1 << EPOCH_SHIFT) - 1
+from storvisor.engine.backing import LOCAL_MASK, PHYS_SHIFT
 
-_MAGIC, _EPOCH, _SIZE, _CAPACITY = range(4)
+_MAGIC_VALUE = 0x3150414D56525453  # b"STRVMAP1" little-endian
+_HEADER_WORDS = 8
+_HEADER_BYTES = _HEADER_WORDS * 8
+_EPOCH_SHIFT = 52
+_EPOCH_MASK = (1 << (64 - _EPOCH_SHIFT)) - 1
+_PHYS_MASK = (1 << _EPOCH_SHIFT) - 1
+
+_MAGIC, _EPOCH, _SIZE, _CAPACITY, _CLUSTER_SHIFT = range(5)
 
 
 def _map_bytes(capacity: int) -> int:
-    return (HEADER_BYTES + capacity * 8 + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+    return (_HEADER_BYTES + capacity * 8 + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
 
 
 class SharedMap:
@@ -60,7 +67,7 @@ class SharedMap:
         self._capacity = 0
         self._map(size)
         words = self._w
-        words[_MAGIC] = MAGIC
+        words[_MAGIC] = _MAGIC_VALUE
         words[_EPOCH] = self._epoch
 
     @property
@@ -78,9 +85,10 @@ class SharedMap:
         os.ftruncate(self.fd, nbytes)
         self._mm = mmap.mmap(self.fd, nbytes)
         self._words = memoryview(self._mm).cast("Q")
-        self._capacity = (nbytes - HEADER_BYTES) // 8
+        self._capacity = (nbytes - _HEADER_BYTES) // 8
         self._words[_CAPACITY] = self._capacity
         self._words[_SIZE] = size
+        self._words[_CLUSTER_SHIFT] = self.cluster_size.bit_length() - 1
 
     @property
     def epoch(self) -> int:
@@ -96,16 +104,18 @@ class SharedMap:
 
     def set(self, vc: int, phys: int | None) -> None:
         """Map ``vc`` to the owned cluster ``phys``, or to zeros (``None``)."""
-        self._w[HEADER_WORDS + vc] = 0 if phys is None else (phys + 1) | self._epoch << EPOCH_SHIFT
+        self._w[_HEADER_WORDS + vc] = (
+            0 if phys is None else (phys + 1) | self._epoch << _EPOCH_SHIFT
+        )
 
     def set_shared(self, vc: int, phys: int) -> None:
         """Map ``vc`` to ``phys``, which a parent layer owns (reads only)."""
-        self._w[HEADER_WORDS + vc] = (phys + 1) | ((self._epoch - 1) & EPOCH_MASK) << EPOCH_SHIFT
+        self._w[_HEADER_WORDS + vc] = (phys + 1) | ((self._epoch - 1) & _EPOCH_MASK) << _EPOCH_SHIFT
 
     def fill(self, entries: Iterable[tuple[int, int | None, bool]]) -> None:
         """Replace the whole map with ``(vc, phys or None, owned)`` entries."""
         words = self._w
-        words[HEADER_WORDS:] = memoryview(bytes(self._capacity * 8)).cast("Q")
+        words[_HEADER_WORDS:] = memoryview(bytes(self._capacity * 8)).cast("Q")
         for vc, phys, owned in entries:
             if phys is not None:
                 if owned:
@@ -116,7 +126,7 @@ class SharedMap:
     def share_all(self, entries: Iterable[tuple[int, int | None, bool]]) -> None:
         """Make every cluster shared (a snapshot was taken): O(1) by a new epoch, or a
         rewrite from ``entries`` (the volume's view) when the epoch wraps."""
-        self._epoch = (self._epoch + 1) & EPOCH_MASK
+        self._epoch = (self._epoch + 1) & _EPOCH_MASK
         if self._epoch == 0:  # 0 is never current: a zero word must never look owned
             self._epoch = 1
             self._w[_EPOCH] = self._epoch
@@ -137,37 +147,62 @@ class SharedMap:
 
 
 class MapReader:
-    """The data plane's read-only view of a ``SharedMap`` (from its memfd)."""
+    """The data plane's read-only view of a ``SharedMap`` (from its memfd).
+
+    ``lookup`` is the data plane's per-request fast path: it reads one word, with no lock
+    (the caller runs it inside its ``Gate``, see the module docstring)."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._mm: mmap.mmap | None = None
-        self.words: memoryview = memoryview(b"")
+        self._words: memoryview = memoryview(b"")
         self.remap()
-        if self.words[_MAGIC] != MAGIC:
+        if self._words[_MAGIC] != _MAGIC_VALUE:
             raise ValueError("not a storvisor shared map")
+        self._shift = int(self._words[_CLUSTER_SHIFT])
 
     def remap(self) -> None:
         """Map the memfd again at its current length (after the owner grew it)."""
         nbytes = os.fstat(self.fd).st_size
         old = self._mm
-        self.words.release()
+        self._words.release()
         self._mm = mmap.mmap(self.fd, nbytes, prot=mmap.PROT_READ)
-        self.words = memoryview(self._mm).cast("Q")
+        self._words = memoryview(self._mm).cast("Q")
         if old is not None:
             old.close()
 
+    def lookup(self, vc: int) -> tuple[int, int, bool] | None:
+        """Where virtual cluster ``vc`` (``>= 0``) lives: ``(backing device index, byte
+        offset of the cluster in that device, owned by the volume's top layer, so writable
+        in place)``, or None when it reads as zeros. Raises ``IndexError`` for a cluster
+        beyond the mapped capacity (``remap`` first: the volume grew)."""
+        words = self._words
+        word = words[_HEADER_WORDS + vc]
+        if not word:
+            return None
+        phys = (word & _PHYS_MASK) - 1
+        return (
+            phys >> PHYS_SHIFT,
+            ((phys & LOCAL_MASK) + 1) << self._shift,
+            word >> _EPOCH_SHIFT == words[_EPOCH],
+        )
+
+    @property
+    def clusters(self) -> int:
+        """How many virtual clusters the mapping covers (``lookup`` accepts ``vc`` below)."""
+        return len(self._words) - _HEADER_WORDS
+
     @property
     def size(self) -> int:
-        return int(self.words[_SIZE])
+        return int(self._words[_SIZE])
 
     @property
     def epoch(self) -> int:
-        return int(self.words[_EPOCH])
+        return int(self._words[_EPOCH])
 
     def close(self) -> None:
-        self.words.release()
-        self.words = memoryview(b"")
+        self._words.release()
+        self._words = memoryview(b"")
         if self._mm is not None:
             self._mm.close()
             self._mm = None

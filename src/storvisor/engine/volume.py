@@ -33,21 +33,54 @@ other request here. Freezing the state freezes its planes too.
 from __future__ import annotations
 
 import errno
-import os
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from storvisor.engine.catalog import ZERO
 from storvisor.engine.device import Buffer, Extent
+from storvisor.engine.pio import preadv_full, pwritev_full
 from storvisor.engine.sharedmap import Gate, SharedMap
 from storvisor.errors import IOFailure
 
-if TYPE_CHECKING:
-    from storvisor.engine.pool import Pool
-
 Entry = tuple[int, int, int]
 """A view entry: backing fd (-1 for an explicit zero), byte offset, owning layer id."""
+
+
+class VolumePool(Protocol):
+    """What a volume needs from its pool (``engine.pool.Pool``; see its methods for the
+    contracts). The pool lock guards the pool's maps, allocator and every state's view."""
+
+    @property
+    def cluster_size(self) -> int: ...
+
+    @property
+    def group(self) -> int:
+        """Clusters per placement group."""
+
+    @property
+    def lock(self) -> threading.RLock: ...
+
+    def flush(self) -> None: ...
+
+    def phys_at(self, fd: int, offset: int) -> int: ...
+
+    def locate(self, phys: int) -> tuple[int, int]: ...
+
+    def allocate(self, pos: int = 0, anchor: int | None = None) -> int: ...
+
+    def unallocate(self, phys: int) -> None: ...
+
+    def set_entry(self, layer_id: int, vc: int, value: int | None) -> None: ...
+
+    def layer_has_parent(self, layer_id: int) -> bool: ...
+
+    def backing_fds(self) -> dict[int, int]: ...
+
+    def backing_fd(self, index: int) -> int: ...
+
+    def drop_state(self, state: VolumeState) -> None:
+        """A handle on ``state`` was closed."""
 
 
 class DataPlane(Protocol):
@@ -70,7 +103,7 @@ class VolumeState:
 
     def __init__(
         self,
-        pool: Pool,
+        pool: VolumePool,
         key: tuple[int, int | None],
         top: int,
         size: int,
@@ -180,7 +213,7 @@ class VolumeState:
                 self.gate.enter()
                 try:
                     if entry[2] == self.top:
-                        _pwrite(entry[0], data, entry[1] + within)  # allocated meanwhile
+                        pwritev_full(entry[0], [data], entry[1] + within)  # allocated meanwhile
                         return
                 finally:
                     self.gate.leave()
@@ -205,13 +238,13 @@ class VolumeState:
         fd, base = pool.locate(phys)
         try:
             if len(data) == cs:
-                _pwrite(fd, data, base)
+                pwritev_full(fd, [data], base)
             else:
                 buf = bytearray(cs)
                 if entry is not None and entry[0] >= 0:
-                    _pread(entry[0], memoryview(buf), entry[1])
+                    preadv_full(entry[0], [memoryview(buf)], entry[1])
                 buf[within : within + len(data)] = data
-                _pwrite(fd, memoryview(buf), base)
+                pwritev_full(fd, [memoryview(buf)], base)
         except BaseException:
             pool.unallocate(phys)
             raise
@@ -269,7 +302,7 @@ class VolumeState:
                 self.gate.enter()
                 try:
                     for fd, base, _ in in_place:
-                        _pwrite(fd, self.zeros, base)
+                        pwritev_full(fd, [self.zeros], base)
                 finally:
                     self.gate.leave()
         finally:
@@ -289,8 +322,8 @@ class VolumeState:
                     phys = self.place(vc)
                 fd, base = pool.locate(phys)
                 try:
-                    _pread(entry[0], memoryview(buf), entry[1])
-                    _pwrite(fd, memoryview(buf), base)
+                    preadv_full(entry[0], [memoryview(buf)], entry[1])
+                    pwritev_full(fd, [memoryview(buf)], base)
                 except BaseException:
                     pool.unallocate(phys)
                     raise
@@ -336,18 +369,18 @@ class Volume:
     """
 
     def __init__(self, state: VolumeState, name: str) -> None:
-        self.state = state
+        self._state = state
         self.name = name
         """``POOL/VOL`` or ``POOL/VOL@SNAP``."""
         self._closed = False
 
     @property
     def size(self) -> int:
-        return self.state.size
+        return self._state.size
 
     @property
     def read_only(self) -> bool:
-        return self.state.read_only
+        return self._state.read_only
 
     @property
     def block_size(self) -> int:
@@ -357,17 +390,17 @@ class Volume:
 
     @property
     def cluster_size(self) -> int:
-        return self.state.cluster_size
+        return self._state.cluster_size
 
     @property
     def serial(self) -> str:
         """The volume's stable serial (at most 20 characters, as virtio-blk's GET_ID wants)."""
-        return self.state.serial
+        return self._state.serial
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with the bytes at ``offset``. Raises ``IOFailure`` (EINVAL out of
         range, EBADF when closed, the errno of a failed ``preadv``)."""
-        s = self.state
+        s = self._state
         n = len(buf)
         if self._closed or s.closed or offset < 0 or offset + n > s.size:
             self._refuse(offset, n, writing=False)
@@ -381,14 +414,14 @@ class Volume:
                 if entry is None or entry[0] < 0:
                     buf[:] = s.zeros[:n]
                 else:
-                    _pread(entry[0], buf, entry[1] + within)
+                    preadv_full(entry[0], [buf], entry[1] + within)
                 return
             self._read_span(offset, buf)
         finally:
             gate.leave()
 
     def _read_span(self, offset: int, buf: memoryview) -> None:
-        s = self.state
+        s = self._state
         view = s.view
         cs = s.cluster_size
         mask = cs - 1
@@ -403,24 +436,24 @@ class Volume:
             entry = view.get(off >> s.shift)
             if entry is None or entry[0] < 0:
                 if run_len:
-                    _pread(run_fd, buf[run_start : run_start + run_len], run_off)
+                    preadv_full(run_fd, [buf[run_start : run_start + run_len]], run_off)
                     run_len = 0
                 buf[pos : pos + chunk] = s.zeros[:chunk]
             elif run_len and entry[0] == run_fd and entry[1] + within == run_off + run_len:
                 run_len += chunk
             else:
                 if run_len:
-                    _pread(run_fd, buf[run_start : run_start + run_len], run_off)
+                    preadv_full(run_fd, [buf[run_start : run_start + run_len]], run_off)
                 run_fd, run_off, run_start, run_len = entry[0], entry[1] + within, pos, chunk
             pos += chunk
         if run_len:
-            _pread(run_fd, buf[run_start : run_start + run_len], run_off)
+            preadv_full(run_fd, [buf[run_start : run_start + run_len]], run_off)
 
     def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         """Write ``data`` at ``offset``, allocating clusters as needed; with ``fua`` the pool
         is flushed before returning. Raises ``IOFailure`` (ENOSPC out of range, EPERM on a
         snapshot, ``NoSpace`` when the pool is full, EBADF when closed)."""
-        s = self.state
+        s = self._state
         view_ = data if type(data) is memoryview else memoryview(data)
         if view_.ndim != 1 or view_.itemsize != 1:
             view_ = view_.cast("B")
@@ -437,7 +470,7 @@ class Volume:
                 owned = entry is not None and entry[2] == s.top and entry[0] >= 0
                 if owned:
                     assert entry is not None
-                    _pwrite(entry[0], view_, entry[1] + within)
+                    pwritev_full(entry[0], [view_], entry[1] + within)
             finally:
                 gate.leave()
             if not owned:
@@ -448,7 +481,7 @@ class Volume:
             s.pool.flush()
 
     def _write_span(self, offset: int, view_: memoryview) -> None:
-        s = self.state
+        s = self._state
         n = len(view_)
         view = s.view
         cs = s.cluster_size
@@ -469,12 +502,12 @@ class Volume:
                         run_len += chunk
                     else:
                         if run_len:
-                            _pwrite(run_fd, view_[run_start : run_start + run_len], run_off)
+                            pwritev_full(run_fd, [view_[run_start : run_start + run_len]], run_off)
                         run_fd, run_off, run_start = entry[0], entry[1] + within, pos
                         run_len = chunk
                 else:
                     if run_len:
-                        _pwrite(run_fd, view_[run_start : run_start + run_len], run_off)
+                        pwritev_full(run_fd, [view_[run_start : run_start + run_len]], run_off)
                         run_len = 0
                     gate.leave()
                     try:
@@ -483,15 +516,41 @@ class Volume:
                         gate.enter()
                 pos += chunk
             if run_len:
-                _pwrite(run_fd, view_[run_start : run_start + run_len], run_off)
+                pwritev_full(run_fd, [view_[run_start : run_start + run_len]], run_off)
         finally:
             gate.leave()
 
     def flush(self) -> None:
         """Make every completed write durable: flushes the whole pool (data, then metadata)."""
-        if self._closed or self.state.closed:
+        if self._closed or self._state.closed:
             self._refuse(0, 0, writing=False)
-        self.state.pool.flush()
+        self._state.pool.flush()
+
+    # ------------------------------------------------- serving from another process
+
+    def attach_plane(self, plane: DataPlane) -> None:
+        """Mirror the volume's map into ``plane.map`` from now on, and freeze ``plane``
+        whenever clusters change owner or are reused (see the module docstring)."""
+        s = self._state
+        with s.pool.lock:
+            s.attach(plane)
+
+    def detach_plane(self, plane: DataPlane) -> None:
+        """Stop mirroring into ``plane``; a plane not attached is ignored."""
+        self._state.detach(plane)
+
+    def backing_fds(self) -> dict[int, int]:
+        """Backing device index -> open fd, for a plane's direct I/O: the cluster at byte
+        ``offset`` of device ``index`` (as ``SharedMap`` lookups give them) is read and
+        written in place in that fd. The fds stay the pool's (do not close them)."""
+        return self._state.pool.backing_fds()
+
+    def backing_fd(self, index: int) -> int:
+        """The fd of backing device ``index`` (one added since ``backing_fds``). Raises
+        ``KeyError``."""
+        return self._state.pool.backing_fd(index)
+
+    # ------------------------------------------------------------------------ zeroing
 
     def discard(self, offset: int, length: int) -> None:
         """Release the whole clusters of the range; the range reads as zeros afterwards."""
@@ -504,10 +563,10 @@ class Volume:
         (otherwise owned clusters keep their allocation and are zeroed in place)."""
         self._zero(offset, length, unmap=may_unmap)
         if fua:
-            self.state.pool.flush()
+            self._state.pool.flush()
 
     def _zero(self, offset: int, length: int, *, unmap: bool) -> None:
-        s = self.state
+        s = self._state
         if self._closed or s.closed or offset < 0 or offset + length > s.size or s.read_only:
             self._refuse(offset, length, writing=True)
         if length == 0:
@@ -526,7 +585,7 @@ class Volume:
                 self._zero_partial(last * cs, end)
 
     def _zero_partial(self, start: int, end: int) -> None:
-        s = self.state
+        s = self._state
         cs = s.cluster_size
         pos = start
         while pos < end:
@@ -539,7 +598,7 @@ class Volume:
     def block_status(self, offset: int, length: int) -> list[Extent]:
         """Extents from the map: a mapped cluster is allocated data; an unmapped one or an
         explicit zero is a hole that reads as zeros."""
-        s = self.state
+        s = self._state
         if self._closed or s.closed or offset < 0 or offset + length > s.size:
             self._refuse(offset, length, writing=False)
         cs = s.cluster_size
@@ -578,41 +637,20 @@ class Volume:
         """Release the handle (without flushing); idempotent."""
         if not self._closed:
             self._closed = True
-            self.state.pool.drop_state(self.state)
+            self._state.pool.drop_state(self._state)
 
     def _refuse(self, offset: int, length: int, *, writing: bool) -> None:
-        if self._closed or self.state.closed:
+        if self._closed or self._state.closed:
             raise IOFailure(f"{self.name}: handle is closed", errno.EBADF)
         if offset < 0 or length < 0:
             raise IOFailure(f"negative offset or length ({offset}, {length})", errno.EINVAL)
-        if offset + length > self.state.size:
+        if offset + length > self._state.size:
             raise IOFailure(
                 f"{self.name}: request [{offset}, {offset + length}) beyond end of device "
-                f"({self.state.size})",
+                f"({self._state.size})",
                 errno.ENOSPC if writing else errno.EINVAL,
             )
         raise IOFailure(f"{self.name} is read-only", errno.EPERM)
 
     def __repr__(self) -> str:
         return f"<Volume {self.name}>"
-
-
-def _pread(fd: int, buf: memoryview, offset: int) -> None:
-    try:
-        got = os.preadv(fd, [buf], offset)
-        while got < len(buf):
-            more = os.preadv(fd, [buf[got:]], offset + got)
-            if more == 0:
-                raise IOFailure("short read from a backing device", errno.EIO)
-            got += more
-    except OSError as e:
-        raise IOFailure(f"read failed: {e.strerror}", e.errno or errno.EIO) from e
-
-
-def _pwrite(fd: int, data: memoryview, offset: int) -> None:
-    try:
-        done = os.pwritev(fd, [data], offset)
-        while done < len(data):
-            done += os.pwritev(fd, [data[done:]], offset + done)
-    except OSError as e:
-        raise IOFailure(f"write failed: {e.strerror}", e.errno or errno.EIO) from e

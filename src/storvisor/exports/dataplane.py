@@ -45,23 +45,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from queue import SimpleQueue
 
-from storvisor.engine.backing import LOCAL_MASK, PHYS_SHIFT
 from storvisor.engine.device import Buffer, Extent
-from storvisor.engine.sharedmap import (
-    EPOCH_SHIFT,
-    HEADER_WORDS,
-    PHYS_MASK,
-    Gate,
-    MapReader,
-    SharedMap,
-)
+from storvisor.engine.pio import preadv_full, pwritev_full
+from storvisor.engine.sharedmap import Gate, MapReader, SharedMap
 from storvisor.engine.volume import Volume
 from storvisor.errors import IOFailure, LocalFailure, StorvisorError
 
 log = logging.getLogger(__name__)
 
 FRAME = struct.Struct("<BBHIQQ")
-_EPOCH_WORD, _SIZE_WORD = 1, 2  # of the shared map's header (engine/sharedmap.py)
 EXTENT = struct.Struct("<QQB")
 
 
@@ -166,9 +158,7 @@ class PlaneHost:
 
     def start(self) -> None:
         """Attach to the volume and serve the channel."""
-        state = self.volume.state
-        with state.pool.lock:
-            state.attach(self)
+        self.volume.attach_plane(self)
         self._attached = True
         for thread in self._threads:
             thread.start()
@@ -231,7 +221,7 @@ class PlaneHost:
     def _die(self) -> None:
         if self._attached:
             self._attached = False
-            self.volume.state.detach(self)
+            self.volume.detach_plane(self)
         self._dead.set()
         with self._waits_lock:
             waits = list(self._waits.values())
@@ -280,7 +270,7 @@ class PlaneHost:
             op, flags, ident, a, b, data = job
             try:
                 if op == Op.GETFD:
-                    self._sender.send_fd(ident, self.volume.state.pool.backing_fd(a))
+                    self._sender.send_fd(ident, self.volume.backing_fd(a))
                     continue
                 payload = self._execute(op, flags, a, b, data)
                 self._sender.send(Op.REPLY, ident, 0, len(payload), payload)
@@ -351,6 +341,9 @@ class RemoteVolume:
         self._sock = sock
         self._sender = _Sender(sock)
         self._reader_map = MapReader(map_fd)
+        self._size = self._reader_map.size
+        """The size last seen: a request within it is in range (a volume only grows);
+        ``_check`` looks again for one beyond it."""
         self._fds = dict(backings)
         self._fds_lock = threading.Lock()
         self._cs = cluster_size
@@ -393,8 +386,7 @@ class RemoteVolume:
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         n = len(buf)
-        words = self._reader_map.words
-        if self._closed or self._lost or offset < 0 or offset + n > words[_SIZE_WORD]:
+        if self._closed or self._lost or offset < 0 or offset + n > self._size:
             self._check(offset, n, writing=False)
         if not self._read_one(offset, buf):
             self.vectors.read_into(offset, [buf])
@@ -404,9 +396,8 @@ class RemoteVolume:
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
         n = len(view)
-        words = self._reader_map.words
         closed = self._closed or self._lost
-        if closed or offset < 0 or offset + n > words[_SIZE_WORD] or self._read_only:
+        if closed or offset < 0 or offset + n > self._size or self._read_only:
             self._check(offset, n, writing=True)
         if fua or not self._write_one(offset, view):
             self.vectors.write(offset, [view], fua=fua)
@@ -417,21 +408,22 @@ class RemoteVolume:
         n = len(buf)
         cs = self._cs
         within = offset & (cs - 1)
-        words = self._reader_map.words
-        index = HEADER_WORDS + (offset >> self._shift)
-        if within + n > cs or index >= len(words):
+        if within + n > cs:
             return False
         gate = self._gate
         gate.enter()
         try:
-            word = words[index]
-            if word == 0:
+            try:
+                place = self._reader_map.lookup(offset >> self._shift)
+            except IndexError:  # the volume grew: the general path remaps
+                return False
+            if place is None:
                 buf[:] = self._zeros[:n]
                 return True
-            place = self._locate(word, within)
-            if place is None:
+            fd = self._fds.get(place[0])
+            if fd is None:
                 return False
-            _preadv(place[0], [buf], place[1])
+            preadv_full(fd, [buf], place[1] + within)
             return True
         finally:
             gate.leave()
@@ -442,32 +434,24 @@ class RemoteVolume:
         n = len(view)
         cs = self._cs
         within = offset & (cs - 1)
-        words = self._reader_map.words
-        index = HEADER_WORDS + (offset >> self._shift)
-        if within + n > cs or index >= len(words):
+        if within + n > cs:
             return False
         gate = self._gate
         gate.enter()
         try:
-            word = words[index]
-            if not word or word >> EPOCH_SHIFT != words[_EPOCH_WORD]:
+            try:
+                place = self._reader_map.lookup(offset >> self._shift)
+            except IndexError:
                 return False
-            place = self._locate(word, within)
-            if place is None:
+            if place is None or not place[2]:
                 return False
-            _pwritev(place[0], [view], place[1])
+            fd = self._fds.get(place[0])
+            if fd is None:
+                return False
+            pwritev_full(fd, [view], place[1] + within)
             return True
         finally:
             gate.leave()
-
-    def _locate(self, word: int, within: int) -> tuple[int, int] | None:
-        """The backing fd and byte offset of byte ``within`` of the cluster a (non-zero) map
-        word names; None when this plane has no fd for its device yet."""
-        phys = (word & PHYS_MASK) - 1
-        fd = self._fds.get(phys >> PHYS_SHIFT)
-        if fd is None:
-            return None
-        return fd, ((phys & LOCAL_MASK) + 1) * self._cs + within
 
     def flush(self) -> None:
         self._check(0, 0, writing=False)
@@ -509,7 +493,7 @@ class RemoteVolume:
     def _check(self, offset: int, length: int, *, writing: bool) -> None:
         if self._closed or self._lost:
             raise IOFailure("data plane: the volume's owner is gone", errno.EIO)
-        size = self._reader_map.size
+        size = self._size = self._reader_map.size
         if offset < 0 or length < 0:
             raise IOFailure(f"negative offset or length ({offset}, {length})", errno.EINVAL)
         if offset + length > size:
@@ -523,29 +507,27 @@ class RemoteVolume:
     def _plan(self, offset: int, length: int) -> list[tuple[int, int, int, bool]]:
         """``(fd or -1 for zeros, file offset, length, owned)`` runs covering the range.
         Call inside the gate."""
-        words = self._reader_map.words
         cs = self._cs
         shift = self._shift
-        last = (offset + length - 1) >> shift
-        if HEADER_WORDS + last >= len(words):
+        if (offset + length - 1) >> shift >= self._reader_map.clusters:
             self._remap()
-            words = self._reader_map.words
-        epoch = words[1]
+        lookup = self._reader_map.lookup
+        fds = self._fds
         runs: list[tuple[int, int, int, bool]] = []
         pos = offset
         end = offset + length
         while pos < end:
             within = pos & (cs - 1)
             chunk = min(cs - within, end - pos)
-            word = words[HEADER_WORDS + (pos >> shift)]
-            if word == 0:
+            place = lookup(pos >> shift)
+            if place is None:
                 fd, where, owned = -1, 0, False
             else:
-                place = self._locate(word, within)
-                if place is None:
-                    raise _NeedFd(((word & PHYS_MASK) - 1) >> PHYS_SHIFT)
-                fd, where = place
-                owned = word >> EPOCH_SHIFT == epoch
+                device, base, owned = place
+                found = fds.get(device)
+                if found is None:
+                    raise _NeedFd(device)
+                fd, where = found, base + within
             if runs:
                 rfd, roff, rlen, rown = runs[-1]
                 if rfd == fd and rown == owned and (fd < 0 or roff + rlen == where):
@@ -559,6 +541,7 @@ class RemoteVolume:
     def _remap(self) -> None:
         with self._remap_lock:
             self._reader_map.remap()
+            self._size = self._reader_map.size
 
     def _plan_outside(self, offset: int, length: int) -> list[tuple[int, int, int, bool]]:
         """``_plan``, entering the gate; returns inside it. Fetches missing backing fds
@@ -698,41 +681,6 @@ def _slice(views: list[memoryview], start: int, length: int) -> list[memoryview]
     return out
 
 
-_IOV_MAX = 1024
-
-
-def _preadv(fd: int, views: list[memoryview], offset: int) -> None:
-    while views:
-        try:
-            n = os.preadv(fd, views[:_IOV_MAX], offset)
-        except OSError as e:
-            raise IOFailure(f"read failed: {e.strerror}", e.errno or errno.EIO) from e
-        if n == 0:
-            raise IOFailure("short read from a backing device", errno.EIO)
-        if len(views) == 1 and n == len(views[0]):
-            return  # the common case: all at once
-        offset += n
-        total = sum(len(v) for v in views)
-        if n >= total:
-            return
-        views = _slice(views, n, total - n)
-
-
-def _pwritev(fd: int, views: list[memoryview], offset: int) -> None:
-    while views:
-        try:
-            n = os.pwritev(fd, views[:_IOV_MAX], offset)
-        except OSError as e:
-            raise IOFailure(f"write failed: {e.strerror}", e.errno or errno.EIO) from e
-        if len(views) == 1 and n == len(views[0]):
-            return  # the common case: all at once
-        offset += n
-        total = sum(len(v) for v in views)
-        if n >= total:
-            return
-        views = _slice(views, n, total - n)
-
-
 class _RemoteVectors:
     """``blk.VectoredIO`` for a ``RemoteVolume``; ranges are checked by the caller."""
 
@@ -750,7 +698,7 @@ class _RemoteVectors:
         runs = v._plan_outside(offset, length)
         try:
             if len(runs) == 1 and runs[0][0] >= 0:
-                _preadv(runs[0][0], views, runs[0][1])
+                preadv_full(runs[0][0], views, runs[0][1])
                 return
             pos = 0
             for fd, where, n, _ in runs:
@@ -759,7 +707,7 @@ class _RemoteVectors:
                     for view in part:
                         _fill_zeros(view, v._zeros)
                 else:
-                    _preadv(fd, part, where)
+                    preadv_full(fd, part, where)
                 pos += n
         finally:
             gate.leave()
@@ -780,7 +728,7 @@ class _RemoteVectors:
             pos = 0
             for fd, where, n, owned in runs:
                 if owned:
-                    _pwritev(fd, _slice(views, pos, n), where)
+                    pwritev_full(fd, _slice(views, pos, n), where)
                 else:
                     remote.append((pos, n))
                 pos += n

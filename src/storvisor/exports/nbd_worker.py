@@ -201,7 +201,7 @@ class _Worker:
         host = PlaneHost(volume, ours, on_closed=lambda: _close_later(host, volume))
         try:
             host.start()
-            backings = volume.state.pool.backing_fds()
+            backings = volume.backing_fds()
             _send(
                 self.sock,
                 self.lock,

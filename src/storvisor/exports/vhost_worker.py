@@ -160,8 +160,7 @@ class VhostDataPlane:
         assert self._listener is not None
         slots = self.processes
         links = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(slots - 1)]
-        pool = self.volume.state.pool
-        backings = pool.backing_fds()
+        backings = self.volume.backing_fds()
         try:
             for slot in [*range(1, slots), 0]:
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
