@@ -235,7 +235,7 @@ class Decoder:
             ProtocolError: the peer broke the framing; close the link. Raised again on every
                 later call.
         """
-        if self._payload is self._ready is self._error is None:  # the common cases, first
+        if self._payload is None and self._ready is None and self._error is None:  # common
             start, end = self._start, self._end
             if end - start < _SIZE:
                 if not self._eof:
