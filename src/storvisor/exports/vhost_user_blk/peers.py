@@ -1,54 +1,115 @@
 """Links between the processes that serve the queues of one export (see
-``VhostUserBlkServer``): every vhost-user message is forwarded to every peer, which answers
-once it applied it."""
+``VhostUserBlkServer``).
+
+The control (slot 0, which talks vhost-user with the front-end) hands every message it
+receives to every queue process and waits until each has applied it, then applies it
+itself. The links carry frames of ``protocols/frames.py``:
+
+* ``MESSAGE``, control to peer: ``a`` = the vhost-user request, ``b`` = its flags, the
+  payload and fds of the message;
+* ``RESET``, control to peer: the front-end's connection ended (start afresh);
+* ``ANSWER``, peer to control, one per ``MESSAGE`` or ``RESET``: flag ``OK`` when it was
+  applied; the payload lists the queues the peer stopped meanwhile, as ``(queue, next avail
+  index)`` records of two u32.
+"""
 
 from __future__ import annotations
 
-import errno
-import json
+import os
 import socket
 import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
 
 from storvisor.errors import ProtocolError
+from storvisor.exports.link import Link
 from storvisor.protocols.vhost_user import messages as m
 
-_PEER_RESET = 0
-"""A request number no vhost-user message uses: the control's "connection ended"."""
 
-_ANSWER = struct.Struct("<I")
-
-
-def _forward(peers: list[socket.socket], msg: m.Message) -> dict[int, int]:
-    """Hand ``msg`` (with its fds) to every queue process and wait until each applied it;
-    returns the next avail index of every queue they stopped. Raises ``ProtocolError`` if
-    one failed or its link broke (the connection must then end)."""
-    data = m.encode(msg.request, msg.payload, flags=msg.flags)
-    for peer in peers:
-        try:
-            if msg.fds:
-                socket.send_fds(peer, [data], msg.fds)
-            else:
-                peer.sendall(data)
-        except OSError as e:
-            raise ProtocolError(f"queue process unreachable: {e.strerror}") from e
-    bases: dict[int, int] = {}
-    for peer in peers:
-        try:
-            size = _ANSWER.unpack(_recv_all(peer, _ANSWER.size))[0]
-            answer = json.loads(_recv_all(peer, size))
-        except (OSError, ValueError, struct.error) as e:
-            raise ProtocolError(f"queue process did not answer: {e}") from e
-        if not answer.get("ok"):
-            raise ProtocolError(f"a queue process refused {msg.name}")
-        bases.update({int(k): int(v) for k, v in answer.get("stopped", {}).items()})
-    return bases
+class _Op(IntEnum):
+    MESSAGE = 1
+    RESET = 2
+    ANSWER = 3
 
 
-def _recv_all(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        more = sock.recv(n - len(data))
-        if not more:
-            raise OSError(errno.EPIPE, "link closed")
-        data += more
-    return bytes(data)
+_OK = 1
+_STOPPED = struct.Struct("<II")
+_MAX_ANSWER = 64 * 1024  # room for far more queues than an export has
+
+
+@dataclass(frozen=True)
+class Reset:
+    """The control's front-end connection ended."""
+
+
+class Peers:
+    """The control's links to the queue processes, over ``socks`` (still the caller's)."""
+
+    def __init__(self, socks: Sequence[socket.socket]) -> None:
+        self._links = [
+            Link(sock, max_payload=_MAX_ANSWER, peer_max_payload=m.MAX_PAYLOAD) for sock in socks
+        ]
+
+    def forward(self, msg: m.Message) -> dict[int, int]:
+        """Hand ``msg`` (with its fds) to every queue process and wait until each applied it;
+        returns the next avail index of every queue they stopped. Raises ``ProtocolError`` if
+        one failed or its link broke (the connection must then end)."""
+        return self._each(_Op.MESSAGE, msg.request, msg.flags, msg.payload, msg.fds, msg.name)
+
+    def reset(self) -> None:
+        """Tell every queue process the connection ended. Raises ``ProtocolError`` like
+        ``forward``."""
+        self._each(_Op.RESET, 0, 0, b"", (), "the reset")
+
+    def _each(
+        self, op: _Op, a: int, b: int, payload: bytes, fds: Sequence[int], what: str
+    ) -> dict[int, int]:
+        for link in self._links:
+            try:
+                link.send(op, 0, a, b, payload, fds=fds)
+            except OSError as e:
+                raise ProtocolError(f"queue process unreachable: {e.strerror}") from e
+        bases: dict[int, int] = {}
+        for link in self._links:
+            try:
+                frame = link.receive()
+            except OSError as e:
+                raise ProtocolError(f"queue process did not answer: {e.strerror}") from e
+            if frame is None:
+                raise ProtocolError("queue process did not answer: link closed")
+            if frame.op != _Op.ANSWER or len(frame.payload) % _STOPPED.size:
+                raise ProtocolError(f"queue process sent a malformed answer (op {frame.op})")
+            if not frame.flags & _OK:
+                raise ProtocolError(f"a queue process refused {what}")
+            bases.update(_STOPPED.iter_unpack(frame.payload))
+        return bases
+
+
+class ControlLink:
+    """A queue process's link to its control, over ``sock`` (still the caller's)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._link = Link(
+            sock, max_payload=m.MAX_PAYLOAD, max_fds=m.MAX_FDS, peer_max_payload=_MAX_ANSWER
+        )
+
+    def receive(self) -> m.Message | Reset | None:
+        """The next message (its fds are the caller's), ``Reset``, or ``None`` once the
+        control closed the link. Raises ``ProtocolError`` for a malformed frame, ``OSError``
+        if the link fails."""
+        frame = self._link.receive()
+        if frame is None:
+            return None
+        if frame.op == _Op.MESSAGE:
+            return m.Message(frame.a, frame.b, bytes(frame.payload), list(frame.fds))
+        for fd in frame.fds:
+            os.close(fd)
+        if frame.op == _Op.RESET:
+            return Reset()
+        raise ProtocolError(f"unknown queue-process operation {frame.op}")
+
+    def answer(self, ok: bool, stopped: dict[int, int]) -> None:
+        """Answer the last message or reset. Raises ``OSError`` if the link fails."""
+        payload = b"".join(_STOPPED.pack(index, base) for index, base in stopped.items())
+        self._link.send(_Op.ANSWER, 0, 0, 0, payload, _OK if ok else 0)

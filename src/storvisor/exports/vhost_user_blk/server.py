@@ -4,7 +4,6 @@ messages, and the connection life cycle (see the package docstring)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import platform
@@ -17,7 +16,7 @@ from collections.abc import Sequence
 from storvisor.engine.device import BlockDevice
 from storvisor.errors import Conflict, ProtocolError, StorvisorError
 from storvisor.exports.vhost_user_blk.device import _Device
-from storvisor.exports.vhost_user_blk.peers import _ANSWER, _PEER_RESET, _forward
+from storvisor.exports.vhost_user_blk.peers import ControlLink, Peers, Reset
 from storvisor.exports.vhost_user_blk.queues import _IOPool
 from storvisor.protocols.vhost_user import messages as m
 from storvisor.protocols.vhost_user.backend import VhostUserBackend
@@ -65,6 +64,7 @@ class VhostUserBlkServer:
         if not 0 <= slot < slots:
             raise ValueError(f"slot {slot} of {slots}")
         self.peers = list(peers)
+        self._peers = Peers(self.peers)
         self.slot, self.slots = slot, slots
         self.device = device
         self.socket_path = socket_path
@@ -195,7 +195,7 @@ class VhostUserBlkServer:
                     break
                 try:
                     if self.peers:
-                        device.remote_bases.update(_forward(self.peers, msg))
+                        device.remote_bases.update(self._peers.forward(msg))
                     reply = backend.handle(msg)
                 finally:
                     for fd in msg.fds:
@@ -223,7 +223,7 @@ class VhostUserBlkServer:
                 device.reset()
                 if self.peers:
                     try:
-                        _forward(self.peers, m.Message(_PEER_RESET, m.VHOST_USER_VERSION, b""))
+                        self._peers.reset()
                     except (OSError, ProtocolError) as e:
                         log.error("vhost-user-blk queue processes did not reset: %s", e)
             finally:
@@ -233,6 +233,7 @@ class VhostUserBlkServer:
         """Run as a queue process (slot ``slot`` of ``slots``) of the server at the other end
         of ``link``: apply every message it forwards, run this slot's queues, until the link
         closes. Raises nothing for a broken link (it just returns)."""
+        control = ControlLink(link)
         device = _Device(self)
         backend = VhostUserBackend(device)
         with self._lock:
@@ -240,7 +241,7 @@ class VhostUserBlkServer:
         try:
             while True:
                 try:
-                    msg = _receive(link)
+                    msg = control.receive()
                 except (OSError, ProtocolError):
                     return
                 if msg is None:
@@ -248,7 +249,7 @@ class VhostUserBlkServer:
                 ok = True
                 device.stopped.clear()
                 try:
-                    if msg.request == _PEER_RESET:
+                    if isinstance(msg, Reset):
                         device.reset()
                         device = _Device(self)
                         backend = VhostUserBackend(device)
@@ -263,11 +264,11 @@ class VhostUserBlkServer:
                     log.warning("vhost-user-blk queue process: %s", e)
                     ok = False
                 finally:
-                    for fd in msg.fds:
-                        os.close(fd)
-                answer = json.dumps({"ok": ok, "stopped": device.stopped}).encode()
+                    if not isinstance(msg, Reset):
+                        for fd in msg.fds:
+                            os.close(fd)
                 try:
-                    link.sendall(_ANSWER.pack(len(answer)) + answer)
+                    control.answer(ok, device.stopped)
                 except OSError:
                     return
         finally:
