@@ -13,8 +13,8 @@ Typical use::
 
     with VhostUserFrontend(sock) as fe:
         fe.setup()
-        assert fe.write(0, b"x" * 4096) == Status.OK
-        status, data = fe.read(0, 4096)
+        assert fe.blk.write(0, b"x" * 4096) == Status.OK
+        status, data = fe.blk.read(0, 4096)
 
 Addresses: descriptor buffers are guest-physical; ring addresses sent with SET_VRING_ADDR are
 "user addresses" of the front-end, here a fake address space (``USER_BASE`` + region offset)
@@ -22,9 +22,19 @@ deliberately different from guest-physical so a back-end that mixes them up fail
 All waits are bounded (``timeout``) and raise ``TimeoutError``.
 """
 
+from storvisor.testing.vhost_frontend.blk_driver import BlkDriver
 from storvisor.testing.vhost_frontend.block_device import FrontendBlockDevice
-from storvisor.testing.vhost_frontend.driver_ring import Segment
+from storvisor.testing.vhost_frontend.driver_ring import DriverQueue, Segment
 from storvisor.testing.vhost_frontend.frontend import VhostUserFrontend
-from storvisor.testing.vhost_frontend.guest_memory import USER_BASE, RegionSpec
+from storvisor.testing.vhost_frontend.guest_memory import USER_BASE, GuestRam, RegionSpec
 
-__all__ = ["USER_BASE", "FrontendBlockDevice", "RegionSpec", "Segment", "VhostUserFrontend"]
+__all__ = [
+    "USER_BASE",
+    "BlkDriver",
+    "DriverQueue",
+    "FrontendBlockDevice",
+    "GuestRam",
+    "RegionSpec",
+    "Segment",
+    "VhostUserFrontend",
+]

@@ -58,7 +58,7 @@ class FrontendBlockDevice:
         pos = start
         while pos < end:
             n = min(self.max_request, end - pos)
-            status, data = self.frontend.read(pos, n)
+            status, data = self.frontend.blk.read(pos, n)
             if status != Status.OK:
                 raise IOFailure(f"virtio-blk read failed with status {status}", errno.EIO)
             out += data
@@ -69,7 +69,7 @@ class FrontendBlockDevice:
         pos = 0
         while pos < len(data):
             n = min(self.max_request, len(data) - pos)
-            status = self.frontend.write(start + pos, data[pos : pos + n])
+            status = self.frontend.blk.write(start + pos, data[pos : pos + n])
             if status != Status.OK:
                 raise IOFailure(f"virtio-blk write failed with status {status}", errno.EIO)
             pos += n
@@ -103,7 +103,7 @@ class FrontendBlockDevice:
             self._flush_locked()
 
     def _flush_locked(self) -> None:
-        status = self.frontend.flush()
+        status = self.frontend.blk.flush()
         if status != Status.OK:
             raise IOFailure(f"virtio-blk flush failed with status {status}", errno.EIO)
 
@@ -135,9 +135,9 @@ class FrontendBlockDevice:
                 n = min(step, inner_end - pos)
                 segment = (pos >> 9, n >> 9, flags)
                 status = (
-                    self.frontend.discard([segment])
+                    self.frontend.blk.discard([segment])
                     if rtype == RequestType.DISCARD
-                    else self.frontend.write_zeroes([segment])
+                    else self.frontend.blk.write_zeroes([segment])
                 )
                 if status != Status.OK:
                     raise IOFailure(f"virtio-blk zeroing failed with status {status}", errno.EIO)
