@@ -322,6 +322,7 @@ class RemoteVolume:
         self._read_only = read_only
         self.serial = serial
         self._on_lost = on_lost
+        self._lost_told = threading.Lock()  # held for good once on_lost has run
         self._on_resized = on_resized
         self._gate = Gate()
         self._remap_lock = threading.Lock()
@@ -569,6 +570,7 @@ class RemoteVolume:
         except OSError as e:
             with self._calls_lock:
                 self._calls.pop(ident, None)
+            self._tell_lost()  # before failing the request, as when the reader sees it
             raise IOFailure(f"data plane: channel failed: {e.strerror}", errno.EIO) from e
         return ident, call
 
@@ -617,14 +619,19 @@ class RemoteVolume:
             self._link.close_pending()
             # on_lost first: a data plane that exits now completes nothing with an error
             # (a vhost-user front-end resubmits what was in flight to the next one)
-            if not self._closed and self._on_lost is not None:
-                self._on_lost()
+            self._tell_lost()
             self._lost = True
             with self._calls_lock:
                 calls, self._calls = list(self._calls.values()), {}
             for call in calls:
                 call.code, call.payload = errno.EIO, b"the volume's owner is gone"
                 call.done.set()
+
+    def _tell_lost(self) -> None:
+        """Run ``on_lost`` (once, and not after ``close``): the channel broke."""
+        first = self._lost_told.acquire(blocking=False)
+        if first and not self._closed and self._on_lost is not None:
+            self._on_lost()
 
     def ready(self) -> None:
         """Tell the owner this plane serves (its export listens)."""
