@@ -44,6 +44,10 @@ Live migration: LOG_SHMFD and ``VHOST_F_LOG_ALL`` are offered. While the front-e
 ``VHOST_F_LOG_ALL`` set, every completed request marks the guest pages it may have written
 (its writable buffers, and the used-ring entry and index when the queue asked for it) in the
 shared bitmap, under one lock shared by the queue threads.
+
+Modules: ``server`` (the socket and the control thread), ``device`` (the ``BackendDevice`` of
+one connection), ``queues`` (queue threads and the I/O pool), ``peers`` (the links to the
+queue processes), ``file_io`` (vectored I/O on a raw file).
 """
 
 from storvisor.exports.vhost_user_blk.device import PROTOCOL_FEATURES, VIRTIO_FEATURES
