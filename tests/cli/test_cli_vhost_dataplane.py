@@ -40,7 +40,7 @@ def _wait(predicate, timeout: float = 15.0):  # type: ignore[no-untyped-def]
 
 
 def _read(fe: VhostUserFrontend, offset: int, length: int) -> bytes:
-    status, data = fe.read(offset, length)
+    status, data = fe.blk.read(offset, length)
     assert status == Status.OK
     return data
 
@@ -63,9 +63,9 @@ def test_each_export_has_its_own_process_restarted_after_a_kill(cli, daemon, tmp
 
     with VhostUserFrontend(socks["a"], queue_size=16, num_queues=2, inflight=True) as fe:
         fe.setup()
-        assert fe.write(0, b"\x5a" * 65536) == Status.OK  # allocates in the daemon
-        assert fe.write(4096, b"\xa5" * 4096, queue=1) == Status.OK  # in place, queue 1
-        assert fe.flush() == Status.OK
+        assert fe.blk.write(0, b"\x5a" * 65536) == Status.OK  # allocates in the daemon
+        assert fe.blk.write(4096, b"\xa5" * 4096, queue=1) == Status.OK  # in place, queue 1
+        assert fe.blk.flush() == Status.OK
 
         os.kill(planes[socks["a"]][-1], signal.SIGKILL)  # the process of queue 1
         again = _wait(
@@ -79,11 +79,11 @@ def test_each_export_has_its_own_process_restarted_after_a_kill(cli, daemon, tmp
         assert again[socks["b"]] == planes[socks["b"]]  # the other export never noticed
         fe.reconnect()
         assert _read(fe, 0, 8192) == b"\x5a" * 4096 + b"\xa5" * 4096
-        assert fe.write(8192, b"\x77" * 4096) == Status.OK
-        assert fe.flush() == Status.OK
+        assert fe.blk.write(8192, b"\x77" * 4096) == Status.OK
+        assert fe.blk.flush() == Status.OK
         # one request in many buffers over owned, never written and zeroed clusters
-        assert fe.write_zeroes([(65536 >> 9, 65536 >> 9, 0)]) == Status.OK
-        status, data = fe.read(0, 3 * 65536, segments=24, indirect=True)
+        assert fe.blk.write_zeroes([(65536 >> 9, 65536 >> 9, 0)]) == Status.OK
+        status, data = fe.blk.read(0, 3 * 65536, segments=24, indirect=True)
         assert status == Status.OK
         expect = b"\x5a" * 4096 + b"\xa5" * 4096 + b"\x77" * 4096 + b"\x5a" * (65536 - 12288)
         assert data == expect + bytes(2 * 65536)

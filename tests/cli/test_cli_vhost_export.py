@@ -22,9 +22,9 @@ def test_vhost_export_extend_and_nbd_view(cli, daemon, tmp_path):
     with VhostUserFrontend(str(sock), queue_size=16) as fe:
         fe.setup()
         assert fe.capacity == 64 * MiB
-        status, got = fe.get_id()
+        status, got = fe.blk.get_id()
         assert status == Status.OK and got == serial.encode()[:20]
-        assert fe.write(0, b"\xc3" * 65536) == Status.OK
+        assert fe.blk.write(0, b"\xc3" * 65536) == Status.OK
 
         # Rolling back a volume a guest has open is refused; nothing changes.
         cli("snapshot", "create", "p/v@s")
@@ -35,8 +35,8 @@ def test_vhost_export_extend_and_nbd_view(cli, daemon, tmp_path):
         assert request == BackendRequest.CONFIG_CHANGE_MSG
         fe.config = fe.get_config(0, 60)
         assert fe.capacity == 128 * MiB
-        assert fe.write(128 * MiB - 4096, b"\x3c" * 4096) == Status.OK
-        assert fe.flush() == Status.OK
+        assert fe.blk.write(128 * MiB - 4096, b"\x3c" * 4096) == Status.OK
+        assert fe.blk.flush() == Status.OK
 
     uri = cli("export", "nbd", "p/v").out.strip()
     out = subprocess.run(

@@ -206,7 +206,7 @@ class DaemonRound:
         fe = VhostUserFrontend(exports[name].uris[0] if name in exports else sock, timeout=3)
         fe.setup()
         self.frontends.append(fe)
-        return fe
+        return fe.blk
 
     def kill_after(self, delay: float) -> threading.Timer:
         def kill() -> None:

@@ -75,9 +75,9 @@ def test_thin_volume_two_queues_data_lands_in_the_volume(tmp_path: Path, sockdir
                 fe.setup()
                 for i in range(64):
                     data = bytes([i]) * 65536
-                    assert fe.write(65536 * i, data, queue=i % 2, segments=4) == Status.OK
-                assert fe.flush() == Status.OK
-                assert fe.discard([(0, 128, 0)]) == Status.OK
+                    assert fe.blk.write(65536 * i, data, queue=i % 2, segments=4) == Status.OK
+                assert fe.blk.flush() == Status.OK
+                assert fe.blk.discard([(0, 128, 0)]) == Status.OK
         finally:
             server.close()
         buf = bytearray(8 << 20)

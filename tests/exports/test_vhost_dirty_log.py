@@ -41,15 +41,15 @@ def pages(gpa: int, length: int) -> set[int]:
 
 def _request(fe: VhostUserFrontend, rtype: int, data_len: int, out: bool) -> tuple[int, int, int]:
     """One request with page-aligned, page-separated header, data and status buffers."""
-    header = fe.alloc(16, PAGE)
-    fe.write_mem(header, blk.VIRTIO_BLK_OUTHDR.pack(rtype, 0, 0))
-    data = fe.alloc(data_len, PAGE) if data_len else 0
-    status = fe.alloc(1, PAGE)
+    header = fe.memory.alloc(16, PAGE)
+    fe.memory.write(header, blk.VIRTIO_BLK_OUTHDR.pack(rtype, 0, 0))
+    data = fe.memory.alloc(data_len, PAGE) if data_len else 0
+    status = fe.memory.alloc(1, PAGE)
     readable = [(header, 16)] + ([(data, data_len)] if out and data_len else [])
     writable = ([(data, data_len)] if data_len and not out else []) + [(status, 1)]
-    head = fe.submit(0, readable, writable)
-    fe.wait(0, head)
-    assert fe.read_mem(status, 1)[0] == Status.OK
+    head = fe.queues[0].submit(readable, writable)
+    fe.blk.wait(0, head)
+    assert fe.memory.read(status, 1)[0] == Status.OK
     return header, data, status
 
 

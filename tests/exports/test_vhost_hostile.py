@@ -68,106 +68,106 @@ def _wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
 def _still_serving(server: VhostUserBlkServer) -> None:
     with VhostUserFrontend(server.socket_path, timeout=5) as fresh:
         fresh.setup()
-        assert fresh.write(0, b"ok" * 256) == Status.OK
-        assert fresh.read(0, 512) == (Status.OK, b"ok" * 256)
+        assert fresh.blk.write(0, b"ok" * 256) == Status.OK
+        assert fresh.blk.read(0, 512) == (Status.OK, b"ok" * 256)
 
 
 def _header_and_status(fe: VhostUserFrontend, rtype: int = RequestType.IN) -> tuple[int, int]:
-    header = fe.alloc(16)
-    fe.write_mem(header, bytes(16))
-    status = fe.alloc(1)
-    fe.write_mem(status, b"\xff")
+    header = fe.memory.alloc(16)
+    fe.memory.write(header, bytes(16))
+    status = fe.memory.alloc(1)
+    fe.memory.write(status, b"\xff")
     return header, status
 
 
 def _loop(fe: VhostUserFrontend) -> None:
     header, status = _header_and_status(fe)
-    fe.write_desc(0, 0, header, 16, VRING_DESC_F_NEXT, 1)
-    fe.write_desc(0, 1, status, 1, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0)
-    fe.publish(0, 0)
+    fe.queues[0].write_desc(0, header, 16, VRING_DESC_F_NEXT, 1)
+    fe.queues[0].write_desc(1, status, 1, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0)
+    fe.queues[0].publish(0)
 
 
 def _outside_memory(fe: VhostUserFrontend) -> None:
     header, _ = _header_and_status(fe)
-    fe.write_desc(0, 0, header, 16, VRING_DESC_F_NEXT, 1)
-    fe.write_desc(0, 1, 1 << 40, 4096, VRING_DESC_F_WRITE, 0)
-    fe.publish(0, 0)
+    fe.queues[0].write_desc(0, header, 16, VRING_DESC_F_NEXT, 1)
+    fe.queues[0].write_desc(1, 1 << 40, 4096, VRING_DESC_F_WRITE, 0)
+    fe.queues[0].publish(0)
 
 
 def _huge_length(fe: VhostUserFrontend) -> None:
     header, _ = _header_and_status(fe)
-    fe.write_desc(0, 0, header, 16, VRING_DESC_F_NEXT, 1)
-    fe.write_desc(0, 1, header, 0xFFFFFFFF, VRING_DESC_F_WRITE, 0)
-    fe.publish(0, 0)
+    fe.queues[0].write_desc(0, header, 16, VRING_DESC_F_NEXT, 1)
+    fe.queues[0].write_desc(1, header, 0xFFFFFFFF, VRING_DESC_F_WRITE, 0)
+    fe.queues[0].publish(0)
 
 
 def _head_out_of_range(fe: VhostUserFrontend) -> None:
-    fe.publish(0, 16)
+    fe.queues[0].publish(16)
 
 
 def _next_out_of_range(fe: VhostUserFrontend) -> None:
     header, _ = _header_and_status(fe)
-    fe.write_desc(0, 0, header, 16, VRING_DESC_F_NEXT, 999)
-    fe.publish(0, 0)
+    fe.queues[0].write_desc(0, header, 16, VRING_DESC_F_NEXT, 999)
+    fe.queues[0].publish(0)
 
 
 def _avail_jump(fe: VhostUserFrontend) -> None:
     q = fe.queues[0]
     q.avail_idx = (q.avail_idx + 100) & 0xFFFF
-    fe._set_u16(q.avail_gpa + 2, q.avail_idx)
-    fe.kick(0)
+    fe.memory.set_u16(q.avail_gpa + 2, q.avail_idx)
+    fe.queues[0].kick()
 
 
 def _oversized_indirect(fe: VhostUserFrontend) -> None:
-    table = fe.alloc(16 * 2048, 16)
-    fe.write_desc(0, 0, table, 16 * 2048, VRING_DESC_F_INDIRECT, 0)
-    fe.publish(0, 0)
+    table = fe.memory.alloc(16 * 2048, 16)
+    fe.queues[0].write_desc(0, table, 16 * 2048, VRING_DESC_F_INDIRECT, 0)
+    fe.queues[0].publish(0)
 
 
 def _indirect_loop(fe: VhostUserFrontend) -> None:
     header, status = _header_and_status(fe)
-    table = fe.alloc(32, 16)
-    fe.write_mem(
+    table = fe.memory.alloc(32, 16)
+    fe.memory.write(
         table,
         VIRTQ_DESC.pack(header, 16, VRING_DESC_F_NEXT, 1)
         + VIRTQ_DESC.pack(status, 1, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0),
     )
-    fe.write_desc(0, 0, table, 32, VRING_DESC_F_INDIRECT, 0)
-    fe.publish(0, 0)
+    fe.queues[0].write_desc(0, table, 32, VRING_DESC_F_INDIRECT, 0)
+    fe.queues[0].publish(0)
 
 
 def _nested_indirect(fe: VhostUserFrontend) -> None:
-    inner = fe.alloc(16, 16)
-    outer = fe.alloc(16, 16)
-    fe.write_mem(outer, VIRTQ_DESC.pack(inner, 16, VRING_DESC_F_INDIRECT, 0))
-    fe.write_desc(0, 0, outer, 16, VRING_DESC_F_INDIRECT, 0)
-    fe.publish(0, 0)
+    inner = fe.memory.alloc(16, 16)
+    outer = fe.memory.alloc(16, 16)
+    fe.memory.write(outer, VIRTQ_DESC.pack(inner, 16, VRING_DESC_F_INDIRECT, 0))
+    fe.queues[0].write_desc(0, outer, 16, VRING_DESC_F_INDIRECT, 0)
+    fe.queues[0].publish(0)
 
 
 def _misaligned_indirect(fe: VhostUserFrontend) -> None:
-    table = fe.alloc(32, 16)
-    fe.write_desc(0, 0, table, 20, VRING_DESC_F_INDIRECT, 0)
-    fe.publish(0, 0)
+    table = fe.memory.alloc(32, 16)
+    fe.queues[0].write_desc(0, table, 20, VRING_DESC_F_INDIRECT, 0)
+    fe.queues[0].publish(0)
 
 
 def _readable_after_writable(fe: VhostUserFrontend) -> None:
     header, status = _header_and_status(fe)
-    fe.write_desc(0, 0, status, 1, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1)
-    fe.write_desc(0, 1, header, 16, 0, 0)
-    fe.publish(0, 0)
+    fe.queues[0].write_desc(0, status, 1, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1)
+    fe.queues[0].write_desc(1, header, 16, 0, 0)
+    fe.queues[0].publish(0)
 
 
 def _no_status(fe: VhostUserFrontend) -> None:
     header, _ = _header_and_status(fe)
-    fe.write_desc(0, 0, header, 16, 0, 0)
-    fe.publish(0, 0)
+    fe.queues[0].write_desc(0, header, 16, 0, 0)
+    fe.queues[0].publish(0)
 
 
 def _short_header(fe: VhostUserFrontend) -> None:
     header, status = _header_and_status(fe)
-    fe.write_desc(0, 0, header, 8, VRING_DESC_F_NEXT, 1)
-    fe.write_desc(0, 1, status, 1, VRING_DESC_F_WRITE, 0)
-    fe.publish(0, 0)
+    fe.queues[0].write_desc(0, header, 8, VRING_DESC_F_NEXT, 1)
+    fe.queues[0].write_desc(1, status, 1, VRING_DESC_F_WRITE, 0)
+    fe.queues[0].publish(0)
 
 
 @pytest.mark.parametrize(
@@ -197,8 +197,8 @@ def test_bad_chain_breaks_only_that_queue(
     attack(fe)
     _wait_for(lambda: victim.broken_queues == {0})
     # the other queue of the same device still works, as does the control plane
-    assert fe.write(0, b"q1" * 256, queue=1) == Status.OK
-    assert fe.read(0, 512, queue=1) == (Status.OK, b"q1" * 256)
+    assert fe.blk.write(0, b"q1" * 256, queue=1) == Status.OK
+    assert fe.blk.read(0, 512, queue=1) == (Status.OK, b"q1" * 256)
     assert fe.is_connected_alive()
     _still_serving(other)
     # the broken queue can be reset by the front-end: stop, new base, start
@@ -206,11 +206,11 @@ def test_bad_chain_breaks_only_that_queue(
     q = fe.queues[0]
     q.chains.clear()
     q.free = list(range(q.size))
-    q.last_used = fe._used_idx(q)
+    q.last_used = q.used_idx()
     q.avail_idx = q.notified_idx = q.last_used
-    fe._set_u16(q.avail_gpa + 2, q.avail_idx)
+    fe.memory.set_u16(q.avail_gpa + 2, q.avail_idx)
     fe.start_queue(0)
-    assert fe.read(0, 512) == (Status.OK, b"q1" * 256)
+    assert fe.blk.read(0, 512) == (Status.OK, b"q1" * 256)
     assert victim.broken_queues == frozenset()
 
 
@@ -235,18 +235,18 @@ def _bad(
 
 
 def _bad_mem_table(fe: VhostUserFrontend) -> None:
-    regions = fe.mem_regions()
+    regions = fe.memory.mem_regions()
     fe.send(Request.SET_MEM_TABLE, m.pack_mem_table(regions))  # no fds
 
 
 def _region_beyond_file(fe: VhostUserFrontend) -> None:
-    r = fe.regions[0]
+    r = fe.memory.regions[0]
     region = MemoryRegion(0, r.spec.size * 4, r.uva, 0)
     fe.send(Request.SET_MEM_TABLE, m.pack_mem_table([region]), [r.fd])
 
 
 def _overlapping_regions(fe: VhostUserFrontend) -> None:
-    r = fe.regions[0]
+    r = fe.memory.regions[0]
     region = MemoryRegion(0, 1 << 20, r.uva, 0)
     fe.send(Request.SET_MEM_TABLE, m.pack_mem_table([region, region]), [r.fd, r.fd])
 
@@ -324,7 +324,7 @@ def test_unknown_request(fe: VhostUserFrontend) -> None:
     assert reply == m.U64.pack(1)
     fe.send(Request.SET_VRING_ENDIAN, m.VHOST_VRING_STATE.pack(0, 0), need_reply=True)
     assert fe.recv_reply(Request.SET_VRING_ENDIAN)[0] == m.U64.pack(1)
-    assert fe.read(0, 512)[0] == Status.OK
+    assert fe.blk.read(0, 512)[0] == Status.OK
 
 
 def test_get_config_out_of_range_is_an_empty_reply(fe: VhostUserFrontend) -> None:
@@ -344,7 +344,7 @@ def test_second_frontend_waits_for_the_first(
         with pytest.raises(OSError):
             second.get_u64(Request.GET_FEATURES)
         second.close()
-        assert first.write(0, b"1" * 512) == Status.OK
+        assert first.blk.write(0, b"1" * 512) == Status.OK
     _still_serving(victim)
 
 
@@ -355,11 +355,11 @@ def test_rings_outside_memory_break_the_queue(
     base = fe.stop_queue(0)
     fe.request(Request.SET_VRING_BASE, m.VHOST_VRING_STATE.pack(0, base))
     fe.request(Request.SET_VRING_ADDR, m.VHOST_VRING_ADDR.pack(0, 0, 1 << 50, 1 << 51, 1 << 52, 0))
-    fe.request(Request.SET_VRING_KICK, m.U64.pack(0), [fe.queues[0].kick])
+    fe.request(Request.SET_VRING_KICK, m.U64.pack(0), [fe.queues[0].kick_fd])
     fe.request(Request.SET_VRING_ENABLE, m.VHOST_VRING_STATE.pack(0, 1))
     assert victim.broken_queues == {0}
     assert fe.stop_queue(0) == base
-    assert fe.write(0, b"q1" * 256, queue=1) == Status.OK
+    assert fe.blk.write(0, b"q1" * 256, queue=1) == Status.OK
 
 
 def test_messages_arriving_byte_by_byte(fe: VhostUserFrontend) -> None:
@@ -373,11 +373,11 @@ def test_messages_arriving_byte_by_byte(fe: VhostUserFrontend) -> None:
     # an fd travelling with the first byte of a header split in two
     q = fe.queues[1]
     data = m.encode(Request.SET_VRING_CALL, m.U64.pack(1))
-    socket.send_fds(fe.sock, [data[:1]], [q.call])
+    socket.send_fds(fe.sock, [data[:1]], [q.call_fd])
     time.sleep(0.01)
     fe.sock.send(data[1:])
     assert fe.is_connected_alive()
-    assert fe.write(0, b"z" * 512, queue=1) == Status.OK
+    assert fe.blk.write(0, b"z" * 512, queue=1) == Status.OK
 
 
 def test_no_fd_or_thread_leak(servers: tuple[VhostUserBlkServer, VhostUserBlkServer]) -> None:
@@ -389,8 +389,8 @@ def test_no_fd_or_thread_leak(servers: tuple[VhostUserBlkServer, VhostUserBlkSer
     def cycle() -> None:
         with VhostUserFrontend(victim.socket_path, num_queues=2, timeout=5) as fe:
             fe.setup()
-            fe.write(0, b"x" * 512)
-            fe.write(0, b"y" * 512, queue=1)
+            fe.blk.write(0, b"x" * 512)
+            fe.blk.write(0, b"y" * 512, queue=1)
             _region_beyond_file(fe)  # dropped with queues running and memory mapped
             assert _closed(fe)
         deadline = time.monotonic() + 5

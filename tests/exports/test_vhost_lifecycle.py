@@ -41,15 +41,15 @@ def server(sockdir: str) -> Iterator[VhostUserBlkServer]:
 
 
 def _region(fe: VhostUserFrontend, i: int) -> MemoryRegion:
-    return fe.mem_regions()[i]
+    return fe.memory.mem_regions()[i]
 
 
 def test_mem_table_resent_while_running(server: VhostUserBlkServer) -> None:
     with VhostUserFrontend(server.socket_path, regions=REGIONS) as fe:
         fe.setup()
-        assert fe.write(0, b"a" * 4096, across=True) == Status.OK
+        assert fe.blk.write(0, b"a" * 4096, across=True) == Status.OK
         fe.set_mem_table()  # e.g. after memory hot-plug: queues pause, remap, resume
-        assert fe.read(0, 4096, across=True) == (Status.OK, b"a" * 4096)
+        assert fe.blk.read(0, 4096, across=True) == (Status.OK, b"a" * 4096)
         assert fe.stop_queue(0) == 2
 
 
@@ -60,16 +60,16 @@ def test_add_and_remove_memory_regions(server: VhostUserBlkServer) -> None:
         assert fe.protocol_features & (1 << m.ProtocolFeature.CONFIGURE_MEM_SLOTS)
         assert fe.get_u64(Request.GET_MAX_MEM_SLOTS) >= 8
         fe.set_features()
-        for i, r in enumerate(fe.regions):  # no SET_MEM_TABLE: regions one by one
+        for i, r in enumerate(fe.memory.regions):  # no SET_MEM_TABLE: regions one by one
             fe.request(Request.ADD_MEM_REG, m.pack_mem_reg(_region(fe, i)), [r.fd])
-        fe._layout_queues()
+        fe.layout_queues()
         fe.start_queue(0)
-        assert fe.write(0, b"b" * 8192, across=True) == Status.OK
-        assert fe.read(0, 8192, across=True) == (Status.OK, b"b" * 8192)
+        assert fe.blk.write(0, b"b" * 8192, across=True) == Status.OK
+        assert fe.blk.read(0, 8192, across=True) == (Status.OK, b"b" * 8192)
         # drop the second region: buffers there are now outside guest memory
         fe.request(Request.REM_MEM_REG, m.pack_mem_reg(_region(fe, 1)))
-        fe.write(0, b"c" * 512)  # still fine: all in region 0
-        fe.blk_submit(0, 0, in_len=8192, across=True)
+        fe.blk.write(0, b"c" * 512)  # still fine: all in region 0
+        fe.blk.submit(0, 0, in_len=8192, across=True)
         deadline = time.monotonic() + 5
         while server.broken_queues != {0}:
             assert time.monotonic() < deadline
@@ -89,7 +89,7 @@ def test_stale_socket_is_replaced(sockdir: str) -> None:
     try:
         with VhostUserFrontend(path) as fe:
             fe.setup()
-            assert fe.flush() == Status.OK
+            assert fe.blk.flush() == Status.OK
     finally:
         server.close()
     assert not os.path.exists(path)
@@ -114,7 +114,7 @@ def test_close_while_front_end_is_busy(server: VhostUserBlkServer) -> None:
     def hammer() -> None:
         try:
             while not stop.is_set():
-                fe.write(0, b"h" * 4096)
+                fe.blk.write(0, b"h" * 4096)
         except Exception as e:  # the server went away under it: expected
             errors.append(e)
 
@@ -144,4 +144,4 @@ def test_start_twice_or_after_close_is_refused(server: VhostUserBlkServer) -> No
 def _still_usable(server: VhostUserBlkServer) -> None:
     with VhostUserFrontend(server.socket_path) as fe:
         fe.setup()
-        assert fe.flush() == Status.OK
+        assert fe.blk.flush() == Status.OK

@@ -65,11 +65,11 @@ def test_queues_run_in_their_slot_and_data_is_shared(group: Group) -> None:
     with VhostUserFrontend(group.sock, num_queues=4, inflight=True) as fe:
         fe.setup()
         for q in range(4):
-            assert fe.write(q * 65536, bytes([q + 1]) * 8192, queue=q) == Status.OK
+            assert fe.blk.write(q * 65536, bytes([q + 1]) * 8192, queue=q) == Status.OK
         for q in range(4):
-            status, data = fe.read(((q + 1) % 4) * 65536, 8192, queue=q)
+            status, data = fe.blk.read(((q + 1) % 4) * 65536, 8192, queue=q)
             assert status == Status.OK and data == bytes([(q + 1) % 4 + 1]) * 8192
-        assert fe.flush(queue=3) == Status.OK
+        assert fe.blk.flush(queue=3) == Status.OK
         # queue 1 and 3 ran in the peer, 0 and 2 here
         peer_device = group.peers[0]._device
         assert peer_device is not None and sorted(peer_device._workers) == [1, 3]
@@ -80,7 +80,7 @@ def test_queues_run_in_their_slot_and_data_is_shared(group: Group) -> None:
         assert bases == [2, 2, 2, 2] or bases == [2, 2, 2, 3], bases
         for q in range(4):
             fe.start_queue(q, base=bases[q])
-        status, data = fe.read(0, 4096, queue=1)
+        status, data = fe.blk.read(0, 4096, queue=1)
         assert status == Status.OK and data == b"\x01" * 4096
 
 
@@ -88,10 +88,10 @@ def test_reconnect_after_a_dropped_connection(group: Group) -> None:
     fe = VhostUserFrontend(group.sock, num_queues=4, inflight=True)
     with fe:
         fe.setup()
-        assert fe.write(0, b"\x11" * 4096, queue=1) == Status.OK
+        assert fe.blk.write(0, b"\x11" * 4096, queue=1) == Status.OK
         fe.reconnect()  # the peer resets and follows the new connection
-        assert fe.write(4096, b"\x22" * 4096, queue=3) == Status.OK
-        status, data = fe.read(0, 8192, queue=2)
+        assert fe.blk.write(4096, b"\x22" * 4096, queue=3) == Status.OK
+        status, data = fe.blk.read(0, 8192, queue=2)
         assert status == Status.OK and data == b"\x11" * 4096 + b"\x22" * 4096
     assert group.control.connections == 2
 
@@ -104,13 +104,13 @@ def test_dirty_log_is_marked_by_every_slot() -> None:
             g.sock, num_queues=2, regions=regions, dirty_log=True, inflight=True
         ) as fe:
             fe.setup()
-            fe.write(0, b"\x33" * 8192)
+            fe.blk.write(0, b"\x33" * 8192)
             fe.start_logging()
             fe.dirty_pages()
-            status, _ = fe.read(0, 8192, queue=1)  # runs in the peer
+            status, _ = fe.blk.read(0, 8192, queue=1)  # runs in the peer
             assert status == Status.OK
             assert fe.dirty_pages(), "the peer's completion marked no page"
-            status, _ = fe.read(0, 8192, queue=0)  # runs here
+            status, _ = fe.blk.read(0, 8192, queue=0)  # runs here
             assert status == Status.OK
             assert fe.dirty_pages()
     finally:

@@ -123,16 +123,16 @@ def test_sigkill_with_requests_in_flight(
         assert fe.inflight_fd is not None
         heads = []
         for i in range(8):
-            head, _, status = fe.blk_submit(
+            head, _, status = fe.blk.submit(
                 RequestType.OUT, i * block // 512, out=bytes([i + 1]) * block, kick=False
             )
             heads.append((head, status))
-        fe.kick(0)
+        fe.queues[0].kick()
         # three complete, the fourth write hangs inside the device: what was popped and not
         # completed is recorded in flight
         q = fe.queues[0]
         deadline = time.monotonic() + 10
-        while len(_inflight_flags(fe)) != stuck or fe._used_idx(q) != 3:
+        while len(_inflight_flags(fe)) != stuck or q.used_idx() != 3:
             assert time.monotonic() < deadline, "the back-end never stalled"
             time.sleep(0.01)
         if stuck == 1:
@@ -148,15 +148,15 @@ def test_sigkill_with_requests_in_flight(
         fe.set_mem_table()
         # QEMU sends the used index; a front-end that lost track may claim everything was
         # taken: the inflight buffer decides either way
-        base = fe._used_idx(q) if claimed_base == "used" else q.avail_idx
+        base = q.used_idx() if claimed_base == "used" else q.avail_idx
         fe.start_queue(0, base=base)
 
         for head, status in heads:
-            assert fe.wait(0, head) == 1  # each completes exactly once (else ProtocolError)
-            assert fe.read_mem(status, 1)[0] == Status.OK
+            assert fe.blk.wait(0, head) == 1  # each completes exactly once (else ProtocolError)
+            assert fe.memory.read(status, 1)[0] == Status.OK
         assert _inflight_flags(fe) == []
         for i in range(8):
-            assert fe.read(block * i, block) == (Status.OK, bytes([i + 1]) * block)
+            assert fe.blk.read(block * i, block) == (Status.OK, bytes([i + 1]) * block)
         assert fe.stop_queue(0) == q.avail_idx
     data = server.image.read_bytes()
     for i in range(8):
@@ -168,11 +168,11 @@ def test_reconnect_helper_after_clean_restart(server: _Server, sock: str) -> Non
     server.start(fast_writes=-1)
     with VhostUserFrontend(sock, inflight=True, timeout=10) as fe:
         fe.setup()
-        assert fe.write(0, b"a" * 512) == Status.OK
+        assert fe.blk.write(0, b"a" * 512) == Status.OK
         server.stop()
         server.start(fast_writes=-1)
         fe.reconnect()
-        assert fe.read(0, 512) == (Status.OK, b"a" * 512)
-        assert fe.write(512, b"b" * 512) == Status.OK
+        assert fe.blk.read(0, 512) == (Status.OK, b"a" * 512)
+        assert fe.blk.write(512, b"b" * 512) == Status.OK
     server.stop()
     assert server.image.read_bytes()[:1024] == b"a" * 512 + b"b" * 512

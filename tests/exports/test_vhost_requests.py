@@ -85,16 +85,16 @@ def test_negotiated_features_and_config(fe: VhostUserFrontend, device: MemoryDev
 
 def test_write_read_flush(fe: VhostUserFrontend, device: MemoryDevice) -> None:
     data = pattern(8192)
-    assert fe.write(4096, data) == Status.OK
+    assert fe.blk.write(4096, data) == Status.OK
     assert bytes(device._data[4096 : 4096 + 8192]) == data
-    status, got = fe.read(4096, 8192)
+    status, got = fe.blk.read(4096, 8192)
     assert status == Status.OK and got == data
-    assert fe.flush() == Status.OK
+    assert fe.blk.flush() == Status.OK
     assert device.flushes == 1
 
 
 def test_get_id_returns_serial(fe: VhostUserFrontend) -> None:
-    status, ident = fe.get_id()
+    status, ident = fe.blk.get_id()
     assert status == Status.OK
     assert ident == b"storvisor-serial-0123456789"[:20]
 
@@ -105,25 +105,25 @@ def test_get_id_short_serial(device: MemoryDevice, sock: str) -> None:
     try:
         with VhostUserFrontend(sock) as fe:
             fe.setup()
-            assert fe.get_id() == (Status.OK, b"vol-1")
-            _status, data, used_len = fe.blk_request(RequestType.GET_ID, in_len=20)
+            assert fe.blk.get_id() == (Status.OK, b"vol-1")
+            _status, data, used_len = fe.blk.request(RequestType.GET_ID, in_len=20)
             assert data[:6] == b"vol-1\0" and used_len == 6
     finally:
         server.close()
 
 
 def test_discard_and_write_zeroes(fe: VhostUserFrontend, device: MemoryDevice) -> None:
-    fe.write(0, b"\xaa" * 65536)
-    assert fe.discard([(8, 8, 0), (64, 16, 0)]) == Status.OK
-    assert fe.write_zeroes([(32, 8, 1), (100, 4, 0)]) == Status.OK
+    fe.blk.write(0, b"\xaa" * 65536)
+    assert fe.blk.discard([(8, 8, 0), (64, 16, 0)]) == Status.OK
+    assert fe.blk.write_zeroes([(32, 8, 1), (100, 4, 0)]) == Status.OK
     expected = bytearray(b"\xaa" * 65536)
     for sector, count in ((8, 8), (64, 16), (32, 8), (100, 4)):
         expected[sector * 512 : (sector + count) * 512] = bytes(count * 512)
-    assert fe.read(0, 65536) == (Status.OK, bytes(expected))
+    assert fe.blk.read(0, 65536) == (Status.OK, bytes(expected))
     # DISCARD must not carry UNMAP; unknown flags are unsupported
-    assert fe.discard([(0, 1, 1)]) == Status.UNSUPP
-    assert fe.write_zeroes([(0, 1, 2)]) == Status.UNSUPP
-    assert fe.discard([(SIZE // 512, 1, 0)]) == Status.IOERR
+    assert fe.blk.discard([(0, 1, 1)]) == Status.UNSUPP
+    assert fe.blk.write_zeroes([(0, 1, 2)]) == Status.UNSUPP
+    assert fe.blk.discard([(SIZE // 512, 1, 0)]) == Status.IOERR
 
 
 @pytest.mark.parametrize(
@@ -135,32 +135,32 @@ def test_discard_and_write_zeroes(fe: VhostUserFrontend, device: MemoryDevice) -
     ],
 )
 def test_unsupported_types(fe: VhostUserFrontend, rtype: int, expected: Status) -> None:
-    status, _, used_len = fe.blk_request(rtype, in_len=512)
+    status, _, used_len = fe.blk.request(rtype, in_len=512)
     assert status == expected and used_len == 1
 
 
 def test_barrier_bit_is_masked(fe: VhostUserFrontend) -> None:
-    fe.write(0, pattern(512))
-    status, data, _ = fe.blk_request(RequestType.IN | blk.VIRTIO_BLK_T_BARRIER, 0, in_len=512)
+    fe.blk.write(0, pattern(512))
+    status, data, _ = fe.blk.request(RequestType.IN | blk.VIRTIO_BLK_T_BARRIER, 0, in_len=512)
     assert status == Status.OK and data == pattern(512)
 
 
 def test_errors_fail_one_request(fe: VhostUserFrontend) -> None:
-    assert fe.read(SIZE - 512, 1024)[0] == Status.IOERR  # beyond capacity
-    assert fe.write(SIZE, b"x" * 512) == Status.IOERR
-    assert fe.read(0, 100)[0] == Status.IOERR  # not a multiple of 512
-    assert fe.write(0, b"x" * 100) == Status.IOERR
-    assert fe.read(SIZE - 512, 512)[0] == Status.OK  # the device carries on
+    assert fe.blk.read(SIZE - 512, 1024)[0] == Status.IOERR  # beyond capacity
+    assert fe.blk.write(SIZE, b"x" * 512) == Status.IOERR
+    assert fe.blk.read(0, 100)[0] == Status.IOERR  # not a multiple of 512
+    assert fe.blk.write(0, b"x" * 100) == Status.IOERR
+    assert fe.blk.read(SIZE - 512, 512)[0] == Status.OK  # the device carries on
 
 
 def test_ring_wraps_many_times(fe: VhostUserFrontend, device: MemoryDevice) -> None:
     # 16-entry ring, 3 descriptors per request: 600 requests wrap the indices many times
     for i in range(300):
-        assert fe.write(512 * i, bytes([i & 0xFF]) * 512) == Status.OK
+        assert fe.blk.write(512 * i, bytes([i & 0xFF]) * 512) == Status.OK
     for i in range(300):
-        assert fe.read(512 * i, 512) == (Status.OK, bytes([i & 0xFF]) * 512)
+        assert fe.blk.read(512 * i, 512) == (Status.OK, bytes([i & 0xFF]) * 512)
     q = fe.queues[0]
-    assert q.avail_idx == 600 and fe._used_idx(q) == 600
+    assert q.avail_idx == 600 and q.used_idx() == 600
 
 
 def test_batches_in_flight(fe: VhostUserFrontend) -> None:
@@ -168,36 +168,36 @@ def test_batches_in_flight(fe: VhostUserFrontend) -> None:
         heads = []
         for i in range(5):  # 5 x 3 descriptors fit in 16
             data = bytes([batch, i]) * 256
-            head, _, status = fe.blk_submit(RequestType.OUT, batch * 5 + i, out=data, kick=i == 4)
+            head, _, status = fe.blk.submit(RequestType.OUT, batch * 5 + i, out=data, kick=i == 4)
             heads.append((head, status))
         for head, status in heads:
-            assert fe.wait(0, head) == 1
-            assert fe.read_mem(status, 1) == b"\x00"
+            assert fe.blk.wait(0, head) == 1
+            assert fe.memory.read(status, 1) == b"\x00"
     for batch in range(40):
         for i in range(5):
-            assert fe.read(512 * (batch * 5 + i), 512)[1] == bytes([batch, i]) * 256
+            assert fe.blk.read(512 * (batch * 5 + i), 512)[1] == bytes([batch, i]) * 256
 
 
 def test_multi_segment_and_indirect(fe: VhostUserFrontend) -> None:
     data = pattern(64 * 1024, 3)
-    assert fe.write(0, data, segments=13) == Status.OK
-    assert fe.read(0, len(data), segments=7) == (Status.OK, data)
-    assert fe.write(65536, data, segments=40, indirect=True) == Status.OK
-    assert fe.read(65536, len(data), indirect=True, segments=33) == (Status.OK, data)
-    assert fe.get_id()[0] == Status.OK
+    assert fe.blk.write(0, data, segments=13) == Status.OK
+    assert fe.blk.read(0, len(data), segments=7) == (Status.OK, data)
+    assert fe.blk.write(65536, data, segments=40, indirect=True) == Status.OK
+    assert fe.blk.read(65536, len(data), indirect=True, segments=33) == (Status.OK, data)
+    assert fe.blk.get_id()[0] == Status.OK
 
 
 def test_indirect_larger_than_the_ring(fe: VhostUserFrontend) -> None:
     data = pattern(100 * 512, 5)
-    assert fe.write(0, data, segments=100, indirect=True) == Status.OK
-    assert fe.read(0, len(data), segments=100, indirect=True) == (Status.OK, data)
+    assert fe.blk.write(0, data, segments=100, indirect=True) == Status.OK
+    assert fe.blk.read(0, len(data), segments=100, indirect=True) == (Status.OK, data)
 
 
 def test_two_queues(fe: VhostUserFrontend) -> None:
     for i in range(50):
-        assert fe.write(4096 * i, pattern(4096, i), queue=i % 2) == Status.OK
+        assert fe.blk.write(4096 * i, pattern(4096, i), queue=i % 2) == Status.OK
     for i in range(50):
-        assert fe.read(4096 * i, 4096, queue=(i + 1) % 2) == (Status.OK, pattern(4096, i))
+        assert fe.blk.read(4096 * i, 4096, queue=(i + 1) % 2) == (Status.OK, pattern(4096, i))
 
 
 def test_without_event_idx_or_indirect(server: VhostUserBlkServer, sock: str) -> None:
@@ -205,8 +205,8 @@ def test_without_event_idx_or_indirect(server: VhostUserBlkServer, sock: str) ->
         fe.setup()
         assert not fe.features & (1 << blk.VIRTIO_RING_F_EVENT_IDX)
         for i in range(40):
-            assert fe.write(512 * i, bytes([i]) * 512) == Status.OK
-            assert fe.read(512 * i, 512) == (Status.OK, bytes([i]) * 512)
+            assert fe.blk.write(512 * i, bytes([i]) * 512) == Status.OK
+            assert fe.blk.read(512 * i, 512) == (Status.OK, bytes([i]) * 512)
 
 
 def test_event_idx_avail_event_tracks_position(fe: VhostUserFrontend) -> None:
@@ -215,9 +215,9 @@ def test_event_idx_avail_event_tracks_position(fe: VhostUserFrontend) -> None:
     q = fe.queues[0]
     avail_event = q.used_gpa + 4 + 8 * q.size
     for _ in range(20):
-        assert fe.write(0, b"k" * 512) == Status.OK
+        assert fe.blk.write(0, b"k" * 512) == Status.OK
         deadline = time.monotonic() + 5
-        while fe._u16(avail_event) != q.avail_idx:
+        while fe.memory.u16(avail_event) != q.avail_idx:
             assert time.monotonic() < deadline, "avail_event never caught up"
             time.sleep(0.001)
     assert q.kicks == 20  # each request came after the back-end went idle: each kicked
@@ -235,9 +235,10 @@ def test_regions_with_offsets_and_crossing(
         fe.setup()
         data = pattern(32768, 9)
         for segments, indirect in ((1, False), (4, False), (3, True)):
-            assert fe.write(0, data, across=True, segments=segments, indirect=indirect) == Status.OK
+            status = fe.blk.write(0, data, across=True, segments=segments, indirect=indirect)
+            assert status == Status.OK
             assert bytes(device._data[:32768]) == data
-            assert fe.read(0, 32768, across=True, segments=segments) == (Status.OK, data)
+            assert fe.blk.read(0, 32768, across=True, segments=segments) == (Status.OK, data)
             device.write(0, bytes(32768))
 
 
@@ -250,11 +251,11 @@ def test_read_only_export(sock: str) -> None:
         with VhostUserFrontend(sock) as fe:
             fe.setup()
             assert fe.offered_features & (1 << blk.VIRTIO_BLK_F_RO)
-            assert fe.write(0, b"x" * 512) == Status.IOERR
-            assert fe.write_zeroes([(0, 1, 0)]) == Status.IOERR
-            assert fe.discard([(0, 1, 0)]) == Status.IOERR
-            assert fe.read(0, 512) == (Status.OK, b"ro" * 256)
-            assert fe.flush() == Status.OK
+            assert fe.blk.write(0, b"x" * 512) == Status.IOERR
+            assert fe.blk.write_zeroes([(0, 1, 0)]) == Status.IOERR
+            assert fe.blk.discard([(0, 1, 0)]) == Status.IOERR
+            assert fe.blk.read(0, 512) == (Status.OK, b"ro" * 256)
+            assert fe.blk.flush() == Status.OK
         assert bytes(device._data[:512]) == b"ro" * 256
     finally:
         with_server.close()
@@ -269,24 +270,24 @@ def test_config_change_after_extend(
     assert request == BackendRequest.CONFIG_CHANGE_MSG and payload == b""
     fe.config = fe.get_config(0, 60)
     assert fe.capacity == SIZE * 2
-    assert fe.write(SIZE * 2 - 512, b"e" * 512) == Status.OK
+    assert fe.blk.write(SIZE * 2 - 512, b"e" * 512) == Status.OK
 
 
 def test_write_cache_toggle(fe: VhostUserFrontend) -> None:
     fe.set_wce(False)
     assert fe.get_config(32, 1) == b"\x00"
-    assert fe.write(0, b"w" * 512) == Status.OK
+    assert fe.blk.write(0, b"w" * 512) == Status.OK
     fe.set_wce(True)
     assert fe.get_config(32, 1) == b"\x01"
 
 
 def test_stop_and_restart_queue_keeps_position(fe: VhostUserFrontend) -> None:
     for _i in range(5):
-        fe.write(0, b"s" * 512)
+        fe.blk.write(0, b"s" * 512)
     base = fe.stop_queue(0)
     assert base == fe.queues[0].avail_idx == 5
     fe.start_queue(0)
-    assert fe.read(0, 512) == (Status.OK, b"s" * 512)
+    assert fe.blk.read(0, 512) == (Status.OK, b"s" * 512)
 
 
 def test_file_device_and_reconnect(tmp_path: Path, sock: str) -> None:
@@ -299,8 +300,8 @@ def test_file_device_and_reconnect(tmp_path: Path, sock: str) -> None:
         for round_ in range(3):
             with VhostUserFrontend(sock) as fe:
                 fe.setup()
-                assert fe.write(512 * round_, bytes([round_ + 1]) * 512) == Status.OK
-                assert fe.flush() == Status.OK
+                assert fe.blk.write(512 * round_, bytes([round_ + 1]) * 512) == Status.OK
+                assert fe.blk.flush() == Status.OK
         assert server.connections == 3
     finally:
         server.close()
@@ -318,8 +319,8 @@ def test_polling_mode_without_eventfds(server: VhostUserBlkServer, sock: str) ->
         fe.request(Request.SET_VRING_CALL, m.U64.pack(0 | nofd))  # and may not signal
         fe.request(Request.SET_VRING_ENABLE, m.VHOST_VRING_STATE.pack(0, 1))
         for i in range(10):
-            head, _, status = fe.blk_submit(RequestType.OUT, i, out=bytes([i]) * 512, kick=False)
-            assert fe.wait(0, head) == 1 and fe.read_mem(status, 1) == b"\x00"
+            head, _, status = fe.blk.submit(RequestType.OUT, i, out=bytes([i]) * 512, kick=False)
+            assert fe.blk.wait(0, head) == 1 and fe.memory.read(status, 1) == b"\x00"
 
 
 class SlowLargeReads(MemoryDevice):
@@ -343,13 +344,13 @@ def test_small_requests_overtake_large_ones(sock: str) -> None:
     try:
         with VhostUserFrontend(sock, queue_size=64) as fe:
             fe.setup()
-            big, big_data, _ = fe.blk_submit(RequestType.IN, 0, in_len=256 << 10, kick=False)
-            small, _, small_status = fe.blk_submit(RequestType.OUT, 2048, out=b"s" * 4096)
-            assert fe.wait(0, small) == 1 and fe.read_mem(small_status, 1) == b"\x00"
-            assert big not in fe.queues[0].completions and fe.in_flight() == 1
+            big, big_data, _ = fe.blk.submit(RequestType.IN, 0, in_len=256 << 10, kick=False)
+            small, _, small_status = fe.blk.submit(RequestType.OUT, 2048, out=b"s" * 4096)
+            assert fe.blk.wait(0, small) == 1 and fe.memory.read(small_status, 1) == b"\x00"
+            assert big not in fe.queues[0].completions and fe.queues[0].in_flight == 1
             device.release.set()
-            assert fe.wait(0, big) == (256 << 10) + 1
-            assert fe.read_mem(big_data, 256 << 10) == pattern(256 << 10, 4)
+            assert fe.blk.wait(0, big) == (256 << 10) + 1
+            assert fe.memory.read(big_data, 256 << 10) == pattern(256 << 10, 4)
             assert fe.stop_queue(0) == 2
     finally:
         server.close()
@@ -362,15 +363,15 @@ def test_stop_waits_for_offloaded_requests(sock: str) -> None:
     try:
         with VhostUserFrontend(sock) as fe:
             fe.setup()
-            head, _, status = fe.blk_submit(RequestType.IN, 0, in_len=256 << 10)
+            head, _, status = fe.blk.submit(RequestType.IN, 0, in_len=256 << 10)
             time.sleep(0.05)
             threading.Timer(0.2, device.release.set).start()
             started = time.monotonic()
             assert fe.stop_queue(0) == 1  # returns only once the request completed
             assert time.monotonic() - started >= 0.1
-            fe.poll_used(0)
+            fe.queues[0].poll_used()
             assert fe.queues[0].completions.get(head) == (256 << 10) + 1
-            assert fe.read_mem(status, 1) == b"\x00"
+            assert fe.memory.read(status, 1) == b"\x00"
     finally:
         server.close()
 
@@ -390,37 +391,37 @@ def test_busy_pool_pops_the_ring_itself(sock: str) -> None:
         with VhostUserFrontend(sock, event_idx=False, queue_size=64) as fe:
             fe.setup()
             q = fe.queues[0]
-            reads = [fe.blk_submit(RequestType.IN, i * big // 512, in_len=big) for i in range(2)]
+            reads = [fe.blk.submit(RequestType.IN, i * big // 512, in_len=big) for i in range(2)]
             reads += [
-                fe.blk_submit(RequestType.IN, i * big // 512, in_len=big, kick=False)
+                fe.blk.submit(RequestType.IN, i * big // 512, in_len=big, kick=False)
                 for i in range(2, pool.size)
             ]
-            fe.kick(0)
+            fe.queues[0].kick()
             deadline = time.monotonic() + 5
-            while not fe._u16(q.used_gpa) & VRING_USED_F_NO_NOTIFY:
+            while not fe.memory.u16(q.used_gpa) & VRING_USED_F_NO_NOTIFY:
                 assert time.monotonic() < deadline, "the ring was never parked"
                 time.sleep(0.001)
             kicks = q.kicks
             # the driver may skip kicks now: nobody but the pool looks at these
             reads += [
-                fe.blk_submit(RequestType.IN, i * big // 512, in_len=big, kick=False)
+                fe.blk.submit(RequestType.IN, i * big // 512, in_len=big, kick=False)
                 for i in range(pool.size, pool.size + 4)
             ]
             end = (pool.size + 4) * big // 512  # past what the reads cover
-            small, _, small_status = fe.blk_submit(RequestType.OUT, end, out=b"s" * 512, kick=False)
+            small, _, small_status = fe.blk.submit(RequestType.OUT, end, out=b"s" * 512, kick=False)
             device.release.set()
             for i, (head, data, status) in enumerate(reads):
-                assert fe.wait(0, head) == big + 1
-                assert fe.read_mem(status, 1) == b"\x00"
-                assert fe.read_mem(data, big) == pattern(SIZE, 9)[i * big : (i + 1) * big]
-            assert fe.wait(0, small) == 1 and fe.read_mem(small_status, 1) == b"\x00"
+                assert fe.blk.wait(0, head) == big + 1
+                assert fe.memory.read(status, 1) == b"\x00"
+                assert fe.memory.read(data, big) == pattern(SIZE, 9)[i * big : (i + 1) * big]
+            assert fe.blk.wait(0, small) == 1 and fe.memory.read(small_status, 1) == b"\x00"
             assert q.kicks == kicks
             # the ring is empty: kicks are wanted again
             deadline = time.monotonic() + 5
-            while fe._u16(q.used_gpa) & VRING_USED_F_NO_NOTIFY:
+            while fe.memory.u16(q.used_gpa) & VRING_USED_F_NO_NOTIFY:
                 assert time.monotonic() < deadline, "the ring stayed parked"
                 time.sleep(0.001)
-            assert fe.read(end * 512, 512) == (Status.OK, b"s" * 512)
+            assert fe.blk.read(end * 512, 512) == (Status.OK, b"s" * 512)
             assert fe.stop_queue(0) == len(reads) + 2
     finally:
         server.close()
@@ -438,11 +439,12 @@ def test_file_device_many_segments_one_call(tmp_path: Path, sock: str) -> None:
             fe.setup()
             small = pattern(12 << 10, 5)
             large = pattern(1 << 20, 6)
-            assert fe.write(4096, small, segments=3) == Status.OK
-            assert fe.write(1 << 20, large, segments=100, indirect=True) == Status.OK
-            assert fe.read(4096, len(small), segments=5) == (Status.OK, small)
-            assert fe.read(1 << 20, len(large), segments=77, indirect=True) == (Status.OK, large)
-            assert fe.read(0, 16 << 10, segments=4)[1] == bytes(4096) + small
+            assert fe.blk.write(4096, small, segments=3) == Status.OK
+            assert fe.blk.write(1 << 20, large, segments=100, indirect=True) == Status.OK
+            assert fe.blk.read(4096, len(small), segments=5) == (Status.OK, small)
+            got = fe.blk.read(1 << 20, len(large), segments=77, indirect=True)
+            assert got == (Status.OK, large)
+            assert fe.blk.read(0, 16 << 10, segments=4)[1] == bytes(4096) + small
     finally:
         server.close()
         device.close()

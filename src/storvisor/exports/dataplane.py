@@ -23,11 +23,12 @@ Durability: the data plane's direct writes go to the same files the owner syncs;
 a request to the owner, which flushes the pool (``fdatasync`` of
 every backing device, then the catalog commit). A write with FUA is followed by such a flush.
 
-Channel frames: a 24-byte header ``<BBHIQQ`` (op, flags, 0, id, a, b) and, for ``WRITE`` and
-replies, ``b`` bytes of payload. Requests carry an id the reply repeats; a reply's ``a`` is
-0 or an errno, its payload the result (block status extents) or the error message. A backing
-fd the data plane lacks (a device added online) comes with the reply to ``GETFD`` as
-``SCM_RIGHTS``. A broken channel ends the data plane (its process exits); the owner treats a
+Channel frames (``protocols/frames.py``, sent and received by an ``exports/link.py`` ``Link``):
+an operation (``Op``), flags (``Flag``), an id, two integers ``a`` and ``b`` and a payload.
+Requests carry an id the reply repeats; ``WRITE`` carries its data as payload (``b`` is its
+length); a reply's ``a`` is 0 or an errno, its payload the result (block status extents) or
+the error message. A backing fd the data plane lacks (a device added online) comes with the
+reply to ``GETFD``. A broken channel ends the data plane (its process exits); the owner treats a
 dead plane as frozen.
 """
 
@@ -50,10 +51,10 @@ from storvisor.engine.pio import preadv_full, pwritev_full
 from storvisor.engine.sharedmap import Gate, MapReader, SharedMap
 from storvisor.engine.volume import Volume
 from storvisor.errors import IOFailure, LocalFailure, StorvisorError
+from storvisor.exports.link import Link
 
 log = logging.getLogger(__name__)
 
-FRAME = struct.Struct("<BBHIQQ")
 EXTENT = struct.Struct("<QQB")
 
 
@@ -80,42 +81,7 @@ class Flag:
 
 _FREEZE_TIMEOUT = 30.0
 _HOST_THREADS = 4
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytearray | None:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            if got == 0:
-                return None
-            raise LocalFailure("data-plane channel closed inside a frame")
-        got += k
-    return buf
-
-
-class _Sender:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._lock = threading.Lock()
-
-    def send(
-        self, op: int, ident: int, a: int = 0, b: int = 0, payload: Buffer = b"", flags: int = 0
-    ) -> None:
-        header = FRAME.pack(op, flags, 0, ident, a, b)
-        with self._lock:
-            if len(payload) <= 65536:
-                self.sock.sendall(header + bytes(payload))
-            else:
-                self.sock.sendall(header)
-                self.sock.sendall(payload)
-
-    def send_fd(self, ident: int, fd: int) -> None:
-        header = FRAME.pack(Op.REPLY, 0, 0, ident, 0, 0)
-        with self._lock:
-            socket.send_fds(self.sock, [header], [fd])
+_MAX_PAYLOAD = 64 << 20  # a WRITE's data, a reply's extents
 
 
 # ----------------------------------------------------------------------------- owner side
@@ -140,7 +106,7 @@ class PlaneHost:
         self.map = SharedMap(volume.name.replace("/", "-"), volume.size, volume.cluster_size)
         self.ready = threading.Event()
         self._sock = sock
-        self._sender = _Sender(sock)
+        self._link = Link(sock, max_payload=_MAX_PAYLOAD)
         self._on_stuck = on_stuck
         self._ids = itertools.count(1)
         self._waits: dict[int, threading.Event] = {}
@@ -178,7 +144,7 @@ class PlaneHost:
         with self._waits_lock:
             self._waits[ident] = done
         try:
-            self._sender.send(Op.FREEZE, ident)
+            self._link.send(Op.FREEZE, ident)
         except OSError:
             self._die()
         if not done.wait(_FREEZE_TIMEOUT) and not self._dead.is_set():
@@ -192,12 +158,12 @@ class PlaneHost:
     def thaw(self) -> None:
         if not self._dead.is_set():
             with contextlib.suppress(OSError):
-                self._sender.send(Op.THAW, 0)
+                self._link.send(Op.THAW)
 
     def resized(self) -> None:
         if not self._dead.is_set():
             with contextlib.suppress(OSError):
-                self._sender.send(Op.RESIZED, 0)
+                self._link.send(Op.RESIZED)
 
     # -- lifecycle --
 
@@ -229,29 +195,25 @@ class PlaneHost:
             event.set()
 
     def _read(self) -> None:
-        sock = self._sock
+        receive = self._link.receive
         try:
             while True:
-                header = _recv_exact(sock, FRAME.size)
-                if header is None:
+                frame = receive()
+                if frame is None:
                     return
-                op, flags, _, ident, a, b = FRAME.unpack(header)
+                op = frame.op
                 if op == Op.REPLY:
                     with self._waits_lock:
-                        event = self._waits.get(ident)
+                        event = self._waits.get(frame.ident)
                     if event is not None:
                         event.set()
                 elif op == Op.READY:
                     self.ready.set()
                 elif op == Op.WRITE:
-                    if b > 64 << 20:
-                        raise LocalFailure(f"data-plane write of {b} bytes")
-                    data = _recv_exact(sock, b) if b else bytearray()
-                    if data is None:
-                        raise LocalFailure("data-plane channel closed inside a write")
-                    self._jobs.put((op, flags, ident, a, b, data))
+                    job = (op, frame.flags, frame.ident, frame.a, frame.b, frame.payload)
+                    self._jobs.put(job)
                 elif op in (Op.ZERO, Op.FLUSH, Op.STATUS, Op.GETFD):
-                    self._jobs.put((op, flags, ident, a, b, None))
+                    self._jobs.put((op, frame.flags, frame.ident, frame.a, frame.b, None))
                 else:
                     raise LocalFailure(f"unknown data-plane operation {op}")
         except (OSError, LocalFailure) as e:
@@ -270,18 +232,18 @@ class PlaneHost:
             op, flags, ident, a, b, data = job
             try:
                 if op == Op.GETFD:
-                    self._sender.send_fd(ident, self.volume.backing_fd(a))
+                    self._link.send(Op.REPLY, ident, fds=[self.volume.backing_fd(a)])
                     continue
                 payload = self._execute(op, flags, a, b, data)
-                self._sender.send(Op.REPLY, ident, 0, len(payload), payload)
+                self._link.send(Op.REPLY, ident, 0, len(payload), payload)
             except StorvisorError as e:
                 code = e.errno if isinstance(e, IOFailure) else errno.EIO
                 message = str(e).encode()[:4000]
                 with contextlib.suppress(OSError):
-                    self._sender.send(Op.REPLY, ident, code or errno.EIO, len(message), message)
+                    self._link.send(Op.REPLY, ident, code or errno.EIO, len(message), message)
             except KeyError:
                 with contextlib.suppress(OSError):
-                    self._sender.send(Op.REPLY, ident, errno.ENODEV, 0)
+                    self._link.send(Op.REPLY, ident, errno.ENODEV)
             except OSError:
                 self._die()
 
@@ -339,7 +301,7 @@ class RemoteVolume:
         on_resized: Callable[[], None] | None = None,
     ) -> None:
         self._sock = sock
-        self._sender = _Sender(sock)
+        self._link = Link(sock, max_payload=_MAX_PAYLOAD, max_fds=1)
         self._reader_map = MapReader(map_fd)
         self._size = self._reader_map.size
         """The size last seen: a request within it is in range (a volume only grows);
@@ -352,6 +314,7 @@ class RemoteVolume:
         self._read_only = read_only
         self.serial = serial
         self._on_lost = on_lost
+        self._lost_told = threading.Lock()  # held for good once on_lost has run
         self._on_resized = on_resized
         self._gate = Gate()
         self._remap_lock = threading.Lock()
@@ -585,10 +548,11 @@ class RemoteVolume:
         with self._calls_lock:
             self._calls[ident] = call
         try:
-            self._sender.send(op, ident, a, b, payload, flags)
+            self._link.send(op, ident, a, b, payload, flags=flags)
         except OSError as e:
             with self._calls_lock:
                 self._calls.pop(ident, None)
+            self._tell_lost()  # before failing the request, as when the reader sees it
             raise IOFailure(f"data plane: channel failed: {e.strerror}", errno.EIO) from e
         return ident, call
 
@@ -600,34 +564,28 @@ class RemoteVolume:
         return call.payload
 
     def _read(self) -> None:
-        sock = self._sock
+        receive = self._link.receive
         try:
             while True:
-                data, fds, _, _ = socket.recv_fds(sock, FRAME.size, 1)
-                if not data:
+                frame = receive()
+                if frame is None:
                     return
-                header = bytearray(data)
-                if len(header) < FRAME.size:
-                    rest = _recv_exact(sock, FRAME.size - len(header))
-                    if rest is None:
-                        raise LocalFailure("data-plane channel closed inside a frame")
-                    header += rest
-                op, _, _, ident, a, b = FRAME.unpack(header)
+                op = frame.op
                 if op == Op.REPLY:
-                    payload = bytes(_recv_exact(sock, b) or b"") if b else b""
                     with self._calls_lock:
-                        call = self._calls.pop(ident, None)
+                        call = self._calls.pop(frame.ident, None)
                     if call is None:
-                        for fd in fds:
+                        for fd in frame.fds:
                             os.close(fd)
                         continue
-                    call.code, call.payload = a, payload
-                    if fds:
-                        call.fd = fds[0]
+                    call.code = frame.a
+                    call.payload = bytes(frame.payload) if frame.payload else b""
+                    if frame.fds:
+                        call.fd = frame.fds[0]
                     call.done.set()
                 elif op == Op.FREEZE:
                     self._gate.freeze()
-                    self._sender.send(Op.REPLY, ident)
+                    self._link.send(Op.REPLY, frame.ident)
                 elif op == Op.THAW:
                     self._gate.thaw()
                 elif op == Op.RESIZED:
@@ -640,10 +598,10 @@ class RemoteVolume:
             if not self._closed:
                 log.error("data-plane channel failed: %s", e)
         finally:
+            self._link.close_pending()
             # on_lost first: a data plane that exits now completes nothing with an error
             # (a vhost-user front-end resubmits what was in flight to the next one)
-            if not self._closed and self._on_lost is not None:
-                self._on_lost()
+            self._tell_lost()
             self._lost = True
             with self._calls_lock:
                 calls, self._calls = list(self._calls.values()), {}
@@ -651,9 +609,15 @@ class RemoteVolume:
                 call.code, call.payload = errno.EIO, b"the volume's owner is gone"
                 call.done.set()
 
+    def _tell_lost(self) -> None:
+        """Run ``on_lost`` (once, and not after ``close``): the channel broke."""
+        first = self._lost_told.acquire(blocking=False)
+        if first and not self._closed and self._on_lost is not None:
+            self._on_lost()
+
     def ready(self) -> None:
         """Tell the owner this plane serves (its export listens)."""
-        self._sender.send(Op.READY, 0)
+        self._link.send(Op.READY)
 
     def __repr__(self) -> str:
         return f"<RemoteVolume fd={self._sock.fileno()}>"

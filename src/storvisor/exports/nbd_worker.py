@@ -14,10 +14,10 @@ the worker closes the ``RemoteVolume``; the daemon sees its channel close and cl
 volume handle. Connections of several clients thus run on several cores; multi-conn stays
 safe because a flush, wherever it comes from, syncs the whole pool.
 
-Control frames between the daemon and a worker: a 4-byte little-endian length and a JSON
-object; fds travel with a frame as ``SCM_RIGHTS``. Daemon to worker: ``add`` (an export),
-``remove``, ``conn`` (a client socket), ``opened`` (the answer to ``open``: an error, or the
-fds of a plane). Worker to daemon: ``open`` (an export, with a request id).
+Control frames between the daemon and a worker (``protocols/frames.py`` over a ``Link``;
+``_Op`` lists them with their fields): daemon to worker ``ADD`` (an export), ``REMOVE``,
+``CONN`` (a client socket, as an fd), ``OPENED`` (the answer to ``OPEN``: an errno and a
+message, or the fds of a plane); worker to daemon ``OPEN`` (an export, with a request id).
 
 A worker that dies loses its clients' connections (NBD clients reconnect); the daemon starts
 a new one. A worker whose daemon dies exits at once.
@@ -29,7 +29,6 @@ import contextlib
 import errno
 import functools
 import itertools
-import json
 import logging
 import os
 import signal
@@ -41,61 +40,47 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.volume import Volume
-from storvisor.errors import IOFailure, NotFound, StorvisorError
+from storvisor.errors import IOFailure, LocalFailure, NotFound, StorvisorError
 from storvisor.exports.dataplane import PlaneHost, RemoteVolume
+from storvisor.exports.link import Link
+from storvisor.protocols.frames import Frame
 
 log = logging.getLogger(__name__)
 
-_LEN = struct.Struct("<I")
-_MAX_FRAME = 1 << 20
+_MAX_PAYLOAD = 1 << 20
 _MAX_FDS = 64
+_INDEX = struct.Struct("<I")
 
 
-def _send(sock: socket.socket, lock: threading.Lock, obj: object, fds: Sequence[int] = ()) -> None:
-    body = json.dumps(obj).encode()
-    frame = _LEN.pack(len(body)) + body
-    with lock:
-        if fds:
-            sent = socket.send_fds(sock, [frame], list(fds))
-            if sent < len(frame):
-                sock.sendall(frame[sent:])
-        else:
-            sock.sendall(frame)
+class _Op(IntEnum):
+    """Frames of the control link (text is UTF-8)."""
+
+    ADD = 1  # flags READ_ONLY; a = bytes of the name; payload = name + description
+    REMOVE = 2  # payload = name
+    CONN = 3  # fds = [client socket]
+    OPEN = 4  # ident; payload = name
+    OPENED = 5  # ident; a = errno, payload = message; or a = 0, flags READ_ONLY,
+    # b = cluster size, fds = [channel, map, backing fds], payload = their device
+    # indices (u32 each) + serial
 
 
-def _recv(sock: socket.socket) -> tuple[dict[str, object], list[int]] | None:
-    """One frame and its fds; None on EOF between frames. Raises ``OSError``/``ValueError``."""
-    head, fds, _, _ = socket.recv_fds(sock, _LEN.size, _MAX_FDS)
-    if not head:
-        for fd in fds:
-            os.close(fd)
-        return None
+_READ_ONLY = 1
+
+
+def _text(data: bytes | bytearray, what: str) -> str:
     try:
-        while len(head) < _LEN.size:
-            more = sock.recv(_LEN.size - len(head))
-            if not more:
-                raise ValueError("control channel closed inside a frame")
-            head += more
-        (size,) = _LEN.unpack(head)
-        if size > _MAX_FRAME:
-            raise ValueError(f"control frame of {size} bytes")
-        body = bytearray()
-        while len(body) < size:
-            more = sock.recv(size - len(body))
-            if not more:
-                raise ValueError("control channel closed inside a frame")
-            body += more
-        obj = json.loads(body)
-        if not isinstance(obj, dict):
-            raise ValueError("control frame is not an object")
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return obj, list(fds)
+        return data.decode()
+    except UnicodeDecodeError as e:
+        raise LocalFailure(f"{what} is not UTF-8") from e
+
+
+def _close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -114,7 +99,7 @@ class _Worker:
         self.index = index
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock = ours
-        self.lock = threading.Lock()
+        self.link = Link(ours, max_payload=_MAX_PAYLOAD)
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "storvisor.exports.nbd_worker", str(theirs.fileno())],
@@ -131,18 +116,20 @@ class _Worker:
         self.reader.start()
 
     def add(self, export: _ExportDef) -> None:
+        name = export.name.encode()
+        flags = _READ_ONLY if export.read_only else 0
         with contextlib.suppress(OSError):
-            _send(self.sock, self.lock, {"op": "add", "name": export.name,
-                                         "description": export.description,
-                                         "read_only": export.read_only})  # fmt: skip
+            self.link.send(
+                _Op.ADD, 0, len(name), 0, name + export.description.encode(), flags=flags
+            )
 
     def remove(self, name: str) -> None:
         with contextlib.suppress(OSError):
-            _send(self.sock, self.lock, {"op": "remove", "name": name})
+            self.link.send(_Op.REMOVE, payload=name.encode())
 
     def hand_over(self, conn: socket.socket) -> bool:
         try:
-            _send(self.sock, self.lock, {"op": "conn"}, [conn.fileno()])
+            self.link.send(_Op.CONN, fds=[conn.fileno()])
         except OSError:
             return False
         conn.close()
@@ -165,23 +152,21 @@ class _Worker:
     def _read(self) -> None:
         try:
             while True:
-                got = _recv(self.sock)
-                if got is None:
+                frame = self.link.receive()
+                if frame is None:
                     break
-                msg, fds = got
-                for fd in fds:
-                    os.close(fd)
-                if msg.get("op") == "open":
-                    threading.Thread(
-                        target=self._open, args=(msg,), name="nbd-plane-open", daemon=True
-                    ).start()
-        except (OSError, ValueError) as e:
+                _close_fds(frame.fds)
+                if frame.op != _Op.OPEN:
+                    raise LocalFailure(f"unexpected control frame {frame.op}")
+                name = _text(frame.payload, "an export name")
+                threading.Thread(
+                    target=self._open, args=(frame.ident, name), name="nbd-plane-open", daemon=True
+                ).start()
+        except (OSError, LocalFailure) as e:
             log.warning("NBD data plane %d: control channel failed: %s", self.index, e)
         self.planes._worker_gone(self)
 
-    def _open(self, msg: dict[str, object]) -> None:
-        ident = msg.get("id")
-        name = str(msg.get("name"))
+    def _open(self, ident: int, name: str) -> None:
         export = self.planes._export(name)
         try:
             if export is None:
@@ -193,27 +178,24 @@ class _Worker:
             volume = device
         except StorvisorError as e:
             code = e.errno if isinstance(e, IOFailure) else errno.ENOENT
+            message = str(e).encode()[:4000]
             with contextlib.suppress(OSError):
-                _send(self.sock, self.lock, {"op": "opened", "id": ident, "error": str(e),
-                                             "errno": code or errno.EIO})  # fmt: skip
+                self.link.send(_Op.OPENED, ident, code or errno.EIO, 0, message)
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         host = PlaneHost(volume, ours, on_closed=lambda: _close_later(host, volume))
         try:
             host.start()
             backings = volume.backing_fds()
-            _send(
-                self.sock,
-                self.lock,
-                {
-                    "op": "opened",
-                    "id": ident,
-                    "cluster_size": volume.cluster_size,
-                    "read_only": volume.read_only or export.read_only,
-                    "serial": volume.serial,
-                    "backings": list(backings),
-                },
-                [theirs.fileno(), host.map.fd, *backings.values()],
+            indices = b"".join(_INDEX.pack(index) for index in backings)
+            self.link.send(
+                _Op.OPENED,
+                ident,
+                0,
+                volume.cluster_size,
+                indices + volume.serial.encode(),
+                flags=_READ_ONLY if volume.read_only or export.read_only else 0,
+                fds=[theirs.fileno(), host.map.fd, *backings.values()],
             )
         except OSError:
             host.close()
@@ -330,55 +312,59 @@ class NbdDataPlanes:
 
 
 class _Opener:
-    """The worker's side of ``open``: asks the daemon, builds the ``RemoteVolume``."""
+    """The worker's side of ``OPEN``: asks the daemon, builds the ``RemoteVolume``."""
 
-    def __init__(self, sock: socket.socket, lock: threading.Lock) -> None:
-        self.sock = sock
-        self.lock = lock
+    def __init__(self, link: Link) -> None:
+        self.link = link
         self._ids = itertools.count(1)
-        self._waits: dict[int, tuple[threading.Event, list[object]]] = {}
+        self._waits: dict[int, tuple[threading.Event, list[Frame]]] = {}
         self._waits_lock = threading.Lock()
         self.lost = False
 
     def open(self, name: str) -> RemoteVolume:
-        ident = next(self._ids)
-        done: tuple[threading.Event, list[object]] = (threading.Event(), [])
+        """Raises ``IOFailure`` (the daemon's errno, or EIO once it is gone) or
+        ``LocalFailure`` for an answer that breaks the control protocol."""
+        ident = next(self._ids) & 0xFFFFFFFF
+        done: tuple[threading.Event, list[Frame]] = (threading.Event(), [])
         with self._waits_lock:
             if self.lost:
                 raise IOFailure("the daemon is gone", errno.EIO)
             self._waits[ident] = done
-        _send(self.sock, self.lock, {"op": "open", "id": ident, "name": name})
+        self.link.send(_Op.OPEN, ident, payload=name.encode())
         done[0].wait()
         if not done[1]:
             raise IOFailure("the daemon is gone", errno.EIO)
-        msg, fds = done[1]
-        assert isinstance(msg, dict) and isinstance(fds, list)
-        if "error" in msg:
-            for fd in fds:
-                os.close(fd)
-            code = msg.get("errno")
-            raise IOFailure(str(msg["error"]), code if isinstance(code, int) else errno.EIO)
-        listed = msg["backings"]
-        indices = [int(i) for i in listed] if isinstance(listed, list) else []
-        channel, map_fd, *backing_fds = fds
+        frame = done[1][0]
+        if frame.a:
+            _close_fds(frame.fds)
+            raise IOFailure(frame.payload.decode(errors="replace"), frame.a)
+        count = len(frame.fds) - 2
+        if count < 0 or len(frame.payload) < count * _INDEX.size:
+            _close_fds(frame.fds)
+            raise LocalFailure("the daemon's answer to OPEN lacks a plane's fds")
+        indices = [index for (index,) in _INDEX.iter_unpack(frame.payload[: count * _INDEX.size])]
+        try:
+            serial = _text(frame.payload[count * _INDEX.size :], "a serial")
+        except LocalFailure:
+            _close_fds(frame.fds)
+            raise
+        channel, map_fd, *backing_fds = frame.fds
         return RemoteVolume(
             socket.socket(fileno=channel),
             map_fd,
             dict(zip(indices, backing_fds, strict=True)),
-            int(str(msg["cluster_size"])),
-            read_only=bool(msg["read_only"]),
-            serial=str(msg["serial"]),
+            frame.b,
+            read_only=bool(frame.flags & _READ_ONLY),
+            serial=serial,
         )
 
-    def answered(self, msg: dict[str, object], fds: list[int]) -> None:
-        ident = msg.get("id")
+    def answered(self, frame: Frame) -> None:
         with self._waits_lock:
-            wait = self._waits.pop(ident if isinstance(ident, int) else -1, None)
+            wait = self._waits.pop(frame.ident, None)
         if wait is None:
-            for fd in fds:
-                os.close(fd)
+            _close_fds(frame.fds)
             return
-        wait[1].extend([msg, fds])
+        wait[1].append(frame)
         wait[0].set()
 
     def fail_all(self) -> None:
@@ -398,42 +384,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) != 1 or not args[0].isdigit():
         print("usage: python -m storvisor.exports.nbd_worker CONTROL-FD", file=sys.stderr)
         return 2
-    control = socket.socket(fileno=int(args[0]))
-    lock = threading.Lock()
-    opener = _Opener(control, lock)
+    link = Link(socket.socket(fileno=int(args[0])), max_payload=_MAX_PAYLOAD, max_fds=_MAX_FDS)
+    opener = _Opener(link)
     server = NBDServer()
     server.start()
     try:
         while True:
-            got = _recv(control)
-            if got is None:
+            frame = link.receive()
+            if frame is None:
                 break
-            msg, fds = got
-            op = msg.get("op")
-            if op == "conn" and fds:
-                for fd in fds[1:]:
-                    os.close(fd)
+            op = frame.op
+            if op == _Op.OPENED:
+                opener.answered(frame)
+                continue
+            fds = frame.fds
+            if op == _Op.CONN and fds:
+                _close_fds(fds[1:])
                 server.serve_socket(socket.socket(fileno=fds[0]))
-            elif op == "opened":
-                opener.answered(msg, fds)
-            else:
-                for fd in fds:
-                    os.close(fd)
-                name = str(msg.get("name"))
-                if op == "add":
-                    with contextlib.suppress(StorvisorError):
-                        server.add_export(
-                            NBDExport(
-                                name,
-                                functools.partial(opener.open, name),
-                                description=str(msg.get("description", "")),
-                                read_only=bool(msg.get("read_only")),
-                            )
+                continue
+            _close_fds(fds)
+            if op == _Op.ADD:
+                if frame.a > len(frame.payload):
+                    raise LocalFailure("ADD: the name is longer than the frame")
+                name = _text(frame.payload[: frame.a], "an export name")
+                description = _text(frame.payload[frame.a :], "a description")
+                with contextlib.suppress(StorvisorError):
+                    server.add_export(
+                        NBDExport(
+                            name,
+                            functools.partial(opener.open, name),
+                            description=description,
+                            read_only=bool(frame.flags & _READ_ONLY),
                         )
-                elif op == "remove":
-                    with contextlib.suppress(StorvisorError):
-                        server.remove_export(name)
-    except (OSError, ValueError) as e:
+                    )
+            elif op == _Op.REMOVE:
+                with contextlib.suppress(StorvisorError):
+                    server.remove_export(_text(frame.payload, "an export name"))
+            else:
+                raise LocalFailure(f"unexpected control frame {op}")
+    except (OSError, LocalFailure) as e:
         log.error("control channel failed: %s", e)
     # the daemon is gone: end at once, answering nothing more
     opener.fail_all()
