@@ -101,6 +101,7 @@ def test_checker_catches_lost_and_stray_writes() -> None:
         {"t": "op", "seq": 3, "kind": "write", "target": "v", "off": 600, "len": 50, "seed": 8},
         {"t": "fork", "seq": 4, "kind": "snapshot", "source": "v", "name": "v@s"},
         {"t": "op", "seq": 5, "kind": "discard", "target": "v", "off": 0, "len": 4096},
+        {"t": "done", "seq": 5},
     ]
     history = History({"v": bytes(4096)}, records)
     first = crashkit.payload(7, 700)
@@ -124,6 +125,7 @@ def test_checker_catches_lost_and_stray_writes() -> None:
     stray[3000] = 1
     assert history.verify(Fixed({"v": bytes(stray)}))
     # once the snapshot's creation is flushed it must exist
+    records += [{"t": "done", "seq": 3}, {"t": "done", "seq": 4}]
     records.append({"t": "flush", "seq": 6})
     records.append({"t": "durable", "seq": 6})
     history = History({"v": bytes(4096)}, records)
@@ -132,7 +134,8 @@ def test_checker_catches_lost_and_stray_writes() -> None:
 
 
 def test_checker_fua_and_committed_snapshots() -> None:
-    """A completed FUA write is durable without a flush; so is a committed snapshot."""
+    """A completed FUA write is durable without a flush; a committed snapshot makes every
+    write completed before it durable, in the snapshot and in the volume."""
     records: list[dict[str, object]] = [
         {"t": "op", "seq": 1, "kind": "write", "target": "v", "off": 0, "len": 512, "seed": 1},
         {"t": "done", "seq": 1},
@@ -144,17 +147,84 @@ def test_checker_fua_and_committed_snapshots() -> None:
         {"t": "delete", "seq": 4, "name": "v@old"},
     ]  # fmt: skip
     history = History({"v": bytes(2048), "v@old": bytes(2048)}, records)
-    written = bytearray(2048)
-    written[512:1024] = crashkit.payload(2, 512)
-    both = bytearray(written)
+    fua_only = bytearray(2048)
+    fua_only[512:1024] = crashkit.payload(2, 512)
+    both = bytearray(fua_only)
     both[0:512] = crashkit.payload(1, 512)
-    contents = {"v": bytes(written), "v@s": bytes(written)}
+    contents = {"v": bytes(both), "v@s": bytes(both)}
     assert not history.verify(Fixed(contents))
-    assert not history.verify(Fixed({**contents, "v@s": bytes(both), "v@old": bytes(2048)}))
-    assert history.verify(Fixed({"v": bytes(written)})), "a committed snapshot went missing"
+    assert not history.verify(Fixed({**contents, "v@old": bytes(2048)}))
+    # the write completed before the committed snapshot may not be lost: not from the volume,
+    # not from the snapshot, not from both
+    lost = bytes(fua_only)
+    assert history.verify(Fixed({"v": lost, "v@s": lost})), "write before a snapshot lost"
+    assert history.verify(Fixed({"v": bytes(both), "v@s": lost})), "snapshot lost a write"
+    assert history.verify(Fixed({"v": lost, "v@s": bytes(both)})), "volume lost a write"
+    assert history.verify(Fixed({"v": bytes(both)})), "a committed snapshot went missing"
     assert history.verify(Fixed({"v": bytes(2048), "v@s": bytes(2048)})), "FUA write lost"
     # the deletion was not committed: the old snapshot may stay, but must keep its data
-    assert history.verify(Fixed({**contents, "v@old": bytes(written)}))
+    assert history.verify(Fixed({**contents, "v@old": bytes(both)}))
+
+
+def test_checker_holds_targets_to_each_other() -> None:
+    """A snapshot that exists is where its volume continues from, even when its creation was
+    not committed: on every piece written by nobody since, the volume, the snapshot and a
+    clone of it read the same; an unflushed write after it may or may not be there."""
+    records: list[dict[str, object]] = [
+        {"t": "op", "seq": 1, "kind": "write", "target": "v", "off": 0, "len": 1024, "seed": 1},
+        {"t": "done", "seq": 1},
+        {"t": "fork", "seq": 2, "kind": "snapshot", "source": "v", "name": "v@s"},
+        {"t": "committed", "seq": 2},
+        {"t": "fork", "seq": 3, "kind": "clone", "source": "v@s", "name": "c"},
+        {"t": "op", "seq": 4, "kind": "write", "target": "v", "off": 0, "len": 1024, "seed": 4},
+        {"t": "done", "seq": 4},
+        {"t": "fork", "seq": 5, "kind": "snapshot", "source": "v", "name": "v@t"},
+        {"t": "op", "seq": 6, "kind": "write", "target": "v", "off": 512, "len": 512, "seed": 6},
+    ]
+    history = History({"v": bytes(2048)}, records)
+    first = crashkit.payload(1, 1024) + bytes(1024)
+    second = crashkit.payload(4, 1024) + bytes(1024)
+    third = second[:512] + crashkit.payload(6, 512) + bytes(1024)
+    assert not history.verify(Fixed({"v": second, "v@s": first, "c": first, "v@t": second}))
+    assert not history.verify(Fixed({"v": third, "v@s": first, "c": first, "v@t": second}))
+    assert not history.verify(Fixed({"v": first, "v@s": first, "c": first}))  # no v@t: seq 4 lost
+    assert not history.verify(Fixed({"v": second, "v@s": first}))  # the clone did not happen
+    # each alone could fit its own history, not together
+    assert history.verify(Fixed({"v": second, "v@s": first, "v@t": first})), "v@t is not v"
+    assert history.verify(Fixed({"v": first, "v@s": first, "v@t": second})), "v is not v@t"
+    assert history.verify(Fixed({"v": second, "v@s": first, "c": bytes(2048)})), "c is not v@s"
+    # once v@t is committed, seq 4 is durable: it may not be lost with v@t
+    records.append({"t": "committed", "seq": 5})
+    history = History({"v": bytes(2048)}, records)
+    assert history.verify(Fixed({"v": first, "v@s": first, "c": first})), "v@t went missing"
+
+
+def test_checker_management_points_cover_every_target() -> None:
+    """A committed management operation makes durable every operation completed before it
+    was issued, on any target and from any stream; a flush only those of its own stream."""
+    records: list[dict[str, object]] = [
+        {"t": "op", "seq": 1, "kind": "write", "target": "a", "off": 0, "len": 512, "seed": 1,
+         "stream": "x"},
+        {"t": "op", "seq": 2, "kind": "write", "target": "b", "off": 0, "len": 512, "seed": 2,
+         "stream": "y"},
+        {"t": "done", "seq": 2, "stream": "y"},
+        {"t": "flush", "seq": 3, "stream": "x"},
+        {"t": "done", "seq": 1, "stream": "x"},  # completed after the flush was issued
+        {"t": "durable", "seq": 3, "stream": "x"},
+    ]  # fmt: skip
+    zeros = bytes(1024)
+    a = crashkit.payload(1, 512) + bytes(512)
+    b = crashkit.payload(2, 512) + bytes(512)
+    history = History({"a": zeros, "b": zeros}, records)
+    assert not history.verify(Fixed({"a": zeros, "b": zeros}))  # neither flushed by seq 3
+    records += [
+        {"t": "extend", "seq": 4, "target": "a", "size": 1024, "stream": "x"},
+        {"t": "committed", "seq": 4, "stream": "x"},
+    ]
+    history = History({"a": zeros, "b": zeros}, records)
+    assert not history.verify(Fixed({"a": a, "b": b}))
+    assert history.verify(Fixed({"a": zeros, "b": b})), "lost a write done before an extend"
+    assert history.verify(Fixed({"a": a, "b": zeros})), "lost a write of another stream"
 
 
 DAEMON_ROUNDS = 5
