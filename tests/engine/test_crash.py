@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ def test_crash_rounds(tmp_path: Path, cluster_size: int, devices: int) -> None:
     flushed_rounds = 0
     for round_ in range(ROUNDS):
         where = f"seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
+        after_management = round_ % 4 == 3  # a round with management operations
         worker = crashkit.WorkerProcess(
             home_dir,
             seed=rng.randrange(1 << 32),
@@ -73,14 +75,23 @@ def test_crash_rounds(tmp_path: Path, cluster_size: int, devices: int) -> None:
             flush_rate=rng.choice([0.1, 0.02, 0.005]),
             discards=round_ % 3 != 0,
             snapshots=round_ % 2 == 1,
+            volume_deletes=True,
+            kill_after_committed=rng.randrange(1, 8) if after_management else None,
         )
-        if round_ % 5 == 4:  # while it opens the Home (and recovers from the last crash)
-            time.sleep(rng.uniform(0.0, 0.4))
-        else:  # after a random number of operations, then at a random moment
-            assert worker.ready.wait(30), f"{where}: worker never became ready"
-            count = rng.randrange(10, 3000)
-            worker.wait_for(functools.partial(worker.logged, count), timeout=20)
-            time.sleep(rng.uniform(0.0, 0.02))
+        try:
+            if after_management:  # right after a management operation returned
+                assert worker.ready.wait(30), f"{where}: worker never became ready"
+                worker.wait_for(worker.killed_early.is_set, timeout=30)
+            elif round_ % 5 == 4:  # while it opens the Home (and recovers from the last crash)
+                time.sleep(rng.uniform(0.0, 0.4))
+            else:  # after a random number of operations, then at a random moment
+                assert worker.ready.wait(30), f"{where}: worker never became ready"
+                count = rng.randrange(10, 3000)
+                worker.wait_for(functools.partial(worker.logged, count), timeout=30)
+                time.sleep(rng.uniform(0.0, 0.02))
+        except TimeoutError as e:
+            worker.kill()
+            raise AssertionError(f"{where}: {e}; worker stderr: {worker.stderr}") from e
         records = worker.kill()
         assert worker.proc.returncode == -signal.SIGKILL, f"worker died early: {worker.stderr}"
         history = History(known, records)
@@ -228,11 +239,24 @@ def test_checker_management_points_cover_every_target() -> None:
 
 
 DAEMON_ROUNDS = 5
+TORTURE_ROUNDS = 8
+ROUND_TIMEOUT = 40.0
+"""Seconds a daemon round may take before its kill; past that the round fails as a stall."""
+
+
+def _need_nbd() -> Any:
+    """The libnbd module; missing, it skips the test, or fails it in CI."""
+    if os.environ.get("CI") == "true":
+        import nbd
+
+        return nbd
+    return pytest.importorskip("nbd")
 
 
 class DaemonRound:
-    """``storvisor serve`` on the Home, NBD connections to its exports, and a timer that
-    SIGKILLs the daemon."""
+    """``storvisor serve`` on the Home, NBD connections and vhost-user front-ends to its
+    exports, and the means to SIGKILL it: ``kill`` now, ``kill_after`` a delay, and
+    ``watchdog``, which kills it when a round stalls and says what was in flight."""
 
     def __init__(self, home: Path, log_dir: Path) -> None:
         self.home = home
@@ -244,6 +268,8 @@ class DaemonRound:
             stderr=self.stderr,
         )
         self.killed = threading.Event()
+        self.stalled: str | None = None
+        self._kill_lock = threading.Lock()
         self.handles: list[Any] = []
         self.frontends: list[Any] = []
         self.planes: list[int] = []
@@ -251,13 +277,13 @@ class DaemonRound:
         client = None
         while client is None:
             assert self.proc.poll() is None, "the daemon exited at start"
-            assert time.monotonic() < deadline, "the daemon did not start"
+            assert time.monotonic() < deadline, "the daemon did not start in 30 s"
             time.sleep(0.05)
             client = Client.for_home(home)
         self.api = client
 
     def connect(self, volume: str) -> Any:
-        nbd = pytest.importorskip("nbd")
+        nbd = _need_nbd()
         exports = {e.spec.name: e for e in self.api.exports()}
         info = exports.get(volume) or self.api.export_nbd("p", volume, name=volume)
         handle = nbd.NBD()
@@ -265,31 +291,72 @@ class DaemonRound:
         self.handles.append(handle)
         return handle
 
+    def disconnect(self, volume: str, handle: Any) -> None:
+        """Close ``handle`` and remove the volume's NBD export."""
+        if handle is not None:
+            handle.shutdown()
+        if any(e.spec.name == volume for e in self.api.exports()):
+            self.api.remove_export(volume)
+
     def connect_vhost(self, volume: str) -> Any:
         from storvisor.testing.vhost_frontend import VhostUserFrontend
 
         exports = {e.spec.name: e for e in self.api.exports()}
         name = f"vhost-user-blk:p/{volume}"
-        if name not in exports:
+        if name in exports:
+            sock = exports[name].uris[0]
+        else:
             sock = str(self.home.parent / f"{volume}.sock")
             self.api.export_vhost_user_blk("p", volume, sock, queues=2)
-        fe = VhostUserFrontend(exports[name].uris[0] if name in exports else sock, timeout=3)
+        fe = VhostUserFrontend(sock, timeout=3)
         fe.setup()
         self.frontends.append(fe)
         return fe
 
-    def kill_after(self, delay: float) -> threading.Timer:
-        def kill() -> None:
+    def disconnect_vhost(self, volume: str, fe: Any) -> None:
+        """Close the front-end ``fe`` and remove the volume's vhost-user-blk export."""
+        if fe is not None:
+            fe.close()
+            self.frontends.remove(fe)
+        name = f"vhost-user-blk:p/{volume}"
+        if any(e.spec.name == name for e in self.api.exports()):
+            self.api.remove_export(name)
+
+    def kill(self) -> None:
+        """SIGKILL the daemon now (stopped first, so that its data planes can be listed
+        without delaying the moment); ``killed`` is set before it happens."""
+        with self._kill_lock:
+            if self.killed.is_set():
+                return
             self.killed.set()
-            self.planes = [c.pid for c in procs.children(self.proc.pid)]  # to follow it
+            self.proc.send_signal(signal.SIGSTOP)
+            self.planes = [c.pid for c in procs.children(self.proc.pid)]  # to follow them
             self.proc.send_signal(signal.SIGKILL)
 
-        timer = threading.Timer(delay, kill)
+    def kill_after(self, delay: float) -> threading.Timer:
+        timer = threading.Timer(delay, self.kill)
+        timer.start()
+        return timer
+
+    def watchdog(self, timeout: float, log: crashkit.ListLog) -> threading.Timer:
+        """A timer that, unless cancelled within ``timeout`` s, records in ``stalled`` what
+        was in flight and kills the daemon (so that the round ends, and fails)."""
+
+        def stall() -> None:
+            if not self.killed.is_set():
+                self.stalled = (
+                    f"the round stalled: no kill within {timeout} s; "
+                    f"in flight: {log.in_flight() or 'nothing'}"
+                )
+                self.kill()
+
+        timer = threading.Timer(timeout, stall)
         timer.start()
         return timer
 
     def stderr_tail(self) -> str:
-        self.stderr.flush()
+        if not self.stderr.closed:
+            self.stderr.flush()
         with open(self.stderr.name, "rb") as f:
             return "daemon stderr:\n" + f.read()[-4000:].decode(errors="replace")
 
@@ -303,34 +370,87 @@ class DaemonRound:
         self.stderr.close()
 
 
-class KillingLog(crashkit.ListLog):
-    """A ``ListLog`` that calls ``kill`` (which starts a timer) once it holds ``count``
-    records."""
+class Killer:
+    """Decides when a round's daemon dies; called with every record the workload logs.
 
-    def __init__(self, count: int, kill: Callable[[], threading.Timer]) -> None:
-        super().__init__()
+    Either ``delay`` seconds after the log holds ``count`` records (a random moment), or
+    ``delay`` after the ``managed``-th management operation returned (its ``committed``
+    record: the workload logs it the moment the call returns)."""
+
+    def __init__(
+        self,
+        daemon: DaemonRound,
+        delay: float,
+        *,
+        count: int | None = None,
+        managed: int | None = None,
+    ) -> None:
+        self.daemon = daemon
+        self.delay = delay
         self.count = count
-        self.kill = kill
+        self.managed = managed
+        self.seen = 0
+        self.managed_seen = 0
+        self.moment: dict[str, object] | None = None
         self.timer: threading.Timer | None = None
+        self._lock = threading.Lock()
 
-    def append(self, record: Mapping[str, object]) -> None:
-        super().append(record)
-        if len(self.records) == self.count:
-            self.timer = self.kill()
+    def __call__(self, record: Mapping[str, object]) -> None:
+        with self._lock:
+            if self.timer is not None:
+                return
+            self.seen += 1
+            self.managed_seen += record["t"] == "committed"
+            if (self.count is not None and self.seen >= self.count) or (
+                self.managed is not None and self.managed_seen >= self.managed
+            ):
+                self.moment = dict(record)
+                self.timer = self.daemon.kill_after(self.delay)
+
+    def __str__(self) -> str:
+        what = (
+            f"after {self.count} records"
+            if self.managed is None
+            else (f"after management operation #{self.managed} returned")
+        )
+        return f"killed {self.delay * 1000:.1f} ms {what} (at {self.moment})"
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One workload thread of a daemon round: the volumes whose names start with ``name``
+    (all of them when None), through the writer ``make_writer`` makes."""
+
+    name: str | None
+    make_writer: Callable[[DaemonRound], crashkit.Writer]
+    aligned: bool
+
+    def owns(self, volume: str) -> bool:
+        return self.name is None or volume.partition("@")[0].startswith(self.name)
+
+
+def _nbd_stream(name: str | None) -> Stream:
+    return Stream(
+        name,
+        lambda d: crashkit.NbdWriter(d.connect, d.api, "p", disconnect=d.disconnect),
+        aligned=False,
+    )
+
+
+def _vhost_stream(name: str | None) -> Stream:
+    return Stream(
+        name,
+        lambda d: crashkit.VhostWriter(d.connect_vhost, d.api, "p", disconnect=d.disconnect_vhost),
+        aligned=True,
+    )
 
 
 def test_daemon_crash_rounds(tmp_path: Path) -> None:
     """The same check with the daemon as the victim: writes over NBD (served by the daemon's
     data-plane processes), snapshots and clones through the API, SIGKILL of
-    ``storvisor serve`` at a random moment."""
-    pytest.importorskip("nbd")
-    _daemon_rounds(
-        tmp_path,
-        "daemon",
-        lambda daemon: crashkit.NbdWriter(daemon.connect, daemon.api, "p"),
-        max_logged=2500,
-        aligned=False,
-    )
+    ``storvisor serve`` at a random moment or right after a management operation returned."""
+    _need_nbd()
+    _daemon_rounds(tmp_path, "daemon", [_nbd_stream(None)], DAEMON_ROUNDS, max_logged=2500)
 
 
 def test_daemon_crash_rounds_over_vhost_user(tmp_path: Path) -> None:
@@ -340,68 +460,120 @@ def test_daemon_crash_rounds_over_vhost_user(tmp_path: Path) -> None:
     through the API while the volumes are exported. SIGKILL of ``storvisor serve`` takes its
     data planes down with it."""
     _daemon_rounds(
+        tmp_path, "daemon over vhost-user", [_vhost_stream(None)], DAEMON_ROUNDS, max_logged=1500
+    )
+
+
+@pytest.mark.slow
+def test_daemon_kill9_torture(tmp_path: Path) -> None:
+    """kill -9 torture: two workloads at once against one daemon, one over NBD (volumes
+    ``a*``), one over vhost-user-blk (volumes ``b*``), both through data planes, with
+    random writes of up to 256 KiB, trims, write-zeroes, flushes, FUA and every management
+    operation (snapshot create and delete, clone, rollback, extend, flatten, volume delete,
+    export create and remove). Every other round kills the daemon a few milliseconds after a
+    management operation returned, the others at a random moment. After each kill: fsck
+    clean, every block of every volume and snapshot as the model allows."""
+    _need_nbd()
+    _daemon_rounds(
         tmp_path,
-        "daemon over vhost-user",
-        lambda daemon: crashkit.VhostWriter(daemon.connect_vhost, daemon.api, "p"),
-        max_logged=1500,
-        aligned=True,
+        "kill-9 torture",
+        [_nbd_stream("a"), _vhost_stream("b")],
+        TORTURE_ROUNDS,
+        max_logged=3000,
+        torture=True,
     )
 
 
 def _daemon_rounds(
     tmp_path: Path,
     what: str,
-    make_writer: Callable[[DaemonRound], crashkit.Writer],
+    streams: list[Stream],
+    rounds: int,
     *,
     max_logged: int,
-    aligned: bool,
+    torture: bool = False,
 ) -> None:
-    """Rounds of a workload through ``make_writer``'s writer against ``storvisor serve``,
-    killed at a random moment; after each, fsck is clean and the history verifies."""
+    """Rounds of one workload per stream against ``storvisor serve``, killed at a random
+    moment or right after a management operation; after each, fsck is clean and the
+    history verifies. A round that stalls, or a workload that fails before the kill, fails
+    the test naming what was in flight."""
     seed = int(os.environ.get("STORVISOR_CRASH_SEED", random.randrange(1 << 32)))
     rng = random.Random(seed)
     home_dir = tmp_path / "home"
     home = Home(home_dir)
     home.create_pool("p", [BackingSpec(str(tmp_path / "b0.img"), size=POOL_BYTES)], 16384)
-    home.pool("p").create_volume("v", VOLUME)
+    size = 2 * VOLUME if torture else VOLUME
+    known: dict[str, bytes] = {}
+    for stream in streams:
+        name = stream.name or "v"
+        home.pool("p").create_volume(name, size)
+        known[name] = bytes(size)
     home.close()
 
-    known: dict[str, bytes] = {"v": bytes(VOLUME)}
     flushed_rounds = 0
-    for round_ in range(DAEMON_ROUNDS):
+    for round_ in range(rounds):
         where = f"{what}, seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
-        volumes = {name: len(data) for name, data in known.items() if "@" not in name}
-        snapshots = {name: len(data) for name, data in known.items() if "@" in name}
+        snapshot_ops = torture or round_ % 2 == 1
+        after_management = snapshot_ops and (round_ % 2 == 1 if torture else round_ % 4 == 3)
         clones = {v.name: v.origin for v in _volume_infos(home_dir) if v.origin is not None}
-        workload = crashkit.Workload(
-            volumes=volumes,
-            snapshots=snapshots,
-            clones=clones,
-            ops=100_000,
-            discards=True,
-            snapshot_ops=round_ % 2 == 1,
-            extends=True,
-            flush_rate=rng.choice([0.1, 0.02]),
-            name_prefix=f"r{round_}",
-            aligned=aligned,
-        )
+        flush_rate = rng.choice([0.1, 0.02, 0.005] if torture else [0.1, 0.02])
+        workloads = [
+            crashkit.Workload(
+                volumes={n: len(d) for n, d in known.items() if "@" not in n and s.owns(n)},
+                snapshots={n: len(d) for n, d in known.items() if "@" in n and s.owns(n)},
+                clones={n: o for n, o in clones.items() if s.owns(n)},
+                ops=100_000,
+                discards=True,
+                snapshot_ops=snapshot_ops,
+                extends=True,
+                rollbacks=torture,
+                detaches=torture,
+                volume_deletes=torture,
+                management_rate=0.05 if torture else 0.02,
+                flush_rate=flush_rate,
+                max_size=4 * VOLUME if torture else 2 * VOLUME,
+                max_io=256 * 1024 if torture else 64 * 1024,
+                name_prefix=f"{s.name or ''}r{round_}",
+                aligned=s.aligned,
+            )
+            for s in streams
+        ]
         daemon = DaemonRound(home_dir, tmp_path)
-        kill = functools.partial(daemon.kill_after, rng.uniform(0, 0.02))
-        log = KillingLog(rng.randrange(10, max_logged), kill)
-        writer = make_writer(daemon)
-        timer = daemon.kill_after(60)  # in case the workload stalls
+        if after_management:
+            killer = Killer(daemon, rng.uniform(0, 0.003), managed=rng.randrange(1, 6))
+        else:
+            killer = Killer(daemon, rng.uniform(0, 0.02), count=rng.randrange(10, max_logged))
+        log = crashkit.ListLog(on_append=killer)
+        seqs = crashkit.Sequencer()
+        failures: list[str] = []
+
+        threads = [
+            threading.Thread(
+                target=_run_stream,
+                args=(daemon, s, w, log, seqs, rng.randrange(1 << 32), failures),
+                name=s.name or "v",
+            )
+            for s, w in zip(streams, workloads, strict=True)
+        ]
+        watchdog = daemon.watchdog(ROUND_TIMEOUT, log)
         try:
-            try:
-                crashkit.run_workload(writer, log, random.Random(rng.randrange(1 << 32)), workload)
-            except Exception as e:
-                if not daemon.killed.is_set():
-                    raise AssertionError(f"{where}: {e}\n{daemon.stderr_tail()}") from e
-            assert daemon.killed.is_set(), f"{where}: the workload ended before the kill"
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(ROUND_TIMEOUT + 20)
+            hung = [t.name for t in threads if t.is_alive()]
         finally:
-            timer.cancel()
-            if log.timer is not None:
-                log.timer.join()
+            watchdog.cancel()
+            if killer.timer is not None:
+                killer.timer.join()
             daemon.close()
+        tail = daemon.stderr_tail()
+        assert daemon.stalled is None, f"{where}: {daemon.stalled}\n{tail}"
+        assert not hung, f"{where}: workload {hung} hung after the kill; in flight: " + str(
+            log.in_flight()
+        )
+        assert not failures, f"{where}: {'; '.join(failures)}\n{tail}"
+        assert daemon.killed.is_set(), f"{where}: the round ended without a kill"
         try:  # no data plane may write after the check began
             procs.wait_gone(daemon.planes)
         except TimeoutError as e:
@@ -409,8 +581,32 @@ def _daemon_rounds(
         history = History(known, log.records)
         if history.durable:
             flushed_rounds += 1
-        known = crashkit.check_home(home_dir, history, where)
+        known = crashkit.check_home(home_dir, history, f"{where}, {killer}")
     assert flushed_rounds >= 1, f"seed {seed}: no round reached a flush"
+
+
+def _run_stream(
+    daemon: DaemonRound,
+    stream: Stream,
+    workload: crashkit.Workload,
+    log: crashkit.ListLog,
+    seqs: crashkit.Sequencer,
+    seed: int,
+    failures: list[str],
+) -> None:
+    """Run ``stream``'s workload against ``daemon`` until the kill ends it; anything else
+    (an error before the kill, the end of the workload) goes into ``failures``."""
+    label = stream.name or "workload"
+    try:
+        writer = stream.make_writer(daemon)
+        crashkit.run_workload(
+            writer, log, random.Random(seed), workload, seqs=seqs, stream=stream.name
+        )
+    except Exception as e:
+        if not daemon.killed.is_set():
+            failures.append(f"{label} failed before the kill: {e!r}")
+        return
+    failures.append(f"{label} ended before the kill")
 
 
 def _volume_infos(home_dir: Path) -> list[VolumeInfo]:
