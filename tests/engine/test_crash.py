@@ -665,3 +665,241 @@ def test_checker_extend() -> None:
     records.append({"t": "committed", "seq": 1})
     history = History({"v": bytes(1024)}, records)
     assert history.verify(Fixed({"v": bytes(1024)})), "a committed extend went missing"
+
+
+# -- management operations killed at each internal step -----------------------------------
+#
+# A program (this file run as a script, ``_step_program``) opens the pool, logs a flushed
+# write and a series of completed but unflushed ones (allocating, copy-on-write and in
+# place), then holds one step of the engine open, starts a management operation, waits until
+# the operation's thread is stopped right at that step and SIGKILLs itself. The steps, in
+# the order an operation meets them:
+#
+#   pool-lock   the pool's lock is held: the operation has not started
+#   freeze      an in-place write holds the volume's gate: a snapshot waits to change owners
+#   commit      the commit lock is held: metadata changed in memory, nothing synced
+#   catalog     another connection holds the catalog's write lock: data synced, the
+#               transaction not begun
+#   recycle     an in-place write holds a gate the commit must freeze before freed clusters
+#               are reused: the catalog is committed, the operation has not returned
+#
+# A step is recognised by the innermost engine function the operation's thread is in (the
+# engine has no hook there). After the kill: fsck clean, and the history must verify either
+# without the operation (every step before the catalog commit) or with it, committed,
+# together with every write completed before it (the step after).
+
+STEPS: dict[str, tuple[str, ...]] = {
+    "snapshot": ("pool-lock", "freeze", "commit", "catalog"),
+    "clone": ("pool-lock", "commit", "catalog"),
+    "delete_snapshot": ("pool-lock", "commit", "catalog", "recycle"),
+    "rollback": ("pool-lock", "commit", "catalog", "recycle"),
+    "extend": ("pool-lock", "commit", "catalog"),
+    "flatten": ("pool-lock", "commit", "catalog"),
+    "delete_volume": ("pool-lock", "commit", "catalog", "recycle"),
+}
+STEP_FRAMES = {
+    "pool-lock": ("open_volume", "create_snapshot", "clone", "delete_snapshot", "rollback",
+                  "extend_volume", "delete_volume"),
+    "freeze": ("freeze",),
+    "commit": ("_commit",),
+    "catalog": ("_transaction",),
+    "recycle": ("freeze",),
+}  # fmt: skip
+COMMITTED_STEPS = {"recycle"}
+STEP_VOLUME = 256 << 10
+STEP_CLUSTER = 16384
+
+
+def _step_setup(home_dir: Path, tmp_path: Path) -> dict[str, bytes]:
+    """A pool with ``v`` (written), its snapshots ``s0`` (cloned as ``c``) and ``s1``, and
+    a volume ``d`` with a snapshot; returns every target's content."""
+    home = Home(home_dir)
+    try:
+        home.create_pool("p", [BackingSpec(str(tmp_path / "b.img"), 32 << 20)], STEP_CLUSTER)
+        pool = home.pool("p")
+        for name in ("v", "d"):
+            pool.create_volume(name, STEP_VOLUME)
+        v, d = pool.open_volume("v"), pool.open_volume("d")
+        v.write(0, crashkit.payload(1, STEP_VOLUME))
+        d.write(0, crashkit.payload(2, STEP_VOLUME // 2))
+        pool.create_snapshot("v", "s0")
+        pool.create_snapshot("d", "s")
+        v.write(STEP_CLUSTER, crashkit.payload(3, 3 * STEP_CLUSTER))
+        d.write(0, crashkit.payload(4, STEP_CLUSTER))
+        pool.create_snapshot("v", "s1")
+        v.write(0, crashkit.payload(5, 4 * STEP_CLUSTER))  # shadows s1's clusters
+        v.close()
+        d.close()
+        pool.clone("v", "s0", "c")
+        pool.flush()
+        reader = crashkit.EngineReader(pool)
+        targets = ["v", "v@s0", "v@s1", "c", "d", "d@s"]
+        return {t: content for t in targets if (content := reader.read(t)) is not None}
+    finally:
+        home.close()
+
+
+@pytest.mark.parametrize(
+    ("op", "step"), [(op, step) for op, steps in STEPS.items() for step in steps]
+)
+def test_management_killed_at_each_step(tmp_path: Path, op: str, step: str) -> None:
+    """A management operation killed while held at one internal step either did not happen
+    or happened whole, with every write completed before it; fsck stays clean."""
+    home_dir = tmp_path / "home"
+    known = _step_setup(home_dir, tmp_path)
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, str(home_dir), op, step, str(write_fd)],
+        pass_fds=[write_fd],
+        stderr=subprocess.PIPE,
+    )
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        lines = pipe.readlines()
+    _, stderr = proc.communicate(timeout=60)
+    where = f"{op} killed at {step}"
+    assert proc.returncode == -signal.SIGKILL, (
+        f"{where}: the program ended with {proc.returncode}: {stderr.decode(errors='replace')}"
+    )
+    records = crashkit.parse_log(lines)
+    issued = records[-1]
+    assert issued["t"] in ("fork", "delete", "rollback", "extend", "flatten"), records[-1]
+    happened = step in COMMITTED_STEPS
+    if happened:  # committed: then also with every write completed before it
+        records.append({"t": "committed", "seq": issued["seq"]})
+    crashkit.check_home(home_dir, History(known, records), where)
+    home = Home(home_dir)
+    try:
+        visible = _op_visible(home.pool("p"), op, known)
+    finally:
+        home.close()
+    assert visible == happened, (
+        f"{where}: the operation {'did not happen' if happened else 'happened'} "
+        f"although its catalog commit {'was' if happened else 'was not'} reached"
+    )
+
+
+def _op_visible(pool: Any, op: str, known: Mapping[str, bytes]) -> bool:
+    """Whether the effect of ``_step_program``'s operation ``op`` is in ``pool``."""
+    volumes = {v.name: v for v in pool.volumes()}
+    snapshots = {s.name for s in pool.snapshots("v")}
+    if op == "snapshot":
+        return "new" in snapshots
+    if op == "clone":
+        return "new" in volumes
+    if op == "delete_snapshot":
+        return "s1" not in snapshots
+    if op == "rollback":
+        return bool(crashkit.EngineReader(pool).read("v") == known["v@s0"])
+    if op == "extend":
+        return bool(volumes["v"].size == 2 * STEP_VOLUME)
+    if op == "flatten":
+        return volumes["c"].origin is None
+    assert op == "delete_volume", op
+    return "d" not in volumes
+
+
+def _step_program(home_dir: str, op: str, step: str, log_fd: int) -> None:
+    """The program of ``test_management_killed_at_each_step`` (see above)."""
+    import sqlite3
+
+    from storvisor.engine.pool import Pool
+
+    log = crashkit.FdLog(log_fd)
+    home = Home(home_dir)
+    pool = home.pool("p")
+    assert isinstance(pool, Pool)
+    writer = crashkit.EngineWriter(pool)
+    seq = iter(range(1, 1000))
+    for offset, length, fua, flush in (
+        (0, 4096, False, True),  # durable
+        (STEP_CLUSTER + 100, 5000, False, False),  # in place (v owns it since s1)
+        (6 * STEP_CLUSTER, 3 * STEP_CLUSTER, False, False),  # copy-on-write from s1
+        (12 * STEP_CLUSTER + 512, 1024, False, False),  # allocating, zero-filled
+    ):
+        s = next(seq)
+        wseed = 100 + s
+        log.append({"t": "op", "seq": s, "kind": "write", "target": "v", "off": offset,
+                    "len": length, "seed": wseed, "fua": fua})  # fmt: skip
+        writer.write("v", offset, crashkit.payload(wseed, length), fua=fua)
+        log.append({"t": "done", "seq": s})
+        if flush:
+            s = next(seq)
+            log.append({"t": "flush", "seq": s})
+            writer.flush()
+            log.append({"t": "durable", "seq": s})
+    s = next(seq)
+    calls: dict[str, tuple[dict[str, object], Callable[[], object]]] = {
+        "snapshot": (
+            {"t": "fork", "kind": "snapshot", "source": "v", "name": "v@new"},
+            lambda: writer.snapshot("v", "new"),
+        ),
+        "clone": (
+            {"t": "fork", "kind": "clone", "source": "v@s1", "name": "new"},
+            lambda: writer.clone("v", "s1", "new"),
+        ),
+        "delete_snapshot": (
+            {"t": "delete", "name": "v@s1"},
+            lambda: writer.delete_snapshot("v", "s1"),
+        ),
+        "rollback": (
+            {"t": "rollback", "target": "v", "source": "v@s0"},
+            lambda: pool.rollback("v", "s0"),
+        ),
+        "extend": (
+            {"t": "extend", "target": "v", "size": 2 * STEP_VOLUME},
+            lambda: writer.extend("v", 2 * STEP_VOLUME),
+        ),
+        "flatten": ({"t": "flatten", "name": "c"}, lambda: writer.flatten("c")),
+        "delete_volume": ({"t": "delete", "name": "d"}, lambda: writer.delete_volume("d")),
+    }
+    record, call = calls[op]
+    if op == "rollback":
+        writer.detach("v")  # a rollback needs the volume closed; the writes stay unflushed
+    with contextlib.ExitStack() as held:
+        if step == "pool-lock":
+            held.enter_context(pool.lock)
+        elif step == "freeze":
+            gate = pool.open_volume("v").state.gate
+            gate.enter()
+            held.callback(gate.leave)
+        elif step == "commit":
+            held.enter_context(pool._commit_lock)
+        elif step == "catalog":
+            other = sqlite3.connect(str(pool.directory / "catalog.db"), isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+        elif step == "recycle":
+            gate = pool.open_volume("c").state.gate
+            gate.enter()
+            held.callback(gate.leave)
+        log.append({**record, "seq": s})
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        names = STEP_FRAMES[step]
+        deadline = time.monotonic() + 20
+        while True:
+            frame = sys._current_frames().get(thread.ident or 0)
+            if frame is not None and _innermost_engine_function(frame) in names:
+                time.sleep(0.05)  # let it settle on the held step
+                frame = sys._current_frames().get(thread.ident or 0)
+                if frame is not None and _innermost_engine_function(frame) in names:
+                    break
+            if not thread.is_alive():
+                sys.exit(f"{op} returned without stopping at {step}")
+            if time.monotonic() > deadline:
+                sys.exit(f"{op} never stopped at {step}")
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _innermost_engine_function(frame: Any) -> str | None:
+    """The name of the innermost function of ``storvisor.engine`` on ``frame``'s stack."""
+    while frame is not None:
+        if "/storvisor/engine/" in frame.f_code.co_filename:
+            return str(frame.f_code.co_name)
+        frame = frame.f_back
+    return None
+
+
+if __name__ == "__main__":
+    _step_program(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
