@@ -238,6 +238,34 @@ def test_checker_management_points_cover_every_target() -> None:
     assert history.verify(Fixed({"a": a, "b": zeros})), "lost a write of another stream"
 
 
+def test_checker_streams_concurrent_with_a_snapshot() -> None:
+    """A write of another stream that completed before a committed snapshot was issued is
+    in it; one still running when it was issued, or issued before it completed, may be in
+    it or not, but the volume has it once it is durable."""
+    records: list[dict[str, object]] = [
+        {"t": "op", "seq": 1, "kind": "write", "target": "v", "off": 0, "len": 512, "seed": 1,
+         "stream": "b"},
+        {"t": "done", "seq": 1, "stream": "b"},
+        {"t": "op", "seq": 2, "kind": "write", "target": "v", "off": 512, "len": 512, "seed": 2,
+         "stream": "b"},
+        {"t": "fork", "seq": 3, "kind": "snapshot", "source": "v", "name": "v@s", "stream": "a"},
+        {"t": "done", "seq": 2, "stream": "b"},
+        {"t": "op", "seq": 4, "kind": "write", "target": "v", "off": 1024, "len": 512,
+         "seed": 4, "stream": "b"},
+        {"t": "done", "seq": 4, "stream": "b"},
+        {"t": "committed", "seq": 3, "stream": "a"},
+        {"t": "flush", "seq": 5, "stream": "b"},
+        {"t": "durable", "seq": 5, "stream": "b"},
+    ]  # fmt: skip
+    history = History({"v": bytes(2048)}, records)
+    one, two, four = (crashkit.payload(seed, 512) for seed in (1, 2, 4))
+    volume = one + two + four + bytes(512)
+    for snapshot in (one + bytes(1536), one + two + bytes(1024), volume):
+        assert not history.verify(Fixed({"v": volume, "v@s": snapshot})), snapshot[:1024]
+    assert history.verify(Fixed({"v": volume, "v@s": bytes(2048)})), "seq 1 not in v@s"
+    assert history.verify(Fixed({"v": one + bytes(1536), "v@s": one + bytes(1536)})), "v lost"
+
+
 DAEMON_ROUNDS = 5
 TORTURE_ROUNDS = 8
 ROUND_TIMEOUT = 40.0
@@ -568,11 +596,11 @@ def _daemon_rounds(
                 killer.timer.join()
             daemon.close()
         tail = daemon.stderr_tail()
+        assert not failures, f"{where}: {'; '.join(failures)}\n{tail}"
         assert daemon.stalled is None, f"{where}: {daemon.stalled}\n{tail}"
         assert not hung, f"{where}: workload {hung} hung after the kill; in flight: " + str(
             log.in_flight()
         )
-        assert not failures, f"{where}: {'; '.join(failures)}\n{tail}"
         assert daemon.killed.is_set(), f"{where}: the round ended without a kill"
         try:  # no data plane may write after the check began
             procs.wait_gone(daemon.planes)
@@ -605,8 +633,10 @@ def _run_stream(
     except Exception as e:
         if not daemon.killed.is_set():
             failures.append(f"{label} failed before the kill: {e!r}")
+            daemon.kill()  # ends the other streams too
         return
     failures.append(f"{label} ended before the kill")
+    daemon.kill()
 
 
 def _volume_infos(home_dir: Path) -> list[VolumeInfo]:

@@ -21,6 +21,10 @@ must read as that operation's data, or as the data of an operation logged after 
 may or may not have landed); a piece no durable operation covers may also read as the
 history's start.
 
+*Concurrent streams.* An operation another stream issued on a volume while a snapshot of
+it was being taken (after the snapshot's record, before its completion) may be in the
+snapshot or not.
+
 *Targets against each other.* A snapshot that exists is the point its volume continues
 from: from that snapshot's creation on, the volume's history starts from the snapshot's
 actual content (as read back), not from an older one. So every piece of the volume that no
@@ -40,7 +44,7 @@ from __future__ import annotations
 import bisect
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from storvisor.testing.crashkit.log import SECTOR, payload
 from storvisor.testing.crashkit.writers import EngineReader, Reader
@@ -60,6 +64,9 @@ class Op:
     rollback_to: str | None = None
     extend_to: int | None = None
     stream: str | None = None
+    maybe: bool = False
+    """Issued while the snapshot whose history this is was being taken (from another
+    stream): it may be in the snapshot or not, whatever its durability."""
 
     def data(self) -> bytes:
         return bytes(self.length) if self.seed is None else payload(self.seed, self.length)
@@ -173,7 +180,7 @@ class History:
     def is_durable(self, op: Op) -> bool:
         """Whether ``op`` completed before a durability point (or is a completed FUA)."""
         done = self._completed.get(op.seq)
-        if done is None:
+        if done is None or op.maybe:
             return False
         return op.fua or done < self._point(op.stream)
 
@@ -192,20 +199,44 @@ class History:
             return [_Lineage(content, name)]
         return self._lineages(name, contents)
 
+    def _settled(self, op: Op, fork: int) -> bool:
+        """Whether ``op`` completed before the fork logged as ``fork`` was issued (it is then
+        on the older side of it; otherwise it ran concurrently and may be on either). A
+        stream issues one operation at a time: its own earlier ones always did."""
+        if op.stream == self._issued[fork][1]:
+            return op.seq < fork
+        done = self._completed.get(op.seq)
+        return done is not None and done < self._issued[fork][0]
+
+    def _concurrent(self, op: Op, fork: int) -> bool:
+        """Whether ``op``, logged after the fork ``fork``, was issued before it completed
+        (by another stream)."""
+        if op.stream == self._issued[fork][1]:
+            return False
+        return self._issued[op.seq][0] < self._completed.get(fork, self.records)
+
     def _lineages(
         self, name: str, contents: Mapping[str, bytes | None], before: int | None = None
     ) -> list[_Lineage]:
-        """The possible histories of ``name`` (counting only operations logged before
-        ``before``). There is one, unless a rollback or extend may or may not have
-        happened."""
+        """The possible histories of ``name``, or (``before``: the seq of a snapshot of it)
+        of that snapshot: only operations logged before it, those that had not completed
+        when it was issued as maybes. There is one, unless a rollback or extend may or may
+        not have happened."""
         target = self.targets[name]
         if target.parent is None:
             assert target.base is not None
             alternatives = [_Lineage(target.base, "its known content")]
         elif "@" in target.parent:  # a clone of a snapshot
             alternatives = self._start(target.parent, contents)
-        else:  # a snapshot of a volume
-            alternatives = self._lineages(target.parent, contents, target.fork_seq)
+        else:  # a snapshot of a volume, and what was written concurrently
+            fork = target.fork_seq
+            alternatives = self._lineages(target.parent, contents, fork)
+            during = tuple(
+                replace(op, maybe=True)
+                for op in self.targets[target.parent].ops
+                if op.seq > fork and _is_data(op) and self._concurrent(op, fork)
+            )
+            alternatives = [_Lineage(x.start, x.origin, (*x.ops, *during)) for x in alternatives]
         forks = {seq: snap for seq, snap in target.snapshots}
         events = sorted([(op.seq, op) for op in target.ops] + [(s, None) for s in forks])
         for seq, event in events:
@@ -213,7 +244,19 @@ class History:
                 break
             if event is None:  # a snapshot of this target: where it continues from
                 if contents.get(forks[seq]) is not None:
-                    alternatives = self._start(forks[seq], contents)
+                    # with what ran concurrently with it: it may have landed on either side
+                    pending = {
+                        op.seq: op
+                        for x in alternatives
+                        for op in x.ops
+                        if not op.maybe and not self._settled(op, seq)
+                    }
+                    alternatives = [
+                        _Lineage(
+                            x.start, x.origin, (*x.ops, *(pending[k] for k in sorted(pending)))
+                        )
+                        for x in self._start(forks[seq], contents)
+                    ]
                 continue
             op = event
             if op.extend_to is not None:
@@ -228,6 +271,17 @@ class History:
                 alternatives = [_Lineage(x.start, x.origin, (*x.ops, op)) for x in alternatives]
                 continue
             alternatives = after if self.is_committed(op.seq) else alternatives + after
+        if before is not None:  # not settled when the snapshot was issued: maybe in it
+            alternatives = [
+                _Lineage(
+                    x.start,
+                    x.origin,
+                    tuple(
+                        op if self._settled(op, before) else replace(op, maybe=True) for op in x.ops
+                    ),
+                )
+                for x in alternatives
+            ]
         return alternatives
 
     def verify(self, reader: Reader) -> list[Problem]:
@@ -342,6 +396,10 @@ def check_home(
         return history.survivors(reader)
     finally:
         home.close()
+
+
+def _is_data(op: Op) -> bool:
+    return op.extend_to is None and op.rollback_to is None
 
 
 def _int(value: object) -> int:
