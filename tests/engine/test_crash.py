@@ -326,6 +326,25 @@ class DaemonRound:
         if any(e.spec.name == volume for e in self.api.exports()):
             self.api.remove_export(volume)
 
+    def read_back(self, target: str) -> bytes:
+        """The whole content of ``target`` (``VOL`` or ``VOL@SNAP``) read over NBD through
+        a temporary export (its data planes)."""
+        nbd = _need_nbd()
+        volume, _, snapshot = target.partition("@")
+        name = f"check-{target}"
+        info = self.api.export_nbd("p", volume, snapshot or None, name=name, read_only=True)
+        try:
+            handle = nbd.NBD()
+            handle.connect_uri(info.uris[0])
+            size = handle.get_size()
+            data = b"".join(
+                handle.pread(min(1 << 20, size - pos), pos) for pos in range(0, size, 1 << 20)
+            )
+            handle.shutdown()
+        finally:
+            self.api.remove_export(name)
+        return data
+
     def connect_vhost(self, volume: str) -> Any:
         from storvisor.testing.vhost_frontend import VhostUserFrontend
 
@@ -567,6 +586,19 @@ def _daemon_rounds(
             for s in streams
         ]
         daemon = DaemonRound(home_dir, tmp_path)
+        if torture:  # what the restarted daemon serves is what the engine read
+            try:
+                for name in sorted(known):
+                    data = daemon.read_back(name)
+                    at = _first_difference(data, known[name])
+                    assert at is None, (
+                        f"{where}: {name} read over NBD from the restarted daemon differs "
+                        f"from its content in the engine at byte {at} (sizes {len(data)}, "
+                        f"{len(known[name])})"
+                    )
+            except BaseException:
+                daemon.close()
+                raise
         if after_management:
             killer = Killer(daemon, rng.uniform(0, 0.003), managed=rng.randrange(1, 6))
         else:
@@ -637,6 +669,13 @@ def _run_stream(
         return
     failures.append(f"{label} ended before the kill")
     daemon.kill()
+
+
+def _first_difference(a: bytes, b: bytes) -> int | None:
+    """The first offset where ``a`` and ``b`` differ (None if they are equal)."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
 
 
 def _volume_infos(home_dir: Path) -> list[VolumeInfo]:
