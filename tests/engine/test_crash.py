@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import random
 import signal
@@ -641,7 +642,14 @@ def _daemon_rounds(
         history = History(known, log.records)
         if history.durable:
             flushed_rounds += 1
-        known = crashkit.check_home(home_dir, history, f"{where}, {killer}")
+        saved = (
+            tmp_path / f"round{round_}.log"
+        )  # for a post-mortem: the log and what it starts from
+        saved.write_text("\n".join(json.dumps(r) for r in log.records) + "\n")
+        (tmp_path / f"round{round_}.known").mkdir()
+        for name, data in known.items():
+            (tmp_path / f"round{round_}.known" / name).write_bytes(data)
+        known = crashkit.check_home(home_dir, history, f"{where}, {killer}; log in {saved}")
     assert flushed_rounds >= 1, f"seed {seed}: no round reached a flush"
 
 
