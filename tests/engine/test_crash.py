@@ -268,7 +268,7 @@ def test_checker_streams_concurrent_with_a_snapshot() -> None:
 
 
 DAEMON_ROUNDS = 5
-TORTURE_ROUNDS = 8
+TORTURE_ROUNDS = 6
 ROUND_TIMEOUT = 40.0
 """Seconds a daemon round may take before its kill; past that the round fails as a stall."""
 
@@ -513,22 +513,26 @@ def test_daemon_crash_rounds_over_vhost_user(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_daemon_kill9_torture(tmp_path: Path) -> None:
+@pytest.mark.parametrize("exports", [False, True], ids=["snapshots", "exports"])
+def test_daemon_kill9_torture(tmp_path: Path, exports: bool) -> None:
     """kill -9 torture: two workloads at once against one daemon, one over NBD (volumes
     ``a*``), one over vhost-user-blk (volumes ``b*``), both through data planes, with
-    random writes of up to 256 KiB, trims, write-zeroes, flushes, FUA and every management
-    operation (snapshot create and delete, clone, rollback, extend, flatten, volume delete,
-    export create and remove). Every other round kills the daemon a few milliseconds after a
-    management operation returned, the others at a random moment. After each kill: fsck
-    clean, every block of every volume and snapshot as the model allows."""
+    random writes of up to 256 KiB, trims, write-zeroes, flushes, FUA and management
+    operations: snapshot create and delete, clone, extend, flatten; with ``exports`` also
+    export removal (and creation, at the next write), and rollback and volume delete, which
+    need the export removed first. Every other round kills the daemon a few milliseconds
+    after a management operation returned, the others at a random moment. After each kill:
+    fsck clean, every block of every volume and snapshot as the model allows, and the same
+    read over NBD through the restarted daemon."""
     _need_nbd()
     _daemon_rounds(
         tmp_path,
-        "kill-9 torture",
+        f"kill-9 torture ({'with' if exports else 'without'} export removal)",
         [_nbd_stream("a"), _vhost_stream("b")],
         TORTURE_ROUNDS,
         max_logged=3000,
         torture=True,
+        exports=exports,
     )
 
 
@@ -540,6 +544,7 @@ def _daemon_rounds(
     *,
     max_logged: int,
     torture: bool = False,
+    exports: bool = False,
 ) -> None:
     """Rounds of one workload per stream against ``storvisor serve``, killed at a random
     moment or right after a management operation; after each, fsck is clean and the
@@ -574,9 +579,9 @@ def _daemon_rounds(
                 discards=True,
                 snapshot_ops=snapshot_ops,
                 extends=True,
-                rollbacks=torture,
-                detaches=torture,
-                volume_deletes=torture,
+                rollbacks=exports,
+                detaches=exports,
+                volume_deletes=exports,
                 management_rate=0.05 if torture else 0.02,
                 flush_rate=flush_rate,
                 max_size=4 * VOLUME if torture else 2 * VOLUME,
