@@ -536,6 +536,37 @@ def test_daemon_kill9_torture(tmp_path: Path, exports: bool) -> None:
     )
 
 
+def test_daemon_export_removal_is_durable(tmp_path: Path) -> None:
+    """Removing an export is a management operation: when it returns, every write
+    acknowledged before it was issued survives a SIGKILL of the daemon, on any volume."""
+    _need_nbd()
+    home_dir = tmp_path / "home"
+    home = Home(home_dir)
+    home.create_pool("p", [BackingSpec(str(tmp_path / "b0.img"), size=POOL_BYTES)], 16384)
+    for name in ("x", "y"):
+        home.pool("p").create_volume(name, VOLUME)
+    home.close()
+    daemon = DaemonRound(home_dir, tmp_path)
+    try:
+        x, y = daemon.connect("x"), daemon.connect("y")
+        x.pwrite(crashkit.payload(1, 65536), 0)
+        y.pwrite(crashkit.payload(2, 4096), 8192)
+        daemon.disconnect("y", y)
+        daemon.kill()
+    finally:
+        daemon.close()
+    records: list[dict[str, object]] = [
+        {"t": "op", "seq": 1, "kind": "write", "target": "x", "off": 0, "len": 65536, "seed": 1},
+        {"t": "done", "seq": 1},
+        {"t": "op", "seq": 2, "kind": "write", "target": "y", "off": 8192, "len": 4096, "seed": 2},
+        {"t": "done", "seq": 2},
+        {"t": "detach", "seq": 3, "target": "y"},
+        {"t": "committed", "seq": 3},
+    ]
+    history = History({"x": bytes(VOLUME), "y": bytes(VOLUME)}, records)
+    crashkit.check_home(home_dir, history, "killed right after an export removal returned")
+
+
 def _daemon_rounds(
     tmp_path: Path,
     what: str,
