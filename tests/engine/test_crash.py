@@ -1,12 +1,22 @@
 """Crash tests: SIGKILL whatever writes to a pool at random moments, then check what survived.
 
 Each round of ``test_crash_rounds`` starts ``python -m storvisor.testing.crashkit`` on the
-same Home, lets it log a random number of operations, kills it, reopens the Home in this
-process, requires ``fsck`` clean and checks every volume, snapshot and clone against the
-worker's log (``crashkit.History``): what was flushed reads back, what was never written reads
-as zeros. What survived becomes the next round's known content, so later rounds also catch
-damage to data that was already verified. ``test_daemon_crash_rounds`` does the same with
-``storvisor serve`` as the victim, the workload running here over NBD and the API."""
+same Home, lets it log a random number of operations, kills it (at a random moment, or
+right after a management operation returned), reopens the Home in this process, requires
+``fsck`` clean and checks every volume, snapshot and clone against the worker's log
+(``crashkit.History``): what was flushed, or completed before a management operation that
+returned, reads back; a snapshot is the point its volume continues from; what was never
+written reads as zeros. What survived becomes the next round's known content, so later
+rounds also catch damage to data that was already verified.
+
+``test_daemon_crash_rounds`` (NBD) and ``test_daemon_crash_rounds_over_vhost_user`` do the
+same with ``storvisor serve`` as the victim, the workload running here over its data planes
+and the API; ``test_daemon_kill9_torture`` (slow) runs an NBD and a vhost-user-blk workload
+at once with every management operation and reads everything back through the restarted
+daemon too. A round that stalls fails, naming the operations in flight.
+
+``test_management_killed_at_each_step`` holds each internal step of each management
+operation open and kills the process there: the operation happened whole or not at all."""
 
 from __future__ import annotations
 
