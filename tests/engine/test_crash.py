@@ -278,7 +278,7 @@ def test_checker_streams_concurrent_with_a_snapshot() -> None:
 
 
 DAEMON_ROUNDS = 5
-TORTURE_ROUNDS = 6
+TORTURE_ROUNDS = 5
 ROUND_TIMEOUT = 40.0
 """Seconds a daemon round may take before its kill; past that the round fails as a stall."""
 
