@@ -351,7 +351,7 @@ class NbdWriter(_DaemonWriter[NbdHandle]):
 
 
 class VhostHandle(Protocol):
-    """The part of ``storvisor.testing.vhost_frontend.VhostUserFrontend`` the vhost-user
+    """The part of ``storvisor.testing.vhost_frontend.BlkDriver`` the vhost-user
     writer uses (each returns a virtio-blk status)."""
 
     def write(self, offset: int, data: bytes) -> int: ...
