@@ -9,6 +9,7 @@ import signal
 import time
 
 from prereq import require, require_module
+from storvisor.api.client import Client
 from storvisor.testing import procs
 
 nbd = require_module("nbd", "python3-libnbd is not installed")
@@ -62,3 +63,23 @@ def test_clients_are_served_by_data_plane_processes(cli, daemon, tmp_path):
     for i in range(len(handles)):
         data = again.pread(65536, i * 65536)
         assert data == bytes([i + 0x41]) * 512 + bytes([i + 1]) * (65536 - 512), i
+
+
+def test_removing_an_export_closes_its_connections_before_it_returns(cli, daemon, tmp_path):
+    """``export remove`` returns once the data planes' connections to the volume have closed
+    their handles: a rollback or a delete right after it finds the volume closed."""
+    cli("pool", "create", "p", "--backing", f"{tmp_path}/disk.img:1G")
+    for round_ in range(8):
+        cli("volume", "create", f"p/v{round_}", "--size", "16M")
+        uri = cli("export", "nbd", f"p/v{round_}").out.strip()
+        handles = []
+        for i in range(3):
+            h = nbd.NBD()
+            h.connect_uri(uri)
+            h.pwrite(bytes([i + 1]) * 65536, i * 65536)
+            handles.append(h)
+        api = Client.for_home(daemon.home)
+        assert api is not None
+        api.remove_export(f"p/v{round_}")
+        api.delete_volume("p", f"v{round_}")  # Conflict "is open" while a handle lives
+        assert not any(_alive(h) for h in handles)

@@ -17,6 +17,7 @@ the CLI is written against it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -45,7 +46,14 @@ from storvisor.engine.types import (
     SnapshotInfo,
     VolumeInfo,
 )
-from storvisor.errors import Conflict, InvalidArgument, NotFound, StateError, StorvisorError
+from storvisor.errors import (
+    Conflict,
+    CorruptMetadata,
+    InvalidArgument,
+    NotFound,
+    StateError,
+    StorvisorError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -340,14 +348,20 @@ class Service:
             return self._export_info(self._spec(name))
 
     def remove_export(self, name: str) -> None:
-        """Stop an export (disconnecting its clients) and forget its definition."""
+        """Stop an export (disconnecting its clients) and forget its definition. When this
+        returns, its connections have closed their volume handles and every write they
+        completed is durable (the volume's pool is flushed), as after any management
+        operation."""
         with self._lock:
             rest = without(self._specs, name)
+            spec = next(s for s in self._specs if s.name == name)
             if self._runtime is not None:
                 self._runtime.deactivate(name)
             self._store.save(rest)
             self._specs = rest
             self._broken.pop(name, None)
+            with contextlib.suppress(NotFound, CorruptMetadata):  # nothing left to flush
+                self.home.pool(spec.pool).flush()
 
     def libvirt_xml(self, pool: str, volume: str) -> str:
         """The libvirt ``<disk type='vhostuser'>`` element for the volume's vhost-user-blk

@@ -167,14 +167,18 @@ class _Worker:
         self.planes._worker_gone(self)
 
     def _open(self, ident: int, name: str) -> None:
-        export = self.planes._export(name)
+        export = self.planes._claim(name)
         try:
             if export is None:
                 raise NotFound(f"no NBD export named {name!r}")
-            device = export.open()
-            if not isinstance(device, Volume):
-                device.close()
-                raise IOFailure(f"export {name!r} is not a volume", errno.EINVAL)
+            try:
+                device = export.open()
+                if not isinstance(device, Volume):
+                    device.close()
+                    raise IOFailure(f"export {name!r} is not a volume", errno.EINVAL)
+            except BaseException:
+                self.planes._release(export.name)
+                raise
             volume = device
         except StorvisorError as e:
             code = e.errno if isinstance(e, IOFailure) else errno.ENOENT
@@ -183,7 +187,8 @@ class _Worker:
                 self.link.send(_Op.OPENED, ident, code or errno.EIO, 0, message)
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        host = PlaneHost(volume, ours, on_closed=lambda: _close_later(host, volume))
+        released = functools.partial(self.planes._release, export.name)
+        host = PlaneHost(volume, ours, on_closed=lambda: _close_later(host, volume, released))
         try:
             host.start()
             backings = volume.backing_fds()
@@ -200,17 +205,21 @@ class _Worker:
         except OSError:
             host.close()
             volume.close()
+            released()
         finally:
             theirs.close()
 
 
-def _close_later(host: PlaneHost, volume: Volume) -> None:
+def _close_later(host: PlaneHost, volume: Volume, released: Callable[[], None]) -> None:
     """The plane's connection ended: close its host and volume handle (not from the host's
-    own reader thread, which ``close`` joins)."""
+    own reader thread, which ``close`` joins), then call ``released``."""
 
     def close() -> None:
-        host.close()
-        volume.close()
+        try:
+            host.close()
+            volume.close()
+        finally:
+            released()
 
     threading.Thread(target=close, name="nbd-plane-close", daemon=True).start()
 
@@ -226,6 +235,8 @@ class NbdDataPlanes:
         self._workers: list[_Worker] = []
         self._turn = itertools.count()
         self._closed = False
+        self._planes: dict[str, int] = {}  # export -> volume handles its connections hold
+        self._planes_closed = threading.Condition(self._lock)
 
     def start(self) -> None:
         for index in range(self.processes):
@@ -249,12 +260,36 @@ class NbdDataPlanes:
         for worker in workers:
             worker.add(export)
 
-    def remove_export(self, name: str) -> None:
+    def remove_export(self, name: str, timeout: float = 30.0) -> None:
+        """Stop offering ``name`` and end its connections; returns once every volume handle
+        they held is closed (so the volume can be rolled back or deleted at once), or logs
+        and returns after ``timeout`` seconds."""
         with self._lock:
             self._exports.pop(name, None)
             workers = list(self._workers)
         for worker in workers:
             worker.remove(name)
+        with self._lock:
+            if not self._planes_closed.wait_for(lambda: not self._planes.get(name), timeout):
+                log.error("NBD export %s: its connections did not close in %.0f s", name, timeout)
+
+    def _claim(self, name: str) -> _ExportDef | None:
+        """The export a connection asks for (the first one for ``""``), counted as held by
+        one more connection until ``_release``; None if there is none."""
+        with self._lock:
+            export = self._exports.get(name) if name else next(iter(self._exports.values()), None)
+            if export is not None:
+                self._planes[export.name] = self._planes.get(export.name, 0) + 1
+            return export
+
+    def _release(self, name: str) -> None:
+        with self._lock:
+            left = self._planes.get(name, 0) - 1
+            if left > 0:
+                self._planes[name] = left
+            else:
+                self._planes.pop(name, None)
+                self._planes_closed.notify_all()
 
     def hand_over(self, conn: socket.socket) -> bool:
         """Give ``conn`` to a worker; False (the caller keeps it) if none could take it."""
@@ -272,12 +307,6 @@ class NbdDataPlanes:
             workers, self._workers = self._workers, []
         for worker in workers:
             worker.stop()
-
-    def _export(self, name: str) -> _ExportDef | None:
-        with self._lock:
-            if name:
-                return self._exports.get(name)
-            return next(iter(self._exports.values()), None)
 
     def _worker_gone(self, worker: _Worker) -> None:
         """A worker's channel closed: unless closing, start a new one in its place."""
