@@ -11,11 +11,13 @@ in the page cache or left unflushed is gone after the cut.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 from powercuts import Loop, Mount, point, require_fuse, require_loop
@@ -25,6 +27,22 @@ from storvisor.exports.dataplane import PlaneHost, RemoteVolume
 
 MiB = 1 << 20
 CS = 64 << 10
+
+
+@contextlib.contextmanager
+def _power_cut(tmp_path: Path) -> Iterator[Path]:
+    """A directory on the power-cut file system; the power is cut when the block ends, and
+    the directory then shows what survived."""
+    require_fuse()
+    backing, mountpoint, disk = _places(tmp_path)
+    point(disk, mountpoint)
+    mount = Mount(backing, mountpoint)
+    try:
+        yield disk
+        mount.cut()
+    finally:
+        mount.close()
+    point(disk, backing)
 
 
 def _places(tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -38,11 +56,7 @@ def test_a_grown_device_keeps_its_size_across_a_cut(tmp_path: Path) -> None:
     """``add_backing`` that grows a device is durable when it returns: after a power cut
     right after it, the pool has the grown capacity, and data flushed to the grown part is
     there."""
-    require_fuse()
-    backing, mountpoint, disk = _places(tmp_path)
-    point(disk, mountpoint)
-    mount = Mount(backing, mountpoint)
-    try:
+    with _power_cut(tmp_path) as disk:
         home = Home(disk / "home")
         home.create_pool("p", [BackingSpec(str(disk / "b0.img"), size=4 * MiB)], CS)
         pool = home.pool("p")
@@ -51,10 +65,6 @@ def test_a_grown_device_keeps_its_size_across_a_cut(tmp_path: Path) -> None:
         volume.write(0, b"a" * (3 * MiB))  # most of the first 4 MiB
         volume.flush()
         grown = pool.add_backing(BackingSpec(str(disk / "b0.img"), size=8 * MiB))
-        mount.cut()
-    finally:
-        mount.close()
-    point(disk, backing)
     with Home(disk / "home") as again:
         pool = again.pool("p")
         assert pool.info().stats.capacity == grown.stats.capacity, "the grown size was lost"
@@ -171,11 +181,7 @@ def test_ranged_sync_of_a_block_device_survives_a_cut(tmp_path: Path) -> None:
 def test_a_snapshot_is_durable_when_it_returns(tmp_path: Path) -> None:
     """A power cut right after ``create_snapshot`` returns: the snapshot exists and holds
     every write completed before it (none of them was flushed), and so does the volume."""
-    require_fuse()
-    backing, mountpoint, disk = _places(tmp_path)
-    point(disk, mountpoint)
-    mount = Mount(backing, mountpoint)
-    try:
+    with _power_cut(tmp_path) as disk:
         home = Home(disk / "home")
         home.create_pool("p", [BackingSpec(str(disk / "b0.img"), size=4 * MiB)], CS)
         pool = home.pool("p")
@@ -183,10 +189,6 @@ def test_a_snapshot_is_durable_when_it_returns(tmp_path: Path) -> None:
         volume = pool.open_volume("v")
         volume.write(0, b"s" * (CS + 4096))  # allocates two clusters, no flush
         pool.create_snapshot("v", "s")
-        mount.cut()
-    finally:
-        mount.close()
-    point(disk, backing)
     with Home(disk / "home") as again:
         pool = again.pool("p")
         assert [s.name for s in pool.snapshots("v")] == ["s"], "the snapshot was lost"
@@ -204,11 +206,7 @@ def test_an_owner_flush_syncs_data_plane_writes(tmp_path: Path) -> None:
     them and has nothing pending: a management operation flushes this way after the
     background commit took its batch, and must then still make durable every write a plane
     acknowledged before it (a snapshot taken then holds them)."""
-    require_fuse()
-    backing, mountpoint, disk = _places(tmp_path)
-    point(disk, mountpoint)
-    mount = Mount(backing, mountpoint)
-    try:
+    with _power_cut(tmp_path) as disk:
         home = Home(disk / "home")
         home.create_pool("p", [BackingSpec(str(disk / "b0.img"), size=4 * MiB)], 4096)
         pool = home.pool("p")
@@ -222,12 +220,8 @@ def test_an_owner_flush_syncs_data_plane_writes(tmp_path: Path) -> None:
         remote.flush()
         remote.write(0, b"b" * 4096)  # in place: the owner never sees it
         pool.flush()  # nothing pending, as after a background commit took the batch
-        mount.cut()
         remote.close()
         host.close()
-    finally:
-        mount.close()
-    point(disk, backing)
     with Home(disk / "home") as again:
         v = again.pool("p").open_volume("v")
         buf = bytearray(4096)
