@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -83,6 +84,10 @@ def run_tests(tree: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, 
         os.killpg(proc.pid, 9)
         out, _ = proc.communicate()
         return "timeout", time.monotonic() - started, out[-2000:]
+    except BaseException:  # interrupted or terminated: the tests must not outlive us
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        raise
     took = time.monotonic() - started
     if proc.returncode == 0:
         return "passed", took, out[-2000:]
@@ -107,6 +112,8 @@ def main() -> int:
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated runs")
     parser.add_argument("--tests", nargs="+", help="run this selection instead of each one's")
     args = parser.parse_args()
+    # a SIGTERM (e.g. from timeout(1)) unwinds like Ctrl-C, so the running tests are killed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     mutants = load(LIST)
     if args.tests:
         mutants = [
