@@ -383,6 +383,7 @@ class Pool:
         if self._closed:
             return
         self._stop.set()
+        self._wake.set()
         self._committer.join()
         try:
             self.flush()
