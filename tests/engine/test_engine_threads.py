@@ -6,7 +6,9 @@ import itertools
 import os
 import random
 import socket
+import sys
 import threading
+import time
 
 import pytest
 
@@ -240,6 +242,55 @@ def test_snapshot_waits_for_in_place_writes_in_flight(pool: Pool) -> None:
     assert bytes(buf) == b"a" * 512
     snap.close()
     volume.close()
+
+
+def _parked_in_gate(thread: threading.Thread) -> bool:
+    """Whether ``thread`` waits inside ``Gate.enter`` (for a frozen gate to thaw)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == "enter" and "sharedmap" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_an_owned_write_parked_at_the_gate_copies_after_a_snapshot(pool: Pool) -> None:
+    """An allocating write that finds its cluster owned (another writer allocated it) and then
+    waits at the gate while a snapshot shares that cluster must look again inside the gate
+    and copy on write: the snapshot keeps its data."""
+    pool.create_volume("v", 1 << 20)
+    volume = pool.open_volume("v")
+    volume.write(0, b"a" * 65536)
+    state = volume._state
+    state.gate.freeze()  # as a snapshot or a reuse of freed clusters in progress
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            state.allocating_write(0, 0, memoryview(b"b" * 512))  # finds cluster 0 owned
+        except BaseException as e:
+            errors.append(e)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    deadline = time.monotonic() + STALL
+    while not _parked_in_gate(writer):
+        assert writer.is_alive(), f"the write did not wait for the frozen gate: {errors}"
+        assert time.monotonic() < deadline, "the write hung before the gate"
+        time.sleep(0.01)
+    pool.create_snapshot("v", "s")  # freezes the gate again, shares the cluster, thaws
+    state.gate.thaw()
+    writer.join(STALL)
+    assert not writer.is_alive() and not errors, errors
+    snap = pool.open_volume("v", "s")
+    buf = bytearray(1024)
+    snap.read_into(0, memoryview(buf))
+    snap.close()
+    assert bytes(buf) == b"a" * 1024, "a write landed in the snapshot after it was taken"
+    volume.read_into(0, memoryview(buf))
+    assert bytes(buf) == b"b" * 512 + b"a" * 512
+    volume.close()
+    assert pool.fsck().clean
 
 
 def test_freed_clusters_wait_for_reads_in_flight(pool: Pool) -> None:
