@@ -369,9 +369,11 @@ class DaemonRound:
         self.frontends.append(fe)
         return fe.blk
 
-    def disconnect_vhost(self, volume: str, fe: Any) -> None:
-        """Close the front-end ``fe`` and remove the volume's vhost-user-blk export."""
-        if fe is not None:
+    def disconnect_vhost(self, volume: str, blk: Any) -> None:
+        """Close the front-end whose driver ``connect_vhost`` returned as ``blk`` and remove
+        the volume's vhost-user-blk export."""
+        if blk is not None:
+            fe = next(fe for fe in self.frontends if fe.blk is blk)
             fe.close()
             self.frontends.remove(fe)
         name = f"vhost-user-blk:p/{volume}"
