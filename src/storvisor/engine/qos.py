@@ -273,6 +273,11 @@ _HEADER = 8
 _RATE, _PEAK, _TOLERANCE, _TAT_S, _TAT_P = range(5)
 _SLOT = 8
 _WORDS = _HEADER + _SLOT * len(Bucket)
+_SLOTS_OF = {
+    kind: tuple(tuple(_HEADER + int(b) * _SLOT for b in group) for group in groups)
+    for kind, groups in _BUCKETS_OF.items()
+}
+"""Per kind: the word offsets (each a bucket's ``_RATE`` word) of its op and byte buckets."""
 
 
 class QosBlock:
@@ -350,36 +355,37 @@ class QosBlock:
         w = self._words
         if not w[_ACTIVE]:
             return 0.0
-        op_buckets, byte_buckets = _BUCKETS_OF[kind]
-        with self._locked():
-            now = self.clock.now()
-            size_iops = w[_SIZE_IOPS]
-            ops = 1.0
-            if size_iops and nbytes > size_iops and kind is not IoKind.OTHER:
-                ops = float(math.ceil(nbytes / size_iops))
-            charges = [(b, ops) for b in op_buckets]
-            charges += [(b, float(nbytes)) for b in byte_buckets]
-            start = now
-            for b, _ in charges:
-                base = _HEADER + b * _SLOT
-                if not w[base + _RATE]:
-                    continue
-                start = max(start, w[base + _TAT_S] - w[base + _TOLERANCE])
-                if w[base + _PEAK]:
-                    start = max(start, w[base + _TAT_P])
-            for b, cost in charges:
-                base = _HEADER + b * _SLOT
-                rate = w[base + _RATE]
-                if not rate:
-                    continue
-                w[base + _TAT_S] = max(w[base + _TAT_S], start) + cost / rate
-                peak = w[base + _PEAK]
-                if peak:
-                    w[base + _TAT_P] = max(w[base + _TAT_P], start) + cost / peak
-            delay = start - now
-            if delay > 0:
-                w[_WAITED] += delay
-            return delay
+        op_slots, byte_slots = _SLOTS_OF[kind]
+        lock = self._lock
+        fd = self.fd
+        with lock:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            try:
+                now = self.clock.now()
+                ops = 1.0
+                size_iops = w[_SIZE_IOPS]
+                if size_iops and nbytes > size_iops and byte_slots:
+                    ops = float(math.ceil(nbytes / size_iops))
+                charges = [(base, ops) for base in op_slots if w[base]]
+                charges += [(base, float(nbytes)) for base in byte_slots if w[base]]
+                start = now
+                for base, _ in charges:
+                    tat = w[base + _TAT_S] - w[base + _TOLERANCE]
+                    if tat > start:
+                        start = tat
+                    if w[base + _PEAK] and w[base + _TAT_P] > start:
+                        start = w[base + _TAT_P]
+                for base, cost in charges:
+                    w[base + _TAT_S] = max(w[base + _TAT_S], start) + cost / w[base]
+                    peak = w[base + _PEAK]
+                    if peak:
+                        w[base + _TAT_P] = max(w[base + _TAT_P], start) + cost / peak
+                delay = start - now
+                if delay > 0:
+                    w[_WAITED] += delay
+                return delay
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN)
 
     def throttle(self, kind: IoKind, nbytes: int) -> None:
         """Wait until one I/O of ``nbytes`` may run (returns at once when unlimited)."""
