@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from storvisor.api.codec import decode_list, encode
 from storvisor.engine.device import BlockDevice
+from storvisor.engine.qos import ThrottledDevice
 from storvisor.errors import Conflict, CorruptMetadata, InvalidArgument, NotFound, ProtocolError
 from storvisor.exports.nbd import NBDExport, NBDServer, nbd_uri
 
@@ -252,9 +253,15 @@ class ExportRuntime:
         server: VhostUserBlkServer | VhostDataPlane
         try:
             Path(spec.socket).parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(device, Volume):
+            volume = device.inner if isinstance(device, ThrottledDevice) else device
+            if isinstance(volume, Volume):
                 server = VhostDataPlane(
-                    device, spec.socket, num_queues=spec.queues, read_only=read_only, serial=serial
+                    volume,
+                    spec.socket,
+                    num_queues=spec.queues,
+                    read_only=read_only,
+                    serial=serial,
+                    qos=device.qos if isinstance(device, ThrottledDevice) else None,
                 )
             else:
                 server = VhostUserBlkServer(
