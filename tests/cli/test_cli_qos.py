@@ -176,3 +176,32 @@ def test_qos_survives_a_restart(cli: CLI, tmp_path: Path, home: Path) -> None:
         h.shutdown()
     finally:
         d.kill()
+
+
+def test_vhost_user_blk_queues_in_two_processes_share_one_limit(
+    cli: CLI, daemon: Daemon, tmp_path: Path
+) -> None:
+    from storvisor.protocols.virtio.blk import Status
+    from storvisor.testing.vhost_frontend import VhostUserFrontend
+
+    _setup(cli, tmp_path)
+    sock = str(tmp_path / "v.sock")
+    cli("export", "vhost-user-blk", "p/v", "--socket", sock, "--queues", "2")
+
+    def elapsed(count: int) -> float:
+        start = time.monotonic()
+        for i in range(count):  # alternating queues (two processes on two CPUs or more)
+            status, _ = fe.blk.read(i * 4096, 4096, queue=i % 2)
+            assert status == Status.OK
+        return time.monotonic() - start
+
+    with VhostUserFrontend(sock, queue_size=16, num_queues=2) as fe:
+        fe.setup()
+        assert elapsed(100) < 0.5  # unlimited
+        cli("volume", "set-qos", "p/v", "total_iops_sec=100")
+        time.sleep(0.2)
+        # 101 reads: 100 intervals of 10 ms, whichever queue and process serves them
+        assert 0.95 <= elapsed(101) <= 1.25
+        cli("volume", "set-qos", "p/v", "--clear")
+        time.sleep(0.2)
+        assert elapsed(100) < 0.5
