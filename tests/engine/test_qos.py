@@ -9,6 +9,7 @@ import pytest
 
 from storvisor.engine.qos import (
     GIB,
+    SLACK,
     Bucket,
     IoKind,
     QosBlock,
@@ -37,7 +38,14 @@ def starts(qos: QosBlock, clock: FakeClock, kind: IoKind, nbytes: int, count: in
 
 
 def rate(times: list[float]) -> float:
+    """The steady rate: over the second half (the first may use the ``SLACK`` credit)."""
+    times = times[len(times) // 2 :]
     return (len(times) - 1) / (times[-1] - times[0])
+
+
+def due(delays: list[float]) -> list[float]:
+    """Scheduled delays as ``reserve`` returns them: ``SLACK`` of lateness is allowed."""
+    return [max(d - SLACK, 0.0) for d in delays]
 
 
 # -- specs -----------------------------------------------------------------------------
@@ -125,7 +133,7 @@ def test_iops_rate(iops: int) -> None:
 def test_bytes_rate(mbps: int) -> None:
     clock = FakeClock()
     qos = block(clock, read_bytes_sec=mbps * 10**6)
-    times = starts(qos, clock, IoKind.READ, 65536, 2000)
+    times = starts(qos, clock, IoKind.READ, 65536, 4000)[2000:]
     # 1999 gaps of one 64 KiB request each
     assert (len(times) - 1) * 65536 / (times[-1] - times[0]) == pytest.approx(mbps * 10**6)
 
@@ -134,7 +142,7 @@ def test_requests_issued_together_are_spread_at_the_rate() -> None:
     clock = FakeClock()
     qos = block(clock, total_iops_sec=100)
     delays = [qos.reserve(IoKind.READ, 4096) for _ in range(32)]  # qd32, nobody sleeps
-    assert delays == pytest.approx([i / 100 for i in range(32)])
+    assert delays == pytest.approx([max(i / 100 - SLACK, 0) for i in range(32)])
 
 
 def test_burst_runs_at_max_for_max_length_then_falls_to_the_rate() -> None:
@@ -174,17 +182,17 @@ def test_read_write_and_total_are_separate() -> None:
     qos = block(clock, read_iops_sec=100, write_iops_sec=50)
     reads = [qos.reserve(IoKind.READ, 512) for _ in range(10)]
     writes = [qos.reserve(IoKind.WRITE, 512) for _ in range(10)]
-    assert reads == pytest.approx([i / 100 for i in range(10)])
-    assert writes == pytest.approx([i / 50 for i in range(10)])  # reads took no write slot
+    assert reads == pytest.approx(due([i / 100 for i in range(10)]))
+    assert writes == pytest.approx(due([i / 50 for i in range(10)]))  # reads took no write slot
     # discard / write-zeroes: one write operation, no bytes
-    assert qos.reserve(IoKind.OTHER, 0) == pytest.approx(10 / 50)
+    assert qos.reserve(IoKind.OTHER, 0) == pytest.approx(10 / 50 - SLACK)
     clock = FakeClock()
     qos = block(clock, total_iops_sec=100, read_bytes_sec=4096 * 10)
     mixed = [qos.reserve(kind, 4096) for kind in [IoKind.READ, IoKind.WRITE] * 5]
-    # reads: 10 per second by bytes; writes: the next op slot (10 ms) after the last read
-    assert mixed == pytest.approx([0, 0.01, 0.1, 0.11, 0.2, 0.21, 0.3, 0.31, 0.4, 0.41])
-    assert qos.reserve(IoKind.READ, 4096) == pytest.approx(0.5)  # 6th read, bytes-bound
-    assert qos.reserve(IoKind.OTHER, 1 << 30) == pytest.approx(0.51)  # no bytes counted
+    # reads: 10 per second by bytes; a write takes the op slot right after the read's
+    assert mixed == pytest.approx([0, 0, 0.09, 0.09, 0.19, 0.19, 0.29, 0.29, 0.39, 0.39])
+    assert qos.reserve(IoKind.READ, 4096) == pytest.approx(0.49)  # 6th read, bytes-bound
+    assert qos.reserve(IoKind.OTHER, 1 << 30) == pytest.approx(0.49)  # an op slot only
 
 
 def test_unlimited_costs_no_wait_and_limits_change_online() -> None:
@@ -194,12 +202,12 @@ def test_unlimited_costs_no_wait_and_limits_change_online() -> None:
     assert starts(qos, clock, IoKind.WRITE, 1 << 20, 1000) == [clock.now()] * 1000
     qos.set_limits(QosSpec.parse({"write_iops_sec": 10}).limits(GIB))
     assert qos.active
-    assert [qos.reserve(IoKind.WRITE, 1) for _ in range(3)] == pytest.approx([0, 0.1, 0.2])
-    qos.set_limits(QosSpec.parse({"write_iops_sec": 1000}).limits(GIB))
-    assert [qos.reserve(IoKind.WRITE, 1) for _ in range(3)] == pytest.approx([0, 0.001, 0.002])
+    assert [qos.reserve(IoKind.WRITE, 1) for _ in range(3)] == pytest.approx(due([0, 0.1, 0.2]))
+    qos.set_limits(QosSpec.parse({"write_iops_sec": 100}).limits(GIB))  # reset, faster
+    assert [qos.reserve(IoKind.WRITE, 1) for _ in range(3)] == pytest.approx(due([0, 0.01, 0.02]))
     qos.set_limits(QosSpec.parse({}).limits(GIB))
     assert not qos.active and qos.reserve(IoKind.WRITE, 1) == 0
-    assert qos.waited == pytest.approx(0.3 + 0.003)
+    assert qos.waited == pytest.approx(0.09 + 0.19 + 0.01)
 
 
 def test_blocks_mapped_from_one_fd_share_the_buckets() -> None:
@@ -208,7 +216,7 @@ def test_blocks_mapped_from_one_fd_share_the_buckets() -> None:
     planes = [QosBlock(fd=os.dup(owner.fd), clock=clock) for _ in range(3)]
     try:
         delays = [p.reserve(IoKind.READ, 4096) for _ in range(4) for p in [owner, *planes]]
-        assert delays == pytest.approx([i / 100 for i in range(16)])
+        assert delays == pytest.approx(due([i / 100 for i in range(16)]))
         owner.set_limits(QosSpec.parse({}).limits(GIB))
         assert not any(p.active for p in planes)
         assert planes[0].limits().unlimited
@@ -243,3 +251,11 @@ def test_throttled_device_passes_the_conformance_suite() -> None:
     check_block_device(lambda size: ThrottledDevice(MemoryDevice(size), qos))
     assert clock.slept > 0  # the suite's I/O was throttled, and nothing failed
     qos.close()
+
+
+def test_discard_and_write_zeroes_move_no_bytes() -> None:
+    clock = FakeClock()
+    qos = block(clock, total_bytes_sec=4096)
+    assert [qos.reserve(IoKind.OTHER, 1 << 30) for _ in range(100)] == [0.0] * 100
+    assert qos.reserve(IoKind.WRITE, 4096) == 0.0
+    assert qos.reserve(IoKind.WRITE, 4096) == pytest.approx(1 - SLACK)

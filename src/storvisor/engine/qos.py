@@ -22,8 +22,14 @@ Each bucket keeps two theoretical arrival times (a virtual-scheduling rate meter
 * sustained: ``tat_s``; a request may start once ``now >= tat_s - tolerance`` and then moves
   ``tat_s`` to ``max(tat_s, start) + cost / rate``. ``tolerance`` is the burst credit in
   seconds of the sustained rate: ``(max - rate) * max_length / rate``, 0 without a burst;
-* peak (only with a burst rate): ``tat_p``, no tolerance, moved by ``cost / max``, so a burst
+* peak (only with a burst rate): ``tat_p``, no burst credit, moved by ``cost / max``, so a burst
   runs at ``max``, not faster.
+
+Both meters also allow ``SLACK`` seconds (10 ms) of lateness: a request that finds its
+bucket up to that far behind schedule starts at once. It is what lets a server that wakes
+late from a sleep catch up (a reservation it slept past is not lost), and what keeps the
+long-run rate at the limit at 20,000 IOPS, where a request's slot (50 us) is shorter than a
+sleep's wake-up latency. It lets ``SLACK * rate`` extra requests through after an idle time.
 
 From idle, requests at the peak rate push ``tat_s`` ahead of ``now`` by ``max / rate - 1``
 seconds per second; the credit is spent after exactly ``max_length`` seconds, and the rate
@@ -78,6 +84,7 @@ _SUFFIXES = ("", "_max", "_max_length", "_per_gb", "_per_gb_min")
 KEYS = frozenset(base + suffix for base in BASE_KEYS for suffix in _SUFFIXES) | {SIZE_IOPS_KEY}
 """Every key a spec may hold (Cinder's front-end QoS keys)."""
 
+SLACK = 0.01
 MAX_IOPS = 10**9
 MAX_BYTES = 1 << 50  # 1 PiB/s
 MAX_LENGTH = 86400.0  # a burst of at most a day
@@ -330,6 +337,7 @@ class QosBlock:
         for b in Bucket:
             base = _HEADER + b * _SLOT
             rate, peak, tolerance = w[base + _RATE], w[base + _PEAK], w[base + _TOLERANCE]
+            tolerance -= SLACK
             length = tolerance * rate / (peak - rate) if peak > rate else DEFAULT_MAX_LENGTH
             buckets.append(BucketLimit(rate, peak, length))
         return QosLimits(tuple(buckets), w[_SIZE_IOPS])
@@ -343,7 +351,7 @@ class QosBlock:
                 base = _HEADER + b * _SLOT
                 w[base + _RATE] = limit.rate
                 w[base + _PEAK] = limit.peak if limit.peak > limit.rate else 0.0
-                w[base + _TOLERANCE] = limit.tolerance
+                w[base + _TOLERANCE] = limit.tolerance + SLACK
                 w[base + _TAT_S] = 0.0
                 w[base + _TAT_P] = 0.0
             w[_SIZE_IOPS] = limits.size_iops
@@ -373,8 +381,8 @@ class QosBlock:
                     tat = w[base + _TAT_S] - w[base + _TOLERANCE]
                     if tat > start:
                         start = tat
-                    if w[base + _PEAK] and w[base + _TAT_P] > start:
-                        start = w[base + _TAT_P]
+                    if w[base + _PEAK] and w[base + _TAT_P] - SLACK > start:
+                        start = w[base + _TAT_P] - SLACK
                 for base, cost in charges:
                     w[base + _TAT_S] = max(w[base + _TAT_S], start) + cost / w[base]
                     peak = w[base + _PEAK]
