@@ -308,6 +308,9 @@ class QosBlock:
         self.fd = fd
         self._mm = mmap.mmap(fd, mmap.PAGESIZE)
         self._w: memoryview[float] | None = memoryview(self._mm).cast("d")
+        self.flag = self._w[_ACTIVE : _ACTIVE + 1]
+        """The *active* word alone: ``flag[0]`` is non-zero iff a limit is set (what the hot
+        path checks before anything else)."""
         if owner:
             self._w[_MAGIC] = _MAGIC_VALUE
         elif self._w[_MAGIC] != _MAGIC_VALUE:
@@ -405,6 +408,7 @@ class QosBlock:
 
     def close(self) -> None:
         if self._w is not None:
+            self.flag.release()
             self._w.release()
             self._w = None
             self._mm.close()
@@ -445,18 +449,20 @@ class VectorIO(Protocol):
 
 class _ThrottledVectors:
     def __init__(self, inner: VectorIO, qos: QosBlock) -> None:
-        self._inner = inner
+        self._inner_read = inner.read_into
+        self._inner_write = inner.write
         self._qos = qos
+        self._flag = qos.flag
 
     def read_into(self, offset: int, views: list[memoryview]) -> None:
-        if self._qos.active:
+        if self._flag[0]:
             self._qos.throttle(IoKind.READ, sum(len(v) for v in views))
-        self._inner.read_into(offset, views)
+        self._inner_read(offset, views)
 
     def write(self, offset: int, views: list[memoryview], *, fua: bool) -> None:
-        if self._qos.active:
+        if self._flag[0]:
             self._qos.throttle(IoKind.WRITE, sum(len(v) for v in views))
-        self._inner.write(offset, views, fua=fua)
+        self._inner_write(offset, views, fua=fua)
 
 
 class ThrottledDevice:
@@ -471,6 +477,9 @@ class ThrottledDevice:
         self.inner = inner
         self.qos = qos
         self._owns_qos = owns_qos
+        self._flag = qos.flag  # the hot path's one check
+        self._read_into = inner.read_into
+        self._write = inner.write
         vectors: VectorIO | None = getattr(inner, "vectors", None)
         self.vectors = _ThrottledVectors(vectors, qos) if vectors is not None else None
 
@@ -491,27 +500,27 @@ class ThrottledDevice:
         return str(getattr(self.inner, "serial", ""))
 
     def read_into(self, offset: int, buf: memoryview) -> None:
-        if self.qos.active:
+        if self._flag[0]:
             self.qos.throttle(IoKind.READ, len(buf))
-        self.inner.read_into(offset, buf)
+        self._read_into(offset, buf)
 
     def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
-        if self.qos.active:
+        if self._flag[0]:
             self.qos.throttle(IoKind.WRITE, len(data))
-        self.inner.write(offset, data, fua=fua)
+        self._write(offset, data, fua=fua)
 
     def flush(self) -> None:
         self.inner.flush()
 
     def discard(self, offset: int, length: int) -> None:
-        if self.qos.active:
+        if self._flag[0]:
             self.qos.throttle(IoKind.OTHER, 0)
         self.inner.discard(offset, length)
 
     def write_zeroes(
         self, offset: int, length: int, *, may_unmap: bool = True, fua: bool = False
     ) -> None:
-        if self.qos.active:
+        if self._flag[0]:
             self.qos.throttle(IoKind.OTHER, 0)
         self.inner.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua)
 
