@@ -16,6 +16,10 @@ hands every accepted connection to one of its NBD data-plane processes
 vhost-user-blk export of a volume runs in a data-plane process of its own
 (``exports/vhost_worker.py``), so several exports use several cores; the daemon holds its
 volume handle for as long as the export lives and does its allocations and flushes.
+
+The service opens every export's volume through a ``ThrottledDevice`` holding the volume's
+QoS block (``api/qos.py``); NBD and vhost-user-blk data planes are handed that block with the
+volume, so all of a volume's exports draw from one set of buckets.
 """
 
 from __future__ import annotations
