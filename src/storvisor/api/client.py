@@ -25,13 +25,16 @@ from storvisor.api.messages import (
     CreateClone,
     CreateExport,
     CreatePool,
+    CreateQosSpec,
     CreateSnapshot,
     CreateVolume,
     ErrorBody,
     LibvirtXml,
     Resize,
     Rollback,
+    SetVolumeQos,
 )
+from storvisor.api.qos import QosKey, QosSpecInfo, VolumeQos
 from storvisor.api.service import API_SOCKET, ServiceStatus
 from storvisor.engine.types import BackingSpec, FsckReport, PoolInfo, SnapshotInfo, VolumeInfo
 from storvisor.errors import LocalFailure, ProtocolError, StorvisorError
@@ -237,6 +240,29 @@ class Client:
 
     def libvirt_xml(self, pool: str, volume: str) -> str:
         return self._get(LibvirtXml, "GET", self._vol(pool, volume) + "/libvirt-xml").xml
+
+    # -- QoS --
+
+    def create_qos_spec(self, name: str, keys: Sequence[QosKey]) -> QosSpecInfo:
+        return self._get(QosSpecInfo, "POST", "/qos-specs", CreateQosSpec(name, tuple(keys)))
+
+    def qos_specs(self) -> list[QosSpecInfo]:
+        return self._list(QosSpecInfo, "/qos-specs")
+
+    def qos_spec(self, name: str) -> QosSpecInfo:
+        return self._get(QosSpecInfo, "GET", f"/qos-specs/{_q(name)}")
+
+    def delete_qos_spec(self, name: str) -> None:
+        self._call("DELETE", f"/qos-specs/{_q(name)}")
+
+    def volume_qos(self, pool: str, volume: str) -> VolumeQos:
+        return self._get(VolumeQos, "GET", self._vol(pool, volume) + "/qos")
+
+    def set_volume_qos(
+        self, pool: str, volume: str, *, spec: str | None = None, keys: Sequence[QosKey] = ()
+    ) -> VolumeQos:
+        req = SetVolumeQos(spec, tuple(keys))
+        return self._get(VolumeQos, "POST", self._vol(pool, volume) + "/qos", req)
 
     def close(self) -> None:
         """Nothing to release: every request uses its own connection."""

@@ -16,6 +16,10 @@ hands every accepted connection to one of its NBD data-plane processes
 vhost-user-blk export of a volume runs in a data-plane process of its own
 (``exports/vhost_worker.py``), so several exports use several cores; the daemon holds its
 volume handle for as long as the export lives and does its allocations and flushes.
+
+The service opens every export's volume through a ``ThrottledDevice`` holding the volume's
+QoS block (``api/qos.py``); NBD and vhost-user-blk data planes are handed that block with the
+volume, so all of a volume's exports draw from one set of buckets.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from storvisor.api.codec import decode_list, encode
 from storvisor.engine.device import BlockDevice
+from storvisor.engine.qos import ThrottledDevice
 from storvisor.errors import Conflict, CorruptMetadata, InvalidArgument, NotFound, ProtocolError
 from storvisor.exports.nbd import NBDExport, NBDServer, nbd_uri
 
@@ -252,9 +257,15 @@ class ExportRuntime:
         server: VhostUserBlkServer | VhostDataPlane
         try:
             Path(spec.socket).parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(device, Volume):
+            volume = device.inner if isinstance(device, ThrottledDevice) else device
+            if isinstance(volume, Volume):
                 server = VhostDataPlane(
-                    device, spec.socket, num_queues=spec.queues, read_only=read_only, serial=serial
+                    volume,
+                    spec.socket,
+                    num_queues=spec.queues,
+                    read_only=read_only,
+                    serial=serial,
+                    qos=device.qos if isinstance(device, ThrottledDevice) else None,
                 )
             else:
                 server = VhostUserBlkServer(

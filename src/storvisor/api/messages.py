@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from storvisor.api.exports import ExportKind
+from storvisor.api.qos import QosKey
 from storvisor.engine.types import BackingSpec
 
 API_PREFIX = "/v1"
@@ -63,6 +64,20 @@ class CreateExport:
 @dataclass(frozen=True, slots=True)
 class LibvirtXml:
     xml: str
+
+
+@dataclass(frozen=True, slots=True)
+class CreateQosSpec:
+    name: str
+    keys: tuple[QosKey, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SetVolumeQos:
+    """A named ``spec``, or one-off ``keys``; neither clears the volume's QoS."""
+
+    spec: str | None = None
+    keys: tuple[QosKey, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

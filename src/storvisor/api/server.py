@@ -19,6 +19,9 @@ Resources (all under ``/v1``; path segments are percent-encoded, so an export na
     POST   /pools/{pool}/volumes/{vol}/snapshots/{snap}/clones              CreateClone
     GET    /exports                                 POST  /exports          CreateExport
     GET    /exports/{name}                          DELETE /exports/{name}
+    GET    /qos-specs                               POST  /qos-specs        CreateQosSpec
+    GET    /qos-specs/{name}                        DELETE /qos-specs/{name}
+    GET    /pools/{pool}/volumes/{vol}/qos          POST  .../qos           SetVolumeQos
 
 A success answers 200 with the record (or list of records) as JSON, or 204 with no body. An
 error answers ``{"error": {"type": ..., "message": ...}}``, ``type`` being the
@@ -54,6 +57,7 @@ from storvisor.api.messages import (
     CreateClone,
     CreateExport,
     CreatePool,
+    CreateQosSpec,
     CreateSnapshot,
     CreateVolume,
     ErrorBody,
@@ -61,6 +65,7 @@ from storvisor.api.messages import (
     LibvirtXml,
     Resize,
     Rollback,
+    SetVolumeQos,
 )
 from storvisor.api.service import Service
 from storvisor.engine.types import BackingSpec
@@ -193,6 +198,32 @@ _ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
         ("DELETE", f"/exports/{_P}", lambda s, r: s.remove_export(r.params[0])),
     ]
 ]
+
+
+# -- QoS routes ---------------------------------------------------------------------------
+
+
+def _create_qos_spec(s: Service, r: Request) -> object:
+    req = r.parse(CreateQosSpec)
+    return s.create_qos_spec(req.name, req.keys)
+
+
+def _set_volume_qos(s: Service, r: Request) -> object:
+    req = r.parse(SetVolumeQos)
+    return s.set_volume_qos(*r.params, spec=req.spec, keys=req.keys)
+
+
+_ROUTES.extend(
+    (m, re.compile(f"^{API_PREFIX}{p}$"), h)
+    for m, p, h in [
+        ("GET", "/qos-specs", lambda s, r: s.qos_specs()),
+        ("POST", "/qos-specs", _create_qos_spec),
+        ("GET", f"/qos-specs/{_P}", lambda s, r: s.qos_spec(r.params[0])),
+        ("DELETE", f"/qos-specs/{_P}", lambda s, r: s.delete_qos_spec(r.params[0])),
+        ("GET", f"/pools/{_P}/volumes/{_P}/qos", lambda s, r: s.volume_qos(*r.params)),
+        ("POST", f"/pools/{_P}/volumes/{_P}/qos", _set_volume_qos),
+    ]
+)
 
 
 _STATUSES: tuple[tuple[type[StorvisorError], HTTPStatus], ...] = (

@@ -37,8 +37,10 @@ from storvisor.api.exports import (
     export_uris,
     without,
 )
+from storvisor.api.qos import QosKey, QosManager, QosSpecInfo, VolumeQos
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.home import Home
+from storvisor.engine.qos import ThrottledDevice
 from storvisor.engine.types import (
     BackingSpec,
     FsckReport,
@@ -125,6 +127,14 @@ class Management(Protocol):
     def export_info(self, name: str) -> ExportInfo: ...
     def remove_export(self, name: str) -> None: ...
     def libvirt_xml(self, pool: str, volume: str) -> str: ...
+    def create_qos_spec(self, name: str, keys: Sequence[QosKey]) -> QosSpecInfo: ...
+    def qos_specs(self) -> list[QosSpecInfo]: ...
+    def qos_spec(self, name: str) -> QosSpecInfo: ...
+    def delete_qos_spec(self, name: str) -> None: ...
+    def volume_qos(self, pool: str, volume: str) -> VolumeQos: ...
+    def set_volume_qos(
+        self, pool: str, volume: str, *, spec: str | None = None, keys: Sequence[QosKey] = ()
+    ) -> VolumeQos: ...
     def close(self) -> None: ...
 
 
@@ -143,6 +153,7 @@ class Service:
         self._specs = self._store.load()
         self._broken: dict[str, str] = {}
         self._lock = threading.RLock()
+        self._qos = QosManager(home.path, lambda pool, vol: self.volume_info(pool, vol).size)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Service:
@@ -227,12 +238,14 @@ class Service:
             p.volume_info(name)
             self._refuse_if_exported(pool, name, None, f"volume {pool}/{name}")
             p.delete_volume(name)
+            self._qos.forget_volume(pool, name)
 
     def extend_volume(self, pool: str, name: str, size: int) -> VolumeInfo:
         """Grow a volume online; its vhost-user-blk front-ends are told the new size.
         ``InvalidArgument`` if ``size`` is smaller than the current size."""
         with self._lock:
             info = self.home.pool(pool).extend_volume(name, size)
+            self._qos.refresh(pool, name)
             if self._runtime is not None:
                 self._runtime.notify_resized(
                     [
@@ -387,6 +400,43 @@ class Service:
                 f"(storvisor export vhost-user-blk {pool}/{volume} --socket PATH)"
             )
 
+    # -- QoS ----------------------------------------------------------------------------
+
+    def create_qos_spec(self, name: str, keys: Sequence[QosKey]) -> QosSpecInfo:
+        """Create the named QoS spec. ``Conflict`` if it exists; ``InvalidArgument`` for a
+        bad name or key (unknown, not a number, negative, absurd, a total key with its read
+        or write key)."""
+        with self._lock:
+            return self._qos.create_spec(name, keys)
+
+    def qos_specs(self) -> list[QosSpecInfo]:
+        """Every named QoS spec, sorted by name."""
+        with self._lock:
+            return self._qos.specs()
+
+    def qos_spec(self, name: str) -> QosSpecInfo:
+        with self._lock:
+            return self._qos.spec(name)
+
+    def delete_qos_spec(self, name: str) -> None:
+        """Delete a named spec. ``Conflict`` while a volume uses it."""
+        with self._lock:
+            self._qos.delete_spec(name)
+
+    def volume_qos(self, pool: str, volume: str) -> VolumeQos:
+        with self._lock:
+            self.home.pool(pool).volume_info(volume)
+            return self._qos.volume(pool, volume)
+
+    def set_volume_qos(
+        self, pool: str, volume: str, *, spec: str | None = None, keys: Sequence[QosKey] = ()
+    ) -> VolumeQos:
+        """Give a volume a named spec or one-off ``keys`` (neither: no limit). Running
+        exports of the volume follow at their next request."""
+        with self._lock:
+            self.home.pool(pool).volume_info(volume)
+            return self._qos.set_volume(pool, volume, spec=spec, keys=keys)
+
     # -- daemon -------------------------------------------------------------------------
 
     def start_exports(self) -> None:
@@ -428,6 +478,7 @@ class Service:
                 if self._runtime is not None:
                     self._runtime.close()
             finally:
+                self._qos.close()
                 self.home.close()
 
     # -- helpers ------------------------------------------------------------------------
@@ -492,8 +543,10 @@ class Service:
         if spec.snapshot is not None:
             self._snapshot_info(spec.pool, spec.volume, spec.snapshot)
 
+        qos = self._qos.block(spec.pool, spec.volume)  # one per volume, for every export
+
         def open_volume() -> BlockDevice:
-            return pool.open_volume(spec.volume, spec.snapshot)
+            return ThrottledDevice(pool.open_volume(spec.volume, spec.snapshot), qos)
 
         runtime.activate(spec, open_volume, serial)
         self._broken.pop(spec.name, None)

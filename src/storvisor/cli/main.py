@@ -33,6 +33,7 @@ from typing import NoReturn
 from storvisor import __version__
 from storvisor.api.client import Client, DaemonUnavailable
 from storvisor.api.exports import ExportInfo, ExportState, TcpAddress, parse_tcp_address
+from storvisor.api.qos import QosKey
 from storvisor.api.service import Management, Service
 from storvisor.cli import output
 from storvisor.engine.home import HomeInUse, HomeUser
@@ -313,6 +314,96 @@ def libvirt_xml(m: Management, a: argparse.Namespace) -> int:
     return 0
 
 
+# -- QoS commands ---------------------------------------------------------------------------
+
+
+def qos_key(text: str) -> QosKey:
+    """``KEY=VALUE`` (the key and value are checked by the service)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise argparse.ArgumentTypeError(f"invalid QoS key {text!r}: expected KEY=VALUE")
+    return QosKey(key, value)
+
+
+def qos_create(m: Management, a: argparse.Namespace) -> int:
+    info = m.create_qos_spec(a.name, a.keys)
+    return _print(a, info, output.qos_spec_details(info))
+
+
+def qos_list(m: Management, a: argparse.Namespace) -> int:
+    specs = m.qos_specs()
+    return _print(a, specs, output.qos_specs_table(specs))
+
+
+def qos_show(m: Management, a: argparse.Namespace) -> int:
+    info = m.qos_spec(a.name)
+    return _print(a, info, output.qos_spec_details(info))
+
+
+def qos_delete(m: Management, a: argparse.Namespace) -> int:
+    m.delete_qos_spec(a.name)
+    print(f"deleted QoS spec {a.name}")
+    return 0
+
+
+def volume_set_qos(m: Management, a: argparse.Namespace) -> int:
+    items: list[str] = a.items
+    if a.clear:
+        if items:
+            raise _usage("--clear takes no QoS spec name or keys")
+        info = m.set_volume_qos(a.ref.pool, a.ref.volume)
+    elif not items:
+        raise _usage("give a QoS spec name, KEY=VALUE pairs, or --clear")
+    elif all("=" not in item for item in items):
+        if len(items) != 1:
+            raise _usage("give one QoS spec name, or KEY=VALUE pairs")
+        info = m.set_volume_qos(a.ref.pool, a.ref.volume, spec=items[0])
+    elif all("=" in item for item in items):
+        keys = []
+        for item in items:
+            try:
+                keys.append(qos_key(item))
+            except argparse.ArgumentTypeError as e:
+                raise _usage(str(e)) from None
+        info = m.set_volume_qos(a.ref.pool, a.ref.volume, keys=keys)
+    else:
+        raise _usage("give a QoS spec name or KEY=VALUE pairs, not both")
+    return _print(a, info, output.volume_qos_details(info))
+
+
+def volume_show_qos(m: Management, a: argparse.Namespace) -> int:
+    info = m.volume_qos(a.ref.pool, a.ref.volume)
+    return _print(a, info, output.volume_qos_details(info))
+
+
+def _qos_parsers(
+    cmd: Callable[..., _Parser],
+    group: Callable[[str, str], argparse._SubParsersAction[_Parser]],
+    vol: argparse._SubParsersAction[_Parser],
+) -> None:
+    qos = group("qos", "manage named QoS specs (Cinder's keys)")
+    c = cmd(qos, "create", qos_create, "create a named QoS spec", json=True)
+    c.add_argument("name", metavar="NAME")
+    c.add_argument("keys", metavar="KEY=VALUE", type=qos_key, nargs="+")
+    cmd(qos, "list", qos_list, "list QoS specs", json=True)
+    c = cmd(qos, "show", qos_show, "show a QoS spec", json=True)
+    c.add_argument("name", metavar="NAME")
+    c = cmd(qos, "delete", qos_delete, "delete a QoS spec no volume uses")
+    c.add_argument("name", metavar="NAME")
+    c = cmd(
+        vol,
+        "set-qos",
+        volume_set_qos,
+        "limit a volume with a named QoS spec or one-off KEY=VALUE pairs (online)",
+        json=True,
+    )
+    c.add_argument("ref", metavar="POOL/VOL", type=volume_ref)
+    c.add_argument("items", metavar="NAME|KEY=VALUE", nargs="*")
+    c.add_argument("--clear", action="store_true", help="remove the volume's limits")
+    c = cmd(vol, "show-qos", volume_show_qos, "show a volume's QoS", json=True)
+    c.add_argument("ref", metavar="POOL/VOL", type=volume_ref)
+
+
 class _UsageError(Exception):
     pass
 
@@ -452,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name", metavar="NAME")
     c = cmd(exp, "remove", export_remove, "stop an export and forget it")
     c.add_argument("name", metavar="NAME")
+
+    _qos_parsers(cmd, group, vol)
 
     c = cmd(sub, "fsck", fsck, "check a pool's consistency", json=True)
     c.add_argument("pool", metavar="POOL", type=pool_name)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from storvisor.api.codec import encode
 from storvisor.api.exports import ExportInfo
+from storvisor.api.qos import QosKey, QosSpecInfo, VolumeQos
 from storvisor.engine.types import FsckReport, PoolInfo, SnapshotInfo, VolumeInfo
 from storvisor.units import format_size
 
@@ -180,3 +181,24 @@ def _ids(clusters: Sequence[int]) -> str:
     shown = ", ".join(str(c) for c in clusters[:16])
     more = f", ... ({len(clusters)} in all)" if len(clusters) > 16 else ""
     return f"{len(clusters)} ({shown}{more})"
+
+
+# -- QoS ------------------------------------------------------------------------------------
+
+
+def _qos_keys(keys: Sequence[QosKey]) -> str:
+    return " ".join(f"{k.key}={k.value}" for k in keys) or "(no limit)"
+
+
+def qos_specs_table(specs: Sequence[QosSpecInfo]) -> str:
+    return table(["NAME", "KEYS"], [[s.name, _qos_keys(s.keys)] for s in specs])
+
+
+def qos_spec_details(s: QosSpecInfo) -> str:
+    return fields([("qos spec", s.name), *((k.key, k.value) for k in s.keys)])
+
+
+def volume_qos_details(q: VolumeQos) -> str:
+    pairs = [("volume", f"{q.pool}/{q.volume}"), ("qos spec", q.spec or "-")]
+    pairs += [(k.key, k.value) for k in q.keys] or [("limits", "none")]
+    return fields(pairs)

@@ -9,7 +9,10 @@ sends it every export added or removed), negotiates with the client, and when th
 chooses an export asks the daemon to open it: the daemon opens a volume handle, attaches a
 ``PlaneHost`` to it and passes back the plane's channel, its shared map and the pool's
 backing fds, from which the worker builds a ``RemoteVolume``. Reads and in-place writes then
-run in the worker, allocations, discards and flushes in the daemon. When the connection ends
+run in the worker, allocations, discards and flushes in the daemon. When the export's device
+is a ``ThrottledDevice``, the daemon also passes the volume's QoS block (``engine/qos.py``)
+and the worker throttles its ``RemoteVolume`` with it: every connection of the volume, in
+every worker, draws from the same buckets. When the connection ends
 the worker closes the ``RemoteVolume``; the daemon sees its channel close and closes the
 volume handle. Connections of several clients thus run on several cores; multi-conn stays
 safe because a flush, wherever it comes from, syncs the whole pool.
@@ -43,6 +46,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from storvisor.engine.device import BlockDevice
+from storvisor.engine.qos import QosBlock, ThrottledDevice
 from storvisor.engine.volume import Volume
 from storvisor.errors import IOFailure, LocalFailure, NotFound, StorvisorError
 from storvisor.exports.dataplane import PlaneHost, RemoteVolume
@@ -64,11 +68,12 @@ class _Op(IntEnum):
     CONN = 3  # fds = [client socket]
     OPEN = 4  # ident; payload = name
     OPENED = 5  # ident; a = errno, payload = message; or a = 0, flags READ_ONLY,
-    # b = cluster size, fds = [channel, map, backing fds], payload = their device
-    # indices (u32 each) + serial
+    # b = cluster size, fds = [channel, map, (QoS block,) backing fds], payload = their
+    # device indices (u32 each) + serial
 
 
 _READ_ONLY = 1
+_QOS = 2  # OPENED: the third fd is the volume's QoS block
 
 
 def _text(data: bytes | bytearray, what: str) -> str:
@@ -173,6 +178,11 @@ class _Worker:
                 raise NotFound(f"no NBD export named {name!r}")
             try:
                 device = export.open()
+                if isinstance(device, ThrottledDevice):
+                    qos: QosBlock | None = device.qos
+                    device = device.inner
+                else:
+                    qos = None
                 if not isinstance(device, Volume):
                     device.close()
                     raise IOFailure(f"export {name!r} is not a volume", errno.EINVAL)
@@ -193,14 +203,16 @@ class _Worker:
             host.start()
             backings = volume.backing_fds()
             indices = b"".join(_INDEX.pack(index) for index in backings)
+            flags = _READ_ONLY if volume.read_only or export.read_only else 0
+            qos_fds = [] if qos is None else [qos.fd]
             self.link.send(
                 _Op.OPENED,
                 ident,
                 0,
                 volume.cluster_size,
                 indices + volume.serial.encode(),
-                flags=_READ_ONLY if volume.read_only or export.read_only else 0,
-                fds=[theirs.fileno(), host.map.fd, *backings.values()],
+                flags=flags | (_QOS if qos is not None else 0),
+                fds=[theirs.fileno(), host.map.fd, *qos_fds, *backings.values()],
             )
         except OSError:
             host.close()
@@ -350,9 +362,10 @@ class _Opener:
         self._waits_lock = threading.Lock()
         self.lost = False
 
-    def open(self, name: str) -> RemoteVolume:
-        """Raises ``IOFailure`` (the daemon's errno, or EIO once it is gone) or
-        ``LocalFailure`` for an answer that breaks the control protocol."""
+    def open(self, name: str) -> BlockDevice:
+        """A ``RemoteVolume``, throttled when the daemon sent a QoS block. Raises
+        ``IOFailure`` (the daemon's errno, or EIO once it is gone) or ``LocalFailure`` for an
+        answer that breaks the control protocol."""
         ident = next(self._ids) & 0xFFFFFFFF
         done: tuple[threading.Event, list[Frame]] = (threading.Event(), [])
         with self._waits_lock:
@@ -367,7 +380,12 @@ class _Opener:
         if frame.a:
             _close_fds(frame.fds)
             raise IOFailure(frame.payload.decode(errors="replace"), frame.a)
-        count = len(frame.fds) - 2
+        fds = list(frame.fds)
+        qos_fd = fds.pop(2) if frame.flags & _QOS and len(fds) > 2 else -1
+        if frame.flags & _QOS and qos_fd < 0:
+            _close_fds(fds)
+            raise LocalFailure("the daemon's answer to OPEN lacks its QoS block")
+        count = len(fds) - 2
         if count < 0 or len(frame.payload) < count * _INDEX.size:
             _close_fds(frame.fds)
             raise LocalFailure("the daemon's answer to OPEN lacks a plane's fds")
@@ -377,8 +395,8 @@ class _Opener:
         except LocalFailure:
             _close_fds(frame.fds)
             raise
-        channel, map_fd, *backing_fds = frame.fds
-        return RemoteVolume(
+        channel, map_fd, *backing_fds = fds
+        remote = RemoteVolume(
             socket.socket(fileno=channel),
             map_fd,
             dict(zip(indices, backing_fds, strict=True)),
@@ -386,6 +404,14 @@ class _Opener:
             read_only=bool(frame.flags & _READ_ONLY),
             serial=serial,
         )
+        if qos_fd < 0:
+            return remote
+        try:
+            qos = QosBlock(fd=qos_fd)
+        except StorvisorError:
+            remote.close()
+            raise
+        return ThrottledDevice(remote, qos, owns_qos=True)
 
     def answered(self, frame: Frame) -> None:
         with self._waits_lock:

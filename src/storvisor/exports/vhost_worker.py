@@ -9,7 +9,9 @@ end of the data-plane channel, the shared map's memfd and the pool's backing fds
 process runs a ``VhostUserBlkServer`` on a ``RemoteVolume``: the rings, the virtio-blk
 requests and the direct reads and writes run there, on their own core, while allocations,
 discards and flushes are done by the daemon's pool. Several exports thus use several cores,
-which one Python process cannot.
+which one Python process cannot. Given the volume's QoS block (``engine/qos.py``), every
+process throttles its ``RemoteVolume`` with it, so all the export's queues, in all its
+processes, share the volume's one limit.
 
 Supervision: a thread of the daemon waits for the process; if it ends while the export
 still exists (a crash, or a kill), a new one is started on the same listening socket after
@@ -37,6 +39,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from storvisor.engine.qos import QosBlock, ThrottledDevice
 from storvisor.engine.volume import Volume
 from storvisor.errors import IOFailure
 from storvisor.exports.dataplane import PlaneHost, RemoteVolume
@@ -67,6 +70,7 @@ class WorkerConfig:
     queues: int
     read_only: bool
     serial: str
+    qos_fd: int = -1  # the volume's QoS block, or -1
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -92,8 +96,10 @@ class VhostDataPlane:
         read_only: bool = False,
         serial: str = "",
         processes: int | None = None,
+        qos: QosBlock | None = None,
     ) -> None:
         self.volume = volume
+        self.qos = qos
         self.socket_path = socket_path
         self.num_queues = num_queues
         self.read_only = read_only or volume.read_only
@@ -186,8 +192,11 @@ class VhostDataPlane:
                         queues=self.num_queues,
                         read_only=self.read_only,
                         serial=self.serial,
+                        qos_fd=self.qos.fd if self.qos is not None else -1,
                     )
                     fds = [theirs.fileno(), host.map.fd, *link_fds, *backings.values()]
+                    if self.qos is not None:
+                        fds.append(self.qos.fd)
                     if listener_fd >= 0:
                         fds.append(listener_fd)
                     proc = subprocess.Popen(
@@ -324,10 +333,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_lost=lambda: os.kill(me, signal.SIGKILL),  # complete nothing with an error
         on_resized=resized,
     )
+    device: RemoteVolume | ThrottledDevice = remote
+    if config.qos_fd >= 0:
+        device = ThrottledDevice(remote, QosBlock(fd=config.qos_fd), owns_qos=True)
     links = [socket.socket(fileno=fd) for fd in config.link_fds]
     if config.slot > 0:  # a queue process: serves its queues until the link closes
         peer = VhostUserBlkServer(
-            remote,
+            device,
             config.socket_path,
             num_queues=config.queues,
             read_only=config.read_only,
@@ -344,10 +356,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         threading.Thread(target=serve, name="vhost-peer", daemon=True).start()
         signal.sigwait(stop_signals)
         links[0].close()
-        remote.close()
+        device.close()
         return 0
     server = VhostUserBlkServer(
-        remote,
+        device,
         config.socket_path,
         num_queues=config.queues,
         read_only=config.read_only,
@@ -361,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.close()
     for link in links:
         link.close()
-    remote.close()
+    device.close()
     return 0
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from storvisor.engine.device import FileDevice
+from storvisor.engine.qos import ThrottledDevice
 from storvisor.errors import LocalFailure, ProtocolError, QueueBroken
 from storvisor.exports.dataplane import RemoteVolume
 from storvisor.exports.vhost_user_blk.file_io import _FileVectors
@@ -87,7 +88,7 @@ class _Device:
         self.vectored: blk.VectoredIO | None = None
         if type(self.block) is FileDevice:  # a subclass may override read_into and write
             self.vectored = _FileVectors(self.block)
-        elif isinstance(self.block, RemoteVolume):
+        elif isinstance(self.block, RemoteVolume | ThrottledDevice):
             self.vectored = self.block.vectors
         self.writethrough = False
         n = server.num_queues
