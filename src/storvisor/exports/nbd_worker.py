@@ -435,6 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from storvisor.exports.nbd import NBDExport, NBDServer  # the data path, loaded here
 
     args = list(sys.argv[1:] if argv is None else argv)
+    # Ctrl-C in the daemon's terminal reaches its whole process group: the daemon stops this
+    # process through the control channel, in order
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="nbd-plane[%(process)d] %(message)s")
     if len(args) != 1 or not args[0].isdigit():
         print("usage: python -m storvisor.exports.nbd_worker CONTROL-FD", file=sys.stderr)
