@@ -166,8 +166,13 @@ def _print(args: argparse.Namespace, value: object, text: str) -> int:
     return 0
 
 
+def _forced(a: argparse.Namespace) -> list[BackingSpec]:
+    """The ``--backing`` specs, marked to be overwritten with ``--force``."""
+    return [BackingSpec(spec.path, spec.size, a.force) for spec in a.backing]
+
+
 def pool_create(m: Management, a: argparse.Namespace) -> int:
-    info = m.create_pool(a.name, a.backing, a.cluster_size)
+    info = m.create_pool(a.name, _forced(a), a.cluster_size)
     return _print(a, info, output.pool_details(info))
 
 
@@ -189,7 +194,7 @@ def pool_delete(m: Management, a: argparse.Namespace) -> int:
 
 def pool_add_backing(m: Management, a: argparse.Namespace) -> int:
     info: object = None
-    for spec in a.backing:
+    for spec in _forced(a):
         info = m.add_backing(a.name, spec)
     return _print(a, info, output.pool_details(m.pool_info(a.name)))
 
@@ -390,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a file or block device; with :SIZE a sparse file of that size (repeatable)",
     )
     c.add_argument("--cluster-size", metavar="SIZE", type=size)
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite a device that holds a file system, partition table or other signature",
+    )
     cmd(pool, "list", pool_list, "list pools", json=True)
     c = cmd(pool, "show", pool_show, "show a pool", json=True)
     c.add_argument("name", metavar="NAME", type=pool_name)
@@ -399,6 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = cmd(pool, "add-backing", pool_add_backing, "add backing devices to a pool", json=True)
     c.add_argument("name", metavar="NAME", type=pool_name)
     c.add_argument("--backing", metavar="PATH[:SIZE]", type=backing, action="append", required=True)
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite a device that holds a file system, partition table or other signature",
+    )
 
     vol = group("volume", "manage volumes")
     c = cmd(vol, "create", volume_create, "create a thin volume", json=True)

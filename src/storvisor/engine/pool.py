@@ -190,7 +190,7 @@ class Pool:
         try:
             for index, (spec, path) in enumerate(zip(backings, paths, strict=True)):
                 header = Header(index, cluster_size, pool_uuid, name)
-                attached.append(Backing.attach(BackingSpec(path, spec.size), header))
+                attached.append(Backing.attach(BackingSpec(path, spec.size, spec.force), header))
             catalog = Catalog(directory / "catalog.db")
             batch = Batch()
             for key, value in (
@@ -311,7 +311,7 @@ class Pool:
                     return self.info()
             index = max(self._backings, default=-1) + 1
             header = Header(index, self.cluster_size, self._identity.pool_uuid, self.name)
-            backing, created = Backing.attach(BackingSpec(path, spec.size), header)
+            backing, created = Backing.attach(BackingSpec(path, spec.size, spec.force), header)
             self._backings[index] = backing
             self._allocator.set_device(index, backing.clusters)
             self._batch.statements.append(

@@ -18,10 +18,16 @@ class BackingKind(enum.StrEnum):
 @dataclass(frozen=True, slots=True)
 class BackingSpec:
     """A backing device to add to a pool: an existing file or block device (a LUN), or, with
-    ``size``, a sparse regular file created (or grown) to that many bytes."""
+    ``size``, a sparse regular file created (or grown) to that many bytes.
+
+    A device or existing file that carries a signature (a file system, a partition table,
+    swap, an LVM physical volume, a RAID member...) is refused unless ``force`` is set; a
+    forced one has its signatures erased. Another storvisor pool's header is refused even
+    with ``force`` (``storvisor pool delete`` releases a device)."""
 
     path: str
     size: int | None = None
+    force: bool = False
 
 
 @dataclass(frozen=True, slots=True)
