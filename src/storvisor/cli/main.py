@@ -36,7 +36,7 @@ from storvisor.api.exports import ExportInfo, ExportState, TcpAddress, parse_tcp
 from storvisor.api.service import Management, Service
 from storvisor.cli import output
 from storvisor.engine.home import HomeInUse, HomeUser
-from storvisor.engine.types import BackingSpec
+from storvisor.engine.types import BackingSpec, PoolState
 from storvisor.errors import StorvisorError
 from storvisor.units import parse_size
 
@@ -186,6 +186,11 @@ def pool_show(m: Management, a: argparse.Namespace) -> int:
     return _print(a, info, output.pool_details(info))
 
 
+def pool_reopen(m: Management, a: argparse.Namespace) -> int:
+    info = m.reopen_pool(a.name)
+    return _print(a, info, output.pool_details(info))
+
+
 def pool_delete(m: Management, a: argparse.Namespace) -> int:
     m.delete_pool(a.name, force=a.force)
     print(f"deleted pool {a.name}")
@@ -206,6 +211,13 @@ def volume_create(m: Management, a: argparse.Namespace) -> int:
 
 def volume_list(m: Management, a: argparse.Namespace) -> int:
     vols = m.volumes(a.pool)
+    if a.pool is None:
+        for p in m.pools():
+            if p.state is PoolState.OFFLINE:
+                sys.stderr.write(
+                    f"storvisor: warning: pool {p.name} is offline ({p.reason}); "
+                    "its volumes are not listed\n"
+                )
     return _print(a, vols, output.volumes_table(vols))
 
 
@@ -402,6 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmd(pool, "list", pool_list, "list pools", json=True)
     c = cmd(pool, "show", pool_show, "show a pool", json=True)
+    c.add_argument("name", metavar="NAME", type=pool_name)
+    c = cmd(
+        pool,
+        "reopen",
+        pool_reopen,
+        "bring an offline pool online (its devices are back)",
+        json=True,
+    )
     c.add_argument("name", metavar="NAME", type=pool_name)
     c = cmd(pool, "delete", pool_delete, "delete a pool")
     c.add_argument("name", metavar="NAME", type=pool_name)

@@ -48,12 +48,28 @@ class PoolStats:
     free: int
 
 
+class PoolState(enum.StrEnum):
+    """Whether a pool serves. ``OFFLINE``: it could not be opened (a backing device missing,
+    unreadable, shorter than recorded, or carrying another identity); its volumes are not
+    served and ``reason`` says why until ``Home.reopen_pool`` succeeds. ``DEGRADED``: it
+    serves, with a problem ``reason`` names."""
+
+    ONLINE = "online"
+    DEGRADED = "degraded"
+    OFFLINE = "offline"
+
+
 @dataclass(frozen=True, slots=True)
 class PoolInfo:
+    """A pool. An offline pool has the devices its catalog records (size 0 when they cannot
+    be opened) and zero space."""
+
     name: str
     cluster_size: int
     backings: tuple[BackingInfo, ...]
     stats: PoolStats
+    state: PoolState = PoolState.ONLINE
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
