@@ -127,3 +127,21 @@ def test_truncated_backing_is_offline_and_never_read(cli: CLI, home: Path, tmp_p
         assert _read(ub) == bytes(len(B))  # served again: the lost data reads as zeros
     finally:
         daemon.kill()
+
+
+def test_the_demo_daemon_starts_with_its_pool_offline(cli: CLI, home: Path) -> None:
+    daemon = Daemon(home, "--demo").start()
+    try:
+        daemon.stop()
+        os.rename(home / "default-pool.img", home / "away.img")
+        daemon.start()
+        pools = _pools(cli)
+        assert pools["default"]["state"] == "offline"
+        assert "default-pool.img is missing" in str(pools["default"]["reason"])
+        assert _exports(cli)["demo"]["state"] == "broken"
+        os.rename(home / "away.img", home / "default-pool.img")
+        cli("pool", "reopen", "default")
+        assert _exports(cli)["demo"]["state"] == "active"
+        assert _read(_exports(cli)["demo"]["uris"][0]) == bytes(len(A))
+    finally:
+        daemon.kill()

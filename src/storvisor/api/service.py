@@ -430,14 +430,23 @@ class Service:
                 else:
                     log.info("export %s: %s over %s", spec.name, spec.target, spec.kind)
 
-    def ensure_demo(self) -> ExportInfo:
+    def ensure_demo(self) -> ExportInfo | None:
         """Make sure the demo set-up exists: pool ``default`` on a 64G sparse file in HOME,
-        volume ``default/demo`` (1G), exported over NBD as ``demo``. Idempotent."""
+        volume ``default/demo`` (1G), exported over NBD as ``demo``. Idempotent. None (and
+        a warning in the log) when pool ``default`` exists but is offline."""
         with self._lock:
-            if DEMO_POOL not in {p.name for p in self.home.pools()}:
+            pools = {p.name: p for p in self.home.pools()}
+            if DEMO_POOL not in pools:
                 backing = BackingSpec(str(self.home.path / DEMO_BACKING), DEMO_POOL_SIZE)
                 self.home.create_pool(DEMO_POOL, [backing])
                 log.info("created pool %s on %s", DEMO_POOL, backing.path)
+            elif pools[DEMO_POOL].state is PoolState.OFFLINE:
+                log.warning(
+                    "pool %s is offline (%s): the demo volume is not served",
+                    DEMO_POOL,
+                    pools[DEMO_POOL].reason,
+                )
+                return None
             pool = self.home.pool(DEMO_POOL)
             if DEMO_VOLUME not in {v.name for v in pool.volumes()}:
                 pool.create_volume(DEMO_VOLUME, DEMO_VOLUME_SIZE)
