@@ -388,6 +388,7 @@ class Pool:
         if self._closed:
             return
         self._stop.set()
+        self._wake.set()  # the committer may be waiting out COMMIT_INTERVAL
         self._committer.join()
         try:
             self.flush()
