@@ -145,3 +145,18 @@ def test_the_demo_daemon_starts_with_its_pool_offline(cli: CLI, home: Path) -> N
         assert _read(_exports(cli)["demo"]["uris"][0]) == bytes(len(A))
     finally:
         daemon.kill()
+
+
+def test_without_a_daemon_an_offline_pool_is_listed_and_errors_are_one_line(
+    cli: CLI, tmp_path: Path
+) -> None:
+    cli("pool", "create", "b", "--backing", f"{tmp_path}/b.img:64M")
+    os.rename(tmp_path / "b.img", tmp_path / "b.away")
+    listed = cli("pool", "list")
+    assert listed.err == ""
+    assert listed.out.splitlines()[1].split()[:2] == ["b", "offline"]
+    missing = f"pool 'b' is offline: backing device {tmp_path}/b.img is missing"
+    assert cli.fails("pool", "reopen", "b") == f"storvisor: error: {missing}"
+    assert cli.fails("pool", "delete", "b") == f"storvisor: error: {missing}"
+    os.rename(tmp_path / "b.away", tmp_path / "b.img")
+    assert cli("pool", "reopen", "b", "--json").json()["state"] == "online"

@@ -238,7 +238,7 @@ class Home:
             except StorvisorError as e:
                 reason = str(e).removeprefix(f"pool {name!r}: ")
                 self._offline[name] = reason
-                log.warning("pool %s is offline: %s", name, reason)
+                log.info("pool %s is offline: %s", name, reason)
                 raise PoolOffline(name, reason) from e
             self._pools[name] = pool
             return pool
