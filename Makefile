@@ -7,10 +7,10 @@ STORVISOR_HOME ?= $(HOME)/.local/share/storvisor
 # Debian packages: the run-time tools, then what the tests drive (real peers and guests) and
 # what they need (fuse3 for power cuts, util-linux's losetup for loop devices); under CI=true
 # a missing prerequisite fails its test (tests/prereq.py).
-APT_RUN  := qemu-utils libnbd-bin
+APT_RUN  := qemu-utils libnbd-bin util-linux
 APT_TEST := qemu-utils qemu-system-x86 qemu-system-common nbdkit nbdkit-plugin-python \
             libnbd-bin python3-libnbd fio libvirt-clients libxml2-utils linux-image-amd64 \
-            busybox-static gcc fuse3 util-linux
+            busybox-static gcc fuse3 util-linux e2fsprogs fdisk
 
 .PHONY: run test lint typecheck pytest apt-run apt-test venv clean bench mutants
 

@@ -213,10 +213,10 @@ CASES = [
     Case(
         errors.CorruptMetadata,
         "GET",
-        "/v1/pools/gone",
+        "/v1/pools/gone/volumes",
         None,
-        lambda c, t: c.pool_info("gone"),
-        ("pool", "show", "gone"),
+        lambda c, t: c.volumes("gone"),
+        ("volume", "list", "gone"),
         "gone.img",
     ),
     Case(

@@ -159,6 +159,9 @@ class Client:
     def delete_pool(self, name: str, *, force: bool = False) -> None:
         self._call("DELETE", f"/pools/{_q(name)}" + ("?force=1" if force else ""))
 
+    def reopen_pool(self, name: str) -> PoolInfo:
+        return self._get(PoolInfo, "POST", f"/pools/{_q(name)}/reopen")
+
     def add_backing(self, pool: str, spec: BackingSpec) -> PoolInfo:
         return self._get(PoolInfo, "POST", f"/pools/{_q(pool)}/backings", spec)
 

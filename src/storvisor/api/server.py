@@ -7,6 +7,7 @@ Resources (all under ``/v1``; path segments are percent-encoded, so an export na
     GET    /pools                                   POST  /pools            CreatePool
     GET    /pools/{pool}                            DELETE /pools/{pool}[?force=1]
     POST   /pools/{pool}/backings   BackingSpec     POST  /pools/{pool}/fsck
+    POST   /pools/{pool}/reopen
     GET    /volumes                                 (every pool)
     GET    /pools/{pool}/volumes                    POST  /pools/{pool}/volumes   CreateVolume
     GET    /pools/{pool}/volumes/{vol}              DELETE /pools/{pool}/volumes/{vol}
@@ -151,6 +152,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
             lambda s, r: s.add_backing(r.params[0], r.parse(BackingSpec)),
         ),
         ("POST", f"/pools/{_P}/fsck", lambda s, r: s.fsck(r.params[0])),
+        ("POST", f"/pools/{_P}/reopen", lambda s, r: s.reopen_pool(r.params[0])),
         ("GET", "/volumes", lambda s, r: s.volumes()),
         ("GET", f"/pools/{_P}/volumes", lambda s, r: s.volumes(r.params[0])),
         (
@@ -244,6 +246,15 @@ def status_for(exc: StorvisorError) -> HTTPStatus:
     return HTTPStatus.INTERNAL_SERVER_ERROR
 
 
+def _error_type(exc: StorvisorError) -> str:
+    """The name of the nearest ``storvisor.errors`` class of ``exc`` (a subclass defined
+    elsewhere, such as ``engine.home.PoolOffline``, is sent as its base)."""
+    for cls in type(exc).__mro__:
+        if cls.__module__ == StorvisorError.__module__:
+            return cls.__name__
+    return StorvisorError.__name__
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: APIServer
     server_version = "storvisor"
@@ -298,7 +309,7 @@ class _Handler(BaseHTTPRequestHandler):
                 status = status_for(e)
                 if status is HTTPStatus.INTERNAL_SERVER_ERROR:
                     log.error("%s %s failed: %s: %s", self.command, url.path, type(e).__name__, e)
-                self._send_error(status, type(e).__name__, str(e))
+                self._send_error(status, _error_type(e), str(e))
             except Exception as e:
                 log.exception("%s %s failed", self.command, url.path)
                 self._send_error(

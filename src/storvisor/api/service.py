@@ -45,6 +45,7 @@ from storvisor.engine.types import (
     BackingSpec,
     FsckReport,
     PoolInfo,
+    PoolState,
     SnapshotInfo,
     VolumeInfo,
 )
@@ -91,6 +92,7 @@ class Management(Protocol):
     def pools(self) -> list[PoolInfo]: ...
     def pool_info(self, name: str) -> PoolInfo: ...
     def delete_pool(self, name: str, *, force: bool = False) -> None: ...
+    def reopen_pool(self, name: str) -> PoolInfo: ...
     def add_backing(self, pool: str, spec: BackingSpec) -> PoolInfo: ...
     def create_volume(self, pool: str, name: str, size: int) -> VolumeInfo: ...
     def volumes(self, pool: str | None = None) -> list[VolumeInfo]: ...
@@ -188,19 +190,38 @@ class Service:
             return self.home.create_pool(name, backings, cluster_size)
 
     def pools(self) -> list[PoolInfo]:
-        """Every pool, sorted by name."""
+        """Every pool with its state, sorted by name; an offline pool never fails the list."""
         with self._lock:
             return sorted(self.home.pools(), key=lambda p: p.name)
 
     def pool_info(self, name: str) -> PoolInfo:
-        """One pool (``NotFound``)."""
+        """One pool with its state (``NotFound``)."""
         with self._lock:
-            return self.home.pool(name).info()
+            return self.home.pool_info(name)
+
+    def reopen_pool(self, name: str) -> PoolInfo:
+        """Open an offline pool again once its devices are back, and start its exports that
+        are not serving (those that still fail stay ``broken`` with their reason). Raises
+        ``NotFound``, ``PoolOffline`` (a ``CorruptMetadata``) if it is still offline."""
+        with self._lock:
+            info = self.home.reopen_pool(name)
+            if self._runtime is not None:
+                for spec in self._specs:
+                    if spec.pool != name or self._runtime.is_active(spec.name):
+                        continue
+                    try:
+                        self._activate(self._runtime, spec)
+                    except StorvisorError as e:
+                        self._broken[spec.name] = str(e)
+                        log.warning("export %s not started: %s", spec.name, e)
+                    else:
+                        log.info("export %s: %s over %s", spec.name, spec.target, spec.kind)
+            return info
 
     def delete_pool(self, name: str, *, force: bool = False) -> None:
         """Delete a pool. ``Conflict`` if it has volumes (unless ``force``) or exports."""
         with self._lock:
-            self.home.pool(name)
+            self.home.pool_info(name)
             self._refuse_if_exported(name, None, None, f"pool {name}")
             self.home.delete_pool(name, force=force)
 
@@ -219,9 +240,14 @@ class Service:
             return self.home.pool(pool).create_volume(name, size)
 
     def volumes(self, pool: str | None = None) -> list[VolumeInfo]:
-        """The volumes of ``pool``, or of every pool, sorted by pool then name."""
+        """The volumes of ``pool``, or of every pool that is not offline, sorted by pool then
+        name. ``PoolOffline`` if the named ``pool`` is offline."""
         with self._lock:
-            names = [pool] if pool is not None else [p.name for p in self.home.pools()]
+            names = (
+                [pool]
+                if pool is not None
+                else [p.name for p in self.home.pools() if p.state is not PoolState.OFFLINE]
+            )
             found: list[VolumeInfo] = []
             for name in names:
                 found.extend(self.home.pool(name).volumes())
@@ -454,14 +480,23 @@ class Service:
                 else:
                     log.info("export %s: %s over %s", spec.name, spec.target, spec.kind)
 
-    def ensure_demo(self) -> ExportInfo:
+    def ensure_demo(self) -> ExportInfo | None:
         """Make sure the demo set-up exists: pool ``default`` on a 64G sparse file in HOME,
-        volume ``default/demo`` (1G), exported over NBD as ``demo``. Idempotent."""
+        volume ``default/demo`` (1G), exported over NBD as ``demo``. Idempotent. None (and
+        a warning in the log) when pool ``default`` exists but is offline."""
         with self._lock:
-            if DEMO_POOL not in {p.name for p in self.home.pools()}:
+            pools = {p.name: p for p in self.home.pools()}
+            if DEMO_POOL not in pools:
                 backing = BackingSpec(str(self.home.path / DEMO_BACKING), DEMO_POOL_SIZE)
                 self.home.create_pool(DEMO_POOL, [backing])
                 log.info("created pool %s on %s", DEMO_POOL, backing.path)
+            elif pools[DEMO_POOL].state is PoolState.OFFLINE:
+                log.warning(
+                    "pool %s is offline (%s): the demo volume is not served",
+                    DEMO_POOL,
+                    pools[DEMO_POOL].reason,
+                )
+                return None
             pool = self.home.pool(DEMO_POOL)
             if DEMO_VOLUME not in {v.name for v in pool.volumes()}:
                 pool.create_volume(DEMO_VOLUME, DEMO_VOLUME_SIZE)

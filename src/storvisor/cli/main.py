@@ -37,7 +37,7 @@ from storvisor.api.qos import QosKey
 from storvisor.api.service import Management, Service
 from storvisor.cli import output
 from storvisor.engine.home import HomeInUse, HomeUser
-from storvisor.engine.types import BackingSpec
+from storvisor.engine.types import BackingSpec, PoolState
 from storvisor.errors import StorvisorError
 from storvisor.units import parse_size
 
@@ -167,8 +167,13 @@ def _print(args: argparse.Namespace, value: object, text: str) -> int:
     return 0
 
 
+def _forced(a: argparse.Namespace) -> list[BackingSpec]:
+    """The ``--backing`` specs, marked to be overwritten with ``--force``."""
+    return [BackingSpec(spec.path, spec.size, a.force) for spec in a.backing]
+
+
 def pool_create(m: Management, a: argparse.Namespace) -> int:
-    info = m.create_pool(a.name, a.backing, a.cluster_size)
+    info = m.create_pool(a.name, _forced(a), a.cluster_size)
     return _print(a, info, output.pool_details(info))
 
 
@@ -182,6 +187,11 @@ def pool_show(m: Management, a: argparse.Namespace) -> int:
     return _print(a, info, output.pool_details(info))
 
 
+def pool_reopen(m: Management, a: argparse.Namespace) -> int:
+    info = m.reopen_pool(a.name)
+    return _print(a, info, output.pool_details(info))
+
+
 def pool_delete(m: Management, a: argparse.Namespace) -> int:
     m.delete_pool(a.name, force=a.force)
     print(f"deleted pool {a.name}")
@@ -190,7 +200,7 @@ def pool_delete(m: Management, a: argparse.Namespace) -> int:
 
 def pool_add_backing(m: Management, a: argparse.Namespace) -> int:
     info: object = None
-    for spec in a.backing:
+    for spec in _forced(a):
         info = m.add_backing(a.name, spec)
     return _print(a, info, output.pool_details(m.pool_info(a.name)))
 
@@ -202,6 +212,13 @@ def volume_create(m: Management, a: argparse.Namespace) -> int:
 
 def volume_list(m: Management, a: argparse.Namespace) -> int:
     vols = m.volumes(a.pool)
+    if a.pool is None:
+        for p in m.pools():
+            if p.state is PoolState.OFFLINE:
+                sys.stderr.write(
+                    f"storvisor: warning: pool {p.name} is offline ({p.reason}); "
+                    "its volumes are not listed\n"
+                )
     return _print(a, vols, output.volumes_table(vols))
 
 
@@ -481,8 +498,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="a file or block device; with :SIZE a sparse file of that size (repeatable)",
     )
     c.add_argument("--cluster-size", metavar="SIZE", type=size)
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite a device that holds a file system, partition table or other signature",
+    )
     cmd(pool, "list", pool_list, "list pools", json=True)
     c = cmd(pool, "show", pool_show, "show a pool", json=True)
+    c.add_argument("name", metavar="NAME", type=pool_name)
+    c = cmd(
+        pool,
+        "reopen",
+        pool_reopen,
+        "bring an offline pool online (its devices are back)",
+        json=True,
+    )
     c.add_argument("name", metavar="NAME", type=pool_name)
     c = cmd(pool, "delete", pool_delete, "delete a pool")
     c.add_argument("name", metavar="NAME", type=pool_name)
@@ -490,6 +520,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = cmd(pool, "add-backing", pool_add_backing, "add backing devices to a pool", json=True)
     c.add_argument("name", metavar="NAME", type=pool_name)
     c.add_argument("--backing", metavar="PATH[:SIZE]", type=backing, action="append", required=True)
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite a device that holds a file system, partition table or other signature",
+    )
 
     vol = group("volume", "manage volumes")
     c = cmd(vol, "create", volume_create, "create a thin volume", json=True)

@@ -55,16 +55,28 @@ def _time(ts: float) -> str:
 
 def pools_table(pools: Sequence[PoolInfo]) -> str:
     return table(
-        ["NAME", "CLUSTER", "CAPACITY", "ALLOCATED", "PROVISIONED", "FREE", "BACKINGS"],
+        [
+            "NAME",
+            "STATE",
+            "CLUSTER",
+            "CAPACITY",
+            "ALLOCATED",
+            "PROVISIONED",
+            "FREE",
+            "BACKINGS",
+            "REASON",
+        ],
         [
             [
                 p.name,
+                str(p.state),
                 human(p.cluster_size),
                 human(p.stats.capacity),
                 human(p.stats.allocated),
                 human(p.stats.provisioned),
                 human(p.stats.free),
                 str(len(p.backings)),
+                p.reason or "-",
             ]
             for p in pools
         ],
@@ -75,6 +87,8 @@ def pool_details(p: PoolInfo) -> str:
     text = fields(
         [
             ("name", p.name),
+            ("state", str(p.state)),
+            *([("reason", p.reason)] if p.reason else []),
             ("cluster size", human(p.cluster_size)),
             ("capacity", human(p.stats.capacity)),
             ("allocated", human(p.stats.allocated)),

@@ -51,6 +51,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from storvisor.engine.device import LIBC
+from storvisor.engine.probe import find_signature, wipe_signatures
 from storvisor.engine.types import BackingInfo, BackingKind, BackingSpec
 from storvisor.errors import Conflict, CorruptMetadata, InvalidArgument, IOFailure, NotFound
 
@@ -115,9 +116,15 @@ class Backing:
         """Prepare ``spec`` (creating or growing a sparse file when it has a size), check it is
         blank or a stale member of no pool, and write ``header``.
 
+        A device or file that existed before is probed for signatures (``engine.probe``):
+        one found makes this raise ``Conflict`` naming it, unless ``spec.force``, which
+        erases them. The device is probed before anything is written to it (a file is grown
+        to ``spec.size`` only after the probe).
+
         Returns the device and whether its file was created here. Raises ``Conflict`` if the
-        device carries another pool's header (or this pool's), ``NotFound`` if it does not
-        exist and no size was given, ``InvalidArgument`` if it is too small.
+        device carries another pool's header (or this pool's) or a foreign signature,
+        ``NotFound`` if it does not exist and no size was given, ``InvalidArgument`` if it is
+        too small, ``ProbeUnavailable`` if util-linux's probe is missing.
         """
         fd, created = _open_spec(spec)
         try:
@@ -126,6 +133,22 @@ class Backing:
                 raise Conflict(
                     f"{spec.path} belongs to pool {found.pool_name!r} ({found.pool_uuid})"
                 )
+            if not created:
+                signature = find_signature(spec.path)
+                if signature is not None and not spec.force:
+                    raise Conflict(
+                        f"{spec.path} holds {signature.describe()} (use --force to overwrite it)"
+                    )
+                if signature is not None:
+                    wipe_signatures(spec.path)
+            grow = spec.size is not None and _kind(fd) is BackingKind.FILE
+            if grow and spec.size is not None and _device_bytes(fd) < spec.size:
+                try:
+                    os.ftruncate(fd, spec.size)
+                except OSError as e:
+                    raise IOFailure(
+                        f"cannot grow {spec.path}: {e.strerror}", e.errno or errno.EIO
+                    ) from e
             kind = _kind(fd)
             if _device_bytes(fd) < 2 * header.cluster_size:
                 raise InvalidArgument(
@@ -278,8 +301,8 @@ def _open_spec(spec: BackingSpec) -> tuple[int, bool]:
                 created = True
             except FileExistsError:
                 fd = os.open(spec.path, flags)
-            if stat.S_ISREG(os.fstat(fd).st_mode) and os.fstat(fd).st_size < spec.size:
-                os.ftruncate(fd, spec.size)
+            if created:
+                os.ftruncate(fd, spec.size)  # an existing file grows after its probe
         else:
             fd = os.open(spec.path, flags)
     except FileNotFoundError as e:

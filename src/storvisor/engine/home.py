@@ -33,6 +33,8 @@ import fcntl
 import logging
 import os
 import shutil
+import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Sequence
@@ -40,10 +42,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storvisor.engine.pool import Pool, check_name
-from storvisor.engine.types import BackingSpec, PoolInfo
-from storvisor.errors import Conflict, CorruptMetadata, IOFailure, StateError
+from storvisor.engine.types import (
+    BackingInfo,
+    BackingKind,
+    BackingSpec,
+    PoolInfo,
+    PoolState,
+    PoolStats,
+)
+from storvisor.errors import (
+    Conflict,
+    CorruptMetadata,
+    IOFailure,
+    NotFound,
+    StateError,
+    StorvisorError,
+)
 
-__all__ = ["RECORD_WAIT", "Home", "HomeInUse", "HomeUser", "LockHolder", "Pool"]
+__all__ = ["RECORD_WAIT", "Home", "HomeInUse", "HomeUser", "LockHolder", "Pool", "PoolOffline"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +102,15 @@ class HomeInUse(Conflict):
         self.holder = holder
 
 
+class PoolOffline(CorruptMetadata):
+    """The pool could not be opened (``reason``: a backing device missing, unreadable,
+    shorter than recorded or foreign); ``Home.reopen_pool`` tries again."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"pool {name!r} is offline: {reason}")
+        self.reason = reason
+
+
 class Home:
     """The state directory. Opening it takes an exclusive lock (``fcntl.flock`` on
     ``HOME/lock``; see the module docstring) as ``user``.
@@ -95,7 +120,9 @@ class Home:
     ``HomeInUse`` (a ``Conflict``) naming the holder. ``IOFailure`` if HOME cannot be
     created or opened.
 
-    Thread-safe. Pools are opened on first use and cached until ``close``.
+    Thread-safe. Pools are opened on first use and cached until ``close``. A pool that
+    fails to open is *offline*: ``pool`` raises ``PoolOffline`` with the reason, ``pools``
+    and ``pool_info`` report it (``PoolState.OFFLINE``), until ``reopen_pool`` opens it.
     """
 
     def __init__(
@@ -122,6 +149,7 @@ class Home:
         self._lock_fd = fd
         self._lock = threading.RLock()
         self._pools: dict[str, Pool] = {}
+        self._offline: dict[str, str] = {}
 
     def _take_lock(self, fd: int, wait: float) -> None:
         """flock ``fd``, waiting up to ``wait`` seconds for a holder that is not a daemon."""
@@ -172,24 +200,56 @@ class Home:
             return pool.info()
 
     def pools(self) -> list[PoolInfo]:
-        """Every pool, by name (opening each one)."""
+        """Every pool, by name (opening each one); an offline pool is reported, never
+        raised."""
         with self._lock:
             self._check_open()
             names = sorted(
                 p.name for p in (self.path / "pools").iterdir() if (p / "catalog.db").exists()
             )
-            return [self.pool(name).info() for name in names]
+            return [self.pool_info(name) for name in names]
+
+    def pool_info(self, name: str) -> PoolInfo:
+        """The pool's record, with its state. Raises ``NotFound`` only."""
+        with self._lock:
+            try:
+                return self.pool(name).info()
+            except PoolOffline as e:
+                return _offline_info(self._dir(name), name, e.reason)
 
     def pool(self, name: str) -> Pool:
-        """The open pool ``name``. Raises ``NotFound``, ``CorruptMetadata``."""
+        """The open pool ``name``. Raises ``NotFound``, ``PoolOffline`` (a
+        ``CorruptMetadata``) if it could not be opened, now or before (see ``reopen_pool``).
+        """
         check_name(name, "pool")
         with self._lock:
             self._check_open()
             pool = self._pools.get(name)
-            if pool is None:
+            if pool is not None:
+                return pool
+            if name in self._offline:
+                raise PoolOffline(name, self._offline[name])
+            if not (self._dir(name) / "catalog.db").exists():
+                raise NotFound(f"no pool named {name!r}")
+            try:
                 pool = Pool.open(self._dir(name), name)
-                self._pools[name] = pool
+            except NotFound as e:
+                raise NotFound(f"no pool named {name!r}") from e
+            except StorvisorError as e:
+                reason = str(e).removeprefix(f"pool {name!r}: ")
+                self._offline[name] = reason
+                log.info("pool %s is offline: %s", name, reason)
+                raise PoolOffline(name, reason) from e
+            self._pools[name] = pool
             return pool
+
+    def reopen_pool(self, name: str) -> PoolInfo:
+        """Open an offline pool again (its device is back); an online pool is left as it
+        is. Raises ``NotFound``, ``PoolOffline`` with the reason it is still offline."""
+        with self._lock:
+            self._check_open()
+            self._offline.pop(name, None)
+            return self.pool(name).info()
 
     def delete_pool(self, name: str, *, force: bool = False) -> None:
         """Delete a pool: its catalog, the headers on its devices, and the files created for
@@ -203,6 +263,7 @@ class Home:
                 if not force:
                     raise
                 shutil.rmtree(self._dir(name))
+                self._offline.pop(name, None)
                 return
             if pool.volumes() and not force:
                 raise Conflict(f"pool {name!r} has volumes (use force to delete them too)")
@@ -243,6 +304,30 @@ class Home:
 
     def __repr__(self) -> str:
         return f"<Home {self.path}>"
+
+
+def _offline_info(directory: Path, name: str, reason: str) -> PoolInfo:
+    """What the catalog of an offline pool says (read-only; nothing when unreadable)."""
+    cluster_size = 0
+    backings: list[BackingInfo] = []
+    try:
+        uri = f"file:{directory / 'catalog.db'}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+            for (value,) in db.execute("SELECT value FROM meta WHERE key = 'cluster_size'"):
+                cluster_size = int(value)
+            for (path,) in db.execute("SELECT path FROM devices ORDER BY idx"):
+                backings.append(BackingInfo(str(path), _kind_of(str(path)), 0))
+    except (sqlite3.Error, ValueError):
+        pass
+    stats = PoolStats(0, 0, 0, 0)
+    return PoolInfo(name, cluster_size, tuple(backings), stats, PoolState.OFFLINE, reason)
+
+
+def _kind_of(path: str) -> BackingKind:
+    try:
+        return BackingKind.BLOCK if stat.S_ISBLK(os.stat(path).st_mode) else BackingKind.FILE
+    except OSError:
+        return BackingKind.FILE
 
 
 def _read_record(fd: int) -> LockHolder | None:

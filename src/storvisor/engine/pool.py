@@ -190,7 +190,7 @@ class Pool:
         try:
             for index, (spec, path) in enumerate(zip(backings, paths, strict=True)):
                 header = Header(index, cluster_size, pool_uuid, name)
-                attached.append(Backing.attach(BackingSpec(path, spec.size), header))
+                attached.append(Backing.attach(BackingSpec(path, spec.size, spec.force), header))
             catalog = Catalog(directory / "catalog.db")
             batch = Batch()
             for key, value in (
@@ -207,6 +207,7 @@ class Pool:
                         (backing.index, backing.path, int(created)),
                     )
                 )
+                batch.statements.append(_device_bytes_statement(backing))
             catalog.apply(batch)
             # the catalog's name and the pool directory's own entries must outlive a machine
             # crash, up to the state directory
@@ -249,6 +250,7 @@ class Pool:
                     backings[index] = Backing.open(path, expected)
                 except NotFound as e:
                     raise CorruptMetadata(f"pool {name!r}: {e}") from e
+            _check_lengths(name, catalog, backings)
         except BaseException:
             for backing in backings.values():
                 backing.close()
@@ -308,15 +310,18 @@ class Pool:
                     backing.grow(spec.size)
                     backing.sync()  # fdatasync makes the new file size durable
                     self._allocator.set_device(backing.index, backing.clusters)
-                    return self.info()
-            index = max(self._backings, default=-1) + 1
-            header = Header(index, self.cluster_size, self._identity.pool_uuid, self.name)
-            backing, created = Backing.attach(BackingSpec(path, spec.size), header)
-            self._backings[index] = backing
-            self._allocator.set_device(index, backing.clusters)
-            self._batch.statements.append(
-                ("INSERT INTO devices VALUES (?, ?, ?)", (index, path, int(created)))
-            )
+                    self._batch.statements.append(_device_bytes_statement(backing))
+                    break
+            else:
+                index = max(self._backings, default=-1) + 1
+                header = Header(index, self.cluster_size, self._identity.pool_uuid, self.name)
+                backing, created = Backing.attach(BackingSpec(path, spec.size, spec.force), header)
+                self._backings[index] = backing
+                self._allocator.set_device(index, backing.clusters)
+                self._batch.statements.append(
+                    ("INSERT INTO devices VALUES (?, ?, ?)", (index, path, int(created)))
+                )
+                self._batch.statements.append(_device_bytes_statement(backing))
         self.flush()
         return self.info()
 
@@ -383,7 +388,7 @@ class Pool:
         if self._closed:
             return
         self._stop.set()
-        self._wake.set()
+        self._wake.set()  # the committer may be waiting out COMMIT_INTERVAL
         self._committer.join()
         try:
             self.flush()
@@ -927,6 +932,31 @@ class Pool:
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} {self.directory}>"
+
+
+def _device_bytes_statement(backing: Backing) -> tuple[str, tuple[str, str]]:
+    """Record the size of a device, which ``Pool.open`` checks it still has."""
+    size = (backing.clusters + 1) * backing.cluster_size
+    return (
+        "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+        (f"device_bytes.{backing.index}", str(size)),
+    )
+
+
+def _check_lengths(name: str, catalog: Catalog, backings: dict[int, Backing]) -> None:
+    """Raise ``CorruptMetadata`` if a device is shorter than the size recorded for it (when
+    it was added or grown): its missing end is never read as data. A catalog that records
+    no size (a pool made before sizes were recorded) is not checked here; fsck reports a
+    reference past a device's end."""
+    meta = catalog.meta()
+    for index, backing in backings.items():
+        size = (backing.clusters + 1) * backing.cluster_size
+        recorded = int(meta.get(f"device_bytes.{index}", "0"))
+        if size < recorded:
+            raise CorruptMetadata(
+                f"pool {name!r}: backing device {backing.path} is shorter than recorded "
+                f"({size} bytes, {recorded} expected)"
+            )
 
 
 def _journal_seq_statement(seq: int) -> tuple[str, tuple[str]]:

@@ -18,10 +18,16 @@ class BackingKind(enum.StrEnum):
 @dataclass(frozen=True, slots=True)
 class BackingSpec:
     """A backing device to add to a pool: an existing file or block device (a LUN), or, with
-    ``size``, a sparse regular file created (or grown) to that many bytes."""
+    ``size``, a sparse regular file created (or grown) to that many bytes.
+
+    A device or existing file that carries a signature (a file system, a partition table,
+    swap, an LVM physical volume, a RAID member...) is refused unless ``force`` is set; a
+    forced one has its signatures erased. Another storvisor pool's header is refused even
+    with ``force`` (``storvisor pool delete`` releases a device)."""
 
     path: str
     size: int | None = None
+    force: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +48,28 @@ class PoolStats:
     free: int
 
 
+class PoolState(enum.StrEnum):
+    """Whether a pool serves. ``OFFLINE``: it could not be opened (a backing device missing,
+    unreadable, shorter than recorded, or carrying another identity); its volumes are not
+    served and ``reason`` says why until ``Home.reopen_pool`` succeeds. ``DEGRADED``: it
+    serves, with a problem ``reason`` names."""
+
+    ONLINE = "online"
+    DEGRADED = "degraded"
+    OFFLINE = "offline"
+
+
 @dataclass(frozen=True, slots=True)
 class PoolInfo:
+    """A pool. An offline pool has the devices its catalog records (size 0 when they cannot
+    be opened) and zero space."""
+
     name: str
     cluster_size: int
     backings: tuple[BackingInfo, ...]
     stats: PoolStats
+    state: PoolState = PoolState.ONLINE
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
