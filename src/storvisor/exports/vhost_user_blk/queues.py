@@ -180,6 +180,12 @@ class _QueueWorker:
         queue = self.queue
         assert queue is not None
         if self.owner.logging:
+            if not chain.written:  # popped before logging began: its pages are still unknown
+                recording, queue.record_writes = queue.record_writes, True
+                try:
+                    chain.written = queue.walk(chain.head).written
+                finally:
+                    queue.record_writes = recording
             # marked before the entry is published: a front-end that sees the completion
             # finds the pages in the log
             self.owner.log_completion(self.index, chain, queue.used_idx % queue.num)
