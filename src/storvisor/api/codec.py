@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
+import os
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from storvisor.errors import ProtocolError
@@ -102,3 +105,19 @@ def _decode_record(cls: type[Any], data: Mapping[str, JSONValue], where: str) ->
             continue
         kwargs[field.name] = _decode(hints[field.name], data[field.name], f"{where}.{field.name}")
     return cls(**kwargs)
+
+
+def save_json(path: Path, doc: object) -> None:
+    """Replace the JSON file ``path`` with ``doc`` atomically and durably: a temporary file
+    beside it, fsync, rename over it, fsync of the directory. Raises ``OSError``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(doc, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

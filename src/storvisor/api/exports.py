@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from storvisor.api.codec import decode_list, encode
+from storvisor.api.codec import decode_list, encode, save_json
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.qos import ThrottledDevice
 from storvisor.errors import Conflict, CorruptMetadata, InvalidArgument, NotFound, ProtocolError
@@ -138,19 +138,8 @@ class ExportStore:
             raise CorruptMetadata(f"{self._path}: unreadable export definitions: {e}") from e
 
     def save(self, specs: list[ExportSpec]) -> None:
-        """Replace the definitions atomically (temporary file, fsync, rename)."""
-        tmp = self._path.with_name(f".{EXPORTS_FILE}.tmp")
-        data = json.dumps({"version": 1, "exports": encode(specs)}, indent=2) + "\n"
-        with open(tmp, "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._path)
-        dir_fd = os.open(self._path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        """Replace the definitions atomically (temporary file, fsync, rename, fsync of HOME)."""
+        save_json(self._path, {"version": 1, "exports": encode(specs)})
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,13 +21,12 @@ A volume's QoS names its spec; deleting a spec still named by a volume is refuse
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from storvisor.api.codec import decode_list, encode
+from storvisor.api.codec import decode_list, encode, save_json
 from storvisor.engine.qos import QosBlock, QosSpec
 from storvisor.errors import Conflict, CorruptMetadata, InvalidArgument, NotFound, ProtocolError
 
@@ -122,18 +121,7 @@ class QosStore:
 
     def save(self, specs: list[QosSpecInfo], volumes: list[VolumeQos]) -> None:
         """Replace the document atomically (temporary file, fsync, rename, fsync of HOME)."""
-        tmp = self._path.with_name(f".{QOS_FILE}.tmp")
-        doc = {"version": 1, "specs": encode(specs), "volumes": encode(volumes)}
-        with open(tmp, "w") as f:
-            f.write(json.dumps(doc, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._path)
-        dir_fd = os.open(self._path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        save_json(self._path, {"version": 1, "specs": encode(specs), "volumes": encode(volumes)})
 
 
 SizeOf = Callable[[str, str], int]
