@@ -45,6 +45,7 @@ from enum import Enum
 from typing import NamedTuple
 
 from storvisor.errors import ProtocolError
+from storvisor.protocols.feed import feed
 
 Buffer = bytes | bytearray | memoryview
 
@@ -171,13 +172,7 @@ class Decoder:
         if not data:
             self._eof = True
             return
-        source = memoryview(data).cast("B")
-        while source:
-            with self.get_buffer(len(source)) as view:
-                n = min(len(view), len(source))
-                view[:n] = source[:n]
-            self.buffer_updated(n)
-            source = source[n:]
+        feed(data, self.get_buffer, self.buffer_updated)
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """A writable view of free receive space, for ``recv_into``; report what was written

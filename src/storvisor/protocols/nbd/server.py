@@ -41,6 +41,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from storvisor.errors import ProtocolError, StateError
+from storvisor.protocols.feed import feed
 from storvisor.protocols.nbd import constants as C
 from storvisor.protocols.nbd._state import State, Trigger, transition
 from storvisor.protocols.nbd.events import (
@@ -184,13 +185,7 @@ class ServerConnection:
         if not data:
             self._eof = True
             return
-        source = memoryview(data).cast("B")
-        while source:
-            with self.get_buffer(len(source)) as view:
-                n = min(len(view), len(source))
-                view[:n] = source[:n]
-            self.buffer_updated(n)
-            source = source[n:]
+        feed(data, self.get_buffer, self.buffer_updated)
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """A writable view of free receive space, for ``recv_into``; report what was written
