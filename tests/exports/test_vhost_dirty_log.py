@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -20,6 +21,7 @@ from storvisor.testing.memory import MemoryDevice
 from storvisor.testing.vhost_frontend import RegionSpec, VhostUserFrontend
 
 PAGE = 4096
+STALL = 60.0
 
 
 @pytest.fixture
@@ -81,3 +83,47 @@ def test_dirty_log_bitmap() -> None:
     log.mark(9 * PAGE, 0)  # nothing
     log.mark((1 << 20) + PAGE, PAGE)  # beyond the bitmap: ignored
     assert buf[0] == 0b0001_1000 and not any(buf[1:])
+
+
+class _HeldDevice(MemoryDevice):
+    """Reads wait until ``release`` is set; ``entered`` tells that one is waiting."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        self.entered.set()
+        assert self.release.wait(STALL), "the test never released the read"
+        super().read_into(offset, buf)
+
+
+@pytest.mark.parametrize("length", [2 * PAGE, 64 * PAGE], ids=["inline", "offloaded"])
+def test_a_request_in_flight_when_logging_starts_is_logged(length: int) -> None:
+    """QEMU starts logging while requests run; one popped before and completed after must
+    still mark the pages it wrote (QEMU may have sent them already), and its used entry."""
+    path = tempfile.mkdtemp(prefix="vub-", dir="/tmp")
+    device = _HeldDevice(4 << 20)
+    server = VhostUserBlkServer(device, f"{path}/s.sock", serial="held")
+    server.start()
+    regions = [RegionSpec(0x10_0000, 8 << 20, mmap_offset=PAGE)]
+    try:
+        with VhostUserFrontend(f"{path}/s.sock", regions=regions, dirty_log=True) as fe:
+            fe.setup()
+            used_page = fe.queues[0].used_gpa // PAGE
+            header = fe.memory.alloc(16, PAGE)
+            fe.memory.write(header, blk.VIRTIO_BLK_OUTHDR.pack(RequestType.IN, 0, 0))
+            data = fe.memory.alloc(length, PAGE)
+            status = fe.memory.alloc(1, PAGE)
+            head = fe.queues[0].submit([(header, 16)], [(data, length), (status, 1)])
+            assert device.entered.wait(STALL), "the request never reached the device"
+            fe.start_logging()
+            device.release.set()
+            fe.blk.wait(0, head)
+            assert fe.memory.read(status, 1)[0] == Status.OK
+            assert fe.dirty_pages() == pages(data, length) | {status // PAGE, used_page}
+    finally:
+        device.release.set()
+        server.close()
+        shutil.rmtree(path, ignore_errors=True)

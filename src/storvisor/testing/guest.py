@@ -302,9 +302,9 @@ class Guest:
     """One QEMU/TCG guest running ``script``; use as a context manager.
 
     ``qemu_args`` are appended to the command line (disks, chardevs, netdevs). The guest has
-    ``memory_mib`` of shared memfd RAM and ``cpus`` vCPUs. ``timeout`` bounds ``wait`` and
-    ``wait_for_line`` when they are not given their own. Leaving the ``with`` block kills QEMU
-    if it still runs and removes the per-run files.
+    ``memory_mib`` MiB and ``ram_tail_kib`` KiB of shared memfd RAM and ``cpus`` vCPUs.
+    ``timeout`` bounds ``wait`` and ``wait_for_line`` when they are not given their own.
+    Leaving the ``with`` block kills QEMU if it still runs and removes the per-run files.
     """
 
     def __init__(
@@ -313,6 +313,7 @@ class Guest:
         *,
         qemu_args: Sequence[str] = (),
         memory_mib: int = 256,
+        ram_tail_kib: int = 0,
         cpus: int = 1,
         modules: Sequence[str] = DEFAULT_MODULES,
         kernel: Kernel | None = None,
@@ -322,6 +323,7 @@ class Guest:
         self.script = script
         self.qemu_args = list(qemu_args)
         self.memory_mib = memory_mib
+        self.ram_tail_kib = ram_tail_kib
         self.cpus = cpus
         self.modules = tuple(modules)
         self.kernel = kernel
@@ -366,7 +368,7 @@ class Guest:
         with initrd.open("wb") as out, base.open("rb") as src:
             shutil.copyfileobj(src, out)
             out.write(extra.getvalue())
-        mem = f"{self.memory_mib}M"
+        mem = f"{self.memory_mib * 1024 + self.ram_tail_kib}K"
         self._command = [
             QEMU,
             "-accel", "tcg",

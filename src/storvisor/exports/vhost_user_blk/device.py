@@ -213,9 +213,19 @@ class _Device:
 
     def set_features(self, features: int) -> None:
         logging = bool(features & bit(m.VHOST_F_LOG_ALL))
-        if logging != self.logging:
-            log.info("vhost-user-blk dirty logging %s", "on" if logging else "off")
-        self.logging = logging
+        if logging == self.logging:
+            return
+        log.info("vhost-user-blk dirty logging %s", "on" if logging else "off")
+        # Flipped under every ring lock: a completion either is published before the flip
+        # or sees it, so none published after the front-end's acknowledgement goes unlogged.
+        locks = [worker.ring_lock for worker in self._workers.values()]
+        for lock in locks:
+            lock.acquire()
+        try:
+            self.logging = logging
+        finally:
+            for lock in locks:
+                lock.release()
 
     def set_vring_log(self, index: int, log_guest_addr: int | None) -> None:
         self._vring_log[index] = log_guest_addr

@@ -102,6 +102,11 @@ class _QueueWorker:
             target=self._run, name=f"vhost-blk-q{setup.index}", daemon=True
         )
 
+    @property
+    def ring_lock(self) -> threading.Lock:
+        """Held while a completion is published (see ``_Device.set_features``)."""
+        return self._ring_lock
+
     def start(self) -> None:
         self._thread.start()
 
@@ -283,7 +288,7 @@ class _QueueWorker:
                 raise QueueBroken("a request failed unexpectedly")
             served = 0
             writethrough = owner.writethrough
-            logging = queue.record_writes = owner.logging
+            queue.record_writes = owner.logging
             parked = False
             while not self._stop:  # a stop request ends the batch (GET_VRING_BASE waits)
                 # Only this thread parks the ring, and pool threads pop it only while it is
@@ -320,8 +325,8 @@ class _QueueWorker:
                     read_only=read_only,
                     vectored=vectored,
                 )
-                with lock:
-                    if logging:
+                with lock:  # logging may have begun while the request ran
+                    if owner.logging:
                         self._complete(chain, used_len)
                     else:
                         queue.push(chain.head, used_len)
