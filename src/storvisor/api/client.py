@@ -20,6 +20,7 @@ from urllib.parse import quote
 from storvisor import errors
 from storvisor.api.codec import JSONValue, decode, decode_list, encode
 from storvisor.api.exports import ExportInfo, ExportKind
+from storvisor.api.jobs import JobInfo
 from storvisor.api.messages import (
     API_PREFIX,
     CreateClone,
@@ -29,6 +30,8 @@ from storvisor.api.messages import (
     CreateSnapshot,
     CreateVolume,
     ErrorBody,
+    ExportImage,
+    ImportImage,
     LibvirtXml,
     Resize,
     Rollback,
@@ -269,3 +272,24 @@ class Client:
 
     def close(self) -> None:
         """Nothing to release: every request uses its own connection."""
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def import_image(self, pool: str, volume: str, path: str, fmt: str | None = None) -> JobInfo:
+        req = ImportImage(volume, path, fmt)
+        return self._get(JobInfo, "POST", f"/pools/{_q(pool)}/imports", req)
+
+    def export_image(
+        self, pool: str, volume: str, snapshot: str | None, path: str, fmt: str
+    ) -> JobInfo:
+        req = ExportImage(path, fmt, snapshot)
+        return self._get(JobInfo, "POST", self._vol(pool, volume) + "/image-exports", req)
+
+    def jobs(self) -> list[JobInfo]:
+        return self._list(JobInfo, "/jobs")
+
+    def job(self, job_id: str) -> JobInfo:
+        return self._get(JobInfo, "GET", f"/jobs/{_q(job_id)}")
+
+    def cancel_job(self, job_id: str) -> JobInfo:
+        return self._get(JobInfo, "POST", f"/jobs/{_q(job_id)}/cancel")

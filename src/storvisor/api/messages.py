@@ -89,3 +89,22 @@ class ErrorDetail:
 @dataclass(frozen=True, slots=True)
 class ErrorBody:
     error: ErrorDetail
+
+
+@dataclass(frozen=True, slots=True)
+class ImportImage:
+    """Create volume ``volume`` from the image file ``path`` (absolute, on the daemon's host);
+    ``format`` forces the image format instead of probing it."""
+
+    volume: str
+    path: str
+    format: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExportImage:
+    """Write the volume (or its snapshot) to a new image file ``path`` in ``format``."""
+
+    path: str
+    format: str
+    snapshot: str | None = None

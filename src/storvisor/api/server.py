@@ -23,6 +23,9 @@ Resources (all under ``/v1``; path segments are percent-encoded, so an export na
     GET    /qos-specs                               POST  /qos-specs        CreateQosSpec
     GET    /qos-specs/{name}                        DELETE /qos-specs/{name}
     GET    /pools/{pool}/volumes/{vol}/qos          POST  .../qos           SetVolumeQos
+    POST   /pools/{pool}/imports                    ImportImage   (202: a job)
+    POST   /pools/{pool}/volumes/{vol}/image-exports                ExportImage   (202: a job)
+    GET    /jobs                                    GET   /jobs/{id}        POST /jobs/{id}/cancel
 
 A success answers 200 with the record (or list of records) as JSON, or 204 with no body. An
 error answers ``{"error": {"type": ..., "message": ...}}``, ``type`` being the
@@ -63,6 +66,8 @@ from storvisor.api.messages import (
     CreateVolume,
     ErrorBody,
     ErrorDetail,
+    ExportImage,
+    ImportImage,
     LibvirtXml,
     Resize,
     Rollback,
@@ -228,6 +233,39 @@ _ROUTES.extend(
 )
 
 
+# -- job routes: a started job answers 202 -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A result sent with 202 Accepted: the work goes on (a job)."""
+
+    value: object
+
+
+def _import_image(s: Service, r: Request) -> object:
+    req = r.parse(ImportImage)
+    return Accepted(s.import_image(r.params[0], req.volume, req.path, req.format))
+
+
+def _export_image(s: Service, r: Request) -> object:
+    req = r.parse(ExportImage)
+    pool, volume = r.params
+    return Accepted(s.export_image(pool, volume, req.snapshot, req.path, req.format))
+
+
+_ROUTES.extend(
+    (m, re.compile(f"^{API_PREFIX}{p}$"), h)
+    for m, p, h in [
+        ("POST", f"/pools/{_P}/imports", _import_image),
+        ("POST", f"/pools/{_P}/volumes/{_P}/image-exports", _export_image),
+        ("GET", "/jobs", lambda s, r: s.jobs()),
+        ("GET", f"/jobs/{_P}", lambda s, r: s.job(r.params[0])),
+        ("POST", f"/jobs/{_P}/cancel", lambda s, r: s.cancel_job(r.params[0])),
+    ]
+)
+
+
 _STATUSES: tuple[tuple[type[StorvisorError], HTTPStatus], ...] = (
     (NotFound, HTTPStatus.NOT_FOUND),
     (Conflict, HTTPStatus.CONFLICT),
@@ -344,6 +382,9 @@ class _Handler(BaseHTTPRequestHandler):
         if result is None:
             self.send_response(HTTPStatus.NO_CONTENT)
             self.end_headers()
+            return
+        if isinstance(result, Accepted):
+            self._send_json(HTTPStatus.ACCEPTED, encode(result.value))
             return
         self._send_json(HTTPStatus.OK, encode(result))
 

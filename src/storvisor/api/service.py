@@ -37,6 +37,8 @@ from storvisor.api.exports import (
     export_uris,
     without,
 )
+from storvisor.api.images import check_output_image, convert, image_info
+from storvisor.api.jobs import Cleanup, JobInfo, JobManager, JobProgress
 from storvisor.api.qos import QosKey, QosManager, QosSpecInfo, VolumeQos
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.home import Home
@@ -137,6 +139,15 @@ class Management(Protocol):
     def set_volume_qos(
         self, pool: str, volume: str, *, spec: str | None = None, keys: Sequence[QosKey] = ()
     ) -> VolumeQos: ...
+    def import_image(
+        self, pool: str, volume: str, path: str, fmt: str | None = None
+    ) -> JobInfo: ...
+    def export_image(
+        self, pool: str, volume: str, snapshot: str | None, path: str, fmt: str
+    ) -> JobInfo: ...
+    def jobs(self) -> list[JobInfo]: ...
+    def job(self, job_id: str) -> JobInfo: ...
+    def cancel_job(self, job_id: str) -> JobInfo: ...
     def close(self) -> None: ...
 
 
@@ -156,6 +167,7 @@ class Service:
         self._broken: dict[str, str] = {}
         self._lock = threading.RLock()
         self._qos = QosManager(home.path, lambda pool, vol: self.volume_info(pool, vol).size)
+        self._jobs = JobManager(home.path, self._undo)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Service:
@@ -470,6 +482,7 @@ class Service:
         definition that cannot start is logged and reported as ``broken`` by ``exports``; the
         others still start."""
         runtime = self._require_runtime()
+        self._jobs.recover()  # a job cut by a crash: its exports and partial result go first
         with self._lock:
             for spec in self._specs:
                 try:
@@ -506,8 +519,93 @@ class Service:
                     return self._export_info(spec)
             return self.export_nbd(DEMO_POOL, DEMO_VOLUME, name=DEMO_EXPORT)
 
+    # -- jobs ---------------------------------------------------------------------------
+
+    def import_image(self, pool: str, volume: str, path: str, fmt: str | None = None) -> JobInfo:
+        """Create ``POOL/VOLUME`` from the disk image at ``path`` (any format ``qemu-img``
+        reads; ``fmt`` forces one) as a job; zeros and holes of the image stay unallocated.
+        If the job fails or is cancelled, the volume is deleted. Daemon only."""
+        self._require_runtime()
+        image_fmt, size = image_info(path, fmt)
+        size = -(-size // 512) * 512
+        export = f"job-import-{os.urandom(4).hex()}"
+        cleanup = Cleanup(exports=(export,), volumes=(f"{pool}/{volume}",))
+        with self._lock:
+            self.home.pool(pool)  # NotFound before anything is recorded
+            try:
+                self.home.pool(pool).volume_info(volume)
+            except NotFound:
+                pass
+            else:
+                raise Conflict(f"volume {pool}/{volume} already exists")
+            job_id = self._jobs.create("import", f"{pool}/{volume}", cleanup)
+            try:
+                self.create_volume(pool, volume, size)
+                uri = self.export_nbd(pool, volume, name=export).uris[0]
+            except BaseException:
+                self._jobs.abandon(job_id)
+                raise
+
+        def work(progress: JobProgress) -> None:
+            arguments = ["-n", "--target-is-zero", "-f", image_fmt, "-O", "raw", path, uri]
+            convert(arguments, size, progress)
+
+        return self._jobs.run(job_id, work)
+
+    def export_image(
+        self, pool: str, volume: str, snapshot: str | None, path: str, fmt: str
+    ) -> JobInfo:
+        """Write a volume (or snapshot) to a new image file ``path`` in format ``fmt`` as a
+        job; unallocated ranges stay holes. A failed or cancelled job removes the file.
+        Daemon only."""
+        self._require_runtime()
+        check_output_image(path, fmt)
+        target = f"{pool}/{volume}" + (f"@{snapshot}" if snapshot else "")
+        export = f"job-export-{os.urandom(4).hex()}"
+        with self._lock:
+            job_id = self._jobs.create(
+                "export-image", target, Cleanup(exports=(export,), files=(path,))
+            )
+            try:
+                uri = self.export_nbd(pool, volume, snapshot, name=export, read_only=True).uris[0]
+                size = self.volume_info(pool, volume).size
+                if snapshot is not None:
+                    size = next(i.size for i in self.snapshots(pool, volume) if i.name == snapshot)
+            except BaseException:
+                self._jobs.abandon(job_id)
+                raise
+
+        def work(progress: JobProgress) -> None:
+            convert(["-f", "raw", "-O", fmt, uri, path], size, progress)
+
+        return self._jobs.run(job_id, work)
+
+    def jobs(self) -> list[JobInfo]:
+        """Running jobs and the most recent finished ones, oldest first."""
+        return self._jobs.list()
+
+    def job(self, job_id: str) -> JobInfo:
+        return self._jobs.get(job_id)
+
+    def cancel_job(self, job_id: str) -> JobInfo:
+        """Stop a running job; what it created is removed. ``Conflict`` if it has ended."""
+        return self._jobs.cancel(job_id)
+
+    def _undo(self, cleanup: Cleanup) -> None:
+        for name in cleanup.exports:
+            with contextlib.suppress(NotFound):
+                self.remove_export(name)
+        for ref in cleanup.volumes:
+            pool, _, volume = ref.partition("/")
+            with contextlib.suppress(NotFound):
+                self.delete_volume(pool, volume)
+        for path in cleanup.files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
     def close(self) -> None:
         """Stop every export, flush and close every pool, release the HOME lock."""
+        self._jobs.close()  # before the lock: a job undoing itself takes it
         with self._lock:
             try:
                 if self._runtime is not None:

@@ -33,9 +33,11 @@ from typing import NoReturn
 from storvisor import __version__
 from storvisor.api.client import Client, DaemonUnavailable
 from storvisor.api.exports import ExportInfo, ExportState, TcpAddress, parse_tcp_address
+from storvisor.api.jobs import JobInfo, JobState
 from storvisor.api.qos import QosKey
 from storvisor.api.service import Management, Service
 from storvisor.cli import output
+from storvisor.cli.progress import wait_for_job
 from storvisor.engine.home import HomeInUse, HomeUser
 from storvisor.engine.types import BackingSpec, PoolState
 from storvisor.errors import StorvisorError
@@ -388,6 +390,50 @@ def volume_set_qos(m: Management, a: argparse.Namespace) -> int:
     return _print(a, info, output.volume_qos_details(info))
 
 
+def _job_outcome(m: Management, a: argparse.Namespace, job: JobInfo, done: str) -> int:
+    """``--no-wait``: print the job id; otherwise wait (progress bar) and report the end."""
+    if a.no_wait:
+        return _print(a, job, job.id)
+    job = wait_for_job(m, job, bar=not a.json)
+    if job.state is JobState.SUCCEEDED:
+        return _print(a, job, f"{done} (job {job.id})")
+    if a.json:
+        print(output.to_json(job))
+    else:
+        print(f"error: job {job.id} {job.state.value}: {job.error}", file=sys.stderr)
+    return 1
+
+
+def volume_import(m: Management, a: argparse.Namespace) -> int:
+    path = os.path.abspath(a.file)
+    job = m.import_image(a.ref.pool, a.ref.volume, path, a.format)
+    return _job_outcome(m, a, job, f"imported {path} into {a.ref}")
+
+
+def volume_export_image(m: Management, a: argparse.Namespace) -> int:
+    path = os.path.abspath(a.file)
+    ref = a.ref
+    job = m.export_image(ref.pool, ref.volume, ref.snapshot, path, a.format)
+    return _job_outcome(m, a, job, f"wrote {ref} to {path} ({a.format})")
+
+
+def job_list(m: Management, a: argparse.Namespace) -> int:
+    jobs = m.jobs()
+    return _print(a, jobs, output.jobs_table(jobs))
+
+
+def job_show(m: Management, a: argparse.Namespace) -> int:
+    job = m.job(a.id)
+    return _print(a, job, output.job_details(job))
+
+
+def job_cancel(m: Management, a: argparse.Namespace) -> int:
+    job = m.cancel_job(a.id)
+    if not a.no_wait:
+        job = wait_for_job(m, job, bar=False)
+    return _print(a, job, f"job {job.id}: {job.state.value}")
+
+
 def volume_show_qos(m: Management, a: argparse.Namespace) -> int:
     info = m.volume_qos(a.ref.pool, a.ref.volume)
     return _print(a, info, output.volume_qos_details(info))
@@ -544,6 +590,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("new", metavar="POOL/NEW", type=volume_ref)
     c = cmd(vol, "flatten", volume_flatten, "make a clone independent of its origin", json=True)
     c.add_argument("ref", metavar="POOL/VOL", type=volume_ref)
+
+    c = cmd(vol, "import", volume_import, "create a volume from a disk image", json=True)
+    c.add_argument("ref", metavar="POOL/VOL", type=volume_ref)
+    c.add_argument("file", metavar="FILE", help="a disk image (any format qemu-img reads)")
+    c.add_argument("--format", metavar="F", help="the image format (default: probed)")
+    c.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    c = cmd(vol, "export-image", volume_export_image, "write a volume to a disk image", json=True)
+    c.add_argument("ref", metavar="POOL/VOL[@SNAP]", type=volume_or_snapshot_ref)
+    c.add_argument("file", metavar="FILE", help="the image to create (must not exist)")
+    c.add_argument("--format", metavar="F", required=True, help="raw, qcow2, vmdk, vdi, vhdx...")
+    c.add_argument("--no-wait", action="store_true", help="print the job id and return")
+
+    jobs = group("job", "watch and cancel long operations")
+    cmd(jobs, "list", job_list, "list running and recent jobs", json=True)
+    c = cmd(jobs, "show", job_show, "show a job's progress", json=True)
+    c.add_argument("id", metavar="ID")
+    c = cmd(jobs, "cancel", job_cancel, "cancel a running job", json=True)
+    c.add_argument("id", metavar="ID")
+    c.add_argument("--no-wait", action="store_true", help="do not wait for it to stop")
 
     snap = group("snapshot", "manage snapshots")
     for name, func, help in [

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from storvisor.api.codec import encode
 from storvisor.api.exports import ExportInfo
+from storvisor.api.jobs import JobInfo
 from storvisor.api.qos import QosKey, QosSpecInfo, VolumeQos
 from storvisor.engine.types import FsckReport, PoolInfo, SnapshotInfo, VolumeInfo
 from storvisor.units import format_size
@@ -215,4 +216,44 @@ def qos_spec_details(s: QosSpecInfo) -> str:
 def volume_qos_details(q: VolumeQos) -> str:
     pairs = [("volume", f"{q.pool}/{q.volume}"), ("qos spec", q.spec or "-")]
     pairs += [(k.key, k.value) for k in q.keys] or [("limits", "none")]
+    return fields(pairs)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def jobs_table(jobs: Sequence[JobInfo]) -> str:
+    rows = [
+        [
+            j.id,
+            j.kind,
+            j.target,
+            j.state.value,
+            f"{100 * j.done // j.total if j.total else 0}%",
+            _time(j.started),
+        ]
+        for j in jobs
+    ]
+    return table(["ID", "KIND", "TARGET", "STATE", "DONE", "STARTED"], rows)
+
+
+def job_details(j: JobInfo) -> str:
+    pairs = [
+        ("id", j.id),
+        ("kind", j.kind),
+        ("target", j.target),
+        ("state", j.state.value),
+        ("progress", f"{human(j.done)} of {human(j.total)}"),
+        ("rate", f"{human(int(j.rate))}/s"),
+        ("eta", _duration(j.eta)),
+        ("started", _time(j.started)),
+    ]
+    if j.finished is not None:
+        pairs.append(("finished", _time(j.finished)))
+    if j.error:
+        pairs.append(("error", j.error))
     return fields(pairs)
