@@ -584,3 +584,47 @@ def test_pool_with_a_missing_device(home: Home, tmp_path: Path) -> None:
             again.delete_pool("gone")
         again.delete_pool("gone", force=True)
         assert again.pools() == []
+
+
+def test_flatten_reports_progress_and_stops_consistently(pool: Pool) -> None:
+    """``flatten``'s progress callback sees every copied byte; an exception from it stops the
+    copy with the volume still a clone that reads the same, and a later flatten finishes."""
+    cs = pool.cluster_size
+    handle = pool.open_volume(pool.create_volume("v", 8 * cs).name)
+    data = bytes(range(256)) * (8 * cs // 256)
+    handle.write(0, data)
+    handle.close()
+    pool.create_snapshot("v", "s")
+    pool.clone("v", "s", "c")
+    seen: list[tuple[int, int]] = []
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_three(done: int, total: int) -> None:
+        seen.append((done, total))
+        if done >= 3 * cs:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pool.flatten("c", stop_after_three)
+    assert seen == [(i * cs, 8 * cs) for i in range(4)]
+    assert pool.volume_info("c").origin == "v@s"
+    assert _contents(pool, "c", 8 * cs) == data
+    assert pool.fsck().clean
+    seen.clear()
+    assert pool.flatten("c", lambda done, total: seen.append((done, total))).origin is None
+    assert seen[0] == (0, 5 * cs) and seen[-1] == (5 * cs, 5 * cs)
+    pool.delete_snapshot("v", "s")
+    assert _contents(pool, "c", 8 * cs) == data
+    assert pool.fsck().clean
+
+
+def _contents(pool: Pool, volume: str, size: int) -> bytes:
+    handle = pool.open_volume(volume)
+    try:
+        buf = bytearray(size)
+        handle.read_into(0, memoryview(buf))
+        return bytes(buf)
+    finally:
+        handle.close()

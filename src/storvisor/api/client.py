@@ -191,6 +191,9 @@ class Client:
     def flatten(self, pool: str, volume: str) -> VolumeInfo:
         return self._get(VolumeInfo, "POST", self._vol(pool, volume) + "/flatten")
 
+    def start_flatten(self, pool: str, volume: str) -> JobInfo:
+        return self._get(JobInfo, "POST", self._vol(pool, volume) + "/flatten?job=1")
+
     def create_snapshot(self, pool: str, volume: str, snapshot: str) -> SnapshotInfo:
         path = self._vol(pool, volume) + "/snapshots"
         return self._get(SnapshotInfo, "POST", path, CreateSnapshot(snapshot))

@@ -12,7 +12,7 @@ Resources (all under ``/v1``; path segments are percent-encoded, so an export na
     GET    /pools/{pool}/volumes                    POST  /pools/{pool}/volumes   CreateVolume
     GET    /pools/{pool}/volumes/{vol}              DELETE /pools/{pool}/volumes/{vol}
     POST   /pools/{pool}/volumes/{vol}/extend       Resize
-    POST   /pools/{pool}/volumes/{vol}/flatten
+    POST   /pools/{pool}/volumes/{vol}/flatten[?job=1]                  (job=1: 202, a job)
     POST   /pools/{pool}/volumes/{vol}/rollback     Rollback
     GET    /pools/{pool}/volumes/{vol}/libvirt-xml
     GET    /pools/{pool}/volumes/{vol}/snapshots    POST  .../snapshots      CreateSnapshot
@@ -172,7 +172,13 @@ _ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
             f"/pools/{_P}/volumes/{_P}/extend",
             lambda s, r: s.extend_volume(*r.params, r.parse(Resize).size),
         ),
-        ("POST", f"/pools/{_P}/volumes/{_P}/flatten", lambda s, r: s.flatten(*r.params)),
+        (
+            "POST",
+            f"/pools/{_P}/volumes/{_P}/flatten",
+            lambda s, r: (
+                Accepted(s.start_flatten(*r.params)) if r.flag("job") else s.flatten(*r.params)
+            ),
+        ),
         (
             "POST",
             f"/pools/{_P}/volumes/{_P}/rollback",

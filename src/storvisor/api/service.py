@@ -103,6 +103,7 @@ class Management(Protocol):
     def extend_volume(self, pool: str, name: str, size: int) -> VolumeInfo: ...
     def clone(self, pool: str, volume: str, snapshot: str, new: str) -> VolumeInfo: ...
     def flatten(self, pool: str, volume: str) -> VolumeInfo: ...
+    def start_flatten(self, pool: str, volume: str) -> JobInfo: ...
     def create_snapshot(self, pool: str, volume: str, snapshot: str) -> SnapshotInfo: ...
     def snapshots(self, pool: str, volume: str) -> list[SnapshotInfo]: ...
     def delete_snapshot(self, pool: str, volume: str, snapshot: str) -> None: ...
@@ -304,6 +305,23 @@ class Service:
         """Copy the data a clone shares with its origin so it no longer depends on it."""
         with self._lock:
             return self.home.pool(pool).flatten(volume)
+
+    def start_flatten(self, pool: str, volume: str) -> JobInfo:
+        """``flatten`` as a job, with progress; cancelling it keeps the clusters copied so
+        far (the volume stays a consistent clone and a later flatten goes on from there)."""
+        with self._lock:
+            p = self.home.pool(pool)
+            p.volume_info(volume)
+        job_id = self._jobs.create("flatten", f"{pool}/{volume}", Cleanup())
+
+        def work(progress: JobProgress) -> None:
+            def report(done: int, total: int) -> None:
+                progress.update(done, total)
+                progress.check()
+
+            p.flatten(volume, report)
+
+        return self._jobs.run(job_id, work)
 
     # -- snapshots ----------------------------------------------------------------------
 

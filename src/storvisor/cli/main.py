@@ -251,7 +251,13 @@ def volume_clone(m: Management, a: argparse.Namespace) -> int:
 
 
 def volume_flatten(m: Management, a: argparse.Namespace) -> int:
-    info = m.flatten(a.ref.pool, a.ref.volume)
+    job = m.start_flatten(a.ref.pool, a.ref.volume)
+    if a.no_wait:
+        return _print(a, job, job.id)
+    job = wait_for_job(m, job, bar=not a.json)
+    if job.state is not JobState.SUCCEEDED:
+        return _job_failed(a, job)
+    info = m.volume_info(a.ref.pool, a.ref.volume)
     return _print(a, info, output.volume_details(info))
 
 
@@ -397,10 +403,14 @@ def _job_outcome(m: Management, a: argparse.Namespace, job: JobInfo, done: str) 
     job = wait_for_job(m, job, bar=not a.json)
     if job.state is JobState.SUCCEEDED:
         return _print(a, job, f"{done} (job {job.id})")
+    return _job_failed(a, job)
+
+
+def _job_failed(a: argparse.Namespace, job: JobInfo) -> int:
     if a.json:
         print(output.to_json(job))
     else:
-        print(f"error: job {job.id} {job.state.value}: {job.error}", file=sys.stderr)
+        print(f"storvisor: error: job {job.id} {job.state.value}: {job.error}", file=sys.stderr)
     return 1
 
 
@@ -590,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("new", metavar="POOL/NEW", type=volume_ref)
     c = cmd(vol, "flatten", volume_flatten, "make a clone independent of its origin", json=True)
     c.add_argument("ref", metavar="POOL/VOL", type=volume_ref)
+    c.add_argument("--no-wait", action="store_true", help="print the job id and return")
 
     c = cmd(vol, "import", volume_import, "create a volume from a disk image", json=True)
     c.add_argument("ref", metavar="POOL/VOL", type=volume_ref)

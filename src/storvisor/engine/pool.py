@@ -38,7 +38,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -646,16 +646,21 @@ class Pool:
         self.flush()
         return self.volume_info(new)
 
-    def flatten(self, volume: str) -> VolumeInfo:
+    def flatten(
+        self, volume: str, progress: Callable[[int, int], None] | None = None
+    ) -> VolumeInfo:
         """Copy every cluster the volume reads from a parent layer into its own top layer, so
         it depends on no other layer (its origin snapshot may then be deleted). Online: open
         handles keep working; allocating writes wait. Raises ``NotFound``, ``NoSpace``
-        (clusters copied so far stay owned by the volume). Durable when this returns."""
+        (clusters copied so far stay owned by the volume). Durable when this returns.
+        ``progress(done, total)`` reports bytes copied; if it raises, the copy stops there
+        (the clusters copied stay owned by the volume, which is still a clone) and the
+        exception propagates."""
         handle = self.open_volume(volume)
         try:
             with self._lock:
                 state = self._states[(self._volume(volume).id, None)]  # open: the handle's
-            state.copy_up()
+            state.copy_up(progress)
             with self._lock:
                 vol = self._volume(volume)
                 old_parent = self._tree.cut(self._batch, vol.top)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import errno
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from storvisor.engine.catalog import ZERO
@@ -308,16 +308,28 @@ class VolumeState:
         finally:
             self.lock.release()
 
-    def copy_up(self) -> None:
-        """Copy every cluster the view takes from a parent layer into the top layer."""
+    def copy_up(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Copy every cluster the view takes from a parent layer into the top layer.
+
+        ``progress(done, total)`` (bytes) is called before the first copy and after each; an
+        exception it raises stops the copy, leaving the clusters copied so far owned by the
+        top layer (a consistent, partly flattened volume)."""
         cs = self.cluster_size
         pool = self.pool
         buf = bytearray(cs)
         self._quiesce()
         try:
-            for vc, entry in sorted(self.view.items()):
-                if entry[2] == self.top or entry[0] < 0:
-                    continue
+            todo = [
+                (vc, entry)
+                for vc, entry in sorted(self.view.items())
+                if not (entry[2] == self.top or entry[0] < 0)
+            ]
+            total = len(todo) * cs
+            if progress is not None:
+                progress(0, total)
+            for done, (vc, entry) in enumerate(todo, 1):
+                if progress is not None and done > 1:
+                    progress((done - 1) * cs, total)
                 with pool.lock:
                     phys = self.place(vc)
                 fd, base = pool.locate(phys)
@@ -330,6 +342,8 @@ class VolumeState:
                 with pool.lock:
                     pool.set_entry(self.top, vc, phys)
                     self._publish(vc, (fd, base, self.top), phys)
+            if progress is not None:
+                progress(total, total)
         finally:
             self.lock.release()
 

@@ -10,8 +10,10 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from cli_harness import CLI, Daemon
 
 from prereq import require
@@ -117,8 +119,29 @@ def test_bad_input_changes_nothing(cli: CLI, daemon: Daemon, tmp_path: Path) -> 
     assert "clean" in cli("fsck", "p").out
 
 
-def _converter(daemon: Daemon) -> int:
-    """The pid of the daemon's qemu-img child (waits for it to appear)."""
+HELD_CONVERT = """#!/bin/sh
+# qemu-img, except that a conversion first stops itself (SIGSTOP) until killed or continued
+[ "$1" = convert ] && kill -STOP $$
+exec qemu-img "$@"
+"""
+
+
+@pytest.fixture
+def held_daemon(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
+    """A daemon whose conversions stop before they start: a job stays running for sure."""
+    wrapper = tmp_path / "held-qemu-img"
+    wrapper.write_text(HELD_CONVERT)
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("STORVISOR_QEMU_IMG", str(wrapper))
+    d = Daemon(home).start()
+    try:
+        yield d
+    finally:
+        d.kill()
+
+
+def _stopped_converter(daemon: Daemon) -> int:
+    """The pid of the daemon's stopped conversion (waits for it to stop)."""
     assert daemon.proc is not None
     deadline = time.monotonic() + STALL
     while time.monotonic() < deadline:
@@ -129,28 +152,25 @@ def _converter(daemon: Daemon) -> int:
                 stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
-            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-            if comm == "qemu-img" and ppid == daemon.proc.pid:
+            state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+            if int(ppid) == daemon.proc.pid and state == "T":
                 return int(entry)
         time.sleep(0.01)
-    raise AssertionError("the daemon never started qemu-img")
+    raise AssertionError("the daemon's conversion never started")
 
 
 def _held_import(cli: CLI, daemon: Daemon, tmp_path: Path) -> tuple[str, int]:
-    """Start an import and stop its qemu-img (SIGSTOP): the job is surely running."""
     src = source_image(tmp_path / "src.qcow2")
     job_id = cli("volume", "import", "p/v", str(src), "--no-wait").out.strip()
-    pid = _converter(daemon)
-    os.kill(pid, signal.SIGSTOP)
+    pid = _stopped_converter(daemon)
     job = cli("job", "show", job_id, "--json").json()
     assert job["state"] == "running", job  # type: ignore[index]
     return job_id, pid
 
 
-def test_cancel_removes_the_partial_volume(cli: CLI, daemon: Daemon, tmp_path: Path) -> None:
+def test_cancel_removes_the_partial_volume(cli: CLI, held_daemon: Daemon, tmp_path: Path) -> None:
     _setup(cli, tmp_path)
-    job_id, _ = _held_import(cli, daemon, tmp_path)
+    job_id, _ = _held_import(cli, held_daemon, tmp_path)
     assert cli("volume", "list", "p", "--json").json() != []
     assert cli("job", "cancel", job_id).out.strip() == f"job {job_id}: cancelled"
     assert cli("volume", "list", "p", "--json").json() == []
@@ -159,12 +179,15 @@ def test_cancel_removes_the_partial_volume(cli: CLI, daemon: Daemon, tmp_path: P
     assert "clean" in cli("fsck", "p").out
 
 
-def test_an_import_cut_by_a_crash_is_undone(cli: CLI, daemon: Daemon, tmp_path: Path) -> None:
+def test_an_import_cut_by_a_crash_is_undone(
+    cli: CLI, held_daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _setup(cli, tmp_path)
-    job_id, pid = _held_import(cli, daemon, tmp_path)
-    daemon.kill()
+    job_id, pid = _held_import(cli, held_daemon, tmp_path)
+    held_daemon.kill()
     os.kill(pid, signal.SIGKILL)
-    daemon.start()
+    monkeypatch.delenv("STORVISOR_QEMU_IMG")
+    held_daemon.start()
     job = cli("job", "show", job_id, "--json").json()
     assert job["state"] == "failed", job  # type: ignore[index]
     assert "interrupted by a daemon restart" in job["error"]  # type: ignore[index]
@@ -173,3 +196,25 @@ def test_an_import_cut_by_a_crash_is_undone(cli: CLI, daemon: Daemon, tmp_path: 
     assert "clean" in cli("fsck", "p").out
     # and the same import then works
     cli("volume", "import", "p/v", str(tmp_path / "src.qcow2"))
+
+
+def test_flatten_runs_as_a_job(cli: CLI, daemon: Daemon, tmp_path: Path) -> None:
+    _setup(cli, tmp_path)
+    cli("volume", "import", "p/v", str(source_image(tmp_path / "src.qcow2")))
+    cli("snapshot", "create", "p/v@s")
+    cli("volume", "clone", "p/v@s", "p/c")
+    job_id = cli("volume", "flatten", "p/c", "--no-wait").out.strip()
+    deadline = time.monotonic() + STALL
+    while (job := cli("job", "show", job_id, "--json").json())["state"] == "running":  # type: ignore[index]
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+    assert job["kind"] == "flatten" and job["state"] == "succeeded", job  # type: ignore[index]
+    assert job["done"] == job["total"] > 0  # type: ignore[index]
+    assert cli("volume", "show", "p/c", "--json").json()["origin"] is None  # type: ignore[index]
+    cli("snapshot", "delete", "p/v@s")
+    image = tmp_path / "c.qcow2"
+    cli("volume", "export-image", "p/c", str(image), "--format", "qcow2")
+    subprocess.run(
+        ["qemu-img", "compare", "-q", str(tmp_path / "src.qcow2"), str(image)], check=True
+    )
+    assert "clean" in cli("fsck", "p").out
