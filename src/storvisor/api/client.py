@@ -12,16 +12,15 @@ import http.client
 import json
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
-from urllib.parse import quote
+from typing import Any, TypeVar
 
 from storvisor import errors
+from storvisor.api import routes
 from storvisor.api.codec import JSONValue, decode, decode_list, encode
 from storvisor.api.exports import ExportInfo, ExportKind
 from storvisor.api.messages import (
-    API_PREFIX,
     CreateClone,
     CreateExport,
     CreatePool,
@@ -29,12 +28,12 @@ from storvisor.api.messages import (
     CreateSnapshot,
     CreateVolume,
     ErrorBody,
-    LibvirtXml,
     Resize,
     Rollback,
     SetVolumeQos,
 )
 from storvisor.api.qos import QosKey, QosSpecInfo, VolumeQos
+from storvisor.api.routes import Route
 from storvisor.api.service import API_SOCKET, ServiceStatus
 from storvisor.engine.types import BackingSpec, FsckReport, PoolInfo, SnapshotInfo, VolumeInfo
 from storvisor.errors import LocalFailure, ProtocolError, StorvisorError
@@ -69,10 +68,6 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def _q(segment: str) -> str:
-    return quote(segment, safe="")
-
-
 class Client:
     """Talks to the daemon at ``socket_path``. ``timeout`` bounds each request (``None``:
     wait as long as the operation takes, e.g. a flatten or an fsck)."""
@@ -89,7 +84,7 @@ class Client:
             return None
         client = cls(path)
         try:
-            client._call("GET", "/status", timeout=5.0)
+            client._call(routes.STATUS, timeout=5.0)
         except DaemonUnavailable:
             return None
         return client
@@ -97,7 +92,12 @@ class Client:
     # -- transport ----------------------------------------------------------------------
 
     def _call(
-        self, method: str, path: str, body: object = None, *, timeout: float | None = None
+        self,
+        route: Route[Any],
+        *params: str,
+        body: object = None,
+        flags: Mapping[str, bool] | None = None,
+        timeout: float | None = None,
     ) -> JSONValue:
         conn = _UnixConnection(self.socket_path, timeout if timeout is not None else self.timeout)
         try:
@@ -106,7 +106,7 @@ class Client:
             if body is not None:
                 data = json.dumps(encode(body)).encode()
                 headers["Content-Type"] = "application/json"
-            conn.request(method, API_PREFIX + path, body=data, headers=headers)
+            conn.request(route.method, route.url(*params, **(flags or {})), data, headers)
             response = conn.getresponse()
             raw = response.read()
             status = response.status
@@ -128,82 +128,85 @@ class Client:
             raise _ERRORS.get(detail.type, StorvisorError)(detail.message)
         return value
 
-    def _get(self, cls: type[_T], method: str, path: str, body: object = None) -> _T:
-        return decode(cls, self._call(method, path, body))
+    def _one(self, route: Route[_T], *params: str, body: object = None) -> _T:
+        """Call a route answering one record."""
+        assert route.response is not None and not route.many
+        return decode(route.response, self._call(route, *params, body=body))
 
-    def _list(self, cls: type[_T], path: str) -> list[_T]:
-        return decode_list(cls, self._call("GET", path))
-
-    @staticmethod
-    def _vol(pool: str, volume: str) -> str:
-        return f"/pools/{_q(pool)}/volumes/{_q(volume)}"
+    def _list(self, route: Route[_T], *params: str) -> list[_T]:
+        """Call a route answering a list of records."""
+        assert route.response is not None and route.many
+        return decode_list(route.response, self._call(route, *params))
 
     # -- Management ---------------------------------------------------------------------
 
     def status(self) -> ServiceStatus:
-        return self._get(ServiceStatus, "GET", "/status")
+        return self._one(routes.STATUS)
+
+    def openapi(self) -> dict[str, JSONValue]:
+        """The daemon's OpenAPI document."""
+        doc = self._call(routes.OPENAPI)
+        if not isinstance(doc, dict):
+            raise ProtocolError("the OpenAPI document is not a JSON object")
+        return doc
 
     def create_pool(
         self, name: str, backings: Sequence[BackingSpec], cluster_size: int | None = None
     ) -> PoolInfo:
-        return self._get(
-            PoolInfo, "POST", "/pools", CreatePool(name, tuple(backings), cluster_size)
-        )
+        return self._one(routes.CREATE_POOL, body=CreatePool(name, tuple(backings), cluster_size))
 
     def pools(self) -> list[PoolInfo]:
-        return self._list(PoolInfo, "/pools")
+        return self._list(routes.POOLS)
 
     def pool_info(self, name: str) -> PoolInfo:
-        return self._get(PoolInfo, "GET", f"/pools/{_q(name)}")
+        return self._one(routes.POOL_INFO, name)
 
     def delete_pool(self, name: str, *, force: bool = False) -> None:
-        self._call("DELETE", f"/pools/{_q(name)}" + ("?force=1" if force else ""))
+        self._call(routes.DELETE_POOL, name, flags={"force": force})
 
     def reopen_pool(self, name: str) -> PoolInfo:
-        return self._get(PoolInfo, "POST", f"/pools/{_q(name)}/reopen")
+        return self._one(routes.REOPEN_POOL, name)
 
     def add_backing(self, pool: str, spec: BackingSpec) -> PoolInfo:
-        return self._get(PoolInfo, "POST", f"/pools/{_q(pool)}/backings", spec)
+        return self._one(routes.ADD_BACKING, pool, body=spec)
 
     def create_volume(self, pool: str, name: str, size: int) -> VolumeInfo:
-        return self._get(VolumeInfo, "POST", f"/pools/{_q(pool)}/volumes", CreateVolume(name, size))
+        return self._one(routes.CREATE_VOLUME, pool, body=CreateVolume(name, size))
 
     def volumes(self, pool: str | None = None) -> list[VolumeInfo]:
-        path = "/volumes" if pool is None else f"/pools/{_q(pool)}/volumes"
-        return self._list(VolumeInfo, path)
+        if pool is None:
+            return self._list(routes.VOLUMES)
+        return self._list(routes.POOL_VOLUMES, pool)
 
     def volume_info(self, pool: str, name: str) -> VolumeInfo:
-        return self._get(VolumeInfo, "GET", self._vol(pool, name))
+        return self._one(routes.VOLUME_INFO, pool, name)
 
     def delete_volume(self, pool: str, name: str) -> None:
-        self._call("DELETE", self._vol(pool, name))
+        self._call(routes.DELETE_VOLUME, pool, name)
 
     def extend_volume(self, pool: str, name: str, size: int) -> VolumeInfo:
-        return self._get(VolumeInfo, "POST", self._vol(pool, name) + "/extend", Resize(size))
+        return self._one(routes.EXTEND_VOLUME, pool, name, body=Resize(size))
 
     def clone(self, pool: str, volume: str, snapshot: str, new: str) -> VolumeInfo:
-        path = self._vol(pool, volume) + f"/snapshots/{_q(snapshot)}/clones"
-        return self._get(VolumeInfo, "POST", path, CreateClone(new))
+        return self._one(routes.CLONE, pool, volume, snapshot, body=CreateClone(new))
 
     def flatten(self, pool: str, volume: str) -> VolumeInfo:
-        return self._get(VolumeInfo, "POST", self._vol(pool, volume) + "/flatten")
+        return self._one(routes.FLATTEN, pool, volume)
 
     def create_snapshot(self, pool: str, volume: str, snapshot: str) -> SnapshotInfo:
-        path = self._vol(pool, volume) + "/snapshots"
-        return self._get(SnapshotInfo, "POST", path, CreateSnapshot(snapshot))
+        return self._one(routes.CREATE_SNAPSHOT, pool, volume, body=CreateSnapshot(snapshot))
 
     def snapshots(self, pool: str, volume: str) -> list[SnapshotInfo]:
-        return self._list(SnapshotInfo, self._vol(pool, volume) + "/snapshots")
+        return self._list(routes.SNAPSHOTS, pool, volume)
 
     def delete_snapshot(self, pool: str, volume: str, snapshot: str) -> None:
-        self._call("DELETE", self._vol(pool, volume) + f"/snapshots/{_q(snapshot)}")
+        self._call(routes.DELETE_SNAPSHOT, pool, volume, snapshot)
 
     def rollback(self, pool: str, volume: str, snapshot: str) -> VolumeInfo:
-        path = self._vol(pool, volume) + "/rollback"
-        return self._get(VolumeInfo, "POST", path, Rollback(snapshot))
+        return self._one(routes.ROLLBACK, pool, volume, body=Rollback(snapshot))
 
     def fsck(self, pool: str) -> FsckReport:
-        return self._get(FsckReport, "POST", f"/pools/{_q(pool)}/fsck")
+        return self._one(routes.FSCK, pool)
 
     def export_nbd(
         self,
@@ -215,7 +218,7 @@ class Client:
         read_only: bool = False,
     ) -> ExportInfo:
         req = CreateExport(ExportKind.NBD, pool, volume, snapshot, name, read_only)
-        return self._get(ExportInfo, "POST", "/exports", req)
+        return self._one(routes.CREATE_EXPORT, body=req)
 
     def export_vhost_user_blk(
         self,
@@ -230,42 +233,42 @@ class Client:
         req = CreateExport(
             ExportKind.VHOST_USER_BLK, pool, volume, None, name, read_only, socket, queues
         )
-        return self._get(ExportInfo, "POST", "/exports", req)
+        return self._one(routes.CREATE_EXPORT, body=req)
 
     def exports(self) -> list[ExportInfo]:
-        return self._list(ExportInfo, "/exports")
+        return self._list(routes.EXPORTS)
 
     def export_info(self, name: str) -> ExportInfo:
-        return self._get(ExportInfo, "GET", f"/exports/{_q(name)}")
+        return self._one(routes.EXPORT_INFO, name)
 
     def remove_export(self, name: str) -> None:
-        self._call("DELETE", f"/exports/{_q(name)}")
+        self._call(routes.REMOVE_EXPORT, name)
 
     def libvirt_xml(self, pool: str, volume: str) -> str:
-        return self._get(LibvirtXml, "GET", self._vol(pool, volume) + "/libvirt-xml").xml
+        return self._one(routes.LIBVIRT_XML, pool, volume).xml
 
     # -- QoS --
 
     def create_qos_spec(self, name: str, keys: Sequence[QosKey]) -> QosSpecInfo:
-        return self._get(QosSpecInfo, "POST", "/qos-specs", CreateQosSpec(name, tuple(keys)))
+        return self._one(routes.CREATE_QOS_SPEC, body=CreateQosSpec(name, tuple(keys)))
 
     def qos_specs(self) -> list[QosSpecInfo]:
-        return self._list(QosSpecInfo, "/qos-specs")
+        return self._list(routes.QOS_SPECS)
 
     def qos_spec(self, name: str) -> QosSpecInfo:
-        return self._get(QosSpecInfo, "GET", f"/qos-specs/{_q(name)}")
+        return self._one(routes.QOS_SPEC, name)
 
     def delete_qos_spec(self, name: str) -> None:
-        self._call("DELETE", f"/qos-specs/{_q(name)}")
+        self._call(routes.DELETE_QOS_SPEC, name)
 
     def volume_qos(self, pool: str, volume: str) -> VolumeQos:
-        return self._get(VolumeQos, "GET", self._vol(pool, volume) + "/qos")
+        return self._one(routes.VOLUME_QOS, pool, volume)
 
     def set_volume_qos(
         self, pool: str, volume: str, *, spec: str | None = None, keys: Sequence[QosKey] = ()
     ) -> VolumeQos:
         req = SetVolumeQos(spec, tuple(keys))
-        return self._get(VolumeQos, "POST", self._vol(pool, volume) + "/qos", req)
+        return self._one(routes.SET_VOLUME_QOS, pool, volume, body=req)
 
     def close(self) -> None:
         """Nothing to release: every request uses its own connection."""

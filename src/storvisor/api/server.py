@@ -1,28 +1,8 @@
-"""The local REST/JSON API: a ``Service`` served over HTTP/1.0 on a Unix socket.
+"""The REST/JSON API: a ``Service`` served over HTTP/1.0 on a Unix socket.
 
-Resources (all under ``/v1``; path segments are percent-encoded, so an export name may hold
-``/``)::
-
-    GET    /status
-    GET    /pools                                   POST  /pools            CreatePool
-    GET    /pools/{pool}                            DELETE /pools/{pool}[?force=1]
-    POST   /pools/{pool}/backings   BackingSpec     POST  /pools/{pool}/fsck
-    POST   /pools/{pool}/reopen
-    GET    /volumes                                 (every pool)
-    GET    /pools/{pool}/volumes                    POST  /pools/{pool}/volumes   CreateVolume
-    GET    /pools/{pool}/volumes/{vol}              DELETE /pools/{pool}/volumes/{vol}
-    POST   /pools/{pool}/volumes/{vol}/extend       Resize
-    POST   /pools/{pool}/volumes/{vol}/flatten
-    POST   /pools/{pool}/volumes/{vol}/rollback     Rollback
-    GET    /pools/{pool}/volumes/{vol}/libvirt-xml
-    GET    /pools/{pool}/volumes/{vol}/snapshots    POST  .../snapshots      CreateSnapshot
-    DELETE /pools/{pool}/volumes/{vol}/snapshots/{snap}
-    POST   /pools/{pool}/volumes/{vol}/snapshots/{snap}/clones              CreateClone
-    GET    /exports                                 POST  /exports          CreateExport
-    GET    /exports/{name}                          DELETE /exports/{name}
-    GET    /qos-specs                               POST  /qos-specs        CreateQosSpec
-    GET    /qos-specs/{name}                        DELETE /qos-specs/{name}
-    GET    /pools/{pool}/volumes/{vol}/qos          POST  .../qos           SetVolumeQos
+The routes (method, path, request and response records) are the table of
+``storvisor.api.routes``; this module binds each to a ``Service`` call (``_HANDLERS``).
+Path segments are percent-encoded, so an export name may hold ``/``.
 
 A success answers 200 with the record (or list of records) as JSON, or 204 with no body. An
 error answers ``{"error": {"type": ..., "message": ...}}``, ``type`` being the
@@ -38,7 +18,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import socket
 import socketserver
 import sys
@@ -48,13 +27,13 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from storvisor.api import openapi, routes
 from storvisor.api.codec import JSONValue, decode, encode
 from storvisor.api.exports import ExportKind
 from storvisor.api.messages import (
-    API_PREFIX,
     CreateClone,
     CreateExport,
     CreatePool,
@@ -68,6 +47,7 @@ from storvisor.api.messages import (
     Rollback,
     SetVolumeQos,
 )
+from storvisor.api.routes import Route
 from storvisor.api.service import Service
 from storvisor.engine.types import BackingSpec
 from storvisor.errors import (
@@ -87,18 +67,17 @@ _MAX_BODY = 1 << 20
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """One parsed API call, handed to a route."""
+    """One parsed API call, handed to a route's handler."""
 
     params: tuple[str, ...]  # the path parameters, decoded, in order
     query: dict[str, list[str]]
-    body: JSONValue
+    body: object  # the route's request record, decoded and checked; None without one
 
     def parse(self, cls: type[_T]) -> _T:
-        """The body as a ``cls`` record; ``InvalidArgument`` if it does not fit."""
-        try:
-            return decode(cls, self.body)
-        except ProtocolError as e:
-            raise InvalidArgument(f"malformed request body: {e}") from e
+        """The body, a ``cls`` record (the route's ``request`` type)."""
+        if not isinstance(self.body, cls):
+            raise InvalidArgument(f"expected a {cls.__name__} request body")
+        return self.body
 
     def flag(self, name: str) -> bool:
         return self.query.get(name, ["0"])[-1].lower() in ("1", "true", "yes")
@@ -137,69 +116,40 @@ def _create_pool(s: Service, r: Request) -> object:
     return s.create_pool(req.name, req.backings, req.cluster_size)
 
 
-_P = "([^/]+)"
-_ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
-    (m, re.compile(f"^{API_PREFIX}{p}$"), h)
-    for m, p, h in [
-        ("GET", "/status", lambda s, r: s.status()),
-        ("GET", "/pools", lambda s, r: s.pools()),
-        ("POST", "/pools", _create_pool),
-        ("GET", f"/pools/{_P}", lambda s, r: s.pool_info(r.params[0])),
-        ("DELETE", f"/pools/{_P}", lambda s, r: s.delete_pool(r.params[0], force=r.flag("force"))),
-        (
-            "POST",
-            f"/pools/{_P}/backings",
-            lambda s, r: s.add_backing(r.params[0], r.parse(BackingSpec)),
-        ),
-        ("POST", f"/pools/{_P}/fsck", lambda s, r: s.fsck(r.params[0])),
-        ("POST", f"/pools/{_P}/reopen", lambda s, r: s.reopen_pool(r.params[0])),
-        ("GET", "/volumes", lambda s, r: s.volumes()),
-        ("GET", f"/pools/{_P}/volumes", lambda s, r: s.volumes(r.params[0])),
-        (
-            "POST",
-            f"/pools/{_P}/volumes",
-            _create_volume,
-        ),
-        ("GET", f"/pools/{_P}/volumes/{_P}", lambda s, r: s.volume_info(*r.params)),
-        ("DELETE", f"/pools/{_P}/volumes/{_P}", lambda s, r: s.delete_volume(*r.params)),
-        (
-            "POST",
-            f"/pools/{_P}/volumes/{_P}/extend",
-            lambda s, r: s.extend_volume(*r.params, r.parse(Resize).size),
-        ),
-        ("POST", f"/pools/{_P}/volumes/{_P}/flatten", lambda s, r: s.flatten(*r.params)),
-        (
-            "POST",
-            f"/pools/{_P}/volumes/{_P}/rollback",
-            lambda s, r: s.rollback(*r.params, r.parse(Rollback).snapshot),
-        ),
-        (
-            "GET",
-            f"/pools/{_P}/volumes/{_P}/libvirt-xml",
-            lambda s, r: LibvirtXml(s.libvirt_xml(*r.params)),
-        ),
-        ("GET", f"/pools/{_P}/volumes/{_P}/snapshots", lambda s, r: s.snapshots(*r.params)),
-        (
-            "POST",
-            f"/pools/{_P}/volumes/{_P}/snapshots",
-            lambda s, r: s.create_snapshot(*r.params, r.parse(CreateSnapshot).name),
-        ),
-        (
-            "DELETE",
-            f"/pools/{_P}/volumes/{_P}/snapshots/{_P}",
-            lambda s, r: s.delete_snapshot(*r.params),
-        ),
-        (
-            "POST",
-            f"/pools/{_P}/volumes/{_P}/snapshots/{_P}/clones",
-            lambda s, r: s.clone(*r.params, r.parse(CreateClone).name),
-        ),
-        ("GET", "/exports", lambda s, r: s.exports()),
-        ("POST", "/exports", _create_export),
-        ("GET", f"/exports/{_P}", lambda s, r: s.export_info(r.params[0])),
-        ("DELETE", f"/exports/{_P}", lambda s, r: s.remove_export(r.params[0])),
-    ]
-]
+_HANDLERS: dict[Route[Any], Handler] = {
+    routes.STATUS: lambda s, r: s.status(),
+    routes.OPENAPI: lambda s, r: openapi.document(),
+    routes.POOLS: lambda s, r: s.pools(),
+    routes.CREATE_POOL: _create_pool,
+    routes.POOL_INFO: lambda s, r: s.pool_info(r.params[0]),
+    routes.DELETE_POOL: lambda s, r: s.delete_pool(r.params[0], force=r.flag("force")),
+    routes.ADD_BACKING: lambda s, r: s.add_backing(r.params[0], r.parse(BackingSpec)),
+    routes.FSCK: lambda s, r: s.fsck(r.params[0]),
+    routes.REOPEN_POOL: lambda s, r: s.reopen_pool(r.params[0]),
+    routes.VOLUMES: lambda s, r: s.volumes(),
+    routes.POOL_VOLUMES: lambda s, r: s.volumes(r.params[0]),
+    routes.CREATE_VOLUME: _create_volume,
+    routes.VOLUME_INFO: lambda s, r: s.volume_info(*r.params),
+    routes.DELETE_VOLUME: lambda s, r: s.delete_volume(*r.params),
+    routes.EXTEND_VOLUME: lambda s, r: s.extend_volume(
+        r.params[0], r.params[1], r.parse(Resize).size
+    ),
+    routes.FLATTEN: lambda s, r: s.flatten(*r.params),
+    routes.ROLLBACK: lambda s, r: s.rollback(r.params[0], r.params[1], r.parse(Rollback).snapshot),
+    routes.LIBVIRT_XML: lambda s, r: LibvirtXml(s.libvirt_xml(*r.params)),
+    routes.SNAPSHOTS: lambda s, r: s.snapshots(*r.params),
+    routes.CREATE_SNAPSHOT: lambda s, r: s.create_snapshot(
+        r.params[0], r.params[1], r.parse(CreateSnapshot).name
+    ),
+    routes.DELETE_SNAPSHOT: lambda s, r: s.delete_snapshot(*r.params),
+    routes.CLONE: lambda s, r: s.clone(
+        r.params[0], r.params[1], r.params[2], r.parse(CreateClone).name
+    ),
+    routes.EXPORTS: lambda s, r: s.exports(),
+    routes.CREATE_EXPORT: _create_export,
+    routes.EXPORT_INFO: lambda s, r: s.export_info(r.params[0]),
+    routes.REMOVE_EXPORT: lambda s, r: s.remove_export(r.params[0]),
+}
 
 
 # -- QoS routes ---------------------------------------------------------------------------
@@ -215,17 +165,19 @@ def _set_volume_qos(s: Service, r: Request) -> object:
     return s.set_volume_qos(*r.params, spec=req.spec, keys=req.keys)
 
 
-_ROUTES.extend(
-    (m, re.compile(f"^{API_PREFIX}{p}$"), h)
-    for m, p, h in [
-        ("GET", "/qos-specs", lambda s, r: s.qos_specs()),
-        ("POST", "/qos-specs", _create_qos_spec),
-        ("GET", f"/qos-specs/{_P}", lambda s, r: s.qos_spec(r.params[0])),
-        ("DELETE", f"/qos-specs/{_P}", lambda s, r: s.delete_qos_spec(r.params[0])),
-        ("GET", f"/pools/{_P}/volumes/{_P}/qos", lambda s, r: s.volume_qos(*r.params)),
-        ("POST", f"/pools/{_P}/volumes/{_P}/qos", _set_volume_qos),
-    ]
+_HANDLERS.update(
+    {
+        routes.QOS_SPECS: lambda s, r: s.qos_specs(),
+        routes.CREATE_QOS_SPEC: _create_qos_spec,
+        routes.QOS_SPEC: lambda s, r: s.qos_spec(r.params[0]),
+        routes.DELETE_QOS_SPEC: lambda s, r: s.delete_qos_spec(r.params[0]),
+        routes.VOLUME_QOS: lambda s, r: s.volume_qos(*r.params),
+        routes.SET_VOLUME_QOS: _set_volume_qos,
+    }
 )
+
+_ROUTES: list[tuple[Route[Any], Handler]] = [(route, _HANDLERS[route]) for route in routes.ROUTES]
+"""Every route of the table with its handler (a route without one fails here, at import)."""
 
 
 _STATUSES: tuple[tuple[type[StorvisorError], HTTPStatus], ...] = (
@@ -253,6 +205,15 @@ def _error_type(exc: StorvisorError) -> str:
         if cls.__module__ == StorvisorError.__module__:
             return cls.__name__
     return StorvisorError.__name__
+
+
+class _Refused(Exception):
+    """A request refused before any handler runs (nothing has changed)."""
+
+    def __init__(self, status: HTTPStatus, message: str, kind: str = "InvalidArgument") -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -289,56 +250,99 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
+        try:
+            route, handler, params = self._route(url.path)
+            request = Request(params, self._query(route, url.query), self._read_body(route))
+            result = handler(self.server.service, request)
+        except _Refused as e:
+            self._send_error(e.status, e.kind, str(e))
+        except StorvisorError as e:
+            status = status_for(e)
+            if status is HTTPStatus.INTERNAL_SERVER_ERROR:
+                log.error("%s %s failed: %s: %s", self.command, url.path, type(e).__name__, e)
+            self._send_error(status, _error_type(e), str(e))
+        except Exception as e:
+            log.exception("%s %s failed", self.command, url.path)
+            self._send_error(
+                HTTPStatus.INTERNAL_SERVER_ERROR, "InternalError", f"internal error: {e}"
+            )
+        else:
+            self._send_result(result)
+
+    def _route(self, path: str) -> tuple[Route[Any], Handler, tuple[str, ...]]:
+        """The route ``path`` names with its decoded parameters (404, 405 otherwise)."""
         # Match on the raw path, then decode each parameter: "%2F" stays inside its segment.
+        if any(unquote(segment) in (".", "..") for segment in path.split("/")):
+            raise _Refused(
+                HTTPStatus.BAD_REQUEST, f"'.' and '..' are not allowed in a path: {path}"
+            )
         matched_path = False
-        for method, pattern, handler in _ROUTES:
-            m = pattern.match(url.path)
+        for route, handler in _ROUTES:
+            m = route.pattern.match(path)
             if m is None:
                 continue
             matched_path = True
-            if method != self.command:
-                continue
-            try:
-                request = Request(
-                    params=tuple(unquote(g) for g in m.groups()),
-                    query=parse_qs(url.query),
-                    body=self._read_body(),
-                )
-                result = handler(self.server.service, request)
-            except StorvisorError as e:
-                status = status_for(e)
-                if status is HTTPStatus.INTERNAL_SERVER_ERROR:
-                    log.error("%s %s failed: %s: %s", self.command, url.path, type(e).__name__, e)
-                self._send_error(status, _error_type(e), str(e))
-            except Exception as e:
-                log.exception("%s %s failed", self.command, url.path)
-                self._send_error(
-                    HTTPStatus.INTERNAL_SERVER_ERROR, "InternalError", f"internal error: {e}"
-                )
-            else:
-                self._send_result(result)
-            return
+            if route.method == self.command:
+                return route, handler, tuple(unquote(g) for g in m.groups())
         if matched_path:
-            self._send_error(
-                HTTPStatus.METHOD_NOT_ALLOWED,
-                "InvalidArgument",
-                f"{self.command} is not allowed on {url.path}",
+            raise _Refused(
+                HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not allowed on {path}"
             )
-        else:
-            self._send_error(HTTPStatus.NOT_FOUND, "NotFound", f"no such resource: {url.path}")
+        raise _Refused(HTTPStatus.NOT_FOUND, f"no such resource: {path}", "NotFound")
 
-    def _read_body(self) -> JSONValue:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > _MAX_BODY:
-            raise InvalidArgument("request body too large")
-        if length == 0:
-            return None
-        raw = self.rfile.read(length)
+    @staticmethod
+    def _query(route: Route[Any], text: str) -> dict[str, list[str]]:
+        """The query parameters: only the route's flags are allowed."""
         try:
-            body: JSONValue = json.loads(raw)
+            query = parse_qs(text, keep_blank_values=True, strict_parsing=bool(text))
+        except ValueError:
+            raise _Refused(HTTPStatus.BAD_REQUEST, f"malformed query string: {text!r}") from None
+        for name in query:
+            if name not in route.flags:
+                allowed = ", ".join(route.flags) or "none"
+                raise _Refused(
+                    HTTPStatus.BAD_REQUEST,
+                    f"unknown query parameter {name!r} (allowed here: {allowed})",
+                )
+        return query
+
+    def _read_body(self, route: Route[Any]) -> object:
+        """The request record of ``route``, decoded strictly; a body that is too large is
+        refused from its ``Content-Length`` without being read."""
+        if self.headers.get("Transfer-Encoding"):
+            raise _Refused(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length")
+        text = (self.headers.get("Content-Length") or "0").strip()
+        if not text.isdigit():
+            raise _Refused(HTTPStatus.BAD_REQUEST, f"invalid Content-Length: {text!r}")
+        length = int(text)
+        if length > _MAX_BODY:
+            raise _Refused(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"request body too large: {length} bytes (at most {_MAX_BODY})",
+            )
+        if route.request is None:
+            if length:
+                raise _Refused(
+                    HTTPStatus.BAD_REQUEST, f"{self.command} {route.path} takes no request body"
+                )
+            return None
+        ctype = (self.headers.get("Content-Type") or "").partition(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise _Refused(
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                f"the request body must be application/json, not {ctype or 'untyped'}",
+            )
+        raw = self.rfile.read(length)
+        if len(raw) < length:
+            raise ConnectionResetError("the client sent less than its Content-Length")
+        try:
+            value: JSONValue = json.loads(raw) if raw else None
         except ValueError as e:
-            raise InvalidArgument(f"request body is not JSON: {e}") from e
-        return body
+            raise _Refused(HTTPStatus.BAD_REQUEST, f"request body is not JSON: {e}") from e
+        try:
+            return decode(route.request, value, strict=True)
+        except ProtocolError as e:
+            raise _Refused(HTTPStatus.BAD_REQUEST, f"malformed request body: {e}") from e
 
     def _send_result(self, result: object) -> None:
         if result is None:
