@@ -1,9 +1,12 @@
-"""A client of the local REST API on ``HOME/api.sock``, implementing ``Management``.
+"""A client of the REST API, implementing ``Management``: on the local Unix socket
+``HOME/api.sock``, or (``Client.remote``) on a daemon's TCP address, over TLS with a bearer
+token.
 
 Every method sends one request on a fresh connection and returns the same typed record the
 service returns. An error answer is re-raised as the ``storvisor.errors`` class it names
-(``StorvisorError`` for an unknown or internal one); a connection that fails mid-way raises
-``DaemonUnavailable``, the ``LocalFailure`` of this link.
+(``StorvisorError`` for an unknown or internal one, ``AccessDenied`` for 401 and 403); a
+connection that fails mid-way raises ``DaemonUnavailable``, the ``LocalFailure`` of this link,
+and a server whose certificate cannot be trusted ``UntrustedDaemon``.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import http.client
 import json
 import os
 import socket
-from collections.abc import Mapping, Sequence
+import ssl
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from storvisor import errors
 from storvisor.api import routes
@@ -35,8 +40,15 @@ from storvisor.api.messages import (
 from storvisor.api.qos import QosKey, QosSpecInfo, VolumeQos
 from storvisor.api.routes import Route
 from storvisor.api.service import API_SOCKET, ServiceStatus
+from storvisor.api.tls import (
+    cert_fingerprint,
+    client_context,
+    fingerprints_match,
+    format_fingerprint,
+    parse_fingerprint,
+)
 from storvisor.engine.types import BackingSpec, FsckReport, PoolInfo, SnapshotInfo, VolumeInfo
-from storvisor.errors import LocalFailure, ProtocolError, StorvisorError
+from storvisor.errors import InvalidArgument, LocalFailure, ProtocolError, StorvisorError
 
 _T = TypeVar("_T")
 
@@ -50,6 +62,18 @@ _ERRORS: dict[str, type[StorvisorError]] = {
 
 class DaemonUnavailable(LocalFailure):
     """The daemon's API socket does not answer (no daemon, or one still starting or gone)."""
+
+
+class UntrustedDaemon(LocalFailure):
+    """The server's TLS certificate is not trusted (no CA vouches for it, or its
+    fingerprint is not the pinned one): nothing was sent to it."""
+
+
+class AccessDenied(StorvisorError):
+    """The daemon refused the token: none, unknown or revoked (401), or read-only (403)."""
+
+
+_ERRORS["Unauthorized"] = _ERRORS["Forbidden"] = AccessDenied
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -68,13 +92,83 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+class _PinnedConnection(http.client.HTTPSConnection):
+    """HTTPS that trusts exactly one certificate, by its SHA-256 fingerprint."""
+
+    def __init__(
+        self, host: str, port: int, context: ssl.SSLContext, pinned: bytes, timeout: float | None
+    ) -> None:
+        super().__init__(host, port, context=context, timeout=timeout)
+        self._pinned = pinned
+
+    def connect(self) -> None:
+        super().connect()
+        assert isinstance(self.sock, ssl.SSLSocket)
+        der = self.sock.getpeercert(binary_form=True) or b""
+        got = cert_fingerprint(der)
+        if not fingerprints_match(got, self._pinned):
+            self.close()
+            raise UntrustedDaemon(
+                f"the daemon at {self.host}:{self.port} presented a certificate with SHA-256 "
+                f"fingerprint {format_fingerprint(got)}, not the pinned "
+                f"{format_fingerprint(self._pinned)}"
+            )
+
+
+def _connection_factory(
+    url: str, ca_file: Path | None, fingerprint: str | None
+) -> Callable[[float | None], http.client.HTTPConnection]:
+    parts = urlsplit(url)
+    if parts.scheme != "https":
+        raise InvalidArgument(
+            f"invalid API URL {url!r}: the API on TCP is served over TLS, use https://HOST:PORT"
+        )
+    try:
+        host, port = parts.hostname, parts.port or 443
+    except ValueError as e:
+        raise InvalidArgument(f"invalid API URL {url!r}: {e}") from None
+    if not host or parts.path not in ("", "/") or parts.query or parts.username:
+        raise InvalidArgument(f"invalid API URL {url!r}: expected https://HOST:PORT")
+    pinned = parse_fingerprint(fingerprint) if fingerprint is not None else None
+    context = client_context(ca_file, pinned)
+    if pinned is not None:
+        return lambda timeout: _PinnedConnection(host, port, context, pinned, timeout)
+    return lambda timeout: http.client.HTTPSConnection(host, port, context=context, timeout=timeout)
+
+
 class Client:
     """Talks to the daemon at ``socket_path``. ``timeout`` bounds each request (``None``:
     wait as long as the operation takes, e.g. a flatten or an fsck)."""
 
     def __init__(self, socket_path: str | os.PathLike[str], timeout: float | None = None) -> None:
         self.socket_path = str(socket_path)
+        self.where = self.socket_path
         self.timeout = timeout
+        self._headers: dict[str, str] = {}
+        self._connect: Callable[[float | None], http.client.HTTPConnection] = lambda t: (
+            _UnixConnection(self.socket_path, t)
+        )
+
+    @classmethod
+    def remote(
+        cls,
+        url: str,
+        token: str,
+        *,
+        ca_file: Path | None = None,
+        fingerprint: str | None = None,
+        timeout: float | None = None,
+    ) -> Client:
+        """A client of the daemon at ``url`` (``https://HOST:PORT``) with a bearer token. The
+        server's certificate must be signed by a CA of ``ca_file`` (default: the system's)
+        for HOST, or have the SHA-256 ``fingerprint`` (then no CA or host name is checked).
+        Raises ``InvalidArgument`` for a bad URL, token, CA file or fingerprint."""
+        if not token or any(c.isspace() for c in token) or not token.isprintable():
+            raise InvalidArgument("the API token is empty or holds spaces or control characters")
+        client = cls(url, timeout)
+        client._connect = _connection_factory(url, ca_file, fingerprint)
+        client._headers = {"Authorization": f"Bearer {token}"}
+        return client
 
     @classmethod
     def for_home(cls, home: str | os.PathLike[str]) -> Client | None:
@@ -99,9 +193,9 @@ class Client:
         flags: Mapping[str, bool] | None = None,
         timeout: float | None = None,
     ) -> JSONValue:
-        conn = _UnixConnection(self.socket_path, timeout if timeout is not None else self.timeout)
+        conn = self._connect(timeout if timeout is not None else self.timeout)
         try:
-            headers = {"Accept": "application/json"}
+            headers = {"Accept": "application/json", **self._headers}
             data = None
             if body is not None:
                 data = json.dumps(encode(body)).encode()
@@ -110,8 +204,13 @@ class Client:
             response = conn.getresponse()
             raw = response.read()
             status = response.status
+        except ssl.SSLCertVerificationError as e:
+            raise UntrustedDaemon(
+                f"cannot verify the certificate of the daemon at {self.where}: "
+                f"{e.verify_message or e}; give --ca-file, or --fingerprint to pin it"
+            ) from e
         except (OSError, http.client.HTTPException) as e:
-            raise DaemonUnavailable(f"no answer from the daemon at {self.socket_path}: {e}") from e
+            raise DaemonUnavailable(f"no answer from the daemon at {self.where}: {e}") from e
         finally:
             conn.close()
         value: JSONValue = None

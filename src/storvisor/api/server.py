@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from storvisor.api import openapi, routes
 from storvisor.api.codec import JSONValue, decode, encode
-from storvisor.api.exports import ExportKind
+from storvisor.api.exports import ExportKind, TcpAddress
 from storvisor.api.messages import (
     CreateClone,
     CreateExport,
@@ -47,8 +48,9 @@ from storvisor.api.messages import (
     Rollback,
     SetVolumeQos,
 )
-from storvisor.api.routes import Route
+from storvisor.api.routes import Access, Route
 from storvisor.api.service import Service
+from storvisor.api.tokens import TokenInfo, TokenStore, looks_like_token
 from storvisor.engine.types import BackingSpec
 from storvisor.errors import (
     Conflict,
@@ -63,6 +65,7 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _MAX_BODY = 1 << 20
+_TOKEN_PARAMS = frozenset({"token", "access_token", "bearer", "api_key", "apikey", "auth"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,11 +220,18 @@ class _Refused(Exception):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: APIServer
+    server: APIServer | TcpAPIServer
     server_version = "storvisor"
     timeout = 60  # seconds a client may take to send its request (bounds shutdown)
 
+    def setup(self) -> None:
+        super().setup()
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()  # here, in this connection's thread, under timeout
+
     def address_string(self) -> str:
+        if isinstance(self.client_address, tuple):
+            return f"{self.client_address[0]}:{self.client_address[1]}"
         return "api.sock"
 
     def log_message(self, format: str, *args: object) -> None:
@@ -251,11 +261,21 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
         try:
+            token = self._authenticate(url.query)
             route, handler, params = self._route(url.path)
+            if token is not None and token.read_only and route.access is Access.WRITE:
+                raise _Refused(
+                    HTTPStatus.FORBIDDEN,
+                    f"token {token.name} is read-only: {self.command} {url.path} changes state",
+                    "Forbidden",
+                )
             request = Request(params, self._query(route, url.query), self._read_body(route))
             result = handler(self.server.service, request)
         except _Refused as e:
-            self._send_error(e.status, e.kind, str(e))
+            headers = {}
+            if e.status is HTTPStatus.UNAUTHORIZED:
+                headers["WWW-Authenticate"] = 'Bearer realm="storvisor"'
+            self._send_error(e.status, e.kind, str(e), headers)
         except StorvisorError as e:
             status = status_for(e)
             if status is HTTPStatus.INTERNAL_SERVER_ERROR:
@@ -268,6 +288,33 @@ class _Handler(BaseHTTPRequestHandler):
             )
         else:
             self._send_result(result)
+
+    def _authenticate(self, query: str) -> TokenInfo | None:
+        """The caller's token on TCP (401 without a valid one); ``None`` on the Unix socket,
+        whose mode 0600 is its access control. A token in the URL is refused on both: URLs
+        end up in logs and shell histories."""
+        if looks_like_token(unquote(query)) or any(
+            name.lower() in _TOKEN_PARAMS for name in parse_qs(query, keep_blank_values=True)
+        ):
+            raise _Refused(
+                HTTPStatus.BAD_REQUEST,
+                "a token must be sent in the Authorization header (Bearer), never in the URL",
+            )
+        tokens = self.server.tokens
+        if tokens is None:
+            return None
+        scheme, _, token = (self.headers.get("Authorization") or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _Refused(
+                HTTPStatus.UNAUTHORIZED,
+                "this API needs a bearer token (Authorization: Bearer TOKEN; "
+                "see 'storvisor token create')",
+                "Unauthorized",
+            )
+        info = tokens.verify(token.strip())
+        if info is None:
+            raise _Refused(HTTPStatus.UNAUTHORIZED, "unknown or revoked token", "Unauthorized")
+        return info
 
     def _route(self, path: str) -> tuple[Route[Any], Handler, tuple[str, ...]]:
         """The route ``path`` names with its decoded parameters (404, 405 otherwise)."""
@@ -351,40 +398,31 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send_json(HTTPStatus.OK, encode(result))
 
-    def _send_error(self, status: HTTPStatus, kind: str, message: str) -> None:
-        self._send_json(status, encode(ErrorBody(ErrorDetail(kind, message))))
+    def _send_error(
+        self, status: HTTPStatus, kind: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        self._send_json(status, encode(ErrorBody(ErrorDetail(kind, message))), headers)
 
-    def _send_json(self, status: HTTPStatus, value: JSONValue) -> None:
+    def _send_json(
+        self, status: HTTPStatus, value: JSONValue, headers: dict[str, str] | None = None
+    ) -> None:
         data = json.dumps(value).encode() + b"\n"
         self.send_response(status)
+        for name, text in (headers or {}).items():
+            self.send_header(name, text)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
 
-class APIServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    """The API on a Unix socket (mode 0600). ``start`` serves in a background thread;
-    ``close`` stops serving, waits for running requests and removes the socket file.
+class _Serving(socketserver.BaseServer):
+    """What both servers share: ``start`` serves in a background thread; ``close`` stops
+    serving and waits for running requests."""
 
-    A stale socket file at ``path`` is replaced; the caller must hold the HOME lock, which
-    guarantees no other daemon serves it.
-    """
-
-    daemon_threads = False
-    block_on_close = True  # close() waits for requests in progress
-
-    def __init__(self, path: str | os.PathLike[str], service: Service) -> None:
-        self.path = Path(path)
-        self.service = service
-        self._thread: threading.Thread | None = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        super().__init__(str(self.path), _Handler)
-
-    def server_bind(self) -> None:
-        super().server_bind()
-        os.chmod(self.path, 0o600)
+    service: Service
+    tokens: TokenStore | None
+    _thread: threading.Thread | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(
@@ -398,14 +436,72 @@ class APIServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             self._thread.join()
             self._thread = None
         self.server_close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
 
     def handle_error(
         self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
     ) -> None:
         exc = sys.exc_info()[1]
-        if isinstance(exc, ConnectionError):
-            log.debug("API client went away: %s", exc)
+        if isinstance(exc, ConnectionError | ssl.SSLError | TimeoutError):
+            log.debug("API client %s went away: %s", client_address, exc)
             return
         log.exception("API connection failed")
+
+
+class APIServer(_Serving, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """The API on a Unix socket (mode 0600, no token). ``close`` also removes the socket
+    file.
+
+    A stale socket file at ``path`` is replaced; the caller must hold the HOME lock, which
+    guarantees no other daemon serves it.
+    """
+
+    daemon_threads = False
+    block_on_close = True  # close() waits for requests in progress
+
+    def __init__(self, path: str | os.PathLike[str], service: Service) -> None:
+        self.path = Path(path)
+        self.service = service
+        self.tokens = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        super().__init__(str(self.path), _Handler)
+
+    def server_bind(self) -> None:
+        super().server_bind()
+        os.chmod(self.path, 0o600)
+
+    def close(self) -> None:
+        super().close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class TcpAPIServer(_Serving, socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """The API on TCP: TLS (``context``) and a bearer token of ``tokens`` on every request.
+    The TLS handshake runs in the connection's thread, bounded by the handler's timeout.
+    Raises ``OSError`` if the address cannot be bound."""
+
+    daemon_threads = False
+    block_on_close = True
+    allow_reuse_address = True
+
+    def __init__(
+        self, address: TcpAddress, service: Service, context: ssl.SSLContext, tokens: TokenStore
+    ) -> None:
+        self.service = service
+        self.tokens = tokens
+        self.context = context
+        self.fingerprint = ""  # of the certificate, as the banner prints it
+        if ":" in address.host:
+            self.address_family = socket.AF_INET6
+        super().__init__((address.host, address.port), _Handler)
+
+    @property
+    def address(self) -> TcpAddress:
+        """The address bound (the port chosen when 0 was asked)."""
+        host, port = self.server_address[:2]
+        return TcpAddress(str(host), int(port))
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, peer = super().get_request()
+        return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), peer
