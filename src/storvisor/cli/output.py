@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from storvisor.api.codec import encode
 from storvisor.api.exports import ExportInfo
 from storvisor.api.qos import QosKey, QosSpecInfo, VolumeQos
+from storvisor.api.tokens import TokenInfo
 from storvisor.engine.types import FsckReport, PoolInfo, SnapshotInfo, VolumeInfo
 from storvisor.units import format_size
 
@@ -216,3 +217,10 @@ def volume_qos_details(q: VolumeQos) -> str:
     pairs = [("volume", f"{q.pool}/{q.volume}"), ("qos spec", q.spec or "-")]
     pairs += [(k.key, k.value) for k in q.keys] or [("limits", "none")]
     return fields(pairs)
+
+
+def tokens_table(tokens: Sequence[TokenInfo]) -> str:
+    rows = [
+        [t.name, "read-only" if t.read_only else "read-write", _time(t.created)] for t in tokens
+    ]
+    return table(["NAME", "ACCESS", "CREATED"], rows)
