@@ -1,4 +1,6 @@
-"""The REST/JSON API: a ``Service`` served over HTTP/1.0 on a Unix socket.
+"""The REST/JSON API: a ``Service`` served over HTTP/1.0 on a Unix socket (``APIServer``,
+mode 0600, no token) and, when asked, on TCP (``TcpAPIServer``: TLS, and a bearer token of
+``HOME/tokens.json`` on every request).
 
 The routes (method, path, request and response records) are the table of
 ``storvisor.api.routes``; this module binds each to a ``Service`` call (``_HANDLERS``).
@@ -10,6 +12,14 @@ error answers ``{"error": {"type": ..., "message": ...}}``, ``type`` being the
 409 (``Conflict``), 400 (``InvalidArgument``, malformed body), 507 (``NoSpace``) and 500 for
 every other ``StorvisorError``; 405 (method not allowed); 500 ``InternalError`` for anything
 else (logged with its traceback here, never sent).
+
+A request is checked, in this order, before any handler runs (so a refused one changes
+nothing): a token in the URL (400, on both sockets), the token on TCP (401 ``Unauthorized``
+with ``WWW-Authenticate``), a ``.`` or ``..`` path segment (400), the route (404, 405), a
+read-only token on a write route (403 ``Forbidden``), the query parameters (400 unless one of
+the route's flags), the body: ``Content-Length`` above 1 MiB (413, from the header, the body
+unread), chunked (411), a type other than ``application/json`` (415), then JSON that does not
+decode strictly to the route's request record, unknown fields included (400).
 """
 
 from __future__ import annotations
