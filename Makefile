@@ -12,7 +12,7 @@ APT_TEST := qemu-utils qemu-system-x86 qemu-system-common nbdkit nbdkit-plugin-p
             libnbd-bin python3-libnbd fio libvirt-clients libxml2-utils linux-image-amd64 \
             busybox-static gcc fuse3 util-linux e2fsprogs fdisk
 
-.PHONY: run test lint typecheck pytest apt-run apt-test venv clean bench mutants
+.PHONY: run test lint typecheck pytest apt-run apt-test venv clean bench mutants openapi
 
 run: apt-run venv
 	$(VENV)/bin/storvisor --home "$(STORVISOR_HOME)" serve --demo
@@ -37,6 +37,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
+
+# docs/openapi.json, generated from the route table (tests/api/test_openapi.py checks it)
+openapi: venv
+	PYTHONPATH=src $(PY) scripts/gen_openapi.py
 
 apt-run:
 	@scripts/apt-ensure $(APT_RUN)

@@ -10,7 +10,8 @@
      │    └── GuestMemoryError  (protocols.virtio.memory) an address outside guest memory
      ├── LocalFailure           storvisor's own side failed (a link between its processes, a
      │    │                     local resource): stop what it carried; no peer is to blame
-     │    └── DaemonUnavailable (api.client) the daemon's API socket does not answer
+     │    ├── DaemonUnavailable (api.client) the daemon's API socket does not answer
+     │    └── UntrustedDaemon   (api.client) the daemon's TLS certificate is not trusted
      ├── IOFailure              one request failed; carries an errno for the wire
      │    └── NoSpace           the pool ran out of clusters (ENOSPC)
      ├── NotFound               a named pool, volume, snapshot or export does not exist
@@ -19,11 +20,13 @@
      ├── InvalidArgument        a malformed size, name or option from a user or API call
      ├── StateError             a call made in the wrong state (closed, started twice, out of
      │                          order): a bug of the caller; nothing was changed
-     └── CorruptMetadata        on-disk state is inconsistent; stop using the pool
+     ├── CorruptMetadata        on-disk state is inconsistent; stop using the pool
+     └── AccessDenied           (api.client) the API on TCP refused the token (401, 403)
 
 The engine raises only these (never HTTP codes or wire errors). Exports translate
 ``IOFailure.errno`` to their protocol's error. The API answers ``NotFound`` 404, ``Conflict``
-409, ``InvalidArgument`` 400, ``NoSpace`` 507 and everything else 500, always with the class
+409, ``InvalidArgument`` 400, ``NoSpace`` 507 and everything else 500 (on TCP also 401 and
+403 for tokens, which the client raises as ``AccessDenied``), always with the class
 name (``storvisor.api.server``); the CLI prints one line for each and exits with status 1.
 Foreign exceptions (``OSError``, ``sqlite3.Error``) are translated at the boundary where they
 arise, with ``raise ... from``.

@@ -114,7 +114,8 @@ def test_bad_input_changes_nothing(cli: CLI, daemon: Daemon, tmp_path: Path) -> 
         "volume", "export-image", "p/v", str(tmp_path / "x"), "--format", "bogus"
     )
     assert "no job" in cli.fails("job", "show", "0123456789ab")
-    assert "invalid job id" in cli.fails("job", "show", "..")
+    assert "invalid job id" in cli.fails("job", "show", "a_b")
+    assert "not allowed in a path" in cli.fails("job", "show", "..")
     assert [j["kind"] for j in cli("job", "list", "--json").json()] == ["import"]  # type: ignore[index,union-attr]
     assert "clean" in cli("fsck", "p").out
 

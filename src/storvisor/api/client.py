@@ -1,9 +1,12 @@
-"""A client of the local REST API on ``HOME/api.sock``, implementing ``Management``.
+"""A client of the REST API, implementing ``Management``: on the local Unix socket
+``HOME/api.sock``, or (``Client.remote``) on a daemon's TCP address, over TLS with a bearer
+token.
 
 Every method sends one request on a fresh connection and returns the same typed record the
 service returns. An error answer is re-raised as the ``storvisor.errors`` class it names
-(``StorvisorError`` for an unknown or internal one); a connection that fails mid-way raises
-``DaemonUnavailable``, the ``LocalFailure`` of this link.
+(``StorvisorError`` for an unknown or internal one, ``AccessDenied`` for 401 and 403); a
+connection that fails mid-way raises ``DaemonUnavailable``, the ``LocalFailure`` of this link,
+and a server whose certificate cannot be trusted ``UntrustedDaemon``.
 """
 
 from __future__ import annotations
@@ -12,17 +15,18 @@ import http.client
 import json
 import os
 import socket
-from collections.abc import Sequence
+import ssl
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
-from urllib.parse import quote
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from storvisor import errors
+from storvisor.api import routes
 from storvisor.api.codec import JSONValue, decode, decode_list, encode
 from storvisor.api.exports import ExportInfo, ExportKind
 from storvisor.api.jobs import JobInfo
 from storvisor.api.messages import (
-    API_PREFIX,
     CreateClone,
     CreateExport,
     CreatePool,
@@ -32,15 +36,22 @@ from storvisor.api.messages import (
     ErrorBody,
     ExportImage,
     ImportImage,
-    LibvirtXml,
     Resize,
     Rollback,
     SetVolumeQos,
 )
 from storvisor.api.qos import QosKey, QosSpecInfo, VolumeQos
+from storvisor.api.routes import Route
 from storvisor.api.service import API_SOCKET, ServiceStatus
+from storvisor.api.tls import (
+    cert_fingerprint,
+    client_context,
+    fingerprints_match,
+    format_fingerprint,
+    parse_fingerprint,
+)
 from storvisor.engine.types import BackingSpec, FsckReport, PoolInfo, SnapshotInfo, VolumeInfo
-from storvisor.errors import LocalFailure, ProtocolError, StorvisorError
+from storvisor.errors import InvalidArgument, LocalFailure, ProtocolError, StorvisorError
 
 _T = TypeVar("_T")
 
@@ -54,6 +65,18 @@ _ERRORS: dict[str, type[StorvisorError]] = {
 
 class DaemonUnavailable(LocalFailure):
     """The daemon's API socket does not answer (no daemon, or one still starting or gone)."""
+
+
+class UntrustedDaemon(LocalFailure):
+    """The server's TLS certificate is not trusted (no CA vouches for it, or its
+    fingerprint is not the pinned one): nothing was sent to it."""
+
+
+class AccessDenied(StorvisorError):
+    """The daemon refused the token: none, unknown or revoked (401), or read-only (403)."""
+
+
+_ERRORS["Unauthorized"] = _ERRORS["Forbidden"] = AccessDenied
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -72,8 +95,48 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def _q(segment: str) -> str:
-    return quote(segment, safe="")
+class _PinnedConnection(http.client.HTTPSConnection):
+    """HTTPS that trusts exactly one certificate, by its SHA-256 fingerprint."""
+
+    def __init__(
+        self, host: str, port: int, context: ssl.SSLContext, pinned: bytes, timeout: float | None
+    ) -> None:
+        super().__init__(host, port, context=context, timeout=timeout)
+        self._pinned = pinned
+
+    def connect(self) -> None:
+        super().connect()
+        assert isinstance(self.sock, ssl.SSLSocket)
+        der = self.sock.getpeercert(binary_form=True) or b""
+        got = cert_fingerprint(der)
+        if not fingerprints_match(got, self._pinned):
+            self.close()
+            raise UntrustedDaemon(
+                f"the daemon at {self.host}:{self.port} presented a certificate with SHA-256 "
+                f"fingerprint {format_fingerprint(got)}, not the pinned "
+                f"{format_fingerprint(self._pinned)}"
+            )
+
+
+def _connection_factory(
+    url: str, ca_file: Path | None, fingerprint: str | None
+) -> Callable[[float | None], http.client.HTTPConnection]:
+    parts = urlsplit(url)
+    if parts.scheme != "https":
+        raise InvalidArgument(
+            f"invalid API URL {url!r}: the API on TCP is served over TLS, use https://HOST:PORT"
+        )
+    try:
+        host, port = parts.hostname, parts.port or 443
+    except ValueError as e:
+        raise InvalidArgument(f"invalid API URL {url!r}: {e}") from None
+    if not host or parts.path not in ("", "/") or parts.query or parts.username:
+        raise InvalidArgument(f"invalid API URL {url!r}: expected https://HOST:PORT")
+    pinned = parse_fingerprint(fingerprint) if fingerprint is not None else None
+    context = client_context(ca_file, pinned)
+    if pinned is not None:
+        return lambda timeout: _PinnedConnection(host, port, context, pinned, timeout)
+    return lambda timeout: http.client.HTTPSConnection(host, port, context=context, timeout=timeout)
 
 
 class Client:
@@ -82,7 +145,33 @@ class Client:
 
     def __init__(self, socket_path: str | os.PathLike[str], timeout: float | None = None) -> None:
         self.socket_path = str(socket_path)
+        self.where = self.socket_path
         self.timeout = timeout
+        self._headers: dict[str, str] = {}
+        self._connect: Callable[[float | None], http.client.HTTPConnection] = lambda t: (
+            _UnixConnection(self.socket_path, t)
+        )
+
+    @classmethod
+    def remote(
+        cls,
+        url: str,
+        token: str,
+        *,
+        ca_file: Path | None = None,
+        fingerprint: str | None = None,
+        timeout: float | None = None,
+    ) -> Client:
+        """A client of the daemon at ``url`` (``https://HOST:PORT``) with a bearer token. The
+        server's certificate must be signed by a CA of ``ca_file`` (default: the system's)
+        for HOST, or have the SHA-256 ``fingerprint`` (then no CA or host name is checked).
+        Raises ``InvalidArgument`` for a bad URL, token, CA file or fingerprint."""
+        if not token or any(c.isspace() for c in token) or not token.isprintable():
+            raise InvalidArgument("the API token is empty or holds spaces or control characters")
+        client = cls(url, timeout)
+        client._connect = _connection_factory(url, ca_file, fingerprint)
+        client._headers = {"Authorization": f"Bearer {token}"}
+        return client
 
     @classmethod
     def for_home(cls, home: str | os.PathLike[str]) -> Client | None:
@@ -92,7 +181,7 @@ class Client:
             return None
         client = cls(path)
         try:
-            client._call("GET", "/status", timeout=5.0)
+            client._call(routes.STATUS, timeout=5.0)
         except DaemonUnavailable:
             return None
         return client
@@ -100,21 +189,31 @@ class Client:
     # -- transport ----------------------------------------------------------------------
 
     def _call(
-        self, method: str, path: str, body: object = None, *, timeout: float | None = None
+        self,
+        route: Route[Any],
+        *params: str,
+        body: object = None,
+        flags: Mapping[str, bool] | None = None,
+        timeout: float | None = None,
     ) -> JSONValue:
-        conn = _UnixConnection(self.socket_path, timeout if timeout is not None else self.timeout)
+        conn = self._connect(timeout if timeout is not None else self.timeout)
         try:
-            headers = {"Accept": "application/json"}
+            headers = {"Accept": "application/json", **self._headers}
             data = None
             if body is not None:
                 data = json.dumps(encode(body)).encode()
                 headers["Content-Type"] = "application/json"
-            conn.request(method, API_PREFIX + path, body=data, headers=headers)
+            conn.request(route.method, route.url(*params, **(flags or {})), data, headers)
             response = conn.getresponse()
             raw = response.read()
             status = response.status
+        except ssl.SSLCertVerificationError as e:
+            raise UntrustedDaemon(
+                f"cannot verify the certificate of the daemon at {self.where}: "
+                f"{e.verify_message or e}; give --ca-file, or --fingerprint to pin it"
+            ) from e
         except (OSError, http.client.HTTPException) as e:
-            raise DaemonUnavailable(f"no answer from the daemon at {self.socket_path}: {e}") from e
+            raise DaemonUnavailable(f"no answer from the daemon at {self.where}: {e}") from e
         finally:
             conn.close()
         value: JSONValue = None
@@ -131,85 +230,85 @@ class Client:
             raise _ERRORS.get(detail.type, StorvisorError)(detail.message)
         return value
 
-    def _get(self, cls: type[_T], method: str, path: str, body: object = None) -> _T:
-        return decode(cls, self._call(method, path, body))
+    def _one(self, route: Route[_T], *params: str, body: object = None) -> _T:
+        """Call a route answering one record."""
+        assert route.response is not None and not route.many
+        return decode(route.response, self._call(route, *params, body=body))
 
-    def _list(self, cls: type[_T], path: str) -> list[_T]:
-        return decode_list(cls, self._call("GET", path))
-
-    @staticmethod
-    def _vol(pool: str, volume: str) -> str:
-        return f"/pools/{_q(pool)}/volumes/{_q(volume)}"
+    def _list(self, route: Route[_T], *params: str) -> list[_T]:
+        """Call a route answering a list of records."""
+        assert route.response is not None and route.many
+        return decode_list(route.response, self._call(route, *params))
 
     # -- Management ---------------------------------------------------------------------
 
     def status(self) -> ServiceStatus:
-        return self._get(ServiceStatus, "GET", "/status")
+        return self._one(routes.STATUS)
+
+    def openapi(self) -> dict[str, JSONValue]:
+        """The daemon's OpenAPI document."""
+        doc = self._call(routes.OPENAPI)
+        if not isinstance(doc, dict):
+            raise ProtocolError("the OpenAPI document is not a JSON object")
+        return doc
 
     def create_pool(
         self, name: str, backings: Sequence[BackingSpec], cluster_size: int | None = None
     ) -> PoolInfo:
-        return self._get(
-            PoolInfo, "POST", "/pools", CreatePool(name, tuple(backings), cluster_size)
-        )
+        return self._one(routes.CREATE_POOL, body=CreatePool(name, tuple(backings), cluster_size))
 
     def pools(self) -> list[PoolInfo]:
-        return self._list(PoolInfo, "/pools")
+        return self._list(routes.POOLS)
 
     def pool_info(self, name: str) -> PoolInfo:
-        return self._get(PoolInfo, "GET", f"/pools/{_q(name)}")
+        return self._one(routes.POOL_INFO, name)
 
     def delete_pool(self, name: str, *, force: bool = False) -> None:
-        self._call("DELETE", f"/pools/{_q(name)}" + ("?force=1" if force else ""))
+        self._call(routes.DELETE_POOL, name, flags={"force": force})
 
     def reopen_pool(self, name: str) -> PoolInfo:
-        return self._get(PoolInfo, "POST", f"/pools/{_q(name)}/reopen")
+        return self._one(routes.REOPEN_POOL, name)
 
     def add_backing(self, pool: str, spec: BackingSpec) -> PoolInfo:
-        return self._get(PoolInfo, "POST", f"/pools/{_q(pool)}/backings", spec)
+        return self._one(routes.ADD_BACKING, pool, body=spec)
 
     def create_volume(self, pool: str, name: str, size: int) -> VolumeInfo:
-        return self._get(VolumeInfo, "POST", f"/pools/{_q(pool)}/volumes", CreateVolume(name, size))
+        return self._one(routes.CREATE_VOLUME, pool, body=CreateVolume(name, size))
 
     def volumes(self, pool: str | None = None) -> list[VolumeInfo]:
-        path = "/volumes" if pool is None else f"/pools/{_q(pool)}/volumes"
-        return self._list(VolumeInfo, path)
+        if pool is None:
+            return self._list(routes.VOLUMES)
+        return self._list(routes.POOL_VOLUMES, pool)
 
     def volume_info(self, pool: str, name: str) -> VolumeInfo:
-        return self._get(VolumeInfo, "GET", self._vol(pool, name))
+        return self._one(routes.VOLUME_INFO, pool, name)
 
     def delete_volume(self, pool: str, name: str) -> None:
-        self._call("DELETE", self._vol(pool, name))
+        self._call(routes.DELETE_VOLUME, pool, name)
 
     def extend_volume(self, pool: str, name: str, size: int) -> VolumeInfo:
-        return self._get(VolumeInfo, "POST", self._vol(pool, name) + "/extend", Resize(size))
+        return self._one(routes.EXTEND_VOLUME, pool, name, body=Resize(size))
 
     def clone(self, pool: str, volume: str, snapshot: str, new: str) -> VolumeInfo:
-        path = self._vol(pool, volume) + f"/snapshots/{_q(snapshot)}/clones"
-        return self._get(VolumeInfo, "POST", path, CreateClone(new))
+        return self._one(routes.CLONE, pool, volume, snapshot, body=CreateClone(new))
 
     def flatten(self, pool: str, volume: str) -> VolumeInfo:
-        return self._get(VolumeInfo, "POST", self._vol(pool, volume) + "/flatten")
-
-    def start_flatten(self, pool: str, volume: str) -> JobInfo:
-        return self._get(JobInfo, "POST", self._vol(pool, volume) + "/flatten?job=1")
+        return self._one(routes.FLATTEN, pool, volume)
 
     def create_snapshot(self, pool: str, volume: str, snapshot: str) -> SnapshotInfo:
-        path = self._vol(pool, volume) + "/snapshots"
-        return self._get(SnapshotInfo, "POST", path, CreateSnapshot(snapshot))
+        return self._one(routes.CREATE_SNAPSHOT, pool, volume, body=CreateSnapshot(snapshot))
 
     def snapshots(self, pool: str, volume: str) -> list[SnapshotInfo]:
-        return self._list(SnapshotInfo, self._vol(pool, volume) + "/snapshots")
+        return self._list(routes.SNAPSHOTS, pool, volume)
 
     def delete_snapshot(self, pool: str, volume: str, snapshot: str) -> None:
-        self._call("DELETE", self._vol(pool, volume) + f"/snapshots/{_q(snapshot)}")
+        self._call(routes.DELETE_SNAPSHOT, pool, volume, snapshot)
 
     def rollback(self, pool: str, volume: str, snapshot: str) -> VolumeInfo:
-        path = self._vol(pool, volume) + "/rollback"
-        return self._get(VolumeInfo, "POST", path, Rollback(snapshot))
+        return self._one(routes.ROLLBACK, pool, volume, body=Rollback(snapshot))
 
     def fsck(self, pool: str) -> FsckReport:
-        return self._get(FsckReport, "POST", f"/pools/{_q(pool)}/fsck")
+        return self._one(routes.FSCK, pool)
 
     def export_nbd(
         self,
@@ -221,7 +320,7 @@ class Client:
         read_only: bool = False,
     ) -> ExportInfo:
         req = CreateExport(ExportKind.NBD, pool, volume, snapshot, name, read_only)
-        return self._get(ExportInfo, "POST", "/exports", req)
+        return self._one(routes.CREATE_EXPORT, body=req)
 
     def export_vhost_user_blk(
         self,
@@ -236,42 +335,42 @@ class Client:
         req = CreateExport(
             ExportKind.VHOST_USER_BLK, pool, volume, None, name, read_only, socket, queues
         )
-        return self._get(ExportInfo, "POST", "/exports", req)
+        return self._one(routes.CREATE_EXPORT, body=req)
 
     def exports(self) -> list[ExportInfo]:
-        return self._list(ExportInfo, "/exports")
+        return self._list(routes.EXPORTS)
 
     def export_info(self, name: str) -> ExportInfo:
-        return self._get(ExportInfo, "GET", f"/exports/{_q(name)}")
+        return self._one(routes.EXPORT_INFO, name)
 
     def remove_export(self, name: str) -> None:
-        self._call("DELETE", f"/exports/{_q(name)}")
+        self._call(routes.REMOVE_EXPORT, name)
 
     def libvirt_xml(self, pool: str, volume: str) -> str:
-        return self._get(LibvirtXml, "GET", self._vol(pool, volume) + "/libvirt-xml").xml
+        return self._one(routes.LIBVIRT_XML, pool, volume).xml
 
     # -- QoS --
 
     def create_qos_spec(self, name: str, keys: Sequence[QosKey]) -> QosSpecInfo:
-        return self._get(QosSpecInfo, "POST", "/qos-specs", CreateQosSpec(name, tuple(keys)))
+        return self._one(routes.CREATE_QOS_SPEC, body=CreateQosSpec(name, tuple(keys)))
 
     def qos_specs(self) -> list[QosSpecInfo]:
-        return self._list(QosSpecInfo, "/qos-specs")
+        return self._list(routes.QOS_SPECS)
 
     def qos_spec(self, name: str) -> QosSpecInfo:
-        return self._get(QosSpecInfo, "GET", f"/qos-specs/{_q(name)}")
+        return self._one(routes.QOS_SPEC, name)
 
     def delete_qos_spec(self, name: str) -> None:
-        self._call("DELETE", f"/qos-specs/{_q(name)}")
+        self._call(routes.DELETE_QOS_SPEC, name)
 
     def volume_qos(self, pool: str, volume: str) -> VolumeQos:
-        return self._get(VolumeQos, "GET", self._vol(pool, volume) + "/qos")
+        return self._one(routes.VOLUME_QOS, pool, volume)
 
     def set_volume_qos(
         self, pool: str, volume: str, *, spec: str | None = None, keys: Sequence[QosKey] = ()
     ) -> VolumeQos:
         req = SetVolumeQos(spec, tuple(keys))
-        return self._get(VolumeQos, "POST", self._vol(pool, volume) + "/qos", req)
+        return self._one(routes.SET_VOLUME_QOS, pool, volume, body=req)
 
     def close(self) -> None:
         """Nothing to release: every request uses its own connection."""
@@ -279,20 +378,21 @@ class Client:
     # -- jobs ---------------------------------------------------------------------------
 
     def import_image(self, pool: str, volume: str, path: str, fmt: str | None = None) -> JobInfo:
-        req = ImportImage(volume, path, fmt)
-        return self._get(JobInfo, "POST", f"/pools/{_q(pool)}/imports", req)
+        return self._one(routes.IMPORT_IMAGE, pool, body=ImportImage(volume, path, fmt))
 
     def export_image(
         self, pool: str, volume: str, snapshot: str | None, path: str, fmt: str
     ) -> JobInfo:
-        req = ExportImage(path, fmt, snapshot)
-        return self._get(JobInfo, "POST", self._vol(pool, volume) + "/image-exports", req)
+        return self._one(routes.EXPORT_IMAGE, pool, volume, body=ExportImage(path, fmt, snapshot))
+
+    def start_flatten(self, pool: str, volume: str) -> JobInfo:
+        return self._one(routes.START_FLATTEN, pool, volume)
 
     def jobs(self) -> list[JobInfo]:
-        return self._list(JobInfo, "/jobs")
+        return self._list(routes.JOBS)
 
     def job(self, job_id: str) -> JobInfo:
-        return self._get(JobInfo, "GET", f"/jobs/{_q(job_id)}")
+        return self._one(routes.JOB, job_id)
 
     def cancel_job(self, job_id: str) -> JobInfo:
-        return self._get(JobInfo, "POST", f"/jobs/{_q(job_id)}/cancel")
+        return self._one(routes.CANCEL_JOB, job_id)

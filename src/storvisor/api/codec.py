@@ -6,7 +6,9 @@ the same records the service returns and no untyped dict leaves the API package.
 
 Supported field types: ``int``, ``float``, ``str``, ``bool``, ``None``, ``enum`` members,
 nested dataclasses, ``tuple[X, ...]``, ``list[X]`` and ``X | None``. Anything that does not
-fit raises ``ProtocolError`` (the peer sent something this version does not understand).
+fit raises ``ProtocolError`` (the peer sent something this version does not understand). A
+field the record does not have is ignored, unless ``strict`` (the server decoding a request:
+an unknown field is a mistake of the caller, never silently dropped).
 """
 
 from __future__ import annotations
@@ -37,14 +39,17 @@ def encode(value: object) -> JSONValue:
         return encode(value.value)
     if isinstance(value, list | tuple):
         return [encode(item) for item in value]
+    if isinstance(value, dict):
+        return {str(k): encode(v) for k, v in value.items()}
     if value is None or isinstance(value, bool | int | float | str):
         return value
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 
 
-def decode(cls: type[_T], data: JSONValue) -> _T:
-    """Build a ``cls`` record from parsed JSON. Raises ``ProtocolError`` on a mismatch."""
-    return cast(_T, _decode(cls, data, cls.__name__))
+def decode(cls: type[_T], data: JSONValue, *, strict: bool = False) -> _T:
+    """Build a ``cls`` record from parsed JSON. Raises ``ProtocolError`` on a mismatch (with
+    ``strict``, an unknown field too)."""
+    return cast(_T, _decode(cls, data, cls.__name__, strict))
 
 
 def decode_list(cls: type[_T], data: JSONValue) -> list[_T]:
@@ -54,7 +59,7 @@ def decode_list(cls: type[_T], data: JSONValue) -> list[_T]:
     return [decode(cls, item) for item in data]
 
 
-def _decode(tp: Any, data: JSONValue, where: str) -> object:
+def _decode(tp: Any, data: JSONValue, where: str, strict: bool = False) -> object:
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
         args = typing.get_args(tp)
@@ -64,7 +69,7 @@ def _decode(tp: Any, data: JSONValue, where: str) -> object:
             if arg is type(None):
                 continue
             try:
-                return _decode(arg, data, where)
+                return _decode(arg, data, where, strict)
             except ProtocolError:
                 continue
         raise ProtocolError(f"{where}: {data!r} does not match {tp}")
@@ -72,12 +77,12 @@ def _decode(tp: Any, data: JSONValue, where: str) -> object:
         args = typing.get_args(tp)
         if not isinstance(data, list):
             raise ProtocolError(f"{where}: expected a list, got {type(data).__name__}")
-        items = [_decode(args[0], item, f"{where}[]") for item in data]
+        items = [_decode(args[0], item, f"{where}[]", strict) for item in data]
         return tuple(items) if origin is tuple else items
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(data, dict):
             raise ProtocolError(f"{where}: expected an object, got {type(data).__name__}")
-        return _decode_record(tp, data, where)
+        return _decode_record(tp, data, where, strict)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         try:
             return tp(data)
@@ -92,8 +97,14 @@ def _decode(tp: Any, data: JSONValue, where: str) -> object:
     raise ProtocolError(f"{where}: {data!r} is not a {getattr(tp, '__name__', tp)}")
 
 
-def _decode_record(cls: type[Any], data: Mapping[str, JSONValue], where: str) -> object:
+def _decode_record(
+    cls: type[Any], data: Mapping[str, JSONValue], where: str, strict: bool
+) -> object:
     hints = typing.get_type_hints(cls)
+    if strict:
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ProtocolError(f"{where}: unknown field {unknown[0]!r}")
     kwargs: dict[str, object] = {}
     for field in dataclasses.fields(cls):
         if field.name not in data:
@@ -103,7 +114,9 @@ def _decode_record(cls: type[Any], data: Mapping[str, JSONValue], where: str) ->
             ):
                 raise ProtocolError(f"{where}: missing field {field.name!r}")
             continue
-        kwargs[field.name] = _decode(hints[field.name], data[field.name], f"{where}.{field.name}")
+        kwargs[field.name] = _decode(
+            hints[field.name], data[field.name], f"{where}.{field.name}", strict
+        )
     return cls(**kwargs)
 
 

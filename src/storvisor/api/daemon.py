@@ -19,8 +19,16 @@ from pathlib import Path
 from types import FrameType
 
 from storvisor.api.exports import NBD_SOCKET, ExportInfo, ExportRuntime, TcpAddress
-from storvisor.api.server import APIServer
+from storvisor.api.server import APIServer, TcpAPIServer
 from storvisor.api.service import API_SOCKET, Service
+from storvisor.api.tls import (
+    TlsFiles,
+    file_fingerprint,
+    format_fingerprint,
+    self_signed,
+    server_context,
+)
+from storvisor.api.tokens import TokenStore
 from storvisor.engine.home import Home, HomeUser
 from storvisor.errors import Conflict, InvalidArgument
 from storvisor.units import format_size
@@ -41,6 +49,8 @@ def serve(
     say: Callable[[str], None] = print,
     cli: str = "storvisor",
     lock_wait: float = LOCK_WAIT,
+    api_tcp: TcpAddress | None = None,
+    tls: TlsFiles | None = None,
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT.
 
@@ -49,7 +59,12 @@ def serve(
     answered) is waited for, up to ``lock_wait`` seconds. Raises ``HomeInUse`` (a
     ``Conflict``) if another daemon holds HOME or the command did not finish in time,
     ``Conflict`` if a listening address is taken; whatever happens, everything opened is
-    closed before returning."""
+    closed before returning.
+
+    With ``api_tcp`` the API also listens there, with TLS (``tls``, else the self-signed
+    certificate of HOME, generated if needed: ``storvisor.api.tls``) and bearer tokens
+    (``HOME/tokens.json``); the banner gives the certificate's SHA-256 fingerprint.
+    ``InvalidArgument`` if the certificate cannot be loaded or generated."""
     for name in (API_SOCKET, NBD_SOCKET):
         sock = Path(home_path).absolute() / name
         if len(os.fsencode(sock)) > _SUN_PATH_MAX:
@@ -60,6 +75,7 @@ def serve(
     runtime = ExportRuntime(home.path, nbd_tcp)
     service = Service(home, runtime)
     api: APIServer | None = None
+    tcp: TcpAPIServer | None = None
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -68,6 +84,8 @@ def serve(
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        if api_tcp is not None:  # before anything starts: a bad certificate or address fails
+            tcp = _listen_tcp(home.path, api_tcp, tls, service)
         runtime.start()
         service.start_exports()
         demo_export = service.ensure_demo() if demo else None
@@ -76,13 +94,19 @@ def serve(
         except OSError as e:
             raise Conflict(f"cannot listen on {home.path / API_SOCKET}: {e.strerror or e}") from e
         api.start()
+        remote = ""
+        if tcp is not None:
+            tcp.start()
+            remote = _remote_banner(tcp, cli)
         log.info("serving %s (pid %d)", home.path, os.getpid())
-        say(_banner(service, demo_export, cli))
+        say(_banner(service, demo_export, cli, remote))
         while not stop.wait(1.0):
             pass
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if tcp is not None:
+            tcp.close()
         if api is not None:
             api.close()
         service.close()
@@ -90,11 +114,34 @@ def serve(
             log.info("stopped")
 
 
-def _banner(service: Service, demo: ExportInfo | None, cli: str) -> str:
+def _listen_tcp(
+    home: Path, address: TcpAddress, tls: TlsFiles | None, service: Service
+) -> TcpAPIServer:
+    files = tls if tls is not None else self_signed(home, address.host)
+    context = server_context(files)
+    try:
+        server = TcpAPIServer(address, service, context, TokenStore(home))
+    except OSError as e:
+        raise Conflict(f"cannot listen on {address.host}:{address.port}: {e.strerror or e}") from e
+    server.fingerprint = format_fingerprint(file_fingerprint(files.cert))
+    return server
+
+
+def _remote_banner(tcp: TcpAPIServer, cli: str) -> str:
+    a = tcp.address
+    host = f"[{a.host}]" if ":" in a.host else a.host
+    return (
+        f"  API: https://{host}:{a.port} (bearer tokens: {cli} token create NAME)\n"
+        f"  TLS certificate SHA-256 fingerprint: {tcp.fingerprint}"
+    )
+
+
+def _banner(service: Service, demo: ExportInfo | None, cli: str, remote: str = "") -> str:
     status = service.status()
     lines = [
         f"storvisor is serving {status.home} (pid {status.pid})",
         f"  API: {status.api_socket}",
+        *([remote] if remote else []),
         f"  NBD: {status.nbd_socket}" + (f" and tcp {status.nbd_tcp}" if status.nbd_tcp else ""),
     ]
     if demo is not None:

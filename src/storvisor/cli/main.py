@@ -9,6 +9,11 @@ A daemon that is starting (it holds the HOME lock, its API does not answer yet) 
 for, and a daemon that starts while a command holds HOME waits for that command: up to
 ``--wait`` seconds either way (engine/home.py describes the lock).
 
+With ``--api URL --token-file F`` (or ``$STORVISOR_API``, ``$STORVISOR_TOKEN_FILE``) a
+command drives a daemon's API on TCP instead, over TLS (``--ca-file`` or ``--fingerprint``
+say which certificate to trust) with a bearer token. ``token`` commands always work on the
+local HOME's ``tokens.json``.
+
 Exit status: 0 on success, 1 when an operation fails (a missing pool, a duplicate name, an
 fsck that finds problems), 2 for a usage error. Errors are one line on stderr,
 ``storvisor: error: ...``; a traceback is printed only with ``--debug``.
@@ -36,11 +41,13 @@ from storvisor.api.exports import ExportInfo, ExportState, TcpAddress, parse_tcp
 from storvisor.api.jobs import JobInfo, JobState
 from storvisor.api.qos import QosKey
 from storvisor.api.service import Management, Service
+from storvisor.api.tls import TlsFiles
+from storvisor.api.tokens import TokenStore
 from storvisor.cli import output
 from storvisor.cli.progress import wait_for_job
 from storvisor.engine.home import HomeInUse, HomeUser
 from storvisor.engine.types import BackingSpec, PoolState
-from storvisor.errors import StorvisorError
+from storvisor.errors import InvalidArgument, StorvisorError
 from storvisor.units import parse_size
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -477,6 +484,28 @@ def _qos_parsers(
     c.add_argument("ref", metavar="POOL/VOL", type=volume_ref)
 
 
+# -- token commands (local: they read and write HOME/tokens.json, daemon or not) ------------
+
+
+def token_create(store: TokenStore, a: argparse.Namespace) -> int:
+    info, token = store.create(a.name, read_only=a.read_only)
+    print(token)
+    kind = "read-only" if info.read_only else "read-write"
+    sys.stderr.write(f"created {kind} token {info.name}; it is shown only this once\n")
+    return 0
+
+
+def token_list(store: TokenStore, a: argparse.Namespace) -> int:
+    tokens = store.tokens()
+    return _print(a, tokens, output.tokens_table(tokens))
+
+
+def token_revoke(store: TokenStore, a: argparse.Namespace) -> int:
+    store.revoke(a.name)
+    print(f"revoked token {a.name}")
+    return 0
+
+
 class _UsageError(Exception):
     pass
 
@@ -510,6 +539,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a command waits for a starting daemon, and serve for a command "
         f"using the HOME (default: {DEFAULT_WAIT:g})",
     )
+    p.add_argument(
+        "--api",
+        metavar="URL",
+        help="drive the daemon at https://HOST:PORT (its --api-tcp) instead of the local HOME "
+        "(default: $STORVISOR_API)",
+    )
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        type=Path,
+        help="file holding the bearer token for --api (default: $STORVISOR_TOKEN_FILE)",
+    )
+    p.add_argument(
+        "--ca-file",
+        metavar="PEM",
+        type=Path,
+        help="CA certificates that vouch for the --api server (default: $STORVISOR_CA_FILE, "
+        "else the system's)",
+    )
+    p.add_argument(
+        "--fingerprint",
+        metavar="SHA256",
+        help="trust the --api server whose certificate has this SHA-256 fingerprint, as "
+        "'storvisor serve' prints it (default: $STORVISOR_FINGERPRINT)",
+    )
     p.add_argument("--version", action="version", version=f"storvisor {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -540,7 +594,31 @@ def build_parser() -> argparse.ArgumentParser:
         type=tcp_address,
         help="also serve NBD on TCP (HOST defaults to 127.0.0.1)",
     )
+    s.add_argument(
+        "--api-tcp",
+        metavar="[HOST:]PORT",
+        type=tcp_address,
+        help="also serve the API on TCP, with TLS and bearer tokens (HOST defaults to 127.0.0.1)",
+    )
+    s.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        type=Path,
+        help="certificate (chain) of the TCP API (default: a self-signed one in HOME/tls)",
+    )
+    s.add_argument("--tls-key", metavar="PEM", type=Path, help="private key of --tls-cert")
     s.set_defaults(func=None, serve=True)
+
+    tok = group("token", "manage the bearer tokens of the API on TCP (in the local HOME)")
+    c = cmd(tok, "create", None, "create a token and print it (shown only this once)")
+    c.add_argument("name", metavar="NAME")
+    c.add_argument("--read-only", action="store_true", help="a token that cannot change state")
+    c.set_defaults(token=token_create)
+    c = cmd(tok, "list", None, "list tokens (never the tokens themselves)", json=True)
+    c.set_defaults(token=token_list)
+    c = cmd(tok, "revoke", None, "revoke a token (at once, also in the running daemon)")
+    c.add_argument("name", metavar="NAME")
+    c.set_defaults(token=token_revoke)
 
     pool = group("pool", "manage pools")
     c = cmd(pool, "create", pool_create, "create a pool", json=True)
@@ -696,6 +774,33 @@ def _connect(home: Path, wait: float) -> Management:
         time.sleep(_POLL)
 
 
+def _remote(args: argparse.Namespace) -> Client | None:
+    """The client of ``--api`` (or ``$STORVISOR_API``), or ``None`` for the local HOME."""
+    url = args.api or os.environ.get("STORVISOR_API")
+    if not url:
+        for option in ("token_file", "ca_file", "fingerprint"):
+            if getattr(args, option) is not None:
+                raise _usage(f"--{option.replace('_', '-')} needs --api")
+        return None
+    token_file = args.token_file or os.environ.get("STORVISOR_TOKEN_FILE")
+    if not token_file:
+        raise _usage("--api needs --token-file (or STORVISOR_TOKEN_FILE)")
+    ca_file = args.ca_file or os.environ.get("STORVISOR_CA_FILE")
+    fingerprint = args.fingerprint or os.environ.get("STORVISOR_FINGERPRINT")
+    if ca_file and fingerprint:
+        raise _usage("give --ca-file or --fingerprint, not both")
+    try:
+        token = Path(token_file).expanduser().read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"cannot read the token file {token_file}: {e}") from e
+    return Client.remote(
+        url,
+        token,
+        ca_file=Path(ca_file).expanduser() if ca_file else None,
+        fingerprint=fingerprint or None,
+    )
+
+
 def _serve(args: argparse.Namespace, home: Path) -> int:
     from storvisor.api.daemon import default_home, serve
 
@@ -703,7 +808,23 @@ def _serve(args: argparse.Namespace, home: Path) -> int:
     prog = "storvisor" if shutil.which("storvisor") else shlex.quote(sys.argv[0])
     if home != default_home().expanduser().absolute():
         prog += f" --home {shlex.quote(str(home))}"
-    serve(home, demo=args.demo, nbd_tcp=args.nbd_tcp, say=_say, cli=prog, lock_wait=args.wait)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise _usage("--tls-cert and --tls-key go together")
+    if args.tls_cert is not None and args.api_tcp is None:
+        raise _usage("--tls-cert and --tls-key need --api-tcp")
+    tls = None
+    if args.tls_cert is not None:
+        tls = TlsFiles(args.tls_cert.expanduser().absolute(), args.tls_key.expanduser().absolute())
+    serve(
+        home,
+        demo=args.demo,
+        nbd_tcp=args.nbd_tcp,
+        say=_say,
+        cli=prog,
+        lock_wait=args.wait,
+        api_tcp=args.api_tcp,
+        tls=tls,
+    )
     return 0
 
 
@@ -725,9 +846,15 @@ def run(argv: Sequence[str] | None = None) -> int:
     )
     try:
         home = _home(args)
+        if args.command in ("serve", "token") and args.api:
+            raise _usage(f"{args.command} works on the local HOME; it takes no --api")
         if args.command == "serve":
             return _serve(args, home)
-        management = _connect(home, args.wait)
+        if args.command == "token":
+            home.mkdir(parents=True, exist_ok=True)
+            token_command: Callable[[TokenStore, argparse.Namespace], int] = args.token
+            return token_command(TokenStore(home), args)
+        management = _remote(args) or _connect(home, args.wait)
         try:
             status: int = args.func(management, args)
         finally:

@@ -14,6 +14,7 @@ from storvisor.api.codec import encode
 from storvisor.api.exports import ExportInfo
 from storvisor.api.jobs import JobInfo
 from storvisor.api.qos import QosKey, QosSpecInfo, VolumeQos
+from storvisor.api.tokens import TokenInfo
 from storvisor.engine.types import FsckReport, PoolInfo, SnapshotInfo, VolumeInfo
 from storvisor.units import format_size
 
@@ -257,3 +258,10 @@ def job_details(j: JobInfo) -> str:
     if j.error:
         pairs.append(("error", j.error))
     return fields(pairs)
+
+
+def tokens_table(tokens: Sequence[TokenInfo]) -> str:
+    rows = [
+        [t.name, "read-only" if t.read_only else "read-write", _time(t.created)] for t in tokens
+    ]
+    return table(["NAME", "ACCESS", "CREATED"], rows)
