@@ -83,13 +83,14 @@ def open_client(options: BackendOptions) -> Management:
         raise InvalidArgument("a remote API URL needs a token file (storvisor_token_file)")
     if options.ca_file is not None and options.fingerprint is not None:
         raise InvalidArgument("give a CA file or a certificate fingerprint, not both")
+    token = read_token(options.token_file)
     remote = getattr(Client, "remote", None)
     if remote is None:
         raise InvalidArgument("this storvisor has no client for the remote API (https://)")
     make = cast(Callable[..., Management], remote)
     return make(
         options.api_url,
-        read_token(options.token_file),
+        token,
         ca_file=Path(options.ca_file) if options.ca_file is not None else None,
         fingerprint=options.fingerprint,
         timeout=options.timeout,

@@ -363,8 +363,12 @@ class StorvisorDriver(driver.VolumeDriver):  # type: ignore[misc]  # Cinder is u
                         opts.pool, volume.name, socket, name=name
                     )
                 return self._client.export_nbd(opts.pool, volume.name, name=name)
-            except Conflict:
-                info = self._client.export_info(name)
+            except Conflict as conflict:
+                # attached already (another attachment of the volume): the same export
+                try:
+                    info = self._client.export_info(name)
+                except NotFound:
+                    raise conflict from None
                 if (info.spec.pool, info.spec.volume) != (opts.pool, volume.name):
                     raise
                 return info
