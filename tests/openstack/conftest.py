@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cinder_kit import cinder_context, load_driver
 
 from cli.cli_harness import CLI, Daemon
 from prereq import require
@@ -42,6 +41,8 @@ def storvisor_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture
 def driver(storvisor_home: Path, tmp_path: Path) -> Any:
+    from cinder_kit import load_driver  # Cinder only where a test asks for it
+
     drv = load_driver(
         tmp_path,
         {"storvisor_api_url": f"unix://{storvisor_home}/api.sock", "storvisor_pool": "p"},
@@ -52,6 +53,8 @@ def driver(storvisor_home: Path, tmp_path: Path) -> Any:
 
 @pytest.fixture
 def ctx() -> Any:
+    from cinder_kit import cinder_context
+
     return cinder_context.get_admin_context()
 
 

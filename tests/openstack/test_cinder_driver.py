@@ -11,10 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cinder import exception, objects
-from cinder.interface import util as interface_util
-from cinder.interface import volume_driver
-from cinder_kit import (
+
+from prereq import require_module
+
+require_module("cinder", "the OpenStack virtualenv (make openstack-venv) is not in use")
+
+from cinder import exception, objects  # noqa: E402
+from cinder.interface import util as interface_util  # noqa: E402
+from cinder.interface import volume_driver  # noqa: E402
+from cinder_kit import (  # noqa: E402
     DRIVER_PATH,
     export_size,
     load_driver,
@@ -25,12 +30,12 @@ from cinder_kit import (
     pwrite,
 )
 
-from storvisor.api.client import Client
-from storvisor.api.qos import QosKey
-from storvisor.errors import NotFound
-from storvisor.integrations.openstack.backend import ExportKind
-from storvisor.integrations.openstack.cinder import StorvisorDriver
-from storvisor.integrations.openstack.connection import ConnectionData
+from storvisor.api.client import Client  # noqa: E402
+from storvisor.api.qos import QosKey  # noqa: E402
+from storvisor.errors import NotFound  # noqa: E402
+from storvisor.integrations.openstack.backend import ExportKind  # noqa: E402
+from storvisor.integrations.openstack.cinder import StorvisorDriver  # noqa: E402
+from storvisor.integrations.openstack.connection import ConnectionData  # noqa: E402
 
 GIB = 1 << 30
 MIB = 1 << 20
