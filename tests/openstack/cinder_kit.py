@@ -60,6 +60,7 @@ def load_driver(conf_dir: Path, options: dict[str, str]) -> Any:
 def new_volume(ctx: Any, size: int = 1, **fields: Any) -> Any:
     """A Cinder ``Volume`` object as the volume manager hands it to a driver."""
     fields.setdefault("volume_type_id", None)
+    fields.setdefault("encryption_key_id", None)
     return objects.Volume(
         ctx, id=str(uuid.uuid4()), size=size, _name_id=None, status="creating", **fields
     )
