@@ -43,6 +43,7 @@ from oslo_log import log as logging
 from storvisor.api.exports import ExportInfo
 from storvisor.api.qos import QosKey
 from storvisor.api.service import Management
+from storvisor.engine.types import PoolState
 from storvisor.errors import Conflict, NotFound, StorvisorError
 from storvisor.integrations.openstack.backend import BackendOptions, ExportKind, open_client
 from storvisor.integrations.openstack.connection import DRIVER_VOLUME_TYPE, ConnectionData
@@ -159,7 +160,7 @@ class StorvisorDriver(driver.VolumeDriver):  # type: ignore[misc]  # Cinder is u
         """The daemon answers (with the token) and the pool exists and serves."""
         with _translated():
             info = self._client.pool_info(self._opts.pool)
-        if info.state.value == "offline":
+        if info.state is PoolState.OFFLINE:
             _backend_error(f"storvisor pool {info.name} is offline: {info.reason}")
 
     @property
@@ -251,7 +252,9 @@ class StorvisorDriver(driver.VolumeDriver):  # type: ignore[misc]  # Cinder is u
         try:
             self._client.delete_snapshot(self._opts.pool, snapshot.volume_name, snapshot.name)
         except NotFound:
-            LOG.info("storvisor snapshot %s@%s was already gone", snapshot.volume_name, snapshot)
+            LOG.info(
+                "storvisor snapshot %s@%s was already gone", snapshot.volume_name, snapshot.name
+            )
         except Conflict as e:
             raise exception.SnapshotIsBusy(message=str(e), snapshot_name=snapshot.name) from e
         except StorvisorError as e:
