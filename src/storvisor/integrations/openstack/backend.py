@@ -10,10 +10,8 @@ export kind attachments get. ``open_client`` turns them into a ``Management`` cl
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 from urllib.parse import urlsplit
 
 from storvisor.api.client import Client
@@ -84,11 +82,7 @@ def open_client(options: BackendOptions) -> Management:
     if options.ca_file is not None and options.fingerprint is not None:
         raise InvalidArgument("give a CA file or a certificate fingerprint, not both")
     token = read_token(options.token_file)
-    remote = getattr(Client, "remote", None)
-    if remote is None:
-        raise InvalidArgument("this storvisor has no client for the remote API (https://)")
-    make = cast(Callable[..., Management], remote)
-    return make(
+    return Client.remote(
         options.api_url,
         token,
         ca_file=Path(options.ca_file) if options.ca_file is not None else None,
