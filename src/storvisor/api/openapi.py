@@ -20,12 +20,12 @@ import typing
 from typing import Any
 
 from storvisor import __version__
-from storvisor.api.codec import JSONValue
+from storvisor.api.codec import INT_MAX, INT_MIN, JSONValue
 from storvisor.api.messages import API_PREFIX, ErrorBody
 from storvisor.api.routes import ROUTES, Access, Document, Route
 
 _SCALARS: dict[object, dict[str, JSONValue]] = {
-    int: {"type": "integer"},
+    int: {"type": "integer", "minimum": INT_MIN, "maximum": INT_MAX},
     float: {"type": "number"},
     str: {"type": "string"},
     bool: {"type": "boolean"},
