@@ -126,11 +126,14 @@ def _decode_record(
     return cls(**kwargs)
 
 
-def save_json(path: Path, doc: object) -> None:
+def save_json(path: Path, doc: object, *, mode: int | None = None) -> None:
     """Replace the JSON file ``path`` with ``doc`` atomically and durably: a temporary file
-    beside it, fsync, rename over it, fsync of the directory. Raises ``OSError``."""
+    beside it, fsync, rename over it, fsync of the directory. ``mode``: the file's
+    permissions, set before anything is written. Raises ``OSError``."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
+        if mode is not None:
+            os.fchmod(f.fileno(), mode)
         f.write(json.dumps(doc, indent=2) + "\n")
         f.flush()
         os.fsync(f.fileno())
