@@ -141,6 +141,18 @@ def test_plain_http_on_the_tls_port_is_dropped_and_the_server_carries_on(remote:
     assert remote.client(remote.reader).status().home == str(remote.home)
 
 
+def test_a_client_that_never_starts_tls_does_not_hold_up_others(remote: Remote) -> None:
+    """The handshake runs in the connection's own thread, not in the accepting one."""
+    idle = [socket.create_connection(("127.0.0.1", remote.tcp.address.port)) for _ in range(3)]
+    try:
+        start = time.monotonic()
+        assert remote.client(remote.reader).pools() == []
+        assert time.monotonic() - start < 10
+    finally:
+        for s in idle:
+            s.close()
+
+
 def test_fingerprint_forms() -> None:
     digest = bytes(range(32))
     text = format_fingerprint(digest)
