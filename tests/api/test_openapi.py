@@ -78,6 +78,8 @@ def test_route_urls_encode_each_parameter() -> None:
     assert m is not None and m.groups() == ("a", "b", "c")
     with pytest.raises(TypeError):
         routes.VOLUME_INFO.url("only-pool")
+    with pytest.raises(TypeError):
+        routes.POOLS.url(force=True)
 
 
 def _validator(doc: dict, schema: dict) -> jsonschema.Draft202012Validator:
