@@ -1,5 +1,5 @@
-"""Rewrite docs/openapi.json from the route table (``make openapi``); ``--check`` only
-compares and exits 1 when the file is stale."""
+"""Rewrite docs/openapi.json (or PATH) from the route table: ``make openapi``. With
+``--check`` only compare, and exit 1 when the file is stale."""
 
 from __future__ import annotations
 
@@ -12,13 +12,16 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "openapi.json"
 
 
 def main(argv: list[str]) -> int:
+    check = "--check" in argv
+    paths = [a for a in argv if a != "--check"]
+    path = Path(paths[0]) if paths else DOC
     text = render()
-    if "--check" in argv:
-        if not DOC.exists() or DOC.read_text() != text:
-            sys.stderr.write(f"{DOC} is stale: run 'make openapi'\n")
+    if check:
+        if not path.exists() or path.read_text() != text:
+            sys.stderr.write(f"{path} is stale: run 'make openapi'\n")
             return 1
         return 0
-    DOC.write_text(text)
+    path.write_text(text)
     return 0
 
 

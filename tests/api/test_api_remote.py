@@ -141,6 +141,18 @@ def test_plain_http_on_the_tls_port_is_dropped_and_the_server_carries_on(remote:
     assert remote.client(remote.reader).status().home == str(remote.home)
 
 
+def test_a_client_that_never_starts_tls_does_not_hold_up_others(remote: Remote) -> None:
+    """The handshake runs in the connection's own thread, not in the accepting one."""
+    idle = [socket.create_connection(("127.0.0.1", remote.tcp.address.port)) for _ in range(3)]
+    try:
+        start = time.monotonic()
+        assert remote.client(remote.reader).pools() == []
+        assert time.monotonic() - start < 10
+    finally:
+        for s in idle:
+            s.close()
+
+
 def test_fingerprint_forms() -> None:
     digest = bytes(range(32))
     text = format_fingerprint(digest)
@@ -275,6 +287,14 @@ _POOL = json.dumps({"name": "q", "backings": [{"path": "/nonexistent/q.img", "si
         ),
         (
             "POST",
+            "/v1/pools/p/volumes/v/extend",
+            b'{"size": 23756448705577874458532642816}',
+            {},
+            400,
+            "out of range",
+        ),
+        (
+            "POST",
             "/v1/pools/p/volumes",
             b'{"name": "w", "size": 1048576}',
             {"Content-Type": "text/plain"},
@@ -296,6 +316,9 @@ _POOL = json.dumps({"name": "q", "backings": [{"path": "/nonexistent/q.img", "si
         ("POST", "/v1/pools/p/volumes/v/flatten", b"{}", {}, 400, "takes no request body"),
         ("DELETE", "/v1/pools/p?force=1&cascade=1", None, {}, 400, "unknown query parameter"),
         ("GET", "/v1/pools?force=1", None, {}, 400, "unknown query parameter"),
+        ("DELETE", "/v1/pools/p?force=-1.5", None, {}, 400, "takes one of true, false"),
+        ("DELETE", "/v1/pools/p?force=1&force=0", None, {}, 400, "takes one of true, false"),
+        ("DELETE", "/v1/pools/p?force", None, {}, 400, "malformed query string"),
         ("PUT", "/v1/pools/p", None, {}, 405, "not allowed"),
         ("GET", "/v2/pools", None, {}, 404, "no such resource"),
         ("POST", "/v1/pools", b"{}", {"Content-Length": "-5"}, 400, "Content-Length"),

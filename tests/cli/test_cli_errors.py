@@ -19,7 +19,7 @@ import pytest
 from cli_harness import CLI
 
 from storvisor import errors
-from storvisor.api.client import Client, DaemonUnavailable
+from storvisor.api.client import AccessDenied, Client, DaemonUnavailable, UntrustedDaemon
 from storvisor.api.server import APIServer, status_for
 from storvisor.api.service import Service
 from storvisor.engine.home import HomeInUse
@@ -43,7 +43,10 @@ STATUS = {
     RingError: HTTPStatus.INTERNAL_SERVER_ERROR,
     GuestMemoryError: HTTPStatus.INTERNAL_SERVER_ERROR,
     DaemonUnavailable: HTTPStatus.INTERNAL_SERVER_ERROR,
+    UntrustedDaemon: HTTPStatus.INTERNAL_SERVER_ERROR,
     HomeInUse: HTTPStatus.CONFLICT,
+    # raised by the client only, from the 401 and 403 the server answers on TCP
+    AccessDenied: HTTPStatus.INTERNAL_SERVER_ERROR,
 }
 
 
@@ -87,6 +90,7 @@ def test_every_class_is_mapped_and_drawn_where_it_belongs() -> None:
         (RingError, errors.QueueBroken),
         (GuestMemoryError, errors.QueueBroken),
         (DaemonUnavailable, errors.LocalFailure),
+        (UntrustedDaemon, errors.LocalFailure),
         (HomeInUse, errors.Conflict),
         (errors.NoSpace, errors.IOFailure),
     ],

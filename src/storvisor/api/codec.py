@@ -8,7 +8,8 @@ Supported field types: ``int``, ``float``, ``str``, ``bool``, ``None``, ``enum``
 nested dataclasses, ``tuple[X, ...]``, ``list[X]`` and ``X | None``. Anything that does not
 fit raises ``ProtocolError`` (the peer sent something this version does not understand). A
 field the record does not have is ignored, unless ``strict`` (the server decoding a request:
-an unknown field is a mistake of the caller, never silently dropped).
+an unknown field is a mistake of the caller, never silently dropped; so is an integer outside
+the signed 64-bit range).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from typing import Any, TypeVar, cast
 from storvisor.errors import ProtocolError
 
 _T = TypeVar("_T")
+
+INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1
+"""The integers a request may carry (what SQLite, C and most JSON peers hold)."""
 
 JSONValue = None | bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"]
 """A value ``json.dumps`` accepts and ``json.loads`` produces."""
@@ -90,6 +94,8 @@ def _decode(tp: Any, data: JSONValue, where: str, strict: bool = False) -> objec
             raise ProtocolError(f"{where}: {data!r} is not a {tp.__name__}") from e
     if tp is float and isinstance(data, int | float) and not isinstance(data, bool):
         return float(data)
+    if tp is int and type(data) is int and strict and not INT_MIN <= data <= INT_MAX:
+        raise ProtocolError(f"{where}: {data} is out of range (a signed 64-bit integer)")
     if tp in (int, str, bool) and type(data) is tp:
         return data
     if tp is type(None) and data is None:
@@ -120,11 +126,14 @@ def _decode_record(
     return cls(**kwargs)
 
 
-def save_json(path: Path, doc: object) -> None:
+def save_json(path: Path, doc: object, *, mode: int | None = None) -> None:
     """Replace the JSON file ``path`` with ``doc`` atomically and durably: a temporary file
-    beside it, fsync, rename over it, fsync of the directory. Raises ``OSError``."""
+    beside it, fsync, rename over it, fsync of the directory. ``mode``: the file's
+    permissions, set before anything is written. Raises ``OSError``."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
+        if mode is not None:
+            os.fchmod(f.fileno(), mode)
         f.write(json.dumps(doc, indent=2) + "\n")
         f.flush()
         os.fsync(f.fileno())

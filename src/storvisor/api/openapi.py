@@ -20,12 +20,12 @@ import typing
 from typing import Any
 
 from storvisor import __version__
-from storvisor.api.codec import JSONValue
+from storvisor.api.codec import INT_MAX, INT_MIN, JSONValue
 from storvisor.api.messages import API_PREFIX, ErrorBody
 from storvisor.api.routes import ROUTES, Access, Document, Route
 
 _SCALARS: dict[object, dict[str, JSONValue]] = {
-    int: {"type": "integer"},
+    int: {"type": "integer", "minimum": INT_MIN, "maximum": INT_MAX},
     float: {"type": "number"},
     str: {"type": "string"},
     bool: {"type": "boolean"},
@@ -38,7 +38,8 @@ token needed) and, when `storvisor serve --api-tcp` asks for it, on TCP with TLS
 call needs `Authorization: Bearer TOKEN` (`storvisor token create`). A read-only token may \
 call the operations marked `x-storvisor-access: read`. Errors answer an `ErrorBody`: 400 bad \
 input, 401 no or unknown token, 403 a read-only token on a write, 404, 405, 409 conflict, \
-413 body too large, 415 not JSON, 507 no space, 500 a failure of the daemon's side."""
+411 a body without Content-Length, 413 body too large, 415 not JSON, 507 no space, 500 a \
+failure of the daemon's side."""
 
 
 class _Schemas:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field
+from http import HTTPMethod
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
@@ -64,7 +65,7 @@ class Route(Generic[_T]):
     """One operation of the API (see the module docstring)."""
 
     name: str
-    method: str
+    method: HTTPMethod
     path: str
     response: type[_T] | None
     summary: str
@@ -88,25 +89,27 @@ class Route(Generic[_T]):
             raise TypeError(f"{self.name} takes {len(self.params)} path parameters")
         values = iter(quote(a, safe="") for a in args)
         path = API_PREFIX + _PARAM_RE.sub(lambda m: next(values), self.path)
-        query = "&".join(f"{k}=1" for k, v in flags.items() if v and k in self.flags)
+        unknown = set(flags) - set(self.flags)
+        if unknown:
+            raise TypeError(f"{self.name} has no flag {sorted(unknown)[0]!r}")
+        query = "&".join(f"{k}=1" for k, v in flags.items() if v)
         return f"{path}?{query}" if query else path
 
 
 _POOL = "/pools/{pool}"
 _VOL = "/pools/{pool}/volumes/{volume}"
 _W = Access.WRITE
+GET, POST, DELETE = HTTPMethod.GET, HTTPMethod.POST, HTTPMethod.DELETE
 
-STATUS = Route("status", "GET", "/status", ServiceStatus, "where the daemon serves")
-OPENAPI = Route("openapi", "GET", "/openapi.json", Document, "this API's OpenAPI document")
+STATUS = Route("status", GET, "/status", ServiceStatus, "where the daemon serves")
+OPENAPI = Route("openapi", GET, "/openapi.json", Document, "this API's OpenAPI document")
 
-POOLS = Route("pools", "GET", "/pools", PoolInfo, "list pools", many=True)
-CREATE_POOL = Route(
-    "create_pool", "POST", "/pools", PoolInfo, "create a pool", CreatePool, access=_W
-)
-POOL_INFO = Route("pool_info", "GET", _POOL, PoolInfo, "show a pool")
+POOLS = Route("pools", GET, "/pools", PoolInfo, "list pools", many=True)
+CREATE_POOL = Route("create_pool", POST, "/pools", PoolInfo, "create a pool", CreatePool, access=_W)
+POOL_INFO = Route("pool_info", GET, _POOL, PoolInfo, "show a pool")
 DELETE_POOL: Route[None] = Route(
     "delete_pool",
-    "DELETE",
+    DELETE,
     _POOL,
     None,
     "delete a pool (force: with its volumes)",
@@ -115,38 +118,38 @@ DELETE_POOL: Route[None] = Route(
 )
 ADD_BACKING = Route(
     "add_backing",
-    "POST",
+    POST,
     f"{_POOL}/backings",
     PoolInfo,
     "add a backing device to a pool",
     BackingSpec,
     access=_W,
 )
-FSCK = Route("fsck", "POST", f"{_POOL}/fsck", FsckReport, "check a pool's consistency")
+FSCK = Route("fsck", POST, f"{_POOL}/fsck", FsckReport, "check a pool's consistency")
 REOPEN_POOL = Route(
-    "reopen_pool", "POST", f"{_POOL}/reopen", PoolInfo, "bring an offline pool online", access=_W
+    "reopen_pool", POST, f"{_POOL}/reopen", PoolInfo, "bring an offline pool online", access=_W
 )
 
-VOLUMES = Route("volumes", "GET", "/volumes", VolumeInfo, "list every pool's volumes", many=True)
+VOLUMES = Route("volumes", GET, "/volumes", VolumeInfo, "list every pool's volumes", many=True)
 POOL_VOLUMES = Route(
-    "pool_volumes", "GET", f"{_POOL}/volumes", VolumeInfo, "list a pool's volumes", many=True
+    "pool_volumes", GET, f"{_POOL}/volumes", VolumeInfo, "list a pool's volumes", many=True
 )
 CREATE_VOLUME = Route(
     "create_volume",
-    "POST",
+    POST,
     f"{_POOL}/volumes",
     VolumeInfo,
     "create a thin volume",
     CreateVolume,
     access=_W,
 )
-VOLUME_INFO = Route("volume_info", "GET", _VOL, VolumeInfo, "show a volume")
+VOLUME_INFO = Route("volume_info", GET, _VOL, VolumeInfo, "show a volume")
 DELETE_VOLUME: Route[None] = Route(
-    "delete_volume", "DELETE", _VOL, None, "delete a volume", access=_W
+    "delete_volume", DELETE, _VOL, None, "delete a volume", access=_W
 )
 EXTEND_VOLUME = Route(
     "extend_volume",
-    "POST",
+    POST,
     f"{_VOL}/extend",
     VolumeInfo,
     "grow a volume (online)",
@@ -155,7 +158,7 @@ EXTEND_VOLUME = Route(
 )
 FLATTEN = Route(
     "flatten",
-    "POST",
+    POST,
     f"{_VOL}/flatten",
     VolumeInfo,
     "make a clone independent of its origin",
@@ -163,7 +166,7 @@ FLATTEN = Route(
 )
 ROLLBACK = Route(
     "rollback",
-    "POST",
+    POST,
     f"{_VOL}/rollback",
     VolumeInfo,
     "return a volume to a snapshot's contents",
@@ -172,17 +175,17 @@ ROLLBACK = Route(
 )
 LIBVIRT_XML = Route(
     "libvirt_xml",
-    "GET",
+    GET,
     f"{_VOL}/libvirt-xml",
     LibvirtXml,
     "the libvirt disk XML of a volume's vhost-user-blk export",
 )
 SNAPSHOTS = Route(
-    "snapshots", "GET", f"{_VOL}/snapshots", SnapshotInfo, "list a volume's snapshots", many=True
+    "snapshots", GET, f"{_VOL}/snapshots", SnapshotInfo, "list a volume's snapshots", many=True
 )
 CREATE_SNAPSHOT = Route(
     "create_snapshot",
-    "POST",
+    POST,
     f"{_VOL}/snapshots",
     SnapshotInfo,
     "create a read-only snapshot",
@@ -191,7 +194,7 @@ CREATE_SNAPSHOT = Route(
 )
 DELETE_SNAPSHOT: Route[None] = Route(
     "delete_snapshot",
-    "DELETE",
+    DELETE,
     f"{_VOL}/snapshots/{{snapshot}}",
     None,
     "delete a snapshot",
@@ -199,7 +202,7 @@ DELETE_SNAPSHOT: Route[None] = Route(
 )
 CLONE = Route(
     "clone",
-    "POST",
+    POST,
     f"{_VOL}/snapshots/{{snapshot}}/clones",
     VolumeInfo,
     "create a linked clone of a snapshot",
@@ -207,44 +210,44 @@ CLONE = Route(
     access=_W,
 )
 
-EXPORTS = Route("exports", "GET", "/exports", ExportInfo, "list exports", many=True)
+EXPORTS = Route("exports", GET, "/exports", ExportInfo, "list exports", many=True)
 CREATE_EXPORT = Route(
     "create_export",
-    "POST",
+    POST,
     "/exports",
     ExportInfo,
     "export a volume or snapshot (NBD) or a volume (vhost-user-blk)",
     CreateExport,
     access=_W,
 )
-EXPORT_INFO = Route("export_info", "GET", "/exports/{name}", ExportInfo, "show an export")
+EXPORT_INFO = Route("export_info", GET, "/exports/{name}", ExportInfo, "show an export")
 REMOVE_EXPORT: Route[None] = Route(
-    "remove_export", "DELETE", "/exports/{name}", None, "stop an export and forget it", access=_W
+    "remove_export", DELETE, "/exports/{name}", None, "stop an export and forget it", access=_W
 )
 
-QOS_SPECS = Route("qos_specs", "GET", "/qos-specs", QosSpecInfo, "list QoS specs", many=True)
+QOS_SPECS = Route("qos_specs", GET, "/qos-specs", QosSpecInfo, "list QoS specs", many=True)
 CREATE_QOS_SPEC = Route(
     "create_qos_spec",
-    "POST",
+    POST,
     "/qos-specs",
     QosSpecInfo,
     "create a named QoS spec",
     CreateQosSpec,
     access=_W,
 )
-QOS_SPEC = Route("qos_spec", "GET", "/qos-specs/{name}", QosSpecInfo, "show a QoS spec")
+QOS_SPEC = Route("qos_spec", GET, "/qos-specs/{name}", QosSpecInfo, "show a QoS spec")
 DELETE_QOS_SPEC: Route[None] = Route(
     "delete_qos_spec",
-    "DELETE",
+    DELETE,
     "/qos-specs/{name}",
     None,
     "delete a QoS spec no volume uses",
     access=_W,
 )
-VOLUME_QOS = Route("volume_qos", "GET", f"{_VOL}/qos", VolumeQos, "show a volume's QoS")
+VOLUME_QOS = Route("volume_qos", GET, f"{_VOL}/qos", VolumeQos, "show a volume's QoS")
 SET_VOLUME_QOS = Route(
     "set_volume_qos",
-    "POST",
+    POST,
     f"{_VOL}/qos",
     VolumeQos,
     "limit a volume with a named QoS spec or one-off keys (neither: unlimited)",

@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _MAX_BODY = 1 << 20
+_BOOLEANS = ("1", "true", "0", "false")
 _TOKEN_PARAMS = frozenset({"token", "access_token", "bearer", "api_key", "apikey", "auth"})
 
 
@@ -95,7 +96,7 @@ class Request:
         return self.body
 
     def flag(self, name: str) -> bool:
-        return self.query.get(name, ["0"])[-1].lower() in ("1", "true", "yes")
+        return self.query.get(name, ["0"])[-1].lower() in ("1", "true")
 
 
 Handler = Callable[[Service, Request], object]
@@ -388,12 +389,17 @@ class _Handler(BaseHTTPRequestHandler):
             query = parse_qs(text, keep_blank_values=True, strict_parsing=bool(text))
         except ValueError:
             raise _Refused(HTTPStatus.BAD_REQUEST, f"malformed query string: {text!r}") from None
-        for name in query:
+        for name, values in query.items():
             if name not in route.flags:
                 allowed = ", ".join(route.flags) or "none"
                 raise _Refused(
                     HTTPStatus.BAD_REQUEST,
                     f"unknown query parameter {name!r} (allowed here: {allowed})",
+                )
+            if len(values) != 1 or values[0].lower() not in _BOOLEANS:
+                raise _Refused(
+                    HTTPStatus.BAD_REQUEST,
+                    f"query parameter {name!r} takes one of true, false, 1, 0",
                 )
         return query
 

@@ -149,8 +149,7 @@ class TokenStore:
         return stored
 
     def _save(self, stored: list[_Stored]) -> None:
-        save_json(self._path, {"tokens": encode(stored)})
-        os.chmod(self._path, 0o600)
+        save_json(self._path, {"tokens": encode(stored)}, mode=0o600)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
