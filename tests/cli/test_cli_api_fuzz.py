@@ -2,8 +2,8 @@
 requests generated from the published OpenAPI document, valid and invalid, get no 5xx and no
 answer that violates the document; the pool is fsck-clean afterwards.
 
-The operations that name host paths (``create_pool``, ``add_backing`` and ``create_export``
-with its vhost-user socket) are left out: generated paths would make the daemon create or
+The operations that name host paths (``create_pool``, ``add_backing``, ``create_export``
+with its vhost-user socket, ``import_image`` and ``export_image``) are left out: generated paths would make the daemon create or
 overwrite files anywhere on this machine."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from schemathesis.specs.openapi.checks import (
 
 from storvisor.api.openapi import document
 
-_UNSAFE = ["create_pool", "add_backing", "create_export"]
+_UNSAFE = ["create_pool", "add_backing", "create_export", "import_image", "export_image"]
 _EXAMPLES = 150
 _CHECKS = [
     not_a_server_error,

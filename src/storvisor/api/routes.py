@@ -257,7 +257,7 @@ SET_VOLUME_QOS = Route(
 
 IMPORT_IMAGE = Route(
     "import_image",
-    "POST",
+    POST,
     f"{_POOL}/imports",
     JobInfo,
     "create a volume from a disk image file (a job)",
@@ -267,7 +267,7 @@ IMPORT_IMAGE = Route(
 )
 EXPORT_IMAGE = Route(
     "export_image",
-    "POST",
+    POST,
     f"{_VOL}/image-exports",
     JobInfo,
     "write a volume or snapshot to a new disk image file (a job)",
@@ -277,17 +277,17 @@ EXPORT_IMAGE = Route(
 )
 START_FLATTEN = Route(
     "start_flatten",
-    "POST",
+    POST,
     f"{_VOL}/flatten-job",
     JobInfo,
     "flatten a clone as a job, with progress",
     access=_W,
     accepted=True,
 )
-JOBS = Route("jobs", "GET", "/jobs", JobInfo, "list running and recent jobs", many=True)
-JOB = Route("job", "GET", "/jobs/{id}", JobInfo, "show a job's state and progress")
+JOBS = Route("jobs", GET, "/jobs", JobInfo, "list running and recent jobs", many=True)
+JOB = Route("job", GET, "/jobs/{id}", JobInfo, "show a job's state and progress")
 CANCEL_JOB = Route(
-    "cancel_job", "POST", "/jobs/{id}/cancel", JobInfo, "cancel a running job", access=_W
+    "cancel_job", POST, "/jobs/{id}/cancel", JobInfo, "cancel a running job", access=_W
 )
 
 ROUTES: tuple[Route[Any], ...] = (
