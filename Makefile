@@ -10,7 +10,7 @@ STORVISOR_HOME ?= $(HOME)/.local/share/storvisor
 APT_RUN  := qemu-utils libnbd-bin util-linux
 APT_TEST := qemu-utils qemu-system-x86 qemu-system-common nbdkit nbdkit-plugin-python \
             libnbd-bin python3-libnbd fio libvirt-clients libxml2-utils linux-image-amd64 \
-            busybox-static gcc fuse3 util-linux e2fsprogs fdisk
+            busybox-static gcc fuse3 util-linux e2fsprogs fdisk prometheus
 
 .PHONY: run test lint typecheck pytest apt-run apt-test venv clean bench mutants
 

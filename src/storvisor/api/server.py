@@ -24,6 +24,9 @@ Resources (all under ``/v1``; path segments are percent-encoded, so an export na
     GET    /qos-specs/{name}                        DELETE /qos-specs/{name}
     GET    /pools/{pool}/volumes/{vol}/qos          POST  .../qos           SetVolumeQos
 
+and, outside ``/v1``, ``GET /metrics``: the Prometheus text format (``api/metrics.py``), or
+501 with a JSON error when the ``prometheus_client`` library is not installed.
+
 A success answers 200 with the record (or list of records) as JSON, or 204 with no body. An
 error answers ``{"error": {"type": ..., "message": ...}}``, ``type`` being the
 ``storvisor.errors`` class name, with the status ``status_for`` gives it: 404 (``NotFound``),
@@ -68,6 +71,7 @@ from storvisor.api.messages import (
     Rollback,
     SetVolumeQos,
 )
+from storvisor.api.metrics import CONTENT_TYPE, MetricsUnavailable, render
 from storvisor.api.service import Service
 from storvisor.engine.types import BackingSpec
 from storvisor.errors import (
@@ -228,6 +232,29 @@ _ROUTES.extend(
 )
 
 
+# -- metrics ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Raw:
+    """An answer that is not JSON."""
+
+    status: HTTPStatus
+    content_type: str
+    data: bytes
+
+
+def _metrics(s: Service, r: Request) -> object:
+    try:
+        return _Raw(HTTPStatus.OK, CONTENT_TYPE, render(s.metrics_sample()))
+    except MetricsUnavailable as e:
+        body = json.dumps(encode(ErrorBody(ErrorDetail("MetricsUnavailable", str(e))))) + "\n"
+        return _Raw(HTTPStatus.NOT_IMPLEMENTED, "application/json", body.encode())
+
+
+_ROUTES.append(("GET", re.compile("^/metrics$"), _metrics))
+
+
 _STATUSES: tuple[tuple[type[StorvisorError], HTTPStatus], ...] = (
     (NotFound, HTTPStatus.NOT_FOUND),
     (Conflict, HTTPStatus.CONFLICT),
@@ -341,6 +368,13 @@ class _Handler(BaseHTTPRequestHandler):
         return body
 
     def _send_result(self, result: object) -> None:
+        if isinstance(result, _Raw):
+            self.send_response(result.status)
+            self.send_header("Content-Type", result.content_type)
+            self.send_header("Content-Length", str(len(result.data)))
+            self.end_headers()
+            self.wfile.write(result.data)
+            return
         if result is None:
             self.send_response(HTTPStatus.NO_CONTENT)
             self.end_headers()
