@@ -128,6 +128,28 @@ class Client:
             raise _ERRORS.get(detail.type, StorvisorError)(detail.message)
         return value
 
+    def metrics(self) -> str:
+        """``GET /metrics``: the daemon's metrics in the Prometheus text format. Raises
+        ``StorvisorError`` with the daemon's message if it cannot give them (501: the
+        ``prometheus_client`` library is not installed there), ``DaemonUnavailable``."""
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            conn.request("GET", "/metrics")
+            response = conn.getresponse()
+            raw = response.read()
+            status = response.status
+        except (OSError, http.client.HTTPException) as e:
+            raise DaemonUnavailable(f"no answer from the daemon at {self.socket_path}: {e}") from e
+        finally:
+            conn.close()
+        if status != 200:
+            try:
+                message = decode(ErrorBody, json.loads(raw)).error.message
+            except (ValueError, ProtocolError):
+                message = f"the daemon answered {status} to GET /metrics"
+            raise StorvisorError(message)
+        return raw.decode()
+
     def _get(self, cls: type[_T], method: str, path: str, body: object = None) -> _T:
         return decode(cls, self._call(method, path, body))
 
