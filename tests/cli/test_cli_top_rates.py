@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from prereq import require_module
 from storvisor.cli.top import parse, rates
 

@@ -10,6 +10,7 @@ import sys
 import threading
 
 import pytest
+
 from storvisor.engine.iostats import (
     BOUNDS_NS,
     BUCKETS,
