@@ -314,3 +314,64 @@ def test_without_prometheus_client_the_daemon_serves_and_metrics_answer_501(
     finally:
         rc, err = daemon.stop()
         assert rc == 0, err
+
+
+def _vhost_planes(daemon_pid: int) -> list[int]:
+    children = procs.children(daemon_pid)
+    return sorted(c.pid for c in children if b"storvisor.exports.vhost_worker" in c.cmdline)
+
+
+def test_vhost_user_blk_requests_of_every_queue_process_are_counted(
+    cli: CLI, daemon: Daemon, home: Path, tmp_path: Path
+) -> None:
+    from storvisor.protocols.virtio.blk import Status
+    from storvisor.testing.vhost_frontend import VhostUserFrontend
+
+    cli("pool", "create", "p", "--backing", f"{tmp_path}/disk.img:1G")
+    cli("volume", "create", "p/v", "--size", "64M")
+    sock = str(tmp_path / "v.sock")
+    cli("export", "vhost-user-blk", "p/v", "--socket", sock, "--queues", "2")
+    labels = {"export": "vhost-user-blk:p/v", "kind": "vhost-user-blk", "pool": "p", "volume": "v"}
+
+    def count(found: Samples, name: str, op: str) -> float:
+        return value(found, name, **labels, op=op)
+
+    with VhostUserFrontend(sock, queue_size=16, num_queues=2, inflight=True) as fe:
+        fe.setup()
+        for i in range(10):  # queue i % 2: with two CPUs, two processes
+            assert fe.blk.write(i * 65536, bytes([i + 1]) * 8192, queue=i % 2) == Status.OK
+        for i in range(6):
+            status, data = fe.blk.read(i * 65536, 4096, queue=i % 2, segments=3)
+            assert status == Status.OK and data == bytes([i + 1]) * 4096
+        assert fe.blk.flush(queue=1) == Status.OK
+        assert fe.blk.discard([(0, 128, 0)]) == Status.OK
+        assert fe.blk.write_zeroes([(256, 64, 1)], queue=1) == Status.OK
+        text = scrape(home)
+        promtool_accepts(text)
+        found = samples(text)
+        assert count(found, "storvisor_export_requests_total", "write") == 10
+        assert count(found, "storvisor_export_bytes_total", "write") == 10 * 8192
+        assert count(found, "storvisor_export_requests_total", "read") == 6
+        assert count(found, "storvisor_export_bytes_total", "read") == 6 * 4096
+        assert count(found, "storvisor_export_requests_total", "flush") == 1
+        assert count(found, "storvisor_export_bytes_total", "trim") == 128 * 512
+        assert count(found, "storvisor_export_bytes_total", "zero") == 64 * 512
+        assert value(found, "storvisor_export_requests_in_flight", **labels) == 0
+        restarts = {"kind": "vhost-user-blk", "export": "vhost-user-blk:p/v"}
+        assert value(found, "storvisor_dataplane_restarts_total", **restarts) == 0
+
+        # a killed data plane is restarted and counted; what its processes counted stays
+        planes = _vhost_planes(daemon.proc.pid)  # type: ignore[union-attr]
+        os.kill(planes[-1], signal.SIGKILL)
+        _until(
+            lambda: (
+                value(samples(scrape(home)), "storvisor_dataplane_restarts_total", **restarts) == 1
+            ),
+            "the restart to be counted",
+        )
+        fe.reconnect()
+        assert fe.blk.write(0, b"z" * 4096) == Status.OK
+        after = samples(scrape(home))
+        assert count(after, "storvisor_export_requests_total", "write") == 11
+        assert count(after, "storvisor_export_bytes_total", "write") == 10 * 8192 + 4096
+        assert count(after, "storvisor_export_requests_total", "read") == 6

@@ -253,10 +253,12 @@ class ExportRuntime:
 
         device = open_volume()
         server: VhostUserBlkServer | VhostDataPlane
+        counters: StatsSet | None = None
         try:
             Path(spec.socket).parent.mkdir(parents=True, exist_ok=True)
             volume = device.inner if isinstance(device, ThrottledDevice) else device
             if isinstance(volume, Volume):
+                counters = StatsSet(spec.name)
                 server = VhostDataPlane(
                     volume,
                     spec.socket,
@@ -264,6 +266,7 @@ class ExportRuntime:
                     read_only=read_only,
                     serial=serial,
                     qos=device.qos if isinstance(device, ThrottledDevice) else None,
+                    stats=counters,
                 )
             else:
                 server = VhostUserBlkServer(
@@ -277,6 +280,8 @@ class ExportRuntime:
             device.close()
             raise
         self._vhost[spec.name] = (server, device)
+        if counters is not None:
+            self._stats[spec.name] = (spec, counters)
 
     def is_active(self, name: str) -> bool:
         return name in self._nbd_names or name in self._vhost
@@ -298,7 +303,8 @@ class ExportRuntime:
                 device.close()
 
     def io_stats(self) -> list[tuple[ExportSpec, StatsSet]]:
-        """The request counters of every active export that keeps them (NBD exports)."""
+        """The request counters of every active export that keeps them (NBD exports and
+        vhost-user-blk exports served by data-plane processes)."""
         return list(self._stats.values())
 
     def restarts(self) -> list[tuple[str, str, int]]:

@@ -20,6 +20,7 @@ the time a request waited for QoS tokens (the wrapped device throttles).
 from __future__ import annotations
 
 import enum
+import itertools
 import mmap
 import os
 import threading
@@ -110,19 +111,33 @@ class IoTotals:
 ZERO_TOTALS = IoTotals()
 
 
+_SLOT_WORDS = mmap.PAGESIZE // 8
+MAX_SLOTS = 256
+
+
 class IoStats:
-    """One block of counters. ``IoStats()`` creates one (zeroed); ``IoStats(fd=...)`` maps an
-    existing one (the fd then belongs to the block, closed by ``close``).
+    """One block of counters: ``slots`` pages, each counting on its own (one writer each),
+    summed by ``totals``. ``IoStats(slots=N)`` creates one (zeroed); ``IoStats(fd=...)``
+    maps an existing one (the fd then belongs to the block, closed by ``close``).
 
     Raises ``InvalidArgument`` if ``fd`` is not such a block."""
 
-    def __init__(self, *, fd: int | None = None, name: str = "export") -> None:
+    def __init__(self, *, fd: int | None = None, name: str = "export", slots: int = 1) -> None:
         owner = fd is None
         if fd is None:
+            if not 1 <= slots <= MAX_SLOTS:
+                raise InvalidArgument(f"an I/O statistics block has 1 to {MAX_SLOTS} slots")
             fd = os.memfd_create(f"storvisor-iostats-{name}", os.MFD_CLOEXEC)
-            os.ftruncate(fd, mmap.PAGESIZE)
+            os.ftruncate(fd, slots * mmap.PAGESIZE)
+        else:
+            slots = os.fstat(fd).st_size // mmap.PAGESIZE
         self.fd = fd
-        self._mm = mmap.mmap(fd, mmap.PAGESIZE)
+        self.slots = slots
+        self._views: list[memoryview[float]] = []
+        if not 1 <= slots <= MAX_SLOTS:
+            os.close(fd)
+            raise InvalidArgument("not an I/O statistics block")
+        self._mm = mmap.mmap(fd, slots * mmap.PAGESIZE)
         self.words: memoryview[float] | None = memoryview(self._mm).cast("d")
         if owner:
             self.words[0] = _MAGIC_VALUE
@@ -130,27 +145,39 @@ class IoStats:
             self.close()
             raise InvalidArgument("not an I/O statistics block")
 
+    def slot(self, index: int) -> memoryview[float]:
+        """The words of slot ``index`` (released by ``close``)."""
+        assert self.words is not None, "I/O statistics block is closed"
+        view = self.words[index * _SLOT_WORDS : (index + 1) * _SLOT_WORDS]
+        self._views.append(view)
+        return view
+
     def totals(self) -> IoTotals:
-        """A copy of the counts (each word read once; a request may be half counted)."""
+        """A copy of the counts of every slot (each word read once; a request running now
+        may be half counted)."""
         w = self.words
         assert w is not None, "I/O statistics block is closed"
         ops = []
         for op in IoOp:
-            b = _base(op)
-            ops.append(
-                OpTotals(
-                    int(w[b + _STARTED]),
-                    int(w[b + _BYTES]),
-                    int(w[b + _ERRORS]),
-                    int(w[b + _NS]),
-                    tuple(int(x) for x in w[b + _HIST : b + _HIST + BUCKETS]),
-                )
-            )
+            started = nbytes = errors = ns = 0
+            buckets = [0] * BUCKETS
+            for slot in range(self.slots):
+                b = slot * _SLOT_WORDS + _base(op)
+                started += int(w[b + _STARTED])
+                nbytes += int(w[b + _BYTES])
+                errors += int(w[b + _ERRORS])
+                ns += int(w[b + _NS])
+                for i, x in enumerate(w[b + _HIST : b + _HIST + BUCKETS]):
+                    buckets[i] += int(x)
+            ops.append(OpTotals(started, nbytes, errors, ns, tuple(buckets)))
         return IoTotals(tuple(ops))
 
     def close(self) -> None:
-        """Unmap and close the fd. Idempotent."""
+        """Unmap and close the fd; the slots handed out become unusable. Idempotent."""
         if self.words is not None:
+            for view in self._views:
+                view.release()
+            self._views.clear()
             self.words.release()
             self.words = None
             self._mm.close()
@@ -169,9 +196,8 @@ class _CountedVectors:
         self._c._count(IoOp.READ, sum(len(v) for v in views), self._read, offset, views)
 
     def write(self, offset: int, views: list[memoryview], *, fua: bool) -> None:
-        c = self._c
-        w = c._w
-        b = _base(IoOp.WRITE)
+        w = self._c._words()
+        b = _HEADER + _SLOT  # IoOp.WRITE
         w[b + _STARTED] += 1
         t = _now()
         try:
@@ -205,7 +231,7 @@ class CountedDevice:
         self.stats = stats
         self._owns = owns_stats
         self._on_close = on_close
-        self._w = stats.words
+        self._w = stats.slot(0)
         self._read_into = inner.read_into
         self._write = inner.write
         vectors: VectorIO | None = getattr(inner, "vectors", None)
@@ -285,8 +311,12 @@ class CountedDevice:
             if self._on_close is not None:
                 self._on_close()
 
+    def _words(self) -> memoryview[float]:
+        """The slot the calling thread counts in."""
+        return self._w
+
     def _count(self, op: IoOp, nbytes: int, call: Callable[..., object], *args: object) -> None:
-        w = self._w
+        w = self._words()
         b = _base(op)
         w[b + _STARTED] += 1
         t = _now()
@@ -302,6 +332,39 @@ class CountedDevice:
         w[b + _BYTES] += nbytes
 
 
+class ThreadCountedDevice(CountedDevice):
+    """A ``CountedDevice`` for a device that several threads use at once (the queues and the
+    I/O pool of a vhost-user-blk data plane): each thread counts in a slot of its own, taken
+    on its first request (threads beyond the block's slots share its last one)."""
+
+    def __init__(
+        self,
+        inner: BlockDevice,
+        stats: IoStats,
+        *,
+        owns_stats: bool = False,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(inner, stats, owns_stats=owns_stats, on_close=on_close)
+        self._local = threading.local()
+        self._slots = [self._w, *(stats.slot(i) for i in range(1, stats.slots))]
+        self._taken = itertools.count()
+
+    def _words(self) -> memoryview[float]:
+        try:
+            w: memoryview[float] = self._local.w
+        except AttributeError:
+            index = min(next(self._taken), len(self._slots) - 1)  # atomic under the GIL
+            w = self._local.w = self._slots[index]
+        return w
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        self._count(IoOp.READ, len(buf), self._read_into, offset, buf)
+
+    def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
+        self._count(IoOp.WRITE, len(data), lambda: self._write(offset, data, fua=fua))
+
+
 class StatsSet:
     """The counters of one export: the blocks of its open devices (connections) and the
     sum of those already closed, so that its totals only grow. Thread-safe."""
@@ -312,9 +375,9 @@ class StatsSet:
         self._live: list[IoStats] = []
         self._retired = ZERO_TOTALS
 
-    def open(self) -> IoStats:
+    def open(self, slots: int = 1) -> IoStats:
         """A new zeroed block, counted until ``retire``."""
-        block = IoStats(name=self.name.replace("/", "-"))
+        block = IoStats(name=self.name.replace("/", "-"), slots=slots)
         with self._lock:
             self._live.append(block)
         return block
