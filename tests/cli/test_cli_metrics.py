@@ -72,6 +72,21 @@ def _until(check, what: str, timeout: float = 15.0):  # type: ignore[no-untyped-
 EXPORT = {"export": "p/v", "kind": "nbd", "pool": "p", "volume": "v"}
 
 
+def settled(home: Path, labels: dict[str, str], **requests: int) -> str:
+    """A scrape once the data planes have published (every ``PUBLISH_INTERVAL``) the
+    requests counted so far: ``requests`` maps an op to its expected count."""
+
+    def done() -> str | None:
+        text = scrape(home)
+        found = samples(text)
+        for op, count in requests.items():
+            if value(found, "storvisor_export_requests_total", **labels, op=op) != count:
+                return None
+        return text
+
+    return _until(done, f"the counts {requests} (they must be reached, not passed)")  # type: ignore[no-any-return]
+
+
 def test_metrics_count_every_data_plane_request_exactly(
     cli: CLI, daemon: Daemon, home: Path, tmp_path: Path
 ) -> None:
@@ -100,7 +115,7 @@ def test_metrics_count_every_data_plane_request_exactly(
     handles[1].zero(131072, 65536 * 3)
     handles[0].flush()  # commits the frees too: the pool's space stays put from now on
 
-    text = scrape(home)
+    text = settled(home, EXPORT, write=writes, read=reads, flush=1, trim=1, zero=1)
     promtool_accepts(text)
     found = samples(text)
 
@@ -150,7 +165,7 @@ def test_metrics_count_every_data_plane_request_exactly(
         lambda: value(samples(scrape(home)), "storvisor_export_connections", **EXPORT) == 0,
         "the connections to close",
     )
-    after = samples(scrape(home))
+    after = samples(scrape(home))  # published by each connection as it closed
     assert value(after, "storvisor_export_requests_total", **EXPORT, op="write") == writes
     assert value(after, "storvisor_export_bytes_total", **EXPORT, op="read") == 50 * 8192
 
@@ -168,7 +183,7 @@ def test_qos_waits_and_data_plane_restarts_are_counted(
     for i in range(20):
         h.pwrite(b"q" * 4096, i * 4096)
     took = time.monotonic() - started
-    found = samples(scrape(home))
+    found = samples(settled(home, EXPORT, write=20))
     waited = value(found, "storvisor_volume_qos_wait_seconds_total", pool="p", volume="v")
     # 20 writes at 40 per second from idle: about half a second of waiting, all of it
     # spent by the data-plane process serving the connection
@@ -346,7 +361,7 @@ def test_vhost_user_blk_requests_of_every_queue_process_are_counted(
         assert fe.blk.flush(queue=1) == Status.OK
         assert fe.blk.discard([(0, 128, 0)]) == Status.OK
         assert fe.blk.write_zeroes([(256, 64, 1)], queue=1) == Status.OK
-        text = scrape(home)
+        text = settled(home, labels, write=10, read=6, flush=1, trim=1, zero=1)
         promtool_accepts(text)
         found = samples(text)
         assert count(found, "storvisor_export_requests_total", "write") == 10
@@ -371,7 +386,7 @@ def test_vhost_user_blk_requests_of_every_queue_process_are_counted(
         )
         fe.reconnect()
         assert fe.blk.write(0, b"z" * 4096) == Status.OK
-        after = samples(scrape(home))
+        after = samples(settled(home, labels, write=11))
         assert count(after, "storvisor_export_requests_total", "write") == 11
         assert count(after, "storvisor_export_bytes_total", "write") == 10 * 8192 + 4096
         assert count(after, "storvisor_export_requests_total", "read") == 6

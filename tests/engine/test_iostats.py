@@ -8,17 +8,20 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
 from storvisor.engine.iostats import (
     BOUNDS_NS,
     BUCKETS,
+    PUBLISH_INTERVAL,
     CountedDevice,
     IoOp,
     IoStats,
     LatencyHistogram,
     StatsSet,
+    ThreadCountedDevice,
 )
 from storvisor.errors import InvalidArgument, IOFailure
 from storvisor.testing.conformance import check_block_device
@@ -37,6 +40,8 @@ def test_counts_each_operation_with_its_bytes_and_latency() -> None:
     device.discard(0, 65536)
     device.write_zeroes(4096, 12288, may_unmap=False)
     device.block_status(0, 4096)  # not counted
+    assert stats.totals()[IoOp.WRITE].started == 0  # not published yet
+    device.publish()
     totals = stats.totals()
     expected = {
         IoOp.READ: (1, 1024),
@@ -62,6 +67,7 @@ def test_a_failed_request_counts_as_an_error_and_moves_no_bytes() -> None:
     assert e.value.errno == errno.ENOSPC
     with pytest.raises(IOFailure):
         device.read_into(4096, memoryview(bytearray(512)))
+    device.publish()
     write, read = stats.totals()[IoOp.WRITE], stats.totals()[IoOp.READ]
     assert (write.started, write.completed, write.errors, write.bytes) == (1, 1, 1, 0)
     assert (read.started, read.completed, read.errors, read.bytes) == (1, 1, 1, 0)
@@ -89,10 +95,12 @@ def test_requests_in_flight_and_latency_buckets() -> None:
     reader = threading.Thread(target=device.read_into, args=(0, memoryview(bytearray(512))))
     reader.start()
     assert inner.entered.wait(30)
+    device.publish()
     assert stats.totals()[IoOp.READ].in_flight == 1
     threading.Event().wait(0.05)
     inner.release.set()
     reader.join(30)
+    device.publish()
     read = stats.totals()[IoOp.READ]
     assert read.in_flight == 0 and read.completed == 1
     # 50 ms or more: the bucket is the first whose bound is above the latency
@@ -136,9 +144,13 @@ def test_a_stats_set_keeps_the_counts_of_closed_devices() -> None:
     first.write(0, b"1" * 4096)
     second.write(0, b"2" * 8192)
     assert stats.connections == 2
-    first.close()
+    first.close()  # publishes its counts, then retires its block
     assert stats.connections == 1
     second.write(0, b"2" * 512)
+    deadline = time.monotonic() + 10 * PUBLISH_INTERVAL + 5  # the publishing thread's turn
+    while stats.totals()[IoOp.WRITE].completed < 3:
+        assert time.monotonic() < deadline, "the counts were not published"
+        time.sleep(PUBLISH_INTERVAL / 10)
     total = stats.totals()[IoOp.WRITE]
     assert (total.completed, total.bytes) == (3, 4096 + 8192 + 512)
     second.close()
@@ -160,5 +172,47 @@ def test_latency_histogram() -> None:
 def test_a_counted_device_is_a_block_device() -> None:
     stats = IoStats()
     check_block_device(lambda size: CountedDevice(MemoryDevice(size), stats))
-    assert stats.totals()[IoOp.WRITE].completed > 0
+    assert stats.totals()[IoOp.WRITE].completed > 0  # published by each close
+    stats.close()
+
+
+def test_each_thread_of_a_thread_counted_device_counts_in_its_own_slot() -> None:
+    stats = IoStats(slots=4)
+    device = ThreadCountedDevice(MemoryDevice(1 << 20), stats)
+
+    def work(n: int) -> None:
+        for i in range(n):
+            device.write(i * 512, b"w" * 512)
+            device.read_into(i * 512, memoryview(bytearray(512)))
+
+    threads = [threading.Thread(target=work, args=(2000,)) for _ in range(6)]  # > slots
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    device.publish()
+    write, read = stats.totals()[IoOp.WRITE], stats.totals()[IoOp.READ]
+    # threads 4 to 6 share the last slot: only they may lose a count to a race
+    assert 3 * 2000 < write.completed <= 6 * 2000 and 3 * 2000 < read.completed <= 6 * 2000
+    assert write.bytes == write.completed * 512
+    device.close()
+    stats.close()
+
+
+def test_a_thread_counted_device_loses_no_count_within_its_slots() -> None:
+    stats = IoStats(slots=8)
+    device = ThreadCountedDevice(MemoryDevice(1 << 20), stats)
+    threads = [
+        threading.Thread(
+            target=lambda: [device.write(0, b"w" * 4096) for _ in range(5000)]  # type: ignore[func-returns-value]
+        )
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    device.close()  # publishes
+    write = IoStats(fd=os.dup(stats.fd)).totals()[IoOp.WRITE]
+    assert (write.completed, write.bytes) == (20000, 20000 * 4096)
     stats.close()
