@@ -317,7 +317,7 @@ def test_without_prometheus_client_the_daemon_serves_and_metrics_answer_501(
         assert head.startswith(b"HTTP/1.0 501"), head
         assert json.loads(body) == {
             "error": {
-                "type": "MetricsUnavailable",
+                "type": "LocalFailure",
                 "message": "metrics need the prometheus_client library: "
                 "pip install 'storvisor[metrics]'",
             }

@@ -248,7 +248,7 @@ def _metrics(s: Service, r: Request) -> object:
     try:
         return _Raw(HTTPStatus.OK, CONTENT_TYPE, render(s.metrics_sample()))
     except MetricsUnavailable as e:
-        body = json.dumps(encode(ErrorBody(ErrorDetail("MetricsUnavailable", str(e))))) + "\n"
+        body = json.dumps(encode(ErrorBody(ErrorDetail(_error_type(e), str(e))))) + "\n"
         return _Raw(HTTPStatus.NOT_IMPLEMENTED, "application/json", body.encode())
 
 
