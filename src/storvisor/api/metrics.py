@@ -3,11 +3,12 @@
 
 What is measured, and where:
 
-* per export (NBD; labels ``export``, ``kind``, ``pool``, ``volume``, and ``op`` one of read,
-  write, flush, trim, zero): requests, bytes, failed requests and a latency histogram, from
+* per export (NBD, and vhost-user-blk served by data-plane processes; labels ``export``,
+  ``kind``, ``pool``, ``volume``, and ``op`` one of read, write, flush, trim, zero):
+  requests, bytes, failed requests and a latency histogram, from
   the export's ``StatsSet`` (``engine/iostats.py``), which sums the shared-memory counter
-  blocks of every connection in every NBD data-plane process; requests in flight; open
-  connections;
+  blocks of every connection (NBD) or data-plane process (vhost-user-blk); requests in
+  flight; open connections (NBD) or data-plane processes (vhost-user-blk);
 * per volume (``pool``, ``volume``): seconds requests waited for QoS tokens, from the
   volume's QoS block (every process adds its waits there);
 * per pool (``pool``): capacity, allocated and provisioned bytes, clusters (``state``
@@ -130,7 +131,9 @@ def render(sample: MetricsSample) -> bytes:
             labels=export_labels,
         )
         connections = GaugeMetricFamily(
-            "storvisor_export_connections", "Open client connections.", labels=export_labels
+            "storvisor_export_connections",
+            "Open NBD connections; for vhost-user-blk, running data-plane processes.",
+            labels=export_labels,
         )
         for e in sample.exports:
             base = [e.name, e.kind, e.pool, e.volume]
