@@ -261,7 +261,19 @@ class _CountedVectors:
         self._c = counted
 
     def read_into(self, offset: int, views: list[memoryview]) -> None:
-        self._c._count(IoOp.READ, sum(len(v) for v in views), self._read, offset, views)
+        c = self._c._counters()  # IoOp.READ's words come first
+        c[_STARTED] += 1
+        t = _now()
+        try:
+            self._read(offset, views)
+        except IOFailure:
+            c[_ERRORS] += 1
+            raise
+        finally:
+            dt = _now() - t
+            c[_NS] += dt
+            c[_HIST + _BUCKET_OF[dt.bit_length()]] += 1
+        c[_BYTES] += sum(len(v) for v in views)
 
     def write(self, offset: int, views: list[memoryview], *, fua: bool) -> None:
         c = self._c._counters()
@@ -444,10 +456,35 @@ class ThreadCountedDevice(CountedDevice):
         return c
 
     def read_into(self, offset: int, buf: memoryview) -> None:
-        self._count(IoOp.READ, len(buf), self._read_into, offset, buf)
+        c = self._counters()
+        c[_STARTED] += 1
+        t = _now()
+        try:
+            self._read_into(offset, buf)
+        except IOFailure:
+            c[_ERRORS] += 1
+            raise
+        finally:
+            dt = _now() - t
+            c[_NS] += dt
+            c[_HIST + _BUCKET_OF[dt.bit_length()]] += 1
+        c[_BYTES] += len(buf)
 
     def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
-        self._count(IoOp.WRITE, len(data), lambda: self._write(offset, data, fua=fua))
+        c = self._counters()
+        b = _SLOT  # IoOp.WRITE
+        c[b + _STARTED] += 1
+        t = _now()
+        try:
+            self._write(offset, data, fua=fua)
+        except IOFailure:
+            c[b + _ERRORS] += 1
+            raise
+        finally:
+            dt = _now() - t
+            c[b + _NS] += dt
+            c[b + _HIST + _BUCKET_OF[dt.bit_length()]] += 1
+        c[b + _BYTES] += len(data)
 
 
 class StatsSet:
