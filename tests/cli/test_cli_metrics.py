@@ -390,3 +390,23 @@ def test_vhost_user_blk_requests_of_every_queue_process_are_counted(
         assert count(after, "storvisor_export_requests_total", "write") == 11
         assert count(after, "storvisor_export_bytes_total", "write") == 10 * 8192 + 4096
         assert count(after, "storvisor_export_requests_total", "read") == 6
+
+
+def test_an_offline_pool_is_reported_offline(cli: CLI, home: Path, tmp_path: Path) -> None:
+    cli("pool", "create", "a", "--backing", f"{tmp_path}/a.img:1G")
+    cli("pool", "create", "b", "--backing", f"{tmp_path}/b.img:1G")
+    (tmp_path / "b.img").rename(tmp_path / "b.moved")
+    daemon = Daemon(home).start()
+    try:
+        text = scrape(home)
+        promtool_accepts(text)
+        found = samples(text)
+        assert value(found, "storvisor_pool_online", pool="a") == 1
+        assert value(found, "storvisor_pool_online", pool="b") == 0
+        assert value(found, "storvisor_pool_capacity_bytes", pool="b") == 0
+        assert (
+            "storvisor_pool_commit_duration_seconds_count",
+            frozenset({("pool", "b")}),
+        ) not in found
+    finally:
+        daemon.kill()

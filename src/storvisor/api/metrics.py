@@ -189,7 +189,7 @@ def render(sample: MetricsSample) -> bytes:
             capacity.add_metric([info.name], float(stats.capacity))
             allocated.add_metric([info.name], float(stats.allocated))
             provisioned.add_metric([info.name], float(stats.provisioned))
-            cs = info.cluster_size
+            cs = max(info.cluster_size, 1)  # an offline pool may not know it
             clusters.add_metric([info.name, "total"], float(stats.capacity // cs))
             clusters.add_metric([info.name, "allocated"], float(stats.allocated // cs))
             clusters.add_metric([info.name, "free"], float(stats.free // cs))
