@@ -18,7 +18,8 @@ For each operation (``IoOp``) a block holds: requests started, bytes moved, fail
 requests, the sum of the latencies in nanoseconds, and a latency histogram whose bucket
 ``i`` counts the requests that took less than ``2**(i + FIRST_BUCKET_BITS)`` ns (the last
 one: any longer). A request is counted as started before it runs and in the histogram once
-it has finished, so requests in flight = started - histogram total. The latency includes
+it has finished, so requests in flight = started - histogram total. The histogram is
+updated last: once a request shows there, all its counts are published. The latency includes
 the time a request waited for QoS tokens (the wrapped device throttles).
 """
 
@@ -269,11 +270,12 @@ class _CountedVectors:
         except IOFailure:
             c[_ERRORS] += 1
             raise
+        else:
+            c[_BYTES] += sum(len(v) for v in views)
         finally:
             dt = _now() - t
             c[_NS] += dt
             c[_HIST + _BUCKET_OF[dt.bit_length()]] += 1
-        c[_BYTES] += sum(len(v) for v in views)
 
     def write(self, offset: int, views: list[memoryview], *, fua: bool) -> None:
         c = self._c._counters()
@@ -285,11 +287,12 @@ class _CountedVectors:
         except IOFailure:
             c[b + _ERRORS] += 1
             raise
+        else:
+            c[b + _BYTES] += sum(len(v) for v in views)
         finally:
             dt = _now() - t
             c[b + _NS] += dt
             c[b + _HIST + _BUCKET_OF[dt.bit_length()]] += 1
-        c[b + _BYTES] += sum(len(v) for v in views)
 
 
 class CountedDevice:
@@ -343,11 +346,12 @@ class CountedDevice:
         except IOFailure:
             c[_ERRORS] += 1
             raise
+        else:
+            c[_BYTES] += len(buf)
         finally:
             dt = _now() - t
             c[_NS] += dt
             c[_HIST + _BUCKET_OF[dt.bit_length()]] += 1
-        c[_BYTES] += len(buf)
 
     def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         c = self._c
@@ -359,11 +363,12 @@ class CountedDevice:
         except IOFailure:
             c[b + _ERRORS] += 1
             raise
+        else:
+            c[b + _BYTES] += len(data)
         finally:
             dt = _now() - t
             c[b + _NS] += dt
             c[b + _HIST + _BUCKET_OF[dt.bit_length()]] += 1
-        c[b + _BYTES] += len(data)
 
     def flush(self) -> None:
         self._count(IoOp.FLUSH, 0, self.inner.flush)
@@ -415,11 +420,12 @@ class CountedDevice:
         except IOFailure:
             c[b + _ERRORS] += 1
             raise
+        else:
+            c[b + _BYTES] += nbytes
         finally:
             dt = _now() - t
             c[b + _NS] += dt
             c[b + _HIST + _BUCKET_OF[dt.bit_length()]] += 1
-        c[b + _BYTES] += nbytes
 
 
 class ThreadCountedDevice(CountedDevice):
@@ -464,11 +470,12 @@ class ThreadCountedDevice(CountedDevice):
         except IOFailure:
             c[_ERRORS] += 1
             raise
+        else:
+            c[_BYTES] += len(buf)
         finally:
             dt = _now() - t
             c[_NS] += dt
             c[_HIST + _BUCKET_OF[dt.bit_length()]] += 1
-        c[_BYTES] += len(buf)
 
     def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         c = self._counters()
@@ -480,11 +487,12 @@ class ThreadCountedDevice(CountedDevice):
         except IOFailure:
             c[b + _ERRORS] += 1
             raise
+        else:
+            c[b + _BYTES] += len(data)
         finally:
             dt = _now() - t
             c[b + _NS] += dt
             c[b + _HIST + _BUCKET_OF[dt.bit_length()]] += 1
-        c[b + _BYTES] += len(data)
 
 
 class StatsSet:
