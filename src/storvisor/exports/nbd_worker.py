@@ -434,14 +434,13 @@ class _Opener:
         )
         device: BlockDevice = remote
         try:
+            # each block owns its fd from here on, also when it refuses it
             if qos_fd >= 0:
-                qos = QosBlock(fd=qos_fd)
-                qos_fd = -1
-                device = ThrottledDevice(remote, qos, owns_qos=True)
+                fd, qos_fd = qos_fd, -1
+                device = ThrottledDevice(remote, QosBlock(fd=fd), owns_qos=True)
             if stats_fd >= 0:
-                stats = IoStats(fd=stats_fd)
-                stats_fd = -1
-                device = CountedDevice(device, stats, owns_stats=True)
+                fd, stats_fd = stats_fd, -1
+                device = CountedDevice(device, IoStats(fd=fd), owns_stats=True)
         except StorvisorError:
             _close_fds([fd for fd in (qos_fd, stats_fd) if fd >= 0])
             device.close()
