@@ -206,12 +206,14 @@ def serve(kind: str, image: str, sock: str, work: str) -> None:
         source.close()
         export = NBDExport("disk", lambda: pool.open_volume("v"))
     planes = None
-    if kind == "plane":  # as the daemon serves: connections handed to data-plane processes
+    if kind in ("plane", "counted"):  # as the daemon serves: connections handed to data planes
+        from storvisor.engine.iostats import StatsSet
         from storvisor.exports.nbd_worker import NbdDataPlanes
 
         planes = NbdDataPlanes()
         planes.start()
-        planes.add_export("disk", export.open, "disk", False)
+        stats = StatsSet("disk") if kind == "counted" else None  # the metrics' counters
+        planes.add_export("disk", export.open, "disk", False, stats)
     server = NBDServer(handoff=planes.hand_over if planes is not None else None)
     server.add_export(export)
     server.listen_unix(sock)
@@ -275,6 +277,7 @@ def main() -> None:
         "storvisor thin": "thin",
         "storvisor thin+10 snaps": "chain",
         "storvisor thin, data plane": "plane",
+        "storvisor thin, data plane, counted": "counted",
     }
     # only when --only names it: a thin volume never written, whose "first" rows are the
     # zero-fill counterpart of the snapshotted volume's copy-on-write

@@ -235,6 +235,28 @@ class Client:
         assert route.response is not None and not route.many
         return decode(route.response, self._call(route, *params, body=body))
 
+    def metrics(self) -> str:
+        """``GET /metrics``: the daemon's metrics in the Prometheus text format. Raises
+        ``StorvisorError`` with the daemon's message if it cannot give them (501: the
+        ``prometheus_client`` library is not installed there), ``DaemonUnavailable``."""
+        conn = self._connect(self.timeout)
+        try:
+            conn.request("GET", "/metrics", headers=dict(self._headers))
+            response = conn.getresponse()
+            raw = response.read()
+            status = response.status
+        except (OSError, http.client.HTTPException) as e:
+            raise DaemonUnavailable(f"no answer from the daemon at {self.where}: {e}") from e
+        finally:
+            conn.close()
+        if status != 200:
+            try:
+                detail = decode(ErrorBody, json.loads(raw)).error
+            except (ValueError, ProtocolError):
+                raise StorvisorError(f"the daemon answered {status} to GET /metrics") from None
+            raise _ERRORS.get(detail.type, StorvisorError)(detail.message)
+        return raw.decode()
+
     def _list(self, route: Route[_T], *params: str) -> list[_T]:
         """Call a route answering a list of records."""
         assert route.response is not None and route.many

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from storvisor.api.codec import decode_list, encode, save_json
 from storvisor.engine.device import BlockDevice
+from storvisor.engine.iostats import StatsSet
 from storvisor.engine.qos import ThrottledDevice
 from storvisor.errors import Conflict, CorruptMetadata, InvalidArgument, NotFound, ProtocolError
 from storvisor.exports.nbd import NBDExport, NBDServer, nbd_uri
@@ -193,6 +194,7 @@ class ExportRuntime:
         self._nbd = NBDServer(handoff=self._planes.hand_over if self._planes else None)
         self._nbd_names: set[str] = set()
         self._vhost: dict[str, tuple[VhostUserBlkServer | VhostDataPlane, BlockDevice]] = {}
+        self._stats: dict[str, tuple[ExportSpec, StatsSet]] = {}
         self._started = False
 
     def start(self) -> None:
@@ -228,12 +230,19 @@ class ExportRuntime:
         """
         read_only = spec.read_only or spec.snapshot is not None
         if spec.kind is ExportKind.NBD:
+            stats = StatsSet(spec.name)
             self._nbd.add_export(
-                NBDExport(spec.name, open_volume, description=spec.target, read_only=read_only)
+                NBDExport(
+                    spec.name,
+                    stats.counted(open_volume),
+                    description=spec.target,
+                    read_only=read_only,
+                )
             )
             if self._planes is not None:
-                self._planes.add_export(spec.name, open_volume, spec.target, read_only)
+                self._planes.add_export(spec.name, open_volume, spec.target, read_only, stats)
             self._nbd_names.add(spec.name)
+            self._stats[spec.name] = (spec, stats)
             return
         if spec.socket is None:
             raise InvalidArgument(f"export {spec.name}: no vhost-user socket path")
@@ -244,10 +253,12 @@ class ExportRuntime:
 
         device = open_volume()
         server: VhostUserBlkServer | VhostDataPlane
+        counters: StatsSet | None = None
         try:
             Path(spec.socket).parent.mkdir(parents=True, exist_ok=True)
             volume = device.inner if isinstance(device, ThrottledDevice) else device
             if isinstance(volume, Volume):
+                counters = StatsSet(spec.name)
                 server = VhostDataPlane(
                     volume,
                     spec.socket,
@@ -255,6 +266,7 @@ class ExportRuntime:
                     read_only=read_only,
                     serial=serial,
                     qos=device.qos if isinstance(device, ThrottledDevice) else None,
+                    stats=counters,
                 )
             else:
                 server = VhostUserBlkServer(
@@ -268,6 +280,8 @@ class ExportRuntime:
             device.close()
             raise
         self._vhost[spec.name] = (server, device)
+        if counters is not None:
+            self._stats[spec.name] = (spec, counters)
 
     def is_active(self, name: str) -> bool:
         return name in self._nbd_names or name in self._vhost
@@ -279,6 +293,7 @@ class ExportRuntime:
             self._nbd.remove_export(name)
             if self._planes is not None:
                 self._planes.remove_export(name)
+        self._stats.pop(name, None)  # its blocks are retired as their connections end
         entry = self._vhost.pop(name, None)
         if entry is not None:
             server, device = entry
@@ -286,6 +301,22 @@ class ExportRuntime:
                 server.close()
             finally:
                 device.close()
+
+    def io_stats(self) -> list[tuple[ExportSpec, StatsSet]]:
+        """The request counters of every active export that keeps them (NBD exports and
+        vhost-user-blk exports served by data-plane processes)."""
+        return list(self._stats.values())
+
+    def restarts(self) -> list[tuple[str, str, int]]:
+        """``(kind, export, count)``: data-plane processes started again after one ended,
+        for the NBD workers (export ``""``) and each vhost-user-blk export."""
+        from storvisor.exports.vhost_worker import VhostDataPlane
+
+        found = [(ExportKind.NBD.value, "", self._planes.restarts if self._planes else 0)]
+        for name, (server, _) in sorted(self._vhost.items()):
+            if isinstance(server, VhostDataPlane):
+                found.append((ExportKind.VHOST_USER_BLK.value, name, max(server.starts - 1, 0)))
+        return found
 
     def notify_resized(self, names: list[str]) -> None:
         """Tell the front-ends of these vhost-user exports that the disk size changed."""

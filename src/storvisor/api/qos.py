@@ -242,6 +242,11 @@ class QosManager:
         spec = parse_keys(self.volume(pool, volume).keys)
         block.set_limits(spec.limits(self._size_of(pool, volume)))
 
+    def waited(self) -> list[tuple[str, str, float]]:
+        """``(pool, volume, seconds)``: how long requests waited for each volume's tokens, for
+        the volumes that have a block (those served since the daemon started)."""
+        return [(pool, vol, block.waited) for (pool, vol), block in sorted(self._blocks.items())]
+
     def close(self) -> None:
         for block in self._blocks.values():
             block.close()

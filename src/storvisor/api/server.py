@@ -6,6 +6,9 @@ The routes (method, path, request and response records) are the table of
 ``storvisor.api.routes``; this module binds each to a ``Service`` call (``_HANDLERS``).
 Path segments are percent-encoded, so an export name may hold ``/``.
 
+and, outside ``/v1``, ``GET /metrics``: the Prometheus text format (``api/metrics.py``), or
+501 with a JSON error when the ``prometheus_client`` library is not installed.
+
 A success answers 200 with the record (or list of records) as JSON, or 204 with no body. An
 error answers ``{"error": {"type": ..., "message": ...}}``, ``type`` being the
 ``storvisor.errors`` class name, with the status ``status_for`` gives it: 404 (``NotFound``),
@@ -60,6 +63,7 @@ from storvisor.api.messages import (
     Rollback,
     SetVolumeQos,
 )
+from storvisor.api.metrics import CONTENT_TYPE, MetricsUnavailable, render
 from storvisor.api.routes import Access, Route
 from storvisor.api.service import Service
 from storvisor.api.tokens import TokenInfo, TokenStore, looks_like_token
@@ -228,6 +232,30 @@ _ROUTES: list[tuple[Route[Any], Handler]] = [(route, _HANDLERS[route]) for route
 """Every route of the table with its handler (a route without one fails here, at import)."""
 
 
+# -- metrics ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Raw:
+    """An answer that is not JSON."""
+
+    status: HTTPStatus
+    content_type: str
+    data: bytes
+
+
+def _metrics(s: Service, r: Request) -> object:
+    try:
+        return _Raw(HTTPStatus.OK, CONTENT_TYPE, render(s.metrics_sample()))
+    except MetricsUnavailable as e:
+        body = json.dumps(encode(ErrorBody(ErrorDetail(_error_type(e), str(e))))) + "\n"
+        return _Raw(HTTPStatus.NOT_IMPLEMENTED, "application/json", body.encode())
+
+
+METRICS_PATH = "/metrics"
+"""Outside ``/v1`` and the route table: its answer is text, not a JSON record."""
+
+
 _STATUSES: tuple[tuple[type[StorvisorError], HTTPStatus], ...] = (
     (NotFound, HTTPStatus.NOT_FOUND),
     (Conflict, HTTPStatus.CONFLICT),
@@ -307,15 +335,24 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         try:
             token = self._authenticate(url.query)
-            route, handler, params = self._route(url.path)
-            if token is not None and token.read_only and route.access is Access.WRITE:
-                raise _Refused(
-                    HTTPStatus.FORBIDDEN,
-                    f"token {token.name} is read-only: {self.command} {url.path} changes state",
-                    "Forbidden",
-                )
-            request = Request(params, self._query(route, url.query), self._read_body(route))
-            result = handler(self.server.service, request)
+            if url.path == METRICS_PATH:  # scraped with a token on TCP, like every route
+                if self.command != "GET":
+                    raise _Refused(
+                        HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not allowed on /metrics"
+                    )
+                if url.query:
+                    raise _Refused(HTTPStatus.BAD_REQUEST, "/metrics takes no query parameters")
+                result = _metrics(self.server.service, Request((), {}, None))
+            else:
+                route, handler, params = self._route(url.path)
+                if token is not None and token.read_only and route.access is Access.WRITE:
+                    raise _Refused(
+                        HTTPStatus.FORBIDDEN,
+                        f"token {token.name} is read-only: {self.command} {url.path} changes state",
+                        "Forbidden",
+                    )
+                request = Request(params, self._query(route, url.query), self._read_body(route))
+                result = handler(self.server.service, request)
         except _Refused as e:
             headers = {}
             if e.status is HTTPStatus.UNAUTHORIZED:
@@ -442,6 +479,13 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Refused(HTTPStatus.BAD_REQUEST, f"malformed request body: {e}") from e
 
     def _send_result(self, result: object) -> None:
+        if isinstance(result, _Raw):
+            self.send_response(result.status)
+            self.send_header("Content-Type", result.content_type)
+            self.send_header("Content-Length", str(len(result.data)))
+            self.end_headers()
+            self.wfile.write(result.data)
+            return
         if result is None:
             self.send_response(HTTPStatus.NO_CONTENT)
             self.end_headers()

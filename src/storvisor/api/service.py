@@ -39,6 +39,13 @@ from storvisor.api.exports import (
 )
 from storvisor.api.images import check_output_image, convert, image_info
 from storvisor.api.jobs import Cleanup, JobInfo, JobManager, JobProgress
+from storvisor.api.metrics import (
+    ExportSample,
+    MetricsSample,
+    PoolSample,
+    QosWait,
+    Restarts,
+)
 from storvisor.api.qos import QosKey, QosManager, QosSpecInfo, VolumeQos
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.home import Home
@@ -189,6 +196,36 @@ class Service:
             nbd_socket=str(self.home.path / NBD_SOCKET),
             nbd_tcp=f"{tcp.host}:{tcp.port}" if tcp is not None else None,
         )
+
+    def metrics_sample(self) -> MetricsSample:
+        """The counters and gauges of ``api/metrics.py``, as they are now."""
+        with self._lock:
+            pools = []
+            for info in sorted(self.home.pools(), key=lambda p: p.name):
+                buckets: tuple[int, ...] = ()
+                commit_ns = 0
+                if info.state is not PoolState.OFFLINE:
+                    with contextlib.suppress(StorvisorError):
+                        buckets, commit_ns = self.home.pool(info.name).commit_times.snapshot()
+                pools.append(PoolSample(info, buckets, commit_ns))
+            waits = tuple(QosWait(*w) for w in self._qos.waited())
+            runtime = self._runtime
+            if runtime is None:
+                return MetricsSample((), tuple(pools), waits, ())
+            exports = tuple(
+                ExportSample(
+                    spec.name,
+                    spec.kind.value,
+                    spec.pool,
+                    spec.volume,
+                    stats.totals(),
+                    stats.in_flight(),
+                    stats.connections,
+                )
+                for spec, stats in runtime.io_stats()
+            )
+            restarts = tuple(Restarts(*r) for r in runtime.restarts())
+            return MetricsSample(exports, tuple(pools), waits, restarts)
 
     # -- pools --------------------------------------------------------------------------
 

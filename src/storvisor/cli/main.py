@@ -22,6 +22,7 @@ fsck that finds problems), 2 for a usage error. Errors are one line on stderr,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -47,7 +48,7 @@ from storvisor.cli import output
 from storvisor.cli.progress import wait_for_job
 from storvisor.engine.home import HomeInUse, HomeUser
 from storvisor.engine.types import BackingSpec, PoolState
-from storvisor.errors import InvalidArgument, StorvisorError
+from storvisor.errors import InvalidArgument, StateError, StorvisorError
 from storvisor.units import parse_size
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -158,6 +159,22 @@ def seconds(text: str) -> float:
     if not 0 <= value <= 3600:
         raise argparse.ArgumentTypeError(f"invalid time {text!r}: expected 0 to 3600 seconds")
     return value
+
+
+def interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"invalid interval {text!r}: expected 0.1 to 3600 seconds")
+    return value
+
+
+def count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a positive integer")
+    return int(text)
 
 
 def queues(text: str) -> int:
@@ -510,6 +527,19 @@ class _UsageError(Exception):
     pass
 
 
+def top(m: Management, a: argparse.Namespace) -> int:
+    from storvisor.cli import top as view
+
+    if not isinstance(m, Client):
+        raise StateError("storvisor top shows a running daemon's I/O: start `storvisor serve`")
+    if a.json:
+        print(view.to_json(a.interval, view.sample(m.metrics, a.interval)))
+        return 0
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the view
+        view.live(m.metrics, a.interval, a.count)
+    return 0
+
+
 def _usage(message: str) -> _UsageError:
     return _UsageError(message)
 
@@ -737,6 +767,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = cmd(sub, "fsck", fsck, "check a pool's consistency", json=True)
     c.add_argument("pool", metavar="POOL", type=pool_name)
+
+    c = cmd(sub, "top", top, "live per-volume IOPS, throughput and latency", json=True)
+    c.add_argument(
+        "--interval",
+        metavar="SECONDS",
+        type=interval,
+        default=1.0,
+        help="seconds between scrapes (default: 1)",
+    )
+    c.add_argument("--count", metavar="N", type=count, help="stop after N tables")
 
     c = cmd(sub, "libvirt-xml", libvirt_xml, "print the libvirt disk XML of a vhost-user export")
     c.add_argument("ref", metavar="POOL/VOL", type=volume_ref)

@@ -46,6 +46,7 @@ from storvisor.engine.allocator import Allocator, group_clusters
 from storvisor.engine.backing import Backing, Header, phys_number, split_phys, sync_directory
 from storvisor.engine.catalog import ZERO, Batch, Catalog
 from storvisor.engine.fsck import Memory, check_pool
+from storvisor.engine.iostats import LatencyHistogram
 from storvisor.engine.journal import RECORDS, UNMAPPED, Journal
 from storvisor.engine.layers import LayerTree
 from storvisor.engine.types import (
@@ -141,6 +142,8 @@ class Pool:
         self._backings = backings
         self._lock = threading.RLock()
         self._commit_lock = threading.Lock()
+        self.commit_times = LatencyHistogram()
+        """Durations of the commits that had something to make durable."""
         self._batch = Batch()
         self._fresh: list[int] = []
         """Clusters the batch maps that were allocated (and written) since the last commit."""
@@ -350,6 +353,7 @@ class Pool:
                     batch.statements.append(_journal_seq_statement(seq))
             if not batch and not full:
                 return
+            started = time.perf_counter_ns()
             try:
                 if full:
                     for backing in backings.values():
@@ -371,6 +375,7 @@ class Pool:
                 raise
             with self._lock:
                 self._committed_seq = max(self._committed_seq, seq)
+            self.commit_times.observe(time.perf_counter_ns() - started)
             if batch.frees:
                 # no in-place I/O that looked a freed cluster up may still be running when
                 # the cluster is handed out again

@@ -12,7 +12,10 @@ backing fds, from which the worker builds a ``RemoteVolume``. Reads and in-place
 run in the worker, allocations, discards and flushes in the daemon. When the export's device
 is a ``ThrottledDevice``, the daemon also passes the volume's QoS block (``engine/qos.py``)
 and the worker throttles its ``RemoteVolume`` with it: every connection of the volume, in
-every worker, draws from the same buckets. When the connection ends
+every worker, draws from the same buckets. With the export's ``StatsSet``
+(``engine/iostats.py``) the daemon opens a statistics block for the connection and passes it
+too: the worker counts the connection's requests in it and the daemon reads it, so its
+metrics cover every worker. When the connection ends
 the worker closes the ``RemoteVolume``; the daemon sees its channel close and closes the
 volume handle. Connections of several clients thus run on several cores; multi-conn stays
 safe because a flush, wherever it comes from, syncs the whole pool.
@@ -46,6 +49,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from storvisor.engine.device import BlockDevice
+from storvisor.engine.iostats import CountedDevice, IoStats, StatsSet
 from storvisor.engine.qos import QosBlock, ThrottledDevice
 from storvisor.engine.volume import Volume
 from storvisor.errors import IOFailure, LocalFailure, NotFound, StorvisorError
@@ -68,12 +72,13 @@ class _Op(IntEnum):
     CONN = 3  # fds = [client socket]
     OPEN = 4  # ident; payload = name
     OPENED = 5  # ident; a = errno, payload = message; or a = 0, flags READ_ONLY,
-    # b = cluster size, fds = [channel, map, (QoS block,) backing fds], payload = their
-    # device indices (u32 each) + serial
+    # b = cluster size, fds = [channel, map, (QoS block,) (I/O stats block,) backing fds],
+    # payload = their device indices (u32 each) + serial
 
 
 _READ_ONLY = 1
 _QOS = 2  # OPENED: the third fd is the volume's QoS block
+_STATS = 4  # OPENED: the connection's I/O statistics block follows the QoS block
 
 
 def _text(data: bytes | bytearray, what: str) -> str:
@@ -94,6 +99,7 @@ class _ExportDef:
     open: Callable[[], BlockDevice]
     description: str
     read_only: bool
+    stats: StatsSet | None = None
 
 
 class _Worker:
@@ -197,22 +203,31 @@ class _Worker:
                 self.link.send(_Op.OPENED, ident, code or errno.EIO, 0, message)
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        released = functools.partial(self.planes._release, export.name)
+        stats = export.stats.open() if export.stats is not None else None
+
+        def released() -> None:
+            if stats is not None:
+                assert export.stats is not None
+                export.stats.retire(stats)  # the plane has stopped writing it
+            self.planes._release(export.name)
+
         host = PlaneHost(volume, ours, on_closed=lambda: _close_later(host, volume, released))
         try:
             host.start()
             backings = volume.backing_fds()
             indices = b"".join(_INDEX.pack(index) for index in backings)
             flags = _READ_ONLY if volume.read_only or export.read_only else 0
-            qos_fds = [] if qos is None else [qos.fd]
+            flags |= _QOS if qos is not None else 0
+            flags |= _STATS if stats is not None else 0
+            extra_fds = [block.fd for block in (qos, stats) if block is not None]
             self.link.send(
                 _Op.OPENED,
                 ident,
                 0,
                 volume.cluster_size,
                 indices + volume.serial.encode(),
-                flags=flags | (_QOS if qos is not None else 0),
-                fds=[theirs.fileno(), host.map.fd, *qos_fds, *backings.values()],
+                flags=flags,
+                fds=[theirs.fileno(), host.map.fd, *extra_fds, *backings.values()],
             )
         except OSError:
             host.close()
@@ -249,6 +264,8 @@ class NbdDataPlanes:
         self._closed = False
         self._planes: dict[str, int] = {}  # export -> volume handles its connections hold
         self._planes_closed = threading.Condition(self._lock)
+        self.restarts = 0
+        """Worker processes started again after one ended."""
 
     def start(self) -> None:
         for index in range(self.processes):
@@ -262,10 +279,16 @@ class NbdDataPlanes:
             return [w.proc.pid for w in self._workers]
 
     def add_export(
-        self, name: str, open_volume: Callable[[], BlockDevice], description: str, read_only: bool
+        self,
+        name: str,
+        open_volume: Callable[[], BlockDevice],
+        description: str,
+        read_only: bool,
+        stats: StatsSet | None = None,
     ) -> None:
-        """Offer ``name`` to the workers' clients; ``open_volume`` must return ``Volume`` s."""
-        export = _ExportDef(name, open_volume, description, read_only)
+        """Offer ``name`` to the workers' clients; ``open_volume`` must return ``Volume`` s.
+        With ``stats``, each connection counts its requests in a block of that set."""
+        export = _ExportDef(name, open_volume, description, read_only, stats)
         with self._lock:
             self._exports[name] = export
             workers = list(self._workers)
@@ -343,6 +366,7 @@ class NbdDataPlanes:
             else:
                 closed = False
                 self._workers[self._workers.index(worker)] = new
+                self.restarts += 1
         if closed:
             new.stop()
             return
@@ -385,6 +409,10 @@ class _Opener:
         if frame.flags & _QOS and qos_fd < 0:
             _close_fds(fds)
             raise LocalFailure("the daemon's answer to OPEN lacks its QoS block")
+        stats_fd = fds.pop(2) if frame.flags & _STATS and len(fds) > 2 else -1
+        if frame.flags & _STATS and stats_fd < 0:
+            _close_fds([*fds, qos_fd] if qos_fd >= 0 else fds)
+            raise LocalFailure("the daemon's answer to OPEN lacks its statistics block")
         count = len(fds) - 2
         if count < 0 or len(frame.payload) < count * _INDEX.size:
             _close_fds(frame.fds)
@@ -404,14 +432,20 @@ class _Opener:
             read_only=bool(frame.flags & _READ_ONLY),
             serial=serial,
         )
-        if qos_fd < 0:
-            return remote
+        device: BlockDevice = remote
         try:
-            qos = QosBlock(fd=qos_fd)
+            # each block owns its fd from here on, also when it refuses it
+            if qos_fd >= 0:
+                fd, qos_fd = qos_fd, -1
+                device = ThrottledDevice(remote, QosBlock(fd=fd), owns_qos=True)
+            if stats_fd >= 0:
+                fd, stats_fd = stats_fd, -1
+                device = CountedDevice(device, IoStats(fd=fd), owns_stats=True)
         except StorvisorError:
-            remote.close()
+            _close_fds([fd for fd in (qos_fd, stats_fd) if fd >= 0])
+            device.close()
             raise
-        return ThrottledDevice(remote, qos, owns_qos=True)
+        return device
 
     def answered(self, frame: Frame) -> None:
         with self._waits_lock:

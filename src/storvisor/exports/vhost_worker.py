@@ -39,6 +39,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from storvisor.engine.device import BlockDevice
+from storvisor.engine.iostats import IoStats, StatsSet, ThreadCountedDevice
 from storvisor.engine.qos import QosBlock, ThrottledDevice
 from storvisor.engine.volume import Volume
 from storvisor.errors import IOFailure
@@ -48,6 +50,7 @@ from storvisor.exports.vhost_user_blk import VhostUserBlkServer, listen_unix
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 30.0
+_STATS_SLOTS = 64  # threads of one process that count in slots of their own
 STOP_TIMEOUT = 10.0
 
 
@@ -71,6 +74,7 @@ class WorkerConfig:
     read_only: bool
     serial: str
     qos_fd: int = -1  # the volume's QoS block, or -1
+    stats_fd: int = -1  # this process's I/O statistics block, or -1
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -97,9 +101,12 @@ class VhostDataPlane:
         serial: str = "",
         processes: int | None = None,
         qos: QosBlock | None = None,
+        stats: StatsSet | None = None,
     ) -> None:
         self.volume = volume
         self.qos = qos
+        self.stats = stats
+        """Where each process counts its requests (a block per process, a slot per thread)."""
         self.socket_path = socket_path
         self.num_queues = num_queues
         self.read_only = read_only or volume.read_only
@@ -110,6 +117,7 @@ class VhostDataPlane:
         self._listener: socket.socket | None = None
         self._procs: list[subprocess.Popen[bytes]] = []
         self._hosts: list[PlaneHost] = []
+        self._blocks: list[IoStats] = []
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -171,6 +179,10 @@ class VhostDataPlane:
             for slot in [*range(1, slots), 0]:
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 host = PlaneHost(self.volume, ours, on_stuck=self._kill)
+                block = self.stats.open(_STATS_SLOTS) if self.stats is not None else None
+                if block is not None:
+                    with self._lock:
+                        self._blocks.append(block)
                 try:
                     host.start()
                     link_fds = (
@@ -193,10 +205,13 @@ class VhostDataPlane:
                         read_only=self.read_only,
                         serial=self.serial,
                         qos_fd=self.qos.fd if self.qos is not None else -1,
+                        stats_fd=block.fd if block is not None else -1,
                     )
                     fds = [theirs.fileno(), host.map.fd, *link_fds, *backings.values()]
                     if self.qos is not None:
                         fds.append(self.qos.fd)
+                    if block is not None:
+                        fds.append(block.fd)
                     if listener_fd >= 0:
                         fds.append(listener_fd)
                     proc = subprocess.Popen(
@@ -236,8 +251,8 @@ class VhostDataPlane:
 
     def _stop_group(self) -> None:
         with self._lock:
-            procs, hosts = self._procs, self._hosts
-            self._procs, self._hosts = [], []
+            procs, hosts, blocks = self._procs, self._hosts, self._blocks
+            self._procs, self._hosts, self._blocks = [], [], []
         for proc in procs:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -250,6 +265,9 @@ class VhostDataPlane:
                 proc.wait()
         for host in hosts:
             host.close()
+        if self.stats is not None:
+            for block in blocks:  # their processes have ended: the counts are final
+                self.stats.retire(block)
 
     def _supervise(self) -> None:
         """Restart the whole group when one of its processes ends (a vhost-user connection
@@ -333,9 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_lost=lambda: os.kill(me, signal.SIGKILL),  # complete nothing with an error
         on_resized=resized,
     )
-    device: RemoteVolume | ThrottledDevice = remote
+    device: BlockDevice = remote
     if config.qos_fd >= 0:
         device = ThrottledDevice(remote, QosBlock(fd=config.qos_fd), owns_qos=True)
+    if config.stats_fd >= 0:
+        device = ThreadCountedDevice(device, IoStats(fd=config.stats_fd), owns_stats=True)
     links = [socket.socket(fileno=fd) for fd in config.link_fds]
     if config.slot > 0:  # a queue process: serves its queues until the link closes
         peer = VhostUserBlkServer(

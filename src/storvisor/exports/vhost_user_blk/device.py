@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from storvisor.engine.device import FileDevice
+from storvisor.engine.iostats import CountedDevice
 from storvisor.engine.qos import ThrottledDevice
 from storvisor.errors import LocalFailure, ProtocolError, QueueBroken
 from storvisor.exports.dataplane import RemoteVolume
@@ -88,7 +89,7 @@ class _Device:
         self.vectored: blk.VectoredIO | None = None
         if type(self.block) is FileDevice:  # a subclass may override read_into and write
             self.vectored = _FileVectors(self.block)
-        elif isinstance(self.block, RemoteVolume | ThrottledDevice):
+        elif isinstance(self.block, RemoteVolume | ThrottledDevice | CountedDevice):
             self.vectored = self.block.vectors
         self.writethrough = False
         n = server.num_queues
