@@ -28,17 +28,34 @@ makes durable only the clusters allocated since the last commit (``Backing.sync_
 the data the new metadata points at, and leaves in-place overwrites to the next flush, as a
 disk with a volatile cache may. A cluster released by a batch is reused only after that batch
 committed.
+
+Failing devices
+---------------
+A backing device that fails a read or a write fails that request only, with the errno the
+device gave (``IOFailure``): an allocating write that failed gives its cluster back and
+publishes no mapping, so no metadata ever points at data that was not written. Every such
+failure is counted (``io_errors``), logged once per kind, and makes the pool *degraded*
+with the reason (``info().state``); the pool keeps serving.
+
+A failed sync is worse: the kernel may already have dropped the dirty pages it could not
+write back, and a later ``fdatasync`` reports success for the pages that remain ("fsyncgate").
+So the first failed or timed-out sync fails its flush and *latches*: the pool stays degraded,
+every later flush and FUA write fails with EIO, and no batch is committed, until
+``recover`` (``Home.reopen_pool``) syncs every device successfully again. A sync that does
+not complete within ``io_timeout`` seconds fails its flush with ETIMEDOUT the same way (the
+stalled system call is left to finish in its own thread; ``recover`` refuses while it runs).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +68,9 @@ from storvisor.engine.layers import LayerTree
 from storvisor.engine.types import (
     BackingSpec,
     FsckReport,
+    IoErrorCounts,
     PoolInfo,
+    PoolState,
     PoolStats,
     SnapshotInfo,
     VolumeInfo,
@@ -75,6 +94,8 @@ MAX_CLUSTER = 2 << 20
 DEFAULT_CLUSTER = 64 << 10
 COMMIT_INTERVAL = 0.5
 """Seconds between background commits (the contract is at most one second)."""
+DEFAULT_IO_TIMEOUT = 30.0
+"""Seconds a sync of the backing devices may take before its flush fails (ETIMEDOUT)."""
 
 
 def check_name(name: str, what: str) -> None:
@@ -148,6 +169,14 @@ class Pool:
         self._tree = LayerTree(name)
         self._volumes: dict[str, _VolumeRec] = {}
         self._snapshots: dict[int, _SnapRec] = {}
+        self._health = threading.Lock()  # guards the fields below
+        self._errors = dict.fromkeys(("read", "write", "sync", "timeout"), 0)
+        self._degraded = ""  # why the pool is degraded ("" when it is not)
+        self._sync_failure: IOFailure | None = None  # latched by a failed sync (fsyncgate)
+        self._logged: set[str] = set()  # kinds of failure logged since the last recover
+        self._stalled: list[threading.Thread] = []  # syncs still running past their timeout
+        self.io_timeout = float(catalog.meta().get("io_timeout", DEFAULT_IO_TIMEOUT))
+        """Seconds a sync of the backing devices may take (``set_io_timeout``)."""
         try:
             self._journal = Journal(directory / "journal")
         except OSError as e:
@@ -289,7 +318,128 @@ class Pool:
             provisioned = sum(v.size for v in self._volumes.values())
             stats = PoolStats(capacity, allocated, provisioned, capacity - allocated)
             backings = tuple(self._backings[i].info() for i in sorted(self._backings))
-            return PoolInfo(self.name, cs, backings, stats)
+        with self._health:
+            reason = self._degraded
+        state = PoolState.DEGRADED if reason else PoolState.ONLINE
+        return PoolInfo(self.name, cs, backings, stats, state, reason)
+
+    @property
+    def io_errors(self) -> IoErrorCounts:
+        """Backing I/O failures since the pool was opened (a counter for metrics)."""
+        with self._health:
+            return IoErrorCounts(**self._errors)
+
+    def set_io_timeout(self, seconds: float) -> None:
+        """Set how long a sync of the backing devices may take before its flush fails with
+        ETIMEDOUT (and the pool degrades). Durable when this returns. Raises
+        ``InvalidArgument`` unless ``seconds`` is positive and finite."""
+        if not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
+            raise InvalidArgument(f"invalid I/O timeout {seconds!r}: a positive number is needed")
+        with self._lock:
+            self._check_open()
+            self.io_timeout = float(seconds)
+            self._stmt("INSERT OR REPLACE INTO meta VALUES ('io_timeout', ?)", repr(float(seconds)))
+        self.flush()
+
+    def backing_failed(self, op: str, error: IOFailure) -> None:
+        """Record that a ``read`` or ``write`` of a backing device failed with ``error`` (the
+        request fails with it): counted, logged once per kind, the pool degraded."""
+        with self._health:
+            self._errors[op] += 1
+            if error.errno == errno.ETIMEDOUT:
+                self._errors["timeout"] += 1
+            if not self._degraded:
+                self._degraded = f"a {op} of a backing device failed: {error}"
+            first = op not in self._logged
+            self._logged.add(op)
+        if first:
+            log.error(
+                "pool %s: a %s of a backing device failed: %s (the request fails; further "
+                "failures are counted, not logged, until the pool is reopened)",
+                self.name,
+                op,
+                error,
+            )
+
+    def _sync_failed(self, error: IOFailure) -> None:
+        with self._health:
+            self._errors["sync"] += 1
+            if error.errno == errno.ETIMEDOUT:
+                self._errors["timeout"] += 1
+            if self._sync_failure is None:
+                self._sync_failure = error
+                self._degraded = (
+                    f"a sync of a backing device failed ({error}); flushes fail until "
+                    "the pool is reopened"
+                )
+            first = "sync" not in self._logged
+            self._logged.add("sync")
+        if first:
+            log.error(
+                "pool %s: a sync of a backing device failed: %s; written data may be lost, "
+                "so every flush fails until 'storvisor pool reopen %s'",
+                self.name,
+                error,
+                self.name,
+            )
+
+    def recover(self) -> None:
+        """Bring a degraded pool back online: sync every backing device (within
+        ``io_timeout``), then clear the failure and commit what is pending. A pool that is
+        not degraded is only flushed.
+
+        Raises ``IOFailure`` (the pool stays degraded, with the new reason): a sync still
+        stalled from before (ETIMEDOUT), or the sync failing again."""
+        with self._commit_lock:
+            with self._lock:
+                self._check_open()
+                backings = list(self._backings.values())
+            if any(t.is_alive() for t in self._stalled):
+                raise IOFailure(
+                    f"pool {self.name!r}: a sync of a backing device is still stalled",
+                    errno.ETIMEDOUT,
+                )
+            self._stalled.clear()
+            try:
+                self._within_timeout(lambda: _sync_all(backings))
+            except IOFailure as e:
+                with self._health:
+                    if self._degraded:
+                        self._degraded = f"still failing: {e}"
+                raise
+            with self._health:
+                was, self._degraded = self._degraded, ""
+                self._sync_failure = None
+                self._logged.clear()
+        if was:
+            log.warning("pool %s is online again (it was degraded: %s)", self.name, was)
+        self.flush()
+
+    def _within_timeout(self, work: Callable[[], None]) -> None:
+        """Run ``work`` (syncs of backing devices) in a thread and wait for it up to
+        ``io_timeout`` seconds. Raises what ``work`` raised, or ``IOFailure(ETIMEDOUT)``,
+        leaving the thread to finish on its own."""
+        done = threading.Event()
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                work()
+            except BaseException as e:
+                failed.append(e)
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=run, name=f"storvisor-sync-{self.name}", daemon=True)
+        thread.start()
+        if not done.wait(self.io_timeout):
+            self._stalled.append(thread)
+            raise IOFailure(
+                f"a sync of the backing devices did not complete within {self.io_timeout:g} s",
+                errno.ETIMEDOUT,
+            )
+        if failed:
+            raise failed[0]
 
     def add_backing(self, spec: BackingSpec) -> PoolInfo:
         """Add a backing device online; it is usable at once and durable when this returns.
@@ -333,7 +483,9 @@ class Pool:
         last flush: data planes write in place without telling the pool, and a management
         operation whose batch the background commit took must still sync what came before
         it. Raises ``IOFailure`` if either step fails; the batch then stays pending and is
-        retried by the next flush.
+        retried by the next flush. A failed or timed-out sync (ETIMEDOUT after
+        ``io_timeout``) degrades the pool, and every later flush fails with EIO until
+        ``recover`` (see "Failing devices" in the module docstring).
         """
         self._commit(full=True)
 
@@ -341,6 +493,14 @@ class Pool:
         """Commit the pending batch after making durable the data it points at: all written
         data (``full``, a flush) or only the clusters allocated since the last commit."""
         with self._commit_lock:
+            with self._health:
+                failure = self._sync_failure
+            if failure is not None:
+                raise IOFailure(
+                    f"pool {self.name!r}: an earlier sync of a backing device failed "
+                    f"({failure}); flushes fail until the pool is reopened",
+                    errno.EIO,
+                )
             with self._lock:
                 batch, self._batch = self._batch, Batch()
                 fresh, self._fresh = self._fresh, []
@@ -351,16 +511,14 @@ class Pool:
             if not batch and not full:
                 return
             try:
-                if full:
-                    for backing in backings.values():
-                        backing.sync()
-                else:
-                    by_device: dict[int, list[int]] = {}
-                    for phys in fresh:
-                        index, local = split_phys(phys)
-                        by_device.setdefault(index, []).append(local)
-                    for index, clusters in by_device.items():
-                        backings[index].sync_clusters(clusters)
+                try:
+                    if full:
+                        self._within_timeout(lambda: _sync_all(backings.values()))
+                    else:
+                        self._within_timeout(lambda: _sync_fresh(backings, fresh))
+                except IOFailure as e:
+                    self._sync_failed(e)
+                    raise
                 if batch:
                     self._catalog.apply(batch)
             except BaseException:
@@ -391,7 +549,12 @@ class Pool:
         self._wake.set()  # the committer may be waiting out COMMIT_INTERVAL
         self._committer.join()
         try:
-            self.flush()
+            with self._health:
+                failure = self._sync_failure
+            if failure is None:
+                self.flush()
+            else:  # the journal keeps the changes; the next open syncs and commits them
+                log.warning("pool %s: closed without a commit: a sync failed", self.name)
         finally:
             with self._lock:
                 self._closed = True
@@ -440,7 +603,7 @@ class Pool:
         while not self._stop.is_set():
             self._wake.wait(COMMIT_INTERVAL)
             self._wake.clear()
-            if self._batch and not self._stop.is_set():
+            if self._batch and not self._stop.is_set() and self._sync_failure is None:
                 try:
                     self._commit(full=False)
                 except StorvisorError as e:
@@ -932,6 +1095,21 @@ class Pool:
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} {self.directory}>"
+
+
+def _sync_all(backings: Iterable[Backing]) -> None:
+    for backing in backings:
+        backing.sync()
+
+
+def _sync_fresh(backings: dict[int, Backing], fresh: list[int]) -> None:
+    """Make the clusters ``fresh`` (physical numbers) durable (``Backing.sync_clusters``)."""
+    by_device: dict[int, list[int]] = {}
+    for phys in fresh:
+        index, local = split_phys(phys)
+        by_device.setdefault(index, []).append(local)
+    for index, clusters in by_device.items():
+        backings[index].sync_clusters(clusters)
 
 
 def _device_bytes_statement(backing: Backing) -> tuple[str, tuple[str, str]]:

@@ -41,7 +41,7 @@ from storvisor.engine.catalog import ZERO
 from storvisor.engine.device import Buffer, Extent
 from storvisor.engine.pio import preadv_full, pwritev_full
 from storvisor.engine.sharedmap import Gate, SharedMap
-from storvisor.errors import IOFailure
+from storvisor.errors import IOFailure, NoSpace
 
 Entry = tuple[int, int, int]
 """A view entry: backing fd (-1 for an explicit zero), byte offset, owning layer id."""
@@ -81,6 +81,9 @@ class VolumePool(Protocol):
 
     def drop_state(self, state: VolumeState) -> None:
         """A handle on ``state`` was closed."""
+
+    def backing_failed(self, op: str, error: IOFailure) -> None:
+        """A ``read`` or ``write`` of a backing device failed with ``error``."""
 
 
 class DataPlane(Protocol):
@@ -417,6 +420,9 @@ class Volume:
                     preadv_full(entry[0], [buf], entry[1] + within)
                 return
             self._read_span(offset, buf)
+        except IOFailure as e:
+            s.pool.backing_failed("read", e)
+            raise
         finally:
             gate.leave()
 
@@ -452,7 +458,9 @@ class Volume:
     def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         """Write ``data`` at ``offset``, allocating clusters as needed; with ``fua`` the pool
         is flushed before returning. Raises ``IOFailure`` (ENOSPC out of range, EPERM on a
-        snapshot, ``NoSpace`` when the pool is full, EBADF when closed)."""
+        snapshot, ``NoSpace`` when the pool is full, EBADF when closed, the errno of a failed
+        ``pwritev``: the range is then partly written, and no cluster allocated for it is
+        mapped)."""
         s = self._state
         view_ = data if type(data) is memoryview else memoryview(data)
         if view_.ndim != 1 or view_.itemsize != 1:
@@ -462,21 +470,27 @@ class Volume:
             self._refuse(offset, n, writing=True)
         cs = s.cluster_size
         within = offset & (cs - 1)
-        if within + n <= cs:  # one cluster: the common case
-            gate = s.gate
-            gate.enter()
-            try:
-                entry = s.view.get(offset >> s.shift)
-                owned = entry is not None and entry[2] == s.top and entry[0] >= 0
-                if owned:
-                    assert entry is not None
-                    pwritev_full(entry[0], [view_], entry[1] + within)
-            finally:
-                gate.leave()
-            if not owned:
-                s.allocating_write(offset >> s.shift, within, view_)
-        else:
-            self._write_span(offset, view_)
+        try:
+            if within + n <= cs:  # one cluster: the common case
+                gate = s.gate
+                gate.enter()
+                try:
+                    entry = s.view.get(offset >> s.shift)
+                    owned = entry is not None and entry[2] == s.top and entry[0] >= 0
+                    if owned:
+                        assert entry is not None
+                        pwritev_full(entry[0], [view_], entry[1] + within)
+                finally:
+                    gate.leave()
+                if not owned:
+                    s.allocating_write(offset >> s.shift, within, view_)
+            else:
+                self._write_span(offset, view_)
+        except NoSpace:
+            raise
+        except IOFailure as e:
+            s.pool.backing_failed("write", e)
+            raise
         if fua:
             s.pool.flush()
 
