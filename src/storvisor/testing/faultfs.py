@@ -253,7 +253,10 @@ class FaultFS:
     # -- file content
 
     def open(self, path: str, flags: int) -> int:
-        if path != CONTROL:
+        if path == CONTROL:
+            if flags & os.O_TRUNC:  # libfuse passes O_TRUNC here (atomic_o_trunc)
+                self.truncate(path, 0)
+        else:
             self._fd(path)
         return 0
 
