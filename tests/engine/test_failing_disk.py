@@ -168,7 +168,7 @@ def test_a_failed_write_fails_that_request_and_maps_nothing(
         assert e.value.errno == ERRNOS[action]
         model.failed(CS, over)
         assert rig.mount.hits()["write"] >= 2
-        _degraded(rig.f, f"a write of a backing device failed: write of ")
+        _degraded(rig.f, "a write of a backing device failed: write of ")
         assert rig.f.io_errors.write == 2
         records = [r for r in caplog.records if "a write of a backing device failed" in r.message]
         assert len(records) == 1, "logged once, not per request"
