@@ -564,6 +564,11 @@ class Volume:
         ``KeyError``."""
         return self._state.pool.backing_fd(index)
 
+    def backing_failed(self, op: str, error: IOFailure) -> None:
+        """A plane's direct ``read`` or ``write`` of a backing device failed with ``error``:
+        the pool counts it and degrades as for a failure of this handle's own requests."""
+        self._state.pool.backing_failed(op, error)
+
     # ------------------------------------------------------------------------ zeroing
 
     def discard(self, offset: int, length: int) -> None:
