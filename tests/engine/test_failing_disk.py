@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from powercuts import require_fuse
+from prereq import require_module
 from storvisor.engine.home import Home
 from storvisor.engine.pool import Pool
 from storvisor.engine.types import BackingSpec, PoolState
@@ -311,7 +312,7 @@ def short_dir() -> Iterator[Path]:
 
 
 def test_nbd_clients_get_the_errno_and_the_other_pool_serves(rig: Rig, short_dir: Path) -> None:
-    nbd = pytest.importorskip("nbd")
+    nbd = require_module("nbd", "python3-libnbd is not installed")
     from storvisor.exports.nbd import NBDExport, NBDServer, nbd_uri
 
     rig.f.set_io_timeout(0.5)
