@@ -443,3 +443,51 @@ def test_a_stall_does_not_hold_up_the_other_pool(rig: Rig) -> None:
         assert got == [data[:4096]]
     finally:
         vol.close()
+
+
+def test_a_data_plane_reports_its_failed_direct_io_to_the_pool(rig: Rig) -> None:
+    """Reads and in-place writes a data plane does itself fail there with the errno, and
+    reach the owner's pool as failures: counted, and the pool degraded."""
+    import os
+    import socket
+
+    from storvisor.exports.dataplane import PlaneHost, RemoteVolume
+
+    volume = rig.f.open_volume("v")
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    host = PlaneHost(volume, a)
+    host.start()
+    remote = RemoteVolume(b, os.dup(host.map.fd), rig.f.backing_fds(), CS)
+    model = Model()
+    try:
+        data = _payload(1, 2 * CS)
+        remote.write(0, data)  # allocating: the owner writes
+        model.wrote(0, data)
+        remote.flush()
+        assert rig.f.io_errors == type(rig.f.io_errors)()
+        rig.mount.set(Fault("write", "enospc", DATA), Fault("read", "eio", DATA))
+        over = _payload(2, 4096)
+        with pytest.raises(IOFailure) as e:
+            remote.write(4096, over)  # in place: the plane writes
+        assert e.value.errno == errno.ENOSPC
+        model.failed(4096, over)
+        with pytest.raises(IOFailure) as e:
+            remote.read_into(0, memoryview(bytearray(4096)))  # one cluster
+        assert e.value.errno == errno.EIO
+        with pytest.raises(IOFailure) as e:
+            remote.vectors.read_into(0, [memoryview(bytearray(CS + 4096))])  # a span
+        assert e.value.errno == errno.EIO
+        deadline = time.monotonic() + 5  # the reports are one-way frames
+        while (rig.f.io_errors.read, rig.f.io_errors.write) != (2, 1):
+            assert time.monotonic() < deadline, rig.f.io_errors
+            time.sleep(0.01)
+        _degraded(rig.f, "a write of a backing device failed: write of 4096 bytes")
+        rig.mount.clear()
+        remote.write(4096, over)
+        model.wrote(4096, over)
+        remote.flush()
+    finally:
+        remote.close()
+        host.close()
+        volume.close()
+    rig.settle(model)
