@@ -22,6 +22,13 @@ lines written, one rule a line::
   END: up to any offset). A read or write that overlaps the range is affected; a sync is
   affected by any rule for ``sync`` whatever its range.
 
+A sync that a rule fails loses data, as Linux does: the kernel drops the dirty pages it
+could not write back and marks them clean, so the device keeps its old content and the next
+``fsync`` succeeds ("fsyncgate"). The file system remembers, per file, the content every
+page written since the file's last successful sync had at that sync; a failed sync writes
+those pages back to the backing file, so reads see the old data from then on, and forgets
+them. A stalled sync that then completes loses nothing.
+
 Writing nothing (truncating the file) clears every rule and releases every stalled
 operation. Reading ``/.faults`` returns a JSON object: ``rules`` (as written) and ``hits``,
 the number of operations each ``OP`` had faulted (failed or stalled) since the mount.
@@ -52,6 +59,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+PAGE = 4096
+"""Granularity at which a failed sync loses unsynced writes."""
 CONTROL = "/.faults"
 """The control file, at the root of the mount."""
 
@@ -124,6 +133,9 @@ class FaultFS:
         self._control = b""
         self._fds: dict[str, int] = {}
         self._fd_lock = threading.Lock()
+        self._unsynced: dict[str, dict[int, bytes]] = {}
+        """Path -> page index -> that page's content at the file's last successful sync."""
+        self._unsynced_lock = threading.Lock()
 
     # -- faults
 
@@ -138,14 +150,17 @@ class FaultFS:
             self._generation += 1
             self._cond.notify_all()
 
-    def _fault(self, op: str, offset: int = 0, length: int = 0) -> None:
-        """Apply the first rule covering the operation: raise its errno, or stall."""
+    def _fault(self, op: str, offset: int = 0, length: int = 0, path: str | None = None) -> None:
+        """Apply the first rule covering the operation: raise its errno (a sync of ``path``
+        loses its unsynced pages first), or stall."""
         with self._cond:
             rule = next((r for r in self._rules if r.covers(op, offset, length)), None)
             if rule is None:
                 return
             self._hits[op] += 1
             if rule.action != "stall":
+                if op == "sync" and path is not None:
+                    self._lose_unsynced(path)
                 raise OSError(ACTIONS[rule.action], os.strerror(ACTIONS[rule.action]))
             generation = self._generation
             deadline = time.monotonic() + rule.seconds
@@ -154,6 +169,24 @@ class FaultFS:
                 if left <= 0:
                     break
                 self._cond.wait(left)
+
+    def _remember(self, path: str, fd: int, offset: int, length: int) -> None:
+        """Keep the synced content of the pages a write of ``[offset, offset + length)`` is
+        about to change."""
+        with self._unsynced_lock:
+            pages = self._unsynced.setdefault(path, {})
+            for index in range(offset // PAGE, (offset + length + PAGE - 1) // PAGE):
+                if index not in pages:
+                    pages[index] = os.pread(fd, PAGE, index * PAGE)
+
+    def _lose_unsynced(self, path: str) -> None:
+        """A failed sync: the pages written since the last sync go back to their content
+        then."""
+        fd = self._fd(path)
+        with self._unsynced_lock:
+            pages = self._unsynced.pop(path, {})
+            for index, content in pages.items():
+                os.pwrite(fd, content, index * PAGE)
 
     def _report(self) -> bytes:
         with self._cond:
@@ -238,6 +271,8 @@ class FaultFS:
     def unlink(self, path: str) -> int:
         os.unlink(self._real(path))
         self._forget(path)
+        with self._unsynced_lock:
+            self._unsynced.pop(path, None)
         return 0
 
     def rename(self, old: str, new: str) -> int:
@@ -272,7 +307,10 @@ class FaultFS:
             self.set_rules(self._control.decode(errors="replace"))
             return len(data)
         self._fault("write", offset, len(data))
-        return os.pwrite(self._fd(path), data, offset)
+        assert path is not None
+        fd = self._fd(path)
+        self._remember(path, fd, offset, len(data))
+        return os.pwrite(fd, data, offset)
 
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
         if path == CONTROL:
@@ -285,7 +323,10 @@ class FaultFS:
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
         if path == CONTROL:
             return 0
-        self._fault("sync")
+        assert path is not None
+        self._fault("sync", path=path)
+        with self._unsynced_lock:
+            self._unsynced.pop(path, None)
         os.fdatasync(self._fd(path))
         return 0
 
