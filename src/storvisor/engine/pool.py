@@ -48,6 +48,7 @@ stalled system call is left to finish in its own thread; ``recover`` refuses whi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -362,11 +363,13 @@ class Pool:
             )
 
     def _sync_failed(self, error: IOFailure) -> None:
+        """Latch a failed sync (call with the commit lock held): see "Failing devices"."""
         with self._health:
             self._errors["sync"] += 1
             if error.errno == errno.ETIMEDOUT:
                 self._errors["timeout"] += 1
-            if self._sync_failure is None:
+            latching = self._sync_failure is None
+            if latching:
                 self._sync_failure = error
                 self._degraded = (
                     f"a sync of a backing device failed ({error}); flushes fail until "
@@ -374,6 +377,8 @@ class Pool:
                 )
             first = "sync" not in self._logged
             self._logged.add("sync")
+        if latching:
+            self._consume_journal()
         if first:
             log.error(
                 "pool %s: a sync of a backing device failed: %s; written data may be lost, "
@@ -408,12 +413,81 @@ class Pool:
                         self._degraded = f"still failing: {e}"
                 raise
             with self._health:
+                latched = self._sync_failure is not None
+            if latched:
+                self._drop_uncommitted()
+            with self._health:
                 was, self._degraded = self._degraded, ""
                 self._sync_failure = None
                 self._logged.clear()
         if was:
             log.warning("pool %s is online again (it was degraded: %s)", self.name, was)
         self.flush()
+
+    def _consume_journal(self) -> None:
+        """Mark every map change recorded so far as handled, without committing it: after a
+        failed sync, no restart may replay changes whose data may be lost. Call with the
+        commit lock held."""
+        with self._lock:
+            seq = self._seq
+        try:
+            self._catalog.apply(Batch(statements=[_journal_seq_statement(seq)]))
+        except StorvisorError as e:
+            log.error("pool %s: cannot mark the journal handled: %s", self.name, e)
+            return
+        with self._lock:
+            self._committed_seq = max(self._committed_seq, seq)
+
+    def _drop_uncommitted(self) -> None:
+        """Return the pool's metadata to its last commit, as a crash would: every map
+        change, allocation and management operation since is dropped (after a failed sync
+        the data they point at may be lost; they were never acknowledged durable, since
+        every flush failed). Open handles see the committed maps from now on. Call with the
+        commit lock held."""
+        self._consume_journal()
+        with self._lock:
+            states = list(self._states.values())
+        locked: list[VolumeState] = []
+        try:
+            for state in states:  # no allocation in flight...
+                state.quiesce()
+                locked.append(state)
+            with contextlib.ExitStack() as frozen:
+                for state in states:  # ...and no direct I/O, here or in a data plane
+                    frozen.enter_context(state.frozen())
+                with self._lock:
+                    self._batch, self._fresh = Batch(), []
+                    self._tree = LayerTree(self.name)
+                    self._volumes.clear()
+                    self._snapshots.clear()
+                    self._load()
+                    for key, state in list(self._states.items()):
+                        self._reset_state(key, state)
+        finally:
+            for state in locked:
+                state.lock.release()
+        log.warning(
+            "pool %s: the changes since its last commit were dropped (a sync had failed)",
+            self.name,
+        )
+
+    def _reset_state(self, key: tuple[int, int | None], state: VolumeState) -> None:
+        """Point an open volume's state at its committed top, size and view; a volume or
+        snapshot that was never committed is closed. Call with the pool lock held."""
+        vid, sid = key
+        vol = next((v for v in self._volumes.values() if v.id == vid), None)
+        snap = self._snapshots.get(sid) if sid is not None else None
+        if vol is None or (sid is not None and snap is None):
+            state.closed = True
+            del self._states[key]
+            return
+        top, size = (vol.top, vol.size) if snap is None else (snap.layer, snap.size)
+        state.top = top
+        if size > state.size:
+            state.set_size(size)
+        view, homes = self._build_view(top, homes=not state.read_only)
+        state.homes = homes
+        state.rebuild(view)
 
     def _within_timeout(self, work: Callable[[], None]) -> None:
         """Run ``work`` (syncs of backing devices) in a thread and wait for it up to

@@ -265,6 +265,11 @@ class VolumeState:
         self.homes[group] = phys - pos
         return phys
 
+    def quiesce(self) -> None:
+        """Return with ``self.lock`` held and no allocation in flight (the caller releases
+        the lock)."""
+        self._quiesce()
+
     def _quiesce(self, first: int = 0, last: int | None = None) -> None:
         """Return with ``self.lock`` held and no allocation in flight in ``[first, last)``."""
         while True:
