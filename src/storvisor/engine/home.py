@@ -245,7 +245,8 @@ class Home:
 
     def reopen_pool(self, name: str) -> PoolInfo:
         """Open an offline pool again (its device is back), or bring a degraded pool back
-        online (``Pool.recover``: every device syncs again); an online pool is flushed.
+        online (``Pool.recover``: every device syncs again; after a failed sync the pool
+        returns to its last commit); an online pool is flushed.
         Raises ``NotFound``, ``PoolOffline`` with the reason it is still offline,
         ``IOFailure`` with the reason it is still degraded."""
         with self._lock:

@@ -41,9 +41,11 @@ A failed sync is worse: the kernel may already have dropped the dirty pages it c
 write back, and a later ``fdatasync`` reports success for the pages that remain ("fsyncgate").
 So the first failed or timed-out sync fails its flush and *latches*: the pool stays degraded,
 every later flush and FUA write fails with EIO, and no batch is committed, until
-``recover`` (``Home.reopen_pool``) syncs every device successfully again. A sync that does
-not complete within ``io_timeout`` seconds fails its flush with ETIMEDOUT the same way (the
-stalled system call is left to finish in its own thread; ``recover`` refuses while it runs).
+``recover`` (``Home.reopen_pool``) syncs every device successfully again and returns the
+pool to its last commit, as a crash would: a cluster allocated since may hold anything, so
+no mapping to it may survive. A sync that does not complete within ``io_timeout`` seconds
+fails its flush with ETIMEDOUT the same way (the stalled system call is left to finish in
+its own thread; ``recover`` refuses while it runs).
 """
 
 from __future__ import annotations
@@ -390,8 +392,9 @@ class Pool:
 
     def recover(self) -> None:
         """Bring a degraded pool back online: sync every backing device (within
-        ``io_timeout``), then clear the failure and commit what is pending. A pool that is
-        not degraded is only flushed.
+        ``io_timeout``); after a failed sync, return the metadata to the last commit (every
+        change since is dropped, see ``_drop_uncommitted``); clear the failure and flush.
+        A pool that is not degraded is only flushed.
 
         Raises ``IOFailure`` (the pool stays degraded, with the new reason): a sync still
         stalled from before (ETIMEDOUT), or the sync failing again."""
