@@ -412,7 +412,7 @@ class Pool:
                 self._within_timeout(lambda: _sync_all(backings))
             except IOFailure as e:
                 with self._health:
-                    if self._degraded:
+                    if self._degraded and self._sync_failure is None:
                         self._degraded = f"still failing: {e}"
                 raise
             with self._health:
