@@ -59,8 +59,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from queue import SimpleQueue
 
 from storvisor.engine.allocator import Allocator, group_clusters
 from storvisor.engine.backing import Backing, Header, phys_number, split_phys, sync_directory
@@ -177,7 +178,8 @@ class Pool:
         self._degraded = ""  # why the pool is degraded ("" when it is not)
         self._sync_failure: IOFailure | None = None  # latched by a failed sync (fsyncgate)
         self._logged: set[str] = set()  # kinds of failure logged since the last recover
-        self._stalled: list[threading.Thread] = []  # syncs still running past their timeout
+        self._stalled: list[_SyncJob] = []  # syncs still running past their timeout
+        self._syncs: SimpleQueue[_SyncJob | None] = SimpleQueue()
         self.io_timeout = float(catalog.meta().get("io_timeout", DEFAULT_IO_TIMEOUT))
         """Seconds a sync of the backing devices may take (``set_io_timeout``)."""
         try:
@@ -194,6 +196,10 @@ class Pool:
             target=self._commit_loop, name=f"storvisor-commit-{name}", daemon=True
         )
         self._committer.start()
+        self._syncer = threading.Thread(
+            target=self._sync_loop, name=f"storvisor-sync-{name}", daemon=True
+        )
+        self._syncer.start()
 
     # ----------------------------------------------------------------- opening and creating
 
@@ -402,7 +408,7 @@ class Pool:
             with self._lock:
                 self._check_open()
                 backings = list(self._backings.values())
-            if any(t.is_alive() for t in self._stalled):
+            if any(not job.done.is_set() for job in self._stalled):
                 raise IOFailure(
                     f"pool {self.name!r}: a sync of a backing device is still stalled",
                     errno.ETIMEDOUT,
@@ -493,30 +499,35 @@ class Pool:
         state.rebuild(view)
 
     def _within_timeout(self, work: Callable[[], None]) -> None:
-        """Run ``work`` (syncs of backing devices) in a thread and wait for it up to
-        ``io_timeout`` seconds. Raises what ``work`` raised, or ``IOFailure(ETIMEDOUT)``,
-        leaving the thread to finish on its own."""
-        done = threading.Event()
-        failed: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                work()
-            except BaseException as e:
-                failed.append(e)
-            finally:
-                done.set()
-
-        thread = threading.Thread(target=run, name=f"storvisor-sync-{self.name}", daemon=True)
-        thread.start()
-        if not done.wait(self.io_timeout):
-            self._stalled.append(thread)
+        """Run ``work`` (syncs of backing devices) in the pool's sync thread and wait for it
+        up to ``io_timeout`` seconds. Raises what ``work`` raised, or
+        ``IOFailure(ETIMEDOUT)``, leaving the work to finish on its own."""
+        job = _SyncJob(work)
+        self._syncs.put(job)
+        if not job.done.wait(self.io_timeout):
+            self._stalled.append(job)
             raise IOFailure(
                 f"a sync of the backing devices did not complete within {self.io_timeout:g} s",
                 errno.ETIMEDOUT,
             )
-        if failed:
-            raise failed[0]
+        if job.error is not None:
+            raise job.error
+
+    def _sync_loop(self) -> None:
+        # One thread per pool runs the syncs that flushes and commits wait for with a
+        # timeout: handing a job over costs tens of microseconds, starting a thread several
+        # times that. A job that stalls holds the thread; the pool is latched meanwhile, so
+        # no other job comes until it finishes.
+        while True:
+            job = self._syncs.get()
+            if job is None:
+                return
+            try:
+                job.work()
+            except BaseException as e:
+                job.error = e
+            finally:
+                job.done.set()
 
     def add_backing(self, spec: BackingSpec) -> PoolInfo:
         """Add a backing device online; it is usable at once and durable when this returns.
@@ -630,9 +641,10 @@ class Pool:
                 failure = self._sync_failure
             if failure is None:
                 self.flush()
-            else:  # the journal keeps the changes; the next open syncs and commits them
+            else:  # the next open replays the changes made after the failure (see _sync_failed)
                 log.warning("pool %s: closed without a commit: a sync failed", self.name)
         finally:
+            self._syncs.put(None)  # a stalled sync ends its thread when it returns
             with self._lock:
                 self._closed = True
                 for state in self._states.values():
@@ -1172,6 +1184,13 @@ class Pool:
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} {self.directory}>"
+
+
+@dataclass
+class _SyncJob:
+    work: Callable[[], None]
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
 
 
 def _sync_all(backings: Iterable[Backing]) -> None:
