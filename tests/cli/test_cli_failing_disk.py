@@ -20,6 +20,7 @@ from cli_harness import CLI, Daemon
 
 from powercuts import require_fuse
 from prereq import require_module
+from storvisor.engine.home import Home
 from storvisor.protocols.virtio.blk import Status
 from storvisor.testing.faultfs import Fault, FaultMount
 from storvisor.testing.vhost_frontend import VhostUserFrontend
@@ -163,5 +164,61 @@ def test_nbd_and_vhost_requests_fail_the_daemon_and_the_other_pool_do_not(
         assert err.count("pool f: a write of a backing device failed") == 1, err  # logged once
         assert err.count("pool f: a sync of a backing device failed") == 1, err
         assert "Traceback" not in err
+    finally:
+        daemon.kill()
+
+
+def test_a_stalled_sync_fails_the_flush_after_the_pools_timeout_and_the_api_answers(
+    cli: CLI, home: Path, tmp_path: Path, mount: FaultMount
+) -> None:
+    cli("pool", "create", "f", "--backing", f"{mount.mountpoint}/f.img:64M")
+    cli("pool", "create", "g", "--backing", f"{tmp_path}/g.img:64M")
+    for pool in ("f", "g"):
+        cli("volume", "create", f"{pool}/v", "--size", "4M")
+    with Home(home) as h:
+        h.pool("f").set_io_timeout(1.0)
+    daemon = Daemon(home).start()
+    try:
+        hf, hg = nbd.NBD(), nbd.NBD()
+        hf.connect_uri(cli("export", "nbd", "f/v").out.strip())
+        hg.connect_uri(cli("export", "nbd", "g/v").out.strip())
+        hf.pwrite(A, 0)
+        hf.flush()
+        mount.set(Fault("sync", "stall", seconds=60))
+        start = time.monotonic()
+        assert _nbd_errno(hf.flush) == "EIO"  # ETIMEDOUT: EIO on the wire
+        took = time.monotonic() - start
+        assert 1.0 <= took < 5, took
+        f = _pool(cli, "f")  # the API answers while the sync is stalled
+        assert f["state"] == "degraded"
+        assert "did not complete within 1 s" in str(f["reason"])
+        hg.pwrite(B, 0)  # the other pool serves and flushes
+        hg.flush()
+        assert "still stalled" in cli.fails("pool", "reopen", "f")
+        mount.clear()  # the stalled sync returns
+        deadline = time.monotonic() + 15
+        while cli("pool", "reopen", "f", rc=None).rc != 0:
+            assert time.monotonic() < deadline, "the released sync never completed"
+            time.sleep(0.1)
+        assert _pool(cli, "f")["state"] == "online"
+        # a write stall shorter than the timeout (a FUSE write holds the file's inode lock,
+        # so a background sync waits for it: a longer one would time the sync out)
+        mount.set(Fault("write", "stall", DATA, None, 0.6))
+        start = time.monotonic()
+        hf.pwrite(B, 2 * CS)  # allocating, and in place by a data plane: each write stalls,
+        hf.pwrite(A, 2 * CS)  # then completes when the device answers
+        assert time.monotonic() - start >= 1.1
+        hg.pwrite(A, 0)  # the other pool was never held up
+        mount.clear()
+        hf.flush()
+        assert hf.pread(3 * CS, 0) == A + bytes(CS) + A
+        assert hg.pread(CS, 0) == A
+        for h in (hf, hg):
+            h.shutdown()
+        for pool in ("f", "g"):
+            report = cli("fsck", pool, "--json").json()
+            assert not any(report[k] for k in ("leaked", "doubly_owned", "dangling", "errors"))  # type: ignore[index]
+        rc, err = daemon.stop()
+        assert rc == 0 and "Traceback" not in err, err
     finally:
         daemon.kill()
