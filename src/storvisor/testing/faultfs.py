@@ -34,6 +34,9 @@ operation. Reading ``/.faults`` returns a JSON object: ``rules`` (as written) an
 the number of operations each ``OP`` had faulted (failed or stalled) since the mount.
 
 The file system is multi-threaded, so that the control file answers while operations stall.
+The kernel still serialises some of them: FUSE holds a file's inode lock during a direct
+write and during an ``fsync``, so a stalled sync holds up the writes to that file, and a
+stalled write holds up its syncs (reads go on).
 
 The program::
 
