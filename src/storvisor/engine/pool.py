@@ -70,6 +70,7 @@ from storvisor.engine.fsck import Memory, check_pool
 from storvisor.engine.journal import RECORDS, UNMAPPED, Journal
 from storvisor.engine.layers import LayerTree
 from storvisor.engine.types import (
+    BackingOp,
     BackingSpec,
     FsckReport,
     IoErrorCounts,
@@ -174,10 +175,11 @@ class Pool:
         self._volumes: dict[str, _VolumeRec] = {}
         self._snapshots: dict[int, _SnapRec] = {}
         self._health = threading.Lock()  # guards the fields below
-        self._errors = dict.fromkeys(("read", "write", "sync", "timeout"), 0)
+        self._errors = dict.fromkeys(BackingOp, 0)
+        self._timeouts = 0
         self._degraded = ""  # why the pool is degraded ("" when it is not)
         self._sync_failure: IOFailure | None = None  # latched by a failed sync (fsyncgate)
-        self._logged: set[str] = set()  # kinds of failure logged since the last recover
+        self._logged: set[BackingOp] = set()  # kinds of failure logged since the last recover
         self._stalled: list[_SyncJob] = []  # syncs still running past their timeout
         self._syncs: SimpleQueue[_SyncJob | None] = SimpleQueue()
         self.io_timeout = float(catalog.meta().get("io_timeout", DEFAULT_IO_TIMEOUT))
@@ -336,7 +338,13 @@ class Pool:
     def io_errors(self) -> IoErrorCounts:
         """Backing I/O failures since the pool was opened (a counter for metrics)."""
         with self._health:
-            return IoErrorCounts(**self._errors)
+            errors = self._errors
+            return IoErrorCounts(
+                errors[BackingOp.READ],
+                errors[BackingOp.WRITE],
+                errors[BackingOp.SYNC],
+                self._timeouts,
+            )
 
     def set_io_timeout(self, seconds: float) -> None:
         """Set how long a sync of the backing devices may take before its flush fails with
@@ -350,13 +358,13 @@ class Pool:
             self._stmt("INSERT OR REPLACE INTO meta VALUES ('io_timeout', ?)", repr(float(seconds)))
         self.flush()
 
-    def backing_failed(self, op: str, error: IOFailure) -> None:
-        """Record that a ``read`` or ``write`` of a backing device failed with ``error`` (the
+    def backing_failed(self, op: BackingOp, error: IOFailure) -> None:
+        """Record that a read or write of a backing device failed with ``error`` (the
         request fails with it): counted, logged once per kind, the pool degraded."""
         with self._health:
             self._errors[op] += 1
             if error.errno == errno.ETIMEDOUT:
-                self._errors["timeout"] += 1
+                self._timeouts += 1
             if not self._degraded:
                 self._degraded = f"a {op} of a backing device failed: {error}"
             first = op not in self._logged
@@ -373,9 +381,9 @@ class Pool:
     def _sync_failed(self, error: IOFailure) -> None:
         """Latch a failed sync (call with the commit lock held): see "Failing devices"."""
         with self._health:
-            self._errors["sync"] += 1
+            self._errors[BackingOp.SYNC] += 1
             if error.errno == errno.ETIMEDOUT:
-                self._errors["timeout"] += 1
+                self._timeouts += 1
             latching = self._sync_failure is None
             if latching:
                 self._sync_failure = error
@@ -383,8 +391,8 @@ class Pool:
                     f"a sync of a backing device failed ({error}); flushes fail until "
                     "the pool is reopened"
                 )
-            first = "sync" not in self._logged
-            self._logged.add("sync")
+            first = BackingOp.SYNC not in self._logged
+            self._logged.add(BackingOp.SYNC)
         if latching:
             self._consume_journal()
         if first:

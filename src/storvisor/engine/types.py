@@ -60,6 +60,14 @@ class PoolState(enum.StrEnum):
     OFFLINE = "offline"
 
 
+class BackingOp(enum.StrEnum):
+    """What a backing device was asked to do when it failed."""
+
+    READ = "read"
+    WRITE = "write"
+    SYNC = "sync"
+
+
 @dataclass(frozen=True, slots=True)
 class IoErrorCounts:
     """Backing I/O failures of a pool since it was opened: requests whose read, write or

@@ -41,6 +41,7 @@ from storvisor.engine.catalog import ZERO
 from storvisor.engine.device import Buffer, Extent
 from storvisor.engine.pio import preadv_full, pwritev_full
 from storvisor.engine.sharedmap import Gate, SharedMap
+from storvisor.engine.types import BackingOp
 from storvisor.errors import IOFailure, NoSpace
 
 Entry = tuple[int, int, int]
@@ -82,8 +83,8 @@ class VolumePool(Protocol):
     def drop_state(self, state: VolumeState) -> None:
         """A handle on ``state`` was closed."""
 
-    def backing_failed(self, op: str, error: IOFailure) -> None:
-        """A ``read`` or ``write`` of a backing device failed with ``error``."""
+    def backing_failed(self, op: BackingOp, error: IOFailure) -> None:
+        """A read or write of a backing device failed with ``error``."""
 
 
 class DataPlane(Protocol):
@@ -426,7 +427,7 @@ class Volume:
                 return
             self._read_span(offset, buf)
         except IOFailure as e:
-            s.pool.backing_failed("read", e)
+            s.pool.backing_failed(BackingOp.READ, e)
             raise
         finally:
             gate.leave()
@@ -494,7 +495,7 @@ class Volume:
         except NoSpace:
             raise
         except IOFailure as e:
-            s.pool.backing_failed("write", e)
+            s.pool.backing_failed(BackingOp.WRITE, e)
             raise
         if fua:
             s.pool.flush()
@@ -569,8 +570,8 @@ class Volume:
         ``KeyError``."""
         return self._state.pool.backing_fd(index)
 
-    def backing_failed(self, op: str, error: IOFailure) -> None:
-        """A plane's direct ``read`` or ``write`` of a backing device failed with ``error``:
+    def backing_failed(self, op: BackingOp, error: IOFailure) -> None:
+        """A plane's direct read or write of a backing device failed with ``error``:
         the pool counts it and degrades as for a failure of this handle's own requests."""
         self._state.pool.backing_failed(op, error)
 

@@ -51,6 +51,7 @@ from queue import SimpleQueue
 from storvisor.engine.device import Buffer, Extent
 from storvisor.engine.pio import preadv_full, pwritev_full
 from storvisor.engine.sharedmap import Gate, MapReader, SharedMap
+from storvisor.engine.types import BackingOp
 from storvisor.engine.volume import Volume
 from storvisor.errors import IOFailure, LocalFailure, StorvisorError
 from storvisor.exports.link import Link
@@ -215,7 +216,7 @@ class PlaneHost:
                     self.ready.set()
                 elif op == Op.FAILED:
                     message = bytes(frame.payload).decode(errors="replace")
-                    kind = "write" if frame.a else "read"
+                    kind = BackingOp.WRITE if frame.a else BackingOp.READ
                     self.volume.backing_failed(kind, IOFailure(message, frame.b or errno.EIO))
                 elif op == Op.WRITE:
                     job = (op, frame.flags, frame.ident, frame.a, frame.b, frame.payload)
