@@ -260,6 +260,11 @@ def test_a_failed_sync_fails_every_flush_until_reopen(rig: Rig, action: str) -> 
             assert e.value.errno == errno.EIO
             assert "an earlier sync of a backing device failed" in str(e.value)
         model.wrote(0, data[:512])  # the same bytes: the FUA write itself landed
+        with pytest.raises(IOFailure):  # management operations fail with their flush...
+            rig.f.create_snapshot("v", "s")
+        with pytest.raises(IOFailure):
+            rig.f.extend_volume("v", 2 * VOL)
+        assert vol.size == 2 * VOL  # ...and are undone by the reopen
         _degraded(rig.f, "flushes fail until the pool is reopened")
         assert rig.f.io_errors.sync == 1
         before = rig.f.metadata_writes
@@ -267,6 +272,8 @@ def test_a_failed_sync_fails_every_flush_until_reopen(rig: Rig, action: str) -> 
         assert rig.f.metadata_writes == before
         _other_pool_serves(rig, 3)
         rig.settle(model)  # the open handle sees the committed maps
+        assert vol.size == VOL and rig.f.volume_info("v").size == VOL
+        assert rig.f.snapshots("v") == []
         vol.read_into(4 * CS, memoryview(buf))
         assert bytes(buf) == bytes(CS)
         assert rig.f.volume_info("v").allocated in (CS, 2 * CS)

@@ -500,7 +500,7 @@ class Pool:
             return
         top, size = (vol.top, vol.size) if snap is None else (snap.layer, snap.size)
         state.top = top
-        if size > state.size:
+        if size != state.size:  # an extend that never committed is undone
             state.set_size(size)
         view, homes = self._build_view(top, homes=not state.read_only)
         state.homes = homes
