@@ -3,8 +3,8 @@ requests generated from the published OpenAPI document, valid and invalid, get n
 answer that violates the document; the pool is fsck-clean afterwards.
 
 The operations that name host paths (``create_pool``, ``add_backing``, ``create_export``
-with its vhost-user socket, ``import_image`` and ``export_image``) are left out: generated paths would make the daemon create or
-overwrite files anywhere on this machine."""
+with its vhost-user socket, ``import_image`` and ``export_image``) are left out: generated
+paths would make the daemon create or overwrite files anywhere on this machine."""
 
 from __future__ import annotations
 

@@ -244,12 +244,17 @@ class Home:
             return pool
 
     def reopen_pool(self, name: str) -> PoolInfo:
-        """Open an offline pool again (its device is back); an online pool is left as it
-        is. Raises ``NotFound``, ``PoolOffline`` with the reason it is still offline."""
+        """Open an offline pool again (its device is back), or bring a degraded pool back
+        online (``Pool.recover``: every device syncs again; after a failed sync the pool
+        returns to its last commit); an online pool is flushed.
+        Raises ``NotFound``, ``PoolOffline`` with the reason it is still offline,
+        ``IOFailure`` with the reason it is still degraded."""
         with self._lock:
             self._check_open()
             self._offline.pop(name, None)
-            return self.pool(name).info()
+            pool = self.pool(name)
+            pool.recover()
+            return pool.info()
 
     def delete_pool(self, name: str, *, force: bool = False) -> None:
         """Delete a pool: its catalog, the headers on its devices, and the files created for

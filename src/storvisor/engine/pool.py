@@ -28,19 +28,40 @@ makes durable only the clusters allocated since the last commit (``Backing.sync_
 the data the new metadata points at, and leaves in-place overwrites to the next flush, as a
 disk with a volatile cache may. A cluster released by a batch is reused only after that batch
 committed.
+
+Failing devices
+---------------
+A backing device that fails a read or a write fails that request only, with the errno the
+device gave (``IOFailure``): an allocating write that failed gives its cluster back and
+publishes no mapping, so no metadata ever points at data that was not written. Every such
+failure is counted (``io_errors``), logged once per kind, and makes the pool *degraded*
+with the reason (``info().state``); the pool keeps serving.
+
+A failed sync is worse: the kernel may already have dropped the dirty pages it could not
+write back, and a later ``fdatasync`` reports success for the pages that remain ("fsyncgate").
+So the first failed or timed-out sync fails its flush and *latches*: the pool stays degraded,
+every later flush and FUA write fails with EIO, and no batch is committed, until
+``recover`` (``Home.reopen_pool``) syncs every device successfully again and returns the
+pool to its last commit, as a crash would: a cluster allocated since may hold anything, so
+no mapping to it may survive. A sync that does not complete within ``io_timeout`` seconds
+fails its flush with ETIMEDOUT the same way (the stalled system call is left to finish in
+its own thread; ``recover`` refuses while it runs).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from queue import SimpleQueue
 
 from storvisor.engine.allocator import Allocator, group_clusters
 from storvisor.engine.backing import Backing, Header, phys_number, split_phys, sync_directory
@@ -50,9 +71,12 @@ from storvisor.engine.iostats import LatencyHistogram
 from storvisor.engine.journal import RECORDS, UNMAPPED, Journal
 from storvisor.engine.layers import LayerTree
 from storvisor.engine.types import (
+    BackingOp,
     BackingSpec,
     FsckReport,
+    IoErrorCounts,
     PoolInfo,
+    PoolState,
     PoolStats,
     SnapshotInfo,
     VolumeInfo,
@@ -76,6 +100,8 @@ MAX_CLUSTER = 2 << 20
 DEFAULT_CLUSTER = 64 << 10
 COMMIT_INTERVAL = 0.5
 """Seconds between background commits (the contract is at most one second)."""
+DEFAULT_IO_TIMEOUT = 30.0
+"""Seconds a sync of the backing devices may take before its flush fails (ETIMEDOUT)."""
 
 
 def check_name(name: str, what: str) -> None:
@@ -151,6 +177,16 @@ class Pool:
         self._tree = LayerTree(name)
         self._volumes: dict[str, _VolumeRec] = {}
         self._snapshots: dict[int, _SnapRec] = {}
+        self._health = threading.Lock()  # guards the fields below
+        self._errors = dict.fromkeys(BackingOp, 0)
+        self._timeouts = 0
+        self._degraded = ""  # why the pool is degraded ("" when it is not)
+        self._sync_failure: IOFailure | None = None  # latched by a failed sync (fsyncgate)
+        self._logged: set[BackingOp] = set()  # kinds of failure logged since the last recover
+        self._stalled: list[_SyncJob] = []  # syncs still running past their timeout
+        self._syncs: SimpleQueue[_SyncJob | None] = SimpleQueue()
+        self.io_timeout = float(catalog.meta().get("io_timeout", DEFAULT_IO_TIMEOUT))
+        """Seconds a sync of the backing devices may take (``set_io_timeout``)."""
         try:
             self._journal = Journal(directory / "journal")
         except OSError as e:
@@ -165,6 +201,10 @@ class Pool:
             target=self._commit_loop, name=f"storvisor-commit-{name}", daemon=True
         )
         self._committer.start()
+        self._syncer = threading.Thread(
+            target=self._sync_loop, name=f"storvisor-sync-{name}", daemon=True
+        )
+        self._syncer.start()
 
     # ----------------------------------------------------------------- opening and creating
 
@@ -292,7 +332,213 @@ class Pool:
             provisioned = sum(v.size for v in self._volumes.values())
             stats = PoolStats(capacity, allocated, provisioned, capacity - allocated)
             backings = tuple(self._backings[i].info() for i in sorted(self._backings))
-            return PoolInfo(self.name, cs, backings, stats)
+        with self._health:
+            reason = self._degraded
+        state = PoolState.DEGRADED if reason else PoolState.ONLINE
+        return PoolInfo(self.name, cs, backings, stats, state, reason)
+
+    @property
+    def io_errors(self) -> IoErrorCounts:
+        """Backing I/O failures since the pool was opened (a counter for metrics)."""
+        with self._health:
+            errors = self._errors
+            return IoErrorCounts(
+                errors[BackingOp.READ],
+                errors[BackingOp.WRITE],
+                errors[BackingOp.SYNC],
+                self._timeouts,
+            )
+
+    def set_io_timeout(self, seconds: float) -> None:
+        """Set how long a sync of the backing devices may take before its flush fails with
+        ETIMEDOUT (and the pool degrades). Durable when this returns. Raises
+        ``InvalidArgument`` unless ``seconds`` is positive and finite."""
+        if not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
+            raise InvalidArgument(f"invalid I/O timeout {seconds!r}: a positive number is needed")
+        with self._lock:
+            self._check_open()
+            self.io_timeout = float(seconds)
+            self._stmt("INSERT OR REPLACE INTO meta VALUES ('io_timeout', ?)", repr(float(seconds)))
+        self.flush()
+
+    def backing_failed(self, op: BackingOp, error: IOFailure) -> None:
+        """Record that a read or write of a backing device failed with ``error`` (the
+        request fails with it): counted, logged once per kind, the pool degraded."""
+        with self._health:
+            self._errors[op] += 1
+            if error.errno == errno.ETIMEDOUT:
+                self._timeouts += 1
+            if not self._degraded:
+                self._degraded = f"a {op} of a backing device failed: {error}"
+            first = op not in self._logged
+            self._logged.add(op)
+        if first:
+            log.error(
+                "pool %s: a %s of a backing device failed: %s (the request fails; further "
+                "failures are counted, not logged, until the pool is reopened)",
+                self.name,
+                op,
+                error,
+            )
+
+    def _sync_failed(self, error: IOFailure) -> None:
+        """Latch a failed sync (call with the commit lock held): see "Failing devices"."""
+        with self._health:
+            self._errors[BackingOp.SYNC] += 1
+            if error.errno == errno.ETIMEDOUT:
+                self._timeouts += 1
+            latching = self._sync_failure is None
+            if latching:
+                self._sync_failure = error
+                self._degraded = (
+                    f"a sync of a backing device failed ({error}); flushes fail until "
+                    "the pool is reopened"
+                )
+            first = BackingOp.SYNC not in self._logged
+            self._logged.add(BackingOp.SYNC)
+        if latching:
+            self._consume_journal()
+        if first:
+            log.error(
+                "pool %s: a sync of a backing device failed: %s; written data may be lost, "
+                "so every flush fails until 'storvisor pool reopen %s'",
+                self.name,
+                error,
+                self.name,
+            )
+
+    def recover(self) -> None:
+        """Bring a degraded pool back online: sync every backing device (within
+        ``io_timeout``); after a failed sync, return the metadata to the last commit (every
+        change since is dropped, see ``_drop_uncommitted``); clear the failure and flush.
+        A pool that is not degraded is only flushed.
+
+        Raises ``IOFailure`` (the pool stays degraded, with the new reason): a sync still
+        stalled from before (ETIMEDOUT), or the sync failing again."""
+        with self._commit_lock:
+            with self._lock:
+                self._check_open()
+                backings = list(self._backings.values())
+            if any(not job.done.is_set() for job in self._stalled):
+                raise IOFailure(
+                    f"pool {self.name!r}: a sync of a backing device is still stalled",
+                    errno.ETIMEDOUT,
+                )
+            self._stalled.clear()
+            try:
+                self._within_timeout(lambda: _sync_all(backings))
+            except IOFailure as e:
+                with self._health:
+                    if self._degraded and self._sync_failure is None:
+                        self._degraded = f"still failing: {e}"
+                raise
+            with self._health:
+                latched = self._sync_failure is not None
+            if latched:
+                self._drop_uncommitted()
+            with self._health:
+                was, self._degraded = self._degraded, ""
+                self._sync_failure = None
+                self._logged.clear()
+        if was:
+            log.warning("pool %s is online again (it was degraded: %s)", self.name, was)
+        self.flush()
+
+    def _consume_journal(self) -> None:
+        """Mark every map change recorded so far as handled, without committing it: after a
+        failed sync, no restart may replay changes whose data may be lost. Call with the
+        commit lock held."""
+        with self._lock:
+            seq = self._seq
+        try:
+            self._catalog.apply(Batch(statements=[_journal_seq_statement(seq)]))
+        except StorvisorError as e:
+            log.error("pool %s: cannot mark the journal handled: %s", self.name, e)
+            return
+        with self._lock:
+            self._committed_seq = max(self._committed_seq, seq)
+
+    def _drop_uncommitted(self) -> None:
+        """Return the pool's metadata to its last commit, as a crash would: every map
+        change, allocation and management operation since is dropped (after a failed sync
+        the data they point at may be lost; they were never acknowledged durable, since
+        every flush failed). Open handles see the committed maps from now on. Call with the
+        commit lock held."""
+        self._consume_journal()
+        with self._lock:
+            states = list(self._states.values())
+        locked: list[VolumeState] = []
+        try:
+            for state in states:  # no allocation in flight...
+                state.quiesce()
+                locked.append(state)
+            with contextlib.ExitStack() as frozen:
+                for state in states:  # ...and no direct I/O, here or in a data plane
+                    frozen.enter_context(state.frozen())
+                with self._lock:
+                    self._batch, self._fresh = Batch(), []
+                    self._tree = LayerTree(self.name)
+                    self._volumes.clear()
+                    self._snapshots.clear()
+                    self._load()
+                    for key, state in list(self._states.items()):
+                        self._reset_state(key, state)
+        finally:
+            for state in locked:
+                state.lock.release()
+        log.warning(
+            "pool %s: the changes since its last commit were dropped (a sync had failed)",
+            self.name,
+        )
+
+    def _reset_state(self, key: tuple[int, int | None], state: VolumeState) -> None:
+        """Point an open volume's state at its committed top, size and view; a volume or
+        snapshot that was never committed is closed. Call with the pool lock held."""
+        vid, sid = key
+        vol = next((v for v in self._volumes.values() if v.id == vid), None)
+        snap = self._snapshots.get(sid) if sid is not None else None
+        if vol is None or (sid is not None and snap is None):
+            state.closed = True
+            del self._states[key]
+            return
+        top, size = (vol.top, vol.size) if snap is None else (snap.layer, snap.size)
+        state.top = top
+        if size != state.size:  # an extend that never committed is undone
+            state.set_size(size)
+        view, homes = self._build_view(top, homes=not state.read_only)
+        state.homes = homes
+        state.rebuild(view)
+
+    def _within_timeout(self, work: Callable[[], None]) -> None:
+        """Run ``work`` (syncs of backing devices) in the pool's sync thread and wait for it
+        up to ``io_timeout`` seconds. Raises what ``work`` raised, or
+        ``IOFailure(ETIMEDOUT)``, leaving the work to finish on its own."""
+        job = _SyncJob(work)
+        self._syncs.put(job)
+        if not job.done.wait(self.io_timeout):
+            self._stalled.append(job)
+            raise IOFailure(
+                f"a sync of the backing devices did not complete within {self.io_timeout:g} s",
+                errno.ETIMEDOUT,
+            )
+        if job.error is not None:
+            raise job.error
+
+    def _sync_loop(self) -> None:
+        # One thread per pool runs the syncs that flushes and commits wait for with a
+        # timeout: handing a job over costs tens of microseconds, starting a thread several
+        # times that. A job that stalls holds the thread; the pool is latched meanwhile, so
+        # no other job comes until it finishes.
+        while True:
+            job = self._syncs.get()
+            if job is None:
+                return
+            try:
+                job.work()
+            except BaseException as e:
+                job.error = e
+            finally:
+                job.done.set()
 
     def add_backing(self, spec: BackingSpec) -> PoolInfo:
         """Add a backing device online; it is usable at once and durable when this returns.
@@ -336,7 +582,9 @@ class Pool:
         last flush: data planes write in place without telling the pool, and a management
         operation whose batch the background commit took must still sync what came before
         it. Raises ``IOFailure`` if either step fails; the batch then stays pending and is
-        retried by the next flush.
+        retried by the next flush. A failed or timed-out sync (ETIMEDOUT after
+        ``io_timeout``) degrades the pool, and every later flush fails with EIO until
+        ``recover`` (see "Failing devices" in the module docstring).
         """
         self._commit(full=True)
 
@@ -344,6 +592,14 @@ class Pool:
         """Commit the pending batch after making durable the data it points at: all written
         data (``full``, a flush) or only the clusters allocated since the last commit."""
         with self._commit_lock:
+            with self._health:
+                failure = self._sync_failure
+            if failure is not None:
+                raise IOFailure(
+                    f"pool {self.name!r}: an earlier sync of a backing device failed "
+                    f"({failure}); flushes fail until the pool is reopened",
+                    errno.EIO,
+                )
             with self._lock:
                 batch, self._batch = self._batch, Batch()
                 fresh, self._fresh = self._fresh, []
@@ -355,16 +611,14 @@ class Pool:
                 return
             started = time.perf_counter_ns()
             try:
-                if full:
-                    for backing in backings.values():
-                        backing.sync()
-                else:
-                    by_device: dict[int, list[int]] = {}
-                    for phys in fresh:
-                        index, local = split_phys(phys)
-                        by_device.setdefault(index, []).append(local)
-                    for index, clusters in by_device.items():
-                        backings[index].sync_clusters(clusters)
+                try:
+                    if full:
+                        self._within_timeout(lambda: _sync_all(backings.values()))
+                    else:
+                        self._within_timeout(lambda: _sync_fresh(backings, fresh))
+                except IOFailure as e:
+                    self._sync_failed(e)
+                    raise
                 if batch:
                     self._catalog.apply(batch)
             except BaseException:
@@ -396,8 +650,14 @@ class Pool:
         self._wake.set()  # the committer may be waiting out COMMIT_INTERVAL
         self._committer.join()
         try:
-            self.flush()
+            with self._health:
+                failure = self._sync_failure
+            if failure is None:
+                self.flush()
+            else:  # the next open replays the changes made after the failure (see _sync_failed)
+                log.warning("pool %s: closed without a commit: a sync failed", self.name)
         finally:
+            self._syncs.put(None)  # a stalled sync ends its thread when it returns
             with self._lock:
                 self._closed = True
                 for state in self._states.values():
@@ -445,7 +705,7 @@ class Pool:
         while not self._stop.is_set():
             self._wake.wait(COMMIT_INTERVAL)
             self._wake.clear()
-            if self._batch and not self._stop.is_set():
+            if self._batch and not self._stop.is_set() and self._sync_failure is None:
                 try:
                     self._commit(full=False)
                 except StorvisorError as e:
@@ -942,6 +1202,28 @@ class Pool:
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} {self.directory}>"
+
+
+@dataclass
+class _SyncJob:
+    work: Callable[[], None]
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+def _sync_all(backings: Iterable[Backing]) -> None:
+    for backing in backings:
+        backing.sync()
+
+
+def _sync_fresh(backings: dict[int, Backing], fresh: list[int]) -> None:
+    """Make the clusters ``fresh`` (physical numbers) durable (``Backing.sync_clusters``)."""
+    by_device: dict[int, list[int]] = {}
+    for phys in fresh:
+        index, local = split_phys(phys)
+        by_device.setdefault(index, []).append(local)
+    for index, clusters in by_device.items():
+        backings[index].sync_clusters(clusters)
 
 
 def _device_bytes_statement(backing: Backing) -> tuple[str, tuple[str, str]]:

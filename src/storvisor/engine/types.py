@@ -52,11 +52,32 @@ class PoolState(enum.StrEnum):
     """Whether a pool serves. ``OFFLINE``: it could not be opened (a backing device missing,
     unreadable, shorter than recorded, or carrying another identity); its volumes are not
     served and ``reason`` says why until ``Home.reopen_pool`` succeeds. ``DEGRADED``: it
-    serves, with a problem ``reason`` names."""
+    serves, with a problem ``reason`` names (a backing device failed or stalled a read, a
+    write or a sync; after a failed sync its flushes fail) until ``Home.reopen_pool``."""
 
     ONLINE = "online"
     DEGRADED = "degraded"
     OFFLINE = "offline"
+
+
+class BackingOp(enum.StrEnum):
+    """What a backing device was asked to do when it failed."""
+
+    READ = "read"
+    WRITE = "write"
+    SYNC = "sync"
+
+
+@dataclass(frozen=True, slots=True)
+class IoErrorCounts:
+    """Backing I/O failures of a pool since it was opened: requests whose read, write or
+    sync of a backing device failed, and operations that did not complete within the
+    pool's I/O timeout (counted also under their kind)."""
+
+    read: int = 0
+    write: int = 0
+    sync: int = 0
+    timeout: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,8 @@ from storvisor.engine.catalog import ZERO
 from storvisor.engine.device import Buffer, Extent
 from storvisor.engine.pio import preadv_full, pwritev_full
 from storvisor.engine.sharedmap import Gate, SharedMap
-from storvisor.errors import IOFailure
+from storvisor.engine.types import BackingOp
+from storvisor.errors import IOFailure, NoSpace
 
 Entry = tuple[int, int, int]
 """A view entry: backing fd (-1 for an explicit zero), byte offset, owning layer id."""
@@ -81,6 +82,9 @@ class VolumePool(Protocol):
 
     def drop_state(self, state: VolumeState) -> None:
         """A handle on ``state`` was closed."""
+
+    def backing_failed(self, op: BackingOp, error: IOFailure) -> None:
+        """A read or write of a backing device failed with ``error``."""
 
 
 class DataPlane(Protocol):
@@ -262,6 +266,11 @@ class VolumeState:
         self.homes[group] = phys - pos
         return phys
 
+    def quiesce(self) -> None:
+        """Return with ``self.lock`` held and no allocation in flight (the caller releases
+        the lock)."""
+        self._quiesce()
+
     def _quiesce(self, first: int = 0, last: int | None = None) -> None:
         """Return with ``self.lock`` held and no allocation in flight in ``[first, last)``."""
         while True:
@@ -431,6 +440,9 @@ class Volume:
                     preadv_full(entry[0], [buf], entry[1] + within)
                 return
             self._read_span(offset, buf)
+        except IOFailure as e:
+            s.pool.backing_failed(BackingOp.READ, e)
+            raise
         finally:
             gate.leave()
 
@@ -466,7 +478,9 @@ class Volume:
     def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         """Write ``data`` at ``offset``, allocating clusters as needed; with ``fua`` the pool
         is flushed before returning. Raises ``IOFailure`` (ENOSPC out of range, EPERM on a
-        snapshot, ``NoSpace`` when the pool is full, EBADF when closed)."""
+        snapshot, ``NoSpace`` when the pool is full, EBADF when closed, the errno of a failed
+        ``pwritev``: the range is then partly written, and no cluster allocated for it is
+        mapped)."""
         s = self._state
         view_ = data if type(data) is memoryview else memoryview(data)
         if view_.ndim != 1 or view_.itemsize != 1:
@@ -476,21 +490,27 @@ class Volume:
             self._refuse(offset, n, writing=True)
         cs = s.cluster_size
         within = offset & (cs - 1)
-        if within + n <= cs:  # one cluster: the common case
-            gate = s.gate
-            gate.enter()
-            try:
-                entry = s.view.get(offset >> s.shift)
-                owned = entry is not None and entry[2] == s.top and entry[0] >= 0
-                if owned:
-                    assert entry is not None
-                    pwritev_full(entry[0], [view_], entry[1] + within)
-            finally:
-                gate.leave()
-            if not owned:
-                s.allocating_write(offset >> s.shift, within, view_)
-        else:
-            self._write_span(offset, view_)
+        try:
+            if within + n <= cs:  # one cluster: the common case
+                gate = s.gate
+                gate.enter()
+                try:
+                    entry = s.view.get(offset >> s.shift)
+                    owned = entry is not None and entry[2] == s.top and entry[0] >= 0
+                    if owned:
+                        assert entry is not None
+                        pwritev_full(entry[0], [view_], entry[1] + within)
+                finally:
+                    gate.leave()
+                if not owned:
+                    s.allocating_write(offset >> s.shift, within, view_)
+            else:
+                self._write_span(offset, view_)
+        except NoSpace:
+            raise
+        except IOFailure as e:
+            s.pool.backing_failed(BackingOp.WRITE, e)
+            raise
         if fua:
             s.pool.flush()
 
@@ -563,6 +583,11 @@ class Volume:
         """The fd of backing device ``index`` (one added since ``backing_fds``). Raises
         ``KeyError``."""
         return self._state.pool.backing_fd(index)
+
+    def backing_failed(self, op: BackingOp, error: IOFailure) -> None:
+        """A plane's direct read or write of a backing device failed with ``error``:
+        the pool counts it and degrades as for a failure of this handle's own requests."""
+        self._state.pool.backing_failed(op, error)
 
     # ------------------------------------------------------------------------ zeroing
 

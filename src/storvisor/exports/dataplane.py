@@ -28,8 +28,10 @@ an operation (``Op``), flags (``Flag``), an id, two integers ``a`` and ``b`` and
 Requests carry an id the reply repeats; ``WRITE`` carries its data as payload (``b`` is its
 length); a reply's ``a`` is 0 or an errno, its payload the result (block status extents) or
 the error message. A backing fd the data plane lacks (a device added online) comes with the
-reply to ``GETFD``. A broken channel ends the data plane (its process exits); the owner treats a
-dead plane as frozen.
+reply to ``GETFD``. A direct read or write that a backing device fails is reported to the
+owner (``FAILED``, no reply), whose pool counts it and degrades as for its own requests.
+A broken channel ends the data plane (its process exits); the owner treats a dead plane as
+frozen.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from queue import SimpleQueue
 from storvisor.engine.device import Buffer, Extent
 from storvisor.engine.pio import preadv_full, pwritev_full
 from storvisor.engine.sharedmap import Gate, MapReader, SharedMap
+from storvisor.engine.types import BackingOp
 from storvisor.engine.volume import Volume
 from storvisor.errors import IOFailure, LocalFailure, StorvisorError
 from storvisor.exports.link import Link
@@ -71,6 +74,8 @@ class Op:
     THAW = 8  # owner -> plane
     RESIZED = 9  # owner -> plane: the map's size changed
     READY = 10  # plane -> owner, unsolicited: the plane serves
+    FAILED = 11  # plane -> owner, unsolicited: a direct read (a = 0) or write (a = 1) of a
+    # backing device failed with errno b; payload = the message. The owner counts it.
 
 
 class Flag:
@@ -209,6 +214,10 @@ class PlaneHost:
                         event.set()
                 elif op == Op.READY:
                     self.ready.set()
+                elif op == Op.FAILED:
+                    message = bytes(frame.payload).decode(errors="replace")
+                    kind = BackingOp.WRITE if frame.a else BackingOp.READ
+                    self.volume.backing_failed(kind, IOFailure(message, frame.b or errno.EIO))
                 elif op == Op.WRITE:
                     job = (op, frame.flags, frame.ident, frame.a, frame.b, frame.payload)
                     self._jobs.put(job)
@@ -386,7 +395,11 @@ class RemoteVolume:
             fd = self._fds.get(place[0])
             if fd is None:
                 return False
-            preadv_full(fd, [buf], place[1] + within)
+            try:
+                preadv_full(fd, [buf], place[1] + within)
+            except IOFailure as e:
+                self._report(0, e)
+                raise
             return True
         finally:
             gate.leave()
@@ -411,10 +424,20 @@ class RemoteVolume:
             fd = self._fds.get(place[0])
             if fd is None:
                 return False
-            pwritev_full(fd, [view], place[1] + within)
+            try:
+                pwritev_full(fd, [view], place[1] + within)
+            except IOFailure as e:
+                self._report(1, e)
+                raise
             return True
         finally:
             gate.leave()
+
+    def _report(self, writing: int, error: IOFailure) -> None:
+        """Tell the owner that a direct read (0) or write (1) failed (see ``Op.FAILED``)."""
+        message = str(error).encode()[:4000]
+        with contextlib.suppress(OSError):
+            self._link.send(Op.FAILED, 0, writing, error.errno, message)
 
     def flush(self) -> None:
         self._check(0, 0, writing=False)
@@ -673,6 +696,9 @@ class _RemoteVectors:
                 else:
                     preadv_full(fd, part, where)
                 pos += n
+        except IOFailure as e:
+            v._report(0, e)
+            raise
         finally:
             gate.leave()
 
@@ -696,6 +722,9 @@ class _RemoteVectors:
                 else:
                     remote.append((pos, n))
                 pos += n
+        except IOFailure as e:
+            v._report(1, e)
+            raise
         finally:
             gate.leave()
         for pos, n in remote:  # outside the gate: the owner may freeze it meanwhile
