@@ -23,6 +23,7 @@ from storvisor.api.server import APIServer
 from storvisor.api.service import API_SOCKET, Service
 from storvisor.engine.home import Home, HomeUser
 from storvisor.errors import Conflict, InvalidArgument
+from storvisor.exports.tls import server_context
 from storvisor.units import format_size
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ def serve(
     *,
     demo: bool = False,
     nbd_tcp: TcpAddress | None = None,
+    nbd_tls: tuple[str, str] | None = None,
     say: Callable[[str], None] = print,
     cli: str = "storvisor",
     lock_wait: float = LOCK_WAIT,
@@ -45,19 +47,26 @@ def serve(
     """Run the daemon until SIGTERM/SIGINT.
 
     ``say`` receives the start-up banner (how to connect); ``cli`` is how the banner spells
-    the command-line tool. A command holding the HOME lock (one run while no daemon
+    the command-line tool. ``nbd_tls`` (a PEM certificate file and its key file) makes TLS
+    required on ``nbd_tcp``. A command holding the HOME lock (one run while no daemon
     answered) is waited for, up to ``lock_wait`` seconds. Raises ``HomeInUse`` (a
     ``Conflict``) if another daemon holds HOME or the command did not finish in time,
-    ``Conflict`` if a listening address is taken; whatever happens, everything opened is
-    closed before returning."""
+    ``Conflict`` if a listening address is taken, ``InvalidArgument`` if the certificate or
+    key cannot be used, or TLS is asked without ``nbd_tcp``; whatever happens, everything
+    opened is closed before returning."""
     for name in (API_SOCKET, NBD_SOCKET):
         sock = Path(home_path).absolute() / name
         if len(os.fsencode(sock)) > _SUN_PATH_MAX:
             raise InvalidArgument(
                 f"HOME is too deep for a Unix socket path ({_SUN_PATH_MAX} bytes at most): {sock}"
             )
+    tls = None
+    if nbd_tls is not None:
+        if nbd_tcp is None:
+            raise InvalidArgument("TLS for NBD needs a TCP listener (the Unix socket stays plain)")
+        tls = server_context(*nbd_tls)
     home = Home(home_path, user=HomeUser.DAEMON, wait=lock_wait)
-    runtime = ExportRuntime(home.path, nbd_tcp)
+    runtime = ExportRuntime(home.path, nbd_tcp, nbd_tls=tls)
     service = Service(home, runtime)
     api: APIServer | None = None
     stop = threading.Event()
@@ -77,7 +86,7 @@ def serve(
             raise Conflict(f"cannot listen on {home.path / API_SOCKET}: {e.strerror or e}") from e
         api.start()
         log.info("serving %s (pid %d)", home.path, os.getpid())
-        say(_banner(service, demo_export, cli))
+        say(_banner(service, demo_export, cli, tls=tls is not None))
         while not stop.wait(1.0):
             pass
     finally:
@@ -90,12 +99,14 @@ def serve(
             log.info("stopped")
 
 
-def _banner(service: Service, demo: ExportInfo | None, cli: str) -> str:
+def _banner(service: Service, demo: ExportInfo | None, cli: str, *, tls: bool) -> str:
     status = service.status()
     lines = [
         f"storvisor is serving {status.home} (pid {status.pid})",
         f"  API: {status.api_socket}",
-        f"  NBD: {status.nbd_socket}" + (f" and tcp {status.nbd_tcp}" if status.nbd_tcp else ""),
+        f"  NBD: {status.nbd_socket}"
+        + (f" and tcp {status.nbd_tcp}" if status.nbd_tcp else "")
+        + (" (TLS required)" if tls else ""),
     ]
     if demo is not None:
         uri = demo.uris[0]

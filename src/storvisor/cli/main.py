@@ -540,6 +540,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=tcp_address,
         help="also serve NBD on TCP (HOST defaults to 127.0.0.1)",
     )
+    s.add_argument(
+        "--nbd-tls-cert",
+        metavar="FILE",
+        help="require TLS on NBD over TCP with this PEM certificate (chain); needs --nbd-tls-key",
+    )
+    s.add_argument(
+        "--nbd-tls-key", metavar="FILE", help="the unencrypted PEM key of --nbd-tls-cert"
+    )
     s.set_defaults(func=None, serve=True)
 
     pool = group("pool", "manage pools")
@@ -703,7 +711,19 @@ def _serve(args: argparse.Namespace, home: Path) -> int:
     prog = "storvisor" if shutil.which("storvisor") else shlex.quote(sys.argv[0])
     if home != default_home().expanduser().absolute():
         prog += f" --home {shlex.quote(str(home))}"
-    serve(home, demo=args.demo, nbd_tcp=args.nbd_tcp, say=_say, cli=prog, lock_wait=args.wait)
+    if (args.nbd_tls_cert is None) != (args.nbd_tls_key is None):
+        raise _usage("--nbd-tls-cert and --nbd-tls-key go together")
+    if args.nbd_tls_cert is not None and args.nbd_tcp is None:
+        raise _usage("--nbd-tls-cert needs --nbd-tcp (the Unix socket stays plain)")
+    serve(
+        home,
+        demo=args.demo,
+        nbd_tcp=args.nbd_tcp,
+        nbd_tls=(args.nbd_tls_cert, args.nbd_tls_key) if args.nbd_tls_cert else None,
+        say=_say,
+        cli=prog,
+        lock_wait=args.wait,
+    )
     return 0
 
 

@@ -344,8 +344,10 @@ def nbd_uri(
     unix_path: str | None = None,
     host: str | None = None,
     port: int | None = None,
+    tls: bool = False,
 ) -> str:
-    """The NBD URI of an export: ``nbd+unix:///NAME?socket=PATH`` or ``nbd://HOST:PORT/NAME``.
+    """The NBD URI of an export: ``nbd+unix:///NAME?socket=PATH`` or ``nbd://HOST:PORT/NAME``
+    (``nbds`` for TLS).
 
     Raises:
         InvalidArgument: neither or both of ``unix_path`` and ``host`` are given.
@@ -353,13 +355,14 @@ def nbd_uri(
     name = urllib.parse.quote(export_name, safe="")
     if (unix_path is None) == (host is None):
         raise InvalidArgument("give either a Unix socket path or a host for the NBD URI")
+    scheme = "nbds" if tls else "nbd"
     if unix_path is not None:
-        return f"nbd+unix:///{name}?socket={urllib.parse.quote(unix_path, safe='/')}"
+        return f"{scheme}+unix:///{name}?socket={urllib.parse.quote(unix_path, safe='/')}"
     assert host is not None
     netloc = f"[{host}]" if ":" in host else host
     if port is not None:
         netloc += f":{port}"
-    return f"nbd://{netloc}/{name}"
+    return f"{scheme}://{netloc}/{name}"
 
 
 class _Stream(Protocol):
