@@ -126,7 +126,8 @@ class TlsStream:
                 self._incoming.write(data)
 
     def recv_into(self, buffer: memoryview, /) -> int:
-        """Decrypt received data into ``buffer``; returns how many bytes, 0 at the end of the
+        """Decrypt received data into ``buffer``: everything already received that fits,
+        waiting only while there is nothing. Returns how many bytes, 0 at the end of the
         stream (the client closed, with or without a TLS close_notify).
 
         Raises:
@@ -134,22 +135,29 @@ class TlsStream:
             OSError: the socket failed.
         """
         size = len(buffer)
+        filled = 0
         while True:
+            end = False
             with self._lock:
                 try:
-                    # into a buffer, read returns the count (typeshed knows only bytes)
-                    got: int = self._tls.read(size, buffer)  # type: ignore[assignment]
+                    while filled < size:  # one TLS record per read
+                        # into a buffer, read returns the count (typeshed knows only bytes)
+                        got: int = self._tls.read(size - filled, buffer[filled:])  # type: ignore[assignment]
+                        if not got:
+                            end = True
+                            break
+                        filled += got
                 except ssl.SSLWantReadError:
-                    got = -1
+                    pass
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    got = 0
+                    end = True
                 except ssl.SSLError as e:
                     raise ProtocolError(f"TLS: {_reason(e)}") from e
                 unsent = self._outgoing.pending
             if unsent:
                 self._flush()
-            if got >= 0:
-                return got
+            if filled or end:
+                return filled
             data = self._sock.recv(_RECV_SIZE)
             if not data:
                 return 0
