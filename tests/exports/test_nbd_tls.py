@@ -307,8 +307,59 @@ def test_bad_certificates_are_one_clear_error(pki: Pki, tmp_path: Path) -> None:
         server_context(pki.server_cert, encrypted)
 
 
-def test_tls_older_than_1_2_is_refused() -> None:
+def test_tls_older_than_1_2_or_a_client_context_is_refused() -> None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
     with pytest.raises(InvalidArgument, match=r"TLS 1\.2"):
         NBDServer(tls=context)
+    with pytest.raises(InvalidArgument, match="server-side"):
+        NBDServer(tls=ssl.create_default_context())
+
+
+def test_a_client_hello_sent_with_starttls_is_not_lost(served: Served) -> None:
+    # A client that sends its ClientHello right behind NBD_OPT_STARTTLS, without waiting
+    # for the ACK: the bytes the server already read go to its TLS layer.
+    context = ssl.create_default_context(cafile=str(served.pki.ca_cert))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as s:
+        _recv_exactly(s, 18)
+        s.sendall(
+            struct.pack(">I", C.NBD_FLAG_C_FIXED_NEWSTYLE | C.NBD_FLAG_C_NO_ZEROES)
+            + struct.pack(">QII", C.IHAVEOPT, C.NBD_OPT_STARTTLS, 0)
+            + hello
+        )
+        ack = struct.pack(">QIII", C.NBD_REP_MAGIC, C.NBD_OPT_STARTTLS, C.NBD_REP_ACK, 0)
+        assert _recv_exactly(s, 20) == ack
+
+        def exchange(data: bytes = b"") -> None:
+            if data:
+                tls.write(data)
+            if outgoing.pending:
+                s.sendall(outgoing.read())
+
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                exchange()
+                chunk = s.recv(65536)
+                assert chunk, "the server closed the connection during the handshake"
+                incoming.write(chunk)
+        exchange(struct.pack(">QII", C.IHAVEOPT, C.NBD_OPT_LIST, 0))
+        reply = b""
+        while len(reply) < 20 + 8 + 20:  # REP_SERVER "disk", then the ACK
+            try:
+                reply += tls.read(4096)
+            except ssl.SSLWantReadError:
+                exchange()
+                chunk = s.recv(65536)
+                assert chunk, "the server closed the connection"
+                incoming.write(chunk)
+        server = struct.pack(">QIII", C.NBD_REP_MAGIC, C.NBD_OPT_LIST, C.NBD_REP_SERVER, 8)
+        done = struct.pack(">QIII", C.NBD_REP_MAGIC, C.NBD_OPT_LIST, C.NBD_REP_ACK, 0)
+        assert reply == server + b"\0\0\0\x04disk" + done

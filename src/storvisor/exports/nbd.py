@@ -127,7 +127,7 @@ class NBDServer:
     the module docstring); Unix sockets stay plain.
 
     Raises:
-        InvalidArgument: ``tls`` allows TLS versions older than 1.2.
+        InvalidArgument: ``tls`` is a client-side context or allows TLS older than 1.2.
     """
 
     def __init__(
@@ -136,6 +136,8 @@ class NBDServer:
         *,
         tls: ssl.SSLContext | None = None,
     ) -> None:
+        if tls is not None and tls.protocol is ssl.PROTOCOL_TLS_CLIENT:
+            raise InvalidArgument("NBD over TLS needs a server-side SSL context")
         if tls is not None and tls.minimum_version < ssl.TLSVersion.TLSv1_2:
             raise InvalidArgument("NBD over TLS needs TLS 1.2 or later (set minimum_version)")
         self._handoff = handoff

@@ -187,7 +187,8 @@ class TlsStream:
         self._sock.shutdown(how)
 
     def close(self) -> None:
-        """Send a TLS close_notify if possible, then close the socket."""
+        """Send a TLS close_notify if the socket takes it at once, then close the socket.
+        Call it when no other thread uses the stream any more."""
         if self._established:
             with contextlib.suppress(OSError), self._send_lock:
                 with self._lock:
@@ -195,7 +196,8 @@ class TlsStream:
                         self._tls.unwrap()
                     out = self._outgoing.read()
                 if out:
-                    self._sock.sendall(out)
+                    self._sock.setblocking(False)  # a client that does not read is left
+                    self._sock.send(out)
         self._sock.close()
 
     def _flush(self) -> None:
