@@ -17,6 +17,7 @@ from storvisor.protocols.nbd import (
     ExportListRequest,
     ExportRequest,
     ServerConnection,
+    StartTLS,
 )
 from storvisor.protocols.nbd import constants as C
 
@@ -85,8 +86,13 @@ GO_DISK = go_prologue("disk")
 
 
 def answer(conn: ServerConnection, event: Event) -> None:
-    """Answer the codec's questions as a server with the exports in ``EXPORTS`` would."""
-    if isinstance(event, ExportListRequest):
+    """Answer the codec's questions as a server with the exports in ``EXPORTS`` would. TLS is
+    the identity here: the bytes after NBD_OPT_STARTTLS are the "decrypted" stream."""
+    if isinstance(event, StartTLS):
+        conn.tls_started()
+        if event.received:
+            conn.receive_data(event.received)
+    elif isinstance(event, ExportListRequest):
         conn.send_export_list([(d.name, d.description) for d in EXPORTS.values()])
     elif isinstance(event, ExportRequest):
         details = EXPORTS.get(event.name or "disk")
@@ -126,11 +132,17 @@ def drive(
     return events, bytes(out)
 
 
-def whole_and_bytewise(data: bytes, *, eof: bool = False) -> tuple[list[Event], bytes]:
+def whole_and_bytewise(
+    data: bytes, *, eof: bool = False, require_tls: bool = False
+) -> tuple[list[Event], bytes]:
     """Drive two fresh connections, one with ``data`` whole and one byte by byte; assert they
     agree and return the result."""
-    whole = drive(ServerConnection(), [data], eof=eof)
-    bytewise = drive(ServerConnection(), [data[i : i + 1] for i in range(len(data))], eof=eof)
+    whole = drive(ServerConnection(require_tls=require_tls), [data], eof=eof)
+    bytewise = drive(
+        ServerConnection(require_tls=require_tls),
+        [data[i : i + 1] for i in range(len(data))],
+        eof=eof,
+    )
     assert whole == bytewise, "feeding byte by byte changed the outcome"
     return whole
 

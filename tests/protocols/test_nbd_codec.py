@@ -61,10 +61,10 @@ HANDSHAKE_CASES = [
     ),
     ("unknown option", option(99), [], rep(99, C.NBD_REP_ERR_UNSUP, b"option 99 is not supported")),
     (
-        "starttls",
+        "starttls without tls",
         option(C.NBD_OPT_STARTTLS),
         [],
-        rep(5, C.NBD_REP_ERR_UNSUP, b"option 5 is not supported"),
+        rep(5, C.NBD_REP_ERR_POLICY, b"TLS is not offered on this connection"),
     ),
     (
         "extended headers",

@@ -31,6 +31,7 @@ from storvisor.api.tls import (
 from storvisor.api.tokens import TokenStore
 from storvisor.engine.home import Home, HomeUser
 from storvisor.errors import Conflict, InvalidArgument
+from storvisor.exports.tls import server_context as nbd_server_context
 from storvisor.units import format_size
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def serve(
     *,
     demo: bool = False,
     nbd_tcp: TcpAddress | None = None,
+    nbd_tls: tuple[str, str] | None = None,
     say: Callable[[str], None] = print,
     cli: str = "storvisor",
     lock_wait: float = LOCK_WAIT,
@@ -55,11 +57,13 @@ def serve(
     """Run the daemon until SIGTERM/SIGINT.
 
     ``say`` receives the start-up banner (how to connect); ``cli`` is how the banner spells
-    the command-line tool. A command holding the HOME lock (one run while no daemon
+    the command-line tool. ``nbd_tls`` (a PEM certificate file and its key file) makes TLS
+    required on ``nbd_tcp``. A command holding the HOME lock (one run while no daemon
     answered) is waited for, up to ``lock_wait`` seconds. Raises ``HomeInUse`` (a
     ``Conflict``) if another daemon holds HOME or the command did not finish in time,
-    ``Conflict`` if a listening address is taken; whatever happens, everything opened is
-    closed before returning.
+    ``Conflict`` if a listening address is taken, ``InvalidArgument`` if an NBD certificate or
+    key cannot be used, or NBD TLS is asked without ``nbd_tcp``; whatever happens, everything
+    opened is closed before returning.
 
     With ``api_tcp`` the API also listens there, with TLS (``tls``, else the self-signed
     certificate of HOME, generated if needed: ``storvisor.api.tls``) and bearer tokens
@@ -71,8 +75,13 @@ def serve(
             raise InvalidArgument(
                 f"HOME is too deep for a Unix socket path ({_SUN_PATH_MAX} bytes at most): {sock}"
             )
+    nbd_context = None
+    if nbd_tls is not None:
+        if nbd_tcp is None:
+            raise InvalidArgument("TLS for NBD needs a TCP listener (the Unix socket stays plain)")
+        nbd_context = nbd_server_context(*nbd_tls)
     home = Home(home_path, user=HomeUser.DAEMON, wait=lock_wait)
-    runtime = ExportRuntime(home.path, nbd_tcp)
+    runtime = ExportRuntime(home.path, nbd_tcp, nbd_tls=nbd_context)
     service = Service(home, runtime)
     api: APIServer | None = None
     tcp: TcpAPIServer | None = None
@@ -99,7 +108,7 @@ def serve(
             tcp.start()
             remote = _remote_banner(tcp, cli)
         log.info("serving %s (pid %d)", home.path, os.getpid())
-        say(_banner(service, demo_export, cli, remote))
+        say(_banner(service, demo_export, cli, remote, tls=nbd_tls is not None))
         while not stop.wait(1.0):
             pass
     finally:
@@ -136,13 +145,17 @@ def _remote_banner(tcp: TcpAPIServer, cli: str) -> str:
     )
 
 
-def _banner(service: Service, demo: ExportInfo | None, cli: str, remote: str = "") -> str:
+def _banner(
+    service: Service, demo: ExportInfo | None, cli: str, remote: str = "", *, tls: bool
+) -> str:
     status = service.status()
     lines = [
         f"storvisor is serving {status.home} (pid {status.pid})",
         f"  API: {status.api_socket}",
         *([remote] if remote else []),
-        f"  NBD: {status.nbd_socket}" + (f" and tcp {status.nbd_tcp}" if status.nbd_tcp else ""),
+        f"  NBD: {status.nbd_socket}"
+        + (f" and tcp {status.nbd_tcp}" if status.nbd_tcp else "")
+        + (" (TLS required)" if tls else ""),
     ]
     if demo is not None:
         uri = demo.uris[0]

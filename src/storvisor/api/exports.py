@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,27 +162,34 @@ def parse_tcp_address(text: str) -> TcpAddress:
 
 
 def export_uris(
-    spec: ExportSpec, nbd_socket: Path, nbd_tcp: TcpAddress | None = None
+    spec: ExportSpec, nbd_socket: Path, nbd_tcp: TcpAddress | None = None, *, tls: bool = False
 ) -> tuple[str, ...]:
-    """How a client reaches ``spec``: NBD URIs (Unix socket first), or the vhost-user socket."""
+    """How a client reaches ``spec``: NBD URIs (Unix socket first; ``nbds://`` for TCP when
+    ``tls``), or the vhost-user socket."""
     if spec.kind is ExportKind.VHOST_USER_BLK:
         return (spec.socket or "",)
     uris = [nbd_uri(spec.name, unix_path=str(nbd_socket))]
     if nbd_tcp is not None:
-        uris.append(nbd_uri(spec.name, host=nbd_tcp.host, port=nbd_tcp.port))
+        uris.append(nbd_uri(spec.name, host=nbd_tcp.host, port=nbd_tcp.port, tls=tls))
     return tuple(uris)
 
 
 class ExportRuntime:
     """The live export servers of the daemon.
 
-    ``start`` binds ``HOME/nbd.sock`` (and TCP when ``nbd_tcp`` is given); ``activate`` and
+    ``start`` binds ``HOME/nbd.sock`` (and TCP when ``nbd_tcp`` is given, with TLS required
+    when ``nbd_tls`` is given: such connections stay in this process); ``activate`` and
     ``deactivate`` add and remove one export; ``close`` stops everything and closes every
     volume handle it holds. Not thread-safe: the service serialises calls.
     """
 
     def __init__(
-        self, home: Path, nbd_tcp: TcpAddress | None = None, *, data_planes: bool = True
+        self,
+        home: Path,
+        nbd_tcp: TcpAddress | None = None,
+        *,
+        data_planes: bool = True,
+        nbd_tls: ssl.SSLContext | None = None,
     ) -> None:
         self.nbd_socket = home / NBD_SOCKET
         self._nbd_tcp_request = nbd_tcp
@@ -191,7 +199,8 @@ class ExportRuntime:
             from storvisor.exports.nbd_worker import NbdDataPlanes
 
             self._planes = NbdDataPlanes()
-        self._nbd = NBDServer(handoff=self._planes.hand_over if self._planes else None)
+        self._nbd = NBDServer(handoff=self._planes.hand_over if self._planes else None, tls=nbd_tls)
+        self._nbd_tls = nbd_tls is not None
         self._nbd_names: set[str] = set()
         self._vhost: dict[str, tuple[VhostUserBlkServer | VhostDataPlane, BlockDevice]] = {}
         self._stats: dict[str, tuple[ExportSpec, StatsSet]] = {}
@@ -218,7 +227,7 @@ class ExportRuntime:
 
     def uris(self, spec: ExportSpec) -> tuple[str, ...]:
         """How a client reaches ``spec`` once it is active."""
-        return export_uris(spec, self.nbd_socket, self.nbd_tcp)
+        return export_uris(spec, self.nbd_socket, self.nbd_tcp, tls=self._nbd_tls)
 
     def activate(
         self, spec: ExportSpec, open_volume: Callable[[], BlockDevice], serial: str = ""

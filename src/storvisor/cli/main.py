@@ -637,6 +637,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="certificate (chain) of the TCP API (default: a self-signed one in HOME/tls)",
     )
     s.add_argument("--tls-key", metavar="PEM", type=Path, help="private key of --tls-cert")
+    s.add_argument(
+        "--nbd-tls-cert",
+        metavar="FILE",
+        help="require TLS on NBD over TCP with this PEM certificate (chain); needs --nbd-tls-key",
+    )
+    s.add_argument(
+        "--nbd-tls-key", metavar="FILE", help="the unencrypted PEM key of --nbd-tls-cert"
+    )
     s.set_defaults(func=None, serve=True)
 
     tok = group("token", "manage the bearer tokens of the API on TCP (in the local HOME)")
@@ -855,10 +863,15 @@ def _serve(args: argparse.Namespace, home: Path) -> int:
     tls = None
     if args.tls_cert is not None:
         tls = TlsFiles(args.tls_cert.expanduser().absolute(), args.tls_key.expanduser().absolute())
+    if (args.nbd_tls_cert is None) != (args.nbd_tls_key is None):
+        raise _usage("--nbd-tls-cert and --nbd-tls-key go together")
+    if args.nbd_tls_cert is not None and args.nbd_tcp is None:
+        raise _usage("--nbd-tls-cert needs --nbd-tcp (the Unix socket stays plain)")
     serve(
         home,
         demo=args.demo,
         nbd_tcp=args.nbd_tcp,
+        nbd_tls=(args.nbd_tls_cert, args.nbd_tls_key) if args.nbd_tls_cert else None,
         say=_say,
         cli=prog,
         lock_wait=args.wait,

@@ -24,6 +24,18 @@ the socket writes. A refused request is answered with the spec's error and the c
 carries on; a protocol violation closes that connection only (after the replies to the
 requests before it), and the server keeps serving the others.
 
+TLS: an ``NBDServer`` given an ``ssl.SSLContext`` requires TLS on its TCP listeners (the
+codec's FORCEDTLS mode: a client must send NBD_OPT_STARTTLS before anything else succeeds).
+After the ACK the connection's thread runs the TLS handshake and from then on reads and
+writes through a ``TlsStream`` (``exports/tls.py``), which lets the receiving and the
+sending thread share one TLS session. TLS has no ``sendmsg``: the sender joins small reply
+buffers and sends large ones one by one (``_send_tls``); plain connections keep
+``sendmsg``. Unix sockets stay plain (the daemon's is mode 0600 in its HOME). A TLS
+connection is never handed to a data-plane process (``handoff``): its TLS session lives in
+this process's OpenSSL and cannot move with the file descriptor, so TLS connections are
+served here, by the daemon. A client that fails the TLS handshake, or sends anything else
+than TLS after the ACK, loses its connection only.
+
 Multi-conn: every export is advertised with NBD_FLAG_CAN_MULTI_CONN. This is safe because the
 devices that ``NBDExport.open`` returns for one export must share one volume (an engine
 volume handle, or file descriptors of one file): a FLUSH on any connection makes the writes
@@ -35,14 +47,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import socket
+import ssl
 import stat
 import threading
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from storvisor.engine.device import BlockDevice, Buffer
 from storvisor.errors import (
@@ -53,6 +68,7 @@ from storvisor.errors import (
     ProtocolError,
     StateError,
 )
+from storvisor.exports.tls import TlsStream
 from storvisor.protocols.nbd import (
     NEED_DATA,
     Aborted,
@@ -63,6 +79,7 @@ from storvisor.protocols.nbd import (
     ExportListRequest,
     ExportRequest,
     ServerConnection,
+    StartTLS,
     wire_error,
 )
 from storvisor.protocols.nbd import constants as C
@@ -77,6 +94,7 @@ next requests, while the rest of the batch is read. With ``qemu-img bench`` at q
 (the client as busy as the server) replies in fours gave 88k requests per second against
 72k for one send per batch; with fio's lighter client the rate stayed the same."""
 _INLINE_DATA = 256 << 10  # replies carrying at most this much READ data are sent inline
+_TLS_JOIN = 64 << 10  # TLS: smaller reply buffers are joined before sending, larger sent alone
 
 
 @dataclass(frozen=True)
@@ -102,12 +120,28 @@ class NBDServer:
     Lifecycle: add exports and listen (any order), ``start`` to serve in background
     threads, ``close`` to stop. Exports may be added and removed while serving.
 
-    ``handoff``, if given, is offered every accepted connection first; when it returns True
-    it has taken the socket (to serve it elsewhere, see ``exports/nbd_worker.py``).
+    ``handoff``, if given, is offered every accepted plain connection first; when it returns
+    True it has taken the socket (to serve it elsewhere, see ``exports/nbd_worker.py``).
+
+    ``tls``, a server-side context, makes TLS required on every TCP listener (see "TLS" in
+    the module docstring); Unix sockets stay plain.
+
+    Raises:
+        InvalidArgument: ``tls`` is a client-side context or allows TLS older than 1.2.
     """
 
-    def __init__(self, handoff: Callable[[socket.socket], bool] | None = None) -> None:
+    def __init__(
+        self,
+        handoff: Callable[[socket.socket], bool] | None = None,
+        *,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        if tls is not None and tls.protocol is ssl.PROTOCOL_TLS_CLIENT:
+            raise InvalidArgument("NBD over TLS needs a server-side SSL context")
+        if tls is not None and tls.minimum_version < ssl.TLSVersion.TLSv1_2:
+            raise InvalidArgument("NBD over TLS needs TLS 1.2 or later (set minimum_version)")
         self._handoff = handoff
+        self._tls = tls
         self._lock = threading.Lock()
         self._exports: dict[str, NBDExport] = {}
         self._listeners: list[socket.socket] = []
@@ -181,7 +215,8 @@ class NBDServer:
         self._add_listener(sock, (path, st.st_dev, st.st_ino))
 
     def listen_tcp(self, host: str = "127.0.0.1", port: int = 10809) -> int:
-        """Listen on TCP ``host:port`` (port 0 picks a free port); returns the port.
+        """Listen on TCP ``host:port`` (port 0 picks a free port); returns the port. With a
+        TLS context, clients of this listener must start TLS.
 
         Raises:
             StateError: the server is closed.
@@ -257,6 +292,7 @@ class NBDServer:
         thread.start()
 
     def _accept_loop(self, listener: socket.socket) -> None:
+        tls = self._tls is not None and listener.family != socket.AF_UNIX
         while True:
             try:
                 sock, _ = listener.accept()
@@ -264,15 +300,24 @@ class NBDServer:
                 return  # shut down by close()
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._handoff is not None and self._handoff(sock):
+            # a TLS session cannot move to another process: served here (module docstring)
+            if not tls and self._handoff is not None and self._handoff(sock):
                 continue
-            if not self.serve_socket(sock):
+            if not self.serve_socket(sock, tls=tls):
                 return
 
-    def serve_socket(self, sock: socket.socket) -> bool:
+    def serve_socket(self, sock: socket.socket, *, tls: bool = False) -> bool:
         """Serve a connected client socket (handshake first) in a background thread; the
-        server owns it from now on. False (socket closed) if the server is closed."""
-        connection = _Connection(self, sock)
+        server owns it from now on. With ``tls`` the client must start TLS (with the
+        server's context). False (socket closed) if the server is closed.
+
+        Raises:
+            StateError: ``tls`` is asked of a server without a TLS context.
+        """
+        if tls and self._tls is None:
+            sock.close()
+            raise StateError("this NBD server has no TLS context")
+        connection = _Connection(self, sock, self._tls if tls else None)
         with self._lock:
             if self._closed:
                 sock.close()
@@ -301,8 +346,10 @@ def nbd_uri(
     unix_path: str | None = None,
     host: str | None = None,
     port: int | None = None,
+    tls: bool = False,
 ) -> str:
-    """The NBD URI of an export: ``nbd+unix:///NAME?socket=PATH`` or ``nbd://HOST:PORT/NAME``.
+    """The NBD URI of an export: ``nbd+unix:///NAME?socket=PATH`` or ``nbd://HOST:PORT/NAME``
+    (``nbds`` for TLS).
 
     Raises:
         InvalidArgument: neither or both of ``unix_path`` and ``host`` are given.
@@ -310,23 +357,36 @@ def nbd_uri(
     name = urllib.parse.quote(export_name, safe="")
     if (unix_path is None) == (host is None):
         raise InvalidArgument("give either a Unix socket path or a host for the NBD URI")
+    scheme = "nbds" if tls else "nbd"
     if unix_path is not None:
-        return f"nbd+unix:///{name}?socket={urllib.parse.quote(unix_path, safe='/')}"
+        return f"{scheme}+unix:///{name}?socket={urllib.parse.quote(unix_path, safe='/')}"
     assert host is not None
     netloc = f"[{host}]" if ":" in host else host
     if port is not None:
         netloc += f":{port}"
-    return f"nbd://{netloc}/{name}"
+    return f"{scheme}://{netloc}/{name}"
+
+
+class _Stream(Protocol):
+    """What a connection reads and writes: a ``socket.socket``, or a ``TlsStream``."""
+
+    def recv_into(self, buffer: memoryview, /) -> int: ...
+    def sendall(self, data: Buffer, /) -> None: ...
+    def shutdown(self, how: int, /) -> None: ...
+    def close(self) -> None: ...
 
 
 class _Connection:
-    """One client: the handshake, then the transmission loop, in the connection's thread."""
+    """One client: the handshake, then the transmission loop, in the connection's thread.
+    With ``tls`` the client must start TLS; ``sock`` is then replaced by a ``TlsStream``."""
 
-    def __init__(self, server: NBDServer, sock: socket.socket) -> None:
+    def __init__(self, server: NBDServer, sock: socket.socket, tls: ssl.SSLContext | None) -> None:
         self.server = server
-        self.sock = sock
+        self.sock: _Stream = sock
+        self._plain: socket.socket | None = sock  # None once TLS runs
+        self._tls = tls
         self.export_name: str | None = None
-        self.codec = ServerConnection()
+        self.codec = ServerConnection(require_tls=tls is not None)
         self.device: BlockDevice | None = None
         self.aborted = False
 
@@ -386,6 +446,9 @@ class _Connection:
                         self.sock.sendall(codec.data_to_send())
                         # an export removed meanwhile must not go on being served
                         return self.server._claim(self, export)
+                elif isinstance(event, StartTLS):
+                    self.sock.sendall(codec.data_to_send())  # the ACK, in plain text
+                    self._start_tls(event.received)
                 elif isinstance(event, (Aborted, ConnectionClosed)):
                     self.sock.sendall(codec.data_to_send())
                     return False
@@ -393,6 +456,16 @@ class _Connection:
         finally:
             if opened is not None:
                 opened[1].close()
+
+    def _start_tls(self, received: bytes) -> None:
+        """Run the TLS handshake and go on over TLS (raises ``ProtocolError`` if it fails)."""
+        assert self._tls is not None and self._plain is not None
+        stream = TlsStream(self._plain, self._tls, received)
+        self.sock = stream  # from here ``abort`` and ``close`` go through the stream
+        self._plain = None
+        stream.handshake()
+        self.codec.tls_started()
+        log.debug("NBD client started %s", stream.version)
 
     def _answer_export(
         self, request: ExportRequest, opened: tuple[NBDExport, BlockDevice] | None
@@ -428,7 +501,11 @@ class _Connection:
         codec = self.codec
         next_event = codec.next_event
         next_reads = codec.next_reads
-        sender = _Sender(self.sock)
+        if self._plain is not None:
+            send = functools.partial(_send_all, self._plain)
+        else:
+            send = functools.partial(_send_tls, self.sock)
+        sender = _Sender(send)
         try:
             while True:
                 replies: list[Buffer] = []
@@ -553,8 +630,8 @@ class _Sender:
 
     LIMIT = 64 << 20
 
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
+    def __init__(self, send: Callable[[list[Buffer]], None]) -> None:
+        self._send = send  # sends every buffer of a list, in order
         self._cond = threading.Condition()
         self._pending: list[Buffer] = []
         self._pending_bytes = 0
@@ -572,7 +649,7 @@ class _Sender:
         if inline and not (self._busy or self._pending):
             # Only the caller queues work, so with nothing queued and nothing being sent
             # the thread stays idle until the next ``send``: no lock is needed to send now.
-            _send_all(self._sock, buffers)
+            self._send(buffers)
             return
         size = sum(len(b) for b in buffers)
         with self._cond:
@@ -605,7 +682,7 @@ class _Sender:
                 self._pending_bytes = 0
                 cond.notify_all()
             try:
-                _send_all(self._sock, batch)
+                self._send(batch)
             except OSError as e:
                 with cond:
                     self._error = e  # stays busy: every later ``send`` raises this
@@ -634,3 +711,25 @@ def _send_all(sock: socket.socket, buffers: list[Buffer]) -> None:
             rest = [memoryview(b)[sent:], *buffers[i + 1 :]]
             break
         buffers = rest
+
+
+def _send_tls(stream: _Stream, buffers: list[Buffer]) -> None:
+    """Send every buffer over TLS, which has no ``sendmsg``: runs of small buffers are joined
+    (each send is at least one TLS record), large ones are sent as they are."""
+    small: list[Buffer] = []
+    size = 0
+    for b in buffers:
+        n = len(b)
+        if n < _TLS_JOIN:
+            small.append(b)
+            size += n
+            if size < _TLS_JOIN:
+                continue
+        if small:
+            stream.sendall(b"".join(small))
+            small = []
+            size = 0
+        if n >= _TLS_JOIN:
+            stream.sendall(b)
+    if small:
+        stream.sendall(b"".join(small))

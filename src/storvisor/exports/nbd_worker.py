@@ -25,6 +25,10 @@ Control frames between the daemon and a worker (``protocols/frames.py`` over a `
 ``CONN`` (a client socket, as an fd), ``OPENED`` (the answer to ``OPEN``: an errno and a
 message, or the fds of a plane); worker to daemon ``OPEN`` (an export, with a request id).
 
+Connections that require TLS (TCP with a TLS context, see ``exports/nbd.py``) are not handed
+over: their TLS session lives in the daemon's OpenSSL state, which a file descriptor does not
+carry, so the daemon serves them itself.
+
 A worker that dies loses its clients' connections (NBD clients reconnect); the daemon starts
 a new one. A worker whose daemon dies exits at once.
 """

@@ -15,6 +15,7 @@ from storvisor.protocols.nbd.events import (
     ExportListRequest,
     ExportRequest,
     Sentinel,
+    StartTLS,
 )
 from storvisor.protocols.nbd.server import (
     BASE_ALLOCATION_ID,
@@ -39,5 +40,6 @@ __all__ = [
     "ExportRequest",
     "Sentinel",
     "ServerConnection",
+    "StartTLS",
     "wire_error",
 ]

@@ -9,6 +9,8 @@
     AWAIT_ANSWER --export accepted for GO / EXPORT_NAME--> TRANSMISSION
     AWAIT_ANSWER --EXPORT_NAME refused--> CLOSED
     OPTIONS --ABORT--> CLOSED
+    OPTIONS --STARTTLS accepted--> AWAIT_TLS
+    AWAIT_TLS --TLS handshake done--> OPTIONS
     TRANSMISSION --command--> TRANSMISSION
     TRANSMISSION --DISC--> CLOSED
     any --end of file or protocol error--> CLOSED
@@ -25,6 +27,7 @@ class State(Enum):
     AWAIT_CLIENT_FLAGS = auto()
     OPTIONS = auto()
     AWAIT_ANSWER = auto()
+    AWAIT_TLS = auto()
     TRANSMISSION = auto()
     CLOSED = auto()
 
@@ -37,6 +40,8 @@ class Trigger(Enum):
     EXPORT_ACCEPTED = auto()
     EXPORT_NAME_REFUSED = auto()
     ABORT = auto()
+    STARTTLS = auto()
+    TLS_STARTED = auto()
     COMMAND = auto()
     DISC = auto()
     END = auto()
@@ -50,6 +55,8 @@ TRANSITIONS: dict[tuple[State, Trigger], State] = {
     (State.AWAIT_ANSWER, Trigger.EXPORT_ACCEPTED): State.TRANSMISSION,
     (State.AWAIT_ANSWER, Trigger.EXPORT_NAME_REFUSED): State.CLOSED,
     (State.OPTIONS, Trigger.ABORT): State.CLOSED,
+    (State.OPTIONS, Trigger.STARTTLS): State.AWAIT_TLS,
+    (State.AWAIT_TLS, Trigger.TLS_STARTED): State.OPTIONS,
     (State.TRANSMISSION, Trigger.COMMAND): State.TRANSMISSION,
     (State.TRANSMISSION, Trigger.DISC): State.CLOSED,
 }

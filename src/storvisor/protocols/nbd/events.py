@@ -2,13 +2,14 @@
 
 Handshake events ask the server a question only it can answer (which exports exist, what a
 named export looks like); the server answers with the matching ``ServerConnection`` method.
-Transmission events are the client's commands. Everything else (option framing, structured
-replies, metadata contexts, flag and range validation) the codec handles by itself.
+``StartTLS`` asks it to upgrade the connection to TLS. Transmission events are the client's
+commands. Everything else (option framing, structured replies, metadata contexts, flag and
+range validation) the codec handles by itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -40,6 +41,22 @@ class ExportRequest:
     option: int
     name: str
     requested_info: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """NBD_OPT_STARTTLS accepted: send the queued ACK (``data_to_send``), run the server side
+    of a TLS handshake on the connection, then call ``ServerConnection.tls_started`` and feed
+    the decrypted bytes from then on. If the handshake fails, close the connection: after
+    the ACK there is no way back to plain text.
+
+    ``received`` holds bytes the client sent after the option that the codec had already
+    received: the start of the TLS handshake, to be given to the TLS layer before anything
+    read from the socket (normally empty, as a client waits for the ACK). It is left out of
+    comparisons: it says how the bytes were cut, not what the client asked.
+    """
+
+    received: bytes = field(default=b"", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,4 +119,6 @@ class Command:
     __hash__ = None  # type: ignore[assignment]
 
 
-Event = ExportListRequest | ExportRequest | Aborted | ConnectionClosed | Disconnect | Command
+Event = (
+    ExportListRequest | ExportRequest | StartTLS | Aborted | ConnectionClosed | Disconnect | Command
+)

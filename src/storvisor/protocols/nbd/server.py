@@ -23,10 +23,20 @@ back in one buffer for the server to read the data into. Everything else stays w
 
 The codec answers by itself everything that does not depend on the exports: option framing,
 NBD_OPT_STRUCTURED_REPLY, the ``base:allocation`` metadata context, ERR_UNSUP for options
-it does not implement (NBD_OPT_STARTTLS, NBD_OPT_EXTENDED_HEADERS and unknown ones) and
+it does not implement (NBD_OPT_EXTENDED_HEADERS and unknown ones) and
 ERR_INVALID/ERR_TOO_BIG for malformed ones. In the transmission phase it validates flags,
 ranges and permissions, so a ``Command`` either is safe to execute or already carries the
 spec's error for the reply. The legal state transitions are tabled in ``_state``.
+
+TLS ("TLS support" in the spec): a connection built with ``require_tls`` runs in the
+spec's FORCEDTLS mode. Until NBD_OPT_STARTTLS succeeds, every other option is refused with
+NBD_REP_ERR_TLS_REQD (NBD_OPT_ABORT still ends the session), so nothing about the exports
+is told in plain text, and NBD_OPT_EXPORT_NAME, which cannot be refused, ends the
+connection with a ``ProtocolError``. NBD_OPT_STARTTLS is answered with an ACK and a
+``StartTLS`` event: the server runs the TLS handshake on its socket, calls ``tls_started``
+and feeds the decrypted stream from then on; negotiation starts afresh over TLS. Without
+``require_tls`` the connection runs in NOTLS mode and refuses NBD_OPT_STARTTLS with
+NBD_REP_ERR_POLICY. The codec itself never sees a TLS record.
 
 Bad input raises ``ProtocolError`` and nothing else; the connection is then unusable and
 must be closed. A request the protocol lets the server refuse (an unknown command, a read
@@ -54,6 +64,7 @@ from storvisor.protocols.nbd.events import (
     ExportListRequest,
     ExportRequest,
     Sentinel,
+    StartTLS,
 )
 
 Buffer = bytes | bytearray | memoryview
@@ -85,6 +96,7 @@ _CHUNK_ERROR = struct.Struct(">IHHQIIH")
 
 _KNOWN_CLIENT_FLAGS = C.NBD_FLAG_C_FIXED_NEWSTYLE | C.NBD_FLAG_C_NO_ZEROES
 _SERVER_FLAGS = C.NBD_FLAG_FIXED_NEWSTYLE | C.NBD_FLAG_NO_ZEROES
+_TLS_REQUIRED = "TLS is required: send NBD_OPT_STARTTLS first"
 _WRITING = (C.NBD_CMD_WRITE, C.NBD_CMD_TRIM, C.NBD_CMD_WRITE_ZEROES)
 _FUA = C.NBD_CMD_FLAG_FUA
 
@@ -121,14 +133,24 @@ class ExportDetails:
 class ServerConnection:
     """One client connection's protocol state, from greeting to disconnect.
 
+    With ``require_tls`` the client must upgrade to TLS with NBD_OPT_STARTTLS before any
+    other option succeeds (see "TLS" in the module docstring); without it, TLS is not
+    offered.
+
     Methods raise ``StateError`` when called in a state that does not allow them (a bug in the
     embedding server, not bad input); ``next_event`` raises ``ProtocolError`` on bad input.
     """
 
     def __init__(
-        self, *, max_payload: int = MAX_PAYLOAD, max_option_length: int = MAX_OPTION_LENGTH
+        self,
+        *,
+        max_payload: int = MAX_PAYLOAD,
+        max_option_length: int = MAX_OPTION_LENGTH,
+        require_tls: bool = False,
     ) -> None:
         self._state = State.AWAIT_CLIENT_FLAGS
+        self._require_tls = require_tls
+        self._tls = False
         self._max_payload = max_payload
         self._max_option_length = max_option_length
         self._buf = bytearray(_INITIAL_BUFFER)
@@ -159,6 +181,11 @@ class ServerConnection:
     @property
     def state(self) -> State:
         return self._state
+
+    @property
+    def tls(self) -> bool:
+        """TLS was started with NBD_OPT_STARTTLS (``tls_started`` was called)."""
+        return self._tls
 
     @property
     def structured_replies(self) -> bool:
@@ -266,11 +293,18 @@ class ServerConnection:
                 if flags & ~_KNOWN_CLIENT_FLAGS:
                     # "the server MUST close the TCP connection" on unknown client flags
                     raise ProtocolError(f"unknown NBD client flags {flags:#x}")
+                if self._require_tls and not flags & C.NBD_FLAG_C_FIXED_NEWSTYLE:
+                    # "The server MUST operate in NOTLS mode unless ... the client replied
+                    # with NBD_FLAG_C_FIXED_NEWSTYLE": a server that requires TLS cannot serve
+                    # such a client at all.
+                    raise ProtocolError("TLS is required, which needs fixed-newstyle NBD")
                 self._no_zeroes = bool(flags & C.NBD_FLAG_C_NO_ZEROES)
                 self._go(Trigger.CLIENT_FLAGS)
                 continue
             if state is State.AWAIT_ANSWER:
                 raise StateError("answer the pending NBD option before reading more events")
+            if state is State.AWAIT_TLS:
+                raise StateError("start TLS (then call tls_started) before reading more events")
             return NEED_DATA  # CLOSED: anything after ABORT or DISC is ignored
 
     def _have(self, n: int) -> bool:
@@ -321,7 +355,10 @@ class ServerConnection:
             self._skip = length
             if option == C.NBD_OPT_EXPORT_NAME:
                 raise ProtocolError("NBD_OPT_EXPORT_NAME with an oversized name")
-            self._refuse(option, C.NBD_REP_ERR_TOO_BIG, "option data too long")
+            if self._tls_pending() and option not in (C.NBD_OPT_STARTTLS, C.NBD_OPT_ABORT):
+                self._refuse(option, C.NBD_REP_ERR_TLS_REQD, _TLS_REQUIRED)
+            else:
+                self._refuse(option, C.NBD_REP_ERR_TOO_BIG, "option data too long")
             return None
         if not self._have(_OPTION.size + length):
             return self._starved()
@@ -333,7 +370,23 @@ class ServerConnection:
             self._go(Trigger.OPTION_ANSWERED_BY_CODEC)
         return event
 
+    def _tls_pending(self) -> bool:
+        """TLS is required and not started yet."""
+        return self._require_tls and not self._tls
+
     def _option(self, option: int, data: bytes) -> Event | None:
+        if option == C.NBD_OPT_STARTTLS:
+            return self._starttls(data)
+        if self._tls_pending() and option != C.NBD_OPT_ABORT:
+            if option == C.NBD_OPT_EXPORT_NAME:
+                # "If the server receives a request to enter transmission mode via
+                # NBD_OPT_EXPORT_NAME when TLS has not been initiated, then as this request
+                # cannot error, it MUST terminate the session."
+                raise ProtocolError("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS: TLS is required")
+            # "If the server receives any other option, it MUST reply with
+            # NBD_REP_ERR_TLS_REQD if TLS has not been initiated."
+            self._refuse(option, C.NBD_REP_ERR_TLS_REQD, _TLS_REQUIRED)
+            return None
         if option == C.NBD_OPT_EXPORT_NAME:
             try:
                 name = data.decode()
@@ -366,6 +419,44 @@ class ServerConnection:
             return None
         self._refuse(option, C.NBD_REP_ERR_UNSUP, f"option {option} is not supported")
         return None
+
+    def _starttls(self, data: bytes) -> StartTLS | None:
+        option = C.NBD_OPT_STARTTLS
+        if not self._require_tls:
+            # NOTLS mode: "it MUST respond with NBD_REP_ERR_POLICY (if it does not support TLS
+            # for policy reasons)"
+            self._refuse(option, C.NBD_REP_ERR_POLICY, "TLS is not offered on this connection")
+            return None
+        if self._tls:
+            # "If the server receives NBD_OPT_STARTTLS when TLS has already been negotiated,
+            # it MUST reply with NBD_REP_ERR_INVALID."
+            self._refuse(option, C.NBD_REP_ERR_INVALID, "TLS is already started")
+            return None
+        if data:
+            self._refuse(option, C.NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+            return None
+        self._reply(option, C.NBD_REP_ACK)
+        # What follows the option is TLS: hand over what was already received, and start
+        # negotiation afresh (nothing negotiated in plain text carries over).
+        received = bytes(self._buf[self._start : self._end])
+        self._start = self._end = self._want = 0
+        self._structured = False
+        self._meta_export = None
+        self._meta_selected = False
+        self._go(Trigger.STARTTLS)
+        return StartTLS(received)
+
+    def tls_started(self) -> None:
+        """The TLS handshake the ``StartTLS`` event asked for is done: negotiation goes on,
+        and every byte fed from now on is the decrypted stream.
+
+        Raises:
+            StateError: no ``StartTLS`` is pending.
+        """
+        if self._state is not State.AWAIT_TLS:
+            raise StateError("no NBD_OPT_STARTTLS is pending")
+        self._tls = True
+        self._go(Trigger.TLS_STARTED)
 
     def _ask(self, request: ExportRequest | ExportListRequest) -> Event:
         self._pending = request
