@@ -229,6 +229,10 @@ class Backing:
         except OSError as e:
             raise IOFailure(f"sync of {self.path}: {e.strerror}", e.errno or errno.EIO) from e
 
+    def committed(self, changed: bool) -> None:
+        """Called after each commit of the pool's catalog (``changed``: the commit wrote a
+        batch). A local device has nothing to do; an object backing uploads the catalog."""
+
     def wipe_header(self) -> None:
         """Erase the header so the device may join a pool again."""
         _write_header(self.fd, bytes(HEADER_BYTES), self.path)

@@ -41,7 +41,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from storvisor.engine import object_pool
+from storvisor.engine.object_backing import is_object_pool
 from storvisor.engine.pool import Pool, check_name
+from storvisor.engine.s3 import S3Spec
 from storvisor.engine.types import (
     BackingInfo,
     BackingKind,
@@ -199,6 +202,50 @@ class Home:
             self._pools[name] = pool
             return pool.info()
 
+    def create_s3_pool(
+        self,
+        name: str,
+        spec: S3Spec,
+        *,
+        size: int | None = None,
+        object_size: int | None = None,
+        cluster_size: int | None = None,
+    ) -> PoolInfo:
+        """Create a pool whose data and metadata live in an S3 bucket (``engine/object_pool``).
+        Raises ``Conflict`` (name taken, bucket not empty), ``NotFound`` (no bucket),
+        ``InvalidArgument`` (credentials refused, bad sizes), ``IOFailure`` (no endpoint
+        answers). Leaves nothing behind on failure."""
+        check_name(name, "pool")
+        with self._lock:
+            self._check_open()
+            directory = self._dir(name)
+            if directory.exists():
+                raise Conflict(f"pool {name!r} already exists")
+            pool = object_pool.create(
+                directory,
+                name,
+                spec,
+                size=size,
+                object_size=object_size,
+                cluster_size=cluster_size,
+            )
+            self._pools[name] = pool
+            return pool.info()
+
+    def import_s3_pool(self, name: str, spec: S3Spec, *, force: bool = False) -> PoolInfo:
+        """Open here the S3 pool another HOME released (``force``: whose holder is gone).
+        Raises ``Conflict`` (name taken here, lease held elsewhere), ``NotFound``,
+        ``InvalidArgument``, ``IOFailure``."""
+        check_name(name, "pool")
+        with self._lock:
+            self._check_open()
+            directory = self._dir(name)
+            if directory.exists():
+                raise Conflict(f"pool {name!r} already exists")
+            pool = object_pool.import_(directory, name, spec, force=force)
+            self._pools[name] = pool
+            return pool.info()
+
     def pools(self) -> list[PoolInfo]:
         """Every pool, by name (opening each one); an offline pool is reported, never
         raised."""
@@ -232,7 +279,10 @@ class Home:
             if not (self._dir(name) / "catalog.db").exists():
                 raise NotFound(f"no pool named {name!r}")
             try:
-                pool = Pool.open(self._dir(name), name)
+                if is_object_pool(self._dir(name)):
+                    pool = object_pool.open_(self._dir(name), name)
+                else:
+                    pool = Pool.open(self._dir(name), name)
             except NotFound as e:
                 raise NotFound(f"no pool named {name!r}") from e
             except StorvisorError as e:

@@ -38,7 +38,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +172,8 @@ class Pool:
         name: str,
         backings: Sequence[BackingSpec],
         cluster_size: int | None = None,
+        *,
+        attach: Callable[[BackingSpec, Header], tuple[Backing, bool]] = Backing.attach,
     ) -> Pool:
         """Create the pool's catalog in ``directory`` (which must not exist) and write a header
         on every backing device. On failure nothing is left behind: ``Conflict`` for a device
@@ -190,7 +192,7 @@ class Pool:
         try:
             for index, (spec, path) in enumerate(zip(backings, paths, strict=True)):
                 header = Header(index, cluster_size, pool_uuid, name)
-                attached.append(Backing.attach(BackingSpec(path, spec.size, spec.force), header))
+                attached.append(attach(BackingSpec(path, spec.size, spec.force), header))
             catalog = Catalog(directory / "catalog.db")
             batch = Batch()
             for key, value in (
@@ -227,9 +229,16 @@ class Pool:
         return cls(name, directory, catalog, header, {b.index: b for b, _ in attached})
 
     @classmethod
-    def open(cls, directory: Path, name: str) -> Pool:
+    def open(
+        cls,
+        directory: Path,
+        name: str,
+        *,
+        open_backing: Callable[[str, Header], Backing] = Backing.open,
+    ) -> Pool:
         """Open an existing pool. Raises ``NotFound`` if there is none, ``CorruptMetadata`` if
-        its catalog is unreadable or a device is missing or carries another identity."""
+        its catalog is unreadable or a device is missing or carries another identity.
+        ``open_backing`` opens each recorded device (an S3 pool passes its own)."""
         db = directory / "catalog.db"
         if not db.exists():
             raise NotFound(f"no pool named {name!r}")
@@ -247,7 +256,7 @@ class Pool:
                     index, identity.cluster_size, identity.pool_uuid, identity.pool_name
                 )
                 try:
-                    backings[index] = Backing.open(path, expected)
+                    backings[index] = open_backing(path, expected)
                 except NotFound as e:
                     raise CorruptMetadata(f"pool {name!r}: {e}") from e
             _check_lengths(name, catalog, backings)
@@ -371,6 +380,8 @@ class Pool:
                 raise
             with self._lock:
                 self._committed_seq = max(self._committed_seq, seq)
+            for backing in backings.values():
+                backing.committed(bool(batch))  # on failure the frees are not recycled
             if batch.frees:
                 # no in-place I/O that looked a freed cluster up may still be running when
                 # the cluster is handed out again
