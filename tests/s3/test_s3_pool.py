@@ -8,13 +8,13 @@ from itertools import count
 from pathlib import Path
 
 import pytest
-from conftest import MotoServer
+from s3server import MotoServer
 
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.home import Home
 from storvisor.engine.object_pool import object_backing
 from storvisor.engine.pool import Pool
-from storvisor.engine.s3 import LEASE_KEY, S3Spec, LeaseLost
+from storvisor.engine.s3 import LEASE_KEY, LeaseLost, S3Spec
 from storvisor.errors import Conflict, InvalidArgument, IOFailure, NotFound
 from storvisor.testing.conformance import check_block_device
 
