@@ -26,9 +26,11 @@ from storvisor.api.messages import (
     CreateExport,
     CreatePool,
     CreateQosSpec,
+    CreateS3Pool,
     CreateSnapshot,
     CreateVolume,
     ErrorBody,
+    ImportS3Pool,
     LibvirtXml,
     Resize,
     Rollback,
@@ -36,6 +38,7 @@ from storvisor.api.messages import (
 )
 from storvisor.api.qos import QosKey, QosSpecInfo, VolumeQos
 from storvisor.api.service import API_SOCKET, ServiceStatus
+from storvisor.engine.s3 import S3Spec
 from storvisor.engine.types import BackingSpec, FsckReport, PoolInfo, SnapshotInfo, VolumeInfo
 from storvisor.errors import LocalFailure, ProtocolError, StorvisorError
 
@@ -149,6 +152,21 @@ class Client:
         return self._get(
             PoolInfo, "POST", "/pools", CreatePool(name, tuple(backings), cluster_size)
         )
+
+    def create_s3_pool(
+        self,
+        name: str,
+        spec: S3Spec,
+        *,
+        object_size: int | None = None,
+        size: int | None = None,
+        cluster_size: int | None = None,
+    ) -> PoolInfo:
+        body = CreateS3Pool(name, spec, object_size, size, cluster_size)
+        return self._get(PoolInfo, "POST", "/s3-pools", body)
+
+    def import_s3_pool(self, name: str, spec: S3Spec, *, force: bool = False) -> PoolInfo:
+        return self._get(PoolInfo, "POST", "/s3-pools/import", ImportS3Pool(name, spec, force))
 
     def pools(self) -> list[PoolInfo]:
         return self._list(PoolInfo, "/pools")

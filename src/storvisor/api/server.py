@@ -8,6 +8,7 @@ Resources (all under ``/v1``; path segments are percent-encoded, so an export na
     GET    /pools/{pool}                            DELETE /pools/{pool}[?force=1]
     POST   /pools/{pool}/backings   BackingSpec     POST  /pools/{pool}/fsck
     POST   /pools/{pool}/reopen
+    POST   /s3-pools                CreateS3Pool    POST  /s3-pools/import  ImportS3Pool
     GET    /volumes                                 (every pool)
     GET    /pools/{pool}/volumes                    POST  /pools/{pool}/volumes   CreateVolume
     GET    /pools/{pool}/volumes/{vol}              DELETE /pools/{pool}/volumes/{vol}
@@ -59,10 +60,12 @@ from storvisor.api.messages import (
     CreateExport,
     CreatePool,
     CreateQosSpec,
+    CreateS3Pool,
     CreateSnapshot,
     CreateVolume,
     ErrorBody,
     ErrorDetail,
+    ImportS3Pool,
     LibvirtXml,
     Resize,
     Rollback,
@@ -137,6 +140,22 @@ def _create_pool(s: Service, r: Request) -> object:
     return s.create_pool(req.name, req.backings, req.cluster_size)
 
 
+def _create_s3_pool(s: Service, r: Request) -> object:
+    req = r.parse(CreateS3Pool)
+    return s.create_s3_pool(
+        req.name,
+        req.s3,
+        object_size=req.object_size,
+        size=req.size,
+        cluster_size=req.cluster_size,
+    )
+
+
+def _import_s3_pool(s: Service, r: Request) -> object:
+    req = r.parse(ImportS3Pool)
+    return s.import_s3_pool(req.name, req.s3, force=req.force)
+
+
 _P = "([^/]+)"
 _ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
     (m, re.compile(f"^{API_PREFIX}{p}$"), h)
@@ -144,6 +163,8 @@ _ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
         ("GET", "/status", lambda s, r: s.status()),
         ("GET", "/pools", lambda s, r: s.pools()),
         ("POST", "/pools", _create_pool),
+        ("POST", "/s3-pools", _create_s3_pool),
+        ("POST", "/s3-pools/import", _import_s3_pool),
         ("GET", f"/pools/{_P}", lambda s, r: s.pool_info(r.params[0])),
         ("DELETE", f"/pools/{_P}", lambda s, r: s.delete_pool(r.params[0], force=r.flag("force"))),
         (

@@ -41,6 +41,7 @@ from storvisor.api.qos import QosKey, QosManager, QosSpecInfo, VolumeQos
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.home import Home
 from storvisor.engine.qos import ThrottledDevice
+from storvisor.engine.s3 import S3Spec
 from storvisor.engine.types import (
     BackingSpec,
     FsckReport,
@@ -89,6 +90,16 @@ class Management(Protocol):
     def create_pool(
         self, name: str, backings: Sequence[BackingSpec], cluster_size: int | None = None
     ) -> PoolInfo: ...
+    def create_s3_pool(
+        self,
+        name: str,
+        spec: S3Spec,
+        *,
+        object_size: int | None = None,
+        size: int | None = None,
+        cluster_size: int | None = None,
+    ) -> PoolInfo: ...
+    def import_s3_pool(self, name: str, spec: S3Spec, *, force: bool = False) -> PoolInfo: ...
     def pools(self) -> list[PoolInfo]: ...
     def pool_info(self, name: str) -> PoolInfo: ...
     def delete_pool(self, name: str, *, force: bool = False) -> None: ...
@@ -188,6 +199,31 @@ class Service:
             raise InvalidArgument("a pool needs at least one backing device")
         with self._lock:
             return self.home.create_pool(name, backings, cluster_size)
+
+    def create_s3_pool(
+        self,
+        name: str,
+        spec: S3Spec,
+        *,
+        object_size: int | None = None,
+        size: int | None = None,
+        cluster_size: int | None = None,
+    ) -> PoolInfo:
+        """Create a pool in an S3 bucket, with this process's AWS credentials (``Home.
+        create_s3_pool``). ``Conflict`` (name taken, bucket not empty), ``NotFound`` (no
+        bucket), ``InvalidArgument`` (credentials refused, bad sizes), ``IOFailure`` (no
+        endpoint answers)."""
+        with self._lock:
+            return self.home.create_s3_pool(
+                name, spec, size=size, object_size=object_size, cluster_size=cluster_size
+            )
+
+    def import_s3_pool(self, name: str, spec: S3Spec, *, force: bool = False) -> PoolInfo:
+        """Open here an S3 pool released by another HOME (``force``: its holder is gone).
+        ``Conflict`` (name taken, lease held), ``NotFound``, ``InvalidArgument``,
+        ``IOFailure``."""
+        with self._lock:
+            return self.home.import_s3_pool(name, spec, force=force)
 
     def pools(self) -> list[PoolInfo]:
         """Every pool with its state, sorted by name; an offline pool never fails the list."""

@@ -37,8 +37,9 @@ from storvisor.api.qos import QosKey
 from storvisor.api.service import Management, Service
 from storvisor.cli import output
 from storvisor.engine.home import HomeInUse, HomeUser
+from storvisor.engine.s3 import S3Spec
 from storvisor.engine.types import BackingSpec, PoolState
-from storvisor.errors import StorvisorError
+from storvisor.errors import InvalidArgument, StorvisorError
 from storvisor.units import parse_size
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -173,8 +174,36 @@ def _forced(a: argparse.Namespace) -> list[BackingSpec]:
 
 
 def pool_create(m: Management, a: argparse.Namespace) -> int:
-    info = m.create_pool(a.name, _forced(a), a.cluster_size)
+    if a.s3 is not None:
+        if a.backing:
+            raise InvalidArgument("give either --backing or --s3, not both")
+        info = m.create_s3_pool(
+            a.name,
+            _s3_spec(a),
+            object_size=a.object_size,
+            size=a.size,
+            cluster_size=a.cluster_size,
+        )
+    elif not a.backing:
+        raise InvalidArgument("a pool needs --backing PATH[:SIZE] (or --s3 BUCKET)")
+    else:
+        for option in ("endpoint", "region", "object_size", "size"):
+            if getattr(a, option):
+                flag = "--" + option.replace("_", "-")
+                raise InvalidArgument(f"{flag} belongs to an S3 pool (--s3 BUCKET)")
+        info = m.create_pool(a.name, _forced(a), a.cluster_size)
     return _print(a, info, output.pool_details(info))
+
+
+def pool_import(m: Management, a: argparse.Namespace) -> int:
+    info = m.import_s3_pool(a.name, _s3_spec(a), force=a.force)
+    return _print(a, info, output.pool_details(info))
+
+
+def _s3_spec(a: argparse.Namespace) -> S3Spec:
+    if not a.endpoint:
+        raise InvalidArgument("an S3 pool needs at least one --endpoint URL")
+    return S3Spec(a.s3, tuple(a.endpoint), a.region)
 
 
 def pool_list(m: Management, a: argparse.Namespace) -> int:
@@ -472,6 +501,22 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--json", action="store_true", help="machine-readable output")
         return sp
 
+    def s3_options(c: _Parser, *, required: bool = False) -> None:
+        c.add_argument(
+            "--s3",
+            metavar="BUCKET",
+            required=required,
+            help="keep the pool in this S3 bucket (credentials: the AWS environment variables "
+            "or credentials file, never the command line)",
+        )
+        c.add_argument(
+            "--endpoint",
+            metavar="URL",
+            action="append",
+            help="an S3 endpoint serving the bucket (repeatable: mirrors)",
+        )
+        c.add_argument("--region", metavar="REGION", help="the bucket's region")
+
     def group(name: str, help: str) -> argparse._SubParsersAction[_Parser]:
         gp = cmd(sub, name, None, help)
         return gp.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -494,7 +539,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH[:SIZE]",
         type=backing,
         action="append",
-        required=True,
         help="a file or block device; with :SIZE a sparse file of that size (repeatable)",
     )
     c.add_argument("--cluster-size", metavar="SIZE", type=size)
@@ -502,6 +546,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="overwrite a device that holds a file system, partition table or other signature",
+    )
+    s3_options(c)
+    c.add_argument("--object-size", metavar="SIZE", type=size, help="S3 object size (default 4M)")
+    c.add_argument(
+        "--size", metavar="SIZE", type=size, help="byte space of an S3 pool (default 1T, thin)"
+    )
+    c = cmd(
+        pool,
+        "import",
+        pool_import,
+        "open here an S3 pool another host released (credentials: the AWS environment "
+        "variables or credentials file)",
+        json=True,
+    )
+    c.add_argument("name", metavar="NAME", type=pool_name)
+    s3_options(c, required=True)
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help="take the pool's lease from a host that is gone without releasing it",
     )
     cmd(pool, "list", pool_list, "list pools", json=True)
     c = cmd(pool, "show", pool_show, "show a pool", json=True)
