@@ -221,3 +221,35 @@ def test_bad_input_is_refused_and_nothing_is_created(
     with pytest.raises(Conflict, match="holds the storvisor pool 'p'"):
         s3home.create_s3_pool("s", aws_env.spec(other), size=POOL_BYTES, object_size=MiB)
     assert not (pools / "s").exists()
+
+
+def test_delete_erases_the_bucket_but_not_a_pool_taken_elsewhere(
+    aws_env: MotoServer, tmp_path: Path
+) -> None:
+    bucket = aws_env.bucket()
+    home = Home(tmp_path / "home")
+    try:
+        pool = create(home, aws_env, bucket)
+        pool.create_volume("v", MiB)
+        v = pool.open_volume("v")
+        v.write(0, b"z" * MiB)
+        v.close()
+        pool.flush()
+        assert any(k.startswith("data/") for k in aws_env.keys(bucket))
+        home.delete_pool("s", force=True)
+        assert aws_env.keys(bucket) == {}
+        assert not (tmp_path / "home/pools/s").exists()
+        create(home, aws_env, bucket)  # the bucket is free again
+    finally:
+        home.close()
+    other = Home(tmp_path / "other")
+    try:
+        other.import_s3_pool("s", aws_env.spec(bucket))
+    finally:
+        other.close()
+    stale = Home(tmp_path / "home")  # its copy is stale: only the local catalog goes
+    try:
+        stale.delete_pool("s", force=True)
+        assert "storvisor/pool.json" in aws_env.keys(bucket)
+    finally:
+        stale.close()

@@ -303,9 +303,10 @@ class Home:
 
     def delete_pool(self, name: str, *, force: bool = False) -> None:
         """Delete a pool: its catalog, the headers on its devices, and the files created for
-        it. Raises ``NotFound``; ``Conflict`` if it has volumes and not ``force``, or if a
-        volume is open. A pool that cannot be opened (``CorruptMetadata``: a device is missing
-        or foreign) is deleted with ``force`` by removing its catalog only."""
+        it; an S3 pool's objects too. Raises ``NotFound``; ``Conflict`` if it has volumes and
+        not ``force``, or if a volume is open. A pool that cannot be opened
+        (``CorruptMetadata``: a device is missing or foreign, or another host took an S3
+        pool) is deleted with ``force`` by removing its local catalog only."""
         with self._lock:
             try:
                 pool = self.pool(name)
@@ -321,6 +322,8 @@ class Home:
                 raise Conflict(f"pool {name!r} has open volumes")
             pool.destroy()
             del self._pools[name]
+            if is_object_pool(self._dir(name)):
+                object_pool.erase(self._dir(name))
             shutil.rmtree(self._dir(name))
 
     def close(self) -> None:

@@ -284,7 +284,10 @@ def acquire(bucket: Bucket, config: S3Config, directory: Path) -> Lease:
 def attacher(bucket: Bucket, lease: Lease, object_size: int, catalog_path: Path) -> _Attach:
     def attach(spec: BackingSpec, header: Header) -> tuple[Backing, bool]:
         base, created = Backing.attach(spec, header)
-        return ObjectBacking(base, bucket, lease, object_size, catalog_path, {}), created
+        backing = ObjectBacking(
+            base, bucket, lease, object_size, catalog_path, {}, catalog_stale=True
+        )  # Pool.create commits its first catalog without a batch: the first flush uploads it
+        return backing, created
 
     return attach
 

@@ -32,6 +32,7 @@ from storvisor.engine.object_backing import (
     DATA_NAME,
     ObjectBacking,
     S3Config,
+    acquire,
     attacher,
     hydrate,
     opener,
@@ -40,6 +41,7 @@ from storvisor.engine.pool import Pool
 from storvisor.engine.s3 import (
     CATALOG_KEY,
     DEFAULT_OBJECT_SIZE,
+    LEASE_KEY,
     MARKER_KEY,
     Bucket,
     S3Spec,
@@ -166,6 +168,19 @@ def import_(directory: Path, name: str, spec: S3Spec, *, force: bool = False) ->
 def open_(directory: Path, name: str) -> Pool:
     """Open an S3 pool this HOME holds (``Pool.open`` with the object backing)."""
     return Pool.open(directory, name, open_backing=opener(directory))
+
+
+def erase(directory: Path) -> None:
+    """Delete every object of the bucket of the S3 pool in ``directory``, which this HOME
+    held last and has just closed: the lease is taken back first (``Conflict`` if another
+    host took it meanwhile: then nothing is deleted) and deleted last."""
+    config = S3Config.load(directory)
+    bucket = Bucket(config.spec)
+    acquire(bucket, config, directory)
+    for key, _ in list(bucket.keys()):
+        if key != LEASE_KEY:
+            bucket.delete(key)
+    bucket.delete(LEASE_KEY)
 
 
 def object_backing(pool: Pool) -> ObjectBacking:
