@@ -166,8 +166,16 @@ def import_(directory: Path, name: str, spec: S3Spec, *, force: bool = False) ->
 
 
 def open_(directory: Path, name: str) -> Pool:
-    """Open an S3 pool this HOME holds (``Pool.open`` with the object backing)."""
-    return Pool.open(directory, name, open_backing=opener(directory))
+    """Open an S3 pool this HOME holds (``Pool.open`` with the object backing), and flush it
+    before anything can allocate: the catalog a replayed journal committed reaches the
+    bucket before a cluster it frees can be handed out again."""
+    pool = Pool.open(directory, name, open_backing=opener(directory))
+    try:
+        pool.flush()
+    except BaseException:
+        pool.close()
+        raise
+    return pool
 
 
 def erase(directory: Path) -> None:
