@@ -233,6 +233,7 @@ class ObjectBacking(Backing):
             with contextlib.suppress(IOFailure, Conflict):
                 self.bucket.release_lease(self.lease)
         self._pool.shutdown(wait=True)
+        self.bucket.close()
         super().close()
 
 
@@ -299,12 +300,16 @@ def opener(directory: Path) -> _Open:
     def open_backing(path: str, expected: Header) -> Backing:
         config = S3Config.load(directory)
         bucket = Bucket(config.spec)
-        lease = acquire(bucket, config, directory)
         try:
-            uploaded = listed_digests(bucket)
-            base = Backing.open(str(directory / DATA_NAME), expected)
+            lease = acquire(bucket, config, directory)
+            try:
+                uploaded = listed_digests(bucket)
+                base = Backing.open(str(directory / DATA_NAME), expected)
+            except BaseException:
+                bucket.release_lease(lease)
+                raise
         except BaseException:
-            bucket.release_lease(lease)
+            bucket.close()
             raise
         return ObjectBacking(
             base,

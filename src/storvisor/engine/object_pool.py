@@ -81,6 +81,15 @@ def create(
         raise InvalidArgument(f"an S3 pool needs at least two objects ({2 * osz} bytes)")
     size -= size % osz
     bucket = Bucket(spec)
+    try:
+        return _create(directory, name, bucket, size, osz, cs)
+    except BaseException:
+        bucket.close()
+        raise
+
+
+def _create(directory: Path, name: str, bucket: Bucket, size: int, osz: int, cs: int) -> Pool:
+    spec = bucket.spec
     bucket.check_bucket()
     if not bucket.is_empty():
         marker = bucket.get(MARKER_KEY)
@@ -121,6 +130,14 @@ def import_(directory: Path, name: str, spec: S3Spec, *, force: bool = False) ->
     lease and not ``force``; or the pool has another name), ``InvalidArgument``,
     ``IOFailure``. Leaves no local state behind on failure."""
     bucket = Bucket(spec)
+    try:
+        return _import(directory, name, bucket, force)
+    finally:
+        bucket.close()
+
+
+def _import(directory: Path, name: str, bucket: Bucket, force: bool) -> Pool:
+    spec = bucket.spec
     bucket.check_bucket()
     marker = bucket.get(MARKER_KEY)
     if marker is None:
@@ -184,11 +201,14 @@ def erase(directory: Path) -> None:
     host took it meanwhile: then nothing is deleted) and deleted last."""
     config = S3Config.load(directory)
     bucket = Bucket(config.spec)
-    acquire(bucket, config, directory)
-    for key, _ in list(bucket.keys()):
-        if key != LEASE_KEY:
-            bucket.delete(key)
-    bucket.delete(LEASE_KEY)
+    try:
+        acquire(bucket, config, directory)
+        for key, _ in list(bucket.keys()):
+            if key != LEASE_KEY:
+                bucket.delete(key)
+        bucket.delete(LEASE_KEY)
+    finally:
+        bucket.close()
 
 
 def object_backing(pool: Pool) -> ObjectBacking:

@@ -21,9 +21,9 @@ lease over whatever its state; the check-before-upload leaves a window of one ba
 a host that has not yet noticed may still write, which is why takeover is never automatic.
 Closing a pool releases the lease (same epoch, state ``released``).
 
-*Endpoints.* Every endpoint serves the same bucket. Requests go to the current endpoint; a
-connection failure or timeout moves to the next one and retries there at once, so a request
-fails only when every endpoint failed it.
+*Endpoints.* Every endpoint serves the same bucket (see ``Bucket``): requests are spread
+over the healthy ones, an endpoint that fails or times out is marked down and the request
+is retried on another at once, and background probes bring it back.
 
 Credentials come from boto3's standard chain (``AWS_ACCESS_KEY_ID`` and friends, the shared
 credentials file, ``AWS_PROFILE``); they are never taken as arguments. Errors of the S3
@@ -33,9 +33,12 @@ credentials ``InvalidArgument``, an unreachable endpoint or a failed transfer ``
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
+import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,6 +57,7 @@ _CREDENTIAL_CODES = frozenset(
     {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "403"}
 )
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class LeaseLost(IOFailure):
@@ -67,13 +71,29 @@ class S3Spec:
     bucket: str
     endpoints: tuple[str, ...]
     region: str | None = None
+    timeout: float = 10.0
+    """Seconds an endpoint may take to connect or answer before it is marked down."""
+    down_timeout: float = 30.0
+    """Seconds a request waits for an endpoint to come back while all are down."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"bucket": self.bucket, "endpoints": list(self.endpoints), "region": self.region}
+        return {
+            "bucket": self.bucket,
+            "endpoints": list(self.endpoints),
+            "region": self.region,
+            "timeout": self.timeout,
+            "down_timeout": self.down_timeout,
+        }
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> S3Spec:
-        return cls(str(raw["bucket"]), tuple(str(e) for e in raw["endpoints"]), raw.get("region"))
+        return cls(
+            str(raw["bucket"]),
+            tuple(str(e) for e in raw["endpoints"]),
+            raw.get("region"),
+            float(raw.get("timeout", 10.0)),
+            float(raw.get("down_timeout", 30.0)),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +112,48 @@ def data_key(index: int) -> str:
     return f"{DATA_PREFIX}{index:016x}"
 
 
-class Bucket:
-    """A pool's bucket through its endpoints. Thread-safe (boto3 clients are)."""
+class EndpointState(enum.StrEnum):
+    UP = "up"
+    DOWN = "down"
 
-    def __init__(self, spec: S3Spec, *, timeout: float = 10.0, attempts: int = 2) -> None:
+
+@dataclass(frozen=True, slots=True)
+class EndpointInfo:
+    """One endpoint's state and counters (``Bucket.endpoints``)."""
+
+    url: str
+    state: EndpointState
+    requests: int
+    errors: int
+    latency_ms: float
+    """Moving average of the latency of its successful requests."""
+
+
+class _Endpoint:
+    def __init__(self, url: str, client: Any) -> None:
+        self.url = url
+        self.client = client
+        self.up = True
+        self.inflight = 0
+        self.requests = 0
+        self.errors = 0
+        self.latency = 0.0
+
+
+class Bucket:
+    """A pool's bucket through its endpoints. Thread-safe (boto3 clients are).
+
+    Requests go to the healthy endpoint with the fewest requests in flight (then the
+    fastest). An endpoint that cannot be reached or does not answer within
+    ``spec.timeout`` is marked down and the request is retried on another at once; a
+    background thread probes the down ones every ``PROBE_INTERVAL`` seconds and brings them
+    back. While every endpoint is down a request waits up to ``spec.down_timeout`` for one
+    to come back, then fails with ``IOFailure`` (EIO). ``close`` stops the probes.
+    """
+
+    PROBE_INTERVAL = 0.5
+
+    def __init__(self, spec: S3Spec) -> None:
         if not spec.bucket:
             raise InvalidArgument("an S3 pool needs a bucket name")
         if not spec.endpoints:
@@ -109,24 +167,112 @@ class Bucket:
             ) from e
         self.spec = spec
         config = Config(
-            connect_timeout=timeout,
-            read_timeout=timeout,
-            retries={"max_attempts": attempts, "mode": "standard"},
+            connect_timeout=spec.timeout,
+            read_timeout=spec.timeout,
+            retries={"max_attempts": 1, "mode": "standard"},  # other endpoints retry
             max_pool_connections=32,
         )
         session = boto3.session.Session()
-        self._clients = [
-            session.client("s3", endpoint_url=url, region_name=spec.region, config=config)
+        self._endpoints = [
+            _Endpoint(
+                url, session.client("s3", endpoint_url=url, region_name=spec.region, config=config)
+            )
             for url in spec.endpoints
         ]
-        self._current = 0
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._prober: threading.Thread | None = None
+
+    def endpoints(self) -> list[EndpointInfo]:
+        with self._cond:
+            return [
+                EndpointInfo(
+                    e.url,
+                    EndpointState.UP if e.up else EndpointState.DOWN,
+                    e.requests,
+                    e.errors,
+                    e.latency * 1000,
+                )
+                for e in self._endpoints
+            ]
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._prober is not None:
+            self._prober.join()
 
     # ------------------------------------------------------------------------- requests
 
-    def _call(self, what: str, op: Callable[[Any], T]) -> T:
-        """Run ``op(client)`` on the current endpoint, moving on to the next one when an
-        endpoint cannot be reached; translate the client's errors."""
+    def _pick(self, tried: set[int], wait: bool) -> int | None:
+        """The best healthy endpoint not in ``tried``; waits up to ``down_timeout`` (if
+        ``wait``) while none is healthy. None if every healthy endpoint was tried or the wait
+        ran out."""
+        deadline = time.monotonic() + (self.spec.down_timeout if wait else 0)
+        with self._cond:
+            while True:
+                up = [i for i, e in enumerate(self._endpoints) if e.up]
+                fresh = [i for i in up if i not in tried]
+                if fresh:
+                    best = min(
+                        fresh,
+                        key=lambda i: (self._endpoints[i].inflight, self._endpoints[i].latency),
+                    )
+                    self._endpoints[best].inflight += 1
+                    return best
+                if up or self._closed:
+                    return None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def _mark(self, index: int, ok: bool, seconds: float) -> None:
+        with self._cond:
+            e = self._endpoints[index]
+            e.inflight -= 1
+            e.requests += 1
+            if ok:
+                e.latency = seconds if e.latency == 0 else 0.8 * e.latency + 0.2 * seconds
+                return
+            e.errors += 1
+            if e.up:
+                e.up = False
+                log.info("S3 endpoint %s is down", e.url)
+            if self._prober is None and not self._closed:
+                self._prober = threading.Thread(
+                    target=self._probe_loop, name="storvisor-s3-probe", daemon=True
+                )
+                self._prober.start()
+
+    def _probe_loop(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                self._cond.wait(self.PROBE_INTERVAL)
+                if self._closed:
+                    return
+                down = [e for e in self._endpoints if not e.up]
+            for e in down:
+                try:
+                    e.client.head_bucket(Bucket=self.spec.bucket)
+                except ClientError:
+                    pass  # it answers: an error of the request, not of the endpoint
+                except BotoCoreError:
+                    continue
+                with self._cond:
+                    e.up = True
+                    self._cond.notify_all()
+                log.info("S3 endpoint %s is back", e.url)
+
+    def _call(self, what: str, op: Callable[[Any], T], *, wait: bool = True) -> T:
+        """Run ``op(client)`` on the best healthy endpoint, on another one at once when it
+        cannot be reached or times out; translate the client's errors. ``wait``: wait for
+        an endpoint to come back when all are down."""
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
@@ -143,28 +289,33 @@ class Bucket:
             ReadTimeoutError,
             ConnectionClosedError,
         )
-        with self._lock:
-            first = self._current
+        tried: set[int] = set()
         last: Exception | None = None
-        for step in range(len(self._clients)):
-            index = (first + step) % len(self._clients)
+        while True:
+            index = self._pick(tried, wait)
+            if index is None:
+                break
+            tried.add(index)
+            start = time.monotonic()
             try:
-                result = op(self._clients[index])
+                result = op(self._endpoints[index].client)
             except unreachable as e:
+                self._mark(index, False, 0)
                 last = e
                 continue
             except NoCredentialsError as e:
+                self._mark(index, True, time.monotonic() - start)
                 raise InvalidArgument(
                     "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
                     "a credentials file"
                 ) from e
             except ClientError as e:
+                self._mark(index, True, time.monotonic() - start)
                 raise self._translate(what, e) from e
             except BotoCoreError as e:
+                self._mark(index, True, time.monotonic() - start)
                 raise IOFailure(f"S3 {what} in bucket {self.spec.bucket!r}: {e}") from e
-            if index != first:
-                with self._lock:
-                    self._current = index
+            self._mark(index, True, time.monotonic() - start)
             return result
         endpoints = ", ".join(self.spec.endpoints)
         raise IOFailure(f"S3 {what}: no endpoint answers ({endpoints}): {last}")
@@ -188,7 +339,7 @@ class Bucket:
     def check_bucket(self) -> None:
         """Raise ``NotFound`` if the bucket is missing, ``InvalidArgument`` if the
         credentials are refused, ``IOFailure`` if no endpoint answers."""
-        self._call("bucket check", lambda c: c.head_bucket(Bucket=self.spec.bucket))
+        self._call("bucket check", lambda c: c.head_bucket(Bucket=self.spec.bucket), wait=False)
 
     def keys(self, prefix: str = "") -> Iterator[tuple[str, str]]:
         """Every key under ``prefix`` with its ETag (quotes removed)."""
