@@ -66,25 +66,29 @@ def test_writer_sees_no_error_while_mirrors_fail(aws_env: MotoServer, tmp_path: 
             except BaseException as e:
                 errors.append(e)
 
+        def flushed(count: int) -> bool:
+            assert not errors, f"the writer saw an error: {errors[0]!r}"
+            return flushes >= count
+
         thread = threading.Thread(target=writer)
         thread.start()
         stats = object_backing(pool).bucket
         try:
-            wait_until(lambda: flushes >= 3, 30, "flushes before any failure")
+            wait_until(lambda: flushed(3), 30, "flushes before any failure")
             a.stop()
             wait_until(lambda: stats.endpoints()[0].state is EndpointState.DOWN, 15, "a down")
             seen = flushes
-            wait_until(lambda: flushes >= seen + 3, 30, "flushes while a is stopped")
+            wait_until(lambda: flushed(seen + 3), 30, "flushes while a is stopped")
             a.start()
             wait_until(lambda: stats.endpoints()[0].state is EndpointState.UP, 15, "a back")
             b.stalled.set()
             wait_until(lambda: stats.endpoints()[1].state is EndpointState.DOWN, 15, "b down")
             seen = flushes
-            wait_until(lambda: flushes >= seen + 3, 30, "flushes while b stalls")
+            wait_until(lambda: flushed(seen + 3), 30, "flushes while b stalls")
             b.stalled.clear()
             wait_until(lambda: stats.endpoints()[1].state is EndpointState.UP, 15, "b back")
             seen = flushes
-            wait_until(lambda: flushes >= seen + 2, 30, "flushes after recovery")
+            wait_until(lambda: flushed(seen + 2), 30, "flushes after recovery")
         finally:
             stop.set()
             thread.join(60)
