@@ -39,6 +39,12 @@ def test_create_then_import_on_another_home(aws_env: MotoServer, tmp_path: Path)
     run(first, "snapshot", "create", "s/v@snap")
     shown = json.loads(run(first, "pool", "show", "s", "--json"))
     assert shown["name"] == "s" and shown["state"] == "online"
+    (endpoint,) = shown["endpoints"]
+    assert endpoint["url"] == aws_env.url and endpoint["state"] == "up"
+    assert endpoint["requests"] > 0 and endpoint["errors"] == 0
+    text = run(first, "pool", "show", "s")
+    rows = [line.split() for line in text.splitlines()]
+    assert [aws_env.url, "up"] in [row[:2] for row in rows], text
 
     # each command released the pool when it ended: another HOME may take it now
     run(second, "pool", "import", "s", *where)

@@ -16,7 +16,8 @@ from tcpproxy import Proxy
 
 from storvisor.engine.home import Home
 from storvisor.engine.object_pool import object_backing
-from storvisor.engine.s3 import EndpointState, S3Spec
+from storvisor.engine.s3 import S3Spec
+from storvisor.engine.types import EndpointState
 from storvisor.errors import IOFailure, StorvisorError
 
 MiB = 1 << 20
@@ -94,7 +95,9 @@ def test_writer_sees_no_error_while_mirrors_fail(aws_env: MotoServer, tmp_path: 
             thread.join(60)
         assert not thread.is_alive(), "the writer stalled"
         assert not errors, f"the writer saw an error: {errors[0]!r}"
-        counts = stats.endpoints()
+        counts = pool.info().endpoints
+        assert [e.url for e in counts] == [a.url, b.url]
+        assert all(e.state is EndpointState.UP for e in counts), counts
         assert all(e.errors >= 1 and e.requests > e.errors for e in counts), counts
         volume.close()
     finally:

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 from storvisor.engine.device import LIBC
 from storvisor.engine.probe import find_signature, wipe_signatures
-from storvisor.engine.types import BackingInfo, BackingKind, BackingSpec
+from storvisor.engine.types import BackingInfo, BackingKind, BackingSpec, EndpointInfo
 from storvisor.errors import Conflict, CorruptMetadata, InvalidArgument, IOFailure, NotFound
 
 MAGIC = b"STORVSR1"
@@ -228,6 +228,10 @@ class Backing:
             os.pwritev(self.fd, [self._stamp], HEADER_BYTES - STAMP_BYTES, os.RWF_DSYNC)
         except OSError as e:
             raise IOFailure(f"sync of {self.path}: {e.strerror}", e.errno or errno.EIO) from e
+
+    def endpoints(self) -> tuple[EndpointInfo, ...]:
+        """The S3 endpoints behind this device (none for a local device)."""
+        return ()
 
     def committed(self, changed: bool) -> None:
         """Called after each commit of the pool's catalog (``changed``: the commit wrote a

@@ -63,7 +63,7 @@ from storvisor.engine.s3 import (
     S3Spec,
     data_key,
 )
-from storvisor.engine.types import BackingSpec
+from storvisor.engine.types import BackingSpec, EndpointInfo
 from storvisor.errors import Conflict, CorruptMetadata, IOFailure
 
 UPLOAD_THREADS = 16
@@ -223,6 +223,9 @@ class ObjectBacking(Backing):
             offset = end
 
     # ------------------------------------------------------------------------ lifecycle
+
+    def endpoints(self) -> tuple[EndpointInfo, ...]:
+        return tuple(self.bucket.endpoints())
 
     def grow(self, size: int) -> None:
         raise Conflict(f"{self.path}: an S3 pool's byte space cannot grow")

@@ -298,7 +298,8 @@ class Pool:
             provisioned = sum(v.size for v in self._volumes.values())
             stats = PoolStats(capacity, allocated, provisioned, capacity - allocated)
             backings = tuple(self._backings[i].info() for i in sorted(self._backings))
-            return PoolInfo(self.name, cs, backings, stats)
+            endpoints = tuple(e for b in self._backings.values() for e in b.endpoints())
+            return PoolInfo(self.name, cs, backings, stats, endpoints=endpoints)
 
     def add_backing(self, spec: BackingSpec) -> PoolInfo:
         """Add a backing device online; it is usable at once and durable when this returns.

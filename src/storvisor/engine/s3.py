@@ -33,7 +33,6 @@ credentials ``InvalidArgument``, an unreachable endpoint or a failed transfer ``
 
 from __future__ import annotations
 
-import enum
 import functools
 import json
 import logging
@@ -44,6 +43,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from storvisor.engine.types import EndpointInfo, EndpointState
 from storvisor.errors import Conflict, InvalidArgument, IOFailure, NotFound
 
 PREFIX = "storvisor/"
@@ -110,23 +110,6 @@ class Lease:
 
 def data_key(index: int) -> str:
     return f"{DATA_PREFIX}{index:016x}"
-
-
-class EndpointState(enum.StrEnum):
-    UP = "up"
-    DOWN = "down"
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointInfo:
-    """One endpoint's state and counters (``Bucket.endpoints``)."""
-
-    url: str
-    state: EndpointState
-    requests: int
-    errors: int
-    latency_ms: float
-    """Moving average of the latency of its successful requests."""
 
 
 class _Endpoint:
