@@ -46,6 +46,13 @@ def test_create_then_import_on_another_home(aws_env: MotoServer, tmp_path: Path)
     rows = [line.split() for line in text.splitlines()]
     assert [aws_env.url, "up"] in [row[:2] for row in rows], text
 
+    alias = aws_env.url.replace("127.0.0.1", "localhost")
+    shown = json.loads(run(first, "pool", "add-endpoint", "s", alias, "--json"))
+    assert [e["url"] for e in shown["endpoints"]] == [aws_env.url, alias]
+    shown = json.loads(run(first, "pool", "remove-endpoint", "s", aws_env.url, "--json"))
+    assert [e["url"] for e in shown["endpoints"]] == [alias]
+    assert "only endpoint" in run(first, "pool", "remove-endpoint", "s", alias, rc=1)
+
     # each command released the pool when it ended: another HOME may take it now
     run(second, "pool", "import", "s", *where)
     volumes = json.loads(run(second, "volume", "list", "--json"))

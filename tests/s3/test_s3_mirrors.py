@@ -18,7 +18,7 @@ from storvisor.engine.home import Home
 from storvisor.engine.object_pool import object_backing
 from storvisor.engine.s3 import S3Spec
 from storvisor.engine.types import EndpointState
-from storvisor.errors import IOFailure, StorvisorError
+from storvisor.errors import Conflict, IOFailure, NotFound, StorvisorError
 
 MiB = 1 << 20
 VOLUME = 8 * MiB
@@ -161,3 +161,41 @@ def _flushes(volume: object) -> bool:
     except StorvisorError:
         return False
     return True
+
+
+def test_endpoints_are_added_and_removed_online(aws_env: MotoServer, tmp_path: Path) -> None:
+    bucket = aws_env.bucket()
+    a, b = proxies(aws_env, 2)
+    spec = S3Spec(bucket, (a.url,), REGION, timeout=1.0, down_timeout=2.0)
+    home = Home(tmp_path / "home")
+    try:
+        home.create_s3_pool("m", spec, size=64 * MiB, object_size=MiB)
+        pool = home.pool("m")
+        pool.create_volume("v", MiB)
+        volume = pool.open_volume("v")
+        info = home.add_endpoint("m", b.url)
+        assert [e.url for e in info.endpoints] == [a.url, b.url]
+        with pytest.raises(Conflict, match="already listed"):
+            home.add_endpoint("m", b.url)
+        with pytest.raises(IOFailure):
+            home.add_endpoint("m", "http://127.0.0.1:9")  # does not answer: not added
+        assert home.remove_endpoint("m", a.url).endpoints[0].url == b.url
+        a.stop()  # no longer used: nothing notices
+        volume.write(0, b"b" * 4096)
+        volume.flush()
+        (only,) = pool.info().endpoints
+        assert only.url == b.url and only.errors == 0
+        with pytest.raises(Conflict, match="only endpoint"):
+            home.remove_endpoint("m", b.url)
+        with pytest.raises(NotFound):
+            home.remove_endpoint("m", a.url)
+        volume.close()
+    finally:
+        home.close()
+    again = Home(tmp_path / "home")  # the change was recorded
+    try:
+        assert [e.url for e in again.pool_info("m").endpoints] == [b.url]
+    finally:
+        again.close()
+        a.stop()
+        b.stop()

@@ -29,6 +29,7 @@ from storvisor.api.messages import (
     CreateS3Pool,
     CreateSnapshot,
     CreateVolume,
+    Endpoint,
     ErrorBody,
     ImportS3Pool,
     LibvirtXml,
@@ -167,6 +168,12 @@ class Client:
 
     def import_s3_pool(self, name: str, spec: S3Spec, *, force: bool = False) -> PoolInfo:
         return self._get(PoolInfo, "POST", "/s3-pools/import", ImportS3Pool(name, spec, force))
+
+    def add_endpoint(self, pool: str, url: str) -> PoolInfo:
+        return self._get(PoolInfo, "POST", f"/pools/{_q(pool)}/endpoints", Endpoint(url))
+
+    def remove_endpoint(self, pool: str, url: str) -> PoolInfo:
+        return self._get(PoolInfo, "POST", f"/pools/{_q(pool)}/endpoints/remove", Endpoint(url))
 
     def pools(self) -> list[PoolInfo]:
         return self._list(PoolInfo, "/pools")

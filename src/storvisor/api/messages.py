@@ -39,6 +39,11 @@ class ImportS3Pool:
 
 
 @dataclass(frozen=True, slots=True)
+class Endpoint:
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
 class CreateVolume:
     name: str
     size: int

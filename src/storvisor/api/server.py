@@ -9,6 +9,7 @@ Resources (all under ``/v1``; path segments are percent-encoded, so an export na
     POST   /pools/{pool}/backings   BackingSpec     POST  /pools/{pool}/fsck
     POST   /pools/{pool}/reopen
     POST   /s3-pools                CreateS3Pool    POST  /s3-pools/import  ImportS3Pool
+    POST   /pools/{pool}/endpoints  Endpoint        POST  .../endpoints/remove  Endpoint
     GET    /volumes                                 (every pool)
     GET    /pools/{pool}/volumes                    POST  /pools/{pool}/volumes   CreateVolume
     GET    /pools/{pool}/volumes/{vol}              DELETE /pools/{pool}/volumes/{vol}
@@ -63,6 +64,7 @@ from storvisor.api.messages import (
     CreateS3Pool,
     CreateSnapshot,
     CreateVolume,
+    Endpoint,
     ErrorBody,
     ErrorDetail,
     ImportS3Pool,
@@ -164,6 +166,16 @@ _ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
         ("GET", "/pools", lambda s, r: s.pools()),
         ("POST", "/pools", _create_pool),
         ("POST", "/s3-pools", _create_s3_pool),
+        (
+            "POST",
+            f"/pools/{_P}/endpoints",
+            lambda s, r: s.add_endpoint(r.params[0], r.parse(Endpoint).url),
+        ),
+        (
+            "POST",
+            f"/pools/{_P}/endpoints/remove",
+            lambda s, r: s.remove_endpoint(r.params[0], r.parse(Endpoint).url),
+        ),
         ("POST", "/s3-pools/import", _import_s3_pool),
         ("GET", f"/pools/{_P}", lambda s, r: s.pool_info(r.params[0])),
         ("DELETE", f"/pools/{_P}", lambda s, r: s.delete_pool(r.params[0], force=r.flag("force"))),

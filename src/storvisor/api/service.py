@@ -100,6 +100,8 @@ class Management(Protocol):
         cluster_size: int | None = None,
     ) -> PoolInfo: ...
     def import_s3_pool(self, name: str, spec: S3Spec, *, force: bool = False) -> PoolInfo: ...
+    def add_endpoint(self, pool: str, url: str) -> PoolInfo: ...
+    def remove_endpoint(self, pool: str, url: str) -> PoolInfo: ...
     def pools(self) -> list[PoolInfo]: ...
     def pool_info(self, name: str) -> PoolInfo: ...
     def delete_pool(self, name: str, *, force: bool = False) -> None: ...
@@ -224,6 +226,19 @@ class Service:
         ``IOFailure``."""
         with self._lock:
             return self.home.import_s3_pool(name, spec, force=force)
+
+    def add_endpoint(self, pool: str, url: str) -> PoolInfo:
+        """Serve an S3 pool through one more endpoint, online, once it answers for the
+        bucket. ``NotFound``, ``InvalidArgument`` (not an S3 pool), ``Conflict`` (listed),
+        ``IOFailure`` (it does not answer)."""
+        with self._lock:
+            return self.home.add_endpoint(pool, url)
+
+    def remove_endpoint(self, pool: str, url: str) -> PoolInfo:
+        """Stop using an endpoint of an S3 pool, online. ``NotFound`` (no such pool or
+        endpoint), ``InvalidArgument`` (not an S3 pool), ``Conflict`` (its last one)."""
+        with self._lock:
+            return self.home.remove_endpoint(pool, url)
 
     def pools(self) -> list[PoolInfo]:
         """Every pool with its state, sorted by name; an offline pool never fails the list."""

@@ -195,6 +195,16 @@ def pool_create(m: Management, a: argparse.Namespace) -> int:
     return _print(a, info, output.pool_details(info))
 
 
+def pool_add_endpoint(m: Management, a: argparse.Namespace) -> int:
+    info = m.add_endpoint(a.name, a.url)
+    return _print(a, info, output.pool_details(info))
+
+
+def pool_remove_endpoint(m: Management, a: argparse.Namespace) -> int:
+    info = m.remove_endpoint(a.name, a.url)
+    return _print(a, info, output.pool_details(info))
+
+
 def pool_import(m: Management, a: argparse.Namespace) -> int:
     info = m.import_s3_pool(a.name, _s3_spec(a), force=a.force)
     return _print(a, info, output.pool_details(info))
@@ -552,6 +562,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--size", metavar="SIZE", type=size, help="byte space of an S3 pool (default 1T, thin)"
     )
+    c = cmd(
+        pool, "add-endpoint", pool_add_endpoint, "serve an S3 pool through one more endpoint",
+        json=True,
+    )  # fmt: skip
+    c.add_argument("name", metavar="NAME", type=pool_name)
+    c.add_argument("url", metavar="URL")
+    c = cmd(
+        pool, "remove-endpoint", pool_remove_endpoint, "stop using an endpoint of an S3 pool",
+        json=True,
+    )  # fmt: skip
+    c.add_argument("name", metavar="NAME", type=pool_name)
+    c.add_argument("url", metavar="URL")
     c = cmd(
         pool,
         "import",

@@ -246,6 +246,20 @@ class Home:
             self._pools[name] = pool
             return pool.info()
 
+    def add_endpoint(self, name: str, url: str) -> PoolInfo:
+        """Add an endpoint to an S3 pool, online (``object_pool.add_endpoint``)."""
+        with self._lock:
+            pool = self.pool(name)
+            object_pool.add_endpoint(pool, url)
+            return pool.info()
+
+    def remove_endpoint(self, name: str, url: str) -> PoolInfo:
+        """Remove an endpoint of an S3 pool, online (``object_pool.remove_endpoint``)."""
+        with self._lock:
+            pool = self.pool(name)
+            object_pool.remove_endpoint(pool, url)
+            return pool.info()
+
     def pools(self) -> list[PoolInfo]:
         """Every pool, by name (opening each one); an offline pool is reported, never
         raised."""

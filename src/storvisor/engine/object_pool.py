@@ -211,6 +211,29 @@ def erase(directory: Path) -> None:
         bucket.close()
 
 
+def add_endpoint(pool: Pool, url: str) -> None:
+    """Serve ``pool``'s bucket through ``url`` too, online, once it answers for the bucket;
+    recorded in ``s3.json``. Raises ``InvalidArgument`` (not an S3 pool), ``Conflict``
+    (listed already), ``NotFound``/``IOFailure`` (it does not serve the bucket)."""
+    bucket = object_backing(pool).bucket
+    bucket.add_endpoint(url)
+    _save_spec(pool.directory, bucket.spec)
+
+
+def remove_endpoint(pool: Pool, url: str) -> None:
+    """Stop using ``url`` for ``pool``, online; recorded in ``s3.json``. Raises
+    ``InvalidArgument`` (not an S3 pool), ``NotFound`` (not listed), ``Conflict`` (the last
+    one)."""
+    bucket = object_backing(pool).bucket
+    bucket.remove_endpoint(url)
+    _save_spec(pool.directory, bucket.spec)
+
+
+def _save_spec(directory: Path, spec: S3Spec) -> None:
+    config = S3Config.load(directory)
+    S3Config(spec, config.owner, config.epoch, config.object_size).save(directory)
+
+
 def object_backing(pool: Pool) -> ObjectBacking:
     """The object backing of an S3 pool (for tests and stats). Raises ``InvalidArgument``."""
     backing = pool._backings.get(0)

@@ -33,6 +33,7 @@ credentials ``InvalidArgument``, an unreachable endpoint or a failed transfer ``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -155,7 +156,9 @@ class Bucket:
             retries={"max_attempts": 1, "mode": "standard"},  # other endpoints retry
             max_pool_connections=32,
         )
-        session = boto3.session.Session()
+        self._config = config
+        self._session = boto3.session.Session()
+        session = self._session
         self._endpoints = [
             _Endpoint(
                 url, session.client("s3", endpoint_url=url, region_name=spec.region, config=config)
@@ -179,6 +182,35 @@ class Bucket:
                 for e in self._endpoints
             ]
 
+    def add_endpoint(self, url: str) -> None:
+        """Serve the bucket through ``url`` too, once it answers for the bucket. Raises
+        ``Conflict`` if it is listed already, and as ``check_bucket`` does."""
+        with self._cond:
+            if url in self.spec.endpoints:
+                raise Conflict(f"endpoint {url} is already listed")
+        client = self._session.client(
+            "s3", endpoint_url=url, region_name=self.spec.region, config=self._config
+        )
+        endpoint = _Endpoint(url, client)
+        self._call_on(endpoint, "bucket check", lambda c: c.head_bucket(Bucket=self.spec.bucket))
+        with self._cond:
+            self._endpoints.append(endpoint)
+            self.spec = dataclasses.replace(self.spec, endpoints=(*self.spec.endpoints, url))
+            self._cond.notify_all()
+
+    def remove_endpoint(self, url: str) -> None:
+        """Stop using ``url``; requests in flight there finish. Raises ``NotFound`` if it is
+        not listed, ``Conflict`` if it is the last one."""
+        with self._cond:
+            if url not in self.spec.endpoints:
+                raise NotFound(f"endpoint {url} is not listed")
+            if len(self.spec.endpoints) == 1:
+                raise Conflict(f"endpoint {url} is the pool's only endpoint")
+            self._endpoints = [e for e in self._endpoints if e.url != url]
+            self.spec = dataclasses.replace(
+                self.spec, endpoints=tuple(u for u in self.spec.endpoints if u != url)
+            )
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -188,21 +220,18 @@ class Bucket:
 
     # ------------------------------------------------------------------------- requests
 
-    def _pick(self, tried: set[int], wait: bool) -> int | None:
+    def _pick(self, tried: set[_Endpoint], wait: bool) -> _Endpoint | None:
         """The best healthy endpoint not in ``tried``; waits up to ``down_timeout`` (if
         ``wait``) while none is healthy. None if every healthy endpoint was tried or the wait
         ran out."""
         deadline = time.monotonic() + (self.spec.down_timeout if wait else 0)
         with self._cond:
             while True:
-                up = [i for i, e in enumerate(self._endpoints) if e.up]
-                fresh = [i for i in up if i not in tried]
+                up = [e for e in self._endpoints if e.up]
+                fresh = [e for e in up if e not in tried]
                 if fresh:
-                    best = min(
-                        fresh,
-                        key=lambda i: (self._endpoints[i].inflight, self._endpoints[i].latency),
-                    )
-                    self._endpoints[best].inflight += 1
+                    best = min(fresh, key=lambda e: (e.inflight, e.latency))
+                    best.inflight += 1
                     return best
                 if up or self._closed:
                     return None
@@ -211,9 +240,8 @@ class Bucket:
                     return None
                 self._cond.wait(left)
 
-    def _mark(self, index: int, ok: bool, seconds: float) -> None:
+    def _mark(self, e: _Endpoint, ok: bool, seconds: float) -> None:
         with self._cond:
-            e = self._endpoints[index]
             e.inflight -= 1
             e.requests += 1
             if ok:
@@ -252,6 +280,17 @@ class Bucket:
                     self._cond.notify_all()
                 log.info("S3 endpoint %s is back", e.url)
 
+    def _call_on(self, endpoint: _Endpoint, what: str, op: Callable[[Any], T]) -> T:
+        """Run ``op`` on ``endpoint`` only, once; translate the client's errors."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return op(endpoint.client)
+        except ClientError as e:
+            raise self._translate(what, e) from e
+        except BotoCoreError as e:
+            raise IOFailure(f"S3 {what} through {endpoint.url}: {e}") from e
+
     def _call(self, what: str, op: Callable[[Any], T], *, wait: bool = True) -> T:
         """Run ``op(client)`` on the best healthy endpoint, on another one at once when it
         cannot be reached or times out; translate the client's errors. ``wait``: wait for
@@ -272,33 +311,33 @@ class Bucket:
             ReadTimeoutError,
             ConnectionClosedError,
         )
-        tried: set[int] = set()
+        tried: set[_Endpoint] = set()
         last: Exception | None = None
         while True:
-            index = self._pick(tried, wait)
-            if index is None:
+            endpoint = self._pick(tried, wait)
+            if endpoint is None:
                 break
-            tried.add(index)
+            tried.add(endpoint)
             start = time.monotonic()
             try:
-                result = op(self._endpoints[index].client)
+                result = op(endpoint.client)
             except unreachable as e:
-                self._mark(index, False, 0)
+                self._mark(endpoint, False, 0)
                 last = e
                 continue
             except NoCredentialsError as e:
-                self._mark(index, True, time.monotonic() - start)
+                self._mark(endpoint, True, time.monotonic() - start)
                 raise InvalidArgument(
                     "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
                     "a credentials file"
                 ) from e
             except ClientError as e:
-                self._mark(index, True, time.monotonic() - start)
+                self._mark(endpoint, True, time.monotonic() - start)
                 raise self._translate(what, e) from e
             except BotoCoreError as e:
-                self._mark(index, True, time.monotonic() - start)
+                self._mark(endpoint, True, time.monotonic() - start)
                 raise IOFailure(f"S3 {what} in bucket {self.spec.bucket!r}: {e}") from e
-            self._mark(index, True, time.monotonic() - start)
+            self._mark(endpoint, True, time.monotonic() - start)
             return result
         endpoints = ", ".join(self.spec.endpoints)
         raise IOFailure(f"S3 {what}: no endpoint answers ({endpoints}): {last}")
