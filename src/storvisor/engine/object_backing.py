@@ -10,14 +10,16 @@ The byte space is cut into objects of ``object_size`` bytes; object ``i`` covers
 ``[i * object_size, (i + 1) * object_size)`` and lives under ``data/%016x``; a missing object
 is zeros, so a thin pool stores only what was written.
 
-*Sync is an upload barrier.* ``sync`` (a flush) uploads every object whose local bytes
-differ from what the bucket holds and returns when all of them are stored; ``sync_clusters``
-(the background commit) does the same for the objects holding the given clusters only. What
-the bucket holds is known by each object's MD5: the ETags listed at open (S3's ETag of a
-single-part PUT is its MD5), then the digests of what this process uploaded. An object whose
-local bytes are all zeros is deleted instead. Uploads run in parallel (``UPLOAD_THREADS``).
-Nothing needs to record which objects are dirty: a crash of the process loses no
-knowledge, since the next sync compares contents again.
+*Sync is an upload barrier.* ``sync`` (a flush) first makes the local image durable, as a
+local device's sync does (after a crash of the machine the image then holds at least what
+was flushed, and no older bytes are ever uploaded over it), then uploads every object whose
+local bytes differ from what the bucket holds, and returns when all of them are stored;
+``sync_clusters`` (the background commit) does the same for the objects holding the given
+clusters only. What the bucket holds is known by each object's MD5: the ETags listed at
+open (S3's ETag of a single-part PUT is its MD5), then the digests of what this process
+uploaded. An object whose local bytes are all zeros is deleted instead. Uploads run in
+parallel (``UPLOAD_THREADS``). Nothing needs to record which objects are dirty: a crash
+loses no such knowledge, since the next sync compares contents again.
 
 *Metadata.* The pool commits its catalog locally after syncing the data the batch points at
 (``Pool._commit``), then calls ``committed``, which uploads a consistent copy of the
@@ -150,12 +152,15 @@ class ObjectBacking(Backing):
 
     def sync(self) -> None:
         with self._sync_lock:
+            super().sync()
             self._upload(set(self._data_objects()) | set(self._uploaded))
 
     def sync_clusters(self, clusters: Iterable[int]) -> None:
+        clusters = list(clusters)
         per = self.object_size // self.cluster_size
         objects = {(local + 1) // per for local in clusters}
         with self._sync_lock:
+            super().sync_clusters(clusters)
             self._upload(objects)
 
     def committed(self, changed: bool) -> None:

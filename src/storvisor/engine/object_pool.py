@@ -160,7 +160,10 @@ def _import(directory: Path, name: str, bucket: Bucket, force: bool) -> Pool:
         if catalog is None:
             raise CorruptMetadata(f"bucket {spec.bucket!r} holds no catalog")
         db = directory / "catalog.db"
-        db.write_bytes(catalog[0])
+        with open(db, "wb") as f:
+            f.write(catalog[0])
+            f.flush()
+            os.fsync(f.fileno())
         data = directory / DATA_NAME
         with contextlib.closing(sqlite3.connect(db)) as con, con:
             con.execute("UPDATE devices SET path = ?", (str(data),))
