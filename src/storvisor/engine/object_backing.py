@@ -160,7 +160,10 @@ class ObjectBacking(Backing):
         per = self.object_size // self.cluster_size
         objects = {(local + 1) // per for local in clusters}
         with self._sync_lock:
-            super().sync_clusters(clusters)
+            if self.ranged:
+                super().sync_clusters(clusters)
+            else:  # what Backing.sync_clusters falls back to, without this class's sync
+                Backing.sync(self)
             self._upload(objects)
 
     def committed(self, changed: bool) -> None:
