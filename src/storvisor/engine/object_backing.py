@@ -10,10 +10,10 @@ The byte space is cut into objects of ``object_size`` bytes; object ``i`` covers
 ``[i * object_size, (i + 1) * object_size)`` and lives under ``data/%016x``; a missing object
 is zeros, so a thin pool stores only what was written.
 
-*Sync is an upload barrier.* ``sync`` (a flush) first makes the local image durable, as a
-local device's sync does (after a crash of the machine the image then holds at least what
-was flushed, and no older bytes are ever uploaded over it), then uploads every object whose
-local bytes differ from what the bucket holds, and returns when all of them are stored;
+*Sync is an upload barrier.* ``sync`` (a flush) makes the local image durable, as a local
+device's sync does (after a crash of the machine the image then holds at least what was
+flushed, and no older bytes are ever uploaded over it), and meanwhile uploads every object
+whose local bytes differ from what the bucket holds; it returns when both are done;
 ``sync_clusters`` (the background commit) does the same for the objects holding the given
 clusters only. What the bucket holds is known by each object's MD5: the ETags listed at
 open (S3's ETag of a single-part PUT is its MD5), then the digests of what this process
@@ -152,19 +152,24 @@ class ObjectBacking(Backing):
 
     def sync(self) -> None:
         with self._sync_lock:
-            super().sync()
-            self._upload(set(self._data_objects()) | set(self._uploaded))
+            local = self._pool.submit(Backing.sync, self)  # beside the uploads, not before
+            try:
+                self._upload(set(self._data_objects()) | set(self._uploaded))
+            finally:
+                local.result()
 
     def sync_clusters(self, clusters: Iterable[int]) -> None:
         clusters = list(clusters)
         per = self.object_size // self.cluster_size
         objects = {(local + 1) // per for local in clusters}
         with self._sync_lock:
-            if self.ranged:
-                super().sync_clusters(clusters)
-            else:  # what Backing.sync_clusters falls back to, without this class's sync
-                Backing.sync(self)
-            self._upload(objects)
+            # what Backing.sync_clusters does, without this class's sync as its fallback
+            local_sync = super().sync_clusters if self.ranged else lambda _: Backing.sync(self)
+            local = self._pool.submit(local_sync, clusters)
+            try:
+                self._upload(objects)
+            finally:
+                local.result()
 
     def committed(self, changed: bool) -> None:
         if not (changed or self._catalog_stale):
