@@ -1,6 +1,6 @@
-"""An S3 pool served by the daemon over NBD (its data planes write in place through the
-local image's fd): a completed NBD flush is in the bucket, as another HOME that takes the
-pool over sees; the daemon, fenced, then fails its next flush."""
+"""An S3 pool created through the daemon's API and served by it over NBD (its data planes
+write in place through the local image's fd): a completed NBD flush is in the bucket, as
+another HOME that takes the pool over sees; the daemon, fenced, then fails its next flush."""
 
 from __future__ import annotations
 
@@ -38,8 +38,6 @@ def test_nbd_flush_reaches_the_bucket_and_a_fenced_daemon_stops(
     bucket = aws_env.bucket()
     first = tmp_path / "first"
     where = ["--s3", bucket, "--endpoint", aws_env.url, "--region", "us-east-1"]
-    storvisor(first, "pool", "create", "s", *where, "--size", "64M", "--object-size", "1M")
-    storvisor(first, "volume", "create", "s/v", "--size", "8M")
     daemon = subprocess.Popen(
         [STORVISOR, "--home", str(first), "serve"],
         stdout=subprocess.DEVNULL,
@@ -57,6 +55,9 @@ def test_nbd_flush_reaches_the_bucket_and_a_fenced_daemon_stops(
                 assert daemon.poll() is None, f"daemon exited: {daemon.communicate()}"
                 assert time.monotonic() < deadline, "the daemon did not answer"
                 time.sleep(0.1)
+        # through the daemon's API: the daemon's own AWS environment is used
+        storvisor(first, "pool", "create", "s", *where, "--size", "64M", "--object-size", "1M")
+        storvisor(first, "volume", "create", "s/v", "--size", "8M")
         uri = storvisor(first, "export", "nbd", "s/v").strip()
         handle = nbd.NBD()
         handle.connect_uri(uri)

@@ -141,6 +141,8 @@ class ObjectBacking(Backing):
         """Object index -> MD5 (hex) of what the bucket holds for it."""
         self._sync_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="storvisor-s3")
+        self._synced = True
+        """The last full sync succeeded (else the lease is kept at close)."""
         self._catalog_stale = catalog_stale
         """The bucket's catalog may be older than the local one (at open: a replayed journal)."""
         self._fenced: LeaseLost | None = None
@@ -152,11 +154,13 @@ class ObjectBacking(Backing):
 
     def sync(self) -> None:
         with self._sync_lock:
+            self._synced = False
             local = self._pool.submit(Backing.sync, self)  # beside the uploads, not before
             try:
                 self._upload(set(self._data_objects()) | set(self._uploaded))
             finally:
                 local.result()
+            self._synced = True
 
     def sync_clusters(self, clusters: Iterable[int]) -> None:
         clusters = list(clusters)
@@ -244,7 +248,7 @@ class ObjectBacking(Backing):
         raise Conflict(f"{self.path}: an S3 pool's byte space cannot grow")
 
     def close(self) -> None:
-        if self.fd >= 0 and self._fenced is None and not self._catalog_stale:
+        if self.fd >= 0 and self._fenced is None and self._synced and not self._catalog_stale:
             # on failure the next holder must force the lease; nothing else is lost
             with contextlib.suppress(IOFailure, Conflict):
                 self.bucket.release_lease(self.lease)
