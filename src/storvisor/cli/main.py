@@ -121,6 +121,13 @@ def size(text: str) -> int:
     return value
 
 
+def timeout(text: str) -> float:
+    value = seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"invalid timeout {text!r}: must be positive")
+    return value
+
+
 def backing(text: str) -> BackingSpec:
     """``PATH`` (an existing file or block device) or ``PATH:SIZE`` (a sparse file created or
     grown to SIZE). A colon followed by something that is not a size stays in the path."""
@@ -213,7 +220,7 @@ def pool_import(m: Management, a: argparse.Namespace) -> int:
 def _s3_spec(a: argparse.Namespace) -> S3Spec:
     if not a.endpoint:
         raise InvalidArgument("an S3 pool needs at least one --endpoint URL")
-    return S3Spec(a.s3, tuple(a.endpoint), a.region)
+    return S3Spec(a.s3, tuple(a.endpoint), a.region, a.endpoint_timeout, a.down_timeout)
 
 
 def pool_list(m: Management, a: argparse.Namespace) -> int:
@@ -526,6 +533,20 @@ def build_parser() -> argparse.ArgumentParser:
             help="an S3 endpoint serving the bucket (repeatable: mirrors)",
         )
         c.add_argument("--region", metavar="REGION", help="the bucket's region")
+        c.add_argument(
+            "--endpoint-timeout",
+            metavar="SECONDS",
+            type=timeout,
+            default=10.0,
+            help="an endpoint that takes longer to connect or answer is marked down (default 10)",
+        )
+        c.add_argument(
+            "--down-timeout",
+            metavar="SECONDS",
+            type=timeout,
+            default=30.0,
+            help="while every endpoint is down, I/O waits this long, then fails (default 30)",
+        )
 
     def group(name: str, help: str) -> argparse._SubParsersAction[_Parser]:
         gp = cmd(sub, name, None, help)
