@@ -15,6 +15,7 @@ from storvisor.engine.home import Home
 from storvisor.engine.object_pool import object_backing
 from storvisor.engine.pool import Pool
 from storvisor.engine.s3 import LEASE_KEY, LeaseLost, S3Spec
+from storvisor.engine.types import BackingSpec
 from storvisor.errors import Conflict, InvalidArgument, IOFailure, NotFound
 from storvisor.testing.conformance import check_block_device
 
@@ -209,6 +210,11 @@ def test_bad_input_is_refused_and_nothing_is_created(
     refused(InvalidArgument, "refused the credentials", aws_env.spec(bucket))
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws_env.secret)
     assert aws_env.keys(bucket) == {}
+    with pytest.raises(InvalidArgument, match="S3 pool: it takes no devices"):
+        create(s3home, aws_env, aws_env.bucket(), name="t").add_backing(
+            BackingSpec(str(tmp_path / "extra.img"), 64 * MiB)
+        )
+    assert not (tmp_path / "extra.img").exists()
     with pytest.raises(InvalidArgument, match="multiple of the cluster size"):
         s3home.create_s3_pool("s", aws_env.spec(bucket), object_size=1000)
 

@@ -98,6 +98,9 @@ class Header:
 class Backing:
     """One open backing device. ``clusters`` counts data clusters (the header excluded)."""
 
+    extensible = True
+    """Whether the pool may add devices beside this one (not beside an S3 bucket's)."""
+
     def __init__(
         self, path: str, fd: int, kind: BackingKind, index: int, cluster_size: int
     ) -> None:

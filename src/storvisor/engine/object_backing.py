@@ -121,6 +121,8 @@ class ObjectBacking(Backing):
     """A backing device made durable in a bucket (module docstring). ``sync`` and
     ``sync_clusters`` raise ``IOFailure`` (``LeaseLost`` once the lease is gone)."""
 
+    extensible = False
+
     def __init__(
         self,
         base: Backing,

@@ -308,11 +308,14 @@ class Pool:
         the new size is synced before any cluster of the grown part is handed out. Raises
         ``Conflict`` for a device of another pool (or of this one, without growth),
         ``NotFound`` and ``InvalidArgument`` as ``Backing.attach`` does, ``IOFailure`` when
-        the grown size cannot be made durable.
+        the grown size cannot be made durable; ``InvalidArgument`` for an S3 pool, whose one
+        device is its bucket.
         """
         path = os.path.abspath(spec.path)
         with self._lock:
             self._check_open()
+            if not all(b.extensible for b in self._backings.values()):
+                raise InvalidArgument(f"pool {self.name!r} is an S3 pool: it takes no devices")
             for backing in self._backings.values():
                 if os.path.realpath(backing.path) == os.path.realpath(path):
                     if spec.size is None or spec.size <= (backing.clusters + 1) * self.cluster_size:
