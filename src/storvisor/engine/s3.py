@@ -346,9 +346,7 @@ class Bucket:
         error = e.response.get("Error", {})
         code = str(error.get("Code", ""))
         message = error.get("Message") or code
-        if code in ("NoSuchBucket", "404") and what == "bucket check":
-            return NotFound(f"S3 bucket {self.spec.bucket!r} does not exist")
-        if code == "NoSuchBucket":
+        if code == "NoSuchBucket" or (code == "404" and what == "bucket check"):  # HEAD: no body
             return NotFound(f"S3 bucket {self.spec.bucket!r} does not exist")
         if code in _CREDENTIAL_CODES:
             return InvalidArgument(
