@@ -13,7 +13,9 @@
      │    ├── DaemonUnavailable (api.client) the daemon's API socket does not answer
      │    └── UntrustedDaemon   (api.client) the daemon's TLS certificate is not trusted
      ├── IOFailure              one request failed; carries an errno for the wire
-     │    └── NoSpace           the pool ran out of clusters (ENOSPC)
+     │    ├── NoSpace           the pool ran out of clusters (ENOSPC)
+     │    └── Unavailable       a remote store (S3) did not answer: nothing was lost, and the
+     │                          same operation can be retried as is
      ├── NotFound               a named pool, volume, snapshot or export does not exist
      ├── Conflict               the name exists, or the object is in use or depended on
      │    └── HomeInUse         (engine.home) another process holds the HOME lock
@@ -75,6 +77,12 @@ class IOFailure(StorvisorError):
     def __init__(self, message: str, errno: int = _errno.EIO) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class Unavailable(IOFailure):
+    """A remote store did not answer in time (every S3 endpoint of a pool was down): nothing
+    was lost and the same operation can be retried as is, unlike a failed sync of a local
+    device, whose page cache may have dropped what it could not write."""
 
 
 class NoSpace(IOFailure):

@@ -34,6 +34,7 @@ STATUS = {
     errors.LocalFailure: HTTPStatus.INTERNAL_SERVER_ERROR,
     errors.IOFailure: HTTPStatus.INTERNAL_SERVER_ERROR,
     errors.NoSpace: HTTPStatus.INSUFFICIENT_STORAGE,
+    errors.Unavailable: HTTPStatus.INTERNAL_SERVER_ERROR,
     errors.NotFound: HTTPStatus.NOT_FOUND,
     errors.Conflict: HTTPStatus.CONFLICT,
     errors.InvalidArgument: HTTPStatus.BAD_REQUEST,

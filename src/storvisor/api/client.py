@@ -31,11 +31,14 @@ from storvisor.api.messages import (
     CreateExport,
     CreatePool,
     CreateQosSpec,
+    CreateS3Pool,
     CreateSnapshot,
     CreateVolume,
+    Endpoint,
     ErrorBody,
     ExportImage,
     ImportImage,
+    ImportS3Pool,
     Resize,
     Rollback,
     SetVolumeQos,
@@ -50,6 +53,7 @@ from storvisor.api.tls import (
     format_fingerprint,
     parse_fingerprint,
 )
+from storvisor.engine.s3 import S3Spec
 from storvisor.engine.types import BackingSpec, FsckReport, PoolInfo, SnapshotInfo, VolumeInfo
 from storvisor.errors import InvalidArgument, LocalFailure, ProtocolError, StorvisorError
 
@@ -278,6 +282,27 @@ class Client:
         self, name: str, backings: Sequence[BackingSpec], cluster_size: int | None = None
     ) -> PoolInfo:
         return self._one(routes.CREATE_POOL, body=CreatePool(name, tuple(backings), cluster_size))
+
+    def create_s3_pool(
+        self,
+        name: str,
+        spec: S3Spec,
+        *,
+        object_size: int | None = None,
+        size: int | None = None,
+        cluster_size: int | None = None,
+    ) -> PoolInfo:
+        body = CreateS3Pool(name, spec, object_size, size, cluster_size)
+        return self._one(routes.CREATE_S3_POOL, body=body)
+
+    def import_s3_pool(self, name: str, spec: S3Spec, *, force: bool = False) -> PoolInfo:
+        return self._one(routes.IMPORT_S3_POOL, body=ImportS3Pool(name, spec, force))
+
+    def add_endpoint(self, pool: str, url: str) -> PoolInfo:
+        return self._one(routes.ADD_ENDPOINT, pool, body=Endpoint(url))
+
+    def remove_endpoint(self, pool: str, url: str) -> PoolInfo:
+        return self._one(routes.REMOVE_ENDPOINT, pool, body=Endpoint(url))
 
     def pools(self) -> list[PoolInfo]:
         return self._list(routes.POOLS)

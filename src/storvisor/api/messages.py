@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from storvisor.api.exports import ExportKind
 from storvisor.api.qos import QosKey
+from storvisor.engine.s3 import S3Spec
 from storvisor.engine.types import BackingSpec
 
 API_PREFIX = "/v1"
@@ -19,6 +20,27 @@ class CreatePool:
     name: str
     backings: tuple[BackingSpec, ...]
     cluster_size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CreateS3Pool:
+    name: str
+    s3: S3Spec
+    object_size: int | None = None
+    size: int | None = None
+    cluster_size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImportS3Pool:
+    name: str
+    s3: S3Spec
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    url: str
 
 
 @dataclass(frozen=True, slots=True)

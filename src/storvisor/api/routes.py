@@ -30,10 +30,13 @@ from storvisor.api.messages import (
     CreateExport,
     CreatePool,
     CreateQosSpec,
+    CreateS3Pool,
     CreateSnapshot,
     CreateVolume,
+    Endpoint,
     ExportImage,
     ImportImage,
+    ImportS3Pool,
     LibvirtXml,
     Resize,
     Rollback,
@@ -106,6 +109,42 @@ OPENAPI = Route("openapi", GET, "/openapi.json", Document, "this API's OpenAPI d
 
 POOLS = Route("pools", GET, "/pools", PoolInfo, "list pools", many=True)
 CREATE_POOL = Route("create_pool", POST, "/pools", PoolInfo, "create a pool", CreatePool, access=_W)
+CREATE_S3_POOL = Route(
+    "create_s3_pool",
+    POST,
+    "/s3-pools",
+    PoolInfo,
+    "create a pool whose data and metadata live in an S3 bucket",
+    CreateS3Pool,
+    access=_W,
+)
+IMPORT_S3_POOL = Route(
+    "import_s3_pool",
+    POST,
+    "/s3-pools/import",
+    PoolInfo,
+    "open an S3 pool another host released (force: take a dead host's lease)",
+    ImportS3Pool,
+    access=_W,
+)
+ADD_ENDPOINT = Route(
+    "add_endpoint",
+    POST,
+    f"{_POOL}/endpoints",
+    PoolInfo,
+    "add a mirror endpoint to an S3 pool",
+    Endpoint,
+    access=_W,
+)
+REMOVE_ENDPOINT = Route(
+    "remove_endpoint",
+    POST,
+    f"{_POOL}/endpoints/remove",
+    PoolInfo,
+    "remove a mirror endpoint from an S3 pool",
+    Endpoint,
+    access=_W,
+)
 POOL_INFO = Route("pool_info", GET, _POOL, PoolInfo, "show a pool")
 DELETE_POOL: Route[None] = Route(
     "delete_pool",
@@ -295,6 +334,10 @@ ROUTES: tuple[Route[Any], ...] = (
     OPENAPI,
     POOLS,
     CREATE_POOL,
+    CREATE_S3_POOL,
+    IMPORT_S3_POOL,
+    ADD_ENDPOINT,
+    REMOVE_ENDPOINT,
     POOL_INFO,
     DELETE_POOL,
     ADD_BACKING,

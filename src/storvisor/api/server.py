@@ -52,12 +52,15 @@ from storvisor.api.messages import (
     CreateExport,
     CreatePool,
     CreateQosSpec,
+    CreateS3Pool,
     CreateSnapshot,
     CreateVolume,
+    Endpoint,
     ErrorBody,
     ErrorDetail,
     ExportImage,
     ImportImage,
+    ImportS3Pool,
     LibvirtXml,
     Resize,
     Rollback,
@@ -136,11 +139,31 @@ def _create_pool(s: Service, r: Request) -> object:
     return s.create_pool(req.name, req.backings, req.cluster_size)
 
 
+def _create_s3_pool(s: Service, r: Request) -> object:
+    req = r.parse(CreateS3Pool)
+    return s.create_s3_pool(
+        req.name,
+        req.s3,
+        object_size=req.object_size,
+        size=req.size,
+        cluster_size=req.cluster_size,
+    )
+
+
+def _import_s3_pool(s: Service, r: Request) -> object:
+    req = r.parse(ImportS3Pool)
+    return s.import_s3_pool(req.name, req.s3, force=req.force)
+
+
 _HANDLERS: dict[Route[Any], Handler] = {
     routes.STATUS: lambda s, r: s.status(),
     routes.OPENAPI: lambda s, r: openapi.document(),
     routes.POOLS: lambda s, r: s.pools(),
     routes.CREATE_POOL: _create_pool,
+    routes.CREATE_S3_POOL: _create_s3_pool,
+    routes.IMPORT_S3_POOL: _import_s3_pool,
+    routes.ADD_ENDPOINT: lambda s, r: s.add_endpoint(r.params[0], r.parse(Endpoint).url),
+    routes.REMOVE_ENDPOINT: lambda s, r: s.remove_endpoint(r.params[0], r.parse(Endpoint).url),
     routes.POOL_INFO: lambda s, r: s.pool_info(r.params[0]),
     routes.DELETE_POOL: lambda s, r: s.delete_pool(r.params[0], force=r.flag("force")),
     routes.ADD_BACKING: lambda s, r: s.add_backing(r.params[0], r.parse(BackingSpec)),

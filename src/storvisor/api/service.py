@@ -50,6 +50,7 @@ from storvisor.api.qos import QosKey, QosManager, QosSpecInfo, VolumeQos
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.home import Home
 from storvisor.engine.qos import ThrottledDevice
+from storvisor.engine.s3 import S3Spec
 from storvisor.engine.types import (
     BackingSpec,
     FsckReport,
@@ -98,6 +99,18 @@ class Management(Protocol):
     def create_pool(
         self, name: str, backings: Sequence[BackingSpec], cluster_size: int | None = None
     ) -> PoolInfo: ...
+    def create_s3_pool(
+        self,
+        name: str,
+        spec: S3Spec,
+        *,
+        object_size: int | None = None,
+        size: int | None = None,
+        cluster_size: int | None = None,
+    ) -> PoolInfo: ...
+    def import_s3_pool(self, name: str, spec: S3Spec, *, force: bool = False) -> PoolInfo: ...
+    def add_endpoint(self, pool: str, url: str) -> PoolInfo: ...
+    def remove_endpoint(self, pool: str, url: str) -> PoolInfo: ...
     def pools(self) -> list[PoolInfo]: ...
     def pool_info(self, name: str) -> PoolInfo: ...
     def delete_pool(self, name: str, *, force: bool = False) -> None: ...
@@ -238,6 +251,44 @@ class Service:
             raise InvalidArgument("a pool needs at least one backing device")
         with self._lock:
             return self.home.create_pool(name, backings, cluster_size)
+
+    def create_s3_pool(
+        self,
+        name: str,
+        spec: S3Spec,
+        *,
+        object_size: int | None = None,
+        size: int | None = None,
+        cluster_size: int | None = None,
+    ) -> PoolInfo:
+        """Create a pool in an S3 bucket, with this process's AWS credentials (``Home.
+        create_s3_pool``). ``Conflict`` (name taken, bucket not empty), ``NotFound`` (no
+        bucket), ``InvalidArgument`` (credentials refused, bad sizes), ``IOFailure`` (no
+        endpoint answers)."""
+        with self._lock:
+            return self.home.create_s3_pool(
+                name, spec, size=size, object_size=object_size, cluster_size=cluster_size
+            )
+
+    def import_s3_pool(self, name: str, spec: S3Spec, *, force: bool = False) -> PoolInfo:
+        """Open here an S3 pool released by another HOME (``force``: its holder is gone).
+        ``Conflict`` (name taken, lease held), ``NotFound``, ``InvalidArgument``,
+        ``IOFailure``."""
+        with self._lock:
+            return self.home.import_s3_pool(name, spec, force=force)
+
+    def add_endpoint(self, pool: str, url: str) -> PoolInfo:
+        """Serve an S3 pool through one more endpoint, online, once it answers for the
+        bucket. ``NotFound``, ``InvalidArgument`` (not an S3 pool), ``Conflict`` (listed),
+        ``IOFailure`` (it does not answer)."""
+        with self._lock:
+            return self.home.add_endpoint(pool, url)
+
+    def remove_endpoint(self, pool: str, url: str) -> PoolInfo:
+        """Stop using an endpoint of an S3 pool, online. ``NotFound`` (no such pool or
+        endpoint), ``InvalidArgument`` (not an S3 pool), ``Conflict`` (its last one)."""
+        with self._lock:
+            return self.home.remove_endpoint(pool, url)
 
     def pools(self) -> list[PoolInfo]:
         """Every pool with its state, sorted by name; an offline pool never fails the list."""

@@ -47,6 +47,7 @@ from storvisor.api.tokens import TokenStore
 from storvisor.cli import output
 from storvisor.cli.progress import wait_for_job
 from storvisor.engine.home import HomeInUse, HomeUser
+from storvisor.engine.s3 import S3Spec
 from storvisor.engine.types import BackingSpec, PoolState
 from storvisor.errors import InvalidArgument, StateError, StorvisorError
 from storvisor.units import parse_size
@@ -130,6 +131,13 @@ def size(text: str) -> int:
     return value
 
 
+def timeout(text: str) -> float:
+    value = seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"invalid timeout {text!r}: must be positive")
+    return value
+
+
 def backing(text: str) -> BackingSpec:
     """``PATH`` (an existing file or block device) or ``PATH:SIZE`` (a sparse file created or
     grown to SIZE). A colon followed by something that is not a size stays in the path."""
@@ -199,8 +207,46 @@ def _forced(a: argparse.Namespace) -> list[BackingSpec]:
 
 
 def pool_create(m: Management, a: argparse.Namespace) -> int:
-    info = m.create_pool(a.name, _forced(a), a.cluster_size)
+    if a.s3 is not None:
+        if a.backing:
+            raise InvalidArgument("give either --backing or --s3, not both")
+        info = m.create_s3_pool(
+            a.name,
+            _s3_spec(a),
+            object_size=a.object_size,
+            size=a.size,
+            cluster_size=a.cluster_size,
+        )
+    elif not a.backing:
+        raise InvalidArgument("a pool needs --backing PATH[:SIZE] (or --s3 BUCKET)")
+    else:
+        for option in ("endpoint", "region", "object_size", "size"):
+            if getattr(a, option):
+                flag = "--" + option.replace("_", "-")
+                raise InvalidArgument(f"{flag} belongs to an S3 pool (--s3 BUCKET)")
+        info = m.create_pool(a.name, _forced(a), a.cluster_size)
     return _print(a, info, output.pool_details(info))
+
+
+def pool_add_endpoint(m: Management, a: argparse.Namespace) -> int:
+    info = m.add_endpoint(a.name, a.url)
+    return _print(a, info, output.pool_details(info))
+
+
+def pool_remove_endpoint(m: Management, a: argparse.Namespace) -> int:
+    info = m.remove_endpoint(a.name, a.url)
+    return _print(a, info, output.pool_details(info))
+
+
+def pool_import(m: Management, a: argparse.Namespace) -> int:
+    info = m.import_s3_pool(a.name, _s3_spec(a), force=a.force)
+    return _print(a, info, output.pool_details(info))
+
+
+def _s3_spec(a: argparse.Namespace) -> S3Spec:
+    if not a.endpoint:
+        raise InvalidArgument("an S3 pool needs at least one --endpoint URL")
+    return S3Spec(a.s3, tuple(a.endpoint), a.region, a.endpoint_timeout, a.down_timeout)
 
 
 def pool_list(m: Management, a: argparse.Namespace) -> int:
@@ -612,6 +658,36 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--json", action="store_true", help="machine-readable output")
         return sp
 
+    def s3_options(c: _Parser, *, required: bool = False) -> None:
+        c.add_argument(
+            "--s3",
+            metavar="BUCKET",
+            required=required,
+            help="keep the pool in this S3 bucket (credentials: the AWS environment variables "
+            "or credentials file, never the command line)",
+        )
+        c.add_argument(
+            "--endpoint",
+            metavar="URL",
+            action="append",
+            help="an S3 endpoint serving the bucket (repeatable: mirrors)",
+        )
+        c.add_argument("--region", metavar="REGION", help="the bucket's region")
+        c.add_argument(
+            "--endpoint-timeout",
+            metavar="SECONDS",
+            type=timeout,
+            default=10.0,
+            help="an endpoint that takes longer to connect or answer is marked down (default 10)",
+        )
+        c.add_argument(
+            "--down-timeout",
+            metavar="SECONDS",
+            type=timeout,
+            default=30.0,
+            help="while every endpoint is down, I/O waits this long, then fails (default 30)",
+        )
+
     def group(name: str, help: str) -> argparse._SubParsersAction[_Parser]:
         gp = cmd(sub, name, None, help)
         return gp.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -666,7 +742,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH[:SIZE]",
         type=backing,
         action="append",
-        required=True,
         help="a file or block device; with :SIZE a sparse file of that size (repeatable)",
     )
     c.add_argument("--cluster-size", metavar="SIZE", type=size)
@@ -674,6 +749,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="overwrite a device that holds a file system, partition table or other signature",
+    )
+    s3_options(c)
+    c.add_argument("--object-size", metavar="SIZE", type=size, help="S3 object size (default 4M)")
+    c.add_argument(
+        "--size", metavar="SIZE", type=size, help="byte space of an S3 pool (default 1T, thin)"
+    )
+    c = cmd(
+        pool, "add-endpoint", pool_add_endpoint, "serve an S3 pool through one more endpoint",
+        json=True,
+    )  # fmt: skip
+    c.add_argument("name", metavar="NAME", type=pool_name)
+    c.add_argument("url", metavar="URL")
+    c = cmd(
+        pool, "remove-endpoint", pool_remove_endpoint, "stop using an endpoint of an S3 pool",
+        json=True,
+    )  # fmt: skip
+    c.add_argument("name", metavar="NAME", type=pool_name)
+    c.add_argument("url", metavar="URL")
+    c = cmd(
+        pool,
+        "import",
+        pool_import,
+        "open here an S3 pool another host released (credentials: the AWS environment "
+        "variables or credentials file)",
+        json=True,
+    )
+    c.add_argument("name", metavar="NAME", type=pool_name)
+    s3_options(c, required=True)
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help="take the pool's lease from a host that is gone without releasing it",
     )
     cmd(pool, "list", pool_list, "list pools", json=True)
     c = cmd(pool, "show", pool_show, "show a pool", json=True)

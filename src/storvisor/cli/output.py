@@ -102,7 +102,16 @@ def pool_details(p: PoolInfo) -> str:
         ["BACKING", "KIND", "SIZE"],
         [[b.path, str(b.kind), human(b.size)] for b in p.backings],
     )
-    return f"{text}\n\n{backings}"
+    if not p.endpoints:
+        return f"{text}\n\n{backings}"
+    endpoints = table(
+        ["ENDPOINT", "STATE", "REQUESTS", "ERRORS", "LATENCY"],
+        [
+            [e.url, str(e.state), str(e.requests), str(e.errors), f"{e.latency_ms:.1f} ms"]
+            for e in p.endpoints
+        ],
+    )
+    return f"{text}\n\n{backings}\n\n{endpoints}"
 
 
 def volumes_table(volumes: Sequence[VolumeInfo]) -> str:

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 from storvisor.engine.device import LIBC
 from storvisor.engine.probe import find_signature, wipe_signatures
-from storvisor.engine.types import BackingInfo, BackingKind, BackingSpec
+from storvisor.engine.types import BackingInfo, BackingKind, BackingSpec, EndpointInfo
 from storvisor.errors import Conflict, CorruptMetadata, InvalidArgument, IOFailure, NotFound
 
 MAGIC = b"STORVSR1"
@@ -96,7 +96,15 @@ class Header:
 
 
 class Backing:
-    """One open backing device. ``clusters`` counts data clusters (the header excluded)."""
+    """One open backing device. ``clusters`` counts data clusters (the header excluded).
+
+    ``remote``: its syncs reach a remote store, bounded by that store's own timeouts rather
+    than the pool's I/O timeout."""
+
+    remote = False
+
+    extensible = True
+    """Whether the pool may add devices beside this one (not beside an S3 bucket's)."""
 
     def __init__(
         self, path: str, fd: int, kind: BackingKind, index: int, cluster_size: int
@@ -228,6 +236,14 @@ class Backing:
             os.pwritev(self.fd, [self._stamp], HEADER_BYTES - STAMP_BYTES, os.RWF_DSYNC)
         except OSError as e:
             raise IOFailure(f"sync of {self.path}: {e.strerror}", e.errno or errno.EIO) from e
+
+    def endpoints(self) -> tuple[EndpointInfo, ...]:
+        """The S3 endpoints behind this device (none for a local device)."""
+        return ()
+
+    def committed(self, changed: bool) -> None:
+        """Called after each commit of the pool's catalog (``changed``: the commit wrote a
+        batch). A local device has nothing to do; an object backing uploads the catalog."""
 
     def wipe_header(self) -> None:
         """Erase the header so the device may join a pool again."""

@@ -41,7 +41,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from storvisor.engine import object_pool
+from storvisor.engine.object_backing import is_object_pool
 from storvisor.engine.pool import Pool, check_name
+from storvisor.engine.s3 import S3Spec
 from storvisor.engine.types import (
     BackingInfo,
     BackingKind,
@@ -199,6 +202,64 @@ class Home:
             self._pools[name] = pool
             return pool.info()
 
+    def create_s3_pool(
+        self,
+        name: str,
+        spec: S3Spec,
+        *,
+        size: int | None = None,
+        object_size: int | None = None,
+        cluster_size: int | None = None,
+    ) -> PoolInfo:
+        """Create a pool whose data and metadata live in an S3 bucket (``engine/object_pool``).
+        Raises ``Conflict`` (name taken, bucket not empty), ``NotFound`` (no bucket),
+        ``InvalidArgument`` (credentials refused, bad sizes), ``IOFailure`` (no endpoint
+        answers). Leaves nothing behind on failure."""
+        check_name(name, "pool")
+        with self._lock:
+            self._check_open()
+            directory = self._dir(name)
+            if directory.exists():
+                raise Conflict(f"pool {name!r} already exists")
+            pool = object_pool.create(
+                directory,
+                name,
+                spec,
+                size=size,
+                object_size=object_size,
+                cluster_size=cluster_size,
+            )
+            self._pools[name] = pool
+            return pool.info()
+
+    def import_s3_pool(self, name: str, spec: S3Spec, *, force: bool = False) -> PoolInfo:
+        """Open here the S3 pool another HOME released (``force``: whose holder is gone).
+        Raises ``Conflict`` (name taken here, lease held elsewhere), ``NotFound``,
+        ``InvalidArgument``, ``IOFailure``."""
+        check_name(name, "pool")
+        with self._lock:
+            self._check_open()
+            directory = self._dir(name)
+            if directory.exists():
+                raise Conflict(f"pool {name!r} already exists")
+            pool = object_pool.import_(directory, name, spec, force=force)
+            self._pools[name] = pool
+            return pool.info()
+
+    def add_endpoint(self, name: str, url: str) -> PoolInfo:
+        """Add an endpoint to an S3 pool, online (``object_pool.add_endpoint``)."""
+        with self._lock:
+            pool = self.pool(name)
+            object_pool.add_endpoint(pool, url)
+            return pool.info()
+
+    def remove_endpoint(self, name: str, url: str) -> PoolInfo:
+        """Remove an endpoint of an S3 pool, online (``object_pool.remove_endpoint``)."""
+        with self._lock:
+            pool = self.pool(name)
+            object_pool.remove_endpoint(pool, url)
+            return pool.info()
+
     def pools(self) -> list[PoolInfo]:
         """Every pool, by name (opening each one); an offline pool is reported, never
         raised."""
@@ -232,7 +293,10 @@ class Home:
             if not (self._dir(name) / "catalog.db").exists():
                 raise NotFound(f"no pool named {name!r}")
             try:
-                pool = Pool.open(self._dir(name), name)
+                if is_object_pool(self._dir(name)):
+                    pool = object_pool.open_(self._dir(name), name)
+                else:
+                    pool = Pool.open(self._dir(name), name)
             except NotFound as e:
                 raise NotFound(f"no pool named {name!r}") from e
             except StorvisorError as e:
@@ -258,9 +322,10 @@ class Home:
 
     def delete_pool(self, name: str, *, force: bool = False) -> None:
         """Delete a pool: its catalog, the headers on its devices, and the files created for
-        it. Raises ``NotFound``; ``Conflict`` if it has volumes and not ``force``, or if a
-        volume is open. A pool that cannot be opened (``CorruptMetadata``: a device is missing
-        or foreign) is deleted with ``force`` by removing its catalog only."""
+        it; an S3 pool's objects too. Raises ``NotFound``; ``Conflict`` if it has volumes and
+        not ``force``, or if a volume is open. A pool that cannot be opened
+        (``CorruptMetadata``: a device is missing or foreign, or another host took an S3
+        pool) is deleted with ``force`` by removing its local catalog only."""
         with self._lock:
             try:
                 pool = self.pool(name)
@@ -276,6 +341,8 @@ class Home:
                 raise Conflict(f"pool {name!r} has open volumes")
             pool.destroy()
             del self._pools[name]
+            if is_object_pool(self._dir(name)):
+                object_pool.erase(self._dir(name))
             shutil.rmtree(self._dir(name))
 
     def close(self) -> None:

@@ -60,6 +60,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from queue import SimpleQueue
 
@@ -90,6 +91,7 @@ from storvisor.errors import (
     NotFound,
     StateError,
     StorvisorError,
+    Unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -215,6 +217,8 @@ class Pool:
         name: str,
         backings: Sequence[BackingSpec],
         cluster_size: int | None = None,
+        *,
+        attach: Callable[[BackingSpec, Header], tuple[Backing, bool]] = Backing.attach,
     ) -> Pool:
         """Create the pool's catalog in ``directory`` (which must not exist) and write a header
         on every backing device. On failure nothing is left behind: ``Conflict`` for a device
@@ -233,7 +237,7 @@ class Pool:
         try:
             for index, (spec, path) in enumerate(zip(backings, paths, strict=True)):
                 header = Header(index, cluster_size, pool_uuid, name)
-                attached.append(Backing.attach(BackingSpec(path, spec.size, spec.force), header))
+                attached.append(attach(BackingSpec(path, spec.size, spec.force), header))
             catalog = Catalog(directory / "catalog.db")
             batch = Batch()
             for key, value in (
@@ -270,9 +274,16 @@ class Pool:
         return cls(name, directory, catalog, header, {b.index: b for b, _ in attached})
 
     @classmethod
-    def open(cls, directory: Path, name: str) -> Pool:
+    def open(
+        cls,
+        directory: Path,
+        name: str,
+        *,
+        open_backing: Callable[[str, Header], Backing] = Backing.open,
+    ) -> Pool:
         """Open an existing pool. Raises ``NotFound`` if there is none, ``CorruptMetadata`` if
-        its catalog is unreadable or a device is missing or carries another identity."""
+        its catalog is unreadable or a device is missing or carries another identity.
+        ``open_backing`` opens each recorded device (an S3 pool passes its own)."""
         db = directory / "catalog.db"
         if not db.exists():
             raise NotFound(f"no pool named {name!r}")
@@ -290,7 +301,7 @@ class Pool:
                     index, identity.cluster_size, identity.pool_uuid, identity.pool_name
                 )
                 try:
-                    backings[index] = Backing.open(path, expected)
+                    backings[index] = open_backing(path, expected)
                 except NotFound as e:
                     raise CorruptMetadata(f"pool {name!r}: {e}") from e
             _check_lengths(name, catalog, backings)
@@ -332,10 +343,11 @@ class Pool:
             provisioned = sum(v.size for v in self._volumes.values())
             stats = PoolStats(capacity, allocated, provisioned, capacity - allocated)
             backings = tuple(self._backings[i].info() for i in sorted(self._backings))
+            endpoints = tuple(e for b in self._backings.values() for e in b.endpoints())
         with self._health:
             reason = self._degraded
         state = PoolState.DEGRADED if reason else PoolState.ONLINE
-        return PoolInfo(self.name, cs, backings, stats, state, reason)
+        return PoolInfo(self.name, cs, backings, stats, state, reason, endpoints)
 
     @property
     def io_errors(self) -> IoErrorCounts:
@@ -547,11 +559,14 @@ class Pool:
         the new size is synced before any cluster of the grown part is handed out. Raises
         ``Conflict`` for a device of another pool (or of this one, without growth),
         ``NotFound`` and ``InvalidArgument`` as ``Backing.attach`` does, ``IOFailure`` when
-        the grown size cannot be made durable.
+        the grown size cannot be made durable; ``InvalidArgument`` for an S3 pool, whose one
+        device is its bucket.
         """
         path = os.path.abspath(spec.path)
         with self._lock:
             self._check_open()
+            if not all(b.extensible for b in self._backings.values()):
+                raise InvalidArgument(f"pool {self.name!r} is an S3 pool: it takes no devices")
             for backing in self._backings.values():
                 if os.path.realpath(backing.path) == os.path.realpath(path):
                     if spec.size is None or spec.size <= (backing.clusters + 1) * self.cluster_size:
@@ -613,9 +628,15 @@ class Pool:
             try:
                 try:
                     if full:
-                        self._within_timeout(lambda: _sync_all(backings.values()))
+                        work = partial(_sync_all, backings.values())
                     else:
-                        self._within_timeout(lambda: _sync_fresh(backings, fresh))
+                        work = partial(_sync_fresh, backings, fresh)
+                    if any(b.remote for b in backings.values()):
+                        work()  # bounded by the store's own timeouts, not the pool's
+                    else:
+                        self._within_timeout(work)
+                except Unavailable:
+                    raise  # nothing was lost: the next flush uploads it all again
                 except IOFailure as e:
                     self._sync_failed(e)
                     raise
@@ -629,6 +650,8 @@ class Pool:
                 raise
             with self._lock:
                 self._committed_seq = max(self._committed_seq, seq)
+            for backing in backings.values():
+                backing.committed(bool(batch))  # on failure the frees are not recycled
             self.commit_times.observe(time.perf_counter_ns() - started)
             if batch.frees:
                 # no in-place I/O that looked a freed cluster up may still be running when

@@ -80,6 +80,23 @@ class IoErrorCounts:
     timeout: int = 0
 
 
+class EndpointState(enum.StrEnum):
+    UP = "up"
+    DOWN = "down"
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointInfo:
+    """One S3 endpoint of a pool: its state and counters."""
+
+    url: str
+    state: EndpointState
+    requests: int
+    errors: int
+    latency_ms: float
+    """Moving average of the latency of its successful requests."""
+
+
 @dataclass(frozen=True, slots=True)
 class PoolInfo:
     """A pool. An offline pool has the devices its catalog records (size 0 when they cannot
@@ -91,6 +108,8 @@ class PoolInfo:
     stats: PoolStats
     state: PoolState = PoolState.ONLINE
     reason: str = ""
+    endpoints: tuple[EndpointInfo, ...] = ()
+    """An S3 pool's endpoints (none for a pool of local devices)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,364 @@
+"""A backing device whose durable home is an S3 bucket (``engine/s3.py``).
+
+Theory of operation
+-------------------
+The engine reads and writes backing devices through file descriptors, in the pool's process
+and in its data planes alike (``preadv``/``pwritev`` on fds the planes receive). An object
+backing keeps that: its fd is a sparse local file, ``HOME/pools/NAME/data``, the *local
+image* of the pool's byte space, and the bucket is where that byte space becomes durable.
+The byte space is cut into objects of ``object_size`` bytes; object ``i`` covers bytes
+``[i * object_size, (i + 1) * object_size)`` and lives under ``data/%016x``; a missing object
+is zeros, so a thin pool stores only what was written.
+
+*Sync is an upload barrier.* ``sync`` (a flush) makes the local image durable, as a local
+device's sync does (after a crash of the machine the image then holds at least what was
+flushed, and no older bytes are ever uploaded over it), and meanwhile uploads every object
+whose local bytes differ from what the bucket holds; it returns when both are done;
+``sync_clusters`` (the background commit) does the same for the objects holding the given
+clusters only. What the bucket holds is known by each object's MD5: the ETags listed at
+open (S3's ETag of a single-part PUT is its MD5), then the digests of what this process
+uploaded. An object whose local bytes are all zeros is deleted instead. Uploads run in
+parallel (``UPLOAD_THREADS``). Nothing needs to record which objects are dirty: a crash
+loses no such knowledge, since the next sync compares contents again.
+
+*Metadata.* The pool commits its catalog locally after syncing the data the batch points at
+(``Pool._commit``), then calls ``committed``, which uploads a consistent copy of the
+catalog (SQLite's backup API) as ``storvisor/catalog.db``. A flush therefore returns only
+when the data and then the metadata are in the bucket, in the engine's commit order: the
+bucket alone always holds a crash-consistent pool (data written before a completed flush,
+metadata never pointing at data that was not uploaded first, freed clusters reused only
+after the catalog that frees them is uploaded). If that upload fails, the flush fails, the
+released clusters of that batch are not reused while the pool stays open, and the next
+commit uploads the catalog again.
+
+*Fencing.* Every upload batch and every catalog upload first checks that this host still
+holds the pool's lease (``Bucket.check_lease``). Once it lost it, every later sync raises
+``LeaseLost`` (an ``IOFailure``): flushes fail, nothing more reaches the bucket, and the
+lease is not released at close.
+
+Limits: the local image holds the whole written byte space (import downloads every object
+before the pool opens), and each flush reads the written parts of the local image to
+compare digests, O(written bytes) per flush.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from storvisor.engine.backing import Backing, Header
+from storvisor.engine.s3 import (
+    CATALOG_KEY,
+    DATA_PREFIX,
+    Bucket,
+    Lease,
+    LeaseLost,
+    S3Spec,
+    data_key,
+)
+from storvisor.engine.types import BackingSpec, EndpointInfo
+from storvisor.errors import Conflict, CorruptMetadata, IOFailure
+
+UPLOAD_THREADS = 16
+_Attach = Callable[[BackingSpec, Header], tuple[Backing, bool]]
+_Open = Callable[[str, Header], Backing]
+CONFIG_NAME = "s3.json"
+DATA_NAME = "data"
+
+
+@dataclass(frozen=True, slots=True)
+class S3Config:
+    """``HOME/pools/NAME/s3.json``: the bucket, this HOME's lease identity and the epoch it
+    last held, and the object size."""
+
+    spec: S3Spec
+    owner: str
+    epoch: int
+    object_size: int
+
+    def save(self, directory: Path) -> None:
+        doc = {
+            **self.spec.to_json(),
+            "owner": self.owner,
+            "epoch": self.epoch,
+            "object_size": self.object_size,
+        }
+        tmp = directory / (CONFIG_NAME + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / CONFIG_NAME)
+
+    @classmethod
+    def load(cls, directory: Path) -> S3Config:
+        try:
+            doc = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+            return cls(
+                S3Spec.from_json(doc),
+                str(doc["owner"]),
+                int(doc["epoch"]),
+                int(doc["object_size"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CorruptMetadata(f"{directory / CONFIG_NAME} is unreadable: {e}") from e
+
+
+def is_object_pool(directory: Path) -> bool:
+    return (directory / CONFIG_NAME).exists()
+
+
+class ObjectBacking(Backing):
+    """A backing device made durable in a bucket (module docstring). ``sync`` and
+    ``sync_clusters`` raise ``IOFailure`` (``LeaseLost`` once the lease is gone)."""
+
+    extensible = False
+    remote = True
+
+    def __init__(
+        self,
+        base: Backing,
+        bucket: Bucket,
+        lease: Lease,
+        object_size: int,
+        catalog_path: Path,
+        uploaded: dict[int, str],
+        *,
+        catalog_stale: bool = False,
+    ) -> None:
+        super().__init__(base.path, base.fd, base.kind, base.index, base.cluster_size)
+        self.bucket = bucket
+        self.lease = lease
+        self.object_size = object_size
+        self._catalog_path = catalog_path
+        self._uploaded = uploaded
+        """Object index -> MD5 (hex) of what the bucket holds for it."""
+        self._sync_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="storvisor-s3")
+        self._synced = True
+        """The last full sync succeeded (else the lease is kept at close)."""
+        self._catalog_stale = catalog_stale
+        """The bucket's catalog may be older than the local one (at open: a replayed journal)."""
+        self._fenced: LeaseLost | None = None
+        self._zeros = bytes(object_size)
+        self.uploads = 0
+        """Objects stored or deleted so far (for tests and stats)."""
+
+    # -------------------------------------------------------------------------- syncing
+
+    def sync(self) -> None:
+        with self._sync_lock:
+            self._synced = False
+            local = self._pool.submit(Backing.sync, self)  # beside the uploads, not before
+            try:
+                self._upload(set(self._data_objects()) | set(self._uploaded))
+            finally:
+                local.result()
+            self._synced = True
+
+    def sync_clusters(self, clusters: Iterable[int]) -> None:
+        clusters = list(clusters)
+        per = self.object_size // self.cluster_size
+        objects = {(local + 1) // per for local in clusters}
+        with self._sync_lock:
+            # what Backing.sync_clusters does, without this class's sync as its fallback
+            local_sync = super().sync_clusters if self.ranged else lambda _: Backing.sync(self)
+            local = self._pool.submit(local_sync, clusters)
+            try:
+                self._upload(objects)
+            finally:
+                local.result()
+
+    def committed(self, changed: bool) -> None:
+        if not (changed or self._catalog_stale):
+            return
+        with self._sync_lock:
+            self._catalog_stale = True
+            self._fence()
+            raw = _catalog_copy(self._catalog_path)
+            self.bucket.put(CATALOG_KEY, raw)
+            self._catalog_stale = False
+
+    def _fence(self) -> None:
+        if self._fenced is not None:
+            raise LeaseLost(str(self._fenced))
+        try:
+            self.bucket.check_lease(self.lease)
+        except LeaseLost as e:
+            self._fenced = e
+            raise
+
+    def _upload(self, objects: set[int]) -> None:
+        if not objects and self._fenced is None:
+            return
+        self._fence()
+        for future in [self._pool.submit(self._upload_one, i) for i in sorted(objects)]:
+            future.result()
+
+    def _upload_one(self, index: int) -> None:
+        size = (self.clusters + 1) * self.cluster_size
+        offset = index * self.object_size
+        length = min(self.object_size, size - offset)
+        if length <= 0:
+            return
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as e:
+            raise IOFailure(f"read of {self.path}: {e.strerror}", e.errno or errno.EIO) from e
+        known = self._uploaded.get(index)
+        if data == self._zeros[:length]:
+            if known is not None:
+                self.bucket.delete(data_key(index))
+                del self._uploaded[index]
+                self.uploads += 1
+            return
+        digest = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        if digest != known:
+            self.bucket.put(data_key(index), data)
+            self._uploaded[index] = digest
+            self.uploads += 1
+
+    def _data_objects(self) -> Iterator[int]:
+        """The objects that hold data in the local image (holes skipped)."""
+        size = (self.clusters + 1) * self.cluster_size
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(self.fd, offset, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    return
+                raise IOFailure(f"seek in {self.path}: {e.strerror}", e.errno or errno.EIO) from e
+            end = min(os.lseek(self.fd, start, os.SEEK_HOLE), size)
+            yield from range(start // self.object_size, (end - 1) // self.object_size + 1)
+            offset = end
+
+    # ------------------------------------------------------------------------ lifecycle
+
+    def endpoints(self) -> tuple[EndpointInfo, ...]:
+        return tuple(self.bucket.endpoints())
+
+    def grow(self, size: int) -> None:
+        raise Conflict(f"{self.path}: an S3 pool's byte space cannot grow")
+
+    def close(self) -> None:
+        if self.fd >= 0 and self._fenced is None and self._synced and not self._catalog_stale:
+            # on failure the next holder must force the lease; nothing else is lost
+            with contextlib.suppress(IOFailure, Conflict):
+                self.bucket.release_lease(self.lease)
+        self._pool.shutdown(wait=True)
+        self.bucket.close()
+        super().close()
+
+
+def hydrate(bucket: Bucket, fd: int, object_size: int) -> dict[int, str]:
+    """Download every data object of ``bucket`` into the local image ``fd``; returns their
+    digests. Raises ``IOFailure``."""
+    wanted = [(int(key[len(DATA_PREFIX) :], 16), etag) for key, etag in bucket.keys(DATA_PREFIX)]
+
+    def fetch(item: tuple[int, str]) -> tuple[int, str]:
+        index, _ = item
+        found = bucket.get(data_key(index))
+        if found is None:
+            return index, ""
+        data = found[0]
+        try:
+            os.pwrite(fd, data, index * object_size)
+        except OSError as e:
+            raise IOFailure(f"write of the local image: {e.strerror}", e.errno or errno.EIO) from e
+        return index, hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+    with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+        got = dict(pool.map(fetch, wanted))
+    os.fsync(fd)
+    return {i: d for i, d in got.items() if d}
+
+
+def listed_digests(bucket: Bucket) -> dict[int, str]:
+    return {int(k[len(DATA_PREFIX) :], 16): etag for k, etag in bucket.keys(DATA_PREFIX)}
+
+
+def acquire(bucket: Bucket, config: S3Config, directory: Path) -> Lease:
+    """Take the lease for a HOME that held it last (``config.epoch``); save the new epoch.
+
+    Raises ``Conflict`` when another host holds it or held it since: this HOME's copy of the
+    pool is then stale and must be imported again."""
+    lease = bucket.lease()
+    if lease is None:
+        raise CorruptMetadata(f"bucket {bucket.spec.bucket!r} has no lease")
+    if (lease.owner, lease.epoch) != (config.owner, config.epoch):
+        raise Conflict(
+            f"bucket {bucket.spec.bucket!r}: another host took the pool ({lease.describe()}); "
+            "import it again"
+        )
+    taken = bucket.take_lease(config.owner, lease)
+    S3Config(config.spec, config.owner, taken.epoch, config.object_size).save(directory)
+    return taken
+
+
+def attacher(bucket: Bucket, lease: Lease, object_size: int, catalog_path: Path) -> _Attach:
+    def attach(spec: BackingSpec, header: Header) -> tuple[Backing, bool]:
+        base, created = Backing.attach(spec, header)
+        backing = ObjectBacking(
+            base, bucket, lease, object_size, catalog_path, {}, catalog_stale=True
+        )  # Pool.create commits its first catalog without a batch: the first flush uploads it
+        return backing, created
+
+    return attach
+
+
+def opener(directory: Path) -> _Open:
+    """The ``open_backing`` of an S3 pool in ``directory``: takes the lease, lists what the
+    bucket holds, opens the local image."""
+
+    def open_backing(path: str, expected: Header) -> Backing:
+        config = S3Config.load(directory)
+        bucket = Bucket(config.spec)
+        try:
+            lease = acquire(bucket, config, directory)
+            try:
+                uploaded = listed_digests(bucket)
+                base = Backing.open(str(directory / DATA_NAME), expected)
+            except BaseException:
+                bucket.release_lease(lease)
+                raise
+        except BaseException:
+            bucket.close()
+            raise
+        return ObjectBacking(
+            base,
+            bucket,
+            lease,
+            config.object_size,
+            directory / "catalog.db",
+            uploaded,
+            catalog_stale=True,
+        )
+
+    return open_backing
+
+
+def _catalog_copy(path: Path) -> bytes:
+    """A consistent copy of the committed catalog, as one database file's bytes."""
+    try:
+        src = sqlite3.connect(path)
+        try:
+            dst = sqlite3.connect(":memory:")
+            try:
+                src.backup(dst)
+                return dst.serialize()
+            finally:
+                dst.close()
+        finally:
+            src.close()
+    except sqlite3.Error as e:
+        raise IOFailure(f"cannot copy the catalog {path}: {e}") from e

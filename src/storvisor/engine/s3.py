@@ -1,0 +1,468 @@
+"""An S3 bucket as the home of a pool: objects, the pool marker and the exclusive lease.
+
+Theory of operation
+-------------------
+A pool owns a whole bucket. Its keys::
+
+    storvisor/pool.json      marker: pool uuid, name, object size, device bytes (written last
+                             at create, so a half-created pool is recognisable as one)
+    storvisor/lease.json     the exclusive lease: {"epoch", "owner", "state": held|released}
+    storvisor/catalog.db     the pool's SQLite catalog as of its last commit
+    data/%016x               object ``i`` of the pool's byte space (missing: zeros)
+
+*Lease.* One host at a time writes a pool. A host takes the lease with a conditional PUT
+(``If-None-Match: *`` when there is none, ``If-Match: <etag>`` over a released one, or its
+own after a crash) that raises the fencing *epoch* by one; two hosts racing for it cannot
+both succeed. Before every upload batch the holder reads the lease again (``check``): once
+another owner or epoch is there, it has lost the lease and fails every later upload
+(``LeaseLost``), so it stops writing to the bucket. A host that died holding the lease is
+replaced only by an explicit ``force`` (``storvisor pool import --force``), which takes the
+lease over whatever its state; the check-before-upload leaves a window of one batch in which
+a host that has not yet noticed may still write, which is why takeover is never automatic.
+Closing a pool releases the lease (same epoch, state ``released``).
+
+*Endpoints.* Every endpoint serves the same bucket (see ``Bucket``): requests are spread
+over the healthy ones, an endpoint that fails or times out is marked down and the request
+is retried on another at once, and background probes bring it back.
+
+Credentials come from boto3's standard chain (``AWS_ACCESS_KEY_ID`` and friends, the shared
+credentials file, ``AWS_PROFILE``); they are never taken as arguments. Errors of the S3
+client are translated here, at the boundary: a missing bucket is ``NotFound``, refused
+credentials ``InvalidArgument``, an unreachable endpoint or a failed transfer ``IOFailure``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from storvisor.engine.types import EndpointInfo, EndpointState
+from storvisor.errors import Conflict, InvalidArgument, IOFailure, NotFound, Unavailable
+
+PREFIX = "storvisor/"
+MARKER_KEY = PREFIX + "pool.json"
+LEASE_KEY = PREFIX + "lease.json"
+CATALOG_KEY = PREFIX + "catalog.db"
+DATA_PREFIX = "data/"
+DEFAULT_OBJECT_SIZE = 4 << 20
+
+_CREDENTIAL_CODES = frozenset(
+    {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "403"}
+)
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class LeaseLost(IOFailure):
+    """Another host holds the pool's lease now: this host must not write to the bucket."""
+
+
+@dataclass(frozen=True, slots=True)
+class S3Spec:
+    """Where a pool's bucket is: its name, one or more endpoints serving it, a region."""
+
+    bucket: str
+    endpoints: tuple[str, ...]
+    region: str | None = None
+    timeout: float = 10.0
+    """Seconds an endpoint may take to connect or answer before it is marked down."""
+    down_timeout: float = 30.0
+    """Seconds a request waits for an endpoint to come back while all are down."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bucket": self.bucket,
+            "endpoints": list(self.endpoints),
+            "region": self.region,
+            "timeout": self.timeout,
+            "down_timeout": self.down_timeout,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> S3Spec:
+        return cls(
+            str(raw["bucket"]),
+            tuple(str(e) for e in raw["endpoints"]),
+            raw.get("region"),
+            float(raw.get("timeout", 10.0)),
+            float(raw.get("down_timeout", 30.0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    epoch: int
+    owner: str
+    held: bool
+    etag: str
+
+    def describe(self) -> str:
+        state = "held" if self.held else "released"
+        return f"lease epoch {self.epoch} {state} by {self.owner}"
+
+
+def data_key(index: int) -> str:
+    return f"{DATA_PREFIX}{index:016x}"
+
+
+class _Endpoint:
+    def __init__(self, url: str, client: Any) -> None:
+        self.url = url
+        self.client = client
+        self.up = True
+        self.inflight = 0
+        self.requests = 0
+        self.errors = 0
+        self.latency = 0.0
+
+
+class Bucket:
+    """A pool's bucket through its endpoints. Thread-safe (boto3 clients are).
+
+    Requests go to the healthy endpoint with the fewest requests in flight (then the
+    fastest). An endpoint that cannot be reached or does not answer within
+    ``spec.timeout`` is marked down and the request is retried on another at once; a
+    background thread probes the down ones every ``PROBE_INTERVAL`` seconds and brings them
+    back. While every endpoint is down a request waits up to ``spec.down_timeout`` for one
+    to come back, then fails with ``IOFailure`` (EIO). ``close`` stops the probes.
+    """
+
+    PROBE_INTERVAL = 0.5
+
+    def __init__(self, spec: S3Spec) -> None:
+        if not spec.bucket:
+            raise InvalidArgument("an S3 pool needs a bucket name")
+        if not spec.endpoints:
+            raise InvalidArgument("an S3 pool needs at least one endpoint")
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError as e:
+            raise InvalidArgument(
+                "S3 pools need boto3: install storvisor with the 's3' extra"
+            ) from e
+        self.spec = spec
+        config = Config(
+            connect_timeout=spec.timeout,
+            read_timeout=spec.timeout,
+            retries={"max_attempts": 1, "mode": "standard"},  # other endpoints retry
+            max_pool_connections=32,
+        )
+        self._config = config
+        self._session = boto3.session.Session()
+        session = self._session
+        self._endpoints = [
+            _Endpoint(
+                url, session.client("s3", endpoint_url=url, region_name=spec.region, config=config)
+            )
+            for url in spec.endpoints
+        ]
+        self._cond = threading.Condition()
+        self._closed = False
+        self._prober: threading.Thread | None = None
+
+    def endpoints(self) -> list[EndpointInfo]:
+        with self._cond:
+            return [
+                EndpointInfo(
+                    e.url,
+                    EndpointState.UP if e.up else EndpointState.DOWN,
+                    e.requests,
+                    e.errors,
+                    e.latency * 1000,
+                )
+                for e in self._endpoints
+            ]
+
+    def add_endpoint(self, url: str) -> None:
+        """Serve the bucket through ``url`` too, once it answers for the bucket. Raises
+        ``Conflict`` if it is listed already, and as ``check_bucket`` does."""
+        with self._cond:
+            if url in self.spec.endpoints:
+                raise Conflict(f"endpoint {url} is already listed")
+        client = self._session.client(
+            "s3", endpoint_url=url, region_name=self.spec.region, config=self._config
+        )
+        endpoint = _Endpoint(url, client)
+        self._call_on(endpoint, "bucket check", lambda c: c.head_bucket(Bucket=self.spec.bucket))
+        with self._cond:
+            self._endpoints.append(endpoint)
+            self.spec = dataclasses.replace(self.spec, endpoints=(*self.spec.endpoints, url))
+            self._cond.notify_all()
+
+    def remove_endpoint(self, url: str) -> None:
+        """Stop using ``url``; requests in flight there finish. Raises ``NotFound`` if it is
+        not listed, ``Conflict`` if it is the last one."""
+        with self._cond:
+            if url not in self.spec.endpoints:
+                raise NotFound(f"endpoint {url} is not listed")
+            if len(self.spec.endpoints) == 1:
+                raise Conflict(f"endpoint {url} is the pool's only endpoint")
+            self._endpoints = [e for e in self._endpoints if e.url != url]
+            self.spec = dataclasses.replace(
+                self.spec, endpoints=tuple(u for u in self.spec.endpoints if u != url)
+            )
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._prober is not None:
+            self._prober.join()
+
+    # ------------------------------------------------------------------------- requests
+
+    def _pick(self, tried: set[_Endpoint], wait: bool) -> _Endpoint | None:
+        """The best healthy endpoint not in ``tried``; waits up to ``down_timeout`` (if
+        ``wait``) while none is healthy. None if every healthy endpoint was tried or the wait
+        ran out."""
+        deadline = time.monotonic() + (self.spec.down_timeout if wait else 0)
+        with self._cond:
+            while True:
+                up = [e for e in self._endpoints if e.up]
+                fresh = [e for e in up if e not in tried]
+                if fresh:
+                    best = min(fresh, key=lambda e: (e.inflight, e.latency))
+                    best.inflight += 1
+                    return best
+                if up or self._closed:
+                    return None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def _mark(self, e: _Endpoint, ok: bool, seconds: float) -> None:
+        with self._cond:
+            e.inflight -= 1
+            e.requests += 1
+            if ok:
+                e.latency = seconds if e.latency == 0 else 0.8 * e.latency + 0.2 * seconds
+                return
+            e.errors += 1
+            if e.up:
+                e.up = False
+                log.info("S3 endpoint %s is down", e.url)
+            if self._prober is None and not self._closed:
+                self._prober = threading.Thread(
+                    target=self._probe_loop, name="storvisor-s3-probe", daemon=True
+                )
+                self._prober.start()
+
+    def _probe_loop(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                self._cond.wait(self.PROBE_INTERVAL)
+                if self._closed:
+                    return
+                down = [e for e in self._endpoints if not e.up]
+            for e in down:
+                try:
+                    e.client.head_bucket(Bucket=self.spec.bucket)
+                except ClientError:
+                    pass  # it answers: an error of the request, not of the endpoint
+                except BotoCoreError:
+                    continue
+                with self._cond:
+                    e.up = True
+                    self._cond.notify_all()
+                log.info("S3 endpoint %s is back", e.url)
+
+    def _call_on(self, endpoint: _Endpoint, what: str, op: Callable[[Any], T]) -> T:
+        """Run ``op`` on ``endpoint`` only, once; translate the client's errors."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return op(endpoint.client)
+        except ClientError as e:
+            raise self._translate(what, e) from e
+        except BotoCoreError as e:
+            raise IOFailure(f"S3 {what} through {endpoint.url}: {e}") from e
+
+    def _call(self, what: str, op: Callable[[Any], T], *, wait: bool = True) -> T:
+        """Run ``op(client)`` on the best healthy endpoint, on another one at once when it
+        cannot be reached or times out; translate the client's errors. ``wait``: wait for
+        an endpoint to come back when all are down."""
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectionClosedError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            ReadTimeoutError,
+        )
+
+        unreachable = (
+            EndpointConnectionError,
+            ConnectTimeoutError,
+            ReadTimeoutError,
+            ConnectionClosedError,
+        )
+        tried: set[_Endpoint] = set()
+        last: Exception | None = None
+        while True:
+            endpoint = self._pick(tried, wait)
+            if endpoint is None:
+                break
+            tried.add(endpoint)
+            start = time.monotonic()
+            try:
+                result = op(endpoint.client)
+            except unreachable as e:
+                self._mark(endpoint, False, 0)
+                last = e
+                continue
+            except NoCredentialsError as e:
+                self._mark(endpoint, True, time.monotonic() - start)
+                raise InvalidArgument(
+                    "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
+                    "a credentials file"
+                ) from e
+            except ClientError as e:
+                self._mark(endpoint, True, time.monotonic() - start)
+                raise self._translate(what, e) from e
+            except BotoCoreError as e:
+                self._mark(endpoint, True, time.monotonic() - start)
+                raise IOFailure(f"S3 {what} in bucket {self.spec.bucket!r}: {e}") from e
+            self._mark(endpoint, True, time.monotonic() - start)
+            return result
+        endpoints = ", ".join(self.spec.endpoints)
+        raise Unavailable(f"S3 {what}: no endpoint answers ({endpoints}): {last}")
+
+    def _translate(self, what: str, e: Any) -> Exception:
+        error = e.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        message = error.get("Message") or code
+        if code == "NoSuchBucket" or (code == "404" and what == "bucket check"):  # HEAD: no body
+            return NotFound(f"S3 bucket {self.spec.bucket!r} does not exist")
+        if code in _CREDENTIAL_CODES:
+            return InvalidArgument(
+                f"S3 refused the credentials for bucket {self.spec.bucket!r}: {message}"
+            )
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            return Conflict(f"S3 {what}: the object changed meanwhile")
+        return IOFailure(f"S3 {what} in bucket {self.spec.bucket!r}: {message}")
+
+    def check_bucket(self) -> None:
+        """Raise ``NotFound`` if the bucket is missing, ``InvalidArgument`` if the
+        credentials are refused, ``IOFailure`` if no endpoint answers."""
+        self._call("bucket check", lambda c: c.head_bucket(Bucket=self.spec.bucket), wait=False)
+
+    def keys(self, prefix: str = "") -> Iterator[tuple[str, str]]:
+        """Every key under ``prefix`` with its ETag (quotes removed)."""
+        token: str | None = None
+        while True:
+            args: dict[str, Any] = {"Bucket": self.spec.bucket, "Prefix": prefix}
+            if token is not None:
+                args["ContinuationToken"] = token
+            page: dict[str, Any] = self._call("listing", functools.partial(_list, args))
+            for item in page.get("Contents", ()):
+                yield str(item["Key"]), str(item["ETag"]).strip('"')
+            if not page.get("IsTruncated"):
+                return
+            token = page["NextContinuationToken"]
+
+    def is_empty(self) -> bool:
+        page = self._call(
+            "listing", lambda c: c.list_objects_v2(Bucket=self.spec.bucket, MaxKeys=1)
+        )
+        return not page.get("Contents")
+
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        """The object's bytes and ETag, or None if it does not exist."""
+        from botocore.exceptions import ClientError
+
+        def op(c: Any) -> tuple[bytes, str] | None:
+            try:
+                r = c.get_object(Bucket=self.spec.bucket, Key=key)
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+            return r["Body"].read(), str(r["ETag"]).strip('"')
+
+        return self._call(f"read of {key}", op)
+
+    def put(
+        self,
+        key: str,
+        data: bytes | memoryview,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        """Store ``data`` under ``key``; returns the new ETag. With ``if_match`` or
+        ``if_none_match`` the write is conditional and raises ``Conflict`` when the object
+        changed (or exists)."""
+        args: dict[str, Any] = {"Bucket": self.spec.bucket, "Key": key, "Body": bytes(data)}
+        if if_match is not None:
+            args["IfMatch"] = f'"{if_match}"'
+        if if_none_match:
+            args["IfNoneMatch"] = "*"
+        r = self._call(f"write of {key}", lambda c: c.put_object(**args))
+        return str(r["ETag"]).strip('"')
+
+    def delete(self, key: str) -> None:
+        self._call(f"delete of {key}", lambda c: c.delete_object(Bucket=self.spec.bucket, Key=key))
+
+    # ---------------------------------------------------------------------------- lease
+
+    def lease(self) -> Lease | None:
+        found = self.get(LEASE_KEY)
+        if found is None:
+            return None
+        raw, etag = found
+        try:
+            doc = json.loads(raw)
+            return Lease(int(doc["epoch"]), str(doc["owner"]), doc["state"] == "held", etag)
+        except (ValueError, KeyError, TypeError) as e:
+            raise Conflict(f"bucket {self.spec.bucket!r} holds a malformed lease") from e
+
+    def take_lease(self, owner: str, previous: Lease | None) -> Lease:
+        """Take the lease over ``previous`` (None: there is none) with a conditional PUT.
+        Raises ``Conflict`` if it changed since ``previous`` was read."""
+        epoch = 1 if previous is None else previous.epoch + 1
+        body = json.dumps({"epoch": epoch, "owner": owner, "state": "held"}).encode()
+        if previous is None:
+            etag = self.put(LEASE_KEY, body, if_none_match=True)
+        else:
+            etag = self.put(LEASE_KEY, body, if_match=previous.etag)
+        return Lease(epoch, owner, True, etag)
+
+    def release_lease(self, held: Lease) -> None:
+        """Mark the lease released, if this host still holds it."""
+        body = json.dumps({"epoch": held.epoch, "owner": held.owner, "state": "released"})
+        self.put(LEASE_KEY, body.encode(), if_match=held.etag)
+
+    def check_lease(self, held: Lease) -> None:
+        """Raise ``LeaseLost`` unless the lease in the bucket is still ``held``."""
+        now = self.lease()
+        if now is None or (now.epoch, now.owner, now.held) != (held.epoch, held.owner, True):
+            what = "none" if now is None else now.describe()
+            raise LeaseLost(
+                f"bucket {self.spec.bucket!r}: this host lost the pool's lease "
+                f"(epoch {held.epoch}; the bucket now has {what})"
+            )
+
+
+def _list(args: dict[str, Any], client: Any) -> dict[str, Any]:
+    result: dict[str, Any] = client.list_objects_v2(**args)
+    return result
+
+
+def new_owner() -> str:
+    """A fresh owner identity for the lease (one per HOME holding the pool)."""
+    return str(uuid.uuid4())

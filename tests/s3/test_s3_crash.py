@@ -1,0 +1,84 @@
+"""kill -9 of a process writing to an S3 pool, then the bucket alone on another HOME.
+
+Each round runs the crash kit's worker (``python -m storvisor.testing.crashkit``) on the same
+HOME over an S3 pool, SIGKILLs it after a random number of operations (or right after a
+management operation returned), reopens the HOME here, requires fsck clean and every flushed
+write, snapshot and clone to read back (``crashkit.check_home``). Then the pool is imported
+from the bucket into a second HOME, with none of the first HOME's files: it must be fsck
+clean and read exactly what the first HOME read after its last recovery.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+from s3server import MotoServer
+
+from storvisor.engine.home import Home
+from storvisor.testing import crashkit
+from storvisor.testing.crashkit import History
+from storvisor.testing.crashkit.writers import EngineReader
+
+ROUNDS = 4
+VOLUME = 1 << 20
+MiB = 1 << 20
+
+
+def test_s3_crash_rounds_then_import_from_the_bucket(aws_env: MotoServer, tmp_path: Path) -> None:
+    seed = int(os.environ.get("STORVISOR_CRASH_SEED", random.randrange(1 << 32)))
+    rng = random.Random(seed)
+    bucket = aws_env.bucket()
+    home_dir = tmp_path / "home"
+    home = Home(home_dir)
+    home.create_s3_pool("p", aws_env.spec(bucket), size=64 * MiB, object_size=MiB)
+    home.pool("p").create_volume("v", VOLUME)
+    home.close()
+
+    known: dict[str, bytes] = {"v": bytes(VOLUME)}
+    flushed_rounds = 0
+    for round_ in range(ROUNDS):
+        where = f"seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
+        after_management = round_ % 2 == 1
+        worker = crashkit.WorkerProcess(
+            home_dir,
+            seed=rng.randrange(1 << 32),
+            round_=round_,
+            ops=400,
+            flush_rate=rng.choice([0.1, 0.02]),
+            discards=True,
+            snapshots=True,
+            kill_after_committed=rng.randrange(1, 4) if after_management else None,
+        )
+        try:
+            assert worker.ready.wait(60), f"{where}: worker never became ready: {worker.stderr}"
+            if after_management:
+                worker.wait_for(worker.killed_early.is_set, timeout=60)
+            else:
+                count = rng.randrange(10, 400)
+                worker.wait_for(functools.partial(worker.logged, count), timeout=60)
+                time.sleep(rng.uniform(0.0, 0.05))
+        except TimeoutError as e:
+            worker.kill()
+            raise AssertionError(f"{where}: {e}; worker stderr: {worker.stderr}") from e
+        records = worker.kill()
+        assert worker.proc.returncode == -signal.SIGKILL, f"worker died early: {worker.stderr}"
+        history = History(known, records)
+        if history.durable:
+            flushed_rounds += 1
+        known = crashkit.check_home(home_dir, history, where)  # closes: flushes to the bucket
+    assert flushed_rounds >= 1, f"seed {seed}: no round reached a flush"
+
+    other = Home(tmp_path / "other")  # another host: the bucket alone
+    try:
+        other.import_s3_pool("p", aws_env.spec(bucket))
+        pool = other.pool("p")
+        assert pool.fsck().clean
+        problems = History(known, []).verify(EngineReader(pool))
+        assert not problems, f"seed {seed}: the bucket differs: " + "; ".join(map(str, problems))
+    finally:
+        other.close()

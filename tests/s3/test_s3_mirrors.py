@@ -1,0 +1,201 @@
+"""Mirror endpoints: two TCP proxies in front of one S3 server serve a pool while a writer
+runs; one is stopped, restarted, then stalled (accepting, never answering): no request
+fails, and the data read back from the bucket alone is the writer's."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from s3server import REGION, MotoServer
+from tcpproxy import Proxy
+
+from storvisor.engine.home import Home
+from storvisor.engine.object_pool import object_backing
+from storvisor.engine.s3 import S3Spec
+from storvisor.engine.types import EndpointState
+from storvisor.errors import Conflict, IOFailure, NotFound, StorvisorError
+
+MiB = 1 << 20
+VOLUME = 8 * MiB
+
+
+def proxies(moto: MotoServer, count: int) -> list[Proxy]:
+    target = urlsplit(moto.url)
+    return [Proxy((target.hostname or "127.0.0.1", target.port or 80)) for _ in range(count)]
+
+
+def wait_until(condition: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+def test_writer_sees_no_error_while_mirrors_fail(aws_env: MotoServer, tmp_path: Path) -> None:
+    bucket = aws_env.bucket()
+    a, b = proxies(aws_env, 2)
+    spec = S3Spec(bucket, (a.url, b.url), REGION, timeout=1.0, down_timeout=15.0)
+    home = Home(tmp_path / "home")
+    model = bytearray(VOLUME)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    try:
+        home.create_s3_pool("m", spec, size=64 * MiB, object_size=MiB)
+        pool = home.pool("m")
+        pool.create_volume("v", VOLUME)
+        volume = pool.open_volume("v")
+        flushes = 0
+
+        def writer() -> None:
+            nonlocal flushes
+            rng = random.Random(7)
+            try:
+                while not stop.is_set():
+                    for _ in range(8):
+                        offset = rng.randrange(VOLUME // 4096) * 4096
+                        data = rng.randbytes(4096)
+                        volume.write(offset, data)
+                        model[offset : offset + 4096] = data
+                    volume.flush()
+                    flushes += 1
+            except BaseException as e:
+                errors.append(e)
+
+        def flushed(count: int) -> bool:
+            assert not errors, f"the writer saw an error: {errors[0]!r}"
+            return flushes >= count
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        stats = object_backing(pool).bucket
+        try:
+            wait_until(lambda: flushed(3), 30, "flushes before any failure")
+            a.stop()
+            wait_until(lambda: stats.endpoints()[0].state is EndpointState.DOWN, 15, "a down")
+            seen = flushes
+            wait_until(lambda: flushed(seen + 3), 30, "flushes while a is stopped")
+            a.start()
+            wait_until(lambda: stats.endpoints()[0].state is EndpointState.UP, 15, "a back")
+            b.stalled.set()
+            wait_until(lambda: stats.endpoints()[1].state is EndpointState.DOWN, 15, "b down")
+            seen = flushes
+            wait_until(lambda: flushed(seen + 3), 30, "flushes while b stalls")
+            b.stalled.clear()
+            wait_until(lambda: stats.endpoints()[1].state is EndpointState.UP, 15, "b back")
+            seen = flushes
+            wait_until(lambda: flushed(seen + 2), 30, "flushes after recovery")
+        finally:
+            stop.set()
+            thread.join(60)
+        assert not thread.is_alive(), "the writer stalled"
+        assert not errors, f"the writer saw an error: {errors[0]!r}"
+        counts = pool.info().endpoints
+        assert [e.url for e in counts] == [a.url, b.url]
+        assert all(e.state is EndpointState.UP for e in counts), counts
+        assert all(e.errors >= 1 and e.requests > e.errors for e in counts), counts
+        volume.close()
+    finally:
+        home.close()
+        a.stop()
+        b.stop()
+
+    other = Home(tmp_path / "other")  # the bucket alone, through the server itself
+    try:
+        other.import_s3_pool("m", aws_env.spec(bucket))
+        check = other.pool("m").open_volume("v")
+        buf = bytearray(VOLUME)
+        check.read_into(0, memoryview(buf))
+        check.close()
+        assert buf == model
+    finally:
+        other.close()
+
+
+def test_all_endpoints_down_fails_after_the_timeout_then_recovers(
+    aws_env: MotoServer, tmp_path: Path
+) -> None:
+    bucket = aws_env.bucket()
+    (a,) = proxies(aws_env, 1)
+    spec = S3Spec(bucket, (a.url,), REGION, timeout=1.0, down_timeout=2.0)
+    home = Home(tmp_path / "home")
+    try:
+        home.create_s3_pool("m", spec, size=64 * MiB, object_size=MiB)
+        pool = home.pool("m")
+        pool.create_volume("v", MiB)
+        volume = pool.open_volume("v")
+        volume.write(0, b"1" * 4096)
+        volume.flush()
+        a.stop()
+        volume.write(0, b"2" * 4096)
+        start = time.monotonic()
+        with pytest.raises(IOFailure, match="no endpoint answers"):
+            volume.flush()
+        assert 2.0 <= time.monotonic() - start < 15, "the wait is the configured one"
+        a.start()
+        wait_until(lambda: _flushes(volume), 20, "recovery once the endpoint is back")
+        buf = bytearray(4096)
+        volume.read_into(0, memoryview(buf))
+        assert buf == b"2" * 4096
+        volume.close()
+    finally:
+        home.close()
+        a.stop()
+    client = aws_env.client()
+    stored = b"".join(
+        client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        for key in aws_env.keys(bucket)
+        if key.startswith("data/")
+    )
+    assert b"2" * 4096 in stored and b"1" * 4096 not in stored
+
+
+def _flushes(volume: object) -> bool:
+    try:
+        volume.flush()  # type: ignore[attr-defined]
+    except StorvisorError:
+        return False
+    return True
+
+
+def test_endpoints_are_added_and_removed_online(aws_env: MotoServer, tmp_path: Path) -> None:
+    bucket = aws_env.bucket()
+    a, b = proxies(aws_env, 2)
+    spec = S3Spec(bucket, (a.url,), REGION, timeout=1.0, down_timeout=2.0)
+    home = Home(tmp_path / "home")
+    try:
+        home.create_s3_pool("m", spec, size=64 * MiB, object_size=MiB)
+        pool = home.pool("m")
+        pool.create_volume("v", MiB)
+        volume = pool.open_volume("v")
+        info = home.add_endpoint("m", b.url)
+        assert [e.url for e in info.endpoints] == [a.url, b.url]
+        with pytest.raises(Conflict, match="already listed"):
+            home.add_endpoint("m", b.url)
+        with pytest.raises(IOFailure):
+            home.add_endpoint("m", "http://127.0.0.1:9")  # does not answer: not added
+        assert home.remove_endpoint("m", a.url).endpoints[0].url == b.url
+        a.stop()  # no longer used: nothing notices
+        volume.write(0, b"b" * 4096)
+        volume.flush()
+        (only,) = pool.info().endpoints
+        assert only.url == b.url and only.errors == 0
+        with pytest.raises(Conflict, match="only endpoint"):
+            home.remove_endpoint("m", b.url)
+        with pytest.raises(NotFound):
+            home.remove_endpoint("m", a.url)
+        volume.close()
+    finally:
+        home.close()
+    again = Home(tmp_path / "home")  # the change was recorded
+    try:
+        assert [e.url for e in again.pool_info("m").endpoints] == [b.url]
+    finally:
+        again.close()
+        a.stop()
+        b.stop()
