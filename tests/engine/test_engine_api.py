@@ -15,7 +15,7 @@ from prereq import require
 from storvisor.engine import pool as pool_module
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.home import Home
-from storvisor.engine.pool import Pool
+from storvisor.engine.pool import MAX_VOLUME_SIZE, Pool
 from storvisor.engine.types import BackingKind, BackingSpec
 from storvisor.errors import (
     Conflict,
@@ -628,3 +628,19 @@ def _contents(pool: Pool, volume: str, size: int) -> bytes:
         return bytes(buf)
     finally:
         handle.close()
+
+
+def test_volume_sizes_are_bounded(pool: Pool) -> None:
+    """A size the catalog or the wire protocols cannot carry is refused before anything
+    changes, on create and on extend; the largest one is accepted and committed."""
+    for bad in (0, -512, 1000, MAX_VOLUME_SIZE + 512, 1 << 63, 99999999999 << 40):
+        with pytest.raises(InvalidArgument):
+            pool.create_volume("v", bad)
+    assert pool.volumes() == []
+    pool.create_volume("v", 1 << 20)
+    with pytest.raises(InvalidArgument, match="at most 1 EiB"):
+        pool.extend_volume("v", 1 << 63)
+    assert pool.volume_info("v").size == 1 << 20
+    assert pool.extend_volume("v", MAX_VOLUME_SIZE).size == MAX_VOLUME_SIZE
+    pool.flush()  # the commit carries it
+    assert pool.fsck().clean

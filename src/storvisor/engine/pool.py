@@ -1278,9 +1278,16 @@ def _journal_seq_statement(seq: int) -> tuple[str, tuple[str]]:
     return ("INSERT OR REPLACE INTO meta VALUES ('journal_seq', ?)", (str(seq),))
 
 
+MAX_VOLUME_SIZE = 1 << 60
+"""1 EiB: far beyond any device, and well inside the signed 64-bit integers that the catalog,
+NBD (sizes and offsets) and virtio-blk (sectors) carry."""
+
+
 def _check_size(size: int) -> None:
     if not isinstance(size, int) or size <= 0 or size % 512:
         raise InvalidArgument(f"invalid volume size {size}: a positive multiple of 512 is needed")
+    if size > MAX_VOLUME_SIZE:
+        raise InvalidArgument(f"invalid volume size {size}: at most 1 EiB ({MAX_VOLUME_SIZE})")
 
 
 def _by_name(vol: _VolumeRec) -> str:
