@@ -91,3 +91,44 @@ def test_tls_flags_are_checked(cli: CLI, pki: Pki, tmp_path: Path) -> None:
         "serve", "--nbd-tcp", "0", "--nbd-tls-cert", str(tmp_path / "none"), "--nbd-tls-key", key
     )
     assert "cannot read TLS certificate" in line
+
+
+def test_nbd_tls_shares_the_api_certificate(home: Path, cli: CLI, tmp_path: Path) -> None:
+    """``--nbd-tls``: NBD on TCP takes the API's certificate; without ``--tls-cert`` that is
+    the self-signed one of HOME, which a client trusts as its CA, for NBD and the API alike."""
+    for tool in ("nbdinfo", "qemu-io"):
+        require(shutil.which(tool), f"{tool} (Debian packages libnbd-bin and qemu-utils)")
+    d = Daemon(home, "--demo", "--nbd-tcp", "127.0.0.1:0", "--nbd-tls", "--api-tcp", "0").start()
+    try:
+        assert "(TLS required)" in d.banner
+        match = re.search(r"nbds://127\.0\.0\.1:(\d+)/demo", d.banner)
+        assert match, d.banner
+        fingerprint = re.search(r"fingerprint: (\S+)", d.banner)
+        assert fingerprint, d.banner
+        cert = home / "tls" / "cert.pem"
+        creds = tmp_path / "creds"
+        creds.mkdir()
+        shutil.copy(cert, creds / "ca-cert.pem")  # the self-signed certificate is its own CA
+        obj = f"tls-creds-x509,id=tls0,dir={creds},endpoint=client"
+        opts = f"driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={match.group(1)}"
+        opts += ",export=demo,tls-creds=tls0"
+        out = _run(
+            "qemu-io", "--object", obj, "--image-opts", opts,
+            "-c", "write -P 0x5a 0 1M", "-c", "read -P 0x5a 0 1M",
+        ).stdout  # fmt: skip
+        assert "read 1048576/1048576" in out and "Pattern verification failed" not in out
+        info = json.loads(
+            _run("nbdinfo", "--json", f"{match.group(0)}?tls-certificates={creds}").stdout
+        )
+        assert info["TLS"] is True
+        # a certificate other than HOME's is refused by the same client
+        other = tmp_path / "other"
+        other.mkdir()
+        (other / "ca-cert.pem").write_text(make_pki(tmp_path / "pki").ca_cert.read_text())
+        obj_other = f"tls-creds-x509,id=tls0,dir={other},endpoint=client"
+        _run("qemu-io", "--object", obj_other, "--image-opts", opts, "-c", "read 0 4k", ok=False)
+    finally:
+        rc, err = d.stop()
+    assert rc == 0, err
+    line = cli.fails("serve", "--nbd-tls", rc=2)
+    assert "--nbd-tls needs --nbd-tcp" in line

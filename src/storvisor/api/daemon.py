@@ -48,6 +48,7 @@ def serve(
     demo: bool = False,
     nbd_tcp: TcpAddress | None = None,
     nbd_tls: tuple[str, str] | None = None,
+    nbd_tls_shared: bool = False,
     say: Callable[[str], None] = print,
     cli: str = "storvisor",
     lock_wait: float = LOCK_WAIT,
@@ -58,7 +59,8 @@ def serve(
 
     ``say`` receives the start-up banner (how to connect); ``cli`` is how the banner spells
     the command-line tool. ``nbd_tls`` (a PEM certificate file and its key file) makes TLS
-    required on ``nbd_tcp``. A command holding the HOME lock (one run while no daemon
+    required on ``nbd_tcp``; ``nbd_tls_shared`` does so with the API's certificate (``tls``,
+    else the self-signed one of HOME). A command holding the HOME lock (one run while no daemon
     answered) is waited for, up to ``lock_wait`` seconds. Raises ``HomeInUse`` (a
     ``Conflict``) if another daemon holds HOME or the command did not finish in time,
     ``Conflict`` if a listening address is taken, ``InvalidArgument`` if an NBD certificate or
@@ -76,11 +78,23 @@ def serve(
                 f"HOME is too deep for a Unix socket path ({_SUN_PATH_MAX} bytes at most): {sock}"
             )
     nbd_context = None
+    if (nbd_tls is not None or nbd_tls_shared) and nbd_tcp is None:
+        raise InvalidArgument("TLS for NBD needs a TCP listener (the Unix socket stays plain)")
+    if nbd_tls is not None and nbd_tls_shared:
+        raise InvalidArgument("NBD takes its own certificate or the API's, not both")
     if nbd_tls is not None:
-        if nbd_tcp is None:
-            raise InvalidArgument("TLS for NBD needs a TCP listener (the Unix socket stays plain)")
         nbd_context = nbd_server_context(*nbd_tls)
+    if nbd_tls_shared and tls is not None:
+        nbd_context = nbd_server_context(tls.cert, tls.key)
     home = Home(home_path, user=HomeUser.DAEMON, wait=lock_wait)
+    if nbd_tls_shared and tls is None:
+        assert nbd_tcp is not None
+        try:
+            files = self_signed(home.path, nbd_tcp.host)
+            nbd_context = nbd_server_context(files.cert, files.key)
+        except BaseException:
+            home.close()
+            raise
     runtime = ExportRuntime(home.path, nbd_tcp, nbd_tls=nbd_context)
     service = Service(home, runtime)
     api: APIServer | None = None
@@ -108,7 +122,7 @@ def serve(
             tcp.start()
             remote = _remote_banner(tcp, cli)
         log.info("serving %s (pid %d)", home.path, os.getpid())
-        say(_banner(service, demo_export, cli, remote, tls=nbd_tls is not None))
+        say(_banner(service, demo_export, cli, remote, tls=nbd_context is not None))
         while not stop.wait(1.0):
             pass
     finally:

@@ -714,6 +714,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--tls-key", metavar="PEM", type=Path, help="private key of --tls-cert")
     s.add_argument(
+        "--nbd-tls",
+        action="store_true",
+        help="require TLS on NBD over TCP with the API's certificate (--tls-cert/--tls-key, "
+        "else the self-signed one in HOME/tls)",
+    )
+    s.add_argument(
         "--nbd-tls-cert",
         metavar="FILE",
         help="require TLS on NBD over TCP with this PEM certificate (chain); needs --nbd-tls-key",
@@ -965,8 +971,8 @@ def _serve(args: argparse.Namespace, home: Path) -> int:
         prog += f" --home {shlex.quote(str(home))}"
     if (args.tls_cert is None) != (args.tls_key is None):
         raise _usage("--tls-cert and --tls-key go together")
-    if args.tls_cert is not None and args.api_tcp is None:
-        raise _usage("--tls-cert and --tls-key need --api-tcp")
+    if args.tls_cert is not None and args.api_tcp is None and not args.nbd_tls:
+        raise _usage("--tls-cert and --tls-key need --api-tcp or --nbd-tls")
     tls = None
     if args.tls_cert is not None:
         tls = TlsFiles(args.tls_cert.expanduser().absolute(), args.tls_key.expanduser().absolute())
@@ -974,11 +980,16 @@ def _serve(args: argparse.Namespace, home: Path) -> int:
         raise _usage("--nbd-tls-cert and --nbd-tls-key go together")
     if args.nbd_tls_cert is not None and args.nbd_tcp is None:
         raise _usage("--nbd-tls-cert needs --nbd-tcp (the Unix socket stays plain)")
+    if args.nbd_tls and args.nbd_tcp is None:
+        raise _usage("--nbd-tls needs --nbd-tcp (the Unix socket stays plain)")
+    if args.nbd_tls and args.nbd_tls_cert is not None:
+        raise _usage("give --nbd-tls (the API's certificate) or --nbd-tls-cert, not both")
     serve(
         home,
         demo=args.demo,
         nbd_tcp=args.nbd_tcp,
         nbd_tls=(args.nbd_tls_cert, args.nbd_tls_key) if args.nbd_tls_cert else None,
+        nbd_tls_shared=args.nbd_tls,
         say=_say,
         cli=prog,
         lock_wait=args.wait,
