@@ -669,3 +669,153 @@ def test_random_faults_under_a_workload_keep_the_contract(rig: Rig, seed: int) -
     survivors = check_home(rig.home.path, history, f"seed {seed}", pool="f")
     assert "v" in survivors
     rig.home = Home(rig.home.path)  # for the fixture's close
+
+
+# ------------------------------------------------------------ reads and writes timing out
+
+
+def _reopen_once_released(rig: Rig) -> None:
+    """Clear the faults and reopen ``f`` once its stalled requests have returned."""
+    rig.mount.clear()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            rig.home.reopen_pool("f")
+            return
+        except IOFailure as e:
+            assert "still stalled" in str(e), e
+            assert time.monotonic() < deadline, "the released request never completed"
+            time.sleep(0.05)
+
+
+def _io_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.endswith("-io")]
+
+
+def test_the_data_timeout_is_off_by_default_kept_per_pool_and_checked(rig: Rig) -> None:
+    assert (rig.f.data_timeout, rig.g.data_timeout) == (0.0, 0.0)
+    for bad in (-1, float("inf"), float("nan")):
+        with pytest.raises(Exception, match="invalid data I/O timeout"):
+            rig.f.set_data_timeout(bad)
+    rig.f.set_data_timeout(1.5)
+    assert rig.g.data_timeout == 0.0
+    rig.home.close()
+    home = Home(rig.home.path)
+    try:
+        assert home.pool("f").data_timeout == 1.5
+        home.pool("f").set_data_timeout(0)
+        assert home.pool("f").data_timeout == 0.0
+    finally:
+        home.close()
+    rig.home = Home(rig.home.path)
+    assert rig.home.pool("f").data_timeout == 0.0
+
+
+def test_without_a_data_timeout_a_stalled_read_waits_in_the_callers_thread(rig: Rig) -> None:
+    """Off (the default), nothing changes: the read runs in the caller's thread, into the
+    caller's buffer, and waits for the stalled device however long it takes."""
+    vol = rig.f.open_volume("v")
+    try:
+        data = _payload(1, CS)
+        vol.write(0, data)
+        rig.mount.set(Fault("read", "stall", DATA, seconds=30))
+        got: list[bytes] = []
+
+        def reader() -> None:
+            buf = bytearray(4096)
+            vol.read_into(0, memoryview(buf))
+            got.append(bytes(buf))
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        time.sleep(1.2)
+        assert thread.is_alive() and not got
+        assert _io_threads() == []  # no hand-off to an I/O thread
+        rig.mount.clear()
+        thread.join(10)
+        assert got == [data[:4096]]
+        assert rig.f.info().state is PoolState.ONLINE
+    finally:
+        vol.close()
+
+
+def test_a_stalled_read_fails_within_the_data_timeout_and_never_touches_the_buffer(
+    rig: Rig,
+) -> None:
+    model = Model()
+    rig.f.set_data_timeout(0.5)
+    vol = rig.f.open_volume("v")
+    try:
+        data = _payload(1, 2 * CS)
+        vol.write(0, data)
+        vol.flush()
+        model.wrote(0, data)
+        rig.mount.set(Fault("read", "stall", DATA, seconds=30))
+        buf = bytearray(b"\xee" * (CS + 4096))  # two clusters
+        start = time.monotonic()
+        with pytest.raises(IOFailure) as e:
+            vol.read_into(CS - 4096, memoryview(buf))
+        took = time.monotonic() - start
+        assert e.value.errno == errno.ETIMEDOUT
+        assert 0.5 <= took < 5, took
+        _degraded(rig.f, "a read of a backing device did not complete within 0.5 s")
+        assert rig.f.io_errors.read == 1 and rig.f.io_errors.timeout == 1
+        _other_pool_serves(rig, 2)
+        vol.flush()  # a read that timed out wrote nothing: flushes still succeed
+        _reopen_once_released(rig)  # the stalled read completes into its own buffer
+        assert buf == b"\xee" * (CS + 4096)
+        got = bytearray(CS + 4096)
+        vol.read_into(CS - 4096, memoryview(got))
+        assert got == data[CS - 4096 : 2 * CS]
+    finally:
+        vol.close()
+    rig.settle(model)
+
+
+def test_a_stalled_write_fails_latches_and_maps_nothing(rig: Rig) -> None:
+    model = Model()
+    rig.f.set_data_timeout(0.5)
+    vol = rig.f.open_volume("v")
+    try:
+        base = _payload(1, CS)
+        vol.write(0, base)
+        vol.flush()
+        model.wrote(0, base)
+        rig.mount.set(Fault("write", "stall", DATA, seconds=30))
+        overwrite = bytearray(_payload(2, 4096))
+        start = time.monotonic()
+        with pytest.raises(IOFailure) as e:
+            vol.write(4096, overwrite)  # in place
+        assert e.value.errno == errno.ETIMEDOUT
+        assert 0.5 <= time.monotonic() - start < 5
+        model.failed(4096, bytes(overwrite))  # it may still land
+        overwrite[:] = b"X" * 4096  # the caller reuses its buffer: what lands is a copy
+        with pytest.raises(IOFailure) as e:
+            vol.write(5 * CS, _payload(3, 4096))  # allocating
+        assert e.value.errno == errno.ETIMEDOUT
+        _degraded(rig.f, "a write of a backing device timed out")
+        assert rig.f.io_errors.write == 2 and rig.f.io_errors.timeout == 2
+        with pytest.raises(IOFailure) as e:  # no later flush may claim durability
+            vol.flush()
+        assert e.value.errno == errno.EIO
+        with pytest.raises(IOFailure, match="still stalled"):
+            rig.home.reopen_pool("f")
+        _other_pool_serves(rig, 4)
+        rig.mount.clear()
+        deadline = time.monotonic() + 10
+        while rig.f._io_threads.stalled():
+            assert time.monotonic() < deadline, "the released writes never completed"
+            time.sleep(0.05)
+        # the allocating write finished after it was abandoned: its cluster is not mapped
+        assert [x.allocated for x in vol.block_status(5 * CS, CS)] == [False]
+        with pytest.raises(IOFailure):
+            vol.flush()  # still latched
+        _reopen_once_released(rig)
+        vol.flush()
+        again = _payload(5, 4096)
+        vol.write(5 * CS, again)
+        vol.flush()
+        model.wrote(5 * CS, again)
+    finally:
+        vol.close()
+    rig.settle(model)
