@@ -78,9 +78,7 @@ class IoThreads:
         with self._lock:
             if not self._idle and self._threads < self._limit and not self._closed:
                 self._threads += 1
-                threading.Thread(
-                    target=self._loop, name=f"{self._name}-io", daemon=True
-                ).start()
+                threading.Thread(target=self._loop, name=f"{self._name}-io", daemon=True).start()
             else:
                 self._idle -= 1 if self._idle else 0
         self._queue.put(request)

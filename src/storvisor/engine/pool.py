@@ -73,8 +73,8 @@ from pathlib import Path
 from queue import SimpleQueue
 
 from storvisor.engine.allocator import Allocator, group_clusters
-from storvisor.engine.bounded import IoThreads
 from storvisor.engine.backing import Backing, Header, phys_number, split_phys, sync_directory
+from storvisor.engine.bounded import IoThreads
 from storvisor.engine.catalog import ZERO, Batch, Catalog
 from storvisor.engine.fsck import Memory, check_pool
 from storvisor.engine.iostats import LatencyHistogram
