@@ -399,6 +399,8 @@ class Pool:
             self.data_timeout = float(seconds)
             for state in self._states.values():
                 state.timeout = self.data_timeout
+                for plane in state.planes:
+                    plane.map.set_bounded(bool(self.data_timeout))
             self._stmt(
                 "INSERT OR REPLACE INTO meta VALUES ('data_timeout', ?)", repr(float(seconds))
             )

@@ -161,6 +161,7 @@ class VolumeState:
     def attach(self, plane: DataPlane) -> None:
         """Start mirroring this state's view into ``plane.map``. Call with the pool lock."""
         plane.map.fill(self.map_entries())
+        plane.map.set_bounded(bool(self.timeout))
         self.planes.append(plane)
 
     def detach(self, plane: DataPlane) -> None:
