@@ -819,3 +819,70 @@ def test_a_stalled_write_fails_latches_and_maps_nothing(rig: Rig) -> None:
     finally:
         vol.close()
     rig.settle(model)
+
+
+def test_nbd_and_vhost_clients_get_an_error_within_the_data_timeout(
+    rig: Rig, short_dir: Path
+) -> None:
+    nbd = require_module("nbd", "python3-libnbd is not installed")
+    from storvisor.exports.nbd import NBDExport, NBDServer, nbd_uri
+    from storvisor.exports.vhost_user_blk import VhostUserBlkServer
+    from storvisor.protocols.virtio.blk import Status
+    from storvisor.testing.vhost_frontend import VhostUserFrontend
+
+    rig.f.set_data_timeout(0.5)
+    rig.f.create_volume("w", VOL)
+    model = Model()
+    server = NBDServer()
+    server.add_export(NBDExport("f", lambda: rig.f.open_volume("v")))
+    sock = str(short_dir / "nbd.sock")
+    server.listen_unix(sock)
+    server.start()
+    volume: Volume = rig.f.open_volume("w")
+    vsock = str(short_dir / "vub.sock")
+    vhost = VhostUserBlkServer(volume, vsock, num_queues=1, serial="timeout")
+    vhost.start()
+    try:
+        h = nbd.NBD()
+        h.connect_uri(nbd_uri("f", unix_path=sock))
+        base = _payload(1, 2 * CS)
+        h.pwrite(base, 0)
+        model.wrote(0, base)
+        h.flush()
+        with VhostUserFrontend(vsock, queue_size=16) as fe:
+            fe.setup()
+            assert fe.blk.write(0, base) == Status.OK
+            rig.mount.set(Fault("read", "stall", DATA, seconds=30))
+            start = time.monotonic()
+            with pytest.raises(nbd.Error) as e:
+                h.pread(4096, 0)
+            assert e.value.errno == "EIO"  # ETIMEDOUT: EIO on the wire
+            assert 0.5 <= time.monotonic() - start < 5
+            start = time.monotonic()
+            assert fe.blk.read(0, 4096)[0] == Status.IOERR
+            assert 0.5 <= time.monotonic() - start < 5
+            h.flush()  # reads that timed out do not latch
+            _reopen_once_released(rig)
+            assert h.pread(4096, 0) == base[:4096]
+            assert fe.blk.read(0, 4096) == (Status.OK, base[:4096])
+
+            rig.mount.set(Fault("write", "stall", DATA, seconds=30))
+            payload = _payload(2, 4096)
+            with pytest.raises(nbd.Error) as e:
+                h.pwrite(payload, 0)
+            assert e.value.errno == "EIO"
+            model.failed(0, payload)
+            assert fe.blk.write(0, payload) == Status.IOERR
+            with pytest.raises(nbd.Error):
+                h.flush()
+            assert fe.blk.flush() == Status.IOERR
+            _other_pool_serves(rig, 3)
+            _reopen_once_released(rig)
+            h.flush()
+            assert fe.blk.flush() == Status.OK
+        h.shutdown()
+    finally:
+        vhost.close()
+        volume.close()
+        server.close()
+    rig.settle(model)
