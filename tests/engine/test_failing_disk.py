@@ -5,7 +5,8 @@ writes and syncs on demand), pool ``g`` on a plain file. Faults are switched on 
 under the engine, an NBD client (libnbd) and the vhost-user-blk front-end: the affected
 request fails with the device's errno, ``f`` degrades with the reason and counts the
 failure, ``g`` keeps serving, a failed sync fails every later flush until ``reopen_pool``
-(fsyncgate), a stalled sync fails its flush after the pool's I/O timeout. Once the fault
+(fsyncgate), a stalled sync fails its flush after the pool's I/O timeout, a stalled read or
+write fails after the pool's data timeout (off by default). Once the fault
 clears, the content matches a model (a failed write leaves its range either old or new,
 sector by sector; anything else exactly as written) and fsck is clean.
 """
@@ -451,7 +452,7 @@ def test_vhost_user_blk_requests_get_ioerr(rig: Rig, short_dir: Path) -> None:
 
 
 def test_a_stall_does_not_hold_up_the_other_pool(rig: Rig) -> None:
-    """A read stalled on ``f`` (no timeout for reads: the device's own applies) holds only
+    """A read stalled on ``f`` (no data timeout: the device's own applies) holds only
     its own request: ``g`` serves meanwhile, and the read completes once released."""
     vol = rig.f.open_volume("v")
     try:
