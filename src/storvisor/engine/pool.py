@@ -420,8 +420,10 @@ class Pool:
         )
         self.backing_failed(op, error)
         if op is BackingOp.WRITE and abandoned.started:
-            with self._commit_lock:
-                self._latch(error, f"a write of a backing device timed out: {error}")
+            # Not the commit lock: a commit may wait for a sync that the stalled write holds
+            # up. The journal is not consumed: no data written before was lost (recover
+            # drops every change since the last commit all the same).
+            self._latch(error, f"a write of a backing device timed out: {error}")
         raise error
 
     def backing_failed(self, op: BackingOp, error: IOFailure) -> None:
@@ -450,11 +452,13 @@ class Pool:
             self._errors[BackingOp.SYNC] += 1
             if error.errno == errno.ETIMEDOUT:
                 self._timeouts += 1
-        self._latch(error, f"a sync of a backing device failed: {error}")
+        if self._latch(error, f"a sync of a backing device failed: {error}"):
+            self._consume_journal()
 
-    def _latch(self, error: IOFailure, what: str) -> None:
-        """Fail every flush from now on until ``recover`` (call with the commit lock held):
-        written data may be lost (a failed sync) or may still land (a timed-out write)."""
+    def _latch(self, error: IOFailure, what: str) -> bool:
+        """Fail every flush from now on until ``recover``: written data may be lost (a
+        failed sync) or may still land (a timed-out write). True if this latched the pool
+        (it was not latched yet)."""
         with self._health:
             latching = self._sync_failure is None
             if latching:
@@ -462,16 +466,15 @@ class Pool:
                 self._degraded = f"{what}; flushes fail until the pool is reopened"
             first = latching or BackingOp.SYNC not in self._logged
             self._logged.add(BackingOp.SYNC)
-        if latching:
-            self._consume_journal()
         if first:
             log.error(
-                "pool %s: %s; written data may be lost, so every flush fails until "
-                "'storvisor pool reopen %s'",
+                "pool %s: %s; written data may be lost or land late, so every flush fails "
+                "until 'storvisor pool reopen %s'",
                 self.name,
                 what,
                 self.name,
             )
+        return latching
 
     def recover(self) -> None:
         """Bring a degraded pool back online: sync every backing device (within
