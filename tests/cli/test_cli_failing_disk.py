@@ -1,7 +1,9 @@
 """A failing backing device under the daemon: the affected NBD and vhost-user-blk requests
 fail with the device's errno, whether the daemon or a data-plane process did the I/O; the
 pool shows ``degraded`` with the reason in ``pool list`` and ``pool show``; the daemon and
-the other pool keep serving; a failed sync fails every flush until ``pool reopen``; once
+the other pool keep serving; a failed sync fails every flush until ``pool reopen``; with
+``pool set-timeout --data``, a stalled read or write fails within it (and a write latches as
+a failed sync does); once
 the fault clears the data matches a model and ``storvisor fsck`` is clean.
 
 Pool ``f``'s backing file lives on ``storvisor.testing.faultfs``; pool ``g``'s does not.
