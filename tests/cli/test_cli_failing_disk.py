@@ -1,7 +1,9 @@
 """A failing backing device under the daemon: the affected NBD and vhost-user-blk requests
 fail with the device's errno, whether the daemon or a data-plane process did the I/O; the
 pool shows ``degraded`` with the reason in ``pool list`` and ``pool show``; the daemon and
-the other pool keep serving; a failed sync fails every flush until ``pool reopen``; once
+the other pool keep serving; a failed sync fails every flush until ``pool reopen``; with
+``pool set-timeout --data``, a stalled read or write fails within it (and a write latches as
+a failed sync does); once
 the fault clears the data matches a model and ``storvisor fsck`` is clean.
 
 Pool ``f``'s backing file lives on ``storvisor.testing.faultfs``; pool ``g``'s does not.
@@ -213,6 +215,89 @@ def test_a_stalled_sync_fails_the_flush_after_the_pools_timeout_and_the_api_answ
         hf.flush()
         assert hf.pread(3 * CS, 0) == A + bytes(CS) + A
         assert hg.pread(CS, 0) == A
+        for h in (hf, hg):
+            h.shutdown()
+        for pool in ("f", "g"):
+            report = cli("fsck", pool, "--json").json()
+            assert not any(report[k] for k in ("leaked", "doubly_owned", "dangling", "errors"))  # type: ignore[index]
+        rc, err = daemon.stop()
+        assert rc == 0 and "Traceback" not in err, err
+    finally:
+        daemon.kill()
+
+
+def test_a_stalled_read_or_write_fails_within_the_pools_data_timeout(
+    cli: CLI, home: Path, tmp_path: Path, mount: FaultMount
+) -> None:
+    """``pool set-timeout --data``: data planes then send every read and write to the
+    daemon, which bounds them; a stalled read fails, a stalled write fails and latches."""
+    cli("pool", "create", "f", "--backing", f"{mount.mountpoint}/f.img:64M")
+    cli("pool", "create", "g", "--backing", f"{tmp_path}/g.img:64M")
+    for pool in ("f", "g"):
+        cli("volume", "create", f"{pool}/v", "--size", "4M")
+    cli("volume", "create", "f/w", "--size", "4M")
+    daemon = Daemon(home).start()
+    try:
+        assert "invalid data I/O timeout" in cli.fails("pool", "set-timeout", "f", "--data", "-1")
+        assert "nothing to set" in cli.fails("pool", "set-timeout", "f")
+        set_ = cli("pool", "set-timeout", "f", "--data", "0.5", "--json").json()
+        assert set_ == {"io": 30.0, "data": 0.5}
+        out = cli("pool", "set-timeout", "f", "--io", "20").out
+        assert out.strip() == "pool f: sync timeout 20 s, read/write timeout 0.5 s"
+        hf, hg = nbd.NBD(), nbd.NBD()
+        hf.connect_uri(cli("export", "nbd", "f/v").out.strip())
+        hg.connect_uri(cli("export", "nbd", "g/v").out.strip())
+        sock = str(tmp_path / "w.sock")
+        cli("export", "vhost-user-blk", "f/w", "--socket", sock)
+        hf.pwrite(A, 0)
+        hf.flush()
+        with VhostUserFrontend(sock, queue_size=16) as fe:
+            fe.setup()
+            assert fe.blk.write(0, A) == Status.OK
+            assert fe.blk.flush() == Status.OK
+
+            mount.set(Fault("read", "stall", DATA, None, 30))
+            for read in (
+                lambda: _nbd_errno(lambda: hf.pread(4096, 0)),
+                lambda: fe.blk.read(0, 4096)[0],
+            ):
+                start = time.monotonic()
+                assert read() in ("EIO", Status.IOERR)  # ETIMEDOUT: EIO on the wire
+                took = time.monotonic() - start
+                assert 0.5 <= took < 5, took
+            assert hg.pread(4096, 0) == bytes(4096)  # the other pool serves
+            f = _wait_degraded(cli, "a read of a backing device did not complete within 0.5 s")
+            mount.clear()
+            deadline = time.monotonic() + 15
+            while cli("pool", "reopen", "f", rc=None).rc != 0:  # once the reads returned
+                assert time.monotonic() < deadline, "the released reads never completed"
+                time.sleep(0.1)
+            assert hf.pread(CS, 0) == A and fe.blk.read(0, CS) == (Status.OK, A)
+
+            mount.set(Fault("write", "stall", DATA, None, 30))
+            start = time.monotonic()
+            assert _nbd_errno(lambda: hf.pwrite(B[:4096], 0)) == "EIO"
+            assert 0.5 <= time.monotonic() - start < 5
+            assert fe.blk.write(0, B[:4096]) == Status.IOERR
+            f = _wait_degraded(cli, "a write of a backing device timed out")
+            assert "flushes fail until the pool is reopened" in str(f["reason"])
+            assert _nbd_errno(hf.flush) == "EIO"  # its data may land at any time
+            assert fe.blk.flush() == Status.IOERR
+            assert "still stalled" in cli.fails("pool", "reopen", "f")
+            hg.pwrite(A, 0)  # the other pool serves and flushes
+            hg.flush()
+            assert _pool(cli, "g")["state"] == "online"
+            mount.clear()
+            deadline = time.monotonic() + 15
+            while cli("pool", "reopen", "f", rc=None).rc != 0:
+                assert time.monotonic() < deadline, "the released writes never completed"
+                time.sleep(0.1)
+            assert _pool(cli, "f")["state"] == "online"
+            hf.flush()
+            assert fe.blk.flush() == Status.OK
+            assert hf.pread(4096, 0) in (A[:4096], B[:4096])  # the timed-out write: either
+            assert fe.blk.read(0, 4096)[1] in (A[:4096], B[:4096])
+            assert hf.pread(CS - 4096, 4096) == A[4096:]
         for h in (hf, hg):
             h.shutdown()
         for pool in ("f", "g"):

@@ -5,7 +5,8 @@ writes and syncs on demand), pool ``g`` on a plain file. Faults are switched on 
 under the engine, an NBD client (libnbd) and the vhost-user-blk front-end: the affected
 request fails with the device's errno, ``f`` degrades with the reason and counts the
 failure, ``g`` keeps serving, a failed sync fails every later flush until ``reopen_pool``
-(fsyncgate), a stalled sync fails its flush after the pool's I/O timeout. Once the fault
+(fsyncgate), a stalled sync fails its flush after the pool's I/O timeout, a stalled read or
+write fails after the pool's data timeout (off by default). Once the fault
 clears, the content matches a model (a failed write leaves its range either old or new,
 sector by sector; anything else exactly as written) and fsck is clean.
 """
@@ -451,7 +452,7 @@ def test_vhost_user_blk_requests_get_ioerr(rig: Rig, short_dir: Path) -> None:
 
 
 def test_a_stall_does_not_hold_up_the_other_pool(rig: Rig) -> None:
-    """A read stalled on ``f`` (no timeout for reads: the device's own applies) holds only
+    """A read stalled on ``f`` (no data timeout: the device's own applies) holds only
     its own request: ``g`` serves meanwhile, and the read completes once released."""
     vol = rig.f.open_volume("v")
     try:
@@ -669,3 +670,222 @@ def test_random_faults_under_a_workload_keep_the_contract(rig: Rig, seed: int) -
     survivors = check_home(rig.home.path, history, f"seed {seed}", pool="f")
     assert "v" in survivors
     rig.home = Home(rig.home.path)  # for the fixture's close
+
+
+# ------------------------------------------------------------ reads and writes timing out
+
+
+def _reopen_once_released(rig: Rig) -> None:
+    """Clear the faults and reopen ``f`` once its stalled requests have returned."""
+    rig.mount.clear()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            rig.home.reopen_pool("f")
+            return
+        except IOFailure as e:
+            assert "still stalled" in str(e), e
+            assert time.monotonic() < deadline, "the released request never completed"
+            time.sleep(0.05)
+
+
+def _io_threads() -> set[threading.Thread]:
+    """The pools' I/O threads (``engine/bounded.py``) alive now."""
+    return {t for t in threading.enumerate() if t.name.endswith("-io")}
+
+
+def test_the_data_timeout_is_off_by_default_kept_per_pool_and_checked(rig: Rig) -> None:
+    assert (rig.f.data_timeout, rig.g.data_timeout) == (0.0, 0.0)
+    for bad in (-1, float("inf"), float("nan")):
+        with pytest.raises(Exception, match="invalid data I/O timeout"):
+            rig.f.set_data_timeout(bad)
+    rig.f.set_data_timeout(1.5)
+    assert rig.g.data_timeout == 0.0
+    rig.home.close()
+    home = Home(rig.home.path)
+    try:
+        assert home.pool("f").data_timeout == 1.5
+        home.pool("f").set_data_timeout(0)
+        assert home.pool("f").data_timeout == 0.0
+    finally:
+        home.close()
+    rig.home = Home(rig.home.path)
+    assert rig.home.pool("f").data_timeout == 0.0
+
+
+def test_without_a_data_timeout_a_stalled_read_waits_in_the_callers_thread(rig: Rig) -> None:
+    """Off (the default), nothing changes: the read runs in the caller's thread, into the
+    caller's buffer, and waits for the stalled device however long it takes."""
+    before = _io_threads()
+    vol = rig.f.open_volume("v")
+    try:
+        data = _payload(1, CS)
+        vol.write(0, data)
+        rig.mount.set(Fault("read", "stall", DATA, seconds=30))
+        got: list[bytes] = []
+
+        def reader() -> None:
+            buf = bytearray(4096)
+            vol.read_into(0, memoryview(buf))
+            got.append(bytes(buf))
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        time.sleep(1.2)
+        assert thread.is_alive() and not got
+        assert not _io_threads() - before  # no hand-off to an I/O thread
+        rig.mount.clear()
+        thread.join(10)
+        assert got == [data[:4096]]
+        assert rig.f.info().state is PoolState.ONLINE
+    finally:
+        vol.close()
+
+
+def test_a_stalled_read_fails_within_the_data_timeout_and_never_touches_the_buffer(
+    rig: Rig,
+) -> None:
+    model = Model()
+    rig.f.set_data_timeout(0.5)
+    vol = rig.f.open_volume("v")
+    try:
+        data = _payload(1, 2 * CS)
+        vol.write(0, data)
+        vol.flush()
+        model.wrote(0, data)
+        rig.mount.set(Fault("read", "stall", DATA, seconds=30))
+        buf = bytearray(b"\xee" * (CS + 4096))  # two clusters
+        start = time.monotonic()
+        with pytest.raises(IOFailure) as e:
+            vol.read_into(CS - 4096, memoryview(buf))
+        took = time.monotonic() - start
+        assert e.value.errno == errno.ETIMEDOUT
+        assert 0.5 <= took < 5, took
+        _degraded(rig.f, "a read of a backing device did not complete within 0.5 s")
+        assert rig.f.io_errors.read == 1 and rig.f.io_errors.timeout == 1
+        _other_pool_serves(rig, 2)
+        vol.flush()  # a read that timed out wrote nothing: flushes still succeed
+        _reopen_once_released(rig)  # the stalled read completes into its own buffer
+        assert buf == b"\xee" * (CS + 4096)
+        got = bytearray(CS + 4096)
+        vol.read_into(CS - 4096, memoryview(got))
+        assert got == data[CS - 4096 : 2 * CS]
+    finally:
+        vol.close()
+    rig.settle(model)
+
+
+def test_a_stalled_write_fails_latches_and_maps_nothing(rig: Rig) -> None:
+    model = Model()
+    rig.f.set_data_timeout(0.5)
+    vol = rig.f.open_volume("v")
+    try:
+        base = _payload(1, CS)
+        vol.write(0, base)
+        vol.flush()
+        model.wrote(0, base)
+        rig.mount.set(Fault("write", "stall", DATA, seconds=30))
+        overwrite = bytearray(_payload(2, 4096))
+        start = time.monotonic()
+        with pytest.raises(IOFailure) as e:
+            vol.write(4096, overwrite)  # in place
+        assert e.value.errno == errno.ETIMEDOUT
+        assert 0.5 <= time.monotonic() - start < 5
+        model.failed(4096, bytes(overwrite))  # it may still land
+        overwrite[:] = b"X" * 4096  # the caller reuses its buffer: what lands is a copy
+        with pytest.raises(IOFailure) as e:
+            vol.write(5 * CS, _payload(3, 4096))  # allocating
+        assert e.value.errno == errno.ETIMEDOUT
+        _degraded(rig.f, "a write of a backing device timed out")
+        assert rig.f.io_errors.write == 2 and rig.f.io_errors.timeout == 2
+        with pytest.raises(IOFailure) as e:  # no later flush may claim durability
+            vol.flush()
+        assert e.value.errno == errno.EIO
+        with pytest.raises(IOFailure, match="still stalled"):
+            rig.home.reopen_pool("f")
+        _other_pool_serves(rig, 4)
+        rig.mount.clear()
+        deadline = time.monotonic() + 10
+        while rig.f._io_threads.stalled():
+            assert time.monotonic() < deadline, "the released writes never completed"
+            time.sleep(0.05)
+        # the allocating write finished after it was abandoned: its cluster is not mapped
+        assert [x.allocated for x in vol.block_status(5 * CS, CS)] == [False]
+        with pytest.raises(IOFailure):
+            vol.flush()  # still latched
+        _reopen_once_released(rig)
+        vol.flush()
+        again = _payload(5, 4096)
+        vol.write(5 * CS, again)
+        vol.flush()
+        model.wrote(5 * CS, again)
+    finally:
+        vol.close()
+    rig.settle(model)
+
+
+def test_nbd_and_vhost_clients_get_an_error_within_the_data_timeout(
+    rig: Rig, short_dir: Path
+) -> None:
+    nbd = require_module("nbd", "python3-libnbd is not installed")
+    from storvisor.exports.nbd import NBDExport, NBDServer, nbd_uri
+    from storvisor.exports.vhost_user_blk import VhostUserBlkServer
+    from storvisor.protocols.virtio.blk import Status
+    from storvisor.testing.vhost_frontend import VhostUserFrontend
+
+    rig.f.set_data_timeout(0.5)
+    rig.f.create_volume("w", VOL)
+    model = Model()
+    server = NBDServer()
+    server.add_export(NBDExport("f", lambda: rig.f.open_volume("v")))
+    sock = str(short_dir / "nbd.sock")
+    server.listen_unix(sock)
+    server.start()
+    volume: Volume = rig.f.open_volume("w")
+    vsock = str(short_dir / "vub.sock")
+    vhost = VhostUserBlkServer(volume, vsock, num_queues=1, serial="timeout")
+    vhost.start()
+    try:
+        h = nbd.NBD()
+        h.connect_uri(nbd_uri("f", unix_path=sock))
+        base = _payload(1, 2 * CS)
+        h.pwrite(base, 0)
+        model.wrote(0, base)
+        h.flush()
+        with VhostUserFrontend(vsock, queue_size=16) as fe:
+            fe.setup()
+            assert fe.blk.write(0, base) == Status.OK
+            rig.mount.set(Fault("read", "stall", DATA, seconds=30))
+            start = time.monotonic()
+            with pytest.raises(nbd.Error) as e:
+                h.pread(4096, 0)
+            assert e.value.errno == "EIO"  # ETIMEDOUT: EIO on the wire
+            assert 0.5 <= time.monotonic() - start < 5
+            start = time.monotonic()
+            assert fe.blk.read(0, 4096)[0] == Status.IOERR
+            assert 0.5 <= time.monotonic() - start < 5
+            h.flush()  # reads that timed out do not latch
+            _reopen_once_released(rig)
+            assert h.pread(4096, 0) == base[:4096]
+            assert fe.blk.read(0, 4096) == (Status.OK, base[:4096])
+
+            rig.mount.set(Fault("write", "stall", DATA, seconds=30))
+            payload = _payload(2, 4096)
+            with pytest.raises(nbd.Error) as e:
+                h.pwrite(payload, 0)
+            assert e.value.errno == "EIO"
+            model.failed(0, payload)
+            assert fe.blk.write(0, payload) == Status.IOERR
+            with pytest.raises(nbd.Error):
+                h.flush()
+            assert fe.blk.flush() == Status.IOERR
+            _other_pool_serves(rig, 3)
+            _reopen_once_released(rig)
+            h.flush()
+            assert fe.blk.flush() == Status.OK
+        h.shutdown()
+    finally:
+        vhost.close()
+        volume.close()
+        server.close()
+    rig.settle(model)

@@ -42,6 +42,7 @@ from storvisor.api.messages import (
     Resize,
     Rollback,
     SetVolumeQos,
+    Timeouts,
 )
 from storvisor.api.qos import QosKey, QosSpecInfo, VolumeQos
 from storvisor.api.routes import Route
@@ -315,6 +316,11 @@ class Client:
 
     def reopen_pool(self, name: str) -> PoolInfo:
         return self._one(routes.REOPEN_POOL, name)
+
+    def set_timeouts(
+        self, pool: str, *, io: float | None = None, data: float | None = None
+    ) -> Timeouts:
+        return self._one(routes.SET_TIMEOUTS, pool, body=Timeouts(io, data))
 
     def add_backing(self, pool: str, spec: BackingSpec) -> PoolInfo:
         return self._one(routes.ADD_BACKING, pool, body=spec)

@@ -50,6 +50,16 @@ class CreateVolume:
 
 
 @dataclass(frozen=True, slots=True)
+class Timeouts:
+    """A pool's timeouts, in seconds: ``io`` bounds a sync of its backing devices (a flush),
+    ``data`` a volume's read or write (0: no bound). In a request, a field left out (None)
+    keeps its value; a reply has both."""
+
+    io: float | None = None
+    data: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Resize:
     size: int
 

@@ -41,6 +41,7 @@ from storvisor.api.messages import (
     Resize,
     Rollback,
     SetVolumeQos,
+    Timeouts,
 )
 from storvisor.api.qos import QosSpecInfo, VolumeQos
 from storvisor.api.service import ServiceStatus
@@ -167,6 +168,15 @@ ADD_BACKING = Route(
 FSCK = Route("fsck", POST, f"{_POOL}/fsck", FsckReport, "check a pool's consistency")
 REOPEN_POOL = Route(
     "reopen_pool", POST, f"{_POOL}/reopen", PoolInfo, "bring an offline pool online", access=_W
+)
+SET_TIMEOUTS = Route(
+    "set_timeouts",
+    POST,
+    f"{_POOL}/timeouts",
+    Timeouts,
+    "set a pool's timeouts: io for syncs, data for reads and writes (0: none)",
+    Timeouts,
+    access=_W,
 )
 
 VOLUMES = Route("volumes", GET, "/volumes", VolumeInfo, "list every pool's volumes", many=True)
@@ -343,6 +353,7 @@ ROUTES: tuple[Route[Any], ...] = (
     ADD_BACKING,
     FSCK,
     REOPEN_POOL,
+    SET_TIMEOUTS,
     VOLUMES,
     POOL_VOLUMES,
     CREATE_VOLUME,

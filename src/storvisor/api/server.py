@@ -65,6 +65,7 @@ from storvisor.api.messages import (
     Resize,
     Rollback,
     SetVolumeQos,
+    Timeouts,
 )
 from storvisor.api.metrics import CONTENT_TYPE, MetricsUnavailable, render
 from storvisor.api.routes import Access, Route
@@ -134,6 +135,10 @@ def _create_volume(s: Service, r: Request) -> object:
     return s.create_volume(r.params[0], req.name, req.size)
 
 
+def _set_timeouts(s: Service, pool: str, req: Timeouts) -> object:
+    return s.set_timeouts(pool, io=req.io, data=req.data)
+
+
 def _create_pool(s: Service, r: Request) -> object:
     req = r.parse(CreatePool)
     return s.create_pool(req.name, req.backings, req.cluster_size)
@@ -169,6 +174,7 @@ _HANDLERS: dict[Route[Any], Handler] = {
     routes.ADD_BACKING: lambda s, r: s.add_backing(r.params[0], r.parse(BackingSpec)),
     routes.FSCK: lambda s, r: s.fsck(r.params[0]),
     routes.REOPEN_POOL: lambda s, r: s.reopen_pool(r.params[0]),
+    routes.SET_TIMEOUTS: lambda s, r: _set_timeouts(s, r.params[0], r.parse(Timeouts)),
     routes.VOLUMES: lambda s, r: s.volumes(),
     routes.POOL_VOLUMES: lambda s, r: s.volumes(r.params[0]),
     routes.CREATE_VOLUME: _create_volume,

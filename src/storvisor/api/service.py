@@ -39,6 +39,7 @@ from storvisor.api.exports import (
 )
 from storvisor.api.images import check_output_image, convert, image_info
 from storvisor.api.jobs import Cleanup, JobInfo, JobManager, JobProgress
+from storvisor.api.messages import Timeouts
 from storvisor.api.metrics import (
     ExportSample,
     MetricsSample,
@@ -115,6 +116,9 @@ class Management(Protocol):
     def pool_info(self, name: str) -> PoolInfo: ...
     def delete_pool(self, name: str, *, force: bool = False) -> None: ...
     def reopen_pool(self, name: str) -> PoolInfo: ...
+    def set_timeouts(
+        self, pool: str, *, io: float | None = None, data: float | None = None
+    ) -> Timeouts: ...
     def add_backing(self, pool: str, spec: BackingSpec) -> PoolInfo: ...
     def create_volume(self, pool: str, name: str, size: int) -> VolumeInfo: ...
     def volumes(self, pool: str | None = None) -> list[VolumeInfo]: ...
@@ -434,6 +438,20 @@ class Service:
         (a vhost-user-blk export or a connected NBD client)."""
         with self._lock:
             return self.home.pool(pool).rollback(volume, snapshot)
+
+    def set_timeouts(
+        self, pool: str, *, io: float | None = None, data: float | None = None
+    ) -> Timeouts:
+        """Set a pool's sync timeout (``io``, positive) and its read and write timeout
+        (``data``, 0: none); None keeps a value. Returns both as they are now (durable).
+        Raises ``NotFound``, ``InvalidArgument``, ``PoolOffline``."""
+        with self._lock:
+            p = self.home.pool(pool)
+            if io is not None:
+                p.set_io_timeout(io)
+            if data is not None:
+                p.set_data_timeout(data)
+            return Timeouts(p.io_timeout, p.data_timeout)
 
     def fsck(self, pool: str) -> FsckReport:
         with self._lock:

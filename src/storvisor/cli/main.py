@@ -264,6 +264,14 @@ def pool_reopen(m: Management, a: argparse.Namespace) -> int:
     return _print(a, info, output.pool_details(info))
 
 
+def pool_set_timeout(m: Management, a: argparse.Namespace) -> int:
+    if a.io is None and a.data is None:
+        raise InvalidArgument("nothing to set: give --io SECONDS and/or --data SECONDS")
+    t = m.set_timeouts(a.name, io=a.io, data=a.data)
+    data = "none" if not t.data else f"{t.data:g} s"
+    return _print(a, t, f"pool {a.name}: sync timeout {t.io:g} s, read/write timeout {data}")
+
+
 def pool_delete(m: Management, a: argparse.Namespace) -> int:
     m.delete_pool(a.name, force=a.force)
     print(f"deleted pool {a.name}")
@@ -799,6 +807,18 @@ def build_parser() -> argparse.ArgumentParser:
         json=True,
     )
     c.add_argument("name", metavar="NAME", type=pool_name)
+    c = cmd(
+        pool,
+        "set-timeout",
+        pool_set_timeout,
+        "set how long a sync (--io) or a read or write (--data, 0: no limit) may take",
+        json=True,
+    )
+    c.add_argument("name", metavar="NAME", type=pool_name)
+    c.add_argument("--io", type=float, metavar="SECONDS", help="a sync (flush); default 30")
+    c.add_argument(
+        "--data", type=float, metavar="SECONDS", help="a read or write; default 0 (no limit)"
+    )
     c = cmd(pool, "delete", pool_delete, "delete a pool")
     c.add_argument("name", metavar="NAME", type=pool_name)
     c.add_argument("--force", action="store_true", help="also delete its volumes")

@@ -46,6 +46,14 @@ pool to its last commit, as a crash would: a cluster allocated since may hold an
 no mapping to it may survive. A sync that does not complete within ``io_timeout`` seconds
 fails its flush with ETIMEDOUT the same way (the stalled system call is left to finish in
 its own thread; ``recover`` refuses while it runs).
+
+Reads and writes are bounded only when the pool's ``data_timeout`` is set (0, the default,
+leaves them unbounded: the device's own timeout applies, and the hot path hands nothing to
+another thread). With it, a volume's reads and writes run on the pool's I/O threads through
+bounce buffers (``engine/bounded.py``) and fail with ETIMEDOUT past it. A read that timed
+out leaves nothing behind. A write that timed out may still land, after writes the client
+issues next: it latches the pool as a failed sync does, and ``recover`` refuses while it
+runs.
 """
 
 from __future__ import annotations
@@ -66,6 +74,7 @@ from queue import SimpleQueue
 
 from storvisor.engine.allocator import Allocator, group_clusters
 from storvisor.engine.backing import Backing, Header, phys_number, split_phys, sync_directory
+from storvisor.engine.bounded import IoThreads
 from storvisor.engine.catalog import ZERO, Batch, Catalog
 from storvisor.engine.fsck import Memory, check_pool
 from storvisor.engine.iostats import LatencyHistogram
@@ -189,6 +198,9 @@ class Pool:
         self._syncs: SimpleQueue[_SyncJob | None] = SimpleQueue()
         self.io_timeout = float(catalog.meta().get("io_timeout", DEFAULT_IO_TIMEOUT))
         """Seconds a sync of the backing devices may take (``set_io_timeout``)."""
+        self.data_timeout = float(catalog.meta().get("data_timeout", 0.0))
+        """Seconds a volume's read or write may take; 0: unbounded (``set_data_timeout``)."""
+        self._io_threads = IoThreads(f"storvisor-{name}")
         try:
             self._journal = Journal(directory / "journal")
         except OSError as e:
@@ -373,6 +385,47 @@ class Pool:
             self._stmt("INSERT OR REPLACE INTO meta VALUES ('io_timeout', ?)", repr(float(seconds)))
         self.flush()
 
+    def set_data_timeout(self, seconds: float) -> None:
+        """Set how long a read or write of a volume may take before it fails with
+        ETIMEDOUT (0: no limit, the default). Applies to requests that start afterwards;
+        durable when this returns. Raises ``InvalidArgument`` unless ``seconds`` is 0 or
+        positive and finite."""
+        if not isinstance(seconds, (int, float)) or not 0 <= seconds < float("inf"):
+            raise InvalidArgument(
+                f"invalid data I/O timeout {seconds!r}: 0 or a positive number is needed"
+            )
+        with self._lock:
+            self._check_open()
+            self.data_timeout = float(seconds)
+            for state in self._states.values():
+                state.timeout = self.data_timeout
+                for plane in state.planes:
+                    plane.map.set_bounded(bool(self.data_timeout))
+            self._stmt(
+                "INSERT OR REPLACE INTO meta VALUES ('data_timeout', ?)", repr(float(seconds))
+            )
+        self.flush()
+
+    def run_bounded(self, op: BackingOp, work: Callable[[], None]) -> None:
+        """Run ``work`` (a volume's read or write through bounce buffers) on the pool's I/O
+        threads, waiting up to ``data_timeout`` seconds. Raises what ``work`` raised, or
+        ``IOFailure(ETIMEDOUT)``: the request is abandoned (see ``engine/bounded.py``), and
+        a write that had started latches the pool (its data may land at any time later)."""
+        timeout = self.data_timeout
+        abandoned = self._io_threads.run(work, timeout)
+        if abandoned is None:
+            return
+        error = IOFailure(
+            f"a {op} of a backing device did not complete within {timeout:g} s", errno.ETIMEDOUT
+        )
+        self.backing_failed(op, error)
+        if op is BackingOp.WRITE and abandoned.started:
+            # Not the commit lock: a commit may wait for a sync that the stalled write holds
+            # up. The journal is not consumed: no data written before was lost (recover
+            # drops every change since the last commit all the same).
+            self._latch(error, f"a write of a backing device timed out: {error}")
+        raise error
+
     def backing_failed(self, op: BackingOp, error: IOFailure) -> None:
         """Record that a read or write of a backing device failed with ``error`` (the
         request fails with it): counted, logged once per kind, the pool degraded."""
@@ -399,25 +452,29 @@ class Pool:
             self._errors[BackingOp.SYNC] += 1
             if error.errno == errno.ETIMEDOUT:
                 self._timeouts += 1
+        if self._latch(error, f"a sync of a backing device failed: {error}"):
+            self._consume_journal()
+
+    def _latch(self, error: IOFailure, what: str) -> bool:
+        """Fail every flush from now on until ``recover``: written data may be lost (a
+        failed sync) or may still land (a timed-out write). True if this latched the pool
+        (it was not latched yet)."""
+        with self._health:
             latching = self._sync_failure is None
             if latching:
                 self._sync_failure = error
-                self._degraded = (
-                    f"a sync of a backing device failed ({error}); flushes fail until "
-                    "the pool is reopened"
-                )
-            first = BackingOp.SYNC not in self._logged
+                self._degraded = f"{what}; flushes fail until the pool is reopened"
+            first = latching or BackingOp.SYNC not in self._logged
             self._logged.add(BackingOp.SYNC)
-        if latching:
-            self._consume_journal()
         if first:
             log.error(
-                "pool %s: a sync of a backing device failed: %s; written data may be lost, "
-                "so every flush fails until 'storvisor pool reopen %s'",
+                "pool %s: %s; written data may be lost or land late, so every flush fails "
+                "until 'storvisor pool reopen %s'",
                 self.name,
-                error,
+                what,
                 self.name,
             )
+        return latching
 
     def recover(self) -> None:
         """Bring a degraded pool back online: sync every backing device (within
@@ -434,6 +491,11 @@ class Pool:
             if any(not job.done.is_set() for job in self._stalled):
                 raise IOFailure(
                     f"pool {self.name!r}: a sync of a backing device is still stalled",
+                    errno.ETIMEDOUT,
+                )
+            if self._io_threads.stalled():
+                raise IOFailure(
+                    f"pool {self.name!r}: a read or write of a backing device is still stalled",
                     errno.ETIMEDOUT,
                 )
             self._stalled.clear()
@@ -681,6 +743,7 @@ class Pool:
                 log.warning("pool %s: closed without a commit: a sync failed", self.name)
         finally:
             self._syncs.put(None)  # a stalled sync ends its thread when it returns
+            self._io_threads.close()
             with self._lock:
                 self._closed = True
                 for state in self._states.values():
@@ -829,6 +892,7 @@ class Pool:
             state = self._states.get(key)
             if state is None:
                 state = VolumeState(self, key, top, size, read_only, vol.serial)
+                state.timeout = self.data_timeout
                 state.view, state.homes = self._build_view(top, homes=not read_only)
                 self._states[key] = state
             state.handles += 1

@@ -16,7 +16,9 @@ the owner bumps the epoch (when the 12-bit epoch wraps, every word is rewritten)
 aligned 8-byte stores, so a reader sees either the old or the new value of a word.
 
 Header (native 64-bit words): magic, epoch, size in bytes, capacity in words, log2 of the
-cluster size.
+cluster size, and a flag: 1 when the volume's reads and writes are bounded by a timeout
+(the pool's data timeout), which only the owner can apply, so a data plane then sends them
+to it instead of doing them itself.
 
 The word layout is the engine's alone: a data plane asks ``MapReader.lookup`` where a
 virtual cluster lives (backing device index, byte offset in it, owned or not) and never
@@ -47,7 +49,7 @@ _EPOCH_SHIFT = 52
 _EPOCH_MASK = (1 << (64 - _EPOCH_SHIFT)) - 1
 _PHYS_MASK = (1 << _EPOCH_SHIFT) - 1
 
-_MAGIC, _EPOCH, _SIZE, _CAPACITY, _CLUSTER_SHIFT = range(5)
+_MAGIC, _EPOCH, _SIZE, _CAPACITY, _CLUSTER_SHIFT, _BOUNDED = range(6)
 
 
 def _map_bytes(capacity: int) -> int:
@@ -107,6 +109,10 @@ class SharedMap:
         self._w[_HEADER_WORDS + vc] = (
             0 if phys is None else (phys + 1) | self._epoch << _EPOCH_SHIFT
         )
+
+    def set_bounded(self, bounded: bool) -> None:
+        """Record whether the volume's reads and writes are bounded by a timeout."""
+        self._w[_BOUNDED] = int(bounded)
 
     def set_shared(self, vc: int, phys: int) -> None:
         """Map ``vc`` to ``phys``, which a parent layer owns (reads only)."""
@@ -186,6 +192,11 @@ class MapReader:
             ((phys & LOCAL_MASK) + 1) << self._shift,
             word >> _EPOCH_SHIFT == words[_EPOCH],
         )
+
+    @property
+    def bounded(self) -> bool:
+        """Whether reads and writes must go to the owner (see ``SharedMap.set_bounded``)."""
+        return bool(self._words[_BOUNDED])
 
     @property
     def clusters(self) -> int:

@@ -24,6 +24,13 @@ parent's, and the next write to them copies. It changes ``top`` with the gate fr
 in-place write that found its cluster owned before can land in the snapshot afterwards; for
 the same reason the pool recycles freed clusters only through a frozen gate.
 
+Bounded requests: when the pool's data timeout is set (``state.timeout``, 0 otherwise),
+``read_into`` and ``write`` go through bounce buffers on the pool's I/O threads
+(``Pool.run_bounded``, ``engine/bounded.py``): the caller's buffer is never given to a system
+call, so a request that times out leaves it untouched from then on, and an allocating write
+that finishes after its request was abandoned maps nothing. With the timeout off, the only
+cost is one test of ``state.timeout`` per request.
+
 Data planes: another process may serve the volume (``storvisor.exports.dataplane``); it reads
 a ``SharedMap`` mirror of the view that every change here keeps current (``_publish``,
 ``set_top``, ``set_size``), runs its own in-place I/O inside its own gate, and sends every
@@ -37,6 +44,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+from storvisor.engine import bounded
 from storvisor.engine.catalog import ZERO
 from storvisor.engine.device import Buffer, Extent
 from storvisor.engine.pio import preadv_full, pwritev_full
@@ -85,6 +93,10 @@ class VolumePool(Protocol):
 
     def backing_failed(self, op: BackingOp, error: IOFailure) -> None:
         """A read or write of a backing device failed with ``error``."""
+
+    def run_bounded(self, op: BackingOp, work: Callable[[], None]) -> None:
+        """Run ``work`` on an I/O thread within the data timeout; raises ``IOFailure``
+        (ETIMEDOUT) past it."""
 
 
 class DataPlane(Protocol):
@@ -136,6 +148,8 @@ class VolumeState:
         self.pending: dict[int, threading.Event] = {}  # clusters being allocated
         self.gate = Gate()  # in-place writes run inside it (see ``frozen``)
         self.planes: list[DataPlane] = []  # other processes serving this state
+        self.timeout = 0.0
+        """The pool's data timeout (0: requests are not bounded); set by the pool."""
 
     # ------------------------------------------------------------- data planes, ownership
 
@@ -147,6 +161,7 @@ class VolumeState:
     def attach(self, plane: DataPlane) -> None:
         """Start mirroring this state's view into ``plane.map``. Call with the pool lock."""
         plane.map.fill(self.map_entries())
+        plane.map.set_bounded(bool(self.timeout))
         self.planes.append(plane)
 
     def detach(self, plane: DataPlane) -> None:
@@ -252,9 +267,19 @@ class VolumeState:
         except BaseException:
             pool.unallocate(phys)
             raise
-        with pool.lock:
-            pool.set_entry(self.top, vc, phys)
-            self._publish(vc, (fd, base, self.top), phys)
+        request = bounded.current() if self.timeout else None
+        if request is None:
+            with pool.lock:
+                pool.set_entry(self.top, vc, phys)
+                self._publish(vc, (fd, base, self.top), phys)
+            return
+        with request.lock:  # the request cannot be abandoned while its mapping is published
+            if request.abandoned:
+                pool.unallocate(phys)
+                raise IOFailure("the write timed out: its cluster is not mapped", errno.ETIMEDOUT)
+            with pool.lock:
+                pool.set_entry(self.top, vc, phys)
+                self._publish(vc, (fd, base, self.top), phys)
 
     def place(self, vc: int) -> int:
         """Allocate a physical cluster for ``vc`` of the top layer, next to the clusters the
@@ -427,6 +452,9 @@ class Volume:
         n = len(buf)
         if self._closed or s.closed or offset < 0 or offset + n > s.size:
             self._refuse(offset, n, writing=False)
+        if s.timeout:
+            self._bounded_read(offset, buf)
+            return
         cs = s.cluster_size
         within = offset & (cs - 1)
         gate = s.gate  # a freed cluster is not reused while a read that found it runs
@@ -445,6 +473,41 @@ class Volume:
             raise
         finally:
             gate.leave()
+
+    def _bounded_read(self, offset: int, buf: memoryview) -> None:
+        """``read_into`` within the data timeout, through a bounce buffer."""
+        s = self._state
+        bounce = memoryview(bytearray(len(buf)))
+
+        def read() -> None:
+            s.gate.enter()
+            try:
+                self._read_span(offset, bounce)
+            except IOFailure as e:
+                s.pool.backing_failed(BackingOp.READ, e)
+                raise
+            finally:
+                s.gate.leave()
+
+        s.pool.run_bounded(BackingOp.READ, read)
+        buf[:] = bounce
+
+    def _bounded_write(self, offset: int, data: memoryview) -> None:
+        """``write`` (without FUA) within the data timeout, from a copy of ``data``."""
+        s = self._state
+        copy = memoryview(data.tobytes())
+
+        def write() -> None:
+            try:
+                self._write_span(offset, copy)
+            except NoSpace:
+                raise
+            except IOFailure as e:
+                if e.errno != errno.ETIMEDOUT:  # not its own abandonment
+                    s.pool.backing_failed(BackingOp.WRITE, e)
+                raise
+
+        s.pool.run_bounded(BackingOp.WRITE, write)
 
     def _read_span(self, offset: int, buf: memoryview) -> None:
         s = self._state
@@ -488,6 +551,11 @@ class Volume:
         n = len(view_)
         if self._closed or s.closed or offset < 0 or offset + n > s.size or s.read_only:
             self._refuse(offset, n, writing=True)
+        if s.timeout:
+            self._bounded_write(offset, view_)
+            if fua:
+                s.pool.flush()
+            return
         cs = s.cluster_size
         within = offset & (cs - 1)
         try:

@@ -32,6 +32,12 @@ reply to ``GETFD``. A direct read or write that a backing device fails is report
 owner (``FAILED``, no reply), whose pool counts it and degrades as for its own requests.
 A broken channel ends the data plane (its process exits); the owner treats a dead plane as
 frozen.
+
+Bounded reads and writes: when the pool's data timeout is set (``MapReader.bounded``), the
+data plane does no direct read or write at all: it sends every read (``READ``) and write to
+the owner, whose ``Volume`` bounds them (bounce buffers on the pool's I/O threads, see
+``engine/bounded.py``), so a stalled device never holds the plane's buffers either, and the
+owner alone knows which abandoned requests still run.
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ class Op:
     READY = 10  # plane -> owner, unsolicited: the plane serves
     FAILED = 11  # plane -> owner, unsolicited: a direct read (a = 0) or write (a = 1) of a
     # backing device failed with errno b; payload = the message. The owner counts it.
+    READ = 12  # a = offset, b = length; reply payload = the data (bounded volumes only)
 
 
 class Flag:
@@ -221,7 +228,7 @@ class PlaneHost:
                 elif op == Op.WRITE:
                     job = (op, frame.flags, frame.ident, frame.a, frame.b, frame.payload)
                     self._jobs.put(job)
-                elif op in (Op.ZERO, Op.FLUSH, Op.STATUS, Op.GETFD):
+                elif op in (Op.READ, Op.ZERO, Op.FLUSH, Op.STATUS, Op.GETFD):
                     self._jobs.put((op, frame.flags, frame.ident, frame.a, frame.b, None))
                 else:
                     raise LocalFailure(f"unknown data-plane operation {op}")
@@ -258,6 +265,10 @@ class PlaneHost:
 
     def _execute(self, op: int, flags: int, a: int, b: int, data: bytearray | None) -> bytes:
         volume = self.volume
+        if op == Op.READ:
+            buf = bytearray(b)
+            volume.read_into(a, memoryview(buf))
+            return bytes(buf)
         if op == Op.WRITE:
             assert data is not None
             volume.write(a, data, fua=bool(flags & Flag.FUA))
@@ -360,7 +371,9 @@ class RemoteVolume:
         n = len(buf)
         if self._closed or self._lost or offset < 0 or offset + n > self._size:
             self._check(offset, n, writing=False)
-        if not self._read_one(offset, buf):
+        if self._reader_map.bounded:
+            self._read_owner(offset, [buf])
+        elif not self._read_one(offset, buf):
             self.vectors.read_into(offset, [buf])
 
     def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
@@ -371,8 +384,23 @@ class RemoteVolume:
         closed = self._closed or self._lost
         if closed or offset < 0 or offset + n > self._size or self._read_only:
             self._check(offset, n, writing=True)
-        if fua or not self._write_one(offset, view):
+        if self._reader_map.bounded:
+            self._call(Op.WRITE, Flag.FUA if fua else 0, offset, n, view)
+        elif fua or not self._write_one(offset, view):
             self.vectors.write(offset, [view], fua=fua)
+
+    def _read_owner(self, offset: int, views: list[memoryview]) -> None:
+        """Have the owner read ``views`` (a bounded volume, see the module docstring)."""
+        length = sum(len(view) for view in views)
+        if not length:
+            return
+        data = memoryview(self._call(Op.READ, 0, offset, length))
+        if len(data) != length:
+            raise IOFailure(f"data plane: the owner read {len(data)} of {length} bytes")
+        pos = 0
+        for view in views:
+            view[:] = data[pos : pos + len(view)]
+            pos += len(view)
 
     def _read_one(self, offset: int, buf: memoryview) -> bool:
         """Serve a read within one cluster directly (the common case); False if it is not
@@ -676,6 +704,9 @@ class _RemoteVectors:
 
     def read_into(self, offset: int, views: list[memoryview]) -> None:
         v = self._v
+        if v._reader_map.bounded:
+            v._read_owner(offset, views)
+            return
         if len(views) == 1 and v._read_one(offset, views[0]):
             return
         length = sum(len(view) for view in views)
@@ -704,6 +735,10 @@ class _RemoteVectors:
 
     def write(self, offset: int, views: list[memoryview], *, fua: bool) -> None:
         v = self._v
+        if v._reader_map.bounded:
+            data = b"".join(views)
+            v._call(Op.WRITE, Flag.FUA if fua else 0, offset, len(data), data)
+            return
         if len(views) == 1 and v._write_one(offset, views[0]):
             if fua:
                 v._call(Op.FLUSH)
