@@ -11,6 +11,7 @@ Pool ``f``'s backing file lives on ``storvisor.testing.faultfs``; pool ``g``'s d
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import time
@@ -22,6 +23,7 @@ from cli_harness import CLI, Daemon
 
 from powercuts import require_fuse
 from prereq import require_module
+from storvisor.api.client import Client
 from storvisor.engine.home import Home
 from storvisor.protocols.virtio.blk import Status
 from storvisor.testing.faultfs import Fault, FaultMount
@@ -53,6 +55,20 @@ def mount() -> Iterator[FaultMount]:
 def _pool(cli: CLI, name: str) -> dict[str, object]:
     found = {p["name"]: p for p in cli("pool", "list", "--json").json()}  # type: ignore[attr-defined]
     return found[name]  # type: ignore[no-any-return]
+
+
+def _io_errors(home: Path, pool: str) -> dict[str, int]:
+    """The pool's ``storvisor_pool_io_errors_total`` counters from ``/metrics``, by op."""
+    found: dict[str, int] = {}
+    for line in Client(home / "api.sock").metrics().splitlines():
+        m = re.fullmatch(r"storvisor_pool_io_errors_total\{(.*)\} (\S+)", line)
+        if m is None:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if labels["pool"] == pool:
+            found[labels["op"]] = int(float(m.group(2)))
+    assert set(found) == {"read", "write", "sync", "timeout"}, found
+    return found
 
 
 def _wait_degraded(cli: CLI, what: str) -> dict[str, object]:
@@ -118,6 +134,11 @@ def test_nbd_and_vhost_requests_fail_the_daemon_and_the_other_pool_do_not(
         mount.clear()
         assert hf.pread(len(model), 0) == bytes(model)
 
+        # counted in the metrics, per pool and operation
+        errors = _io_errors(home, "f")
+        assert errors["write"] >= 4 and errors["read"] >= 1 and errors["sync"] == 0, errors
+        assert set(_io_errors(home, "g").values()) == {0}
+
         # vhost-user-blk on the same pool
         with VhostUserFrontend(sock, queue_size=16) as fe:
             fe.setup()
@@ -141,6 +162,7 @@ def test_nbd_and_vhost_requests_fail_the_daemon_and_the_other_pool_do_not(
             assert _nbd_errno(hf.flush) == "EIO"
             assert fe.blk.flush() == Status.IOERR
             hg.flush()  # the other pool flushes
+            assert _io_errors(home, "f")["sync"] >= 1
             shown = cli("pool", "show", "f").out
             assert "degraded" in shown and "flushes fail until the pool is reopened" in shown
             table = cli("pool", "list").out

@@ -22,10 +22,10 @@ core works as before and ``render`` raises ``MetricsUnavailable``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from storvisor.engine.iostats import BOUNDS_NS, IoOp, IoTotals
-from storvisor.engine.types import PoolInfo
+from storvisor.engine.types import IoErrorCounts, PoolInfo
 from storvisor.errors import LocalFailure
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -53,6 +53,7 @@ class PoolSample:
     info: PoolInfo
     commit_buckets: tuple[int, ...]  # per BOUNDS_NS bucket, +Inf last; empty when offline
     commit_ns: int
+    io_errors: IoErrorCounts = field(default_factory=IoErrorCounts)  # since the pool opened
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,9 +184,23 @@ def render(sample: MetricsSample) -> bytes:
             "Metadata commits: syncing the data they point at, then the catalog transaction.",
             labels=pool_labels,
         )
+        io_errors = CounterMetricFamily(
+            "storvisor_pool_io_errors",
+            "Backing-device operations that failed (read, write, sync) or did not complete "
+            "within the pool's timeout (timeout, also counted under its operation).",
+            labels=["pool", "op"],
+        )
         for p in sample.pools:
             info = p.info
             stats = info.stats
+            failed = p.io_errors
+            for kind, count in (
+                ("read", failed.read),
+                ("write", failed.write),
+                ("sync", failed.sync),
+                ("timeout", failed.timeout),
+            ):
+                io_errors.add_metric([info.name, kind], float(count))
             capacity.add_metric([info.name], float(stats.capacity))
             allocated.add_metric([info.name], float(stats.allocated))
             provisioned.add_metric([info.name], float(stats.provisioned))
@@ -198,7 +213,7 @@ def render(sample: MetricsSample) -> bytes:
                 commits.add_metric(
                     [info.name], _histogram_buckets(p.commit_buckets), sum_value=p.commit_ns / 1e9
                 )
-        yield from (capacity, allocated, provisioned, clusters, online, commits)
+        yield from (capacity, allocated, provisioned, clusters, online, commits, io_errors)
 
         restarts = CounterMetricFamily(
             "storvisor_dataplane_restarts",

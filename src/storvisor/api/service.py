@@ -55,6 +55,7 @@ from storvisor.engine.s3 import S3Spec
 from storvisor.engine.types import (
     BackingSpec,
     FsckReport,
+    IoErrorCounts,
     PoolInfo,
     PoolState,
     SnapshotInfo,
@@ -221,10 +222,13 @@ class Service:
             for info in sorted(self.home.pools(), key=lambda p: p.name):
                 buckets: tuple[int, ...] = ()
                 commit_ns = 0
+                errors = IoErrorCounts()
                 if info.state is not PoolState.OFFLINE:
                     with contextlib.suppress(StorvisorError):
-                        buckets, commit_ns = self.home.pool(info.name).commit_times.snapshot()
-                pools.append(PoolSample(info, buckets, commit_ns))
+                        pool = self.home.pool(info.name)
+                        buckets, commit_ns = pool.commit_times.snapshot()
+                        errors = pool.io_errors
+                pools.append(PoolSample(info, buckets, commit_ns, errors))
             waits = tuple(QosWait(*w) for w in self._qos.waited())
             runtime = self._runtime
             if runtime is None:
