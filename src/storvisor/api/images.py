@@ -88,7 +88,7 @@ def convert(arguments: list[str], total: int, progress: JobProgress) -> None:
             marks = _PROGRESS.findall(pending)
             if marks:
                 progress.update(min(total, int(float(marks[-1]) / 100 * total)))
-                pending = pending[-32:]
+            pending = pending[-32:]  # enough for a mark cut in two
         errors = proc.stderr.read()
         code = proc.wait()
     finally:

@@ -234,16 +234,17 @@ class JobManager:
             with contextlib.suppress(StorvisorError):
                 self._undo(Cleanup(exports=job.info.cleanup.exports))
         with job.lock:
+            if state is JobState.SUCCEEDED:
+                job.done = job.total
+            finished = time.time()
             job.info = replace(
                 job.info,
                 state=state,
                 error=error,
-                finished=time.time(),
-                done=job.done if state is not JobState.SUCCEEDED else job.total,
+                finished=finished,
+                done=job.done,
                 total=job.total,
             )
-            if state is JobState.SUCCEEDED:
-                job.done = job.total
         self._save(job.info)
         self._prune()
         if error:

@@ -22,7 +22,7 @@ core works as before and ``render`` raises ``MetricsUnavailable``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from storvisor.engine.iostats import BOUNDS_NS, IoOp, IoTotals
 from storvisor.engine.types import IoErrorCounts, PoolInfo
@@ -193,13 +193,7 @@ def render(sample: MetricsSample) -> bytes:
         for p in sample.pools:
             info = p.info
             stats = info.stats
-            failed = p.io_errors
-            for kind, count in (
-                ("read", failed.read),
-                ("write", failed.write),
-                ("sync", failed.sync),
-                ("timeout", failed.timeout),
-            ):
+            for kind, count in asdict(p.io_errors).items():  # read, write, sync, timeout
                 io_errors.add_metric([info.name, kind], float(count))
             capacity.add_metric([info.name], float(stats.capacity))
             allocated.add_metric([info.name], float(stats.allocated))

@@ -225,32 +225,25 @@ _HANDLERS.update(
     }
 )
 
-# -- job routes: a started job answers 202 -------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    """A result sent with 202 Accepted: the work goes on (a job)."""
-
-    value: object
+# -- job routes (``Route.accepted``: a started job answers 202) ----------------------------
 
 
 def _import_image(s: Service, r: Request) -> object:
     req = r.parse(ImportImage)
-    return Accepted(s.import_image(r.params[0], req.volume, req.path, req.format))
+    return s.import_image(r.params[0], req.volume, req.path, req.format)
 
 
 def _export_image(s: Service, r: Request) -> object:
     req = r.parse(ExportImage)
     pool, volume = r.params
-    return Accepted(s.export_image(pool, volume, req.snapshot, req.path, req.format))
+    return s.export_image(pool, volume, req.snapshot, req.path, req.format)
 
 
 _HANDLERS.update(
     {
         routes.IMPORT_IMAGE: _import_image,
         routes.EXPORT_IMAGE: _export_image,
-        routes.START_FLATTEN: lambda s, r: Accepted(s.start_flatten(*r.params)),
+        routes.START_FLATTEN: lambda s, r: s.start_flatten(*r.params),
         routes.JOBS: lambda s, r: s.jobs(),
         routes.JOB: lambda s, r: s.job(r.params[0]),
         routes.CANCEL_JOB: lambda s, r: s.cancel_job(r.params[0]),
@@ -372,6 +365,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if url.query:
                     raise _Refused(HTTPStatus.BAD_REQUEST, "/metrics takes no query parameters")
                 result = _metrics(self.server.service, Request((), {}, None))
+                accepted = False
             else:
                 route, handler, params = self._route(url.path)
                 if token is not None and token.read_only and route.access is Access.WRITE:
@@ -382,6 +376,7 @@ class _Handler(BaseHTTPRequestHandler):
                     )
                 request = Request(params, self._query(route, url.query), self._read_body(route))
                 result = handler(self.server.service, request)
+                accepted = route.accepted
         except _Refused as e:
             headers = {}
             if e.status is HTTPStatus.UNAUTHORIZED:
@@ -398,7 +393,7 @@ class _Handler(BaseHTTPRequestHandler):
                 HTTPStatus.INTERNAL_SERVER_ERROR, "InternalError", f"internal error: {e}"
             )
         else:
-            self._send_result(result)
+            self._send_result(result, accepted=accepted)
 
     def _authenticate(self, query: str) -> TokenInfo | None:
         """The caller's token on TCP (401 without a valid one); ``None`` on the Unix socket,
@@ -507,7 +502,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ProtocolError as e:
             raise _Refused(HTTPStatus.BAD_REQUEST, f"malformed request body: {e}") from e
 
-    def _send_result(self, result: object) -> None:
+    def _send_result(self, result: object, *, accepted: bool = False) -> None:
         if isinstance(result, _Raw):
             self.send_response(result.status)
             self.send_header("Content-Type", result.content_type)
@@ -519,10 +514,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(HTTPStatus.NO_CONTENT)
             self.end_headers()
             return
-        if isinstance(result, Accepted):
-            self._send_json(HTTPStatus.ACCEPTED, encode(result.value))
-            return
-        self._send_json(HTTPStatus.OK, encode(result))
+        self._send_json(HTTPStatus.ACCEPTED if accepted else HTTPStatus.OK, encode(result))
 
     def _send_error(
         self, status: HTTPStatus, kind: str, message: str, headers: dict[str, str] | None = None

@@ -659,12 +659,11 @@ class Service:
         export = f"job-import-{os.urandom(4).hex()}"
         cleanup = Cleanup(exports=(export,), volumes=(f"{pool}/{volume}",))
         with self._lock:
-            self.home.pool(pool)  # NotFound before anything is recorded
-            try:
-                self.home.pool(pool).volume_info(volume)
-            except NotFound:
-                pass
-            else:
+            p = self.home.pool(pool)  # NotFound before anything is recorded
+            # checked here, not left to create_volume: abandoning the job deletes the volume
+            # its cleanup names, which must never be one that was there before
+            with contextlib.suppress(NotFound):
+                p.volume_info(volume)
                 raise Conflict(f"volume {pool}/{volume} already exists")
             job_id = self._jobs.create("import", f"{pool}/{volume}", cleanup)
             try:
