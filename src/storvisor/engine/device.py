@@ -103,6 +103,34 @@ class BlockDevice(Protocol):
         """Release the handle; further calls are errors. Does not imply ``flush``."""
 
 
+class DeviceWrapper:
+    """The parts of a ``BlockDevice`` that a wrapper around ``inner`` passes through as they
+    are: its geometry, serial and block status. A subclass (QoS throttling, I/O counting)
+    defines the requests it acts on, and ``close``."""
+
+    def __init__(self, inner: BlockDevice) -> None:
+        self.inner = inner
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.inner.read_only
+
+    @property
+    def block_size(self) -> int:
+        return self.inner.block_size
+
+    @property
+    def serial(self) -> str:
+        return str(getattr(self.inner, "serial", ""))
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        return self.inner.block_status(offset, length)
+
+
 def check_range(device: BlockDevice, offset: int, length: int, *, writing: bool) -> None:
     """Raise the contract's ``IOFailure`` if the request does not fit the device."""
     if offset < 0 or length < 0:

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from storvisor.engine.device import BlockDevice, Buffer, Extent
+from storvisor.engine.device import BlockDevice, Buffer, DeviceWrapper
 from storvisor.engine.qos import VectorIO
 from storvisor.errors import InvalidArgument, IOFailure
 
@@ -295,7 +295,7 @@ class _CountedVectors:
             c[b + _HIST + _BUCKET_OF[dt.bit_length()]] += 1
 
 
-class CountedDevice:
+class CountedDevice(DeviceWrapper):
     """A ``BlockDevice`` that counts every request to ``inner`` in ``stats`` (see the module
     docstring). Block status is not counted. ``close`` publishes the counts a last time,
     closes ``inner``, and ``stats`` too when ``owns_stats``, then calls ``on_close``.
@@ -310,7 +310,7 @@ class CountedDevice:
         owns_stats: bool = False,
         on_close: Callable[[], None] | None = None,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.stats = stats
         self._owns = owns_stats
         self._on_close = on_close
@@ -320,22 +320,6 @@ class CountedDevice:
         self._write = inner.write
         vectors: VectorIO | None = getattr(inner, "vectors", None)
         self.vectors = _CountedVectors(vectors, self) if vectors is not None else None
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
-
-    @property
-    def read_only(self) -> bool:
-        return self.inner.read_only
-
-    @property
-    def block_size(self) -> int:
-        return self.inner.block_size
-
-    @property
-    def serial(self) -> str:
-        return str(getattr(self.inner, "serial", ""))
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         c = self._c  # IoOp.READ's words come first
@@ -384,9 +368,6 @@ class CountedDevice:
             length,
             lambda: self.inner.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua),
         )
-
-    def block_status(self, offset: int, length: int) -> list[Extent]:
-        return self.inner.block_status(offset, length)
 
     def publish(self) -> None:
         """Copy the counts into ``stats`` now (they are otherwise copied every

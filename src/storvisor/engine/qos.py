@@ -64,7 +64,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from storvisor.engine.device import BlockDevice, Buffer, Extent
+from storvisor.engine.device import BlockDevice, Buffer, DeviceWrapper
 from storvisor.errors import InvalidArgument
 
 GIB = 1 << 30
@@ -465,7 +465,7 @@ class _ThrottledVectors:
         self._inner_write(offset, views, fua=fua)
 
 
-class ThrottledDevice:
+class ThrottledDevice(DeviceWrapper):
     """A ``BlockDevice`` that waits for ``qos`` tokens before each read, write, discard and
     write-zeroes of ``inner`` (flush and block status are free).
 
@@ -474,7 +474,7 @@ class ThrottledDevice:
     """
 
     def __init__(self, inner: BlockDevice, qos: QosBlock, *, owns_qos: bool = False) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.qos = qos
         self._owns_qos = owns_qos
         self._flag = qos.flag  # the hot path's one check
@@ -482,22 +482,6 @@ class ThrottledDevice:
         self._write = inner.write
         vectors: VectorIO | None = getattr(inner, "vectors", None)
         self.vectors = _ThrottledVectors(vectors, qos) if vectors is not None else None
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
-
-    @property
-    def read_only(self) -> bool:
-        return self.inner.read_only
-
-    @property
-    def block_size(self) -> int:
-        return self.inner.block_size
-
-    @property
-    def serial(self) -> str:
-        return str(getattr(self.inner, "serial", ""))
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         if self._flag[0]:
@@ -523,9 +507,6 @@ class ThrottledDevice:
         if self._flag[0]:
             self.qos.throttle(IoKind.OTHER, 0)
         self.inner.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua)
-
-    def block_status(self, offset: int, length: int) -> list[Extent]:
-        return self.inner.block_status(offset, length)
 
     def close(self) -> None:
         try:
