@@ -45,7 +45,7 @@ from enum import Enum
 from typing import NamedTuple
 
 from storvisor.errors import ProtocolError
-from storvisor.protocols.feed import feed
+from storvisor.protocols.feed import feed, make_room
 
 Buffer = bytes | bytearray | memoryview
 
@@ -189,16 +189,8 @@ class Decoder:
             return memoryview(buf)[end:]
         used = self._end - self._start
         need = max(sizehint, self._want - used, 1)
-        if len(self._buf) - self._end < need:
-            capacity = len(self._buf)
-            if used + need > capacity:
-                capacity = max(capacity * 2, used + need)
-                fresh = bytearray(capacity)
-                fresh[:used] = self._buf[self._start : self._end]
-                self._buf = fresh
-            else:
-                self._buf[:used] = self._buf[self._start : self._end]
-            self._start, self._end = 0, used
+        if len(self._buf) - self._end < need:  # the usual case needs no call
+            self._buf, self._start, self._end = make_room(self._buf, self._start, self._end, need)
         return memoryview(self._buf)[self._end :]
 
     def buffer_updated(self, nbytes: int, fds: Iterable[int] = ()) -> None:

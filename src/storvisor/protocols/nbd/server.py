@@ -51,7 +51,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from storvisor.errors import ProtocolError, StateError
-from storvisor.protocols.feed import feed
+from storvisor.protocols.feed import feed, make_room
 from storvisor.protocols.nbd import constants as C
 from storvisor.protocols.nbd._state import State, Trigger, transition
 from storvisor.protocols.nbd.events import (
@@ -225,16 +225,8 @@ class ServerConnection:
             return memoryview(self._payload)[self._payload_filled :]
         used = self._end - self._start
         need = max(sizehint, self._want - used, 1)
-        if len(self._buf) - self._end < need:
-            capacity = len(self._buf)
-            if used + need > capacity:
-                capacity = max(capacity * 2, used + need)
-                fresh = bytearray(capacity)
-                fresh[:used] = self._buf[self._start : self._end]
-                self._buf = fresh
-            else:
-                self._buf[:used] = self._buf[self._start : self._end]
-            self._start, self._end = 0, used
+        if len(self._buf) - self._end < need:  # the usual case needs no call
+            self._buf, self._start, self._end = make_room(self._buf, self._start, self._end, need)
         return memoryview(self._buf)[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
