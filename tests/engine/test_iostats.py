@@ -23,7 +23,9 @@ from storvisor.engine.iostats import (
     StatsSet,
     ThreadCountedDevice,
 )
+from storvisor.engine.qos import QosBlock, QosSpec, ThrottledDevice
 from storvisor.errors import InvalidArgument, IOFailure
+from storvisor.testing.clock import FakeClock
 from storvisor.testing.conformance import check_block_device
 from storvisor.testing.memory import MemoryDevice
 
@@ -174,6 +176,74 @@ def test_a_counted_device_is_a_block_device() -> None:
     check_block_device(lambda size: CountedDevice(MemoryDevice(size), stats))
     assert stats.totals()[IoOp.WRITE].completed > 0  # published by each close
     stats.close()
+
+
+class _Vectors:
+    """Vectored reads and writes of a ``MemoryDevice``, counted."""
+
+    def __init__(self, device: MemoryDevice) -> None:
+        self.device = device
+        self.calls = 0
+
+    def read_into(self, offset: int, views: list[memoryview]) -> None:
+        self.calls += 1
+        for view in views:
+            self.device.read_into(offset, view)
+            offset += len(view)
+
+    def write(self, offset: int, views: list[memoryview], *, fua: bool) -> None:
+        self.calls += 1
+        for view in views:
+            self.device.write(offset, view, fua=fua)
+            offset += len(view)
+
+
+@pytest.mark.parametrize("counted", [CountedDevice, ThreadCountedDevice])
+def test_counting_a_throttled_device_keeps_its_limits_set_at_any_time(
+    counted: type[CountedDevice],
+) -> None:
+    """The counting wrapper makes the throttled device's QoS check itself: every kind of
+    request, on the device and on its vectors, waits for tokens once a limit is set, also a
+    limit set after the device was opened; while unlimited nothing waits."""
+    clock = FakeClock()
+    qos = QosBlock(clock=clock)
+    memory = MemoryDevice(1 << 20)
+    vectors = _Vectors(memory)
+    memory.vectors = vectors  # type: ignore[attr-defined]
+    stats = IoStats()
+    device = counted(ThrottledDevice(memory, qos), stats)
+    assert device.vectors is not None
+    buf = memoryview(bytearray(4096))
+
+    def each_kind() -> None:
+        device.read_into(0, buf)
+        device.write(4096, b"x" * 4096)
+        device.vectors.read_into(0, [buf])
+        device.vectors.write(8192, [memoryview(b"y" * 4096)], fua=False)
+        device.discard(0, 4096)
+        device.write_zeroes(0, 4096)
+
+    for _ in range(20):
+        each_kind()
+    assert clock.slept == 0.0 and qos.waited == 0.0
+    assert vectors.calls == 40  # the vectors of the memory device, not a throttling copy
+
+    qos.set_limits(QosSpec.parse({"total_iops_sec": 10}).limits(1 << 30))
+    t0 = clock.now()
+    for _ in range(20):
+        each_kind()  # 120 requests at 10 a second: about 12 s, less the initial tokens
+    assert clock.now() - t0 == pytest.approx(12.0, abs=1.5)
+    assert qos.waited > 0
+
+    qos.set_limits(QosSpec.parse({}).limits(1 << 30))
+    slept = clock.slept
+    for _ in range(20):
+        each_kind()
+    assert clock.slept == slept
+    device.close()
+    assert stats.totals()[IoOp.READ].completed == 120
+    stats.close()
+    qos.close()
 
 
 def test_each_thread_of_a_thread_counted_device_counts_in_its_own_slot() -> None:

@@ -20,7 +20,12 @@ requests, the sum of the latencies in nanoseconds, and a latency histogram whose
 one: any longer). A request is counted as started before it runs and in the histogram once
 it has finished, so requests in flight = started - histogram total. The histogram is
 updated last: once a request shows there, all its counts are published. The latency includes
-the time a request waited for QoS tokens (the wrapped device throttles).
+the time a request waited for QoS tokens.
+
+Counting a throttled device: when the counted device is a ``ThrottledDevice`` (qos.py), the
+counting wrapper makes its QoS check itself (one read of the QoS block's flag word) and calls
+the throttled device's ``inner`` directly. An unlimited volume (the flag is 0) then pays no
+Python call of its own per request; a limit set later is seen by the next request.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from storvisor.engine.device import BlockDevice, Buffer, DeviceWrapper
-from storvisor.engine.qos import VectorIO
+from storvisor.engine.qos import IoKind, ThrottledDevice, VectorIO
 from storvisor.errors import InvalidArgument, IOFailure
 
 
@@ -252,6 +257,13 @@ class _Publisher:
 
 _PUBLISHER = _Publisher()
 
+_NEVER_LIMITED = array.array("d", [0.0])
+"""The QoS flag of a device that is not throttled (its word stays 0)."""
+
+
+def _never_throttled(kind: IoKind, nbytes: int) -> None:
+    raise AssertionError("an unthrottled device has no QoS block")
+
 
 class _CountedVectors:
     """``VectoredIO`` counted like the device's own reads and writes."""
@@ -260,12 +272,16 @@ class _CountedVectors:
         self._read: Callable[..., None] = inner.read_into
         self._write = inner.write
         self._c = counted
+        self._flag = counted._qos_flag
+        self._throttle = counted._throttle
 
     def read_into(self, offset: int, views: list[memoryview]) -> None:
         c = self._c._counters()  # IoOp.READ's words come first
         c[_STARTED] += 1
         t = _now()
         try:
+            if self._flag[0]:
+                self._throttle(IoKind.READ, sum(len(v) for v in views))
             self._read(offset, views)
         except IOFailure:
             c[_ERRORS] += 1
@@ -283,6 +299,8 @@ class _CountedVectors:
         c[b + _STARTED] += 1
         t = _now()
         try:
+            if self._flag[0]:
+                self._throttle(IoKind.WRITE, sum(len(v) for v in views))
             self._write(offset, views, fua=fua)
         except IOFailure:
             c[b + _ERRORS] += 1
@@ -300,7 +318,9 @@ class CountedDevice(DeviceWrapper):
     docstring). Block status is not counted. ``close`` publishes the counts a last time,
     closes ``inner``, and ``stats`` too when ``owns_stats``, then calls ``on_close``.
     ``vectors`` counts ``inner.vectors`` when ``inner`` has them. Requests must come from
-    one thread at a time (``ThreadCountedDevice`` takes them from many)."""
+    one thread at a time (``ThreadCountedDevice`` takes them from many). A ``ThrottledDevice``
+    ``inner`` is throttled here, its own ``inner`` called directly (see the module docstring).
+    """
 
     def __init__(
         self,
@@ -316,9 +336,16 @@ class CountedDevice(DeviceWrapper):
         self._on_close = on_close
         self._c = [0] * _COUNT_WORDS
         self._keys = [_PUBLISHER.add(self._c, stats.slot(0))]
-        self._read_into = inner.read_into
-        self._write = inner.write
-        vectors: VectorIO | None = getattr(inner, "vectors", None)
+        target = inner
+        self._qos_flag: memoryview[float] | array.array[float] = _NEVER_LIMITED
+        self._throttle: Callable[[IoKind, int], None] = _never_throttled
+        if isinstance(inner, ThrottledDevice):  # its check is made here (module docstring)
+            target = inner.inner
+            self._qos_flag = inner.qos.flag
+            self._throttle = inner.qos.throttle
+        self._read_into = target.read_into
+        self._write = target.write
+        vectors: VectorIO | None = getattr(target, "vectors", None)
         self.vectors = _CountedVectors(vectors, self) if vectors is not None else None
 
     def read_into(self, offset: int, buf: memoryview) -> None:
@@ -326,6 +353,8 @@ class CountedDevice(DeviceWrapper):
         c[_STARTED] += 1
         t = _now()
         try:
+            if self._qos_flag[0]:
+                self._throttle(IoKind.READ, len(buf))
             self._read_into(offset, buf)
         except IOFailure:
             c[_ERRORS] += 1
@@ -343,6 +372,8 @@ class CountedDevice(DeviceWrapper):
         c[b + _STARTED] += 1
         t = _now()
         try:
+            if self._qos_flag[0]:
+                self._throttle(IoKind.WRITE, len(data))
             self._write(offset, data, fua=fua)
         except IOFailure:
             c[b + _ERRORS] += 1
@@ -447,6 +478,8 @@ class ThreadCountedDevice(CountedDevice):
         c[_STARTED] += 1
         t = _now()
         try:
+            if self._qos_flag[0]:
+                self._throttle(IoKind.READ, len(buf))
             self._read_into(offset, buf)
         except IOFailure:
             c[_ERRORS] += 1
@@ -464,6 +497,8 @@ class ThreadCountedDevice(CountedDevice):
         c[b + _STARTED] += 1
         t = _now()
         try:
+            if self._qos_flag[0]:
+                self._throttle(IoKind.WRITE, len(data))
             self._write(offset, data, fua=fua)
         except IOFailure:
             c[b + _ERRORS] += 1
