@@ -2,9 +2,9 @@
 
 A child process serves two thin volumes (``a`` and ``b``, written once) the way the daemon
 does: every NBD connection handed to a data-plane process (``exports/nbd_worker.py``), each
-volume wrapped in a ``ThrottledDevice`` whose ``QosBlock`` the data planes share. A third
-export, ``plain``, serves volume ``a`` without any QoS code (the device the exports served
-before QoS). The parent drives them with fio's ``nbd`` engine (libnbd) and changes the limits
+volume wrapped in a ``ThrottledDevice`` whose ``QosBlock`` the data planes share, and every
+connection counted for the metrics (a ``StatsSet`` per export). A third export, ``plain``,
+serves volume ``a`` without any QoS code (counted too: what the exports served before QoS). The parent drives them with fio's ``nbd`` engine (libnbd) and changes the limits
 online through the child's stdin, as ``volume set-qos`` does through the daemon.
 
 * accuracy: ``total_iops_sec`` of 200, 2,000 and 20,000 (4k random reads, queue depth 32),
@@ -48,6 +48,7 @@ def serve(work: str, sock: str) -> None:
     """Child process: serve ``a``, ``b`` and ``plain``; read limit changes on stdin
     (``VOLUME [KEY=VALUE ...]``, answered ``ok`` or ``error: ...``)."""
     from storvisor.engine.home import Home
+    from storvisor.engine.iostats import StatsSet
     from storvisor.engine.qos import QosBlock, QosSpec, ThrottledDevice
     from storvisor.engine.types import BackingSpec
     from storvisor.errors import StorvisorError
@@ -80,7 +81,8 @@ def serve(work: str, sock: str) -> None:
     server = NBDServer(handoff=planes.hand_over)
     for export, name, throttled in (("a", "a", True), ("b", "b", True), ("plain", "a", False)):
         server.add_export(NBDExport(export, opener(name, throttled)))
-        planes.add_export(export, opener(name, throttled), export, False)
+        # counted, as the daemon's exports are (its metrics)
+        planes.add_export(export, opener(name, throttled), export, False, StatsSet(export))
     server.listen_unix(sock)
     server.start()
     print("ready", flush=True)
