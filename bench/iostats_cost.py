@@ -1,6 +1,8 @@
 """What counting a request for the metrics costs: a ``CountedDevice`` (and the per-thread
 ``ThreadCountedDevice`` of vhost-user-blk data planes) over a device that does nothing,
-against that device alone, in nanoseconds per call (the best of several runs).
+against that device alone, in nanoseconds per call (the best of several runs). The
+``+qos`` rows count a ``ThrottledDevice`` with no limit set, as every export of the daemon
+is served: what an unlimited volume pays for QoS is their difference to the row above.
 
     .venv/bin/python bench/iostats_cost.py [--calls 300000]
 """
@@ -12,6 +14,7 @@ import timeit
 
 from storvisor.engine.device import Buffer
 from storvisor.engine.iostats import CountedDevice, IoStats, ThreadCountedDevice
+from storvisor.engine.qos import QosBlock, ThrottledDevice
 
 
 class NullDevice:
@@ -39,16 +42,20 @@ def main() -> None:
     n = args.calls
     buf = memoryview(bytearray(4096))
     null = NullDevice()
+    unlimited = ThrottledDevice(null, QosBlock())  # type: ignore[arg-type]
     devices = {
         "bare": null,
+        "throttled": unlimited,
         "counted": CountedDevice(null, IoStats()),  # type: ignore[arg-type]
+        "counted+qos": CountedDevice(unlimited, IoStats()),
         "thread-counted": ThreadCountedDevice(null, IoStats(slots=4)),  # type: ignore[arg-type]
+        "thread-counted+qos": ThreadCountedDevice(unlimited, IoStats(slots=4)),
     }
-    print(f"{'device':16} {'read ns':>8} {'write ns':>9}")
+    print(f"{'device':18} {'read ns':>8} {'write ns':>9}")
     for name, device in devices.items():
         read = min(timeit.repeat(lambda d=device: d.read_into(0, buf), number=n, repeat=7))
         write = min(timeit.repeat(lambda d=device: d.write(0, buf), number=n, repeat=7))
-        print(f"{name:16} {read / n * 1e9:8.0f} {write / n * 1e9:9.0f}")
+        print(f"{name:18} {read / n * 1e9:8.0f} {write / n * 1e9:9.0f}")
 
 
 if __name__ == "__main__":
