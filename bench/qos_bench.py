@@ -4,8 +4,9 @@ A child process serves two thin volumes (``a`` and ``b``, written once) the way 
 does: every NBD connection handed to a data-plane process (``exports/nbd_worker.py``), each
 volume wrapped in a ``ThrottledDevice`` whose ``QosBlock`` the data planes share, and every
 connection counted for the metrics (a ``StatsSet`` per export). A third export, ``plain``,
-serves volume ``a`` without any QoS code (counted too: what the exports served before QoS). The parent drives them with fio's ``nbd`` engine (libnbd) and changes the limits
-online through the child's stdin, as ``volume set-qos`` does through the daemon.
+serves volume ``a`` without any QoS code (counted too: what the exports served before QoS).
+The parent drives them with fio's ``nbd`` engine (libnbd) and changes the limits online
+through the child's stdin, as ``volume set-qos`` does through the daemon.
 
 * accuracy: ``total_iops_sec`` of 200, 2,000 and 20,000 (4k random reads, queue depth 32),
   and ``total_bytes_sec`` of 10 and 200 MB/s (64k random reads, queue depth 16); the table
