@@ -145,7 +145,8 @@ class DomainDevices:
 @dataclass(frozen=True, slots=True)
 class BootChange:
     """A device of the domain that must move down the boot order: ``element`` is its new
-    form (to apply with ``virsh update-device DOMAIN FILE --config``)."""
+    form (to apply with ``virsh update-device DOMAIN FILE --config``; XML comments cannot
+    hold that option's dashes, so the printed text says "persistent config")."""
 
     position: int
     old_order: int
@@ -326,14 +327,14 @@ def attachment_text(attachment: ScsiAttachment, what: str) -> str:
     """The attachment as text: a comment saying where it goes, the elements, then the changes
     the domain needs (as comments and the changed devices), each element on its own lines."""
     lines = [
-        f"<!-- storvisor: {what}: add to the domain's <devices>, in this order "
+        f"<!-- storvisor: {_comment(what)}: add to the domain's <devices>, in this order "
         "(virsh attach-device takes one element per file) -->"
     ]
     lines += [_text(e) for e in attachment.devices]
     if attachment.boot_changes:
         lines.append(
             "<!-- storvisor: boot order 1 is the new device's; change these devices of the "
-            "domain (virsh update-device DOMAIN FILE --config): -->"
+            "domain (virsh update-device DOMAIN FILE, to its persistent config): -->"
         )
         for change in attachment.boot_changes:
             lines.append(
