@@ -104,12 +104,14 @@ class DomainDevices:
     """What placing a SCSI device in a domain depends on (see the module docstring).
 
     ``controllers`` maps each SCSI controller index to its model (``None``: libvirt's
-    default); ``used`` holds the drive addresses taken; ``target_devs`` every disk target
-    name; ``boot`` the per-device boot orders; ``os_boot`` the ``dev`` of each ``<os><boot>``.
+    default); ``used`` holds the drive addresses taken; ``sources`` maps the device of each
+    block disk on the scsi bus to its address; ``target_devs`` holds every disk target name;
+    ``boot`` the per-device boot orders; ``os_boot`` the ``dev`` of each ``<os><boot>``.
     """
 
     controllers: Mapping[int, str | None] = field(default_factory=dict)
     used: frozenset[DriveAddress] = frozenset()
+    sources: Mapping[str, DriveAddress] = field(default_factory=dict)
     target_devs: frozenset[str] = frozenset()
     boot: tuple[BootEntry, ...] = ()
     os_boot: tuple[str, ...] = ()
@@ -436,6 +438,7 @@ def _parse(root: ET.Element, source: str) -> DomainDevices:
         controllers[index] = element.get("model")
 
     used: set[DriveAddress] = set()
+    sources: dict[str, DriveAddress] = {}
     target_devs: set[str] = set()
     unaddressed_hostdevs = 0
     for element in children:
@@ -452,10 +455,16 @@ def _parse(root: ET.Element, source: str) -> DomainDevices:
                 continue
             if drive:
                 assert address is not None
-                used.add(_drive_address(address, source))
+                where = _drive_address(address, source)
             elif dev and (number := _sd_index(dev)) is not None:
                 controller, unit = divmod(number, UNITS_PER_CONTROLLER)
-                used.add(DriveAddress(controller, 0, 0, unit))
+                where = DriveAddress(controller, 0, 0, unit)
+            else:
+                continue
+            used.add(where)
+            disk_source = element.find("source")
+            if element.get("type") == "block" and disk_source is not None:
+                sources[disk_source.get("dev", "")] = where
         elif element.tag == "hostdev" and element.get("type") == "scsi":
             if drive:
                 assert address is not None
@@ -478,7 +487,9 @@ def _parse(root: ET.Element, source: str) -> DomainDevices:
     os_boot = tuple(
         b.get("dev", "") for b in (os_element.findall("boot") if os_element is not None else [])
     )
-    return DomainDevices(controllers, frozenset(used), frozenset(target_devs), tuple(boot), os_boot)
+    return DomainDevices(
+        controllers, frozenset(used), sources, frozenset(target_devs), tuple(boot), os_boot
+    )
 
 
 def _drive_address(address: ET.Element, source: str) -> DriveAddress:
