@@ -313,7 +313,7 @@ class StorvisorDriver(driver.VolumeDriver):  # type: ignore[misc]  # Cinder is u
         self._apply_qos(volume)
 
     def _check_new_volume(self, volume: Any) -> None:
-        if volume.multiattach:
+        if _multiattach(volume):
             _backend_error(MULTIATTACH_REFUSED)
         self._check_size(volume.size)
 
@@ -321,7 +321,10 @@ class StorvisorDriver(driver.VolumeDriver):  # type: ignore[misc]  # Cinder is u
         """``VolumeBackendAPIException`` for a size the pool can never hold."""
         with _translated():
             capacity = self._client.pool_info(self._opts.pool).stats.capacity
-        ratio = float(self.configuration.safe_get("max_over_subscription_ratio") or 20.0)
+        try:
+            ratio = float(self.configuration.safe_get("max_over_subscription_ratio") or 20.0)
+        except ValueError:
+            return  # 'auto': Cinder derives the ratio; only storvisor's own limit applies
         if size_gib * GIB > capacity * max(ratio, 1.0):
             _backend_error(
                 f"a {size_gib} GiB volume can never fit storvisor pool {self._opts.pool} "
@@ -365,7 +368,7 @@ class StorvisorDriver(driver.VolumeDriver):  # type: ignore[misc]  # Cinder is u
         """Export the volume (or reuse its export) and say how to reach it: a 'storvisor'
         connection, or for a SCSI LUN and a connector without storvisor's a 'local' one.
         ``VolumeBackendAPIException`` for a multiattach volume (nothing is exported)."""
-        if volume.multiattach:
+        if _multiattach(volume):
             _backend_error(MULTIATTACH_REFUSED)
         info = self._export(volume)
         data = ConnectionData(
@@ -496,6 +499,11 @@ class StorvisorDriver(driver.VolumeDriver):  # type: ignore[misc]  # Cinder is u
         finally:
             with contextlib.suppress(StorvisorError):
                 self._client.remove_export(name)
+
+
+def _multiattach(volume: Any) -> bool:
+    """Whether the volume is to be attached several times (unset counts as no)."""
+    return bool(volume.obj_attr_is_set("multiattach") and volume.multiattach)
 
 
 def _knows_storvisor(connector: Any, kind: ExportKind) -> bool:

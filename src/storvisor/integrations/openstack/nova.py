@@ -154,7 +154,7 @@ class LibvirtStorvisorVolumeDriver(libvirt_volume.LibvirtBaseVolumeDriver):  # t
         new one to the guest when none has a free unit (see the module docstring)."""
         device = self.connector.connect_volume(connection_info["data"])
         connection_info["data"]["device_path"] = device["path"]
-        if device["type"] == ExportKind.SCSI.value:
+        if ConnectionData.from_dict(connection_info["data"]).kind is ExportKind.SCSI:
             self._place_lun(connection_info, instance, device["path"])
 
     def _place_lun(self, connection_info: dict[str, Any], instance: Any, path: str) -> None:
