@@ -207,3 +207,49 @@ def test_vhost_user_blk_export_hot_plugged(virsh: Virsh, workdir: Path, paused_g
         assert 'chardev = "chr-vu-' in qtree and "dev: vhost-user-blk," in qtree
     finally:
         daemon.stop()
+
+
+def test_qemu_driver_defines_a_lun_to_boot_from(virsh: Virsh, workdir: Path) -> None:
+    """The QEMU driver's own validation (beyond test:///default's) accepts the planned LUN
+    with boot order 1 and the changes the domain needed; it refuses a boot order on a
+    vhost-scsi hostdev, which is why ``plan_vhost`` refuses ``boot``."""
+    qemu = str(shutil.which("qemu-system-x86_64"))
+    text = (
+        DOMAIN.format(qemu=qemu)
+        .replace("<name>storvisor-live</name>", "<name>storvisor-boot</name>")
+        .replace(
+            "<memballoon",
+            "<interface type='user'><mac address='52:54:00:12:34:56'/><boot order='1'/></interface>"
+            "<memballoon",
+        )
+    )
+    attachment = scsi.plan(ScsiMode.LUN, "/dev/disk/by-id/wwn-0x6001405f00000001", text, boot=True)
+    assert [(c.description, c.new_order) for c in attachment.boot_changes] == [
+        ("interface 52:54:00:12:34:56", 2)
+    ]
+    ok(virsh("define", str(write(workdir, "boot.xml", scsi.apply(text, attachment)))))
+    try:
+        dumped = ET.fromstring(ok(virsh("dumpxml", "storvisor-boot")))
+        (disk,) = dumped.iterfind("devices/disk[@device='lun']")
+        assert disk.find("boot").get("order") == "1"  # type: ignore[union-attr]
+    finally:
+        ok(virsh("undefine", "storvisor-boot"))
+
+    hostdev = (
+        "<hostdev mode='subsystem' type='scsi_host' model='virtio'>"
+        "<source protocol='vhost' wwpn='naa.5001405123456789'/><boot order='1'/></hostdev>"
+    )
+    refused = virsh(
+        "define",
+        str(
+            write(
+                workdir,
+                "hostdev.xml",
+                DOMAIN.format(qemu=qemu)
+                .replace("storvisor-live", "storvisor-hostdev")
+                .replace("<memballoon", hostdev + "<memballoon"),
+            )
+        ),
+    )
+    assert refused.returncode != 0
+    assert "booting from assigned devices is not supported by vhost SCSI" in refused.stderr

@@ -420,6 +420,8 @@ def libvirt_xml(m: Management, a: argparse.Namespace) -> int:
         print(m.libvirt_xml(a.ref.pool, a.ref.volume), end="")
         return 0
     mode = scsi.ScsiMode(a.scsi)
+    if mode is scsi.ScsiMode.VHOST and a.boot:
+        raise _usage(scsi.VHOST_BOOT_REFUSED)
     domain_text = None
     if a.domain_xml is not None:
         try:

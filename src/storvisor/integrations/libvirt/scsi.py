@@ -30,7 +30,8 @@ collides), or, when the domain has no virtio-scsi controller or every one is ful
 controller is never used: it cannot pass a LUN through). The target name is the first ``sdX``
 no disk uses.
 
-With ``boot``, the new device gets ``<boot order='1'/>``. libvirt refuses two devices with the
+With ``boot``, the new LUN disk gets ``<boot order='1'/>`` (libvirt refuses a boot order
+on a vhost-scsi hostdev). libvirt refuses two devices with the
 same order and per-device orders beside ``<os><boot dev=.../>``, so the plan also lists the
 changes the domain needs: the devices whose orders 1, 2, ... form a run from 1 each move one
 down (their elements with the new order, to apply with ``virsh update-device --config``), and
@@ -55,6 +56,10 @@ from storvisor.integrations.libvirt.vhostuser import to_text
 VIRTIO_SCSI = "virtio-scsi"
 UNITS_PER_CONTROLLER = 7
 """Units 0-6 on bus 0, target 0: libvirt's default drive mapping for QEMU (a narrow bus)."""
+
+VHOST_BOOT_REFUSED = (
+    "libvirt cannot boot from a vhost-scsi hostdev: boot from the volume's LUN (--scsi lun)"
+)
 
 _WWPN = re.compile(r"naa\.[0-9a-fA-F]{16}")
 _SD_NAME = re.compile(r"sd([a-z]{1,4})")
@@ -209,14 +214,12 @@ def lun_disk_element(
     return element
 
 
-def vhost_hostdev_element(wwpn: str, *, boot_order: int | None = None) -> ET.Element:
+def vhost_hostdev_element(wwpn: str) -> ET.Element:
     """``<hostdev mode='subsystem' type='scsi_host' model='virtio'>`` on the vhost-scsi target
     ``wwpn`` (``naa.`` and 16 hex digits). ``InvalidArgument`` for another WWPN form."""
     check_wwpn(wwpn)
     element = ET.Element("hostdev", mode="subsystem", type="scsi_host", model="virtio")
     ET.SubElement(element, "source", protocol="vhost", wwpn=wwpn)
-    if boot_order is not None:
-        ET.SubElement(element, "boot", order=str(boot_order))
     return element
 
 
@@ -284,10 +287,13 @@ def plan_lun(
 def plan_vhost(
     wwpn: str, domain: DomainDevices | None = None, *, boot: bool = False
 ) -> ScsiAttachment:
-    """The vhost-scsi hostdev for ``wwpn`` (libvirt gives it a PCI slot of its own)."""
-    changes, os_boot = _boot_changes(domain or DomainDevices()) if boot else ((), ())
-    hostdev = vhost_hostdev_element(wwpn, boot_order=1 if boot else None)
-    return ScsiAttachment((hostdev,), boot_changes=changes, remove_os_boot=os_boot)
+    """The vhost-scsi hostdev for ``wwpn`` (libvirt gives it a PCI slot of its own).
+
+    ``boot`` is ``InvalidArgument``: libvirt's QEMU driver refuses a boot order on it
+    ("booting from assigned devices is not supported by vhost SCSI devices")."""
+    if boot:
+        raise InvalidArgument(VHOST_BOOT_REFUSED)
+    return ScsiAttachment((vhost_hostdev_element(wwpn),))
 
 
 def plan(
