@@ -430,7 +430,9 @@ def libvirt_xml(m: Management, a: argparse.Namespace) -> int:
             raise InvalidArgument(f"cannot read the domain XML {a.domain_xml}: {e}") from None
         scsi.DomainDevices.parse(domain_text, a.domain_xml)  # bad XML before any lookup
     target = _scsi_export_target(m, a.ref.pool, a.ref.volume, mode)
-    attachment = scsi.plan(mode, target, domain_text, boot=a.boot, source=a.domain_xml or "")
+    attachment = scsi.plan(
+        mode, target, domain_text, boot=a.boot, source=a.domain_xml or "domain XML"
+    )
     what = "LUN" if mode is scsi.ScsiMode.LUN else "vhost-scsi target"
     print(scsi.attachment_text(attachment, f"{a.ref.pool}/{a.ref.volume} as a {what}"), end="")
     return 0
@@ -452,7 +454,11 @@ def _scsi_export_target(m: Management, pool: str, volume: str, mode: scsi.ScsiMo
             continue
         target = scsi.export_target(mode, info.uris)
         if target is None:
-            raise StateError(f"the {kind} export {spec.name} lists no device: {list(info.uris)}")
+            why = f" ({info.message})" if info.message else ""
+            raise StateError(
+                f"the {kind} export {spec.name} is {info.state.value} and names no "
+                f"{'device' if mode is scsi.ScsiMode.LUN else 'WWPN'}{why}"
+            )
         return target
     raise NotFound(
         f"volume {pool}/{volume} has no {kind} export: run `storvisor export {kind} "
