@@ -277,3 +277,20 @@ def test_unreadable_guest_domain_is_volume_attach_failed(tmp_path: Path) -> None
     with pytest.raises(nova_exception.VolumeAttachFailed, match="not well-formed"):
         drv.connect_volume(lun_connection(LUN1), instance())
     assert guest.attached == []
+
+
+def test_nbd_volume_of_a_virtio_scsi_image_is_a_disk_on_novas_controller(tmp_path: Path) -> None:
+    """``hw_scsi_model=virtio-scsi`` with an NBD export: a SCSI disk (not a LUN: NBD has no
+    SCSI commands to pass) on Nova's controller 0 at Nova's unit."""
+    drv = volume_driver(Host(None))
+    data = ConnectionData("v", "p", "v", "v", ExportKind.NBD, ("nbd://192.0.2.7:10809/v",))
+    info = {"driver_volume_type": "storvisor", "serial": "v", "data": data.to_dict()}
+    disk_info = {"type": "disk", "dev": "sdb", "bus": "scsi", "unit": 1}
+    disk_xml = drv.get_config(info, disk_info).to_xml()
+    guest = VirshGuest(
+        GUEST.format(name="nova-nbd-scsi", boot="", devices=NOVA_VIRTIO_SCSI + disk_xml), tmp_path
+    )
+    (disk,) = etree.fromstring(guest.xml.encode()).xpath("devices/disk[@type='network']")
+    assert (disk.get("device"), disk.find("source").get("protocol")) == ("disk", "nbd")
+    assert disk.find("target").attrib == {"dev": "sdb", "bus": "scsi"}
+    assert address(disk) == (0, 1)
