@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cli.cli_harness import CLI, Daemon
 from prereq import require
@@ -490,3 +492,33 @@ def test_command_with_a_scsi_export(libvirt_tools: None, tmp_path: Path) -> None
             run_cli("export", "remove", info["spec"]["name"])
     finally:
         daemon.stop()
+
+
+FUZZ_BASE = domain(
+    controller(0, "lsilogic")
+    + controller(None, "virtio-scsi")
+    + scsi_disk("sda", (0, 0), boot=1)
+    + scsi_disk("sdh")
+    + NIC.format(order=2),
+    "<boot dev='hd'/>",
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    cut=st.integers(0, len(FUZZ_BASE)),
+    position=st.integers(0, len(FUZZ_BASE) - 1),
+    char=st.sampled_from([*"<>/='\"0-9 x&;!", "0x1", "-1", "99999999999", "\0", "é"]),
+    boot=st.booleans(),
+)
+def test_any_mangled_domain_is_a_plan_or_one_invalid_argument(
+    cut: int, position: int, char: str, boot: bool
+) -> None:
+    for text in (FUZZ_BASE[:cut], FUZZ_BASE[:position] + char + FUZZ_BASE[position + 1 :]):
+        try:
+            attachment = scsi.plan(ScsiMode.LUN, LUN, text, boot=boot)
+        except InvalidArgument as e:
+            assert "\n" not in str(e)
+            continue
+        assert attachment.address is not None
+        assert attachment.address not in DomainDevices.parse(text).used

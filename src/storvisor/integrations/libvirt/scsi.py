@@ -62,6 +62,7 @@ VHOST_BOOT_REFUSED = (
 )
 
 _WWPN = re.compile(r"naa\.[0-9a-fA-F]{16}")
+_DECIMAL = re.compile(r"[0-9]{1,9}")
 _SD_NAME = re.compile(r"sd([a-z]{1,4})")
 
 
@@ -416,15 +417,11 @@ def _number(element: ET.Element, attribute: str, source: str, default: int | Non
         if default is None:
             raise InvalidArgument(f"{source}: <{element.tag}> has no {attribute}")
         return default
-    try:
-        value = int(text, 0)
-    except ValueError:
-        value = -1
-    if value < 0:
+    if not _DECIMAL.fullmatch(text):
         raise InvalidArgument(
             f"{source}: <{element.tag}> {attribute}={text!r} is not a non-negative integer"
         )
-    return value
+    return int(text)
 
 
 def _parse(root: ET.Element, source: str) -> DomainDevices:
