@@ -12,6 +12,9 @@ APT_TEST := qemu-utils qemu-system-x86 qemu-system-common nbdkit nbdkit-plugin-p
             libnbd-bin python3-libnbd fio libvirt-clients libxml2-utils linux-image-amd64 \
             busybox-static gcc fuse3 util-linux e2fsprogs fdisk prometheus
 
+# libvirtd for the live attach test (tests/integrations/test_libvirt_live.py)
+APT_TEST += libvirt-daemon libvirt-daemon-driver-qemu
+
 # The OpenStack integration tests (tests/openstack) run from their own virtualenv with the
 # real cinder, os-brick and nova (requirements/openstack.txt), in their own pytest process:
 # importing Cinder patches eventlet. Rebuilt only when the requirements file changes.

@@ -48,7 +48,7 @@ def test_register_makes_os_brick_build_the_connector(storvisor_home: Path) -> No
     props = cls.get_connector_properties(
         None, host="compute-1", multipath=False, enforce_multipath=False, execute=None
     )
-    assert props == {"storvisor_export_kinds": ["nbd", "vhost-user-blk"]}
+    assert props == {"storvisor_export_kinds": ["nbd", "vhost-user-blk", "scsi"]}
 
 
 def test_connect_extend_paths_and_disconnect(

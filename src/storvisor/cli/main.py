@@ -49,7 +49,8 @@ from storvisor.cli.progress import wait_for_job
 from storvisor.engine.home import HomeInUse, HomeUser
 from storvisor.engine.s3 import S3Spec
 from storvisor.engine.types import BackingSpec, PoolState
-from storvisor.errors import InvalidArgument, StateError, StorvisorError
+from storvisor.errors import InvalidArgument, NotFound, StateError, StorvisorError
+from storvisor.integrations.libvirt import scsi
 from storvisor.units import parse_size
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -413,8 +414,56 @@ def export_remove(m: Management, a: argparse.Namespace) -> int:
 
 
 def libvirt_xml(m: Management, a: argparse.Namespace) -> int:
-    print(m.libvirt_xml(a.ref.pool, a.ref.volume), end="")
+    if a.scsi is None:
+        if a.domain_xml is not None or a.boot:
+            raise _usage("--domain-xml and --boot go with --scsi lun|vhost")
+        print(m.libvirt_xml(a.ref.pool, a.ref.volume), end="")
+        return 0
+    mode = scsi.ScsiMode(a.scsi)
+    if mode is scsi.ScsiMode.VHOST and a.boot:
+        raise _usage(scsi.VHOST_BOOT_REFUSED)
+    domain_text = None
+    if a.domain_xml is not None:
+        try:
+            domain_text = Path(a.domain_xml).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidArgument(f"cannot read the domain XML {a.domain_xml}: {e}") from None
+        scsi.DomainDevices.parse(domain_text, a.domain_xml)  # bad XML before any lookup
+    target = _scsi_export_target(m, a.ref.pool, a.ref.volume, mode)
+    attachment = scsi.plan(
+        mode, target, domain_text, boot=a.boot, source=a.domain_xml or "domain XML"
+    )
+    what = "LUN" if mode is scsi.ScsiMode.LUN else "vhost-scsi target"
+    print(scsi.attachment_text(attachment, f"{a.ref.pool}/{a.ref.volume} as a {what}"), end="")
     return 0
+
+
+_SCSI_EXPORT_KINDS = {scsi.ScsiMode.LUN: "scsi", scsi.ScsiMode.VHOST: "vhost-scsi"}
+"""``libvirt-xml --scsi`` mode -> the export kind it needs (``storvisor export KIND``)."""
+
+
+def _scsi_export_target(m: Management, pool: str, volume: str, mode: scsi.ScsiMode) -> str:
+    """The device path (``lun``) or WWPN (``vhost``) of the volume's SCSI export of that kind,
+    as the daemon records it. ``NotFound`` for a missing volume, or one without such an
+    export (naming the command that makes it)."""
+    kind = _SCSI_EXPORT_KINDS[mode]
+    m.volume_info(pool, volume)
+    for info in m.exports():
+        spec = info.spec
+        if (spec.kind.value, spec.pool, spec.volume, spec.snapshot) != (kind, pool, volume, None):
+            continue
+        target = scsi.export_target(mode, info.uris)
+        if target is None:
+            why = f" ({info.message})" if info.message else ""
+            raise StateError(
+                f"the {kind} export {spec.name} is {info.state.value} and names no "
+                f"{'device' if mode is scsi.ScsiMode.LUN else 'WWPN'}{why}"
+            )
+        return target
+    raise NotFound(
+        f"volume {pool}/{volume} has no {kind} export: run `storvisor export {kind} "
+        f"{pool}/{volume}` first"
+    )
 
 
 # -- QoS commands ---------------------------------------------------------------------------
@@ -919,8 +968,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--count", metavar="N", type=count, help="stop after N tables")
 
-    c = cmd(sub, "libvirt-xml", libvirt_xml, "print the libvirt disk XML of a vhost-user export")
+    c = cmd(
+        sub,
+        "libvirt-xml",
+        libvirt_xml,
+        "print the libvirt XML of a volume's vhost-user-blk export, or with --scsi of its "
+        "SCSI export",
+    )
     c.add_argument("ref", metavar="POOL/VOL", type=volume_ref)
+    c.add_argument(
+        "--scsi",
+        choices=[m.value for m in scsi.ScsiMode],
+        help="lun: a <disk device='lun'> on a virtio-scsi controller (from `export scsi`); "
+        "vhost: a vhost-scsi <hostdev> (from `export vhost-scsi`)",
+    )
+    c.add_argument(
+        "--domain-xml",
+        metavar="FILE",
+        help="the domain to attach to (virsh dumpxml): a free controller index, unit and "
+        "target name are chosen in it",
+    )
+    c.add_argument(
+        "--boot",
+        action="store_true",
+        help="boot from the volume (boot order 1; prints the changes the domain needs)",
+    )
     return p
 
 

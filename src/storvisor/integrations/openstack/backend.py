@@ -20,10 +20,13 @@ from storvisor.errors import InvalidArgument
 
 
 class ExportKind(enum.StrEnum):
-    """How an attached volume is served: NBD (a URI) or vhost-user-blk (a Unix socket)."""
+    """How an attached volume is served: NBD (a URI), vhost-user-blk (a Unix socket), or a
+    local SCSI LUN (a host block device, ``storvisor export scsi``: the daemon must run on
+    the compute host)."""
 
     NBD = "nbd"
     VHOST_USER_BLK = "vhost-user-blk"
+    SCSI = "scsi"
 
 
 @dataclass(frozen=True, slots=True)

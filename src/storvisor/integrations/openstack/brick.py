@@ -8,8 +8,9 @@ can attach. Call it once per process before os-brick is asked (``docs/openstack.
 
 ``connect_volume`` asks the storvisor daemon of this host (``storvisor_api_url``, default
 ``$STORVISOR_API_URL`` or ``unix:///var/lib/storvisor/api.sock``) for the export the
-connection names and returns its device info: ``{"type": "nbd", "path": NBD URI}`` or
-``{"type": "vhost-user-blk", "path": socket path}``. The export itself belongs to Cinder's
+connection names and returns its device info: ``{"type": "nbd", "path": NBD URI}``,
+``{"type": "vhost-user-blk", "path": socket path}`` or ``{"type": "scsi", "path":
+/dev/disk/by-id/...}`` (a local SCSI LUN). The export itself belongs to Cinder's
 ``initialize_connection`` / ``terminate_connection``: disconnecting leaves it alone.
 """
 
@@ -25,7 +26,11 @@ from os_brick.initiator.connectors import base
 from storvisor.api.exports import ExportInfo, ExportState
 from storvisor.errors import NotFound, StorvisorError
 from storvisor.integrations.openstack.backend import BackendOptions, ExportKind, open_client
-from storvisor.integrations.openstack.connection import DRIVER_VOLUME_TYPE, ConnectionData
+from storvisor.integrations.openstack.connection import (
+    DRIVER_VOLUME_TYPE,
+    ConnectionData,
+    export_path,
+)
 
 PROTOCOL = DRIVER_VOLUME_TYPE.upper()
 CLASS_PATH = f"{__name__}.StorvisorConnector"
@@ -71,15 +76,15 @@ class StorvisorConnector(base.BaseLinuxConnector):  # type: ignore[misc]  # os-b
         return {"storvisor_export_kinds": [k.value for k in ExportKind]}
 
     def connect_volume(self, connection_properties: dict[str, Any]) -> dict[str, Any]:
-        """The device info of the connection's export: ``{"type": "nbd" | "vhost-user-blk",
-        "path": URI or socket}``. ``VolumeDeviceNotFound`` if the export is missing or not
-        serving; ``BrickException`` for malformed properties or a daemon that does not
-        answer."""
+        """The device info of the connection's export: ``{"type": "nbd" | "vhost-user-blk" |
+        "scsi", "path": URI, socket or block device}``. ``VolumeDeviceNotFound`` if the
+        export is missing or not serving; ``BrickException`` for malformed properties or a
+        daemon that does not answer."""
         data = _parse(connection_properties)
         info = self._export(data)
         if info is None or info.state is not ExportState.ACTIVE:
             raise exception.VolumeDeviceNotFound(device=data.export)
-        return {"type": data.kind.value, "path": info.uris[0]}
+        return {"type": data.kind.value, "path": _path(data.kind, info)}
 
     def disconnect_volume(
         self,
@@ -93,8 +98,9 @@ class StorvisorConnector(base.BaseLinuxConnector):  # type: ignore[misc]  # os-b
 
     def get_volume_paths(self, connection_properties: dict[str, Any]) -> list[str]:
         """The export's path, or none while it does not exist."""
-        info = self._export(_parse(connection_properties))
-        return [info.uris[0]] if info is not None else []
+        data = _parse(connection_properties)
+        info = self._export(data)
+        return [_path(data.kind, info)] if info is not None else []
 
     def get_search_path(self) -> None:
         return None
@@ -103,7 +109,8 @@ class StorvisorConnector(base.BaseLinuxConnector):  # type: ignore[misc]  # os-b
         return []
 
     def check_valid_device(self, path: str, run_as_root: bool = True) -> bool:
-        """Whether ``path`` is the URI or socket of an export this host's daemon serves."""
+        """Whether ``path`` is the URI, socket or device of an export this host's daemon
+        serves."""
         try:
             exports = open_client(self._options).exports()
         except StorvisorError:
@@ -133,6 +140,13 @@ class StorvisorConnector(base.BaseLinuxConnector):  # type: ignore[misc]  # os-b
                 f"{info.spec.volume}, not {data.pool}/{data.volume}"
             )
         return info
+
+
+def _path(kind: ExportKind, info: ExportInfo) -> str:
+    try:
+        return export_path(kind, info.uris)
+    except StorvisorError as e:
+        raise exception.BrickException(message=f"storvisor: {e}") from e
 
 
 def _parse(connection_properties: dict[str, Any]) -> ConnectionData:

@@ -13,11 +13,21 @@ depends on another one: a deleted volume's clusters are freed and a new volume r
 where nothing was written. Back-end QoS specs of the volume type (consumer ``back-end`` or
 ``both``) become the volume's storvisor QoS keys, which storvisor enforces itself.
 
-An attachment is an export of the volume named ``<volume.name>``: NBD or vhost-user-blk
-(``storvisor_export_kind``); ``initialize_connection`` returns ``driver_volume_type
-'storvisor'`` with ``ConnectionData`` and ``terminate_connection`` removes the export (every
-export of the volume when ``connector`` is None, a force-detach). Image copies go through a
-temporary NBD export of the volume and ``qemu-img``.
+An attachment is an export of the volume named ``<volume.name>``: NBD, vhost-user-blk or a
+local SCSI LUN (``storvisor_export_kind``); ``initialize_connection`` returns
+``driver_volume_type 'storvisor'`` with ``ConnectionData`` and ``terminate_connection``
+removes the export (every export of the volume when ``connector`` is None, a force-detach).
+A SCSI LUN goes to a compute host whose connector does not report storvisor's connector
+(``storvisor_export_kinds``: an unregistered, unmodified Nova) as ``driver_volume_type
+'local'`` with its ``/dev/disk/by-id/`` path, which Nova's own volume driver attaches. Image
+copies go through a temporary NBD export of the volume and ``qemu-img``.
+
+Capacity: volumes are thin. A size beyond what the pool can ever hold (its capacity times
+``max_over_subscription_ratio``) or beyond storvisor's 1 EiB limit is refused before anything
+is made; Cinder's scheduler applies the same ratio to the stats. Multiattach is not
+supported (an export belongs to one attachment: detaching removes it, and a vhost-user-blk
+socket serves one guest): the stats say ``multiattach`` False and a multiattach volume is
+refused at creation and at attachment.
 
 Errors: storvisor's ``Conflict`` on a delete is ``VolumeIsBusy`` / ``SnapshotIsBusy``; a
 volume or snapshot already gone is a successful delete; anything else the daemon refuses
@@ -44,13 +54,18 @@ from storvisor.api.exports import ExportInfo
 from storvisor.api.qos import QosKey
 from storvisor.api.service import Management
 from storvisor.engine.types import PoolState
-from storvisor.errors import Conflict, NotFound, StorvisorError
+from storvisor.errors import Conflict, InvalidArgument, NotFound, StorvisorError
 from storvisor.integrations.openstack.backend import BackendOptions, ExportKind, open_client
-from storvisor.integrations.openstack.connection import DRIVER_VOLUME_TYPE, ConnectionData
+from storvisor.integrations.openstack.connection import (
+    DRIVER_VOLUME_TYPE,
+    ConnectionData,
+    local_connection,
+)
 
 LOG = logging.getLogger(__name__)
 
 GIB = 1 << 30
+MULTIATTACH_REFUSED = "storvisor does not support multiattach (one attachment per volume)"
 
 STORVISOR_OPTS = [
     cfg.StrOpt(
@@ -76,7 +91,8 @@ STORVISOR_OPTS = [
         "storvisor_export_kind",
         default=ExportKind.NBD.value,
         choices=[k.value for k in ExportKind],
-        help="How attached volumes are served: nbd or vhost-user-blk.",
+        help="How attached volumes are served: nbd, vhost-user-blk, or scsi (a local SCSI "
+        "LUN: storvisor and the guests on the same host).",
     ),
     cfg.StrOpt(
         "storvisor_vhost_socket_dir",
@@ -217,6 +233,7 @@ class StorvisorDriver(driver.VolumeDriver):  # type: ignore[misc]  # Cinder is u
     def create_volume(self, volume: Any) -> None:
         """Create the thin volume and apply the volume type's back-end QoS."""
         pool = self._opts.pool
+        self._check_new_volume(volume)
         with _translated():
             self._client.create_volume(pool, volume.name, volume.size * GIB)
         with self._undo_volume_on_error(volume):
@@ -239,6 +256,7 @@ class StorvisorDriver(driver.VolumeDriver):  # type: ignore[misc]  # Cinder is u
 
     def extend_volume(self, volume: Any, new_size: int) -> None:
         """Grow the volume to ``new_size`` GiB, online (attached users see the new size)."""
+        self._check_size(new_size)
         with _translated():
             self._client.extend_volume(self._opts.pool, volume.name, new_size * GIB)
 
@@ -263,6 +281,7 @@ class StorvisorDriver(driver.VolumeDriver):  # type: ignore[misc]  # Cinder is u
     def create_volume_from_snapshot(self, volume: Any, snapshot: Any) -> None:
         """A flattened clone of the snapshot, grown to ``volume.size`` if that is larger."""
         pool = self._opts.pool
+        self._check_new_volume(volume)
         with _translated():
             self._client.clone(pool, snapshot.volume_name, snapshot.name, volume.name)
         with self._undo_volume_on_error(volume):
@@ -273,6 +292,7 @@ class StorvisorDriver(driver.VolumeDriver):  # type: ignore[misc]  # Cinder is u
         ``volume.size`` if that is larger."""
         pool = self._opts.pool
         temporary = f"clone-{volume.id}"
+        self._check_new_volume(volume)
         with _translated():
             self._client.create_snapshot(pool, src_vref.name, temporary)
         try:
@@ -291,6 +311,25 @@ class StorvisorDriver(driver.VolumeDriver):  # type: ignore[misc]  # Cinder is u
             if volume.size * GIB > info.size:
                 self._client.extend_volume(pool, volume.name, volume.size * GIB)
         self._apply_qos(volume)
+
+    def _check_new_volume(self, volume: Any) -> None:
+        if _multiattach(volume):
+            _backend_error(MULTIATTACH_REFUSED)
+        self._check_size(volume.size)
+
+    def _check_size(self, size_gib: int) -> None:
+        """``VolumeBackendAPIException`` for a size the pool can never hold."""
+        with _translated():
+            capacity = self._client.pool_info(self._opts.pool).stats.capacity
+        try:
+            ratio = float(self.configuration.safe_get("max_over_subscription_ratio") or 20.0)
+        except ValueError:
+            return  # 'auto': Cinder derives the ratio; only storvisor's own limit applies
+        if size_gib * GIB > capacity * max(ratio, 1.0):
+            _backend_error(
+                f"a {size_gib} GiB volume can never fit storvisor pool {self._opts.pool} "
+                f"({capacity / GIB:.2f} GiB, max over-subscription ratio {ratio:g})"
+            )
 
     @contextlib.contextmanager
     def _undo_volume_on_error(self, volume: Any) -> Iterator[None]:
@@ -326,7 +365,11 @@ class StorvisorDriver(driver.VolumeDriver):  # type: ignore[misc]  # Cinder is u
     def initialize_connection(
         self, volume: Any, connector: Any, initiator_data: Any = None
     ) -> dict[str, object]:
-        """Export the volume (or reuse its export) and say how to reach it."""
+        """Export the volume (or reuse its export) and say how to reach it: a 'storvisor'
+        connection, or for a SCSI LUN and a connector without storvisor's a 'local' one.
+        ``VolumeBackendAPIException`` for a multiattach volume (nothing is exported)."""
+        if _multiattach(volume):
+            _backend_error(MULTIATTACH_REFUSED)
         info = self._export(volume)
         data = ConnectionData(
             volume_id=volume.id,
@@ -336,7 +379,20 @@ class StorvisorDriver(driver.VolumeDriver):  # type: ignore[misc]  # Cinder is u
             kind=ExportKind(info.spec.kind.value),
             uris=info.uris,
         )
+        with self._undo_export_on_error(info), _translated():
+            path = data.path
+        if data.kind is ExportKind.SCSI and not _knows_storvisor(connector, data.kind):
+            return local_connection(path)
         return {"driver_volume_type": DRIVER_VOLUME_TYPE, "data": data.to_dict()}
+
+    @contextlib.contextmanager
+    def _undo_export_on_error(self, info: ExportInfo) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(StorvisorError):
+                self._client.remove_export(info.spec.name)
+            raise
 
     def terminate_connection(self, volume: Any, connector: Any, **kwargs: Any) -> None:
         """Remove the volume's export; with ``connector=None`` (force-detach) every export of
@@ -365,6 +421,8 @@ class StorvisorDriver(driver.VolumeDriver):  # type: ignore[misc]  # Cinder is u
                     return self._client.export_vhost_user_blk(
                         opts.pool, volume.name, socket, name=name
                     )
+                if opts.export_kind is ExportKind.SCSI:
+                    return _export_scsi(self._client, opts.pool, volume.name, name)
                 return self._client.export_nbd(opts.pool, volume.name, name=name)
             except Conflict as conflict:
                 # attached already (another attachment of the volume): the same export
@@ -441,6 +499,32 @@ class StorvisorDriver(driver.VolumeDriver):  # type: ignore[misc]  # Cinder is u
         finally:
             with contextlib.suppress(StorvisorError):
                 self._client.remove_export(name)
+
+
+def _multiattach(volume: Any) -> bool:
+    """Whether the volume is to be attached several times (unset counts as no)."""
+    return bool(volume.obj_attr_is_set("multiattach") and volume.multiattach)
+
+
+def _knows_storvisor(connector: Any, kind: ExportKind) -> bool:
+    """Whether the compute host's connector properties say it attaches storvisor's ``kind``
+    (os-brick reports ``storvisor_export_kinds`` once the storvisor connector is
+    registered there)."""
+    kinds = connector.get("storvisor_export_kinds") if isinstance(connector, dict) else None
+    return isinstance(kinds, list | tuple) and kind.value in kinds
+
+
+def _export_scsi(client: Management, pool: str, volume: str, name: str) -> ExportInfo:
+    """The volume's local SCSI LUN export (``storvisor export scsi``). ``InvalidArgument``
+    when the daemon's API has no SCSI export."""
+    export = getattr(client, "export_scsi", None)
+    if export is None:
+        raise InvalidArgument(
+            "this storvisor has no SCSI export (storvisor export scsi): "
+            "use storvisor_export_kind nbd or vhost-user-blk"
+        )
+    info: ExportInfo = export(pool, volume, name=name)
+    return info
 
 
 def _backend_qos_keys(volume: Any) -> tuple[QosKey, ...]:
