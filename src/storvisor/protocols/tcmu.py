@@ -24,21 +24,33 @@ the sense buffer), so every request field is read before a response is written.
 ``read``s the uio fd, calls ``next_entries``, runs the commands, calls ``complete`` for
 each and ``write``s the uio fd so that the kernel collects the completions.
 
-Out-of-order completion (``TCMU_MAILBOX_FLAG_CAP_OOOC``) works as libtcmu does it. The
-ring keeps a private read pointer ahead of ``cmd_tail``; ``next_entries`` walks it to
-``cmd_head``, skipping PAD entries and flagging unknown opcodes with
-``TCMU_UFLAG_UNKNOWN_OP``. ``complete`` writes its response into the first CMD entry at
-``cmd_tail`` (not necessarily the command's own entry: it "steals" it by writing its
-``cmd_id`` there, because the kernel looks completions up by the ``cmd_id`` it finds in the
-entries before ``cmd_tail``) and advances ``cmd_tail`` past it. That is safe because every
-command's request fields were copied out when it was fetched, and the CMD entries between
-``cmd_tail`` and the read pointer are exactly as many as the commands still outstanding.
+Out-of-order completion (``TCMU_MAILBOX_FLAG_CAP_OOOC``) follows libtcmu. The ring keeps
+a private read pointer ahead of ``cmd_tail``; ``next_entries`` walks it to ``cmd_head``,
+skipping PAD entries and flagging unknown opcodes with ``TCMU_UFLAG_UNKNOWN_OP``. The kernel
+collects completions from the entries before ``cmd_tail``, looking each up by the ``cmd_id``
+it finds there, so a command that completes while an older one is still running "steals" the
+first CMD entry at ``cmd_tail``: its response and its ``cmd_id`` go there, and ``cmd_tail``
+advances. Unlike libtcmu, the ring keeps the stolen entry's request: it is moved into the
+completing command's own entry (header, iovecs and CDB; marked ``UFLAG_MOVED``), so that the
+entries between ``cmd_tail`` and ``cmd_head`` always hold exactly the requests not yet
+completed, and a handler that restarts after a crash finds each of them once. When the
+request does not fit there (it has more iovecs), the response is written into the
+completing command's own entry, marked ``UFLAG_DONE``, and ``cmd_tail`` passes it together
+with the entries before it. Both marks are storvisor's own bits of ``uflags``, which the
+kernel reads only for entries before ``cmd_tail``; ``UFLAG_DONE`` is cleared as
+``cmd_tail`` passes.
+
+A restarted handler picks the ring up where the last one left it: its read pointer starts
+at ``cmd_tail``; requests (original or moved) are fetched again, and responses already
+written (``UFLAG_DONE``) are passed without running their commands twice. The one gap is a
+crash in the middle of a move (a few stores): the request may then be found twice, which
+``next_entries`` reports as a ``ProtocolError``; the ring is then reset through configfs
+(``action/reset_ring``: the kernel answers the commands in flight with BUSY and initiators
+retry them).
 
 A ring that breaks the layout (a length or offset outside the area, an entry crossing the
 end of the ring, a zero length) raises ``ProtocolError`` and nothing is read out of bounds;
-the handler then stops serving the ring. A restarted handler picks the ring up where the
-last one left it: its read pointer starts at ``cmd_tail``, so commands that were fetched but
-never completed are fetched again.
+the handler then stops serving the ring.
 """
 
 from __future__ import annotations
@@ -66,6 +78,12 @@ TCMU_UFLAG_UNKNOWN_OP = 0x1
 TCMU_UFLAG_READ_LEN = 0x2
 TCMU_UFLAG_KEEP_BUF = 0x4
 
+UFLAG_MOVED = 0x40
+"""storvisor's own mark (the kernel reads ``uflags`` only of entries before ``cmd_tail``): the
+entry holds a request moved there from the entry at ``cmd_tail``."""
+UFLAG_DONE = 0x80
+"""storvisor's own mark: the entry holds a response that ``cmd_tail`` has not passed yet."""
+
 TCMU_SENSE_BUFFERSIZE = 96
 
 MAILBOX = struct.Struct("<HHIII")
@@ -85,6 +103,8 @@ REQ_OFFSET = 8
 IOV = struct.Struct("<QQ")
 """``struct iovec`` as TCMU fills it: offset from the start of the area, length."""
 IOV_OFFSET = 48
+MOVED_FROM = struct.Struct("<Q")
+MOVED_FROM_OFFSET = 32  # ``req.__pad1``
 RSP = struct.Struct("<BxxI")
 """``rsp`` of ``struct tcmu_cmd_entry`` at offset 8: scsi_status, read_len; the sense buffer
 follows at offset 16."""
@@ -175,7 +195,7 @@ class Ring:
         self.cmdr_off = cmdr_off
         self.cmdr_size = cmdr_size
         self._next = self._position(self.cmd_tail, "cmd_tail")
-        self._outstanding: set[int] = set()
+        self._positions: dict[int, int] = {}  # outstanding cmd_id -> its entry's position
 
     @property
     def cmd_head(self) -> int:
@@ -188,7 +208,7 @@ class Ring:
     @property
     def outstanding(self) -> int:
         """Commands fetched and not yet completed."""
-        return len(self._outstanding)
+        return len(self._positions)
 
     def _position(self, pos: int, what: str) -> int:
         if pos >= self.cmdr_size or pos % 8:
@@ -205,11 +225,12 @@ class Ring:
 
     def next_entries(self) -> list[Entry]:
         """Fetch every entry the kernel queued since the last call (from ``cmd_tail`` on
-        the first call), in ring order.
+        the first call), in ring order. Entries that a previous handler left completed but
+        not yet passed by ``cmd_tail`` (``UFLAG_DONE``) are not returned: they are passed
+        as soon as every entry before them is.
 
         Raises:
-            ProtocolError: an entry breaks the layout; the entries before it were returned
-                by no call and the ring must not be used any more.
+            ProtocolError: an entry breaks the layout; the ring must not be used any more.
         """
         head = self._position(self.cmd_head, "cmd_head")
         entries: list[Entry] = []
@@ -218,19 +239,17 @@ class Ring:
             op, length, cmd_id = self._header(pos)
             base = self.cmdr_off + pos
             if op == TCMU_OP_CMD:
-                entries.append(self._command(base, length, cmd_id))
+                if not self._area[base + UFLAGS_OFFSET] & UFLAG_DONE:
+                    command = self._command(base, length, cmd_id)
+                    self._positions[cmd_id] = pos
+                    entries.append(command)
             elif op == TCMU_OP_TMR:
                 entries.append(self._tmr(base, length))
             elif op != TCMU_OP_PAD:
                 self._area[base + UFLAGS_OFFSET] |= TCMU_UFLAG_UNKNOWN_OP
             pos = (pos + length) % self.cmdr_size
         self._next = pos
-        for entry in entries:
-            if isinstance(entry, Command):
-                self._outstanding.add(entry.cmd_id)
-        if not self._outstanding:
-            # nothing left to complete: the PAD, TMR and unknown entries are done with
-            self._set_tail(pos)
+        self._retire()
         return entries
 
     def _command(self, base: int, length: int, cmd_id: int) -> Command:
@@ -239,18 +258,10 @@ class Ring:
         iov_cnt, _, _, cdb_off = REQ.unpack_from(self._area, base + REQ_OFFSET)
         if IOV_OFFSET + iov_cnt * IOV.size > length:
             raise ProtocolError(f"TCMU command {cmd_id}: {iov_cnt} iovecs overflow its entry")
-        if cmd_id in self._outstanding:
+        if cmd_id in self._positions:
             raise ProtocolError(f"TCMU command id {cmd_id} is already outstanding")
         size = len(self._area)
-        if cdb_off >= size:
-            raise ProtocolError(f"TCMU command {cmd_id}: CDB offset {cdb_off} outside the area")
-        opcode = self._area[cdb_off]
-        if opcode == 0x7F and cdb_off + 8 <= size:  # variable-length CDB
-            cdb_len = self._area[cdb_off + 7] + 8
-        else:
-            cdb_len = cdb_length(opcode)
-        if cdb_off + cdb_len > size:
-            raise ProtocolError(f"TCMU command {cmd_id}: CDB at {cdb_off} crosses the area's end")
+        cdb_len = self._cdb_length(cdb_off, cmd_id)
         iovecs = []
         for i in range(iov_cnt):
             offset, iov_len = IOV.unpack_from(self._area, base + IOV_OFFSET + i * IOV.size)
@@ -261,6 +272,19 @@ class Ring:
             iovecs.append(self._area[offset : offset + iov_len])
         cdb = bytes(self._area[cdb_off : cdb_off + cdb_len])
         return Command(cmd_id, cdb, tuple(iovecs))
+
+    def _cdb_length(self, cdb_off: int, cmd_id: int) -> int:
+        size = len(self._area)
+        if cdb_off >= size:
+            raise ProtocolError(f"TCMU command {cmd_id}: CDB offset {cdb_off} outside the area")
+        opcode = self._area[cdb_off]
+        if opcode == 0x7F and cdb_off + 8 <= size:  # variable-length CDB
+            cdb_len = self._area[cdb_off + 7] + 8
+        else:
+            cdb_len = cdb_length(opcode)
+        if cdb_off + cdb_len > size:
+            raise ProtocolError(f"TCMU command {cmd_id}: CDB at {cdb_off} crosses the area's end")
+        return cdb_len
 
     def _tmr(self, base: int, length: int) -> TaskManagement:
         if length < TMR_IDS_OFFSET:
@@ -283,26 +307,21 @@ class Ring:
             StateError: ``cmd_id`` is not outstanding, or ``sense`` is too long.
             ProtocolError: the entries at ``cmd_tail`` break the layout.
         """
-        if cmd_id not in self._outstanding:
+        pos = self._positions.get(cmd_id)
+        if pos is None:
             raise StateError(f"TCMU command {cmd_id} is not outstanding")
         if len(sense) > TCMU_SENSE_BUFFERSIZE:
             raise StateError(f"sense data of {len(sense)} bytes (at most 96)")
-        pos = self.cmd_tail
-        while True:  # skip to the first CMD entry: there is one before the read pointer
-            if pos == self._next:
-                raise ProtocolError("TCMU ring: no command entry left at cmd_tail")
-            op, length, _ = self._header(pos)
-            if op == TCMU_OP_CMD:
-                break
-            pos = (pos + length) % self.cmdr_size
+        del self._positions[cmd_id]
+        first = self._first_command()
+        if first != pos and self._move(first, pos):
+            pos = first
         base = self.cmdr_off + pos
-        uflags = 0
+        uflags = UFLAG_DONE
         if read_len is not None and self.flags & TCMU_MAILBOX_FLAG_CAP_READ_LEN:
-            uflags = TCMU_UFLAG_READ_LEN
+            uflags |= TCMU_UFLAG_READ_LEN
         else:
             read_len = 0
-        CMD_ID.pack_into(self._area, base + CMD_ID_OFFSET, cmd_id)
-        self._area[base + UFLAGS_OFFSET] = uflags
         RSP.pack_into(self._area, base + RSP_OFFSET, status, read_len)
         if sense:
             start = base + SENSE_OFFSET
@@ -310,11 +329,57 @@ class Ring:
             self._area[start + len(sense) : start + TCMU_SENSE_BUFFERSIZE] = bytes(
                 TCMU_SENSE_BUFFERSIZE - len(sense)
             )
-        self._outstanding.discard(cmd_id)
-        pos = (pos + length) % self.cmdr_size
-        if not self._outstanding:
-            pos = self._next
-        self._set_tail(pos)
+        CMD_ID.pack_into(self._area, base + CMD_ID_OFFSET, cmd_id)
+        self._area[base + UFLAGS_OFFSET] = uflags
+        self._retire()
 
-    def _set_tail(self, pos: int) -> None:
-        CMD_TAIL.pack_into(self._area, CMD_TAIL_OFFSET, pos)
+    def _first_command(self) -> int:
+        """The position of the first CMD entry at or after ``cmd_tail``."""
+        pos = self.cmd_tail
+        while True:
+            if pos == self._next:
+                raise ProtocolError("TCMU ring: no command entry left at cmd_tail")
+            op, length, _ = self._header(pos)
+            if op == TCMU_OP_CMD:
+                return pos
+            pos = (pos + length) % self.cmdr_size
+
+    def _move(self, src: int, dst: int) -> bool:
+        """Move the request of the outstanding command at ``src`` (the first at
+        ``cmd_tail``) into the entry at ``dst`` (a completed command's), if it fits: its
+        header, counts, iovecs and CDB; ``UFLAG_MOVED`` marks it and the old entry's
+        ``cmd_id`` is kept at offset 32 for the record."""
+        s, d = self.cmdr_off + src, self.cmdr_off + dst
+        cmd_id = CMD_ID.unpack_from(self._area, s + CMD_ID_OFFSET)[0]
+        iov_cnt, _, _, cdb_off = REQ.unpack_from(self._area, s + REQ_OFFSET)
+        cdb_len = self._cdb_length(cdb_off, cmd_id)
+        iov_bytes = iov_cnt * IOV.size
+        _, length, old_id = self._header(dst)
+        if IOV_OFFSET + iov_bytes + cdb_len > length:
+            return False
+        new_cdb = d + IOV_OFFSET + iov_bytes
+        self._area[new_cdb : new_cdb + cdb_len] = bytes(self._area[cdb_off : cdb_off + cdb_len])
+        self._area[d + IOV_OFFSET : d + IOV_OFFSET + iov_bytes] = bytes(
+            self._area[s + IOV_OFFSET : s + IOV_OFFSET + iov_bytes]
+        )
+        REQ.pack_into(self._area, d + REQ_OFFSET, iov_cnt, 0, 0, new_cdb)
+        MOVED_FROM.pack_into(self._area, d + MOVED_FROM_OFFSET, old_id)
+        CMD_ID.pack_into(self._area, d + CMD_ID_OFFSET, cmd_id)
+        self._area[d + UFLAGS_OFFSET] = UFLAG_MOVED
+        self._positions[cmd_id] = dst
+        return True
+
+    def _retire(self) -> None:
+        """Advance ``cmd_tail`` past the completed CMD entries and the PAD, TMR and
+        unknown entries at its head (clearing ``UFLAG_DONE`` as it goes)."""
+        pos = start = self.cmd_tail
+        while pos != self._next:
+            op, length, _ = self._header(pos)
+            flags_at = self.cmdr_off + pos + UFLAGS_OFFSET
+            if op == TCMU_OP_CMD:
+                if not self._area[flags_at] & UFLAG_DONE:
+                    break
+                self._area[flags_at] &= ~UFLAG_DONE & 0xFF
+            pos = (pos + length) % self.cmdr_size
+        if pos != start:
+            CMD_TAIL.pack_into(self._area, CMD_TAIL_OFFSET, pos)
