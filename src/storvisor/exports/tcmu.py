@@ -40,6 +40,7 @@ import os
 import queue
 import select
 import threading
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -299,11 +300,13 @@ class TcmuHandler:
                 if not self._stopping:
                     self._serve()
         except (ProtocolError, LocalFailure) as e:
+            traceback.clear_frames(e.__traceback__)
             self.error = e
             log.error("TCMU device %s stopped: %s", self.uio, e)
         except Exception as e:
             self.error = LocalFailure(f"TCMU loop of {self.uio} failed: {e!r}")
             log.exception("TCMU device %s stopped", self.uio)
+            traceback.clear_frames(e.__traceback__)
 
     def _read_event(self) -> None:
         try:
@@ -359,8 +362,8 @@ class TcmuHandler:
         self, iovecs: Sequence[memoryview], request: IoRequest
     ) -> tuple[Reply, int | None]:
         device = self.device
+        kind = request.kind
         try:
-            kind = request.kind
             if kind is IoKind.READ:
                 _read(device, request.offset, request.length, iovecs)
                 return GOOD, request.length
@@ -379,10 +382,12 @@ class TcmuHandler:
                 _write_same(device, request)
             return GOOD, None
         except IOFailure as e:
-            log.debug("TCMU %s: %s failed: %s", self.uio, kind.value, e)
+            log.debug("TCMU %s: %s failed: %s", self.uio, request.kind.value, e)
+            traceback.clear_frames(e.__traceback__)  # their views of the area must not live on
             return io_error_reply(request, e.errno), None
-        except Exception:
+        except Exception as e:
             log.exception("TCMU %s: %s failed", self.uio, request.kind.value)
+            traceback.clear_frames(e.__traceback__)
             return check_condition(INTERNAL_TARGET_FAILURE), None
 
     def _finish(self, done: list[_Done]) -> None:
