@@ -351,7 +351,7 @@ def test_a_killed_handler_leaves_the_ring_to_the_next(tmp_path: Path) -> None:
     event_fd, map_fd = kernel.open(os.path.join(kernel.dev_root, kernel.uio))
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(disk), kernel.sysfs_root, kernel.dev_root]
-        + [str(event_fd), str(map_fd)],
+        + [str(fd) for fd in (event_fd, map_fd)],
         pass_fds=(event_fd, map_fd),
         stdout=subprocess.PIPE,
         text=True,
