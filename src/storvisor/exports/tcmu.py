@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import logging
 import mmap
 import os
@@ -270,10 +271,16 @@ class TcmuHandler:
             self._area.release()
             self._area = None
         if self._map is not None:
+            # the kernel lets one process at a time open the device, and the mapping holds
+            # it open: unmap now, so that the next handler can start at once
             try:
                 self._map.close()
             except BufferError:  # a view of a command is still referenced somewhere
-                log.warning("TCMU map of %s left to the garbage collector", self.uio)
+                gc.collect()
+                try:
+                    self._map.close()
+                except BufferError:
+                    log.warning("TCMU map of %s left to the garbage collector", self.uio)
             self._map = None
         for fd in {self._event_fd, self._map_fd, self._wake_r, self._wake_w} - {-1}:
             os.close(fd)
