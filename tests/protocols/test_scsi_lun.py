@@ -86,7 +86,7 @@ def inquiry(evpd: int = 0, page: int = 0, alloc: int = 255) -> bytes:
 def test_test_unit_ready_and_unknown_opcodes() -> None:
     unit = lun()
     assert good(unit.execute(bytes(6))) == b""
-    for opcode in (0xA3, 0x4D, 0x1E, 0x41, 0x55, 0xFF, 0x2F, 0x15):
+    for opcode in (0xA3, 0x4D, 0x1E, 0x55, 0xFF, 0x2F, 0x15, 0x1B):
         refused(unit.execute(bytes([opcode]) + bytes(15)), INVALID_OPCODE)
     refused(unit.execute(b""), INVALID_OPCODE)
     assert INVALID_OPCODE[:3] == bytes([0x70, 0x00, 0x05]) and INVALID_OPCODE[12] == 0x20
@@ -210,7 +210,7 @@ def test_vpd_block_device_characteristics() -> None:
 def test_vpd_logical_block_provisioning() -> None:
     body = vpd(0xB2)
     assert len(body) == 4
-    assert body[1] == 0x80 | 0x40 | 0x04  # LBPU, LBPWS, LBPRZ
+    assert body[1] == 0x80 | 0x40 | 0x20 | 0x04  # LBPU, LBPWS, LBPWS10, LBPRZ
     assert body[2] & 0x07 == 2  # thin provisioned
     assert vpd(0xB2, lun(thin=False))[2] & 0x07 == 1
 
@@ -498,6 +498,23 @@ def test_write_same_replicates_a_pattern() -> None:
     )
     unmap_but_data = io(lun().execute(write_same(8, 16, 0x08), [memoryview(block)]))
     assert unmap_but_data.kind is IoKind.WRITE_SAME  # not zeros: written, not unmapped
+
+
+def test_write_same_10() -> None:
+    cdb = struct.pack(">BBIBHB", 0x41, 0x08, 8, 0, 16, 0)
+    request = io(lun().execute(cdb, buf(512)))
+    assert (request.kind, request.offset, request.length, request.may_unmap) == (
+        IoKind.ZERO,
+        4096,
+        8192,
+        True,
+    )
+    block = b"\x01" * 512
+    cdb = struct.pack(">BBIBHB", 0x41, 0, 8, 0, 1, 0)
+    assert io(lun().execute(cdb, [memoryview(block)])).pattern == block
+    beyond = struct.pack(">BBIBHB", 0x41, 0, BLOCKS - 1, 0, 2, 0)
+    refused(lun().execute(beyond, buf(512)), OUT_OF_RANGE)
+    refused(lun().execute(struct.pack(">BBIBHB", 0x41, 0, 0, 0, 0, 0), buf(512)), INVALID_FIELD)
 
 
 def test_write_same_without_data_out_buffer() -> None:

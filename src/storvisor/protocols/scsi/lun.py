@@ -21,8 +21,9 @@ as CHECK CONDITION with fixed-format sense (the caller never has to range-check)
 Commands: TEST UNIT READY, REQUEST SENSE, INQUIRY (standard data and VPD pages 00h, 80h,
 83h, B0h, B1h, B2h), READ CAPACITY (10) and (16), MODE SENSE (6) and (10) (caching and
 control pages), READ and WRITE (6), (10), (16), SYNCHRONIZE CACHE (10) and (16), UNMAP and
-WRITE SAME (16). REPORT LUNS and the reservation commands never reach a TCMU handler: LIO
-answers them itself.
+WRITE SAME (10) and (16) (Linux sd zeroes ranges with WRITE SAME (10) unless REPORT
+SUPPORTED OPERATION CODES, which is not emulated, lists WRITE SAME (16)). REPORT LUNS and
+the reservation commands never reach a TCMU handler: LIO answers them itself.
 
 The capacity is the volume's size in whole logical blocks, given to ``resize`` whenever it
 may have changed. A change raises a unit attention, CAPACITY DATA HAS CHANGED (2Ah/09h),
@@ -67,6 +68,7 @@ READ_CAPACITY_10 = 0x25
 READ_10 = 0x28
 WRITE_10 = 0x2A
 SYNCHRONIZE_CACHE_10 = 0x35
+WRITE_SAME_10 = 0x41
 UNMAP = 0x42
 MODE_SENSE_10 = 0x5A
 READ_16 = 0x88
@@ -277,6 +279,7 @@ class ScsiLun:
             SYNCHRONIZE_CACHE_10: self._synchronize_cache,
             SYNCHRONIZE_CACHE_16: self._synchronize_cache,
             UNMAP: self._unmap,
+            WRITE_SAME_10: self._write_same,
             WRITE_SAME_16: self._write_same,
         }
 
@@ -387,8 +390,10 @@ class ScsiLun:
             _U16.pack_into(body, 0, 1)  # MEDIUM ROTATION RATE: non-rotating
             return bytes(body)
         if page == VPD_LOGICAL_BLOCK_PROVISIONING:
-            # LBPU, LBPWS, LBPRZ; PROVISIONING TYPE thin (2) or resource provisioned (1)
-            return bytes([0x00, 0x80 | 0x40 | 0x04, 0x02 if self.thin else 0x01, 0x00])
+            # LBPU, LBPWS, LBPWS10, LBPRZ; PROVISIONING TYPE thin (2) or resource
+            # provisioned (1)
+            flags = 0x80 | 0x40 | 0x20 | 0x04
+            return bytes([0x00, flags, 0x02 if self.thin else 0x01, 0x00])
         return None
 
     def _read_capacity_10(self, cdb: bytes, data: Sequence[Buffer]) -> Reply:
@@ -525,7 +530,10 @@ class ScsiLun:
         if flags & 0xE0 or flags & 0x10 or flags & 0x06:  # WRPROTECT, ANCHOR, reserved
             return check_condition(INVALID_FIELD_IN_CDB)
         unmap, no_data = bool(flags & 0x08), bool(flags & 0x01)  # UNMAP, NDOB
-        lba, blocks = _U64.unpack_from(cdb, 2)[0], _U32.unpack_from(cdb, 10)[0]
+        if cdb[0] == WRITE_SAME_10:
+            lba, blocks = _U32.unpack_from(cdb, 2)[0], _U16.unpack_from(cdb, 7)[0]
+        else:
+            lba, blocks = _U64.unpack_from(cdb, 2)[0], _U32.unpack_from(cdb, 10)[0]
         if blocks == 0 or blocks > self.limits.max_write_same:  # WSNZ is set
             return check_condition(INVALID_FIELD_IN_CDB)
         if self.read_only:
@@ -551,6 +559,7 @@ _CDB_LENGTH = {
     WRITE_10: 10,
     READ_CAPACITY_10: 10,
     SYNCHRONIZE_CACHE_10: 10,
+    WRITE_SAME_10: 10,
     UNMAP: 10,
     MODE_SENSE_10: 10,
     READ_16: 16,
