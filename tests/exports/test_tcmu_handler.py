@@ -5,6 +5,7 @@ memfd) over real thin volumes: discovery, data, discard, out-of-order completion
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import signal
 import struct
@@ -23,6 +24,7 @@ from storvisor.engine.pool import Pool
 from storvisor.errors import IOFailure, NoSpace, NotFound, ProtocolError
 from storvisor.exports.tcmu import TcmuHandler, find_uio, map_size
 from storvisor.protocols.scsi import LunIdentity
+from storvisor.protocols.tcmu import Ring
 from storvisor.testing.tcmu_kernel import Completion, TcmuKernel
 
 MiB = 1 << 20
@@ -309,6 +311,47 @@ def test_commands_queued_before_start_are_served(tmp_path: Path, volume: BlockDe
         assert good(k.command(rw10(0x28, 8, 8), data_in=4096)) == data
     finally:
         h.close()
+
+
+def test_completions_a_predecessor_never_announced_reach_the_kernel(
+    tmp_path: Path, volume: BlockDevice
+) -> None:
+    """A handler that died after writing its responses but before notifying the kernel:
+    the next one notifies at start, without rerunning anything."""
+    kernel = TcmuKernel(tmp_path, CONFIG)
+    event_fd, map_fd = kernel.open(os.path.join(kernel.dev_root, kernel.uio))
+    area = mmap.mmap(map_fd, kernel.size)
+    view = memoryview(area)
+    try:
+        many = kernel.submit(rw10(0x28, 0, 64), data_in=32768, fragment=True)  # 8 iovecs
+        small = kernel.submit(bytes(6))
+        ring = Ring(view)
+        assert len(ring.next_entries()) == 2
+        ring.complete(small, 0)  # does not fit the big request's place: waits, marked done
+        ring.complete(many, 2, bytes([0x70, 0, 3]) + bytes(15))
+        assert kernel.cmd_tail == kernel.cmd_head
+        del ring
+    finally:
+        view.release()
+        area.close()
+        os.close(event_fd)
+        os.close(map_fd)
+    handler = TcmuHandler(
+        volume,
+        CONFIG,
+        identity=LunIdentity.for_volume("s"),
+        sysfs_root=kernel.sysfs_root,
+        dev_root=kernel.dev_root,
+        opener=kernel.open,
+    )
+    handler.start()
+    try:
+        first, second = kernel.wait([many, small])
+        assert check_condition(first) == (3, 0, 0)  # the predecessor's answer, not a rerun
+        good(second)
+    finally:
+        handler.close()
+        kernel.close()
 
 
 CHILD = textwrap.dedent(

@@ -293,7 +293,7 @@ class TcmuHandler:
         poller.register(self._event_fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         try:
-            self._serve()  # what a predecessor left in the ring
+            self._serve(first=True)  # what a predecessor left in the ring
             while not self._stopping:
                 events = poller.poll()
                 for fd, mask in events:
@@ -323,13 +323,18 @@ class TcmuHandler:
         except OSError as e:
             raise LocalFailure(f"read of the uio fd of {self.uio}: {e.strerror}") from e
 
-    def _serve(self) -> None:
+    def _serve(self, *, first: bool = False) -> None:
         """Fetch every new entry, answer what needs no I/O, queue the rest."""
         ring, lun = self._ring, self._lun
         assert ring is not None and lun is not None
         lun.resize(self.device.size)
         with self._lock:
+            tail = ring.cmd_tail
             entries = ring.next_entries()
+            if ring.cmd_tail != tail or first:
+                # PAD/TMR entries passed, or what a predecessor completed and may not have
+                # told the kernel: the kernel collects only when notified
+                self._notify()
         done: list[_Done] = []
         for entry in entries:
             if isinstance(entry, tcmu.TaskManagement):
@@ -425,11 +430,15 @@ class TcmuHandler:
                 self.error = e
                 log.error("TCMU device %s stopped: %s", self.uio, e)
                 return
-            try:
-                os.write(self._event_fd, _NOTIFY)
-            except OSError as e:
-                if e.errno != errno.EBADF:
-                    log.error("TCMU %s: notifying the kernel failed: %s", self.uio, e)
+            self._notify()
+
+    def _notify(self) -> None:
+        """Make the kernel collect the completions before ``cmd_tail`` (under the ring lock)."""
+        try:
+            os.write(self._event_fd, _NOTIFY)
+        except OSError as e:
+            if e.errno != errno.EBADF:
+                log.error("TCMU %s: notifying the kernel failed: %s", self.uio, e)
 
 
 def _scatter(data: Buffer, iovecs: Sequence[memoryview]) -> int | None:

@@ -14,12 +14,12 @@ area in 4 KiB blocks. It plays the kernel's part of the protocol:
   when it would not fit before the end of the ring, and advances ``cmd_head``;
   ``submit_tmr`` writes a TMR entry the same way;
 * ``signal`` is ``uio_event_notify``: 4 bytes on the event channel;
-* ``wait`` collects completions as ``tcmu_handle_completions`` does after the handler's
-  ``write``: it walks from what it last reclaimed to the mailbox's ``cmd_tail``, skipping PAD
-  and TMR entries, looks every CMD entry's ``cmd_id`` up among the commands in flight
-  (``RingBroken`` if it is not there, as the kernel then marks the ring broken), reads the
-  status, ``read_len`` (when ``TCMU_UFLAG_READ_LEN`` is set) and sense, copies the Data-In
-  out and frees the command's data blocks.
+* ``wait`` collects completions as ``tcmu_handle_completions`` does when the handler
+  ``write``s the uio fd (and only then): it walks from what it last reclaimed to the
+  mailbox's ``cmd_tail``, skipping PAD and TMR entries, looks every CMD entry's ``cmd_id``
+  up among the commands in flight (``RingBroken`` if it is not there, as the kernel then
+  marks the ring broken), reads the status, ``read_len`` (when ``TCMU_UFLAG_READ_LEN`` is
+  set) and sense, copies the Data-In out and frees the command's data blocks.
 
 ``TcmuBlockDevice`` plays the initiator on top (what sd does): a ``BlockDevice`` whose
 every call is a SCSI command through the ring, so the block-device conformance suite runs
@@ -318,7 +318,6 @@ class TcmuKernel:
         assert self._events is not None, "no handler opened the device"
         deadline = time.monotonic() + timeout
         while True:
-            self.reap()
             missing = [i for i in cmd_ids if i not in self.completions]
             if not missing:
                 return [self.completions[i] for i in cmd_ids]
@@ -331,7 +330,8 @@ class TcmuKernel:
                     if len(self._events.recv(4096)) == 0:
                         raise RingBroken("the handler closed its event channel")
                 except BlockingIOError:
-                    pass
+                    continue
+                self.reap()  # like tcmu_irqcontrol: only when the handler writes
 
     def command(
         self, cdb: bytes, data_out: bytes = b"", *, data_in: int = 0, timeout: float = 10.0
