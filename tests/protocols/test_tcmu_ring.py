@@ -468,3 +468,86 @@ def test_garbage_in_the_ring_raises_only_protocol_errors(garbage: bytes, head: i
                 ring.complete(entry.cmd_id, 0, b"\x70", read_len=0)
     except ProtocolError:
         pass
+
+
+# ---------------------------------------------------------------------- crashes
+# The marks of the module docstring ("Crashes"), in uflags: LOST 0x10, MOVING 0x20 (the
+# request's owner at offset 32), MOVED 0x40, DONE 0x80. Each state below is where a handler
+# can die while command 2 completes ahead of command 1 (a steal); the next handler must
+# answer each command exactly once: with its own response or BUSY (0x08).
+
+WRITE10 = bytes([0x2A, 0, 0, 0, 0, 64, 0, 0, 8, 0])
+
+
+def _mark(image: Image, at: int, cmd_id: int, uflags: int) -> None:
+    struct.pack_into("<H", image.buf, 128 + at + 4, cmd_id)
+    image.buf[128 + at + 7] = uflags
+
+
+def _copy_request(image: Image, src: int, dst: int, owner: int) -> None:
+    s, d = 128 + src, 128 + dst
+    iov_cnt = struct.unpack_from("<I", image.buf, s + 8)[0]
+    cdb_off = struct.unpack_from("<Q", image.buf, s + 24)[0]
+    new_cdb = d + 48 + 16 * iov_cnt
+    image.buf[new_cdb : new_cdb + 10] = image.buf[cdb_off : cdb_off + 10]
+    image.buf[d + 48 : d + 48 + 16 * iov_cnt] = image.buf[s + 48 : s + 48 + 16 * iov_cnt]
+    struct.pack_into("<IIIIQQ", image.buf, d + 8, iov_cnt, 0, 0, 0, new_cdb, owner)
+
+
+def _respond(image: Image, at: int, status: int) -> None:
+    struct.pack_into("<BxxI", image.buf, 128 + at + 8, status, 0)
+
+
+def _state(step: int) -> tuple[Image, int, int]:
+    image = Image()
+    image.buf[DATA_OFF : DATA_OFF + 4] = b"data"
+    first = image.cmd(1, WRITE10, [(DATA_OFF, 4096)])
+    second = image.cmd(2, TUR)
+    if step >= 1:
+        _mark(image, second, 2, 0x10)  # LOST: 2 completed, about to take 1's request
+    if step >= 2:
+        image.buf[128 + second + 48 : 128 + second + 64] = b"\xee" * 16  # half copied
+    if step >= 3:
+        _copy_request(image, first, second, owner=1)
+        _mark(image, second, 2, 0x20)  # MOVING: holds 1's request, 2 owed
+    if step >= 4:
+        _mark(image, first, 2, 0x10)  # the entry at cmd_tail: LOST for 2
+    if step >= 5:
+        _respond(image, first, 0)
+        _mark(image, first, 2, 0x80)  # DONE
+    if step >= 6:
+        _mark(image, second, 1, 0x40)  # MOVED
+    if step >= 7:
+        image.buf[128 + first + 7] = 0
+        struct.pack_into("<I", image.buf, 64, second)  # cmd_tail passed it
+    return image, first, second
+
+
+@pytest.mark.parametrize("step", range(8))
+def test_a_crash_at_any_store_answers_each_command_once(step: int) -> None:
+    image, first, _ = _state(step)
+    already = image.kernel_walk(0)  # what the kernel collected before the crash
+    ring = Ring(image.view)
+    fetched = ring.next_entries()
+    for entry in fetched:
+        assert isinstance(entry, Command)
+        if entry.cmd_id == 1:
+            assert entry.cdb == WRITE10
+            assert [len(v) for v in entry.iovecs] == [4096]
+            assert bytes(entry.iovecs[0][:4]) == b"data"
+        ring.complete(entry.cmd_id, 0)
+    assert image.tail == image.head
+    answers: dict[int, int] = {}
+    pos = 0
+    while pos != image.tail:
+        len_op, cmd_id, _, uflags = struct.unpack_from("<IHBB", image.buf, 128 + pos)
+        assert cmd_id not in answers, f"command {cmd_id} answered twice"
+        assert uflags & 0xF0 == 0, "a private mark left before cmd_tail"
+        answers[cmd_id] = image.buf[128 + pos + 8]
+        pos += len_op & ~7
+    assert set(answers) == {1, 2}
+    assert answers[1] == 0  # 1 ran (again, if needed): its write is idempotent
+    assert answers[2] == (0x08 if 1 <= step <= 4 else 0)  # BUSY when its response was lost
+    assert [e.cmd_id for e in fetched] == ([1, 2] if step == 0 else [1])  # type: ignore[union-attr]
+    assert already == ([2] if step == 7 else [])
+    assert first == 0
