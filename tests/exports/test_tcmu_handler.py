@@ -21,7 +21,7 @@ import pytest
 
 from storvisor.engine.device import BlockDevice, Buffer, DeviceWrapper, FileDevice
 from storvisor.engine.pool import Pool
-from storvisor.errors import IOFailure, NoSpace, NotFound, ProtocolError
+from storvisor.errors import IOFailure, LocalFailure, NoSpace, NotFound, ProtocolError
 from storvisor.exports.tcmu import TcmuHandler, find_uio, map_size
 from storvisor.protocols.scsi import LunIdentity
 from storvisor.protocols.tcmu import Ring
@@ -129,6 +129,34 @@ def test_start_without_the_device_is_not_found(tmp_path: Path, volume: BlockDevi
         opener=kernel.open,
     )
     with pytest.raises(NotFound):
+        handler.start()
+    handler.close()
+    kernel.close()
+
+
+def test_a_node_that_is_no_uio_device_is_a_local_failure(
+    tmp_path: Path, volume: BlockDevice
+) -> None:
+    kernel = TcmuKernel(tmp_path, CONFIG)  # its dev/uio0 is an empty regular file
+    handler = TcmuHandler(
+        volume,
+        CONFIG,
+        identity=LunIdentity.for_volume("s"),
+        sysfs_root=kernel.sysfs_root,
+        dev_root=kernel.dev_root,
+    )
+    with pytest.raises(LocalFailure, match="cannot map"):
+        handler.start()
+    handler.close()
+    os.rename(os.path.join(kernel.dev_root, kernel.uio), os.path.join(kernel.dev_root, "x"))
+    handler = TcmuHandler(
+        volume,
+        CONFIG,
+        identity=LunIdentity.for_volume("s"),
+        sysfs_root=kernel.sysfs_root,
+        dev_root=kernel.dev_root,
+    )
+    with pytest.raises(LocalFailure, match="No such file"):
         handler.start()
     handler.close()
     kernel.close()

@@ -206,9 +206,10 @@ class TcmuHandler:
             self._map = mmap.mmap(
                 self._map_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
             )
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: not a device, a short file
             self._release()
-            raise LocalFailure(f"cannot map {path}: {e.strerror}") from e
+            reason = e.strerror if isinstance(e, OSError) else str(e)
+            raise LocalFailure(f"cannot map {path}: {reason}") from e
         try:
             self._area = memoryview(self._map)
             self._ring = tcmu.Ring(self._area)
