@@ -238,6 +238,7 @@ class TcmuKernel:
             self._free.extend(blocks)
             raise
         cmd_id = self._take_id()
+        self.completions.pop(cmd_id, None)  # the id of a command long completed, reused
         entry = self.cmdr_off + head
         self._map[entry : entry + size] = bytes(size)
         struct.pack_into("<IHBB", self._map, entry, size | opcode, cmd_id, 0, 0)
