@@ -321,6 +321,31 @@ def test_a_stalled_request_does_not_hold_up_the_others(tmp_path: Path, volume: B
         h.close()
 
 
+def test_close_leaves_a_stalled_request_to_the_next_handler(
+    tmp_path: Path, volume: BlockDevice
+) -> None:
+    stalling = Stalling(volume)
+    h = Handler(tmp_path, stalling)
+    k = h.kernel
+    try:
+        volume.write(0, b"x" * 512)
+        slow = k.submit(rw10(0x28, 0, 1), data_in=512)
+        k.signal()
+        assert stalling.stalled.wait(10)
+        started = time.monotonic()
+        h.handler.close(timeout=0.5)
+        assert time.monotonic() - started < 5
+        stalling.release.set()  # the old worker finishes, into no ring
+        h.device = volume
+        h.handler = h.make()
+        h.handler.start()
+        assert good(k.wait([slow])[0]) == b"x" * 512
+        assert not k.in_flight and k.cmd_tail == k.cmd_head
+    finally:
+        stalling.release.set()
+        h.close()
+
+
 # ---------------------------------------------------------------------- restarts
 
 

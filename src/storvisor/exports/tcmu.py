@@ -41,6 +41,7 @@ import os
 import queue
 import select
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -248,10 +249,12 @@ class TcmuHandler:
             with contextlib.suppress(BlockingIOError):
                 os.write(self._wake_w, b"r")
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60.0) -> None:
         """Stop fetching commands, finish and complete those in flight, unmap the ring and
         close the uio device. Commands the kernel queues later stay in the ring for the
-        next handler. Idempotent."""
+        next handler. Requests still running after ``timeout`` seconds (a stalled device)
+        are left uncompleted: they stay in the ring too, and the next handler runs them
+        again. Idempotent."""
         if self._stopping:
             return
         self._stopping = True
@@ -262,30 +265,39 @@ class TcmuHandler:
             self._loop_thread.join()  # no new jobs from now on
         for _ in self._threads:
             self._jobs.put(None)
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join()
+            thread.join(max(deadline - time.monotonic(), 0))
+        stuck = sum(thread.is_alive() for thread in self._threads)
+        if stuck:
+            log.warning(
+                "TCMU %s closed with %d requests still running; they stay in the ring",
+                self.uio,
+                stuck,
+            )
         self._release()
 
     def _release(self) -> None:
-        self._ring = None
-        if self._area is not None:
-            self._area.release()
-            self._area = None
-        if self._map is not None:
-            # the kernel lets one process at a time open the device, and the mapping holds
-            # it open: unmap now, so that the next handler can start at once
-            try:
-                self._map.close()
-            except BufferError:  # a view of a command is still referenced somewhere
-                gc.collect()
+        with self._lock:  # a late completion finds no ring and writes to no closed fd
+            self._ring = None
+            if self._area is not None:
+                self._area.release()
+                self._area = None
+            if self._map is not None:
+                # the kernel lets one process at a time open the device, and the mapping
+                # holds it open: unmap now, so that the next handler can start at once
                 try:
                     self._map.close()
-                except BufferError:
-                    log.warning("TCMU map of %s left to the garbage collector", self.uio)
-            self._map = None
-        for fd in {self._event_fd, self._map_fd, self._wake_r, self._wake_w} - {-1}:
-            os.close(fd)
-        self._event_fd = self._map_fd = self._wake_r = self._wake_w = -1
+                except BufferError:  # a view of a command is still referenced somewhere
+                    gc.collect()
+                    try:
+                        self._map.close()
+                    except BufferError:
+                        log.warning("TCMU map of %s left to the garbage collector", self.uio)
+                self._map = None
+            for fd in {self._event_fd, self._map_fd, self._wake_r, self._wake_w} - {-1}:
+                os.close(fd)
+            self._event_fd = self._map_fd = self._wake_r = self._wake_w = -1
 
     # ------------------------------------------------------------------ the loop
 
