@@ -20,7 +20,8 @@ then notifies the kernel once (a 4-byte ``write`` of the uio fd).
 
 An ``IOFailure`` of the volume fails only its command, with the sense
 ``storvisor.protocols.scsi.sense.io_error_sense`` picks (MEDIUM ERROR, DATA PROTECT for a
-full pool...); an unexpected exception fails its command with HARDWARE ERROR. A ring that
+full pool...), and ``Unavailable`` (a remote store that did not answer) with BUSY, which
+initiators retry; an unexpected exception fails its command with HARDWARE ERROR. A ring that
 breaks the layout (``ProtocolError``) or a uio fd that fails stops the loop; ``error`` then
 says why.
 
@@ -54,9 +55,11 @@ from storvisor.errors import (
     ProtocolError,
     StateError,
     StorvisorError,
+    Unavailable,
 )
 from storvisor.protocols import tcmu
 from storvisor.protocols.scsi import (
+    BUSY,
     GOOD,
     IoKind,
     IoRequest,
@@ -406,6 +409,10 @@ class TcmuHandler:
             else:
                 _write_same(device, request)
             return GOOD, None
+        except Unavailable as e:  # nothing was lost: the initiator retries
+            log.debug("TCMU %s: %s not done: %s", self.uio, request.kind.value, e)
+            traceback.clear_frames(e.__traceback__)
+            return BUSY, None
         except IOFailure as e:
             log.debug("TCMU %s: %s failed: %s", self.uio, request.kind.value, e)
             traceback.clear_frames(e.__traceback__)  # their views of the area must not live on
