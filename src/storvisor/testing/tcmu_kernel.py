@@ -36,6 +36,7 @@ new event channel on the same memory.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -154,7 +155,8 @@ class TcmuKernel:
     def signal(self) -> None:
         """Tell the handler that new entries are in the ring."""
         assert self._events is not None, "no handler opened the device"
-        self._events.send(b"\x01\x00\x00\x00")
+        with contextlib.suppress(BlockingIOError):  # a wake-up is pending anyway, as in uio
+            self._events.send(b"\x01\x00\x00\x00")
 
     def close(self) -> None:
         if self._events is not None:
