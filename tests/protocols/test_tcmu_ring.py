@@ -8,6 +8,7 @@ cmd_cnt @12, cmd_ids @32; a CMD entry is at least 112 bytes."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -44,7 +45,7 @@ class Image:
         struct.pack_into("<IHBB", self.buf, 128 + self.head, size | 0, 0, 0, 0)
         self.set_head(0)
 
-    def cmd(self, cmd_id: int, cdb: bytes, iovecs: list[tuple[int, int]] = ()) -> int:  # type: ignore[assignment]
+    def cmd(self, cmd_id: int, cdb: bytes, iovecs: Sequence[tuple[int, int]] = ()) -> int:
         base = max(48 + 16 * len(iovecs), 112)
         size = (base + len(cdb) + 7) // 8 * 8
         pad = RING - self.head if self.head + size > RING else 0
@@ -94,6 +95,12 @@ class Image:
                 ids.append(cmd_id)
             pos = (pos + (len_op & ~7)) % RING
         return ids
+
+
+def ids(entries: Sequence[Command | TaskManagement]) -> list[int]:
+    """The cmd_ids of fetched commands (every entry must be one)."""
+    assert all(isinstance(e, Command) for e in entries), entries
+    return [e.cmd_id for e in entries if isinstance(e, Command)]
 
 
 READ10 = bytes([0x28, 0, 0, 0, 0, 8, 0, 0, 1, 0])
@@ -255,7 +262,7 @@ def test_a_request_that_does_not_fit_waits_for_the_tail() -> None:
     assert image.tail == first  # 2 is done, in its own entry, behind 1
     assert image.response(second)[:3] == (2, 0x80, 0)
     restarted = Ring(image.view)  # a restart neither reruns 2 nor loses 1
-    assert [e.cmd_id for e in restarted.next_entries()] == [1, 3]  # type: ignore[union-attr]
+    assert ids(restarted.next_entries()) == [1, 3]
     restarted.complete(3, 0)  # 1's request does not fit 3's entry either
     assert image.tail == first
     restarted.complete(1, 0, read_len=4096)
@@ -272,7 +279,7 @@ def test_pad_and_wrap_around() -> None:
     assert at == 0
     ring = Ring(image.view)
     [cmd] = ring.next_entries()
-    assert cmd.cmd_id == 5  # type: ignore[union-attr]
+    assert ids([cmd]) == [5]
     ring.complete(5, 0)
     assert image.tail == image.head
     assert image.kernel_walk(RING - 64) == [5]
@@ -283,7 +290,7 @@ def test_unknown_opcode_is_flagged_and_skipped() -> None:
     at = image.raw(64 | 5, cmd_id=44)
     image.cmd(6, TUR)
     ring = Ring(image.view)
-    assert [e.cmd_id for e in ring.next_entries()] == [6]  # type: ignore[union-attr]
+    assert ids(ring.next_entries()) == [6]
     assert image.response(at)[1] == 0x1  # TCMU_UFLAG_UNKNOWN_OP
     ring.complete(6, 0)
     assert image.tail == image.head
@@ -322,7 +329,7 @@ def test_a_new_ring_picks_up_uncompleted_commands() -> None:
     first.next_entries()
     first.complete(2, 0)  # 1 and 3 were fetched, never completed: the handler died
     second = Ring(image.view)
-    assert [e.cmd_id for e in second.next_entries()] == [1, 3]  # type: ignore[union-attr]
+    assert ids(second.next_entries()) == [1, 3]
     second.complete(3, 0)
     second.complete(1, 0)
     assert image.tail == image.head
@@ -437,7 +444,7 @@ def test_round_trip_in_any_completion_order(
         if rng.random() < 0.3:  # the handler restarts: it finds exactly what is pending
             ring = Ring(image.view)
             again = ring.next_entries()
-            assert sorted(e.cmd_id for e in again) == sorted(pending)  # type: ignore[union-attr]
+            assert sorted(ids(again)) == sorted(pending)
             for entry in again:
                 assert isinstance(entry, Command)
                 cdb, lengths, _ = commands[entry.cmd_id - 1]
@@ -548,6 +555,6 @@ def test_a_crash_at_any_store_answers_each_command_once(step: int) -> None:
     assert set(answers) == {1, 2}
     assert answers[1] == 0  # 1 ran (again, if needed): its write is idempotent
     assert answers[2] == (0x08 if 1 <= step <= 4 else 0)  # BUSY when its response was lost
-    assert [e.cmd_id for e in fetched] == ([1, 2] if step == 0 else [1])  # type: ignore[union-attr]
+    assert ids(fetched) == ([1, 2] if step == 0 else [1])
     assert already == ([2] if step == 7 else [])
     assert first == 0
