@@ -494,8 +494,8 @@ def _write(
     device: BlockDevice, offset: int, length: int, iovecs: Sequence[memoryview], fua: bool
 ) -> None:
     if len(iovecs) == 1 or len(iovecs) > _GATHER:
-        data = iovecs[0][:length] if len(iovecs) == 1 else b"".join(iovecs)[:length]
-        device.write(offset, data, fua=fua)
+        data = iovecs[0] if len(iovecs) == 1 else memoryview(b"".join(iovecs))
+        device.write(offset, data[:length], fua=fua)
         return
     pos = 0
     for iov in iovecs:
