@@ -274,12 +274,12 @@ class Ring:
                     raise ProtocolError(f"TCMU command entry of {length} bytes (at least 112)")
                 uflags = self._area[base + UFLAGS_OFFSET]
                 if uflags & UFLAG_MOVING:
-                    moved = MOVING_ID.unpack_from(self._area, base + MOVING_ID_OFFSET)[0]
+                    moved = MOVING_ID.unpack_from(self._area, base + MOVING_ID_OFFSET)[0] & 0xFFFF
                     if moved in self._positions:  # its original is still there
                         self._respond(pos, cmd_id, SAM_STAT_BUSY)
                     else:
-                        self._set_header(pos, moved & 0xFFFF, UFLAG_MOVED)
-                        cmd_id, uflags = moved & 0xFFFF, UFLAG_MOVED
+                        self._set_header(pos, moved, UFLAG_MOVED)
+                        cmd_id = moved
                 elif uflags & UFLAG_LOST:
                     self._respond(pos, cmd_id, SAM_STAT_BUSY)
                 if not self._area[base + UFLAGS_OFFSET] & UFLAG_DONE:
