@@ -67,7 +67,8 @@ class Image:
         size = (32 + 2 * len(ids) + 7) // 8 * 8
         entry = 128 + self.head
         struct.pack_into("<IHBB", self.buf, entry, size | 2, 0, 0, 0)
-        struct.pack_into("<BxxI", self.buf, entry + 8, tmr_type, len(ids))
+        self.buf[entry + 8] = tmr_type
+        struct.pack_into("<I", self.buf, entry + 12, len(ids))
         struct.pack_into(f"<{len(ids)}H", self.buf, entry + 32, *ids)
         self.set_head(self.head + size)
 
@@ -83,7 +84,8 @@ class Image:
         """(cmd_id, uflags, status, read_len, sense) of the entry at ring offset ``at``."""
         entry = 128 + at
         _, cmd_id, _, uflags = struct.unpack_from("<IHBB", self.buf, entry)
-        status, read_len = struct.unpack_from("<BxxI", self.buf, entry + 8)
+        status = self.buf[entry + 8]
+        read_len = struct.unpack_from("<I", self.buf, entry + 12)[0]
         return cmd_id, uflags, status, read_len, bytes(self.buf[entry + 16 : entry + 112])
 
     def kernel_walk(self, start: int) -> list[int]:
@@ -181,6 +183,34 @@ def test_complete_writes_the_response_and_advances_the_tail() -> None:
     assert image.tail == image.head
     with pytest.raises(StateError):
         ring.complete(9, 0)  # no longer outstanding
+
+
+def test_response_fields_sit_where_the_kernel_reads_them() -> None:
+    """Byte by byte, as ``struct tcmu_cmd_entry`` lays out ``rsp``: scsi_status at 8,
+    read_len at 12 to 15, the sense buffer from 16; cmd_id at 4, uflags at 7."""
+    image = Image()
+    image.cmd(0x0A0B, READ10, [(DATA_OFF, 512)])
+    ring = Ring(image.view)
+    ring.next_entries()
+    ring.complete(0x0A0B, 0x02, b"\x70\x01\x02", read_len=0x01020304)
+    entry = bytes(image.buf[128 : 128 + 20])
+    assert entry[4:6] == b"\x0b\x0a"
+    assert entry[7] == 0x02  # TCMU_UFLAG_READ_LEN, nothing else
+    assert entry[8] == 0x02
+    assert entry[12:16] == b"\x04\x03\x02\x01"
+    assert entry[16:19] == b"\x70\x01\x02"
+
+
+def test_tmr_fields_are_read_where_the_kernel_writes_them() -> None:
+    image = Image()
+    raw = bytearray(32 + 4)
+    raw[8] = 5  # tmr_type
+    raw[12:16] = (2).to_bytes(4, "little")  # cmd_cnt
+    raw[32:36] = b"\x07\x00\x09\x01"  # cmd_ids 7, 265
+    raw[0:4] = (40 | 2).to_bytes(4, "little")
+    image.buf[128 : 128 + len(raw)] = raw
+    image.set_head(40)
+    assert Ring(image.view).next_entries() == [TaskManagement(5, (7, 265))]
 
 
 def test_read_len_needs_the_capability() -> None:
@@ -353,8 +383,8 @@ def _entry(cmd_id: int, iov_cnt: int, cdb_off: int, iovecs: list[tuple[int, int]
         (128 | 1, _entry(1, 1, 128 + 120, [(AREA - 10, 11)])),  # iovec beyond the area
         (112 | 1, _entry(1, 0, AREA, [])),  # CDB offset beyond the area
         (112 | 1, _entry(1, 0, (1 << 64) - 1, [])),  # CDB offset far beyond
-        (24 | 2, struct.pack("<BxxI", 1, 1)),  # TMR entry shorter than 32 bytes
-        (32 | 2, struct.pack("<BxxI", 1, 2)),  # TMR ids overflow the entry
+        (24 | 2, bytes([1, 0, 0, 0, 1, 0, 0, 0])),  # TMR entry shorter than 32 bytes
+        (32 | 2, bytes([1, 0, 0, 0, 2, 0, 0, 0])),  # TMR ids overflow the entry
     ],
 )
 def test_malformed_entries_are_protocol_errors(len_op: int, extra: bytes) -> None:
@@ -502,7 +532,8 @@ def _copy_request(image: Image, src: int, dst: int, owner: int) -> None:
 
 
 def _respond(image: Image, at: int, status: int) -> None:
-    struct.pack_into("<BxxI", image.buf, 128 + at + 8, status, 0)
+    image.buf[128 + at + 8] = status
+    struct.pack_into("<I", image.buf, 128 + at + 12, 0)
 
 
 def _state(step: int) -> tuple[Image, int, int]:

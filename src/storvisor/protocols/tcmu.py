@@ -136,7 +136,7 @@ IOV = struct.Struct("<QQ")
 IOV_OFFSET = 48
 MOVING_ID = struct.Struct("<Q")
 MOVING_ID_OFFSET = 32  # ``req.__pad1``: the command whose request a MOVING entry holds
-RSP = struct.Struct("<BxxI")
+RSP = struct.Struct("<BxxxI")
 """``rsp`` of ``struct tcmu_cmd_entry`` at offset 8: scsi_status, read_len; the sense buffer
 follows at offset 16."""
 RSP_OFFSET = 8
@@ -144,7 +144,7 @@ SENSE_OFFSET = 16
 CMD_ENTRY_SIZE = 112
 """``sizeof(struct tcmu_cmd_entry)``: the kernel never makes a CMD entry shorter, so the
 response always fits."""
-TMR = struct.Struct("<BxxI")
+TMR = struct.Struct("<BxxxI")
 """``struct tcmu_tmr_entry`` at offset 8: tmr_type, cmd_cnt; the ``u16`` cmd_ids follow at
 offset 32."""
 TMR_OFFSET = 8
