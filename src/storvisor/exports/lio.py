@@ -47,6 +47,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from storvisor.engine.device import BlockDevice
 from storvisor.errors import Conflict, InvalidArgument, LocalFailure, NotFound
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,11 @@ def check_wwpn(wwpn: str) -> str:
             f"invalid WWPN {wwpn!r}: expected naa. and 16 hex digits, e.g. naa.5001405123456789"
         )
     return wwpn
+
+
+def generate_wwpn() -> str:
+    """A new WWPN in LIO's own form: ``naa.5001405`` and 9 random hex digits."""
+    return "naa.5001405" + os.urandom(5).hex()[:9]
 
 
 def unit_serial(seed: str) -> str:
@@ -313,6 +319,30 @@ class Lio:
                 found.append(self._with_disk(lun) if lun.fabric is Fabric.LOOPBACK else lun)
         return sorted(found, key=lambda x: (x.backstore, x.fabric, x.wwpn, x.lun))
 
+    def has_backstore(self, name: str) -> bool:
+        """Whether backstore ``name`` exists (False when LIO is not loaded)."""
+        if not os.path.isdir(os.path.join(self.configfs, "target", "core")):
+            return False
+        return self._find_backstore(name) is not None
+
+    def detach(self, name: str) -> None:
+        """Delete the LUNs of backstore ``name`` and the targets they leave empty (the
+        backstore stays); a no-op if it does not exist."""
+        if not name.startswith(PREFIX):
+            raise InvalidArgument(f"{name} is not a storvisor backstore")
+        if not os.path.isdir(os.path.join(self.configfs, "target", "core")):
+            return
+        so = self._find_backstore(name)
+        if so is None:
+            return
+        with _translated(f"cannot remove the LUNs of {name}"):
+            for lun in list(so.attached_luns):
+                tpg = lun.parent_tpg
+                target = tpg.parent_target
+                lun.delete()
+                if not any(True for _ in tpg.luns):
+                    target.delete()
+
     def remove(self, name: str) -> None:
         """Delete backstore ``name`` with its LUNs and the targets they leave empty; a no-op
         if it does not exist. ``InvalidArgument`` for a name that is not storvisor's;
@@ -321,16 +351,11 @@ class Lio:
             raise InvalidArgument(f"{name} is not a storvisor backstore")
         if not os.path.isdir(os.path.join(self.configfs, "target", "core")):
             return
+        self.detach(name)
         so = self._find_backstore(name)
         if so is None:
             return
         with _translated(f"cannot remove LIO backstore {name}"):
-            for lun in list(so.attached_luns):
-                tpg = lun.parent_tpg
-                target = tpg.parent_target
-                lun.delete()
-                if not any(True for _ in tpg.luns):
-                    target.delete()
             so.delete()
             _fresh_index_cache()
         log.info("removed LIO backstore %s", name)
@@ -420,6 +445,109 @@ class Lio:
         if kind in ("naa", "eui") and value:
             return os.path.join(by_id, f"wwn-0x{value.lower()}")
         return None
+
+
+class ScsiExport:
+    """One export through LIO: a storvisor volume (``volume``: a TCMU backstore served by a
+    ``TcmuHandler`` in this process) or a host block device (``host_device``: iblock), as a
+    LUN on ``fabric`` (see ``Lio.attach`` for ``wwpn`` and ``lun``).
+
+    ``start`` creates (or, after a restart, finds) the backstore, starts the handler before
+    the LUN exists, then creates the LUN; on failure it closes the handler and deletes what
+    it created. ``stop`` closes the handler and leaves the LIO objects (a restarted daemon
+    serves them again; commands wait in the ring meanwhile). ``remove`` deletes the LUN
+    first, then closes the handler, then deletes the backstore. The volume is not closed.
+    """
+
+    def __init__(
+        self,
+        lio: Lio,
+        export: str,
+        fabric: Fabric,
+        *,
+        volume: BlockDevice | None = None,
+        host_device: str | None = None,
+        wwpn: str | None = None,
+        lun: int | None = None,
+        serial: str = "",
+    ) -> None:
+        if (volume is None) == (host_device is None):
+            raise InvalidArgument("an SCSI export is of a volume or of a host block device")
+        self.lio = lio
+        self.export = export
+        self.fabric = fabric
+        self.volume = volume
+        self.host_device = host_device
+        self.wwpn = wwpn
+        self.lun = lun
+        self.serial = serial
+        self.backstore = backstore_name(export)
+        self.handler: Any = None
+        self.found: LioLun | None = None
+
+    def start(self) -> LioLun:
+        """Export it; returns its LUN. Raises what ``Lio`` raises, and ``LocalFailure`` or
+        ``NotFound`` when the TCMU handler cannot serve the backstore."""
+        existed = self.lio.has_backstore(self.backstore)
+        wwn = unit_serial(self.serial or self.export)
+        try:
+            if self.host_device is not None:
+                self.lio.ensure_block_backstore(self.backstore, self.host_device, wwn=wwn)
+            else:
+                assert self.volume is not None
+                block_size = 4096 if self.volume.block_size >= 4096 else 512
+                dev_config = tcmu_dev_config(self.export)
+                self.lio.ensure_user_backstore(
+                    self.backstore, dev_config, self.volume.size, block_size=block_size, wwn=wwn
+                )
+                self.handler = _start_handler(self.volume, dev_config, self.serial, block_size)
+            self.found = self.lio.attach(self.backstore, self.fabric, wwpn=self.wwpn, lun=self.lun)
+        except BaseException:
+            self.stop()
+            if not existed:
+                with contextlib.suppress(Exception):
+                    self.lio.remove(self.backstore)
+            raise
+        return self.found
+
+    def info(self) -> LioLun | None:
+        """Its LUN as it is now (the loopback disk may have been renamed), or None."""
+        for found in self.lio.luns():
+            if found.backstore == self.backstore and found.fabric is self.fabric:
+                return found
+        return None
+
+    def notify_resized(self) -> None:
+        """Tell the LUN that the volume grew (a unit attention at the next command)."""
+        if self.handler is not None:
+            self.handler.notify_resized()
+
+    def stop(self) -> None:
+        """Stop serving; the LIO objects stay. Idempotent."""
+        handler, self.handler = self.handler, None
+        if handler is not None:
+            handler.close()
+
+    def remove(self) -> None:
+        """Delete the LUN, stop serving, delete the backstore."""
+        try:
+            self.lio.detach(self.backstore)
+        finally:
+            self.stop()
+        self.lio.remove(self.backstore)
+
+
+def _start_handler(volume: BlockDevice, dev_config: str, serial: str, block_size: int) -> Any:
+    """A started TCMU handler serving ``volume`` on the backstore ``dev_config``."""
+    import importlib
+
+    try:
+        tcmu = importlib.import_module("storvisor.exports.tcmu")
+    except ImportError as e:
+        raise LioUnavailable(f"this storvisor has no TCMU handler: {e}") from e
+    handler = tcmu.TcmuHandler(volume, dev_config, block_size=block_size)
+    handler.start()
+    return handler
 
 
 def _is_configfs(path: str) -> bool:
