@@ -609,8 +609,9 @@ class Service:
             self._store.save(rest)
             self._specs = rest
             self._broken.pop(name, None)
-            with contextlib.suppress(NotFound, CorruptMetadata):  # nothing left to flush
-                self.home.pool(spec.pool).flush()
+            if spec.device is None:
+                with contextlib.suppress(NotFound, CorruptMetadata):  # nothing left to flush
+                    self.home.pool(spec.pool).flush()
 
     def libvirt_xml(self, pool: str, volume: str) -> str:
         """The libvirt ``<disk type='vhostuser'>`` element for the volume's vhost-user-blk
