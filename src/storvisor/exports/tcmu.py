@@ -1,0 +1,500 @@
+"""The TCMU export: serves one volume as a LIO ``user`` backstore (``target_core_user``).
+
+Theory of operation
+-------------------
+The backstore is created in configfs by the LIO integration with ``dev_config`` =
+``storvisor/<export>``; the kernel then registers a uio device named
+``tcm-user/<hba>/<backstore>/<dev_config>``. ``TcmuHandler.start`` finds it under
+``/sys/class/uio`` (``find_uio``), opens ``/dev/uioN`` and maps ``maps/map0/size`` bytes of
+it shared: the mailbox, the command ring and the data area that
+``storvisor.protocols.tcmu`` decodes.
+
+One loop thread waits for the kernel (a 4-byte ``read`` of the uio fd, through ``poll`` so
+that ``close`` can wake it), fetches every new entry, and hands each CDB to the sans-I/O
+SCSI emulation (``storvisor.protocols.scsi``). Commands answered without the volume are
+completed at once; I/O requests go to a few worker threads, so that one slow request (a
+cluster allocation, a stalled backing device) does not hold up the others, and complete out
+of order (the kernel offers ``CAP_OOOC``). Completions are batched: whichever thread has
+one appends it, and the one thread draining the batch writes them all into the ring and
+then notifies the kernel once (a 4-byte ``write`` of the uio fd).
+
+An ``IOFailure`` of the volume fails only its command, with the sense
+``storvisor.protocols.scsi.sense.io_error_sense`` picks (MEDIUM ERROR, DATA PROTECT for a
+full pool...); an unexpected exception fails its command with HARDWARE ERROR. A ring that
+breaks the layout (``ProtocolError``) or a uio fd that fails stops the loop; ``error`` then
+says why.
+
+The ring outlives the handler: a handler started on a ring that still holds commands (its
+predecessor was killed) serves them first, before it waits for the kernel. The capacity is
+read from the volume at each batch of commands and by ``notify_resized``, which the owner
+calls after an online extend; the LUN then reports CAPACITY DATA HAS CHANGED once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gc
+import logging
+import mmap
+import os
+import queue
+import select
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from storvisor.engine.device import BlockDevice, Buffer
+from storvisor.errors import (
+    IOFailure,
+    LocalFailure,
+    NotFound,
+    ProtocolError,
+    StateError,
+    StorvisorError,
+)
+from storvisor.protocols import tcmu
+from storvisor.protocols.scsi import (
+    GOOD,
+    IoKind,
+    IoRequest,
+    LunIdentity,
+    LunLimits,
+    Reply,
+    ScsiLun,
+    check_condition,
+    io_error_reply,
+)
+from storvisor.protocols.scsi.sense import INTERNAL_TARGET_FAILURE
+
+log = logging.getLogger(__name__)
+
+UioOpener = Callable[[str], tuple[int, int]]
+"""Opens the uio device node at a path and returns (event fd, map fd): the fd to ``read``
+and ``write`` 4 bytes on and the fd to map. For a real uio device both are the one fd
+(``open_uio``); ``storvisor.testing.tcmu_kernel`` stands in for the kernel here."""
+
+MAX_TRANSFER = 512 << 10
+"""Largest READ or WRITE the LUN accepts (VPD B0h), tcm_loop's own limit of 1024 sectors;
+at most half the data area is used for one command."""
+_GATHER = 4  # writes of more iovecs are gathered into one buffer, reads scattered from one
+_SAME_CHUNK = 1 << 20
+_NOTIFY = bytes(4)
+
+
+def open_uio(path: str) -> tuple[int, int]:
+    """Open a uio device node read-write: the one fd serves events and the map."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    return fd, fd
+
+
+def find_uio(dev_config: str, sysfs_root: str = "/sys") -> str:
+    """The name (``uioN``) of the uio device of the TCMU backstore whose ``dev_config`` is
+    ``dev_config``; its uio name is ``tcm-user/<hba>/<backstore>/<dev_config>``.
+
+    Raises:
+        NotFound: no such device (the backstore is not enabled, or target_core_user is not
+            loaded).
+    """
+    base = os.path.join(sysfs_root, "class", "uio")
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        names = []
+    for name in names:
+        try:
+            with open(os.path.join(base, name, "name")) as f:
+                parts = f.read().strip().split("/", 3)
+        except OSError:
+            continue  # removed meanwhile
+        if len(parts) == 4 and parts[0] == "tcm-user" and parts[3] == dev_config:
+            return name
+    raise NotFound(f"no TCMU device with dev_config {dev_config!r} in {base}")
+
+
+def map_size(uio: str, sysfs_root: str = "/sys") -> int:
+    """The size of map 0 of device ``uio`` (uio prints it in hex, ``0x...``).
+
+    Raises:
+        NotFound: the device or its map is gone.
+    """
+    path = os.path.join(sysfs_root, "class", "uio", uio, "maps", "map0", "size")
+    try:
+        with open(path) as f:
+            return int(f.read().strip(), 16)
+    except (OSError, ValueError) as e:
+        raise NotFound(f"cannot read the map size of {uio}: {e}") from e
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    cmd_id: int
+    reply: Reply
+    read_len: int | None
+
+
+class TcmuHandler:
+    """Serves ``device`` on the TCMU backstore whose ``dev_config`` is ``dev_config``.
+
+    Lifecycle: ``start`` (once), then ``close``; ``notify_resized`` at any time after an
+    online extend. ``workers`` threads execute I/O. ``block_size`` (512 or 4096) defaults
+    to 4096 for a device that prefers 4 KiB or more, else 512; it must match the
+    backstore's ``hw_block_size``. ``opener`` is the seam where a test stands in for the
+    kernel. The device is not closed by the handler.
+    """
+
+    def __init__(
+        self,
+        device: BlockDevice,
+        dev_config: str,
+        *,
+        identity: LunIdentity,
+        sysfs_root: str = "/sys",
+        dev_root: str = "/dev",
+        workers: int = 4,
+        block_size: int | None = None,
+        opener: UioOpener = open_uio,
+    ) -> None:
+        self.device = device
+        self.dev_config = dev_config
+        self.identity = identity
+        self.sysfs_root = sysfs_root
+        self.dev_root = dev_root
+        self.block_size = block_size or (4096 if device.block_size >= 4096 else 512)
+        self._workers = workers
+        self._open = opener
+        self.uio: str | None = None
+        self.error: StorvisorError | None = None
+        """Why the loop stopped by itself (a broken ring, a failed uio fd), else None."""
+        self._lock = threading.Lock()  # the ring
+        self._done_lock = threading.Lock()
+        self._done: list[_Done] = []
+        self._draining = False
+        self._jobs: queue.SimpleQueue[tuple[tcmu.Command, IoRequest] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._loop_thread: threading.Thread | None = None
+        self._started = False
+        self._stopping = False
+        self._event_fd = -1
+        self._map_fd = -1
+        self._map: mmap.mmap | None = None
+        self._area: memoryview | None = None
+        self._ring: tcmu.Ring | None = None
+        self._lun: ScsiLun | None = None
+        self._wake_r, self._wake_w = -1, -1
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Find and map the ring, serve the commands already in it, and start the loop.
+
+        Raises:
+            StateError: started before.
+            NotFound: no uio device for ``dev_config``.
+            LocalFailure: the device node cannot be opened or mapped.
+            ProtocolError: the mailbox is not a TCMU version 2 mailbox.
+        """
+        if self._started:
+            raise StateError("the TCMU handler was started before")
+        self._started = True
+        self.uio = find_uio(self.dev_config, self.sysfs_root)
+        size = map_size(self.uio, self.sysfs_root)
+        path = os.path.join(self.dev_root, self.uio)
+        try:
+            self._event_fd, self._map_fd = self._open(path)
+            self._map = mmap.mmap(
+                self._map_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        except OSError as e:
+            self._release()
+            raise LocalFailure(f"cannot map {path}: {e.strerror}") from e
+        try:
+            self._area = memoryview(self._map)
+            self._ring = tcmu.Ring(self._area)
+        except ProtocolError:
+            self._release()
+            raise
+        data_area = size - (self._ring.cmdr_off + self._ring.cmdr_size)
+        bs = self.block_size
+        granularity = max(getattr(self.device, "cluster_size", bs) // bs, 1)
+        limits = LunLimits(
+            max_transfer=max(min(MAX_TRANSFER, data_area // 2) // bs, 1),
+            unmap_granularity=granularity,
+        )
+        self._lun = ScsiLun(
+            self.identity,
+            block_size=bs,
+            size=self.device.size,
+            read_only=self.device.read_only,
+            limits=limits,
+        )
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        for i in range(self._workers):
+            thread = threading.Thread(target=self._work, name=f"tcmu-io{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._loop_thread = threading.Thread(
+            target=self._loop, name=f"tcmu-{self.uio}", daemon=True
+        )
+        self._loop_thread.start()
+        log.info("serving TCMU device %s (%s) for %s", self.uio, self.dev_config, self.device)
+
+    def notify_resized(self) -> None:
+        """Report the device's new size: the loop rereads it now and the LUN raises the
+        unit attention CAPACITY DATA HAS CHANGED."""
+        if self._wake_w >= 0:
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"r")
+
+    def close(self) -> None:
+        """Stop fetching commands, finish and complete those in flight, unmap the ring and
+        close the uio device. Commands the kernel queues later stay in the ring for the
+        next handler. Idempotent."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._wake_w >= 0:
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"q")
+        if self._loop_thread is not None:
+            self._loop_thread.join()  # no new jobs from now on
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+        self._release()
+
+    def _release(self) -> None:
+        self._ring = None
+        if self._area is not None:
+            self._area.release()
+            self._area = None
+        if self._map is not None:
+            # the kernel lets one process at a time open the device, and the mapping holds
+            # it open: unmap now, so that the next handler can start at once
+            try:
+                self._map.close()
+            except BufferError:  # a view of a command is still referenced somewhere
+                gc.collect()
+                try:
+                    self._map.close()
+                except BufferError:
+                    log.warning("TCMU map of %s left to the garbage collector", self.uio)
+            self._map = None
+        for fd in {self._event_fd, self._map_fd, self._wake_r, self._wake_w} - {-1}:
+            os.close(fd)
+        self._event_fd = self._map_fd = self._wake_r = self._wake_w = -1
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        poller = select.poll()
+        poller.register(self._event_fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        try:
+            self._serve(first=True)  # what a predecessor left in the ring
+            while not self._stopping:
+                events = poller.poll()
+                for fd, mask in events:
+                    if fd == self._wake_r:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self._wake_r, 64)
+                    elif mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                        raise LocalFailure(f"the uio fd of {self.uio} failed (poll {mask:#x})")
+                    else:
+                        self._read_event()
+                if not self._stopping:
+                    self._serve()
+        except (ProtocolError, LocalFailure) as e:
+            traceback.clear_frames(e.__traceback__)
+            self.error = e
+            log.error("TCMU device %s stopped: %s", self.uio, e)
+        except Exception as e:
+            self.error = LocalFailure(f"TCMU loop of {self.uio} failed: {e!r}")
+            log.exception("TCMU device %s stopped", self.uio)
+            traceback.clear_frames(e.__traceback__)
+
+    def _read_event(self) -> None:
+        try:
+            os.read(self._event_fd, 4)
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            raise LocalFailure(f"read of the uio fd of {self.uio}: {e.strerror}") from e
+
+    def _serve(self, *, first: bool = False) -> None:
+        """Fetch every new entry, answer what needs no I/O, queue the rest."""
+        ring, lun = self._ring, self._lun
+        assert ring is not None and lun is not None
+        lun.resize(self.device.size)
+        with self._lock:
+            tail = ring.cmd_tail
+            entries = ring.next_entries()
+            if ring.cmd_tail != tail or first:
+                # PAD/TMR entries passed, or what a predecessor completed and may not have
+                # told the kernel: the kernel collects only when notified
+                self._notify()
+        done: list[_Done] = []
+        for entry in entries:
+            if isinstance(entry, tcmu.TaskManagement):
+                log.info(
+                    "TCMU %s: task management %d for commands %s",
+                    self.uio,
+                    entry.tmr_type,
+                    entry.cmd_ids,
+                )
+                continue
+            try:
+                result = lun.execute(entry.cdb, entry.iovecs)
+            except Exception:
+                log.exception("TCMU %s: command %d failed", self.uio, entry.cmd_id)
+                result = check_condition(INTERNAL_TARGET_FAILURE)
+            if isinstance(result, IoRequest):
+                self._jobs.put((entry, result))
+            else:
+                done.append(_Done(entry.cmd_id, result, _scatter(result.data, entry.iovecs)))
+        if done:
+            self._finish(done)
+
+    # ------------------------------------------------------------------ I/O
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            command, request = job
+            cmd_id = command.cmd_id
+            reply, read_len = self._execute(command.iovecs, request)
+            del command, job  # drop the views of the data area before completing
+            self._finish([_Done(cmd_id, reply, read_len)])
+
+    def _execute(
+        self, iovecs: Sequence[memoryview], request: IoRequest
+    ) -> tuple[Reply, int | None]:
+        device = self.device
+        kind = request.kind
+        try:
+            if kind is IoKind.READ:
+                _read(device, request.offset, request.length, iovecs)
+                return GOOD, request.length
+            if kind is IoKind.WRITE:
+                _write(device, request.offset, request.length, iovecs, request.fua)
+            elif kind is IoKind.FLUSH:
+                device.flush()
+            elif kind is IoKind.UNMAP:
+                for offset, length in request.ranges:
+                    device.discard(offset, length)
+            elif kind is IoKind.ZERO:
+                device.write_zeroes(
+                    request.offset, request.length, may_unmap=request.may_unmap, fua=request.fua
+                )
+            else:
+                _write_same(device, request)
+            return GOOD, None
+        except IOFailure as e:
+            log.debug("TCMU %s: %s failed: %s", self.uio, request.kind.value, e)
+            traceback.clear_frames(e.__traceback__)  # their views of the area must not live on
+            return io_error_reply(request, e.errno), None
+        except Exception as e:
+            log.exception("TCMU %s: %s failed", self.uio, request.kind.value)
+            traceback.clear_frames(e.__traceback__)
+            return check_condition(INTERNAL_TARGET_FAILURE), None
+
+    def _finish(self, done: list[_Done]) -> None:
+        """Complete ``done``: the thread that finds nobody draining completes every
+        pending completion, in batches, and notifies the kernel once per batch."""
+        with self._done_lock:
+            self._done.extend(done)
+            if self._draining:
+                return
+            self._draining = True
+        while True:
+            with self._done_lock:
+                batch, self._done = self._done, []
+                if not batch:
+                    self._draining = False
+                    return
+            self._complete(batch)
+
+    def _complete(self, batch: list[_Done]) -> None:
+        with self._lock:
+            ring = self._ring
+            if ring is None or self.error is not None:
+                return
+            try:
+                for d in batch:
+                    ring.complete(d.cmd_id, d.reply.status, d.reply.sense, d.read_len)
+            except ProtocolError as e:
+                self.error = e
+                log.error("TCMU device %s stopped: %s", self.uio, e)
+                return
+            self._notify()
+
+    def _notify(self) -> None:
+        """Make the kernel collect the completions before ``cmd_tail`` (under the ring lock)."""
+        try:
+            os.write(self._event_fd, _NOTIFY)
+        except OSError as e:
+            if e.errno != errno.EBADF:
+                log.error("TCMU %s: notifying the kernel failed: %s", self.uio, e)
+
+
+def _scatter(data: Buffer, iovecs: Sequence[memoryview]) -> int | None:
+    """Copy ``data`` into ``iovecs``; the number of bytes copied (None without data)."""
+    if not data:
+        return None
+    pos = 0
+    for iov in iovecs:
+        n = min(len(iov), len(data) - pos)
+        if n <= 0:
+            break
+        iov[:n] = data[pos : pos + n]
+        pos += n
+    return pos
+
+
+def _read(device: BlockDevice, offset: int, length: int, iovecs: Sequence[memoryview]) -> None:
+    if len(iovecs) > _GATHER:
+        buf = bytearray(length)
+        device.read_into(offset, memoryview(buf))
+        _scatter(buf, iovecs)
+        return
+    pos = 0
+    for iov in iovecs:
+        n = min(len(iov), length - pos)
+        if n <= 0:
+            break
+        device.read_into(offset + pos, iov[:n])
+        pos += n
+
+
+def _write(
+    device: BlockDevice, offset: int, length: int, iovecs: Sequence[memoryview], fua: bool
+) -> None:
+    if len(iovecs) == 1 or len(iovecs) > _GATHER:
+        data = iovecs[0][:length] if len(iovecs) == 1 else b"".join(iovecs)[:length]
+        device.write(offset, data, fua=fua)
+        return
+    pos = 0
+    for iov in iovecs:
+        n = min(len(iov), length - pos)
+        if n <= 0:
+            break
+        device.write(offset + pos, iov[:n])
+        pos += n
+    if fua:
+        device.flush()
+
+
+def _write_same(device: BlockDevice, request: IoRequest) -> None:
+    pattern = request.pattern
+    chunk = pattern * max(min(_SAME_CHUNK, request.length) // len(pattern), 1)
+    pos = 0
+    while pos < request.length:
+        n = min(len(chunk), request.length - pos)
+        device.write(request.offset + pos, memoryview(chunk)[:n])
+        pos += n
+    if request.fua:
+        device.flush()

@@ -1,0 +1,470 @@
+"""The TCMU ring codec over byte images laid out here with ``struct``, from the offsets of
+``include/uapi/linux/target_core_user.h`` (checked with gcc): mailbox version @0, flags @2,
+cmdr_off @4, cmdr_size @8, cmd_head @12, cmd_tail @64; entry header len_op @0 (op in the low
+3 bits), cmd_id @4, kflags @6, uflags @7; request iov_cnt @8, cdb_off @24, iovecs @48 (16
+bytes each); response scsi_status @8, read_len @12, sense @16 (96 bytes); TMR tmr_type @8,
+cmd_cnt @12, cmd_ids @32; a CMD entry is at least 112 bytes."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from storvisor.errors import ProtocolError, StateError
+from storvisor.protocols.tcmu import Command, Ring, TaskManagement
+
+RING = 4096
+DATA = 8192
+AREA = 128 + RING + DATA
+DATA_OFF = 128 + RING
+
+
+class Image:
+    """A TCMU area in a bytearray, written the way the kernel writes it."""
+
+    def __init__(self, *, flags: int = 0xF, version: int = 2) -> None:
+        self.buf = bytearray(AREA)
+        struct.pack_into("<HHIII", self.buf, 0, version, flags, 128, RING, 0)
+        self.head = 0
+        self.view = memoryview(self.buf)
+
+    @property
+    def tail(self) -> int:
+        return int(struct.unpack_from("<I", self.buf, 64)[0])
+
+    def set_head(self, head: int) -> None:
+        self.head = head
+        struct.pack_into("<I", self.buf, 12, head)
+
+    def pad_to_end(self) -> None:
+        size = RING - self.head
+        struct.pack_into("<IHBB", self.buf, 128 + self.head, size | 0, 0, 0, 0)
+        self.set_head(0)
+
+    def cmd(self, cmd_id: int, cdb: bytes, iovecs: list[tuple[int, int]] = ()) -> int:  # type: ignore[assignment]
+        base = max(48 + 16 * len(iovecs), 112)
+        size = (base + len(cdb) + 7) // 8 * 8
+        pad = RING - self.head if self.head + size > RING else 0
+        assert (self.head - self.tail) % RING + pad + size < RING, "the test overfills the ring"
+        if pad:
+            self.pad_to_end()
+        entry = 128 + self.head
+        struct.pack_into("<IHBB", self.buf, entry, size | 1, cmd_id, 0, 0)
+        struct.pack_into("<III", self.buf, entry + 8, len(iovecs), 0, 0)
+        struct.pack_into("<Q", self.buf, entry + 24, entry + base)
+        for i, (off, n) in enumerate(iovecs):
+            struct.pack_into("<QQ", self.buf, entry + 48 + 16 * i, off, n)
+        self.buf[entry + base : entry + base + len(cdb)] = cdb
+        at = self.head
+        self.set_head((self.head + size) % RING)
+        return at
+
+    def tmr(self, tmr_type: int, ids: list[int]) -> None:
+        size = (32 + 2 * len(ids) + 7) // 8 * 8
+        entry = 128 + self.head
+        struct.pack_into("<IHBB", self.buf, entry, size | 2, 0, 0, 0)
+        struct.pack_into("<BxxI", self.buf, entry + 8, tmr_type, len(ids))
+        struct.pack_into(f"<{len(ids)}H", self.buf, entry + 32, *ids)
+        self.set_head(self.head + size)
+
+    def raw(self, len_op: int, cmd_id: int = 0, extra: bytes = b"") -> int:
+        entry = 128 + self.head
+        struct.pack_into("<IHBB", self.buf, entry, len_op, cmd_id, 0, 0)
+        self.buf[entry + 8 : entry + 8 + len(extra)] = extra
+        at = self.head
+        self.set_head((self.head + (len_op & ~7)) % RING)
+        return at
+
+    def response(self, at: int) -> tuple[int, int, int, int, bytes]:
+        """(cmd_id, uflags, status, read_len, sense) of the entry at ring offset ``at``."""
+        entry = 128 + at
+        _, cmd_id, _, uflags = struct.unpack_from("<IHBB", self.buf, entry)
+        status, read_len = struct.unpack_from("<BxxI", self.buf, entry + 8)
+        return cmd_id, uflags, status, read_len, bytes(self.buf[entry + 16 : entry + 112])
+
+    def kernel_walk(self, start: int) -> list[int]:
+        """The cmd_ids the kernel finds between ``start`` and cmd_tail (CMD entries)."""
+        ids, pos = [], start
+        while pos != self.tail:
+            len_op, cmd_id, _, _ = struct.unpack_from("<IHBB", self.buf, 128 + pos)
+            if len_op & 7 == 1:
+                ids.append(cmd_id)
+            pos = (pos + (len_op & ~7)) % RING
+        return ids
+
+
+READ10 = bytes([0x28, 0, 0, 0, 0, 8, 0, 0, 1, 0])
+TUR = bytes(6)
+
+
+def test_mailbox_is_read() -> None:
+    image = Image(flags=0x3)
+    ring = Ring(image.view)
+    assert (ring.flags, ring.cmdr_off, ring.cmdr_size) == (0x3, 128, RING)
+    assert ring.next_entries() == []
+
+
+@pytest.mark.parametrize(
+    "mailbox",
+    [
+        (1, 0xF, 128, RING, 0),  # version 1
+        (2, 0xF, 64, RING, 0),  # ring over the mailbox
+        (2, 0xF, 128, AREA, 0),  # ring beyond the area
+        (2, 0xF, 128, 0, 0),  # empty ring
+    ],
+)
+def test_bad_mailbox_is_a_protocol_error(mailbox: tuple[int, ...]) -> None:
+    image = Image()
+    struct.pack_into("<HHIII", image.buf, 0, *mailbox)
+    with pytest.raises(ProtocolError):
+        Ring(image.view)
+
+
+def test_tiny_area_and_read_only_view() -> None:
+    with pytest.raises(ProtocolError):
+        Ring(memoryview(bytearray(64)))
+    with pytest.raises(StateError):
+        Ring(memoryview(bytes(Image().buf)))
+
+
+def test_command_is_decoded_with_views_into_the_area() -> None:
+    image = Image()
+    image.buf[DATA_OFF : DATA_OFF + 4] = b"abcd"
+    image.cmd(7, READ10, [(DATA_OFF, 512), (DATA_OFF + 4096, 100)])
+    [cmd] = Ring(image.view).next_entries()
+    assert isinstance(cmd, Command)
+    assert (cmd.cmd_id, cmd.cdb, cmd.data_length) == (7, READ10, 612)
+    assert [len(v) for v in cmd.iovecs] == [512, 100]
+    assert bytes(cmd.iovecs[0][:4]) == b"abcd"
+    cmd.iovecs[1][:3] = b"xyz"  # a read's data lands in the area
+    assert image.buf[DATA_OFF + 4096 : DATA_OFF + 4099] == b"xyz"
+
+
+@pytest.mark.parametrize(
+    ("cdb", "length"),
+    [
+        (bytes([0x00]) + bytes(5), 6),
+        (bytes([0x28]) + bytes(15), 10),
+        (bytes([0x88]) + bytes(15), 16),
+        (bytes([0xA0]) + bytes(15), 12),
+        (bytes([0x7F]) + bytes(6) + bytes([24]) + bytes(24), 32),  # variable length
+    ],
+)
+def test_cdb_length_follows_the_group_code(cdb: bytes, length: int) -> None:
+    image = Image()
+    image.cmd(1, cdb)
+    [cmd] = Ring(image.view).next_entries()
+    assert isinstance(cmd, Command)
+    assert cmd.cdb == cdb[:length]
+
+
+def test_complete_writes_the_response_and_advances_the_tail() -> None:
+    image = Image()
+    at = image.cmd(9, READ10, [(DATA_OFF, 512)])
+    ring = Ring(image.view)
+    ring.next_entries()
+    sense = bytes([0x70, 0, 5]) + bytes(4) + bytes([10]) + bytes(4) + bytes([0x20]) + bytes(5)
+    ring.complete(9, 2, sense, read_len=0)
+    cmd_id, uflags, status, read_len, raw_sense = image.response(at)
+    assert (cmd_id, uflags, status, read_len) == (9, 0x2, 2, 0)
+    assert raw_sense == sense + bytes(96 - len(sense))
+    assert image.tail == image.head
+    with pytest.raises(StateError):
+        ring.complete(9, 0)  # no longer outstanding
+
+
+def test_read_len_needs_the_capability() -> None:
+    image = Image(flags=0x1)
+    at = image.cmd(3, READ10, [(DATA_OFF, 512)])
+    ring = Ring(image.view)
+    ring.next_entries()
+    ring.complete(3, 0, read_len=512)
+    assert image.response(at)[:4] == (3, 0, 0, 0)
+
+
+def test_sense_longer_than_the_buffer_is_refused() -> None:
+    image = Image()
+    image.cmd(3, TUR)
+    ring = Ring(image.view)
+    ring.next_entries()
+    with pytest.raises(StateError):
+        ring.complete(3, 2, bytes(97))
+
+
+def test_out_of_order_completions_steal_the_entry_at_the_tail() -> None:
+    image = Image()
+    starts = [image.cmd(i, TUR) for i in (1, 2, 3)]
+    ring = Ring(image.view)
+    assert [e.cmd_id for e in ring.next_entries() if isinstance(e, Command)] == [1, 2, 3]
+    ring.complete(3, 0)
+    assert image.tail == starts[1]
+    assert image.response(starts[0])[:3] == (3, 0x2 & 0, 0)  # entry 1 now answers for 3
+    ring.complete(1, 2, b"\x70")
+    assert image.tail == starts[2]
+    ring.complete(2, 0)
+    assert image.tail == image.head
+    assert image.kernel_walk(0) == [3, 1, 2]
+    assert [image.response(s)[2] for s in starts] == [0, 2, 0]
+    assert [image.response(s)[1] for s in starts] == [0, 0, 0]  # no private marks left
+
+
+def test_a_stolen_request_is_moved_into_the_completed_entry() -> None:
+    image = Image()
+    image.buf[DATA_OFF : DATA_OFF + 2] = b"w1"
+    first = image.cmd(1, bytes([0x2A]) + bytes(9), [(DATA_OFF, 512)])
+    second = image.cmd(2, READ10, [(DATA_OFF + 512, 512)])
+    ring = Ring(image.view)
+    ring.next_entries()
+    ring.complete(2, 0, read_len=512)
+    assert image.kernel_walk(0) == [2]
+    assert image.tail == second
+    _, cmd_id, _, uflags = struct.unpack_from("<IHBB", image.buf, 128 + second)
+    assert (cmd_id, uflags) == (1, 0x40)  # command 1's request, marked as moved
+    iov_cnt, cdb_off = struct.unpack_from("<I", image.buf, 128 + second + 8)[0], 0
+    cdb_off = struct.unpack_from("<Q", image.buf, 128 + second + 24)[0]
+    assert iov_cnt == 1
+    assert 128 + second < cdb_off < 128 + second + 128
+    assert image.buf[cdb_off] == 0x2A
+    assert struct.unpack_from("<QQ", image.buf, 128 + second + 48) == (DATA_OFF, 512)
+    restarted = Ring(image.view)  # the handler died with command 1 in flight
+    [again] = restarted.next_entries()
+    assert isinstance(again, Command)
+    assert (again.cmd_id, again.cdb, bytes(again.iovecs[0][:2])) == (
+        1,
+        bytes([0x2A]) + bytes(9),
+        b"w1",
+    )
+    restarted.complete(1, 0)
+    assert image.tail == image.head
+    assert image.kernel_walk(second) == [1]
+    assert first == 0
+
+
+def test_a_request_that_does_not_fit_waits_for_the_tail() -> None:
+    image = Image()
+    many = [(DATA_OFF + 512 * i, 512) for i in range(8)]
+    first = image.cmd(1, READ10, many)  # 8 iovecs: does not fit a 112-byte entry
+    second = image.cmd(2, TUR)
+    third = image.cmd(3, TUR)
+    ring = Ring(image.view)
+    ring.next_entries()
+    ring.complete(2, 0)
+    assert image.tail == first  # 2 is done, in its own entry, behind 1
+    assert image.response(second)[:3] == (2, 0x80, 0)
+    restarted = Ring(image.view)  # a restart neither reruns 2 nor loses 1
+    assert [e.cmd_id for e in restarted.next_entries()] == [1, 3]  # type: ignore[union-attr]
+    restarted.complete(3, 0)  # 1's request does not fit 3's entry either
+    assert image.tail == first
+    restarted.complete(1, 0, read_len=4096)
+    assert image.tail == image.head
+    assert image.kernel_walk(0) == [1, 2, 3]
+    assert [image.response(at)[1] for at in (first, second, third)] == [0x2, 0, 0]
+
+
+def test_pad_and_wrap_around() -> None:
+    image = Image()
+    image.set_head(RING - 64)
+    struct.pack_into("<I", image.buf, 64, RING - 64)  # tail there too: an empty ring
+    at = image.cmd(5, TUR)  # does not fit: a PAD first
+    assert at == 0
+    ring = Ring(image.view)
+    [cmd] = ring.next_entries()
+    assert cmd.cmd_id == 5  # type: ignore[union-attr]
+    ring.complete(5, 0)
+    assert image.tail == image.head
+    assert image.kernel_walk(RING - 64) == [5]
+
+
+def test_unknown_opcode_is_flagged_and_skipped() -> None:
+    image = Image()
+    at = image.raw(64 | 5, cmd_id=44)
+    image.cmd(6, TUR)
+    ring = Ring(image.view)
+    assert [e.cmd_id for e in ring.next_entries()] == [6]  # type: ignore[union-attr]
+    assert image.response(at)[1] == 0x1  # TCMU_UFLAG_UNKNOWN_OP
+    ring.complete(6, 0)
+    assert image.tail == image.head
+
+
+def test_tmr_is_decoded_and_the_tail_passes_it() -> None:
+    image = Image()
+    image.tmr(1, [4, 5, 600])
+    ring = Ring(image.view)
+    assert ring.next_entries() == [TaskManagement(1, (4, 5, 600))]
+    assert image.tail == image.head  # nothing outstanding: the TMR is done with
+
+
+def test_tail_stays_before_outstanding_commands() -> None:
+    image = Image()
+    first = image.cmd(1, TUR)
+    image.tmr(5, [])
+    ring = Ring(image.view)
+    ring.next_entries()
+    assert image.tail == first
+    image.cmd(2, TUR)
+    ring.next_entries()
+    ring.complete(2, 0)  # steals entry 1 and passes nothing else
+    assert image.tail != image.head
+    ring.complete(1, 0)
+    assert image.tail == image.head
+    assert image.kernel_walk(0) == [2, 1]
+
+
+def test_a_new_ring_picks_up_uncompleted_commands() -> None:
+    image = Image()
+    image.cmd(1, TUR)
+    image.cmd(2, TUR)
+    image.cmd(3, TUR)
+    first = Ring(image.view)
+    first.next_entries()
+    first.complete(2, 0)  # 1 and 3 were fetched, never completed: the handler died
+    second = Ring(image.view)
+    assert [e.cmd_id for e in second.next_entries()] == [1, 3]  # type: ignore[union-attr]
+    second.complete(3, 0)
+    second.complete(1, 0)
+    assert image.tail == image.head
+    assert image.kernel_walk(0) == [2, 3, 1]
+
+
+def _entry(cmd_id: int, iov_cnt: int, cdb_off: int, iovecs: list[tuple[int, int]]) -> bytes:
+    body = struct.pack("<IIIIQQQ", iov_cnt, 0, 0, 0, cdb_off, 0, 0)
+    for off, n in iovecs:
+        body += struct.pack("<QQ", off, n)
+    return body
+
+
+@pytest.mark.parametrize(
+    ("len_op", "extra"),
+    [
+        (0 | 1, b""),  # zero length
+        (8192 | 1, b""),  # beyond the ring
+        (64 | 1, b""),  # a CMD entry shorter than 112 bytes
+        (112 | 1, _entry(1, 5, 128 + 96, [])),  # iovecs overflow the entry
+        (128 | 1, _entry(1, 1, 128 + 120, [(AREA - 10, 11)])),  # iovec beyond the area
+        (112 | 1, _entry(1, 0, AREA, [])),  # CDB offset beyond the area
+        (112 | 1, _entry(1, 0, (1 << 64) - 1, [])),  # CDB offset far beyond
+        (24 | 2, struct.pack("<BxxI", 1, 1)),  # TMR entry shorter than 32 bytes
+        (32 | 2, struct.pack("<BxxI", 1, 2)),  # TMR ids overflow the entry
+    ],
+)
+def test_malformed_entries_are_protocol_errors(len_op: int, extra: bytes) -> None:
+    image = Image()
+    if 0 < len_op & ~7 <= RING:
+        image.raw(len_op, 1, extra)
+    else:
+        struct.pack_into("<IHBB", image.buf, 128, len_op, 1, 0, 0)
+        image.set_head(8)
+    with pytest.raises(ProtocolError):
+        Ring(image.view).next_entries()
+
+
+def test_cdb_crossing_the_end_of_the_area() -> None:
+    image = Image()
+    image.buf[AREA - 4] = 0x28  # a 10-byte CDB with 4 bytes left
+    image.raw(112 | 1, 1, _entry(1, 0, AREA - 4, []))
+    with pytest.raises(ProtocolError):
+        Ring(image.view).next_entries()
+
+
+@pytest.mark.parametrize("head", [RING, RING + 8, 12])
+def test_bad_cmd_head(head: int) -> None:
+    image = Image()
+    image.set_head(head)
+    with pytest.raises(ProtocolError):
+        Ring(image.view).next_entries()
+
+
+def test_duplicate_outstanding_id() -> None:
+    image = Image()
+    image.cmd(1, TUR)
+    image.cmd(1, TUR)
+    with pytest.raises(ProtocolError):
+        Ring(image.view).next_entries()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([TUR, READ10, bytes([0x8A]) + bytes(15)]),
+            st.lists(st.integers(1, 4096), max_size=6),
+            st.integers(0, 255),
+        ),
+        min_size=1,
+        max_size=20,
+    ),
+    st.randoms(use_true_random=False),
+    st.integers(0, RING // 8 - 1),
+)
+def test_round_trip_in_any_completion_order(
+    commands: list[tuple[bytes, list[int], int]], rng: object, start: int
+) -> None:
+    """Commands are queued in rounds (wrapping the ring), completed in a random order, with
+    handler restarts in between; the kernel finds every id exactly once with its own
+    status, a restarted handler finds exactly the commands not completed, and the ring
+    empties."""
+    import random
+
+    assert isinstance(rng, random.Random)
+    image = Image()
+    image.set_head(start * 8)
+    struct.pack_into("<I", image.buf, 64, start * 8)
+    ring = Ring(image.view)
+    found: dict[int, int] = {}
+    status_of: dict[int, int] = {}
+    pending: list[int] = []
+    for round_start in range(0, len(commands), 8):
+        walked_from = image.tail
+        for i, (cdb, lengths, status) in enumerate(commands[round_start : round_start + 8]):
+            cmd_id = round_start + i + 1
+            iovecs = [(DATA_OFF + 16 * j, n) for j, n in enumerate(lengths)]
+            image.cmd(cmd_id, cdb, iovecs)
+            status_of[cmd_id] = status
+        for entry in ring.next_entries():
+            assert isinstance(entry, Command)
+            cdb, lengths, _ = commands[entry.cmd_id - 1]
+            assert entry.cdb == cdb
+            assert [len(v) for v in entry.iovecs] == lengths
+            pending.append(entry.cmd_id)
+        rng.shuffle(pending)
+        keep = rng.randint(0, len(pending))
+        for cmd_id in pending[keep:]:
+            ring.complete(cmd_id, status_of[cmd_id])
+        pending = pending[:keep]
+        if rng.random() < 0.3:  # the handler restarts: it finds exactly what is pending
+            ring = Ring(image.view)
+            again = ring.next_entries()
+            assert sorted(e.cmd_id for e in again) == sorted(pending)  # type: ignore[union-attr]
+            for entry in again:
+                assert isinstance(entry, Command)
+                cdb, lengths, _ = commands[entry.cmd_id - 1]
+                assert (entry.cdb, [len(v) for v in entry.iovecs]) == (cdb, lengths)
+        for cmd_id in image.kernel_walk(walked_from):
+            assert cmd_id not in found
+            found[cmd_id] = status_of[cmd_id]
+    walked_from = image.tail
+    for cmd_id in pending:
+        ring.complete(cmd_id, status_of[cmd_id])
+    for cmd_id in image.kernel_walk(walked_from):
+        found[cmd_id] = status_of[cmd_id]
+    assert found == status_of
+    assert image.tail == image.head
+    assert ring.outstanding == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=8, max_size=RING), st.integers(0, RING // 8 - 1))
+def test_garbage_in_the_ring_raises_only_protocol_errors(garbage: bytes, head: int) -> None:
+    image = Image()
+    image.buf[128 : 128 + len(garbage)] = garbage
+    image.set_head(head * 8)
+    ring = Ring(image.view)
+    try:
+        for entry in ring.next_entries():
+            if isinstance(entry, Command):
+                ring.complete(entry.cmd_id, 0, b"\x70", read_len=0)
+    except ProtocolError:
+        pass
