@@ -45,10 +45,13 @@ import subprocess
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from storvisor.engine.device import BlockDevice
 from storvisor.errors import Conflict, InvalidArgument, LocalFailure, NotFound
+
+if TYPE_CHECKING:
+    from storvisor.exports.tcmu import TcmuHandler
 
 log = logging.getLogger(__name__)
 
@@ -482,7 +485,7 @@ class ScsiExport:
         self.lun = lun
         self.serial = serial
         self.backstore = backstore_name(export)
-        self.handler: Any = None
+        self.handler: TcmuHandler | None = None
         self.found: LioLun | None = None
 
     def start(self) -> LioLun:
@@ -537,15 +540,16 @@ class ScsiExport:
         self.lio.remove(self.backstore)
 
 
-def _start_handler(volume: BlockDevice, dev_config: str, serial: str, block_size: int) -> Any:
-    """A started TCMU handler serving ``volume`` on the backstore ``dev_config``."""
-    import importlib
+def _start_handler(
+    volume: BlockDevice, dev_config: str, serial: str, block_size: int
+) -> TcmuHandler:
+    """A started TCMU handler serving ``volume`` on the backstore ``dev_config``, with the
+    identity (unit serial, NAA designator) derived from the volume's stable ``serial``."""
+    from storvisor.exports.tcmu import TcmuHandler
+    from storvisor.protocols.scsi import LunIdentity
 
-    try:
-        tcmu = importlib.import_module("storvisor.exports.tcmu")
-    except ImportError as e:
-        raise LioUnavailable(f"this storvisor has no TCMU handler: {e}") from e
-    handler = tcmu.TcmuHandler(volume, dev_config, block_size=block_size)
+    identity = LunIdentity.for_volume(serial or dev_config)
+    handler = TcmuHandler(volume, dev_config, identity=identity, block_size=block_size)
     handler.start()
     return handler
 
