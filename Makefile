@@ -5,12 +5,13 @@ PY     := $(VENV)/bin/python
 STORVISOR_HOME ?= $(HOME)/.local/share/storvisor
 
 # Debian packages: the run-time tools, then what the tests drive (real peers and guests) and
-# what they need (fuse3 for power cuts, util-linux's losetup for loop devices); under CI=true
+# what they need (fuse3 for power cuts, util-linux's losetup for loop devices; sg3-utils, fio,
+# blkdiscard and modprobe for the LIO tests, which run this userspace in a guest); under CI=true
 # a missing prerequisite fails its test (tests/prereq.py).
 APT_RUN  := qemu-utils libnbd-bin util-linux
 APT_TEST := qemu-utils qemu-system-x86 qemu-system-common nbdkit nbdkit-plugin-python \
             libnbd-bin python3-libnbd fio libvirt-clients libxml2-utils linux-image-amd64 \
-            busybox-static gcc fuse3 util-linux e2fsprogs fdisk prometheus
+            busybox-static gcc fuse3 util-linux e2fsprogs fdisk prometheus sg3-utils kmod
 
 # libvirtd for the live attach test (tests/integrations/test_libvirt_live.py)
 APT_TEST += libvirt-daemon libvirt-daemon-driver-qemu

@@ -390,6 +390,32 @@ class Client:
         )
         return self._one(routes.CREATE_EXPORT, body=req)
 
+    def export_scsi(self, pool: str, volume: str, *, name: str | None = None) -> ExportInfo:
+        return self._one(
+            routes.CREATE_EXPORT, body=CreateExport(ExportKind.SCSI, pool, volume, name=name)
+        )
+
+    def export_vhost_scsi(
+        self,
+        pool: str | None,
+        volume: str | None,
+        *,
+        device: str | None = None,
+        wwpn: str | None = None,
+        lun: int | None = None,
+        name: str | None = None,
+    ) -> ExportInfo:
+        req = CreateExport(
+            ExportKind.VHOST_SCSI,
+            pool or "",
+            volume or "",
+            name=name,
+            wwpn=wwpn,
+            lun=lun,
+            device=device,
+        )
+        return self._one(routes.CREATE_EXPORT, body=req)
+
     def exports(self) -> list[ExportInfo]:
         return self._list(routes.EXPORTS)
 

@@ -20,6 +20,12 @@ volume handle for as long as the export lives and does its allocations and flush
 The service opens every export's volume through a ``ThrottledDevice`` holding the volume's
 QoS block (``api/qos.py``); NBD and vhost-user-blk data planes are handed that block with the
 volume, so all of a volume's exports draw from one set of buckets.
+
+SCSI exports go through LIO (``exports/lio.py``): ``scsi`` is a tcm_loop LUN (a host
+``/dev/sdX``), ``vhost-scsi`` a LUN of a vhost target (``wwpn``, ``lun``) for QEMU, of a
+volume (a TCMU backstore served in the daemon) or of a host block device (``device``: an
+iblock backstore). Their LIO objects outlive the daemon: stopping it closes the handlers
+only, so a restarted daemon serves the same LUNs again; removing the export deletes them.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from storvisor.errors import Conflict, CorruptMetadata, InvalidArgument, NotFoun
 from storvisor.exports.nbd import NBDExport, NBDServer, nbd_uri
 
 if TYPE_CHECKING:
+    from storvisor.exports.lio import Lio, ScsiExport
     from storvisor.exports.nbd_worker import NbdDataPlanes
     from storvisor.exports.vhost_user_blk import VhostUserBlkServer
     from storvisor.exports.vhost_worker import VhostDataPlane
@@ -59,6 +66,12 @@ _EXPORT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@/:+-]{0,127}$")
 class ExportKind(enum.StrEnum):
     NBD = "nbd"
     VHOST_USER_BLK = "vhost-user-blk"
+    SCSI = "scsi"  # a tcm_loop LUN: /dev/sdX on this host
+    VHOST_SCSI = "vhost-scsi"  # a LUN of a LIO vhost target
+
+
+SCSI_KINDS = (ExportKind.SCSI, ExportKind.VHOST_SCSI)
+"""The kinds exported through LIO."""
 
 
 class ExportState(enum.StrEnum):
@@ -73,6 +86,8 @@ class ExportSpec:
 
     ``socket`` is the vhost-user socket path (absolute) and ``queues`` its queue count; both
     are unused for NBD. A snapshot (``snapshot`` set) is always exported read-only.
+    ``wwpn`` and ``lun`` place a vhost-scsi export; ``device`` is the host block device of a
+    vhost-scsi export of no volume (``pool`` and ``volume`` are then empty).
     """
 
     name: str
@@ -83,10 +98,15 @@ class ExportSpec:
     read_only: bool = False
     socket: str | None = None
     queues: int = 1
+    wwpn: str | None = None
+    lun: int | None = None
+    device: str | None = None
 
     @property
     def target(self) -> str:
-        """``POOL/VOL`` or ``POOL/VOL@SNAP``."""
+        """``POOL/VOL``, ``POOL/VOL@SNAP`` or the host block device."""
+        if self.device is not None:
+            return self.device
         ref = f"{self.pool}/{self.volume}"
         return f"{ref}@{self.snapshot}" if self.snapshot else ref
 
@@ -96,7 +116,9 @@ class ExportInfo:
     """An export definition with its current state and how to connect to it.
 
     ``uris`` lists the NBD URIs (Unix socket first, then TCP when listening) or, for
-    vhost-user-blk, the socket path; ``message`` explains an ``inactive`` or ``broken`` state.
+    vhost-user-blk, the socket path; for scsi, the ``/dev/sdX`` and ``/dev/disk/by-id``
+    paths while it is active; for vhost-scsi, the WWPN. ``message`` explains an
+    ``inactive`` or ``broken`` state.
     """
 
     spec: ExportSpec
@@ -168,6 +190,10 @@ def export_uris(
     ``tls``), or the vhost-user socket."""
     if spec.kind is ExportKind.VHOST_USER_BLK:
         return (spec.socket or "",)
+    if spec.kind is ExportKind.VHOST_SCSI:
+        return (spec.wwpn or "",)
+    if spec.kind is ExportKind.SCSI:
+        return ()
     uris = [nbd_uri(spec.name, unix_path=str(nbd_socket))]
     if nbd_tcp is not None:
         uris.append(nbd_uri(spec.name, host=nbd_tcp.host, port=nbd_tcp.port, tls=tls))
@@ -204,6 +230,8 @@ class ExportRuntime:
         self._nbd_names: set[str] = set()
         self._vhost: dict[str, tuple[VhostUserBlkServer | VhostDataPlane, BlockDevice]] = {}
         self._stats: dict[str, tuple[ExportSpec, StatsSet]] = {}
+        self._scsi: dict[str, tuple[ScsiExport, BlockDevice | None]] = {}
+        self._lio: Lio | None = None
         self._started = False
 
     def start(self) -> None:
@@ -227,6 +255,10 @@ class ExportRuntime:
 
     def uris(self, spec: ExportSpec) -> tuple[str, ...]:
         """How a client reaches ``spec`` once it is active."""
+        entry = self._scsi.get(spec.name)
+        if entry is not None and spec.kind is ExportKind.SCSI:
+            found = entry[0].info()
+            return tuple(p for p in (found.device, found.by_id) if p) if found else ()
         return export_uris(spec, self.nbd_socket, self.nbd_tcp, tls=self._nbd_tls)
 
     def activate(
@@ -238,6 +270,9 @@ class ExportRuntime:
         ``open_volume`` raises (the export is then not active).
         """
         read_only = spec.read_only or spec.snapshot is not None
+        if spec.kind in SCSI_KINDS:
+            self._activate_scsi(spec, open_volume, serial)
+            return
         if spec.kind is ExportKind.NBD:
             stats = StatsSet(spec.name)
             self._nbd.add_export(
@@ -292,11 +327,55 @@ class ExportRuntime:
         if counters is not None:
             self._stats[spec.name] = (spec, counters)
 
-    def is_active(self, name: str) -> bool:
-        return name in self._nbd_names or name in self._vhost
+    def _activate_scsi(
+        self, spec: ExportSpec, open_volume: Callable[[], BlockDevice], serial: str
+    ) -> None:
+        from storvisor.exports.lio import Fabric, Lio, ScsiExport
 
-    def deactivate(self, name: str) -> None:
-        """Stop serving ``name`` (no-op if it is not active) and close what it held."""
+        if self._lio is None:
+            self._lio = Lio()
+        volume = open_volume() if spec.device is None else None
+        export = ScsiExport(
+            self._lio,
+            spec.name,
+            Fabric.LOOPBACK if spec.kind is ExportKind.SCSI else Fabric.VHOST,
+            volume=volume,
+            host_device=spec.device,
+            wwpn=spec.wwpn,
+            lun=spec.lun,
+            serial=serial,
+        )
+        try:
+            export.start()
+        except BaseException:
+            if volume is not None:
+                volume.close()
+            raise
+        self._scsi[spec.name] = (export, volume)
+
+    def scsi_lun(self, name: str) -> int | None:
+        """The LUN number an active SCSI export got (None if it is not active)."""
+        entry = self._scsi.get(name)
+        found = entry[0].found if entry is not None else None
+        return found.lun if found is not None else None
+
+    def is_active(self, name: str) -> bool:
+        return name in self._nbd_names or name in self._vhost or name in self._scsi
+
+    def deactivate(self, name: str, *, forget: bool = False) -> None:
+        """Stop serving ``name`` (no-op if it is not active) and close what it held. The
+        LIO objects of a SCSI export stay unless ``forget``."""
+        scsi = self._scsi.pop(name, None)
+        if scsi is not None:
+            export, volume = scsi
+            try:
+                if forget:
+                    export.remove()
+                else:
+                    export.stop()
+            finally:
+                if volume is not None:
+                    volume.close()
         if name in self._nbd_names:
             self._nbd_names.discard(name)
             self._nbd.remove_export(name)
@@ -333,10 +412,13 @@ class ExportRuntime:
             entry = self._vhost.get(name)
             if entry is not None:
                 entry[0].notify_config_change()
+            scsi = self._scsi.get(name)
+            if scsi is not None:
+                scsi[0].notify_resized()
 
     def close(self) -> None:
         """Stop every export and the NBD listeners; remove the NBD socket file."""
-        for name in list(self._vhost):
+        for name in [*self._vhost, *self._scsi]:
             try:
                 self.deactivate(name)
             except Exception:
@@ -347,6 +429,18 @@ class ExportRuntime:
             self._planes.close()
         with contextlib.suppress(FileNotFoundError):
             self.nbd_socket.unlink()
+
+
+def forget_lio_objects(spec: ExportSpec) -> None:
+    """Delete the LIO objects of a SCSI export that no daemon serves (no-op if there are
+    none). Raises ``LioUnavailable`` when LIO cannot be changed by this process."""
+    from storvisor.exports.lio import Lio, backstore_name
+
+    lio = Lio(load_modules=False)
+    name = backstore_name(spec.name)
+    if lio.has_backstore(name):
+        lio.require()
+        lio.remove(name)
 
 
 def without(specs: list[ExportSpec], name: str) -> list[ExportSpec]:

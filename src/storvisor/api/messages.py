@@ -81,7 +81,9 @@ class CreateClone:
 
 @dataclass(frozen=True, slots=True)
 class CreateExport:
-    """``socket`` and ``queues`` apply to vhost-user-blk; ``snapshot`` to NBD only."""
+    """``socket`` and ``queues`` apply to vhost-user-blk; ``snapshot`` to NBD only;
+    ``wwpn``, ``lun`` and ``device`` (a host block device instead of a volume: ``pool`` and
+    ``volume`` empty) to vhost-scsi."""
 
     kind: ExportKind
     pool: str
@@ -91,6 +93,9 @@ class CreateExport:
     read_only: bool = False
     socket: str | None = None
     queues: int = 1
+    wwpn: str | None = None
+    lun: int | None = None
+    device: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -265,7 +265,8 @@ CREATE_EXPORT = Route(
     POST,
     "/exports",
     ExportInfo,
-    "export a volume or snapshot (NBD) or a volume (vhost-user-blk)",
+    "export a volume or snapshot (NBD), a volume (vhost-user-blk, scsi) or a volume or host "
+    "block device (vhost-scsi)",
     CreateExport,
     access=_W,
 )

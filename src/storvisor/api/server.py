@@ -116,6 +116,15 @@ def _create_export(s: Service, r: Request) -> object:
         return s.export_nbd(
             req.pool, req.volume, req.snapshot, name=req.name, read_only=req.read_only
         )
+    if req.kind in (ExportKind.SCSI, ExportKind.VHOST_SCSI):
+        if req.snapshot is not None or req.read_only:
+            raise InvalidArgument("a SCSI export is of a writable volume")
+        if req.kind is ExportKind.SCSI:
+            return s.export_scsi(req.pool, req.volume, name=req.name)
+        volume = (req.pool, req.volume) if req.device is None else (None, None)
+        return s.export_vhost_scsi(
+            *volume, device=req.device, wwpn=req.wwpn, lun=req.lun, name=req.name
+        )
     if req.socket is None:
         raise InvalidArgument("a vhost-user-blk export needs a socket path")
     if req.snapshot is not None:

@@ -27,6 +27,7 @@ from typing import Protocol
 
 from storvisor.api.exports import (
     NBD_SOCKET,
+    SCSI_KINDS,
     ExportInfo,
     ExportKind,
     ExportRuntime,
@@ -35,6 +36,7 @@ from storvisor.api.exports import (
     ExportStore,
     check_export_name,
     export_uris,
+    forget_lio_objects,
     without,
 )
 from storvisor.api.images import check_output_image, convert, image_info
@@ -151,6 +153,17 @@ class Management(Protocol):
         *,
         queues: int = 1,
         read_only: bool = False,
+        name: str | None = None,
+    ) -> ExportInfo: ...
+    def export_scsi(self, pool: str, volume: str, *, name: str | None = None) -> ExportInfo: ...
+    def export_vhost_scsi(
+        self,
+        pool: str | None,
+        volume: str | None,
+        *,
+        device: str | None = None,
+        wwpn: str | None = None,
+        lun: int | None = None,
         name: str | None = None,
     ) -> ExportInfo: ...
     def exports(self) -> list[ExportInfo]: ...
@@ -376,7 +389,8 @@ class Service:
             self._qos.forget_volume(pool, name)
 
     def extend_volume(self, pool: str, name: str, size: int) -> VolumeInfo:
-        """Grow a volume online; its vhost-user-blk front-ends are told the new size.
+        """Grow a volume online; its vhost-user-blk front-ends and SCSI LUNs are told the
+        new size.
         ``InvalidArgument`` if ``size`` is smaller than the current size."""
         with self._lock:
             info = self.home.pool(pool).extend_volume(name, size)
@@ -386,7 +400,7 @@ class Service:
                     [
                         s.name
                         for s in self._specs
-                        if s.kind is ExportKind.VHOST_USER_BLK
+                        if s.kind is not ExportKind.NBD
                         and (s.pool, s.volume, s.snapshot) == (pool, name, None)
                     ]
                 )
@@ -517,6 +531,60 @@ class Service:
             )
             return self._add_export(spec)
 
+    def export_scsi(self, pool: str, volume: str, *, name: str | None = None) -> ExportInfo:
+        """Serve a volume as a local SCSI disk: a LIO TCMU backstore on a tcm_loop LUN,
+        which the host sees as ``/dev/sdX`` (the export's ``uris``: that and its
+        ``/dev/disk/by-id`` path). ``name`` defaults to ``scsi/POOL/VOL``. Raises
+        ``Conflict``, ``NotFound``, ``LioUnavailable`` (no LIO here, or not root)."""
+        spec = ExportSpec(
+            name=name or f"scsi/{pool}/{volume}", kind=ExportKind.SCSI, pool=pool, volume=volume
+        )
+        return self._add_export(spec)
+
+    def export_vhost_scsi(
+        self,
+        pool: str | None,
+        volume: str | None,
+        *,
+        device: str | None = None,
+        wwpn: str | None = None,
+        lun: int | None = None,
+        name: str | None = None,
+    ) -> ExportInfo:
+        """Serve a volume (a TCMU backstore) or the host block device ``device`` (an iblock
+        backstore) as LUN ``lun`` of the LIO vhost-scsi target ``wwpn``, for QEMU's
+        ``vhost-scsi-pci``. The target is created if absent (a new WWPN when None); several
+        exports may share it, and ``lun`` defaults to the lowest one its other exports leave
+        free. ``name`` defaults to ``vhost-scsi/POOL/VOL`` or ``vhost-scsi/DEVICE``. Raises
+        ``InvalidArgument`` (both or neither of a volume and a device, a bad WWPN or LUN),
+        ``Conflict`` (name, LUN or device in use), ``NotFound``, ``LioUnavailable``."""
+        from storvisor.exports.lio import check_wwpn, generate_wwpn
+
+        if (device is None) == (pool is None or volume is None):
+            raise InvalidArgument("export a volume (POOL/VOL) or a host block device, not both")
+        if device is not None and not os.path.isabs(device):
+            raise InvalidArgument(f"block device path must be absolute: {device!r}")
+        if lun is not None and not 0 <= lun <= 16383:
+            raise InvalidArgument(f"invalid LUN {lun}: expected 0 to 16383")
+        with self._lock:
+            wwpn = check_wwpn(wwpn) if wwpn is not None else generate_wwpn()
+            taken = {s.lun for s in self._specs if s.wwpn == wwpn}
+            if lun is None:
+                lun = min(set(range(len(taken) + 1)) - taken)
+            elif lun in taken:
+                raise Conflict(f"LUN {lun} of {wwpn} is used by another export")
+            default = f"{pool}/{volume}" if device is None else os.path.basename(device)
+            spec = ExportSpec(
+                name=name or f"vhost-scsi/{default}",
+                kind=ExportKind.VHOST_SCSI,
+                pool=pool or "",
+                volume=volume or "",
+                wwpn=wwpn,
+                lun=lun,
+                device=device,
+            )
+            return self._add_export(spec)
+
     def exports(self) -> list[ExportInfo]:
         """Every export definition with its state, sorted by name."""
         with self._lock:
@@ -535,12 +603,15 @@ class Service:
             rest = without(self._specs, name)
             spec = next(s for s in self._specs if s.name == name)
             if self._runtime is not None:
-                self._runtime.deactivate(name)
+                self._runtime.deactivate(name, forget=True)
+            elif spec.kind in SCSI_KINDS:
+                forget_lio_objects(spec)
             self._store.save(rest)
             self._specs = rest
             self._broken.pop(name, None)
-            with contextlib.suppress(NotFound, CorruptMetadata):  # nothing left to flush
-                self.home.pool(spec.pool).flush()
+            if spec.device is None:
+                with contextlib.suppress(NotFound, CorruptMetadata):  # nothing left to flush
+                    self.home.pool(spec.pool).flush()
 
     def libvirt_xml(self, pool: str, volume: str) -> str:
         """The libvirt ``<disk type='vhostuser'>`` element for the volume's vhost-user-blk
@@ -780,16 +851,21 @@ class Service:
         with self._lock:
             if any(s.name == spec.name for s in self._specs):
                 raise Conflict(f"export {spec.name!r} already exists")
-            info = self.home.pool(spec.pool).volume_info(spec.volume)
+            if spec.device is not None:
+                if any(s.device == spec.device for s in self._specs):
+                    raise Conflict(f"device {spec.device} is already exported")
+                serial = ""
+            else:
+                serial = self.home.pool(spec.pool).volume_info(spec.volume).serial
             if spec.snapshot is not None:
                 self._snapshot_info(spec.pool, spec.volume, spec.snapshot)
             if self._runtime is not None:
-                self._activate(self._runtime, spec, info.serial)
+                self._activate(self._runtime, spec, serial)
             try:
                 self._store.save([*self._specs, spec])
             except OSError:
                 if self._runtime is not None:
-                    self._runtime.deactivate(spec.name)
+                    self._runtime.deactivate(spec.name, forget=True)
                 raise
             self._specs.append(spec)
             return self._export_info(spec)
@@ -797,6 +873,14 @@ class Service:
     def _activate(
         self, runtime: ExportRuntime, spec: ExportSpec, serial: str | None = None
     ) -> None:
+        if spec.device is not None:  # a host block device: no volume
+
+            def no_volume() -> BlockDevice:
+                raise StateError(f"export {spec.name} has no volume")
+
+            runtime.activate(spec, no_volume, "")
+            self._broken.pop(spec.name, None)
+            return
         pool = self.home.pool(spec.pool)
         if serial is None:
             serial = pool.volume_info(spec.volume).serial

@@ -397,6 +397,28 @@ def export_vhost_user_blk(m: Management, a: argparse.Namespace) -> int:
     return _export_result(a, info)
 
 
+def export_scsi(m: Management, a: argparse.Namespace) -> int:
+    return _export_result(a, m.export_scsi(a.ref.pool, a.ref.volume, name=a.name))
+
+
+def export_vhost_scsi(m: Management, a: argparse.Namespace) -> int:
+    if (a.ref is None) == (a.device is None):
+        raise InvalidArgument("give a volume (POOL/VOL) or --device PATH, not both")
+    device = os.path.abspath(a.device) if a.device is not None else None
+    info = m.export_vhost_scsi(
+        a.ref.pool if a.ref else None,
+        a.ref.volume if a.ref else None,
+        device=device,
+        wwpn=a.wwpn,
+        lun=a.lun,
+        name=a.name,
+    )
+    if getattr(a, "json", False) or info.state is not ExportState.ACTIVE:
+        return _export_result(a, info)
+    print(f"{info.spec.wwpn} LUN {info.spec.lun}")
+    return 0
+
+
 def export_list(m: Management, a: argparse.Namespace) -> int:
     exports = m.exports()
     return _print(a, exports, output.exports_table(exports))
@@ -947,6 +969,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--queues", metavar="N", type=queues, default=1)
     c.add_argument("--read-only", action="store_true")
     c.add_argument("--name", metavar="NAME", help="export name (default: vhost-user-blk:POOL/VOL)")
+    c = cmd(exp, "scsi", export_scsi, "serve a volume as a local SCSI disk (LIO)", json=True)
+    c.add_argument("ref", metavar="POOL/VOL", type=volume_ref)
+    c.add_argument("--name", metavar="NAME", help="export name (default: scsi/POOL/VOL)")
+    c = cmd(
+        exp,
+        "vhost-scsi",
+        export_vhost_scsi,
+        "serve a volume or a host block device to QEMU over vhost-scsi (LIO)",
+        json=True,
+    )
+    c.add_argument("ref", metavar="POOL/VOL", type=volume_ref, nargs="?")
+    c.add_argument("--device", metavar="PATH", help="a host block device instead of a volume")
+    c.add_argument("--wwpn", metavar="naa.X", help="vhost target WWPN (default: a new one)")
+    c.add_argument("--lun", metavar="N", type=int, help="LUN number (default: lowest free)")
+    c.add_argument("--name", metavar="NAME", help="export name (default: vhost-scsi/POOL/VOL)")
     cmd(exp, "list", export_list, "list exports", json=True)
     c = cmd(exp, "show", export_show, "show an export", json=True)
     c.add_argument("name", metavar="NAME")

@@ -161,11 +161,17 @@ def exports_table(exports: Sequence[ExportInfo]) -> str:
                 str(e.spec.kind),
                 e.spec.target,
                 str(e.state),
-                e.uris[0] if e.uris else "-",
+                _address(e),
             ]
             for e in exports
         ],
     )
+
+
+def _address(e: ExportInfo) -> str:
+    if e.spec.lun is not None:  # vhost-scsi
+        return f"{e.spec.wwpn} LUN {e.spec.lun}"
+    return e.uris[0] if e.uris else "-"
 
 
 def export_details(e: ExportInfo) -> str:
@@ -178,6 +184,8 @@ def export_details(e: ExportInfo) -> str:
     ]
     if e.spec.socket is not None:
         pairs.append(("queues", str(e.spec.queues)))
+    if e.spec.wwpn is not None:
+        pairs += [("wwpn", e.spec.wwpn), ("lun", str(e.spec.lun))]
     pairs += [("address", u) for u in e.uris]
     if e.message:
         pairs.append(("note", e.message))

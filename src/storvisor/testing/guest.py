@@ -21,6 +21,15 @@ Inside the script, ``/bin`` holds every busybox applet, the working directory is
 ``/tmp`` in the initramfs, and the shell function ``wait_for_block DEV [SECONDS]`` waits until a
 block device node appears.
 
+Host-root guests (``host_root_guest``) run this machine's own userspace instead: the host's
+``/`` is shared read-only over 9p, a tmpfs overlay on top makes it writable, and the command
+runs chrooted there after the host's ``modprobe`` has loaded LIO, TCMU, tcm_loop, vhost-scsi,
+NBD and brd and configfs is mounted (the host kernel may have none of them; the guest, booting
+the host's kernel image, has them all). ``run_pytest_in_guest`` runs pytest that way and reads
+its JUnit report back through a writable 9p share; ``tests/lio/conftest.py`` maps it onto host
+test items, one guest per module. Measured: the root is ready about 4 s after the kernel
+starts, a pytest run of a small module takes 40-50 s in all under TCG.
+
 Errors: ``GuestError`` when QEMU cannot start, dies, or the guest stops without reporting a
 status; ``GuestTimeout`` (a ``GuestError``) when the deadline passes, after QEMU was killed. A
 non-zero script status is not an error: ``GuestResult.check`` turns it into ``GuestFailed``.
@@ -34,9 +43,11 @@ import lzma
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -45,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO
+from xml.etree import ElementTree
 
 from storvisor.errors import StorvisorError
 
@@ -555,6 +567,249 @@ def share_dir_args(host_dir: str, tag: str, *, read_only: bool = True) -> list[s
     ``mount -t 9p -o trans=virtio,version=9p2000.L TAG /mnt``."""
     spec = f"local,path={host_dir},mount_tag={tag},security_model=none"
     return ["-virtfs", spec + (",readonly=on" if read_only else "")]
+
+
+HOST_ROOT_MODULES: tuple[str, ...] = (*DEFAULT_MODULES, "overlay")
+"""Modules of a host-root guest's initramfs: 9p and overlay for the root, virtio disks."""
+
+LIO_MODULES: tuple[str, ...] = (
+    "configfs",
+    "target_core_mod",
+    "target_core_user",
+    "target_core_iblock",
+    "target_core_file",
+    "tcm_loop",
+    "vhost_scsi",
+    "nbd",
+    "loop",
+    "sg",
+)
+"""Modules a host-root guest loads with the host's ``modprobe`` by default: LIO with its
+user (TCMU), iblock and fileio backstores, the loopback and vhost fabrics, NBD and loop
+devices. ``brd`` (two 64 MiB ram disks) is loaded as well."""
+
+HOST_ROOT_OUTBOX = "/run/storvisor-outbox"
+"""Where a host-root guest sees the writable host directory given as ``outbox``."""
+
+_HOST_ROOT_SETUP = """\
+mkdir -p /lower /rw /newroot
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288,cache=loose,ro hostroot /lower \\
+    || {{ echo "storvisor-guest: cannot mount the host root"; exit 90; }}
+mount -t tmpfs -o size={tmpfs_mib}m rw /rw && mkdir -p /rw/upper /rw/wd
+mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/wd overlay /newroot \\
+    || {{ echo "storvisor-guest: cannot mount the overlay root"; exit 91; }}
+mount -t proc proc /newroot/proc
+mount -t sysfs sysfs /newroot/sys
+mount -t devtmpfs devtmpfs /newroot/dev
+mkdir -p /newroot/dev/pts /newroot/dev/shm
+mount -t devpts devpts /newroot/dev/pts
+mount -t tmpfs tmpfs /newroot/dev/shm
+mount -t tmpfs tmpfs /newroot/run
+"""
+
+_HOST_ROOT_OUTBOX = """\
+mkdir -p /newroot{outbox}
+mount -t 9p -o trans=virtio,version=9p2000.L,cache=none outbox /newroot{outbox} \\
+    || {{ echo "storvisor-guest: cannot mount the outbox"; exit 92; }}
+"""
+
+_HOST_ROOT_INSIDE = """\
+mkdir -p /etc/target
+modprobe -a {modules} || echo "storvisor-guest: modprobe failed"
+modprobe brd rd_nr=2 rd_size=65536 max_part=0 || echo "storvisor-guest: modprobe brd failed"
+[ -d /sys/kernel/config ] && ! mountpoint -q /sys/kernel/config \\
+    && mount -t configfs configfs /sys/kernel/config
+echo "storvisor-guest: host root ready after $(cut -d' ' -f1 /proc/uptime) s"
+"""
+
+
+def host_root_script(
+    command: Sequence[str],
+    *,
+    cwd: str = "/",
+    env: dict[str, str] | None = None,
+    modules: Sequence[str] | None = LIO_MODULES,
+    outbox: bool = False,
+    tmpfs_mib: int = 256,
+) -> str:
+    """The busybox script of a host-root guest: the host's ``/`` read-only over 9p (tag
+    ``hostroot``) under a tmpfs overlay, ``/proc``, ``/sys``, ``/dev`` and a tmpfs ``/run``
+    mounted in it, then ``command`` run by the host's ``/bin/sh`` chrooted there, in ``cwd``
+    with exactly ``env`` (plus a default ``PATH``). Its exit status is the guest's.
+
+    Inside, before ``command``: ``modules`` loaded with the host's ``modprobe`` (``None``:
+    none, and no configfs either, to see what a command does without them), configfs
+    mounted at ``/sys/kernel/config`` and ``/etc/target`` created. With ``outbox`` the 9p
+    tag ``outbox`` is mounted read-write at ``HOST_ROOT_OUTBOX``.
+    """
+    environment = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+    environment.update(env or {})
+    inside = _HOST_ROOT_INSIDE.format(modules=" ".join(modules)) if modules is not None else ""
+    inside += f"cd {shlex.quote(cwd)} || exit 93\nexec {shlex.join(command)}\n"
+    setup = _HOST_ROOT_SETUP.format(tmpfs_mib=tmpfs_mib)
+    if outbox:
+        setup += _HOST_ROOT_OUTBOX.format(outbox=HOST_ROOT_OUTBOX)
+    env_args = shlex.join(f"{k}={v}" for k, v in environment.items())
+    return f"{setup}chroot /newroot /usr/bin/env -i {env_args} /bin/sh -c {shlex.quote(inside)}\n"
+
+
+def host_root_args(outbox: str | None = None) -> list[str]:
+    """QEMU arguments sharing the host's ``/`` read-only (tag ``hostroot``) and, when given,
+    the host directory ``outbox`` read-write (tag ``outbox``)."""
+    spec = "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
+    args = ["-virtfs", spec]
+    if outbox is not None:
+        args += share_dir_args(outbox, "outbox", read_only=False)
+    return args
+
+
+def host_root_guest(
+    command: Sequence[str],
+    *,
+    cwd: str = "/",
+    env: dict[str, str] | None = None,
+    modules: Sequence[str] | None = LIO_MODULES,
+    outbox: str | None = None,
+    qemu_args: Sequence[str] = (),
+    memory_mib: int = 768,
+    timeout: float = 600.0,
+) -> Guest:
+    """A guest that runs ``command`` on this machine's own userspace (``host_root_script``)
+    with the host's kernel and modules: LIO, TCMU, tcm_loop, vhost-scsi and NBD, which the
+    host kernel may lack, are there. ``outbox`` is a host directory the guest may write to
+    (seen inside at ``HOST_ROOT_OUTBOX``). Not started: use it as a context manager."""
+    script = host_root_script(command, cwd=cwd, env=env, modules=modules, outbox=outbox is not None)
+    return Guest(
+        script,
+        qemu_args=[*host_root_args(outbox), *qemu_args],
+        memory_mib=memory_mib,
+        modules=HOST_ROOT_MODULES,
+        timeout=timeout,
+    )
+
+
+IN_GUEST_ENV = "STORVISOR_IN_GUEST"
+"""Set to ``1`` in the environment of tests run by ``run_pytest_in_guest``."""
+
+
+@dataclass(frozen=True, slots=True)
+class InnerTest:
+    """One test case as the pytest run inside a guest reported it (from its JUnit XML)."""
+
+    module: str
+    """Dotted module path, e.g. ``tests.lio.guest_iblock``; empty for a collection error."""
+    name: str
+    """Test name with its parameters, e.g. ``test_read[4096]``."""
+    outcome: str
+    """``passed``, ``failed``, ``error`` or ``skipped``."""
+    text: str
+    """The failure, error or skip message with its report (empty when it passed)."""
+    seconds: float
+
+    @property
+    def function(self) -> str:
+        """The test function's name (without parameters)."""
+        return self.name.partition("[")[0]
+
+
+@dataclass(frozen=True, slots=True)
+class PytestRun:
+    """A pytest run in a host-root guest: the guest's result and every test case."""
+
+    guest: GuestResult
+    tests: tuple[InnerTest, ...]
+
+
+def run_pytest_in_guest(
+    paths: Sequence[str],
+    *,
+    rootdir: str,
+    python: str | None = None,
+    pytest_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    modules: Sequence[str] | None = LIO_MODULES,
+    memory_mib: int = 768,
+    timeout: float = 900.0,
+) -> PytestRun:
+    """Boot one host-root guest that runs ``python -m pytest PATHS`` in ``rootdir`` and
+    return every test case it reported.
+
+    ``python`` defaults to this interpreter (the guest sees the host's files, so a virtualenv
+    works as it is). The inner environment is ``env`` plus ``IN_GUEST_ENV=1`` and this
+    process's ``PYTHONPATH`` and ``CI``. The report comes back as JUnit XML through a
+    writable 9p share, so what a failed test printed is in its ``InnerTest.text``.
+
+    Raises ``GuestTimeout`` when the run does not finish within ``timeout`` (a stalled test
+    is a failure), ``GuestError`` when the guest stops without a status or pytest wrote no
+    report (its console then tells why).
+    """
+    inner_env = {"HOME": "/root", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+    for name in ("PYTHONPATH", "CI"):
+        if name in os.environ:
+            inner_env[name] = os.environ[name]
+    inner_env.update(env or {})
+    inner_env[IN_GUEST_ENV] = "1"
+    report = f"{HOST_ROOT_OUTBOX}/junit.xml"
+    command = [
+        python or sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-rfEs",
+        f"--junitxml={report}",
+        *pytest_args,
+        *paths,
+    ]
+    outbox = tempfile.mkdtemp(prefix="storvisor-outbox-")
+    try:
+        guest = host_root_guest(
+            command,
+            cwd=rootdir,
+            env=inner_env,
+            modules=modules,
+            outbox=outbox,
+            memory_mib=memory_mib,
+            timeout=timeout,
+        )
+        with guest:
+            result = guest.wait()
+        try:
+            xml = Path(outbox, "junit.xml").read_text()
+        except FileNotFoundError:
+            raise GuestError(
+                f"pytest in the guest wrote no report (status {result.status})\n"
+                f"{_tail(result.console)}",
+                result.console,
+            ) from None
+        return PytestRun(result, parse_junit(xml))
+    finally:
+        shutil.rmtree(outbox, ignore_errors=True)
+
+
+def parse_junit(xml: str) -> tuple[InnerTest, ...]:
+    """The test cases of a pytest JUnit XML report."""
+    tests = []
+    for case in ElementTree.fromstring(xml).iter("testcase"):
+        outcome, text = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            element = case.find(tag)
+            if element is not None:
+                outcome = "failed" if tag == "failure" else tag
+                message = element.get("message", "")
+                body = element.text or ""
+                text = f"{message}\n{body}".strip()
+                break
+        tests.append(
+            InnerTest(
+                case.get("classname", ""),
+                case.get("name", ""),
+                outcome,
+                text,
+                float(case.get("time", "0") or 0),
+            )
+        )
+    return tuple(tests)
 
 
 def run_guest(script: str, *, qemu_args: Sequence[str] = (), timeout: float = 120.0) -> GuestResult:

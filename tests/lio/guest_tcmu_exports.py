@@ -1,0 +1,237 @@
+"""In a host-root guest: storvisor volumes as LIO TCMU backstores, through the CLI and a
+running daemon. ``export scsi`` gives a ``/dev/sdX`` that sg3-utils, fio, blkdiscard and
+sd see as storvisor emulates it; ``export vhost-scsi`` gives a vhost target the fake guest
+drives, whose writes NBD then reads back."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli"))
+from cli_harness import CLI, Daemon
+
+from storvisor.testing.vhost_scsi_frontend import VhostScsiFrontend
+
+MiB = 1 << 20
+WWPN = "naa.5001405beef00001"
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def cli(home: Path, tmp_path: Path) -> CLI:
+    c = CLI(home)
+    c("pool", "create", "p", "--backing", f"{tmp_path / 'pool.img'}:1G")
+    c("volume", "create", "p/v", "--size", "64M")
+    return c
+
+
+@pytest.fixture
+def daemon(cli: CLI, home: Path) -> Iterator[Daemon]:
+    d = Daemon(home).start()
+    try:
+        yield d
+    finally:
+        d.kill()
+        clear_lio()
+
+
+def clear_lio() -> None:
+    """Delete what a failed test left in LIO (the daemon is gone by then)."""
+    from storvisor.exports.lio import Lio
+
+    lio = Lio()
+    for lun in lio.luns():
+        lio.remove(lun.backstore)
+
+
+def run(*args: str, check: bool = True) -> str:
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    if check:
+        assert proc.returncode == 0, f"{' '.join(args)}: {proc.stdout}{proc.stderr}"
+    return proc.stdout
+
+
+def export_scsi(cli: CLI, ref: str = "p/v") -> tuple[str, str]:
+    lines = cli("export", "scsi", ref).out.split()
+    assert len(lines) == 2, lines
+    device, by_id = lines
+    assert re.fullmatch(r"/dev/sd[a-z]+", device), device
+    return device, by_id
+
+
+def read_direct(device: str, offset: int, length: int) -> bytes:
+    buf = mmap.mmap(-1, length)
+    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [buf], offset) == length
+    finally:
+        os.close(fd)
+    return bytes(buf)
+
+
+def write_direct(device: str, offset: int, data: bytes) -> None:
+    buf = mmap.mmap(-1, len(data))
+    buf[:] = data
+    fd = os.open(device, os.O_WRONLY | os.O_DIRECT)
+    try:
+        assert os.pwritev(fd, [buf], offset) == len(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def allocated(cli: CLI, ref: str = "p/v") -> int:
+    info = cli("volume", "show", ref, "--json").json()
+    assert isinstance(info, dict)
+    return int(info["allocated"])
+
+
+def test_scsi_disk_shows_the_emulation_to_sg3_utils(cli: CLI, daemon: Daemon) -> None:
+    device, by_id = export_scsi(cli)
+    disk = os.path.basename(device)
+    wwid = Path(f"/sys/block/{disk}/device/wwid").read_text().strip()
+    assert wwid.startswith("naa.6") and by_id == f"/dev/disk/by-id/wwn-0x{wwid[4:]}"
+    inq = run("sg_inq", device)
+    assert "STORVISR" in inq and "storvisor volume" in inq, inq
+    assert re.search(r"Unit serial number: \S+", run("sg_inq", "-p", "0x80", device))
+    limits = run("sg_vpd", "-p", "bl", device)
+    assert "Maximum unmap LBA count" in limits, limits
+    assert re.search(r"Maximum unmap LBA count: [1-9]", limits), limits
+    cap = run("sg_readcap", "-l", device)
+    assert "lbpme=1" in cap and "lbprz=1" in cap, cap
+    assert re.search(r"Last LBA=131071 \(0x1ffff\), Number of logical blocks=131072", cap), cap
+    assert "Logical block length=512 bytes" in cap
+    listed = cli("export", "list", "--json").json()
+    assert isinstance(listed, list)
+    assert listed[0]["state"] == "active" and listed[0]["uris"] == [device, by_id]
+    assert Path(f"/sys/block/{disk}/queue/discard_max_bytes").read_text().strip() != "0"
+    cli("export", "remove", "scsi/p/v")
+    assert not Path(f"/sys/block/{disk}").exists()
+    assert not list(Path("/sys/kernel/config/target/loopback").glob("naa.*"))
+    assert not list(Path("/sys/kernel/config/target/core").glob("user_*/storvisor-*"))
+
+
+def test_fio_verify_on_the_scsi_disk(cli: CLI, daemon: Daemon) -> None:
+    device, _ = export_scsi(cli)
+    out = run(
+        "fio", "--name=verify", f"--filename={device}", "--rw=randwrite", "--bs=4k",
+        "--size=16M", "--ioengine=libaio", "--direct=1", "--iodepth=16",
+        "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--output-format=json",
+    )  # fmt: skip
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    assert job["error"] == 0 and job["write"]["io_bytes"] == 16 * MiB
+    assert job["read"]["io_bytes"] == 16 * MiB  # the verify pass read everything back
+    cli("export", "remove", "scsi/p/v")
+
+
+def test_blkdiscard_reads_zeros_and_frees_clusters(cli: CLI, daemon: Daemon) -> None:
+    device, _ = export_scsi(cli)
+    write_direct(device, 0, os.urandom(8 * MiB))
+    full = allocated(cli)
+    assert full >= 8 * MiB
+    run("blkdiscard", "-o", "0", "-l", str(8 * MiB), device)
+    assert read_direct(device, 0, 8 * MiB) == bytes(8 * MiB)
+    assert allocated(cli) <= full - 7 * MiB
+    cli("export", "remove", "scsi/p/v")
+
+
+def test_persistent_reservations_work(cli: CLI, daemon: Daemon) -> None:
+    device, _ = export_scsi(cli)
+    run("sg_persist", "--out", "--register", "--param-sark=0x1234abcd", device)
+    run("sg_persist", "--out", "--reserve", "--param-rk=0x1234abcd", "--prout-type=1", device)
+    keys = run("sg_persist", "--in", "--read-keys", device)
+    assert "0x1234abcd" in keys, keys
+    reservation = run("sg_persist", "--in", "--read-reservation", device)
+    assert "Key=0x1234abcd" in reservation and "Write Exclusive" in reservation, reservation
+    write_direct(device, 0, b"r" * 4096)  # the holder may still write
+    run("sg_persist", "--out", "--release", "--param-rk=0x1234abcd", "--prout-type=1", device)
+    run("sg_persist", "--out", "--register", "--param-rk=0x1234abcd", "--param-sark=0", device)
+    assert "no registered reservation keys" in run("sg_persist", "--in", "-k", device).lower()
+    cli("export", "remove", "scsi/p/v")
+
+
+def test_online_extend_reaches_sd(cli: CLI, daemon: Daemon) -> None:
+    device, _ = export_scsi(cli)
+    disk = os.path.basename(device)
+    assert int(Path(f"/sys/block/{disk}/size").read_text()) == 64 * MiB // 512
+    cli("volume", "extend", "p/v", "--size", "96M")
+    Path(f"/sys/block/{disk}/device/rescan").write_text("1")
+    deadline = time.monotonic() + 20
+    while int(Path(f"/sys/block/{disk}/size").read_text()) != 96 * MiB // 512:
+        assert time.monotonic() < deadline, Path(f"/sys/block/{disk}/size").read_text()
+        time.sleep(0.2)
+    write_direct(device, 95 * MiB, b"e" * 4096)  # the new end is usable
+    assert read_direct(device, 95 * MiB, 4096) == b"e" * 4096
+    cli("export", "remove", "scsi/p/v")
+
+
+def test_vhost_scsi_endpoint_of_a_volume_read_back_over_nbd(
+    cli: CLI, daemon: Daemon, tmp_path: Path
+) -> None:
+    out = cli("export", "vhost-scsi", "p/v", "--wwpn", WWPN).out
+    assert out == f"{WWPN} LUN 0\n"
+    pattern = b"".join(bytes([i]) * 512 for i in range(256)) * 2  # 256 KiB
+    with VhostScsiFrontend(WWPN) as fe:
+        assert fe.ready(0).ok
+        inquiry = fe.inquiry(0)
+        assert inquiry.ok and inquiry.data[8:16] == b"STORVISR"
+        blocks, block_size, result = fe.read_capacity16(0)
+        assert result.ok and blocks * block_size == 64 * MiB
+        assert fe.write16(2048, pattern).ok
+        assert fe.write16(8192, b"\xee" * 65536).ok
+        assert fe.synchronize_cache().ok
+        assert fe.unmap(8192, 128).ok
+        assert fe.read16(8192, 128).data == bytes(65536)
+    cli("export", "nbd", "p/v", "--name", "check")
+    image = tmp_path / "copy.raw"
+    uri = f"nbd+unix:///check?socket={cli.home / 'nbd.sock'}"
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(image))
+    data = image.read_bytes()
+    assert data[2048 * 512 : 2048 * 512 + len(pattern)] == pattern
+    assert data[8192 * 512 : 8192 * 512 + 65536] == bytes(65536)
+    cli("export", "remove", "check")
+    cli("export", "remove", "vhost-scsi/p/v")
+    assert not Path(f"/sys/kernel/config/target/vhost/{WWPN}").exists()
+
+
+def test_kill_9_of_the_daemon_under_io_loses_nothing(cli: CLI, daemon: Daemon, home: Path) -> None:
+    device, _ = export_scsi(cli)
+    chunk = 256 * 1024
+    count = 64
+    source = home / "pattern.bin"
+    source.write_bytes(os.urandom(chunk * count))
+    writer = subprocess.Popen(
+        ["dd", f"if={source}", f"of={device}", f"bs={chunk}", "oflag=direct", "conv=fsync"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait()
+    daemon.proc = None
+    started = time.monotonic()
+    daemon.start()
+    restart = time.monotonic() - started
+    _, err = writer.communicate(timeout=120)
+    assert writer.returncode == 0, err
+    assert read_direct(device, 0, chunk * count) == source.read_bytes()
+    dmesg = run("dmesg")
+    assert "I/O error" not in dmesg and "timing out command" not in dmesg, dmesg[-3000:]
+    print(f"daemon restart took {restart:.1f} s")
+    cli("export", "remove", "scsi/p/v")
