@@ -146,6 +146,10 @@ class PlaneHost:
     def alive(self) -> bool:
         return not self._dead.is_set()
 
+    def wait_closed(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the plane to end the channel; whether it has."""
+        return self._dead.wait(timeout)
+
     # -- DataPlane (engine/volume.py) --
 
     def freeze(self) -> None:
@@ -304,7 +308,8 @@ class RemoteVolume:
     """A ``BlockDevice`` served by a ``PlaneHost`` in the pool's owner process.
 
     ``backings`` maps device index -> fd of the pool's backing devices (more are fetched
-    on demand); ``on_lost`` runs once when the channel breaks, before any request waiting
+    on demand; those are closed with the volume, as ``backings`` are with ``owns_backings``);
+    ``on_lost`` runs once when the channel breaks, before any request waiting
     for the owner fails (``IOFailure(EIO)``). Thread-safe.
     """
 
@@ -319,8 +324,10 @@ class RemoteVolume:
         serial: str = "",
         on_lost: Callable[[], None] | None = None,
         on_resized: Callable[[], None] | None = None,
+        owns_backings: bool = False,
     ) -> None:
         self._sock = sock
+        self._owned = set(backings.values()) if owns_backings else set()
         self._link = Link(sock, max_payload=_MAX_PAYLOAD, max_fds=1)
         self._reader_map = MapReader(map_fd)
         self._size = self._reader_map.size
@@ -501,6 +508,10 @@ class RemoteVolume:
             self._reader.join()
         self._sock.close()
         self._reader_map.close()
+        with self._fds_lock:
+            for fd in self._owned:
+                os.close(fd)
+            self._owned.clear()
 
     # -- direct I/O --
 
@@ -580,6 +591,7 @@ class RemoteVolume:
                 if started[1].fd < 0:
                     raise IOFailure(f"data plane: no backing device {index}", errno.ENODEV)
                 self._fds[index] = started[1].fd
+                self._owned.add(started[1].fd)
 
     # -- the channel --
 
