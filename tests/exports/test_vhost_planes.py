@@ -25,7 +25,8 @@ from storvisor.engine.types import BackingSpec
 from storvisor.engine.volume import Volume
 from storvisor.exports.nbd_worker import DataPlanes
 from storvisor.exports.vhost_worker import VhostDataPlane
-from storvisor.protocols.virtio.blk import Status
+from storvisor.protocols.vhost_user import inflight as infl
+from storvisor.protocols.virtio.blk import RequestType, Status
 from storvisor.testing import procs
 from storvisor.testing.faultfs import Fault, FaultMount
 from storvisor.testing.vhost_frontend import VhostUserFrontend
@@ -221,8 +222,9 @@ def test_a_stalled_volume_does_not_stall_its_neighbours(sockdir: Path) -> None:
 def test_a_killed_plane_restarts_and_only_its_exports_reconnect(pool: Pool, sockdir: Path) -> None:
     planes = _planes(2)
     exports = Exports(planes, sockdir)
+    slow = QosBlock()  # holds x's requests in flight when its process is killed
     try:
-        x = exports.add(pool, "x")
+        x = exports.add(pool, "x", qos=slow)
         y = exports.add(pool, "y")
         z = exports.add(pool, "z", queues=2)  # a slot in each process
         assert x.pids != y.pids and len(set(z.pids)) == 2
@@ -235,6 +237,13 @@ def test_a_killed_plane_restarts_and_only_its_exports_reconnect(pool: Pool, sock
             for fe in (fx, fy, fz):
                 fe.setup()
                 assert fe.blk.write(0, b"\x11" * CS) == Status.OK
+            slow.set_limits(QosSpec.parse({"write_iops_sec": 1}).limits(16 * MiB))
+            heads = [
+                fx.blk.submit(RequestType.OUT, (CS + i * 4096) >> 9, out=bytes([i + 1]) * 4096)
+                for i in range(4)
+            ]
+            q = fx.queues[0]
+            _wait(lambda: q.used_idx() == 1 and len(_inflight(fx)) == 1)  # one held by QoS
             victim = x.pids[0]
             os.kill(victim, signal.SIGKILL)
             # the other process's export is served all along
@@ -245,8 +254,17 @@ def test_a_killed_plane_restarts_and_only_its_exports_reconnect(pool: Pool, sock
             assert victim not in planes.pids and len(planes.pids) == 2
             assert planes.restarts == 1
             assert y.starts == 1 and y.slot_keys == y_keys  # never placed again
+            slow.set_limits(QosSpec.parse({}).limits(16 * MiB))
             for fe in (fx, fz):
                 fe.reconnect()
+            # what was in flight in the killed process is resubmitted, each completes once
+            for head, _, status in heads:
+                assert fx.blk.wait(0, head) == 1
+                assert fx.memory.read(status, 1)[0] == Status.OK
+            assert _inflight(fx) == []
+            for i in range(4):
+                assert fx.blk.read(CS + i * 4096, 4096) == (Status.OK, bytes([i + 1]) * 4096)
+            for fe in (fx, fz):
                 assert fe.blk.read(0, 4096) == (Status.OK, b"\x11" * 4096)
                 assert fe.blk.write(8192, b"\x22" * 4096, queue=fe.num_queues - 1) == Status.OK
                 assert fe.blk.read(8192, 4096) == (Status.OK, b"\x22" * 4096)
@@ -254,6 +272,15 @@ def test_a_killed_plane_restarts_and_only_its_exports_reconnect(pool: Pool, sock
     finally:
         exports.close()
         planes.close()
+        slow.close()
+
+
+def _inflight(fe: VhostUserFrontend) -> list[int]:
+    """The heads queue 0's inflight buffer records as in flight."""
+    assert fe.inflight_fd is not None
+    raw = os.pread(fe.inflight_fd, fe.inflight_size, 0)
+    header = infl.QUEUE_HEADER.size
+    return [h for h in range(fe.queue_size) if raw[header + infl.DESC_STATE_SPLIT.size * h]]
 
 
 def test_qos_is_one_limit_for_queues_in_two_processes(pool: Pool, sockdir: Path) -> None:
