@@ -12,17 +12,20 @@ script in temporary HOMEs):
 2. *IOPS*: 8 exports driven at once by ``vhost-blk-bench`` (4k randread, qd32 each, over a
    prefilled range), served by the shared data planes (default count), by processes of each
    export's own (``--data-planes per-export``), and by qemu-storage-daemon with one iothread
-   per core serving 8 raw files prefilled the same way. All three in the same run: compare
-   the ratios (the machine may be shared).
+   per core serving 8 raw files prefilled the same way. The three run side by side and are
+   driven in turn, ``--rounds`` times (medians): compare the ratios (the machine may be
+   shared).
 3. *Stall*: two exports in one data-plane process (``--data-planes 1``), one on a pool whose
-   backing file lives on ``storvisor.testing.faultfs`` with every read stalled: the other
-   export's IOPS with and without the stalled one's requests held.
+   backing file lives on ``storvisor.testing.faultfs``: the other export's IOPS alone, then
+   with every read of the first stalled and its client's requests held, in turn,
+   ``--rounds`` times (medians).
 
 Usage::
 
     PYTHONPATH=src .venv/bin/python bench/planes_bench.py [--quick] [--json out.jsonl]
 
-``--quick`` shrinks every part (40 exports, 10 NBD connections, 2 s runs) for a smoke run.
+``--quick`` shrinks every part (40 exports, 10 NBD connections, 2 s runs, one round) for a
+smoke run.
 The client, ``vhost-blk-bench``, is compiled from ``../shared/tools/vhost-blk-bench`` (or
 ``--tool-src``) into a temporary directory. The stall part needs FUSE (``/dev/fuse``) and is
 skipped without it. Exit status 0 when every part ran and no request failed.
@@ -102,10 +105,14 @@ class Daemon:
         while True:
             if self.proc.poll() is not None:
                 raise SystemExit(f"the daemon exited; see {self.log.name}")
-            with contextlib.suppress(OSError, StorvisorError):
-                with contextlib.closing(Client(self.home / "api.sock", timeout=5)) as client:
-                    client.status()
-                    return time.monotonic() - started
+            client = Client(self.home / "api.sock", timeout=5)
+            try:
+                client.status()
+                return time.monotonic() - started
+            except (OSError, StorvisorError):
+                pass
+            finally:
+                client.close()
             time.sleep(0.02)
 
     def client(self) -> contextlib.closing[Client]:
@@ -204,15 +211,29 @@ def result(proc: subprocess.Popen[bytes], timeout: float = 600) -> dict[str, flo
 
 
 def prefill(tool: Path, sock: str, size: int) -> None:
-    result(run_bench(tool, sock, "--verify", "--bs", "1M", "--iodepth", "8",
-                     "--size-limit", str(size)))  # fmt: skip
+    result(
+        run_bench(tool, sock, "--verify", "--bs", "1M", "--iodepth", "8", "--size-limit", str(size))
+    )
 
 
 def drive(tool: Path, socks: list[str], size: int, seconds: float) -> list[float]:
     """4k randread qd32 on every socket at once; the IOPS of each."""
     procs = [
-        run_bench(tool, sock, "--rw", "randread", "--bs", "4k", "--iodepth", "32",
-                  "--size-limit", str(size), "--ramp", "1", seconds=seconds)  # fmt: skip
+        run_bench(
+            tool,
+            sock,
+            "--rw",
+            "randread",
+            "--bs",
+            "4k",
+            "--iodepth",
+            "32",
+            "--size-limit",
+            str(size),
+            "--ramp",
+            "1",
+            seconds=seconds,
+        )
         for sock in socks
     ]
     return [result(p)["iops"] for p in procs]
@@ -292,26 +313,24 @@ def part_scale(exports: int, nbd_conns: int) -> dict[str, object]:
     }
 
 
-def _storvisor_iops(tool: Path, mode: str, top: Path, size: int, secs: float) -> list[float]:
+def _storvisor_exports(mode: str, top: Path, size: int, stack: contextlib.ExitStack) -> list[str]:
+    """A daemon (``mode``: shared planes or ``per-export``) serving 8 prefilled exports."""
     home = top / f"home-{mode}"
     home.mkdir()
     daemon = Daemon(home, *(["--data-planes", mode] if mode != "shared" else []))
     daemon.start()
-    try:
-        socks = [str(top / f"{mode}-{i}.sock") for i in range(8)]
-        with daemon.client() as client:
-            client.create_pool("p", [BackingSpec(str(top / f"{mode}.img"), 8 * size + GiB)])
-            for i, sock in enumerate(socks):
-                client.create_volume("p", f"v{i}", GiB)
-                client.export_vhost_user_blk("p", f"v{i}", sock)
-        for sock in socks:
-            prefill(tool, sock, size)
-        return drive(tool, socks, size, secs)
-    finally:
-        daemon.stop()
+    stack.callback(daemon.stop)
+    socks = [str(top / f"{mode}-{i}.sock") for i in range(8)]
+    with daemon.client() as client:
+        client.create_pool("p", [BackingSpec(str(top / f"{mode}.img"), 8 * size + GiB)])
+        for i, sock in enumerate(socks):
+            client.create_volume("p", f"v{i}", GiB)
+            client.export_vhost_user_blk("p", f"v{i}", sock)
+    return socks
 
 
-def _qsd_iops(tool: Path, top: Path, size: int, secs: float) -> list[float]:
+def _qsd_exports(top: Path, stack: contextlib.ExitStack) -> list[str]:
+    """qemu-storage-daemon serving 8 raw files, one iothread per core."""
     cores = os.cpu_count() or 1
     argv = ["qemu-storage-daemon"]
     argv += [f"--object=iothread,id=iot{k}" for k in range(cores)]
@@ -332,51 +351,69 @@ def _qsd_iops(tool: Path, top: Path, size: int, secs: float) -> list[float]:
             f"writable=on,num-queues=1,iothread=iot{i % cores}",
         ]
     qsd = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 30
-        while not all(os.path.exists(s) for s in socks):
-            if qsd.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"qemu-storage-daemon did not start: {qsd.communicate()[1]!r}")
-            time.sleep(0.05)
-        for sock in socks:
-            prefill(tool, sock, size)
-        return drive(tool, socks, size, secs)
-    finally:
+
+    def stop() -> None:
         qsd.terminate()
         qsd.wait()
 
+    stack.callback(stop)
+    deadline = time.monotonic() + 30
+    while not all(os.path.exists(s) for s in socks):
+        if qsd.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"qemu-storage-daemon did not start: {qsd.communicate()[1]!r}")
+        time.sleep(0.05)
+    return socks
 
-def part_iops(tool: Path, size: int, secs: float) -> dict[str, object]:
-    with scratch("pb-iops-") as top:
-        shared = _storvisor_iops(tool, "shared", top, size, secs)
-        own = _storvisor_iops(tool, "per-export", top, size, secs)
-        qsd = _qsd_iops(tool, top, size, secs)
-    total = {"shared": sum(shared), "per_export": sum(own), "qsd": sum(qsd)}
+
+def part_iops(tool: Path, size: int, secs: float, rounds: int) -> dict[str, object]:
+    """The three back-ends up at once, prefilled, then driven in turn, ``rounds`` times."""
+    runs: dict[str, list[float]] = {"shared": [], "per_export": [], "qsd": []}
+    with scratch("pb-iops-") as top, contextlib.ExitStack() as stack:
+        backends = {
+            "shared": _storvisor_exports("shared", top, size, stack),
+            "per_export": _storvisor_exports("per-export", top, size, stack),
+            "qsd": _qsd_exports(top, stack),
+        }
+        for socks in backends.values():
+            for sock in socks:
+                prefill(tool, sock, size)
+        for _ in range(rounds):
+            for name, socks in backends.items():
+                runs[name].append(sum(drive(tool, socks, size, secs)))
+    med = {name: statistics.median(found) for name, found in runs.items()}
     return {
         "part": "iops",
         "exports": 8,
         "workload": "4k randread qd32 each",
         "seconds": secs,
+        "rounds": rounds,
         "range_mib": size // MiB,
-        **{f"iops_{k}": round(v) for k, v in total.items()},
-        "shared_vs_qsd": round(total["shared"] / total["qsd"], 3),
-        "shared_vs_per_export": round(total["shared"] / total["per_export"], 3),
-        "per_export_vs_qsd": round(total["per_export"] / total["qsd"], 3),
+        **{f"iops_{k}": round(v) for k, v in med.items()},
+        **{f"runs_{k}": [round(v) for v in found] for k, found in runs.items()},
+        "shared_vs_qsd": round(med["shared"] / med["qsd"], 3),
+        "shared_vs_per_export": round(med["shared"] / med["per_export"], 3),
+        "per_export_vs_qsd": round(med["per_export"] / med["qsd"], 3),
     }
 
 
-def part_stall(tool: Path, size: int, secs: float) -> dict[str, object]:
+def part_stall(tool: Path, size: int, secs: float, rounds: int) -> dict[str, object]:
+    """Export b's IOPS alone and beside export a (same process) with a's reads held,
+    alternating, ``rounds`` times each."""
     from storvisor.testing.faultfs import Fault, FaultMount
 
     if not os.path.exists("/dev/fuse") or shutil.which("fusermount") is None:
         return {"part": "stall", "skipped": "FUSE is not available"}
+    alone: list[float] = []
+    beside: list[float] = []
+    held = 0
+    small = min(size, 64 * MiB)
     with scratch("pb-stall-") as top:
         (top / "backing").mkdir()
         (top / "mnt").mkdir()
         (top / "home").mkdir()
         mount = FaultMount(top / "backing", top / "mnt")
         daemon = Daemon(top / "home", "--data-planes", "1")
-        stalled_bench = None
+        stalled: subprocess.Popen[bytes] | None = None
         try:
             daemon.start()
             a, b = str(top / "a.sock"), str(top / "b.sock")
@@ -387,31 +424,52 @@ def part_stall(tool: Path, size: int, secs: float) -> dict[str, object]:
                 client.create_volume("g", "b", GiB)
                 client.export_vhost_user_blk("f", "a", a)
                 client.export_vhost_user_blk("g", "b", b)
-            prefill(tool, a, min(size, 64 * MiB))
+            prefill(tool, a, small)
             prefill(tool, b, size)
-            alone = drive(tool, [b], size, secs)[0]
-            mount.set(Fault("read", "stall", 0, None, 3600.0))
-            stalled_bench = run_bench(tool, a, "--rw", "randread", "--bs", "4k", "--iodepth",
-                                      "32", "--size-limit", str(min(size, 64 * MiB)),
-                                      "--timeout", "3600", seconds=3600)  # fmt: skip
-            deadline = time.monotonic() + 30
-            while mount.hits().get("read", 0) < 1:
-                assert time.monotonic() < deadline, "the stalled export's reads never arrived"
-                time.sleep(0.05)
-            beside = drive(tool, [b], size, secs)[0]
-            held = mount.hits().get("read", 0)
+            for _ in range(rounds):
+                alone.append(drive(tool, [b], size, secs)[0])
+                before = mount.hits().get("read", 0)
+                mount.set(Fault("read", "stall", 0, None, 3600.0))
+                stalled = run_bench(
+                    tool,
+                    a,
+                    "--rw",
+                    "randread",
+                    "--bs",
+                    "4k",
+                    "--iodepth",
+                    "32",
+                    "--size-limit",
+                    str(small),
+                    "--timeout",
+                    "3600",
+                    seconds=3600,
+                )
+                deadline = time.monotonic() + 30
+                while mount.hits().get("read", 0) <= before:
+                    assert time.monotonic() < deadline, "the stalled export's reads never came"
+                    time.sleep(0.05)
+                beside.append(drive(tool, [b], size, secs)[0])
+                held += mount.hits().get("read", 0) - before
+                mount.clear()
+                stalled.kill()
+                stalled.communicate()
+                stalled = None
         finally:
             mount.clear()
-            if stalled_bench is not None:
-                stalled_bench.kill()
-                stalled_bench.communicate()
+            if stalled is not None:
+                stalled.kill()
+                stalled.communicate()
             daemon.stop()
             mount.close()
     return {
         "part": "stall",
-        "iops_alone": round(alone),
-        "iops_beside_a_stalled_export": round(beside),
-        "ratio": round(beside / alone, 3),
+        "rounds": rounds,
+        "iops_alone": round(statistics.median(alone)),
+        "iops_beside_a_stalled_export": round(statistics.median(beside)),
+        "ratio": round(statistics.median(beside) / statistics.median(alone), 3),
+        "runs_alone": [round(v) for v in alone],
+        "runs_beside": [round(v) for v in beside],
         "stalled_reads_held": held,
     }
 
@@ -422,6 +480,7 @@ def main() -> int:
     parser.add_argument("--exports", type=int, default=None)
     parser.add_argument("--nbd", type=int, default=None, help="idle NBD connections")
     parser.add_argument("--seconds", type=float, default=None, help="per IOPS run")
+    parser.add_argument("--rounds", type=int, default=None, help="IOPS and stall rounds")
     parser.add_argument("--tool-src", default=None, help="vhost-blk-bench source directory")
     parser.add_argument("--parts", default="scale,iops,stall")
     parser.add_argument("--json", default=None, help="append one JSON line per part here")
@@ -430,6 +489,7 @@ def main() -> int:
     nbd_conns = args.nbd if args.nbd is not None else (10 if args.quick else 50)
     secs = args.seconds or (2.0 if args.quick else 10.0)
     size = 64 * MiB if args.quick else 256 * MiB
+    rounds = args.rounds or (1 if args.quick else 3)
     parts = args.parts.split(",")
     with scratch("pb-tool-") as out:
         tool = build_tool(find_tool_source(args.tool_src), out)
@@ -438,10 +498,10 @@ def main() -> int:
             results.append(part_scale(exports, nbd_conns))
             print(json.dumps(results[-1]), flush=True)
         if "iops" in parts:
-            results.append(part_iops(tool, size, secs))
+            results.append(part_iops(tool, size, secs, rounds))
             print(json.dumps(results[-1]), flush=True)
         if "stall" in parts:
-            results.append(part_stall(tool, size, secs))
+            results.append(part_stall(tool, size, secs, rounds))
             print(json.dumps(results[-1]), flush=True)
     if args.json:
         with open(args.json, "a") as f:
