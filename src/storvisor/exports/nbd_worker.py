@@ -515,10 +515,6 @@ class DataPlanes:
             threading.Thread(target=tenant.plane_lost, name="plane-lost", daemon=True).start()
 
 
-NbdDataPlanes = DataPlanes
-"""The name the NBD side has known these processes by."""
-
-
 # --------------------------------------------------------------------- the process itself
 
 

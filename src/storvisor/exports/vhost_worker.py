@@ -19,7 +19,11 @@ share the volume's one limit.
 
 A worker serves many slots; each has threads of its own (its server's control and queue
 threads, its channel's reader), so a slot whose device stalls holds only those: the other
-slots of the worker keep completing requests.
+slots of the worker keep completing requests. One thing does reach them: a slot that does not
+freeze in time (``PlaneHost.freeze``: a snapshot, or the reuse of freed clusters, while the
+device holds one of its direct reads or writes) ends its process, as only that stops its
+direct I/O; the process's other exports then reconnect as after a crash. A pool with a data
+timeout (``pool set-timeout --data``) avoids this: its planes do no direct I/O at all.
 
 Without a ``DataPlanes`` to join, an export starts a private one of ``slots`` processes that
 serves it alone and ends with it (one set of processes per export).
