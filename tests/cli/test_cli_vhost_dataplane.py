@@ -9,6 +9,8 @@ import select
 import signal
 import time
 
+from cli_harness import Daemon
+
 from prereq import require
 from storvisor.protocols.virtio.blk import Status
 from storvisor.testing import procs
@@ -102,3 +104,35 @@ def test_exports_share_the_data_planes_and_a_killed_one_restarts(cli, daemon, tm
     daemon.proc.wait()
     for pid in again:  # the data planes follow their daemon
         _wait(lambda pid=pid: procs.gone(pid))
+
+
+def test_data_planes_count_and_per_export(cli, home, tmp_path):
+    assert cli.fails("serve", "--data-planes", "0", rc=2) == (
+        "storvisor: error: argument --data-planes: invalid data-plane count '0': "
+        "a number of processes (1-1024) or per-export"
+    )
+    assert "invalid data-plane count 'many'" in cli.fails("serve", "--data-planes", "many", rc=2)
+    cli("pool", "create", "p", "--backing", f"{tmp_path}/disk.img:1G")
+    for name in ("a", "b", "c"):
+        cli("volume", "create", f"p/{name}", "--size", "64M")
+        cli("export", "vhost-user-blk", f"p/{name}", "--socket", str(tmp_path / f"{name}.sock"))
+    # one process for everything; or a process of its own for each export plus the NBD
+    # connections' set (one per CPU)
+    cases = [
+        (("--data-planes", "1"), 1),
+        (("--data-planes", "per-export"), 3 + (os.cpu_count() or 1)),
+    ]
+    for args, expect in cases:
+        d = Daemon(home, *args).start()
+        try:
+            assert d.proc is not None
+            found = _wait(lambda d=d, n=expect: len(p := _planes(d.proc.pid)) == n and p)
+            for name in ("a", "b", "c"):
+                with VhostUserFrontend(str(tmp_path / f"{name}.sock"), queue_size=16) as fe:
+                    fe.setup()
+                    assert fe.blk.write(0, name.encode() * 4096) == Status.OK
+                    assert _read(fe, 0, 4096) == name.encode() * 4096
+            assert len(_planes(d.proc.pid)) == len(found)
+        finally:
+            rc, err = d.stop()
+            assert rc == 0, err
