@@ -57,6 +57,9 @@ from storvisor.engine.types import BackingSpec  # noqa: E402
 from storvisor.errors import StorvisorError  # noqa: E402
 from storvisor.testing.procs import family  # noqa: E402
 
+DAEMON_SRC = REPO / "src"
+"""The tree the daemons run (``--src``: another checkout's, for a before/after of the scale
+part)."""
 GiB = 1 << 30
 MiB = 1 << 20
 _GET_FEATURES = struct.Struct("<III").pack(1, 1, 0)
@@ -93,7 +96,7 @@ class Daemon:
 
     def start(self, wait_api: bool = True) -> float:
         """Start; return the seconds until the API answered (or 0 without waiting)."""
-        env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+        env = dict(os.environ, PYTHONPATH=str(DAEMON_SRC))
         argv = [sys.executable, "-c", "from storvisor.cli.main import main; main()"]
         argv += ["--home", str(self.home), "serve", *self.args]
         started = time.monotonic()
@@ -159,7 +162,7 @@ def answers(path: str) -> bool:
                 if not more:
                     return False
                 reply += more
-            return struct.unpack_from("<I", reply)[0] == 1
+            return int(struct.unpack_from("<I", reply)[0]) == 1
     except OSError:
         return False
 
@@ -300,6 +303,7 @@ def part_scale(exports: int, nbd_conns: int) -> dict[str, object]:
     lat = sorted(latencies)
     return {
         "part": "scale",
+        "src": str(DAEMON_SRC),
         "exports": exports,
         "nbd_connections": nbd_conns,
         "cores": os.cpu_count(),
@@ -485,7 +489,11 @@ def main() -> int:
     parser.add_argument("--tool-src", default=None, help="vhost-blk-bench source directory")
     parser.add_argument("--parts", default="scale,iops,stall")
     parser.add_argument("--json", default=None, help="append one JSON line per part here")
+    parser.add_argument("--src", default=None, help="run the daemons from this source tree")
     args = parser.parse_args()
+    if args.src:
+        global DAEMON_SRC
+        DAEMON_SRC = Path(args.src).resolve()
     exports = args.exports or (40 if args.quick else 200)
     nbd_conns = args.nbd if args.nbd is not None else (10 if args.quick else 50)
     secs = args.seconds or (2.0 if args.quick else 10.0)
