@@ -14,7 +14,8 @@ script in temporary HOMEs):
    export's own (``--data-planes per-export``), and by qemu-storage-daemon with one iothread
    per core serving 8 raw files prefilled the same way. The three run side by side and are
    driven in turn, ``--rounds`` times (medians): compare the ratios (the machine may be
-   shared).
+   shared). With each figure the back-end's CPU per request (all its processes, from /proc,
+   over the run and its 1 s ramp), which other load on the machine disturbs less.
 3. *Stall*: two exports in one data-plane process (``--data-planes 1``), one on a pool whose
    backing file lives on ``storvisor.testing.faultfs``: the other export's IOPS alone, then
    with every read of the first stalled and its client's requests held, in turn,
@@ -52,6 +53,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
+from proc_stats import cpu_seconds  # noqa: E402
 from storvisor.api.client import Client  # noqa: E402
 from storvisor.engine.types import BackingSpec  # noqa: E402
 from storvisor.errors import StorvisorError  # noqa: E402
@@ -317,8 +319,11 @@ def part_scale(exports: int, nbd_conns: int) -> dict[str, object]:
     }
 
 
-def _storvisor_exports(mode: str, top: Path, size: int, stack: contextlib.ExitStack) -> list[str]:
-    """A daemon (``mode``: shared planes or ``per-export``) serving 8 prefilled exports."""
+def _storvisor_exports(
+    mode: str, top: Path, size: int, stack: contextlib.ExitStack
+) -> tuple[list[str], int]:
+    """A daemon (``mode``: shared planes or ``per-export``) serving 8 exports: their sockets
+    and the daemon's pid."""
     home = top / f"home-{mode}"
     home.mkdir()
     daemon = Daemon(home, *(["--data-planes", mode] if mode != "shared" else []))
@@ -330,11 +335,13 @@ def _storvisor_exports(mode: str, top: Path, size: int, stack: contextlib.ExitSt
         for i, sock in enumerate(socks):
             client.create_volume("p", f"v{i}", GiB)
             client.export_vhost_user_blk("p", f"v{i}", sock)
-    return socks
+    assert daemon.proc is not None
+    return socks, daemon.proc.pid
 
 
-def _qsd_exports(top: Path, stack: contextlib.ExitStack) -> list[str]:
-    """qemu-storage-daemon serving 8 raw files, one iothread per core."""
+def _qsd_exports(top: Path, stack: contextlib.ExitStack) -> tuple[list[str], int]:
+    """qemu-storage-daemon serving 8 raw files, one iothread per core: their sockets and its
+    pid."""
     cores = os.cpu_count() or 1
     argv = ["qemu-storage-daemon"]
     argv += [f"--object=iothread,id=iot{k}" for k in range(cores)]
@@ -366,25 +373,31 @@ def _qsd_exports(top: Path, stack: contextlib.ExitStack) -> list[str]:
         if qsd.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"qemu-storage-daemon did not start: {qsd.communicate()[1]!r}")
         time.sleep(0.05)
-    return socks
+    return socks, qsd.pid
 
 
 def part_iops(tool: Path, size: int, secs: float, rounds: int) -> dict[str, object]:
     """The three back-ends up at once, prefilled, then driven in turn, ``rounds`` times."""
     runs: dict[str, list[float]] = {"shared": [], "per_export": [], "qsd": []}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}  # back-end CPU us per request
     with scratch("pb-iops-") as top, contextlib.ExitStack() as stack:
         backends = {
             "shared": _storvisor_exports("shared", top, size, stack),
             "per_export": _storvisor_exports("per-export", top, size, stack),
             "qsd": _qsd_exports(top, stack),
         }
-        for socks in backends.values():
+        for socks, _ in backends.values():
             for sock in socks:
                 prefill(tool, sock, size)
         names = list(backends)
         for turn in range(rounds):  # each round in another order: none always goes first
             for name in names[turn % 3 :] + names[: turn % 3]:
-                runs[name].append(sum(drive(tool, backends[name], size, secs)))
+                socks, pid = backends[name]
+                before = cpu_seconds(family(pid))
+                iops = sum(drive(tool, socks, size, secs))
+                used = cpu_seconds(family(pid)) - before
+                runs[name].append(iops)
+                cpu[name].append(used / (iops * (secs + 1)) * 1e6)  # the ramp at that rate too
     med = {name: statistics.median(found) for name, found in runs.items()}
     return {
         "part": "iops",
@@ -395,6 +408,7 @@ def part_iops(tool: Path, size: int, secs: float, rounds: int) -> dict[str, obje
         "range_mib": size // MiB,
         **{f"iops_{k}": round(v) for k, v in med.items()},
         **{f"runs_{k}": [round(v) for v in found] for k, found in runs.items()},
+        **{f"cpu_us_per_io_{k}": round(statistics.median(v), 2) for k, v in cpu.items()},
         "shared_vs_qsd": round(med["shared"] / med["qsd"], 3),
         "shared_vs_per_export": round(med["shared"] / med["per_export"], 3),
         "per_export_vs_qsd": round(med["per_export"] / med["qsd"], 3),
