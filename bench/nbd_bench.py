@@ -208,9 +208,9 @@ def serve(kind: str, image: str, sock: str, work: str) -> None:
     planes = None
     if kind in ("plane", "counted"):  # as the daemon serves: connections handed to data planes
         from storvisor.engine.iostats import StatsSet
-        from storvisor.exports.nbd_worker import NbdDataPlanes
+        from storvisor.exports.nbd_worker import DataPlanes
 
-        planes = NbdDataPlanes()
+        planes = DataPlanes()
         planes.start()
         stats = StatsSet("disk") if kind == "counted" else None  # the metrics' counters
         planes.add_export("disk", export.open, "disk", False, stats)

@@ -54,7 +54,7 @@ def serve(work: str, sock: str) -> None:
     from storvisor.engine.types import BackingSpec
     from storvisor.errors import StorvisorError
     from storvisor.exports.nbd import NBDExport, NBDServer
-    from storvisor.exports.nbd_worker import NbdDataPlanes
+    from storvisor.exports.nbd_worker import DataPlanes
 
     home = Home(work)
     home.create_pool("p", [BackingSpec(os.path.join(work, "backing"), size=3 * SIZE)])
@@ -77,7 +77,7 @@ def serve(work: str, sock: str) -> None:
 
         return open_device
 
-    planes = NbdDataPlanes()
+    planes = DataPlanes()
     planes.start()
     server = NBDServer(handoff=planes.hand_over)
     for export, name, throttled in (("a", "a", True), ("b", "b", True), ("plain", "a", False)):

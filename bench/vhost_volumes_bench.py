@@ -5,8 +5,9 @@ same time by one ``vhost-blk-bench`` client per export (same workload, the depth
 queue), and the sum of their IOPS is reported with the CPU the back-end used (all its
 processes, 100% = one core), for three back-ends:
 
-* ``storvisor``: the daemon (``storvisor serve``) exporting thin volumes of one pool; each
-  export runs in data-plane processes of its own (one per queue, up to one per CPU);
+* ``storvisor``: the daemon (``storvisor serve``) exporting thin volumes of one pool; the
+  exports' queues run in its data-plane processes (one per CPU, each queue on the least
+  loaded one);
 * ``one-process``: the same volumes served by ``VhostUserBlkServer`` s inside one Python
   process, a thread per queue (how every export ran before data planes);
 * ``qsd``: qemu-storage-daemon exporting raw files, each export on an iothread of its own

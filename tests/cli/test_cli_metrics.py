@@ -336,7 +336,7 @@ def test_without_prometheus_client_the_daemon_serves_and_metrics_answer_501(
 
 def _vhost_planes(daemon_pid: int) -> list[int]:
     children = procs.children(daemon_pid)
-    return sorted(c.pid for c in children if b"storvisor.exports.vhost_worker" in c.cmdline)
+    return sorted(c.pid for c in children if b"storvisor.exports.nbd_worker" in c.cmdline)
 
 
 def test_vhost_user_blk_requests_of_every_queue_process_are_counted(

@@ -12,14 +12,14 @@ import pytest
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.pool import Pool
 from storvisor.errors import NotFound
-from storvisor.exports.nbd_worker import NbdDataPlanes
+from storvisor.exports.nbd_worker import DataPlanes
 
 nbd = pytest.importorskip("nbd")
 
 
 @pytest.fixture
-def planes() -> Iterator[NbdDataPlanes]:
-    planes = NbdDataPlanes(processes=1)
+def planes() -> Iterator[DataPlanes]:
+    planes = DataPlanes(processes=1)
     planes.start()
     try:
         yield planes
@@ -27,7 +27,7 @@ def planes() -> Iterator[NbdDataPlanes]:
         planes.close()
 
 
-def connect(planes: NbdDataPlanes, name: str) -> nbd.NBD:
+def connect(planes: DataPlanes, name: str) -> nbd.NBD:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     assert planes.hand_over(theirs)
     handle = nbd.NBD()
@@ -37,7 +37,7 @@ def connect(planes: NbdDataPlanes, name: str) -> nbd.NBD:
     return handle
 
 
-def test_exports_reach_clients_through_a_worker(pool: Pool, planes: NbdDataPlanes) -> None:
+def test_exports_reach_clients_through_a_worker(pool: Pool, planes: DataPlanes) -> None:
     pool.create_volume("v", 1 << 20)
     writer = pool.open_volume("v")
     writer.write(4096, b"\xab" * 4096)

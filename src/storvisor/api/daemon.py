@@ -54,6 +54,7 @@ def serve(
     lock_wait: float = LOCK_WAIT,
     api_tcp: TcpAddress | None = None,
     tls: TlsFiles | None = None,
+    data_planes: int | None = None,
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT.
 
@@ -70,7 +71,11 @@ def serve(
     With ``api_tcp`` the API also listens there, with TLS (``tls``, else the self-signed
     certificate of HOME, generated if needed: ``storvisor.api.tls``) and bearer tokens
     (``HOME/tokens.json``); the banner gives the certificate's SHA-256 fingerprint.
-    ``InvalidArgument`` if the certificate cannot be loaded or generated."""
+    ``InvalidArgument`` if the certificate cannot be loaded or generated.
+
+    ``data_planes`` is the number of data-plane processes serving NBD connections and
+    vhost-user-blk queues (default: one per CPU); 0 gives every vhost-user-blk export
+    processes of its own (``api/exports.py``)."""
     for name in (API_SOCKET, NBD_SOCKET):
         sock = Path(home_path).absolute() / name
         if len(os.fsencode(sock)) > _SUN_PATH_MAX:
@@ -95,7 +100,13 @@ def serve(
         except BaseException:
             home.close()
             raise
-    runtime = ExportRuntime(home.path, nbd_tcp, nbd_tls=nbd_context)
+    runtime = ExportRuntime(
+        home.path,
+        nbd_tcp,
+        nbd_tls=nbd_context,
+        plane_processes=data_planes or None,
+        per_export_planes=data_planes == 0,
+    )
     service = Service(home, runtime)
     api: APIServer | None = None
     tcp: TcpAPIServer | None = None

@@ -11,11 +11,13 @@ definition whose volume has gone is reported with state ``broken``, never fatal.
 
 NBD exports share one ``NBDServer`` listening on ``HOME/nbd.sock`` (and on TCP when asked);
 each client connection opens its own volume handle, which is closed when it ends. The daemon
-hands every accepted connection to one of its NBD data-plane processes
-(``exports/nbd_worker.py``), so several clients use several cores. Each
-vhost-user-blk export of a volume runs in a data-plane process of its own
-(``exports/vhost_worker.py``), so several exports use several cores; the daemon holds its
-volume handle for as long as the export lives and does its allocations and flushes.
+has a fixed set of data-plane processes (``exports/nbd_worker.py``'s ``DataPlanes``, one per
+CPU unless told otherwise): it hands every accepted NBD connection to one of them, and puts
+the queues of every vhost-user-blk export of a volume on the least loaded ones
+(``exports/vhost_worker.py``), so several clients and exports use several cores whatever
+their number; the daemon holds a vhost-user-blk export's volume handle for as long as the
+export lives and does its allocations and flushes. With ``per_export_planes`` every
+vhost-user-blk export has processes of its own instead.
 
 The service opens every export's volume through a ``ThrottledDevice`` holding the volume's
 QoS block (``api/qos.py``); NBD and vhost-user-blk data planes are handed that block with the
@@ -51,7 +53,7 @@ from storvisor.exports.nbd import NBDExport, NBDServer, nbd_uri
 
 if TYPE_CHECKING:
     from storvisor.exports.lio import Lio, ScsiExport
-    from storvisor.exports.nbd_worker import NbdDataPlanes
+    from storvisor.exports.nbd_worker import DataPlanes
     from storvisor.exports.vhost_user_blk import VhostUserBlkServer
     from storvisor.exports.vhost_worker import VhostDataPlane
 
@@ -204,7 +206,8 @@ class ExportRuntime:
     """The live export servers of the daemon.
 
     ``start`` binds ``HOME/nbd.sock`` (and TCP when ``nbd_tcp`` is given, with TLS required
-    when ``nbd_tls`` is given: such connections stay in this process); ``activate`` and
+    when ``nbd_tls`` is given: such connections stay in this process) and starts
+    ``plane_processes`` data-plane processes (default: one per CPU); ``activate`` and
     ``deactivate`` add and remove one export; ``close`` stops everything and closes every
     volume handle it holds. Not thread-safe: the service serialises calls.
     """
@@ -216,15 +219,18 @@ class ExportRuntime:
         *,
         data_planes: bool = True,
         nbd_tls: ssl.SSLContext | None = None,
+        plane_processes: int | None = None,
+        per_export_planes: bool = False,
     ) -> None:
         self.nbd_socket = home / NBD_SOCKET
         self._nbd_tcp_request = nbd_tcp
         self.nbd_tcp: TcpAddress | None = None
-        self._planes: NbdDataPlanes | None = None
+        self._planes: DataPlanes | None = None
+        self._per_export = per_export_planes
         if data_planes:
-            from storvisor.exports.nbd_worker import NbdDataPlanes
+            from storvisor.exports.nbd_worker import DataPlanes
 
-            self._planes = NbdDataPlanes()
+            self._planes = DataPlanes(plane_processes)
         self._nbd = NBDServer(handoff=self._planes.hand_over if self._planes else None, tls=nbd_tls)
         self._nbd_tls = nbd_tls is not None
         self._nbd_names: set[str] = set()
@@ -311,6 +317,7 @@ class ExportRuntime:
                     serial=serial,
                     qos=device.qos if isinstance(device, ThrottledDevice) else None,
                     stats=counters,
+                    planes=None if self._per_export else self._planes,
                 )
             else:
                 server = VhostUserBlkServer(

@@ -160,6 +160,17 @@ def tcp_address(text: str) -> TcpAddress:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def data_planes(text: str) -> int:
+    """``serve --data-planes``: a process count (1..1024), or 0 for ``per-export``."""
+    if text == "per-export":
+        return 0
+    if not text.isdigit() or not 1 <= int(text) <= 1024:
+        raise argparse.ArgumentTypeError(
+            f"invalid data-plane count {text!r}: a number of processes (1-1024) or per-export"
+        )
+    return int(text)
+
+
 def seconds(text: str) -> float:
     try:
         value = float(text)
@@ -806,6 +817,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--nbd-tls-key", metavar="FILE", help="the unencrypted PEM key of --nbd-tls-cert"
     )
+    s.add_argument(
+        "--data-planes",
+        metavar="N|per-export",
+        type=data_planes,
+        default=None,
+        help="data-plane processes serving every NBD connection and vhost-user-blk queue "
+        "(default: one per CPU); per-export: each vhost-user-blk export gets processes of "
+        "its own",
+    )
     s.set_defaults(func=None, serve=True)
 
     tok = group("token", "manage the bearer tokens of the API on TCP (in the local HOME)")
@@ -1124,6 +1144,7 @@ def _serve(args: argparse.Namespace, home: Path) -> int:
         lock_wait=args.wait,
         api_tcp=args.api_tcp,
         tls=tls,
+        data_planes=args.data_planes,
     )
     return 0
 

@@ -127,10 +127,11 @@ class PlaneHost:
         self._jobs: SimpleQueue[tuple[int, int, int, int, int, bytearray | None] | None] = (
             SimpleQueue()
         )
-        self._threads = [
-            threading.Thread(target=self._work, name=f"plane-host-{i}", daemon=True)
-            for i in range(_HOST_THREADS)
-        ]
+        self._threads: list[threading.Thread] = []
+        """Started as requests need them, up to ``_HOST_THREADS``: an idle export costs one
+        thread (the reader)."""
+        self._threads_lock = threading.Lock()
+        self._idle = 0  # threads waiting for a job
         self._reader = threading.Thread(target=self._read, name="plane-host-rx", daemon=True)
         self._attached = False
 
@@ -138,13 +139,15 @@ class PlaneHost:
         """Attach to the volume and serve the channel."""
         self.volume.attach_plane(self)
         self._attached = True
-        for thread in self._threads:
-            thread.start()
         self._reader.start()
 
     @property
     def alive(self) -> bool:
         return not self._dead.is_set()
+
+    def wait_closed(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the plane to end the channel; whether it has."""
+        return self._dead.wait(timeout)
 
     # -- DataPlane (engine/volume.py) --
 
@@ -188,9 +191,12 @@ class PlaneHost:
         self._die()
         if self._reader.is_alive():
             self._reader.join()
-        for _ in self._threads:
+        with self._threads_lock:
+            threads = list(self._threads)
+            self._idle = _HOST_THREADS  # start no more
+        for _ in threads:
             self._jobs.put(None)
-        for thread in self._threads:
+        for thread in threads:
             if thread.is_alive():
                 thread.join()
         self._sock.close()
@@ -226,10 +232,9 @@ class PlaneHost:
                     kind = BackingOp.WRITE if frame.a else BackingOp.READ
                     self.volume.backing_failed(kind, IOFailure(message, frame.b or errno.EIO))
                 elif op == Op.WRITE:
-                    job = (op, frame.flags, frame.ident, frame.a, frame.b, frame.payload)
-                    self._jobs.put(job)
+                    self._submit((op, frame.flags, frame.ident, frame.a, frame.b, frame.payload))
                 elif op in (Op.READ, Op.ZERO, Op.FLUSH, Op.STATUS, Op.GETFD):
-                    self._jobs.put((op, frame.flags, frame.ident, frame.a, frame.b, None))
+                    self._submit((op, frame.flags, frame.ident, frame.a, frame.b, None))
                 else:
                     raise LocalFailure(f"unknown data-plane operation {op}")
         except (OSError, LocalFailure) as e:
@@ -240,28 +245,46 @@ class PlaneHost:
             if not self._closing and self._on_closed is not None:
                 self._on_closed()
 
+    def _submit(self, job: tuple[int, int, int, int, int, bytearray | None]) -> None:
+        with self._threads_lock:
+            if self._idle <= 0 and len(self._threads) < _HOST_THREADS:
+                thread = threading.Thread(
+                    target=self._work, name=f"plane-host-{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                self._idle += 1
+                thread.start()
+            self._idle -= 1  # taken by a thread now waiting, or by the next to finish
+        self._jobs.put(job)
+
     def _work(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            op, flags, ident, a, b, data = job
             try:
-                if op == Op.GETFD:
-                    self._link.send(Op.REPLY, ident, fds=[self.volume.backing_fd(a)])
-                    continue
-                payload = self._execute(op, flags, a, b, data)
-                self._link.send(Op.REPLY, ident, 0, len(payload), payload)
-            except StorvisorError as e:
-                code = e.errno if isinstance(e, IOFailure) else errno.EIO
-                message = str(e).encode()[:4000]
-                with contextlib.suppress(OSError):
-                    self._link.send(Op.REPLY, ident, code or errno.EIO, len(message), message)
-            except KeyError:
-                with contextlib.suppress(OSError):
-                    self._link.send(Op.REPLY, ident, errno.ENODEV)
-            except OSError:
-                self._die()
+                self._run(*job)
+            finally:
+                with self._threads_lock:
+                    self._idle += 1
+
+    def _run(self, op: int, flags: int, ident: int, a: int, b: int, data: bytearray | None) -> None:
+        try:
+            if op == Op.GETFD:
+                self._link.send(Op.REPLY, ident, fds=[self.volume.backing_fd(a)])
+                return
+            payload = self._execute(op, flags, a, b, data)
+            self._link.send(Op.REPLY, ident, 0, len(payload), payload)
+        except StorvisorError as e:
+            code = e.errno if isinstance(e, IOFailure) else errno.EIO
+            message = str(e).encode()[:4000]
+            with contextlib.suppress(OSError):
+                self._link.send(Op.REPLY, ident, code or errno.EIO, len(message), message)
+        except KeyError:
+            with contextlib.suppress(OSError):
+                self._link.send(Op.REPLY, ident, errno.ENODEV)
+        except OSError:
+            self._die()
 
     def _execute(self, op: int, flags: int, a: int, b: int, data: bytearray | None) -> bytes:
         volume = self.volume
@@ -304,7 +327,8 @@ class RemoteVolume:
     """A ``BlockDevice`` served by a ``PlaneHost`` in the pool's owner process.
 
     ``backings`` maps device index -> fd of the pool's backing devices (more are fetched
-    on demand); ``on_lost`` runs once when the channel breaks, before any request waiting
+    on demand; those are closed with the volume, as ``backings`` are with ``owns_backings``);
+    ``on_lost`` runs once when the channel breaks, before any request waiting
     for the owner fails (``IOFailure(EIO)``). Thread-safe.
     """
 
@@ -319,8 +343,10 @@ class RemoteVolume:
         serial: str = "",
         on_lost: Callable[[], None] | None = None,
         on_resized: Callable[[], None] | None = None,
+        owns_backings: bool = False,
     ) -> None:
         self._sock = sock
+        self._owned = set(backings.values()) if owns_backings else set()
         self._link = Link(sock, max_payload=_MAX_PAYLOAD, max_fds=1)
         self._reader_map = MapReader(map_fd)
         self._size = self._reader_map.size
@@ -501,6 +527,10 @@ class RemoteVolume:
             self._reader.join()
         self._sock.close()
         self._reader_map.close()
+        with self._fds_lock:
+            for fd in self._owned:
+                os.close(fd)
+            self._owned.clear()
 
     # -- direct I/O --
 
@@ -580,6 +610,7 @@ class RemoteVolume:
                 if started[1].fd < 0:
                     raise IOFailure(f"data plane: no backing device {index}", errno.ENODEV)
                 self._fds[index] = started[1].fd
+                self._owned.add(started[1].fd)
 
     # -- the channel --
 

@@ -1,9 +1,30 @@
-"""NBD connections served by data-plane processes (see ``exports/dataplane.py``).
+"""The daemon's data-plane processes (see ``exports/dataplane.py``): a fixed set of worker
+processes, about one per CPU, that serve NBD connections and the queues of vhost-user-blk
+exports, however many exports there are.
 
 Theory of operation
 -------------------
-The daemon keeps listening on its NBD sockets, but hands every accepted connection, before
-the handshake, to one of ``NbdDataPlanes``' worker processes (one per CPU, in turn). A worker
+``DataPlanes`` starts ``processes`` workers and keeps that many running. Each worker serves
+NBD connections (below) and any number of vhost-user-blk *slots* (``exports/vhost_worker.py``:
+a slot is the part of one export that runs in one process, its queues ``i`` with
+``i % slots == slot``).
+
+Placement: a vhost-user-blk export asks ``place`` for workers for its slots; each goes to the
+worker with the least load (queues of the slots it serves plus its open NBD connections),
+the slots of one export to distinct workers while there are enough, so that exports come and
+go without the processes changing. ``serve_slot`` hands a slot over (``SLOT``: its
+configuration and fds), ``drop_slot`` ends it (``DROP``); the worker runs the slot's threads
+beside its other slots', so a slot whose device stalls holds only its own threads (its queue
+threads, its channel to the daemon), never the worker's control loop or another slot. A
+``DROP`` is carried out on a thread of its own for the same reason.
+
+Supervision: when a worker ends (a crash, a kill), a new one is started in its place and
+every export that had a slot in it is told (``PlaneTenant.plane_lost``, on a thread of its
+own): it drops its remaining slots and places them again, and its front-end reconnects
+(vhost-user inflight resubmission). Exports with no slot in that worker never notice.
+
+NBD: the daemon keeps listening on its NBD sockets, but hands every accepted connection,
+before the handshake, to one of the workers (in turn). A worker
 runs an ``NBDServer`` of its own without listeners; it knows the daemon's exports (the daemon
 sends it every export added or removed), negotiates with the client, and when the client
 chooses an export asks the daemon to open it: the daemon opens a volume handle, attaches a
@@ -23,14 +44,17 @@ safe because a flush, wherever it comes from, syncs the whole pool.
 Control frames between the daemon and a worker (``protocols/frames.py`` over a ``Link``;
 ``_Op`` lists them with their fields): daemon to worker ``ADD`` (an export), ``REMOVE``,
 ``CONN`` (a client socket, as an fd), ``OPENED`` (the answer to ``OPEN``: an errno and a
-message, or the fds of a plane); worker to daemon ``OPEN`` (an export, with a request id).
+message, or the fds of a plane), ``SLOT`` and ``DROP`` (a vhost-user-blk slot); worker to
+daemon ``OPEN`` (an export, with a request id).
 
 Connections that require TLS (TCP with a TLS context, see ``exports/nbd.py``) are not handed
 over: their TLS session lives in the daemon's OpenSSL state, which a file descriptor does not
 carry, so the daemon serves them itself.
 
-A worker that dies loses its clients' connections (NBD clients reconnect); the daemon starts
-a new one. A worker whose daemon dies exits at once.
+A worker that dies loses its clients' connections (NBD clients reconnect) and its slots
+(their front-ends reconnect once the slots are placed again). A worker whose daemon dies
+exits at once (SIGKILL: it completes no request with an error, so a vhost-user front-end
+resubmits what was in flight to the next daemon).
 """
 
 from __future__ import annotations
@@ -51,6 +75,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TYPE_CHECKING, Protocol
 
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.iostats import CountedDevice, IoStats, StatsSet
@@ -61,10 +86,13 @@ from storvisor.exports.dataplane import PlaneHost, RemoteVolume
 from storvisor.exports.link import Link
 from storvisor.protocols.frames import Frame
 
+if TYPE_CHECKING:
+    from storvisor.exports.vhost_worker import Slot
+
 log = logging.getLogger(__name__)
 
 _MAX_PAYLOAD = 1 << 20
-_MAX_FDS = 64
+_MAX_FDS = 200  # SCM_RIGHTS carries at most 253
 _INDEX = struct.Struct("<I")
 
 
@@ -78,6 +106,9 @@ class _Op(IntEnum):
     OPENED = 5  # ident; a = errno, payload = message; or a = 0, flags READ_ONLY,
     # b = cluster size, fds = [channel, map, (QoS block,) (I/O stats block,) backing fds],
     # payload = their device indices (u32 each) + serial
+    SLOT = 6  # ident = slot key; payload = the slot's WorkerConfig as JSON, its fd fields
+    # being positions in fds (exports/vhost_worker.py)
+    DROP = 7  # ident = slot key
 
 
 _READ_ONLY = 1
@@ -106,12 +137,30 @@ class _ExportDef:
     stats: StatsSet | None = None
 
 
+class PlaneTenant(Protocol):
+    """What has slots in the workers (a vhost-user-blk export): told when a worker that
+    served one of them ended."""
+
+    def plane_lost(self) -> None:
+        """A worker serving one of its slots ended (called on a thread of its own)."""
+
+
+@dataclass(frozen=True)
+class _SlotDef:
+    worker: _Worker
+    tenant: PlaneTenant
+    load: int
+
+
 class _Worker:
     """The daemon's end of one worker process."""
 
-    def __init__(self, planes: NbdDataPlanes, index: int) -> None:
+    def __init__(self, planes: DataPlanes, index: int) -> None:
         self.planes = planes
         self.index = index
+        self.load = 0
+        """Queues of the slots it serves plus its open NBD connections (under the planes'
+        lock)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock = ours
         self.link = Link(ours, max_payload=_MAX_PAYLOAD)
@@ -150,6 +199,17 @@ class _Worker:
         conn.close()
         return True
 
+    def slot(self, key: int, config: bytes, fds: Sequence[int]) -> bool:
+        try:
+            self.link.send(_Op.SLOT, key, payload=config, fds=fds)
+        except OSError:
+            return False
+        return True
+
+    def drop(self, key: int) -> None:
+        with contextlib.suppress(OSError):
+            self.link.send(_Op.DROP, key)
+
     def stop(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -182,7 +242,7 @@ class _Worker:
         self.planes._worker_gone(self)
 
     def _open(self, ident: int, name: str) -> None:
-        export = self.planes._claim(name)
+        export = self.planes._claim(name, self)
         try:
             if export is None:
                 raise NotFound(f"no NBD export named {name!r}")
@@ -197,7 +257,7 @@ class _Worker:
                     device.close()
                     raise IOFailure(f"export {name!r} is not a volume", errno.EINVAL)
             except BaseException:
-                self.planes._release(export.name)
+                self.planes._release(export.name, self)
                 raise
             volume = device
         except StorvisorError as e:
@@ -213,7 +273,7 @@ class _Worker:
             if stats is not None:
                 assert export.stats is not None
                 export.stats.retire(stats)  # the plane has stopped writing it
-            self.planes._release(export.name)
+            self.planes._release(export.name, self)
 
         host = PlaneHost(volume, ours, on_closed=lambda: _close_later(host, volume, released))
         try:
@@ -255,12 +315,18 @@ def _close_later(host: PlaneHost, volume: Volume, released: Callable[[], None]) 
     threading.Thread(target=close, name="nbd-plane-close", daemon=True).start()
 
 
-class NbdDataPlanes:
-    """The daemon's NBD worker processes: ``hand_over`` gives each an accepted connection
-    in turn (see the module docstring)."""
+def default_processes() -> int:
+    """The default number of data-plane processes: one per CPU."""
+    return os.cpu_count() or 1
+
+
+class DataPlanes:
+    """The daemon's data-plane worker processes (see the module docstring): ``hand_over``
+    gives each an accepted NBD connection in turn; ``place``, ``serve_slot`` and
+    ``drop_slot`` put vhost-user-blk slots on the least loaded ones."""
 
     def __init__(self, processes: int | None = None) -> None:
-        self.processes = max(1, processes or os.cpu_count() or 1)
+        self.processes = max(1, processes or default_processes())
         self._lock = threading.Lock()
         self._exports: dict[str, _ExportDef] = {}
         self._workers: list[_Worker] = []
@@ -268,6 +334,8 @@ class NbdDataPlanes:
         self._closed = False
         self._planes: dict[str, int] = {}  # export -> volume handles its connections hold
         self._planes_closed = threading.Condition(self._lock)
+        self._slots: dict[int, _SlotDef] = {}
+        self._keys = itertools.count(1)
         self.restarts = 0
         """Worker processes started again after one ended."""
 
@@ -281,6 +349,65 @@ class NbdDataPlanes:
     def pids(self) -> list[int]:
         with self._lock:
             return [w.proc.pid for w in self._workers]
+
+    def loads(self) -> list[int]:
+        """Each worker's load (see ``place``), by index."""
+        with self._lock:
+            return [w.load for w in self._workers]
+
+    # -- vhost-user-blk slots --
+
+    def place(self, loads: Sequence[int]) -> list[int]:
+        """Worker indices for slots carrying ``loads`` (queues), one each: every slot goes,
+        heaviest first, to the least loaded worker this call has not used yet (any worker
+        once all are used), counting the slots placed before it. Raises ``IOFailure`` when
+        the planes are closed."""
+        with self._lock:
+            if self._closed or not self._workers:
+                raise IOFailure("the data planes are stopped", errno.ESHUTDOWN)
+            current = [w.load for w in self._workers]
+        chosen = [0] * len(loads)
+        used: set[int] = set()
+        for slot in sorted(range(len(loads)), key=lambda k: -loads[k]):
+            free = [i for i in range(len(current)) if i not in used] or list(range(len(current)))
+            index = min(free, key=lambda i: (current[i], i))
+            chosen[slot] = index
+            used.add(index)
+            current[index] += loads[slot]
+        return chosen
+
+    def serve_slot(
+        self, index: int, tenant: PlaneTenant, load: int, config: bytes, fds: Sequence[int]
+    ) -> tuple[int, int]:
+        """Have worker ``index`` serve a slot (``config``: its ``WorkerConfig`` as JSON, fd
+        fields being positions in ``fds``, which stay the caller's). Returns the slot's key
+        and the worker's pid. Raises ``IOFailure`` if the worker cannot take it; the slot
+        then counts for nothing. A worker that ends later calls ``tenant.plane_lost``."""
+        with self._lock:
+            if self._closed or not 0 <= index < len(self._workers):
+                raise IOFailure("the data planes are stopped", errno.ESHUTDOWN)
+            worker = self._workers[index]
+            key = next(self._keys)
+            self._slots[key] = _SlotDef(worker, tenant, load)
+            worker.load += load
+        if worker.proc.poll() is None and worker.slot(key, config, fds):
+            return key, worker.proc.pid
+        self._forget_slot(key)
+        raise IOFailure(f"data plane {index} is not running", errno.EIO)
+
+    def drop_slot(self, key: int) -> None:
+        """Stop the slot ``key`` (its worker closes its channel once its threads ended);
+        no-op for an unknown key (its worker ended)."""
+        slot = self._forget_slot(key)
+        if slot is not None:
+            slot.worker.drop(key)
+
+    def _forget_slot(self, key: int) -> _SlotDef | None:
+        with self._lock:
+            slot = self._slots.pop(key, None)
+            if slot is not None:
+                slot.worker.load -= slot.load
+            return slot
 
     def add_export(
         self,
@@ -312,17 +439,19 @@ class NbdDataPlanes:
             if not self._planes_closed.wait_for(lambda: not self._planes.get(name), timeout):
                 log.error("NBD export %s: its connections did not close in %.0f s", name, timeout)
 
-    def _claim(self, name: str) -> _ExportDef | None:
+    def _claim(self, name: str, worker: _Worker) -> _ExportDef | None:
         """The export a connection asks for (the first one for ``""``), counted as held by
-        one more connection until ``_release``; None if there is none."""
+        one more connection (of ``worker``) until ``_release``; None if there is none."""
         with self._lock:
             export = self._exports.get(name) if name else next(iter(self._exports.values()), None)
             if export is not None:
                 self._planes[export.name] = self._planes.get(export.name, 0) + 1
+                worker.load += 1
             return export
 
-    def _release(self, name: str) -> None:
+    def _release(self, name: str, worker: _Worker) -> None:
         with self._lock:
+            worker.load -= 1
             left = self._planes.get(name, 0) - 1
             if left > 0:
                 self._planes[name] = left
@@ -358,6 +487,13 @@ class NbdDataPlanes:
 
     def _replace(self, worker: _Worker) -> None:
         worker.stop()
+        with self._lock:
+            lost = [key for key, slot in self._slots.items() if slot.worker is worker]
+        tenants: list[PlaneTenant] = []
+        for key in lost:
+            slot = self._forget_slot(key)
+            if slot is not None and slot.tenant not in tenants:
+                tenants.append(slot.tenant)
         time.sleep(0.1)
         with self._lock:
             if self._closed or worker not in self._workers:
@@ -375,6 +511,8 @@ class NbdDataPlanes:
             new.stop()
             return
         new.start(exports)
+        for tenant in tenants:
+            threading.Thread(target=tenant.plane_lost, name="plane-lost", daemon=True).start()
 
 
 # --------------------------------------------------------------------- the process itself
@@ -435,6 +573,7 @@ class _Opener:
             frame.b,
             read_only=bool(frame.flags & _READ_ONLY),
             serial=serial,
+            owns_backings=True,
         )
         device: BlockDevice = remote
         try:
@@ -468,15 +607,34 @@ class _Opener:
             event.set()
 
 
+def _start_slot(frame: Frame) -> Slot | None:
+    """Serve the vhost-user-blk slot ``SLOT`` describes (it owns the frame's fds); None if it
+    cannot be served: its channel is then closed, which the daemon sees."""
+    from storvisor.exports.vhost_worker import Slot, WorkerConfig  # loaded once needed
+
+    try:
+        config = WorkerConfig.from_json(_text(frame.payload, "a slot's configuration"))
+    except (ValueError, TypeError, KeyError, LocalFailure) as e:
+        log.error("vhost-user-blk slot %d: bad configuration: %s", frame.ident, e)
+        _close_fds(frame.fds)
+        return None
+    try:
+        return Slot(config, list(frame.fds))
+    except (StorvisorError, OSError, ValueError) as e:
+        log.error("vhost-user-blk slot %d did not start: %s", frame.ident, e)
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Serve the connections the daemon hands over until the control channel closes."""
+    """Serve the connections and slots the daemon hands over until the control channel
+    closes."""
     from storvisor.exports.nbd import NBDExport, NBDServer  # the data path, loaded here
 
     args = list(sys.argv[1:] if argv is None else argv)
     # Ctrl-C in the daemon's terminal reaches its whole process group: the daemon stops this
     # process through the control channel, in order
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.WARNING, format="nbd-plane[%(process)d] %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="data-plane[%(process)d] %(message)s")
     if len(args) != 1 or not args[0].isdigit():
         print("usage: python -m storvisor.exports.nbd_worker CONTROL-FD", file=sys.stderr)
         return 2
@@ -484,6 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opener = _Opener(link)
     server = NBDServer()
     server.start()
+    slots: dict[int, Slot] = {}
     try:
         while True:
             frame = link.receive()
@@ -498,7 +657,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _close_fds(fds[1:])
                 server.serve_socket(socket.socket(fileno=fds[0]))
                 continue
+            if op == _Op.SLOT:
+                slot = _start_slot(frame)
+                if slot is not None:
+                    slots[frame.ident] = slot
+                continue
             _close_fds(fds)
+            if op == _Op.DROP:
+                dropped = slots.pop(frame.ident, None)
+                if dropped is not None:  # its threads may be held by a stalled device
+                    threading.Thread(target=dropped.close, name="slot-drop", daemon=True).start()
+                continue
             if op == _Op.ADD:
                 if frame.a > len(frame.payload):
                     raise LocalFailure("ADD: the name is longer than the frame")
