@@ -590,7 +590,9 @@ class Cache:
                 slot = self._map.get(key)
                 if slot is not None:
                     self._pins[slot] += 1
+                    self.hits += 1
                 else:
+                    self.misses += 1
                     fill = self._filling.get(key)
                     if fill is not None:
                         fill.spoiled = True

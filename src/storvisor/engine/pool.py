@@ -511,6 +511,8 @@ class Pool:
             self._stalled.clear()
             try:
                 self._within_timeout(lambda: _sync_all(backings))
+                if self.cache is not None and self.cache.failure is not None:
+                    self._reopen_cache(self.cache)
             except IOFailure as e:
                 with self._health:
                     if self._degraded and self._sync_failure is None:
@@ -1160,6 +1162,21 @@ class Pool:
                     state.routed = new is not None
                     for plane in state.planes:
                         plane.map.set_bounded(bool(self.data_timeout) or state.routed)
+
+    def _reopen_cache(self, old: Cache) -> None:
+        """Drop a failed cache's memory and open its device again, as after a crash: what
+        its table holds (every flushed write) serves and is destaged. Raises ``IOFailure``
+        (the pool stays latched)."""
+        with self._lock:
+            doc = self._catalog.meta().get("cache", "")
+            states = list(self._states.values())
+        with contextlib.ExitStack() as stack:
+            for state in states:
+                state.quiesce()
+                stack.callback(state.lock.release)
+                stack.enter_context(state.frozen())
+            old.close(clean=False)
+            self.cache = self._open_cache(doc)
 
     def _record_cache(self, cache: Cache) -> None:
         with self._lock:
