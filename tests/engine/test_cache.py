@@ -9,6 +9,7 @@ import random
 import tempfile
 import threading
 from collections.abc import Iterator
+from itertools import count
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,11 @@ from powercuts import require_fuse
 from storvisor.engine import pio
 from storvisor.engine.backing import Backing, Header
 from storvisor.engine.cache import CacheSpec
+from storvisor.engine.device import BlockDevice
 from storvisor.engine.pool import Pool
 from storvisor.engine.types import BackingSpec, CacheMode, PoolState
 from storvisor.errors import Conflict, InvalidArgument, IOFailure, NotFound
+from storvisor.testing.conformance import check_block_device
 from storvisor.testing.faultfs import Fault, FaultMount
 
 CS = 4096
@@ -328,3 +331,29 @@ def test_a_failing_cache_device_latches_and_keeps_flushed_data(
     assert _read(pool)[: len(flushed)] == flushed
     assert pool.fsck().clean
     pool.close()
+
+
+@pytest.mark.parametrize("mode", [CacheMode.WRITEBACK, CacheMode.WRITETHROUGH])
+@pytest.mark.parametrize("cluster_size", [4096, 64 << 10])
+def test_volume_of_a_cached_pool_conforms(
+    tmp_path: Path, mode: CacheMode, cluster_size: int
+) -> None:
+    """The block-device conformance suite on volumes of a pool behind a cache small enough
+    to evict (and, in writeback, to wait for the destage)."""
+    pool = Pool.create(tmp_path / "c", "c", [BackingSpec(str(tmp_path / "c.img"), 64 << 20)],
+                       cluster_size)  # fmt: skip
+    pool.set_cache(CacheSpec(str(tmp_path / "cache.img"), 40 * cluster_size), mode)
+    names = count()
+
+    def make(size: int) -> BlockDevice:
+        name = f"v{next(names)}"
+        pool.create_volume(name, size)
+        return pool.open_volume(name)
+
+    try:
+        check_block_device(make)
+        assert pool.fsck().clean
+        info = pool.info().cache
+        assert info is not None and info.hits and info.misses and info.state == "ok"
+    finally:
+        pool.close()

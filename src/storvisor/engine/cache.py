@@ -26,7 +26,9 @@ under one of ``STRIPES`` locks, so that two writes to one line reach both copies
 order); it is acknowledged when both are done. A flush syncs the backing devices.
 
 *Writeback*: a write goes to the line's slot only (a missing line is filled first) and the
-slot is marked dirty in the *open epoch*. A flush closes the epoch: it syncs the cache
+slot is marked dirty in the *open epoch*. When every slot is dirty, a write waits for the
+destage to clean some; if none belongs to a closed epoch, the destage thread closes the
+open epoch itself, as a flush does (a disk's cache may write back early). A flush closes the epoch: it syncs the cache
 device (the data), then writes the table entries changed since the last flush and syncs
 again. A *destage* thread then copies closed epochs to the backing devices in order, one
 epoch at a time, syncing the backing devices after each (for an S3 pool that sync is the
@@ -197,6 +199,7 @@ class Cache:
         self._wake = threading.Event()
         self._destager: threading.Thread | None = None
         self._routed = False
+        self._waiting = 0  # writers waiting for a free slot
 
     # ------------------------------------------------------------------- creating, opening
 
@@ -625,8 +628,12 @@ class Cache:
                 continue
             if not wait:
                 return None
+            if self.failure is not None:
+                raise IOFailure(f"the cache device failed: {self.failure}", errno.EIO)
+            self._waiting += 1  # the destage closes the open epoch if nothing else is to go
             self._wake.set()
             self._space.wait(0.5)
+            self._waiting -= 1
 
     def _evict(self) -> bool:
         """Free up to ``EVICT_BATCH`` clean, idle lines (CLOCK; lock held)."""
@@ -702,6 +709,13 @@ class Cache:
         while not self._stop.is_set():
             self._wake.wait(1.0)
             self._wake.clear()
+            with self._lock:
+                full = self._waiting and not self._closed and self._lists.get(self.open_epoch)
+            if full:  # every slot is dirty in the open epoch: make it durable to destage it
+                try:
+                    self.sync(lambda: None)
+                except IOFailure:
+                    continue  # latched: writers waiting for a slot fail
             while self._closed and not self._stop.is_set():
                 try:
                     self._destage_one()
