@@ -27,16 +27,17 @@ order); it is acknowledged when both are done. A flush syncs the backing devices
 
 *Writeback*: a write goes to the line's slot only (a missing line is filled first) and the
 slot is marked dirty in the *open epoch*. When every slot is dirty, a write waits for the
-destage to clean some; if none belongs to a closed epoch, the destage thread closes the
-open epoch itself, as a flush does (a disk's cache may write back early). A flush closes
-the epoch: it syncs the cache device (the data), then writes the table entries changed
-since the last flush and syncs again. A *destage* thread then copies closed epochs to the backing devices in order, one
-epoch at a time, syncing the backing devices after each (for an S3 pool that sync is the
-upload barrier), and only then marks the epoch's slots clean (table written and synced).
-The backing therefore always holds every epoch up to some flush plus part of the next one:
-an image a crash could have left. A write to a line whose slot belongs to a closed epoch
-not yet destaged does not change that slot: the line is copied to a new slot in the open
-epoch (copy-on-write), so each closed epoch's data stays as its flush left it.
+destage to clean some; if none belongs to a closed epoch, the destage thread closes the open
+epoch itself, as a flush does (a disk's cache may write back early). A flush closes the
+epoch: it syncs the cache device (the data), then writes the table entries changed since the
+last flush and syncs again. A *destage* thread then copies closed epochs to the backing
+devices in order, one epoch at a time, syncing the backing devices after each (for an S3
+pool that sync is the upload barrier), and only then marks the epoch's slots clean (table
+written and synced). The backing therefore always holds every epoch up to some flush plus
+part of the next one: an image a crash could have left. A write to a line whose slot belongs
+to a closed epoch not yet destaged does not change that slot: the line is copied to a new
+slot in the open epoch (copy-on-write), so each closed epoch's data stays as its flush left
+it.
 
 *Restarts.* The table on the device is what the last flush or destage wrote. A pool closed
 cleanly writes the whole table and sets the clean flag: the next open finds the cache warm.
