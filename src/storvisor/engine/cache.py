@@ -70,7 +70,7 @@ from dataclasses import dataclass
 
 from storvisor.engine import pio
 from storvisor.engine.backing import MAGIC as BACKING_MAGIC
-from storvisor.engine.backing import Backing, sync_directory
+from storvisor.engine.backing import Backing, Header, sync_directory
 from storvisor.engine.probe import find_signature
 from storvisor.engine.types import CacheInfo, CacheMode
 from storvisor.errors import Conflict, InvalidArgument, IOFailure, NotFound
@@ -253,8 +253,9 @@ class Cache:
             if head[:8] == MAGIC:
                 found = uuid.UUID(bytes=HEADER.unpack_from(head)[4])
                 raise Conflict(f"{spec.path} is the cache of another pool ({found})")
-            if head[:8] == BACKING_MAGIC:
-                raise Conflict(f"{spec.path} is a backing device of a pool")
+            member = Header.unpack(head) if head[:8] == BACKING_MAGIC else None
+            if member is not None:
+                raise Conflict(f"{spec.path} belongs to pool {member.pool_name!r}")
             if not created and any(head):
                 signature = find_signature(spec.path)
                 if signature is not None:
