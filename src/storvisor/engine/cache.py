@@ -131,6 +131,11 @@ class _Fill:
 
 
 class _Route:
+    """The ``pio.Route`` of one backing device. Its methods are the hot path: a read of a
+    cached line and a writeback write to a line of the open epoch are served here, in one
+    system call (a read takes no lock: it checks afterwards that the slot still held the
+    line, as a sequence lock does); everything else goes to the ``Cache``."""
+
     __slots__ = ("base", "cache")
 
     def __init__(self, cache: Cache, index: int) -> None:
@@ -138,10 +143,63 @@ class _Route:
         self.base = index << KEY_SHIFT
 
     def read(self, views: list[memoryview], offset: int) -> None:
-        self.cache.read(self.base, views, offset)
+        c = self.cache
+        if len(views) == 1:
+            n = len(views[0])
+            ls = c.line_size
+            line, within = divmod(offset, ls)
+            key = self.base | line
+            slot = c._map.get(key)
+            if slot is not None and within + n <= ls:
+                assigned = c._assigned[slot]
+                try:
+                    done = os.preadv(c.fd, views, c._data_at + slot * ls + within)
+                except OSError:
+                    done = -1
+                if done == n and c._assigned[slot] == assigned and c._map.get(key) == slot:
+                    c._ref[slot] = 1
+                    c.hits += 1
+                    return
+        c.read(self.base, views, offset)
 
     def write(self, views: list[memoryview], offset: int) -> None:
-        self.cache.write(self.base, views, offset)
+        c = self.cache
+        if len(views) == 1 and c.mode is CacheMode.WRITEBACK:
+            n = len(views[0])
+            ls = c.line_size
+            line, within = divmod(offset, ls)
+            if within + n <= ls:
+                key = self.base | line
+                with c._lock:
+                    slot = c._map.get(key)
+                    if slot is not None and c.failure is None:
+                        epoch = c.epochs[slot]
+                        if epoch == c.open_epoch or not epoch:
+                            if not epoch:
+                                c._dirty(slot)
+                            c._writing[slot] += 1
+                            c._ref[slot] = 1
+                            c.hits += 1
+                        else:
+                            slot = None
+                    else:
+                        slot = None
+                if slot is not None:
+                    try:
+                        done = os.pwritev(c.fd, views, c._data_at + slot * ls + within)
+                    except OSError as e:
+                        done = -1
+                        error: OSError | None = e
+                    else:
+                        error = None
+                    with c._lock:
+                        c._writing[slot] -= 1
+                        c._gens[slot] += 1
+                    if error is not None:
+                        raise c._failed(_io(f"write of {c.path}", error)) from error
+                    if done == n:
+                        return
+        c.write(self.base, views, offset)
 
 
 class Cache:
@@ -179,6 +237,7 @@ class Cache:
         self.epochs = [0] * slots  # 0: clean; else the epoch the slot's data belongs to
         self._pins = [0] * slots  # reads and writes in flight
         self._gens = [0] * slots  # writes completed into the slot
+        self._assigned = [0] * slots  # lines given the slot so far (lock-free reads check it)
         self._writing = [0] * slots  # writes in flight into the slot
         self._ref = bytearray(slots)
         self._hand = 0
@@ -482,6 +541,7 @@ class Cache:
                 else:
                     self._map[key] = slot
                     self.tags[slot] = key
+                    self._assigned[slot] += 1
                     self._ref[slot] = 1
                     if data is not None:
                         self._dirty(slot)
@@ -580,6 +640,7 @@ class Cache:
             self._pins[old] -= 1
             self._map[key] = new
             self.tags[new] = key
+            self._assigned[new] += 1
             self._ref[new] = 1
             self._dirty(new)
             if not self.epochs[old]:  # destaged meanwhile: nothing needs the old copy
