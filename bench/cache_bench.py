@@ -127,7 +127,8 @@ def _summary(results: dict[str, dict[str, list[float]]], extra: dict[str, Any]) 
         plain = statistics.median(results["plain"][kind])
         cached = statistics.median(results["cached"][kind])
         out[kind] = {"plain_iops": round(plain), "cached_iops": round(cached),
-                     "ratio": round(cached / plain, 3)}  # fmt: skip
+                     "ratio": round(cached / plain, 3),
+                     "rounds": {p: [round(x) for x in results[p][kind]] for p in results}}  # fmt: skip
     return out
 
 
@@ -181,10 +182,10 @@ def nbd(work: Path, size: int, seconds: float, repeat: int) -> dict[str, Any]:
                     uri = f"nbd+unix:///{name}?socket={sock}"
                     args = [fio, "--name=b", "--ioengine=nbd", f"--uri={uri}",
                             f"--rw=rand{kind}", f"--bs={BLOCK}", f"--iodepth={QD}",
-                            f"--runtime={seconds}", "--time_based", "--output-format=json",
+                            f"--runtime={seconds:g}", "--time_based", "--output-format=json",
                             f"--size={size}"]  # fmt: skip
                     out = subprocess.run(args, capture_output=True, text=True, check=True)
-                    job = json.loads(out.stdout)["jobs"][0]
+                    job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]
                     results[name][kind].append(job[kind]["iops"])
     finally:
         child.stdin.write("\n")

@@ -260,6 +260,7 @@ class Cache:
         self._destager: threading.Thread | None = None
         self._routed = False
         self._waiting = 0  # writers waiting for a free slot
+        self._steps: dict[int, list[Callable[[], None]]] = {}  # run after an epoch's destage
 
     # ------------------------------------------------------------------- creating, opening
 
@@ -822,6 +823,12 @@ class Cache:
         for index in sorted(touched):
             self._backings[index].sync()
         with self._lock:
+            steps = list(self._steps.get(epoch, ()))
+        for step in steps:
+            step()
+        with self._lock:
+            self._steps.pop(epoch, None)
+        with self._lock:
             entries = []
             cleaned: list[int] = []
             freed: list[int] = []
@@ -860,6 +867,21 @@ class Cache:
             self.destaged += moved
             self._rates.append((time.monotonic(), moved))
             self._space.notify_all()
+
+    def defers(self, backing: Backing) -> bool:
+        """Whether ``backing``'s ``committed`` must wait for the destage: a writeback cache
+        in front of a remote store, whose catalog must never point at data still here."""
+        return self.mode is CacheMode.WRITEBACK and backing.remote
+
+    def after_destage(self, step: Callable[[], None]) -> None:
+        """Run ``step`` (an upload of the catalog just committed) once every epoch closed so
+        far is destaged, before anything later (raises there: the destage retries)."""
+        with self._lock:
+            epoch = self.open_epoch - 1
+            if not self._closed or self._closed[-1] != epoch:
+                self._closed.append(epoch)
+            self._steps.setdefault(epoch, []).append(step)
+        self._wake.set()
 
     def destage_all(self, timeout: float | None = None) -> None:
         """Wait until every epoch closed so far is destaged. Raises ``IOFailure`` when the

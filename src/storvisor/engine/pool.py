@@ -728,8 +728,12 @@ class Pool:
                 raise
             with self._lock:
                 self._committed_seq = max(self._committed_seq, seq)
+            cache = self.cache
             for backing in backings.values():
-                backing.committed(bool(batch))  # on failure the frees are not recycled
+                if cache is not None and cache.defers(backing):
+                    cache.after_destage(backing.catalog_upload(bool(batch)))
+                else:
+                    backing.committed(bool(batch))  # on failure the frees are not recycled
             self.commit_times.observe(time.perf_counter_ns() - started)
             if batch.frees:
                 # no in-place I/O that looked a freed cluster up may still be running when
@@ -755,6 +759,8 @@ class Pool:
                 failure = self._sync_failure
             if failure is None:
                 self.flush()
+                if self.cache is not None and any(b.remote for b in self._backings.values()):
+                    self.cache.destage_all()  # the lease goes with the bucket up to date
             else:  # the next open replays the changes made after the failure (see _sync_failed)
                 log.warning("pool %s: closed without a commit: a sync failed", self.name)
         finally:
@@ -1078,10 +1084,6 @@ class Pool:
                 raise InvalidArgument("a cache device (--device PATH[:SIZE]) is needed")
             if not all(b.extensible or b.remote for b in self._backings.values()):
                 raise InvalidArgument(f"pool {self.name!r} cannot take a cache")
-            if mode is CacheMode.WRITEBACK and any(b.remote for b in self._backings.values()):
-                raise InvalidArgument(
-                    f"pool {self.name!r} is an S3 pool: its cache can be writethrough only"
-                )
             self.flush()
             new = Cache.attach(
                 spec,
