@@ -126,9 +126,9 @@ def _summary(results: dict[str, dict[str, list[float]]], extra: dict[str, Any]) 
     for kind in ("write", "read"):
         plain = statistics.median(results["plain"][kind])
         cached = statistics.median(results["cached"][kind])
+        rounds = {p: [round(x) for x in results[p][kind]] for p in results}
         out[kind] = {"plain_iops": round(plain), "cached_iops": round(cached),
-                     "ratio": round(cached / plain, 3),
-                     "rounds": {p: [round(x) for x in results[p][kind]] for p in results}}  # fmt: skip
+                     "ratio": round(cached / plain, 3), "rounds": rounds}  # fmt: skip
     return out
 
 
