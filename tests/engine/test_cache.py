@@ -265,7 +265,7 @@ def test_bad_input_changes_nothing(tmp_path: Path) -> None:
             pool.set_cache(None, CacheMode.NONE)
         with pytest.raises(InvalidArgument, match="needed"):
             pool.set_cache(None, CacheMode.WRITEBACK)
-        with pytest.raises(Conflict, match="belongs to pool .q."):
+        with pytest.raises(Conflict, match="belongs to pool 'q'"):
             pool.set_cache(CacheSpec(str(tmp_path / "q.img")), CacheMode.WRITEBACK)
         other.set_cache(CacheSpec(str(tmp_path / "c.img"), 1 << 20), CacheMode.WRITEBACK)
         with pytest.raises(Conflict, match="cache of another pool"):
