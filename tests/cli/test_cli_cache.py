@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 from prereq import require_module
+from storvisor.api.client import Client
 from storvisor.protocols.virtio.blk import Status
 from storvisor.testing.vhost_frontend import VhostUserFrontend
 
@@ -95,6 +96,9 @@ def test_data_through_nbd_and_vhost_user_exports_of_a_cached_pool(cli, daemon, t
         h.flush()
         cache = cli("pool", "show", "p", "--json").json()["cache"]
         assert cache["hits"] > 0 and cache["misses"] > 0
+        metrics = Client(tmp_path / "home" / "api.sock", timeout=30).metrics()
+        assert 'storvisor_pool_cache_lookups_total{pool="p",result="hit"}' in metrics
+        assert 'storvisor_pool_cache_dirty_bytes{pool="p"}' in metrics
         write_some(100)
         cli("pool", "set-cache", "p", "--mode", "writethrough")  # destages first, online
         write_some(100)

@@ -214,7 +214,7 @@ def test_detach_destages_and_frees_the_device(tmp_path: Path) -> None:
     vol.write(0, data)  # no flush: detaching flushes
     info = pool.set_cache(None, CacheMode.NONE)
     assert info.cache is None
-    assert not pio._routes
+    assert not pio.routed()
     vol.close()
     pool.close()
     pool = Pool.open(tmp_path / "p", "p")

@@ -134,69 +134,73 @@ class _Route:
     """The ``pio.Route`` of one backing device. Its methods are the hot path: a read of a
     cached line and a writeback write to a line of the open epoch are served here, in one
     system call (a read takes no lock: it checks afterwards that the slot still held the
-    line, as a sequence lock does); everything else goes to the ``Cache``."""
+    line, as a sequence lock does); everything else goes to the ``Cache``. The cache's
+    tables are bound here once (they are never replaced, only changed in place)."""
 
-    __slots__ = ("base", "cache")
+    __slots__ = ("assigned", "base", "cache", "data_at", "epochs", "fd", "inflight",
+                 "line_size", "lock", "map", "ref")  # fmt: skip
 
     def __init__(self, cache: Cache, index: int) -> None:
         self.cache = cache
         self.base = index << KEY_SHIFT
+        self.fd = cache.fd
+        self.line_size = cache.line_size
+        self.data_at = cache._data_at
+        self.map = cache._map
+        self.assigned = cache._assigned
+        self.ref = cache._ref
+        self.lock = cache._lock
+        self.epochs = cache.epochs
+        self.inflight = cache._inflight
 
     def read(self, views: list[memoryview], offset: int) -> None:
-        c = self.cache
         if len(views) == 1:
+            ls = self.line_size
+            line = offset // ls
+            within = offset - line * ls
             n = len(views[0])
-            ls = c.line_size
-            line, within = divmod(offset, ls)
             key = self.base | line
-            slot = c._map.get(key)
+            slot = self.map.get(key)
             if slot is not None and within + n <= ls:
-                assigned = c._assigned[slot]
+                assigned = self.assigned[slot]
                 try:
-                    done = os.preadv(c.fd, views, c._data_at + slot * ls + within)
+                    done = os.preadv(self.fd, views, self.data_at + slot * ls + within)
                 except OSError:
                     done = -1
-                if done == n and c._assigned[slot] == assigned and c._map.get(key) == slot:
-                    c._ref[slot] = 1
-                    c.hits += 1
+                if done == n and self.assigned[slot] == assigned and self.map.get(key) == slot:
+                    self.ref[slot] = 1
+                    self.cache.hits += 1
                     return
-        c.read(self.base, views, offset)
+        self.cache.read(self.base, views, offset)
 
     def write(self, views: list[memoryview], offset: int) -> None:
         c = self.cache
-        if len(views) == 1 and c.mode is CacheMode.WRITEBACK:
+        if len(views) == 1 and c.writeback:
+            ls = self.line_size
+            line = offset // ls
+            within = offset - line * ls
             n = len(views[0])
-            ls = c.line_size
-            line, within = divmod(offset, ls)
             if within + n <= ls:
-                key = self.base | line
-                with c._lock:
-                    slot = c._map.get(key)
-                    if slot is not None and c.failure is None:
-                        epoch = c.epochs[slot]
-                        if epoch == c.open_epoch or not epoch:
-                            if not epoch:
+                epochs = self.epochs
+                with self.lock:
+                    slot = self.map.get(self.base | line)
+                    if slot is not None:
+                        epoch = epochs[slot]
+                        if epoch != c.open_epoch:
+                            if epoch or c.failure is not None:
+                                slot = None
+                            else:
                                 c._dirty(slot)
-                            c._writing[slot] += 1
-                            c._ref[slot] = 1
+                        if slot is not None:
+                            self.inflight.append(slot)
                             c.hits += 1
-                        else:
-                            slot = None
-                    else:
-                        slot = None
                 if slot is not None:
                     try:
-                        done = os.pwritev(c.fd, views, c._data_at + slot * ls + within)
+                        done = os.pwritev(self.fd, views, self.data_at + slot * ls + within)
                     except OSError as e:
-                        done = -1
-                        error: OSError | None = e
-                    else:
-                        error = None
-                    with c._lock:
-                        c._writing[slot] -= 1
-                        c._gens[slot] += 1
-                    if error is not None:
-                        raise c._failed(_io(f"write of {c.path}", error)) from error
+                        raise c._failed(_io(f"write of {c.path}", e)) from e
+                    finally:
+                        self.inflight.remove(slot)  # one call: atomic, no lock needed
                     if done == n:
                         return
         c.write(self.base, views, offset)
@@ -220,7 +224,8 @@ class Cache:
     ) -> None:
         self.path = path
         self.fd = fd
-        self.mode = mode
+        self._mode = mode
+        self.writeback = mode is CacheMode.WRITEBACK
         self.line_size = line_size
         self.slots = slots
         self._table_at = HEADER_BYTES
@@ -236,9 +241,10 @@ class Cache:
         self.tags = [-1] * slots  # key of the line in each slot, -1: free
         self.epochs = [0] * slots  # 0: clean; else the epoch the slot's data belongs to
         self._pins = [0] * slots  # reads and writes in flight
-        self._gens = [0] * slots  # writes completed into the slot
         self._assigned = [0] * slots  # lines given the slot so far (lock-free reads check it)
-        self._writing = [0] * slots  # writes in flight into the slot
+        self._inflight: list[int] = []
+        """Slots with a write in flight: appended under the lock when the write found its
+        slot in the open epoch, removed (one atomic call) when it is done."""
         self._ref = bytearray(slots)
         self._hand = 0
         self._map: dict[int, int] = {}  # key -> slot with the line's newest data
@@ -585,9 +591,7 @@ class Cache:
                         if epoch == 0 or epoch == self.open_epoch:
                             if epoch == 0:
                                 self._dirty(slot)
-                            self._pins[slot] += 1
-                            self._writing[slot] += 1
-                            self._ref[slot] = 1
+                            self._inflight.append(slot)
                             self.hits += 1
                             break
                         self._pins[slot] += 1  # a closed epoch not destaged yet: copy it
@@ -610,10 +614,7 @@ class Cache:
         try:
             self._cache_write(slot, [data], within)
         finally:
-            with self._lock:
-                self._pins[slot] -= 1
-                self._writing[slot] -= 1
-                self._gens[slot] += 1
+            self._inflight.remove(slot)
 
     def _copy_line(
         self, key: int, old: int, new: int, fill: _Fill, within: int, data: memoryview
@@ -676,6 +677,7 @@ class Cache:
         self.epochs[slot] = self.open_epoch
         self._lists.setdefault(self.open_epoch, []).append(slot)
         self._changed.add(slot)
+        self._ref[slot] = 1
 
     # ------------------------------------------------------------------- slots, eviction
 
@@ -797,9 +799,13 @@ class Cache:
         with self._lock:
             epoch = self._closed[0]
             slots = [s for s in self._lists.get(epoch, []) if self.epochs[s] == epoch]
-            gens = {s: self._gens[s] for s in slots}
             for s in slots:
                 self._pins[s] += 1
+        # writes that found these slots in the epoch before it closed may still run; no
+        # later write can start on them (they copy the line)
+        mine = set(slots)
+        while mine.intersection(list(self._inflight)):
+            time.sleep(0.0002)
         ls = self.line_size
         touched: set[int] = set()
         moved = 0
@@ -837,9 +843,6 @@ class Cache:
                 if self._map.get(key) != slot:
                     freed.append(slot)
                     entries.append((slot, ENTRY.pack(0, 0)))
-                elif self._gens[slot] != gens[slot] or self._writing[slot]:
-                    self.epochs[slot] = 0  # written during the copy: dirty in the open epoch
-                    self._dirty(slot)
                 else:
                     cleaned.append(slot)
                     entries.append((slot, ENTRY.pack(key + 1, 0)))
@@ -867,6 +870,15 @@ class Cache:
             self.destaged += moved
             self._rates.append((time.monotonic(), moved))
             self._space.notify_all()
+
+    @property
+    def mode(self) -> CacheMode:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: CacheMode) -> None:
+        self._mode = mode
+        self.writeback = mode is CacheMode.WRITEBACK
 
     def defers(self, backing: Backing) -> bool:
         """Whether ``backing``'s ``committed`` must wait for the destage: a writeback cache

@@ -55,16 +55,24 @@ class Route(Protocol):
     def write(self, views: list[memoryview], offset: int) -> None: ...
 
 
-_routes: dict[int, Route] = {}
+_readers: dict[int, Callable[[list[memoryview], int], None]] = {}
+_writers: dict[int, Callable[[list[memoryview], int], None]] = {}
 
 
 def route(fd: int, target: Route | None) -> None:
     """Send the reads and writes of ``fd`` to ``target`` from now on (None: to the file
     again). Unroute an fd before closing it."""
     if target is None:
-        _routes.pop(fd, None)
+        _readers.pop(fd, None)
+        _writers.pop(fd, None)
     else:
-        _routes[fd] = target
+        _readers[fd] = target.read
+        _writers[fd] = target.write
+
+
+def routed() -> bool:
+    """Whether any fd of this process is routed."""
+    return bool(_readers)
 
 
 def preadv_full(
@@ -80,9 +88,11 @@ def preadv_full(
     Raises ``IOFailure``: the errno of a failed ``preadv``, or EIO for a read past the end of
     the file (unless ``zeros_at_eof``).
     """
-    if _routes and fd in _routes:
-        _routes[fd].read(views, offset)
-        return
+    if _readers:
+        reader = _readers.get(fd)
+        if reader is not None:
+            reader(views, offset)
+            return
     if len(views) != 1:
         _transfer(fd, views, offset, None, syscall, True, zeros_at_eof)
         return
@@ -105,9 +115,11 @@ def pwritev_full(
     Raises ``IOFailure``: the errno of a failed ``pwritev``, or EIO for a call that wrote
     nothing.
     """
-    if _routes and fd in _routes:
-        _routes[fd].write(views, offset)
-        return
+    if _writers:
+        writer = _writers.get(fd)
+        if writer is not None:
+            writer(views, offset)
+            return
     if len(views) != 1:
         _transfer(fd, views, offset, None, syscall, False, False)
         return
