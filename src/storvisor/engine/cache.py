@@ -137,14 +137,17 @@ class _Route:
     line, as a sequence lock does); everything else goes to the ``Cache``. The cache's
     tables are bound here once (they are never replaced, only changed in place)."""
 
-    __slots__ = ("assigned", "base", "cache", "data_at", "epochs", "fd", "inflight",
-                 "line_size", "lock", "map", "ref")  # fmt: skip
+    __slots__ = ("assigned", "base", "cache", "data_at", "epochs", "fd", "hits", "inflight",
+                 "line_size", "lock", "map", "mask", "ref", "shift")  # fmt: skip
 
     def __init__(self, cache: Cache, index: int) -> None:
         self.cache = cache
         self.base = index << KEY_SHIFT
         self.fd = cache.fd
         self.line_size = cache.line_size
+        self.shift = cache.line_size.bit_length() - 1  # a power of two: the cluster size
+        self.mask = cache.line_size - 1
+        self.hits = 0  # lock-free reads served here (``Cache.info`` adds them up)
         self.data_at = cache._data_at
         self.map = cache._map
         self.assigned = cache._assigned
@@ -155,21 +158,20 @@ class _Route:
 
     def read(self, views: list[memoryview], offset: int) -> None:
         if len(views) == 1:
-            ls = self.line_size
-            line = offset // ls
-            within = offset - line * ls
-            n = len(views[0])
-            key = self.base | line
+            key = self.base | offset >> self.shift
             slot = self.map.get(key)
-            if slot is not None and within + n <= ls:
+            within = offset & self.mask
+            n = len(views[0])
+            if slot is not None and within + n <= self.line_size:
                 assigned = self.assigned[slot]
+                at = self.data_at + (slot << self.shift) + within
                 try:
-                    done = os.preadv(self.fd, views, self.data_at + slot * ls + within)
+                    done = os.preadv(self.fd, views, at)
                 except OSError:
                     done = -1
                 if done == n and self.assigned[slot] == assigned and self.map.get(key) == slot:
                     self.ref[slot] = 1
-                    self.cache.hits += 1
+                    self.hits += 1
                     return
         self.cache.read(self.base, views, offset)
 
@@ -266,6 +268,7 @@ class Cache:
         self._destager: threading.Thread | None = None
         self._routed = False
         self._waiting = 0  # writers waiting for a free slot
+        self._routes: dict[int, _Route] = {}
         self._steps: dict[int, list[Callable[[], None]]] = {}  # run after an epoch's destage
 
     # ------------------------------------------------------------------- creating, opening
@@ -450,13 +453,15 @@ class Cache:
         """Serve the reads and writes of the pool's backing devices from now on."""
         self._routed = True
         for index, backing in self._backings.items():
-            pio.route(backing.fd, _Route(self, index))
+            self._routes[index] = _Route(self, index)
+            pio.route(backing.fd, self._routes[index])
 
     def add_backing(self, index: int, backing: Backing) -> None:
         """Serve ``backing``'s reads and writes too (a device added to the pool)."""
         self._direct[index] = os.dup(backing.fd)
         if self._routed:
-            pio.route(backing.fd, _Route(self, index))
+            self._routes[index] = _Route(self, index)
+            pio.route(backing.fd, self._routes[index])
 
     # ------------------------------------------------------------------------- reading
 
@@ -951,7 +956,7 @@ class Cache:
         with self._lock:
             used = sum(1 for t in self.tags if t >= 0)
             dirty = sum(1 for e in self.epochs if e)
-            hits, misses = self.hits, self.misses
+            hits, misses = self.hits + sum(r.hits for r in self._routes.values()), self.misses
             now = time.monotonic()
             while self._rates and self._rates[0][0] < now - RATE_WINDOW:
                 self._rates.popleft()
