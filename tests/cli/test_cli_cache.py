@@ -6,8 +6,10 @@ while the volume is exported."""
 from __future__ import annotations
 
 import random
+import shutil
+import subprocess
 
-from prereq import require_module
+from prereq import require, require_module
 from storvisor.api.client import Client
 from storvisor.protocols.virtio.blk import Status
 from storvisor.testing.vhost_frontend import VhostUserFrontend
@@ -99,6 +101,12 @@ def test_data_through_nbd_and_vhost_user_exports_of_a_cached_pool(cli, daemon, t
         metrics = Client(tmp_path / "home" / "api.sock", timeout=30).metrics()
         assert 'storvisor_pool_cache_lookups_total{pool="p",result="hit"}' in metrics
         assert 'storvisor_pool_cache_dirty_bytes{pool="p"}' in metrics
+        promtool = shutil.which("promtool")
+        require(promtool, "promtool is not installed (Debian package prometheus)")
+        assert promtool is not None
+        lint = subprocess.run([promtool, "check", "metrics"], input=metrics,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert lint.returncode == 0, lint.stdout + lint.stderr
         write_some(100)
         cli("pool", "set-cache", "p", "--mode", "writethrough")  # destages first, online
         write_some(100)
