@@ -760,7 +760,10 @@ class Pool:
             if failure is None:
                 self.flush()
                 if self.cache is not None and any(b.remote for b in self._backings.values()):
-                    self.cache.destage_all()  # the lease goes with the bucket up to date
+                    try:
+                        self.cache.destage_all()  # the lease goes with the bucket up to date
+                    except IOFailure as e:  # the lease stays: the bucket is behind the cache
+                        log.warning("pool %s: closed before the cache destaged: %s", self.name, e)
             else:  # the next open replays the changes made after the failure (see _sync_failed)
                 log.warning("pool %s: closed without a commit: a sync failed", self.name)
         finally:
