@@ -242,7 +242,7 @@ class Cache:
         self._stripes = [threading.Lock() for _ in range(STRIPES)]
         self.tags = [-1] * slots  # key of the line in each slot, -1: free
         self.epochs = [0] * slots  # 0: clean; else the epoch the slot's data belongs to
-        self._pins = [0] * slots  # reads and writes in flight
+        self._pins = [0] * slots  # slow-path reads and copies in flight: not evicted
         self._assigned = [0] * slots  # lines given the slot so far (lock-free reads check it)
         self._inflight: list[int] = []
         """Slots with a write in flight: appended under the lock when the write found its
@@ -427,7 +427,7 @@ class Cache:
                 self._lists.setdefault(epoch, []).append(slot)
                 self.open_epoch = max(self.open_epoch, epoch + 1)
             best = newest.get(key)
-            if best is None or _newer(epoch, self.epochs[best]):
+            if best is None or epoch > self.epochs[best]:
                 newest[key] = slot
         self._map = newest
         self._free = [s for s in self._free if s < used]
@@ -983,11 +983,6 @@ class Cache:
             state,
         )
 
-    @property
-    def dirty(self) -> int:
-        with self._lock:
-            return sum(1 for e in self.epochs if e)
-
     # ------------------------------------------------------------------------ lifecycle
 
     def unroute(self) -> None:
@@ -1060,8 +1055,3 @@ def _io(what: str, e: OSError) -> IOFailure:
 def _header(line_size: int, slots: int, pool_uuid: uuid.UUID, *, clean: bool) -> bytes:
     raw = HEADER.pack(MAGIC, FORMAT, line_size, slots, pool_uuid.bytes, int(clean))
     return raw + bytes(HEADER_BYTES - len(raw))
-
-
-def _newer(a: int, b: int) -> bool:
-    """Whether a copy of epoch ``a`` is newer than one of epoch ``b`` (0: clean, oldest)."""
-    return a > b
