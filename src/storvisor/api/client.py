@@ -41,6 +41,7 @@ from storvisor.api.messages import (
     ImportS3Pool,
     Resize,
     Rollback,
+    SetCache,
     SetVolumeQos,
     Timeouts,
 )
@@ -55,7 +56,14 @@ from storvisor.api.tls import (
     parse_fingerprint,
 )
 from storvisor.engine.s3 import S3Spec
-from storvisor.engine.types import BackingSpec, FsckReport, PoolInfo, SnapshotInfo, VolumeInfo
+from storvisor.engine.types import (
+    BackingSpec,
+    CacheMode,
+    FsckReport,
+    PoolInfo,
+    SnapshotInfo,
+    VolumeInfo,
+)
 from storvisor.errors import InvalidArgument, LocalFailure, ProtocolError, StorvisorError
 
 _T = TypeVar("_T")
@@ -304,6 +312,12 @@ class Client:
 
     def remove_endpoint(self, pool: str, url: str) -> PoolInfo:
         return self._one(routes.REMOVE_ENDPOINT, pool, body=Endpoint(url))
+
+    def set_cache(self, pool: str, device: str | None, mode: CacheMode) -> PoolInfo:
+        return self._one(routes.SET_CACHE, pool, body=SetCache(mode, device))
+
+    def flush_cache(self, pool: str) -> PoolInfo:
+        return self._one(routes.FLUSH_CACHE, pool)
 
     def pools(self) -> list[PoolInfo]:
         return self._list(routes.POOLS)

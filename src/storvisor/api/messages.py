@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from storvisor.api.exports import ExportKind
 from storvisor.api.qos import QosKey
 from storvisor.engine.s3 import S3Spec
-from storvisor.engine.types import BackingSpec
+from storvisor.engine.types import BackingSpec, CacheMode
 
 API_PREFIX = "/v1"
 
@@ -41,6 +41,14 @@ class ImportS3Pool:
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     url: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetCache:
+    """``device``: ``PATH[:SIZE]`` of the cache device (needed for a new cache only)."""
+
+    mode: CacheMode
+    device: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,8 @@ What is measured, and where:
   volume's QoS block (every process adds its waits there);
 * per pool (``pool``): capacity, allocated and provisioned bytes, clusters (``state``
   total, allocated, free), metadata commit latency histogram, and whether it is online;
+  with a cache tier: cache lookups (``result`` hit, miss), dirty bytes, bytes destaged and
+  the destage rate;
 * per data plane (``kind``, ``export``): processes restarted after one ended.
 
 Rendering uses the ``prometheus_client`` library (the ``metrics`` extra). Without it the
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from storvisor.engine.iostats import BOUNDS_NS, IoOp, IoTotals
 from storvisor.engine.types import IoErrorCounts, PoolInfo
@@ -87,6 +90,42 @@ def _histogram_buckets(counts: tuple[int, ...]) -> list[tuple[str, float]]:
         out.append((repr(bound / 1e9), float(running)))
     out.append(("+Inf", float(running + counts[-1])))
     return out
+
+
+def _cache_families(pools: tuple[PoolSample, ...]) -> Iterator[Any]:
+    """A pool's cache tier (pools without one have no sample)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    labels = ["pool"]
+    lookups = CounterMetricFamily(
+        "storvisor_pool_cache_lookups",
+        "Cache lines looked up by reads and writes since the pool opened, by result.",
+        labels=["pool", "result"],
+    )
+    dirty = GaugeMetricFamily(
+        "storvisor_pool_cache_dirty_bytes", "Bytes written to the cache, not destaged yet.",
+        labels=labels,
+    )  # fmt: skip
+    destaged = CounterMetricFamily(
+        "storvisor_pool_cache_destaged_bytes", "Bytes destaged since the pool opened.",
+        labels=labels,
+    )  # fmt: skip
+    rate = GaugeMetricFamily(
+        "storvisor_pool_cache_destage_rate_bytes",
+        "Bytes per second destaged over the last ten seconds.",
+        labels=labels,
+    )
+    for p in pools:
+        cache = p.info.cache
+        if cache is None:
+            continue
+        name = p.info.name
+        lookups.add_metric([name, "hit"], float(cache.hits))
+        lookups.add_metric([name, "miss"], float(cache.misses))
+        dirty.add_metric([name], float(cache.dirty))
+        destaged.add_metric([name], float(cache.destaged))
+        rate.add_metric([name], cache.destage_rate)
+    yield from (lookups, dirty, destaged, rate)
 
 
 def render(sample: MetricsSample) -> bytes:
@@ -208,6 +247,7 @@ def render(sample: MetricsSample) -> bytes:
                     [info.name], _histogram_buckets(p.commit_buckets), sum_value=p.commit_ns / 1e9
                 )
         yield from (capacity, allocated, provisioned, clusters, online, commits, io_errors)
+        yield from _cache_families(sample.pools)
 
         restarts = CounterMetricFamily(
             "storvisor_dataplane_restarts",

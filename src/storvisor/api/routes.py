@@ -40,6 +40,7 @@ from storvisor.api.messages import (
     LibvirtXml,
     Resize,
     Rollback,
+    SetCache,
     SetVolumeQos,
     Timeouts,
 )
@@ -144,6 +145,23 @@ REMOVE_ENDPOINT = Route(
     PoolInfo,
     "remove a mirror endpoint from an S3 pool",
     Endpoint,
+    access=_W,
+)
+SET_CACHE = Route(
+    "set_cache",
+    POST,
+    f"{_POOL}/cache",
+    PoolInfo,
+    "attach a cache tier to a pool, change its mode, or detach it (mode none) after destaging",
+    SetCache,
+    access=_W,
+)
+FLUSH_CACHE = Route(
+    "flush_cache",
+    POST,
+    f"{_POOL}/cache/flush",
+    PoolInfo,
+    "destage everything a pool's writeback cache holds to its backing devices",
     access=_W,
 )
 POOL_INFO = Route("pool_info", GET, _POOL, PoolInfo, "show a pool")
@@ -349,6 +367,8 @@ ROUTES: tuple[Route[Any], ...] = (
     IMPORT_S3_POOL,
     ADD_ENDPOINT,
     REMOVE_ENDPOINT,
+    SET_CACHE,
+    FLUSH_CACHE,
     POOL_INFO,
     DELETE_POOL,
     ADD_BACKING,

@@ -64,6 +64,7 @@ from storvisor.api.messages import (
     LibvirtXml,
     Resize,
     Rollback,
+    SetCache,
     SetVolumeQos,
     Timeouts,
 )
@@ -164,6 +165,10 @@ def _create_s3_pool(s: Service, r: Request) -> object:
     )
 
 
+def _set_cache(s: Service, pool: str, req: SetCache) -> object:
+    return s.set_cache(pool, req.device, req.mode)
+
+
 def _import_s3_pool(s: Service, r: Request) -> object:
     req = r.parse(ImportS3Pool)
     return s.import_s3_pool(req.name, req.s3, force=req.force)
@@ -178,6 +183,8 @@ _HANDLERS: dict[Route[Any], Handler] = {
     routes.IMPORT_S3_POOL: _import_s3_pool,
     routes.ADD_ENDPOINT: lambda s, r: s.add_endpoint(r.params[0], r.parse(Endpoint).url),
     routes.REMOVE_ENDPOINT: lambda s, r: s.remove_endpoint(r.params[0], r.parse(Endpoint).url),
+    routes.SET_CACHE: lambda s, r: _set_cache(s, r.params[0], r.parse(SetCache)),
+    routes.FLUSH_CACHE: lambda s, r: s.flush_cache(r.params[0]),
     routes.POOL_INFO: lambda s, r: s.pool_info(r.params[0]),
     routes.DELETE_POOL: lambda s, r: s.delete_pool(r.params[0], force=r.flag("force")),
     routes.ADD_BACKING: lambda s, r: s.add_backing(r.params[0], r.parse(BackingSpec)),

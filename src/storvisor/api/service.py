@@ -56,6 +56,7 @@ from storvisor.engine.qos import ThrottledDevice
 from storvisor.engine.s3 import S3Spec
 from storvisor.engine.types import (
     BackingSpec,
+    CacheMode,
     FsckReport,
     IoErrorCounts,
     PoolInfo,
@@ -115,6 +116,8 @@ class Management(Protocol):
     def import_s3_pool(self, name: str, spec: S3Spec, *, force: bool = False) -> PoolInfo: ...
     def add_endpoint(self, pool: str, url: str) -> PoolInfo: ...
     def remove_endpoint(self, pool: str, url: str) -> PoolInfo: ...
+    def set_cache(self, pool: str, device: str | None, mode: CacheMode) -> PoolInfo: ...
+    def flush_cache(self, pool: str) -> PoolInfo: ...
     def pools(self) -> list[PoolInfo]: ...
     def pool_info(self, name: str) -> PoolInfo: ...
     def delete_pool(self, name: str, *, force: bool = False) -> None: ...
@@ -310,6 +313,17 @@ class Service:
         endpoint), ``InvalidArgument`` (not an S3 pool), ``Conflict`` (its last one)."""
         with self._lock:
             return self.home.remove_endpoint(pool, url)
+
+    def set_cache(self, pool: str, device: str | None, mode: CacheMode) -> PoolInfo:
+        """Attach a cache tier (``device``: ``PATH[:SIZE]``), change its mode, or detach it
+        (``CacheMode.NONE``) after destaging (``Home.set_cache``)."""
+        with self._lock:
+            return self.home.set_cache(pool, device, mode)
+
+    def flush_cache(self, pool: str) -> PoolInfo:
+        """Destage everything the pool's cache holds (``Pool.flush_cache``)."""
+        with self._lock:
+            return self.home.flush_cache(pool)
 
     def pools(self) -> list[PoolInfo]:
         """Every pool with its state, sorted by name; an offline pool never fails the list."""

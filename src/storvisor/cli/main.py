@@ -48,7 +48,7 @@ from storvisor.cli import output
 from storvisor.cli.progress import wait_for_job
 from storvisor.engine.home import HomeInUse, HomeUser
 from storvisor.engine.s3 import S3Spec
-from storvisor.engine.types import BackingSpec, PoolState
+from storvisor.engine.types import BackingSpec, CacheMode, PoolState
 from storvisor.errors import InvalidArgument, NotFound, StateError, StorvisorError
 from storvisor.integrations.libvirt import scsi
 from storvisor.units import parse_size
@@ -247,6 +247,16 @@ def pool_add_endpoint(m: Management, a: argparse.Namespace) -> int:
 
 def pool_remove_endpoint(m: Management, a: argparse.Namespace) -> int:
     info = m.remove_endpoint(a.name, a.url)
+    return _print(a, info, output.pool_details(info))
+
+
+def pool_set_cache(m: Management, a: argparse.Namespace) -> int:
+    info = m.set_cache(a.name, a.device, CacheMode.parse(a.mode))
+    return _print(a, info, output.pool_details(info))
+
+
+def pool_flush_cache(m: Management, a: argparse.Namespace) -> int:
+    info = m.flush_cache(a.name)
     return _print(a, info, output.pool_details(info))
 
 
@@ -872,6 +882,30 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     c.add_argument("name", metavar="NAME", type=pool_name)
     c.add_argument("url", metavar="URL")
+    c = cmd(
+        pool, "set-cache", pool_set_cache,
+        "put a cache device in front of a pool's devices, change its mode, or detach it "
+        "(--mode none: after destaging everything)",
+        json=True,
+    )  # fmt: skip
+    c.add_argument("name", metavar="NAME", type=pool_name)
+    c.add_argument(
+        "--device",
+        metavar="PATH[:SIZE]",
+        help="the cache device: a block device, or a file (created with SIZE if missing)",
+    )
+    c.add_argument(
+        "--mode",
+        required=True,
+        metavar="MODE",
+        help="writeback (acknowledged once on the cache), writethrough (once on the "
+        "backing device) or none (detach)",
+    )
+    c = cmd(
+        pool, "flush-cache", pool_flush_cache,
+        "destage everything a pool's writeback cache holds to its devices", json=True,
+    )  # fmt: skip
+    c.add_argument("name", metavar="NAME", type=pool_name)
     c = cmd(
         pool,
         "import",

@@ -102,8 +102,26 @@ def pool_details(p: PoolInfo) -> str:
         ["BACKING", "KIND", "SIZE"],
         [[b.path, str(b.kind), human(b.size)] for b in p.backings],
     )
+    parts = [text, backings]
+    if p.cache is not None:
+        c = p.cache
+        parts.append(
+            fields(
+                [
+                    ("cache", c.device),
+                    ("mode", str(c.mode)),
+                    ("cache state", c.state),
+                    ("cache size", human(c.size)),
+                    ("used", human(c.used)),
+                    ("dirty", human(c.dirty)),
+                    ("hit ratio", f"{c.hit_ratio:.1%} ({c.hits} hits, {c.misses} misses)"),
+                    ("destaged", human(c.destaged)),
+                    ("destage rate", f"{human(int(c.destage_rate))}/s"),
+                ]
+            )
+        )
     if not p.endpoints:
-        return f"{text}\n\n{backings}"
+        return "\n\n".join(parts)
     endpoints = table(
         ["ENDPOINT", "STATE", "REQUESTS", "ERRORS", "LATENCY"],
         [
@@ -111,7 +129,7 @@ def pool_details(p: PoolInfo) -> str:
             for e in p.endpoints
         ],
     )
-    return f"{text}\n\n{backings}\n\n{endpoints}"
+    return "\n\n".join([*parts, endpoints])
 
 
 def volumes_table(volumes: Sequence[VolumeInfo]) -> str:

@@ -47,7 +47,7 @@ import os
 import stat
 import struct
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from storvisor.engine.device import LIBC
@@ -244,6 +244,11 @@ class Backing:
     def committed(self, changed: bool) -> None:
         """Called after each commit of the pool's catalog (``changed``: the commit wrote a
         batch). A local device has nothing to do; an object backing uploads the catalog."""
+
+    def catalog_upload(self, changed: bool) -> Callable[[], None]:
+        """``committed`` to be run later, with the catalog as it is now (a writeback cache
+        runs it once the data the catalog points at is destaged)."""
+        return lambda: self.committed(changed)
 
     def wipe_header(self) -> None:
         """Erase the header so the device may join a pool again."""

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storvisor.engine import object_pool
+from storvisor.engine.cache import CacheSpec
 from storvisor.engine.object_backing import is_object_pool
 from storvisor.engine.pool import Pool, check_name
 from storvisor.engine.s3 import S3Spec
@@ -49,6 +50,7 @@ from storvisor.engine.types import (
     BackingInfo,
     BackingKind,
     BackingSpec,
+    CacheMode,
     PoolInfo,
     PoolState,
     PoolStats,
@@ -252,6 +254,34 @@ class Home:
             pool = self.pool(name)
             object_pool.add_endpoint(pool, url)
             return pool.info()
+
+    def set_cache(self, name: str, device: str | None, mode: CacheMode) -> PoolInfo:
+        """Attach a cache tier to pool ``name`` on ``device`` (``PATH[:SIZE]``), change its
+        mode, or detach it (``CacheMode.NONE``): ``Pool.set_cache``. A device that another
+        pool of this HOME uses (as a cache or a backing device) is refused (``Conflict``)."""
+        spec = None if device is None else CacheSpec.parse(device)
+        with self._lock:
+            pool = self.pool(name)
+            return pool.set_cache(spec, mode, in_use=lambda path: self._device_user(path, name))
+
+    def flush_cache(self, name: str) -> PoolInfo:
+        """Destage everything pool ``name``'s cache holds (``Pool.flush_cache``)."""
+        with self._lock:
+            pool = self.pool(name)
+            pool.flush_cache()
+            return pool.info()
+
+    def _device_user(self, path: str, skip: str) -> str | None:
+        real = os.path.realpath(path)
+        for other, pool in self._pools.items():
+            if other == skip:
+                continue
+            if pool.cache is not None and os.path.realpath(pool.cache.path) == real:
+                return f"pool {other!r} (its cache)"
+            for backing in pool.info().backings:
+                if os.path.realpath(backing.path) == real:
+                    return f"pool {other!r} (a backing device)"
+        return None
 
     def remove_endpoint(self, name: str, url: str) -> PoolInfo:
         """Remove an endpoint of an S3 pool, online (``object_pool.remove_endpoint``)."""

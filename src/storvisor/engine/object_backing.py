@@ -150,6 +150,7 @@ class ObjectBacking(Backing):
         """The bucket's catalog may be older than the local one (at open: a replayed journal)."""
         self._fenced: LeaseLost | None = None
         self._zeros = bytes(object_size)
+        self._snapshots = 0  # catalog copies taken by catalog_upload
         self.uploads = 0
         """Objects stored or deleted so far (for tests and stats)."""
 
@@ -187,6 +188,25 @@ class ObjectBacking(Backing):
             raw = _catalog_copy(self._catalog_path)
             self.bucket.put(CATALOG_KEY, raw)
             self._catalog_stale = False
+
+    def catalog_upload(self, changed: bool) -> Callable[[], None]:
+        """``committed`` to run later, with the catalog as it is now: a writeback cache
+        (``engine/cache.py``) uploads it once the data it points at is destaged."""
+        if not (changed or self._catalog_stale):
+            return lambda: None
+        self._catalog_stale = True
+        raw = _catalog_copy(self._catalog_path)
+        self._snapshots += 1
+        number = self._snapshots
+
+        def upload() -> None:
+            with self._sync_lock:
+                self._fence()
+                self.bucket.put(CATALOG_KEY, raw)
+                if number == self._snapshots:
+                    self._catalog_stale = False
+
+        return upload
 
     def _fence(self) -> None:
         if self._fenced is not None:

@@ -167,6 +167,7 @@ def _import(directory: Path, name: str, bucket: Bucket, force: bool) -> Pool:
         data = directory / DATA_NAME
         with contextlib.closing(sqlite3.connect(db)) as con, con:
             con.execute("UPDATE devices SET path = ?", (str(data),))
+            con.execute("DELETE FROM meta WHERE key = 'cache'")  # the other host's device
             (bytes_,) = con.execute(
                 "SELECT value FROM meta WHERE key = 'device_bytes.0'"
             ).fetchone()

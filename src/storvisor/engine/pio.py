@@ -24,6 +24,11 @@ The common case, one buffer moved by one call, costs one call and two comparison
 
 ``syscall`` is the seam the tests use to make short transfers happen; production code never
 passes it.
+
+*Routed fds.* A pool with a cache tier (``engine/cache.py``) registers its backing devices'
+fds with ``route``: a read or write of such an fd goes to the cache instead of the file (one
+dict test in front of the system call for every other fd). Routes are of this process only:
+data planes of a cached pool send their reads and writes to the pool's process.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
+from typing import Protocol
 
 from storvisor.errors import IOFailure
 
@@ -39,6 +45,34 @@ IOV_MAX = 1024
 
 VectorCall = Callable[[int, list[memoryview], int], int]
 """``os.preadv`` or ``os.pwritev``: ``(fd, buffers, offset) -> bytes transferred``."""
+
+
+class Route(Protocol):
+    """Where the reads and writes of a routed fd go (see the module docstring)."""
+
+    def read(self, views: list[memoryview], offset: int) -> None: ...
+
+    def write(self, views: list[memoryview], offset: int) -> None: ...
+
+
+_readers: dict[int, Callable[[list[memoryview], int], None]] = {}
+_writers: dict[int, Callable[[list[memoryview], int], None]] = {}
+
+
+def route(fd: int, target: Route | None) -> None:
+    """Send the reads and writes of ``fd`` to ``target`` from now on (None: to the file
+    again). Unroute an fd before closing it."""
+    if target is None:
+        _readers.pop(fd, None)
+        _writers.pop(fd, None)
+    else:
+        _readers[fd] = target.read
+        _writers[fd] = target.write
+
+
+def routed() -> bool:
+    """Whether any fd of this process is routed."""
+    return bool(_readers)
 
 
 def preadv_full(
@@ -54,6 +88,11 @@ def preadv_full(
     Raises ``IOFailure``: the errno of a failed ``preadv``, or EIO for a read past the end of
     the file (unless ``zeros_at_eof``).
     """
+    if _readers:
+        reader = _readers.get(fd)
+        if reader is not None:
+            reader(views, offset)
+            return
     if len(views) != 1:
         _transfer(fd, views, offset, None, syscall, True, zeros_at_eof)
         return
@@ -76,6 +115,11 @@ def pwritev_full(
     Raises ``IOFailure``: the errno of a failed ``pwritev``, or EIO for a call that wrote
     nothing.
     """
+    if _writers:
+        writer = _writers.get(fd)
+        if writer is not None:
+            writer(views, offset)
+            return
     if len(views) != 1:
         _transfer(fd, views, offset, None, syscall, False, False)
         return

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
@@ -75,6 +76,7 @@ from queue import SimpleQueue
 from storvisor.engine.allocator import Allocator, group_clusters
 from storvisor.engine.backing import Backing, Header, phys_number, split_phys, sync_directory
 from storvisor.engine.bounded import IoThreads
+from storvisor.engine.cache import Cache, CacheSpec, wipe_device
 from storvisor.engine.catalog import ZERO, Batch, Catalog
 from storvisor.engine.fsck import Memory, check_pool
 from storvisor.engine.iostats import LatencyHistogram
@@ -83,6 +85,8 @@ from storvisor.engine.layers import LayerTree
 from storvisor.engine.types import (
     BackingOp,
     BackingSpec,
+    CacheInfo,
+    CacheMode,
     FsckReport,
     IoErrorCounts,
     PoolInfo,
@@ -201,6 +205,11 @@ class Pool:
         self.data_timeout = float(catalog.meta().get("data_timeout", 0.0))
         """Seconds a volume's read or write may take; 0: unbounded (``set_data_timeout``)."""
         self._io_threads = IoThreads(f"storvisor-{name}")
+        self.cache: Cache | None = None
+        """The pool's cache tier (``engine/cache.py``), opened before the journal is read."""
+        cached = catalog.meta().get("cache")
+        if cached:
+            self.cache = self._open_cache(cached)
         try:
             self._journal = Journal(directory / "journal")
         except OSError as e:
@@ -359,7 +368,8 @@ class Pool:
         with self._health:
             reason = self._degraded
         state = PoolState.DEGRADED if reason else PoolState.ONLINE
-        return PoolInfo(self.name, cs, backings, stats, state, reason, endpoints)
+        cache = self.cache_info()
+        return PoolInfo(self.name, cs, backings, stats, state, reason, endpoints, cache)
 
     @property
     def io_errors(self) -> IoErrorCounts:
@@ -400,7 +410,7 @@ class Pool:
             for state in self._states.values():
                 state.timeout = self.data_timeout
                 for plane in state.planes:
-                    plane.map.set_bounded(bool(self.data_timeout))
+                    plane.map.set_bounded(bool(self.data_timeout) or state.routed)
             self._stmt(
                 "INSERT OR REPLACE INTO meta VALUES ('data_timeout', ?)", repr(float(seconds))
             )
@@ -501,6 +511,8 @@ class Pool:
             self._stalled.clear()
             try:
                 self._within_timeout(lambda: _sync_all(backings))
+                if self.cache is not None and self.cache.failure is not None:
+                    self._reopen_cache(self.cache)
             except IOFailure as e:
                 with self._health:
                     if self._degraded and self._sync_failure is None:
@@ -643,6 +655,8 @@ class Pool:
                 header = Header(index, self.cluster_size, self._identity.pool_uuid, self.name)
                 backing, created = Backing.attach(BackingSpec(path, spec.size, spec.force), header)
                 self._backings[index] = backing
+                if self.cache is not None:
+                    self.cache.add_backing(index, backing)
                 self._allocator.set_device(index, backing.clusters)
                 self._batch.statements.append(
                     ("INSERT INTO devices VALUES (?, ?, ?)", (index, path, int(created)))
@@ -693,6 +707,8 @@ class Pool:
                         work = partial(_sync_all, backings.values())
                     else:
                         work = partial(_sync_fresh, backings, fresh)
+                    if self.cache is not None:
+                        work = partial(self.cache.sync, work)
                     if any(b.remote for b in backings.values()):
                         work()  # bounded by the store's own timeouts, not the pool's
                     else:
@@ -712,8 +728,12 @@ class Pool:
                 raise
             with self._lock:
                 self._committed_seq = max(self._committed_seq, seq)
+            cache = self.cache
             for backing in backings.values():
-                backing.committed(bool(batch))  # on failure the frees are not recycled
+                if cache is not None and cache.defers(backing):
+                    cache.after_destage(backing.catalog_upload(bool(batch)))
+                else:
+                    backing.committed(bool(batch))  # on failure the frees are not recycled
             self.commit_times.observe(time.perf_counter_ns() - started)
             if batch.frees:
                 # no in-place I/O that looked a freed cluster up may still be running when
@@ -739,6 +759,11 @@ class Pool:
                 failure = self._sync_failure
             if failure is None:
                 self.flush()
+                if self.cache is not None and any(b.remote for b in self._backings.values()):
+                    try:
+                        self.cache.destage_all()  # the lease goes with the bucket up to date
+                    except IOFailure as e:  # the lease stays: the bucket is behind the cache
+                        log.warning("pool %s: closed before the cache destaged: %s", self.name, e)
             else:  # the next open replays the changes made after the failure (see _sync_failed)
                 log.warning("pool %s: closed without a commit: a sync failed", self.name)
         finally:
@@ -751,6 +776,8 @@ class Pool:
                 self._states.clear()
                 self._catalog.close()
                 self._journal.close()
+                if self.cache is not None:
+                    self.cache.close()
                 for backing in self._backings.values():
                     backing.close()
 
@@ -763,7 +790,10 @@ class Pool:
         """Close the pool, erase the headers of its devices and delete the files it created.
         The catalog directory is left to the caller (``Home.delete_pool``)."""
         created = {i for (i,) in self._catalog.query("SELECT idx FROM devices WHERE created")}
+        cache = self.cache
         self.close()
+        if cache is not None:
+            wipe_device(cache.path)
         for backing in self._backings.values():
             try:
                 fd = os.open(backing.path, os.O_RDWR | os.O_CLOEXEC)
@@ -893,6 +923,7 @@ class Pool:
             if state is None:
                 state = VolumeState(self, key, top, size, read_only, vol.serial)
                 state.timeout = self.data_timeout
+                state.routed = self.cache is not None
                 state.view, state.homes = self._build_view(top, homes=not read_only)
                 self._states[key] = state
             state.handles += 1
@@ -1029,6 +1060,157 @@ class Pool:
         self.flush()
         return self.volume_info(volume)
 
+    # ------------------------------------------------------------------------ cache tier
+
+    def set_cache(
+        self,
+        spec: CacheSpec | None,
+        mode: CacheMode,
+        *,
+        in_use: Callable[[str], str | None] = lambda _: None,
+    ) -> PoolInfo:
+        """Give the pool a cache tier on ``spec`` in ``mode``, change the mode of the one it
+        has, or (``CacheMode.NONE``) detach it after destaging everything. Online: reads and
+        writes wait while the cache is switched in or out. Durable when this returns.
+
+        Raises ``InvalidArgument`` (no device given for a new cache, none to detach, a bad
+        device), ``Conflict`` (another cache is attached, or the device is in use:
+        ``in_use(path)`` names its user), ``NotFound``, ``IOFailure`` (the destage before a
+        detach or a switch to writethrough failed: nothing changed)."""
+        with self._lock:
+            self._check_open()
+            cache = self.cache
+        if cache is None:
+            if mode is CacheMode.NONE:
+                raise InvalidArgument(f"pool {self.name!r} has no cache to detach")
+            if spec is None:
+                raise InvalidArgument("a cache device (--device PATH[:SIZE]) is needed")
+            if not all(b.extensible or b.remote for b in self._backings.values()):
+                raise InvalidArgument(f"pool {self.name!r} cannot take a cache")
+            self.flush()
+            new = Cache.attach(
+                spec,
+                mode,
+                self.cluster_size,
+                self._identity.pool_uuid,
+                self._backings,
+                self._cache_failed,
+                in_use=in_use,
+                route=False,
+            )
+            try:
+                self._switch_cache(new)
+                self._record_cache(new)
+            except BaseException:
+                self._switch_cache(None)
+                new.close(clean=False)
+                new.wipe_closed()
+                raise
+            return self.info()
+        if spec is not None and os.path.realpath(spec.path) != os.path.realpath(cache.path):
+            raise Conflict(
+                f"pool {self.name!r} has the cache {cache.path}: detach it first (--mode none)"
+            )
+        if mode is cache.mode:
+            return self.info()
+        if mode is not CacheMode.WRITEBACK:
+            self.flush_cache()  # nothing dirty remains but what comes while switching
+        if mode is CacheMode.NONE:
+            self._switch_cache(None, cache)
+            cache.close(clean=False)
+            cache.wipe_closed()
+            with self._lock:
+                self._stmt("DELETE FROM meta WHERE key = 'cache'")
+            self.flush()
+            return self.info()
+        self._switch_cache(cache, mode=mode)
+        self._record_cache(cache)
+        return self.info()
+
+    def flush_cache(self) -> None:
+        """Flush, then wait until the cache has destaged everything written before this call
+        to the backing devices (synced). Raises ``InvalidArgument`` (no cache), ``IOFailure``."""
+        cache = self.cache
+        if cache is None:
+            raise InvalidArgument(f"pool {self.name!r} has no cache")
+        self.flush()
+        cache.destage_all()
+
+    def _switch_cache(
+        self, new: Cache | None, old: Cache | None = None, *, mode: CacheMode | None = None
+    ) -> None:
+        """Route the volumes' I/O through ``new`` (None: to the devices), or change the mode
+        of the cache, with no read or write in flight meanwhile. Leaving a writeback cache,
+        what was written since the last destage is flushed and destaged first."""
+        with self._lock:
+            states = list(self._states.values())
+        with contextlib.ExitStack() as stack:
+            for state in states:
+                state.quiesce()
+                stack.callback(state.lock.release)
+                stack.enter_context(state.frozen())
+            if old is not None:
+                if old.mode is CacheMode.WRITEBACK:
+                    old.sync(lambda: None)
+                    old.destage_all()
+                old.unroute()
+            if new is not None and mode is not None:
+                if new.mode is CacheMode.WRITEBACK:
+                    new.sync(lambda: None)
+                    new.destage_all()
+                new.mode = mode
+            elif new is not None:
+                new.route()
+            with self._lock:
+                self.cache = new
+                for state in self._states.values():
+                    state.routed = new is not None
+                    for plane in state.planes:
+                        plane.map.set_bounded(bool(self.data_timeout) or state.routed)
+
+    def _reopen_cache(self, old: Cache) -> None:
+        """Drop a failed cache's memory and open its device again, as after a crash: what
+        its table holds (every flushed write) serves and is destaged. Raises ``IOFailure``
+        (the pool stays latched)."""
+        with self._lock:
+            doc = self._catalog.meta().get("cache", "")
+            states = list(self._states.values())
+        with contextlib.ExitStack() as stack:
+            for state in states:
+                state.quiesce()
+                stack.callback(state.lock.release)
+                stack.enter_context(state.frozen())
+            old.close(clean=False)
+            self.cache = self._open_cache(doc)
+
+    def _record_cache(self, cache: Cache) -> None:
+        with self._lock:
+            doc = json.dumps({"path": cache.path, "mode": cache.mode.value})
+            self._stmt("INSERT OR REPLACE INTO meta VALUES ('cache', ?)", doc)
+        self.flush()
+
+    def _open_cache(self, doc: str) -> Cache:
+        try:
+            fields = json.loads(doc)
+            path, mode = str(fields["path"]), CacheMode(fields["mode"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptMetadata(f"pool {self.name!r}: unreadable cache record {doc!r}") from e
+        return Cache.open(
+            path,
+            mode,
+            self.cluster_size,
+            self._identity.pool_uuid,
+            self._backings,
+            self._cache_failed,
+        )
+
+    def _cache_failed(self, error: IOFailure) -> None:
+        self._latch(error, f"the cache device failed: {error}")
+
+    def cache_info(self) -> CacheInfo | None:
+        cache = self.cache
+        return None if cache is None else cache.info()
+
     # ------------------------------------------------------------------------------ fsck
 
     def fsck(self) -> FsckReport:
@@ -1137,7 +1319,9 @@ class Pool:
         used = {phys for (phys,) in cat.query("SELECT phys FROM refcount")}
         batch = Batch()
         replayed = skipped = 0
-        for _, lid, vc, value in self._journal.pending(committed):
+        # a writeback cache loses unflushed writes in a crash: mappings to them must go too
+        volatile = self.cache is not None and self.cache.mode is CacheMode.WRITEBACK
+        for _, lid, vc, value in [] if volatile else self._journal.pending(committed):
             layer = tree.layers.get(lid)
             if layer is None:  # made by a management operation that never committed
                 skipped += 1

@@ -110,6 +110,52 @@ class PoolInfo:
     reason: str = ""
     endpoints: tuple[EndpointInfo, ...] = ()
     """An S3 pool's endpoints (none for a pool of local devices)."""
+    cache: CacheInfo | None = None
+    """The pool's cache tier (``engine/cache.py``), None when it has none."""
+
+
+class CacheMode(enum.StrEnum):
+    """How a pool's cache tier acknowledges writes (``engine/cache.py``)."""
+
+    WRITEBACK = "writeback"
+    WRITETHROUGH = "writethrough"
+    NONE = "none"
+
+    @classmethod
+    def parse(cls, text: str) -> CacheMode:
+        """Raises ``InvalidArgument`` for anything but the three names."""
+        try:
+            return cls(text)
+        except ValueError:
+            from storvisor.errors import InvalidArgument
+
+            names = ", ".join(m.value for m in cls)
+            raise InvalidArgument(f"unknown cache mode {text!r} (one of {names})") from None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheInfo:
+    """A pool's cache tier: its device, mode and counters since the pool was opened."""
+
+    device: str
+    mode: CacheMode
+    size: int
+    """Bytes of cached data the device holds at most (its lines)."""
+    line_size: int
+    used: int
+    """Bytes of lines in use."""
+    dirty: int
+    """Bytes of lines written in writeback mode and not yet destaged to the backing."""
+    hits: int
+    misses: int
+    hit_ratio: float
+    destaged: int
+    """Bytes destaged since the pool was opened."""
+    destage_rate: float
+    """Bytes per second destaged over the last ten seconds."""
+    state: str
+    """"ok", or "failed: REASON" when the cache device failed (the pool's flushes then fail
+    until it is reopened)."""
 
 
 @dataclass(frozen=True, slots=True)

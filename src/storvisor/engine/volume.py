@@ -150,6 +150,8 @@ class VolumeState:
         self.planes: list[DataPlane] = []  # other processes serving this state
         self.timeout = 0.0
         """The pool's data timeout (0: requests are not bounded); set by the pool."""
+        self.routed = False
+        """The pool has a cache tier: planes send every read and write here; set by the pool."""
 
     # ------------------------------------------------------------- data planes, ownership
 
@@ -161,7 +163,7 @@ class VolumeState:
     def attach(self, plane: DataPlane) -> None:
         """Start mirroring this state's view into ``plane.map``. Call with the pool lock."""
         plane.map.fill(self.map_entries())
-        plane.map.set_bounded(bool(self.timeout))
+        plane.map.set_bounded(bool(self.timeout) or self.routed)
         self.planes.append(plane)
 
     def detach(self, plane: DataPlane) -> None:
