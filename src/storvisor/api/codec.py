@@ -130,11 +130,16 @@ def save_json(path: Path, doc: object, *, mode: int | None = None) -> None:
     """Replace the JSON file ``path`` with ``doc`` atomically and durably: a temporary file
     beside it, fsync, rename over it, fsync of the directory. ``mode``: the file's
     permissions, set before anything is written. Raises ``OSError``."""
+    save_text(path, json.dumps(doc, indent=2) + "\n", mode=mode)
+
+
+def save_text(path: Path, text: str, *, mode: int | None = None) -> None:
+    """Replace the file ``path`` with ``text`` as ``save_json`` does. Raises ``OSError``."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         if mode is not None:
             os.fchmod(f.fileno(), mode)
-        f.write(json.dumps(doc, indent=2) + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -39,12 +39,13 @@ import logging
 import os
 import re
 import ssl
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from storvisor.api.codec import decode_list, encode, save_json
+from storvisor.api.codec import decode_list, encode, save_text
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.iostats import StatsSet
 from storvisor.engine.qos import ThrottledDevice
@@ -142,11 +143,13 @@ def check_export_name(name: str) -> str:
 class ExportStore:
     """The export definitions of one HOME, in ``HOME/exports.json``.
 
-    Not thread-safe: the service serialises calls. ``save`` is atomic and durable.
+    Not thread-safe: the service serialises calls. ``save`` is atomic and durable. Each
+    definition is rendered once (``save`` runs at every export change, over all of them).
     """
 
     def __init__(self, home: Path) -> None:
         self._path = home / EXPORTS_FILE
+        self._rendered: dict[ExportSpec, str] = {}
 
     def load(self) -> list[ExportSpec]:
         """Read the definitions; none when the file does not exist.
@@ -164,8 +167,18 @@ class ExportStore:
             raise CorruptMetadata(f"{self._path}: unreadable export definitions: {e}") from e
 
     def save(self, specs: list[ExportSpec]) -> None:
-        """Replace the definitions atomically (temporary file, fsync, rename, fsync of HOME)."""
-        save_json(self._path, {"version": 1, "exports": encode(specs)})
+        """Replace the definitions atomically (temporary file, fsync, rename, fsync of HOME).
+        The file is ``{"version": 1, "exports": [...]}``, indented as ``save_json`` does."""
+        rendered = {spec: self._rendered.get(spec) or _render(spec) for spec in specs}
+        items = ",\n".join(rendered[spec] for spec in specs)
+        body = f"[\n{items}\n  ]" if specs else "[]"
+        save_text(self._path, f'{{\n  "version": 1,\n  "exports": {body}\n}}\n')
+        self._rendered = rendered
+
+
+def _render(spec: ExportSpec) -> str:
+    """One definition as an item of the indented ``exports`` list."""
+    return textwrap.indent(json.dumps(encode(spec), indent=2), "    ")
 
 
 @dataclass(frozen=True, slots=True)

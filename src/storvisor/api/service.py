@@ -206,6 +206,7 @@ class Service:
         self._runtime = runtime
         self._store = ExportStore(home.path)
         self._specs = self._store.load()
+        self._real_sockets: dict[str, str] = {}
         self._broken: dict[str, str] = {}
         self._lock = threading.RLock()
         self._qos = QosManager(home.path, lambda pool, vol: self.volume_info(pool, vol).size)
@@ -531,8 +532,9 @@ class Service:
         if not 1 <= queues <= 64:
             raise InvalidArgument(f"invalid queue count {queues}: expected 1 to 64")
         with self._lock:
+            real = os.path.realpath(socket)
             for s in self._specs:
-                if s.socket is not None and os.path.realpath(s.socket) == os.path.realpath(socket):
+                if s.socket is not None and self._real_socket(s.socket) == real:
                     raise Conflict(f"socket {socket} is already used by export {s.name}")
             spec = ExportSpec(
                 name=name or f"vhost-user-blk:{pool}/{volume}",
@@ -859,6 +861,14 @@ class Service:
             raise Conflict(
                 f"{what} is exported ({', '.join(sorted(users))}); remove the export first"
             )
+
+    def _real_socket(self, path: str) -> str:
+        """The resolved path of an exported socket, resolved once (the check of a new
+        export's socket compares it with every other export's)."""
+        real = self._real_sockets.get(path)
+        if real is None:
+            real = self._real_sockets[path] = os.path.realpath(path)
+        return real
 
     def _add_export(self, spec: ExportSpec) -> ExportInfo:
         check_export_name(spec.name)
