@@ -589,3 +589,16 @@ def test_a_crash_at_any_store_answers_each_command_once(step: int) -> None:
     assert ids(fetched) == ([1, 2] if step == 0 else [1])
     assert already == ([2] if step == 7 else [])
     assert first == 0
+
+
+def test_a_crash_after_the_tail_moved_leaves_only_marks_the_kernel_ignores() -> None:
+    """cmd_tail passed a DONE entry, and the handler died before clearing the mark: the
+    next handler neither reruns that command nor answers it again."""
+    image, first, second = _state(6)
+    struct.pack_into("<I", image.buf, 64, second)  # the tail moved; 0x80 still set on first
+    ring = Ring(image.view)
+    assert ids(ring.next_entries()) == [1]
+    ring.complete(1, 0)
+    assert image.tail == image.head
+    assert image.kernel_walk(0) == [2, 1]
+    assert image.buf[128 + first + 7] & 0x7F == 0  # DONE is ignored; nothing else is set

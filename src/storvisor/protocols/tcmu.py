@@ -53,7 +53,10 @@ aligned 32-bit store:
 
 A steal goes: the completed command's entry E becomes LOST, then receives the request at
 ``cmd_tail`` and becomes MOVING; the entry at ``cmd_tail`` becomes LOST, receives the
-response and becomes DONE; E becomes MOVED; ``cmd_tail`` advances. A handler that starts
+response and becomes DONE; E becomes MOVED; ``cmd_tail`` advances, and only then are the
+DONE marks it passed cleared (the kernel ignores them; a mark cleared before ``cmd_tail``
+moves would make a response look like a request). ``cmd_head`` and ``cmd_tail`` are loaded
+and stored as whole aligned words, never byte by byte. A handler that starts
 reads from ``cmd_tail`` and sorts the marks out: DONE entries are passed, not run again; a
 LOST entry is answered BUSY (the initiator retries the command); a MOVING entry whose
 request is still found earlier in the ring is answered BUSY for the command in its header,
@@ -117,8 +120,8 @@ TCMU_SENSE_BUFFERSIZE = 96
 MAILBOX = struct.Struct("<HHIII")
 """``struct tcmu_mailbox`` up to ``cmd_head``: version, flags, cmdr_off, cmdr_size, cmd_head."""
 MAILBOX_SIZE = 128
-CMD_TAIL = struct.Struct("<I")
-CMD_TAIL_OFFSET = 64  # ``__aligned__(ALIGN_SIZE)``: on its own cache line
+CMD_HEAD_WORD = 3  # offset 12, as an index of the mailbox's 32-bit words
+CMD_TAIL_WORD = 16  # offset 64: ``__aligned__(ALIGN_SIZE)``, on its own cache line
 HDR = struct.Struct("<IHBB")
 """``struct tcmu_cmd_entry_hdr``: len_op, cmd_id, kflags, uflags."""
 CMD_ID = struct.Struct("<H")
@@ -222,6 +225,10 @@ class Ring:
             raise ProtocolError(
                 f"TCMU command ring [{cmdr_off}, +{cmdr_size}) outside the {size}-byte area"
             )
+        # cmd_head and cmd_tail are read and written as whole aligned words, never byte by
+        # byte: the kernel writes cmd_head while this runs, and a crash must not tear
+        # cmd_tail
+        self._words = self._area[:MAILBOX_SIZE].cast("I")
         self.flags = flags
         self.cmdr_off = cmdr_off
         self.cmdr_size = cmdr_size
@@ -230,11 +237,11 @@ class Ring:
 
     @property
     def cmd_head(self) -> int:
-        return int(MAILBOX.unpack_from(self._area, 0)[4])
+        return int(self._words[CMD_HEAD_WORD])
 
     @property
     def cmd_tail(self) -> int:
-        return int(CMD_TAIL.unpack_from(self._area, CMD_TAIL_OFFSET)[0])
+        return int(self._words[CMD_TAIL_WORD])
 
     @property
     def outstanding(self) -> int:
@@ -435,15 +442,21 @@ class Ring:
 
     def _retire(self) -> None:
         """Advance ``cmd_tail`` past the completed CMD entries and the PAD, TMR and
-        unknown entries at its head (clearing ``UFLAG_DONE`` as it goes)."""
+        unknown entries at its head, then clear their ``UFLAG_DONE`` (the kernel reads
+        them only when notified, after this; a crash in between leaves a mark the kernel
+        ignores, while a mark cleared before the tail moved would make a response look
+        like a request)."""
         pos = start = self.cmd_tail
+        passed = []
         while pos != self._next:
             op, length, _ = self._header(pos)
             flags_at = self.cmdr_off + pos + UFLAGS_OFFSET
             if op == TCMU_OP_CMD:
                 if not self._area[flags_at] & UFLAG_DONE:
                     break
-                self._area[flags_at] &= ~UFLAG_DONE & 0xFF
+                passed.append(flags_at)
             pos = (pos + length) % self.cmdr_size
         if pos != start:
-            CMD_TAIL.pack_into(self._area, CMD_TAIL_OFFSET, pos)
+            self._words[CMD_TAIL_WORD] = pos
+        for flags_at in passed:
+            self._area[flags_at] &= ~UFLAG_DONE & 0xFF

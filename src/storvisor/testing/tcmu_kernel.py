@@ -124,6 +124,7 @@ class TcmuKernel:
         os.ftruncate(self._fd, self.size)
         self._map = mmap.mmap(self._fd, self.size, mmap.MAP_SHARED)
         struct.pack_into("<HHIII", self._map, 0, 2, flags, self.cmdr_off, self.cmdr_size, 0)
+        self._words = memoryview(self._map)[:MAILBOX_SIZE].cast("I")
         self._head = 0
         self._cleaned = 0
         self._next_id = 1
@@ -162,6 +163,7 @@ class TcmuKernel:
         if self._events is not None:
             self._events.close()
             self._events = None
+        self._words.release()
         self._map.close()
         os.close(self._fd)
 
@@ -169,11 +171,11 @@ class TcmuKernel:
 
     @property
     def cmd_head(self) -> int:
-        return int(struct.unpack_from("<I", self._map, 12)[0])
+        return int(self._words[3])  # one aligned load, as the handler writes it
 
     @property
     def cmd_tail(self) -> int:
-        return int(struct.unpack_from("<I", self._map, 64)[0])
+        return int(self._words[16])
 
     @property
     def in_flight(self) -> set[int]:
@@ -194,7 +196,7 @@ class TcmuKernel:
 
     def _publish(self, size: int) -> None:
         self._head = (self._head + size) % self.cmdr_size
-        struct.pack_into("<I", self._map, 12, self._head)
+        self._words[3] = self._head  # one aligned store, as the kernel's UPDATE_HEAD
 
     def submit(
         self,
