@@ -361,3 +361,21 @@ def test_volume_of_a_cached_pool_conforms(
         assert info is not None and info.hits and info.misses and info.state == "ok"
     finally:
         pool.close()
+
+
+def test_deleting_a_cached_pool_frees_its_cache_device(tmp_path: Path) -> None:
+    """``Home.delete_pool`` erases the cache header too: another pool may take the device."""
+    from storvisor.engine.home import Home
+
+    home = Home(tmp_path / "home")
+    try:
+        home.create_pool("p", [BackingSpec(str(tmp_path / "p.img"), DEVICE)], CS)
+        device = str(tmp_path / "c.img")
+        home.set_cache("p", f"{device}:1M", CacheMode.WRITEBACK)
+        home.pool("p").create_volume("v", VOL)
+        home.delete_pool("p", force=True)
+        home.create_pool("q", [BackingSpec(str(tmp_path / "q.img"), DEVICE)], CS)
+        info = home.set_cache("q", device, CacheMode.WRITETHROUGH)
+        assert info.cache is not None and info.cache.device == device
+    finally:
+        home.close()
