@@ -295,11 +295,13 @@ def faulty() -> Iterator[FaultMount]:
         mount.close()
 
 
+@pytest.mark.parametrize("op", ["write", "sync"])
 def test_a_failing_cache_device_latches_and_keeps_flushed_data(
-    tmp_path: Path, faulty: FaultMount
+    tmp_path: Path, faulty: FaultMount, op: str
 ) -> None:
-    """The cache device fails writes (EIO): the write fails with EIO, the pool is degraded
-    with the cache failure named, every flush fails; once the device works again
+    """The cache device fails writes or syncs (EIO; a failed sync drops the pages it could
+    not write, as Linux does): the request or the flush fails with EIO, the pool is degraded
+    with the cache failure named, every later flush fails; once the device works again
     ``recover`` (``pool reopen``) reopens the cache from its table and every flushed write
     reads back."""
     pool = _pool(tmp_path)
@@ -308,9 +310,11 @@ def test_a_failing_cache_device_latches_and_keeps_flushed_data(
     flushed = random.Random(4).randbytes(64 << 10)
     vol.write(0, flushed)
     vol.flush()
-    faulty.set(Fault("write", "eio"))
+    faulty.set(Fault(op, "eio"))
     with pytest.raises(IOFailure) as failed:
         vol.write(256 << 10, b"z" * CS)
+        vol.write(4 * CS, b"y" * CS)  # over a flushed line: a copy of it in the open epoch
+        vol.flush()
     assert failed.value.errno == 5
     info = pool.info()
     assert info.state is PoolState.DEGRADED and "cache device failed" in info.reason
@@ -357,3 +361,21 @@ def test_volume_of_a_cached_pool_conforms(
         assert info is not None and info.hits and info.misses and info.state == "ok"
     finally:
         pool.close()
+
+
+def test_deleting_a_cached_pool_frees_its_cache_device(tmp_path: Path) -> None:
+    """``Home.delete_pool`` erases the cache header too: another pool may take the device."""
+    from storvisor.engine.home import Home
+
+    home = Home(tmp_path / "home")
+    try:
+        home.create_pool("p", [BackingSpec(str(tmp_path / "p.img"), DEVICE)], CS)
+        device = str(tmp_path / "c.img")
+        home.set_cache("p", f"{device}:1M", CacheMode.WRITEBACK)
+        home.pool("p").create_volume("v", VOL)
+        home.delete_pool("p", force=True)
+        home.create_pool("q", [BackingSpec(str(tmp_path / "q.img"), DEVICE)], CS)
+        info = home.set_cache("q", device, CacheMode.WRITETHROUGH)
+        assert info.cache is not None and info.cache.device == device
+    finally:
+        home.close()
