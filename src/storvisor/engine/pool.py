@@ -116,6 +116,9 @@ DEFAULT_CLUSTER = 64 << 10
 COMMIT_INTERVAL = 0.5
 """Seconds between background commits (the contract is at most one second)."""
 DEFAULT_IO_TIMEOUT = 30.0
+MAX_TIMEOUT = 7 * 86400.0
+"""The longest I/O or data timeout a pool takes, in seconds (a week: longer waits are
+"never" to an operator, and beyond the range of the system's timed waits)."""
 """Seconds a sync of the backing devices may take before its flush fails (ETIMEDOUT)."""
 
 
@@ -200,9 +203,11 @@ class Pool:
         self._logged: set[BackingOp] = set()  # kinds of failure logged since the last recover
         self._stalled: list[_SyncJob] = []  # syncs still running past their timeout
         self._syncs: SimpleQueue[_SyncJob | None] = SimpleQueue()
-        self.io_timeout = float(catalog.meta().get("io_timeout", DEFAULT_IO_TIMEOUT))
+        self.io_timeout = min(
+            float(catalog.meta().get("io_timeout", DEFAULT_IO_TIMEOUT)), MAX_TIMEOUT
+        )
         """Seconds a sync of the backing devices may take (``set_io_timeout``)."""
-        self.data_timeout = float(catalog.meta().get("data_timeout", 0.0))
+        self.data_timeout = min(float(catalog.meta().get("data_timeout", 0.0)), MAX_TIMEOUT)
         """Seconds a volume's read or write may take; 0: unbounded (``set_data_timeout``)."""
         self._io_threads = IoThreads(f"storvisor-{name}")
         self.cache: Cache | None = None
@@ -386,9 +391,12 @@ class Pool:
     def set_io_timeout(self, seconds: float) -> None:
         """Set how long a sync of the backing devices may take before its flush fails with
         ETIMEDOUT (and the pool degrades). Durable when this returns. Raises
-        ``InvalidArgument`` unless ``seconds`` is positive and finite."""
-        if not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
-            raise InvalidArgument(f"invalid I/O timeout {seconds!r}: a positive number is needed")
+        ``InvalidArgument`` unless ``0 < seconds <= MAX_TIMEOUT``."""
+        if not isinstance(seconds, (int, float)) or not 0 < seconds <= MAX_TIMEOUT:
+            raise InvalidArgument(
+                f"invalid I/O timeout {seconds!r}: a positive number of seconds up to"
+                f" {MAX_TIMEOUT:g} is needed"
+            )
         with self._lock:
             self._check_open()
             self.io_timeout = float(seconds)
@@ -398,11 +406,12 @@ class Pool:
     def set_data_timeout(self, seconds: float) -> None:
         """Set how long a read or write of a volume may take before it fails with
         ETIMEDOUT (0: no limit, the default). Applies to requests that start afterwards;
-        durable when this returns. Raises ``InvalidArgument`` unless ``seconds`` is 0 or
-        positive and finite."""
-        if not isinstance(seconds, (int, float)) or not 0 <= seconds < float("inf"):
+        durable when this returns. Raises ``InvalidArgument`` unless
+        ``0 <= seconds <= MAX_TIMEOUT``."""
+        if not isinstance(seconds, (int, float)) or not 0 <= seconds <= MAX_TIMEOUT:
             raise InvalidArgument(
-                f"invalid data I/O timeout {seconds!r}: 0 or a positive number is needed"
+                f"invalid data I/O timeout {seconds!r}: 0 or a positive number of seconds up"
+                f" to {MAX_TIMEOUT:g} is needed"
             )
         with self._lock:
             self._check_open()
