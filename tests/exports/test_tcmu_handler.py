@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import random
 import signal
 import struct
 import subprocess
@@ -21,11 +22,18 @@ import pytest
 
 from storvisor.engine.device import BlockDevice, Buffer, DeviceWrapper, FileDevice
 from storvisor.engine.pool import Pool
-from storvisor.errors import IOFailure, NoSpace, NotFound, ProtocolError
+from storvisor.errors import (
+    IOFailure,
+    LocalFailure,
+    NoSpace,
+    NotFound,
+    ProtocolError,
+    Unavailable,
+)
 from storvisor.exports.tcmu import TcmuHandler, find_uio, map_size
 from storvisor.protocols.scsi import LunIdentity
 from storvisor.protocols.tcmu import Ring
-from storvisor.testing.tcmu_kernel import Completion, TcmuKernel
+from storvisor.testing.tcmu_kernel import Completion, RingFull, TcmuKernel
 
 MiB = 1 << 20
 CONFIG = "storvisor/e1"
@@ -129,6 +137,34 @@ def test_start_without_the_device_is_not_found(tmp_path: Path, volume: BlockDevi
         opener=kernel.open,
     )
     with pytest.raises(NotFound):
+        handler.start()
+    handler.close()
+    kernel.close()
+
+
+def test_a_node_that_is_no_uio_device_is_a_local_failure(
+    tmp_path: Path, volume: BlockDevice
+) -> None:
+    kernel = TcmuKernel(tmp_path, CONFIG)  # its dev/uio0 is an empty regular file
+    handler = TcmuHandler(
+        volume,
+        CONFIG,
+        identity=LunIdentity.for_volume("s"),
+        sysfs_root=kernel.sysfs_root,
+        dev_root=kernel.dev_root,
+    )
+    with pytest.raises(LocalFailure, match="cannot map"):
+        handler.start()
+    handler.close()
+    os.rename(os.path.join(kernel.dev_root, kernel.uio), os.path.join(kernel.dev_root, "x"))
+    handler = TcmuHandler(
+        volume,
+        CONFIG,
+        identity=LunIdentity.for_volume("s"),
+        sysfs_root=kernel.sysfs_root,
+        dev_root=kernel.dev_root,
+    )
+    with pytest.raises(LocalFailure, match="No such file"):
         handler.start()
     handler.close()
     kernel.close()
@@ -293,6 +329,31 @@ def test_a_stalled_request_does_not_hold_up_the_others(tmp_path: Path, volume: B
         h.close()
 
 
+def test_close_leaves_a_stalled_request_to_the_next_handler(
+    tmp_path: Path, volume: BlockDevice
+) -> None:
+    stalling = Stalling(volume)
+    h = Handler(tmp_path, stalling)
+    k = h.kernel
+    try:
+        volume.write(0, b"x" * 512)
+        slow = k.submit(rw10(0x28, 0, 1), data_in=512)
+        k.signal()
+        assert stalling.stalled.wait(10)
+        started = time.monotonic()
+        h.handler.close(timeout=0.5)
+        assert time.monotonic() - started < 5
+        stalling.release.set()  # the old worker finishes, into no ring
+        h.device = volume
+        h.handler = h.make()
+        h.handler.start()
+        assert good(k.wait([slow])[0]) == b"x" * 512
+        assert not k.in_flight and k.cmd_tail == k.cmd_head
+    finally:
+        stalling.release.set()
+        h.close()
+
+
 # ---------------------------------------------------------------------- restarts
 
 
@@ -445,6 +506,95 @@ def test_a_killed_handler_leaves_the_ring_to_the_next(tmp_path: Path) -> None:
         kernel.close()
 
 
+SERVE = textwrap.dedent(
+    """
+    import sys, time
+    from storvisor.engine.device import FileDevice
+    from storvisor.exports.tcmu import TcmuHandler
+    from storvisor.protocols.scsi import LunIdentity
+
+    path, sysfs, dev, event_fd, map_fd = sys.argv[1:6]
+    handler = TcmuHandler(
+        FileDevice(path), "storvisor/e1",
+        identity=LunIdentity.for_volume("s"), sysfs_root=sysfs, dev_root=dev,
+        opener=lambda p: (int(event_fd), int(map_fd)),
+    )
+    handler.start()
+    print("started", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_handlers_killed_at_random_moments_answer_every_command_once(tmp_path: Path) -> None:
+    """Handlers killed (-9) at random moments while commands stream in: in the end every
+    command is answered exactly once (its own status or BUSY), and the ring is consistent
+    (the stand-in raises RingBroken on an unknown or repeated cmd_id)."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4 * MiB))
+    kernel = TcmuKernel(tmp_path, CONFIG, ring_size=16 << 10)
+    rng = random.Random(7)
+    submitted: list[int] = []
+    try:
+        for _ in range(4):
+            event_fd, map_fd = kernel.open(os.path.join(kernel.dev_root, kernel.uio))
+            child = subprocess.Popen(
+                [sys.executable, "-c", SERVE, str(disk), kernel.sysfs_root, kernel.dev_root]
+                + [str(fd) for fd in (event_fd, map_fd)],
+                pass_fds=(event_fd, map_fd),
+                stdout=subprocess.PIPE,
+                text=True,
+                env=dict(os.environ, PYTHONPATH=SRC),
+            )
+            os.close(event_fd)
+            os.close(map_fd)
+            try:
+                assert child.stdout is not None
+                assert child.stdout.readline() == "started\n"
+                until = time.monotonic() + rng.uniform(0.05, 0.3)
+                while time.monotonic() < until:
+                    lba = rng.randrange(0, 4 * MiB // 512 - 8) & ~7
+                    try:
+                        if rng.random() < 0.5:
+                            cmd = kernel.submit(rw10(0x2A, lba, 8), os.urandom(4096))
+                        else:
+                            cmd = kernel.submit(rw10(0x28, lba, 8), data_in=4096)
+                    except RingFull:
+                        kernel.reap()
+                        time.sleep(0.001)
+                        continue
+                    submitted.append(cmd)
+                    kernel.signal()
+                    kernel.reap()
+            finally:
+                child.kill()
+                child.wait()
+            kernel.reap()
+        device = FileDevice(str(disk))
+        handler = TcmuHandler(
+            device,
+            CONFIG,
+            identity=LunIdentity.for_volume("s"),
+            sysfs_root=kernel.sysfs_root,
+            dev_root=kernel.dev_root,
+            opener=kernel.open,
+        )
+        handler.start()
+        try:
+            pending = sorted(kernel.in_flight)
+            kernel.wait(pending, timeout=30)
+        finally:
+            handler.close()
+            device.close()
+        assert not kernel.in_flight
+        assert kernel.cmd_tail == kernel.cmd_head
+        statuses = {kernel.completions[c].status for c in set(submitted)}
+        assert statuses <= {0x00, 0x08}, statuses
+        assert len(submitted) > 20
+    finally:
+        kernel.close()
+
+
 # ---------------------------------------------------------------------- failures
 
 
@@ -487,19 +637,30 @@ class Failing(DeviceWrapper):
         (IOFailure("disk failed", errno.EIO), (3, 0x0C, 0)),  # MEDIUM ERROR, WRITE ERROR
         (NoSpace(), (7, 0x27, 0x07)),  # DATA PROTECT, SPACE ALLOCATION FAILED
         (RuntimeError("bug"), (4, 0x44, 0)),  # HARDWARE ERROR, INTERNAL TARGET FAILURE
+        (Unavailable("no S3 endpoint"), None),  # BUSY: retried by the initiator
     ],
 )
 def test_device_errors_fail_one_command(
-    tmp_path: Path, volume: BlockDevice, error: Exception, expected: tuple[int, int, int]
+    tmp_path: Path,
+    volume: BlockDevice,
+    error: Exception,
+    expected: tuple[int, int, int] | None,
 ) -> None:
     failing = Failing(volume, error)
     h = Handler(tmp_path, failing)
     k = h.kernel
+
+    def answer(c: Completion) -> tuple[int, int, int] | None:
+        if expected is None:
+            assert (c.status, c.sense) == (0x08, b""), c
+            return None
+        return check_condition(c)
+
     try:
-        assert check_condition(k.command(rw10(0x2A, MiB // 512, 8), bytes(4096))) == expected
+        assert answer(k.command(rw10(0x2A, MiB // 512, 8), bytes(4096))) == expected
         good(k.command(rw10(0x2A, 0, 8), bytes(4096)))  # the handler carries on
         failing.fail_flush = True
-        assert check_condition(k.command(rw10(0x35, 0, 0))) == expected
+        assert answer(k.command(rw10(0x35, 0, 0))) == expected
         assert h.handler.error is None
     finally:
         h.close()

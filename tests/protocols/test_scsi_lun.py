@@ -26,10 +26,24 @@ SIZE = 64 * MiB
 IDENTITY = LunIdentity.for_volume("0123456789abcdef0123")
 
 
-def lun(**kw: object) -> ScsiLun:
-    kw.setdefault("block_size", 512)
-    kw.setdefault("size", SIZE)
-    return ScsiLun(IDENTITY, **kw)  # type: ignore[arg-type]
+def lun(
+    *,
+    block_size: int = 512,
+    size: int = SIZE,
+    read_only: bool = False,
+    write_cache: bool = True,
+    thin: bool = True,
+    limits: LunLimits | None = None,
+) -> ScsiLun:
+    return ScsiLun(
+        IDENTITY,
+        block_size=block_size,
+        size=size,
+        read_only=read_only,
+        write_cache=write_cache,
+        thin=thin,
+        limits=limits,
+    )
 
 
 def sense(key: int, asc: int, ascq: int = 0) -> bytes:

@@ -8,6 +8,7 @@ cmd_cnt @12, cmd_ids @32; a CMD entry is at least 112 bytes."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -44,7 +45,7 @@ class Image:
         struct.pack_into("<IHBB", self.buf, 128 + self.head, size | 0, 0, 0, 0)
         self.set_head(0)
 
-    def cmd(self, cmd_id: int, cdb: bytes, iovecs: list[tuple[int, int]] = ()) -> int:  # type: ignore[assignment]
+    def cmd(self, cmd_id: int, cdb: bytes, iovecs: Sequence[tuple[int, int]] = ()) -> int:
         base = max(48 + 16 * len(iovecs), 112)
         size = (base + len(cdb) + 7) // 8 * 8
         pad = RING - self.head if self.head + size > RING else 0
@@ -66,7 +67,8 @@ class Image:
         size = (32 + 2 * len(ids) + 7) // 8 * 8
         entry = 128 + self.head
         struct.pack_into("<IHBB", self.buf, entry, size | 2, 0, 0, 0)
-        struct.pack_into("<BxxI", self.buf, entry + 8, tmr_type, len(ids))
+        self.buf[entry + 8] = tmr_type
+        struct.pack_into("<I", self.buf, entry + 12, len(ids))
         struct.pack_into(f"<{len(ids)}H", self.buf, entry + 32, *ids)
         self.set_head(self.head + size)
 
@@ -82,7 +84,8 @@ class Image:
         """(cmd_id, uflags, status, read_len, sense) of the entry at ring offset ``at``."""
         entry = 128 + at
         _, cmd_id, _, uflags = struct.unpack_from("<IHBB", self.buf, entry)
-        status, read_len = struct.unpack_from("<BxxI", self.buf, entry + 8)
+        status = self.buf[entry + 8]
+        read_len = struct.unpack_from("<I", self.buf, entry + 12)[0]
         return cmd_id, uflags, status, read_len, bytes(self.buf[entry + 16 : entry + 112])
 
     def kernel_walk(self, start: int) -> list[int]:
@@ -94,6 +97,12 @@ class Image:
                 ids.append(cmd_id)
             pos = (pos + (len_op & ~7)) % RING
         return ids
+
+
+def ids(entries: Sequence[Command | TaskManagement]) -> list[int]:
+    """The cmd_ids of fetched commands (every entry must be one)."""
+    assert all(isinstance(e, Command) for e in entries), entries
+    return [e.cmd_id for e in entries if isinstance(e, Command)]
 
 
 READ10 = bytes([0x28, 0, 0, 0, 0, 8, 0, 0, 1, 0])
@@ -176,6 +185,34 @@ def test_complete_writes_the_response_and_advances_the_tail() -> None:
         ring.complete(9, 0)  # no longer outstanding
 
 
+def test_response_fields_sit_where_the_kernel_reads_them() -> None:
+    """Byte by byte, as ``struct tcmu_cmd_entry`` lays out ``rsp``: scsi_status at 8,
+    read_len at 12 to 15, the sense buffer from 16; cmd_id at 4, uflags at 7."""
+    image = Image()
+    image.cmd(0x0A0B, READ10, [(DATA_OFF, 512)])
+    ring = Ring(image.view)
+    ring.next_entries()
+    ring.complete(0x0A0B, 0x02, b"\x70\x01\x02", read_len=0x01020304)
+    entry = bytes(image.buf[128 : 128 + 20])
+    assert entry[4:6] == b"\x0b\x0a"
+    assert entry[7] == 0x02  # TCMU_UFLAG_READ_LEN, nothing else
+    assert entry[8] == 0x02
+    assert entry[12:16] == b"\x04\x03\x02\x01"
+    assert entry[16:19] == b"\x70\x01\x02"
+
+
+def test_tmr_fields_are_read_where_the_kernel_writes_them() -> None:
+    image = Image()
+    raw = bytearray(32 + 4)
+    raw[8] = 5  # tmr_type
+    raw[12:16] = (2).to_bytes(4, "little")  # cmd_cnt
+    raw[32:36] = b"\x07\x00\x09\x01"  # cmd_ids 7, 265
+    raw[0:4] = (40 | 2).to_bytes(4, "little")
+    image.buf[128 : 128 + len(raw)] = raw
+    image.set_head(40)
+    assert Ring(image.view).next_entries() == [TaskManagement(5, (7, 265))]
+
+
 def test_read_len_needs_the_capability() -> None:
     image = Image(flags=0x1)
     at = image.cmd(3, READ10, [(DATA_OFF, 512)])
@@ -255,7 +292,7 @@ def test_a_request_that_does_not_fit_waits_for_the_tail() -> None:
     assert image.tail == first  # 2 is done, in its own entry, behind 1
     assert image.response(second)[:3] == (2, 0x80, 0)
     restarted = Ring(image.view)  # a restart neither reruns 2 nor loses 1
-    assert [e.cmd_id for e in restarted.next_entries()] == [1, 3]  # type: ignore[union-attr]
+    assert ids(restarted.next_entries()) == [1, 3]
     restarted.complete(3, 0)  # 1's request does not fit 3's entry either
     assert image.tail == first
     restarted.complete(1, 0, read_len=4096)
@@ -272,7 +309,7 @@ def test_pad_and_wrap_around() -> None:
     assert at == 0
     ring = Ring(image.view)
     [cmd] = ring.next_entries()
-    assert cmd.cmd_id == 5  # type: ignore[union-attr]
+    assert ids([cmd]) == [5]
     ring.complete(5, 0)
     assert image.tail == image.head
     assert image.kernel_walk(RING - 64) == [5]
@@ -283,7 +320,7 @@ def test_unknown_opcode_is_flagged_and_skipped() -> None:
     at = image.raw(64 | 5, cmd_id=44)
     image.cmd(6, TUR)
     ring = Ring(image.view)
-    assert [e.cmd_id for e in ring.next_entries()] == [6]  # type: ignore[union-attr]
+    assert ids(ring.next_entries()) == [6]
     assert image.response(at)[1] == 0x1  # TCMU_UFLAG_UNKNOWN_OP
     ring.complete(6, 0)
     assert image.tail == image.head
@@ -322,7 +359,7 @@ def test_a_new_ring_picks_up_uncompleted_commands() -> None:
     first.next_entries()
     first.complete(2, 0)  # 1 and 3 were fetched, never completed: the handler died
     second = Ring(image.view)
-    assert [e.cmd_id for e in second.next_entries()] == [1, 3]  # type: ignore[union-attr]
+    assert ids(second.next_entries()) == [1, 3]
     second.complete(3, 0)
     second.complete(1, 0)
     assert image.tail == image.head
@@ -346,8 +383,8 @@ def _entry(cmd_id: int, iov_cnt: int, cdb_off: int, iovecs: list[tuple[int, int]
         (128 | 1, _entry(1, 1, 128 + 120, [(AREA - 10, 11)])),  # iovec beyond the area
         (112 | 1, _entry(1, 0, AREA, [])),  # CDB offset beyond the area
         (112 | 1, _entry(1, 0, (1 << 64) - 1, [])),  # CDB offset far beyond
-        (24 | 2, struct.pack("<BxxI", 1, 1)),  # TMR entry shorter than 32 bytes
-        (32 | 2, struct.pack("<BxxI", 1, 2)),  # TMR ids overflow the entry
+        (24 | 2, bytes([1, 0, 0, 0, 1, 0, 0, 0])),  # TMR entry shorter than 32 bytes
+        (32 | 2, bytes([1, 0, 0, 0, 2, 0, 0, 0])),  # TMR ids overflow the entry
     ],
 )
 def test_malformed_entries_are_protocol_errors(len_op: int, extra: bytes) -> None:
@@ -437,7 +474,7 @@ def test_round_trip_in_any_completion_order(
         if rng.random() < 0.3:  # the handler restarts: it finds exactly what is pending
             ring = Ring(image.view)
             again = ring.next_entries()
-            assert sorted(e.cmd_id for e in again) == sorted(pending)  # type: ignore[union-attr]
+            assert sorted(ids(again)) == sorted(pending)
             for entry in again:
                 assert isinstance(entry, Command)
                 cdb, lengths, _ = commands[entry.cmd_id - 1]
@@ -468,3 +505,87 @@ def test_garbage_in_the_ring_raises_only_protocol_errors(garbage: bytes, head: i
                 ring.complete(entry.cmd_id, 0, b"\x70", read_len=0)
     except ProtocolError:
         pass
+
+
+# ---------------------------------------------------------------------- crashes
+# The marks of the module docstring ("Crashes"), in uflags: LOST 0x10, MOVING 0x20 (the
+# request's owner at offset 32), MOVED 0x40, DONE 0x80. Each state below is where a handler
+# can die while command 2 completes ahead of command 1 (a steal); the next handler must
+# answer each command exactly once: with its own response or BUSY (0x08).
+
+WRITE10 = bytes([0x2A, 0, 0, 0, 0, 64, 0, 0, 8, 0])
+
+
+def _mark(image: Image, at: int, cmd_id: int, uflags: int) -> None:
+    struct.pack_into("<H", image.buf, 128 + at + 4, cmd_id)
+    image.buf[128 + at + 7] = uflags
+
+
+def _copy_request(image: Image, src: int, dst: int, owner: int) -> None:
+    s, d = 128 + src, 128 + dst
+    iov_cnt = struct.unpack_from("<I", image.buf, s + 8)[0]
+    cdb_off = struct.unpack_from("<Q", image.buf, s + 24)[0]
+    new_cdb = d + 48 + 16 * iov_cnt
+    image.buf[new_cdb : new_cdb + 10] = image.buf[cdb_off : cdb_off + 10]
+    image.buf[d + 48 : d + 48 + 16 * iov_cnt] = image.buf[s + 48 : s + 48 + 16 * iov_cnt]
+    struct.pack_into("<IIIIQQ", image.buf, d + 8, iov_cnt, 0, 0, 0, new_cdb, owner)
+
+
+def _respond(image: Image, at: int, status: int) -> None:
+    image.buf[128 + at + 8] = status
+    struct.pack_into("<I", image.buf, 128 + at + 12, 0)
+
+
+def _state(step: int) -> tuple[Image, int, int]:
+    image = Image()
+    image.buf[DATA_OFF : DATA_OFF + 4] = b"data"
+    first = image.cmd(1, WRITE10, [(DATA_OFF, 4096)])
+    second = image.cmd(2, TUR)
+    if step >= 1:
+        _mark(image, second, 2, 0x10)  # LOST: 2 completed, about to take 1's request
+    if step >= 2:
+        image.buf[128 + second + 48 : 128 + second + 64] = b"\xee" * 16  # half copied
+    if step >= 3:
+        _copy_request(image, first, second, owner=1)
+        _mark(image, second, 2, 0x20)  # MOVING: holds 1's request, 2 owed
+    if step >= 4:
+        _mark(image, first, 2, 0x10)  # the entry at cmd_tail: LOST for 2
+    if step >= 5:
+        _respond(image, first, 0)
+        _mark(image, first, 2, 0x80)  # DONE
+    if step >= 6:
+        _mark(image, second, 1, 0x40)  # MOVED
+    if step >= 7:
+        image.buf[128 + first + 7] = 0
+        struct.pack_into("<I", image.buf, 64, second)  # cmd_tail passed it
+    return image, first, second
+
+
+@pytest.mark.parametrize("step", range(8))
+def test_a_crash_at_any_store_answers_each_command_once(step: int) -> None:
+    image, first, _ = _state(step)
+    already = image.kernel_walk(0)  # what the kernel collected before the crash
+    ring = Ring(image.view)
+    fetched = ring.next_entries()
+    for entry in fetched:
+        assert isinstance(entry, Command)
+        if entry.cmd_id == 1:
+            assert entry.cdb == WRITE10
+            assert [len(v) for v in entry.iovecs] == [4096]
+            assert bytes(entry.iovecs[0][:4]) == b"data"
+        ring.complete(entry.cmd_id, 0)
+    assert image.tail == image.head
+    answers: dict[int, int] = {}
+    pos = 0
+    while pos != image.tail:
+        len_op, cmd_id, _, uflags = struct.unpack_from("<IHBB", image.buf, 128 + pos)
+        assert cmd_id not in answers, f"command {cmd_id} answered twice"
+        assert uflags & 0xF0 == 0, "a private mark left before cmd_tail"
+        answers[cmd_id] = image.buf[128 + pos + 8]
+        pos += len_op & ~7
+    assert set(answers) == {1, 2}
+    assert answers[1] == 0  # 1 ran (again, if needed): its write is idempotent
+    assert answers[2] == (0x08 if 1 <= step <= 4 else 0)  # BUSY when its response was lost
+    assert ids(fetched) == ([1, 2] if step == 0 else [1])
+    assert already == ([2] if step == 7 else [])
+    assert first == 0

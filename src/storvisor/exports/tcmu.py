@@ -20,7 +20,8 @@ then notifies the kernel once (a 4-byte ``write`` of the uio fd).
 
 An ``IOFailure`` of the volume fails only its command, with the sense
 ``storvisor.protocols.scsi.sense.io_error_sense`` picks (MEDIUM ERROR, DATA PROTECT for a
-full pool...); an unexpected exception fails its command with HARDWARE ERROR. A ring that
+full pool...), and ``Unavailable`` (a remote store that did not answer) with BUSY, which
+initiators retry; an unexpected exception fails its command with HARDWARE ERROR. A ring that
 breaks the layout (``ProtocolError``) or a uio fd that fails stops the loop; ``error`` then
 says why.
 
@@ -41,6 +42,7 @@ import os
 import queue
 import select
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,9 +55,11 @@ from storvisor.errors import (
     ProtocolError,
     StateError,
     StorvisorError,
+    Unavailable,
 )
 from storvisor.protocols import tcmu
 from storvisor.protocols.scsi import (
+    BUSY,
     GOOD,
     IoKind,
     IoRequest,
@@ -206,9 +210,10 @@ class TcmuHandler:
             self._map = mmap.mmap(
                 self._map_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
             )
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: not a device, a short file
             self._release()
-            raise LocalFailure(f"cannot map {path}: {e.strerror}") from e
+            reason = e.strerror if isinstance(e, OSError) else str(e)
+            raise LocalFailure(f"cannot map {path}: {reason}") from e
         try:
             self._area = memoryview(self._map)
             self._ring = tcmu.Ring(self._area)
@@ -247,10 +252,12 @@ class TcmuHandler:
             with contextlib.suppress(BlockingIOError):
                 os.write(self._wake_w, b"r")
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60.0) -> None:
         """Stop fetching commands, finish and complete those in flight, unmap the ring and
         close the uio device. Commands the kernel queues later stay in the ring for the
-        next handler. Idempotent."""
+        next handler. Requests still running after ``timeout`` seconds (a stalled device)
+        are left uncompleted: they stay in the ring too, and the next handler runs them
+        again. Idempotent."""
         if self._stopping:
             return
         self._stopping = True
@@ -261,30 +268,39 @@ class TcmuHandler:
             self._loop_thread.join()  # no new jobs from now on
         for _ in self._threads:
             self._jobs.put(None)
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join()
+            thread.join(max(deadline - time.monotonic(), 0))
+        stuck = sum(thread.is_alive() for thread in self._threads)
+        if stuck:
+            log.warning(
+                "TCMU %s closed with %d requests still running; they stay in the ring",
+                self.uio,
+                stuck,
+            )
         self._release()
 
     def _release(self) -> None:
-        self._ring = None
-        if self._area is not None:
-            self._area.release()
-            self._area = None
-        if self._map is not None:
-            # the kernel lets one process at a time open the device, and the mapping holds
-            # it open: unmap now, so that the next handler can start at once
-            try:
-                self._map.close()
-            except BufferError:  # a view of a command is still referenced somewhere
-                gc.collect()
+        with self._lock:  # a late completion finds no ring and writes to no closed fd
+            self._ring = None
+            if self._area is not None:
+                self._area.release()
+                self._area = None
+            if self._map is not None:
+                # the kernel lets one process at a time open the device, and the mapping
+                # holds it open: unmap now, so that the next handler can start at once
                 try:
                     self._map.close()
-                except BufferError:
-                    log.warning("TCMU map of %s left to the garbage collector", self.uio)
-            self._map = None
-        for fd in {self._event_fd, self._map_fd, self._wake_r, self._wake_w} - {-1}:
-            os.close(fd)
-        self._event_fd = self._map_fd = self._wake_r = self._wake_w = -1
+                except BufferError:  # a view of a command is still referenced somewhere
+                    gc.collect()
+                    try:
+                        self._map.close()
+                    except BufferError:
+                        log.warning("TCMU map of %s left to the garbage collector", self.uio)
+                self._map = None
+            for fd in {self._event_fd, self._map_fd, self._wake_r, self._wake_w} - {-1}:
+                os.close(fd)
+            self._event_fd = self._map_fd = self._wake_r = self._wake_w = -1
 
     # ------------------------------------------------------------------ the loop
 
@@ -393,6 +409,10 @@ class TcmuHandler:
             else:
                 _write_same(device, request)
             return GOOD, None
+        except Unavailable as e:  # nothing was lost: the initiator retries
+            log.debug("TCMU %s: %s not done: %s", self.uio, request.kind.value, e)
+            traceback.clear_frames(e.__traceback__)
+            return BUSY, None
         except IOFailure as e:
             log.debug("TCMU %s: %s failed: %s", self.uio, request.kind.value, e)
             traceback.clear_frames(e.__traceback__)  # their views of the area must not live on
@@ -474,8 +494,8 @@ def _write(
     device: BlockDevice, offset: int, length: int, iovecs: Sequence[memoryview], fua: bool
 ) -> None:
     if len(iovecs) == 1 or len(iovecs) > _GATHER:
-        data = iovecs[0][:length] if len(iovecs) == 1 else b"".join(iovecs)[:length]
-        device.write(offset, data, fua=fua)
+        data = iovecs[0] if len(iovecs) == 1 else memoryview(b"".join(iovecs))
+        device.write(offset, data[:length], fua=fua)
         return
     pos = 0
     for iov in iovecs:

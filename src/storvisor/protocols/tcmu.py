@@ -31,32 +31,49 @@ collects completions from the entries before ``cmd_tail``, looking each up by th
 it finds there, so a command that completes while an older one is still running "steals" the
 first CMD entry at ``cmd_tail``: its response and its ``cmd_id`` go there, and ``cmd_tail``
 advances. Unlike libtcmu, the ring keeps the stolen entry's request: it is moved into the
-completing command's own entry (header, iovecs and CDB; marked ``UFLAG_MOVED``), so that the
-entries between ``cmd_tail`` and ``cmd_head`` always hold exactly the requests not yet
-completed, and a handler that restarts after a crash finds each of them once. When the
+completing command's own entry (counts, iovecs and CDB), so that the entries between
+``cmd_tail`` and ``cmd_head`` always hold exactly the requests not yet completed. When the
 request does not fit there (it has more iovecs), the response is written into the
-completing command's own entry, marked ``UFLAG_DONE``, and ``cmd_tail`` passes it together
-with the entries before it. Both marks are storvisor's own bits of ``uflags``, which the
-kernel reads only for entries before ``cmd_tail``; ``UFLAG_DONE`` is cleared as
-``cmd_tail`` passes.
+completing command's own entry, marked DONE, and ``cmd_tail`` passes it together with the
+entries before it.
 
-A restarted handler picks the ring up where the last one left it: its read pointer starts
-at ``cmd_tail``; requests (original or moved) are fetched again, and responses already
-written (``UFLAG_DONE``) are passed without running their commands twice. The one gap is a
-crash in the middle of a move (a few stores): the request may then be found twice, which
-``next_entries`` reports as a ``ProtocolError``; the ring is then reset through configfs
-(``action/reset_ring``: the kernel answers the commands in flight with BUSY and initiators
-retry them).
+Crashes
+-------
+The ring outlives the handler, and a handler may die between any two of its stores (kill
+-9). Every entry between ``cmd_tail`` and ``cmd_head`` therefore says what it holds, with
+storvisor's own bits of ``uflags`` (the kernel reads ``uflags`` only of entries before
+``cmd_tail`` and zeroes new entries); ``cmd_id`` and ``uflags`` change together in one
+aligned 32-bit store:
+
+* no mark, or MOVED: the request of the command in its header;
+* DONE: the complete response of the command in its header;
+* LOST: the command in its header is completed, its response is not (yet) written;
+* MOVING: a complete copy of the request of the command whose id is at offset 32, while the
+  command in its header is completed and still owed its response.
+
+A steal goes: the completed command's entry E becomes LOST, then receives the request at
+``cmd_tail`` and becomes MOVING; the entry at ``cmd_tail`` becomes LOST, receives the
+response and becomes DONE; E becomes MOVED; ``cmd_tail`` advances. A handler that starts
+reads from ``cmd_tail`` and sorts the marks out: DONE entries are passed, not run again; a
+LOST entry is answered BUSY (the initiator retries the command); a MOVING entry whose
+request is still found earlier in the ring is answered BUSY for the command in its header,
+otherwise it becomes MOVED (its copy is the request). Every other request is fetched again.
+So after a crash at any point each command is answered exactly once, with its own response
+or with BUSY.
 
 A ring that breaks the layout (a length or offset outside the area, an entry crossing the
 end of the ring, a zero length) raises ``ProtocolError`` and nothing is read out of bounds;
 the handler then stops serving the ring.
+
+Byte order is the host's, as in the kernel's structs; the ``struct`` formats say
+little-endian, the order of every host storvisor runs on.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
+import sys
 from dataclasses import dataclass
 
 from storvisor.errors import ProtocolError, StateError
@@ -78,11 +95,22 @@ TCMU_UFLAG_UNKNOWN_OP = 0x1
 TCMU_UFLAG_READ_LEN = 0x2
 TCMU_UFLAG_KEEP_BUF = 0x4
 
+# storvisor's own marks in ``uflags`` (the kernel reads them only of entries before
+# ``cmd_tail``, and zeroes new entries): they make every state of the ring between two
+# stores meaningful to a handler that restarts after a crash (see "Crashes" above)
+UFLAG_LOST = 0x10
+"""The entry is being rewritten: the command in its header is completed, and its response
+is not (yet) in the entry."""
+UFLAG_MOVING = 0x20
+"""The entry holds a complete copy of the request of the command at offset 32; the command
+in its header is completed and owed its response."""
 UFLAG_MOVED = 0x40
-"""storvisor's own mark (the kernel reads ``uflags`` only of entries before ``cmd_tail``): the
-entry holds a request moved there from the entry at ``cmd_tail``."""
+"""The entry holds a request moved there from the entry at ``cmd_tail``."""
 UFLAG_DONE = 0x80
-"""storvisor's own mark: the entry holds a response that ``cmd_tail`` has not passed yet."""
+"""The entry holds a response that ``cmd_tail`` has not passed yet."""
+SAM_STAT_BUSY = 0x08
+"""What a restarted handler answers for a command whose response was lost in a crash: the
+initiator retries it."""
 
 TCMU_SENSE_BUFFERSIZE = 96
 
@@ -95,6 +123,9 @@ HDR = struct.Struct("<IHBB")
 """``struct tcmu_cmd_entry_hdr``: len_op, cmd_id, kflags, uflags."""
 CMD_ID = struct.Struct("<H")
 CMD_ID_OFFSET = 4
+IDS_AND_FLAGS = struct.Struct("<HBB")
+"""cmd_id, kflags, uflags at offset 4: stored as one aligned 32-bit word, so that a crash
+never leaves a new ``cmd_id`` with an old mark."""
 UFLAGS_OFFSET = 7
 REQ = struct.Struct("<III4xQ")
 """``req`` of ``struct tcmu_cmd_entry`` at offset 8: iov_cnt, iov_bidi_cnt, iov_dif_cnt,
@@ -103,9 +134,9 @@ REQ_OFFSET = 8
 IOV = struct.Struct("<QQ")
 """``struct iovec`` as TCMU fills it: offset from the start of the area, length."""
 IOV_OFFSET = 48
-MOVED_FROM = struct.Struct("<Q")
-MOVED_FROM_OFFSET = 32  # ``req.__pad1``
-RSP = struct.Struct("<BxxI")
+MOVING_ID = struct.Struct("<Q")
+MOVING_ID_OFFSET = 32  # ``req.__pad1``: the command whose request a MOVING entry holds
+RSP = struct.Struct("<BxxxI")
 """``rsp`` of ``struct tcmu_cmd_entry`` at offset 8: scsi_status, read_len; the sense buffer
 follows at offset 16."""
 RSP_OFFSET = 8
@@ -113,7 +144,7 @@ SENSE_OFFSET = 16
 CMD_ENTRY_SIZE = 112
 """``sizeof(struct tcmu_cmd_entry)``: the kernel never makes a CMD entry shorter, so the
 response always fits."""
-TMR = struct.Struct("<BxxI")
+TMR = struct.Struct("<BxxxI")
 """``struct tcmu_tmr_entry`` at offset 8: tmr_type, cmd_cnt; the ``u16`` cmd_ids follow at
 offset 32."""
 TMR_OFFSET = 8
@@ -225,9 +256,9 @@ class Ring:
 
     def next_entries(self) -> list[Entry]:
         """Fetch every entry the kernel queued since the last call (from ``cmd_tail`` on
-        the first call), in ring order. Entries that a previous handler left completed but
-        not yet passed by ``cmd_tail`` (``UFLAG_DONE``) are not returned: they are passed
-        as soon as every entry before them is.
+        the first call), in ring order. On the first call, entries a crashed predecessor
+        left are sorted out (see "Crashes"): responses it wrote are passed, not run again,
+        and a command whose response it lost is answered BUSY.
 
         Raises:
             ProtocolError: an entry breaks the layout; the ring must not be used any more.
@@ -239,6 +270,18 @@ class Ring:
             op, length, cmd_id = self._header(pos)
             base = self.cmdr_off + pos
             if op == TCMU_OP_CMD:
+                if length < CMD_ENTRY_SIZE:
+                    raise ProtocolError(f"TCMU command entry of {length} bytes (at least 112)")
+                uflags = self._area[base + UFLAGS_OFFSET]
+                if uflags & UFLAG_MOVING:
+                    moved = MOVING_ID.unpack_from(self._area, base + MOVING_ID_OFFSET)[0] & 0xFFFF
+                    if moved in self._positions:  # its original is still there
+                        self._respond(pos, cmd_id, SAM_STAT_BUSY)
+                    else:
+                        self._set_header(pos, moved, UFLAG_MOVED)
+                        cmd_id = moved
+                elif uflags & UFLAG_LOST:
+                    self._respond(pos, cmd_id, SAM_STAT_BUSY)
                 if not self._area[base + UFLAGS_OFFSET] & UFLAG_DONE:
                     command = self._command(base, length, cmd_id)
                     self._positions[cmd_id] = pos
@@ -314,9 +357,32 @@ class Ring:
             raise StateError(f"sense data of {len(sense)} bytes (at most 96)")
         del self._positions[cmd_id]
         first = self._first_command()
-        if first != pos and self._move(first, pos):
-            pos = first
+        moved = self._move(first, pos, cmd_id) if first != pos else None
+        if moved is None:
+            self._respond(pos, cmd_id, status, sense, read_len)
+        else:
+            self._respond(first, cmd_id, status, sense, read_len)
+            self._set_header(pos, moved, UFLAG_MOVED)
+        self._retire()
+
+    def _set_header(self, pos: int, cmd_id: int, uflags: int) -> None:
+        """Store ``cmd_id`` and ``uflags`` of the entry at ``pos`` at once (kflags kept)."""
+        at = self.cmdr_off + pos + CMD_ID_OFFSET
+        word = IDS_AND_FLAGS.pack(cmd_id, self._area[at + 2], uflags)
+        self._area[at : at + 4].cast("I")[0] = int.from_bytes(word, sys.byteorder)
+
+    def _respond(
+        self,
+        pos: int,
+        cmd_id: int,
+        status: int,
+        sense: Buffer = b"",
+        read_len: int | None = None,
+    ) -> None:
+        """Write the response of ``cmd_id`` into the entry at ``pos``: marked LOST while
+        it is being written, DONE once it is complete."""
         base = self.cmdr_off + pos
+        self._set_header(pos, cmd_id, UFLAG_LOST)
         uflags = UFLAG_DONE
         if read_len is not None and self.flags & TCMU_MAILBOX_FLAG_CAP_READ_LEN:
             uflags |= TCMU_UFLAG_READ_LEN
@@ -329,9 +395,7 @@ class Ring:
             self._area[start + len(sense) : start + TCMU_SENSE_BUFFERSIZE] = bytes(
                 TCMU_SENSE_BUFFERSIZE - len(sense)
             )
-        CMD_ID.pack_into(self._area, base + CMD_ID_OFFSET, cmd_id)
         self._area[base + UFLAGS_OFFSET] = uflags
-        self._retire()
 
     def _first_command(self) -> int:
         """The position of the first CMD entry at or after ``cmd_tail``."""
@@ -344,30 +408,30 @@ class Ring:
                 return pos
             pos = (pos + length) % self.cmdr_size
 
-    def _move(self, src: int, dst: int) -> bool:
-        """Move the request of the outstanding command at ``src`` (the first at
-        ``cmd_tail``) into the entry at ``dst`` (a completed command's), if it fits: its
-        header, counts, iovecs and CDB; ``UFLAG_MOVED`` marks it and the old entry's
-        ``cmd_id`` is kept at offset 32 for the record."""
+    def _move(self, src: int, dst: int, done: int) -> int | None:
+        """Copy the request of the outstanding command at ``src`` (the first at
+        ``cmd_tail``) into the entry at ``dst``, which the completed command ``done``
+        leaves, if it fits there: counts, iovecs and CDB. Returns the moved command's id,
+        or None when it does not fit. ``dst`` is left MOVING (see "Crashes")."""
         s, d = self.cmdr_off + src, self.cmdr_off + dst
         cmd_id = CMD_ID.unpack_from(self._area, s + CMD_ID_OFFSET)[0]
         iov_cnt, _, _, cdb_off = REQ.unpack_from(self._area, s + REQ_OFFSET)
         cdb_len = self._cdb_length(cdb_off, cmd_id)
         iov_bytes = iov_cnt * IOV.size
-        _, length, old_id = self._header(dst)
+        _, length, _ = self._header(dst)
         if IOV_OFFSET + iov_bytes + cdb_len > length:
-            return False
+            return None
+        self._set_header(dst, done, UFLAG_LOST)
         new_cdb = d + IOV_OFFSET + iov_bytes
         self._area[new_cdb : new_cdb + cdb_len] = bytes(self._area[cdb_off : cdb_off + cdb_len])
         self._area[d + IOV_OFFSET : d + IOV_OFFSET + iov_bytes] = bytes(
             self._area[s + IOV_OFFSET : s + IOV_OFFSET + iov_bytes]
         )
         REQ.pack_into(self._area, d + REQ_OFFSET, iov_cnt, 0, 0, new_cdb)
-        MOVED_FROM.pack_into(self._area, d + MOVED_FROM_OFFSET, old_id)
-        CMD_ID.pack_into(self._area, d + CMD_ID_OFFSET, cmd_id)
-        self._area[d + UFLAGS_OFFSET] = UFLAG_MOVED
+        MOVING_ID.pack_into(self._area, d + MOVING_ID_OFFSET, cmd_id)
+        self._set_header(dst, done, UFLAG_MOVING)
         self._positions[cmd_id] = dst
-        return True
+        return int(cmd_id)
 
     def _retire(self) -> None:
         """Advance ``cmd_tail`` past the completed CMD entries and the PAD, TMR and

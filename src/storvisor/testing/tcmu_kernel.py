@@ -36,6 +36,7 @@ new event channel on the same memory.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -154,7 +155,8 @@ class TcmuKernel:
     def signal(self) -> None:
         """Tell the handler that new entries are in the ring."""
         assert self._events is not None, "no handler opened the device"
-        self._events.send(b"\x01\x00\x00\x00")
+        with contextlib.suppress(BlockingIOError):  # a wake-up is pending anyway, as in uio
+            self._events.send(b"\x01\x00\x00\x00")
 
     def close(self) -> None:
         if self._events is not None:
@@ -238,6 +240,7 @@ class TcmuKernel:
             self._free.extend(blocks)
             raise
         cmd_id = self._take_id()
+        self.completions.pop(cmd_id, None)  # the id of a command long completed, reused
         entry = self.cmdr_off + head
         self._map[entry : entry + size] = bytes(size)
         struct.pack_into("<IHBB", self._map, entry, size | opcode, cmd_id, 0, 0)
@@ -256,7 +259,8 @@ class TcmuKernel:
         entry = self.cmdr_off + head
         self._map[entry : entry + size] = bytes(size)
         struct.pack_into("<IHBB", self._map, entry, size | OP_TMR, 0, 0, 0)
-        struct.pack_into("<BxxI", self._map, entry + 8, tmr_type, len(cmd_ids))
+        self._map[entry + 8] = tmr_type  # u8 tmr_type @8, u8 + u16 padding, u32 cmd_cnt @12
+        struct.pack_into("<I", self._map, entry + 12, len(cmd_ids))
         struct.pack_into(f"<{len(cmd_ids)}H", self._map, entry + 32, *cmd_ids)
         self._publish(size)
 
@@ -288,7 +292,8 @@ class TcmuKernel:
             cmd = self._inflight.pop(cmd_id, None)
             if cmd is None:
                 raise RingBroken(f"cmd_id {cmd_id} not found, ring is broken")
-            status, read_len = struct.unpack_from("<BxxI", self._map, entry + 8)
+            status = self._map[entry + 8]  # rsp.scsi_status @8, rsp.read_len @12
+            read_len = struct.unpack_from("<I", self._map, entry + 12)[0]
             sense = bytes(self._map[entry + 16 : entry + 16 + 96]) if status == 2 else b""
             has_len = bool(uflags & UFLAG_READ_LEN)
             wanted = min(cmd.data_in, read_len) if has_len else cmd.data_in

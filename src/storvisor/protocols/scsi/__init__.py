@@ -2,6 +2,7 @@
 unit (``lun``) and the sense data it answers with (``sense``)."""
 
 from storvisor.protocols.scsi.lun import (
+    BUSY,
     GOOD,
     IoKind,
     IoRequest,
@@ -15,6 +16,7 @@ from storvisor.protocols.scsi.lun import (
 from storvisor.protocols.scsi.sense import Sense, SenseKey, Status
 
 __all__ = [
+    "BUSY",
     "GOOD",
     "IoKind",
     "IoRequest",

@@ -143,6 +143,9 @@ class Reply:
 
 
 GOOD = Reply(Status.GOOD)
+BUSY = Reply(Status.BUSY)
+"""For a request that failed in a way that retrying cures (a remote store that did not
+answer): initiators retry BUSY commands."""
 
 
 def check_condition(sense: Sense) -> Reply:
