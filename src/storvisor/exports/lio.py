@@ -190,9 +190,9 @@ class Lio:
         # LIO writes SCSI-3 persistent reservation (and ALUA) state under its dbroot, and
         # fails PERSISTENT RESERVE OUT with NOT READY when that directory is missing.
         roots = {"/etc/target"}
-        with contextlib.suppress(OSError):
-            with open(os.path.join(self.configfs, "target", "dbroot")) as f:
-                roots.add(f.read().strip() or "/etc/target")
+        dbroot = os.path.join(self.configfs, "target", "dbroot")
+        with contextlib.suppress(OSError), open(dbroot) as f:
+            roots.add(f.read().strip() or "/etc/target")
         for root in roots:
             for sub in ("pr", "alua"):
                 os.makedirs(os.path.join(root, sub), exist_ok=True)
