@@ -618,6 +618,11 @@ mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs tmpfs /newroot/dev/shm
 mount -t tmpfs tmpfs /newroot/run
+# the kernel's own file accesses (LIO's dbroot, its modprobe helper) start at this root
+mkdir -p /etc /sbin /newroot/etc/target
+ln -s /newroot/etc/target /etc/target
+printf '#!/bin/sh\\nexec chroot /newroot /sbin/modprobe "$@"\\n' > /sbin/modprobe
+chmod 755 /sbin/modprobe
 """
 
 _HOST_ROOT_OUTBOX = """\
