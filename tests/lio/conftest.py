@@ -25,6 +25,8 @@ import pytest
 from storvisor.testing.guest import IN_GUEST_ENV, GuestError, PytestRun, run_pytest_in_guest
 
 _ROOT = Path(__file__).resolve().parents[2]
+GUEST_TIMEOUT = 1500.0
+"""Seconds one module's guest may run (its inner tests have pytest's own timeout)."""
 _IN_GUEST = os.environ.get(IN_GUEST_ENV) == "1"
 _HAS_GUEST = shutil.which("qemu-system-x86_64") is not None and any(Path("/boot").glob("vmlinuz-*"))
 
@@ -60,6 +62,7 @@ class GuestModule(pytest.File):
         for node in tree.body:
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
                 item: GuestItem = GuestItem.from_parent(self, name=node.name)
+                item.add_marker(pytest.mark.timeout(GUEST_TIMEOUT + 120))  # the guest's own
                 item.add_marker(pytest.mark.slow)
                 item.add_marker(pytest.mark.vm)
                 item.add_marker(
@@ -75,9 +78,12 @@ class GuestModule(pytest.File):
                 i.name for i in self.session.items if isinstance(i, GuestItem) and i.parent is self
             ]
             relative = self.path.relative_to(_ROOT)
+            self.run = GuestError("the guest run was interrupted")
             try:
                 self.run = run_pytest_in_guest(
-                    [f"{relative}::{name}" for name in selected], rootdir=str(_ROOT)
+                    [f"{relative}::{name}" for name in selected],
+                    rootdir=str(_ROOT),
+                    timeout=GUEST_TIMEOUT,
                 )
             except GuestError as e:
                 self.run = e

@@ -31,7 +31,7 @@ def cli(home: Path) -> CLI:
 
 @pytest.fixture
 def daemon(home: Path) -> Iterator[Daemon]:
-    d = Daemon(home).start()
+    d = Daemon(home).start(timeout=120)
     try:
         yield d
     finally:
@@ -54,7 +54,7 @@ def test_vhost_scsi_of_a_host_device_survives_a_daemon_restart(
     rc, _ = daemon.stop(signal.SIGTERM)
     assert rc == 0
     assert (TARGET / "tpgt_1" / "lun" / "lun_2").is_dir()  # LIO objects outlive the daemon
-    daemon.start()
+    daemon.start(timeout=120)
     listed = cli("export", "list", "--json").json()
     assert isinstance(listed, list) and listed[0]["state"] == "active"
     with VhostScsiFrontend(WWPN) as fe:

@@ -42,7 +42,7 @@ def cli(home: Path, tmp_path: Path) -> CLI:
 
 @pytest.fixture
 def daemon(cli: CLI, home: Path) -> Iterator[Daemon]:
-    d = Daemon(home).start()
+    d = Daemon(home).start(timeout=120)
     try:
         yield d
     finally:
@@ -226,7 +226,7 @@ def test_kill_9_of_the_daemon_under_io_loses_nothing(cli: CLI, daemon: Daemon, h
     daemon.proc.wait()
     daemon.proc = None
     started = time.monotonic()
-    daemon.start()
+    daemon.start(timeout=120)
     restart = time.monotonic() - started
     _, err = writer.communicate(timeout=120)
     assert writer.returncode == 0, err

@@ -187,7 +187,15 @@ class Lio:
             self._load(module)
             if not os.path.isdir(os.path.join(self.sysfs, "module", module)):
                 raise LioUnavailable(f"kernel module {module} is missing")
-        os.makedirs("/etc/target", exist_ok=True)
+        # LIO writes SCSI-3 persistent reservation (and ALUA) state under its dbroot, and
+        # fails PERSISTENT RESERVE OUT with NOT READY when that directory is missing.
+        roots = {"/etc/target"}
+        dbroot = os.path.join(self.configfs, "target", "dbroot")
+        with contextlib.suppress(OSError), open(dbroot) as f:
+            roots.add(f.read().strip() or "/etc/target")
+        for root in roots:
+            for sub in ("pr", "alua"):
+                os.makedirs(os.path.join(root, sub), exist_ok=True)
 
     def _load(self, module: str) -> None:
         if os.path.isdir(os.path.join(self.sysfs, "module", module)) or not self.load_modules:

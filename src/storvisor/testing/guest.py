@@ -73,6 +73,8 @@ DEFAULT_MODULES: tuple[str, ...] = (
 BUSYBOX = "/bin/busybox"
 QEMU = "qemu-system-x86_64"
 _MARKER = "STORVISOR-GUEST-EXIT"
+CONSOLE_LOG_ENV = "STORVISOR_GUEST_CONSOLE"
+"""If set, every guest's console is also appended, line by line, to the file it names."""
 _TAIL_LINES = 40
 
 _INIT = """#!/bin/busybox sh
@@ -508,11 +510,22 @@ class Guest:
         self._cleanup()
 
     def _read(self, stream: IO[bytes], sink: list[str]) -> None:
+        mirror = os.environ.get(CONSOLE_LOG_ENV) if sink is self._lines else None
+        log = open(mirror, "a", buffering=1) if mirror else None  # noqa: SIM115
+        try:
+            self._read_lines(stream, sink, log)
+        finally:
+            if log is not None:
+                log.close()
+
+    def _read_lines(self, stream: IO[bytes], sink: list[str], log: IO[str] | None) -> None:
         while True:
             raw = stream.readline()
             if not raw:
                 break
             line = raw.decode(errors="replace").rstrip("\r\n").replace("\r", "")
+            if log is not None:
+                log.write(line + "\n")
             with self._cond:
                 sink.append(line)
                 self._cond.notify_all()
@@ -605,6 +618,11 @@ mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs tmpfs /newroot/dev/shm
 mount -t tmpfs tmpfs /newroot/run
+# the kernel's own file accesses (LIO's dbroot, its modprobe helper) start at this root
+mkdir -p /etc /sbin /newroot/etc/target
+ln -s /newroot/etc/target /etc/target
+printf '#!/bin/sh\\nexec chroot /newroot /sbin/modprobe "$@"\\n' > /sbin/modprobe
+chmod 755 /sbin/modprobe
 """
 
 _HOST_ROOT_OUTBOX = """\
