@@ -11,7 +11,6 @@ needed here.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
@@ -22,9 +21,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cli.cli_harness import CLI, Daemon
+from cli.cli_harness import CLI
 from prereq import require
-from storvisor.api.client import Client
 from storvisor.errors import InvalidArgument
 from storvisor.integrations.libvirt import scsi
 from storvisor.integrations.libvirt.scsi import DomainDevices, DriveAddress, ScsiMode
@@ -449,49 +447,6 @@ def test_command_errors_are_one_line(cli: CLI, tmp_path: Path) -> None:
     )
     assert "invalid choice" in cli.fails("libvirt-xml", "p/v", "--scsi", "disk", rc=2)
     assert "p/nope" in cli.fails("libvirt-xml", "p/nope", "--scsi", "lun")
-
-
-_MISSING_SCSI = [
-    reason
-    for present, reason in [
-        (hasattr(Client, "export_scsi"), "the daemon has no SCSI export (storvisor export scsi)"),
-        (
-            os.geteuid() == 0 and Path("/sys/kernel/config/target").is_dir(),
-            "LIO is not usable here (root and configfs with target_core_mod are needed)",
-        ),
-    ]
-    if not present
-]
-
-
-@pytest.mark.requires(not _MISSING_SCSI, "; ".join(_MISSING_SCSI))
-def test_command_with_a_scsi_export(libvirt_tools: None, tmp_path: Path) -> None:
-    """``export scsi``, then ``libvirt-xml --scsi lun --domain-xml --boot`` on a domain with
-    an lsilogic controller: the LUN's by-id path on a new virtio-scsi controller 1."""
-    home = tmp_path / "home"
-    run_cli = CLI(home)
-    run_cli("pool", "create", "p", "--backing", f"{tmp_path}/disk.img:64M")
-    run_cli("volume", "create", "p/v", "--size", "16M")
-    daemon = Daemon(home).start()
-    try:
-        run_cli("export", "scsi", "p/v")
-        text = domain(controller(0, "lsilogic") + virtio_disk("vda", boot=1))
-        domain_file = tmp_path / "guest.xml"
-        domain_file.write_text(text)
-        printed = run_cli(
-            "libvirt-xml", "p/v", "--scsi", "lun", "--domain-xml", str(domain_file), "--boot"
-        ).out
-        elements = list(ET.fromstring(f"<printed>{printed}</printed>"))
-        assert [e.tag for e in elements] == ["controller", "disk", "disk"]
-        source = elements[1].find("source")
-        assert source is not None and source.get("dev", "").startswith("/dev/disk/by-id/")
-        assert Path(source.get("dev", "")).resolve().is_block_device()
-        planned = scsi.plan(ScsiMode.LUN, source.get("dev", ""), text, boot=True)
-        define(tmp_path, scsi.apply(text, planned))
-        for info in run_cli("export", "list", "--json").json():  # type: ignore[attr-defined]
-            run_cli("export", "remove", info["spec"]["name"])
-    finally:
-        daemon.stop()
 
 
 FUZZ_BASE = domain(

@@ -2,20 +2,12 @@
 
 The connection data with fixed inputs: the 'local' connection an unmodified Nova attaches,
 the by-id path chosen among a LUN export's paths, the drive address the Nova driver records.
-Then, against a live daemon with a SCSI export (``storvisor export scsi``, which needs LIO:
-configfs, tcm_loop, root), the connection Cinder gets for a plain connector ('local', the
-by-id path of a real block device, attached by os-brick's own ``LocalConnector``) and for a
-connector with storvisor's (a 'storvisor' connection of kind scsi), and the export gone after
-detaching. Those tests skip where the daemon or the kernel lacks SCSI exports, and fail in CI.
+(A live SCSI export needs LIO, which only the guests of ``tests/lio`` have.)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import stat
-from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,15 +15,12 @@ from prereq import require_module
 
 require_module("cinder", "the OpenStack virtualenv (make openstack-venv) is not in use")
 
-from cinder_kit import load_driver, new_volume  # noqa: E402  # registers objects
 
 # isort: split
 from os_brick.initiator.connectors.local import LocalConnector  # noqa: E402
 
-from storvisor.api.client import Client  # noqa: E402
 from storvisor.errors import InvalidArgument  # noqa: E402
 from storvisor.integrations.libvirt.scsi import DriveAddress  # noqa: E402
-from storvisor.integrations.openstack import brick  # noqa: E402
 from storvisor.integrations.openstack.backend import ExportKind  # noqa: E402
 from storvisor.integrations.openstack.connection import (  # noqa: E402
     ADDRESS_KEY,
@@ -99,71 +88,3 @@ def test_bad_drive_address_is_invalid(address: object) -> None:
     data = ConnectionData("id", "p", "v", "v", ExportKind.SCSI, SCSI_URIS).to_dict()
     with pytest.raises(InvalidArgument, match=ADDRESS_KEY):
         ConnectionData.from_dict({**data, ADDRESS_KEY: address})
-
-
-# -- against a daemon with SCSI exports ---------------------------------------------------------
-
-_MISSING = [
-    reason
-    for present, reason in [
-        (hasattr(Client, "export_scsi"), "the daemon has no SCSI export (storvisor export scsi)"),
-        (
-            os.geteuid() == 0 and Path("/sys/kernel/config/target").is_dir(),
-            "LIO is not usable here (root and configfs with target_core_mod are needed)",
-        ),
-    ]
-    if not present
-]
-needs_scsi_exports = pytest.mark.requires(not _MISSING, "; ".join(_MISSING))
-
-
-@pytest.fixture
-def scsi_driver(storvisor_home: Path, tmp_path: Path) -> Any:
-    return load_driver(
-        tmp_path,
-        {
-            "storvisor_api_url": f"unix://{storvisor_home}/api.sock",
-            "storvisor_pool": "p",
-            "storvisor_export_kind": "scsi",
-        },
-    )
-
-
-@needs_scsi_exports
-def test_plain_connector_gets_a_local_block_device(scsi_driver: Any, ctx: Any, sv: Client) -> None:
-    volume = new_volume(ctx)
-    scsi_driver.create_volume(volume)
-    try:
-        info = scsi_driver.initialize_connection(volume, {"host": "compute-1"})
-        assert info["driver_volume_type"] == "local"
-        path = info["data"]["device_path"]
-        assert path.startswith("/dev/disk/by-id/"), path
-        assert stat.S_ISBLK(os.stat(path).st_mode)
-        assert LocalConnector(None).connect_volume(info["data"])["path"] == path
-        with open(path, "r+b", buffering=0) as device:  # the volume's data through the LUN
-            device.write(b"\x5c" * 4096)
-            os.fsync(device.fileno())
-        scsi_driver.terminate_connection(volume, {"host": "compute-1"})
-        assert [e for e in sv.exports() if e.spec.volume == volume.name] == []
-    finally:
-        scsi_driver.delete_volume(volume)
-
-
-@needs_scsi_exports
-def test_storvisor_connector_gets_a_storvisor_connection(
-    scsi_driver: Any, ctx: Any, sv: Client
-) -> None:
-    volume = new_volume(ctx)
-    scsi_driver.create_volume(volume)
-    brick.register()
-    connector = {"host": "compute-1", **brick.StorvisorConnector.get_connector_properties(None)}
-    try:
-        info = scsi_driver.initialize_connection(volume, connector)
-        assert info["driver_volume_type"] == "storvisor"
-        data = ConnectionData.from_dict(info["data"])
-        assert data.kind is ExportKind.SCSI
-        assert data.path.startswith("/dev/disk/by-id/")
-        assert stat.S_ISBLK(os.stat(data.path).st_mode)
-    finally:
-        scsi_driver.terminate_connection(volume, connector)
-        scsi_driver.delete_volume(volume)
