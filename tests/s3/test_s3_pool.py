@@ -216,6 +216,9 @@ def test_bad_input_is_refused_and_nothing_is_created(
     assert not (tmp_path / "extra.img").exists()
     with pytest.raises(InvalidArgument, match="multiple of the cluster size"):
         s3home.create_s3_pool("s", aws_env.spec(bucket), object_size=1000)
+    for cluster_size in (0, -4096, 3000):
+        with pytest.raises(InvalidArgument, match="invalid cluster size"):
+            s3home.create_s3_pool("s", aws_env.spec(bucket), cluster_size=cluster_size)
 
     aws_env.client().put_object(Bucket=bucket, Key="photos/cat.jpg", Body=b"meow")
     refused(Conflict, "not empty", aws_env.spec(bucket))

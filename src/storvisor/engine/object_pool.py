@@ -68,9 +68,10 @@ def create(
     """Create pool ``name`` in bucket ``spec.bucket``. Raises ``NotFound`` (no bucket),
     ``InvalidArgument`` (credentials refused, bad sizes), ``IOFailure`` (no endpoint
     answers), ``Conflict`` (the bucket is not empty). Leaves nothing behind on failure."""
-    from storvisor.engine.pool import DEFAULT_CLUSTER
+    from storvisor.engine.pool import DEFAULT_CLUSTER, check_cluster_size
 
     cs = DEFAULT_CLUSTER if cluster_size is None else cluster_size
+    check_cluster_size(cs)
     osz = DEFAULT_OBJECT_SIZE if object_size is None else object_size
     if osz <= 0 or osz % cs:
         raise InvalidArgument(

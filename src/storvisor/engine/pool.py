@@ -116,9 +116,10 @@ DEFAULT_CLUSTER = 64 << 10
 COMMIT_INTERVAL = 0.5
 """Seconds between background commits (the contract is at most one second)."""
 DEFAULT_IO_TIMEOUT = 30.0
+MIN_TIMEOUT = 0.1
 MAX_TIMEOUT = 7 * 86400.0
-"""The longest I/O or data timeout a pool takes, in seconds (a week: longer waits are
-"never" to an operator, and beyond the range of the system's timed waits)."""
+"""The shortest and longest I/O or data timeout a pool takes, in seconds (a week: longer
+waits are "never" to an operator, and beyond the range of the system's timed waits)."""
 """Seconds a sync of the backing devices may take before its flush fails (ETIMEDOUT)."""
 
 
@@ -390,28 +391,33 @@ class Pool:
 
     def set_io_timeout(self, seconds: float) -> None:
         """Set how long a sync of the backing devices may take before its flush fails with
-        ETIMEDOUT (and the pool degrades). Durable when this returns. Raises
-        ``InvalidArgument`` unless ``0 < seconds <= MAX_TIMEOUT``."""
-        if not isinstance(seconds, (int, float)) or not 0 < seconds <= MAX_TIMEOUT:
+        ETIMEDOUT (and the pool degrades). Durable when this returns (the flush that makes it
+        so runs under the timeout in force before). Raises ``InvalidArgument`` unless
+        ``MIN_TIMEOUT <= seconds <= MAX_TIMEOUT``."""
+        if not isinstance(seconds, (int, float)) or not MIN_TIMEOUT <= seconds <= MAX_TIMEOUT:
             raise InvalidArgument(
-                f"invalid I/O timeout {seconds!r}: a positive number of seconds up to"
-                f" {MAX_TIMEOUT:g} is needed"
+                f"invalid I/O timeout {seconds!r}: {MIN_TIMEOUT:g} to {MAX_TIMEOUT:g} seconds"
+                " are needed"
             )
         with self._lock:
             self._check_open()
-            self.io_timeout = float(seconds)
             self._stmt("INSERT OR REPLACE INTO meta VALUES ('io_timeout', ?)", repr(float(seconds)))
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            self.io_timeout = float(seconds)
 
     def set_data_timeout(self, seconds: float) -> None:
         """Set how long a read or write of a volume may take before it fails with
         ETIMEDOUT (0: no limit, the default). Applies to requests that start afterwards;
         durable when this returns. Raises ``InvalidArgument`` unless
-        ``0 <= seconds <= MAX_TIMEOUT``."""
-        if not isinstance(seconds, (int, float)) or not 0 <= seconds <= MAX_TIMEOUT:
+        0 or ``MIN_TIMEOUT <= seconds <= MAX_TIMEOUT``."""
+        if not isinstance(seconds, (int, float)) or not (
+            seconds == 0 or MIN_TIMEOUT <= seconds <= MAX_TIMEOUT
+        ):
             raise InvalidArgument(
-                f"invalid data I/O timeout {seconds!r}: 0 or a positive number of seconds up"
-                f" to {MAX_TIMEOUT:g} is needed"
+                f"invalid data I/O timeout {seconds!r}: 0 (none) or {MIN_TIMEOUT:g} to"
+                f" {MAX_TIMEOUT:g} seconds are needed"
             )
         with self._lock:
             self._check_open()
