@@ -13,6 +13,7 @@ sector by sector; anything else exactly as written) and fsck is clean.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import random
@@ -28,6 +29,7 @@ import pytest
 
 from powercuts import require_fuse
 from prereq import require_module
+from storvisor.api.service import Service
 from storvisor.engine.home import Home
 from storvisor.engine.pool import Pool
 from storvisor.engine.types import BackingSpec, PoolState
@@ -890,3 +892,200 @@ def test_nbd_and_vhost_clients_get_an_error_within_the_data_timeout(
         volume.close()
         server.close()
     rig.settle(model)
+
+
+# ------------------------------------------------- management while a snapshot drains
+
+
+class _Calls:
+    """Calls run in threads, each one's outcome kept."""
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+
+    def start(self, call: Callable[[], object]) -> threading.Thread:
+        def run() -> None:
+            try:
+                call()
+            except BaseException as e:
+                self.errors.append(e)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+        return thread
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(10)
+            assert not thread.is_alive(), "a call never returned once the stall was released"
+        assert not self.errors, self.errors
+
+
+def _answers_within(call: Callable[[], object], what: str, seconds: float = 5.0) -> None:
+    """Run ``call`` in a thread: it must return within ``seconds``, without error."""
+    calls = _Calls()
+    calls.start(call).join(seconds)
+    assert not calls.threads[0].is_alive(), f"{what} was held up by a snapshot's wait"
+    assert not calls.errors, calls.errors
+
+
+def _read(vol: Volume, offset: int, n: int) -> bytes:
+    buf = bytearray(n)
+    vol.read_into(offset, memoryview(buf))
+    return bytes(buf)
+
+
+def _stall_a_read(rig: Rig, vol: Volume, calls: _Calls) -> list[None]:
+    """Stall a read of ``vol`` and return once it is in the file system, with a list that
+    grows by one each time a freezer of ``vol`` starts waiting for it."""
+    rig.mount.set(Fault("read", "stall", DATA, seconds=30))
+    calls.start(lambda: _read(vol, 0, 4096))
+    deadline = time.monotonic() + 10
+    while rig.mount.hits()["read"] < 1:
+        assert time.monotonic() < deadline, "the read never reached the device"
+        time.sleep(0.01)
+    waits: list[None] = []
+    vol._state.gate.on_wait = lambda: waits.append(None)
+    return waits
+
+
+def _waiting(waits: list[None], count: int, *snapshots: threading.Thread) -> None:
+    """Return once ``count`` freezers wait; ``snapshots`` must all still be running."""
+    deadline = time.monotonic() + 10
+    while len(waits) < count:
+        assert time.monotonic() < deadline, "a snapshot did not wait for the read in flight"
+        time.sleep(0.01)
+    assert all(s.is_alive() for s in snapshots), "a snapshot did not wait for the read"
+
+
+def test_a_snapshot_waits_for_a_stalled_read_without_holding_up_management(rig: Rig) -> None:
+    """A snapshot waits for the reads and writes in flight on its volume (no in-place write
+    that found its cluster owned may land in it afterwards), but not while it holds the
+    pool's lock, nor the service's: with a read stalled on ``f`` and a snapshot waiting
+    for it, ``pool list``, ``f``'s and ``g``'s records and management calls on both pools
+    answer. Released, the snapshot holds every write completed before it, and no write
+    issued after it returned."""
+    service = Service(rig.home)
+    vol = rig.f.open_volume("v")
+    calls = _Calls()
+    try:
+        before = _payload(1, 2 * CS)
+        vol.write(0, before)  # owned clusters: later writes to them go in place
+        waits = _stall_a_read(rig, vol, calls)
+        snapshot = calls.start(lambda: service.create_snapshot("f", "v", "s"))
+        _waiting(waits, 1, snapshot)
+        meanwhile = _payload(2, 4096)
+        writer = calls.start(lambda: vol.write(CS, meanwhile))  # held at the frozen gate
+        _answers_within(rig.home.pools, "Home.pools")
+        _answers_within(service.pools, "Service.pools (pool list)")
+        _answers_within(rig.f.info, "pool f's record")
+        _answers_within(lambda: rig.f.create_volume("w", VOL), "a volume created in f")
+        _answers_within(lambda: service.create_volume("g", "w", VOL), "a volume created in g")
+        _answers_within(lambda: rig.g.create_snapshot("v", "s"), "a snapshot in g")
+        assert snapshot.is_alive() and writer.is_alive()
+        rig.mount.clear()
+        calls.join()
+        after = _payload(3, 4096)
+        vol.write(4096, after)
+        snap = rig.f.open_volume("v", "s")
+        try:
+            taken = _read(snap, 0, 2 * CS)
+        finally:
+            snap.close()
+        assert taken[:CS] == before[:CS]
+        assert taken[CS : CS + 4096] in (before[CS : CS + 4096], meanwhile)  # in flight
+        assert taken[CS + 4096 :] == before[CS + 4096 :]
+        expected = bytearray(before)
+        expected[CS : CS + 4096] = meanwhile
+        expected[4096 : 2 * 4096] = after
+        assert _read(vol, 0, 2 * CS) == expected
+    finally:
+        rig.mount.clear()
+        vol._state.gate.on_wait = None
+        vol.close()
+    assert rig.f.fsck().clean
+
+
+def test_snapshots_racing_a_reopen_of_their_volume_each_freeze_what_it_has(rig: Rig) -> None:
+    """Two snapshots of one volume wait for the same stalled read; meanwhile every handle
+    of the volume closes and a new one opens and writes in place. Both snapshots then
+    complete: each holds what was written before it was asked for, and a write through the
+    new handle after they returned reaches neither."""
+    vol = rig.f.open_volume("v")
+    calls = _Calls()
+    again: Volume | None = None
+    try:
+        before = _payload(1, 2 * CS)
+        vol.write(0, before)
+        waits = _stall_a_read(rig, vol, calls)
+        first = calls.start(lambda: rig.f.create_snapshot("v", "s1"))
+        second = calls.start(lambda: rig.f.create_snapshot("v", "s2"))
+        _waiting(waits, 2, first, second)
+        vol.close()  # the state the snapshots wait for is dropped...
+        again = rig.f.open_volume("v")  # ...and the volume opens anew: a new state
+        meanwhile = _payload(2, 4096)
+        again.write(CS, meanwhile)  # in place, through a state no snapshot froze yet
+        _answers_within(lambda: rig.f.extend_volume("v", 2 * VOL), "an extend of the volume")
+        rig.mount.clear()
+        calls.join()
+        after = _payload(3, 4096)
+        again.write(CS, after)
+        for name in ("s1", "s2"):
+            snap = rig.f.open_volume("v", name)
+            try:
+                taken = _read(snap, 0, 2 * CS)
+            finally:
+                snap.close()
+            assert taken[:CS] == before[:CS], name
+            assert taken[CS : CS + 4096] in (before[CS : CS + 4096], meanwhile), name
+            assert taken[CS + 4096 :] == before[CS + 4096 :], name
+        assert _read(again, CS, 4096) == after
+        assert sorted(s.name for s in rig.f.snapshots("v")) == ["s1", "s2"]
+    finally:
+        rig.mount.clear()
+        vol.close()
+        if again is not None:
+            again.close()
+    assert rig.f.fsck().clean
+
+
+def test_a_flatten_waits_for_a_stalled_read_without_holding_up_management(rig: Rig) -> None:
+    """A flatten swaps the clone's view once the copy is done, with no direct I/O running:
+    it waits for a read stalled on a cluster the clone owns without holding the pool's
+    lock, and completes with the clone's data once the read is released."""
+    origin = _payload(1, CS)
+    with contextlib.closing(rig.f.open_volume("v")) as vol:
+        vol.write(0, origin)
+    rig.f.create_snapshot("v", "s")
+    rig.f.clone("v", "s", "c")
+    calls = _Calls()
+    with contextlib.closing(rig.f.open_volume("c")) as clone:
+        own = _payload(2, CS)
+        clone.write(CS, own)  # a cluster of the clone's own, found in the device's file
+        clone.flush()
+        image = (rig.mount.mountpoint.parent / "backing" / "f.img").read_bytes()
+        at = image.index(own)
+        try:
+            rig.mount.set(Fault("read", "stall", at, at + CS, seconds=30))
+            calls.start(lambda: _read(clone, CS, 4096))
+            deadline = time.monotonic() + 10
+            while rig.mount.hits()["read"] < 1:
+                assert time.monotonic() < deadline, "the read never reached the device"
+                time.sleep(0.01)
+            waits: list[None] = []
+            clone._state.gate.on_wait = lambda: waits.append(None)
+            flatten = calls.start(lambda: rig.f.flatten("c"))
+            _waiting(waits, 1, flatten)
+            _answers_within(rig.home.pools, "Home.pools")
+            _answers_within(lambda: rig.f.create_volume("w", VOL), "a volume created in f")
+            rig.mount.clear()
+            calls.join()
+        finally:
+            rig.mount.clear()
+            clone._state.gate.on_wait = None
+        assert rig.f.volume_info("c").origin is None
+        assert _read(clone, 0, 2 * CS) == origin + own
+    rig.f.delete_snapshot("v", "s")  # the clone no longer depends on it
+    assert rig.f.fsck().clean

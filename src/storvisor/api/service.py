@@ -9,7 +9,8 @@ All methods return the engine's frozen records (or the export records of
 ``storvisor.api.exports``) and raise only ``storvisor.errors`` exceptions: ``NotFound`` for a
 missing pool, volume, snapshot or export, ``Conflict`` for duplicates and objects in use
 (deleting an exported volume among them), ``InvalidArgument`` for malformed input. Calls are
-serialised by one lock, so the API server may call from several threads.
+serialised by one lock, so the API server may call from several threads; a snapshot waits for
+its volume's I/O in flight outside it.
 
 ``Management`` is the protocol both ``Service`` and ``storvisor.api.client.Client`` implement;
 the CLI is written against it.
@@ -451,8 +452,11 @@ class Service:
     # -- snapshots ----------------------------------------------------------------------
 
     def create_snapshot(self, pool: str, volume: str, snapshot: str) -> SnapshotInfo:
+        """Taken outside the service's lock: it waits for the volume's reads and writes in
+        flight, which a stalled device may hold up for as long as it stalls."""
         with self._lock:
-            return self.home.pool(pool).create_snapshot(volume, snapshot)
+            p = self.home.pool(pool)
+        return p.create_snapshot(volume, snapshot)
 
     def snapshots(self, pool: str, volume: str) -> list[SnapshotInfo]:
         with self._lock:

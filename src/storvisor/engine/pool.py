@@ -67,7 +67,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -950,12 +950,11 @@ class Pool:
     def create_snapshot(self, volume: str, snapshot: str) -> SnapshotInfo:
         """Freeze the volume's current data under ``snapshot``: O(1), online. Writes completed
         before the call are in the snapshot, writes issued after it returns are not, writes in
-        flight meanwhile may be either. Durable when this returns.
+        flight meanwhile may be either. Durable when this returns. Waits for the volume's
+        reads and writes in flight, without holding the pool's lock (``_volume_frozen``).
         Raises ``NotFound``, ``InvalidArgument``, ``Conflict`` (name taken)."""
         check_name(snapshot, "snapshot")
-        with self._lock:
-            self._check_open()
-            vol = self._volume(volume)
+        with self._volume_frozen(volume) as (vol, state):
             if any(s.volume == vol.id and s.name == snapshot for s in self._snapshots.values()):
                 raise Conflict(f"snapshot {self.name}/{volume}@{snapshot} already exists")
             snap = _SnapRec(self._take_id(), vol.id, snapshot, vol.top, vol.size, time.time())
@@ -971,13 +970,37 @@ class Pool:
             )
             vol.top = self._new_layer(vol.top)
             self._stmt("UPDATE volumes SET top = ? WHERE id = ?", vol.top, vol.id)
-            state = self._states.get((vol.id, None))
             if state is not None:
                 state.set_top(vol.top)  # every view entry now belongs to a parent: copy-on-write
                 state.homes = {}  # ...and the new top has placed nothing yet
             info = self._snapshot_info(vol, snap)
         self.flush()
         return info
+
+    @contextlib.contextmanager
+    def _volume_frozen(self, volume: str) -> Iterator[tuple[_VolumeRec, VolumeState | None]]:
+        """Hold the pool lock with the volume's record and its open state (None when no
+        handle is open), frozen: no in-place read or write of it runs, here or in a data
+        plane, until the block ends.
+
+        The wait for the I/O in flight comes first, without the pool lock: a stalled device
+        then holds up this caller alone, never the pool's other management calls (nor,
+        through ``Home.pools``, every pool's). A volume opened, reopened or closed
+        meanwhile has another state by the time the lock is taken: the state it has then is
+        drained in its turn. Raises ``NotFound``, ``StateError`` (the pool is closed)."""
+        while True:
+            with self._lock:
+                self._check_open()
+                state = self._states.get((self._volume(volume).id, None))
+            with contextlib.ExitStack() as drained:
+                if state is not None:
+                    drained.enter_context(state.frozen())
+                with self._lock:
+                    self._check_open()
+                    vol = self._volume(volume)
+                    if self._states.get((vol.id, None)) is state:
+                        yield vol, state
+                        return
 
     def snapshots(self, volume: str) -> list[SnapshotInfo]:
         """The volume's snapshots, oldest first. Raises ``NotFound``."""
@@ -1059,7 +1082,7 @@ class Pool:
             with self._lock:
                 state = self._states[(self._volume(volume).id, None)]  # open: the handle's
             state.copy_up(progress)
-            with self._lock:
+            with state.frozen(), self._lock:  # drained first: see ``_volume_frozen``
                 vol = self._volume(volume)
                 old_parent = self._tree.cut(self._batch, vol.top)
                 vol.origin = vol.origin_snap = None

@@ -182,15 +182,18 @@ class VolumeState:
                 yield vc, phys_at(fd, offset), owner == top
 
     def set_top(self, top: int) -> None:
-        """The volume's top layer changed (a snapshot was taken); call with the pool lock.
-        Every cluster becomes a parent's: the next write to it copies."""
+        """The volume's top layer changed (a snapshot was taken); call with the pool lock,
+        and with the state already ``frozen`` (so that the freeze here waits for nothing:
+        the pool drains the I/O in flight before it takes its lock). Every cluster becomes
+        a parent's: the next write to it copies."""
         with self.frozen():
             self.top = top
             for plane in self.planes:
                 plane.map.share_all(self.map_entries())
 
     def rebuild(self, view: dict[int, Entry]) -> None:
-        """Replace the view (after a flatten); call with the pool lock."""
+        """Replace the view (after a flatten); call with the pool lock, and with the state
+        already ``frozen`` as for ``set_top``."""
         with self.frozen():
             self.view = view
             for plane in self.planes:
