@@ -927,7 +927,7 @@ def _answers_within(call: Callable[[], object], what: str, seconds: float = 5.0)
     """Run ``call`` in a thread: it must return within ``seconds``, without error."""
     calls = _Calls()
     calls.start(call).join(seconds)
-    assert not calls.threads[0].is_alive(), f"{what} was held up by a snapshot's wait"
+    assert not calls.threads[0].is_alive(), f"{what} was held up by a wait for the stalled read"
     assert not calls.errors, calls.errors
 
 
