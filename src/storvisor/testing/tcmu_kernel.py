@@ -43,14 +43,13 @@ import os
 import select
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from storvisor.engine.device import Buffer, Extent, check_range
 from storvisor.errors import IOFailure
+from storvisor.testing.aligned_device import AlignedBlockDevice
 
 MAILBOX_SIZE = 128
 DATA_BLOCK = 4096
@@ -349,14 +348,14 @@ class TcmuKernel:
         return self.wait([cmd_id], timeout)[0]
 
 
-class TcmuBlockDevice:
+class TcmuBlockDevice(AlignedBlockDevice):
     """A ``BlockDevice`` whose every call is a SCSI command through ``kernel``'s ring (READ
     and WRITE (16), SYNCHRONIZE CACHE (16), UNMAP, WRITE SAME (16)), as an initiator would
     send them; the size and block size come from READ CAPACITY (16).
 
-    Byte ranges are widened to whole blocks (read-modify-write at unaligned edges, under a
-    lock, which also serialises the commands); transfers are cut to ``max_request`` bytes.
-    ``block_status`` is not asked (GET LBA STATUS is not emulated): one allocated extent.
+    Byte ranges are widened to whole blocks and transfers cut to ``max_request`` bytes
+    (``AlignedBlockDevice``, whose lock also serialises the commands). ``block_status`` is
+    not asked (GET LBA STATUS is not emulated): one allocated extent.
     Errors: range errors as the contract says; a CHECK CONDITION as ``IOFailure`` (ENOSPC
     for SPACE ALLOCATION FAILED, EIO otherwise). ``on_close`` runs at ``close``.
     """
@@ -368,10 +367,8 @@ class TcmuBlockDevice:
         max_request: int = 256 << 10,
         on_close: Callable[[], None] | None = None,
     ) -> None:
+        super().__init__(max_request=max_request, on_close=on_close)
         self.kernel = kernel
-        self.max_request = max_request
-        self._on_close = on_close
-        self._lock = threading.Lock()
         capacity = self._command(
             bytes([0x9E, 0x10]) + bytes(8) + struct.pack(">I", 32) + bytes(2), data_in=32
         )
@@ -403,94 +400,31 @@ class TcmuBlockDevice:
             )
         return done.data
 
-    def _blocks(self, offset: int, length: int) -> tuple[int, int]:
+    def _read_request(self, offset: int, length: int) -> bytes:
         bs = self._block_size
-        return offset // bs * bs, -(-(offset + length) // bs) * bs
+        return self._command(
+            struct.pack(">BBQIBB", 0x88, 0, offset // bs, length // bs, 0, 0), data_in=length
+        )
 
-    def _read_aligned(self, start: int, end: int) -> bytes:
-        out = bytearray()
+    def _write_request(self, offset: int, data: bytes, fua: bool) -> None:
         bs = self._block_size
-        while start + len(out) < end:
-            n = min(self.max_request, end - start - len(out))
-            lba = (start + len(out)) // bs
-            out += self._command(struct.pack(">BBQIBB", 0x88, 0, lba, n // bs, 0, 0), data_in=n)
-        return bytes(out)
+        flags = 0x08 if fua else 0
+        cdb = struct.pack(">BBQIBB", 0x8A, flags, offset // bs, len(data) // bs, 0, 0)
+        self._command(cdb, data)
 
-    def _write_aligned(self, start: int, data: bytes, fua: bool) -> None:
+    def _flush_request(self) -> None:
+        self._command(bytes([0x91]) + bytes(15))
+
+    def _zero_request(self, offset: int, length: int, *, unmap: bool, discard: bool) -> None:
         bs = self._block_size
-        pos = 0
-        while pos < len(data):
-            n = min(self.max_request, len(data) - pos)
-            flags = 0x08 if fua else 0
-            cdb = struct.pack(">BBQIBB", 0x8A, flags, (start + pos) // bs, n // bs, 0, 0)
-            self._command(cdb, data[pos : pos + n])
-            pos += n
-
-    def read_into(self, offset: int, buf: memoryview) -> None:
-        check_range(self, offset, len(buf), writing=False)
-        if not len(buf):
-            return
-        start, end = self._blocks(offset, len(buf))
-        with self._lock:
-            data = self._read_aligned(start, end)
-        buf[:] = data[offset - start : offset - start + len(buf)]
-
-    def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
-        view = bytes(memoryview(data).cast("B"))
-        check_range(self, offset, len(view), writing=True)
-        if not view:
-            return
-        start, end = self._blocks(offset, len(view))
-        with self._lock:
-            if (start, end) != (offset, offset + len(view)):
-                merged = bytearray(self._read_aligned(start, end))
-                merged[offset - start : offset - start + len(view)] = view
-                view = bytes(merged)
-            self._write_aligned(start, view, fua)
-
-    def flush(self) -> None:
-        with self._lock:
-            self._command(bytes([0x91]) + bytes(15))
-
-    def discard(self, offset: int, length: int) -> None:
-        self._zero(offset, length, unmap=True, discard=True)
-
-    def write_zeroes(
-        self, offset: int, length: int, *, may_unmap: bool = True, fua: bool = False
-    ) -> None:
-        self._zero(offset, length, unmap=may_unmap, discard=False)
-        if fua:
-            self.flush()
-
-    def _zero(self, offset: int, length: int, *, unmap: bool, discard: bool) -> None:
-        check_range(self, offset, length, writing=True)
-        bs = self._block_size
-        inner_start = -(-offset // bs) * bs
-        inner_end = (offset + length) // bs * bs
-        if inner_end <= inner_start:  # no whole block inside: a plain write of zeros
-            self.write(offset, bytes(length))
-            return
-        if inner_start > offset:
-            self.write(offset, bytes(inner_start - offset))
-        if offset + length > inner_end:
-            self.write(inner_end, bytes(offset + length - inner_end))
-        with self._lock:
-            pos = inner_start
-            while pos < inner_end:
-                n = min(1 << 21, inner_end - pos)
-                if discard:
-                    descriptor = struct.pack(">QIxxxx", pos // bs, n // bs)
-                    params = struct.pack(">HHxxxx", 22, 16) + descriptor
-                    self._command(struct.pack(">BBxxxxxHB", 0x42, 0, len(params), 0), params)
-                else:
-                    flags = 0x08 if unmap else 0
-                    cdb = struct.pack(">BBQIBB", 0x93, flags, pos // bs, n // bs, 0, 0)
-                    self._command(cdb, bytes(bs))
-                pos += n
-
-    def block_status(self, offset: int, length: int) -> list[Extent]:
-        check_range(self, offset, length, writing=False)
-        return [Extent(offset, length, allocated=True, zero=False)] if length else []
+        if discard:
+            descriptor = struct.pack(">QIxxxx", offset // bs, length // bs)
+            params = struct.pack(">HHxxxx", 22, 16) + descriptor
+            self._command(struct.pack(">BBxxxxxHB", 0x42, 0, len(params), 0), params)
+        else:
+            flags = 0x08 if unmap else 0
+            cdb = struct.pack(">BBQIBB", 0x93, flags, offset // bs, length // bs, 0, 0)
+            self._command(cdb, bytes(bs))
 
     def close(self) -> None:
         if self._on_close is not None:
