@@ -30,7 +30,7 @@ from storvisor.errors import (
     ProtocolError,
     Unavailable,
 )
-from storvisor.exports.tcmu import TcmuHandler, find_uio, map_size
+from storvisor.exports.tcmu import TcmuHandler, find_uio, map_size, open_uio
 from storvisor.protocols.scsi import LunIdentity
 from storvisor.protocols.tcmu import Ring
 from storvisor.testing.tcmu_kernel import Completion, RingFull, TcmuKernel
@@ -62,28 +62,45 @@ def check_condition(c: Completion) -> tuple[int, int, int]:
     return c.sense[2] & 0x0F, c.sense[12], c.sense[13]
 
 
-class Handler:
-    """A kernel stand-in and a started handler for ``device``."""
+class Tcmu:
+    """A kernel stand-in and the handlers made for it; ``close`` closes them all, then the
+    stand-in."""
 
-    def __init__(self, tmp: Path, device: BlockDevice, *, serial: str = "serial-1") -> None:
-        self.kernel = TcmuKernel(tmp, CONFIG)
-        self.device = device
-        self.handler = self.make(serial)
-        self.handler.start()
+    def __init__(self, kernel: TcmuKernel) -> None:
+        self.kernel = kernel
+        self.handlers: list[TcmuHandler] = []
 
-    def make(self, serial: str = "serial-1") -> TcmuHandler:
-        return TcmuHandler(
-            self.device,
+    @property
+    def handler(self) -> TcmuHandler:
+        """The handler made last."""
+        return self.handlers[-1]
+
+    def make(self, device: BlockDevice, *, through_kernel: bool = True) -> TcmuHandler:
+        """A handler for ``device`` on the stand-in's uio device, not started; it opens the
+        device through the stand-in, or (``through_kernel=False``) as it would a real one."""
+        handler = TcmuHandler(
+            device,
             CONFIG,
-            identity=LunIdentity.for_volume(serial),
+            identity=LunIdentity.for_volume("serial-1"),
             sysfs_root=self.kernel.sysfs_root,
             dev_root=self.kernel.dev_root,
-            opener=self.kernel.open,
+            opener=self.kernel.open if through_kernel else open_uio,
         )
+        self.handlers.append(handler)
+        return handler
+
+    def start(self, device: BlockDevice) -> TcmuHandler:
+        """``make``, then start it."""
+        handler = self.make(device)
+        handler.start()
+        return handler
 
     def close(self) -> None:
-        self.handler.close()
-        self.kernel.close()
+        try:
+            for handler in self.handlers:
+                handler.close()
+        finally:
+            self.kernel.close()
 
 
 @pytest.fixture
@@ -95,10 +112,20 @@ def volume(pool: Pool) -> Iterator[BlockDevice]:
 
 
 @pytest.fixture
-def served(tmp_path: Path, volume: BlockDevice) -> Iterator[Handler]:
-    h = Handler(tmp_path, volume)
-    yield h
-    h.close()
+def tcmu(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Tcmu]:
+    """A kernel stand-in for ``CONFIG`` (keyword arguments of ``TcmuKernel`` by indirect
+    parametrisation), no handler yet."""
+    options = dict(getattr(request, "param", {}))
+    t = Tcmu(TcmuKernel(tmp_path, options.pop("dev_config", CONFIG), **options))
+    yield t
+    t.close()
+
+
+@pytest.fixture
+def served(tcmu: Tcmu, volume: BlockDevice) -> Tcmu:
+    """A started handler for ``volume``."""
+    tcmu.start(volume)
+    return tcmu
 
 
 # ---------------------------------------------------------------------- discovery
@@ -126,54 +153,25 @@ def test_find_uio_picks_the_device_of_its_dev_config(tmp_path: Path) -> None:
         map_size("uio9", str(tmp_path))
 
 
-def test_start_without_the_device_is_not_found(tmp_path: Path, volume: BlockDevice) -> None:
-    kernel = TcmuKernel(tmp_path, "storvisor/other")
-    handler = TcmuHandler(
-        volume,
-        CONFIG,
-        identity=LunIdentity.for_volume("s"),
-        sysfs_root=kernel.sysfs_root,
-        dev_root=kernel.dev_root,
-        opener=kernel.open,
-    )
+@pytest.mark.parametrize("tcmu", [{"dev_config": "storvisor/other"}], indirect=True)
+def test_start_without_the_device_is_not_found(tcmu: Tcmu, volume: BlockDevice) -> None:
     with pytest.raises(NotFound):
-        handler.start()
-    handler.close()
-    kernel.close()
+        tcmu.make(volume).start()
 
 
-def test_a_node_that_is_no_uio_device_is_a_local_failure(
-    tmp_path: Path, volume: BlockDevice
-) -> None:
-    kernel = TcmuKernel(tmp_path, CONFIG)  # its dev/uio0 is an empty regular file
-    handler = TcmuHandler(
-        volume,
-        CONFIG,
-        identity=LunIdentity.for_volume("s"),
-        sysfs_root=kernel.sysfs_root,
-        dev_root=kernel.dev_root,
-    )
+def test_a_node_that_is_no_uio_device_is_a_local_failure(tcmu: Tcmu, volume: BlockDevice) -> None:
+    kernel = tcmu.kernel  # its dev/uio0 is an empty regular file
     with pytest.raises(LocalFailure, match="cannot map"):
-        handler.start()
-    handler.close()
+        tcmu.make(volume, through_kernel=False).start()
     os.rename(os.path.join(kernel.dev_root, kernel.uio), os.path.join(kernel.dev_root, "x"))
-    handler = TcmuHandler(
-        volume,
-        CONFIG,
-        identity=LunIdentity.for_volume("s"),
-        sysfs_root=kernel.sysfs_root,
-        dev_root=kernel.dev_root,
-    )
     with pytest.raises(LocalFailure, match="No such file"):
-        handler.start()
-    handler.close()
-    kernel.close()
+        tcmu.make(volume, through_kernel=False).start()
 
 
 # ---------------------------------------------------------------------- data
 
 
-def test_identity_and_capacity(served: Handler) -> None:
+def test_identity_and_capacity(served: Tcmu) -> None:
     k = served.kernel
     inquiry = good(k.command(bytes([0x12, 0, 0, 0, 36, 0]), data_in=36))
     assert inquiry[8:16] == b"STORVISR"
@@ -188,7 +186,7 @@ def test_identity_and_capacity(served: Handler) -> None:
     assert (short.read_len, len(short.data)) == (36, 36)  # READ_LEN: 36 of 255 bytes
 
 
-def test_write_then_read_a_pattern(served: Handler, volume: BlockDevice) -> None:
+def test_write_then_read_a_pattern(served: Tcmu, volume: BlockDevice) -> None:
     k = served.kernel
     pattern = os.urandom(256 << 10)
     cmd = k.submit(rw10(0x2A, 2048, 512), pattern, fragment=True)  # 64 iovecs
@@ -207,7 +205,7 @@ def test_write_then_read_a_pattern(served: Handler, volume: BlockDevice) -> None
     assert good(k.command(bytes([0x08, 0, 0, 0, 8, 0]), data_in=4096)) == pattern[:4096]
 
 
-def test_a_batch_of_commands_in_one_signal(served: Handler) -> None:
+def test_a_batch_of_commands_in_one_signal(served: Tcmu) -> None:
     k = served.kernel
     blocks = [os.urandom(4096) for _ in range(20)]
     ids = [k.submit(rw10(0x2A, 8 * i, 8), b) for i, b in enumerate(blocks)]
@@ -221,7 +219,7 @@ def test_a_batch_of_commands_in_one_signal(served: Handler) -> None:
     assert k.cmd_tail == k.cmd_head
 
 
-def test_many_rounds_wrap_the_ring(served: Handler) -> None:
+def test_many_rounds_wrap_the_ring(served: Tcmu) -> None:
     k = served.kernel
     for i in range(1200):  # 64 KiB of ring: about 500 entries, so it wraps twice
         data = bytes([i % 251]) * 512
@@ -229,7 +227,7 @@ def test_many_rounds_wrap_the_ring(served: Handler) -> None:
     assert good(k.command(rw10(0x28, 1199 % 64, 1), data_in=512)) == bytes([1199 % 251]) * 512
 
 
-def test_refused_commands(served: Handler) -> None:
+def test_refused_commands(served: Tcmu) -> None:
     k = served.kernel
     assert check_condition(k.command(bytes([0xA3]) + bytes(11), data_in=64)) == (5, 0x20, 0)
     beyond = k.command(rw10(0x28, 16 * MiB // 512, 1), data_in=512)
@@ -240,7 +238,7 @@ def test_refused_commands(served: Handler) -> None:
 # ---------------------------------------------------------------------- discard
 
 
-def test_unmap_frees_clusters(served: Handler, pool: Pool) -> None:
+def test_unmap_frees_clusters(served: Tcmu, pool: Pool) -> None:
     k = served.kernel
     data = os.urandom(MiB)
     for i in range(0, MiB, 256 << 10):
@@ -253,7 +251,7 @@ def test_unmap_frees_clusters(served: Handler, pool: Pool) -> None:
     assert good(k.command(rw16(0x88, lba, 512), data_in=256 << 10)) == bytes(256 << 10)
 
 
-def test_write_same(served: Handler, pool: Pool, volume: BlockDevice) -> None:
+def test_write_same(served: Tcmu, pool: Pool, volume: BlockDevice) -> None:
     k = served.kernel
     block = bytes(range(256)) * 2
     good(k.command(rw16(0x93, 0, 2048), block))  # 1 MiB of one block
@@ -304,10 +302,10 @@ class Stalling(DeviceWrapper):
         self.release.set()
 
 
-def test_a_stalled_request_does_not_hold_up_the_others(tmp_path: Path, volume: BlockDevice) -> None:
+def test_a_stalled_request_does_not_hold_up_the_others(tcmu: Tcmu, volume: BlockDevice) -> None:
     stalling = Stalling(volume)
-    h = Handler(tmp_path, stalling)
-    k = h.kernel
+    tcmu.start(stalling)
+    k = tcmu.kernel
     try:
         volume.write(0, b"first block".ljust(512, b"."))
         slow = k.submit(rw10(0x28, 0, 1), data_in=512)
@@ -326,60 +324,51 @@ def test_a_stalled_request_does_not_hold_up_the_others(tmp_path: Path, volume: B
         assert k.cmd_tail == k.cmd_head and not k.in_flight
     finally:
         stalling.release.set()
-        h.close()
 
 
 def test_close_leaves_a_stalled_request_to_the_next_handler(
-    tmp_path: Path, volume: BlockDevice
+    tcmu: Tcmu, volume: BlockDevice
 ) -> None:
     stalling = Stalling(volume)
-    h = Handler(tmp_path, stalling)
-    k = h.kernel
+    first = tcmu.start(stalling)
+    k = tcmu.kernel
     try:
         volume.write(0, b"x" * 512)
         slow = k.submit(rw10(0x28, 0, 1), data_in=512)
         k.signal()
         assert stalling.stalled.wait(10)
         started = time.monotonic()
-        h.handler.close(timeout=0.5)
+        first.close(timeout=0.5)
         assert time.monotonic() - started < 5
         stalling.release.set()  # the old worker finishes, into no ring
-        h.device = volume
-        h.handler = h.make()
-        h.handler.start()
+        tcmu.start(volume)
         assert good(k.wait([slow])[0]) == b"x" * 512
         assert not k.in_flight and k.cmd_tail == k.cmd_head
     finally:
         stalling.release.set()
-        h.close()
 
 
 # ---------------------------------------------------------------------- restarts
 
 
-def test_commands_queued_before_start_are_served(tmp_path: Path, volume: BlockDevice) -> None:
-    h = Handler(tmp_path, volume)
-    k = h.kernel
-    h.handler.close()
+def test_commands_queued_before_start_are_served(tcmu: Tcmu, volume: BlockDevice) -> None:
+    k = tcmu.kernel
+    tcmu.start(volume).close()
     data, old = os.urandom(4096), os.urandom(4096)
     volume.write(64 * 512, old)
     ids = [k.submit(rw10(0x2A, 8, 8), data), k.submit(rw10(0x28, 64, 8), data_in=4096)]
-    h.handler = h.make()
-    h.handler.start()  # no signal: the handler looks at the ring first
-    try:
-        assert [c.status for c in k.wait(ids)] == [0, 0]
-        assert k.completions[ids[1]].data == old
-        assert good(k.command(rw10(0x28, 8, 8), data_in=4096)) == data
-    finally:
-        h.close()
+    tcmu.start(volume)  # no signal: the handler looks at the ring first
+    assert [c.status for c in k.wait(ids)] == [0, 0]
+    assert k.completions[ids[1]].data == old
+    assert good(k.command(rw10(0x28, 8, 8), data_in=4096)) == data
 
 
 def test_completions_a_predecessor_never_announced_reach_the_kernel(
-    tmp_path: Path, volume: BlockDevice
+    tcmu: Tcmu, volume: BlockDevice
 ) -> None:
     """A handler that died after writing its responses but before notifying the kernel:
     the next one notifies at start, without rerunning anything."""
-    kernel = TcmuKernel(tmp_path, CONFIG)
+    kernel = tcmu.kernel
     event_fd, map_fd = kernel.open(os.path.join(kernel.dev_root, kernel.uio))
     area = mmap.mmap(map_fd, kernel.size)
     view = memoryview(area)
@@ -397,22 +386,10 @@ def test_completions_a_predecessor_never_announced_reach_the_kernel(
         area.close()
         os.close(event_fd)
         os.close(map_fd)
-    handler = TcmuHandler(
-        volume,
-        CONFIG,
-        identity=LunIdentity.for_volume("s"),
-        sysfs_root=kernel.sysfs_root,
-        dev_root=kernel.dev_root,
-        opener=kernel.open,
-    )
-    handler.start()
-    try:
-        first, second = kernel.wait([many, small])
-        assert check_condition(first) == (3, 0, 0)  # the predecessor's answer, not a rerun
-        good(second)
-    finally:
-        handler.close()
-        kernel.close()
+    tcmu.start(volume)
+    first, second = kernel.wait([many, small])
+    assert check_condition(first) == (3, 0, 0)  # the predecessor's answer, not a rerun
+    good(second)
 
 
 CHILD = textwrap.dedent(
@@ -447,22 +424,30 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_a_killed_handler_leaves_the_ring_to_the_next(tmp_path: Path) -> None:
+def spawn(script: str, disk: Path, kernel: TcmuKernel) -> subprocess.Popen[str]:
+    """Run ``script`` (``CHILD`` or ``SERVE``) in a child process serving ``disk`` on a
+    fresh event channel of ``kernel``'s ring; its output is a pipe of text lines."""
+    event_fd, map_fd = kernel.open(os.path.join(kernel.dev_root, kernel.uio))
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-c", script, str(disk), kernel.sysfs_root, kernel.dev_root]
+            + [str(fd) for fd in (event_fd, map_fd)],
+            pass_fds=(event_fd, map_fd),
+            stdout=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=SRC),
+        )
+    finally:
+        os.close(event_fd)
+        os.close(map_fd)
+
+
+def test_a_killed_handler_leaves_the_ring_to_the_next(tmp_path: Path, tcmu: Tcmu) -> None:
     disk = tmp_path / "disk.img"
     content = os.urandom(4 * MiB)
     disk.write_bytes(content)
-    kernel = TcmuKernel(tmp_path, CONFIG)
-    event_fd, map_fd = kernel.open(os.path.join(kernel.dev_root, kernel.uio))
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(disk), kernel.sysfs_root, kernel.dev_root]
-        + [str(fd) for fd in (event_fd, map_fd)],
-        pass_fds=(event_fd, map_fd),
-        stdout=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=SRC),
-    )
-    os.close(event_fd)
-    os.close(map_fd)
+    kernel = tcmu.kernel
+    child = spawn(CHILD, disk, kernel)
     device = None
     handler = None
     try:
@@ -480,15 +465,7 @@ def test_a_killed_handler_leaves_the_ring_to_the_next(tmp_path: Path) -> None:
         child.wait(10)
         queued = kernel.submit(rw10(0x28, 8, 8), data_in=4096)  # while no handler runs
         device = FileDevice(str(disk))
-        handler = TcmuHandler(
-            device,
-            CONFIG,
-            identity=LunIdentity.for_volume("s"),
-            sysfs_root=kernel.sysfs_root,
-            dev_root=kernel.dev_root,
-            opener=kernel.open,
-        )
-        handler.start()
+        handler = tcmu.start(device)
         first, second = kernel.wait([slow, queued])
         assert good(first) == content[:512]
         assert good(second) == data
@@ -503,7 +480,6 @@ def test_a_killed_handler_leaves_the_ring_to_the_next(tmp_path: Path) -> None:
             handler.close()
         if device is not None:
             device.close()
-        kernel.close()
 
 
 SERVE = textwrap.dedent(
@@ -526,73 +502,55 @@ SERVE = textwrap.dedent(
 )
 
 
-def test_handlers_killed_at_random_moments_answer_every_command_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tcmu", [{"ring_size": 16 << 10}], indirect=True)
+def test_handlers_killed_at_random_moments_answer_every_command_once(
+    tmp_path: Path, tcmu: Tcmu
+) -> None:
     """Handlers killed (-9) at random moments while commands stream in: in the end every
     command is answered exactly once (its own status or BUSY), and the ring is consistent
     (the stand-in raises RingBroken on an unknown or repeated cmd_id)."""
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(4 * MiB))
-    kernel = TcmuKernel(tmp_path, CONFIG, ring_size=16 << 10)
+    kernel = tcmu.kernel
     rng = random.Random(7)
     submitted: list[int] = []
-    try:
-        for _ in range(4):
-            event_fd, map_fd = kernel.open(os.path.join(kernel.dev_root, kernel.uio))
-            child = subprocess.Popen(
-                [sys.executable, "-c", SERVE, str(disk), kernel.sysfs_root, kernel.dev_root]
-                + [str(fd) for fd in (event_fd, map_fd)],
-                pass_fds=(event_fd, map_fd),
-                stdout=subprocess.PIPE,
-                text=True,
-                env=dict(os.environ, PYTHONPATH=SRC),
-            )
-            os.close(event_fd)
-            os.close(map_fd)
-            try:
-                assert child.stdout is not None
-                assert child.stdout.readline() == "started\n"
-                until = time.monotonic() + rng.uniform(0.05, 0.3)
-                while time.monotonic() < until:
-                    lba = rng.randrange(0, 4 * MiB // 512 - 8) & ~7
-                    try:
-                        if rng.random() < 0.5:
-                            cmd = kernel.submit(rw10(0x2A, lba, 8), os.urandom(4096))
-                        else:
-                            cmd = kernel.submit(rw10(0x28, lba, 8), data_in=4096)
-                    except RingFull:
-                        kernel.reap()
-                        time.sleep(0.001)
-                        continue
-                    submitted.append(cmd)
-                    kernel.signal()
-                    kernel.reap()
-            finally:
-                child.kill()
-                child.wait()
-            kernel.reap()
-        device = FileDevice(str(disk))
-        handler = TcmuHandler(
-            device,
-            CONFIG,
-            identity=LunIdentity.for_volume("s"),
-            sysfs_root=kernel.sysfs_root,
-            dev_root=kernel.dev_root,
-            opener=kernel.open,
-        )
-        handler.start()
+    for _ in range(4):
+        child = spawn(SERVE, disk, kernel)
         try:
-            pending = sorted(kernel.in_flight)
-            kernel.wait(pending, timeout=30)
+            assert child.stdout is not None
+            assert child.stdout.readline() == "started\n"
+            until = time.monotonic() + rng.uniform(0.05, 0.3)
+            while time.monotonic() < until:
+                lba = rng.randrange(0, 4 * MiB // 512 - 8) & ~7
+                try:
+                    if rng.random() < 0.5:
+                        cmd = kernel.submit(rw10(0x2A, lba, 8), os.urandom(4096))
+                    else:
+                        cmd = kernel.submit(rw10(0x28, lba, 8), data_in=4096)
+                except RingFull:
+                    kernel.reap()
+                    time.sleep(0.001)
+                    continue
+                submitted.append(cmd)
+                kernel.signal()
+                kernel.reap()
         finally:
-            handler.close()
-            device.close()
-        assert not kernel.in_flight
-        assert kernel.cmd_tail == kernel.cmd_head
-        statuses = {kernel.completions[c].status for c in set(submitted)}
-        assert statuses <= {0x00, 0x08}, statuses
-        assert len(submitted) > 20
+            child.kill()
+            child.wait()
+        kernel.reap()
+    device = FileDevice(str(disk))
+    handler = tcmu.start(device)
+    try:
+        pending = sorted(kernel.in_flight)
+        kernel.wait(pending, timeout=30)
     finally:
-        kernel.close()
+        handler.close()
+        device.close()
+    assert not kernel.in_flight
+    assert kernel.cmd_tail == kernel.cmd_head
+    statuses = {kernel.completions[c].status for c in set(submitted)}
+    assert statuses <= {0x00, 0x08}, statuses
+    assert len(submitted) > 20
 
 
 # ---------------------------------------------------------------------- failures
@@ -641,14 +599,14 @@ class Failing(DeviceWrapper):
     ],
 )
 def test_device_errors_fail_one_command(
-    tmp_path: Path,
+    tcmu: Tcmu,
     volume: BlockDevice,
     error: Exception,
     expected: tuple[int, int, int] | None,
 ) -> None:
     failing = Failing(volume, error)
-    h = Handler(tmp_path, failing)
-    k = h.kernel
+    handler = tcmu.start(failing)
+    k = tcmu.kernel
 
     def answer(c: Completion) -> tuple[int, int, int] | None:
         if expected is None:
@@ -656,32 +614,26 @@ def test_device_errors_fail_one_command(
             return None
         return check_condition(c)
 
-    try:
-        assert answer(k.command(rw10(0x2A, MiB // 512, 8), bytes(4096))) == expected
-        good(k.command(rw10(0x2A, 0, 8), bytes(4096)))  # the handler carries on
-        failing.fail_flush = True
-        assert answer(k.command(rw10(0x35, 0, 0))) == expected
-        assert h.handler.error is None
-    finally:
-        h.close()
+    assert answer(k.command(rw10(0x2A, MiB // 512, 8), bytes(4096))) == expected
+    good(k.command(rw10(0x2A, 0, 8), bytes(4096)))  # the handler carries on
+    failing.fail_flush = True
+    assert answer(k.command(rw10(0x35, 0, 0))) == expected
+    assert handler.error is None
 
 
-def test_a_read_error_is_a_medium_error(tmp_path: Path) -> None:
+def test_a_read_error_is_a_medium_error(tcmu: Tcmu) -> None:
     class BadRead(Failing):
         def read_into(self, offset: int, buf: memoryview) -> None:
             raise IOFailure("unreadable", errno.EIO)
 
     from storvisor.testing.memory import MemoryDevice
 
-    h = Handler(tmp_path, BadRead(MemoryDevice(MiB), IOFailure("x")))
-    try:
-        c = h.kernel.command(rw10(0x28, 0, 1), data_in=512)
-        assert check_condition(c) == (3, 0x11, 0)  # UNRECOVERED READ ERROR
-    finally:
-        h.close()
+    tcmu.start(BadRead(MemoryDevice(MiB), IOFailure("x")))
+    c = tcmu.kernel.command(rw10(0x28, 0, 1), data_in=512)
+    assert check_condition(c) == (3, 0x11, 0)  # UNRECOVERED READ ERROR
 
 
-def test_a_broken_ring_stops_the_handler(served: Handler) -> None:
+def test_a_broken_ring_stops_the_handler(served: Tcmu) -> None:
     k = served.kernel
     good(k.command(bytes(6)))
     before = k.cmd_head
@@ -700,7 +652,7 @@ def test_a_broken_ring_stops_the_handler(served: Handler) -> None:
 # ---------------------------------------------------------------------- extend
 
 
-def test_online_extend_reaches_the_lun(served: Handler, pool: Pool) -> None:
+def test_online_extend_reaches_the_lun(served: Tcmu, pool: Pool) -> None:
     k = served.kernel
     good(k.command(RC16, data_in=32))
     pool.extend_volume("v", 32 * MiB)
@@ -715,7 +667,7 @@ def test_online_extend_reaches_the_lun(served: Handler, pool: Pool) -> None:
     assert good(k.command(rw16(0x88, 24 * MiB // 512, 8), data_in=4096)) == data
 
 
-def test_extend_is_seen_without_notification(served: Handler, pool: Pool) -> None:
+def test_extend_is_seen_without_notification(served: Tcmu, pool: Pool) -> None:
     k = served.kernel
     pool.extend_volume("v", 20 * MiB)
     assert check_condition(k.command(bytes(6))) == (6, 0x2A, 0x09)
@@ -723,7 +675,7 @@ def test_extend_is_seen_without_notification(served: Handler, pool: Pool) -> Non
     assert struct.unpack(">II", capacity) == (20 * MiB // 512 - 1, 512)
 
 
-def test_task_management_entries_are_passed(served: Handler) -> None:
+def test_task_management_entries_are_passed(served: Tcmu) -> None:
     k = served.kernel
     k.submit_tmr(1, [5, 6])
     cmd = k.submit(bytes(6))
