@@ -62,6 +62,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from storvisor.testing.passthrough import PassthroughFS
+
 PAGE = 4096
 """Granularity at which a failed sync loses unsynced writes."""
 CONTROL = "/.faults"
@@ -69,19 +71,6 @@ CONTROL = "/.faults"
 
 OPS = ("read", "write", "sync")
 ACTIONS = {"eio": errno.EIO, "enospc": errno.ENOSPC, "stall": 0}
-
-_STAT_FIELDS = (
-    "st_mode",
-    "st_ino",
-    "st_nlink",
-    "st_uid",
-    "st_gid",
-    "st_size",
-    "st_blocks",
-    "st_atime_ns",
-    "st_mtime_ns",
-    "st_ctime_ns",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,21 +110,17 @@ class Fault:
         return offset + length > self.start and (self.end is None or offset < self.end)
 
 
-class FaultFS:
-    """The file-system operations, in the form ``mfusepy.FUSE`` calls them. Errors are
-    raised as ``OSError`` with an errno. Thread-safe."""
-
-    use_ns = True
+class FaultFS(PassthroughFS):
+    """The file-system operations, in the form ``mfusepy.FUSE`` calls them: those of
+    ``PassthroughFS``, with the control file and the faults. Thread-safe."""
 
     def __init__(self, backing: str) -> None:
-        self.backing = os.path.realpath(backing)
+        super().__init__(backing)
         self._cond = threading.Condition()
         self._rules: tuple[Fault, ...] = ()
         self._generation = 0  # bumped whenever the rules change: releases stalls
         self._hits = dict.fromkeys(OPS, 0)
         self._control = b""
-        self._fds: dict[str, int] = {}
-        self._fd_lock = threading.Lock()
         self._unsynced: dict[str, dict[int, bytes]] = {}
         """Path -> page index -> that page's content at the file's last successful sync."""
         self._unsynced_lock = threading.Lock()
@@ -196,29 +181,7 @@ class FaultFS:
             rules = [r.line() for r in self._rules]
             return json.dumps({"rules": rules, "hits": self._hits}).encode()
 
-    # -- helpers
-
-    def _real(self, path: str | None) -> str:
-        if path is None:
-            raise OSError(errno.EBADF, "no path")
-        return self.backing + path
-
-    def _fd(self, path: str | None) -> int:
-        if path is None:
-            raise OSError(errno.EBADF, "no path")
-        with self._fd_lock:
-            fd = self._fds.get(path)
-            if fd is None:
-                fd = os.open(self._real(path), os.O_RDWR | os.O_CLOEXEC)
-                self._fds[path] = fd
-            return fd
-
-    def _forget(self, path: str) -> None:
-        with self._fd_lock:
-            for key in [k for k in self._fds if k == path or k.startswith(path + "/")]:
-                os.close(self._fds.pop(key))
-
-    # -- attributes and directories
+    # -- attributes (the control file's own), the rest passed through
 
     def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
         if path == CONTROL:
@@ -234,75 +197,38 @@ class FaultFS:
                 "st_mtime": now,
                 "st_ctime": now,
             }
-        st = os.lstat(self._real(path))
-        return {name.replace("_ns", ""): getattr(st, name) for name in _STAT_FIELDS}
+        return super().getattr(path, fh)
 
     def access(self, path: str, amode: int) -> int:
-        if path != CONTROL and not os.access(self._real(path), amode):
-            raise OSError(errno.EACCES, path)
-        return 0
-
-    def readdir(self, path: str, fh: int) -> list[str]:
-        return [".", "..", *os.listdir(self._real(path))]
-
-    def statfs(self, path: str) -> dict[str, int]:
-        st = os.statvfs(self.backing)
-        names = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree")
-        return {name: getattr(st, name) for name in (*names, "f_favail", "f_namemax")}
-
-    def chmod(self, path: str | None, mode: int) -> int:
-        os.chmod(self._real(path), mode)
-        return 0
+        if path == CONTROL:
+            return 0
+        return super().access(path, amode)
 
     def utimens(self, path: str | None, times: tuple[int, int] | None = None) -> int:
         if path == CONTROL:
             return 0
-        if times is None:
-            os.utime(self._real(path), follow_symlinks=False)
-        else:
-            os.utime(self._real(path), ns=times, follow_symlinks=False)
-        return 0
-
-    def mkdir(self, path: str, mode: int) -> int:
-        os.mkdir(self._real(path), mode)
-        return 0
-
-    def rmdir(self, path: str) -> int:
-        os.rmdir(self._real(path))
-        return 0
+        return super().utimens(path, times)
 
     def unlink(self, path: str) -> int:
-        os.unlink(self._real(path))
-        self._forget(path)
+        super().unlink(path)
         with self._unsynced_lock:
             self._unsynced.pop(path, None)
         return 0
 
-    def rename(self, old: str, new: str) -> int:
-        os.rename(self._real(old), self._real(new))
-        self._forget(old)
-        self._forget(new)
-        return 0
-
-    def create(self, path: str, mode: int, flags: int = 0) -> int:
-        os.close(os.open(self._real(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode))
-        return 0
-
-    # -- file content
+    # -- file content: the control file, the faults
 
     def open(self, path: str, flags: int) -> int:
-        if path == CONTROL:
-            if flags & os.O_TRUNC:  # libfuse passes O_TRUNC here (atomic_o_trunc)
-                self.truncate(path, 0)
-        else:
-            self._fd(path)
+        if path != CONTROL:
+            return super().open(path, flags)
+        if flags & os.O_TRUNC:  # libfuse passes O_TRUNC here (atomic_o_trunc)
+            self.truncate(path, 0)
         return 0
 
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
         if path == CONTROL:
             return self._report()[offset : offset + size]
         self._fault("read", offset, size)
-        return os.pread(self._fd(path), size, offset)
+        return super().read(path, size, offset, fh)
 
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
         if path == CONTROL:
@@ -311,16 +237,14 @@ class FaultFS:
             return len(data)
         self._fault("write", offset, len(data))
         assert path is not None
-        fd = self._fd(path)
-        self._remember(path, fd, offset, len(data))
-        return os.pwrite(fd, data, offset)
+        self._remember(path, self._fd(path), offset, len(data))
+        return super().write(path, data, offset, fh)
 
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
-        if path == CONTROL:
-            self._control = self._control[:length]
-            self.set_rules(self._control.decode(errors="replace"))
-            return 0
-        os.truncate(self._real(path), length)
+        if path != CONTROL:
+            return super().truncate(path, length, fh)
+        self._control = self._control[:length]
+        self.set_rules(self._control.decode(errors="replace"))
         return 0
 
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
@@ -330,14 +254,7 @@ class FaultFS:
         self._fault("sync", path=path)
         with self._unsynced_lock:
             self._unsynced.pop(path, None)
-        os.fdatasync(self._fd(path))
-        return 0
-
-    def destroy(self, path: str | None) -> None:
-        with self._fd_lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        return super().fsync(path, datasync, fh)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -51,23 +51,12 @@ import stat
 import sys
 from collections.abc import Sequence
 
+from storvisor.testing.passthrough import PassthroughFS, move_under
+
 PAGE = 4096
 """Granularity of the cache."""
 SECTOR = 512
 """Granularity of an early write-back."""
-
-_STAT_FIELDS = (
-    "st_mode",
-    "st_ino",
-    "st_nlink",
-    "st_uid",
-    "st_gid",
-    "st_size",
-    "st_blocks",
-    "st_atime_ns",
-    "st_mtime_ns",
-    "st_ctime_ns",
-)
 
 
 class FileCache:
@@ -164,11 +153,9 @@ class FileCache:
             os.pwrite(self.fd, data, offset)
 
 
-class PowercutFS:
-    """The file-system operations, in the form ``mfusepy.FUSE`` calls them (paths relative
-    to the mount, starting with ``/``). Errors are raised as ``OSError`` with an errno."""
-
-    use_ns = True
+class PowercutFS(PassthroughFS):
+    """The file-system operations, in the form ``mfusepy.FUSE`` calls them: those of
+    ``PassthroughFS``, with the content of volatile files in their ``FileCache``."""
 
     def __init__(
         self,
@@ -178,18 +165,12 @@ class PowercutFS:
         seed: int = 0,
         cut_at_sync: int | None = None,
     ) -> None:
-        self.backing = os.path.realpath(backing)
+        super().__init__(backing)
         self.writeback = writeback
         self.cut_at_sync = cut_at_sync
         self.syncs = 0
         self.rng = random.Random(seed)
         self.caches: dict[str, FileCache] = {}
-        self.passthrough: dict[str, int] = {}
-
-    def _real(self, path: str | None) -> str:
-        if path is None:
-            raise OSError(errno.EBADF, "no path")
-        return self.backing + path
 
     def _cache(self, path: str | None) -> FileCache | None:
         """The cache of a volatile regular file (opened on first use); None for a
@@ -202,94 +183,28 @@ class PowercutFS:
             self.caches[path] = cache
         return cache
 
-    def _passthrough_fd(self, path: str) -> int:
-        fd = self.passthrough.get(path)
-        if fd is None:
-            fd = os.open(self._real(path), os.O_RDWR | os.O_CLOEXEC)
-            self.passthrough[path] = fd
-        return fd
-
     def _forget(self, path: str) -> None:
         """Drop the state of ``path`` and of everything under it."""
-        for table in (self.caches, self.passthrough):
-            for key in [k for k in table if k == path or k.startswith(path + "/")]:
-                entry = table.pop(key)
-                os.close(entry.fd if isinstance(entry, FileCache) else entry)
+        for key in [k for k in self.caches if k == path or k.startswith(path + "/")]:
+            os.close(self.caches.pop(key).fd)
+        super()._forget(path)
 
-    # -- attributes and directories
+    def _moved(self, old: str, new: str) -> None:
+        super()._moved(old, new)
+        move_under(self.caches, old, new)
 
     def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
-        st = os.lstat(self._real(path))
-        attrs = {name.replace("_ns", ""): getattr(st, name) for name in _STAT_FIELDS}
+        attrs = super().getattr(path, fh)
         assert path is not None
         cache = self.caches.get(path)
         if cache is not None:
             attrs["st_size"] = cache.size
         return attrs
 
-    def access(self, path: str, amode: int) -> int:
-        if not os.access(self._real(path), amode):
-            raise OSError(errno.EACCES, path)
-        return 0
-
-    def readdir(self, path: str, fh: int) -> list[str]:
-        return [".", "..", *os.listdir(self._real(path))]
-
-    def readlink(self, path: str) -> str:
-        return os.readlink(self._real(path))
-
-    def statfs(self, path: str) -> dict[str, int]:
-        st = os.statvfs(self._real(path))
-        names = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree")
-        return {name: getattr(st, name) for name in (*names, "f_favail", "f_namemax")}
-
-    def chmod(self, path: str | None, mode: int) -> int:
-        os.chmod(self._real(path), mode)
-        return 0
-
-    def chown(self, path: str | None, uid: int, gid: int) -> int:
-        os.lchown(self._real(path), uid, gid)
-        return 0
-
-    def utimens(self, path: str | None, times: tuple[int, int] | None = None) -> int:
-        if times is None:
-            os.utime(self._real(path), follow_symlinks=False)
-        else:
-            os.utime(self._real(path), ns=times, follow_symlinks=False)
-        return 0
-
-    # -- namespace operations: durable when they return
-
-    def mkdir(self, path: str, mode: int) -> int:
-        os.mkdir(self._real(path), mode)
-        return 0
-
-    def rmdir(self, path: str) -> int:
-        os.rmdir(self._real(path))
-        self._forget(path)
-        return 0
-
-    def symlink(self, target: str, source: str) -> int:
-        os.symlink(source, self._real(target))
-        return 0
-
-    def unlink(self, path: str) -> int:
-        os.unlink(self._real(path))
-        self._forget(path)
-        return 0
-
-    def rename(self, old: str, new: str) -> int:
-        os.rename(self._real(old), self._real(new))
-        self._forget(new)
-        for key in [k for k in self.caches if k == old or k.startswith(old + "/")]:
-            self.caches[new + key[len(old) :]] = self.caches.pop(key)
-        for key in [k for k in self.passthrough if k == old or k.startswith(old + "/")]:
-            self.passthrough[new + key[len(old) :]] = self.passthrough.pop(key)
-        return 0
+    # -- namespace operations: durable when they return (PassthroughFS), new files volatile
 
     def create(self, path: str, mode: int, flags: int = 0) -> int:
-        fd = os.open(self._real(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
-        os.close(fd)
+        super().create(path, mode, flags)
         self._cache(path)
         return 0
 
@@ -303,15 +218,13 @@ class PowercutFS:
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
         cache = self._cache(path)
         if cache is None:
-            assert path is not None
-            return os.pread(self._passthrough_fd(path), size, offset)
+            return super().read(path, size, offset, fh)
         return cache.read(offset, size)
 
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
         cache = self._cache(path)
         if cache is None:
-            assert path is not None
-            return os.pwrite(self._passthrough_fd(path), data, offset)
+            return super().write(path, data, offset, fh)
         cache.write(offset, data)
         if self.writeback and self.rng.random() < self.writeback:
             cache.write_back_one(self.rng)
@@ -320,14 +233,14 @@ class PowercutFS:
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
         cache = self._cache(path)
         if cache is None:
-            os.truncate(self._real(path), length)
-        else:
-            cache.truncate(length)
+            return super().truncate(path, length, fh)
+        cache.truncate(length)
         return 0
 
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
-        """Write the file's cache through. The ``cut_at_sync``-th sync of a volatile file
-        cuts the power instead (the process kills itself)."""
+        """Write the file's cache through (a pass-through file is not synced). The
+        ``cut_at_sync``-th sync of a volatile file cuts the power instead (the process kills
+        itself)."""
         cache = self._cache(path)
         if cache is not None:
             self.syncs += 1
@@ -344,10 +257,8 @@ class PowercutFS:
         synced is dropped, as a power cut would."""
         for cache in self.caches.values():
             os.close(cache.fd)
-        for fd in self.passthrough.values():
-            os.close(fd)
         self.caches.clear()
-        self.passthrough.clear()
+        super().destroy(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
