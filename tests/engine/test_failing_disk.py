@@ -84,13 +84,8 @@ class Rig:
     g: Pool
 
     def read(self, pool: Pool, name: str = "v") -> bytes:
-        vol = pool.open_volume(name)
-        try:
-            buf = bytearray(VOL)
-            vol.read_into(0, memoryview(buf))
-            return bytes(buf)
-        finally:
-            vol.close()
+        with contextlib.closing(pool.open_volume(name)) as vol:
+            return _read(vol, 0, VOL)
 
     def settle(self, model: Model) -> None:
         """After the fault cleared: reopen ``f``; the content matches ``model``, fsck is
@@ -126,6 +121,14 @@ def rig() -> Iterator[Rig]:
             shutil.rmtree(top, ignore_errors=True)
 
 
+@pytest.fixture
+def vol(rig: Rig) -> Iterator[Volume]:
+    """Pool ``f``'s volume ``v``, open (closed before the rig)."""
+    volume = rig.f.open_volume("v")
+    yield volume
+    volume.close()
+
+
 def _payload(seed: int, n: int) -> bytes:
     return bytes((i * 31 + seed) & 0xFF for i in range(256)) * (n // 256)
 
@@ -150,176 +153,246 @@ def _other_pool_serves(rig: Rig, seed: int) -> None:
     assert rig.g.info().state is PoolState.ONLINE
 
 
+def _eventually(done: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
+    """Poll ``done`` until it is true; ``what`` fails the test after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def _reopen_once_released(rig: Rig) -> None:
+    """Clear the faults and reopen ``f`` once its stalled requests have returned."""
+    rig.mount.clear()
+
+    def reopened() -> bool:
+        try:
+            rig.home.reopen_pool("f")
+        except IOFailure as e:
+            assert "still stalled" in str(e), e
+            return False
+        return True
+
+    _eventually(reopened, "the released request never completed")
+
+
+class _Calls:
+    """Calls run in threads, each one's outcome kept."""
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+
+    def start(self, call: Callable[[], object]) -> threading.Thread:
+        def run() -> None:
+            try:
+                call()
+            except BaseException as e:
+                self.errors.append(e)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+        return thread
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(10)
+            assert not thread.is_alive(), "a call never returned once the stall was released"
+        assert not self.errors, self.errors
+
+
+def _answers_within(call: Callable[[], object], what: str, seconds: float = 5.0) -> None:
+    """Run ``call`` in a thread: it must return within ``seconds``, without error."""
+    calls = _Calls()
+    calls.start(call).join(seconds)
+    assert not calls.threads[0].is_alive(), f"{what} was held up by a wait for the stalled read"
+    assert not calls.errors, calls.errors
+
+
+def _read(vol: Volume, offset: int, n: int) -> bytes:
+    buf = bytearray(n)
+    vol.read_into(offset, memoryview(buf))
+    return bytes(buf)
+
+
+def _stall_a_read(
+    rig: Rig,
+    vol: Volume,
+    calls: _Calls,
+    offset: int = 0,
+    device: tuple[int, int | None] = (DATA, None),
+) -> list[bytes]:
+    """Stall the reads of ``f``'s ``device`` range (all its data by default) and read 4 KiB
+    of ``vol`` at ``offset`` in a thread (one of ``calls``); return once the read is in the
+    file system, with the list the read's bytes are appended to once released."""
+    rig.mount.set(Fault("read", "stall", *device, seconds=30))
+    got: list[bytes] = []
+    calls.start(lambda: got.append(_read(vol, offset, 4096)))
+    _eventually(lambda: rig.mount.hits()["read"] >= 1, "the read never reached the device")
+    return got
+
+
+def _count_waits(vol: Volume) -> list[None]:
+    """A list that grows by one each time a freezer of ``vol`` starts waiting for the I/O
+    in flight (the gate's ``on_wait`` seam)."""
+    waits: list[None] = []
+    vol._state.gate.on_wait = lambda: waits.append(None)
+    return waits
+
+
+def _waiting(waits: list[None], count: int, *snapshots: threading.Thread) -> None:
+    """Return once ``count`` freezers wait; ``snapshots`` must all still be running."""
+    _eventually(lambda: len(waits) >= count, "a snapshot did not wait for the read in flight")
+    assert all(s.is_alive() for s in snapshots), "a snapshot did not wait for the read"
+
+
 @pytest.mark.parametrize("action", ["eio", "enospc"])
 def test_a_failed_write_fails_that_request_and_maps_nothing(
-    rig: Rig, action: str, caplog: pytest.LogCaptureFixture
+    rig: Rig, vol: Volume, action: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     model = Model()
-    vol = rig.f.open_volume("v")
-    try:
-        first = _payload(1, 2 * CS)
-        vol.write(0, first)  # two owned clusters
-        model.wrote(0, first)
-        vol.flush()
-        rig.mount.set(Fault("write", action, DATA))
-        caplog.set_level(logging.ERROR, logger="storvisor.engine.pool")
-        fresh = _payload(2, 4096)
-        with pytest.raises(IOFailure) as e:  # a new cluster: the allocation is undone
-            vol.write(5 * CS + 512, fresh)
-        assert e.value.errno == ERRNOS[action]
-        model.failed(5 * CS + 512, fresh)
-        assert rig.f.volume_info("v").allocated == 2 * CS
-        over = _payload(3, 4096)
-        with pytest.raises(IOFailure) as e:  # in place
-            vol.write(CS, over)
-        assert e.value.errno == ERRNOS[action]
-        model.failed(CS, over)
-        assert rig.mount.hits()["write"] >= 2
-        _degraded(rig.f, "a write of a backing device failed: write of ")
-        assert rig.f.io_errors.write == 2
-        records = [r for r in caplog.records if "a write of a backing device failed" in r.message]
-        assert len(records) == 1, "logged once, not per request"
-        vol.flush()  # a failed write is no failed sync: flushes go on
-        _other_pool_serves(rig, 4)
+    first = _payload(1, 2 * CS)
+    vol.write(0, first)  # two owned clusters
+    model.wrote(0, first)
+    vol.flush()
+    rig.mount.set(Fault("write", action, DATA))
+    caplog.set_level(logging.ERROR, logger="storvisor.engine.pool")
+    fresh = _payload(2, 4096)
+    with pytest.raises(IOFailure) as e:  # a new cluster: the allocation is undone
+        vol.write(5 * CS + 512, fresh)
+    assert e.value.errno == ERRNOS[action]
+    model.failed(5 * CS + 512, fresh)
+    assert rig.f.volume_info("v").allocated == 2 * CS
+    over = _payload(3, 4096)
+    with pytest.raises(IOFailure) as e:  # in place
+        vol.write(CS, over)
+    assert e.value.errno == ERRNOS[action]
+    model.failed(CS, over)
+    assert rig.mount.hits()["write"] >= 2
+    _degraded(rig.f, "a write of a backing device failed: write of ")
+    assert rig.f.io_errors.write == 2
+    records = [r for r in caplog.records if "a write of a backing device failed" in r.message]
+    assert len(records) == 1, "logged once, not per request"
+    vol.flush()  # a failed write is no failed sync: flushes go on
+    _other_pool_serves(rig, 4)
 
-        rig.mount.clear()
-        again = _payload(5, 4096)
-        vol.write(5 * CS, again)  # the fault cleared: the same cluster allocates now
-        model.wrote(5 * CS, again)
-        vol.flush()
-    finally:
-        vol.close()
+    rig.mount.clear()
+    again = _payload(5, 4096)
+    vol.write(5 * CS, again)  # the fault cleared: the same cluster allocates now
+    model.wrote(5 * CS, again)
+    vol.flush()
     rig.settle(model)
     assert rig.f.volume_info("v").allocated == 3 * CS
 
 
 @pytest.mark.parametrize("action", ["eio", "enospc"])
-def test_a_failed_read_fails_that_request(rig: Rig, action: str) -> None:
+def test_a_failed_read_fails_that_request(rig: Rig, vol: Volume, action: str) -> None:
     model = Model()
-    vol = rig.f.open_volume("v")
-    try:
-        data = _payload(1, 3 * CS)
-        vol.write(0, data)
-        model.wrote(0, data)
-        vol.flush()
-        rig.mount.set(Fault("read", action, DATA))
-        buf = bytearray(4096)
-        vol.read_into(8 * CS, memoryview(buf))  # unmapped: no read of the device
-        assert bytes(buf) == bytes(4096)
-        with pytest.raises(IOFailure) as e:
-            vol.read_into(CS, memoryview(buf))
-        assert e.value.errno == ERRNOS[action]
-        with pytest.raises(IOFailure):  # a span over the bad cluster
-            vol.read_into(0, memoryview(bytearray(3 * CS)))
-        copy = _payload(7, 4096)  # copy-on-write after a snapshot reads the old cluster
-        rig.f.create_snapshot("v", "s")
-        with pytest.raises(IOFailure):
-            vol.write(CS + 4096, copy)
-        model.failed(CS + 4096, copy)
-        assert rig.f.io_errors.read == 2 and rig.f.io_errors.write == 1
-        _degraded(rig.f, "a read of a backing device failed")
-        _other_pool_serves(rig, 2)
-    finally:
-        vol.close()
+    data = _payload(1, 3 * CS)
+    vol.write(0, data)
+    model.wrote(0, data)
+    vol.flush()
+    rig.mount.set(Fault("read", action, DATA))
+    buf = bytearray(4096)
+    vol.read_into(8 * CS, memoryview(buf))  # unmapped: no read of the device
+    assert bytes(buf) == bytes(4096)
+    with pytest.raises(IOFailure) as e:
+        vol.read_into(CS, memoryview(buf))
+    assert e.value.errno == ERRNOS[action]
+    with pytest.raises(IOFailure):  # a span over the bad cluster
+        vol.read_into(0, memoryview(bytearray(3 * CS)))
+    copy = _payload(7, 4096)  # copy-on-write after a snapshot reads the old cluster
+    rig.f.create_snapshot("v", "s")
+    with pytest.raises(IOFailure):
+        vol.write(CS + 4096, copy)
+    model.failed(CS + 4096, copy)
+    assert rig.f.io_errors.read == 2 and rig.f.io_errors.write == 1
+    _degraded(rig.f, "a read of a backing device failed")
+    _other_pool_serves(rig, 2)
     rig.settle(model)
     assert rig.f.volume_info("v").allocated == 0  # the failed copy mapped nothing
 
 
 @pytest.mark.parametrize("action", ["eio", "enospc"])
-def test_a_failed_sync_fails_every_flush_until_reopen(rig: Rig, action: str) -> None:
+def test_a_failed_sync_fails_every_flush_until_reopen(rig: Rig, vol: Volume, action: str) -> None:
     """The fault file system loses the writes since the last sync when a sync fails, as
     Linux does, and the next sync succeeds: only the latch keeps flushes from lying. Reopen
     returns the pool to its last commit (a crash of the pool): an allocation since then
     is gone, in-place data written after the failure stays."""
     model = Model()
-    vol = rig.f.open_volume("v")
-    try:
-        data = _payload(1, CS)
-        vol.write(0, data)
-        model.wrote(0, data)
+    data = _payload(1, CS)
+    vol.write(0, data)
+    model.wrote(0, data)
+    vol.flush()
+    lost = _payload(2, 4096)
+    vol.write(4096, lost)  # in place, since the last sync: lost by the failed sync
+    model.failed(4096, lost)
+    new = _payload(3, CS)
+    vol.write(2 * CS, new)  # allocating: lost, unless a background commit synced it
+    model.failed(2 * CS, new)
+    rig.mount.set(Fault("sync", action))
+    with pytest.raises(IOFailure) as e:
         vol.flush()
-        lost = _payload(2, 4096)
-        vol.write(4096, lost)  # in place, since the last sync: lost by the failed sync
-        model.failed(4096, lost)
-        new = _payload(3, CS)
-        vol.write(2 * CS, new)  # allocating: lost, unless a background commit synced it
-        model.failed(2 * CS, new)
-        rig.mount.set(Fault("sync", action))
-        with pytest.raises(IOFailure) as e:
-            vol.flush()
-        assert e.value.errno == ERRNOS[action]
-        rig.mount.clear()
-        after = _payload(4, 4096)
-        vol.write(8192, after)  # writes still work: in place...
-        model.wrote(8192, after)
-        dropped = _payload(5, CS)
-        vol.write(4 * CS, dropped)  # ...and allocating, until reopen drops the mapping
-        buf = bytearray(CS)
-        vol.read_into(4 * CS, memoryview(buf))
-        assert bytes(buf) == dropped
-        for attempt in (vol.flush, rig.f.flush, lambda: vol.write(0, data[:512], fua=True)):
-            with pytest.raises(IOFailure) as e:  # ...but no flush says they are durable
-                attempt()
-            assert e.value.errno == errno.EIO
-            assert "an earlier sync of a backing device failed" in str(e.value)
-        model.wrote(0, data[:512])  # the same bytes: the FUA write itself landed
-        with pytest.raises(IOFailure):  # management operations fail with their flush...
-            rig.f.create_snapshot("v", "s")
-        with pytest.raises(IOFailure):
-            rig.f.extend_volume("v", 2 * VOL)
-        assert vol.size == 2 * VOL  # ...and are undone by the reopen
-        _degraded(rig.f, "flushes fail until the pool is reopened")
-        assert rig.f.io_errors.sync == 1
-        before = rig.f.metadata_writes
-        time.sleep(1.2)  # no background commit either
-        assert rig.f.metadata_writes == before
-        _other_pool_serves(rig, 3)
-        rig.settle(model)  # the open handle sees the committed maps
-        assert vol.size == VOL and rig.f.volume_info("v").size == VOL
-        assert rig.f.snapshots("v") == []
-        vol.read_into(4 * CS, memoryview(buf))
-        assert bytes(buf) == bytes(CS)
-        assert rig.f.volume_info("v").allocated in (CS, 2 * CS)
-        vol.write(4 * CS, dropped)  # and allocates again
-        vol.flush()
-    finally:
-        vol.close()
+    assert e.value.errno == ERRNOS[action]
+    rig.mount.clear()
+    after = _payload(4, 4096)
+    vol.write(8192, after)  # writes still work: in place...
+    model.wrote(8192, after)
+    dropped = _payload(5, CS)
+    vol.write(4 * CS, dropped)  # ...and allocating, until reopen drops the mapping
+    buf = bytearray(CS)
+    vol.read_into(4 * CS, memoryview(buf))
+    assert bytes(buf) == dropped
+    for attempt in (vol.flush, rig.f.flush, lambda: vol.write(0, data[:512], fua=True)):
+        with pytest.raises(IOFailure) as e:  # ...but no flush says they are durable
+            attempt()
+        assert e.value.errno == errno.EIO
+        assert "an earlier sync of a backing device failed" in str(e.value)
+    model.wrote(0, data[:512])  # the same bytes: the FUA write itself landed
+    with pytest.raises(IOFailure):  # management operations fail with their flush...
+        rig.f.create_snapshot("v", "s")
+    with pytest.raises(IOFailure):
+        rig.f.extend_volume("v", 2 * VOL)
+    assert vol.size == 2 * VOL  # ...and are undone by the reopen
+    _degraded(rig.f, "flushes fail until the pool is reopened")
+    assert rig.f.io_errors.sync == 1
+    before = rig.f.metadata_writes
+    time.sleep(1.2)  # no background commit either
+    assert rig.f.metadata_writes == before
+    _other_pool_serves(rig, 3)
+    rig.settle(model)  # the open handle sees the committed maps
+    assert vol.size == VOL and rig.f.volume_info("v").size == VOL
+    assert rig.f.snapshots("v") == []
+    vol.read_into(4 * CS, memoryview(buf))
+    assert bytes(buf) == bytes(CS)
+    assert rig.f.volume_info("v").allocated in (CS, 2 * CS)
+    vol.write(4 * CS, dropped)  # and allocates again
+    vol.flush()
     model.wrote(4 * CS, dropped)
     rig.settle(model)
 
 
-def test_a_stalled_sync_fails_its_flush_within_the_timeout(rig: Rig) -> None:
+def test_a_stalled_sync_fails_its_flush_within_the_timeout(rig: Rig, vol: Volume) -> None:
     model = Model()
     rig.f.set_io_timeout(0.5)
-    vol = rig.f.open_volume("v")
-    try:
-        data = _payload(1, CS)
-        vol.write(0, data)
-        model.failed(0, data)  # reopen drops it, unless a background commit came first
-        rig.mount.set(Fault("sync", "stall", seconds=30))
-        start = time.monotonic()
-        with pytest.raises(IOFailure) as e:
-            vol.flush()
-        took = time.monotonic() - start
-        assert e.value.errno == errno.ETIMEDOUT
-        assert 0.5 <= took < 5, took
-        _degraded(rig.f, "did not complete within 0.5 s")
-        assert rig.f.io_errors.sync == 1 and rig.f.io_errors.timeout == 1
-        _other_pool_serves(rig, 2)
-        with pytest.raises(IOFailure, match="still stalled"):
-            rig.home.reopen_pool("f")
-        assert rig.f.info().state is PoolState.DEGRADED
-        rig.mount.clear()  # the stalled sync completes
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                rig.home.reopen_pool("f")
-                break
-            except IOFailure:
-                assert time.monotonic() < deadline, "the released sync never completed"
-                time.sleep(0.05)
-    finally:
-        vol.close()
+    data = _payload(1, CS)
+    vol.write(0, data)
+    model.failed(0, data)  # reopen drops it, unless a background commit came first
+    rig.mount.set(Fault("sync", "stall", seconds=30))
+    start = time.monotonic()
+    with pytest.raises(IOFailure) as e:
+        vol.flush()
+    took = time.monotonic() - start
+    assert e.value.errno == errno.ETIMEDOUT
+    assert 0.5 <= took < 5, took
+    _degraded(rig.f, "did not complete within 0.5 s")
+    assert rig.f.io_errors.sync == 1 and rig.f.io_errors.timeout == 1
+    _other_pool_serves(rig, 2)
+    with pytest.raises(IOFailure, match="still stalled"):
+        rig.home.reopen_pool("f")
+    assert rig.f.info().state is PoolState.DEGRADED
+    _reopen_once_released(rig)  # the stalled sync completes
     rig.settle(model)
 
 
@@ -394,14 +467,7 @@ def test_nbd_clients_get_the_errno_and_the_other_pool_serves(rig: Rig, short_dir
             hf.flush()
         hg.flush()
         assert hg.pread(4096, 0) == b"g" * 4096
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                rig.home.reopen_pool("f")
-                break
-            except IOFailure:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        _reopen_once_released(rig)
         hf.flush()
         for h in (hf, hg):
             h.shutdown()
@@ -410,15 +476,14 @@ def test_nbd_clients_get_the_errno_and_the_other_pool_serves(rig: Rig, short_dir
     rig.settle(model)
 
 
-def test_vhost_user_blk_requests_get_ioerr(rig: Rig, short_dir: Path) -> None:
+def test_vhost_user_blk_requests_get_ioerr(rig: Rig, vol: Volume, short_dir: Path) -> None:
     from storvisor.exports.vhost_user_blk import VhostUserBlkServer
     from storvisor.protocols.virtio.blk import Status
     from storvisor.testing.vhost_frontend import VhostUserFrontend
 
     model = Model()
-    volume: Volume = rig.f.open_volume("v")
     sock = str(short_dir / "vub.sock")
-    server = VhostUserBlkServer(volume, sock, num_queues=1, serial="faildisk")
+    server = VhostUserBlkServer(vol, sock, num_queues=1, serial="faildisk")
     server.start()
     try:
         with VhostUserFrontend(sock, queue_size=16) as fe:
@@ -450,39 +515,25 @@ def test_vhost_user_blk_requests_get_ioerr(rig: Rig, short_dir: Path) -> None:
         assert rig.mount.hits() == {"read": 2, "write": 2, "sync": 1}
     finally:
         server.close()
-        volume.close()
     rig.settle(model)
 
 
-def test_a_stall_does_not_hold_up_the_other_pool(rig: Rig) -> None:
+def test_a_stall_does_not_hold_up_the_other_pool(rig: Rig, vol: Volume) -> None:
     """A read stalled on ``f`` (no data timeout: the device's own applies) holds only
     its own request: ``g`` serves meanwhile, and the read completes once released."""
-    vol = rig.f.open_volume("v")
-    try:
-        data = _payload(1, CS)
-        vol.write(0, data)
-        rig.mount.set(Fault("read", "stall", DATA, seconds=30))
-        got: list[bytes] = []
-
-        def reader() -> None:
-            buf = bytearray(4096)
-            vol.read_into(0, memoryview(buf))
-            got.append(bytes(buf))
-
-        thread = threading.Thread(target=reader)
-        thread.start()
-        time.sleep(0.3)
-        assert thread.is_alive() and rig.mount.hits()["read"] == 1
-        _other_pool_serves(rig, 6)
-        rig.g.flush()
-        rig.mount.clear()
-        thread.join(10)
-        assert got == [data[:4096]]
-    finally:
-        vol.close()
+    data = _payload(1, CS)
+    vol.write(0, data)
+    calls = _Calls()
+    got = _stall_a_read(rig, vol, calls)
+    _other_pool_serves(rig, 6)
+    rig.g.flush()
+    assert not got and rig.mount.hits()["read"] == 1
+    rig.mount.clear()
+    calls.join()
+    assert got == [data[:4096]]
 
 
-def test_a_data_plane_reports_its_failed_direct_io_to_the_pool(rig: Rig) -> None:
+def test_a_data_plane_reports_its_failed_direct_io_to_the_pool(rig: Rig, vol: Volume) -> None:
     """Reads and in-place writes a data plane does itself fail there with the errno, and
     reach the owner's pool as failures: counted, and the pool degraded."""
     import os
@@ -490,9 +541,8 @@ def test_a_data_plane_reports_its_failed_direct_io_to_the_pool(rig: Rig) -> None
 
     from storvisor.exports.dataplane import PlaneHost, RemoteVolume
 
-    volume = rig.f.open_volume("v")
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    host = PlaneHost(volume, a)
+    host = PlaneHost(vol, a)
     host.start()
     remote = RemoteVolume(b, os.dup(host.map.fd), rig.f.backing_fds(), CS)
     model = Model()
@@ -514,10 +564,11 @@ def test_a_data_plane_reports_its_failed_direct_io_to_the_pool(rig: Rig) -> None
         with pytest.raises(IOFailure) as e:
             remote.vectors.read_into(0, [memoryview(bytearray(CS + 4096))])  # a span
         assert e.value.errno == errno.EIO
-        deadline = time.monotonic() + 5  # the reports are one-way frames
-        while (rig.f.io_errors.read, rig.f.io_errors.write) != (2, 1):
-            assert time.monotonic() < deadline, rig.f.io_errors
-            time.sleep(0.01)
+        _eventually(  # the reports are one-way frames
+            lambda: (rig.f.io_errors.read, rig.f.io_errors.write) == (2, 1),
+            "the plane's failures were not reported",
+            seconds=5,
+        )
         _degraded(rig.f, "a write of a backing device failed: write of 4096 bytes")
         rig.mount.clear()
         remote.write(4096, over)
@@ -526,7 +577,6 @@ def test_a_data_plane_reports_its_failed_direct_io_to_the_pool(rig: Rig) -> None
     finally:
         remote.close()
         host.close()
-        volume.close()
     rig.settle(model)
 
 
@@ -678,20 +728,6 @@ def test_random_faults_under_a_workload_keep_the_contract(rig: Rig, seed: int) -
 # ------------------------------------------------------------ reads and writes timing out
 
 
-def _reopen_once_released(rig: Rig) -> None:
-    """Clear the faults and reopen ``f`` once its stalled requests have returned."""
-    rig.mount.clear()
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            rig.home.reopen_pool("f")
-            return
-        except IOFailure as e:
-            assert "still stalled" in str(e), e
-            assert time.monotonic() < deadline, "the released request never completed"
-            time.sleep(0.05)
-
-
 def _io_threads() -> set[threading.Thread]:
     """The pools' I/O threads (``engine/bounded.py``) alive now."""
     return {t for t in threading.enumerate() if t.name.endswith("-io")}
@@ -716,114 +752,94 @@ def test_the_data_timeout_is_off_by_default_kept_per_pool_and_checked(rig: Rig) 
     assert rig.home.pool("f").data_timeout == 0.0
 
 
-def test_without_a_data_timeout_a_stalled_read_waits_in_the_callers_thread(rig: Rig) -> None:
+def test_without_a_data_timeout_a_stalled_read_waits_in_the_callers_thread(
+    rig: Rig, vol: Volume
+) -> None:
     """Off (the default), nothing changes: the read runs in the caller's thread, into the
     caller's buffer, and waits for the stalled device however long it takes."""
     before = _io_threads()
-    vol = rig.f.open_volume("v")
-    try:
-        data = _payload(1, CS)
-        vol.write(0, data)
-        rig.mount.set(Fault("read", "stall", DATA, seconds=30))
-        got: list[bytes] = []
-
-        def reader() -> None:
-            buf = bytearray(4096)
-            vol.read_into(0, memoryview(buf))
-            got.append(bytes(buf))
-
-        thread = threading.Thread(target=reader)
-        thread.start()
-        time.sleep(1.2)
-        assert thread.is_alive() and not got
-        assert not _io_threads() - before  # no hand-off to an I/O thread
-        rig.mount.clear()
-        thread.join(10)
-        assert got == [data[:4096]]
-        assert rig.f.info().state is PoolState.ONLINE
-    finally:
-        vol.close()
+    data = _payload(1, CS)
+    vol.write(0, data)
+    calls = _Calls()
+    got = _stall_a_read(rig, vol, calls)
+    time.sleep(1.2)
+    assert not got
+    assert not _io_threads() - before  # no hand-off to an I/O thread
+    rig.mount.clear()
+    calls.join()
+    assert got == [data[:4096]]
+    assert rig.f.info().state is PoolState.ONLINE
 
 
 def test_a_stalled_read_fails_within_the_data_timeout_and_never_touches_the_buffer(
     rig: Rig,
+    vol: Volume,
 ) -> None:
     model = Model()
     rig.f.set_data_timeout(0.5)
-    vol = rig.f.open_volume("v")
-    try:
-        data = _payload(1, 2 * CS)
-        vol.write(0, data)
-        vol.flush()
-        model.wrote(0, data)
-        rig.mount.set(Fault("read", "stall", DATA, seconds=30))
-        buf = bytearray(b"\xee" * (CS + 4096))  # two clusters
-        start = time.monotonic()
-        with pytest.raises(IOFailure) as e:
-            vol.read_into(CS - 4096, memoryview(buf))
-        took = time.monotonic() - start
-        assert e.value.errno == errno.ETIMEDOUT
-        assert 0.5 <= took < 5, took
-        _degraded(rig.f, "a read of a backing device did not complete within 0.5 s")
-        assert rig.f.io_errors.read == 1 and rig.f.io_errors.timeout == 1
-        _other_pool_serves(rig, 2)
-        vol.flush()  # a read that timed out wrote nothing: flushes still succeed
-        _reopen_once_released(rig)  # the stalled read completes into its own buffer
-        assert buf == b"\xee" * (CS + 4096)
-        got = bytearray(CS + 4096)
-        vol.read_into(CS - 4096, memoryview(got))
-        assert got == data[CS - 4096 : 2 * CS]
-    finally:
-        vol.close()
+    data = _payload(1, 2 * CS)
+    vol.write(0, data)
+    vol.flush()
+    model.wrote(0, data)
+    rig.mount.set(Fault("read", "stall", DATA, seconds=30))
+    buf = bytearray(b"\xee" * (CS + 4096))  # two clusters
+    start = time.monotonic()
+    with pytest.raises(IOFailure) as e:
+        vol.read_into(CS - 4096, memoryview(buf))
+    took = time.monotonic() - start
+    assert e.value.errno == errno.ETIMEDOUT
+    assert 0.5 <= took < 5, took
+    _degraded(rig.f, "a read of a backing device did not complete within 0.5 s")
+    assert rig.f.io_errors.read == 1 and rig.f.io_errors.timeout == 1
+    _other_pool_serves(rig, 2)
+    vol.flush()  # a read that timed out wrote nothing: flushes still succeed
+    _reopen_once_released(rig)  # the stalled read completes into its own buffer
+    assert buf == b"\xee" * (CS + 4096)
+    got = bytearray(CS + 4096)
+    vol.read_into(CS - 4096, memoryview(got))
+    assert got == data[CS - 4096 : 2 * CS]
     rig.settle(model)
 
 
-def test_a_stalled_write_fails_latches_and_maps_nothing(rig: Rig) -> None:
+def test_a_stalled_write_fails_latches_and_maps_nothing(rig: Rig, vol: Volume) -> None:
     model = Model()
     rig.f.set_data_timeout(0.5)
-    vol = rig.f.open_volume("v")
-    try:
-        base = _payload(1, CS)
-        vol.write(0, base)
+    base = _payload(1, CS)
+    vol.write(0, base)
+    vol.flush()
+    model.wrote(0, base)
+    rig.mount.set(Fault("write", "stall", DATA, seconds=30))
+    overwrite = bytearray(_payload(2, 4096))
+    start = time.monotonic()
+    with pytest.raises(IOFailure) as e:
+        vol.write(4096, overwrite)  # in place
+    assert e.value.errno == errno.ETIMEDOUT
+    assert 0.5 <= time.monotonic() - start < 5
+    model.failed(4096, bytes(overwrite))  # it may still land
+    overwrite[:] = b"X" * 4096  # the caller reuses its buffer: what lands is a copy
+    with pytest.raises(IOFailure) as e:
+        vol.write(5 * CS, _payload(3, 4096))  # allocating
+    assert e.value.errno == errno.ETIMEDOUT
+    _degraded(rig.f, "a write of a backing device timed out")
+    assert rig.f.io_errors.write == 2 and rig.f.io_errors.timeout == 2
+    with pytest.raises(IOFailure) as e:  # no later flush may claim durability
         vol.flush()
-        model.wrote(0, base)
-        rig.mount.set(Fault("write", "stall", DATA, seconds=30))
-        overwrite = bytearray(_payload(2, 4096))
-        start = time.monotonic()
-        with pytest.raises(IOFailure) as e:
-            vol.write(4096, overwrite)  # in place
-        assert e.value.errno == errno.ETIMEDOUT
-        assert 0.5 <= time.monotonic() - start < 5
-        model.failed(4096, bytes(overwrite))  # it may still land
-        overwrite[:] = b"X" * 4096  # the caller reuses its buffer: what lands is a copy
-        with pytest.raises(IOFailure) as e:
-            vol.write(5 * CS, _payload(3, 4096))  # allocating
-        assert e.value.errno == errno.ETIMEDOUT
-        _degraded(rig.f, "a write of a backing device timed out")
-        assert rig.f.io_errors.write == 2 and rig.f.io_errors.timeout == 2
-        with pytest.raises(IOFailure) as e:  # no later flush may claim durability
-            vol.flush()
-        assert e.value.errno == errno.EIO
-        with pytest.raises(IOFailure, match="still stalled"):
-            rig.home.reopen_pool("f")
-        _other_pool_serves(rig, 4)
-        rig.mount.clear()
-        deadline = time.monotonic() + 10
-        while rig.f._io_threads.stalled():
-            assert time.monotonic() < deadline, "the released writes never completed"
-            time.sleep(0.05)
-        # the allocating write finished after it was abandoned: its cluster is not mapped
-        assert [x.allocated for x in vol.block_status(5 * CS, CS)] == [False]
-        with pytest.raises(IOFailure):
-            vol.flush()  # still latched
-        _reopen_once_released(rig)
-        vol.flush()
-        again = _payload(5, 4096)
-        vol.write(5 * CS, again)
-        vol.flush()
-        model.wrote(5 * CS, again)
-    finally:
-        vol.close()
+    assert e.value.errno == errno.EIO
+    with pytest.raises(IOFailure, match="still stalled"):
+        rig.home.reopen_pool("f")
+    _other_pool_serves(rig, 4)
+    rig.mount.clear()
+    _eventually(lambda: not rig.f._io_threads.stalled(), "the released writes never completed")
+    # the allocating write finished after it was abandoned: its cluster is not mapped
+    assert [x.allocated for x in vol.block_status(5 * CS, CS)] == [False]
+    with pytest.raises(IOFailure):
+        vol.flush()  # still latched
+    _reopen_once_released(rig)
+    vol.flush()
+    again = _payload(5, 4096)
+    vol.write(5 * CS, again)
+    vol.flush()
+    model.wrote(5 * CS, again)
     rig.settle(model)
 
 
@@ -897,70 +913,9 @@ def test_nbd_and_vhost_clients_get_an_error_within_the_data_timeout(
 # ------------------------------------------------- management while a snapshot drains
 
 
-class _Calls:
-    """Calls run in threads, each one's outcome kept."""
-
-    def __init__(self) -> None:
-        self.threads: list[threading.Thread] = []
-        self.errors: list[BaseException] = []
-
-    def start(self, call: Callable[[], object]) -> threading.Thread:
-        def run() -> None:
-            try:
-                call()
-            except BaseException as e:
-                self.errors.append(e)
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        self.threads.append(thread)
-        return thread
-
-    def join(self) -> None:
-        for thread in self.threads:
-            thread.join(10)
-            assert not thread.is_alive(), "a call never returned once the stall was released"
-        assert not self.errors, self.errors
-
-
-def _answers_within(call: Callable[[], object], what: str, seconds: float = 5.0) -> None:
-    """Run ``call`` in a thread: it must return within ``seconds``, without error."""
-    calls = _Calls()
-    calls.start(call).join(seconds)
-    assert not calls.threads[0].is_alive(), f"{what} was held up by a wait for the stalled read"
-    assert not calls.errors, calls.errors
-
-
-def _read(vol: Volume, offset: int, n: int) -> bytes:
-    buf = bytearray(n)
-    vol.read_into(offset, memoryview(buf))
-    return bytes(buf)
-
-
-def _stall_a_read(rig: Rig, vol: Volume, calls: _Calls) -> list[None]:
-    """Stall a read of ``vol`` and return once it is in the file system, with a list that
-    grows by one each time a freezer of ``vol`` starts waiting for it."""
-    rig.mount.set(Fault("read", "stall", DATA, seconds=30))
-    calls.start(lambda: _read(vol, 0, 4096))
-    deadline = time.monotonic() + 10
-    while rig.mount.hits()["read"] < 1:
-        assert time.monotonic() < deadline, "the read never reached the device"
-        time.sleep(0.01)
-    waits: list[None] = []
-    vol._state.gate.on_wait = lambda: waits.append(None)
-    return waits
-
-
-def _waiting(waits: list[None], count: int, *snapshots: threading.Thread) -> None:
-    """Return once ``count`` freezers wait; ``snapshots`` must all still be running."""
-    deadline = time.monotonic() + 10
-    while len(waits) < count:
-        assert time.monotonic() < deadline, "a snapshot did not wait for the read in flight"
-        time.sleep(0.01)
-    assert all(s.is_alive() for s in snapshots), "a snapshot did not wait for the read"
-
-
-def test_a_snapshot_waits_for_a_stalled_read_without_holding_up_management(rig: Rig) -> None:
+def test_a_snapshot_waits_for_a_stalled_read_without_holding_up_management(
+    rig: Rig, vol: Volume
+) -> None:
     """A snapshot waits for the reads and writes in flight on its volume (no in-place write
     that found its cluster owned may land in it afterwards), but not while it holds the
     pool's lock, nor the service's: with a read stalled on ``f`` and a snapshot waiting
@@ -968,12 +923,12 @@ def test_a_snapshot_waits_for_a_stalled_read_without_holding_up_management(rig: 
     answer. Released, the snapshot holds every write completed before it, and no write
     issued after it returned."""
     service = Service(rig.home)
-    vol = rig.f.open_volume("v")
     calls = _Calls()
     try:
         before = _payload(1, 2 * CS)
         vol.write(0, before)  # owned clusters: later writes to them go in place
-        waits = _stall_a_read(rig, vol, calls)
+        _stall_a_read(rig, vol, calls)
+        waits = _count_waits(vol)
         snapshot = calls.start(lambda: service.create_snapshot("f", "v", "s"))
         _waiting(waits, 1, snapshot)
         meanwhile = _payload(2, 4096)
@@ -989,11 +944,8 @@ def test_a_snapshot_waits_for_a_stalled_read_without_holding_up_management(rig: 
         calls.join()
         after = _payload(3, 4096)
         vol.write(4096, after)
-        snap = rig.f.open_volume("v", "s")
-        try:
+        with contextlib.closing(rig.f.open_volume("v", "s")) as snap:
             taken = _read(snap, 0, 2 * CS)
-        finally:
-            snap.close()
         assert taken[:CS] == before[:CS]
         assert taken[CS : CS + 4096] in (before[CS : CS + 4096], meanwhile)  # in flight
         assert taken[CS + 4096 :] == before[CS + 4096 :]
@@ -1003,23 +955,23 @@ def test_a_snapshot_waits_for_a_stalled_read_without_holding_up_management(rig: 
         assert _read(vol, 0, 2 * CS) == expected
     finally:
         rig.mount.clear()
-        vol._state.gate.on_wait = None
-        vol.close()
     assert rig.f.fsck().clean
 
 
-def test_snapshots_racing_a_reopen_of_their_volume_each_freeze_what_it_has(rig: Rig) -> None:
+def test_snapshots_racing_a_reopen_of_their_volume_each_freeze_what_it_has(
+    rig: Rig, vol: Volume
+) -> None:
     """Two snapshots of one volume wait for the same stalled read; meanwhile every handle
     of the volume closes and a new one opens and writes in place. Both snapshots then
     complete: each holds what was written before it was asked for, and a write through the
     new handle after they returned reaches neither."""
-    vol = rig.f.open_volume("v")
     calls = _Calls()
     again: Volume | None = None
     try:
         before = _payload(1, 2 * CS)
         vol.write(0, before)
-        waits = _stall_a_read(rig, vol, calls)
+        _stall_a_read(rig, vol, calls)
+        waits = _count_waits(vol)
         first = calls.start(lambda: rig.f.create_snapshot("v", "s1"))
         second = calls.start(lambda: rig.f.create_snapshot("v", "s2"))
         _waiting(waits, 2, first, second)
@@ -1033,11 +985,8 @@ def test_snapshots_racing_a_reopen_of_their_volume_each_freeze_what_it_has(rig: 
         after = _payload(3, 4096)
         again.write(CS, after)
         for name in ("s1", "s2"):
-            snap = rig.f.open_volume("v", name)
-            try:
+            with contextlib.closing(rig.f.open_volume("v", name)) as snap:
                 taken = _read(snap, 0, 2 * CS)
-            finally:
-                snap.close()
             assert taken[:CS] == before[:CS], name
             assert taken[CS : CS + 4096] in (before[CS : CS + 4096], meanwhile), name
             assert taken[CS + 4096 :] == before[CS + 4096 :], name
@@ -1045,7 +994,6 @@ def test_snapshots_racing_a_reopen_of_their_volume_each_freeze_what_it_has(rig: 
         assert sorted(s.name for s in rig.f.snapshots("v")) == ["s1", "s2"]
     finally:
         rig.mount.clear()
-        vol.close()
         if again is not None:
             again.close()
     assert rig.f.fsck().clean
@@ -1068,14 +1016,8 @@ def test_a_flatten_waits_for_a_stalled_read_without_holding_up_management(rig: R
         image = (rig.mount.mountpoint.parent / "backing" / "f.img").read_bytes()
         at = image.index(own)
         try:
-            rig.mount.set(Fault("read", "stall", at, at + CS, seconds=30))
-            calls.start(lambda: _read(clone, CS, 4096))
-            deadline = time.monotonic() + 10
-            while rig.mount.hits()["read"] < 1:
-                assert time.monotonic() < deadline, "the read never reached the device"
-                time.sleep(0.01)
-            waits: list[None] = []
-            clone._state.gate.on_wait = lambda: waits.append(None)
+            _stall_a_read(rig, clone, calls, CS, (at, at + CS))
+            waits = _count_waits(clone)
             flatten = calls.start(lambda: rig.f.flatten("c"))
             _waiting(waits, 1, flatten)
             _answers_within(rig.home.pools, "Home.pools")
@@ -1084,7 +1026,6 @@ def test_a_flatten_waits_for_a_stalled_read_without_holding_up_management(rig: R
             calls.join()
         finally:
             rig.mount.clear()
-            clone._state.gate.on_wait = None
         assert rig.f.volume_info("c").origin is None
         assert _read(clone, 0, 2 * CS) == origin + own
     rig.f.delete_snapshot("v", "s")  # the clone no longer depends on it
