@@ -176,6 +176,17 @@ def _reopen_once_released(rig: Rig) -> None:
     _eventually(reopened, "the released request never completed")
 
 
+def _times_out(call: Callable[[], object]) -> None:
+    """``call`` fails with ETIMEDOUT after the pool's 0.5 s timeout, long before the
+    stall (30 s) ends."""
+    start = time.monotonic()
+    with pytest.raises(IOFailure) as e:
+        call()
+    took = time.monotonic() - start
+    assert e.value.errno == errno.ETIMEDOUT
+    assert 0.5 <= took < 5, took
+
+
 class _Calls:
     """Calls run in threads, each one's outcome kept."""
 
@@ -380,12 +391,7 @@ def test_a_stalled_sync_fails_its_flush_within_the_timeout(rig: Rig, vol: Volume
     vol.write(0, data)
     model.failed(0, data)  # reopen drops it, unless a background commit came first
     rig.mount.set(Fault("sync", "stall", seconds=30))
-    start = time.monotonic()
-    with pytest.raises(IOFailure) as e:
-        vol.flush()
-    took = time.monotonic() - start
-    assert e.value.errno == errno.ETIMEDOUT
-    assert 0.5 <= took < 5, took
+    _times_out(vol.flush)
     _degraded(rig.f, "did not complete within 0.5 s")
     assert rig.f.io_errors.sync == 1 and rig.f.io_errors.timeout == 1
     _other_pool_serves(rig, 2)
@@ -783,12 +789,7 @@ def test_a_stalled_read_fails_within_the_data_timeout_and_never_touches_the_buff
     model.wrote(0, data)
     rig.mount.set(Fault("read", "stall", DATA, seconds=30))
     buf = bytearray(b"\xee" * (CS + 4096))  # two clusters
-    start = time.monotonic()
-    with pytest.raises(IOFailure) as e:
-        vol.read_into(CS - 4096, memoryview(buf))
-    took = time.monotonic() - start
-    assert e.value.errno == errno.ETIMEDOUT
-    assert 0.5 <= took < 5, took
+    _times_out(lambda: vol.read_into(CS - 4096, memoryview(buf)))
     _degraded(rig.f, "a read of a backing device did not complete within 0.5 s")
     assert rig.f.io_errors.read == 1 and rig.f.io_errors.timeout == 1
     _other_pool_serves(rig, 2)
@@ -810,11 +811,7 @@ def test_a_stalled_write_fails_latches_and_maps_nothing(rig: Rig, vol: Volume) -
     model.wrote(0, base)
     rig.mount.set(Fault("write", "stall", DATA, seconds=30))
     overwrite = bytearray(_payload(2, 4096))
-    start = time.monotonic()
-    with pytest.raises(IOFailure) as e:
-        vol.write(4096, overwrite)  # in place
-    assert e.value.errno == errno.ETIMEDOUT
-    assert 0.5 <= time.monotonic() - start < 5
+    _times_out(lambda: vol.write(4096, overwrite))  # in place
     model.failed(4096, bytes(overwrite))  # it may still land
     overwrite[:] = b"X" * 4096  # the caller reuses its buffer: what lands is a copy
     with pytest.raises(IOFailure) as e:

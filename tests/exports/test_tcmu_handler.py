@@ -270,18 +270,11 @@ def test_write_same(served: Tcmu, pool: Pool, volume: BlockDevice) -> None:
 # ---------------------------------------------------------------------- out of order
 
 
-class Stalling(DeviceWrapper):
-    """Reads of ``[0, 512)`` wait until ``release`` is set; the rest passes through."""
-
-    def __init__(self, inner: BlockDevice) -> None:
-        super().__init__(inner)
-        self.release = threading.Event()
-        self.stalled = threading.Event()
+class Forwarding(DeviceWrapper):
+    """Every request passed to ``inner``: the base of the devices below, which change
+    some of them. Closing it leaves ``inner`` open."""
 
     def read_into(self, offset: int, buf: memoryview) -> None:
-        if offset < 512:
-            self.stalled.set()
-            assert self.release.wait(30)
         self.inner.read_into(offset, buf)
 
     def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
@@ -297,6 +290,24 @@ class Stalling(DeviceWrapper):
         self, offset: int, length: int, *, may_unmap: bool = True, fua: bool = False
     ) -> None:
         self.inner.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua)
+
+    def close(self) -> None:
+        pass
+
+
+class Stalling(Forwarding):
+    """Reads of ``[0, 512)`` wait until ``release`` is set; the rest passes through."""
+
+    def __init__(self, inner: BlockDevice) -> None:
+        super().__init__(inner)
+        self.release = threading.Event()
+        self.stalled = threading.Event()
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        if offset < 512:
+            self.stalled.set()
+            assert self.release.wait(30)
+        super().read_into(offset, buf)
 
     def close(self) -> None:
         self.release.set()
@@ -556,7 +567,7 @@ def test_handlers_killed_at_random_moments_answer_every_command_once(
 # ---------------------------------------------------------------------- failures
 
 
-class Failing(DeviceWrapper):
+class Failing(Forwarding):
     """Writes at or beyond 1 MiB raise ``error``; flushes raise it when ``fail_flush``."""
 
     def __init__(self, inner: BlockDevice, error: Exception) -> None:
@@ -564,29 +575,15 @@ class Failing(DeviceWrapper):
         self.error = error
         self.fail_flush = False
 
-    def read_into(self, offset: int, buf: memoryview) -> None:
-        self.inner.read_into(offset, buf)
-
     def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         if offset >= MiB:
             raise self.error
-        self.inner.write(offset, data, fua=fua)
+        super().write(offset, data, fua=fua)
 
     def flush(self) -> None:
         if self.fail_flush:
             raise self.error
-        self.inner.flush()
-
-    def discard(self, offset: int, length: int) -> None:
-        self.inner.discard(offset, length)
-
-    def write_zeroes(
-        self, offset: int, length: int, *, may_unmap: bool = True, fua: bool = False
-    ) -> None:
-        self.inner.write_zeroes(offset, length, may_unmap=may_unmap, fua=fua)
-
-    def close(self) -> None:
-        pass
+        super().flush()
 
 
 @pytest.mark.parametrize(
