@@ -295,6 +295,32 @@ def test_deleting_an_exported_snapshot_is_snapshot_is_busy(
     driver.delete_volume(volume)
 
 
+def test_a_snapshot_with_a_linked_clone_is_busy(driver: Any, ctx: Any, sv: Client) -> None:
+    """A linked clone made outside Cinder (``storvisor volume clone``) keeps its snapshot in
+    use: deleting the snapshot is ``SnapshotIsBusy``, deleting its volume ``VolumeIsBusy``,
+    and both stay as they were."""
+    volume = new_volume(ctx)
+    driver.create_volume(volume)
+    snapshot = new_snapshot(ctx, volume)
+    driver.create_snapshot(snapshot)
+    linked = f"linked-{volume.id}"
+    sv.clone("p", volume.name, snapshot.name, linked)
+    try:
+        with pytest.raises(exception.SnapshotIsBusy) as e:
+            driver.delete_snapshot(snapshot)
+        assert f"has clones ({linked})" in str(e.value)
+        with pytest.raises(exception.VolumeIsBusy) as e2:
+            driver.delete_volume(volume)
+        assert f"has clones ({linked})" in str(e2.value)
+        assert [s.name for s in sv.snapshots("p", volume.name)] == [snapshot.name]
+        assert {volume.name, linked} <= names(sv)
+    finally:
+        sv.delete_volume("p", linked)
+    driver.delete_snapshot(snapshot)
+    driver.delete_volume(volume)
+    assert volume.name not in names(sv)
+
+
 def test_clone_volume(driver: Any, ctx: Any, sv: Client) -> None:
     source = new_volume(ctx)
     driver.create_volume(source)

@@ -21,8 +21,8 @@ from cinder_kit import load_driver, nbd_uri, new_snapshot, new_volume, pread, pw
 from cli.cli_harness import CLI, Daemon  # noqa: E402
 from storvisor.api.client import Client  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    not hasattr(Client, "remote"), reason="this tree's API client has no remote API (https://)"
+pytestmark = pytest.mark.requires(
+    hasattr(Client, "remote"), "this tree's API client has no remote API (https://)"
 )
 
 GIB = 1 << 30
