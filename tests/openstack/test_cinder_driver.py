@@ -4,7 +4,6 @@ live storvisor daemon; every minimum feature, the data checked through NBD."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 import uuid
 from pathlib import Path
@@ -21,13 +20,16 @@ from cinder.interface import util as interface_util  # noqa: E402
 from cinder.interface import volume_driver  # noqa: E402
 from cinder_kit import (  # noqa: E402
     DRIVER_PATH,
+    ImageStore,
     export_size,
     load_driver,
+    make_image,
     nbd_uri,
     new_snapshot,
     new_volume,
     pread,
     pwrite,
+    qemu_img,
 )
 
 from storvisor.api.client import Client  # noqa: E402
@@ -423,50 +425,11 @@ def test_bad_qos_spec_is_invalid_qos_specs_and_no_volume_is_left(
 # -- images -----------------------------------------------------------------------------------
 
 
-class ImageStore:
-    """An image service with Glance's ``download``/``update`` calls, over files in a directory."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def path(self, image_id: str) -> Path:
-        return self.root / image_id
-
-    def download(self, context: Any, image_id: str, data: Any = None) -> None:
-        with open(self.path(image_id), "rb") as f:
-            while chunk := f.read(MIB):
-                data.write(chunk)
-
-    def update(self, context: Any, image_id: str, image_meta: dict[str, Any], data: Any) -> None:
-        with open(self.path(image_id), "wb") as f:
-            while chunk := data.read(MIB):
-                f.write(chunk)
-
-
-def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False)
-
-
 @pytest.fixture
 def images(tmp_path: Path, tools: None) -> ImageStore:
     root = tmp_path / "images"
     root.mkdir()
     return ImageStore(root)
-
-
-def make_image(images: ImageStore, size: int, fmt: str = "qcow2") -> tuple[str, Path]:
-    """A ``fmt`` image of ``size`` bytes with data at 0, 7 MiB and its last MiB; its id and
-    the raw original."""
-    raw = images.root / f"original-{uuid.uuid4()}.raw"
-    with open(raw, "wb") as f:
-        f.truncate(size)
-        for offset, byte in ((0, 1), (7 * MIB, 2), (size - MIB, 3)):
-            f.seek(offset)
-            f.write(bytes([byte]) * MIB)
-    image_id = str(uuid.uuid4())
-    made = qemu_img("convert", "-f", "raw", "-O", fmt, str(raw), str(images.path(image_id)))
-    assert made.returncode == 0, made.stderr
-    return image_id, raw
 
 
 def test_image_round_trip(driver: Any, ctx: Any, sv: Client, images: ImageStore) -> None:
