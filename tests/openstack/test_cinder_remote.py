@@ -6,6 +6,7 @@ volume's NBD export by its TCP URI, as a cinder-volume on another host does."""
 from __future__ import annotations
 
 import re
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -141,6 +142,19 @@ def test_wrong_token_is_a_backend_api_exception(remote: Remote, tmp_path: Path, 
     with pytest.raises(exception.VolumeBackendAPIException, match="token"):
         driver.create_volume(volume)
     assert volume.name not in CLI(remote.home)("volume", "list", "p").out
+
+
+def test_unreachable_remote_daemon_is_a_backend_api_exception(
+    remote: Remote, tmp_path: Path, ctx: Any
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nobody listens there once it is closed
+    driver = load_driver(tmp_path, remote.options(storvisor_api_url=f"https://127.0.0.1:{port}"))
+    with pytest.raises(exception.VolumeBackendAPIException, match="no answer from the daemon"):
+        driver.check_for_setup_error()
+    with pytest.raises(exception.VolumeBackendAPIException, match="no answer from the daemon"):
+        driver.create_volume(new_volume(ctx))
 
 
 def test_wrong_fingerprint_is_a_backend_api_exception(remote: Remote, tmp_path: Path) -> None:
