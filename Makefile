@@ -16,6 +16,9 @@ APT_TEST := qemu-utils qemu-system-x86 qemu-system-common nbdkit nbdkit-plugin-p
 # libvirtd for the live attach test (tests/integrations/test_libvirt_live.py)
 APT_TEST += libvirt-daemon libvirt-daemon-driver-qemu
 
+# udev makes the /dev/disk/by-id links of SCSI LUNs in the guest of tests/openstack/guest_scsi.py
+APT_TEST += udev
+
 # The OpenStack integration tests (tests/openstack) run from their own virtualenv with the
 # real cinder, os-brick and nova (requirements/openstack.txt), in their own pytest process:
 # importing Cinder patches eventlet. Rebuilt only when the requirements file changes.

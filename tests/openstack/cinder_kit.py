@@ -1,8 +1,10 @@
 """Helpers of the OpenStack tests: the Cinder driver loaded the way cinder-volume loads it,
-Cinder objects as the volume manager makes them, and NBD reads and writes through libnbd."""
+Cinder objects as the volume manager makes them, an image service over files, and NBD reads
+and writes through libnbd."""
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from cinder.volume import manager  # noqa: E402
 from oslo_config import cfg  # noqa: E402
 from oslo_utils import importutils  # noqa: E402
 
+MIB = 1 << 20
 BACKEND = "storvisor-1"
 DRIVER_PATH = "storvisor.integrations.openstack.cinder.StorvisorDriver"
 
@@ -76,6 +79,48 @@ def new_snapshot(ctx: Any, volume: Any) -> Any:
         volume=volume,
         status="creating",
     )
+
+
+# -- images: a Glance stand-in over files, qemu-img -------------------------------------------
+
+
+class ImageStore:
+    """An image service with Glance's ``download``/``update`` calls, over files in a directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, image_id: str) -> Path:
+        return self.root / image_id
+
+    def download(self, context: Any, image_id: str, data: Any = None) -> None:
+        with open(self.path(image_id), "rb") as f:
+            while chunk := f.read(MIB):
+                data.write(chunk)
+
+    def update(self, context: Any, image_id: str, image_meta: dict[str, Any], data: Any) -> None:
+        with open(self.path(image_id), "wb") as f:
+            while chunk := data.read(MIB):
+                f.write(chunk)
+
+
+def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False)
+
+
+def make_image(images: ImageStore, size: int, fmt: str = "qcow2") -> tuple[str, Path]:
+    """A ``fmt`` image of ``size`` bytes with data at 0, 7 MiB and its last MiB; its id and
+    the raw original."""
+    raw = images.root / f"original-{uuid.uuid4()}.raw"
+    with open(raw, "wb") as f:
+        f.truncate(size)
+        for offset, byte in ((0, 1), (7 * MIB, 2), (size - MIB, 3)):
+            f.seek(offset)
+            f.write(bytes([byte]) * MIB)
+    image_id = str(uuid.uuid4())
+    made = qemu_img("convert", "-f", "raw", "-O", fmt, str(raw), str(images.path(image_id)))
+    assert made.returncode == 0, made.stderr
+    return image_id, raw
 
 
 # -- the data path: NBD through libnbd (Debian's python3-libnbd) -------------------------------

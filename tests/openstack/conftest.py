@@ -4,6 +4,11 @@ driver loaded the way cinder-volume loads it (``cinder_kit``).
 These tests run in their own pytest process from ``.venv-openstack`` (``make
 pytest-openstack``): importing Cinder patches eventlet and registers global oslo.config
 options, which the main test run must not see.
+
+``guest_*.py`` modules (SCSI LUNs need LIO, which the host kernel lacks) are collected the way
+``tests/lio`` collects its own: one host-root guest runs a module's tests with this
+interpreter (the OpenStack virtualenv, seen through the host root), and each host item
+reports what its test did inside.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 import pytest
 
 from cli.cli_harness import CLI, Daemon
+from lio.conftest import pytest_collect_file, pytest_pycollect_makemodule  # noqa: F401 # hooks
 from prereq import require
 from storvisor.api.client import Client
 

@@ -4,7 +4,6 @@ live storvisor daemon; every minimum feature, the data checked through NBD."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 import uuid
 from pathlib import Path
@@ -21,13 +20,16 @@ from cinder.interface import util as interface_util  # noqa: E402
 from cinder.interface import volume_driver  # noqa: E402
 from cinder_kit import (  # noqa: E402
     DRIVER_PATH,
+    ImageStore,
     export_size,
     load_driver,
+    make_image,
     nbd_uri,
     new_snapshot,
     new_volume,
     pread,
     pwrite,
+    qemu_img,
 )
 
 from storvisor.api.client import Client  # noqa: E402
@@ -295,6 +297,32 @@ def test_deleting_an_exported_snapshot_is_snapshot_is_busy(
     driver.delete_volume(volume)
 
 
+def test_a_snapshot_with_a_linked_clone_is_busy(driver: Any, ctx: Any, sv: Client) -> None:
+    """A linked clone made outside Cinder (``storvisor volume clone``) keeps its snapshot in
+    use: deleting the snapshot is ``SnapshotIsBusy``, deleting its volume ``VolumeIsBusy``,
+    and both stay as they were."""
+    volume = new_volume(ctx)
+    driver.create_volume(volume)
+    snapshot = new_snapshot(ctx, volume)
+    driver.create_snapshot(snapshot)
+    linked = f"linked-{volume.id}"
+    sv.clone("p", volume.name, snapshot.name, linked)
+    try:
+        with pytest.raises(exception.SnapshotIsBusy) as e:
+            driver.delete_snapshot(snapshot)
+        assert f"has clones ({linked})" in str(e.value)
+        with pytest.raises(exception.VolumeIsBusy) as e2:
+            driver.delete_volume(volume)
+        assert f"has clones ({linked})" in str(e2.value)
+        assert [s.name for s in sv.snapshots("p", volume.name)] == [snapshot.name]
+        assert {volume.name, linked} <= names(sv)
+    finally:
+        sv.delete_volume("p", linked)
+    driver.delete_snapshot(snapshot)
+    driver.delete_volume(volume)
+    assert volume.name not in names(sv)
+
+
 def test_clone_volume(driver: Any, ctx: Any, sv: Client) -> None:
     source = new_volume(ctx)
     driver.create_volume(source)
@@ -397,50 +425,11 @@ def test_bad_qos_spec_is_invalid_qos_specs_and_no_volume_is_left(
 # -- images -----------------------------------------------------------------------------------
 
 
-class ImageStore:
-    """An image service with Glance's ``download``/``update`` calls, over files in a directory."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def path(self, image_id: str) -> Path:
-        return self.root / image_id
-
-    def download(self, context: Any, image_id: str, data: Any = None) -> None:
-        with open(self.path(image_id), "rb") as f:
-            while chunk := f.read(MIB):
-                data.write(chunk)
-
-    def update(self, context: Any, image_id: str, image_meta: dict[str, Any], data: Any) -> None:
-        with open(self.path(image_id), "wb") as f:
-            while chunk := data.read(MIB):
-                f.write(chunk)
-
-
-def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False)
-
-
 @pytest.fixture
 def images(tmp_path: Path, tools: None) -> ImageStore:
     root = tmp_path / "images"
     root.mkdir()
     return ImageStore(root)
-
-
-def make_image(images: ImageStore, size: int, fmt: str = "qcow2") -> tuple[str, Path]:
-    """A ``fmt`` image of ``size`` bytes with data at 0, 7 MiB and its last MiB; its id and
-    the raw original."""
-    raw = images.root / f"original-{uuid.uuid4()}.raw"
-    with open(raw, "wb") as f:
-        f.truncate(size)
-        for offset, byte in ((0, 1), (7 * MIB, 2), (size - MIB, 3)):
-            f.seek(offset)
-            f.write(bytes([byte]) * MIB)
-    image_id = str(uuid.uuid4())
-    made = qemu_img("convert", "-f", "raw", "-O", fmt, str(raw), str(images.path(image_id)))
-    assert made.returncode == 0, made.stderr
-    return image_id, raw
 
 
 def test_image_round_trip(driver: Any, ctx: Any, sv: Client, images: ImageStore) -> None:

@@ -2,7 +2,8 @@
 
 The connection data with fixed inputs: the 'local' connection an unmodified Nova attaches,
 the by-id path chosen among a LUN export's paths, the drive address the Nova driver records.
-(A live SCSI export needs LIO, which only the guests of ``tests/lio`` have.)
+(A live SCSI export needs LIO, which the host lacks: ``guest_scsi.py`` drives the driver,
+the connectors and Nova's driver on real LUNs in a guest.)
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def nova_disk(connection_info: dict[str, Any], api_url: str) -> Any:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    return etree.fromstring(proc.stdout)
+    return etree.fromstring(proc.stdout).find("disk")
 
 
 def qemu_args(disk: Any) -> list[str]:

@@ -9,7 +9,7 @@ test driver (every change is defined by ``virsh -c test:///default``, which runs
 parser and domain validator, and the domain is kept as libvirt dumps it), and the volume
 driver's connector is os-brick's own ``LocalConnector``, which attaches a host block device
 as it is (the storvisor connector needs a daemon with SCSI exports, ``storvisor export
-scsi``; ``tests/openstack/test_cinder_scsi.py`` drives that one).
+scsi``, which only a guest has: ``tests/openstack/guest_scsi.py`` drives that one).
 """
 
 from __future__ import annotations
