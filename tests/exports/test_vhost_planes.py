@@ -243,7 +243,8 @@ def test_a_killed_plane_restarts_and_only_its_exports_reconnect(pool: Pool, sock
                 for i in range(4)
             ]
             q = fx.queues[0]
-            _wait(lambda: q.used_idx() == 1 and _inflight(fx))  # the rest held by QoS
+            # one write passes, the rest are held by QoS (a token a second: under load, more)
+            _wait(lambda: 1 <= q.used_idx() < 4 and _inflight(fx))
             victim = x.pids[0]
             os.kill(victim, signal.SIGKILL)
             # the other process's export is served all along

@@ -9,6 +9,12 @@ or error inside is a failure here with the inner report, a skip a skip, a functi
 run (the guest stalled or crashed) a failure with the console's tail. Inside the guest
 (``STORVISOR_IN_GUEST=1``) these modules are ordinary test modules.
 
+The guests boot ahead: once collection is done, one background thread runs the selected
+modules' guests one after the other while the rest of the session goes on (a TCG guest keeps
+one core busy, most other tests wait on processes of their own), and a module's items wait
+for its run. ``STORVISOR_GUESTS_AHEAD=0`` boots each guest when its first item runs instead.
+At the end of the session a guest still running is killed.
+
 Every item is marked ``slow`` and ``vm``.
 """
 
@@ -17,12 +23,20 @@ from __future__ import annotations
 import ast
 import os
 import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from storvisor.testing.guest import IN_GUEST_ENV, GuestError, PytestRun, run_pytest_in_guest
+from storvisor.testing.guest import (
+    IN_GUEST_ENV,
+    Guest,
+    GuestError,
+    PytestRun,
+    run_pytest_in_guest,
+)
 
 _ROOT = Path(__file__).resolve().parents[2]
 GUEST_TIMEOUT = 1500.0
@@ -41,6 +55,32 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
         return None
     module: GuestModule = GuestModule.from_parent(parent, path=file_path)
     return module
+
+
+_ahead: dict[Path, Future[PytestRun | GuestError]] = {}
+"""Each guest module's run, booted ahead (``pytest_collection_finish``)."""
+_running: set[Guest] = set()
+_running_lock = threading.Lock()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    modules = list(dict.fromkeys(i.parent for i in session.items if isinstance(i, GuestItem)))
+    if not modules or not _HAS_GUEST or os.environ.get("STORVISOR_GUESTS_AHEAD") == "0":
+        return
+    runner = ThreadPoolExecutor(1, thread_name_prefix="guest-ahead")
+    for module in modules:
+        assert isinstance(module, GuestModule)
+        _ahead[module.path] = runner.submit(module.run_guest)
+    runner.shutdown(wait=False)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for future in _ahead.values():
+        future.cancel()
+    with _running_lock:
+        guests = list(_running)
+    for guest in guests:
+        guest.kill()
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -72,22 +112,38 @@ class GuestModule(pytest.File):
         return items
 
     def boot(self) -> PytestRun | GuestError:
-        """Run the selected functions of this module in one guest (once)."""
+        """The run of this module's selected functions in one guest: booted ahead, or now."""
         if self.run is None:
-            selected = [
-                i.name for i in self.session.items if isinstance(i, GuestItem) and i.parent is self
-            ]
-            relative = self.path.relative_to(_ROOT)
             self.run = GuestError("the guest run was interrupted")
-            try:
-                self.run = run_pytest_in_guest(
-                    [f"{relative}::{name}" for name in selected],
-                    rootdir=str(_ROOT),
-                    timeout=GUEST_TIMEOUT,
-                )
-            except GuestError as e:
-                self.run = e
+            ahead = _ahead.get(self.path)
+            self.run = ahead.result() if ahead is not None else self.run_guest()
         return self.run
+
+    def run_guest(self) -> PytestRun | GuestError:
+        """Boot one guest that runs the selected functions of this module."""
+        selected = [
+            i.name for i in self.session.items if isinstance(i, GuestItem) and i.parent is self
+        ]
+        relative = self.path.relative_to(_ROOT)
+        guest: list[Guest] = []
+
+        def started(g: Guest) -> None:
+            with _running_lock:
+                _running.add(g)
+            guest.append(g)
+
+        try:
+            return run_pytest_in_guest(
+                [f"{relative}::{name}" for name in selected],
+                rootdir=str(_ROOT),
+                timeout=GUEST_TIMEOUT,
+                started=started,
+            )
+        except GuestError as e:
+            return e
+        finally:
+            with _running_lock:
+                _running.difference_update(guest)
 
 
 class GuestItem(pytest.Item):

@@ -96,5 +96,5 @@ def test_a_stalled_guest_run_is_a_timeout(tmp_path: Path) -> None:
     )
     with pytest.raises(GuestTimeout, match="still running"):
         run_pytest_in_guest(
-            [str(tmp_path / "test_stall.py")], rootdir=str(tmp_path), timeout=60, modules=None
+            [str(tmp_path / "test_stall.py")], rootdir=str(tmp_path), timeout=20, modules=None
         )

@@ -21,7 +21,12 @@ from typing import Any
 import pytest
 
 from cli.cli_harness import CLI, Daemon
-from lio.conftest import pytest_collect_file, pytest_pycollect_makemodule  # noqa: F401 # hooks
+from lio.conftest import (  # noqa: F401 # hooks
+    pytest_collect_file,
+    pytest_collection_finish,
+    pytest_pycollect_makemodule,
+    pytest_sessionfinish,
+)
 from prereq import require
 from storvisor.api.client import Client
 

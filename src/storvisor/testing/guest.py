@@ -51,7 +51,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -748,6 +748,7 @@ def run_pytest_in_guest(
     modules: Sequence[str] | None = LIO_MODULES,
     memory_mib: int = 768,
     timeout: float = 900.0,
+    started: Callable[[Guest], object] | None = None,
 ) -> PytestRun:
     """Boot one host-root guest that runs ``python -m pytest PATHS`` in ``rootdir`` and
     return every test case it reported.
@@ -759,7 +760,8 @@ def run_pytest_in_guest(
 
     Raises ``GuestTimeout`` when the run does not finish within ``timeout`` (a stalled test
     is a failure), ``GuestError`` when the guest stops without a status or pytest wrote no
-    report (its console then tells why).
+    report (its console then tells why). ``started`` is called with the running guest (which
+    another thread may ``kill`` to cut the run short: a ``GuestError`` then).
     """
     inner_env = {"HOME": "/root", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
     for name in ("PYTHONPATH", "CI"):
@@ -791,6 +793,8 @@ def run_pytest_in_guest(
             timeout=timeout,
         )
         with guest:
+            if started is not None:
+                started(guest)
             result = guest.wait()
         try:
             xml = Path(outbox, "junit.xml").read_text()
