@@ -754,7 +754,8 @@ def run_pytest_in_guest(
     return every test case it reported.
 
     ``python`` defaults to this interpreter (the guest sees the host's files, so a virtualenv
-    works as it is). The inner environment is ``env`` plus ``IN_GUEST_ENV=1`` and this
+    works as it is); it must have pytest-timeout, the one plugin loaded (name others in
+    ``pytest_args`` with ``-p``). The inner environment is ``env`` plus ``IN_GUEST_ENV=1`` and this
     process's ``PYTHONPATH`` and ``CI``. The report comes back as JUnit XML through a
     writable 9p share, so what a failed test printed is in its ``InnerTest.text``.
 
@@ -763,7 +764,14 @@ def run_pytest_in_guest(
     report (its console then tells why). ``started`` is called with the running guest (which
     another thread may ``kill`` to cut the run short: a ``GuestError`` then).
     """
-    inner_env = {"HOME": "/root", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+    # Plugins load only when named: every entry-point plugin installed (schemathesis,
+    # hypothesis, ...) costs half a minute of start-up under TCG. pytest-timeout is named.
+    inner_env = {
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+    }
     for name in ("PYTHONPATH", "CI"):
         if name in os.environ:
             inner_env[name] = os.environ[name]
@@ -776,6 +784,8 @@ def run_pytest_in_guest(
         "pytest",
         "-p",
         "no:cacheprovider",
+        "-p",
+        "pytest_timeout",
         "-rfEs",
         f"--junitxml={report}",
         *pytest_args,
