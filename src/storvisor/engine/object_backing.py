@@ -13,13 +13,26 @@ is zeros, so a thin pool stores only what was written.
 *Sync is an upload barrier.* ``sync`` (a flush) makes the local image durable, as a local
 device's sync does (after a crash of the machine the image then holds at least what was
 flushed, and no older bytes are ever uploaded over it), and meanwhile uploads every object
-whose local bytes differ from what the bucket holds; it returns when both are done;
+whose local bytes may differ from what the bucket holds; it returns when both are done;
 ``sync_clusters`` (the background commit) does the same for the objects holding the given
-clusters only. What the bucket holds is known by each object's MD5: the ETags listed at
-open (S3's ETag of a single-part PUT is its MD5), then the digests of what this process
-uploaded. An object whose local bytes are all zeros is deleted instead. Uploads run in
-parallel (``UPLOAD_THREADS``). Nothing needs to record which objects are dirty: a crash
-loses no such knowledge, since the next sync compares contents again.
+clusters only. An object whose local bytes are all zeros is deleted instead. Uploads run in
+parallel (``UPLOAD_THREADS``).
+
+*Which objects changed.* Every write to the image is made by the pool's process through
+``pio`` (data planes send theirs to it: ``Backing.writes_here``), and the image's fd is
+routed (``pio.route``) to a ``_Tracker`` that writes through a duplicate fd and then, before
+the write is acknowledged, *marks* the objects it touched. A sync takes the marks (clears
+them) and only then reads the objects to upload them, so a write that lands meanwhile marks
+its object again for the next sync; marks taken by a sync that fails are put back. The
+marks are the whole truth only while ``_tracked``: from an import (the image is what was
+downloaded), from an open after a clean close (``S3Config.clean``, recorded at close when
+the last sync uploaded everything and the lease was released; the open records the pool
+dirty again before any write), and from the end of a sync that compared every object while
+the tracker routed the fd. Otherwise (a new pool; an open after a crash, whose marks died
+with the process; while a cache tier routes the fd and writes the image itself) a sync
+compares every object holding data with the bucket by MD5: the ETags listed at open (S3's
+ETag of a single-part PUT is its MD5), then those of this process's uploads. So a lost
+mark costs one comparison of the written image, never an object left behind.
 
 *Metadata.* The pool commits its catalog locally after syncing the data the batch points at
 (``Pool._commit``), then calls ``committed``, which uploads a consistent copy of the
@@ -37,13 +50,14 @@ holds the pool's lease (``Bucket.check_lease``). Once it lost it, every later sy
 lease is not released at close.
 
 Limits: the local image holds the whole written byte space (import downloads every object
-before the pool opens), and each flush reads the written parts of the local image to
-compare digests, O(written bytes) per flush.
+before the pool opens, and syncs the image once before it trusts it); a flush costs
+O(written objects) in the marked case, O(written bytes of the image) when it compares.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import hashlib
@@ -59,6 +73,7 @@ from pathlib import Path
 
 from storvisor.engine import pio
 from storvisor.engine.backing import Backing, Header
+from storvisor.engine.device import LIBC
 from storvisor.engine.s3 import (
     CATALOG_KEY,
     DATA_PREFIX,
@@ -74,6 +89,7 @@ from storvisor.errors import Conflict, CorruptMetadata, IOFailure
 log = logging.getLogger(__name__)
 
 UPLOAD_THREADS = 16
+_SYNC_FILE_RANGE_WRITE = 2
 _Attach = Callable[[BackingSpec, Header], tuple[Backing, bool]]
 _Open = Callable[[str, Header], Backing]
 CONFIG_NAME = "s3.json"
@@ -416,6 +432,13 @@ def hydrate(bucket: Bucket, fd: int, object_size: int) -> dict[int, str]:
             os.pwrite(fd, data, index * object_size)
         except OSError as e:
             raise IOFailure(f"write of the local image: {e.strerror}", e.errno or errno.EIO) from e
+        # start its write-back now, beside the downloads, rather than all at the final sync
+        LIBC.sync_file_range(
+            ctypes.c_int(fd),
+            ctypes.c_int64(index * object_size),
+            ctypes.c_int64(len(data)),
+            ctypes.c_uint(_SYNC_FILE_RANGE_WRITE),
+        )
         return index, etag
 
     with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
