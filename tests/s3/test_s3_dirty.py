@@ -104,7 +104,8 @@ def test_an_import_and_a_clean_close_open_without_comparing(
         pool = other.pool("d")  # reopened: its open flushes
         assert read_bytes() - start < MiB, "the open read the local image to compare it"
         assert object_backing(pool).uploads == 0
-        assert volume_bytes(other) == model
+        same = volume_bytes(other) == model
+        assert same
     finally:
         other.close()
 
@@ -142,13 +143,15 @@ def test_marks_lost_in_a_crash_are_rebuilt_by_comparing_every_object(
 
     first = Home(tmp_path / "first")
     try:
-        assert volume_bytes(first) == model
+        same = volume_bytes(first) == model
+        assert same, "the image lost writes of the crashed process"
     finally:
         first.close()  # the open compared every object: the bucket has the writes now
     other = Home(tmp_path / "other")
     try:
         other.import_s3_pool("d", spec)
-        assert volume_bytes(other) == model, "the bucket differs from the image it came from"
+        same = volume_bytes(other) == model
+        assert same, "the bucket differs from the image it came from"
     finally:
         other.close()
 
@@ -179,6 +182,7 @@ def test_marks_of_a_failed_upload_are_kept_for_the_next_flush(
     other = Home(tmp_path / "other")
     try:
         other.import_s3_pool("d", aws_env.spec(bucket))
-        assert volume_bytes(other) == model, "the write whose upload failed never reached it"
+        same = volume_bytes(other) == model
+        assert same, "the write whose upload failed never reached it"
     finally:
         other.close()
