@@ -142,6 +142,31 @@ def test_an_idle_endpoint_is_probed_and_marked_down_when_it_stalls(
         b.stop()
 
 
+def test_an_answer_cut_short_is_retried_on_another_endpoint(aws_env: MotoServer) -> None:
+    """A connection that an endpoint closes in the middle of a response (a proxy stopped
+    while it answers) is that endpoint failing, not the request: it goes to another."""
+    bucket = aws_env.bucket()
+    a, b = proxies(aws_env, 2)
+    s3 = Bucket(S3Spec(bucket, (a.url, b.url), REGION, timeout=5.0, down_timeout=5.0))
+    body = bytes(range(256)) * 4096  # 1 MiB: more than one chunk of the proxy
+    try:
+        s3.put("data/0000000000000000", body)
+        a.cutting.set()
+        b.cutting.set()
+        with pytest.raises(IOFailure, match="no endpoint answers"):  # tried on both
+            s3.get("data/0000000000000000")
+        assert [e.errors for e in s3.endpoints()] == [1, 1]
+        b.cutting.clear()
+        wait_until(lambda: s3.endpoints()[1].state is EndpointState.UP, 10, "b back")
+        for _ in range(4):  # wherever they go first, they succeed
+            found = s3.get("data/0000000000000000")
+            assert found is not None and found[0] == body
+    finally:
+        s3.close()
+        a.stop()
+        b.stop()
+
+
 def test_all_endpoints_down_fails_after_the_timeout_then_recovers(
     aws_env: MotoServer, tmp_path: Path
 ) -> None:

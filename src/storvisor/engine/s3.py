@@ -340,19 +340,15 @@ class Bucket:
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
-            ConnectionClosedError,
-            ConnectTimeoutError,
-            EndpointConnectionError,
+            HTTPClientError,
+            IncompleteReadError,
             NoCredentialsError,
-            ReadTimeoutError,
         )
+        from botocore.exceptions import ConnectionError as Unreachable
 
-        unreachable = (
-            EndpointConnectionError,
-            ConnectTimeoutError,
-            ReadTimeoutError,
-            ConnectionClosedError,
-        )
+        # the endpoint failed, not the request: no connection, no answer in time, a
+        # connection closed before the whole answer came (headers or body)
+        unreachable = (Unreachable, HTTPClientError, IncompleteReadError)
         tried: set[_Endpoint] = set()
         last: Exception | None = None
         while True:
