@@ -66,7 +66,6 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -90,8 +89,6 @@ from storvisor.errors import Conflict, CorruptMetadata, IOFailure
 log = logging.getLogger(__name__)
 
 UPLOAD_THREADS = 16
-WRITE_BEHIND_DELAY = 0.02
-"""Seconds the write-behind waits after an object became full, for others to join it."""
 _SYNC_FILE_RANGE_WRITE = 2
 _Attach = Callable[[BackingSpec, Header], tuple[Backing, bool]]
 _Open = Callable[[str, Header], Backing]
@@ -201,10 +198,6 @@ class ObjectBacking(Backing):
         """Object index -> ETag (the MD5 of a single-part PUT) of what the bucket holds."""
         self._dirty: set[int] = set()
         """Objects written since they were last read for an upload (``_mark``)."""
-        self._written: dict[int, int] = {}
-        """Bytes written to each marked object since it was marked."""
-        self._full: set[int] = set()
-        """Marked objects written at least their size over since: due for write-behind."""
         self._dirty_lock = threading.Lock()
         self._tracked = tracked
         """Every object that may differ from the bucket is in ``_dirty``: true from an
@@ -224,12 +217,6 @@ class ObjectBacking(Backing):
         self._fenced: LeaseLost | None = None
         self._zeros = bytes(object_size)
         self._snapshots = 0  # catalog copies taken by catalog_upload
-        self._due = threading.Event()  # an object became full
-        self._closing = False
-        self._behind = threading.Thread(
-            target=self._write_behind, name="storvisor-s3-behind", daemon=True
-        )
-        self._behind.start()
         self.uploads = 0
         """Objects stored or deleted so far (for tests and stats)."""
 
@@ -263,59 +250,13 @@ class ObjectBacking(Backing):
         after the write, before it is acknowledged."""
         if length <= 0:
             return
-        size = self.object_size
-        first = offset // size
-        last = (offset + length - 1) // size
-        full = False
+        first = offset // self.object_size
+        last = (offset + length - 1) // self.object_size
         with self._dirty_lock:
-            written = self._written
-            for index in range(first, last + 1):
-                self._dirty.add(index)
-                start = index * size
-                n = written.get(index, 0) + min(offset + length, start + size) - max(offset, start)
-                written[index] = n
-                if n >= size:
-                    self._full.add(index)
-                    full = True
-        if full:
-            self._due.set()
-
-    def _write_behind(self) -> None:
-        """Upload the objects that were written their whole size over as soon as they are
-        (``_full``), without waiting for a sync: a sequential writer's data then travels
-        while it writes the next objects, and the next sync has less left to upload. Only
-        while the marks are the whole truth and every endpoint is up; a batch that fails
-        puts its marks back (the next sync reports the failure); a sync under way takes
-        them itself. Uploading an object early is what a disk's cache may do with unflushed
-        writes: the bucket stays an image a crash could leave (clusters are reused only
-        after the catalog that frees them is in the bucket)."""
-        while True:
-            self._due.wait()
-            if self._closing:
-                return
-            time.sleep(WRITE_BEHIND_DELAY)  # let the objects a request filled come together
-            self._due.clear()
-            if not self._sync_lock.acquire(blocking=False):
-                continue  # a sync runs and takes every mark
-            try:
-                if self._fenced is not None or not self.bucket.healthy():
-                    continue
-                if not (self._watching() and self._tracked):
-                    continue
-                with self._dirty_lock:
-                    taken = self._full & self._dirty
-                    self._dirty -= taken
-                    for index in self._full:
-                        self._written.pop(index, None)
-                    self._full = set()
-                try:
-                    self._upload(taken, compare=False)
-                except Exception as e:  # the marks go back: the next sync retries, and fails
-                    with self._dirty_lock:
-                        self._dirty |= taken
-                    log.debug("write-behind of %s: %s", self.path, e)
-            finally:
-                self._sync_lock.release()
+            if first == last:
+                self._dirty.add(first)
+            else:
+                self._dirty.update(range(first, last + 1))
 
     def _watching(self) -> bool:
         """Whether the tracker routes the image's writes (put back when no route is there,
@@ -339,14 +280,9 @@ class ObjectBacking(Backing):
         with self._dirty_lock:
             if objects is None:
                 taken, self._dirty = self._dirty, set()
-                self._written.clear()
-                self._full = set()
             else:
                 taken = self._dirty & objects
                 self._dirty -= taken
-                for index in taken:
-                    self._written.pop(index, None)
-                self._full -= taken
         try:
             if tracked:
                 self._upload(taken, compare=False)
@@ -456,10 +392,6 @@ class ObjectBacking(Backing):
         raise Conflict(f"{self.path}: an S3 pool's byte space cannot grow")
 
     def close(self) -> None:
-        if self._behind.is_alive():
-            self._closing = True
-            self._due.set()
-            self._behind.join()
         if self.fd >= 0 and self._tracker.fd >= 0:  # Pool.destroy closes a second time
             released = False
             if self._fenced is None and self._synced and not self._catalog_stale:

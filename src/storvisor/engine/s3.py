@@ -219,11 +219,6 @@ class Bucket:
                 self.spec, endpoints=tuple(u for u in self.spec.endpoints if u != url)
             )
 
-    def healthy(self) -> bool:
-        """Whether every endpoint is up."""
-        with self._cond:
-            return all(e.up for e in self._endpoints)
-
     def close(self) -> None:
         with self._cond:
             self._closed = True
