@@ -1,18 +1,26 @@
-"""S3 pool benchmark: sequential 1 MiB writes made durable in the bucket, and the download
-of a pool on another HOME, against boto3 alone with the same parallelism, same moto server.
+"""S3 pool benchmark: 1 MiB sequential writes made durable in the bucket, and 1 MiB
+sequential reads of a cold S3 volume, against boto3 alone with the same parallelism, same
+moto server.
 
-* ``boto3 put``: ``--mib`` MiB as objects of ``--object-size`` bytes, ``UPLOAD_THREADS``
+* ``boto3 put``: ``--mib`` MiB as objects of ``--object-size`` MiB, ``UPLOAD_THREADS``
   threads (the object backing's parallelism), ``put_object`` of bytes already in memory;
 * ``storvisor write+flush``: the same MiB written to a volume of an S3 pool in 1 MiB
   requests (``Volume.write``: into the local image), then one ``flush``, which uploads them;
   the time is from the first write to the end of the flush;
-* ``boto3 get``: every object back, ``UPLOAD_THREADS`` threads;
-* ``storvisor import``: the pool opened on a second HOME (catalog and every object downloaded
-  into a new local image), after which the volume reads at page-cache speed.
+* ``boto3 get``: every object back, ``UPLOAD_THREADS`` threads, into memory;
+* ``storvisor cold read``: the volume read in 1 MiB requests on another HOME that has none
+  of the pool's data: ``pool import`` (catalog and every object downloaded into a new local
+  image, which is synced, then the pool opened), then the reads through the volume (``Volume
+  .read_into``); the time is from the start of the import to the last read. ``import`` is
+  the import alone.
+
+Each round runs both sides in turn (alternating which goes first), on fresh buckets; the
+figures are medians over the rounds, with each round's ratio. The machine's load average is
+printed before and after, since the moto server shares the CPUs with both sides.
 
 Usage::
 
-    .venv/bin/python bench/s3_bench.py [--mib 256] [--object-size 4]
+    PYTHONPATH=src .venv/bin/python bench/s3_bench.py [--mib 256] [--object-size 4] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -20,12 +28,15 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import boto3
 
@@ -37,9 +48,10 @@ MiB = 1 << 20
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--object-size", type=int, default=4, help="MiB")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,61 +74,126 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     raise SystemExit("moto did not start") from None
                 time.sleep(0.1)
-        run(url, args.mib, args.object_size * MiB)
+        run(url, args.mib, args.object_size * MiB, args.rounds)
     finally:
         server.terminate()
         server.wait()
 
 
-def run(url: str, mib: int, object_size: int) -> None:
-    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
-    for name in ("raw", "pool"):
-        client.create_bucket(Bucket=name)
-    data = os.urandom(mib * MiB)
-    count = mib * MiB // object_size
+def boto3_side(client: Any, bucket: str, data: bytes, object_size: int) -> tuple[float, float]:
+    """Seconds to put ``data`` as objects, then to get them all back."""
+    count = len(data) // object_size
+    view = memoryview(data)
 
     def put(i: int) -> None:
-        chunk = data[i * object_size : (i + 1) * object_size]
-        client.put_object(Bucket="raw", Key=f"o{i}", Body=chunk)
+        chunk = view[i * object_size : (i + 1) * object_size]
+        client.put_object(Bucket=bucket, Key=f"o{i}", Body=bytes(chunk))
 
     def get(i: int) -> None:
-        client.get_object(Bucket="raw", Key=f"o{i}")["Body"].read()
+        client.get_object(Bucket=bucket, Key=f"o{i}")["Body"].read()
 
     with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
         start = time.perf_counter()
         list(pool.map(put, range(count)))
-        raw_put = time.perf_counter() - start
+        put_s = time.perf_counter() - start
         start = time.perf_counter()
         list(pool.map(get, range(count)))
-        raw_get = time.perf_counter() - start
+        get_s = time.perf_counter() - start
+        list(pool.map(lambda i: client.delete_object(Bucket=bucket, Key=f"o{i}"), range(count)))
+    return put_s, get_s
 
+
+def storvisor_side(url: str, bucket: str, data: bytes, object_size: int) -> tuple[float, ...]:
+    """Seconds of write+flush, of the import alone, and of import + reading the volume."""
+    size = len(data)
     with tempfile.TemporaryDirectory() as tmp:
-        spec = S3Spec("pool", (url,), "us-east-1")
+        spec = S3Spec(bucket, (url,), "us-east-1")
         home = Home(Path(tmp) / "first")
-        home.create_s3_pool("b", spec, size=2 * mib * MiB, object_size=object_size)
+        home.create_s3_pool("b", spec, size=2 * size, object_size=object_size)
         pool = home.pool("b")
-        pool.create_volume("v", mib * MiB)
+        pool.create_volume("v", size)
         volume = pool.open_volume("v")
         view = memoryview(data)
         start = time.perf_counter()
-        for offset in range(0, mib * MiB, MiB):
+        for offset in range(0, size, MiB):
             volume.write(offset, view[offset : offset + MiB])
         volume.flush()
-        sv_write = time.perf_counter() - start
+        write_s = time.perf_counter() - start
         volume.close()
         home.close()
+
         other = Home(Path(tmp) / "second")
+        buf = memoryview(bytearray(MiB))
         start = time.perf_counter()
         other.import_s3_pool("b", spec)
-        sv_import = time.perf_counter() - start
+        import_s = time.perf_counter() - start
+        volume = other.pool("b").open_volume("v")
+        for offset in range(0, size, MiB):
+            volume.read_into(offset, buf)
+        read_s = time.perf_counter() - start
+        if bytes(buf) != data[size - MiB :]:
+            raise SystemExit("the cold read returned other data")
+        volume.close()
+        other.delete_pool("b", force=True)
         other.close()
+    return write_s, import_s, read_s
 
-    rate = lambda seconds: mib / seconds  # noqa: E731
-    print(f"{mib} MiB, objects of {object_size // MiB} MiB, {UPLOAD_THREADS} threads")
-    print(f"{'boto3 put':<24}{rate(raw_put):8.1f} MiB/s")
-    print(f"{'storvisor write+flush':<24}{rate(sv_write):8.1f} MiB/s  {raw_put / sv_write:.2f}x")
-    print(f"{'boto3 get':<24}{rate(raw_get):8.1f} MiB/s")
-    print(f"{'storvisor import':<24}{rate(sv_import):8.1f} MiB/s  {raw_get / sv_import:.2f}x")
+
+def run(url: str, mib: int, object_size: int, rounds: int) -> None:
+    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+    data = os.urandom(mib * MiB)
+    times: dict[str, list[float]] = {k: [] for k in ("put", "get", "write", "import", "read")}
+    print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    for r in range(rounds):
+        raw, pool = f"raw{r}", f"pool{r}"
+        client.create_bucket(Bucket=raw)
+        client.create_bucket(Bucket=pool)
+
+        def ours(pool: str = pool) -> None:
+            w, i, rd = storvisor_side(url, pool, data, object_size)
+            times["write"].append(w)
+            times["import"].append(i)
+            times["read"].append(rd)
+
+        def theirs(raw: str = raw) -> None:
+            p, g = boto3_side(client, raw, data, object_size)
+            times["put"].append(p)
+            times["get"].append(g)
+
+        sides: list[Callable[[], None]] = [theirs, ours] if r % 2 == 0 else [ours, theirs]
+        for side in sides:
+            side()
+        print(
+            f"round {r}: put {mib / times['put'][-1]:.0f}, write+flush"
+            f" {mib / times['write'][-1]:.0f}, get {mib / times['get'][-1]:.0f}, cold read"
+            f" {mib / times['read'][-1]:.0f} MiB/s",
+            flush=True,
+        )
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+    def rate(key: str) -> float:
+        return mib / statistics.median(times[key])
+
+    def ratios(ours: str, theirs: str) -> str:
+        each = [t / o for o, t in zip(times[ours], times[theirs], strict=True)]
+        return " / ".join(f"{x:.2f}" for x in each)
+
+    print(f"{mib} MiB, objects of {object_size // MiB} MiB, {UPLOAD_THREADS} threads", end="")
+    print(f", {rounds} rounds")
+    print(f"{'boto3 put':<26}{rate('put'):8.1f} MiB/s")
+    print(
+        f"{'storvisor write+flush':<26}{rate('write'):8.1f} MiB/s  "
+        f"{rate('write') / rate('put'):.2f}x  (rounds: {ratios('write', 'put')})"
+    )
+    print(f"{'boto3 get':<26}{rate('get'):8.1f} MiB/s")
+    print(
+        f"{'storvisor cold read':<26}{rate('read'):8.1f} MiB/s  "
+        f"{rate('read') / rate('get'):.2f}x  (rounds: {ratios('read', 'get')})"
+    )
+    print(
+        f"{'  of which the import':<26}{rate('import'):8.1f} MiB/s  "
+        f"{rate('import') / rate('get'):.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """A small TCP proxy for the mirror tests: it forwards to a server, and can be stopped
-(connections refused, open ones cut), restarted on its port, or stalled (it accepts and
-reads, but forwards nothing and never answers)."""
+(connections refused, open ones cut), restarted on its port, stalled (it accepts and
+reads, but forwards nothing and never answers), or made to cut answers (it forwards the
+first chunk of what the server sends, then closes the connection: a response ends early)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ class Proxy:
         self.target = target
         self.port = 0
         self.stalled = threading.Event()
+        self.cutting = threading.Event()
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._listener: socket.socket | None = None
@@ -63,10 +65,10 @@ class Proxy:
                     server.close()
                     return
                 self._conns += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, answers in ((client, server, False), (server, client, True)):
+                threading.Thread(target=self._pump, args=(a, b, answers), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
         try:
             while True:
                 data = src.recv(65536)
@@ -75,6 +77,10 @@ class Proxy:
                 if self.stalled.is_set():
                     continue  # swallowed: the peer waits for an answer that never comes
                 dst.sendall(data)
+                if answers and self.cutting.is_set():
+                    with contextlib.suppress(OSError):
+                        src.shutdown(socket.SHUT_RDWR)
+                    break
         except OSError:
             pass
         finally:

@@ -1,6 +1,7 @@
 """An S3 pool created through the daemon's API and served by it over NBD (its data planes
-write in place through the local image's fd): a completed NBD flush is in the bucket, as
-another HOME that takes the pool over sees; the daemon, fenced, then fails its next flush."""
+read through the local image's fd and send their writes to the daemon, which records the
+objects they touch): a completed NBD flush is in the bucket, as another HOME that takes the
+pool over sees; the daemon, fenced, then fails its next flush."""
 
 from __future__ import annotations
 
@@ -70,6 +71,11 @@ def test_nbd_flush_reaches_the_bucket_and_a_fenced_daemon_stops(
             handle.pwrite(patch, i * MiB + 4096)  # in place: a data plane
             expected[i * MiB + 4096 : i * MiB + 4608] = patch
         handle.flush()
+        for i in range(8):  # objects already in the bucket: only these writes change them
+            patch = bytes([i + 0x61]) * 4096
+            handle.pwrite(patch, i * MiB + 32768)  # in place: a data plane
+            expected[i * MiB + 32768 : i * MiB + 36864] = patch
+        handle.flush()
 
         other = Home(tmp_path / "other")
         try:
@@ -78,7 +84,8 @@ def test_nbd_flush_reaches_the_bucket_and_a_fenced_daemon_stops(
             got = bytearray(8 * MiB)
             volume.read_into(0, memoryview(got))
             volume.close()
-            assert got == expected, "the bucket lacks what the NBD flush acknowledged"
+            same = got == expected  # (no diff of 8 MiB on failure)
+            assert same, "the bucket lacks what the NBD flush acknowledged"
         finally:
             other.close()
 

@@ -16,7 +16,7 @@ from tcpproxy import Proxy
 
 from storvisor.engine.home import Home
 from storvisor.engine.object_pool import object_backing
-from storvisor.engine.s3 import S3Spec
+from storvisor.engine.s3 import Bucket, S3Spec
 from storvisor.engine.types import EndpointState
 from storvisor.errors import Conflict, IOFailure, NotFound, StorvisorError
 
@@ -115,6 +115,56 @@ def test_writer_sees_no_error_while_mirrors_fail(aws_env: MotoServer, tmp_path: 
         assert buf == model
     finally:
         other.close()
+
+
+def test_an_idle_endpoint_is_probed_and_marked_down_when_it_stalls(
+    aws_env: MotoServer,
+) -> None:
+    """The balancing may leave an endpoint without requests (the other one is faster, or
+    nothing runs in parallel): its state must still follow what it does, from probes."""
+    bucket = aws_env.bucket()
+    a, b = proxies(aws_env, 2)
+    s3 = Bucket(S3Spec(bucket, (a.url, b.url), REGION, timeout=1.0, down_timeout=5.0))
+    try:
+        s3.check_bucket()  # one request: the probes start
+        b.stalled.set()
+        wait_until(lambda: s3.endpoints()[1].state is EndpointState.DOWN, 10, "idle b down")
+        assert s3.endpoints()[0].state is EndpointState.UP
+        b.stalled.clear()
+        wait_until(lambda: s3.endpoints()[1].state is EndpointState.UP, 10, "b back")
+        a.stop()
+        wait_until(lambda: s3.endpoints()[0].state is EndpointState.DOWN, 10, "idle a down")
+        info = s3.endpoints()
+        assert info[0].errors == 1 and info[1].errors == 1, info
+    finally:
+        s3.close()
+        a.stop()
+        b.stop()
+
+
+def test_an_answer_cut_short_is_retried_on_another_endpoint(aws_env: MotoServer) -> None:
+    """A connection that an endpoint closes in the middle of a response (a proxy stopped
+    while it answers) is that endpoint failing, not the request: it goes to another."""
+    bucket = aws_env.bucket()
+    a, b = proxies(aws_env, 2)
+    s3 = Bucket(S3Spec(bucket, (a.url, b.url), REGION, timeout=5.0, down_timeout=5.0))
+    body = bytes(range(256)) * 4096  # 1 MiB: more than one chunk of the proxy
+    try:
+        s3.put("data/0000000000000000", body)
+        a.cutting.set()
+        b.cutting.set()
+        with pytest.raises(IOFailure, match="no endpoint answers"):  # tried on both
+            s3.get("data/0000000000000000")
+        assert [e.errors for e in s3.endpoints()] == [1, 1]
+        b.cutting.clear()
+        wait_until(lambda: s3.endpoints()[1].state is EndpointState.UP, 10, "b back")
+        for _ in range(4):  # wherever they go first, they succeed
+            found = s3.get("data/0000000000000000")
+            assert found is not None and found[0] == body
+    finally:
+        s3.close()
+        a.stop()
+        b.stop()
 
 
 def test_all_endpoints_down_fails_after_the_timeout_then_recovers(

@@ -102,6 +102,9 @@ class Backing:
     than the pool's I/O timeout."""
 
     remote = False
+    writes_here = False
+    """Writes must be made by the pool's process, through ``pio`` (an object backing records
+    the objects they touch): data planes send theirs to it."""
 
     extensible = True
     """Whether the pool may add devices beside this one (not beside an S3 bucket's)."""

@@ -13,13 +13,26 @@ is zeros, so a thin pool stores only what was written.
 *Sync is an upload barrier.* ``sync`` (a flush) makes the local image durable, as a local
 device's sync does (after a crash of the machine the image then holds at least what was
 flushed, and no older bytes are ever uploaded over it), and meanwhile uploads every object
-whose local bytes differ from what the bucket holds; it returns when both are done;
+whose local bytes may differ from what the bucket holds; it returns when both are done;
 ``sync_clusters`` (the background commit) does the same for the objects holding the given
-clusters only. What the bucket holds is known by each object's MD5: the ETags listed at
-open (S3's ETag of a single-part PUT is its MD5), then the digests of what this process
-uploaded. An object whose local bytes are all zeros is deleted instead. Uploads run in
-parallel (``UPLOAD_THREADS``). Nothing needs to record which objects are dirty: a crash
-loses no such knowledge, since the next sync compares contents again.
+clusters only. An object whose local bytes are all zeros is deleted instead. Uploads run in
+parallel (``UPLOAD_THREADS``).
+
+*Which objects changed.* Every write to the image is made by the pool's process through
+``pio`` (data planes send theirs to it: ``Backing.writes_here``), and the image's fd is
+routed (``pio.route``) to a ``_Tracker`` that writes through a duplicate fd and then, before
+the write is acknowledged, *marks* the objects it touched. A sync takes the marks (clears
+them) and only then reads the objects to upload them, so a write that lands meanwhile marks
+its object again for the next sync; marks taken by a sync that fails are put back. The
+marks are the whole truth only while ``_tracked``: from an import (the image is what was
+downloaded), from an open after a clean close (``S3Config.clean``, recorded at close when
+the last sync uploaded everything and the lease was released; the open records the pool
+dirty again before any write), and from the end of a sync that compared every object while
+the tracker routed the fd. Otherwise (a new pool; an open after a crash, whose marks died
+with the process; while a cache tier routes the fd and writes the image itself) a sync
+compares every object holding data with the bucket by MD5: the ETags listed at open (S3's
+ETag of a single-part PUT is its MD5), then those of this process's uploads. So a lost
+mark costs one comparison of the written image, never an object left behind.
 
 *Metadata.* The pool commits its catalog locally after syncing the data the batch points at
 (``Pool._commit``), then calls ``committed``, which uploads a consistent copy of the
@@ -37,16 +50,19 @@ holds the pool's lease (``Bucket.check_lease``). Once it lost it, every later sy
 lease is not released at close.
 
 Limits: the local image holds the whole written byte space (import downloads every object
-before the pool opens), and each flush reads the written parts of the local image to
-compare digests, O(written bytes) per flush.
+before the pool opens, and syncs the image once before it trusts it); a flush costs
+O(written objects) in the marked case, O(written bytes of the image) when it compares.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import dataclasses
 import errno
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -55,7 +71,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from storvisor.engine import pio
 from storvisor.engine.backing import Backing, Header
+from storvisor.engine.device import LIBC
 from storvisor.engine.s3 import (
     CATALOG_KEY,
     DATA_PREFIX,
@@ -68,7 +86,10 @@ from storvisor.engine.s3 import (
 from storvisor.engine.types import BackingSpec, EndpointInfo
 from storvisor.errors import Conflict, CorruptMetadata, IOFailure
 
+log = logging.getLogger(__name__)
+
 UPLOAD_THREADS = 16
+_SYNC_FILE_RANGE_WRITE = 2
 _Attach = Callable[[BackingSpec, Header], tuple[Backing, bool]]
 _Open = Callable[[str, Header], Backing]
 CONFIG_NAME = "s3.json"
@@ -84,6 +105,9 @@ class S3Config:
     owner: str
     epoch: int
     object_size: int
+    clean: bool = False
+    """The pool was closed with every object of the local image in the bucket (and the
+    image synced): the next open need not compare them. False while the pool is open."""
 
     def save(self, directory: Path) -> None:
         doc = {
@@ -91,6 +115,7 @@ class S3Config:
             "owner": self.owner,
             "epoch": self.epoch,
             "object_size": self.object_size,
+            "clean": self.clean,
         }
         tmp = directory / (CONFIG_NAME + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -108,6 +133,7 @@ class S3Config:
                 str(doc["owner"]),
                 int(doc["epoch"]),
                 int(doc["object_size"]),
+                doc.get("clean") is True,
             )
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CorruptMetadata(f"{directory / CONFIG_NAME} is unreadable: {e}") from e
@@ -117,12 +143,39 @@ def is_object_pool(directory: Path) -> bool:
     return (directory / CONFIG_NAME).exists()
 
 
+class _Tracker:
+    """The route (``pio.route``) of the local image's fd in the pool's process: reads and
+    writes go to a duplicate of the fd; a write then marks the objects it touched."""
+
+    def __init__(self, fd: int, mark: Callable[[int, int], None]) -> None:
+        self.fd = os.dup(fd)
+        self._mark = mark
+
+    def read(self, views: list[memoryview], offset: int) -> None:
+        pio.preadv_full(self.fd, views, offset)
+
+    def write(self, views: list[memoryview], offset: int) -> None:
+        try:
+            pio.pwritev_full(self.fd, views, offset)
+        finally:  # a failed write may have changed part of the range
+            self._mark(offset, sum(map(len, views)))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class ObjectBacking(Backing):
     """A backing device made durable in a bucket (module docstring). ``sync`` and
-    ``sync_clusters`` raise ``IOFailure`` (``LeaseLost`` once the lease is gone)."""
+    ``sync_clusters`` raise ``IOFailure`` (``LeaseLost`` once the lease is gone).
+
+    ``tracked``: the local image holds what the bucket holds (an import, a clean close), so
+    only the objects written from now on need uploading."""
 
     extensible = False
     remote = True
+    writes_here = True
 
     def __init__(
         self,
@@ -134,6 +187,7 @@ class ObjectBacking(Backing):
         uploaded: dict[int, str],
         *,
         catalog_stale: bool = False,
+        tracked: bool = False,
     ) -> None:
         super().__init__(base.path, base.fd, base.kind, base.index, base.cluster_size)
         self.bucket = bucket
@@ -141,7 +195,19 @@ class ObjectBacking(Backing):
         self.object_size = object_size
         self._catalog_path = catalog_path
         self._uploaded = uploaded
-        """Object index -> MD5 (hex) of what the bucket holds for it."""
+        """Object index -> ETag (the MD5 of a single-part PUT) of what the bucket holds."""
+        self._dirty: set[int] = set()
+        """Objects written since they were last read for an upload (``_mark``)."""
+        self._dirty_lock = threading.Lock()
+        self._tracked = tracked
+        """Every object that may differ from the bucket is in ``_dirty``: true from an
+        import, a clean open, or a full comparison made while the tracker routed every
+        write; false while a cache tier routes the fd instead."""
+        self._tracker = _Tracker(base.fd, self._mark)
+        if pio.write_route(self.fd) is None:
+            pio.route(self.fd, self._tracker)
+        else:
+            self._tracked = False
         self._sync_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="storvisor-s3")
         self._synced = True
@@ -161,7 +227,7 @@ class ObjectBacking(Backing):
             self._synced = False
             local = self._pool.submit(Backing.sync, self)  # beside the uploads, not before
             try:
-                self._upload(set(self._data_objects()) | set(self._uploaded))
+                self._sync_objects(None)
             finally:
                 local.result()
             self._synced = True
@@ -175,9 +241,62 @@ class ObjectBacking(Backing):
             local_sync = super().sync_clusters if self.ranged else lambda _: Backing.sync(self)
             local = self._pool.submit(local_sync, clusters)
             try:
-                self._upload(objects)
+                self._sync_objects(objects)
             finally:
                 local.result()
+
+    def _mark(self, offset: int, length: int) -> None:
+        """Record that bytes ``[offset, offset + length)`` of the image were written; called
+        after the write, before it is acknowledged."""
+        if length <= 0:
+            return
+        first = offset // self.object_size
+        last = (offset + length - 1) // self.object_size
+        with self._dirty_lock:
+            if first == last:
+                self._dirty.add(first)
+            else:
+                self._dirty.update(range(first, last + 1))
+
+    def _watching(self) -> bool:
+        """Whether the tracker routes the image's writes (put back when no route is there,
+        as after a cache tier detached). While it did not, ``_tracked`` is cleared."""
+        route = pio.write_route(self.fd)
+        if route == self._tracker.write:
+            return True
+        self._tracked = False
+        if route is None:
+            pio.route(self.fd, self._tracker)
+            return True
+        return False
+
+    def _sync_objects(self, objects: set[int] | None) -> None:
+        """Upload the objects (of ``objects``; None: all) that may differ from the bucket:
+        the marked ones; every one, compared by digest, unless ``_tracked``. A mark is
+        cleared before its object is read, so a write that lands meanwhile marks it again;
+        on failure the cleared marks are put back."""
+        watching = self._watching()
+        tracked = watching and self._tracked
+        with self._dirty_lock:
+            if objects is None:
+                taken, self._dirty = self._dirty, set()
+            else:
+                taken = self._dirty & objects
+                self._dirty -= taken
+        try:
+            if tracked:
+                self._upload(taken, compare=False)
+                return
+            wanted = objects
+            if wanted is None:
+                wanted = set(self._data_objects()) | set(self._uploaded)
+            self._upload(wanted | taken, compare=True)
+        except BaseException:
+            with self._dirty_lock:
+                self._dirty |= taken
+            raise
+        if objects is None and watching and self._watching():
+            self._tracked = True  # every write since the route was in place is marked
 
     def committed(self, changed: bool) -> None:
         if not (changed or self._catalog_stale):
@@ -217,14 +336,17 @@ class ObjectBacking(Backing):
             self._fenced = e
             raise
 
-    def _upload(self, objects: set[int]) -> None:
+    def _upload(self, objects: set[int], *, compare: bool) -> None:
         if not objects and self._fenced is None:
             return
         self._fence()
-        for future in [self._pool.submit(self._upload_one, i) for i in sorted(objects)]:
+        futures = [self._pool.submit(self._upload_one, i, compare) for i in sorted(objects)]
+        for future in futures:
             future.result()
 
-    def _upload_one(self, index: int) -> None:
+    def _upload_one(self, index: int, compare: bool) -> None:
+        """Store object ``index`` as the image holds it (delete it if all zeros); with
+        ``compare``, only if its MD5 differs from the bucket's ETag."""
         size = (self.clusters + 1) * self.cluster_size
         offset = index * self.object_size
         length = min(self.object_size, size - offset)
@@ -241,11 +363,10 @@ class ObjectBacking(Backing):
                 del self._uploaded[index]
                 self.uploads += 1
             return
-        digest = hashlib.md5(data, usedforsecurity=False).hexdigest()
-        if digest != known:
-            self.bucket.put(data_key(index), data)
-            self._uploaded[index] = digest
-            self.uploads += 1
+        if compare and known == hashlib.md5(data, usedforsecurity=False).hexdigest():
+            return
+        self._uploaded[index] = self.bucket.put(data_key(index), data)
+        self.uploads += 1
 
     def _data_objects(self) -> Iterator[int]:
         """The objects that hold data in the local image (holes skipped)."""
@@ -271,36 +392,62 @@ class ObjectBacking(Backing):
         raise Conflict(f"{self.path}: an S3 pool's byte space cannot grow")
 
     def close(self) -> None:
-        if self.fd >= 0 and self._fenced is None and self._synced and not self._catalog_stale:
-            # on failure the next holder must force the lease; nothing else is lost
-            with contextlib.suppress(IOFailure, Conflict):
-                self.bucket.release_lease(self.lease)
+        if self.fd >= 0 and self._tracker.fd >= 0:  # Pool.destroy closes a second time
+            released = False
+            if self._fenced is None and self._synced and not self._catalog_stale:
+                # on failure the next holder must force the lease; nothing else is lost
+                with contextlib.suppress(IOFailure, Conflict):
+                    self.bucket.release_lease(self.lease)
+                    released = True
+            clean = released and self._watching() and self._tracked and not self._dirty
+            if pio.write_route(self.fd) == self._tracker.write:
+                pio.route(self.fd, None)
+            self._tracker.close()
+            if clean:
+                self._save_clean()
         self._pool.shutdown(wait=True)
         self.bucket.close()
         super().close()
 
+    def _save_clean(self) -> None:
+        """Record in ``s3.json`` that the image and the bucket agree (``S3Config.clean``)."""
+        directory = self._catalog_path.parent
+        try:
+            config = S3Config.load(directory)
+            dataclasses.replace(config, clean=True).save(directory)
+        except (OSError, CorruptMetadata) as e:  # the next open compares every object
+            log.warning("%s: cannot record a clean close: %s", directory, e)
+
 
 def hydrate(bucket: Bucket, fd: int, object_size: int) -> dict[int, str]:
-    """Download every data object of ``bucket`` into the local image ``fd``; returns their
-    digests. Raises ``IOFailure``."""
-    wanted = [(int(key[len(DATA_PREFIX) :], 16), etag) for key, etag in bucket.keys(DATA_PREFIX)]
+    """Download every data object of ``bucket`` into the local image ``fd`` and sync it;
+    returns their ETags. Raises ``IOFailure``."""
 
-    def fetch(item: tuple[int, str]) -> tuple[int, str]:
-        index, _ = item
+    def fetch(index: int) -> tuple[int, str]:
         found = bucket.get(data_key(index))
-        if found is None:
+        if found is None:  # deleted since the listing: zeros
             return index, ""
-        data = found[0]
+        data, etag = found
         try:
             os.pwrite(fd, data, index * object_size)
         except OSError as e:
             raise IOFailure(f"write of the local image: {e.strerror}", e.errno or errno.EIO) from e
-        return index, hashlib.md5(data, usedforsecurity=False).hexdigest()
+        # start its write-back now, beside the downloads, rather than all at the final sync
+        LIBC.sync_file_range(
+            ctypes.c_int(fd),
+            ctypes.c_int64(index * object_size),
+            ctypes.c_int64(len(data)),
+            ctypes.c_uint(_SYNC_FILE_RANGE_WRITE),
+        )
+        return index, etag
 
     with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
-        got = dict(pool.map(fetch, wanted))
-    os.fsync(fd)
-    return {i: d for i, d in got.items() if d}
+        got = dict(pool.map(fetch, listed_digests(bucket)))
+    try:
+        os.fdatasync(fd)
+    except OSError as e:
+        raise IOFailure(f"sync of the local image: {e.strerror}", e.errno or errno.EIO) from e
+    return {i: etag for i, etag in got.items() if etag}
 
 
 def listed_digests(bucket: Bucket) -> dict[int, str]:
@@ -321,7 +468,7 @@ def acquire(bucket: Bucket, config: S3Config, directory: Path) -> Lease:
             "import it again"
         )
     taken = bucket.take_lease(config.owner, lease)
-    S3Config(config.spec, config.owner, taken.epoch, config.object_size).save(directory)
+    S3Config(config.spec, config.owner, taken.epoch, config.object_size).save(directory)  # dirty
     return taken
 
 
@@ -336,17 +483,34 @@ def attacher(bucket: Bucket, lease: Lease, object_size: int, catalog_path: Path)
     return attach
 
 
-def opener(directory: Path) -> _Open:
+@dataclass(frozen=True, slots=True)
+class Imported:
+    """What an import hands to the first open: the bucket, the lease it took, the ETags of
+    the objects it downloaded into the (synced) local image."""
+
+    bucket: Bucket
+    lease: Lease
+    etags: dict[int, str]
+
+
+def opener(directory: Path, imported: Imported | None = None) -> _Open:
     """The ``open_backing`` of an S3 pool in ``directory``: takes the lease, lists what the
-    bucket holds, opens the local image."""
+    bucket holds, opens the local image (``imported``: the lease is taken and the image
+    holds the listed objects). The image is trusted to hold what the bucket holds after an
+    import or a clean close (``S3Config.clean``); otherwise the first sync compares every
+    object."""
 
     def open_backing(path: str, expected: Header) -> Backing:
         config = S3Config.load(directory)
-        bucket = Bucket(config.spec)
+        bucket = Bucket(config.spec) if imported is None else imported.bucket
         try:
-            lease = acquire(bucket, config, directory)
+            if imported is None:
+                lease = acquire(bucket, config, directory)
+            else:
+                lease = imported.lease
+                dataclasses.replace(config, clean=False).save(directory)
             try:
-                uploaded = listed_digests(bucket)
+                uploaded = listed_digests(bucket) if imported is None else imported.etags
                 base = Backing.open(str(directory / DATA_NAME), expected)
             except BaseException:
                 bucket.release_lease(lease)
@@ -362,6 +526,7 @@ def opener(directory: Path) -> _Open:
             directory / "catalog.db",
             uploaded,
             catalog_stale=True,
+            tracked=config.clean,
         )
 
     return open_backing

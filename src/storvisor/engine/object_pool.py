@@ -30,6 +30,7 @@ from pathlib import Path
 from storvisor.engine.backing import sync_directory
 from storvisor.engine.object_backing import (
     DATA_NAME,
+    Imported,
     ObjectBacking,
     S3Config,
     acquire,
@@ -132,9 +133,10 @@ def import_(directory: Path, name: str, spec: S3Spec, *, force: bool = False) ->
     ``IOFailure``. Leaves no local state behind on failure."""
     bucket = Bucket(spec)
     try:
-        return _import(directory, name, bucket, force)
-    finally:
+        return _import(directory, name, bucket, force)  # the pool owns the bucket now
+    except BaseException:
         bucket.close()
+        raise
 
 
 def _import(directory: Path, name: str, bucket: Bucket, force: bool) -> Pool:
@@ -175,23 +177,24 @@ def _import(directory: Path, name: str, bucket: Bucket, force: bool) -> Pool:
         fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, int(bytes_))
-            hydrate(bucket, fd, osz)
+            etags = hydrate(bucket, fd, osz)
         finally:
             os.close(fd)
-        S3Config(spec, owner, taken.epoch, osz).save(directory)
+        S3Config(spec, owner, taken.epoch, osz, clean=True).save(directory)
         for parent in (directory, directory.parent):
             sync_directory(parent)
-        return open_(directory, name)
+        return open_(directory, name, Imported(bucket, taken, etags))
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
 
 
-def open_(directory: Path, name: str) -> Pool:
-    """Open an S3 pool this HOME holds (``Pool.open`` with the object backing), and flush it
-    before anything can allocate: the catalog a replayed journal committed reaches the
-    bucket before a cluster it frees can be handed out again."""
-    pool = Pool.open(directory, name, open_backing=opener(directory))
+def open_(directory: Path, name: str, imported: Imported | None = None) -> Pool:
+    """Open an S3 pool this HOME holds (``Pool.open`` with the object backing; ``imported``:
+    what ``import_`` just downloaded), and flush it before anything can allocate: the
+    catalog a replayed journal committed reaches the bucket before a cluster it frees can be
+    handed out again."""
+    pool = Pool.open(directory, name, open_backing=opener(directory, imported))
     try:
         pool.flush()
     except BaseException:

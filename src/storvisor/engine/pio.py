@@ -70,6 +70,11 @@ def route(fd: int, target: Route | None) -> None:
         _writers[fd] = target.write
 
 
+def write_route(fd: int) -> Callable[[list[memoryview], int], None] | None:
+    """Where the writes of ``fd`` go now (a ``Route``'s ``write``; None: to the file)."""
+    return _writers.get(fd)
+
+
 def routed() -> bool:
     """Whether any fd of this process is routed."""
     return bool(_readers)

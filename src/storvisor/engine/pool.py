@@ -939,6 +939,7 @@ class Pool:
                 state = VolumeState(self, key, top, size, read_only, vol.serial)
                 state.timeout = self.data_timeout
                 state.routed = self.cache is not None
+                state.writes_here = any(b.writes_here for b in self._backings.values())
                 state.view, state.homes = self._build_view(top, homes=not read_only)
                 self._states[key] = state
             state.handles += 1

@@ -122,6 +122,9 @@ class _Endpoint:
         self.requests = 0
         self.errors = 0
         self.latency = 0.0
+        self.answered = time.monotonic()
+        """When it last answered a request or a probe."""
+        self.probing = False
 
 
 class Bucket:
@@ -129,10 +132,15 @@ class Bucket:
 
     Requests go to the healthy endpoint with the fewest requests in flight (then the
     fastest). An endpoint that cannot be reached or does not answer within
-    ``spec.timeout`` is marked down and the request is retried on another at once; a
-    background thread probes the down ones every ``PROBE_INTERVAL`` seconds and brings them
-    back. While every endpoint is down a request waits up to ``spec.down_timeout`` for one
-    to come back, then fails with ``IOFailure`` (EIO). ``close`` stops the probes.
+    ``spec.timeout`` is marked down and the request is retried on another at once. A
+    background thread probes (``HEAD`` of the bucket) every ``PROBE_INTERVAL`` seconds the
+    down endpoints, which it brings back when they answer, and the healthy ones that nothing
+    was asked of meanwhile, which it marks down when they do not: an endpoint the balancing
+    leaves idle (the others were faster) is watched too, and a request never meets a
+    failure that a probe could have found first. Each probe runs in a thread of its own, so
+    a stalled endpoint delays no other's. While every endpoint is down a request waits up
+    to ``spec.down_timeout`` for one to come back, then fails with ``IOFailure`` (EIO).
+    ``close`` stops the probes.
     """
 
     PROBE_INTERVAL = 0.5
@@ -157,7 +165,7 @@ class Bucket:
             max_pool_connections=32,
         )
         self._config = config
-        self._session = boto3.session.Session()
+        self._session = boto3.session.Session(botocore_session=_botocore_session())
         session = self._session
         self._endpoints = [
             _Endpoint(
@@ -226,6 +234,7 @@ class Bucket:
         ran out."""
         deadline = time.monotonic() + (self.spec.down_timeout if wait else 0)
         with self._cond:
+            self._start_prober()
             while True:
                 up = [e for e in self._endpoints if e.up]
                 fresh = [e for e in up if e not in tried]
@@ -245,21 +254,23 @@ class Bucket:
             e.inflight -= 1
             e.requests += 1
             if ok:
+                e.answered = time.monotonic()
                 e.latency = seconds if e.latency == 0 else 0.8 * e.latency + 0.2 * seconds
                 return
             e.errors += 1
             if e.up:
                 e.up = False
                 log.info("S3 endpoint %s is down", e.url)
-            if self._prober is None and not self._closed:
-                self._prober = threading.Thread(
-                    target=self._probe_loop, name="storvisor-s3-probe", daemon=True
-                )
-                self._prober.start()
+
+    def _start_prober(self) -> None:
+        """Start the probe thread (at the first request). Call with ``_cond``."""
+        if self._prober is None and not self._closed:
+            self._prober = threading.Thread(
+                target=self._probe_loop, name="storvisor-s3-probe", daemon=True
+            )
+            self._prober.start()
 
     def _probe_loop(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         while True:
             with self._cond:
                 if self._closed:
@@ -267,18 +278,44 @@ class Bucket:
                 self._cond.wait(self.PROBE_INTERVAL)
                 if self._closed:
                     return
-                down = [e for e in self._endpoints if not e.up]
-            for e in down:
-                try:
-                    e.client.head_bucket(Bucket=self.spec.bucket)
-                except ClientError:
-                    pass  # it answers: an error of the request, not of the endpoint
-                except BotoCoreError:
-                    continue
-                with self._cond:
+                idle_since = time.monotonic() - self.PROBE_INTERVAL
+                due = [
+                    e
+                    for e in self._endpoints
+                    if not e.probing
+                    and (not e.up or (e.inflight == 0 and e.answered <= idle_since))
+                ]
+                for e in due:
+                    e.probing = True
+            for e in due:
+                threading.Thread(
+                    target=self._probe, args=(e,), name="storvisor-s3-probe-one", daemon=True
+                ).start()
+
+    def _probe(self, e: _Endpoint) -> None:
+        """``HEAD`` the bucket through ``e``: bring it back (down) or mark it down (up)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        answered = True
+        try:
+            e.client.head_bucket(Bucket=self.spec.bucket)
+        except ClientError:
+            pass  # it answers: an error of the request, not of the endpoint
+        except BotoCoreError:
+            answered = False
+        with self._cond:
+            e.probing = False
+            if answered:
+                e.answered = time.monotonic()
+                if not e.up:
                     e.up = True
                     self._cond.notify_all()
-                log.info("S3 endpoint %s is back", e.url)
+                    log.info("S3 endpoint %s is back", e.url)
+            elif e.up:
+                e.requests += 1
+                e.errors += 1
+                e.up = False
+                log.info("S3 endpoint %s is down (it did not answer a probe)", e.url)
 
     def _call_on(self, endpoint: _Endpoint, what: str, op: Callable[[Any], T]) -> T:
         """Run ``op`` on ``endpoint`` only, once; translate the client's errors."""
@@ -298,19 +335,15 @@ class Bucket:
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
-            ConnectionClosedError,
-            ConnectTimeoutError,
-            EndpointConnectionError,
+            HTTPClientError,
+            IncompleteReadError,
             NoCredentialsError,
-            ReadTimeoutError,
         )
+        from botocore.exceptions import ConnectionError as Unreachable
 
-        unreachable = (
-            EndpointConnectionError,
-            ConnectTimeoutError,
-            ReadTimeoutError,
-            ConnectionClosedError,
-        )
+        # the endpoint failed, not the request: no connection, no answer in time, a
+        # connection closed before the whole answer came (headers or body)
+        unreachable = (Unreachable, HTTPClientError, IncompleteReadError)
         tried: set[_Endpoint] = set()
         last: Exception | None = None
         while True:
@@ -456,6 +489,25 @@ class Bucket:
                 f"bucket {self.spec.bucket!r}: this host lost the pool's lease "
                 f"(epoch {held.epoch}; the bucket now has {what})"
             )
+
+
+_loader: Any = None
+_loader_lock = threading.Lock()
+
+
+def _botocore_session() -> Any:
+    """A new botocore session (credentials are looked up again for each bucket) sharing
+    one loader of the service models, so that a client costs about 40 ms instead of 250."""
+    global _loader
+    import botocore.session
+    from botocore.loaders import create_loader
+
+    with _loader_lock:
+        if _loader is None:
+            _loader = create_loader()
+        session = botocore.session.Session()
+        session.register_component("data_loader", _loader)
+    return session
 
 
 def _list(args: dict[str, Any], client: Any) -> dict[str, Any]:

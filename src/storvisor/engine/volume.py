@@ -152,6 +152,10 @@ class VolumeState:
         """The pool's data timeout (0: requests are not bounded); set by the pool."""
         self.routed = False
         """The pool has a cache tier: planes send every read and write here; set by the pool."""
+        self.writes_here = False
+        """The pool's devices must see every write made (an S3 pool's local image records
+        which objects they touch): planes send their writes here and read directly. Set by
+        the pool."""
 
     # ------------------------------------------------------------- data planes, ownership
 
@@ -175,6 +179,8 @@ class VolumeState:
         """The view as ``(vc, phys or None, owned by the top)``. Call with the pool lock."""
         phys_at = self.pool.phys_at
         top = self.top
+        if self.writes_here:
+            top = -1  # no cluster is writable in place by a plane
         for vc, (fd, offset, owner) in self.view.items():
             if fd < 0:
                 yield vc, None, False
@@ -214,7 +220,10 @@ class VolumeState:
         else:
             self.view[vc] = entry
         for plane in self.planes:
-            plane.map.set(vc, phys)
+            if phys is not None and self.writes_here:
+                plane.map.set_shared(vc, phys)
+            else:
+                plane.map.set(vc, phys)
 
     # --------------------------------------------------------------- allocating writes
 

@@ -1,0 +1,188 @@
+"""What an S3 pool's flush uploads: the objects written since their last upload, found
+without reading the rest of the local image; after a crash of the process, every object
+compared again; after an import or a clean close, nothing compared at open."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from s3server import REGION, MotoServer
+from tcpproxy import Proxy
+
+from storvisor.engine.home import Home
+from storvisor.engine.object_backing import S3Config
+from storvisor.engine.object_pool import object_backing
+from storvisor.engine.s3 import S3Spec
+from storvisor.errors import IOFailure
+
+MiB = 1 << 20
+VOLUME = 8 * MiB
+
+
+def read_bytes() -> int:
+    """Bytes this process has read through system calls (page-cache hits included)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def volume_bytes(home: Home) -> bytes:
+    volume = home.pool("d").open_volume("v")
+    try:
+        buf = bytearray(VOLUME)
+        volume.read_into(0, memoryview(buf))
+        return bytes(buf)
+    finally:
+        volume.close()
+
+
+def make_pool(home: Home, spec: S3Spec) -> bytearray:
+    """Pool "d" (objects of 1 MiB) with volume "v" written whole and flushed."""
+    home.create_s3_pool("d", spec, size=64 * MiB, object_size=MiB)
+    pool = home.pool("d")
+    pool.create_volume("v", VOLUME)
+    model = bytearray(os.urandom(VOLUME))
+    volume = pool.open_volume("v")
+    volume.write(0, model)
+    volume.close()
+    pool.flush()
+    return model
+
+
+def test_a_flush_uploads_the_written_objects_without_reading_the_others(
+    aws_env: MotoServer, s3home: Home
+) -> None:
+    model = make_pool(s3home, aws_env.spec(aws_env.bucket()))
+    pool = s3home.pool("d")
+    backing = object_backing(pool)
+    volume = pool.open_volume("v")
+    try:
+        for offset in (3 * MiB + 100, 5 * MiB + 7000):
+            volume.write(offset, b"x" * 512)  # in place: no metadata changes
+            model[offset : offset + 512] = b"x" * 512
+        before, read_before = backing.uploads, read_bytes()
+        volume.flush()
+        assert backing.uploads - before == 2, "a flush uploads exactly the written objects"
+        assert read_bytes() - read_before <= 3 * MiB, "a flush read objects nobody wrote"
+        volume.flush()
+        assert backing.uploads - before == 2, "a second flush uploads nothing"
+    finally:
+        volume.close()
+
+
+def test_an_import_and_a_clean_close_open_without_comparing(
+    aws_env: MotoServer, tmp_path: Path
+) -> None:
+    spec = aws_env.spec(aws_env.bucket())
+    first = Home(tmp_path / "first")
+    model = make_pool(first, spec)
+    first.close()
+    assert S3Config.load(tmp_path / "first" / "pools" / "d").clean
+
+    other = Home(tmp_path / "other")
+    try:
+        start = read_bytes()
+        other.import_s3_pool("d", spec)  # downloads, then opens and flushes
+        assert read_bytes() - start < MiB, "the import read the local image to compare it"
+        config = S3Config.load(tmp_path / "other" / "pools" / "d")
+        assert not config.clean, "the pool is open: its image is not known clean"
+    finally:
+        other.close()
+    assert S3Config.load(tmp_path / "other" / "pools" / "d").clean
+
+    other = Home(tmp_path / "other")
+    try:
+        start = read_bytes()
+        pool = other.pool("d")  # reopened: its open flushes
+        assert read_bytes() - start < MiB, "the open read the local image to compare it"
+        assert object_backing(pool).uploads == 0
+        same = volume_bytes(other) == model
+        assert same
+    finally:
+        other.close()
+
+
+CRASHER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from storvisor.engine.home import Home
+    home = Home(sys.argv[1])
+    volume = home.pool("d").open_volume("v")
+    volume.write(2 * 1024 * 1024, b"B" * 4096)   # in place, never flushed
+    volume.write(6 * 1024 * 1024, b"C" * 4096)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_marks_lost_in_a_crash_are_rebuilt_by_comparing_every_object(
+    aws_env: MotoServer, tmp_path: Path
+) -> None:
+    spec = aws_env.spec(aws_env.bucket())
+    first = Home(tmp_path / "first")
+    model = make_pool(first, spec)
+    first.close()  # clean
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASHER, str(tmp_path / "first")],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    model[2 * MiB : 2 * MiB + 4096] = b"B" * 4096  # a process crash keeps the page cache
+    model[6 * MiB : 6 * MiB + 4096] = b"C" * 4096
+
+    first = Home(tmp_path / "first")
+    try:
+        same = volume_bytes(first) == model
+        assert same, "the image lost writes of the crashed process"
+    finally:
+        first.close()  # the open compared every object: the bucket has the writes now
+    other = Home(tmp_path / "other")
+    try:
+        other.import_s3_pool("d", spec)
+        same = volume_bytes(other) == model
+        assert same, "the bucket differs from the image it came from"
+    finally:
+        other.close()
+
+
+def test_marks_of_a_failed_upload_are_kept_for_the_next_flush(
+    aws_env: MotoServer, tmp_path: Path
+) -> None:
+    target = urlsplit(aws_env.url)
+    proxy = Proxy((target.hostname or "127.0.0.1", target.port or 80))
+    bucket = aws_env.bucket()
+    spec = S3Spec(bucket, (proxy.url,), REGION, timeout=1.0, down_timeout=3.0)
+    home = Home(tmp_path / "home")
+    try:
+        model = make_pool(home, spec)
+        pool = home.pool("d")
+        volume = pool.open_volume("v")
+        volume.write(4 * MiB, b"F" * 4096)
+        model[4 * MiB : 4 * MiB + 4096] = b"F" * 4096
+        proxy.stop()
+        with pytest.raises(IOFailure):
+            volume.flush()
+        proxy.start()
+        volume.flush()
+        volume.close()
+    finally:
+        home.close()
+        proxy.stop()
+    other = Home(tmp_path / "other")
+    try:
+        other.import_s3_pool("d", aws_env.spec(bucket))
+        same = volume_bytes(other) == model
+        assert same, "the write whose upload failed never reached it"
+    finally:
+        other.close()
