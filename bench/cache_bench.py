@@ -136,14 +136,14 @@ def serve(work: str, size: int, sock: str) -> None:
     """Child process of ``--nbd``: both volumes exported through NBD data planes."""
     from storvisor.engine.iostats import StatsSet
     from storvisor.exports.nbd import NBDExport, NBDServer
-    from storvisor.exports.nbd_worker import NbdDataPlanes
+    from storvisor.exports.nbd_worker import DataPlanes
 
     home = _setup(Path(work), size)
 
     def opener(name: str):  # type: ignore[no-untyped-def]
         return lambda: home.pool(name).open_volume("v")
 
-    planes = NbdDataPlanes()
+    planes = DataPlanes()
     planes.start()
     server = NBDServer(handoff=planes.hand_over)
     for name in ("plain", "cached"):

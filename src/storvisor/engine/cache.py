@@ -71,6 +71,7 @@ from dataclasses import dataclass
 from storvisor.engine import pio
 from storvisor.engine.backing import MAGIC as BACKING_MAGIC
 from storvisor.engine.backing import Backing, Header, sync_directory
+from storvisor.engine.cachelines import SharedLines
 from storvisor.engine.probe import find_signature
 from storvisor.engine.types import CacheInfo, CacheMode
 from storvisor.errors import Conflict, InvalidArgument, IOFailure, NotFound
@@ -270,6 +271,13 @@ class Cache:
         self._waiting = 0  # writers waiting for a free slot
         self._routes: dict[int, _Route] = {}
         self._steps: dict[int, list[Callable[[], None]]] = {}  # run after an epoch's destage
+        self.lines = SharedLines(slots, line_size, self._data_at)
+        """The line table data planes read (``engine/cachelines.py``), kept current under
+        the lock."""
+        self.lines.set_flags(writeback=self.writeback, failed=False)
+        self.drain: Callable[[], None] = lambda: None
+        """Set by the pool: returns once no data plane runs a write in place that saw the
+        open epoch before it advanced (it freezes their gates once)."""
 
     # ------------------------------------------------------------------- creating, opening
 
@@ -438,6 +446,9 @@ class Cache:
             if key >= 0 and newest.get(key) != slot and not self.epochs[slot]:
                 self.tags[slot] = -1
                 self._free.append(slot)
+        for key, slot in newest.items():
+            self.lines.publish(slot, key, self.epochs[slot])
+        self.lines.set_open_epoch(self.open_epoch)
 
     def _start(self, route: bool) -> None:
         for index, backing in self._backings.items():
@@ -495,6 +506,7 @@ class Cache:
                     self._pins[slot] += 1
                     self._ref[slot] = 1
                     self.hits += 1
+                    self.lines.hint(key, slot)  # a plane missed it (or its hint was lost)
                     break
                 fill = self._filling.get(key)
                 if fill is None:
@@ -560,6 +572,7 @@ class Cache:
                     else:
                         self.epochs[slot] = 0
                     self._changed.add(slot)
+                    self.lines.publish(slot, key, self.epochs[slot])
         fill.done.set()
 
     # ------------------------------------------------------------------------- writing
@@ -598,6 +611,7 @@ class Cache:
                                 self._dirty(slot)
                             self._inflight.append(slot)
                             self.hits += 1
+                            self.lines.hint(key, slot)
                             break
                         self._pins[slot] += 1  # a closed epoch not destaged yet: copy it
                     else:
@@ -627,6 +641,8 @@ class Cache:
         """Write ``data`` to line ``key`` in a new slot (copy-on-write of ``old``, whose
         closed epoch is not destaged yet); ``old`` stays mapped until the copy is in."""
         try:
+            while old in self._inflight:  # a write that found ``old`` open is still running
+                time.sleep(0.0002)
             buf = bytearray(self.line_size)
             try:
                 pio.preadv_full(self.fd, [memoryview(buf)], self._slot_at(old))
@@ -650,6 +666,8 @@ class Cache:
             self._assigned[new] += 1
             self._ref[new] = 1
             self._dirty(new)
+            self.lines.publish(new, key, self.open_epoch)
+            self.lines.retire(old)
             if not self.epochs[old]:  # destaged meanwhile: nothing needs the old copy
                 self.tags[old] = -1
                 self._free.append(old)
@@ -680,6 +698,7 @@ class Cache:
     def _dirty(self, slot: int) -> None:
         """Mark ``slot`` dirty in the open epoch (lock held)."""
         self.epochs[slot] = self.open_epoch
+        self.lines.set_epoch(slot, self.open_epoch)
         self._lists.setdefault(self.open_epoch, []).append(slot)
         self._changed.add(slot)
         self._ref[slot] = 1
@@ -719,6 +738,7 @@ class Cache:
                 self._ref[slot] = 0
                 continue
             del self._map[key]
+            self.lines.retire(slot)
             self.tags[slot] = -1
             self._free.append(slot)
             freed += 1
@@ -740,7 +760,12 @@ class Cache:
             with self._lock:
                 epoch = self.open_epoch
                 self.open_epoch += 1
-                if self._lists.get(epoch):
+                self.lines.set_open_epoch(self.open_epoch)
+            # writes in place that data planes started before the epoch advanced end
+            # before the closed epoch is synced or destaged (engine/cachelines.py)
+            self.drain()
+            with self._lock:
+                if self._lists.get(epoch) and (not self._closed or self._closed[-1] != epoch):
                     self._closed.append(epoch)
                 changed = self._snapshot()
             try:
@@ -862,6 +887,7 @@ class Cache:
                     continue
                 if self._map.get(self.tags[slot]) == slot:
                     self.epochs[slot] = 0
+                    self.lines.set_epoch(slot, 0)
                 else:  # copied to a new slot meanwhile
                     self.tags[slot] = -1
                     self.epochs[slot] = 0
@@ -884,6 +910,7 @@ class Cache:
     def mode(self, mode: CacheMode) -> None:
         self._mode = mode
         self.writeback = mode is CacheMode.WRITEBACK
+        self.lines.set_flags(writeback=self.writeback, failed=self.failure is not None)
 
     def defers(self, backing: Backing) -> bool:
         """Whether ``backing``'s ``committed`` must wait for the destage: a writeback cache
@@ -941,11 +968,16 @@ class Cache:
         at = (key & ((1 << KEY_SHIFT) - 1)) * self.line_size + within
         pio.pwritev_full(self._direct[index], [data], at)
 
+    def fail(self, error: IOFailure) -> None:
+        """A data plane's read or write of the device failed: latch it as ``_failed``."""
+        self._failed(error)
+
     def _failed(self, error: IOFailure) -> IOFailure:
         """Latch the cache's failure (module docstring) and return ``error``."""
         first = self.failure is None
         if first:
             self.failure = error
+            self.lines.set_flags(writeback=self.writeback, failed=True)
             log.error("cache %s failed: %s", self.path, error)
             self._on_failure(error)
         return error
@@ -1017,6 +1049,7 @@ class Cache:
         wipe_device(self.path)
 
     def _close_fds(self) -> None:
+        self.lines.close()
         for fd in self._direct.values():
             os.close(fd)
         self._direct.clear()
