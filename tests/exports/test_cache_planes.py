@@ -111,9 +111,10 @@ def test_nbd_through_planes_on_a_cached_pool(
             offset = rng.randrange(SIZE // 512) * 512
             assert h.pread(512, offset) == model[offset : offset + 512], (i, offset)
         served = _owner_requests(pool) - before
-        assert served < 100, f"the pool's process served {served} of 4000 cache hits"
+        owners = 2000 if mode is CacheMode.WRITETHROUGH else 0  # the backing comes first
+        assert served < owners + 100, f"the pool's process served {served} of 4000 cache hits"
         if mode is CacheMode.WRITETHROUGH:
-            assert pool.info().cache.dirty_bytes == 0  # type: ignore[union-attr]
+            assert pool.info().cache.dirty == 0  # type: ignore[union-attr]
 
         # across flushes (epochs close, lines are copied), a snapshot and unaligned requests
         # over two clusters

@@ -426,7 +426,8 @@ class RemoteVolume:
         if m.bounded:
             self._read_owner(offset, [buf])
         elif m.cache:
-            self._cached_read(offset, [buf], m.cache)
+            if not self._cached_read_one(offset, buf, m.cache):
+                self._cached_read(offset, [buf], m.cache)
         elif not self._read_one(offset, buf):
             self.vectors.read_into(offset, [buf])
 
@@ -442,7 +443,8 @@ class RemoteVolume:
         if m.bounded:
             self._call(Op.WRITE, Flag.FUA if fua else 0, offset, n, view)
         elif m.cache:
-            self._cached_write(offset, [view], fua, m.cache)
+            if fua or not self._cached_write_one(offset, view, m.cache):
+                self._cached_write(offset, [view], fua, m.cache)
         elif fua or not self._write_one(offset, view):
             self.vectors.write(offset, [view], fua=fua)
 
@@ -494,6 +496,63 @@ class RemoteVolume:
                 self._old_lines.append(self._lines)  # a thread may still read through it
             self._lines = lines
             return lines
+
+    def _cached_read_one(self, offset: int, buf: memoryview, generation: int) -> bool:
+        """Serve a read within one cluster from the cache (the common hit); False if it is
+        not one (the caller takes the general path). The range is checked."""
+        lines = self._lines
+        n = len(buf)
+        within = offset & (self._cs - 1)
+        if lines is None or lines.generation != generation or within + n > self._cs:
+            return False
+        gate = self._gate
+        gate.enter()
+        try:
+            m = self._reader_map
+            if m.cache != generation:
+                return False
+            try:
+                place = m.lookup(offset >> self._shift)
+            except IndexError:
+                return False
+            if place is None:
+                buf[:] = self._zeros[:n]
+                return True
+            return lines.read(place[0], place[1] + within, [buf], n)
+        except IOFailure as e:
+            self._report(_CACHE_DEVICE, e)
+            raise
+        finally:
+            gate.leave()
+
+    def _cached_write_one(self, offset: int, view: memoryview, generation: int) -> bool:
+        """Write within one cluster in place in the cache (the common overwrite); False if
+        it cannot be (nothing was written). The range is checked."""
+        lines = self._lines
+        n = len(view)
+        within = offset & (self._cs - 1)
+        if lines is None or lines.generation != generation or within + n > self._cs:
+            return False
+        gate = self._gate
+        gate.enter()
+        try:
+            m = self._reader_map
+            if m.cache != generation:
+                return False
+            try:
+                place = m.lookup(offset >> self._shift)
+            except IndexError:
+                return False
+            return (
+                place is not None
+                and place[2]
+                and lines.write(place[0], place[1] + within, [view], n)
+            )
+        except IOFailure as e:
+            self._report(_CACHE_DEVICE, e)
+            raise
+        finally:
+            gate.leave()
 
     def _cached_read(self, offset: int, views: list[memoryview], generation: int) -> None:
         """Read through the cache tier: cached lines here, the rest from the owner."""
