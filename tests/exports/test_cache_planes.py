@@ -244,6 +244,10 @@ def test_a_flush_waits_for_a_planes_write_in_place(pool: Pool, tmp_path: Path) -
         )
         plane.remote.write(8192, b"\x03" * 4096)  # the epoch closed: the owner copies the line
         assert _owner_requests(pool) == before + 1
+        epoch = pool.cache.open_epoch  # type: ignore[union-attr]
+        plane.remote.write(8192, b"\x03" * 4096, fua=True)  # in place, then a flush
+        assert _owner_requests(pool) == before + 1
+        assert pool.cache.open_epoch > epoch, "a FUA write in place was not flushed"  # type: ignore[union-attr]
         pool.flush_cache()
         got = bytearray(CS)
         plane.remote.read_into(0, memoryview(got))
