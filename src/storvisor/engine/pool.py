@@ -1214,9 +1214,11 @@ class Pool:
 
     def _drain_planes(self) -> None:
         """Freeze and thaw every data plane of the pool once: no write in place that one
-        started before this call still runs (``Cache.drain``)."""
-        with self._lock:
-            planes = [plane for state in self._states.values() for plane in state.planes]
+        started before this call still runs (``Cache.drain``). Takes no lock: it runs in the
+        sync thread while the flush's caller may hold the pool's lock, and a plane attached
+        after the list is taken saw the cache's new epoch already."""
+        states = list(self._states.values())
+        planes = [plane for state in states for plane in list(state.planes)]
         for plane in planes:
             plane.freeze()
             plane.thaw()
