@@ -12,8 +12,9 @@ timed), so every round starts clean.
 
 With ``--nbd``, the same through the daemon's NBD data-plane processes and fio's ``nbd``
 engine: the plain pool's planes read and write the backing file themselves; the cached
-pool's planes send every read and write to the serving process (the cache lives there), so
-this measures what routing through the owner costs.
+pool's planes read cached lines and write lines dirty in the open epoch in the cache device
+themselves (``engine/cachelines.py``); only a line's first write after the cache was filled
+goes to the serving process, where the cache lives.
 
 Usage::
 

@@ -5,8 +5,10 @@ Theory of operation
 The cache holds copies of *lines*, the pool's clusters as the backing devices lay them out:
 line ``n`` of device ``i`` is the device's bytes ``[n * line_size, (n + 1) * line_size)``,
 its key ``i << 40 | n``. The pool registers its backing fds with ``pio.route``, so every read
-and write the engine makes of a backing device comes here; data planes of a cached pool send
-their reads and writes to the pool's process (``SharedMap.set_bounded``).
+and write the engine makes of a backing device comes here. Data planes (other processes)
+serve hits and writes to lines dirty in the open epoch themselves, through a copy of the
+line table in shared memory (``engine/cachelines.py``, kept current here under the lock),
+and send everything else to the pool's process.
 
 *On the cache device*::
 
@@ -29,8 +31,9 @@ order); it is acknowledged when both are done. A flush syncs the backing devices
 slot is marked dirty in the *open epoch*. When every slot is dirty, a write waits for the
 destage to clean some; if none belongs to a closed epoch, the destage thread closes the open
 epoch itself, as a flush does (a disk's cache may write back early). A flush closes the
-epoch: it syncs the cache device (the data), then writes the table entries changed since the
-last flush and syncs again. A *destage* thread then copies closed epochs to the backing
+epoch: it advances the open epoch, waits until no data plane runs a write in place that saw
+the old one open (``drain``), syncs the cache device (the data), then writes the table
+entries changed since the last flush and syncs again. A *destage* thread then copies closed epochs to the backing
 devices in order, one epoch at a time, syncing the backing devices after each (for an S3
 pool that sync is the upload barrier), and only then marks the epoch's slots clean (table
 written and synced). The backing therefore always holds every epoch up to some flush plus
