@@ -33,8 +33,8 @@ destage to clean some; if none belongs to a closed epoch, the destage thread clo
 epoch itself, as a flush does (a disk's cache may write back early). A flush closes the
 epoch: it advances the open epoch, waits until no data plane runs a write in place that saw
 the old one open (``drain``), syncs the cache device (the data), then writes the table
-entries changed since the last flush and syncs again. A *destage* thread then copies closed epochs to the backing
-devices in order, one epoch at a time, syncing the backing devices after each (for an S3
+entries changed since the last flush and syncs again. A *destage* thread then copies closed
+epochs to the backing devices in order, one epoch at a time, syncing the backing devices after each (for an S3
 pool that sync is the upload barrier), and only then marks the epoch's slots clean (table
 written and synced). The backing therefore always holds every epoch up to some flush plus
 part of the next one: an image a crash could have left. A write to a line whose slot belongs
