@@ -35,12 +35,12 @@ epoch: it advances the open epoch, waits until no data plane runs a write in pla
 the old one open (``drain``), syncs the cache device (the data), then writes the table
 entries changed since the last flush and syncs again. A *destage* thread then copies closed
 epochs to the backing devices in order, one epoch at a time, syncing the backing devices
-after each (for an S3 pool that sync is the upload barrier), and only then marks the
-epoch's slots clean (table written and synced). The backing therefore always holds every epoch up to some flush plus
-part of the next one: an image a crash could have left. A write to a line whose slot belongs
-to a closed epoch not yet destaged does not change that slot: the line is copied to a new
-slot in the open epoch (copy-on-write), so each closed epoch's data stays as its flush left
-it.
+after each (for an S3 pool that sync is the upload barrier), and only then marks the epoch's
+slots clean (table written and synced). The backing therefore always holds every epoch up to
+some flush plus part of the next one: an image a crash could have left. A write to a line
+whose slot belongs to a closed epoch not yet destaged does not change that slot: the line is
+copied to a new slot in the open epoch (copy-on-write), so each closed epoch's data stays as
+its flush left it.
 
 *Restarts.* The table on the device is what the last flush or destage wrote. A pool closed
 cleanly writes the whole table and sets the clean flag: the next open finds the cache warm.
