@@ -263,6 +263,7 @@ class Cache:
         self._changed: set[int] = set()  # slots whose table entry changed since written
         self._durable = bytearray(table_bytes)  # the table as the device holds it
         self.hits = self.misses = 0
+        self.plane_hits = 0  # served by data planes (``Pool.cache_hits``)
         self.destaged = 0
         self._rates: collections.deque[tuple[float, int]] = collections.deque()
         self.failure: IOFailure | None = None
@@ -991,7 +992,8 @@ class Cache:
         with self._lock:
             used = sum(1 for t in self.tags if t >= 0)
             dirty = sum(1 for e in self.epochs if e)
-            hits, misses = self.hits + sum(r.hits for r in self._routes.values()), self.misses
+            hits = self.hits + self.plane_hits + sum(r.hits for r in self._routes.values())
+            misses = self.misses
             now = time.monotonic()
             while self._rates and self._rates[0][0] < now - RATE_WINDOW:
                 self._rates.popleft()

@@ -1231,6 +1231,12 @@ class Pool:
             raise KeyError(generation)
         return cache.lines.fd, cache.fd
 
+    def cache_hits(self, count: int) -> None:
+        """A data plane served ``count`` reads and writes from the cache itself."""
+        cache = self.cache
+        if cache is not None:
+            cache.plane_hits += count
+
     def cache_failed(self, error: IOFailure) -> None:
         """A data plane's read or write of the cache device failed with ``error``."""
         cache = self.cache

@@ -100,6 +100,9 @@ class VolumePool(Protocol):
     def cache_failed(self, error: IOFailure) -> None:
         """A data plane's read or write of the cache device failed with ``error``."""
 
+    def cache_hits(self, count: int) -> None:
+        """A data plane served ``count`` reads and writes from the cache itself."""
+
     def run_bounded(self, op: BackingOp, work: Callable[[], None]) -> None:
         """Run ``work`` on an I/O thread within the data timeout; raises ``IOFailure``
         (ETIMEDOUT) past it."""
@@ -678,6 +681,11 @@ class Volume:
         """A plane's read or write of the cache device failed with ``error``: the cache
         latches its failure as for its own requests (``engine/cache.py``)."""
         self._state.pool.cache_failed(error)
+
+    def cache_hits(self, count: int) -> None:
+        """A plane served ``count`` reads and writes from the cache itself (counted in the
+        cache's hits)."""
+        self._state.pool.cache_hits(count)
 
     def backing_failed(self, op: BackingOp, error: IOFailure) -> None:
         """A plane's direct read or write of a backing device failed with ``error``:

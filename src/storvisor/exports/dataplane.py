@@ -96,6 +96,7 @@ class Op:
     # backing device failed with errno b; payload = the message. The owner counts it.
     READ = 12  # a = offset, b = length; reply payload = the data (bounded or cached volumes)
     CACHEFD = 13  # a = cache generation, b = 0 (line table) or 1 (device); reply carries it
+    HITS = 14  # plane -> owner, unsolicited: a = reads and writes served from the cache here
 
 
 class Flag:
@@ -104,6 +105,8 @@ class Flag:
     DISCARD = 4  # ZERO: a discard (always unmaps)
 
 
+_HITS_BATCH = 1024
+"""Cache hits a plane counts before it tells the owner (``HITS``; the rest at close)."""
 _CACHE_DEVICE = 2
 """``FAILED``'s ``a`` for a read or write of the cache device."""
 _FREEZE_TIMEOUT = 30.0
@@ -242,6 +245,8 @@ class PlaneHost:
                         event.set()
                 elif op == Op.READY:
                     self.ready.set()
+                elif op == Op.HITS:
+                    self.volume.cache_hits(frame.a)
                 elif op == Op.FAILED:
                     message = bytes(frame.payload).decode(errors="replace")
                     error = IOFailure(message, frame.b or errno.EIO)
@@ -394,6 +399,8 @@ class RemoteVolume:
         self._lines: LinesReader | None = None
         self._old_lines: list[LinesReader] = []  # replaced, closed with the volume
         self._lines_lock = threading.Lock()
+        self._hits = itertools.count(1)  # next() is atomic: no lock for the count
+        self._hits_told = 0
         self.vectors = _RemoteVectors(self)
         """``blk.VectoredIO`` over this volume (a request's buffers in as few calls as the
         cluster layout allows)."""
@@ -518,7 +525,10 @@ class RemoteVolume:
             if place is None:
                 buf[:] = self._zeros[:n]
                 return True
-            return lines.read(place[0], place[1] + within, [buf], n)
+            if not lines.read(place[0], place[1] + within, [buf], n):
+                return False
+            self._hit()
+            return True
         except IOFailure as e:
             self._report(_CACHE_DEVICE, e)
             raise
@@ -543,16 +553,24 @@ class RemoteVolume:
                 place = m.lookup(offset >> self._shift)
             except IndexError:
                 return False
-            return (
-                place is not None
-                and place[2]
-                and lines.write(place[0], place[1] + within, [view], n)
-            )
+            if place is None or not place[2]:
+                return False
+            if not lines.write(place[0], place[1] + within, [view], n):
+                return False
+            self._hit()
+            return True
         except IOFailure as e:
             self._report(_CACHE_DEVICE, e)
             raise
         finally:
             gate.leave()
+
+    def _hit(self) -> None:
+        """Count a request served from the cache here; tell the owner every batch."""
+        if next(self._hits) % _HITS_BATCH == 0:
+            self._hits_told += _HITS_BATCH
+            with contextlib.suppress(OSError):
+                self._link.send(Op.HITS, 0, _HITS_BATCH)
 
     def _cached_read(self, offset: int, views: list[memoryview], generation: int) -> None:
         """Read through the cache tier: cached lines here, the rest from the owner."""
@@ -582,11 +600,12 @@ class RemoteVolume:
                     if place is None:
                         for view in part:
                             _fill_zeros(view, self._zeros)
-                    elif not lines.read(place[0], place[1] + within, part, n):
-                        if misses and sum(misses[-1]) == pos:
-                            misses[-1] = (misses[-1][0], misses[-1][1] + n)
-                        else:
-                            misses.append((pos, n))
+                    elif lines.read(place[0], place[1] + within, part, n):
+                        self._hit()
+                    elif misses and sum(misses[-1]) == pos:
+                        misses[-1] = (misses[-1][0], misses[-1][1] + n)
+                    else:
+                        misses.append((pos, n))
                     pos += n
         except IOFailure as e:
             self._report(_CACHE_DEVICE, e)
@@ -624,14 +643,15 @@ class RemoteVolume:
                     part = views if n == length else _slice(views, pos, n)
                     place = m.lookup(at >> self._shift)
                     if (
-                        place is None
-                        or not place[2]
-                        or not lines.write(place[0], place[1] + within, part, n)
+                        place is not None
+                        and place[2]
+                        and lines.write(place[0], place[1] + within, part, n)
                     ):
-                        if remote and sum(remote[-1]) == pos:
-                            remote[-1] = (remote[-1][0], remote[-1][1] + n)
-                        else:
-                            remote.append((pos, n))
+                        self._hit()
+                    elif remote and sum(remote[-1]) == pos:
+                        remote[-1] = (remote[-1][0], remote[-1][1] + n)
+                    else:
+                        remote.append((pos, n))
                     pos += n
         except IOFailure as e:
             self._report(_CACHE_DEVICE, e)
@@ -740,6 +760,10 @@ class RemoteVolume:
         """Drop the channel; idempotent."""
         if self._closed:
             return
+        untold = next(self._hits) - 1 - self._hits_told
+        if untold > 0 and not self._lost:
+            with contextlib.suppress(OSError):
+                self._link.send(Op.HITS, 0, untold)
         self._closed = True
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
