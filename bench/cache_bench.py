@@ -185,7 +185,9 @@ def nbd(work: Path, size: int, seconds: float, repeat: int) -> dict[str, Any]:
                             f"--rw=rand{kind}", f"--bs={BLOCK}", f"--iodepth={QD}",
                             f"--runtime={seconds:g}", "--time_based", "--output-format=json",
                             f"--size={size}"]  # fmt: skip
-                    out = subprocess.run(args, capture_output=True, text=True, check=True)
+                    out = subprocess.run(args, capture_output=True, text=True)
+                    if out.returncode:
+                        raise SystemExit(f"fio on {name} failed: {out.stdout}{out.stderr}")
                     job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]
                     results[name][kind].append(job[kind]["iops"])
     finally:
@@ -206,12 +208,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--size", default="256M")
     parser.add_argument("--nbd", action="store_true", help="through NBD data planes and fio")
+    parser.add_argument("--nbd-only", action="store_true", help="--nbd without the engine part")
     args = parser.parse_args()
     size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="cache-bench-", dir="/var/tmp"))
     try:
-        result = {"engine": engine(work / "engine", size, args.seconds, args.repeat)}
-        if args.nbd:
+        result = {}
+        if not args.nbd_only:
+            result["engine"] = engine(work / "engine", size, args.seconds, args.repeat)
+        if args.nbd or args.nbd_only:
             (work / "nbd").mkdir()
             result["nbd"] = nbd(work / "nbd", size, args.seconds, args.repeat)
     finally:

@@ -178,18 +178,25 @@ class LinesReader:
         """Fill ``views`` (``n`` bytes, within one line) from byte ``offset`` of backing
         device ``device`` if the line is cached; False if it is not (nothing is promised
         about ``views`` then). Raises ``IOFailure`` (the cache device failed)."""
-        key = device << KEY_SHIFT | offset >> self.shift
-        slot = self._find(key)
-        if slot < 0:
-            return False
+        line = offset >> self.shift
+        tag = (device << KEY_SHIFT | line) + 1
         w = self._w
+        first = (line + device * _HINT_MULT) & self._mask  # _find, inlined: the hot path
+        b = self._hints + 2 * first
+        if w[b] != tag:
+            b = self._hints + 2 * ((first + 1) & self._mask)
+            if w[b] != tag:
+                return False
+        slot = w[b + 1]
+        if w[b] != tag or w[self._cur + slot] != tag:
+            return False
         fills = w[self._fills + slot]
         at = self._data_at + (slot << self.shift) + (offset & ((1 << self.shift) - 1))
         try:
             done = os.preadv(self.device_fd, views, at)
         except OSError as e:
             raise IOFailure(f"read of the cache device: {e.strerror}", e.errno or errno.EIO) from e
-        return done == n and w[self._fills + slot] == fills and w[self._cur + slot] == key + 1
+        return done == n and w[self._fills + slot] == fills and w[self._cur + slot] == tag
 
     def write(self, device: int, offset: int, views: list[memoryview], n: int) -> bool:
         """Write ``views`` (``n`` bytes, within one line) at byte ``offset`` of backing
