@@ -430,11 +430,12 @@ class RemoteVolume:
         if self._closed or self._lost or offset < 0 or offset + n > self._size:
             self._check(offset, n, writing=False)
         m = self._reader_map
+        generation = m.cache
         if m.bounded:
             self._read_owner(offset, [buf])
-        elif m.cache:
-            if not self._cached_read_one(offset, buf, m.cache):
-                self._cached_read(offset, [buf], m.cache)
+        elif generation:
+            if not self._cached_read_one(offset, buf, generation):
+                self._cached_read(offset, [buf], generation)
         elif not self._read_one(offset, buf):
             self.vectors.read_into(offset, [buf])
 
@@ -447,11 +448,12 @@ class RemoteVolume:
         if closed or offset < 0 or offset + n > self._size or self._read_only:
             self._check(offset, n, writing=True)
         m = self._reader_map
+        generation = m.cache
         if m.bounded:
             self._call(Op.WRITE, Flag.FUA if fua else 0, offset, n, view)
-        elif m.cache:
-            if fua or not self._cached_write_one(offset, view, m.cache):
-                self._cached_write(offset, [view], fua, m.cache)
+        elif generation:
+            if fua or not self._cached_write_one(offset, view, generation):
+                self._cached_write(offset, [view], fua, generation)
         elif fua or not self._write_one(offset, view):
             self.vectors.write(offset, [view], fua=fua)
 
