@@ -12,6 +12,7 @@ import random
 import shutil
 import socket
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -265,3 +266,70 @@ def test_a_flush_waits_for_a_planes_write_in_place(pool: Pool, tmp_path: Path) -
     vol.read_into(0, memoryview(got))
     vol.close()
     assert got == b"\x01" * 4096 + b"\x02" * 4096 + b"\x03" * 4096 + b"\x01" * (CS - 12288)
+
+
+def test_concurrent_nbd_clients_on_a_tiny_writeback_cache(
+    pool: Pool, planes: DataPlanes, tmp_path: Path
+) -> None:
+    """Four NBD connections write and read their own 4 KiB blocks, interleaved in shared
+    lines, through a 16-line cache in front of a 64-line volume, with flushes: lines are
+    evicted, refilled, copied and destaged while the planes read and write them. Every read
+    sees its connection's last write, and the backing device ends with all of them."""
+    nbd = _nbd()
+    size = 4 * MiB
+    pool.create_volume("v", size)
+    vol = pool.open_volume("v")
+    vol.write(0, bytes(size))  # every cluster allocated: the planes' writes are in place
+    vol.flush()
+    vol.close()
+    pool.set_cache(CacheSpec(str(tmp_path / "cache.img"), 16 * CS + (1 << 20)), CacheMode.WRITEBACK)
+    planes.add_export("v", lambda: pool.open_volume("v"), "", read_only=False)
+    blocks = size // 4096
+    clients = 4
+    models = [bytearray(size) for _ in range(clients)]
+    errors: list[str] = []
+
+    def client(index: int) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        assert planes.hand_over(theirs)
+        h = nbd.NBD()
+        h.set_export_name("v")
+        h.connect_socket(ours.detach())
+        rng = random.Random(index)
+        model = models[index]
+        mine = range(index, blocks, clients)
+        try:
+            for i in range(1500):
+                offset = rng.choice(mine) * 4096
+                if rng.random() < 0.5:
+                    data = rng.randbytes(4096)
+                    h.pwrite(data, offset)
+                    model[offset : offset + 4096] = data
+                elif h.pread(4096, offset) != model[offset : offset + 4096]:
+                    errors.append(f"client {index}, request {i}: stale data at {offset}")
+                    return
+                if rng.random() < 0.01:
+                    h.flush()
+        except Exception as e:
+            errors.append(f"client {index}: {e!r}")
+        finally:
+            h.shutdown()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert not errors, errors
+    planes.remove_export("v")
+    pool.set_cache(None, CacheMode.NONE)
+    vol = pool.open_volume("v")
+    got = bytearray(size)
+    vol.read_into(0, memoryview(got))
+    vol.close()
+    for block in range(blocks):
+        at = block * 4096
+        expected = models[block % clients][at : at + 4096]
+        assert got[at : at + 4096] == expected, f"block {block} lost a write"
+    assert pool.fsck().clean

@@ -40,6 +40,7 @@ import errno
 import itertools
 import mmap
 import os
+from collections.abc import Callable
 
 from storvisor.errors import IOFailure
 
@@ -138,9 +139,19 @@ class SharedLines:
 
 class LinesReader:
     """A data plane's side: the table (``table_fd``, mapped read-only) and the cache
-    device (``device_fd``); both fds become this reader's (closed by ``close``)."""
+    device (``device_fd``); both fds become this reader's (closed by ``close``).
 
-    def __init__(self, table_fd: int, device_fd: int) -> None:
+    ``preadv`` is the seam the tests use to change the table while a read is in its system
+    call; production code never passes it."""
+
+    def __init__(
+        self,
+        table_fd: int,
+        device_fd: int,
+        *,
+        preadv: Callable[[int, list[memoryview], int], int] = os.preadv,
+    ) -> None:
+        self._preadv = preadv
         self.table_fd = table_fd
         self.device_fd = device_fd
         nbytes = os.fstat(table_fd).st_size
@@ -193,7 +204,7 @@ class LinesReader:
         fills = w[self._fills + slot]
         at = self._data_at + (slot << self.shift) + (offset & ((1 << self.shift) - 1))
         try:
-            done = os.preadv(self.device_fd, views, at)
+            done = self._preadv(self.device_fd, views, at)
         except OSError as e:
             raise IOFailure(f"read of the cache device: {e.strerror}", e.errno or errno.EIO) from e
         return done == n and w[self._fills + slot] == fills and w[self._cur + slot] == tag
