@@ -400,7 +400,6 @@ class RemoteVolume:
         self._old_lines: list[LinesReader] = []  # replaced, closed with the volume
         self._lines_lock = threading.Lock()
         self._hits = itertools.count(1)  # next() is atomic: no lock for the count
-        self._hits_told = 0
         self.vectors = _RemoteVectors(self)
         """``blk.VectoredIO`` over this volume (a request's buffers in as few calls as the
         cluster layout allows)."""
@@ -515,6 +514,7 @@ class RemoteVolume:
         if lines is None or lines.generation != generation or within + n > self._cs:
             return False
         gate = self._gate
+        due = False
         gate.enter()
         try:
             m = self._reader_map
@@ -529,13 +529,15 @@ class RemoteVolume:
                 return True
             if not lines.read(place[0], place[1] + within, [buf], n):
                 return False
-            self._hit()
+            due = self._hit()
             return True
         except IOFailure as e:
             self._report(_CACHE_DEVICE, e)
             raise
         finally:
             gate.leave()
+            if due:
+                self._tell_hits()
 
     def _cached_write_one(self, offset: int, view: memoryview, generation: int) -> bool:
         """Write within one cluster in place in the cache (the common overwrite); False if
@@ -546,6 +548,7 @@ class RemoteVolume:
         if lines is None or lines.generation != generation or within + n > self._cs:
             return False
         gate = self._gate
+        due = False
         gate.enter()
         try:
             m = self._reader_map
@@ -559,20 +562,24 @@ class RemoteVolume:
                 return False
             if not lines.write(place[0], place[1] + within, [view], n):
                 return False
-            self._hit()
+            due = self._hit()
             return True
         except IOFailure as e:
             self._report(_CACHE_DEVICE, e)
             raise
         finally:
             gate.leave()
+            if due:
+                self._tell_hits()
 
-    def _hit(self) -> None:
-        """Count a request served from the cache here; tell the owner every batch."""
-        if next(self._hits) % _HITS_BATCH == 0:
-            self._hits_told += _HITS_BATCH
-            with contextlib.suppress(OSError):
-                self._link.send(Op.HITS, 0, _HITS_BATCH)
+    def _hit(self) -> bool:
+        """Count a request served from the cache here; True when a batch is due for the
+        owner (``_tell_hits``, outside the gate: a send may wait)."""
+        return next(self._hits) % _HITS_BATCH == 0
+
+    def _tell_hits(self) -> None:
+        with contextlib.suppress(OSError):
+            self._link.send(Op.HITS, 0, _HITS_BATCH)
 
     def _cached_read(self, offset: int, views: list[memoryview], generation: int) -> None:
         """Read through the cache tier: cached lines here, the rest from the owner."""
@@ -583,6 +590,7 @@ class RemoteVolume:
             return
         misses: list[tuple[int, int]] = []  # (position in the request, length)
         gate = self._gate
+        due = 0
         gate.enter()
         try:
             m = self._reader_map
@@ -603,7 +611,7 @@ class RemoteVolume:
                         for view in part:
                             _fill_zeros(view, self._zeros)
                     elif lines.read(place[0], place[1] + within, part, n):
-                        self._hit()
+                        due += self._hit()
                     elif misses and sum(misses[-1]) == pos:
                         misses[-1] = (misses[-1][0], misses[-1][1] + n)
                     else:
@@ -614,6 +622,8 @@ class RemoteVolume:
             raise
         finally:
             gate.leave()
+        for _ in range(due):
+            self._tell_hits()
         for pos, n in misses:
             self._read_owner(offset + pos, _slice(views, pos, n))
 
@@ -628,6 +638,7 @@ class RemoteVolume:
             return
         remote: list[tuple[int, int]] = []  # (position in the request, length)
         gate = self._gate
+        due = 0
         gate.enter()
         try:
             m = self._reader_map
@@ -649,7 +660,7 @@ class RemoteVolume:
                         and place[2]
                         and lines.write(place[0], place[1] + within, part, n)
                     ):
-                        self._hit()
+                        due += self._hit()
                     elif remote and sum(remote[-1]) == pos:
                         remote[-1] = (remote[-1][0], remote[-1][1] + n)
                     else:
@@ -660,6 +671,8 @@ class RemoteVolume:
             raise
         finally:
             gate.leave()
+        for _ in range(due):
+            self._tell_hits()
         for pos, n in remote:  # outside the gate: the owner may freeze it meanwhile
             data = b"".join(_slice(views, pos, n))
             self._call(Op.WRITE, 0, offset + pos, n, data)
@@ -762,7 +775,7 @@ class RemoteVolume:
         """Drop the channel; idempotent."""
         if self._closed:
             return
-        untold = next(self._hits) - 1 - self._hits_told
+        untold = (next(self._hits) - 1) % _HITS_BATCH  # each full batch was told
         if untold > 0 and not self._lost:
             with contextlib.suppress(OSError):
                 self._link.send(Op.HITS, 0, untold)
