@@ -12,8 +12,9 @@ timed), so every round starts clean.
 
 With ``--nbd``, the same through the daemon's NBD data-plane processes and fio's ``nbd``
 engine: the plain pool's planes read and write the backing file themselves; the cached
-pool's planes send every read and write to the serving process (the cache lives there), so
-this measures what routing through the owner costs.
+pool's planes read cached lines and write lines dirty in the open epoch in the cache device
+themselves (``engine/cachelines.py``); only a line's first write after the cache was filled
+goes to the serving process, where the cache lives.
 
 Usage::
 
@@ -136,14 +137,14 @@ def serve(work: str, size: int, sock: str) -> None:
     """Child process of ``--nbd``: both volumes exported through NBD data planes."""
     from storvisor.engine.iostats import StatsSet
     from storvisor.exports.nbd import NBDExport, NBDServer
-    from storvisor.exports.nbd_worker import NbdDataPlanes
+    from storvisor.exports.nbd_worker import DataPlanes
 
     home = _setup(Path(work), size)
 
     def opener(name: str):  # type: ignore[no-untyped-def]
         return lambda: home.pool(name).open_volume("v")
 
-    planes = NbdDataPlanes()
+    planes = DataPlanes()
     planes.start()
     server = NBDServer(handoff=planes.hand_over)
     for name in ("plain", "cached"):
@@ -184,7 +185,9 @@ def nbd(work: Path, size: int, seconds: float, repeat: int) -> dict[str, Any]:
                             f"--rw=rand{kind}", f"--bs={BLOCK}", f"--iodepth={QD}",
                             f"--runtime={seconds:g}", "--time_based", "--output-format=json",
                             f"--size={size}"]  # fmt: skip
-                    out = subprocess.run(args, capture_output=True, text=True, check=True)
+                    out = subprocess.run(args, capture_output=True, text=True)
+                    if out.returncode:
+                        raise SystemExit(f"fio on {name} failed: {out.stdout}{out.stderr}")
                     job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]
                     results[name][kind].append(job[kind]["iops"])
     finally:
@@ -205,12 +208,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--size", default="256M")
     parser.add_argument("--nbd", action="store_true", help="through NBD data planes and fio")
+    parser.add_argument("--nbd-only", action="store_true", help="--nbd without the engine part")
     args = parser.parse_args()
     size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="cache-bench-", dir="/var/tmp"))
     try:
-        result = {"engine": engine(work / "engine", size, args.seconds, args.repeat)}
-        if args.nbd:
+        result = {}
+        if not args.nbd_only:
+            result["engine"] = engine(work / "engine", size, args.seconds, args.repeat)
+        if args.nbd or args.nbd_only:
             (work / "nbd").mkdir()
             result["nbd"] = nbd(work / "nbd", size, args.seconds, args.repeat)
     finally:

@@ -549,8 +549,9 @@ def test_daemon_kill9_torture(tmp_path: Path, exports: bool) -> None:
 
 def test_daemon_crash_rounds_with_a_writeback_cache(tmp_path: Path) -> None:
     """kill -9 of the daemon serving a pool behind a writeback cache (``engine/cache.py``)
-    over NBD and vhost-user-blk at once (their data planes send every request to the
-    daemon, where the cache is), with snapshots, clones, flattens and extends: every
+    over NBD and vhost-user-blk at once (their data planes read cached lines and write
+    open-epoch lines in the cache device themselves, and send the rest to the daemon,
+    where the cache is), with snapshots, clones, flattens and extends: every
     flushed write survives, fsck is clean, and the restarted daemon reads the same."""
     _need_nbd()
     _daemon_rounds(

@@ -5,8 +5,10 @@ Theory of operation
 The cache holds copies of *lines*, the pool's clusters as the backing devices lay them out:
 line ``n`` of device ``i`` is the device's bytes ``[n * line_size, (n + 1) * line_size)``,
 its key ``i << 40 | n``. The pool registers its backing fds with ``pio.route``, so every read
-and write the engine makes of a backing device comes here; data planes of a cached pool send
-their reads and writes to the pool's process (``SharedMap.set_bounded``).
+and write the engine makes of a backing device comes here. Data planes (other processes)
+serve hits and writes to lines dirty in the open epoch themselves, through a copy of the
+line table in shared memory (``engine/cachelines.py``, kept current here under the lock),
+and send everything else to the pool's process.
 
 *On the cache device*::
 
@@ -29,15 +31,16 @@ order); it is acknowledged when both are done. A flush syncs the backing devices
 slot is marked dirty in the *open epoch*. When every slot is dirty, a write waits for the
 destage to clean some; if none belongs to a closed epoch, the destage thread closes the open
 epoch itself, as a flush does (a disk's cache may write back early). A flush closes the
-epoch: it syncs the cache device (the data), then writes the table entries changed since the
-last flush and syncs again. A *destage* thread then copies closed epochs to the backing
-devices in order, one epoch at a time, syncing the backing devices after each (for an S3
-pool that sync is the upload barrier), and only then marks the epoch's slots clean (table
-written and synced). The backing therefore always holds every epoch up to some flush plus
-part of the next one: an image a crash could have left. A write to a line whose slot belongs
-to a closed epoch not yet destaged does not change that slot: the line is copied to a new
-slot in the open epoch (copy-on-write), so each closed epoch's data stays as its flush left
-it.
+epoch: it advances the open epoch, waits until no data plane runs a write in place that saw
+the old one open (``drain``), syncs the cache device (the data), then writes the table
+entries changed since the last flush and syncs again. A *destage* thread then copies closed
+epochs to the backing devices in order, one epoch at a time, syncing the backing devices
+after each (for an S3 pool that sync is the upload barrier), and only then marks the epoch's
+slots clean (table written and synced). The backing therefore always holds every epoch up to
+some flush plus part of the next one: an image a crash could have left. A write to a line
+whose slot belongs to a closed epoch not yet destaged does not change that slot: the line is
+copied to a new slot in the open epoch (copy-on-write), so each closed epoch's data stays as
+its flush left it.
 
 *Restarts.* The table on the device is what the last flush or destage wrote. A pool closed
 cleanly writes the whole table and sets the clean flag: the next open finds the cache warm.
@@ -71,6 +74,7 @@ from dataclasses import dataclass
 from storvisor.engine import pio
 from storvisor.engine.backing import MAGIC as BACKING_MAGIC
 from storvisor.engine.backing import Backing, Header, sync_directory
+from storvisor.engine.cachelines import SharedLines
 from storvisor.engine.probe import find_signature
 from storvisor.engine.types import CacheInfo, CacheMode
 from storvisor.errors import Conflict, InvalidArgument, IOFailure, NotFound
@@ -259,6 +263,7 @@ class Cache:
         self._changed: set[int] = set()  # slots whose table entry changed since written
         self._durable = bytearray(table_bytes)  # the table as the device holds it
         self.hits = self.misses = 0
+        self.plane_hits = 0  # served by data planes (``Pool.cache_hits``)
         self.destaged = 0
         self._rates: collections.deque[tuple[float, int]] = collections.deque()
         self.failure: IOFailure | None = None
@@ -270,6 +275,13 @@ class Cache:
         self._waiting = 0  # writers waiting for a free slot
         self._routes: dict[int, _Route] = {}
         self._steps: dict[int, list[Callable[[], None]]] = {}  # run after an epoch's destage
+        self.lines = SharedLines(slots, line_size, self._data_at)
+        """The line table data planes read (``engine/cachelines.py``), kept current under
+        the lock."""
+        self.lines.set_flags(writeback=self.writeback, failed=False)
+        self.drain: Callable[[], None] = lambda: None
+        """Set by the pool: returns once no data plane runs a write in place that saw the
+        open epoch before it advanced (it freezes their gates once)."""
 
     # ------------------------------------------------------------------- creating, opening
 
@@ -438,6 +450,9 @@ class Cache:
             if key >= 0 and newest.get(key) != slot and not self.epochs[slot]:
                 self.tags[slot] = -1
                 self._free.append(slot)
+        for key, slot in newest.items():
+            self.lines.publish(slot, key, self.epochs[slot])
+        self.lines.set_open_epoch(self.open_epoch)
 
     def _start(self, route: bool) -> None:
         for index, backing in self._backings.items():
@@ -495,6 +510,7 @@ class Cache:
                     self._pins[slot] += 1
                     self._ref[slot] = 1
                     self.hits += 1
+                    self.lines.hint(key, slot)  # a plane missed it (or its hint was lost)
                     break
                 fill = self._filling.get(key)
                 if fill is None:
@@ -560,6 +576,7 @@ class Cache:
                     else:
                         self.epochs[slot] = 0
                     self._changed.add(slot)
+                    self.lines.publish(slot, key, self.epochs[slot])
         fill.done.set()
 
     # ------------------------------------------------------------------------- writing
@@ -598,6 +615,7 @@ class Cache:
                                 self._dirty(slot)
                             self._inflight.append(slot)
                             self.hits += 1
+                            self.lines.hint(key, slot)
                             break
                         self._pins[slot] += 1  # a closed epoch not destaged yet: copy it
                     else:
@@ -627,6 +645,8 @@ class Cache:
         """Write ``data`` to line ``key`` in a new slot (copy-on-write of ``old``, whose
         closed epoch is not destaged yet); ``old`` stays mapped until the copy is in."""
         try:
+            while old in self._inflight:  # a write that found ``old`` open is still running
+                time.sleep(0.0002)
             buf = bytearray(self.line_size)
             try:
                 pio.preadv_full(self.fd, [memoryview(buf)], self._slot_at(old))
@@ -650,6 +670,8 @@ class Cache:
             self._assigned[new] += 1
             self._ref[new] = 1
             self._dirty(new)
+            self.lines.publish(new, key, self.open_epoch)
+            self.lines.retire(old)
             if not self.epochs[old]:  # destaged meanwhile: nothing needs the old copy
                 self.tags[old] = -1
                 self._free.append(old)
@@ -680,6 +702,7 @@ class Cache:
     def _dirty(self, slot: int) -> None:
         """Mark ``slot`` dirty in the open epoch (lock held)."""
         self.epochs[slot] = self.open_epoch
+        self.lines.set_epoch(slot, self.open_epoch)
         self._lists.setdefault(self.open_epoch, []).append(slot)
         self._changed.add(slot)
         self._ref[slot] = 1
@@ -719,6 +742,7 @@ class Cache:
                 self._ref[slot] = 0
                 continue
             del self._map[key]
+            self.lines.retire(slot)
             self.tags[slot] = -1
             self._free.append(slot)
             freed += 1
@@ -740,7 +764,12 @@ class Cache:
             with self._lock:
                 epoch = self.open_epoch
                 self.open_epoch += 1
-                if self._lists.get(epoch):
+                self.lines.set_open_epoch(self.open_epoch)
+            # writes in place that data planes started before the epoch advanced end
+            # before the closed epoch is synced or destaged (engine/cachelines.py)
+            self.drain()
+            with self._lock:
+                if self._lists.get(epoch) and (not self._closed or self._closed[-1] != epoch):
                     self._closed.append(epoch)
                 changed = self._snapshot()
             try:
@@ -862,6 +891,7 @@ class Cache:
                     continue
                 if self._map.get(self.tags[slot]) == slot:
                     self.epochs[slot] = 0
+                    self.lines.set_epoch(slot, 0)
                 else:  # copied to a new slot meanwhile
                     self.tags[slot] = -1
                     self.epochs[slot] = 0
@@ -884,6 +914,7 @@ class Cache:
     def mode(self, mode: CacheMode) -> None:
         self._mode = mode
         self.writeback = mode is CacheMode.WRITEBACK
+        self.lines.set_flags(writeback=self.writeback, failed=self.failure is not None)
 
     def defers(self, backing: Backing) -> bool:
         """Whether ``backing``'s ``committed`` must wait for the destage: a writeback cache
@@ -941,11 +972,16 @@ class Cache:
         at = (key & ((1 << KEY_SHIFT) - 1)) * self.line_size + within
         pio.pwritev_full(self._direct[index], [data], at)
 
+    def fail(self, error: IOFailure) -> None:
+        """A data plane's read or write of the device failed: latch it as ``_failed``."""
+        self._failed(error)
+
     def _failed(self, error: IOFailure) -> IOFailure:
         """Latch the cache's failure (module docstring) and return ``error``."""
         first = self.failure is None
         if first:
             self.failure = error
+            self.lines.set_flags(writeback=self.writeback, failed=True)
             log.error("cache %s failed: %s", self.path, error)
             self._on_failure(error)
         return error
@@ -956,7 +992,8 @@ class Cache:
         with self._lock:
             used = sum(1 for t in self.tags if t >= 0)
             dirty = sum(1 for e in self.epochs if e)
-            hits, misses = self.hits + sum(r.hits for r in self._routes.values()), self.misses
+            hits = self.hits + self.plane_hits + sum(r.hits for r in self._routes.values())
+            misses = self.misses
             now = time.monotonic()
             while self._rates and self._rates[0][0] < now - RATE_WINDOW:
                 self._rates.popleft()
@@ -1017,6 +1054,7 @@ class Cache:
         wipe_device(self.path)
 
     def _close_fds(self) -> None:
+        self.lines.close()
         for fd in self._direct.values():
             os.close(fd)
         self._direct.clear()

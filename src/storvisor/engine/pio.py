@@ -28,7 +28,8 @@ passes it.
 *Routed fds.* A pool with a cache tier (``engine/cache.py``) registers its backing devices'
 fds with ``route``: a read or write of such an fd goes to the cache instead of the file (one
 dict test in front of the system call for every other fd). Routes are of this process only:
-data planes of a cached pool send their reads and writes to the pool's process.
+data planes of a cached pool go through the cache's shared line table
+(``engine/cachelines.py``) or to the pool's process, never to these fds.
 """
 
 from __future__ import annotations

@@ -425,7 +425,7 @@ class Pool:
             for state in self._states.values():
                 state.timeout = self.data_timeout
                 for plane in state.planes:
-                    plane.map.set_bounded(bool(self.data_timeout) or state.routed)
+                    state.publish_io(plane)
             self._stmt(
                 "INSERT OR REPLACE INTO meta VALUES ('data_timeout', ?)", repr(float(seconds))
             )
@@ -938,7 +938,7 @@ class Pool:
             if state is None:
                 state = VolumeState(self, key, top, size, read_only, vol.serial)
                 state.timeout = self.data_timeout
-                state.routed = self.cache is not None
+                state.cache_generation = 0 if self.cache is None else self.cache.lines.generation
                 state.writes_here = any(b.writes_here for b in self._backings.values())
                 state.view, state.homes = self._build_view(top, homes=not read_only)
                 self._states[key] = state
@@ -1137,6 +1137,7 @@ class Pool:
                 in_use=in_use,
                 route=False,
             )
+            new.drain = self._drain_planes
             try:
                 self._switch_cache(new)
                 self._record_cache(new)
@@ -1202,10 +1203,7 @@ class Pool:
                 new.route()
             with self._lock:
                 self.cache = new
-                for state in self._states.values():
-                    state.routed = new is not None
-                    for plane in state.planes:
-                        plane.map.set_bounded(bool(self.data_timeout) or state.routed)
+                self._publish_cache()
 
     def _reopen_cache(self, old: Cache) -> None:
         """Drop a failed cache's memory and open its device again, as after a crash: what
@@ -1219,8 +1217,55 @@ class Pool:
                 state.quiesce()
                 stack.callback(state.lock.release)
                 stack.enter_context(state.frozen())
+            with self._lock:  # until a cache serves again, planes send everything here
+                self._publish_cache(-1)
             old.close(clean=False)
-            self.cache = self._open_cache(doc)
+            cache = self._open_cache(doc)
+            with self._lock:
+                self.cache = cache
+                self._publish_cache()
+
+    def _publish_cache(self, generation: int | None = None) -> None:
+        """Tell every volume's planes which cache tier to use: ``generation``, by default
+        the pool's cache's (-1: none may be used, send every read and write here). Call with
+        the pool lock and the planes frozen."""
+        if generation is None:
+            generation = 0 if self.cache is None else self.cache.lines.generation
+        for state in self._states.values():
+            state.cache_generation = generation
+            for plane in state.planes:
+                state.publish_io(plane)
+
+    def _drain_planes(self) -> None:
+        """Freeze and thaw every data plane of the pool once: no write in place that one
+        started before this call still runs (``Cache.drain``). Takes no lock: it runs in the
+        sync thread while the flush's caller may hold the pool's lock, and a plane attached
+        after the list is taken saw the cache's new epoch already."""
+        states = list(self._states.values())
+        planes = [plane for state in states for plane in list(state.planes)]
+        for plane in planes:
+            plane.freeze()
+            plane.thaw()
+
+    def cache_fds(self, generation: int) -> tuple[int, int]:
+        """``(line table memfd, cache device fd)`` of the cache tier of ``generation``,
+        for a data plane. Raises ``KeyError`` when the pool's cache is not that one."""
+        cache = self.cache
+        if cache is None or cache.lines.generation != generation or cache.fd < 0:
+            raise KeyError(generation)
+        return cache.lines.fd, cache.fd
+
+    def cache_hits(self, count: int) -> None:
+        """A data plane served ``count`` reads and writes from the cache itself."""
+        cache = self.cache
+        if cache is not None:
+            cache.plane_hits += count
+
+    def cache_failed(self, error: IOFailure) -> None:
+        """A data plane's read or write of the cache device failed with ``error``."""
+        cache = self.cache
+        if cache is not None:
+            cache.fail(error)
 
     def _record_cache(self, cache: Cache) -> None:
         with self._lock:
@@ -1234,7 +1279,7 @@ class Pool:
             path, mode = str(fields["path"]), CacheMode(fields["mode"])
         except (ValueError, KeyError, TypeError) as e:
             raise CorruptMetadata(f"pool {self.name!r}: unreadable cache record {doc!r}") from e
-        return Cache.open(
+        cache = Cache.open(
             path,
             mode,
             self.cluster_size,
@@ -1242,6 +1287,8 @@ class Pool:
             self._backings,
             self._cache_failed,
         )
+        cache.drain = self._drain_planes
+        return cache
 
     def _cache_failed(self, error: IOFailure) -> None:
         self._latch(error, f"the cache device failed: {error}")

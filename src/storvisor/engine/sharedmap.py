@@ -16,9 +16,11 @@ the owner bumps the epoch (when the 12-bit epoch wraps, every word is rewritten)
 aligned 8-byte stores, so a reader sees either the old or the new value of a word.
 
 Header (native 64-bit words): magic, epoch, size in bytes, capacity in words, log2 of the
-cluster size, and a flag: 1 when the volume's reads and writes are bounded by a timeout
+cluster size, a flag: 1 when the volume's reads and writes are bounded by a timeout
 (the pool's data timeout), which only the owner can apply, so a data plane then sends them
-to it instead of doing them itself.
+to it instead of doing them itself; and the generation of the pool's cache tier (0: none):
+a data plane then reads and writes the volume's clusters only through that cache's line
+table (``engine/cachelines.py``), never in the backing devices.
 
 The word layout is the engine's alone: a data plane asks ``MapReader.lookup`` where a
 virtual cluster lives (backing device index, byte offset in it, owned or not) and never
@@ -49,7 +51,7 @@ _EPOCH_SHIFT = 52
 _EPOCH_MASK = (1 << (64 - _EPOCH_SHIFT)) - 1
 _PHYS_MASK = (1 << _EPOCH_SHIFT) - 1
 
-_MAGIC, _EPOCH, _SIZE, _CAPACITY, _CLUSTER_SHIFT, _BOUNDED = range(6)
+_MAGIC, _EPOCH, _SIZE, _CAPACITY, _CLUSTER_SHIFT, _BOUNDED, _CACHE = range(7)
 
 
 def _map_bytes(capacity: int) -> int:
@@ -113,6 +115,11 @@ class SharedMap:
     def set_bounded(self, bounded: bool) -> None:
         """Record whether the volume's reads and writes are bounded by a timeout."""
         self._w[_BOUNDED] = int(bounded)
+
+    def set_cache(self, generation: int) -> None:
+        """Record the generation of the pool's cache tier (``SharedLines.generation``; 0:
+        the pool has none). Change it only with the planes' gates frozen."""
+        self._w[_CACHE] = generation
 
     def set_shared(self, vc: int, phys: int) -> None:
         """Map ``vc`` to ``phys``, which a parent layer owns (reads only)."""
@@ -197,6 +204,11 @@ class MapReader:
     def bounded(self) -> bool:
         """Whether reads and writes must go to the owner (see ``SharedMap.set_bounded``)."""
         return bool(self._words[_BOUNDED])
+
+    @property
+    def cache(self) -> int:
+        """The generation of the pool's cache tier, 0 if none (``SharedMap.set_cache``)."""
+        return int(self._words[_CACHE])
 
     @property
     def clusters(self) -> int:

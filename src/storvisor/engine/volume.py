@@ -94,6 +94,15 @@ class VolumePool(Protocol):
     def backing_failed(self, op: BackingOp, error: IOFailure) -> None:
         """A read or write of a backing device failed with ``error``."""
 
+    def cache_fds(self, generation: int) -> tuple[int, int]:
+        """``(line table memfd, cache device fd)`` of the cache tier of ``generation``."""
+
+    def cache_failed(self, error: IOFailure) -> None:
+        """A data plane's read or write of the cache device failed with ``error``."""
+
+    def cache_hits(self, count: int) -> None:
+        """A data plane served ``count`` reads and writes from the cache itself."""
+
     def run_bounded(self, op: BackingOp, work: Callable[[], None]) -> None:
         """Run ``work`` on an I/O thread within the data timeout; raises ``IOFailure``
         (ETIMEDOUT) past it."""
@@ -150,8 +159,10 @@ class VolumeState:
         self.planes: list[DataPlane] = []  # other processes serving this state
         self.timeout = 0.0
         """The pool's data timeout (0: requests are not bounded); set by the pool."""
-        self.routed = False
-        """The pool has a cache tier: planes send every read and write here; set by the pool."""
+        self.cache_generation = 0
+        """The generation of the pool's cache tier (0: none), whose line table planes use
+        (``engine/cachelines.py``); -1: a cache the planes may not use (they send every
+        read and write here). Set by the pool with the planes frozen."""
         self.writes_here = False
         """The pool's devices must see every write made (an S3 pool's local image records
         which objects they touch): planes send their writes here and read directly. Set by
@@ -167,8 +178,14 @@ class VolumeState:
     def attach(self, plane: DataPlane) -> None:
         """Start mirroring this state's view into ``plane.map``. Call with the pool lock."""
         plane.map.fill(self.map_entries())
-        plane.map.set_bounded(bool(self.timeout) or self.routed)
+        self.publish_io(plane)
         self.planes.append(plane)
+
+    def publish_io(self, plane: DataPlane) -> None:
+        """Tell ``plane`` how to serve reads and writes: bounded (the owner does them) and
+        through which cache tier."""
+        plane.map.set_bounded(bool(self.timeout) or self.cache_generation < 0)
+        plane.map.set_cache(max(self.cache_generation, 0))
 
     def detach(self, plane: DataPlane) -> None:
         with self.pool.lock:
@@ -665,6 +682,22 @@ class Volume:
         """The fd of backing device ``index`` (one added since ``backing_fds``). Raises
         ``KeyError``."""
         return self._state.pool.backing_fd(index)
+
+    def cache_fds(self, generation: int) -> tuple[int, int]:
+        """``(line table memfd, cache device fd)`` of the pool's cache tier, for a plane
+        whose map names ``generation`` (``SharedMap.set_cache``). The fds stay the pool's.
+        Raises ``KeyError`` when the pool's cache is not (or no longer) that one."""
+        return self._state.pool.cache_fds(generation)
+
+    def cache_failed(self, error: IOFailure) -> None:
+        """A plane's read or write of the cache device failed with ``error``: the cache
+        latches its failure as for its own requests (``engine/cache.py``)."""
+        self._state.pool.cache_failed(error)
+
+    def cache_hits(self, count: int) -> None:
+        """A plane served ``count`` reads and writes from the cache itself (counted in the
+        cache's hits)."""
+        self._state.pool.cache_hits(count)
 
     def backing_failed(self, op: BackingOp, error: IOFailure) -> None:
         """A plane's direct read or write of a backing device failed with ``error``:

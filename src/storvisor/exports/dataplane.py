@@ -33,6 +33,17 @@ owner (``FAILED``, no reply), whose pool counts it and degrades as for its own r
 A broken channel ends the data plane (its process exits); the owner treats a dead plane as
 frozen.
 
+Cached pools: when the pool has a cache tier (``MapReader.cache`` names its generation), the
+data plane never touches the backing devices. It asks the owner once for the cache's line
+table and device (``CACHEFD``) and serves through them (``engine/cachelines.py``): a read of
+a cached line with one ``preadv`` of the cache device, a writeback write to a line of a
+cluster the top layer owns that is already dirty in the open epoch with one ``pwritev``, in
+the gate; every other read (``READ``) and write goes to the owner, whose cache fills the line,
+marks it dirty or copies it. A flush of the pool freezes every plane once after the cache's
+epoch advanced, so no write in place of the closed epoch is still running when it is synced
+or destaged. A failed read or write of the cache device is reported (``FAILED``, ``a = 2``)
+and latches the cache as the owner's own failures do.
+
 Bounded reads and writes: when the pool's data timeout is set (``MapReader.bounded``), the
 data plane does no direct read or write at all: it sends every read (``READ``) and write to
 the owner, whose ``Volume`` bounds them (bounce buffers on the pool's I/O threads, see
@@ -54,6 +65,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from queue import SimpleQueue
 
+from storvisor.engine.cachelines import LinesReader
 from storvisor.engine.device import Buffer, Extent
 from storvisor.engine.pio import preadv_full, pwritev_full
 from storvisor.engine.sharedmap import Gate, MapReader, SharedMap
@@ -82,7 +94,9 @@ class Op:
     READY = 10  # plane -> owner, unsolicited: the plane serves
     FAILED = 11  # plane -> owner, unsolicited: a direct read (a = 0) or write (a = 1) of a
     # backing device failed with errno b; payload = the message. The owner counts it.
-    READ = 12  # a = offset, b = length; reply payload = the data (bounded volumes only)
+    READ = 12  # a = offset, b = length; reply payload = the data (bounded or cached volumes)
+    CACHEFD = 13  # a = cache generation, b = 0 (line table) or 1 (device); reply carries it
+    HITS = 14  # plane -> owner, unsolicited: a = reads and writes served from the cache here
 
 
 class Flag:
@@ -91,6 +105,10 @@ class Flag:
     DISCARD = 4  # ZERO: a discard (always unmaps)
 
 
+_HITS_BATCH = 1024
+"""Cache hits a plane counts before it tells the owner (``HITS``; the rest at close)."""
+_CACHE_DEVICE = 2
+"""``FAILED``'s ``a`` for a read or write of the cache device."""
 _FREEZE_TIMEOUT = 30.0
 _HOST_THREADS = 4
 _MAX_PAYLOAD = 64 << 20  # a WRITE's data, a reply's extents
@@ -227,13 +245,19 @@ class PlaneHost:
                         event.set()
                 elif op == Op.READY:
                     self.ready.set()
+                elif op == Op.HITS:
+                    self.volume.cache_hits(frame.a)
                 elif op == Op.FAILED:
                     message = bytes(frame.payload).decode(errors="replace")
-                    kind = BackingOp.WRITE if frame.a else BackingOp.READ
-                    self.volume.backing_failed(kind, IOFailure(message, frame.b or errno.EIO))
+                    error = IOFailure(message, frame.b or errno.EIO)
+                    if frame.a == _CACHE_DEVICE:
+                        self.volume.cache_failed(error)
+                    else:
+                        kind = BackingOp.WRITE if frame.a else BackingOp.READ
+                        self.volume.backing_failed(kind, error)
                 elif op == Op.WRITE:
                     self._submit((op, frame.flags, frame.ident, frame.a, frame.b, frame.payload))
-                elif op in (Op.READ, Op.ZERO, Op.FLUSH, Op.STATUS, Op.GETFD):
+                elif op in (Op.READ, Op.ZERO, Op.FLUSH, Op.STATUS, Op.GETFD, Op.CACHEFD):
                     self._submit((op, frame.flags, frame.ident, frame.a, frame.b, None))
                 else:
                     raise LocalFailure(f"unknown data-plane operation {op}")
@@ -272,6 +296,9 @@ class PlaneHost:
         try:
             if op == Op.GETFD:
                 self._link.send(Op.REPLY, ident, fds=[self.volume.backing_fd(a)])
+                return
+            if op == Op.CACHEFD:
+                self._link.send(Op.REPLY, ident, fds=[self.volume.cache_fds(a)[b & 1]])
                 return
             payload = self._execute(op, flags, a, b, data)
             self._link.send(Op.REPLY, ident, 0, len(payload), payload)
@@ -369,6 +396,10 @@ class RemoteVolume:
         self._calls_lock = threading.Lock()
         self._lost = False
         self._closed = False
+        self._lines: LinesReader | None = None
+        self._old_lines: list[LinesReader] = []  # replaced, closed with the volume
+        self._lines_lock = threading.Lock()
+        self._hits = itertools.count(1)  # next() is atomic: no lock for the count
         self.vectors = _RemoteVectors(self)
         """``blk.VectoredIO`` over this volume (a request's buffers in as few calls as the
         cluster layout allows)."""
@@ -397,8 +428,13 @@ class RemoteVolume:
         n = len(buf)
         if self._closed or self._lost or offset < 0 or offset + n > self._size:
             self._check(offset, n, writing=False)
-        if self._reader_map.bounded:
+        m = self._reader_map
+        generation = m.cache
+        if m.bounded:
             self._read_owner(offset, [buf])
+        elif generation:
+            if not self._cached_read_one(offset, buf, generation):
+                self._cached_read(offset, [buf], generation)
         elif not self._read_one(offset, buf):
             self.vectors.read_into(offset, [buf])
 
@@ -410,8 +446,13 @@ class RemoteVolume:
         closed = self._closed or self._lost
         if closed or offset < 0 or offset + n > self._size or self._read_only:
             self._check(offset, n, writing=True)
-        if self._reader_map.bounded:
+        m = self._reader_map
+        generation = m.cache
+        if m.bounded:
             self._call(Op.WRITE, Flag.FUA if fua else 0, offset, n, view)
+        elif generation:
+            if fua or not self._cached_write_one(offset, view, generation):
+                self._cached_write(offset, [view], fua, generation)
         elif fua or not self._write_one(offset, view):
             self.vectors.write(offset, [view], fua=fua)
 
@@ -428,6 +469,216 @@ class RemoteVolume:
             view[:] = data[pos : pos + len(view)]
             pos += len(view)
 
+    # -- through the cache tier (see the module docstring) --
+
+    def _lines_of(self, generation: int) -> LinesReader | None:
+        """The line table of cache ``generation``, fetched from the owner the first time;
+        None when the owner's cache is not that one any more. Never call inside the gate."""
+        lines = self._lines
+        if lines is not None and lines.generation == generation:
+            return lines
+        with self._lines_lock:
+            lines = self._lines
+            if lines is not None and lines.generation == generation:
+                return lines
+            fds: list[int] = []
+            try:
+                for which in (0, 1):
+                    started = self._start_call(Op.CACHEFD, 0, generation, which)
+                    try:
+                        self._finish_call(started)
+                    finally:
+                        if started[1].fd >= 0:
+                            fds.append(started[1].fd)
+                    if started[1].fd < 0:
+                        raise IOFailure("data plane: no cache fd in the reply", errno.ENODEV)
+                lines = LinesReader(fds[0], fds[1])
+            except (IOFailure, ValueError, OSError):
+                for fd in fds:
+                    os.close(fd)
+                return None
+            if lines.generation != generation:
+                lines.close()
+                return None
+            if self._lines is not None:
+                self._old_lines.append(self._lines)  # a thread may still read through it
+            self._lines = lines
+            return lines
+
+    def _cached_read_one(self, offset: int, buf: memoryview, generation: int) -> bool:
+        """Serve a read within one cluster from the cache (the common hit); False if it is
+        not one (the caller takes the general path). The range is checked."""
+        lines = self._lines
+        n = len(buf)
+        within = offset & (self._cs - 1)
+        if lines is None or lines.generation != generation or within + n > self._cs:
+            return False
+        gate = self._gate
+        due = False
+        gate.enter()
+        try:
+            m = self._reader_map
+            if m.cache != generation:
+                return False
+            try:
+                place = m.lookup(offset >> self._shift)
+            except IndexError:
+                return False
+            if place is None:
+                buf[:] = self._zeros[:n]
+                return True
+            if not lines.read(place[0], place[1] + within, [buf], n):
+                return False
+            due = self._hit()
+            return True
+        except IOFailure as e:
+            self._report(_CACHE_DEVICE, e)
+            raise
+        finally:
+            gate.leave()
+            if due:
+                self._tell_hits()
+
+    def _cached_write_one(self, offset: int, view: memoryview, generation: int) -> bool:
+        """Write within one cluster in place in the cache (the common overwrite); False if
+        it cannot be (nothing was written). The range is checked."""
+        lines = self._lines
+        n = len(view)
+        within = offset & (self._cs - 1)
+        if lines is None or lines.generation != generation or within + n > self._cs:
+            return False
+        gate = self._gate
+        due = False
+        gate.enter()
+        try:
+            m = self._reader_map
+            if m.cache != generation:
+                return False
+            try:
+                place = m.lookup(offset >> self._shift)
+            except IndexError:
+                return False
+            if place is None or not place[2]:
+                return False
+            if not lines.write(place[0], place[1] + within, [view], n):
+                return False
+            due = self._hit()
+            return True
+        except IOFailure as e:
+            self._report(_CACHE_DEVICE, e)
+            raise
+        finally:
+            gate.leave()
+            if due:
+                self._tell_hits()
+
+    def _hit(self) -> bool:
+        """Count a request served from the cache here; True when a batch is due for the
+        owner (``_tell_hits``, outside the gate: a send may wait)."""
+        return next(self._hits) % _HITS_BATCH == 0
+
+    def _tell_hits(self) -> None:
+        with contextlib.suppress(OSError):
+            self._link.send(Op.HITS, 0, _HITS_BATCH)
+
+    def _cached_read(self, offset: int, views: list[memoryview], generation: int) -> None:
+        """Read through the cache tier: cached lines here, the rest from the owner."""
+        lines = self._lines_of(generation)
+        length = sum(len(view) for view in views)
+        if lines is None or not length:
+            self._read_owner(offset, views)
+            return
+        misses: list[tuple[int, int]] = []  # (position in the request, length)
+        gate = self._gate
+        due = 0
+        gate.enter()
+        try:
+            m = self._reader_map
+            if m.cache != lines.generation or m.bounded:
+                misses.append((0, length))
+            else:
+                if (offset + length - 1) >> self._shift >= m.clusters:
+                    self._remap()
+                cs = self._cs
+                pos = 0
+                while pos < length:
+                    at = offset + pos
+                    within = at & (cs - 1)
+                    n = min(cs - within, length - pos)
+                    part = views if n == length else _slice(views, pos, n)
+                    place = m.lookup(at >> self._shift)
+                    if place is None:
+                        for view in part:
+                            _fill_zeros(view, self._zeros)
+                    elif lines.read(place[0], place[1] + within, part, n):
+                        due += self._hit()
+                    elif misses and sum(misses[-1]) == pos:
+                        misses[-1] = (misses[-1][0], misses[-1][1] + n)
+                    else:
+                        misses.append((pos, n))
+                    pos += n
+        except IOFailure as e:
+            self._report(_CACHE_DEVICE, e)
+            raise
+        finally:
+            gate.leave()
+        for _ in range(due):
+            self._tell_hits()
+        for pos, n in misses:
+            self._read_owner(offset + pos, _slice(views, pos, n))
+
+    def _cached_write(
+        self, offset: int, views: list[memoryview], fua: bool, generation: int
+    ) -> None:
+        """Write through the cache tier: in place into lines dirty in the open epoch,
+        the rest by the owner."""
+        lines = self._lines_of(generation)
+        length = sum(len(view) for view in views)
+        if not length:
+            return
+        remote: list[tuple[int, int]] = []  # (position in the request, length)
+        gate = self._gate
+        due = 0
+        gate.enter()
+        try:
+            m = self._reader_map
+            if lines is None or m.cache != lines.generation or m.bounded:
+                remote.append((0, length))
+            else:
+                if (offset + length - 1) >> self._shift >= m.clusters:
+                    self._remap()
+                cs = self._cs
+                pos = 0
+                while pos < length:
+                    at = offset + pos
+                    within = at & (cs - 1)
+                    n = min(cs - within, length - pos)
+                    part = views if n == length else _slice(views, pos, n)
+                    place = m.lookup(at >> self._shift)
+                    if (
+                        place is not None
+                        and place[2]
+                        and lines.write(place[0], place[1] + within, part, n)
+                    ):
+                        due += self._hit()
+                    elif remote and sum(remote[-1]) == pos:
+                        remote[-1] = (remote[-1][0], remote[-1][1] + n)
+                    else:
+                        remote.append((pos, n))
+                    pos += n
+        except IOFailure as e:
+            self._report(_CACHE_DEVICE, e)
+            raise
+        finally:
+            gate.leave()
+        for _ in range(due):
+            self._tell_hits()
+        for pos, n in remote:  # outside the gate: the owner may freeze it meanwhile
+            data = b"".join(_slice(views, pos, n))
+            self._call(Op.WRITE, 0, offset + pos, n, data)
+        if fua:
+            self._call(Op.FLUSH)
+
     def _read_one(self, offset: int, buf: memoryview) -> bool:
         """Serve a read within one cluster directly (the common case); False if it is not
         one (the caller takes the general path). The range is checked."""
@@ -439,6 +690,8 @@ class RemoteVolume:
         gate = self._gate
         gate.enter()
         try:
+            if self._reader_map.cache:  # a cache was attached since the caller looked
+                return False
             try:
                 place = self._reader_map.lookup(offset >> self._shift)
             except IndexError:  # the volume grew: the general path remaps
@@ -469,6 +722,8 @@ class RemoteVolume:
         gate = self._gate
         gate.enter()
         try:
+            if self._reader_map.cache:  # a cache was attached since the caller looked
+                return False
             try:
                 place = self._reader_map.lookup(offset >> self._shift)
             except IndexError:
@@ -520,6 +775,10 @@ class RemoteVolume:
         """Drop the channel; idempotent."""
         if self._closed:
             return
+        untold = (next(self._hits) - 1) % _HITS_BATCH  # each full batch was told
+        if untold > 0 and not self._lost:
+            with contextlib.suppress(OSError):
+                self._link.send(Op.HITS, 0, untold)
         self._closed = True
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
@@ -527,6 +786,11 @@ class RemoteVolume:
             self._reader.join()
         self._sock.close()
         self._reader_map.close()
+        with self._lines_lock:
+            for lines in [*self._old_lines, *([self._lines] if self._lines else [])]:
+                lines.close()
+            self._lines = None
+            self._old_lines.clear()
         with self._fds_lock:
             for fd in self._owned:
                 os.close(fd)
@@ -594,6 +858,8 @@ class RemoteVolume:
         while True:
             gate.enter()
             try:
+                if self._reader_map.cache:  # a cache was attached since the caller looked
+                    raise _CacheAttached
                 return self._plan(offset, length)
             except _NeedFd as need:
                 gate.leave()
@@ -705,6 +971,10 @@ class RemoteVolume:
         return f"<RemoteVolume fd={self._sock.fileno()}>"
 
 
+class _CacheAttached(Exception):
+    """The pool got a cache tier while a request took the path without one."""
+
+
 class _NeedFd(Exception):
     def __init__(self, index: int) -> None:
         self.index = index
@@ -738,13 +1008,21 @@ class _RemoteVectors:
         if v._reader_map.bounded:
             v._read_owner(offset, views)
             return
+        generation = v._reader_map.cache
+        if generation:
+            v._cached_read(offset, views, generation)
+            return
         if len(views) == 1 and v._read_one(offset, views[0]):
             return
         length = sum(len(view) for view in views)
         if not length:
             return
         gate = v._gate
-        runs = v._plan_outside(offset, length)
+        try:
+            runs = v._plan_outside(offset, length)
+        except _CacheAttached:
+            v._cached_read(offset, views, v._reader_map.cache)
+            return
         try:
             if len(runs) == 1 and runs[0][0] >= 0:
                 preadv_full(runs[0][0], views, runs[0][1])
@@ -770,6 +1048,10 @@ class _RemoteVectors:
             data = b"".join(views)
             v._call(Op.WRITE, Flag.FUA if fua else 0, offset, len(data), data)
             return
+        generation = v._reader_map.cache
+        if generation:
+            v._cached_write(offset, views, fua, generation)
+            return
         if len(views) == 1 and v._write_one(offset, views[0]):
             if fua:
                 v._call(Op.FLUSH)
@@ -779,7 +1061,11 @@ class _RemoteVectors:
         remote: list[tuple[int, int]] = []  # (position in the request, length)
         if not length:
             return
-        runs = v._plan_outside(offset, length)
+        try:
+            runs = v._plan_outside(offset, length)
+        except _CacheAttached:
+            v._cached_write(offset, views, fua, v._reader_map.cache)
+            return
         try:
             pos = 0
             for fd, where, n, owned in runs:
