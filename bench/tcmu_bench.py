@@ -25,7 +25,7 @@ for 1 MiB). Usage::
         [--cpus 2] [--json results.json] [--profile 'randwrite qd32']
 
 ``--profile WORKLOAD`` records the daemon with py-spy during the TCMU runs of that workload
-and writes a flame graph (SVG) next to the ``--json`` file (or to /tmp). Exit status 0 when
+and writes its collapsed stacks (``profile-RW-ROUND.txt``, py-spy's raw format) next to the ``--json`` file (or to /tmp). Exit status 0 when
 every run completed without an I/O error, 1 otherwise.
 """
 
@@ -213,10 +213,10 @@ def inside(args: argparse.Namespace) -> int:
                 for name in order:
                     spy = None
                     if name == "tcmu" and args.profile and args.profile in w.name:
-                        svg = outbox / f"profile-{w.rw}-{round_no}.svg"
+                        svg = outbox / f"profile-{w.rw}-{round_no}.txt"
                         spy = subprocess.Popen(
                             [PYSPY, "record", "--pid", str(daemon.pid), "--threads",
-                             "--idle", "--rate", "50", "--nonblocking", "-o", str(svg)],
+                             "--rate", "50", "--nonblocking", "--format", "raw", "-o", str(svg)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                         )  # fmt: skip
                     busy0, total0 = cpu_ticks()
@@ -286,7 +286,7 @@ def on_host(args: argparse.Namespace) -> int:
             print(f"the guest failed (status {result.status})", file=sys.stderr)
             return 1
         runs = json.loads(runs_file.read_text())
-        for svg in Path(outbox).glob("profile-*.svg"):
+        for svg in Path(outbox).glob("profile-*.txt"):
             dest = Path(args.json).parent if args.json else Path(tempfile.gettempdir())
             shutil.copy(svg, dest / svg.name)
             print(f"profile: {dest / svg.name}", file=sys.stderr)

@@ -215,7 +215,7 @@ class Lio:
         *,
         block_size: int = 512,
         wwn: str | None = None,
-        max_data_area_mb: int = 8,
+        max_data_area_mb: int = 32,
     ) -> None:
         """Create the TCMU backstore ``name`` (``dev_config``, ``size`` bytes), or keep it if
         it exists with this ``dev_config`` (its ring may hold commands for the new handler).

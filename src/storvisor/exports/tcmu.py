@@ -14,9 +14,12 @@ that ``close`` can wake it), fetches every new entry, and hands each CDB to the 
 SCSI emulation (``storvisor.protocols.scsi``). Commands answered without the volume are
 completed at once; I/O requests go to a few worker threads, so that one slow request (a
 cluster allocation, a stalled backing device) does not hold up the others, and complete out
-of order (the kernel offers ``CAP_OOOC``). Completions are batched: whichever thread has
-one appends it, and the one thread draining the batch writes them all into the ring and
-then notifies the kernel once (a 4-byte ``write`` of the uio fd).
+of order (the kernel offers ``CAP_OOOC``). A batch of requests is cut into one run per
+worker (a single hand-off each; each worker runs its run in ring order and completes it at
+once), so a slow request holds up at most the requests of its own run, and a request that
+came alone is a run of its own. Completions are batched: whichever thread has some appends
+them, and the one thread draining the batch writes them all into the ring and then
+notifies the kernel once (a 4-byte ``write`` of the uio fd).
 
 An ``IOFailure`` of the volume fails only its command, with the sense
 ``storvisor.protocols.scsi.sense.io_error_sense`` picks (MEDIUM ERROR, DATA PROTECT for a
@@ -175,7 +178,9 @@ class TcmuHandler:
         self._done_lock = threading.Lock()
         self._done: list[_Done] = []
         self._draining = False
-        self._jobs: queue.SimpleQueue[tuple[tcmu.Command, IoRequest] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[list[tuple[tcmu.Command, IoRequest]] | None] = (
+            queue.SimpleQueue()
+        )
         self._threads: list[threading.Thread] = []
         self._loop_thread: threading.Thread | None = None
         self._started = False
@@ -352,6 +357,7 @@ class TcmuHandler:
                 # told the kernel: the kernel collects only when notified
                 self._notify()
         done: list[_Done] = []
+        jobs: list[tuple[tcmu.Command, IoRequest]] = []
         for entry in entries:
             if isinstance(entry, tcmu.TaskManagement):
                 log.info(
@@ -367,24 +373,32 @@ class TcmuHandler:
                 log.exception("TCMU %s: command %d failed", self.uio, entry.cmd_id)
                 result = check_condition(INTERNAL_TARGET_FAILURE)
             if isinstance(result, IoRequest):
-                self._jobs.put((entry, result))
+                jobs.append((entry, result))
             else:
                 done.append(_Done(entry.cmd_id, result, _scatter(result.data, entry.iovecs)))
         if done:
             self._finish(done)
+        if jobs:
+            # one hand-off per worker, not per request: each worker runs a run of the batch
+            # in ring order and completes it at once
+            chunks = min(self._workers, len(jobs))
+            size = -(-len(jobs) // chunks)
+            for i in range(0, len(jobs), size):
+                self._jobs.put(jobs[i : i + size])
 
     # ------------------------------------------------------------------ I/O
 
     def _work(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
+            chunk = self._jobs.get()
+            if chunk is None:
                 return
-            command, request = job
-            cmd_id = command.cmd_id
-            reply, read_len = self._execute(command.iovecs, request)
-            del command, job  # drop the views of the data area before completing
-            self._finish([_Done(cmd_id, reply, read_len)])
+            done = []
+            for command, request in chunk:
+                reply, read_len = self._execute(command.iovecs, request)
+                done.append(_Done(command.cmd_id, reply, read_len))
+            del chunk, command, request  # drop the views of the data area before completing
+            self._finish(done)
 
     def _execute(
         self, iovecs: Sequence[memoryview], request: IoRequest
