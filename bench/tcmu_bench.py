@@ -25,8 +25,9 @@ for 1 MiB). Usage::
         [--cpus 2] [--json results.json] [--profile 'randwrite qd32']
 
 ``--profile WORKLOAD`` records the daemon with py-spy during the TCMU runs of that workload
-and writes its collapsed stacks (``profile-RW-ROUND.txt``, py-spy's raw format) next to the ``--json`` file (or to /tmp). Exit status 0 when
-every run completed without an I/O error, 1 otherwise.
+and writes its collapsed stacks (``profile-RW-ROUND.txt``, py-spy's raw format) next to the
+``--json`` file (or to /tmp). Exit status 0 when every run completed without an I/O error, 1
+otherwise.
 """
 
 from __future__ import annotations
@@ -153,6 +154,17 @@ def fileio_disk(path: Path, size: int) -> str:
         time.sleep(0.05)
 
 
+def clear_lio() -> None:
+    """Delete every LIO target and backstore left (the guest's LIO is the bench's own)."""
+    import rtslib_fb as rts
+
+    root = rts.RTSRoot()
+    for target in list(root.targets):
+        target.delete()
+    for so in list(root.storage_objects):
+        so.delete()
+
+
 def cpu_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of the whole guest."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -242,6 +254,10 @@ def inside(args: argparse.Namespace) -> int:
                     )
         (outbox / "runs.json").write_text(json.dumps(runs))
     finally:
+        # the LUNs go first: a disk left without its handler waits for LIO's command
+        # timeout at power-off
+        subprocess.run([*cli, "export", "remove", "scsi/p/v"], capture_output=True, check=False)
+        clear_lio()
         daemon.kill()
         daemon.wait()
     return 0
