@@ -43,7 +43,7 @@ import re
 import stat
 import subprocess
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -286,9 +286,19 @@ class Lio:
                 raise LocalFailure(f"cannot set the size of {name}: {e.strerror}") from e
         log.info("TCMU backstore %s is now %d bytes", name, size)
 
-    def _user_attrib(self, name: str, attrib: str) -> str:
+    def reset_ring(self, name: str, level: int = 1) -> None:
+        """Reset the command ring of TCMU backstore ``name`` (``action/reset_ring``): the
+        kernel answers every command in flight BUSY (``level`` 1; 2: CHECK CONDITION) and
+        starts the ring again at 0. Its handler must run no request meanwhile
+        (``TcmuHandler`` calls this itself, at the right moment, after the ring broke).
+        Raises ``NotFound``, or ``OSError`` from configfs."""
+        with open(self._user_attrib(name, "reset_ring", group="action"), "w") as f:
+            f.write(str(level))
+        log.warning("reset the TCMU ring of %s", name)
+
+    def _user_attrib(self, name: str, attrib: str, group: str = "attrib") -> str:
         pattern = os.path.join(
-            self.configfs, "target", "core", "user_*", glob.escape(name), "attrib", attrib
+            self.configfs, "target", "core", "user_*", glob.escape(name), group, attrib
         )
         found = sorted(glob.glob(pattern))
         if not found:
@@ -570,7 +580,14 @@ class ScsiExport:
                 self.lio.ensure_user_backstore(
                     self.backstore, dev_config, self.volume.size, block_size=block_size, wwn=wwn
                 )
-                self.handler = _start_handler(self.volume, dev_config, self.serial, block_size)
+                backstore = self.backstore
+                self.handler = _start_handler(
+                    self.volume,
+                    dev_config,
+                    self.serial,
+                    block_size,
+                    lambda: self.lio.reset_ring(backstore),
+                )
             self.found = self.lio.attach(self.backstore, self.fabric, wwpn=self.wwpn, lun=self.lun)
         except BaseException:
             self.stop()
@@ -623,15 +640,22 @@ class ScsiExport:
 
 
 def _start_handler(
-    volume: BlockDevice, dev_config: str, serial: str, block_size: int
+    volume: BlockDevice,
+    dev_config: str,
+    serial: str,
+    block_size: int,
+    reset_ring: Callable[[], None],
 ) -> TcmuHandler:
     """A started TCMU handler serving ``volume`` on the backstore ``dev_config``, with the
-    identity (unit serial, NAA designator) derived from the volume's stable ``serial``."""
+    identity (unit serial, NAA designator) derived from the volume's stable ``serial``; it
+    resets a broken ring with ``reset_ring``."""
     from storvisor.exports.tcmu import TcmuHandler
     from storvisor.protocols.scsi import LunIdentity
 
     identity = LunIdentity.for_volume(serial or dev_config)
-    handler = TcmuHandler(volume, dev_config, identity=identity, block_size=block_size)
+    handler = TcmuHandler(
+        volume, dev_config, identity=identity, block_size=block_size, reset_ring=reset_ring
+    )
     handler.start()
     return handler
 
