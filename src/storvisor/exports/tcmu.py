@@ -460,16 +460,18 @@ class TcmuHandler:
             chunk = self._jobs.get()
             if chunk is None:
                 return
-            done = []
-            for command, request in chunk:
-                reply, read_len = self._execute(command.iovecs, request)
-                done.append(_Done(command.cmd_id, reply, read_len))
-            del chunk, command, request  # drop the views of the data area before completing
-            self._finish(done)
-            with self._idle:
-                self._busy -= 1
-                if not self._busy:
-                    self._idle.notify_all()
+            try:
+                done = []
+                for command, request in chunk:
+                    reply, read_len = self._execute(command.iovecs, request)
+                    done.append(_Done(command.cmd_id, reply, read_len))
+                del chunk, command, request  # drop the views of the data area first
+                self._finish(done)
+            finally:
+                with self._idle:
+                    self._busy -= 1
+                    if not self._busy:
+                        self._idle.notify_all()
 
     def _execute(
         self, iovecs: Sequence[memoryview], request: IoRequest
