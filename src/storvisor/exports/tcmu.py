@@ -391,8 +391,9 @@ class TcmuHandler:
         with self._lock:
             try:
                 self._reset_ring()
-            except OSError as e:
-                raise LocalFailure(f"reset of the ring of {self.uio}: {e.strerror}") from e
+            except (OSError, NotFound) as e:
+                reason = e.strerror if isinstance(e, OSError) else str(e)
+                raise LocalFailure(f"reset of the ring of {self.uio}: {reason}") from e
             self._ring = tcmu.Ring(self._area)
         with self._done_lock:
             self._done.clear()
