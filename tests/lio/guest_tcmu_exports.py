@@ -169,12 +169,14 @@ def test_online_extend_reaches_sd(cli: CLI, daemon: Daemon) -> None:
     device, _ = export_scsi(cli)
     disk = os.path.basename(device)
     assert int(Path(f"/sys/block/{disk}/size").read_text()) == 64 * MiB // 512
-    cli("volume", "extend", "p/v", "--size", "96M")
-    Path(f"/sys/block/{disk}/device/rescan").write_text("1")
-    deadline = time.monotonic() + 20
+    (dev_size,) = Path("/sys/kernel/config/target/core").glob("user_*/storvisor-*/attrib/dev_size")
+    assert int(dev_size.read_text()) == 64 * MiB
+    cli("volume", "extend", "p/v", "--size", "96M")  # no rescan by hand, no udev
+    deadline = time.monotonic() + 10
     while int(Path(f"/sys/block/{disk}/size").read_text()) != 96 * MiB // 512:
         assert time.monotonic() < deadline, Path(f"/sys/block/{disk}/size").read_text()
         time.sleep(0.2)
+    assert int(dev_size.read_text()) == 96 * MiB  # LIO's own idea of the size follows
     write_direct(device, 95 * MiB, b"e" * 4096)  # the new end is usable
     assert read_direct(device, 95 * MiB, 4096) == b"e" * 4096
     cli("export", "remove", "scsi/p/v")

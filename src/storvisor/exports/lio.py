@@ -43,7 +43,7 @@ import re
 import stat
 import subprocess
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -215,7 +215,7 @@ class Lio:
         *,
         block_size: int = 512,
         wwn: str | None = None,
-        max_data_area_mb: int = 8,
+        max_data_area_mb: int = 32,
     ) -> None:
         """Create the TCMU backstore ``name`` (``dev_config``, ``size`` bytes), or keep it if
         it exists with this ``dev_config`` (its ring may hold commands for the new handler).
@@ -225,6 +225,10 @@ class Lio:
         existing = self._find_backstore(name)
         if existing is not None:
             if existing.plugin == "user" and existing.config == dev_config:
+                try:  # extended while no daemon ran
+                    self.resize_user_backstore(name, size)
+                except (LocalFailure, NotFound, OSError) as e:
+                    log.warning("LIO keeps the old size of %s: %s", name, e)
                 return
             raise Conflict(f"LIO backstore {existing.plugin}/{name} exists with another config")
         control = f"hw_block_size={block_size},max_data_area_mb={max_data_area_mb},"
@@ -259,6 +263,47 @@ class Lio:
         with _translated(f"cannot create iblock backstore {name} on {device}"):
             rts.BlockStorageObject(name, dev=device, wwn=wwn)
         log.info("created iblock backstore %s on %s", name, device)
+
+    def resize_user_backstore(self, name: str, size: int) -> None:
+        """Set the ``dev_size`` of TCMU backstore ``name`` to ``size`` bytes (after an online
+        extend). The kernel accepts the write on an enabled device only while a process
+        listens to TCMU's netlink ``config`` group (``exports.tcmu_netlink``); the backstore
+        waits for no reply (``nl_reply_supported=-1``).
+
+        Raises ``NotFound`` (no such TCMU backstore, or target_core_user not loaded),
+        ``LocalFailure`` (netlink or the kernel refused)."""
+        from storvisor.exports.tcmu_netlink import config_listener
+
+        path = self._user_attrib(name, "dev_size")
+        with open(path) as f:
+            if int(f.read().strip() or 0) == size:
+                return
+        with config_listener():
+            try:
+                with open(path, "w") as f:
+                    f.write(str(size))
+            except OSError as e:
+                raise LocalFailure(f"cannot set the size of {name}: {e.strerror}") from e
+        log.info("TCMU backstore %s is now %d bytes", name, size)
+
+    def reset_ring(self, name: str, level: int = 1) -> None:
+        """Reset the command ring of TCMU backstore ``name`` (``action/reset_ring``): the
+        kernel answers every command in flight BUSY (``level`` 1; 2: CHECK CONDITION) and
+        starts the ring again at 0. Its handler must run no request meanwhile
+        (``TcmuHandler`` calls this itself, at the right moment, after the ring broke).
+        Raises ``NotFound``, or ``OSError`` from configfs."""
+        with open(self._user_attrib(name, "reset_ring", group="action"), "w") as f:
+            f.write(str(level))
+        log.warning("reset the TCMU ring of %s", name)
+
+    def _user_attrib(self, name: str, attrib: str, group: str = "attrib") -> str:
+        pattern = os.path.join(
+            self.configfs, "target", "core", "user_*", glob.escape(name), group, attrib
+        )
+        found = sorted(glob.glob(pattern))
+        if not found:
+            raise NotFound(f"no TCMU backstore {name}")
+        return found[0]
 
     # -- LUNs -----------------------------------------------------------------------------
 
@@ -315,6 +360,30 @@ class Lio:
                 raise
         log.info("exported %s as %s LUN %d of %s", name, fabric, result.lun, result.wwpn)
         return result
+
+    def rescan_disk(self, name: str) -> str | None:
+        """Make the host's SCSI layer reread the loopback LUN of backstore ``name`` (as a
+        udev rule does on CAPACITY DATA HAS CHANGED): sd reads the capacity again and
+        ``/sys/block/sdX/size`` follows before this returns. Returns the disk's path, or None
+        when the backstore has no loopback disk. ``LocalFailure`` when the rescan fails."""
+        so = self._find_backstore(name)
+        if so is None:
+            return None
+        for lun in self._luns_of(so):
+            if lun.fabric is not Fabric.LOOPBACK:
+                continue
+            found = self._with_disk(lun)
+            if found.device is None:
+                return None
+            address = self._scsi_address(lun)
+            path = os.path.join(self.sysfs, "bus", "scsi", "devices", address, "rescan")
+            try:
+                with open(path, "w") as f:
+                    f.write("1")
+            except OSError as e:
+                raise LocalFailure(f"cannot rescan {found.device}: {e.strerror}") from e
+            return found.device
+        return None
 
     def luns(self) -> list[LioLun]:
         """Every storvisor backstore's LUNs (a backstore without one is listed with an empty
@@ -511,7 +580,14 @@ class ScsiExport:
                 self.lio.ensure_user_backstore(
                     self.backstore, dev_config, self.volume.size, block_size=block_size, wwn=wwn
                 )
-                self.handler = _start_handler(self.volume, dev_config, self.serial, block_size)
+                backstore = self.backstore
+                self.handler = _start_handler(
+                    self.volume,
+                    dev_config,
+                    self.serial,
+                    block_size,
+                    lambda: self.lio.reset_ring(backstore),
+                )
             self.found = self.lio.attach(self.backstore, self.fabric, wwpn=self.wwpn, lun=self.lun)
         except BaseException:
             self.stop()
@@ -529,9 +605,24 @@ class ScsiExport:
         return None
 
     def notify_resized(self) -> None:
-        """Tell the LUN that the volume grew (a unit attention at the next command)."""
-        if self.handler is not None:
-            self.handler.notify_resized()
+        """Tell the LUN that the volume grew: the LUN raises the unit attention CAPACITY
+        DATA HAS CHANGED at its next command, the backstore's ``dev_size`` in LIO follows,
+        and the disk of a loopback LUN is rescanned, so that ``/sys/block/sdX/size`` shows
+        the new size when this returns (what a udev rule would do; a vhost-scsi guest's own
+        kernel sees the unit attention). The volume is extended either way: a failure past
+        the unit attention is logged, not raised."""
+        if self.handler is None or self.volume is None:
+            return
+        self.handler.notify_resized()
+        try:
+            self.lio.resize_user_backstore(self.backstore, self.volume.size)
+        except (LocalFailure, NotFound, OSError) as e:
+            log.warning("LIO keeps the old size of %s: %s", self.backstore, e)
+        if self.fabric is Fabric.LOOPBACK:
+            try:
+                self.lio.rescan_disk(self.backstore)
+            except (LocalFailure, OSError) as e:
+                log.warning("the disk of %s was not rescanned: %s", self.backstore, e)
 
     def stop(self) -> None:
         """Stop serving; the LIO objects stay. Idempotent."""
@@ -549,15 +640,22 @@ class ScsiExport:
 
 
 def _start_handler(
-    volume: BlockDevice, dev_config: str, serial: str, block_size: int
+    volume: BlockDevice,
+    dev_config: str,
+    serial: str,
+    block_size: int,
+    reset_ring: Callable[[], None],
 ) -> TcmuHandler:
     """A started TCMU handler serving ``volume`` on the backstore ``dev_config``, with the
-    identity (unit serial, NAA designator) derived from the volume's stable ``serial``."""
+    identity (unit serial, NAA designator) derived from the volume's stable ``serial``; it
+    resets a broken ring with ``reset_ring``."""
     from storvisor.exports.tcmu import TcmuHandler
     from storvisor.protocols.scsi import LunIdentity
 
     identity = LunIdentity.for_volume(serial or dev_config)
-    handler = TcmuHandler(volume, dev_config, identity=identity, block_size=block_size)
+    handler = TcmuHandler(
+        volume, dev_config, identity=identity, block_size=block_size, reset_ring=reset_ring
+    )
     handler.start()
     return handler
 

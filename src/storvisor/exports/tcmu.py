@@ -14,16 +14,23 @@ that ``close`` can wake it), fetches every new entry, and hands each CDB to the 
 SCSI emulation (``storvisor.protocols.scsi``). Commands answered without the volume are
 completed at once; I/O requests go to a few worker threads, so that one slow request (a
 cluster allocation, a stalled backing device) does not hold up the others, and complete out
-of order (the kernel offers ``CAP_OOOC``). Completions are batched: whichever thread has
-one appends it, and the one thread draining the batch writes them all into the ring and
-then notifies the kernel once (a 4-byte ``write`` of the uio fd).
+of order (the kernel offers ``CAP_OOOC``). A batch of requests is cut into one run per
+worker (a single hand-off each; each worker runs its run in ring order and completes it at
+once), so a slow request holds up at most the requests of its own run, and a request that
+came alone is a run of its own. Completions are batched: whichever thread has some appends
+them, and the one thread draining the batch writes them all into the ring and then
+notifies the kernel once (a 4-byte ``write`` of the uio fd).
 
 An ``IOFailure`` of the volume fails only its command, with the sense
 ``storvisor.protocols.scsi.sense.io_error_sense`` picks (MEDIUM ERROR, DATA PROTECT for a
 full pool...), and ``Unavailable`` (a remote store that did not answer) with BUSY, which
-initiators retry; an unexpected exception fails its command with HARDWARE ERROR. A ring that
-breaks the layout (``ProtocolError``) or a uio fd that fails stops the loop; ``error`` then
-says why.
+initiators retry; an unexpected exception fails its command with HARDWARE ERROR. A uio fd
+that fails stops the loop; ``error`` then says why. So does a ring that breaks the layout
+(``ProtocolError``), unless the handler was given ``reset_ring`` (the LIO integration gives
+one that writes ``1`` to the backstore's ``action/reset_ring``): then the handler drops the
+completions still to come, waits until no request runs (the kernel frees their data blocks
+at the reset), resets the ring, which makes the kernel answer every command in flight BUSY
+(initiators retry them) and start the ring again at 0, and serves on (``resets`` counts it).
 
 The ring outlives the handler: a handler started on a ring that still holds commands (its
 predecessor was killed) serves them first, before it waits for the kernel. The capacity is
@@ -145,7 +152,9 @@ class TcmuHandler:
     online extend. ``workers`` threads execute I/O. ``block_size`` (512 or 4096) defaults
     to 4096 for a device that prefers 4 KiB or more, else 512; it must match the
     backstore's ``hw_block_size``. ``opener`` is the seam where a test stands in for the
-    kernel. The device is not closed by the handler.
+    kernel. ``reset_ring`` resets the kernel's ring (``action/reset_ring``); with it a
+    broken ring is reset once no request has run for up to ``reset_timeout`` seconds,
+    without it the handler stops. The device is not closed by the handler.
     """
 
     def __init__(
@@ -159,6 +168,8 @@ class TcmuHandler:
         workers: int = 4,
         block_size: int | None = None,
         opener: UioOpener = open_uio,
+        reset_ring: Callable[[], None] | None = None,
+        reset_timeout: float = 30.0,
     ) -> None:
         self.device = device
         self.dev_config = dev_config
@@ -168,6 +179,14 @@ class TcmuHandler:
         self.block_size = block_size or (4096 if device.block_size >= 4096 else 512)
         self._workers = workers
         self._open = opener
+        self._reset_ring = reset_ring
+        self.reset_timeout = reset_timeout
+        self.resets = 0
+        """How many times the ring was reset after it broke the layout."""
+        self._broken: ProtocolError | None = None
+        self._resetting = False
+        self._busy = 0  # runs of requests handed to the workers and not yet completed
+        self._idle = threading.Condition()
         self.uio: str | None = None
         self.error: StorvisorError | None = None
         """Why the loop stopped by itself (a broken ring, a failed uio fd), else None."""
@@ -175,7 +194,9 @@ class TcmuHandler:
         self._done_lock = threading.Lock()
         self._done: list[_Done] = []
         self._draining = False
-        self._jobs: queue.SimpleQueue[tuple[tcmu.Command, IoRequest] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[list[tuple[tcmu.Command, IoRequest]] | None] = (
+            queue.SimpleQueue()
+        )
         self._threads: list[threading.Thread] = []
         self._loop_thread: threading.Thread | None = None
         self._started = False
@@ -309,19 +330,14 @@ class TcmuHandler:
         poller.register(self._event_fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         try:
-            self._serve(first=True)  # what a predecessor left in the ring
-            while not self._stopping:
-                events = poller.poll()
-                for fd, mask in events:
-                    if fd == self._wake_r:
-                        with contextlib.suppress(BlockingIOError):
-                            os.read(self._wake_r, 64)
-                    elif mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
-                        raise LocalFailure(f"the uio fd of {self.uio} failed (poll {mask:#x})")
-                    else:
-                        self._read_event()
-                if not self._stopping:
-                    self._serve()
+            while True:
+                try:
+                    self._run(poller)
+                    return
+                except ProtocolError as e:
+                    if self._reset_ring is None or self._stopping:
+                        raise
+                    self._recover(e)
         except (ProtocolError, LocalFailure) as e:
             traceback.clear_frames(e.__traceback__)
             self.error = e
@@ -330,6 +346,61 @@ class TcmuHandler:
             self.error = LocalFailure(f"TCMU loop of {self.uio} failed: {e!r}")
             log.exception("TCMU device %s stopped", self.uio)
             traceback.clear_frames(e.__traceback__)
+
+    def _run(self, poller: select.poll) -> None:
+        self._serve(first=True)  # what a predecessor (or a reset) left in the ring
+        while not self._stopping:
+            events = poller.poll()
+            for fd, mask in events:
+                if fd == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 64)
+                elif mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                    raise LocalFailure(f"the uio fd of {self.uio} failed (poll {mask:#x})")
+                else:
+                    self._read_event()
+            if self._broken is not None:  # found by a completion
+                raise self._broken
+            if not self._stopping:
+                self._serve()
+
+    def _recover(self, cause: ProtocolError) -> None:
+        """Reset a ring that broke the layout (``action/reset_ring``): wait until no
+        request runs (the kernel frees their data blocks at the reset), have the kernel
+        answer every command in flight BUSY (initiators retry them) and start again at 0.
+
+        Raises:
+            LocalFailure: requests still run after ``reset_timeout``, or the reset failed.
+        """
+        traceback.clear_frames(cause.__traceback__)
+        log.error("TCMU device %s: %s; resetting the ring", self.uio, cause)
+        with self._done_lock:
+            self._resetting = True  # completions from now on are dropped
+            self._done.clear()
+        deadline = time.monotonic() + self.reset_timeout
+        with self._idle:
+            while self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LocalFailure(
+                        f"TCMU ring of {self.uio} broke ({cause}) and {self._busy} runs of "
+                        f"requests still run after {self.reset_timeout:g} s: not reset"
+                    )
+                self._idle.wait(left)
+        assert self._reset_ring is not None and self._area is not None
+        with self._lock:
+            try:
+                self._reset_ring()
+            except (OSError, NotFound) as e:
+                reason = e.strerror if isinstance(e, OSError) else str(e)
+                raise LocalFailure(f"reset of the ring of {self.uio}: {reason}") from e
+            self._ring = tcmu.Ring(self._area)
+        with self._done_lock:
+            self._done.clear()
+            self._resetting = False
+        self._broken = None
+        self.resets += 1
+        log.warning("TCMU device %s: ring reset (%d so far)", self.uio, self.resets)
 
     def _read_event(self) -> None:
         try:
@@ -352,6 +423,7 @@ class TcmuHandler:
                 # told the kernel: the kernel collects only when notified
                 self._notify()
         done: list[_Done] = []
+        jobs: list[tuple[tcmu.Command, IoRequest]] = []
         for entry in entries:
             if isinstance(entry, tcmu.TaskManagement):
                 log.info(
@@ -367,24 +439,40 @@ class TcmuHandler:
                 log.exception("TCMU %s: command %d failed", self.uio, entry.cmd_id)
                 result = check_condition(INTERNAL_TARGET_FAILURE)
             if isinstance(result, IoRequest):
-                self._jobs.put((entry, result))
+                jobs.append((entry, result))
             else:
                 done.append(_Done(entry.cmd_id, result, _scatter(result.data, entry.iovecs)))
         if done:
             self._finish(done)
+        if jobs:
+            # one hand-off per worker, not per request: each worker runs a run of the batch
+            # in ring order and completes it at once
+            chunks = min(self._workers, len(jobs))
+            size = -(-len(jobs) // chunks)
+            for i in range(0, len(jobs), size):
+                with self._idle:
+                    self._busy += 1
+                self._jobs.put(jobs[i : i + size])
 
     # ------------------------------------------------------------------ I/O
 
     def _work(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
+            chunk = self._jobs.get()
+            if chunk is None:
                 return
-            command, request = job
-            cmd_id = command.cmd_id
-            reply, read_len = self._execute(command.iovecs, request)
-            del command, job  # drop the views of the data area before completing
-            self._finish([_Done(cmd_id, reply, read_len)])
+            try:
+                done = []
+                for command, request in chunk:
+                    reply, read_len = self._execute(command.iovecs, request)
+                    done.append(_Done(command.cmd_id, reply, read_len))
+                del chunk, command, request  # drop the views of the data area first
+                self._finish(done)
+            finally:
+                with self._idle:
+                    self._busy -= 1
+                    if not self._busy:
+                        self._idle.notify_all()
 
     def _execute(
         self, iovecs: Sequence[memoryview], request: IoRequest
@@ -441,12 +529,17 @@ class TcmuHandler:
     def _complete(self, batch: list[_Done]) -> None:
         with self._lock:
             ring = self._ring
-            if ring is None or self.error is not None:
+            if ring is None or self.error is not None or self._resetting or self._broken:
                 return
             try:
                 for d in batch:
                     ring.complete(d.cmd_id, d.reply.status, d.reply.sense, d.read_len)
             except ProtocolError as e:
+                if self._reset_ring is not None:  # the loop resets the ring
+                    self._broken = e
+                    with contextlib.suppress(BlockingIOError):
+                        os.write(self._wake_w, b"x")
+                    return
                 self.error = e
                 log.error("TCMU device %s stopped: %s", self.uio, e)
                 return

@@ -14,6 +14,8 @@ area in 4 KiB blocks. It plays the kernel's part of the protocol:
   when it would not fit before the end of the ring, and advances ``cmd_head``;
   ``submit_tmr`` writes a TMR entry the same way;
 * ``signal`` is ``uio_event_notify``: 4 bytes on the event channel;
+* ``reset_ring`` is the ``action/reset_ring`` attribute: what is in flight completes with
+  BUSY (or CHECK CONDITION) and the ring starts again at 0;
 * ``wait`` collects completions as ``tcmu_handle_completions`` does when the handler
   ``write``s the uio fd (and only then): it walks from what it last reclaimed to the
   mailbox's ``cmd_tail``, skipping PAD and TMR entries, looks every CMD entry's ``cmd_id``
@@ -313,6 +315,24 @@ class TcmuKernel:
                 bool(uflags & UFLAG_UNKNOWN_OP),
             )
             done.append(cmd_id)
+        return done
+
+    def reset_ring(self, level: int = 1) -> list[int]:
+        """``action/reset_ring`` (``tcmu_reset_ring``): every command in flight completes
+        with BUSY (``level`` 1: the initiator retries) or CHECK CONDITION (2) without
+        reading the ring, its data blocks are freed, and ``cmd_head``, ``cmd_tail`` and
+        the reclaim point go back to 0. Returns the ids completed so."""
+        if level not in (1, 2):
+            raise ValueError(f"reset_ring takes 1 or 2, not {level}")
+        status = 0x08 if level == 1 else 0x02
+        done = sorted(self._inflight)
+        for cmd_id in done:
+            cmd = self._inflight.pop(cmd_id)
+            self._free.extend(cmd.blocks)
+            self.completions[cmd_id] = Completion(status, b"", b"", None)
+        self._head = self._cleaned = 0
+        self._words[3] = 0
+        self._words[16] = 0
         return done
 
     def wait(self, cmd_ids: list[int], timeout: float = 10.0) -> list[Completion]:

@@ -1,0 +1,407 @@
+"""storvisor's TCMU backstore against LIO's own fileio backstore, in a TCG guest.
+
+LIO exists only in a guest here (the host kernel has none), so this boots a host-root guest
+(``storvisor.testing.guest``: this machine's kernel and userspace, the host root read-only
+over 9p under a tmpfs overlay) and runs itself inside it with ``--inside``. There:
+
+* a storvisor daemon (``storvisor serve``) with a pool on a sparse file and a thin volume of
+  ``--size``, exported as a tcm_loop LUN (``storvisor export scsi``): backstore (a), TCMU;
+* a LIO fileio backstore (rtslib, write-back, as targetcli creates it) on a file of the same
+  size on the same file system (the guest's ``/dev/shm``), also on a tcm_loop LUN: (b);
+* both disks written in full first (1 MiB sequential), so that reads find data everywhere
+  and later writes overwrite, on the thin volume as on the file;
+* fio (libaio, O_DIRECT) on the two ``/dev/sdX``: 4k random read and write at qd32, 1 MiB
+  sequential read and write at qd8, ``--seconds`` each after a one-second ramp, ``--rounds``
+  times; each round visits the workloads in turn and runs each on both disks one right
+  after the other, the order swapped every round, so that load from outside the guest (other
+  work on the host's cores) hits both alike.
+
+The guest is TCG (no KVM), so only the ratios mean anything. For each run it records IOPS,
+MiB/s, the guest's CPU busy fraction and the daemon's CPU per request (TCMU runs only). The
+host prints medians, the ratio TCMU/fileio and the goal of each workload (0.5x for 4k, 0.8x
+for 1 MiB). Usage::
+
+    .venv/bin/python bench/tcmu_bench.py [--seconds 10] [--rounds 3] [--size 256M]
+        [--cpus 2] [--json results.json] [--profile 'randwrite qd32']
+
+``--profile WORKLOAD`` records the daemon with py-spy during the TCMU runs of that workload
+and writes its collapsed stacks (``profile-RW-ROUND.txt``, py-spy's raw format) next to the
+``--json`` file (or to /tmp). Exit status 0 when every run completed without an I/O error, 1
+otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+from storvisor.testing.guest import (  # noqa: E402
+    HOST_ROOT_MODULES,
+    HOST_ROOT_OUTBOX,
+    Guest,
+    host_root_args,
+    host_root_script,
+)
+
+MiB = 1 << 20
+STORVISOR = str(Path(sys.executable).with_name("storvisor"))
+PYSPY = str(Path(sys.executable).with_name("py-spy"))
+BACKSTORES = ("tcmu", "fileio")
+GOALS = {"4k": 0.5, "1M": 0.8}
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    rw: str
+    bs: str
+    iodepth: int
+
+    @property
+    def goal(self) -> float:
+        return GOALS[self.bs]
+
+
+WORKLOADS = [
+    Workload("4k randread qd32", "randread", "4k", 32),
+    Workload("4k randwrite qd32", "randwrite", "4k", 32),
+    Workload("1M read qd8", "read", "1M", 8),
+    Workload("1M write qd8", "write", "1M", 8),
+]
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    if text[-1:].upper() in units:
+        return int(text[:-1]) * units[text[-1].upper()]
+    return int(text)
+
+
+# ------------------------------------------------------------------------ in the guest
+
+
+def log(text: str) -> None:
+    print(f"tcmu-bench: {text}", flush=True)
+
+
+def run(*args: str, timeout: float = 600) -> str:
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def api_answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+            s.sendall(b"GET /v1/status HTTP/1.0\r\n\r\n")
+            return s.recv(64).startswith(b"HTTP/1.0 200")
+        except OSError:
+            return False
+
+
+def start_daemon(home: Path) -> subprocess.Popen[bytes]:
+    daemon = subprocess.Popen(
+        [STORVISOR, "--home", str(home), "serve"],
+        stdout=subprocess.DEVNULL,
+        stderr=open(home / "daemon.log", "wb"),  # noqa: SIM115
+    )
+    deadline = time.monotonic() + 180
+    while not api_answers(home / "api.sock"):
+        if daemon.poll() is not None or time.monotonic() > deadline:
+            daemon.kill()
+            raise RuntimeError(f"the daemon did not start: {(home / 'daemon.log').read_text()}")
+        time.sleep(0.1)
+    return daemon
+
+
+def fileio_disk(path: Path, size: int) -> str:
+    """A LIO fileio backstore on ``path`` (``size`` bytes) on a tcm_loop LUN: its /dev/sdX."""
+    import rtslib_fb as rts
+
+    with open(path, "wb") as f:
+        f.truncate(size)
+    so = rts.FileIOStorageObject("bench-fileio", str(path), size=size, write_back=True)
+    target = rts.Target(rts.FabricModule("loopback"))
+    tpg = rts.TPG(target, 1)
+    rts.LUN(tpg, 0, so)
+    address = Path(tpg.path, "address").read_text().strip()
+    deadline = time.monotonic() + 60
+    while True:
+        found = glob.glob(f"/sys/bus/scsi/devices/{address}:0/block/*")
+        if found and os.path.exists(f"/dev/{os.path.basename(found[0])}"):
+            return f"/dev/{os.path.basename(found[0])}"
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no disk for the fileio LUN at {address}")
+        time.sleep(0.05)
+
+
+def clear_lio() -> None:
+    """Delete every LIO target and backstore left (the guest's LIO is the bench's own)."""
+    import rtslib_fb as rts
+
+    root = rts.RTSRoot()
+    for target in list(root.targets):
+        target.delete()
+    for so in list(root.storage_objects):
+        so.delete()
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole guest."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def process_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fio(device: str, w: Workload, seconds: float, size: int) -> dict[str, Any]:
+    out = run(
+        "fio", "--name=bench", f"--filename={device}", f"--rw={w.rw}", f"--bs={w.bs}",
+        f"--iodepth={w.iodepth}", "--ioengine=libaio", "--direct=1", f"--size={size}",
+        "--time_based", f"--runtime={seconds:g}", "--ramp_time=1", "--norandommap",
+        "--randrepeat=0", "--output-format=json",
+        timeout=seconds + 300,
+    )  # fmt: skip
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    side = job["read"] if "read" in w.rw else job["write"]
+    return {
+        "iops": side["iops"],
+        "mib_s": side["bw_bytes"] / MiB,
+        "requests": side["total_ios"],
+        "lat_us": side["clat_ns"]["mean"] / 1000,
+        "error": job["error"],
+    }
+
+
+def inside(args: argparse.Namespace) -> int:
+    size = parse_size(args.size)
+    work = Path("/dev/shm/tcmu-bench")
+    work.mkdir(parents=True)
+    home = work / "home"
+    outbox = Path(HOST_ROOT_OUTBOX)
+    cli = [STORVISOR, "--home", str(home)]
+    run(*cli, "pool", "create", "p", "--backing", f"{work / 'pool.img'}:{2 * size}")
+    run(*cli, "volume", "create", "p/v", "--size", str(size))
+    daemon = start_daemon(home)
+    try:
+        tcmu = run(*cli, "export", "scsi", "p/v").split()[0]
+        fileio = fileio_disk(work / "fileio.img", size)
+        disks = {"tcmu": tcmu, "fileio": fileio}
+        log(f"disks {disks}, {os.cpu_count()} vCPU")
+        for name, disk in disks.items():
+            started = time.monotonic()
+            run(
+                "fio", "--name=fill", f"--filename={disk}", "--rw=write", "--bs=1M",
+                "--iodepth=8", "--ioengine=libaio", "--direct=1", f"--size={size}",
+            )  # fmt: skip
+            log(f"filled {name} in {time.monotonic() - started:.1f} s")
+        runs: list[dict[str, Any]] = []
+        for round_no in range(args.rounds):
+            for w in WORKLOADS:
+                order = BACKSTORES if round_no % 2 == 0 else BACKSTORES[::-1]
+                for name in order:
+                    spy = None
+                    if name == "tcmu" and args.profile and args.profile in w.name:
+                        svg = outbox / f"profile-{w.rw}-{round_no}.txt"
+                        spy = subprocess.Popen(
+                            [PYSPY, "record", "--pid", str(daemon.pid), "--threads",
+                             "--rate", "50", "--nonblocking", "--format", "raw", "-o", str(svg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        )  # fmt: skip
+                    busy0, total0 = cpu_ticks()
+                    cpu0 = process_seconds(daemon.pid)
+                    result = fio(disks[name], w, args.seconds, size)
+                    cpu = process_seconds(daemon.pid) - cpu0
+                    busy1, total1 = cpu_ticks()
+                    if spy is not None:
+                        spy.send_signal(signal.SIGINT)
+                        spy.wait(120)
+                    result.update(
+                        round=round_no,
+                        workload=w.name,
+                        backstore=name,
+                        guest_busy_pct=100 * (busy1 - busy0) / max(total1 - total0, 1),
+                    )
+                    if name == "tcmu":
+                        result["daemon_us_per_req"] = 1e6 * cpu / max(result["requests"], 1)
+                    runs.append(result)
+                    log(
+                        f"round {round_no} {w.name:18} {name:6} {result['iops']:9,.0f} IOPS "
+                        f"{result['mib_s']:7.1f} MiB/s busy {result['guest_busy_pct']:.0f}%"
+                    )
+        (outbox / "runs.json").write_text(json.dumps(runs))
+    finally:
+        # the LUNs go first: a disk left without its handler waits for LIO's command
+        # timeout at power-off
+        subprocess.run([*cli, "export", "remove", "scsi/p/v"], capture_output=True, check=False)
+        clear_lio()
+        daemon.kill()
+        daemon.wait()
+    return 0
+
+
+# ------------------------------------------------------------------------ on the host
+
+
+def on_host(args: argparse.Namespace) -> int:
+    command = [sys.executable, str(Path(__file__).resolve()), "--inside"]
+    command += ["--seconds", f"{args.seconds:g}", "--rounds", str(args.rounds)]
+    command += ["--size", args.size]
+    if args.profile:
+        command += ["--profile", args.profile]
+    outbox = tempfile.mkdtemp(prefix="storvisor-tcmu-bench-")
+    env = {"PYTHONPATH": str(REPO / "src"), "HOME": "/root", "LANG": "C.UTF-8"}
+    script = host_root_script(command, cwd=str(REPO), env=env, outbox=True)
+    timeout = 600 + args.rounds * len(WORKLOADS) * len(BACKSTORES) * (args.seconds + 30)
+    load = os.getloadavg()[0]
+    started = time.monotonic()
+    try:
+        guest = Guest(
+            script,
+            qemu_args=host_root_args(outbox),
+            memory_mib=args.memory,
+            cpus=args.cpus,
+            modules=HOST_ROOT_MODULES,
+            timeout=timeout,
+        )
+        with guest:
+            done = threading.Event()
+            progress = threading.Thread(target=echo_progress, args=(guest, done), daemon=True)
+            progress.start()
+            try:
+                result = guest.wait()
+            finally:
+                done.set()
+                progress.join()
+        runs_file = Path(outbox, "runs.json")
+        if result.status != 0 or not runs_file.exists():
+            print(result.console[-5000:], file=sys.stderr)
+            print(f"the guest failed (status {result.status})", file=sys.stderr)
+            return 1
+        runs = json.loads(runs_file.read_text())
+        for svg in Path(outbox).glob("profile-*.txt"):
+            dest = Path(args.json).parent if args.json else Path(tempfile.gettempdir())
+            shutil.copy(svg, dest / svg.name)
+            print(f"profile: {dest / svg.name}", file=sys.stderr)
+    finally:
+        shutil.rmtree(outbox, ignore_errors=True)
+    summary = summarise(runs)
+    print_table(summary)
+    load_after = os.getloadavg()[0]
+    print(
+        f"\n{time.monotonic() - started:.0f} s; guest {args.cpus} vCPU (TCG); {args.rounds} "
+        f"rounds of {args.seconds:g} s per run; volume and file {args.size}; host load "
+        f"average {load:.2f} before, {load_after:.2f} after"
+    )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "runs": runs, "summary": summary}, indent=1)
+        )
+    failed = any(r["error"] for r in runs)
+    return 1 if failed else 0
+
+
+def echo_progress(guest: Guest, done: threading.Event) -> None:
+    """Print the guest's progress lines to stderr as they come."""
+    seen = 0
+    while True:
+        finished = done.wait(1.0)
+        lines = guest.console.splitlines()
+        for line in lines[seen:]:
+            if line.startswith("tcmu-bench:"):
+                print(line, file=sys.stderr, flush=True)
+        seen = len(lines)
+        if finished:
+            return
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per workload: the medians of each backstore and the ratio of the medians."""
+    rows = []
+    for w in WORKLOADS:
+        row: dict[str, Any] = {"workload": w.name, "goal": w.goal}
+        for name in BACKSTORES:
+            mine = [r for r in runs if r["workload"] == w.name and r["backstore"] == name]
+            for key in ("iops", "mib_s", "guest_busy_pct", "daemon_us_per_req"):
+                values = [r[key] for r in mine if key in r]
+                row[f"{name}_{key}"] = statistics.median(values) if values else None
+        per_round = [
+            t["iops"] / f["iops"]
+            for t in runs
+            for f in runs
+            if t["workload"] == f["workload"] == w.name
+            and t["round"] == f["round"]
+            and (t["backstore"], f["backstore"]) == ("tcmu", "fileio")
+            and f["iops"]
+        ]
+        row["ratio"] = row["tcmu_iops"] / row["fileio_iops"] if row["fileio_iops"] else None
+        row["ratio_min"] = min(per_round, default=None)
+        row["ratio_max"] = max(per_round, default=None)
+        rows.append(row)
+    return rows
+
+
+def print_table(summary: list[dict[str, Any]]) -> None:
+    header = [
+        "workload", "TCMU IOPS", "TCMU MiB/s", "fileio IOPS", "fileio MiB/s",
+        "TCMU/fileio", "rounds' range", "goal", "daemon µs/req", "guest busy TCMU/fileio",
+    ]  # fmt: skip
+    print("| " + " | ".join(header) + " |")
+    print("| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |")
+    for row in summary:
+        ratio = row["ratio"]
+        met = "met" if ratio is not None and ratio >= row["goal"] else "missed"
+        cells = [
+            row["workload"],
+            f"{row['tcmu_iops']:,.0f}",
+            f"{row['tcmu_mib_s']:,.1f}",
+            f"{row['fileio_iops']:,.0f}",
+            f"{row['fileio_mib_s']:,.1f}",
+            "-" if ratio is None else f"{ratio:.2f}x",
+            f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}x" if row["ratio_min"] else "-",
+            f"{row['goal']:.1f}x {met}",
+            f"{row['tcmu_daemon_us_per_req']:,.0f}",
+            f"{row['tcmu_guest_busy_pct']:.0f}% / {row['fileio_guest_busy_pct']:.0f}%",
+        ]
+        print("| " + " | ".join(cells) + " |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per run")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (each runs everything)")
+    parser.add_argument("--size", default="256M", help="volume and file size (K/M/G suffix)")
+    parser.add_argument("--cpus", type=int, default=2, help="guest vCPUs")
+    parser.add_argument("--memory", type=int, default=2048, help="guest MiB")
+    parser.add_argument("--json", default=None, help="write every run and the summary here")
+    parser.add_argument("--profile", default=None, help="py-spy the daemon on this workload")
+    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    return inside(args) if args.inside else on_host(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
