@@ -844,8 +844,8 @@ STEPS: dict[str, tuple[str, ...]] = {
     "delete_volume": ("pool-lock", "commit", "catalog", "recycle"),
 }
 STEP_FRAMES = {
-    "pool-lock": ("open_volume", "create_snapshot", "clone", "delete_snapshot", "rollback",
-                  "extend_volume", "delete_volume"),
+    "pool-lock": ("open_volume", "create_snapshot", "_volume_frozen", "clone",
+                  "delete_snapshot", "rollback", "extend_volume", "delete_volume"),
     "freeze": ("freeze",),
     "commit": ("_commit",),
     "catalog": ("_transaction",),
