@@ -6,13 +6,15 @@ pool over sees; the daemon, fenced, then fails its next flush."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from mirror_kit import STORVISOR, VOLUME, bucket_volume, fail_mirrors, mirrored_daemon, storvisor
 from s3server import MotoServer
 
 from prereq import require_module
@@ -21,16 +23,7 @@ from storvisor.engine.home import Home
 from storvisor.errors import StorvisorError
 
 nbd = require_module("nbd", "python3-libnbd is not installed")
-STORVISOR = str(Path(sys.executable).with_name("storvisor"))
 MiB = 1 << 20
-
-
-def storvisor(home: Path, *args: str) -> str:
-    proc = subprocess.run(
-        [STORVISOR, "--home", str(home), *args], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, f"storvisor {' '.join(args)}: {proc.stderr}"
-    return proc.stdout
 
 
 def test_nbd_flush_reaches_the_bucket_and_a_fenced_daemon_stops(
@@ -104,41 +97,12 @@ def test_nbd_flush_reaches_the_bucket_and_a_fenced_daemon_stops(
 
 
 def test_nbd_writer_sees_no_error_while_mirrors_fail(aws_env: MotoServer, tmp_path: Path) -> None:
-    import random
-    import threading
-    from urllib.parse import urlsplit
-
-    from tcpproxy import Proxy
-
-    target = urlsplit(aws_env.url)
-    a, b = (Proxy((target.hostname or "127.0.0.1", target.port or 80)) for _ in range(2))
-    bucket = aws_env.bucket()
-    home = tmp_path / "home"
-    daemon = subprocess.Popen(
-        [STORVISOR, "--home", str(home), "serve"], stdout=subprocess.DEVNULL, text=True
-    )
-    model = bytearray(8 * MiB)
-    errors: list[BaseException] = []
+    model = bytearray(VOLUME)
+    errors: list[str] = []
     stop = threading.Event()
     flushes = 0
-    try:
-        client = Client(home / "api.sock")
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client.status()
-                break
-            except StorvisorError:
-                assert daemon.poll() is None, "the daemon exited"
-                assert time.monotonic() < deadline, "the daemon did not answer"
-                time.sleep(0.1)
-        storvisor(
-            home, "pool", "create", "s", "--s3", bucket, "--endpoint", a.url, "--endpoint",
-            b.url, "--region", "us-east-1", "--endpoint-timeout", "1", "--down-timeout", "15",
-            "--size", "64M", "--object-size", "1M",
-        )  # fmt: skip
-        storvisor(home, "volume", "create", "s/v", "--size", "8M")
-        uri = storvisor(home, "export", "nbd", "s/v").strip()
+    with mirrored_daemon(aws_env, tmp_path) as daemon:
+        uri = storvisor(daemon.home, "export", "nbd", "s/v").strip()
         handle = nbd.NBD()
         handle.connect_uri(uri)
 
@@ -148,64 +112,25 @@ def test_nbd_writer_sees_no_error_while_mirrors_fail(aws_env: MotoServer, tmp_pa
             try:
                 while not stop.is_set():
                     for _ in range(16):
-                        offset = rng.randrange(8 * MiB // 4096) * 4096
+                        offset = rng.randrange(VOLUME // 4096) * 4096
                         data = rng.randbytes(4096)
                         handle.pwrite(data, offset)
                         model[offset : offset + 4096] = data
                     handle.flush()
                     flushes += 1
             except BaseException as e:
-                errors.append(e)
-
-        def state(index: int) -> str:
-            return str(client.pool_info("s").endpoints[index].state)
-
-        def until(condition: object, what: str) -> None:
-            deadline = time.monotonic() + 30
-            while not condition():  # type: ignore[operator]
-                assert not errors, f"the NBD writer saw an error: {errors[0]!r}"
-                assert time.monotonic() < deadline, f"timed out: {what}"
-                time.sleep(0.1)
+                errors.append(repr(e))
 
         thread = threading.Thread(target=writer)
         thread.start()
         try:
-            until(lambda: flushes >= 3, "flushes")
-            a.stop()
-            until(lambda: state(0) == "down", "a down")
-            seen = flushes
-            until(lambda: flushes >= seen + 3, "flushes while a is stopped")
-            a.start()
-            until(lambda: state(0) == "up", "a back")
-            b.stalled.set()
-            until(lambda: state(1) == "down", "b down")
-            seen = flushes
-            until(lambda: flushes >= seen + 3, "flushes while b stalls")
-            b.stalled.clear()
-            until(lambda: state(1) == "up", "b back")
+            fail_mirrors(daemon, lambda: flushes, errors, step=3)
         finally:
             stop.set()
             thread.join(60)
         assert not thread.is_alive(), "the NBD writer stalled"
-        assert not errors, f"the NBD writer saw an error: {errors[0]!r}"
-        assert handle.pread(8 * MiB, 0) == model
+        assert not errors, f"the NBD writer saw an error: {errors[0]}"
+        assert handle.pread(VOLUME, 0) == model
         handle.shutdown()
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.communicate()
-        a.stop()
-        b.stop()
-    other = Home(tmp_path / "other")  # released by the daemon at exit: the bucket alone
-    try:
-        other.import_s3_pool("s", aws_env.spec(bucket))
-        volume = other.pool("s").open_volume("v")
-        got = bytearray(8 * MiB)
-        volume.read_into(0, memoryview(got))
-        volume.close()
-        assert got == model
-    finally:
-        other.close()
+        daemon.stop()
+    assert bucket_volume(aws_env, daemon.bucket, tmp_path) == model
