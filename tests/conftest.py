@@ -10,6 +10,8 @@ skips a test whose prerequisite is missing, and fails it in CI (``prereq.require
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,8 @@ from prereq import require
 from storvisor.engine.home import Home
 from storvisor.engine.pool import Pool
 from storvisor.engine.types import BackingSpec
+
+_REPO = Path(__file__).resolve().parents[1]
 
 # tests/openstack runs in its own process from .venv-openstack (make pytest-openstack sets
 # STORVISOR_OPENSTACK_TESTS=1): importing Cinder patches eventlet and registers global options.
@@ -49,3 +53,24 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     for mark in item.iter_markers("requires"):
         condition, reason = mark.args
         require(condition, reason)
+
+
+_VHOST_BLK_BENCH = Path("shared", "tools", "vhost-blk-bench", "vhost-blk-bench.c")
+VHOST_BLK_BENCH_SRC = next(
+    (p / _VHOST_BLK_BENCH for p in _REPO.parents if (p / _VHOST_BLK_BENCH).is_file()),
+    _REPO.parent / _VHOST_BLK_BENCH,
+)
+"""The C vhost-user-blk front-end's source: ``shared/tools`` beside the repository (or beside
+one of its parent directories)."""
+
+
+@pytest.fixture(scope="session")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``vhost-blk-bench`` compiled from ``VHOST_BLK_BENCH_SRC`` (once per session)."""
+    require(VHOST_BLK_BENCH_SRC.is_file(), f"{VHOST_BLK_BENCH_SRC} is absent")
+    cc = shutil.which("gcc") or shutil.which("cc")
+    require(cc is not None, "no C compiler (Debian package gcc)")
+    assert cc is not None
+    out = tmp_path_factory.mktemp("bench") / "vhost-blk-bench"
+    subprocess.run([cc, "-O2", "-o", str(out), str(VHOST_BLK_BENCH_SRC)], check=True)
+    return out

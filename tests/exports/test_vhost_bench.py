@@ -18,20 +18,6 @@ from prereq import require
 from storvisor.engine.device import FileDevice
 from storvisor.exports.vhost_user_blk import VhostUserBlkServer
 
-REPO = Path(__file__).resolve().parents[2]
-BENCH_SRC = REPO.parent / "shared" / "tools" / "vhost-blk-bench" / "vhost-blk-bench.c"
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    require(BENCH_SRC.is_file(), f"{BENCH_SRC} is absent")
-    cc = shutil.which("gcc") or shutil.which("cc")
-    require(cc is not None, "no C compiler (Debian package gcc)")
-    assert cc is not None
-    out = tmp_path_factory.mktemp("bench") / "vhost-blk-bench"
-    subprocess.run([cc, "-O2", "-o", str(out), str(BENCH_SRC)], check=True)
-    return out
-
 
 @pytest.fixture
 def socket_dir() -> Iterator[Path]:

@@ -25,23 +25,6 @@ import pytest
 from mirror_kit import VOLUME, bucket_volume, fail_mirrors, mirrored_daemon, storvisor
 from s3server import MotoServer
 
-from prereq import require
-
-REPO = Path(__file__).resolve().parents[2]
-_TOOL = Path("shared", "tools", "vhost-blk-bench", "vhost-blk-bench.c")
-BENCH_SRC = next((p / _TOOL for p in REPO.parents if (p / _TOOL).is_file()), REPO.parent / _TOOL)
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    require(BENCH_SRC.is_file(), f"{BENCH_SRC} is absent")
-    cc = shutil.which("gcc") or shutil.which("cc")
-    require(cc is not None, "no C compiler (Debian package gcc)")
-    assert cc is not None
-    out = tmp_path_factory.mktemp("bench") / "vhost-blk-bench"
-    subprocess.run([cc, "-O2", "-o", str(out), str(BENCH_SRC)], check=True)
-    return out
-
 
 @pytest.fixture
 def socket_dir() -> Iterator[Path]:
