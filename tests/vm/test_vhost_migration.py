@@ -5,7 +5,8 @@ attach a vhost-user-blk disk served by a ``VhostUserBlkServer`` in this process;
 serve the same ``FileDevice``. The guest keeps dropping its page cache and re-reading a known
 pattern from the disk while the source migrates to the destination, so the back-end writes
 guest RAM during migration. A 1 ms downtime limit holds the switchover back while the guest
-keeps pages dirty; after the first pass over RAM the host changes the pattern and sets a mark
+keeps pages dirty (two readers, so that the back-end is writing guest RAM while either runs
+its tools); after the first pass over RAM the host changes the pattern and sets a mark
 on the disk, the guest reads the disk once more into its page cache, and only then may
 migration complete. Unless the back-end's writes reach QEMU's dirty log, migration converges
 too early (the guest looks idle) or the destination holds stale page-cache pages. The
@@ -67,6 +68,9 @@ read_disk() {{
     echo 3 > /proc/sys/vm/drop_caches
     dd if=/dev/vda of="$1" bs=4k count={READ_LEN // 4096} 2>/dev/null || exit 11
 }}
+# a second reader keeps the back-end writing guest RAM while the first one runs its tools
+(while :; do read_disk /dev/null; done) &
+other=$!
 n=0
 while [ "$(mark)" != ST ]; do
     read_disk /dev/null
@@ -76,6 +80,8 @@ while [ "$(mark)" != ST ]; do
 done
 read_disk snap
 echo "final-read-done after $n"
+kill $other
+wait $other 2>/dev/null
 while [ "$(mark)" != GO ]; do usleep 20000; done
 echo "md5-snap $(md5sum < snap | cut -d' ' -f1)"
 echo "md5-cached $(dd if=/dev/vda bs=1M count={READ_LEN // MiB} 2>/dev/null | md5sum \\
