@@ -1176,12 +1176,10 @@ class Pool:
         self.flush()
         cache.destage_all()
 
-    def _switch_cache(
-        self, new: Cache | None, old: Cache | None = None, *, mode: CacheMode | None = None
-    ) -> None:
-        """Route the volumes' I/O through ``new`` (None: to the devices), or change the mode
-        of the cache, with no read or write in flight meanwhile. Leaving a writeback cache,
-        what was written since the last destage is flushed and destaged first."""
+    @contextlib.contextmanager
+    def _volumes_still(self) -> Iterator[None]:
+        """Every open volume quiesced and frozen until the block ends: no read or write of
+        any of them in flight, here or in a data plane."""
         with self._lock:
             states = list(self._states.values())
         with contextlib.ExitStack() as stack:
@@ -1189,6 +1187,15 @@ class Pool:
                 state.quiesce()
                 stack.callback(state.lock.release)
                 stack.enter_context(state.frozen())
+            yield
+
+    def _switch_cache(
+        self, new: Cache | None, old: Cache | None = None, *, mode: CacheMode | None = None
+    ) -> None:
+        """Route the volumes' I/O through ``new`` (None: to the devices), or change the mode
+        of the cache, with no read or write in flight meanwhile. Leaving a writeback cache,
+        what was written since the last destage is flushed and destaged first."""
+        with self._volumes_still():
             if old is not None:
                 if old.mode is CacheMode.WRITEBACK:
                     old.sync(lambda: None)
@@ -1211,12 +1218,7 @@ class Pool:
         (the pool stays latched)."""
         with self._lock:
             doc = self._catalog.meta().get("cache", "")
-            states = list(self._states.values())
-        with contextlib.ExitStack() as stack:
-            for state in states:
-                state.quiesce()
-                stack.callback(state.lock.release)
-                stack.enter_context(state.frozen())
+        with self._volumes_still():
             with self._lock:  # until a cache serves again, planes send everything here
                 self._publish_cache(-1)
             old.close(clean=False)
