@@ -8,6 +8,7 @@ import os
 import random
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
@@ -335,6 +336,49 @@ def test_a_failing_cache_device_latches_and_keeps_flushed_data(
     assert _read(pool)[: len(flushed)] == flushed
     assert pool.fsck().clean
     pool.close()
+
+
+def test_the_epoch_of_a_failed_flush_is_never_destaged(tmp_path: Path, faulty: FaultMount) -> None:
+    """A write over a line whose epoch waits for its destage goes to a new slot; the flush
+    of that write fails, and the device drops the new slot's data. The destage, held in the
+    backing's sync meanwhile, goes on once the device works again: it must not copy the
+    dropped slot over the line, which reads as the last good flush left it (or as the write,
+    had it survived) once the pool reopens the cache."""
+    pool = _pool(tmp_path)
+    pool.set_cache(CacheSpec(str(faulty.mountpoint / "c.img"), 1 << 20), CacheMode.WRITEBACK)
+    pool.close()
+    images: list[bytes] = []
+    hold, release = threading.Event(), threading.Event()
+    pool = Pool.open(tmp_path / "p", "p", open_backing=_recording_opener(images, hold, release))
+    try:
+        vol = pool.open_volume("v")
+        flushed = random.Random(5).randbytes(16 * CS)
+        vol.write(0, flushed)
+        vol.flush()
+        assert hold.wait(30), "the epoch was never destaged"
+        faulty.set(Fault("sync", "eio"))
+        vol.write(4 * CS, b"y" * CS)  # its epoch waits for the destage: copied to a new slot
+        with pytest.raises(IOFailure):
+            vol.flush()
+        release.set()
+        faulty.clear()
+        deadline = time.monotonic() + 30
+        while not images and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert images, "the held destage did not go on"
+        time.sleep(2.5)  # a destage that went on after the failure retries within a second
+        pool.recover()
+        buf = bytearray(len(flushed))
+        vol.read_into(0, memoryview(buf))
+        line = bytes(buf[4 * CS : 5 * CS])
+        assert line in (flushed[4 * CS : 5 * CS], b"y" * CS), f"line 4 reads {line[:16]!r}..."
+        assert buf[: 4 * CS] == flushed[: 4 * CS] and buf[5 * CS :] == flushed[5 * CS :]
+        vol.close()
+        pool.flush_cache()
+        assert pool.fsck().clean
+    finally:
+        release.set()
+        pool.close()
 
 
 @pytest.mark.parametrize("mode", [CacheMode.WRITEBACK, CacheMode.WRITETHROUGH])

@@ -54,7 +54,9 @@ in epoch order, the newest copy of a line serving reads. The pool ignores its jo
 *A failing cache device* (a read, write or sync error) latches the pool as a failed sync
 does: the request fails with the device's errno, ``state`` says ``failed``, and every later
 flush fails with EIO until the pool is reopened. Flushed data is never dropped: dirty slots
-stay on the device until they are destaged.
+stay on the device until they are destaged. The destage stops at the failure (the device's
+content is in doubt, and the epoch whose flush failed is never queued); reopening the pool
+destages what the device's table holds.
 """
 
 from __future__ import annotations
@@ -769,8 +771,6 @@ class Cache:
             # before the closed epoch is synced or destaged (engine/cachelines.py)
             self.drain()
             with self._lock:
-                if self._lists.get(epoch) and (not self._closed or self._closed[-1] != epoch):
-                    self._closed.append(epoch)
                 changed = self._snapshot()
             try:
                 os.fdatasync(self.fd)
@@ -779,6 +779,10 @@ class Cache:
                 with self._lock:
                     self._changed.update(slot for slot, _ in changed)
                 raise self._failed(_io(f"sync of {self.path}", e)) from e
+            # only a durable epoch is destaged: a failed sync may have dropped its data
+            with self._lock:
+                if self._lists.get(epoch) and (not self._closed or self._closed[-1] != epoch):
+                    self._closed.append(epoch)
         self._wake.set()
 
     def _snapshot(self) -> list[tuple[int, bytes]]:
@@ -816,7 +820,9 @@ class Cache:
                     self.sync(lambda: None)
                 except IOFailure:
                     continue  # latched: writers waiting for a slot fail
-            while self._closed and not self._stop.is_set():
+            # a failed device is left alone until the pool reopens it: the closed epochs
+            # stay on it, in its table, and are destaged then
+            while self._closed and not self._stop.is_set() and self.failure is None:
                 try:
                     self._destage_one()
                     self.destage_error = ""
@@ -938,6 +944,8 @@ class Cache:
         with self._lock:
             last = self.open_epoch - 1
             while self._closed and self._closed[0] <= last:
+                if self.failure is not None:
+                    raise IOFailure(f"the cache device failed: {self.failure}", errno.EIO)
                 if self.destage_error:
                     raise IOFailure(f"destage of the cache failed: {self.destage_error}")
                 if deadline is not None and time.monotonic() > deadline:
