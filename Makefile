@@ -62,7 +62,11 @@ $(OS_VENV)/.installed: requirements/openstack.txt
 	$(OS_PY) -m pip install -q --no-deps -e .
 	touch $@
 
+# Byte-compiled once here: a process that may not write its own cache (PYTHONDONTWRITEBYTECODE)
+# would otherwise compile every module it imports at each start (a CLI call, the daemon, each
+# data plane).
 venv: $(VENV)/.installed
+	$(PY) -m compileall -q src >/dev/null
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

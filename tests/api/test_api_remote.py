@@ -21,7 +21,7 @@ import pytest
 from test_api_server import raw
 
 from storvisor.api.client import AccessDenied, Client, UntrustedDaemon
-from storvisor.api.exports import TcpAddress
+from storvisor.api.export_defs import TcpAddress
 from storvisor.api.server import APIServer, TcpAPIServer
 from storvisor.api.service import Service
 from storvisor.api.tls import (

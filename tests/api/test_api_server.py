@@ -13,7 +13,7 @@ import pytest
 
 from storvisor.api.client import Client
 from storvisor.api.codec import decode, encode
-from storvisor.api.exports import ExportInfo, ExportKind, ExportSpec, ExportState
+from storvisor.api.export_defs import ExportInfo, ExportKind, ExportSpec, ExportState
 from storvisor.api.server import APIServer
 from storvisor.api.service import Service
 from storvisor.engine.types import BackingSpec, PoolInfo, VolumeInfo

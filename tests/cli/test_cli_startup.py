@@ -8,6 +8,7 @@ import os
 import selectors
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -185,3 +186,32 @@ def test_a_command_gives_up_on_a_daemon_that_never_answers(cli: CLI, home: Path)
 def test_wait_must_be_a_number_of_seconds(cli: CLI):
     line = cli.fails("--wait", "soon", "pool", "list", rc=2)
     assert "invalid time 'soon'" in line
+
+
+def test_a_command_to_the_daemon_loads_no_engine(cli: CLI, home: Path, daemon: Daemon) -> None:
+    """A command the running daemon answers imports the API's records and client only: the
+    engine (pools, volumes, the cache) is loaded only by a command that opens HOME itself.
+    Every CLI call pays for what it imports."""
+    probe = (
+        "import sys\n"
+        "from storvisor.cli.main import run\n"
+        f"status = run(['--home', {str(home)!r}, 'pool', 'list'])\n"
+        "print(status, ' '.join(sorted(m for m in sys.modules if m.startswith('storvisor'))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    status, _, modules = out.strip().rpartition("\n")[2].partition(" ")
+    assert status == "0", out
+    loaded = set(modules.split())
+    assert "storvisor.api.client" in loaded, loaded
+    heavy = {"storvisor.api.service", "storvisor.engine.home", "storvisor.engine.pool"}
+    assert not heavy & loaded, sorted(heavy & loaded)
+    offline = subprocess.run(
+        [sys.executable, "-c", probe.replace(str(home), str(home / "elsewhere"))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "storvisor.engine.pool" in offline.split(), "the offline path was not probed"

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from storvisor import errors
 from storvisor.api import routes
 from storvisor.api.codec import JSONValue, decode, decode_list, encode
-from storvisor.api.exports import ExportInfo, ExportKind
+from storvisor.api.export_defs import ExportInfo, ExportKind
 from storvisor.api.jobs import JobInfo
 from storvisor.api.messages import (
     CreateClone,
@@ -47,7 +47,7 @@ from storvisor.api.messages import (
 )
 from storvisor.api.qos import QosKey, QosSpecInfo, VolumeQos
 from storvisor.api.routes import Route
-from storvisor.api.service import API_SOCKET, ServiceStatus
+from storvisor.api.status import API_SOCKET, ServiceStatus
 from storvisor.api.tls import (
     cert_fingerprint,
     client_context,

@@ -18,9 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from storvisor.api.exports import NBD_SOCKET, ExportInfo, ExportRuntime, TcpAddress
+from storvisor.api.export_defs import ExportInfo, TcpAddress
+from storvisor.api.exports import NBD_SOCKET, ExportRuntime
 from storvisor.api.server import APIServer, TcpAPIServer
-from storvisor.api.service import API_SOCKET, Service
+from storvisor.api.service import Service
+from storvisor.api.status import API_SOCKET
 from storvisor.api.tls import (
     TlsFiles,
     file_fingerprint,
@@ -200,11 +202,3 @@ def _banner(
         ]
     lines += ["", "Stop with Ctrl-C (or SIGTERM)."]
     return "\n".join(lines)
-
-
-def default_home() -> Path:
-    """``$STORVISOR_HOME``, else ``~/.local/share/storvisor``."""
-    env = os.environ.get("STORVISOR_HOME")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".local" / "share" / "storvisor"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from storvisor.api.exports import ExportKind
+from storvisor.api.export_defs import ExportKind
 from storvisor.api.qos import QosKey
 from storvisor.engine.s3 import S3Spec
 from storvisor.engine.types import BackingSpec, CacheMode

@@ -22,7 +22,7 @@ from http import HTTPMethod
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
-from storvisor.api.exports import ExportInfo
+from storvisor.api.export_defs import ExportInfo
 from storvisor.api.jobs import JobInfo
 from storvisor.api.messages import (
     API_PREFIX,
@@ -45,7 +45,7 @@ from storvisor.api.messages import (
     Timeouts,
 )
 from storvisor.api.qos import QosSpecInfo, VolumeQos
-from storvisor.api.service import ServiceStatus
+from storvisor.api.status import ServiceStatus
 from storvisor.engine.types import BackingSpec, FsckReport, PoolInfo, SnapshotInfo, VolumeInfo
 
 _T = TypeVar("_T")

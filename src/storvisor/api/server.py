@@ -46,7 +46,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from storvisor.api import openapi, routes
 from storvisor.api.codec import JSONValue, decode, encode
-from storvisor.api.exports import ExportKind, TcpAddress
+from storvisor.api.export_defs import ExportKind, TcpAddress
 from storvisor.api.messages import (
     CreateClone,
     CreateExport,

@@ -23,19 +23,20 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
-from storvisor.api.exports import (
-    NBD_SOCKET,
+from storvisor.api.export_defs import (
     SCSI_KINDS,
     ExportInfo,
     ExportKind,
-    ExportRuntime,
     ExportSpec,
     ExportState,
     ExportStore,
     check_export_name,
+)
+from storvisor.api.exports import (
+    NBD_SOCKET,
+    ExportRuntime,
     export_uris,
     forget_lio_objects,
     without,
@@ -51,6 +52,7 @@ from storvisor.api.metrics import (
     Restarts,
 )
 from storvisor.api.qos import QosKey, QosManager, QosSpecInfo, VolumeQos
+from storvisor.api.status import API_SOCKET, ServiceStatus
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.home import Home
 from storvisor.engine.qos import ThrottledDevice
@@ -76,26 +78,12 @@ from storvisor.errors import (
 
 log = logging.getLogger(__name__)
 
-API_SOCKET = "api.sock"
-
 DEMO_POOL = "default"
 DEMO_BACKING = "default-pool.img"
 DEMO_POOL_SIZE = 64 << 30
 DEMO_VOLUME = "demo"
 DEMO_VOLUME_SIZE = 1 << 30
 DEMO_EXPORT = "demo"
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceStatus:
-    """Where a service lives and whether it serves exports (``daemon``)."""
-
-    home: str
-    pid: int
-    daemon: bool
-    api_socket: str
-    nbd_socket: str
-    nbd_tcp: str | None  # "HOST:PORT" when NBD also listens on TCP
 
 
 class Management(Protocol):

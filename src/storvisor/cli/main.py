@@ -34,24 +34,26 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from storvisor import __version__
 from storvisor.api.client import Client, DaemonUnavailable
-from storvisor.api.exports import ExportInfo, ExportState, TcpAddress, parse_tcp_address
+from storvisor.api.export_defs import ExportInfo, ExportState, TcpAddress, parse_tcp_address
 from storvisor.api.jobs import JobInfo, JobState
 from storvisor.api.qos import QosKey
-from storvisor.api.service import Management, Service
+from storvisor.api.status import default_home
 from storvisor.api.tls import TlsFiles
 from storvisor.api.tokens import TokenStore
 from storvisor.cli import output
 from storvisor.cli.progress import wait_for_job
-from storvisor.engine.home import HomeInUse, HomeUser
 from storvisor.engine.s3 import S3Spec
 from storvisor.engine.types import BackingSpec, CacheMode, PoolState
 from storvisor.errors import InvalidArgument, NotFound, StateError, StorvisorError
 from storvisor.integrations.libvirt import scsi
 from storvisor.units import parse_size
+
+if TYPE_CHECKING:  # the engine is loaded only when no daemon answers (_connect)
+    from storvisor.api.service import Management
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -205,7 +207,7 @@ def queues(text: str) -> int:
 
 # -- commands -------------------------------------------------------------------------------
 
-Command = Callable[[Management, argparse.Namespace], int]
+Command = Callable[["Management", argparse.Namespace], int]
 
 
 def _print(args: argparse.Namespace, value: object, text: str) -> int:
@@ -1091,8 +1093,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _home(args: argparse.Namespace) -> Path:
-    from storvisor.api.daemon import default_home
-
     home: Path = args.home if args.home is not None else default_home()
     return home.expanduser().absolute()
 
@@ -1106,6 +1106,9 @@ def _connect(home: Path, wait: float) -> Management:
         client = Client.for_home(home)
         if client is not None:
             return client
+        from storvisor.api.service import Service  # only now: a client needs no engine
+        from storvisor.engine.home import HomeInUse, HomeUser
+
         try:
             return Service.open(home)
         except HomeInUse as e:
@@ -1146,7 +1149,7 @@ def _remote(args: argparse.Namespace) -> Client | None:
 
 
 def _serve(args: argparse.Namespace, home: Path) -> int:
-    from storvisor.api.daemon import default_home, serve
+    from storvisor.api.daemon import serve
 
     # How to run this CLI again from another terminal, as the banner suggests.
     prog = "storvisor" if shutil.which("storvisor") else shlex.quote(sys.argv[0])

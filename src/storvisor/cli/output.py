@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 
 from storvisor.api.codec import encode
-from storvisor.api.exports import ExportInfo
+from storvisor.api.export_defs import ExportInfo
 from storvisor.api.jobs import JobInfo
 from storvisor.api.qos import QosKey, QosSpecInfo, VolumeQos
 from storvisor.api.tokens import TokenInfo

@@ -23,7 +23,7 @@ from os_brick import exception
 from os_brick.initiator import connector as brick_connector
 from os_brick.initiator.connectors import base
 
-from storvisor.api.exports import ExportInfo, ExportState
+from storvisor.api.export_defs import ExportInfo, ExportState
 from storvisor.errors import NotFound, StorvisorError
 from storvisor.integrations.openstack.backend import BackendOptions, ExportKind, open_client
 from storvisor.integrations.openstack.connection import (

@@ -50,7 +50,7 @@ from cinder.volume import driver
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from storvisor.api.exports import ExportInfo
+from storvisor.api.export_defs import ExportInfo
 from storvisor.api.qos import QosKey
 from storvisor.api.service import Management
 from storvisor.engine.types import PoolState
