@@ -43,8 +43,12 @@ typecheck: venv
 
 pytest: pytest-main pytest-openstack
 
+# Whole modules go to PYTEST_WORKERS processes (pytest-xdist), the guest modules first; most
+# tests wait on processes of their own (daemons, QEMU), so two workers use both cores.
+PYTEST_WORKERS ?= 2
+
 pytest-main: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Cinder's and Nova's global options clash: one process each
 pytest-openstack: openstack-venv

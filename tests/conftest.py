@@ -49,6 +49,13 @@ def pool(home: Home, tmp_path: Path) -> Pool:
     return home.pool("p")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules that boot guests first (in their own order): under ``pytest -n``, whose
+    workers take whole modules as they become free, the longest work is handed out first
+    instead of ending the run on one worker."""
+    items.sort(key=lambda item: item.get_closest_marker("vm") is None)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     for mark in item.iter_markers("requires"):
         condition, reason = mark.args

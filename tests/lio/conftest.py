@@ -12,7 +12,9 @@ run (the guest stalled or crashed) a failure with the console's tail. Inside the
 The guests boot ahead: once collection is done, one background thread runs the selected
 modules' guests one after the other while the rest of the session goes on (a TCG guest keeps
 one core busy, most other tests wait on processes of their own), and a module's items wait
-for its run. ``STORVISOR_GUESTS_AHEAD=0`` boots each guest when its first item runs instead.
+for its run. ``STORVISOR_GUESTS_AHEAD=0`` boots each guest when its first item runs instead,
+as do the workers of ``pytest -n`` (each collects every test; the modules run in parallel
+there anyway).
 At the end of the session a guest still running is killed.
 
 Every item is marked ``slow`` and ``vm``.
@@ -66,6 +68,8 @@ _running_lock = threading.Lock()
 def pytest_collection_finish(session: pytest.Session) -> None:
     modules = list(dict.fromkeys(i.parent for i in session.items if isinstance(i, GuestItem)))
     if not modules or not _HAS_GUEST or os.environ.get("STORVISOR_GUESTS_AHEAD") == "0":
+        return
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker collects all: none boots ahead
         return
     runner = ThreadPoolExecutor(1, thread_name_prefix="guest-ahead")
     for module in modules:

@@ -4,15 +4,16 @@ A source QEMU (TCG, shared memfd RAM) and a destination QEMU started with ``-inc
 attach a vhost-user-blk disk served by a ``VhostUserBlkServer`` in this process; both servers
 serve the same ``FileDevice``. The guest keeps dropping its page cache and re-reading a known
 pattern from the disk while the source migrates to the destination, so the back-end writes
-guest RAM during migration. A 1 ms downtime limit holds the switchover back while the guest
-keeps pages dirty (two readers, so that the back-end is writing guest RAM while either runs
-its tools); after the first pass over RAM the host changes the pattern and sets a mark
-on the disk, the guest reads the disk once more into its page cache, and only then may
-migration complete. Unless the back-end's writes reach QEMU's dirty log, migration converges
-too early (the guest looks idle) or the destination holds stale page-cache pages. The
-destination starts paused: its whole RAM must equal the stopped source's, page for page. Then
-it runs, the guest prints the md5 of its copy, of the cached read and of a direct read, writes
-a second pattern, and the host checks those bytes in the file.
+guest RAM during migration. A 1 ms downtime limit and, past the first pass, a 2 MiB/s
+bandwidth limit hold the switchover back while the guest keeps pages dirty (two readers, so
+that the back-end is writing guest RAM while either runs its tools); after the first pass
+over RAM the host changes the pattern and sets a mark on the disk, the guest reads the disk
+once more into its page cache, and only then may migration complete. Unless the back-end's
+writes reach QEMU's dirty log, migration converges too early (the guest looks idle) or the
+destination holds stale page-cache pages. The destination starts paused: its whole RAM must
+equal the stopped source's, page for page. Then it runs, the guest prints the md5 of its
+copy, of the cached read and of a direct read, writes a second pattern, and the host checks
+those bytes in the file.
 
 The guest's RAM is 8 KiB more than a multiple of 256 KiB. QEMU before 9.0 loses TCG stores
 during migration when a RAM block is a multiple of 64 pages (its fast dirty-bitmap sync does
@@ -248,6 +249,11 @@ def test_live_migration_keeps_back_end_writes(tmp_path: Path, sockdir: str) -> N
             wait_migration(
                 qmp_a, lambda i: i.get("ram", {}).get("dirty-sync-count", 0) >= 2, "second pass"
             )
+            # Throttled to 2 MiB/s, migration may converge only when a sync finds no dirty page
+            # at all (its threshold, bandwidth x downtime limit, is under one page): a guest that
+            # the host's load leaves idle for a moment no longer lets it through.
+            bandwidth = qmp_a.command("query-migrate-parameters")["max-bandwidth"]
+            qmp_a.command("migrate-set-parameters", **{"max-bandwidth": 2 * MiB})
             device.write(0, fresh)
             set_mark(device, b"ST")
             # The last read must run on the source, during migration. Had the back-end's
@@ -258,7 +264,9 @@ def test_live_migration_keeps_back_end_writes(tmp_path: Path, sockdir: str) -> N
                 assert info["status"] == "active", f"migration converged during reads: {info}"
                 assert time.monotonic() < deadline, "the guest did not finish its last read"
                 time.sleep(0.05)
-            qmp_a.command("migrate-set-parameters", **{"downtime-limit": 300})
+            qmp_a.command(
+                "migrate-set-parameters", **{"downtime-limit": 300, "max-bandwidth": bandwidth}
+            )
             wait_migration(qmp_a, lambda i: i.get("status") == "completed", "completion")
             # Every page the back-end wrote while logging reached the destination, as did
             # everything else: the paused destination's RAM is the stopped source's.
