@@ -605,8 +605,7 @@ class Cache:
     def _write_back(self, key: int, within: int, data: memoryview) -> None:
         while True:
             with self._lock:
-                if self.failure is not None:
-                    raise IOFailure(f"the cache device failed: {self.failure}", errno.EIO)
+                self._check_failed()
                 fill = self._filling.get(key)
                 if fill is None:
                     slot = self._map.get(key)
@@ -724,8 +723,7 @@ class Cache:
                 continue
             if not wait:
                 return None
-            if self.failure is not None:
-                raise IOFailure(f"the cache device failed: {self.failure}", errno.EIO)
+            self._check_failed()
             self._waiting += 1  # the destage closes the open epoch if nothing else is to go
             self._wake.set()
             self._space.wait(0.5)
@@ -757,8 +755,7 @@ class Cache:
     def sync(self, backing_sync: Callable[[], None]) -> None:
         """A flush of the pool: writeback closes the epoch (data synced, then its table);
         writethrough runs ``backing_sync``. Raises ``IOFailure`` (the cache failed)."""
-        if self.failure is not None:
-            raise IOFailure(f"the cache device failed: {self.failure}", errno.EIO)
+        self._check_failed()
         if self.mode is not CacheMode.WRITEBACK:
             backing_sync()
             return
@@ -944,8 +941,7 @@ class Cache:
         with self._lock:
             last = self.open_epoch - 1
             while self._closed and self._closed[0] <= last:
-                if self.failure is not None:
-                    raise IOFailure(f"the cache device failed: {self.failure}", errno.EIO)
+                self._check_failed()
                 if self.destage_error:
                     raise IOFailure(f"destage of the cache failed: {self.destage_error}")
                 if deadline is not None and time.monotonic() > deadline:
@@ -983,6 +979,11 @@ class Cache:
     def fail(self, error: IOFailure) -> None:
         """A data plane's read or write of the device failed: latch it as ``_failed``."""
         self._failed(error)
+
+    def _check_failed(self) -> None:
+        """Raise ``IOFailure`` (EIO) if the device failed: it serves nothing until reopened."""
+        if self.failure is not None:
+            raise IOFailure(f"the cache device failed: {self.failure}", errno.EIO)
 
     def _failed(self, error: IOFailure) -> IOFailure:
         """Latch the cache's failure (module docstring) and return ``error``."""
