@@ -25,6 +25,7 @@ from storvisor.engine.types import BackingSpec, CacheMode, PoolState
 from storvisor.errors import Conflict, InvalidArgument, IOFailure, NotFound
 from storvisor.testing.conformance import check_block_device
 from storvisor.testing.faultfs import Fault, FaultMount
+from waiting import wait_until
 
 CS = 4096
 VOL = 1 << 20
@@ -362,10 +363,7 @@ def test_the_epoch_of_a_failed_flush_is_never_destaged(tmp_path: Path, faulty: F
             vol.flush()
         release.set()
         faulty.clear()
-        deadline = time.monotonic() + 30
-        while not images and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert images, "the held destage did not go on"
+        wait_until(lambda: images, "the held destage to go on", timeout=30)
         time.sleep(2.5)  # a destage that went on after the failure retries within a second
         pool.recover()
         buf = bytearray(len(flushed))

@@ -19,6 +19,7 @@ from storvisor.errors import LocalFailure, ProtocolError
 from storvisor.exports.tcmu import TcmuHandler
 from storvisor.protocols.scsi import LunIdentity
 from storvisor.testing.tcmu_kernel import Completion, TcmuKernel
+from waiting import wait_until
 
 MiB = 1 << 20
 CONFIG = "storvisor/e1"
@@ -102,13 +103,6 @@ def break_next_entry(k: TcmuKernel, lba: int) -> int:
     return cmd
 
 
-def wait_for(condition: object, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not callable(condition) or not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def test_a_broken_ring_is_reset_and_served_on(tmp_path: Path, volume: BlockDevice) -> None:
     data = os.urandom(4096)
     volume.write(8 * 512, data)
@@ -119,7 +113,7 @@ def test_a_broken_ring_is_reset_and_served_on(tmp_path: Path, volume: BlockDevic
         queued = k.submit(rw10(0x28, 8, 8), data_in=4096)  # before the broken entry
         broken = break_next_entry(k, 0)
         k.signal()
-        wait_for(lambda: served.handler.resets == 1, "the reset")
+        wait_until(lambda: served.handler.resets == 1, "the reset")
         assert served.reset_calls == 1 and served.handler.error is None
         # the kernel answered what was in flight BUSY: the initiator retries it
         assert k.completions[broken].status == BUSY
@@ -150,7 +144,7 @@ def test_a_running_request_holds_the_reset_back(tmp_path: Path, volume: BlockDev
         # the running read may still write into its data blocks: no reset yet
         assert served.reset_calls == 0 and slow in k.in_flight and broken in k.in_flight
         gate.release.set()
-        wait_for(lambda: served.handler.resets == 1, "the reset")
+        wait_until(lambda: served.handler.resets == 1, "the reset")
         # the read's completion was dropped; the kernel answered both BUSY at the reset
         assert k.completions[slow].status == BUSY
         assert k.completions[broken].status == BUSY
@@ -170,7 +164,7 @@ def test_a_request_that_never_ends_stops_the_handler(tmp_path: Path, volume: Blo
         assert gate.entered.wait(10)
         break_next_entry(k, 8)
         k.signal()
-        wait_for(lambda: served.handler.error is not None, "the handler to stop")
+        wait_until(lambda: served.handler.error is not None, "the handler to stop")
         assert isinstance(served.handler.error, LocalFailure)
         assert "not reset" in str(served.handler.error)
         assert served.reset_calls == 0 and slow in k.in_flight
@@ -186,7 +180,7 @@ def test_without_a_reset_the_handler_stops(tmp_path: Path, volume: BlockDevice) 
         good(k.command(bytes(6)))
         broken = break_next_entry(k, 0)
         k.signal()
-        wait_for(lambda: served.handler.error is not None, "the handler to stop")
+        wait_until(lambda: served.handler.error is not None, "the handler to stop")
         assert isinstance(served.handler.error, ProtocolError)
         assert broken in k.in_flight and served.handler.resets == 0
     finally:

@@ -27,6 +27,7 @@ from storvisor.protocols.virtio.ring import (
 )
 from storvisor.testing.memory import MemoryDevice
 from storvisor.testing.vhost_frontend import VhostUserFrontend
+from waiting import wait_until
 
 SIZE = 4 << 20
 
@@ -55,14 +56,6 @@ def fe(servers: tuple[VhostUserBlkServer, VhostUserBlkServer]) -> Iterator[Vhost
     with VhostUserFrontend(servers[0].socket_path, num_queues=2, queue_size=16, timeout=5) as f:
         f.setup()
         yield f
-
-
-def _wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.01)
 
 
 def _still_serving(server: VhostUserBlkServer) -> None:
@@ -195,7 +188,7 @@ def test_bad_chain_breaks_only_that_queue(
 ) -> None:
     victim, other = servers
     attack(fe)
-    _wait_for(lambda: victim.broken_queues == {0})
+    wait_until(lambda: victim.broken_queues == {0}, "queue 0 broken", timeout=5)
     # the other queue of the same device still works, as does the control plane
     assert fe.blk.write(0, b"q1" * 256, queue=1) == Status.OK
     assert fe.blk.read(0, 512, queue=1) == (Status.OK, b"q1" * 256)
@@ -448,7 +441,7 @@ def test_broken_queue_signals_the_error_eventfd(
     try:
         fe.request(Request.SET_VRING_ERR, m.U64.pack(0), [err])
         _loop(fe)
-        _wait_for(lambda: servers[0].broken_queues == {0})
+        wait_until(lambda: servers[0].broken_queues == {0}, "queue 0 broken", timeout=5)
         assert os.eventfd_read(err) == 1
     finally:
         os.close(err)

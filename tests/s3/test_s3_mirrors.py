@@ -19,6 +19,7 @@ from storvisor.engine.object_pool import object_backing
 from storvisor.engine.s3 import Bucket, S3Spec
 from storvisor.engine.types import EndpointState
 from storvisor.errors import Conflict, IOFailure, NotFound, StorvisorError
+from waiting import wait_until
 
 MiB = 1 << 20
 VOLUME = 8 * MiB
@@ -27,14 +28,6 @@ VOLUME = 8 * MiB
 def proxies(moto: MotoServer, count: int) -> list[Proxy]:
     target = urlsplit(moto.url)
     return [Proxy((target.hostname or "127.0.0.1", target.port or 80)) for _ in range(count)]
-
-
-def wait_until(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s: {what}")
-        time.sleep(0.05)
 
 
 def test_writer_sees_no_error_while_mirrors_fail(aws_env: MotoServer, tmp_path: Path) -> None:
@@ -75,21 +68,25 @@ def test_writer_sees_no_error_while_mirrors_fail(aws_env: MotoServer, tmp_path: 
         thread.start()
         stats = object_backing(pool).bucket
         try:
-            wait_until(lambda: flushed(3), 30, "flushes before any failure")
+            wait_until(lambda: flushed(3), "flushes before any failure", timeout=30)
             a.stop()
-            wait_until(lambda: stats.endpoints()[0].state is EndpointState.DOWN, 15, "a down")
+            wait_until(
+                lambda: stats.endpoints()[0].state is EndpointState.DOWN, "a down", timeout=15
+            )
             seen = flushes
-            wait_until(lambda: flushed(seen + 3), 30, "flushes while a is stopped")
+            wait_until(lambda: flushed(seen + 3), "flushes while a is stopped", timeout=30)
             a.start()
-            wait_until(lambda: stats.endpoints()[0].state is EndpointState.UP, 15, "a back")
+            wait_until(lambda: stats.endpoints()[0].state is EndpointState.UP, "a back", timeout=15)
             b.stalled.set()
-            wait_until(lambda: stats.endpoints()[1].state is EndpointState.DOWN, 15, "b down")
+            wait_until(
+                lambda: stats.endpoints()[1].state is EndpointState.DOWN, "b down", timeout=15
+            )
             seen = flushes
-            wait_until(lambda: flushed(seen + 3), 30, "flushes while b stalls")
+            wait_until(lambda: flushed(seen + 3), "flushes while b stalls", timeout=30)
             b.stalled.clear()
-            wait_until(lambda: stats.endpoints()[1].state is EndpointState.UP, 15, "b back")
+            wait_until(lambda: stats.endpoints()[1].state is EndpointState.UP, "b back", timeout=15)
             seen = flushes
-            wait_until(lambda: flushed(seen + 2), 30, "flushes after recovery")
+            wait_until(lambda: flushed(seen + 2), "flushes after recovery", timeout=30)
         finally:
             stop.set()
             thread.join(60)
@@ -128,12 +125,12 @@ def test_an_idle_endpoint_is_probed_and_marked_down_when_it_stalls(
     try:
         s3.check_bucket()  # one request: the probes start
         b.stalled.set()
-        wait_until(lambda: s3.endpoints()[1].state is EndpointState.DOWN, 10, "idle b down")
+        wait_until(lambda: s3.endpoints()[1].state is EndpointState.DOWN, "idle b down", timeout=10)
         assert s3.endpoints()[0].state is EndpointState.UP
         b.stalled.clear()
-        wait_until(lambda: s3.endpoints()[1].state is EndpointState.UP, 10, "b back")
+        wait_until(lambda: s3.endpoints()[1].state is EndpointState.UP, "b back", timeout=10)
         a.stop()
-        wait_until(lambda: s3.endpoints()[0].state is EndpointState.DOWN, 10, "idle a down")
+        wait_until(lambda: s3.endpoints()[0].state is EndpointState.DOWN, "idle a down", timeout=10)
         info = s3.endpoints()
         assert info[0].errors == 1 and info[1].errors == 1, info
     finally:
@@ -157,7 +154,7 @@ def test_an_answer_cut_short_is_retried_on_another_endpoint(aws_env: MotoServer)
             s3.get("data/0000000000000000")
         assert [e.errors for e in s3.endpoints()] == [1, 1]
         b.cutting.clear()
-        wait_until(lambda: s3.endpoints()[1].state is EndpointState.UP, 10, "b back")
+        wait_until(lambda: s3.endpoints()[1].state is EndpointState.UP, "b back", timeout=10)
         for _ in range(4):  # wherever they go first, they succeed
             found = s3.get("data/0000000000000000")
             assert found is not None and found[0] == body
@@ -188,7 +185,7 @@ def test_all_endpoints_down_fails_after_the_timeout_then_recovers(
             volume.flush()
         assert 2.0 <= time.monotonic() - start < 15, "the wait is the configured one"
         a.start()
-        wait_until(lambda: _flushes(volume), 20, "recovery once the endpoint is back")
+        wait_until(lambda: _flushes(volume), "recovery once the endpoint is back", timeout=20)
         buf = bytearray(4096)
         volume.read_into(0, memoryview(buf))
         assert buf == b"2" * 4096
