@@ -12,9 +12,10 @@ from s3server import MotoServer
 
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.home import Home
+from storvisor.engine.object_backing import S3Config
 from storvisor.engine.object_pool import object_backing
 from storvisor.engine.pool import Pool
-from storvisor.engine.s3 import LEASE_KEY, LeaseLost, S3Spec
+from storvisor.engine.s3 import LEASE_KEY, Bucket, LeaseLost, S3Spec
 from storvisor.engine.types import BackingSpec
 from storvisor.errors import Conflict, InvalidArgument, IOFailure, NotFound
 from storvisor.testing.conformance import check_block_device
@@ -261,3 +262,33 @@ def test_delete_erases_the_bucket_but_not_a_pool_taken_elsewhere(
         assert "storvisor/pool.json" in aws_env.keys(bucket)
     finally:
         stale.close()
+
+
+def test_a_take_of_the_lease_whose_save_was_lost_is_still_this_homes(
+    aws_env: MotoServer, tmp_path: Path
+) -> None:
+    """A crash between the bucket's new lease and the HOME's save of its epoch leaves the
+    bucket one epoch ahead under this HOME's own owner: the pool opens again. Two epochs
+    ahead, or another owner, is another host's take: refused."""
+    bucket = aws_env.bucket()
+    home = Home(tmp_path / "home")
+    create(home, aws_env, bucket).create_volume("v", MiB)
+    home.close()
+    directory = tmp_path / "home/pools/s"
+    config = S3Config.load(directory)
+    s3 = Bucket(config.spec)
+    s3.take_lease(config.owner, s3.lease())  # the take whose save the crash lost
+    again = Home(tmp_path / "home")
+    try:
+        assert again.pool_info("s").state.value == "online"
+    finally:
+        again.close()
+    config = S3Config.load(directory)
+    s3.take_lease(config.owner, s3.lease())
+    s3.take_lease(config.owner, s3.lease())
+    third = Home(tmp_path / "home")
+    try:
+        info = third.pool_info("s")
+        assert info.state.value == "offline" and "another host took the pool" in (info.reason or "")
+    finally:
+        third.close()

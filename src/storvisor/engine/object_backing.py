@@ -72,7 +72,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storvisor.engine import pio
-from storvisor.engine.backing import Backing, Header
+from storvisor.engine.backing import Backing, Header, sync_directory
 from storvisor.engine.device import LIBC
 from storvisor.engine.s3 import (
     CATALOG_KEY,
@@ -123,6 +123,7 @@ class S3Config:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, directory / CONFIG_NAME)
+        sync_directory(directory)  # the new epoch survives a power cut
 
     @classmethod
     def load(cls, directory: Path) -> S3Config:
@@ -458,11 +459,14 @@ def acquire(bucket: Bucket, config: S3Config, directory: Path) -> Lease:
     """Take the lease for a HOME that held it last (``config.epoch``); save the new epoch.
 
     Raises ``Conflict`` when another host holds it or held it since: this HOME's copy of the
-    pool is then stale and must be imported again."""
+    pool is then stale and must be imported again. A lease one epoch ahead under this HOME's
+    own owner is this HOME's last take, whose save a crash cut off (between the bucket's write
+    and the durable save): it is this HOME's still."""
     lease = bucket.lease()
     if lease is None:
         raise CorruptMetadata(f"bucket {bucket.spec.bucket!r} has no lease")
-    if (lease.owner, lease.epoch) != (config.owner, config.epoch):
+    ours = lease.owner == config.owner and lease.epoch in (config.epoch, config.epoch + 1)
+    if not ours:
         raise Conflict(
             f"bucket {bucket.spec.bucket!r}: another host took the pool ({lease.describe()}); "
             "import it again"
