@@ -116,11 +116,14 @@ DEFAULT_CLUSTER = 64 << 10
 COMMIT_INTERVAL = 0.5
 """Seconds between background commits (the contract is at most one second)."""
 DEFAULT_IO_TIMEOUT = 30.0
+"""Seconds a sync of the backing devices may take before its flush fails (ETIMEDOUT)."""
 MIN_TIMEOUT = 0.1
 MAX_TIMEOUT = 7 * 86400.0
 """The shortest and longest I/O or data timeout a pool takes, in seconds (a week: longer
 waits are "never" to an operator, and beyond the range of the system's timed waits)."""
-"""Seconds a sync of the backing devices may take before its flush fails (ETIMEDOUT)."""
+_PLANE_HITS_WAIT = 2.0
+"""Seconds ``cache_info`` waits for the data planes' counts of their cache hits (a report
+waits for no I/O: a plane answers from its reader thread)."""
 
 
 def check_name(name: str, what: str) -> None:
@@ -1296,8 +1299,18 @@ class Pool:
         self._latch(error, f"the cache device failed: {error}")
 
     def cache_info(self) -> CacheInfo | None:
+        """The cache tier's figures, with every hit the data planes served so far (each is
+        asked for those it has not told yet, ``_PLANE_HITS_WAIT`` at most in all)."""
         cache = self.cache
-        return None if cache is None else cache.info()
+        if cache is None:
+            return None
+        with self._lock:
+            planes = [plane for state in self._states.values() for plane in state.planes]
+        asked = [plane.ask_hits() for plane in planes]
+        deadline = time.monotonic() + _PLANE_HITS_WAIT
+        for answered in asked:
+            answered.wait(max(0.0, deadline - time.monotonic()))
+        return cache.info()
 
     # ------------------------------------------------------------------------------ fsck
 

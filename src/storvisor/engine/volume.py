@@ -122,6 +122,10 @@ class DataPlane(Protocol):
     def resized(self) -> None:
         """The volume grew (the map already says so)."""
 
+    def ask_hits(self) -> threading.Event:
+        """Ask the plane for the cache hits it served and has not told yet (``cache_hits``);
+        the event is set once they are counted, or the plane is gone."""
+
 
 class VolumeState:
     """What all handles of one open volume or snapshot share. Internal to the engine."""

@@ -97,6 +97,7 @@ class Op:
     READ = 12  # a = offset, b = length; reply payload = the data (bounded or cached volumes)
     CACHEFD = 13  # a = cache generation, b = 0 (line table) or 1 (device); reply carries it
     HITS = 14  # plane -> owner, unsolicited: a = reads and writes served from the cache here
+    # that it had not told yet; owner -> plane: tell them now (the reply follows the HITS)
 
 
 class Flag:
@@ -106,7 +107,8 @@ class Flag:
 
 
 _HITS_BATCH = 1024
-"""Cache hits a plane counts before it tells the owner (``HITS``; the rest at close)."""
+"""Cache hits a plane counts before it tells the owner (``HITS``); the rest when the owner
+asks (``PlaneHost.ask_hits``) and at close."""
 _CACHE_DEVICE = 2
 """``FAILED``'s ``a`` for a read or write of the cache device."""
 _FREEZE_TIMEOUT = 30.0
@@ -198,6 +200,22 @@ class PlaneHost:
             with contextlib.suppress(OSError):
                 self._link.send(Op.RESIZED)
 
+    def ask_hits(self) -> threading.Event:
+        """Ask the plane for the cache hits it has not told yet; the event is set once
+        they were added to the volume's count (or the plane is gone)."""
+        done = threading.Event()
+        if self._dead.is_set():
+            done.set()
+            return done
+        ident = next(self._ids)
+        with self._waits_lock:
+            self._waits[ident] = done
+        try:
+            self._link.send(Op.HITS, ident)
+        except OSError:
+            self._die()
+        return done
+
     # -- lifecycle --
 
     def close(self) -> None:
@@ -240,7 +258,7 @@ class PlaneHost:
                 op = frame.op
                 if op == Op.REPLY:
                     with self._waits_lock:
-                        event = self._waits.get(frame.ident)
+                        event = self._waits.pop(frame.ident, None)
                     if event is not None:
                         event.set()
                 elif op == Op.READY:
@@ -400,6 +418,8 @@ class RemoteVolume:
         self._old_lines: list[LinesReader] = []  # replaced, closed with the volume
         self._lines_lock = threading.Lock()
         self._hits = itertools.count(1)  # next() is atomic: no lock for the count
+        self._told = 0  # the last tick of ``_hits`` whose hits the owner was told of
+        self._told_lock = threading.Lock()
         self.vectors = _RemoteVectors(self)
         """``blk.VectoredIO`` over this volume (a request's buffers in as few calls as the
         cluster layout allows)."""
@@ -514,7 +534,7 @@ class RemoteVolume:
         if lines is None or lines.generation != generation or within + n > self._cs:
             return False
         gate = self._gate
-        due = False
+        due = 0
         gate.enter()
         try:
             m = self._reader_map
@@ -537,7 +557,7 @@ class RemoteVolume:
         finally:
             gate.leave()
             if due:
-                self._tell_hits()
+                self._tell_hits(due)
 
     def _cached_write_one(self, offset: int, view: memoryview, generation: int) -> bool:
         """Write within one cluster in place in the cache (the common overwrite); False if
@@ -548,7 +568,7 @@ class RemoteVolume:
         if lines is None or lines.generation != generation or within + n > self._cs:
             return False
         gate = self._gate
-        due = False
+        due = 0
         gate.enter()
         try:
             m = self._reader_map
@@ -570,16 +590,37 @@ class RemoteVolume:
         finally:
             gate.leave()
             if due:
-                self._tell_hits()
+                self._tell_hits(due)
 
-    def _hit(self) -> bool:
-        """Count a request served from the cache here; True when a batch is due for the
-        owner (``_tell_hits``, outside the gate: a send may wait)."""
-        return next(self._hits) % _HITS_BATCH == 0
+    def _hit(self) -> int:
+        """Count a request served from the cache here; when a batch is due for the owner,
+        the tick to tell it up to (``_tell_hits``, outside the gate: a send may wait), else 0.
 
-    def _tell_hits(self) -> None:
-        with contextlib.suppress(OSError):
-            self._link.send(Op.HITS, 0, _HITS_BATCH)
+        Each hit takes one tick of ``_hits``; so does each count the owner asks for, at
+        once under ``_told_lock`` (a tick that is no hit). Every tick from ``_told`` on is
+        a hit: told counts are differences of ticks."""
+        tick = next(self._hits)
+        return tick if tick % _HITS_BATCH == 0 else 0
+
+    def _tell_hits(self, upto: int) -> None:
+        """Tell the owner of the hits up to tick ``upto`` not told yet."""
+        with self._told_lock:
+            count = upto - self._told
+            if count <= 0:
+                return  # an owner's ask took them already
+            self._told = upto
+            with contextlib.suppress(OSError):
+                self._link.send(Op.HITS, 0, count)
+
+    def _tell_all_hits(self) -> None:
+        """Tell the owner of every hit counted so far."""
+        with self._told_lock:
+            tick = next(self._hits)  # no hit: every hit counted so far is before it
+            count = tick - 1 - self._told
+            self._told = tick
+            if count > 0:
+                with contextlib.suppress(OSError):
+                    self._link.send(Op.HITS, 0, count)
 
     def _cached_read(self, offset: int, views: list[memoryview], generation: int) -> None:
         """Read through the cache tier: cached lines here, the rest from the owner."""
@@ -611,7 +652,7 @@ class RemoteVolume:
                         for view in part:
                             _fill_zeros(view, self._zeros)
                     elif lines.read(place[0], place[1] + within, part, n):
-                        due += self._hit()
+                        due = max(due, self._hit())
                     elif misses and sum(misses[-1]) == pos:
                         misses[-1] = (misses[-1][0], misses[-1][1] + n)
                     else:
@@ -622,8 +663,8 @@ class RemoteVolume:
             raise
         finally:
             gate.leave()
-        for _ in range(due):
-            self._tell_hits()
+        if due:
+            self._tell_hits(due)
         for pos, n in misses:
             self._read_owner(offset + pos, _slice(views, pos, n))
 
@@ -660,7 +701,7 @@ class RemoteVolume:
                         and place[2]
                         and lines.write(place[0], place[1] + within, part, n)
                     ):
-                        due += self._hit()
+                        due = max(due, self._hit())
                     elif remote and sum(remote[-1]) == pos:
                         remote[-1] = (remote[-1][0], remote[-1][1] + n)
                     else:
@@ -671,8 +712,8 @@ class RemoteVolume:
             raise
         finally:
             gate.leave()
-        for _ in range(due):
-            self._tell_hits()
+        if due:
+            self._tell_hits(due)
         for pos, n in remote:  # outside the gate: the owner may freeze it meanwhile
             data = b"".join(_slice(views, pos, n))
             self._call(Op.WRITE, 0, offset + pos, n, data)
@@ -775,10 +816,8 @@ class RemoteVolume:
         """Drop the channel; idempotent."""
         if self._closed:
             return
-        untold = (next(self._hits) - 1) % _HITS_BATCH  # each full batch was told
-        if untold > 0 and not self._lost:
-            with contextlib.suppress(OSError):
-                self._link.send(Op.HITS, 0, untold)
+        if not self._lost:
+            self._tell_all_hits()
         self._closed = True
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
@@ -936,6 +975,9 @@ class RemoteVolume:
                     self._link.send(Op.REPLY, frame.ident)
                 elif op == Op.THAW:
                     self._gate.thaw()
+                elif op == Op.HITS:
+                    self._tell_all_hits()
+                    self._link.send(Op.REPLY, frame.ident)
                 elif op == Op.RESIZED:
                     self._remap()
                     if self._on_resized is not None:
