@@ -1,13 +1,15 @@
 """A small TCP proxy for the mirror tests: it forwards to a server, and can be stopped
 (connections refused, open ones cut), restarted on its port, stalled (it accepts and
-reads, but forwards nothing and never answers), or made to cut answers (it forwards the
-first chunk of what the server sends, then closes the connection: a response ends early)."""
+reads, but forwards nothing and never answers), made to cut answers (it forwards the
+first chunk of what the server sends, then closes the connection: a response ends early),
+or slowed (``rate``: each connection's answers, in bytes per second)."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
+import time
 
 
 class Proxy:
@@ -16,6 +18,8 @@ class Proxy:
         self.port = 0
         self.stalled = threading.Event()
         self.cutting = threading.Event()
+        self.rate = 0.0
+        """Bytes per second of each connection's answers (0: as fast as they come)."""
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._listener: socket.socket | None = None
@@ -69,6 +73,7 @@ class Proxy:
                 threading.Thread(target=self._pump, args=(a, b, answers), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
+        due = 0.0  # when the answers forwarded so far are due at ``rate``
         try:
             while True:
                 data = src.recv(65536)
@@ -76,6 +81,11 @@ class Proxy:
                     break
                 if self.stalled.is_set():
                     continue  # swallowed: the peer waits for an answer that never comes
+                rate = self.rate
+                if answers and rate:
+                    now = time.monotonic()
+                    due = max(due, now) + len(data) / rate
+                    time.sleep(due - now)
                 dst.sendall(data)
                 if answers and self.cutting.is_set():
                     with contextlib.suppress(OSError):

@@ -120,6 +120,9 @@ class Backing:
         self.clusters = _device_bytes(fd) // cluster_size - 1
         self.ranged = kind is BackingKind.BLOCK or _filesystem(fd) in RANGED_FILESYSTEMS
         """Whether ``sync_clusters`` may sync less than the whole device."""
+        self.on_change: Callable[[], None] = _nothing
+        """Called (from a thread holding no lock of the pool's) when ``reads_here`` turned
+        false; set by the pool."""
         self._stamp = os.pread(fd, STAMP_BYTES, HEADER_BYTES - STAMP_BYTES)
 
     @classmethod
@@ -244,6 +247,20 @@ class Backing:
         """The S3 endpoints behind this device (none for a local device)."""
         return ()
 
+    @property
+    def reads_here(self) -> bool:
+        """Reads must be made by the pool's process too, through ``pio`` (an object backing
+        still fetching objects into its image): data planes send theirs to it. Turns false
+        by itself (then ``on_change`` is called), never true again."""
+        return False
+
+    def opened(self) -> None:
+        """The pool is open: start background work (an object backing's fetches)."""
+
+    def settle(self) -> None:
+        """Make the device whole before a cache tier reads and writes it directly (an
+        object backing fetches every object still missing). Raises ``IOFailure``."""
+
     def committed(self, changed: bool) -> None:
         """Called after each commit of the pool's catalog (``changed``: the commit wrote a
         batch). A local device has nothing to do; an object backing uploads the catalog."""
@@ -261,6 +278,10 @@ class Backing:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _nothing() -> None:
+    pass
 
 
 def runs(clusters: Iterable[int]) -> Iterator[tuple[int, int]]:

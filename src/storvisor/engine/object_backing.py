@@ -57,7 +57,6 @@ O(written objects) in the marked case, O(written bytes of the image) when it com
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import hashlib
@@ -72,8 +71,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storvisor.engine import pio
-from storvisor.engine.backing import Backing, Header, sync_directory
-from storvisor.engine.device import LIBC
+from storvisor.engine.backing import HEADER_BYTES, Backing, Header, sync_directory
+from storvisor.engine.hydration import Hydration
 from storvisor.engine.s3 import (
     CATALOG_KEY,
     DATA_PREFIX,
@@ -89,7 +88,6 @@ from storvisor.errors import Conflict, CorruptMetadata, IOFailure
 log = logging.getLogger(__name__)
 
 UPLOAD_THREADS = 16
-_SYNC_FILE_RANGE_WRITE = 2
 _Attach = Callable[[BackingSpec, Header], tuple[Backing, bool]]
 _Open = Callable[[str, Header], Backing]
 CONFIG_NAME = "s3.json"
@@ -146,20 +144,31 @@ def is_object_pool(directory: Path) -> bool:
 
 class _Tracker:
     """The route (``pio.route``) of the local image's fd in the pool's process: reads and
-    writes go to a duplicate of the fd; a write then marks the objects it touched."""
+    writes go to a duplicate of the fd, once the objects they touch are in the image
+    (``hydration``); a write then marks the objects it touched."""
 
-    def __init__(self, fd: int, mark: Callable[[int, int], None]) -> None:
+    def __init__(
+        self, fd: int, mark: Callable[[int, int], None], hydration: Hydration | None
+    ) -> None:
         self.fd = os.dup(fd)
         self._mark = mark
+        self._hydration = hydration
 
     def read(self, views: list[memoryview], offset: int) -> None:
+        hydration = self._hydration
+        if hydration is not None and hydration.missing:
+            hydration.ensure(offset, sum(map(len, views)))
         pio.preadv_full(self.fd, views, offset)
 
     def write(self, views: list[memoryview], offset: int) -> None:
+        length = sum(map(len, views))
+        hydration = self._hydration
+        if hydration is not None and hydration.missing:
+            hydration.ensure(offset, length)
         try:
             pio.pwritev_full(self.fd, views, offset)
         finally:  # a failed write may have changed part of the range
-            self._mark(offset, sum(map(len, views)))
+            self._mark(offset, length)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -172,7 +181,8 @@ class ObjectBacking(Backing):
     ``sync_clusters`` raise ``IOFailure`` (``LeaseLost`` once the lease is gone).
 
     ``tracked``: the local image holds what the bucket holds (an import, a clean close), so
-    only the objects written from now on need uploading."""
+    only the objects written from now on need uploading. ``hydration``: the objects of the
+    bucket not in the image yet (``engine/hydration.py``), fetched from ``opened`` on."""
 
     extensible = False
     remote = True
@@ -189,6 +199,7 @@ class ObjectBacking(Backing):
         *,
         catalog_stale: bool = False,
         tracked: bool = False,
+        hydration: Hydration | None = None,
     ) -> None:
         super().__init__(base.path, base.fd, base.kind, base.index, base.cluster_size)
         self.bucket = bucket
@@ -204,7 +215,8 @@ class ObjectBacking(Backing):
         """Every object that may differ from the bucket is in ``_dirty``: true from an
         import, a clean open, or a full comparison made while the tracker routed every
         write; false while a cache tier routes the fd instead."""
-        self._tracker = _Tracker(base.fd, self._mark)
+        self._hydration = hydration
+        self._tracker = _Tracker(base.fd, self._mark, hydration)
         if pio.write_route(self.fd) is None:
             pio.route(self.fd, self._tracker)
         else:
@@ -220,17 +232,42 @@ class ObjectBacking(Backing):
         self._snapshots = 0  # catalog copies taken by catalog_upload
         self.uploads = 0
         """Objects stored or deleted so far (for tests and stats)."""
+        if hydration is not None:
+            hydration.on_complete = lambda: self.on_change()
+
+    def opened(self) -> None:
+        if self._hydration is not None:
+            self._hydration.start()
+
+    @property
+    def reads_here(self) -> bool:
+        return self._hydration is not None and self._hydration.missing
+
+    @property
+    def hydrating(self) -> tuple[int, int] | None:
+        """``(objects still to fetch, objects the import found)``; None once the image is
+        whole."""
+        hydration = self._hydration
+        if hydration is None or hydration.done:
+            return None
+        return hydration.left, hydration.total
+
+    def settle(self) -> None:
+        if self._hydration is not None:
+            self._hydration.finish()
 
     # -------------------------------------------------------------------------- syncing
 
     def sync(self) -> None:
         with self._sync_lock:
             self._synced = False
+            fetched = self._fetched()
             local = self._pool.submit(Backing.sync, self)  # beside the uploads, not before
             try:
                 self._sync_objects(None)
             finally:
                 local.result()
+            self._record(fetched)
             self._synced = True
 
     def sync_clusters(self, clusters: Iterable[int]) -> None:
@@ -238,13 +275,26 @@ class ObjectBacking(Backing):
         per = self.object_size // self.cluster_size
         objects = {(local + 1) // per for local in clusters}
         with self._sync_lock:
-            # what Backing.sync_clusters does, without this class's sync as its fallback
-            local_sync = super().sync_clusters if self.ranged else lambda _: Backing.sync(self)
+            fetched = self._fetched()
+            # what Backing.sync_clusters does, without this class's sync as its fallback;
+            # the whole image while objects were fetched into it (they are recorded after)
+            ranged = self.ranged and not fetched
+            local_sync = super().sync_clusters if ranged else lambda _: Backing.sync(self)
             local = self._pool.submit(local_sync, clusters)
             try:
                 self._sync_objects(objects)
             finally:
                 local.result()
+            self._record(fetched)
+
+    def _fetched(self) -> set[int]:
+        """Objects fetched into the image and not recorded: a sync that begins now makes
+        them durable (``engine/hydration.py``)."""
+        return set() if self._hydration is None else self._hydration.fetched()
+
+    def _record(self, fetched: set[int]) -> None:
+        if self._hydration is not None:
+            self._hydration.record(fetched)
 
     def _mark(self, offset: int, length: int) -> None:
         """Record that bytes ``[offset, offset + length)`` of the image were written; called
@@ -291,6 +341,8 @@ class ObjectBacking(Backing):
             wanted = objects
             if wanted is None:
                 wanted = set(self._data_objects()) | set(self._uploaded)
+            if self._hydration is not None:
+                wanted -= self._hydration.absent()  # the bucket holds exactly those
             self._upload(wanted | taken, compare=True)
         except BaseException:
             with self._dirty_lock:
@@ -393,6 +445,8 @@ class ObjectBacking(Backing):
         raise Conflict(f"{self.path}: an S3 pool's byte space cannot grow")
 
     def close(self) -> None:
+        if self._hydration is not None:
+            self._hydration.close()
         if self.fd >= 0 and self._tracker.fd >= 0:  # Pool.destroy closes a second time
             released = False
             if self._fenced is None and self._synced and not self._catalog_stale:
@@ -418,37 +472,6 @@ class ObjectBacking(Backing):
             dataclasses.replace(config, clean=True).save(directory)
         except (OSError, CorruptMetadata) as e:  # the next open compares every object
             log.warning("%s: cannot record a clean close: %s", directory, e)
-
-
-def hydrate(bucket: Bucket, fd: int, object_size: int) -> dict[int, str]:
-    """Download every data object of ``bucket`` into the local image ``fd`` and sync it;
-    returns their ETags. Raises ``IOFailure``."""
-
-    def fetch(index: int) -> tuple[int, str]:
-        found = bucket.get(data_key(index))
-        if found is None:  # deleted since the listing: zeros
-            return index, ""
-        data, etag = found
-        try:
-            os.pwrite(fd, data, index * object_size)
-        except OSError as e:
-            raise IOFailure(f"write of the local image: {e.strerror}", e.errno or errno.EIO) from e
-        # start its write-back now, beside the downloads, rather than all at the final sync
-        LIBC.sync_file_range(
-            ctypes.c_int(fd),
-            ctypes.c_int64(index * object_size),
-            ctypes.c_int64(len(data)),
-            ctypes.c_uint(_SYNC_FILE_RANGE_WRITE),
-        )
-        return index, etag
-
-    with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
-        got = dict(pool.map(fetch, listed_digests(bucket)))
-    try:
-        os.fdatasync(fd)
-    except OSError as e:
-        raise IOFailure(f"sync of the local image: {e.strerror}", e.errno or errno.EIO) from e
-    return {i: etag for i, etag in got.items() if etag}
 
 
 def listed_digests(bucket: Bucket) -> dict[int, str]:
@@ -490,7 +513,7 @@ def attacher(bucket: Bucket, lease: Lease, object_size: int, catalog_path: Path)
 @dataclass(frozen=True, slots=True)
 class Imported:
     """What an import hands to the first open: the bucket, the lease it took, the ETags of
-    the objects it downloaded into the (synced) local image."""
+    the objects the bucket holds (``engine/hydration.py`` fetches them into the image)."""
 
     bucket: Bucket
     lease: Lease
@@ -507,6 +530,8 @@ def opener(directory: Path, imported: Imported | None = None) -> _Open:
     def open_backing(path: str, expected: Header) -> Backing:
         config = S3Config.load(directory)
         bucket = Bucket(config.spec) if imported is None else imported.bucket
+        image = directory / DATA_NAME
+        hydration = None
         try:
             if imported is None:
                 lease = acquire(bucket, config, directory)
@@ -515,11 +540,16 @@ def opener(directory: Path, imported: Imported | None = None) -> _Open:
                 dataclasses.replace(config, clean=False).save(directory)
             try:
                 uploaded = listed_digests(bucket) if imported is None else imported.etags
-                base = Backing.open(str(directory / DATA_NAME), expected)
+                hydration = Hydration.load(directory, image, bucket, config.object_size)
+                if hydration is not None:
+                    hydration.ensure(0, HEADER_BYTES)  # Backing.open reads the header
+                base = Backing.open(str(image), expected)
             except BaseException:
                 bucket.release_lease(lease)
                 raise
         except BaseException:
+            if hydration is not None:
+                hydration.close()
             bucket.close()
             raise
         return ObjectBacking(
@@ -529,8 +559,9 @@ def opener(directory: Path, imported: Imported | None = None) -> _Open:
             config.object_size,
             directory / "catalog.db",
             uploaded,
-            catalog_stale=True,
+            catalog_stale=imported is None,  # a replayed journal; an import downloaded it
             tracked=config.clean,
+            hydration=hydration,
         )
 
     return open_backing

@@ -12,8 +12,10 @@ marker ``storvisor/pool.json`` last. On failure every object it wrote and the lo
 are removed.
 
 *Import* (another HOME, "the other host") reads the marker, takes the lease (refused while
-another host holds it, unless ``force``), downloads the catalog and every data object into a
-new local image, and opens the pool from them.
+another host holds it, unless ``force``), downloads the catalog, records which data objects
+the bucket holds, and opens the pool over a new sparse local image at once: the objects are
+fetched into it in the background, and on demand before a read or write touches one
+(``engine/hydration.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import sqlite3
 import uuid
 from pathlib import Path
 
+from storvisor.engine import hydration
 from storvisor.engine.backing import sync_directory
 from storvisor.engine.object_backing import (
     DATA_NAME,
@@ -35,7 +38,7 @@ from storvisor.engine.object_backing import (
     S3Config,
     acquire,
     attacher,
-    hydrate,
+    listed_digests,
     opener,
 )
 from storvisor.engine.pool import Pool
@@ -177,9 +180,11 @@ def _import(directory: Path, name: str, bucket: Bucket, force: bool) -> Pool:
         fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, int(bytes_))
-            etags = hydrate(bucket, fd, osz)
+            os.fsync(fd)
         finally:
             os.close(fd)
+        etags = listed_digests(bucket)
+        hydration.prepare(directory, etags)
         S3Config(spec, owner, taken.epoch, osz, clean=True).save(directory)
         for parent in (directory, directory.parent):
             sync_directory(parent)
@@ -193,8 +198,10 @@ def open_(directory: Path, name: str, imported: Imported | None = None) -> Pool:
     """Open an S3 pool this HOME holds (``Pool.open`` with the object backing; ``imported``:
     what ``import_`` just downloaded), and flush it before anything can allocate: the
     catalog a replayed journal committed reaches the bucket before a cluster it frees can be
-    handed out again."""
+    handed out again. (An import has no journal: the bucket holds its catalog already.)"""
     pool = Pool.open(directory, name, open_backing=opener(directory, imported))
+    if imported is not None:
+        return pool
     try:
         pool.flush()
     except BaseException:

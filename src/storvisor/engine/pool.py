@@ -218,6 +218,8 @@ class Pool:
         """The pool's cache tier (``engine/cache.py``), opened before the journal is read."""
         cached = catalog.meta().get("cache")
         if cached:
+            for backing in backings.values():
+                backing.settle()  # the cache reads and writes the devices directly
             self.cache = self._open_cache(cached)
         try:
             self._journal = Journal(directory / "journal")
@@ -229,6 +231,11 @@ class Pool:
         self._closed = False
         self._stop = threading.Event()
         self._wake = threading.Event()  # commit now: half the journal is pending
+        self._reads_here = any(b.reads_here for b in backings.values())
+        """Whether the volumes' planes send their reads here (``Backing.reads_here``); the
+        committer publishes the change when it turns false."""
+        for backing in backings.values():
+            backing.on_change = self._wake.set
         self._committer = threading.Thread(
             target=self._commit_loop, name=f"storvisor-commit-{name}", daemon=True
         )
@@ -237,6 +244,8 @@ class Pool:
             target=self._sync_loop, name=f"storvisor-sync-{name}", daemon=True
         )
         self._syncer.start()
+        for backing in backings.values():
+            backing.opened()
 
     # ----------------------------------------------------------------- opening and creating
 
@@ -839,11 +848,22 @@ class Pool:
         while not self._stop.is_set():
             self._wake.wait(COMMIT_INTERVAL)
             self._wake.clear()
+            if self._reads_here and not any(b.reads_here for b in self._backings.values()):
+                self._publish_reads()
             if self._batch and not self._stop.is_set() and self._sync_failure is None:
                 try:
                     self._commit(full=False)
                 except StorvisorError as e:
                     log.error("pool %s: background commit failed: %s", self.name, e)
+
+    def _publish_reads(self) -> None:
+        """The devices need no longer see every read: the planes read directly again."""
+        with self._lock:
+            self._reads_here = False
+            for state in self._states.values():
+                state.reads_here = False
+                for plane in state.planes:
+                    state.publish_io(plane)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -943,6 +963,7 @@ class Pool:
                 state.timeout = self.data_timeout
                 state.cache_generation = 0 if self.cache is None else self.cache.lines.generation
                 state.writes_here = any(b.writes_here for b in self._backings.values())
+                state.reads_here = self._reads_here
                 state.view, state.homes = self._build_view(top, homes=not read_only)
                 self._states[key] = state
             state.handles += 1
@@ -1129,6 +1150,8 @@ class Pool:
                 raise InvalidArgument("a cache device (--device PATH[:SIZE]) is needed")
             if not all(b.extensible or b.remote for b in self._backings.values()):
                 raise InvalidArgument(f"pool {self.name!r} cannot take a cache")
+            for backing in self._backings.values():
+                backing.settle()  # the cache reads and writes the devices directly
             self.flush()
             new = Cache.attach(
                 spec,

@@ -171,6 +171,9 @@ class VolumeState:
         """The pool's devices must see every write made (an S3 pool's local image records
         which objects they touch): planes send their writes here and read directly. Set by
         the pool."""
+        self.reads_here = False
+        """The pool's devices must see every read too (an S3 pool's image still fetching
+        objects): planes send their reads here as well. Set by the pool."""
 
     # ------------------------------------------------------------- data planes, ownership
 
@@ -188,7 +191,7 @@ class VolumeState:
     def publish_io(self, plane: DataPlane) -> None:
         """Tell ``plane`` how to serve reads and writes: bounded (the owner does them) and
         through which cache tier."""
-        plane.map.set_bounded(bool(self.timeout) or self.cache_generation < 0)
+        plane.map.set_bounded(bool(self.timeout) or self.cache_generation < 0 or self.reads_here)
         plane.map.set_cache(max(self.cache_generation, 0))
 
     def detach(self, plane: DataPlane) -> None:

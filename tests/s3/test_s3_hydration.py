@@ -1,0 +1,450 @@
+"""An imported S3 pool serves before its objects are local (``engine/hydration.py``).
+
+The pool is imported into a second HOME through a proxy that slows the bucket's answers, so
+that the objects are still being fetched while the tests read, write, flush, serve data
+planes, attach a cache and kill the process. Every byte read is checked against a model,
+and the bucket alone (a third HOME) must then read what the second HOME wrote and flushed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import signal
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from s3server import MotoServer
+from tcpproxy import Proxy
+
+from powercuts import Mount, require_fuse
+from powercuts import point as _point
+from storvisor.engine import hydration
+from storvisor.engine.cache import CacheSpec
+from storvisor.engine.home import Home
+from storvisor.engine.hydration import DONE_NAME, PENDING_NAME
+from storvisor.engine.object_backing import ObjectBacking
+from storvisor.engine.pool import Pool
+from storvisor.engine.s3 import S3Spec
+from storvisor.engine.types import CacheMode
+from storvisor.testing import crashkit
+from storvisor.testing.crashkit import History
+from storvisor.testing.crashkit.writers import EngineReader
+from waiting import wait_until
+
+KiB = 1 << 10
+MiB = 1 << 20
+OBJECT = 256 * KiB
+
+
+@pytest.fixture
+def fuse() -> None:
+    require_fuse()
+
+
+@pytest.fixture
+def slow(aws_env: MotoServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Proxy]:
+    """A proxy to the S3 server whose connections answer at 256 KiB/s each (an object in
+    1 s); two background fetches at a time in this process."""
+    monkeypatch.setattr(hydration, "FETCH_THREADS", 2)
+    url = urlsplit(aws_env.url)
+    proxy = Proxy((url.hostname or "127.0.0.1", url.port or 80))
+    proxy.rate = 256 * KiB
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def _exported(
+    aws_env: MotoServer, tmp_path: Path, sizes: dict[str, int], gone: int = 16 * MiB
+) -> tuple[str, dict[str, bytes]]:
+    """A bucket holding pool ``p`` with volumes of random bytes (``sizes``), after the
+    clusters of a deleted volume of ``gone`` bytes: the first objects, which the background
+    fetches first, stale data that the pool may hand out again. Its HOME released it.
+    Returns the bucket and each volume's bytes."""
+    bucket = aws_env.bucket()
+    rng = random.Random(5)
+    first = Home(tmp_path / "first")
+    try:
+        first.create_s3_pool(
+            "p",
+            aws_env.spec(bucket),
+            size=gone + sum(sizes.values()) + 16 * MiB,
+            object_size=OBJECT,
+        )
+        pool = first.pool("p")
+        content = {}
+        for name, size in {"gone": gone, **sizes}.items():
+            pool.create_volume(name, size)
+            data = rng.randbytes(size)
+            volume = pool.open_volume(name)
+            try:
+                volume.write(0, data)
+            finally:
+                volume.close()
+            content[name] = data
+        pool.delete_volume("gone")
+        del content["gone"]
+        pool.flush()
+    finally:
+        first.close()
+    return bucket, content
+
+
+def _backing(pool: Pool) -> ObjectBacking:
+    (backing,) = pool._backings.values()
+    assert isinstance(backing, ObjectBacking)
+    return backing
+
+
+def _read_all(pool: Pool, name: str, size: int) -> bytes:
+    volume = pool.open_volume(name)
+    try:
+        buf = bytearray(size)
+        volume.read_into(0, memoryview(buf))
+        return bytes(buf)
+    finally:
+        volume.close()
+
+
+def test_an_imported_pool_reads_and_writes_while_its_objects_arrive(
+    aws_env: MotoServer, slow: Proxy, tmp_path: Path
+) -> None:
+    bucket, model = _exported(aws_env, tmp_path, {"v": 4 * MiB})
+    second = Home(tmp_path / "second")
+    try:
+        second.import_s3_pool("p", S3Spec(bucket, (slow.url,), "us-east-1"))
+        pool = second.pool("p")
+        backing = _backing(pool)
+        directory = tmp_path / "second" / "pools" / "p"
+        assert (directory / PENDING_NAME).exists()
+        progress = backing.hydrating
+        assert progress is not None and progress[0] > progress[1] // 2, progress
+        rng = random.Random(9)
+        v = bytearray(model["v"])
+        volume = pool.open_volume("v")
+        try:
+            for i in range(24):  # reads of objects not fetched yet fetch them first
+                length = rng.choice([512, 4 * KiB, 64 * KiB, 300 * KiB])
+                offset = rng.randrange((len(v) - length) // 512) * 512
+                if i % 3 == 0:  # writes land after the fetch, never under it
+                    data = rng.randbytes(length)
+                    volume.write(offset, data)
+                    v[offset : offset + length] = data
+                buf = bytearray(length)
+                volume.read_into(offset, memoryview(buf))
+                assert buf == v[offset : offset + length], (i, offset, length)
+            pool.create_volume("w", 2 * MiB)  # allocates clusters the bucket held stale
+            w = pool.open_volume("w")
+            try:
+                fresh = rng.randbytes(2 * MiB)
+                w.write(0, fresh)
+            finally:
+                w.close()
+            volume.flush()
+            left = backing.hydrating
+            assert left is not None and left[0] > 0, "every object arrived: the test ran late"
+        finally:
+            volume.close()
+        slow.rate = 0.0
+        wait_until(lambda: backing.hydrating is None, "the rest of the objects", timeout=60)
+        assert not (directory / PENDING_NAME).exists() and not (directory / DONE_NAME).exists()
+        assert _read_all(pool, "v", 4 * MiB) == v
+        assert _read_all(pool, "w", 2 * MiB) == fresh
+        assert pool.fsck().clean
+    finally:
+        second.close()
+
+    third = Home(tmp_path / "third")  # the bucket alone
+    try:
+        third.import_s3_pool("p", aws_env.spec(bucket))
+        pool = third.pool("p")
+        assert _read_all(pool, "v", 4 * MiB) == v
+        assert _read_all(pool, "w", 2 * MiB) == fresh
+        assert pool.fsck().clean
+    finally:
+        third.close()
+
+
+def test_data_planes_read_through_the_pool_until_the_image_is_whole(
+    aws_env: MotoServer, slow: Proxy, tmp_path: Path
+) -> None:
+    """NBD served by a data-plane process reads the imported volume while its objects are
+    fetched (the plane sends its reads to the pool), then directly once they are all in."""
+    nbd = pytest.importorskip("nbd") if os.environ.get("CI") != "true" else __import__("nbd")
+    from storvisor.exports.nbd_worker import DataPlanes
+
+    bucket, model = _exported(aws_env, tmp_path, {"v": 4 * MiB})
+    second = Home(tmp_path / "second")
+    planes = DataPlanes(processes=1)
+    planes.start()
+    try:
+        second.import_s3_pool("p", S3Spec(bucket, (slow.url,), "us-east-1"))
+        pool = second.pool("p")
+        backing = _backing(pool)
+        planes.add_export("v", lambda: pool.open_volume("v"), "", read_only=False)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        assert planes.hand_over(theirs)
+        h = nbd.NBD()
+        h.set_export_name("v")
+        h.connect_socket(ours.detach())
+        try:
+            assert backing.hydrating is not None
+            rng = random.Random(3)
+            for _ in range(6):
+                offset = rng.randrange((4 * MiB - 64 * KiB) // 512) * 512
+                assert h.pread(64 * KiB, offset) == model["v"][offset : offset + 64 * KiB]
+            assert backing.hydrating is not None, "every object arrived: the test ran late"
+            slow.rate = 0.0
+            wait_until(lambda: backing.hydrating is None, "the rest of the objects", timeout=60)
+            wait_until(lambda: not pool._reads_here, "the planes told to read directly")
+            assert h.pread(4 * MiB, 0) == model["v"]
+        finally:
+            h.shutdown()
+    finally:
+        planes.close()
+        second.close()
+
+
+def test_a_cache_attached_while_objects_arrive_waits_for_them(
+    aws_env: MotoServer, slow: Proxy, tmp_path: Path
+) -> None:
+    bucket, model = _exported(aws_env, tmp_path, {"v": 2 * MiB}, gone=2 * MiB)
+    second = Home(tmp_path / "second")
+    try:
+        second.import_s3_pool("p", S3Spec(bucket, (slow.url,), "us-east-1"))
+        pool = second.pool("p")
+        backing = _backing(pool)
+        assert backing.hydrating is not None
+        slow.rate = MiB
+        pool.set_cache(CacheSpec(str(tmp_path / "cache.img"), 4 * MiB), CacheMode.WRITEBACK)
+        assert backing.hydrating is None  # the cache reads and writes the image directly
+        assert _read_all(pool, "v", 2 * MiB) == model["v"]
+        assert pool.fsck().clean
+    finally:
+        second.close()
+
+
+def test_a_torn_record_of_a_fetch_fetches_that_object_again(
+    aws_env: MotoServer, slow: Proxy, tmp_path: Path
+) -> None:
+    """A crash can leave the log's last record half written: it is ignored, and the object
+    it named is fetched again over whatever the image holds there."""
+    bucket, model = _exported(aws_env, tmp_path, {"v": 2 * MiB})
+    second = Home(tmp_path / "second")
+    spec = S3Spec(bucket, (slow.url,), "us-east-1")
+    second.import_s3_pool("p", spec)
+    second.close()  # at once: few objects were fetched
+    directory = tmp_path / "second" / "pools" / "p"
+    listed = set(json.loads((directory / PENDING_NAME).read_text()))
+    log = (directory / DONE_NAME).read_bytes()
+    recorded = {index for index, _ in struct.iter_unpack("<QI", log)}  # index, CRC-32
+    unfetched = max(listed - recorded)  # one of v's, the last the background fetches
+    with open(directory / DONE_NAME, "ab") as f:
+        f.write(bytes(7))  # a torn record
+    with open(directory / "data", "r+b") as f:  # garbage where an object not recorded goes
+        f.seek(OBJECT * unfetched)
+        f.write(b"\xa5" * OBJECT)
+    slow.rate = 0.0
+    second = Home(tmp_path / "second")
+    try:
+        pool = second.pool("p")
+        backing = _backing(pool)
+        wait_until(lambda: backing.hydrating is None, "every object", timeout=60)
+        assert _read_all(pool, "v", 2 * MiB) == model["v"]
+        assert pool.fsck().clean
+    finally:
+        second.close()
+
+
+ROUNDS = 5
+
+
+def test_kill9_rounds_while_objects_arrive_then_the_bucket_alone(
+    aws_env: MotoServer, slow: Proxy, tmp_path: Path
+) -> None:
+    """The crash kit's workload on an imported pool whose objects are still being fetched,
+    killed at random points: every flushed write is there after each restart, fsck is clean,
+    and a fetch resumed after a crash never lays the bucket's old bytes over a write."""
+    seed = int(os.environ.get("STORVISOR_CRASH_SEED", random.randrange(1 << 32)))
+    rng = random.Random(seed)
+    bucket, known = _exported(aws_env, tmp_path, {"v": MiB}, gone=16 * MiB)
+    slow.rate = 64 * KiB  # 16 fetches at a time, 4 s each: 17 s for them all
+    home_dir = tmp_path / "second"
+    home = Home(home_dir)
+    home.import_s3_pool("p", S3Spec(bucket, (slow.url,), "us-east-1"))
+    home.close()
+    pending = home_dir / "pools" / "p" / PENDING_NAME
+
+    mid_fetch = flushed_rounds = 0
+    for round_ in range(ROUNDS):
+        where = f"seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
+        worker = crashkit.WorkerProcess(
+            home_dir,
+            seed=rng.randrange(1 << 32),
+            round_=round_,
+            ops=400,
+            flush_rate=rng.choice([0.1, 0.02]),
+            discards=True,
+            snapshots=False,
+        )
+        try:
+            assert worker.ready.wait(60), f"{where}: worker never became ready: {worker.stderr}"
+            count = rng.randrange(10, 200)
+            worker.wait_for(functools.partial(worker.logged, count), timeout=60)
+            time.sleep(rng.uniform(0.0, 0.05))
+        except TimeoutError as e:
+            worker.kill()
+            raise AssertionError(f"{where}: {e}; worker stderr: {worker.stderr}") from e
+        records = worker.kill()
+        assert worker.proc.returncode == -signal.SIGKILL, f"worker died early: {worker.stderr}"
+        mid_fetch += pending.exists()
+        history = History(known, records)
+        flushed_rounds += history.durable
+        known = crashkit.check_home(home_dir, history, where)
+    assert flushed_rounds >= 1, f"seed {seed}: no round reached a flush"
+    assert mid_fetch >= 2, f"seed {seed}: only {mid_fetch} rounds were killed while fetching"
+
+    slow.rate = 0.0
+    home = Home(home_dir)
+    try:
+        pool = home.pool("p")
+        backing = _backing(pool)
+        wait_until(lambda: backing.hydrating is None, "every object", timeout=60)
+        problems = History(known, []).verify(EngineReader(pool))
+        assert not problems, f"seed {seed}: " + "; ".join(map(str, problems))
+    finally:
+        home.close()
+    other = Home(tmp_path / "other")
+    try:
+        other.import_s3_pool("p", aws_env.spec(bucket))
+        pool = other.pool("p")
+        assert pool.fsck().clean
+        problems = History(known, []).verify(EngineReader(pool))
+        assert not problems, f"seed {seed}: the bucket differs: " + "; ".join(map(str, problems))
+    finally:
+        other.close()
+
+
+def test_the_wait_for_an_object_fails_with_the_bucket_and_recovers(
+    aws_env: MotoServer, slow: Proxy, tmp_path: Path
+) -> None:
+    """A read that needs an object while no endpoint answers fails (EIO after the pool's
+    down timeout) and loses nothing; once the endpoint is back the read succeeds."""
+    from storvisor.errors import IOFailure
+
+    bucket, model = _exported(aws_env, tmp_path, {"v": 4 * MiB})
+    second = Home(tmp_path / "second")
+    try:
+        spec = S3Spec(bucket, (slow.url,), "us-east-1", down_timeout=1.0)
+        second.import_s3_pool("p", spec)
+        pool = second.pool("p")
+        slow.stop()
+        volume = pool.open_volume("v")
+        try:
+            buf = bytearray(64 * KiB)
+            last = 4 * MiB - len(buf)  # fetched last
+            with pytest.raises(IOFailure):
+                volume.read_into(last, memoryview(buf))
+            slow.start()
+            slow.rate = 0.0
+            volume.read_into(last, memoryview(buf))
+            assert buf == model["v"][last:]
+        finally:
+            volume.close()
+        backing = _backing(pool)
+        wait_until(lambda: backing.hydrating is None, "every object", timeout=60)
+        assert _read_all(pool, "v", 4 * MiB) == model["v"]
+    finally:
+        second.close()
+
+
+@pytest.mark.usefixtures("fuse")
+def test_power_cuts_while_objects_arrive_then_the_bucket_alone(
+    aws_env: MotoServer, slow: Proxy, tmp_path: Path
+) -> None:
+    """The HOME on the power-cut file system (unsynced writes vanish at the cut) while its
+    objects are fetched: an object is recorded as fetched only once its bytes are synced,
+    so after each cut the volumes read every flushed write and every byte they had."""
+    seed = int(os.environ.get("STORVISOR_CRASH_SEED", random.randrange(1 << 32)))
+    rng = random.Random(seed)
+    bucket, known = _exported(aws_env, tmp_path, {"v": MiB}, gone=16 * MiB)
+    slow.rate = 64 * KiB
+    backing, mountpoint, disk = tmp_path / "backing", tmp_path / "mnt", tmp_path / "disk"
+    backing.mkdir()
+    mountpoint.mkdir()
+    _point(disk, backing)
+    home_dir = disk / "home"
+    home = Home(home_dir)
+    home.import_s3_pool("p", S3Spec(bucket, (slow.url,), "us-east-1"))
+    home.close()
+    pending = home_dir / "pools" / "p" / PENDING_NAME
+
+    mid_fetch = 0
+    for round_ in range(3):
+        where = f"seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
+        _point(disk, mountpoint)
+        mount = Mount(
+            backing,
+            mountpoint,
+            writeback=rng.choice([0.0, 0.1]),
+            seed=rng.randrange(1 << 32),
+            cut_at_sync=rng.randrange(1, 40) if round_ % 2 == 0 else None,
+        )
+        try:
+            worker = crashkit.WorkerProcess(
+                home_dir,
+                seed=rng.randrange(1 << 32),
+                round_=round_,
+                ops=400,
+                flush_rate=rng.choice([0.1, 0.02]),
+                discards=True,
+                snapshots=False,
+            )
+            try:
+                if round_ % 2 == 0:
+                    worker.wait_for(mount.has_cut, timeout=60)
+                else:
+                    assert worker.ready.wait(60), f"{where}: worker never became ready"
+                    worker.wait_for(functools.partial(worker.logged, rng.randrange(10, 200)), 60)
+            except TimeoutError as e:
+                worker.kill()
+                raise AssertionError(f"{where}: {e}; worker stderr: {worker.stderr}") from e
+            alive = worker.proc.poll() is None
+            cut_itself = mount.has_cut()
+            mount.cut()
+            records = worker.kill()
+            assert alive or cut_itself, f"{where}: worker ended before the cut: {worker.stderr}"
+        finally:
+            mount.close()
+        _point(disk, backing)
+        mid_fetch += pending.exists()
+        known = crashkit.check_home(home_dir, History(known, records), where)
+    assert mid_fetch >= 2, f"seed {seed}: only {mid_fetch} cuts came while fetching"
+
+    slow.rate = 0.0
+    home = Home(home_dir)
+    try:
+        pool = home.pool("p")
+        wait_until(lambda: _backing(pool).hydrating is None, "every object", timeout=60)
+        problems = History(known, []).verify(EngineReader(pool))
+        assert not problems, f"seed {seed}: " + "; ".join(map(str, problems))
+    finally:
+        home.close()
+    other = Home(tmp_path / "other")
+    try:
+        other.import_s3_pool("p", aws_env.spec(bucket))
+        pool = other.pool("p")
+        assert pool.fsck().clean
+        problems = History(known, []).verify(EngineReader(pool))
+        assert not problems, f"seed {seed}: the bucket differs: " + "; ".join(map(str, problems))
+    finally:
+        other.close()
