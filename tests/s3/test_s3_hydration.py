@@ -12,9 +12,11 @@ import functools
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,9 @@ from tcpproxy import Proxy
 
 from powercuts import Mount, require_fuse
 from powercuts import point as _point
+from prereq import require
+from storvisor.api.metrics import MetricsSample, PoolSample, render
+from storvisor.cli.output import pool_details
 from storvisor.engine import hydration
 from storvisor.engine.cache import CacheSpec
 from storvisor.engine.home import Home
@@ -105,6 +110,24 @@ def _backing(pool: Pool) -> ObjectBacking:
     return backing
 
 
+def _check_metrics(pool: Pool, url: str) -> None:
+    """``pool show`` and the metrics tell the objects still to fetch and the endpoint."""
+    info = pool.info()
+    assert info.fetching is not None and 0 < info.fetching.left <= info.fetching.total
+    text = render(MetricsSample((), (PoolSample(info, (), 0),), (), ())).decode()
+    left = float(info.fetching.left)
+    assert f'storvisor_pool_objects_to_fetch{{pool="p"}} {left}' in text, text
+    assert f'storvisor_pool_endpoint_up{{endpoint="{url}",pool="p"}} 1.0' in text, text
+    assert f'storvisor_pool_endpoint_requests_total{{endpoint="{url}",pool="p"}}' in text
+    assert "objects still in the bucket" in pool_details(info)
+    promtool = shutil.which("promtool")
+    require(promtool, "promtool is not installed (Debian package prometheus)")
+    assert promtool is not None
+    lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
 def _read_all(pool: Pool, name: str, size: int) -> bytes:
     volume = pool.open_volume(name)
     try:
@@ -128,6 +151,7 @@ def test_an_imported_pool_reads_and_writes_while_its_objects_arrive(
         assert (directory / PENDING_NAME).exists()
         progress = backing.hydrating
         assert progress is not None and progress[0] > progress[1] // 2, progress
+        _check_metrics(pool, slow.url)
         rng = random.Random(9)
         v = bytearray(model["v"])
         volume = pool.open_volume("v")
@@ -157,6 +181,7 @@ def test_an_imported_pool_reads_and_writes_while_its_objects_arrive(
         slow.rate = 0.0
         wait_until(lambda: backing.hydrating is None, "the rest of the objects", timeout=60)
         assert not (directory / PENDING_NAME).exists() and not (directory / DONE_NAME).exists()
+        assert pool.info().fetching is None
         assert _read_all(pool, "v", 4 * MiB) == v
         assert _read_all(pool, "w", 2 * MiB) == fresh
         assert pool.fsck().clean

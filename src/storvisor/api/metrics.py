@@ -15,6 +15,8 @@ What is measured, and where:
   total, allocated, free), metadata commit latency histogram, and whether it is online;
   with a cache tier: cache lookups (``result`` hit, miss), dirty bytes, bytes destaged and
   the destage rate;
+* per S3 endpoint of a pool (``pool``, ``endpoint``): up or down, requests, errors and the
+  moving average of its latency; per imported S3 pool, the objects not fetched yet;
 * per data plane (``kind``, ``export``): processes restarted after one ended.
 
 Rendering uses the ``prometheus_client`` library (the ``metrics`` extra). Without it the
@@ -126,6 +128,46 @@ def _cache_families(pools: tuple[PoolSample, ...]) -> Iterator[Any]:
         destaged.add_metric([name], float(cache.destaged))
         rate.add_metric([name], cache.destage_rate)
     yield from (lookups, dirty, destaged, rate)
+
+
+def _s3_families(pools: tuple[PoolSample, ...]) -> Iterator[Any]:
+    """An S3 pool's endpoints and the objects an import has not fetched yet."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    labels = ["pool", "endpoint"]
+    up = GaugeMetricFamily(
+        "storvisor_pool_endpoint_up", "1 if the S3 endpoint serves, 0 if marked down.",
+        labels=labels,
+    )  # fmt: skip
+    requests = CounterMetricFamily(
+        "storvisor_pool_endpoint_requests", "Requests sent to the S3 endpoint.", labels=labels
+    )
+    errors = CounterMetricFamily(
+        "storvisor_pool_endpoint_errors",
+        "Requests to the S3 endpoint that failed or timed out (retried on another).",
+        labels=labels,
+    )
+    latency = GaugeMetricFamily(
+        "storvisor_pool_endpoint_latency_seconds",
+        "Moving average of the latency of the S3 endpoint's successful requests.",
+        labels=labels,
+    )
+    missing = GaugeMetricFamily(
+        "storvisor_pool_objects_to_fetch",
+        "Data objects of an imported S3 pool not in its local image yet.",
+        labels=["pool"],
+    )
+    for p in pools:
+        name = p.info.name
+        for e in p.info.endpoints:
+            values = [name, e.url]
+            up.add_metric(values, 1.0 if e.state.value == "up" else 0.0)
+            requests.add_metric(values, float(e.requests))
+            errors.add_metric(values, float(e.errors))
+            latency.add_metric(values, e.latency_ms / 1000)
+        if p.info.fetching is not None:
+            missing.add_metric([name], float(p.info.fetching.left))
+    yield from (up, requests, errors, latency, missing)
 
 
 def render(sample: MetricsSample) -> bytes:
@@ -248,6 +290,7 @@ def render(sample: MetricsSample) -> bytes:
                 )
         yield from (capacity, allocated, provisioned, clusters, online, commits, io_errors)
         yield from _cache_families(sample.pools)
+        yield from _s3_families(sample.pools)
 
         restarts = CounterMetricFamily(
             "storvisor_dataplane_restarts",

@@ -96,6 +96,16 @@ def pool_details(p: PoolInfo) -> str:
             ("allocated", human(p.stats.allocated)),
             ("provisioned", human(p.stats.provisioned)),
             ("free", human(p.stats.free)),
+            *(
+                [
+                    (
+                        "fetching",
+                        f"{p.fetching.left} of {p.fetching.total} objects still in the bucket",
+                    )
+                ]
+                if p.fetching is not None
+                else []
+            ),
         ]
     )
     backings = table(

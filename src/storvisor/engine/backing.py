@@ -248,6 +248,12 @@ class Backing:
         return ()
 
     @property
+    def hydrating(self) -> tuple[int, int] | None:
+        """``(objects still to fetch, objects the import found)`` of an object backing whose
+        image is not whole yet; None for every other device."""
+        return None
+
+    @property
     def reads_here(self) -> bool:
         """Reads must be made by the pool's process too, through ``pio`` (an object backing
         still fetching objects into its image): data planes send theirs to it. Turns false

@@ -245,8 +245,6 @@ class ObjectBacking(Backing):
 
     @property
     def hydrating(self) -> tuple[int, int] | None:
-        """``(objects still to fetch, objects the import found)``; None once the image is
-        whole."""
         hydration = self._hydration
         if hydration is None or hydration.done:
             return None

@@ -87,6 +87,7 @@ from storvisor.engine.types import (
     BackingSpec,
     CacheInfo,
     CacheMode,
+    FetchProgress,
     FsckReport,
     IoErrorCounts,
     PoolInfo,
@@ -383,11 +384,13 @@ class Pool:
             stats = PoolStats(capacity, allocated, provisioned, capacity - allocated)
             backings = tuple(self._backings[i].info() for i in sorted(self._backings))
             endpoints = tuple(e for b in self._backings.values() for e in b.endpoints())
+            progress = [p for b in self._backings.values() if (p := b.hydrating) is not None]
+        fetching = FetchProgress(*progress[0]) if progress else None
         with self._health:
             reason = self._degraded
         state = PoolState.DEGRADED if reason else PoolState.ONLINE
         cache = self.cache_info()
-        return PoolInfo(self.name, cs, backings, stats, state, reason, endpoints, cache)
+        return PoolInfo(self.name, cs, backings, stats, state, reason, endpoints, cache, fetching)
 
     @property
     def io_errors(self) -> IoErrorCounts:

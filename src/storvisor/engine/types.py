@@ -98,6 +98,15 @@ class EndpointInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class FetchProgress:
+    """An imported S3 pool's data objects not in its local image yet (``engine/hydration.py``)."""
+
+    left: int
+    total: int
+    """The objects the import found in the bucket."""
+
+
+@dataclass(frozen=True, slots=True)
 class PoolInfo:
     """A pool. An offline pool has the devices its catalog records (size 0 when they cannot
     be opened) and zero space."""
@@ -112,6 +121,8 @@ class PoolInfo:
     """An S3 pool's endpoints (none for a pool of local devices)."""
     cache: CacheInfo | None = None
     """The pool's cache tier (``engine/cache.py``), None when it has none."""
+    fetching: FetchProgress | None = None
+    """An imported S3 pool whose objects are still being fetched; None once all are local."""
 
 
 class CacheMode(enum.StrEnum):
