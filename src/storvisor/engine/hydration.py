@@ -44,7 +44,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from storvisor.engine.backing import sync_directory
@@ -128,7 +128,7 @@ class Hydration:
         self._unrecorded: set[int] = set()  # fetched, not in the log yet
         self._demand = 0  # fetches that requests wait for (the background holds back)
         self._record_lock = threading.Lock()  # one sync and append of the log at a time
-        self._fd_lock = threading.Lock()  # the fds stay open while held (``close``)
+        self._fd_users = 0  # threads using the fds (``_open_fds``): ``close`` waits for them
         self.missing = bool(missing)
         """Whether an object is not in the image yet (read without the lock: a hint that
         only ever turns false)."""
@@ -238,11 +238,9 @@ class Hydration:
         found = self._bucket.get(key)
         size = self._object_size
         data = bytes(size) if found is None else found[0]  # deleted since: zeros
-        with self._fd_lock:
-            if self._fd < 0:
-                raise IOFailure(f"{self._directory}: the pool closed", errno.ESHUTDOWN)
+        with self._open_fds() as (fd, _):
             try:
-                os.pwrite(self._fd, data, index * size)
+                os.pwrite(fd, data, index * size)
             except OSError as e:
                 raise IOFailure(
                     f"write of the local image: {e.strerror}", e.errno or errno.EIO
@@ -333,7 +331,8 @@ class Hydration:
                 raise IOFailure(f"{self._directory}: objects still missing", errno.EIO)
         batch = self.fetched()
         try:
-            os.fdatasync(self._fd)
+            with self._open_fds() as (fd, _):
+                os.fdatasync(fd)
         except OSError as e:
             raise IOFailure(f"sync of the local image: {e.strerror}", e.errno or errno.EIO) from e
         self.record(batch)
@@ -358,11 +357,9 @@ class Hydration:
             if not indexes:
                 return
             try:
-                with self._fd_lock:
-                    if self._log < 0:
-                        raise OSError(errno.EBADF, "the pool closed")
-                    os.write(self._log, b"".join(_record(i) for i in sorted(indexes)))
-                    os.fdatasync(self._log)
+                with self._open_fds() as (_, log_fd):
+                    os.write(log_fd, b"".join(_record(i) for i in sorted(indexes)))
+                    os.fdatasync(log_fd)
             except OSError as e:
                 raise IOFailure(
                     f"cannot record fetched objects in {self._directory / DONE_NAME}: {e.strerror}",
@@ -376,10 +373,8 @@ class Hydration:
         if not batch:
             return
         try:
-            with self._fd_lock:
-                if self._fd < 0:
-                    return
-                os.fdatasync(self._fd)
+            with self._open_fds() as (fd, _):
+                os.fdatasync(fd)
             self.record(batch)
         except (OSError, IOFailure) as e:  # the pool's next sync records them
             log.warning("%s: cannot record fetched objects: %s", self._directory, e)
@@ -413,8 +408,27 @@ class Hydration:
         with self._cond:
             self._cond.notify_all()
         self._sync_and_record()
-        with self._fd_lock:
-            for fd in (self._fd, self._log):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            self._fd = self._log = -1
+        with self._cond:
+            fds, (self._fd, self._log) = (self._fd, self._log), (-1, -1)
+            while self._fd_users:  # a write or sync of the image under way
+                self._cond.wait()
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    @contextlib.contextmanager
+    def _open_fds(self) -> Iterator[tuple[int, int]]:
+        """``(image fd, log fd)``, kept open until the block ends. Raises ``IOFailure``
+        once closed."""
+        with self._cond:
+            if self._fd < 0:
+                raise IOFailure(f"{self._directory}: the pool closed", errno.ESHUTDOWN)
+            self._fd_users += 1
+            fds = self._fd, self._log
+        try:
+            yield fds
+        finally:
+            with self._cond:
+                self._fd_users -= 1
+                if not self._fd_users:
+                    self._cond.notify_all()
