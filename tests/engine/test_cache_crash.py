@@ -17,17 +17,12 @@ runs in writethrough mode too.
 
 from __future__ import annotations
 
-import functools
-import os
-import random
-import signal
-import time
 from pathlib import Path
 
 import pytest
 
-from powercuts import Mount, require_fuse
-from powercuts import point as _point
+from crashrounds import CutDisk, cut_schedule, kill9_round, powercut_round, seeded, worker_args
+from powercuts import require_fuse
 from storvisor.engine.cache import CacheSpec
 from storvisor.engine.home import Home
 from storvisor.engine.types import BackingSpec, CacheMode
@@ -67,36 +62,26 @@ def _check(home_dir: Path, history: History, where: str) -> dict[str, bytes]:
 
 
 def test_cache_kill9_rounds(tmp_path: Path) -> None:
-    seed = int(os.environ.get("STORVISOR_CRASH_SEED", random.randrange(1 << 32)))
-    rng = random.Random(seed)
+    seed, rng = seeded()
     home_dir = tmp_path / "home"
     _create(home_dir, tmp_path / "b0.img", tmp_path / "cache.img")
     known: dict[str, bytes] = {"v": bytes(VOLUME)}
     flushed_rounds = 0
     for round_ in range(ROUNDS):
         where = f"seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
-        worker = crashkit.WorkerProcess(
-            home_dir,
-            seed=rng.randrange(1 << 32),
-            round_=round_,
+        worker = worker_args(
+            rng,
+            round_,
             ops=2000,
-            flush_rate=rng.choice([0.1, 0.02, 0.005]),
+            flush_rates=(0.1, 0.02, 0.005),
             discards=round_ % 3 != 0,
             snapshots=round_ % 2 == 1,
         )
-        try:
-            if round_ % 5 == 4:  # while it opens the Home (and the cache destages)
-                time.sleep(rng.uniform(0.0, 0.4))
-            else:
-                assert worker.ready.wait(30), f"{where}: worker never became ready"
-                count = rng.randrange(10, 2000)
-                worker.wait_for(functools.partial(worker.logged, count), timeout=60)
-                time.sleep(rng.uniform(0.0, 0.02))
-        except TimeoutError as e:
-            worker.kill()
-            raise AssertionError(f"{where}: {e}; worker stderr: {worker.stderr}") from e
-        records = worker.kill()
-        assert worker.proc.returncode == -signal.SIGKILL, f"worker died early: {worker.stderr}"
+        if round_ % 5 == 4:  # while it opens the Home (and the cache destages)
+            when = {"opening": rng.uniform(0.0, 0.4)}
+        else:
+            when = {"logged": rng.randrange(10, 2000), "jitter": 0.02}
+        records = kill9_round(home_dir, where, rng, worker, ready_timeout=30, **when)
         history = History(known, records)
         if history.durable:
             flushed_rounds += 1
@@ -113,53 +98,17 @@ def fuse() -> None:
 @pytest.mark.usefixtures("fuse")
 @pytest.mark.parametrize("mode", [CacheMode.WRITEBACK, CacheMode.WRITETHROUGH])
 def test_cache_powercut_rounds(tmp_path: Path, mode: CacheMode) -> None:
-    seed = int(os.environ.get("STORVISOR_CRASH_SEED", random.randrange(1 << 32)))
-    rng = random.Random(seed)
-    backing, mountpoint, disk = tmp_path / "backing", tmp_path / "mnt", tmp_path / "disk"
-    backing.mkdir()
-    mountpoint.mkdir()
-    _point(disk, backing)
-    home_dir = disk / "home"
-    _create(home_dir, disk / "b0.img", disk / "cache.img", mode)
+    seed, rng = seeded()
+    disk = CutDisk.make(tmp_path)
+    home_dir = disk.link / "home"
+    _create(home_dir, disk.link / "b0.img", disk.link / "cache.img", mode)
     known: dict[str, bytes] = {"v": bytes(VOLUME)}
     flushed_rounds = 0
     for round_ in range(ROUNDS):
         where = f"seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
-        cut = "open" if round_ == ROUNDS - 1 else ("sync", "moment")[round_ % 2]
-        _point(disk, mountpoint)
-        mount = Mount(
-            backing,
-            mountpoint,
-            writeback=rng.choice([0.0, 0.1]),
-            seed=rng.randrange(1 << 32),
-            cut_at_sync=rng.randrange(1, 200) if cut == "sync" else None,
-        )
-        try:
-            worker = crashkit.WorkerProcess(
-                home_dir,
-                seed=rng.randrange(1 << 32),
-                round_=round_,
-                ops=1500,
-                flush_rate=rng.choice([0.1, 0.02]),
-                discards=True,
-                snapshots=round_ % 4 >= 2,
-            )
-            if cut == "open":
-                time.sleep(rng.uniform(0.0, 0.5))
-            elif cut == "sync":
-                worker.wait_for(mount.has_cut, timeout=60)
-            else:
-                assert worker.ready.wait(30), f"{where}: worker never became ready"
-                worker.wait_for(functools.partial(worker.logged, rng.randrange(10, 1500)), 60)
-                time.sleep(rng.uniform(0.0, 0.02))
-            alive = worker.proc.poll() is None
-            cut_itself = mount.has_cut()
-            mount.cut()
-            records = worker.kill()
-            assert alive or cut_itself, f"{where}: worker ended before the cut: {worker.stderr}"
-        finally:
-            mount.close()
-        _point(disk, backing)
+        worker = worker_args(rng, round_, ops=1500, snapshots=round_ % 4 >= 2)
+        cut = cut_schedule(rng, round_, ROUNDS, syncs=200, ops=1500)
+        records = powercut_round(disk, home_dir, where, rng, worker, **cut)
         history = History(known, records)
         if history.durable:
             flushed_rounds += 1

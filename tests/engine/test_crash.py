@@ -21,7 +21,6 @@ operation open and kills the process there: the operation happened whole or not 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import random
@@ -64,8 +63,9 @@ class Fixed:
     [(4096, 1), (65536, 2)],  # with two small devices, allocations spill onto the second
 )
 def test_crash_rounds(tmp_path: Path, cluster_size: int, devices: int) -> None:
-    seed = int(os.environ.get("STORVISOR_CRASH_SEED", random.randrange(1 << 32)))
-    rng = random.Random(seed)
+    from crashrounds import kill9_round, seeded, worker_args  # this file runs as a program too
+
+    seed, rng = seeded()
     home_dir = tmp_path / "home"
     home = Home(home_dir)
     size = POOL_BYTES if devices == 1 else 12 << 20
@@ -79,33 +79,24 @@ def test_crash_rounds(tmp_path: Path, cluster_size: int, devices: int) -> None:
     for round_ in range(ROUNDS):
         where = f"seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
         after_management = round_ % 4 == 3  # a round with management operations
-        worker = crashkit.WorkerProcess(
-            home_dir,
-            seed=rng.randrange(1 << 32),
-            round_=round_,
+        worker = worker_args(
+            rng,
+            round_,
             ops=2000,
-            flush_rate=rng.choice([0.1, 0.02, 0.005]),
+            flush_rates=(0.1, 0.02, 0.005),
             discards=round_ % 3 != 0,
             snapshots=round_ % 2 == 1,
             volume_deletes=True,
             kill_after_committed=rng.randrange(1, 8) if after_management else None,
         )
-        try:
-            if after_management:  # right after a management operation returned
-                assert worker.ready.wait(30), f"{where}: worker never became ready"
-                worker.wait_for(worker.killed_early.is_set, timeout=30)
-            elif round_ % 5 == 4:  # while it opens the Home (and recovers from the last crash)
-                time.sleep(rng.uniform(0.0, 0.4))
-            else:  # after a random number of operations, then at a random moment
-                assert worker.ready.wait(30), f"{where}: worker never became ready"
-                count = rng.randrange(10, 3000)
-                worker.wait_for(functools.partial(worker.logged, count), timeout=30)
-                time.sleep(rng.uniform(0.0, 0.02))
-        except TimeoutError as e:
-            worker.kill()
-            raise AssertionError(f"{where}: {e}; worker stderr: {worker.stderr}") from e
-        records = worker.kill()
-        assert worker.proc.returncode == -signal.SIGKILL, f"worker died early: {worker.stderr}"
+        when: dict[str, Any]
+        if after_management:  # right after a management operation returned
+            when = {"committed": True}
+        elif round_ % 5 == 4:  # while it opens the Home (and recovers from the last crash)
+            when = {"opening": rng.uniform(0.0, 0.4)}
+        else:  # after a random number of operations, then at a random moment
+            when = {"logged": rng.randrange(10, 3000), "jitter": 0.02}
+        records = kill9_round(home_dir, where, rng, worker, ready_timeout=30, **when)
         history = History(known, records)
         if history.durable:
             flushed_rounds += 1

@@ -18,16 +18,14 @@ at the mount during a round and at the backing directory before and after it.
 
 from __future__ import annotations
 
-import functools
 import os
 import random
-import time
 from pathlib import Path
 
 import pytest
 
+from crashrounds import CutDisk, cut_schedule, powercut_round, seeded, worker_args
 from powercuts import Mount, require_fuse
-from powercuts import point as _point
 from storvisor.engine.home import Home
 from storvisor.engine.types import BackingSpec
 from storvisor.testing import crashkit
@@ -80,15 +78,11 @@ def test_a_cut_keeps_only_synced_content(tmp_path: Path) -> None:
 def test_powercut_rounds(tmp_path: Path) -> None:
     """Rounds of workload and power cut on one Home; what survived a round is the known
     content of the next (see the module docstring)."""
-    seed = int(os.environ.get("STORVISOR_CRASH_SEED", random.randrange(1 << 32)))
-    rng = random.Random(seed)
-    backing, mountpoint, disk = tmp_path / "backing", tmp_path / "mnt", tmp_path / "disk"
-    backing.mkdir()
-    mountpoint.mkdir()
-    _point(disk, backing)
-    home_dir = disk / "home"
+    seed, rng = seeded()
+    disk = CutDisk.make(tmp_path)
+    home_dir = disk.link / "home"
     home = Home(home_dir)
-    home.create_pool("p", [BackingSpec(str(disk / "b0.img"), size=DEVICE_BYTES)], 4096)
+    home.create_pool("p", [BackingSpec(str(disk.link / "b0.img"), size=DEVICE_BYTES)], 4096)
     home.pool("p").create_volume("v", VOLUME)
     home.close()
 
@@ -98,41 +92,9 @@ def test_powercut_rounds(tmp_path: Path) -> None:
         where = f"seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
         # the file system cuts the power itself at a sync, or the test cuts it at a random
         # moment: after some operations, or while the worker opens the Home (and recovers)
-        cut = "open" if round_ == ROUNDS - 1 else ("sync", "moment")[round_ % 2]
-        _point(disk, mountpoint)
-        mount = Mount(
-            backing,
-            mountpoint,
-            writeback=rng.choice([0.0, 0.1]),
-            seed=rng.randrange(1 << 32),
-            cut_at_sync=rng.randrange(1, 150) if cut == "sync" else None,
-        )
-        try:
-            worker = crashkit.WorkerProcess(
-                home_dir,
-                seed=rng.randrange(1 << 32),
-                round_=round_,
-                ops=1500,
-                flush_rate=rng.choice([0.1, 0.02]),
-                discards=True,
-                snapshots=round_ % 4 >= 2,
-            )
-            if cut == "open":
-                time.sleep(rng.uniform(0.0, 0.5))
-            elif cut == "sync":
-                worker.wait_for(mount.has_cut)
-            else:
-                assert worker.ready.wait(30), f"{where}: worker never became ready"
-                worker.wait_for(functools.partial(worker.logged, rng.randrange(10, 1500)))
-                time.sleep(rng.uniform(0.0, 0.02))
-            alive = worker.proc.poll() is None
-            cut_itself = mount.has_cut()  # the worker then fails, and may end
-            mount.cut()
-            records = worker.kill()
-            assert alive or cut_itself, f"{where}: worker ended before the cut: {worker.stderr}"
-        finally:
-            mount.close()
-        _point(disk, backing)
+        worker = worker_args(rng, round_, ops=1500, snapshots=round_ % 4 >= 2)
+        cut = cut_schedule(rng, round_, ROUNDS, syncs=150, ops=1500)
+        records = powercut_round(disk, home_dir, where, rng, worker, **cut)
         history = History(known, records)
         if history.durable:
             flushed_rounds += 1

@@ -9,18 +9,13 @@ bucket alone, imported on a second HOME, must read exactly the same."""
 
 from __future__ import annotations
 
-import functools
-import os
-import random
-import signal
-import time
 from pathlib import Path
 
 import pytest
 from s3server import MotoServer
 
-from powercuts import Mount, require_fuse
-from powercuts import point as _point
+from crashrounds import CutDisk, kill9_round, powercut_round, seeded, worker_args
+from powercuts import require_fuse
 from storvisor.engine.cache import CacheSpec
 from storvisor.engine.home import Home
 from storvisor.engine.types import CacheMode
@@ -36,8 +31,7 @@ MiB = 1 << 20
 def test_s3_writeback_cache_kill9_rounds_then_the_bucket_alone(
     aws_env: MotoServer, tmp_path: Path
 ) -> None:
-    seed = int(os.environ.get("STORVISOR_CRASH_SEED", random.randrange(1 << 32)))
-    rng = random.Random(seed)
+    seed, rng = seeded()
     bucket = aws_env.bucket()
     home_dir = tmp_path / "home"
     cache = tmp_path / "cache.img"
@@ -52,25 +46,8 @@ def test_s3_writeback_cache_kill9_rounds_then_the_bucket_alone(
     flushed_rounds = 0
     for round_ in range(ROUNDS):
         where = f"seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
-        worker = crashkit.WorkerProcess(
-            home_dir,
-            seed=rng.randrange(1 << 32),
-            round_=round_,
-            ops=400,
-            flush_rate=rng.choice([0.1, 0.02]),
-            discards=True,
-            snapshots=True,
-        )
-        try:
-            assert worker.ready.wait(60), f"{where}: worker never became ready: {worker.stderr}"
-            count = rng.randrange(10, 400)
-            worker.wait_for(functools.partial(worker.logged, count), timeout=60)
-            time.sleep(rng.uniform(0.0, 0.05))
-        except TimeoutError as e:
-            worker.kill()
-            raise AssertionError(f"{where}: {e}; worker stderr: {worker.stderr}") from e
-        records = worker.kill()
-        assert worker.proc.returncode == -signal.SIGKILL, f"worker died early: {worker.stderr}"
+        worker = worker_args(rng, round_)
+        records = kill9_round(home_dir, where, rng, worker, logged=rng.randrange(10, 400))
         history = History(known, records)
         if history.durable:
             flushed_rounds += 1
@@ -136,18 +113,14 @@ def test_s3_writeback_cache_powercut_rounds_then_the_bucket_alone(
     """The HOME and the cache device on the power-cut file system, the bucket on the S3
     server: after each cut the HOME reopens through the cache with every flushed write;
     after the last, a clean ``flush-cache`` and the bucket alone reads the same."""
-    seed = int(os.environ.get("STORVISOR_CRASH_SEED", random.randrange(1 << 32)))
-    rng = random.Random(seed)
+    seed, rng = seeded()
     bucket = aws_env.bucket()
-    backing, mountpoint, disk = tmp_path / "backing", tmp_path / "mnt", tmp_path / "disk"
-    backing.mkdir()
-    mountpoint.mkdir()
-    _point(disk, backing)
-    home_dir = disk / "home"
+    disk = CutDisk.make(tmp_path)
+    home_dir = disk.link / "home"
     home = Home(home_dir)
     home.create_s3_pool("p", aws_env.spec(bucket), size=16 * MiB, object_size=MiB)
     pool = home.pool("p")
-    pool.set_cache(CacheSpec(str(disk / "cache.img"), 2 * MiB), CacheMode.WRITEBACK)
+    pool.set_cache(CacheSpec(str(disk.link / "cache.img"), 2 * MiB), CacheMode.WRITEBACK)
     pool.create_volume("v", VOLUME)
     home.close()
 
@@ -155,43 +128,12 @@ def test_s3_writeback_cache_powercut_rounds_then_the_bucket_alone(
     flushed_rounds = 0
     for round_ in range(ROUNDS):
         where = f"seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
-        cut = ("sync", "moment")[round_ % 2]
-        _point(disk, mountpoint)
-        mount = Mount(
-            backing,
-            mountpoint,
-            writeback=rng.choice([0.0, 0.1]),
-            seed=rng.randrange(1 << 32),
-            cut_at_sync=rng.randrange(1, 80) if cut == "sync" else None,
-        )
-        try:
-            worker = crashkit.WorkerProcess(
-                home_dir,
-                seed=rng.randrange(1 << 32),
-                round_=round_,
-                ops=400,
-                flush_rate=rng.choice([0.1, 0.02]),
-                discards=True,
-                snapshots=round_ % 2 == 1,
-            )
-            if cut == "sync":
-                try:
-                    worker.wait_for(mount.has_cut, timeout=60)
-                except TimeoutError as e:
-                    worker.kill()
-                    raise AssertionError(f"{where}: {e}; worker stderr: {worker.stderr}") from e
-            else:
-                assert worker.ready.wait(60), f"{where}: worker never became ready"
-                worker.wait_for(functools.partial(worker.logged, rng.randrange(10, 400)), 60)
-                time.sleep(rng.uniform(0.0, 0.02))
-            alive = worker.proc.poll() is None
-            cut_itself = mount.has_cut()
-            mount.cut()
-            records = worker.kill()
-            assert alive or cut_itself, f"{where}: worker ended before the cut: {worker.stderr}"
-        finally:
-            mount.close()
-        _point(disk, backing)
+        worker = worker_args(rng, round_, snapshots=round_ % 2 == 1)
+        if round_ % 2 == 0:  # the file system cuts the power itself at a sync
+            cut = {"at_sync": rng.randrange(1, 80)}
+        else:  # at a random moment after some operations
+            cut = {"logged": rng.randrange(10, 400)}
+        records = powercut_round(disk, home_dir, where, rng, worker, **cut)
         history = History(known, records)
         if history.durable:
             flushed_rounds += 1
@@ -203,7 +145,7 @@ def test_s3_writeback_cache_powercut_rounds_then_the_bucket_alone(
         home.pool("p").flush_cache()
     finally:
         home.close()
-    (backing / "cache.img").unlink()
+    (disk.backing / "cache.img").unlink()
     other = Home(tmp_path / "other")
     try:
         other.import_s3_pool("p", aws_env.spec(bucket))

@@ -10,15 +10,11 @@ clean and read exactly what the first HOME read after its last recovery.
 
 from __future__ import annotations
 
-import functools
-import os
-import random
-import signal
-import time
 from pathlib import Path
 
 from s3server import MotoServer
 
+from crashrounds import kill9_round, seeded, worker_args
 from storvisor.engine.home import Home
 from storvisor.testing import crashkit
 from storvisor.testing.crashkit import History
@@ -30,8 +26,7 @@ MiB = 1 << 20
 
 
 def test_s3_crash_rounds_then_import_from_the_bucket(aws_env: MotoServer, tmp_path: Path) -> None:
-    seed = int(os.environ.get("STORVISOR_CRASH_SEED", random.randrange(1 << 32)))
-    rng = random.Random(seed)
+    seed, rng = seeded()
     bucket = aws_env.bucket()
     home_dir = tmp_path / "home"
     home = Home(home_dir)
@@ -44,29 +39,12 @@ def test_s3_crash_rounds_then_import_from_the_bucket(aws_env: MotoServer, tmp_pa
     for round_ in range(ROUNDS):
         where = f"seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
         after_management = round_ % 2 == 1
-        worker = crashkit.WorkerProcess(
-            home_dir,
-            seed=rng.randrange(1 << 32),
-            round_=round_,
-            ops=400,
-            flush_rate=rng.choice([0.1, 0.02]),
-            discards=True,
-            snapshots=True,
-            kill_after_committed=rng.randrange(1, 4) if after_management else None,
-        )
-        try:
-            assert worker.ready.wait(60), f"{where}: worker never became ready: {worker.stderr}"
-            if after_management:
-                worker.wait_for(worker.killed_early.is_set, timeout=60)
-            else:
-                count = rng.randrange(10, 400)
-                worker.wait_for(functools.partial(worker.logged, count), timeout=60)
-                time.sleep(rng.uniform(0.0, 0.05))
-        except TimeoutError as e:
-            worker.kill()
-            raise AssertionError(f"{where}: {e}; worker stderr: {worker.stderr}") from e
-        records = worker.kill()
-        assert worker.proc.returncode == -signal.SIGKILL, f"worker died early: {worker.stderr}"
+        committed = rng.randrange(1, 4) if after_management else None
+        worker = worker_args(rng, round_, kill_after_committed=committed)
+        if after_management:
+            records = kill9_round(home_dir, where, rng, worker, committed=True)
+        else:
+            records = kill9_round(home_dir, where, rng, worker, logged=rng.randrange(10, 400))
         history = History(known, records)
         if history.durable:
             flushed_rounds += 1

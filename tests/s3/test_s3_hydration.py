@@ -8,16 +8,13 @@ and the bucket alone (a third HOME) must then read what the second HOME wrote an
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import random
 import shutil
-import signal
 import socket
 import struct
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,8 +23,8 @@ import pytest
 from s3server import MotoServer
 from tcpproxy import Proxy
 
-from powercuts import Mount, require_fuse
-from powercuts import point as _point
+from crashrounds import CutDisk, kill9_round, powercut_round, seeded, worker_args
+from powercuts import require_fuse
 from prereq import require
 from storvisor.api.metrics import MetricsSample, PoolSample, render
 from storvisor.cli.output import pool_details
@@ -299,8 +296,7 @@ def test_kill9_rounds_while_objects_arrive_then_the_bucket_alone(
     """The crash kit's workload on an imported pool whose objects are still being fetched,
     killed at random points: every flushed write is there after each restart, fsck is clean,
     and a fetch resumed after a crash never lays the bucket's old bytes over a write."""
-    seed = int(os.environ.get("STORVISOR_CRASH_SEED", random.randrange(1 << 32)))
-    rng = random.Random(seed)
+    seed, rng = seeded()
     bucket, known = _exported(aws_env, tmp_path, {"v": MiB}, gone=16 * MiB)
     slow.rate = 64 * KiB  # 16 fetches at a time, 4 s each: 17 s for them all
     home_dir = tmp_path / "second"
@@ -312,25 +308,8 @@ def test_kill9_rounds_while_objects_arrive_then_the_bucket_alone(
     mid_fetch = flushed_rounds = 0
     for round_ in range(ROUNDS):
         where = f"seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
-        worker = crashkit.WorkerProcess(
-            home_dir,
-            seed=rng.randrange(1 << 32),
-            round_=round_,
-            ops=400,
-            flush_rate=rng.choice([0.1, 0.02]),
-            discards=True,
-            snapshots=False,
-        )
-        try:
-            assert worker.ready.wait(60), f"{where}: worker never became ready: {worker.stderr}"
-            count = rng.randrange(10, 200)
-            worker.wait_for(functools.partial(worker.logged, count), timeout=60)
-            time.sleep(rng.uniform(0.0, 0.05))
-        except TimeoutError as e:
-            worker.kill()
-            raise AssertionError(f"{where}: {e}; worker stderr: {worker.stderr}") from e
-        records = worker.kill()
-        assert worker.proc.returncode == -signal.SIGKILL, f"worker died early: {worker.stderr}"
+        worker = worker_args(rng, round_, snapshots=False)
+        records = kill9_round(home_dir, where, rng, worker, logged=rng.randrange(10, 200))
         mid_fetch += pending.exists()
         history = History(known, records)
         flushed_rounds += history.durable
@@ -399,15 +378,11 @@ def test_power_cuts_while_objects_arrive_then_the_bucket_alone(
     """The HOME on the power-cut file system (unsynced writes vanish at the cut) while its
     objects are fetched: an object is recorded as fetched only once its bytes are synced,
     so after each cut the volumes read every flushed write and every byte they had."""
-    seed = int(os.environ.get("STORVISOR_CRASH_SEED", random.randrange(1 << 32)))
-    rng = random.Random(seed)
+    seed, rng = seeded()
     bucket, known = _exported(aws_env, tmp_path, {"v": MiB}, gone=16 * MiB)
     slow.rate = 64 * KiB
-    backing, mountpoint, disk = tmp_path / "backing", tmp_path / "mnt", tmp_path / "disk"
-    backing.mkdir()
-    mountpoint.mkdir()
-    _point(disk, backing)
-    home_dir = disk / "home"
+    disk = CutDisk.make(tmp_path)
+    home_dir = disk.link / "home"
     home = Home(home_dir)
     home.import_s3_pool("p", S3Spec(bucket, (slow.url,), "us-east-1"))
     home.close()
@@ -416,41 +391,12 @@ def test_power_cuts_while_objects_arrive_then_the_bucket_alone(
     mid_fetch = 0
     for round_ in range(3):
         where = f"seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
-        _point(disk, mountpoint)
-        mount = Mount(
-            backing,
-            mountpoint,
-            writeback=rng.choice([0.0, 0.1]),
-            seed=rng.randrange(1 << 32),
-            cut_at_sync=rng.randrange(1, 40) if round_ % 2 == 0 else None,
-        )
-        try:
-            worker = crashkit.WorkerProcess(
-                home_dir,
-                seed=rng.randrange(1 << 32),
-                round_=round_,
-                ops=400,
-                flush_rate=rng.choice([0.1, 0.02]),
-                discards=True,
-                snapshots=False,
-            )
-            try:
-                if round_ % 2 == 0:
-                    worker.wait_for(mount.has_cut, timeout=60)
-                else:
-                    assert worker.ready.wait(60), f"{where}: worker never became ready"
-                    worker.wait_for(functools.partial(worker.logged, rng.randrange(10, 200)), 60)
-            except TimeoutError as e:
-                worker.kill()
-                raise AssertionError(f"{where}: {e}; worker stderr: {worker.stderr}") from e
-            alive = worker.proc.poll() is None
-            cut_itself = mount.has_cut()
-            mount.cut()
-            records = worker.kill()
-            assert alive or cut_itself, f"{where}: worker ended before the cut: {worker.stderr}"
-        finally:
-            mount.close()
-        _point(disk, backing)
+        worker = worker_args(rng, round_, snapshots=False)
+        if round_ % 2 == 0:
+            cut = {"at_sync": rng.randrange(1, 40)}
+        else:
+            cut = {"logged": rng.randrange(10, 200)}
+        records = powercut_round(disk, home_dir, where, rng, worker, **cut)
         mid_fetch += pending.exists()
         known = crashkit.check_home(home_dir, History(known, records), where)
     assert mid_fetch >= 2, f"seed {seed}: only {mid_fetch} cuts came while fetching"

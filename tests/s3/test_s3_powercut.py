@@ -11,17 +11,13 @@ must hold every write flushed before that cut.
 
 from __future__ import annotations
 
-import functools
-import os
-import random
-import time
 from pathlib import Path
 
 import pytest
 from s3server import MotoServer
 
-from powercuts import Mount, require_fuse
-from powercuts import point as _point
+from crashrounds import CutDisk, powercut_round, seeded, worker_args
+from powercuts import require_fuse
 from storvisor.engine.home import Home
 from storvisor.testing import crashkit
 from storvisor.testing.crashkit import History
@@ -39,14 +35,10 @@ def fuse() -> None:
 
 @pytest.mark.usefixtures("fuse")
 def test_powercut_rounds_then_the_bucket_alone(aws_env: MotoServer, tmp_path: Path) -> None:
-    seed = int(os.environ.get("STORVISOR_CRASH_SEED", random.randrange(1 << 32)))
-    rng = random.Random(seed)
+    seed, rng = seeded()
     bucket = aws_env.bucket()
-    backing, mountpoint, disk = tmp_path / "backing", tmp_path / "mnt", tmp_path / "disk"
-    backing.mkdir()
-    mountpoint.mkdir()
-    _point(disk, backing)
-    home_dir = disk / "home"
+    disk = CutDisk.make(tmp_path)
+    home_dir = disk.link / "home"
     home = Home(home_dir)
     home.create_s3_pool("p", aws_env.spec(bucket), size=16 * MiB, object_size=MiB)
     home.pool("p").create_volume("v", VOLUME)
@@ -56,43 +48,12 @@ def test_powercut_rounds_then_the_bucket_alone(aws_env: MotoServer, tmp_path: Pa
     flushed_rounds = 0
     for round_ in range(ROUNDS):
         where = f"seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
-        cut = ("sync", "moment")[round_ % 2]
-        _point(disk, mountpoint)
-        mount = Mount(
-            backing,
-            mountpoint,
-            writeback=rng.choice([0.0, 0.1]),
-            seed=rng.randrange(1 << 32),
-            cut_at_sync=rng.randrange(1, 60) if cut == "sync" else None,
-        )
-        try:
-            worker = crashkit.WorkerProcess(
-                home_dir,
-                seed=rng.randrange(1 << 32),
-                round_=round_,
-                ops=400,
-                flush_rate=rng.choice([0.1, 0.02]),
-                discards=True,
-                snapshots=round_ % 2 == 1,
-            )
-            if cut == "sync":
-                try:
-                    worker.wait_for(mount.has_cut, timeout=60)
-                except TimeoutError as e:
-                    worker.kill()
-                    raise AssertionError(f"{where}: {e}; worker stderr: {worker.stderr}") from e
-            else:
-                assert worker.ready.wait(60), f"{where}: worker never became ready"
-                worker.wait_for(functools.partial(worker.logged, rng.randrange(10, 400)), 60)
-                time.sleep(rng.uniform(0.0, 0.02))
-            alive = worker.proc.poll() is None
-            cut_itself = mount.has_cut()
-            mount.cut()
-            records = worker.kill()
-            assert alive or cut_itself, f"{where}: worker ended before the cut: {worker.stderr}"
-        finally:
-            mount.close()
-        _point(disk, backing)
+        worker = worker_args(rng, round_, snapshots=round_ % 2 == 1)
+        if round_ % 2 == 0:  # the file system cuts the power itself at a sync
+            cut = {"at_sync": rng.randrange(1, 60)}
+        else:  # at a random moment after some operations
+            cut = {"logged": rng.randrange(10, 400)}
+        records = powercut_round(disk, home_dir, where, rng, worker, **cut)
         history = History(known, records)
         if history.durable:
             flushed_rounds += 1

@@ -192,7 +192,9 @@ class Hydration:
             return len(self._pending) + len(self._fetching)
 
     def start(self) -> None:
-        """Start the background fetches (they complete the hydration)."""
+        """Start the background fetches (they complete the hydration); idempotent."""
+        if self._threads:
+            return
         for n in range(FETCH_THREADS):
             thread = threading.Thread(target=self._background, name=f"hydrate-{n}", daemon=True)
             self._threads.append(thread)
@@ -313,8 +315,9 @@ class Hydration:
             self._stop.wait(RETRY_DELAY)  # the image did not sync: again
 
     def finish(self) -> None:
-        """Fetch every missing object (beside the background), sync and record them.
-        Raises ``IOFailure``."""
+        """Fetch every missing object (here and in the background, started if it was
+        not), sync and record them. Raises ``IOFailure``."""
+        self.start()
         while True:
             index = self._claim_next()
             if index is None:
