@@ -17,7 +17,9 @@ from typing import Any
 
 from powercuts import Mount
 from powercuts import point as _point
+from storvisor.engine.s3 import S3Spec
 from storvisor.testing import crashkit
+from storvisor.testing.crashkit.writers import EngineReader
 
 Records = list[dict[str, object]]
 
@@ -169,3 +171,22 @@ def powercut_round(
         mount.close()
     _point(disk.link, disk.backing)
     return records
+
+
+def check_bucket_alone(
+    home: Path, spec: S3Spec, history: crashkit.History, where: str, *, force: bool = False
+) -> None:
+    """Import the S3 pool ``p`` of ``spec`` into a new HOME (another host: the bucket alone;
+    ``force``: the last host died holding it) and require fsck clean and ``history``."""
+    from storvisor.engine.home import Home
+
+    other = Home(home)
+    try:
+        other.import_s3_pool("p", spec, force=force)
+        pool = other.pool("p")
+        report = pool.fsck()
+        assert report.clean, f"{where}: fsck of the bucket's pool: {report}"
+        problems = history.verify(EngineReader(pool))
+        assert not problems, f"{where}: the bucket differs: " + "; ".join(map(str, problems))
+    finally:
+        other.close()

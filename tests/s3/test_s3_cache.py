@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 from s3server import MotoServer
 
-from crashrounds import CutDisk, kill9_round, powercut_round, seeded, worker_args
+from crashrounds import (
+    CutDisk,
+    check_bucket_alone,
+    kill9_round,
+    powercut_round,
+    seeded,
+    worker_args,
+)
 from powercuts import require_fuse
 from storvisor.engine.cache import CacheSpec
 from storvisor.engine.home import Home
@@ -146,12 +153,4 @@ def test_s3_writeback_cache_powercut_rounds_then_the_bucket_alone(
     finally:
         home.close()
     (disk.backing / "cache.img").unlink()
-    other = Home(tmp_path / "other")
-    try:
-        other.import_s3_pool("p", aws_env.spec(bucket))
-        pool = other.pool("p")
-        assert pool.fsck().clean
-        problems = History(known, []).verify(EngineReader(pool))
-        assert not problems, f"seed {seed}: the bucket differs: " + "; ".join(map(str, problems))
-    finally:
-        other.close()
+    check_bucket_alone(tmp_path / "other", aws_env.spec(bucket), History(known, []), f"seed {seed}")

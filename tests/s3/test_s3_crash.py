@@ -14,11 +14,10 @@ from pathlib import Path
 
 from s3server import MotoServer
 
-from crashrounds import kill9_round, seeded, worker_args
+from crashrounds import check_bucket_alone, kill9_round, seeded, worker_args
 from storvisor.engine.home import Home
 from storvisor.testing import crashkit
 from storvisor.testing.crashkit import History
-from storvisor.testing.crashkit.writers import EngineReader
 
 ROUNDS = 4
 VOLUME = 1 << 20
@@ -51,12 +50,5 @@ def test_s3_crash_rounds_then_import_from_the_bucket(aws_env: MotoServer, tmp_pa
         known = crashkit.check_home(home_dir, history, where)  # closes: flushes to the bucket
     assert flushed_rounds >= 1, f"seed {seed}: no round reached a flush"
 
-    other = Home(tmp_path / "other")  # another host: the bucket alone
-    try:
-        other.import_s3_pool("p", aws_env.spec(bucket))
-        pool = other.pool("p")
-        assert pool.fsck().clean
-        problems = History(known, []).verify(EngineReader(pool))
-        assert not problems, f"seed {seed}: the bucket differs: " + "; ".join(map(str, problems))
-    finally:
-        other.close()
+    # another host: the bucket alone
+    check_bucket_alone(tmp_path / "other", aws_env.spec(bucket), History(known, []), f"seed {seed}")

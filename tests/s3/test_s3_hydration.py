@@ -23,7 +23,14 @@ import pytest
 from s3server import MotoServer
 from tcpproxy import Proxy
 
-from crashrounds import CutDisk, kill9_round, powercut_round, seeded, worker_args
+from crashrounds import (
+    CutDisk,
+    check_bucket_alone,
+    kill9_round,
+    powercut_round,
+    seeded,
+    worker_args,
+)
 from powercuts import require_fuse
 from prereq import require
 from storvisor.api.metrics import MetricsSample, PoolSample, render
@@ -327,15 +334,7 @@ def test_kill9_rounds_while_objects_arrive_then_the_bucket_alone(
         assert not problems, f"seed {seed}: " + "; ".join(map(str, problems))
     finally:
         home.close()
-    other = Home(tmp_path / "other")
-    try:
-        other.import_s3_pool("p", aws_env.spec(bucket))
-        pool = other.pool("p")
-        assert pool.fsck().clean
-        problems = History(known, []).verify(EngineReader(pool))
-        assert not problems, f"seed {seed}: the bucket differs: " + "; ".join(map(str, problems))
-    finally:
-        other.close()
+    check_bucket_alone(tmp_path / "other", aws_env.spec(bucket), History(known, []), f"seed {seed}")
 
 
 def test_the_wait_for_an_object_fails_with_the_bucket_and_recovers(
@@ -410,12 +409,4 @@ def test_power_cuts_while_objects_arrive_then_the_bucket_alone(
         assert not problems, f"seed {seed}: " + "; ".join(map(str, problems))
     finally:
         home.close()
-    other = Home(tmp_path / "other")
-    try:
-        other.import_s3_pool("p", aws_env.spec(bucket))
-        pool = other.pool("p")
-        assert pool.fsck().clean
-        problems = History(known, []).verify(EngineReader(pool))
-        assert not problems, f"seed {seed}: the bucket differs: " + "; ".join(map(str, problems))
-    finally:
-        other.close()
+    check_bucket_alone(tmp_path / "other", aws_env.spec(bucket), History(known, []), f"seed {seed}")

@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 from s3server import MotoServer
 
-from crashrounds import CutDisk, powercut_round, seeded, worker_args
+from crashrounds import CutDisk, check_bucket_alone, powercut_round, seeded, worker_args
 from powercuts import require_fuse
 from storvisor.engine.home import Home
 from storvisor.testing import crashkit
 from storvisor.testing.crashkit import History
-from storvisor.testing.crashkit.writers import EngineReader
 
 ROUNDS = 4
 VOLUME = 1 << 20
@@ -60,14 +59,6 @@ def test_powercut_rounds_then_the_bucket_alone(aws_env: MotoServer, tmp_path: Pa
         if round_ < ROUNDS - 1:
             known = crashkit.check_home(home_dir, history, where)
             continue
-        other = Home(tmp_path / "other")  # the HOME is lost: the bucket alone
-        try:
-            other.import_s3_pool("p", aws_env.spec(bucket), force=True)
-            pool = other.pool("p")
-            report = pool.fsck()
-            assert report.clean, f"{where}: fsck of the bucket's pool: {report}"
-            problems = history.verify(EngineReader(pool))
-            assert not problems, f"{where}: the bucket: " + "; ".join(map(str, problems))
-        finally:
-            other.close()
+        # the HOME is lost: the bucket alone
+        check_bucket_alone(tmp_path / "other", aws_env.spec(bucket), history, where, force=True)
     assert flushed_rounds >= 1, f"seed {seed}: no round reached a flush"
