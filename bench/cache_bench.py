@@ -29,7 +29,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,8 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-QD = 32
-BLOCK = 4096
+import planes_fio
+from planes_fio import BLOCK, QD
 
 
 def _setup(work: Path, size: int) -> Any:
@@ -135,65 +134,20 @@ def _summary(results: dict[str, dict[str, list[float]]], extra: dict[str, Any]) 
 
 def serve(work: str, size: int, sock: str) -> None:
     """Child process of ``--nbd``: both volumes exported through NBD data planes."""
-    from storvisor.engine.iostats import StatsSet
-    from storvisor.exports.nbd import NBDExport, NBDServer
-    from storvisor.exports.nbd_worker import DataPlanes
-
-    home = _setup(Path(work), size)
-
-    def opener(name: str):  # type: ignore[no-untyped-def]
-        return lambda: home.pool(name).open_volume("v")
-
-    planes = DataPlanes()
-    planes.start()
-    server = NBDServer(handoff=planes.hand_over)
-    for name in ("plain", "cached"):
-        server.add_export(NBDExport(name, opener(name)))
-        planes.add_export(name, opener(name), name, False, StatsSet(name))
-    server.listen_unix(sock)
-    server.start()
-    print("ready", flush=True)
-    sys.stdin.readline()
-    server.close()
-    planes.close()
-    home.close()
+    planes_fio.serve(_setup(Path(work), size), ("plain", "cached"), sock)
 
 
 def nbd(work: Path, size: int, seconds: float, repeat: int) -> dict[str, Any]:
-    fio = shutil.which("fio")
-    if fio is None:
-        raise SystemExit("--nbd needs fio (Debian package fio)")
-    sock = str(work / "nbd.sock")
-    child = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(work), str(size), sock],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdout is not None and child.stdin is not None
-    assert child.stdout.readline().strip() == "ready"
     results: dict[str, dict[str, list[float]]] = {
         p: {"write": [], "read": []} for p in ("plain", "cached")
     }
-    try:
+    with planes_fio.Planes(__file__, [str(work), str(size)], work) as planes:
         for round_ in range(repeat):
             order = ("plain", "cached") if round_ % 2 == 0 else ("cached", "plain")
             for name in order:
                 for kind in ("write", "read"):
-                    uri = f"nbd+unix:///{name}?socket={sock}"
-                    args = [fio, "--name=b", "--ioengine=nbd", f"--uri={uri}",
-                            f"--rw=rand{kind}", f"--bs={BLOCK}", f"--iodepth={QD}",
-                            f"--runtime={seconds:g}", "--time_based", "--output-format=json",
-                            f"--size={size}"]  # fmt: skip
-                    out = subprocess.run(args, capture_output=True, text=True)
-                    if out.returncode:
-                        raise SystemExit(f"fio on {name} failed: {out.stdout}{out.stderr}")
-                    job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]
-                    results[name][kind].append(job[kind]["iops"])
-    finally:
-        child.stdin.write("\n")
-        child.stdin.flush()
-        child.wait(timeout=60)
+                    iops = planes.fio_iops(name, f"rand{kind}", seconds, size)
+                    results[name][kind].append(iops)
     return _summary(results, {})
 
 

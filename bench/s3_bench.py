@@ -15,6 +15,13 @@ moto server.
 * ``import + cold read``: the same, timed from the start of the import (which costs a fixed
   number of requests: lease, catalog, listing), and ``import`` alone, in seconds.
 
+With ``--nbd``, also 4 KiB random writes and reads at queue depth 32 through the daemon's
+NBD data planes and fio's ``nbd`` engine, on a volume of an S3 pool against one of a
+local-file pool (each of ``--nbd-size``, written once): a plane reads the S3 pool's local
+image itself but sends every write to the serving process (``Backing.writes_here``: the
+process records which objects the write touched), where the local pool's plane writes in
+place; fio never flushes. Rounds alternate the pools; medians and the S3/local ratio.
+
 Each round runs both sides in turn (alternating which goes first), on fresh buckets; the
 figures are medians over the rounds, with each round's ratio. The machine's load average is
 printed before and after, since the moto server shares the CPUs with both sides.
@@ -22,6 +29,7 @@ printed before and after, since the moto server shares the CPUs with both sides.
 Usage::
 
     PYTHONPATH=src .venv/bin/python bench/s3_bench.py [--mib 256] [--object-size 4] [--rounds 3]
+        [--nbd [--nbd-size 128M] [--seconds 3]]
 """
 
 from __future__ import annotations
@@ -41,18 +49,26 @@ from typing import Any
 
 import boto3
 
+import planes_fio
 from storvisor.engine.home import Home
 from storvisor.engine.object_backing import UPLOAD_THREADS
 from storvisor.engine.s3 import S3Spec
+from storvisor.engine.types import BackingSpec
 
 MiB = 1 << 20
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        serve(*sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--object-size", type=int, default=4, help="MiB")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--nbd", action="store_true", help="4k random I/O through data planes")
+    parser.add_argument("--nbd-size", type=int, default=128, help="MiB")
+    parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,6 +92,8 @@ def main() -> None:
                     raise SystemExit("moto did not start") from None
                 time.sleep(0.1)
         run(url, args.mib, args.object_size * MiB, args.rounds)
+        if args.nbd:
+            planes(url, args.nbd_size * MiB, args.object_size * MiB, args.rounds, args.seconds)
     finally:
         server.terminate()
         server.wait()
@@ -199,6 +217,48 @@ def run(url: str, mib: int, object_size: int, rounds: int) -> None:
         f"{'import + cold read':<26}{whole:8.1f} MiB/s  {whole / rate('get'):.2f}x  "
         f"(rounds: {each}); the import alone {statistics.median(times['import']):.2f} s"
     )
+
+
+def serve(work: str, url: str, size: str, object_size: str, sock: str) -> None:
+    """Child process of ``--nbd``: volume ``v`` of a local-file pool and of an S3 pool,
+    written once, exported through NBD data planes."""
+    home = Home(Path(work) / "home")
+    home.create_pool("local", [BackingSpec(str(Path(work) / "local.img"), 2 * int(size))])
+    home.create_s3_pool(
+        "s3", S3Spec("nbd-bench", (url,), "us-east-1"), size=2 * int(size),
+        object_size=int(object_size),
+    )  # fmt: skip
+    chunk = os.urandom(MiB)
+    for name in ("local", "s3"):
+        pool = home.pool(name)
+        pool.create_volume("v", int(size))
+        volume = pool.open_volume("v")
+        for offset in range(0, int(size), MiB):
+            volume.write(offset, chunk)
+        volume.flush()
+        volume.close()
+    planes_fio.serve(home, ("local", "s3"), sock)
+
+
+def planes(url: str, size: int, object_size: int, rounds: int, seconds: float) -> None:
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="nbd-bench")
+    figures: dict[tuple[str, str], list[float]] = {}
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        args = [tmp, url, str(size), str(object_size)]
+        with planes_fio.Planes(__file__, args, Path(tmp)) as served:
+            for r in range(rounds):
+                for name in ("local", "s3") if r % 2 == 0 else ("s3", "local"):
+                    for rw in ("randwrite", "randread"):
+                        iops = served.fio_iops(name, rw, seconds, size)
+                        figures.setdefault((name, rw), []).append(iops)
+    print(f"through NBD data planes, 4 KiB at qd{planes_fio.QD}, {size // MiB} MiB volumes")
+    for rw in ("randwrite", "randread"):
+        local = statistics.median(figures["local", rw])
+        s3 = statistics.median(figures["s3", rw])
+        each = " / ".join(
+            f"{s / lo:.2f}" for s, lo in zip(figures["s3", rw], figures["local", rw], strict=True)
+        )
+        print(f"{rw:<10} local {local:8.0f} IOPS  s3 {s3:8.0f} IOPS  {s3 / local:.2f}x  ({each})")
 
 
 if __name__ == "__main__":
