@@ -127,6 +127,7 @@ class Hydration:
         self._fetching: set[int] = set()
         self._unrecorded: set[int] = set()  # fetched, not in the log yet
         self._demand = 0  # fetches that requests wait for (the background holds back)
+        self._finishing = threading.Lock()  # held by the background thread that completes
         self._record_lock = threading.Lock()  # one sync and append of the log at a time
         self._fd_users = 0  # threads using the fds (``_open_fds``): ``close`` waits for them
         self.missing = bool(missing)
@@ -308,6 +309,8 @@ class Hydration:
             fetched += 1
             if fetched % RECORD_EVERY == 0:
                 self._sync_and_record()
+        if not self._finishing.acquire(blocking=False):
+            return  # another background thread records the last fetches
         while not self._stop.is_set():
             self._sync_and_record()
             if self._complete_once():
