@@ -403,10 +403,11 @@ class ObjectBacking(Backing):
         length = min(self.object_size, size - offset)
         if length <= 0:
             return
-        try:
-            data = os.pread(self.fd, length, offset)
-        except OSError as e:
-            raise IOFailure(f"read of {self.path}: {e.strerror}", e.errno or errno.EIO) from e
+        buf = bytearray(length)
+        # every byte or an error: a read the device cut short (an error after some pages,
+        # as a file system that died returns) must never be stored as the object
+        pio.preadv_full(self._tracker.fd, [memoryview(buf)], offset)
+        data = bytes(buf)
         known = self._uploaded.get(index)
         if data == self._zeros[:length]:
             if known is not None:
