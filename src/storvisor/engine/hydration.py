@@ -308,11 +308,11 @@ class Hydration:
             self.failure = None
             fetched += 1
             if fetched % RECORD_EVERY == 0:
-                self._sync_and_record()
+                self._try_sync_and_record()
         if not self._finishing.acquire(blocking=False):
             return  # another background thread records the last fetches
         while not self._stop.is_set():
-            self._sync_and_record()
+            self._try_sync_and_record()
             if self._complete_once():
                 return
             self._stop.wait(RETRY_DELAY)  # the image did not sync: again
@@ -335,13 +335,7 @@ class Hydration:
                 self._cond.wait()
             if self._pending:
                 raise IOFailure(f"{self._directory}: objects still missing", errno.EIO)
-        batch = self.fetched()
-        try:
-            with self._open_fds() as (fd, _):
-                os.fdatasync(fd)
-        except OSError as e:
-            raise IOFailure(f"sync of the local image: {e.strerror}", e.errno or errno.EIO) from e
-        self.record(batch)
+        self._sync_and_record()
         self._complete_once()
 
     # ------------------------------------------------------------------------ recording
@@ -375,14 +369,23 @@ class Hydration:
                 self._unrecorded -= indexes
 
     def _sync_and_record(self) -> None:
+        """Sync the image, then record what was fetched before the sync. Raises
+        ``IOFailure``."""
         batch = self.fetched()
         if not batch:
             return
         try:
             with self._open_fds() as (fd, _):
                 os.fdatasync(fd)
-            self.record(batch)
-        except (OSError, IOFailure) as e:  # the pool's next sync records them
+        except OSError as e:
+            raise IOFailure(f"sync of the local image: {e.strerror}", e.errno or errno.EIO) from e
+        self.record(batch)
+
+    def _try_sync_and_record(self) -> None:
+        """``_sync_and_record``; on failure the pool's next sync records them."""
+        try:
+            self._sync_and_record()
+        except IOFailure as e:
             log.warning("%s: cannot record fetched objects: %s", self._directory, e)
 
     def _complete_once(self) -> bool:
@@ -413,7 +416,7 @@ class Hydration:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        self._sync_and_record()
+        self._try_sync_and_record()
         with self._cond:
             fds, (self._fd, self._log) = (self._fd, self._log), (-1, -1)
             while self._fd_users:  # a write or sync of the image under way
