@@ -9,7 +9,6 @@ and the bucket alone (a third HOME) must then read what the second HOME wrote an
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import socket
@@ -32,7 +31,7 @@ from crashrounds import (
     worker_args,
 )
 from powercuts import require_fuse
-from prereq import require
+from prereq import require, require_module
 from storvisor.api.metrics import MetricsSample, PoolSample, render
 from storvisor.cli.output import pool_details
 from storvisor.engine import hydration
@@ -132,16 +131,6 @@ def _check_metrics(pool: Pool, url: str) -> None:
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
-def _read_all(pool: Pool, name: str, size: int) -> bytes:
-    volume = pool.open_volume(name)
-    try:
-        buf = bytearray(size)
-        volume.read_into(0, memoryview(buf))
-        return bytes(buf)
-    finally:
-        volume.close()
-
-
 def test_an_imported_pool_reads_and_writes_while_its_objects_arrive(
     aws_env: MotoServer, slow: Proxy, tmp_path: Path
 ) -> None:
@@ -186,8 +175,8 @@ def test_an_imported_pool_reads_and_writes_while_its_objects_arrive(
         wait_until(lambda: backing.hydrating is None, "the rest of the objects", timeout=60)
         assert not (directory / PENDING_NAME).exists() and not (directory / DONE_NAME).exists()
         assert pool.info().fetching is None
-        assert _read_all(pool, "v", 4 * MiB) == v
-        assert _read_all(pool, "w", 2 * MiB) == fresh
+        assert EngineReader(pool).read("v") == v
+        assert EngineReader(pool).read("w") == fresh
         assert pool.fsck().clean
     finally:
         second.close()
@@ -196,8 +185,8 @@ def test_an_imported_pool_reads_and_writes_while_its_objects_arrive(
     try:
         third.import_s3_pool("p", aws_env.spec(bucket))
         pool = third.pool("p")
-        assert _read_all(pool, "v", 4 * MiB) == v
-        assert _read_all(pool, "w", 2 * MiB) == fresh
+        assert EngineReader(pool).read("v") == v
+        assert EngineReader(pool).read("w") == fresh
         assert pool.fsck().clean
     finally:
         third.close()
@@ -208,7 +197,7 @@ def test_data_planes_read_through_the_pool_until_the_image_is_whole(
 ) -> None:
     """NBD served by a data-plane process reads the imported volume while its objects are
     fetched (the plane sends its reads to the pool), then directly once they are all in."""
-    nbd = pytest.importorskip("nbd") if os.environ.get("CI") != "true" else __import__("nbd")
+    nbd = require_module("nbd", "libnbd's Python binding (Debian package python3-libnbd)")
     from storvisor.exports.nbd_worker import DataPlanes
 
     bucket, model = _exported(aws_env, tmp_path, {"v": 4 * MiB})
@@ -256,7 +245,7 @@ def test_a_cache_attached_while_objects_arrive_waits_for_them(
         slow.rate = MiB
         pool.set_cache(CacheSpec(str(tmp_path / "cache.img"), 4 * MiB), CacheMode.WRITEBACK)
         assert backing.hydrating is None  # the cache reads and writes the image directly
-        assert _read_all(pool, "v", 2 * MiB) == model["v"]
+        assert EngineReader(pool).read("v") == model["v"]
         assert pool.fsck().clean
     finally:
         second.close()
@@ -288,7 +277,7 @@ def test_a_torn_record_of_a_fetch_fetches_that_object_again(
         pool = second.pool("p")
         backing = _backing(pool)
         wait_until(lambda: backing.hydrating is None, "every object", timeout=60)
-        assert _read_all(pool, "v", 2 * MiB) == model["v"]
+        assert EngineReader(pool).read("v") == model["v"]
         assert pool.fsck().clean
     finally:
         second.close()
@@ -365,7 +354,7 @@ def test_the_wait_for_an_object_fails_with_the_bucket_and_recovers(
             volume.close()
         backing = _backing(pool)
         wait_until(lambda: backing.hydrating is None, "every object", timeout=60)
-        assert _read_all(pool, "v", 4 * MiB) == model["v"]
+        assert EngineReader(pool).read("v") == model["v"]
     finally:
         second.close()
 
