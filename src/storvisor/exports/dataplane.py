@@ -174,14 +174,7 @@ class PlaneHost:
     def freeze(self) -> None:
         if self._dead.is_set():
             return
-        ident = next(self._ids)
-        done = threading.Event()
-        with self._waits_lock:
-            self._waits[ident] = done
-        try:
-            self._link.send(Op.FREEZE, ident)
-        except OSError:
-            self._die()
+        ident, done = self._ask(Op.FREEZE)
         if not done.wait(_FREEZE_TIMEOUT) and not self._dead.is_set():
             log.error("data plane of %s did not freeze in time; stopping it", self.volume.name)
             if self._on_stuck is not None:
@@ -203,18 +196,24 @@ class PlaneHost:
     def ask_hits(self) -> threading.Event:
         """Ask the plane for the cache hits it has not told yet; the event is set once
         they were added to the volume's count (or the plane is gone)."""
-        done = threading.Event()
         if self._dead.is_set():
+            done = threading.Event()
             done.set()
             return done
+        return self._ask(Op.HITS)[1]
+
+    def _ask(self, op: int) -> tuple[int, threading.Event]:
+        """Send the plane request ``op``; its id, and the event its reply (or the plane's
+        end) sets."""
         ident = next(self._ids)
+        done = threading.Event()
         with self._waits_lock:
             self._waits[ident] = done
         try:
-            self._link.send(Op.HITS, ident)
+            self._link.send(op, ident)
         except OSError:
             self._die()
-        return done
+        return ident, done
 
     # -- lifecycle --
 
