@@ -110,13 +110,19 @@ class CutDisk:
 
 
 def cut_schedule(
-    rng: random.Random, round_: int, rounds: int, *, syncs: int, ops: int
+    rng: random.Random,
+    round_: int,
+    rounds: int,
+    *,
+    syncs: int,
+    ops: int,
+    opening: bool = True,
 ) -> dict[str, Any]:
     """When ``powercut_round`` cuts in round ``round_`` of ``rounds``: while the worker opens
-    the HOME (and recovers from the last cut) in the last round; else at one of the first
-    ``syncs`` syncs (the file system cuts by itself) or after up to ``ops`` operations, in
-    turn."""
-    if round_ == rounds - 1:
+    the HOME (and recovers from the last cut) in the last round, with ``opening``; else at
+    one of the first ``syncs`` syncs (the file system cuts by itself) or after up to ``ops``
+    operations, in turn."""
+    if opening and round_ == rounds - 1:
         return {"opening": rng.uniform(0.0, 0.5)}
     if round_ % 2 == 0:
         return {"at_sync": rng.randrange(1, syncs)}

@@ -25,6 +25,7 @@ from tcpproxy import Proxy
 from crashrounds import (
     CutDisk,
     check_bucket_alone,
+    cut_schedule,
     kill9_round,
     powercut_round,
     seeded,
@@ -380,10 +381,8 @@ def test_power_cuts_while_objects_arrive_then_the_bucket_alone(
     for round_ in range(3):
         where = f"seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
         worker = worker_args(rng, round_, snapshots=False)
-        if round_ % 2 == 0:
-            cut = {"at_sync": rng.randrange(1, 40)}
-        else:
-            cut = {"logged": rng.randrange(10, 200)}
+        # the file system cuts the power itself at a sync, or the test after some operations
+        cut = cut_schedule(rng, round_, 3, syncs=40, ops=200, opening=False)
         records = powercut_round(disk, home_dir, where, rng, worker, **cut)
         mid_fetch += pending.exists()
         known = crashkit.check_home(home_dir, History(known, records), where)

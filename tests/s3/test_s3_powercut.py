@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 from s3server import MotoServer
 
-from crashrounds import CutDisk, check_bucket_alone, powercut_round, seeded, worker_args
+from crashrounds import (
+    CutDisk,
+    check_bucket_alone,
+    cut_schedule,
+    powercut_round,
+    seeded,
+    worker_args,
+)
 from powercuts import require_fuse
 from storvisor.engine.home import Home
 from storvisor.testing import crashkit
@@ -48,10 +55,8 @@ def test_powercut_rounds_then_the_bucket_alone(aws_env: MotoServer, tmp_path: Pa
     for round_ in range(ROUNDS):
         where = f"seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
         worker = worker_args(rng, round_, snapshots=round_ % 2 == 1)
-        if round_ % 2 == 0:  # the file system cuts the power itself at a sync
-            cut = {"at_sync": rng.randrange(1, 60)}
-        else:  # at a random moment after some operations
-            cut = {"logged": rng.randrange(10, 400)}
+        # the file system cuts the power itself at a sync, or the test after some operations
+        cut = cut_schedule(rng, round_, ROUNDS, syncs=60, ops=400, opening=False)
         records = powercut_round(disk, home_dir, where, rng, worker, **cut)
         history = History(known, records)
         if history.durable:
