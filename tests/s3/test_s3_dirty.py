@@ -16,13 +16,16 @@ import pytest
 from s3server import REGION, MotoServer
 from tcpproxy import Proxy
 
+from powercuts import require_fuse
 from storvisor.engine.home import Home
 from storvisor.engine.object_backing import S3Config
 from storvisor.engine.object_pool import object_backing
 from storvisor.engine.s3 import S3Spec
 from storvisor.errors import IOFailure
+from storvisor.testing.faultfs import Fault, FaultMount
 
 MiB = 1 << 20
+_128K = 128 << 10
 VOLUME = 8 * MiB
 
 
@@ -55,6 +58,10 @@ def make_pool(home: Home, spec: S3Spec) -> bytearray:
     volume.close()
     pool.flush()
     return model
+
+
+def data_objects(moto: MotoServer, bucket: str) -> dict[str, str]:
+    return {k: etag for k, etag in moto.keys(bucket).items() if k.startswith("data/")}
 
 
 def test_a_flush_uploads_the_written_objects_without_reading_the_others(
@@ -186,3 +193,47 @@ def test_marks_of_a_failed_upload_are_kept_for_the_next_flush(
         assert same, "the write whose upload failed never reached it"
     finally:
         other.close()
+
+
+def test_an_upload_the_image_cuts_short_fails_the_flush_and_stores_nothing(
+    aws_env: MotoServer, tmp_path: Path
+) -> None:
+    """A file system that dies mid-read returns the pages before the failing one (a short
+    read, not an error): an upload must never store that part as the whole object. Here the
+    local image is on faultfs, and every read of an object's second 128 KiB ends before it
+    (the rule ``short``): the flush must fail and leave the bucket's objects whole."""
+    require_fuse()
+    bucket = aws_env.bucket()
+    home = Home(tmp_path / "home")
+    try:
+        make_pool(home, aws_env.spec(bucket))
+    finally:
+        home.close()
+    before = data_objects(aws_env, bucket)
+    image = tmp_path / "home" / "pools" / "d" / "data"
+    backing, mountpoint = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    mountpoint.mkdir()
+    os.rename(image, backing / "data")
+    os.symlink(mountpoint / "data", image)
+    home = Home(tmp_path / "home")
+    with FaultMount(backing, mountpoint) as faults:
+        try:
+            volume = home.pool("d").open_volume("v")
+            volume.write(0, os.urandom(VOLUME))  # every object of the volume written again
+            objects = range(image.stat().st_size // MiB + 1)
+            faults.set(
+                *(Fault("read", "short", i * MiB + _128K, i * MiB + 2 * _128K) for i in objects)
+            )
+            with pytest.raises(IOFailure):
+                volume.flush()
+            assert faults.hits().get("read", 0) > 0, "no upload read the image"
+            after = data_objects(aws_env, bucket)
+            assert after == before, "a failed flush changed the bucket's objects"
+            client = aws_env.client()
+            sizes = {k: client.head_object(Bucket=bucket, Key=k)["ContentLength"] for k in after}
+            assert set(sizes.values()) == {MiB}, f"objects cut short: {sizes}"
+            faults.clear()
+            volume.close()
+        finally:
+            home.close()

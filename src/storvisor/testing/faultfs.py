@@ -16,8 +16,10 @@ lines written, one rule a line::
 
 * ``OP``: ``read``, ``write`` or ``sync`` (an ``fsync`` or ``fdatasync`` of a file);
 * ``ACTION``: ``eio`` or ``enospc`` (the operation fails with that errno and does nothing),
-  or ``stall`` (the operation waits ``SECONDS``, or until the rules change, then is carried
-  out);
+  ``stall`` (the operation waits ``SECONDS``, or until the rules change, then is carried
+  out), or, for ``read`` only, ``short`` (the read returns the bytes before ``START`` and
+  nothing after: a file system that died mid-read gives back the pages before the failing
+  one, a short read and no error);
 * ``START`` and ``END``: the byte range ``[START, END)`` of a file the rule covers (``-`` for
   END: up to any offset). A read or write that overlaps the range is affected; a sync is
   affected by any rule for ``sync`` whatever its range.
@@ -70,7 +72,7 @@ CONTROL = "/.faults"
 """The control file, at the root of the mount."""
 
 OPS = ("read", "write", "sync")
-ACTIONS = {"eio": errno.EIO, "enospc": errno.ENOSPC, "stall": 0}
+ACTIONS = {"eio": errno.EIO, "enospc": errno.ENOSPC, "stall": 0, "short": 0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +89,8 @@ class Fault:
     def __post_init__(self) -> None:
         if self.op not in OPS or self.action not in ACTIONS:
             raise ValueError(f"bad fault {self.op!r} {self.action!r}")
+        if self.action == "short" and self.op != "read":
+            raise ValueError(f"only a read can be cut short, not a {self.op}")
 
     def line(self) -> str:
         end = "-" if self.end is None else str(self.end)
@@ -138,14 +142,19 @@ class FaultFS(PassthroughFS):
             self._generation += 1
             self._cond.notify_all()
 
-    def _fault(self, op: str, offset: int = 0, length: int = 0, path: str | None = None) -> None:
+    def _fault(
+        self, op: str, offset: int = 0, length: int = 0, path: str | None = None
+    ) -> int | None:
         """Apply the first rule covering the operation: raise its errno (a sync of ``path``
-        loses its unsynced pages first), or stall."""
+        loses its unsynced pages first), or stall; for ``short``, the offset at which the
+        read must end (None: the whole read)."""
         with self._cond:
             rule = next((r for r in self._rules if r.covers(op, offset, length)), None)
             if rule is None:
-                return
+                return None
             self._hits[op] += 1
+            if rule.action == "short":
+                return rule.start
             if rule.action != "stall":
                 if op == "sync" and path is not None:
                     self._lose_unsynced(path)
@@ -157,6 +166,7 @@ class FaultFS(PassthroughFS):
                 if left <= 0:
                     break
                 self._cond.wait(left)
+        return None
 
     def _remember(self, path: str, fd: int, offset: int, length: int) -> None:
         """Keep the synced content of the pages a write of ``[offset, offset + length)`` is
@@ -227,7 +237,9 @@ class FaultFS(PassthroughFS):
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
         if path == CONTROL:
             return self._report()[offset : offset + size]
-        self._fault("read", offset, size)
+        end = self._fault("read", offset, size)
+        if end is not None:
+            size = max(0, end - offset)
         return super().read(path, size, offset, fh)
 
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
