@@ -29,32 +29,48 @@ MiB = 1 << 20
 WWPN = "naa.5001405beef00001"
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    return tmp_path / "home"
+VOLUMES = 8
+"""Volumes made up front: one for each test, which exports and removes its own."""
 
 
-@pytest.fixture
-def cli(home: Path, tmp_path: Path) -> CLI:
-    """The pool and volume are made in this process: two more CLI processes would cost about
-    20 s under TCG (the CLI's own commands are tested on the host)."""
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tcmu") / "home"
+
+
+@pytest.fixture(scope="module")
+def cli(home: Path) -> CLI:
+    """Pool "p" with volumes v0, v1, ... made in this process: CLI processes cost about 10 s
+    each under TCG (the CLI's own commands are tested on the host)."""
     made = Home(home)
     try:
-        made.create_pool("p", [BackingSpec(str(tmp_path / "pool.img"), 1 << 30)])
-        made.pool("p").create_volume("v", 64 * MiB)
+        made.create_pool("p", [BackingSpec(str(home.parent / "pool.img"), 1 << 30)])
+        for n in range(VOLUMES):
+            made.pool("p").create_volume(f"v{n}", 64 * MiB)
     finally:
         made.close()
     return CLI(home)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def daemon(cli: CLI, home: Path) -> Iterator[Daemon]:
+    """One daemon for the module (a start costs about 10 s under TCG); the kill -9 test,
+    the last, restarts it."""
     d = Daemon(home).start(timeout=120)
     try:
         yield d
     finally:
         d.kill()
         clear_lio()
+
+
+_handed_out = iter(range(VOLUMES))
+
+
+@pytest.fixture
+def ref() -> str:
+    """A volume of the pool that no other test used."""
+    return f"p/v{next(_handed_out)}"
 
 
 def clear_lio() -> None:
@@ -73,7 +89,7 @@ def run(*args: str, check: bool = True) -> str:
     return proc.stdout
 
 
-def export_scsi(cli: CLI, ref: str = "p/v") -> tuple[str, str]:
+def export_scsi(cli: CLI, ref: str) -> tuple[str, str]:
     lines = cli("export", "scsi", ref).out.split()
     assert len(lines) == 2, lines
     device, by_id = lines
@@ -102,14 +118,14 @@ def write_direct(device: str, offset: int, data: bytes) -> None:
         os.close(fd)
 
 
-def allocated(cli: CLI, ref: str = "p/v") -> int:
+def allocated(cli: CLI, ref: str) -> int:
     info = cli("volume", "show", ref, "--json").json()
     assert isinstance(info, dict)
     return int(info["allocated"])
 
 
-def test_scsi_disk_shows_the_emulation_to_sg3_utils(cli: CLI, daemon: Daemon) -> None:
-    device, by_id = export_scsi(cli)
+def test_scsi_disk_shows_the_emulation_to_sg3_utils(cli: CLI, daemon: Daemon, ref: str) -> None:
+    device, by_id = export_scsi(cli, ref)
     disk = os.path.basename(device)
     wwid = Path(f"/sys/block/{disk}/device/wwid").read_text().strip()
     assert wwid.startswith("naa.6") and by_id == f"/dev/disk/by-id/wwn-0x{wwid[4:]}"
@@ -127,14 +143,14 @@ def test_scsi_disk_shows_the_emulation_to_sg3_utils(cli: CLI, daemon: Daemon) ->
     assert isinstance(listed, list)
     assert listed[0]["state"] == "active" and listed[0]["uris"] == [device, by_id]
     assert Path(f"/sys/block/{disk}/queue/discard_max_bytes").read_text().strip() != "0"
-    cli("export", "remove", "scsi/p/v")
+    cli("export", "remove", f"scsi/{ref}")
     assert not Path(f"/sys/block/{disk}").exists()
     assert not list(Path("/sys/kernel/config/target/loopback").glob("naa.*"))
     assert not list(Path("/sys/kernel/config/target/core").glob("user_*/storvisor-*"))
 
 
-def test_fio_verify_on_the_scsi_disk(cli: CLI, daemon: Daemon) -> None:
-    device, _ = export_scsi(cli)
+def test_fio_verify_on_the_scsi_disk(cli: CLI, daemon: Daemon, ref: str) -> None:
+    device, _ = export_scsi(cli, ref)
     out = run(
         "fio", "--name=verify", f"--filename={device}", "--rw=randwrite", "--bs=4k",
         "--size=16M", "--ioengine=libaio", "--direct=1", "--iodepth=16",
@@ -143,22 +159,22 @@ def test_fio_verify_on_the_scsi_disk(cli: CLI, daemon: Daemon) -> None:
     job = json.loads(out[out.index("{") :])["jobs"][0]
     assert job["error"] == 0 and job["write"]["io_bytes"] == 16 * MiB
     assert job["read"]["io_bytes"] == 16 * MiB  # the verify pass read everything back
-    cli("export", "remove", "scsi/p/v")
+    cli("export", "remove", f"scsi/{ref}")
 
 
-def test_blkdiscard_reads_zeros_and_frees_clusters(cli: CLI, daemon: Daemon) -> None:
-    device, _ = export_scsi(cli)
+def test_blkdiscard_reads_zeros_and_frees_clusters(cli: CLI, daemon: Daemon, ref: str) -> None:
+    device, _ = export_scsi(cli, ref)
     write_direct(device, 0, os.urandom(8 * MiB))
-    full = allocated(cli)
+    full = allocated(cli, ref)
     assert full >= 8 * MiB
     run("blkdiscard", "-o", "0", "-l", str(8 * MiB), device)
     assert read_direct(device, 0, 8 * MiB) == bytes(8 * MiB)
-    assert allocated(cli) <= full - 7 * MiB
-    cli("export", "remove", "scsi/p/v")
+    assert allocated(cli, ref) <= full - 7 * MiB
+    cli("export", "remove", f"scsi/{ref}")
 
 
-def test_persistent_reservations_work(cli: CLI, daemon: Daemon) -> None:
-    device, _ = export_scsi(cli)
+def test_persistent_reservations_work(cli: CLI, daemon: Daemon, ref: str) -> None:
+    device, _ = export_scsi(cli, ref)
     run("sg_persist", "--out", "--register", "--param-sark=0x1234abcd", device)
     run("sg_persist", "--out", "--reserve", "--param-rk=0x1234abcd", "--prout-type=1", device)
     keys = run("sg_persist", "--in", "--read-keys", device)
@@ -169,16 +185,16 @@ def test_persistent_reservations_work(cli: CLI, daemon: Daemon) -> None:
     run("sg_persist", "--out", "--release", "--param-rk=0x1234abcd", "--prout-type=1", device)
     run("sg_persist", "--out", "--register", "--param-rk=0x1234abcd", "--param-sark=0", device)
     assert "no registered reservation keys" in run("sg_persist", "--in", "-k", device).lower()
-    cli("export", "remove", "scsi/p/v")
+    cli("export", "remove", f"scsi/{ref}")
 
 
-def test_online_extend_reaches_sd(cli: CLI, daemon: Daemon) -> None:
-    device, _ = export_scsi(cli)
+def test_online_extend_reaches_sd(cli: CLI, daemon: Daemon, ref: str) -> None:
+    device, _ = export_scsi(cli, ref)
     disk = os.path.basename(device)
     assert int(Path(f"/sys/block/{disk}/size").read_text()) == 64 * MiB // 512
     (dev_size,) = Path("/sys/kernel/config/target/core").glob("user_*/storvisor-*/attrib/dev_size")
     assert int(dev_size.read_text()) == 64 * MiB
-    cli("volume", "extend", "p/v", "--size", "96M")  # no rescan by hand, no udev
+    cli("volume", "extend", ref, "--size", "96M")  # no rescan by hand, no udev
     deadline = time.monotonic() + 10
     while int(Path(f"/sys/block/{disk}/size").read_text()) != 96 * MiB // 512:
         assert time.monotonic() < deadline, Path(f"/sys/block/{disk}/size").read_text()
@@ -186,13 +202,13 @@ def test_online_extend_reaches_sd(cli: CLI, daemon: Daemon) -> None:
     assert int(dev_size.read_text()) == 96 * MiB  # LIO's own idea of the size follows
     write_direct(device, 95 * MiB, b"e" * 4096)  # the new end is usable
     assert read_direct(device, 95 * MiB, 4096) == b"e" * 4096
-    cli("export", "remove", "scsi/p/v")
+    cli("export", "remove", f"scsi/{ref}")
 
 
 def test_vhost_scsi_endpoint_of_a_volume_read_back_over_nbd(
-    cli: CLI, daemon: Daemon, tmp_path: Path
+    cli: CLI, daemon: Daemon, ref: str, tmp_path: Path
 ) -> None:
-    out = cli("export", "vhost-scsi", "p/v", "--wwpn", WWPN).out
+    out = cli("export", "vhost-scsi", ref, "--wwpn", WWPN).out
     assert out == f"{WWPN} LUN 0\n"
     pattern = b"".join(bytes([i]) * 512 for i in range(256)) * 2  # 256 KiB
     with VhostScsiFrontend(WWPN) as fe:
@@ -206,7 +222,7 @@ def test_vhost_scsi_endpoint_of_a_volume_read_back_over_nbd(
         assert fe.synchronize_cache().ok
         assert fe.unmap(8192, 128).ok
         assert fe.read16(8192, 128).data == bytes(65536)
-    cli("export", "nbd", "p/v", "--name", "check")
+    cli("export", "nbd", ref, "--name", "check")
     image = tmp_path / "copy.raw"
     uri = f"nbd+unix:///check?socket={cli.home / 'nbd.sock'}"
     run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(image))
@@ -214,15 +230,17 @@ def test_vhost_scsi_endpoint_of_a_volume_read_back_over_nbd(
     assert data[2048 * 512 : 2048 * 512 + len(pattern)] == pattern
     assert data[8192 * 512 : 8192 * 512 + 65536] == bytes(65536)
     cli("export", "remove", "check")
-    cli("export", "remove", "vhost-scsi/p/v")
+    cli("export", "remove", f"vhost-scsi/{ref}")
     assert not Path(f"/sys/kernel/config/target/vhost/{WWPN}").exists()
 
 
-def test_kill_9_of_the_daemon_under_io_loses_nothing(cli: CLI, daemon: Daemon, home: Path) -> None:
-    device, _ = export_scsi(cli)
+def test_kill_9_of_the_daemon_under_io_loses_nothing(
+    cli: CLI, daemon: Daemon, ref: str, tmp_path: Path
+) -> None:
+    device, _ = export_scsi(cli, ref)
     chunk = 256 * 1024
     count = 64
-    source = home / "pattern.bin"
+    source = tmp_path / "pattern.bin"
     source.write_bytes(os.urandom(chunk * count))
     writer = subprocess.Popen(
         ["dd", f"if={source}", f"of={device}", f"bs={chunk}", "oflag=direct", "conv=fsync"],
@@ -243,4 +261,4 @@ def test_kill_9_of_the_daemon_under_io_loses_nothing(cli: CLI, daemon: Daemon, h
     dmesg = run("dmesg")
     assert "I/O error" not in dmesg and "timing out command" not in dmesg, dmesg[-3000:]
     print(f"daemon restart took {restart:.1f} s")
-    cli("export", "remove", "scsi/p/v")
+    cli("export", "remove", f"scsi/{ref}")
