@@ -50,10 +50,16 @@ def pool(home: Home, tmp_path: Path) -> Pool:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules that boot guests first (in their own order): under ``pytest -n``, whose
-    workers take whole modules as they become free, the longest work is handed out first
-    instead of ending the run on one worker."""
-    items.sort(key=lambda item: item.get_closest_marker("vm") is None)
+    """Modules that boot guests first, then those with slow tests (each in their own order):
+    under ``pytest -n``, whose workers take whole modules as they become free, the longest
+    work is handed out first instead of ending the run on one worker. (A module with both
+    kinds of test is split by the sort; ``--dist loadfile`` still runs it on one worker.)"""
+    items.sort(
+        key=lambda item: (
+            item.get_closest_marker("vm") is None,
+            item.get_closest_marker("slow") is None,
+        )
+    )
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -19,18 +19,20 @@ WWPN = "naa.5001405c0ffee001"
 TARGET = Path(f"/sys/kernel/config/target/vhost/{WWPN}")
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    return tmp_path / "home"
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("exports") / "home"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cli(home: Path) -> CLI:
     return CLI(home)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def daemon(home: Path) -> Iterator[Daemon]:
+    """One daemon for the module (a start costs about 10 s under TCG); the restart test
+    stops and starts it again."""
     d = Daemon(home).start(timeout=120)
     try:
         yield d

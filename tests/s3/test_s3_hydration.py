@@ -287,6 +287,7 @@ def test_a_torn_record_of_a_fetch_fetches_that_object_again(
 ROUNDS = 4
 
 
+@pytest.mark.slow
 def test_kill9_rounds_while_objects_arrive_then_the_bucket_alone(
     aws_env: MotoServer, slow: Proxy, tmp_path: Path
 ) -> None:
@@ -360,6 +361,7 @@ def test_the_wait_for_an_object_fails_with_the_bucket_and_recovers(
         second.close()
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("fuse")
 def test_power_cuts_while_objects_arrive_then_the_bucket_alone(
     aws_env: MotoServer, slow: Proxy, tmp_path: Path
