@@ -1,6 +1,7 @@
 """The cache tier (``engine/cache.py``): its mapping of lines to slots, the order in which
-writeback destages, warm restarts, writethrough, detaching, bad input and a failing cache
-device. Crash tests are in ``test_cache_crash.py``."""
+writeback destages, warm restarts, writethrough, detaching, bad input, a failing cache
+device and a long destage that holds up nothing else. Crash tests are in
+``test_cache_crash.py``."""
 
 from __future__ import annotations
 
@@ -9,20 +10,29 @@ import random
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import count
 from pathlib import Path
 
 import pytest
 
 from powercuts import require_fuse
+from storvisor.api.service import Service
 from storvisor.engine import pio
 from storvisor.engine.backing import Backing, Header
 from storvisor.engine.cache import CacheSpec
 from storvisor.engine.device import BlockDevice
+from storvisor.engine.home import Home
 from storvisor.engine.pool import Pool
-from storvisor.engine.types import BackingSpec, CacheMode, PoolState
-from storvisor.errors import Conflict, InvalidArgument, IOFailure, NotFound
+from storvisor.engine.types import BackingSpec, CacheMode, PoolInfo, PoolState
+from storvisor.errors import (
+    Conflict,
+    InvalidArgument,
+    IOFailure,
+    NotFound,
+    StateError,
+    StorvisorError,
+)
 from storvisor.testing.conformance import check_block_device
 from storvisor.testing.faultfs import Fault, FaultMount
 from waiting import wait_until
@@ -421,3 +431,112 @@ def test_deleting_a_cached_pool_frees_its_cache_device(tmp_path: Path) -> None:
         assert info.cache is not None and info.cache.device == device
     finally:
         home.close()
+
+
+def _service_with_a_stalled_destage(tmp_path: Path, faulty: FaultMount) -> Service:
+    """Pools "p" (its device on ``faulty``, a writeback cache holding 1 MiB not destaged,
+    every write of the device stalled for 60 s) and "q"."""
+    service = Service(Home(tmp_path / "home"))
+    service.create_pool("p", [BackingSpec(str(faulty.mountpoint / "p.img"), DEVICE)], CS)
+    service.create_pool("q", [BackingSpec(str(tmp_path / "q.img"), DEVICE)], CS)
+    service.create_volume("p", "v", VOL)
+    service.set_cache("p", f"{tmp_path / 'c.img'}:1M", CacheMode.WRITEBACK)
+    vol = service.home.pool("p").open_volume("v")
+    vol.write(0, random.Random(5).randbytes(VOL))
+    vol.close()
+    faulty.set(Fault("write", "stall", 0, None, 60))
+    return service
+
+
+class _Background(threading.Thread):
+    """``call()`` in a thread of its own; ``outcome``: what it returned or raised."""
+
+    def __init__(self, call: Callable[[], object]) -> None:
+        super().__init__()
+        self._call = call
+        self.outcome: object = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.outcome = self._call()
+        except StorvisorError as e:
+            self.outcome = e
+
+
+def _waits_for_the_destage(
+    service: Service, faulty: FaultMount, call: Callable[[], object]
+) -> object:
+    """Run ``call`` while the destage is stalled: it waits, the service's other calls
+    answer within 5 s meanwhile (pool "p" showing dirty bytes), and it returns once the
+    device works again. Its outcome."""
+    hits = faulty.hits()["write"]
+    waiting = _Background(call)
+    wait_until(lambda: faulty.hits()["write"] > hits, "a destage write reaching the device")
+    answered: list[PoolInfo] = []
+
+    def meanwhile() -> None:
+        answered.append(service.pool_info("p"))
+        assert [p.name for p in service.pools()] == ["p", "q"]
+        service.create_volume("q", f"w{len(service.volumes('q'))}", VOL)
+        service.metrics_sample()
+
+    others = threading.Thread(target=meanwhile)
+    others.start()
+    others.join(5)
+    assert not others.is_alive(), "the other calls waited for the destage"
+    (info,) = answered
+    assert info.cache is not None and info.cache.dirty > 0
+    assert waiting.is_alive()
+    faulty.clear()
+    waiting.join(30)
+    assert not waiting.is_alive(), "it did not return once the device did"
+    return waiting.outcome
+
+
+def test_a_long_destage_holds_up_nothing_else(tmp_path: Path, faulty: FaultMount) -> None:
+    """``flush-cache`` waits for the destage, which a slow backing device makes as long as
+    it likes: the service's other calls (the pool's own state, with its dirty bytes, above
+    all) answer meanwhile, and closing the pool ends the wait with an error instead of
+    leaving it hung."""
+    service = _service_with_a_stalled_destage(tmp_path, faulty)
+    try:
+        done = _waits_for_the_destage(service, faulty, lambda: service.flush_cache("p"))
+        assert isinstance(done, PoolInfo) and done.cache is not None and done.cache.dirty == 0
+
+        # two epochs to destage, each of 16 lines written 0.2 s apiece: the pool closes
+        # during the first, and the destage stops after it
+        faulty.set(Fault("write", "stall", 0, None, 0.2))
+        vol = service.home.pool("p").open_volume("v")
+        vol.write(0, b"a" * (16 * CS))
+        vol.flush()
+        vol.write(0, b"b" * (16 * CS))
+        vol.close()
+        hits = faulty.hits()["write"]
+        flushing = _Background(lambda: service.flush_cache("p"))
+        wait_until(lambda: faulty.hits()["write"] > hits, "a destage write reaching the device")
+        service.close()  # a local pool's cache stays warm: the second epoch stays in it
+        flushing.join(30)
+        assert not flushing.is_alive(), "flush-cache hung after its pool closed"
+        ended = flushing.outcome
+        assert isinstance(ended, StateError) and "before its destage finished" in str(ended)
+    finally:
+        faulty.clear()
+        service.close()
+
+
+def test_a_detach_destages_first_and_holds_up_nothing_else(
+    tmp_path: Path, faulty: FaultMount
+) -> None:
+    """``set-cache --mode none`` destages before it detaches; the service's other calls
+    answer while it waits, and the detach completes once the device does."""
+    service = _service_with_a_stalled_destage(tmp_path, faulty)
+    try:
+        done = _waits_for_the_destage(
+            service, faulty, lambda: service.set_cache("p", None, CacheMode.NONE)
+        )
+        assert isinstance(done, PoolInfo) and done.cache is None, done
+        assert _read(service.home.pool("p")) == random.Random(5).randbytes(VOL)
+    finally:
+        faulty.clear()
+        service.close()

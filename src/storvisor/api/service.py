@@ -306,14 +306,16 @@ class Service:
 
     def set_cache(self, pool: str, device: str | None, mode: CacheMode) -> PoolInfo:
         """Attach a cache tier (``device``: ``PATH[:SIZE]``), change its mode, or detach it
-        (``CacheMode.NONE``) after destaging (``Home.set_cache``)."""
-        with self._lock:
-            return self.home.set_cache(pool, device, mode)
+        (``CacheMode.NONE``) after destaging (``Home.set_cache``). Takes no lock of the
+        service's: the other calls go on while it waits for the destage or for an S3
+        import's objects."""
+        return self.home.set_cache(pool, device, mode)
 
     def flush_cache(self, pool: str) -> PoolInfo:
-        """Destage everything the pool's cache holds (``Pool.flush_cache``)."""
-        with self._lock:
-            return self.home.flush_cache(pool)
+        """Destage everything the pool's cache holds (``Home.flush_cache``). Takes no lock of
+        the service's: ``pool show``, the metrics and every other call go on while it waits
+        for the destage."""
+        return self.home.flush_cache(pool)
 
     def pools(self) -> list[PoolInfo]:
         """Every pool with its state, sorted by name; an offline pool never fails the list."""

@@ -79,7 +79,7 @@ from storvisor.engine.backing import Backing, Header, sync_directory
 from storvisor.engine.cachelines import SharedLines
 from storvisor.engine.probe import find_signature
 from storvisor.engine.types import CacheInfo, CacheMode
-from storvisor.errors import Conflict, InvalidArgument, IOFailure, NotFound
+from storvisor.errors import Conflict, InvalidArgument, IOFailure, NotFound, StateError
 from storvisor.units import parse_size
 
 log = logging.getLogger(__name__)
@@ -936,7 +936,8 @@ class Cache:
 
     def destage_all(self, timeout: float | None = None) -> None:
         """Wait until every epoch closed so far is destaged. Raises ``IOFailure`` when the
-        destage fails (its error) or ``timeout`` passes."""
+        destage fails (its error) or ``timeout`` passes, ``StateError`` when the cache stops
+        destaging first (it is closing)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             last = self.open_epoch - 1
@@ -944,6 +945,8 @@ class Cache:
                 self._check_failed()
                 if self.destage_error:
                     raise IOFailure(f"destage of the cache failed: {self.destage_error}")
+                if self._stop.is_set():
+                    raise StateError(f"cache {self.path}: closed before its destage finished")
                 if deadline is not None and time.monotonic() > deadline:
                     raise IOFailure("destage of the cache did not finish in time", errno.ETIMEDOUT)
                 self._wake.set()

@@ -258,18 +258,28 @@ class Home:
     def set_cache(self, name: str, device: str | None, mode: CacheMode) -> PoolInfo:
         """Attach a cache tier to pool ``name`` on ``device`` (``PATH[:SIZE]``), change its
         mode, or detach it (``CacheMode.NONE``): ``Pool.set_cache``. A device that another
-        pool of this HOME uses (as a cache or a backing device) is refused (``Conflict``)."""
+        pool of this HOME uses (as a cache or a backing device) is refused (``Conflict``).
+        What can take long (an S3 import's objects fetched before a cache attaches, the
+        destage before a detach) is waited for first, without the HOME's lock
+        (``Pool.ready_cache``)."""
         spec = None if device is None else CacheSpec.parse(device)
         with self._lock:
             pool = self.pool(name)
+        pool.ready_cache(mode)  # the long waits, holding no lock of the HOME's
+        with self._lock:  # the check of the device and the switch: one at a time
+            if self._pools.get(name) is not pool:
+                raise StateError(f"pool {name!r} was closed meanwhile")
             return pool.set_cache(spec, mode, in_use=lambda path: self._device_user(path, name))
 
     def flush_cache(self, name: str) -> PoolInfo:
-        """Destage everything pool ``name``'s cache holds (``Pool.flush_cache``)."""
+        """Destage everything pool ``name``'s cache holds (``Pool.flush_cache``). The flush
+        and the wait for the destage, which take as long as the backing devices need, hold
+        no lock of the HOME's: the pool's state (its dirty bytes going down) and the other
+        pools stay available meanwhile. Raises ``StateError`` if the pool closes first."""
         with self._lock:
             pool = self.pool(name)
-            pool.flush_cache()
-            return pool.info()
+        pool.flush_cache()
+        return self.pool_info(name)
 
     def _device_user(self, path: str, skip: str) -> str | None:
         real = os.path.realpath(path)

@@ -713,6 +713,7 @@ class Pool:
         """Commit the pending batch after making durable the data it points at: all written
         data (``full``, a flush) or only the clusters allocated since the last commit."""
         with self._commit_lock:
+            self._check_open()  # close releases the devices holding this lock
             with self._health:
                 failure = self._sync_failure
             if failure is not None:
@@ -799,7 +800,7 @@ class Pool:
         finally:
             self._syncs.put(None)  # a stalled sync ends its thread when it returns
             self._io_threads.close()
-            with self._lock:
+            with self._commit_lock, self._lock:  # a flush of another thread: before or never
                 self._closed = True
                 for state in self._states.values():
                     state.closed = True
@@ -1196,9 +1197,23 @@ class Pool:
         self._record_cache(cache)
         return self.info()
 
+    def ready_cache(self, mode: CacheMode) -> None:
+        """Do the long waits of ``set_cache(..., mode)`` ahead, so that the caller need not
+        hold its locks through them: before a cache attaches, every object of an S3 import
+        is fetched (``Backing.settle``); before the cache leaves writeback, it is destaged
+        (``flush_cache``). ``set_cache`` then finds little left. Raises as those do."""
+        cache = self.cache
+        if cache is None:
+            if mode is not CacheMode.NONE:
+                for backing in self._backings.values():
+                    backing.settle()
+        elif mode is not cache.mode and mode is not CacheMode.WRITEBACK:
+            self.flush_cache()
+
     def flush_cache(self) -> None:
         """Flush, then wait until the cache has destaged everything written before this call
-        to the backing devices (synced). Raises ``InvalidArgument`` (no cache), ``IOFailure``."""
+        to the backing devices (synced). Raises ``InvalidArgument`` (no cache), ``IOFailure``,
+        ``StateError`` (the pool closed first)."""
         cache = self.cache
         if cache is None:
             raise InvalidArgument(f"pool {self.name!r} has no cache")
