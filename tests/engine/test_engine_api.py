@@ -644,3 +644,13 @@ def test_volume_sizes_are_bounded(pool: Pool) -> None:
     assert pool.extend_volume("v", MAX_VOLUME_SIZE).size == MAX_VOLUME_SIZE
     pool.flush()  # the commit carries it
     assert pool.fsck().clean
+
+
+def test_a_flush_after_the_pool_closed_touches_no_device(pool: Pool) -> None:
+    """A flush that comes once the pool closed (a volume's handle that raced the close)
+    fails with ESHUTDOWN before it syncs anything: the devices' fds are closed, and their
+    numbers may already be another file's."""
+    pool.close()
+    with pytest.raises(IOFailure) as refused:
+        pool.flush()
+    assert refused.value.errno == errno.ESHUTDOWN

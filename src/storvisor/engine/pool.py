@@ -713,7 +713,8 @@ class Pool:
         """Commit the pending batch after making durable the data it points at: all written
         data (``full``, a flush) or only the clusters allocated since the last commit."""
         with self._commit_lock:
-            self._check_open()  # close releases the devices holding this lock
+            if self._closed:  # close releases the devices holding this lock
+                raise IOFailure(f"pool {self.name!r} is closed", errno.ESHUTDOWN)
             with self._health:
                 failure = self._sync_failure
             if failure is not None:
