@@ -10,25 +10,20 @@ with ``virsh attach-device --live``.
 
 The ``device='lun'`` disk itself needs a SCSI device that answers SG_IO (QEMU refuses a loop
 device: "cannot get SG_IO version number"), and the vhost-scsi hostdev needs
-``/dev/vhost-scsi``; both belong to a guest with LIO (the tcm_loop LUN of ``storvisor export
-scsi``). libvirtd runs as root's ``nobody`` when the tests run as root (a session daemon of
-its own, no system configuration touched), with ``stdio_handler = "file"`` (no virtlogd).
+``/dev/vhost-scsi``; both are hot-plugged in a guest with LIO
+(``tests/lio/guest_libvirt_scsi.py``). The libvirtd is ``tests/libvirt_kit.py``'s.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import tempfile
-import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from cli.cli_harness import CLI, Daemon
+from libvirt_kit import DOMAIN, Virsh, ok, write
 from storvisor.integrations.libvirt import scsi
 from storvisor.integrations.libvirt.scsi import DriveAddress, ScsiMode
 from storvisor.integrations.libvirt.vhostuser import to_text
@@ -44,118 +39,6 @@ pytestmark = [
         shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86_64 is not installed"
     ),
 ]
-
-NOBODY = 65534
-DOMAIN = """<domain type='qemu'>
-  <name>storvisor-live</name>
-  <memory unit='MiB'>128</memory>
-  <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>
-  <vcpu>1</vcpu>
-  <features><acpi/></features>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices>
-    <emulator>{qemu}</emulator>
-    <controller type='scsi' index='0' model='lsilogic'/>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
-
-Virsh = Callable[..., subprocess.CompletedProcess[str]]
-
-
-@pytest.fixture(scope="module")
-def workdir() -> Iterator[Path]:
-    """A directory the session daemon's user can reach (pytest's tmp is root's only)."""
-    top = Path(tempfile.mkdtemp(prefix="sv-libvirt-", dir="/tmp"))
-    top.chmod(0o755)
-    try:
-        yield top
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def virsh(workdir: Path) -> Iterator[Virsh]:
-    """``virsh -c qemu:///session`` of a libvirtd of this module's own."""
-    root = workdir / "libvirt"
-    for sub in ("run", "config/libvirt", "cache", "home"):
-        (root / sub).mkdir(parents=True)
-    (root / "config/libvirt/qemu.conf").write_text('stdio_handler = "file"\n')
-    env = {
-        "HOME": f"{root}/home",
-        "XDG_RUNTIME_DIR": f"{root}/run",
-        "XDG_CONFIG_HOME": f"{root}/config",
-        "XDG_CACHE_HOME": f"{root}/cache",
-        "PATH": "/usr/sbin:/usr/bin:/bin",
-    }
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        for path in [root, *root.rglob("*")]:
-            os.chown(path, NOBODY, NOBODY)
-        as_user = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-    log = (workdir / "libvirtd.log").open("w")
-    daemon = subprocess.Popen(
-        [*as_user, "env", "-i", *(f"{k}={v}" for k, v in env.items()), "libvirtd"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-    def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [
-                *as_user,
-                "env",
-                "-i",
-                *(f"{k}={v}" for k, v in env.items()),
-                "virsh",
-                "-c",
-                "qemu:///session",
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-
-    try:
-        deadline = time.monotonic() + 60
-        while run("version").returncode != 0:
-            assert daemon.poll() is None, (workdir / "libvirtd.log").read_text()
-            assert time.monotonic() < deadline, "libvirtd did not answer within 60 s"
-            time.sleep(0.5)
-        yield run
-    finally:
-        run("destroy", "storvisor-live")
-        run("undefine", "storvisor-live")
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-        log.close()
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
-def write(workdir: Path, name: str, text: str) -> Path:
-    path = workdir / name
-    path.write_text(text)
-    path.chmod(0o644)
-    return path
-
-
-@pytest.fixture(scope="module")
-def paused_guest(virsh: Virsh, workdir: Path) -> str:
-    qemu = shutil.which("qemu-system-x86_64")
-    ok(virsh("define", str(write(workdir, "domain.xml", DOMAIN.format(qemu=qemu)))))
-    ok(virsh("start", "--paused", "storvisor-live"))
-    return "storvisor-live"
 
 
 def test_virtio_scsi_controller_hot_plugged_where_planned(

@@ -25,13 +25,18 @@ from __future__ import annotations
 import ast
 import os
 import shutil
+import subprocess
 import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from libvirt_kit import paused_guest, virsh, workdir  # noqa: F401  (guest_libvirt_scsi.py)
+from prereq import require
 from storvisor.testing.guest import (
     IN_GUEST_ENV,
     Guest,
@@ -44,6 +49,7 @@ _ROOT = Path(__file__).resolve().parents[2]
 GUEST_TIMEOUT = 1500.0
 """Seconds one module's guest may run (its inner tests have pytest's own timeout)."""
 _IN_GUEST = os.environ.get(IN_GUEST_ENV) == "1"
+UDEVD = "/lib/systemd/systemd-udevd"
 _HAS_GUEST = shutil.which("qemu-system-x86_64") is not None and any(Path("/boot").glob("vmlinuz-*"))
 
 
@@ -57,6 +63,24 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
         return None
     module: GuestModule = GuestModule.from_parent(parent, path=file_path)
     return module
+
+
+@pytest.fixture(scope="module")
+def udev() -> Iterator[None]:
+    """systemd-udevd, which makes the ``/dev/disk/by-id`` links of new disks (the guest boots
+    without it). For guest modules here and in ``tests/openstack``."""
+    require(os.access(UDEVD, os.X_OK), f"{UDEVD} is missing (apt-get install udev)")
+    proc = subprocess.Popen([UDEVD], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not Path("/run/udev/control").exists():
+            assert proc.poll() is None, f"systemd-udevd exited with status {proc.returncode}"
+            assert time.monotonic() < deadline, "systemd-udevd did not start within 60 s"
+            time.sleep(0.1)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 _ahead: dict[Path, Future[PytestRun | GuestError]] = {}

@@ -26,6 +26,7 @@ from lio.conftest import (  # noqa: F401 # hooks
     pytest_collection_finish,
     pytest_pycollect_makemodule,
     pytest_sessionfinish,
+    udev,
 )
 from prereq import require
 from storvisor.api.client import Client

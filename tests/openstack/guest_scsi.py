@@ -52,7 +52,6 @@ from storvisor.integrations.openstack.connection import ConnectionData  # noqa: 
 
 GIB = 1 << 30
 MIB = 1 << 20
-UDEVD = "/lib/systemd/systemd-udevd"
 NOVA_CONFIG = Path(__file__).parent / "nova" / "nova_config.py"
 PLAIN_CONNECTOR = {"host": "compute-1", "initiator": "iqn.1993-08.org.debian:01:compute-1"}
 """What os-brick reports on a compute host where the storvisor connector is not registered."""
@@ -64,23 +63,6 @@ DOMAIN = """<domain type='test'>
   {devices}
 </domain>
 """
-
-
-@pytest.fixture(scope="module")
-def udev() -> Iterator[None]:
-    """systemd-udevd, which makes the ``/dev/disk/by-id`` links of new disks."""
-    require(os.access(UDEVD, os.X_OK), f"{UDEVD} is missing (apt-get install udev)")
-    proc = subprocess.Popen([UDEVD], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while not Path("/run/udev/control").exists():
-            assert proc.poll() is None, f"systemd-udevd exited with status {proc.returncode}"
-            assert time.monotonic() < deadline, "systemd-udevd did not start within 60 s"
-            time.sleep(0.1)
-        yield
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
