@@ -65,6 +65,8 @@ def daemon(cli: CLI, home: Path) -> Iterator[Daemon]:
         yield d
     finally:
         d.kill()
+        # what a failed test left (the removal of a TCMU backstore whose daemon is gone
+        # takes LIO about 90 s under TCG)
         from storvisor.exports.lio import Lio
 
         lio = Lio()
@@ -106,6 +108,7 @@ def test_lun_disk_hot_plugged_on_a_new_virtio_scsi_controller(
     assert attached.find("alias") is not None  # QEMU has the device
     qtree = ok(virsh("qemu-monitor-command", paused_guest, "--hmp", "info qtree"))
     assert "dev: virtio-scsi-pci" in qtree and "dev: scsi-block" in qtree, qtree
+    cli("export", "remove", "scsi/p/v0")  # with the daemon up: quick (LIO waits for it else)
 
 
 def test_vhost_scsi_hostdev_hot_plugged(
@@ -123,3 +126,4 @@ def test_vhost_scsi_hostdev_hot_plugged(
     assert attached.find("alias") is not None
     qtree = ok(virsh("qemu-monitor-command", paused_guest, "--hmp", "info qtree"))
     assert "dev: vhost-scsi-pci" in qtree, qtree
+    cli("export", "remove", "vhost-scsi/p/v1")
