@@ -25,13 +25,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli"))
 from cli_harness import CLI, Daemon
+from lio_kit import pool_of_volumes, serving
 
-from libvirt_kit import Virsh, ok, write
-from storvisor.engine.home import Home
-from storvisor.engine.types import BackingSpec
+from libvirt_kit import Virsh, attach_live, ok, write
 from waiting import wait_until
 
-MiB = 1 << 20
 WWPN = "naa.5001405beef00002"
 pytestmark = pytest.mark.requires(
     shutil.which("libvirtd") is not None,
@@ -45,33 +43,14 @@ def home(workdir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cli(home: Path, workdir: Path) -> CLI:
-    """Pool "p" with volumes v0 and v1, made in this process (a CLI process costs about
-    10 s under TCG)."""
-    made = Home(home)
-    try:
-        made.create_pool("p", [BackingSpec(str(workdir / "pool.img"), 256 * MiB)])
-        for name in ("v0", "v1"):
-            made.pool("p").create_volume(name, 64 * MiB)
-    finally:
-        made.close()
-    return CLI(home)
+def cli(home: Path) -> CLI:
+    return pool_of_volumes(home, 2)
 
 
 @pytest.fixture(scope="module")
 def daemon(cli: CLI, home: Path) -> Iterator[Daemon]:
-    d = Daemon(home).start(timeout=120)
-    try:
+    with serving(home) as d:
         yield d
-    finally:
-        d.kill()
-        # what a failed test left (the removal of a TCMU backstore whose daemon is gone
-        # takes LIO about 90 s under TCG)
-        from storvisor.exports.lio import Lio
-
-        lio = Lio()
-        for lun in lio.luns():
-            lio.remove(lun.backstore)
 
 
 def elements(printed: str) -> list[ET.Element]:
@@ -80,8 +59,7 @@ def elements(printed: str) -> list[ET.Element]:
 
 
 def attach(virsh: Virsh, domain: str, workdir: Path, element: ET.Element, name: str) -> None:
-    text = ET.tostring(element, encoding="unicode")
-    ok(virsh("attach-device", domain, str(write(workdir, name, text)), "--live"))
+    attach_live(virsh, domain, workdir, name, ET.tostring(element, encoding="unicode"))
 
 
 @pytest.mark.usefixtures("udev")

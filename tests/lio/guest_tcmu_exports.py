@@ -20,9 +20,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli"))
 from cli_harness import CLI, Daemon
+from lio_kit import pool_of_volumes, serving
 
-from storvisor.engine.home import Home
-from storvisor.engine.types import BackingSpec
 from storvisor.testing.vhost_scsi_frontend import VhostScsiFrontend
 
 MiB = 1 << 20
@@ -40,28 +39,14 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cli(home: Path) -> CLI:
-    """Pool "p" with volumes v0, v1, ... made in this process: CLI processes cost about 10 s
-    each under TCG (the CLI's own commands are tested on the host)."""
-    made = Home(home)
-    try:
-        made.create_pool("p", [BackingSpec(str(home.parent / "pool.img"), 1 << 30)])
-        for n in range(VOLUMES):
-            made.pool("p").create_volume(f"v{n}", 64 * MiB)
-    finally:
-        made.close()
-    return CLI(home)
+    return pool_of_volumes(home, VOLUMES)
 
 
 @pytest.fixture(scope="module")
 def daemon(cli: CLI, home: Path) -> Iterator[Daemon]:
-    """One daemon for the module (a start costs about 10 s under TCG); the kill -9 test,
-    the last, restarts it."""
-    d = Daemon(home).start(timeout=120)
-    try:
+    """The kill -9 test, the last, restarts it."""
+    with serving(home) as d:
         yield d
-    finally:
-        d.kill()
-        clear_lio()
 
 
 _handed_out = iter(range(VOLUMES))
@@ -71,15 +56,6 @@ _handed_out = iter(range(VOLUMES))
 def ref() -> str:
     """A volume of the pool that no other test used."""
     return f"p/v{next(_handed_out)}"
-
-
-def clear_lio() -> None:
-    """Delete what a failed test left in LIO (the daemon is gone by then)."""
-    from storvisor.exports.lio import Lio
-
-    lio = Lio()
-    for lun in lio.luns():
-        lio.remove(lun.backstore)
 
 
 def run(*args: str, check: bool = True) -> str:
