@@ -122,6 +122,12 @@ def write(workdir: Path, name: str, text: str) -> Path:
     return path
 
 
+def attach_live(virsh: Virsh, domain: str, workdir: Path, name: str, text: str) -> None:
+    """``virsh attach-device DOMAIN FILE --live`` of the one element ``text``, written to
+    ``workdir / name``."""
+    ok(virsh("attach-device", domain, str(write(workdir, name, text)), "--live"))
+
+
 @pytest.fixture(scope="module")
 def paused_guest(virsh: Virsh, workdir: Path) -> str:
     qemu = shutil.which("qemu-system-x86_64")

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from cli.cli_harness import CLI, Daemon
-from libvirt_kit import DOMAIN, Virsh, ok, write
+from libvirt_kit import DOMAIN, Virsh, attach_live, ok, write
 from storvisor.integrations.libvirt import scsi
 from storvisor.integrations.libvirt.scsi import DriveAddress, ScsiMode
 from storvisor.integrations.libvirt.vhostuser import to_text
@@ -47,8 +47,7 @@ def test_virtio_scsi_controller_hot_plugged_where_planned(
     live = ok(virsh("dumpxml", paused_guest))
     attachment = scsi.plan(ScsiMode.LUN, "/dev/disk/by-id/wwn-0x6001405f00000001", live)
     assert attachment.new_controller == 1
-    controller_file = write(workdir, "controller.xml", to_text(attachment.devices[0]))
-    ok(virsh("attach-device", paused_guest, str(controller_file), "--live"))
+    attach_live(virsh, paused_guest, workdir, "controller.xml", to_text(attachment.devices[0]))
 
     after = ok(virsh("dumpxml", paused_guest))
     controllers = {
@@ -77,11 +76,7 @@ def test_vhost_user_blk_export_hot_plugged(virsh: Virsh, workdir: Path, paused_g
         socket.chmod(0o666)
         printed = cli("libvirt-xml", "p/v").out
         disk_text = printed[: printed.index("</disk>") + len("</disk>")]
-        ok(
-            virsh(
-                "attach-device", paused_guest, str(write(workdir, "vhu.xml", disk_text)), "--live"
-            )
-        )
+        attach_live(virsh, paused_guest, workdir, "vhu.xml", disk_text)
         after = ET.fromstring(ok(virsh("dumpxml", paused_guest)))
         (disk,) = after.iterfind("devices/disk[@type='vhostuser']")
         assert disk.find("source").get("path") == str(socket)  # type: ignore[union-attr]
