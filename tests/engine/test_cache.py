@@ -449,10 +449,11 @@ def _service_with_a_stalled_destage(tmp_path: Path, faulty: FaultMount) -> Servi
 
 
 class _Background(threading.Thread):
-    """``call()`` in a thread of its own; ``outcome``: what it returned or raised."""
+    """``call()`` in a thread of its own; ``outcome``: what it returned or raised. A daemon
+    thread: one that hangs (the failure a test reports) does not hold up pytest's exit."""
 
     def __init__(self, call: Callable[[], object]) -> None:
-        super().__init__()
+        super().__init__(daemon=True)
         self._call = call
         self.outcome: object = None
         self.start()
@@ -464,15 +465,21 @@ class _Background(threading.Thread):
             self.outcome = e
 
 
+def _stalled(faulty: FaultMount, call: Callable[[], object]) -> _Background:
+    """``call`` in the background, once a destage write reached the device after it began."""
+    hits = faulty.hits()["write"]
+    waiting = _Background(call)
+    wait_until(lambda: faulty.hits()["write"] > hits, "a destage write reaching the device")
+    return waiting
+
+
 def _waits_for_the_destage(
     service: Service, faulty: FaultMount, call: Callable[[], object]
 ) -> object:
     """Run ``call`` while the destage is stalled: it waits, the service's other calls
     answer within 5 s meanwhile (pool "p" showing dirty bytes), and it returns once the
     device works again. Its outcome."""
-    hits = faulty.hits()["write"]
-    waiting = _Background(call)
-    wait_until(lambda: faulty.hits()["write"] > hits, "a destage write reaching the device")
+    waiting = _stalled(faulty, call)
     answered: list[PoolInfo] = []
 
     def meanwhile() -> None:
@@ -512,9 +519,7 @@ def test_a_long_destage_holds_up_nothing_else(tmp_path: Path, faulty: FaultMount
         vol.flush()
         vol.write(0, b"b" * (16 * CS))
         vol.close()
-        hits = faulty.hits()["write"]
-        flushing = _Background(lambda: service.flush_cache("p"))
-        wait_until(lambda: faulty.hits()["write"] > hits, "a destage write reaching the device")
+        flushing = _stalled(faulty, lambda: service.flush_cache("p"))
         service.close()  # a local pool's cache stays warm: the second epoch stays in it
         flushing.join(30)
         assert not flushing.is_alive(), "flush-cache hung after its pool closed"
