@@ -407,17 +407,17 @@ class ObjectBacking(Backing):
         # every byte or an error: a read the device cut short (an error after some pages,
         # as a file system that died returns) must never be stored as the object
         pio.preadv_full(self._tracker.fd, [memoryview(buf)], offset)
-        data = bytes(buf)
         known = self._uploaded.get(index)
-        if data == self._zeros[:length]:
+        if buf == self._zeros[:length]:
             if known is not None:
                 self.bucket.delete(data_key(index))
                 del self._uploaded[index]
                 self.uploads += 1
             return
-        if compare and known == hashlib.md5(data, usedforsecurity=False).hexdigest():
+        # an object the bucket lacks is not hashed: no digest of it can match
+        if compare and known is not None and known == _md5(buf):
             return
-        self._uploaded[index] = self.bucket.put(data_key(index), data)
+        self._uploaded[index] = self.bucket.put(data_key(index), buf)
         self.uploads += 1
 
     def _data_objects(self) -> Iterator[int]:
@@ -564,6 +564,10 @@ def opener(directory: Path, imported: Imported | None = None) -> _Open:
         )
 
     return open_backing
+
+
+def _md5(data: bytearray) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 def _catalog_copy(path: Path) -> bytes:

@@ -440,7 +440,8 @@ class Bucket:
         """Store ``data`` under ``key``; returns the new ETag. With ``if_match`` or
         ``if_none_match`` the write is conditional and raises ``Conflict`` when the object
         changed (or exists)."""
-        args: dict[str, Any] = {"Bucket": self.spec.bucket, "Key": key, "Body": bytes(data)}
+        body = data if isinstance(data, bytes | bytearray) else bytes(data)  # no copy of those
+        args: dict[str, Any] = {"Bucket": self.spec.bucket, "Key": key, "Body": body}
         if if_match is not None:
             args["IfMatch"] = f'"{if_match}"'
         if if_none_match:
