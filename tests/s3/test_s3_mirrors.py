@@ -139,25 +139,38 @@ def test_an_idle_endpoint_is_probed_and_marked_down_when_it_stalls(
         b.stop()
 
 
-def test_an_answer_cut_short_is_retried_on_another_endpoint(aws_env: MotoServer) -> None:
+@pytest.mark.parametrize("into", [False, True], ids=["get", "get_into"])
+def test_an_answer_cut_short_is_retried_on_another_endpoint(
+    aws_env: MotoServer, into: bool
+) -> None:
     """A connection that an endpoint closes in the middle of a response (a proxy stopped
-    while it answers) is that endpoint failing, not the request: it goes to another."""
+    while it answers) is that endpoint failing, not the request: it goes to another. So for
+    a body read into the caller's buffer (``get_into``, the fetches of an import)."""
     bucket = aws_env.bucket()
     a, b = proxies(aws_env, 2)
     s3 = Bucket(S3Spec(bucket, (a.url, b.url), REGION, timeout=5.0, down_timeout=5.0))
     body = bytes(range(256)) * 4096  # 1 MiB: more than one chunk of the proxy
+    key = "data/0000000000000000"
+    buf = memoryview(bytearray(2 * len(body)))
+
+    def read() -> bytes | None:
+        if not into:
+            found = s3.get(key)
+            return None if found is None else found[0]
+        got = s3.get_into(key, buf)
+        return None if got is None else bytes(buf[: got[0]])
+
     try:
-        s3.put("data/0000000000000000", body)
+        s3.put(key, body)
         a.cutting.set()
         b.cutting.set()
         with pytest.raises(IOFailure, match="no endpoint answers"):  # tried on both
-            s3.get("data/0000000000000000")
+            read()
         assert [e.errors for e in s3.endpoints()] == [1, 1]
         b.cutting.clear()
         wait_until(lambda: s3.endpoints()[1].state is EndpointState.UP, "b back", timeout=10)
         for _ in range(4):  # wherever they go first, they succeed
-            found = s3.get("data/0000000000000000")
-            assert found is not None and found[0] == body
+            assert read() == body
     finally:
         s3.close()
         a.stop()

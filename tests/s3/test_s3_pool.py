@@ -292,3 +292,24 @@ def test_a_take_of_the_lease_whose_save_was_lost_is_still_this_homes(
         assert info.state.value == "offline" and "another host took the pool" in (info.reason or "")
     finally:
         third.close()
+
+
+def test_get_into_reads_an_object_whole_and_refuses_one_too_long(aws_env: MotoServer) -> None:
+    """``Bucket.get_into`` (the fetches of an imported pool): the object's bytes, its length
+    and ETag into the caller's buffer, the rest of the buffer untouched; None for a missing
+    key; an object longer than the buffer is an error, not a truncated copy; the client's
+    connection serves the next request."""
+    s3 = Bucket(aws_env.spec(aws_env.bucket()))
+    try:
+        data = bytes(range(256)) * 4096  # 1 MiB
+        etag = s3.put("k", data)
+        buf = memoryview(bytearray(b"\xee" * (2 * MiB)))
+        assert s3.get_into("k", buf) == (MiB, etag)
+        assert buf[:MiB] == data and buf[MiB:] == b"\xee" * MiB
+        assert s3.get_into("missing", buf) is None
+        with pytest.raises(IOFailure, match="more than the"):
+            s3.get_into("k", buf[: MiB - 1])
+        assert s3.get_into("k", buf[:MiB]) == (MiB, etag)
+        assert hashlib.md5(buf[:MiB]).hexdigest() == etag
+    finally:
+        s3.close()

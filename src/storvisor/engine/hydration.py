@@ -129,6 +129,7 @@ class Hydration:
         self._demand = 0  # fetches that requests wait for (the background holds back)
         self._finishing = threading.Lock()  # held by the background thread that completes
         self._record_lock = threading.Lock()  # one sync and append of the log at a time
+        self._buffers = threading.local()
         self._fd_users = 0  # threads using the fds (``_open_fds``): ``close`` waits for them
         self.missing = bool(missing)
         """Whether an object is not in the image yet (read without the lock: a hint that
@@ -237,13 +238,15 @@ class Hydration:
 
     def _fetch(self, index: int) -> None:
         """Fetch claimed object ``index`` into the image; mark it fetched."""
-        key = data_key(index)
-        found = self._bucket.get(key)
         size = self._object_size
-        data = bytes(size) if found is None else found[0]  # deleted since: zeros
+        buf = self._buffer()
+        found = self._bucket.get_into(data_key(index), buf)
+        if found is None:  # deleted since: zeros
+            buf[:] = bytes(size)
+        length = size if found is None else found[0]
         with self._open_fds() as (fd, _):
             try:
-                os.pwrite(fd, data, index * size)
+                os.pwrite(fd, buf[:length], index * size)
             except OSError as e:
                 raise IOFailure(
                     f"write of the local image: {e.strerror}", e.errno or errno.EIO
@@ -254,6 +257,14 @@ class Hydration:
             if not self._pending and not self._fetching:
                 self.missing = False
             self._cond.notify_all()
+
+    def _buffer(self) -> memoryview:
+        """This thread's buffer of one object, reused for each fetch (4 MiB allocated for
+        each would cost page faults on fresh memory every time)."""
+        buf: memoryview | None = getattr(self._buffers, "buf", None)
+        if buf is None:
+            buf = self._buffers.buf = memoryview(bytearray(self._object_size))
+        return buf
 
     def _give_back(self, indexes: list[int]) -> None:
         with self._cond:

@@ -429,10 +429,42 @@ class Bucket:
 
         return self._call(f"read of {key}", op)
 
+    def get_into(self, key: str, buf: memoryview) -> tuple[int, str] | None:
+        """Read the object into ``buf``: its length and ETag, or None if it does not exist.
+        Raises ``IOFailure`` if it is longer than ``buf``. Nothing is allocated per object:
+        the body goes from the socket into ``buf``."""
+        from botocore.exceptions import ClientError
+
+        def op(c: Any) -> tuple[int, str] | None:
+            try:
+                r = c.get_object(Bucket=self.spec.bucket, Key=key)
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+            body = r["Body"]
+            length = int(r["ContentLength"])
+            if length > len(buf):
+                body.close()
+                raise IOFailure(
+                    f"S3 object {key} in bucket {self.spec.bucket!r} holds {length} bytes, "
+                    f"more than the {len(buf)} expected"
+                )
+            got = 0
+            while got < length:
+                n = body.readinto(buf[got:length])  # none at the end: raises IncompleteRead
+                if not n:
+                    raise IOFailure(f"S3 read of {key}: the body ended after {got} bytes")
+                got += n
+            body.read()  # the end: checks the length and frees the connection for reuse
+            return got, str(r["ETag"]).strip('"')
+
+        return self._call(f"read of {key}", op)
+
     def put(
         self,
         key: str,
-        data: bytes | memoryview,
+        data: bytes | bytearray | memoryview,
         *,
         if_match: str | None = None,
         if_none_match: bool = False,
