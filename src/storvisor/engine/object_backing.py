@@ -49,8 +49,8 @@ holds the pool's lease (``Bucket.check_lease``). Once it lost it, every later sy
 ``LeaseLost`` (an ``IOFailure``): flushes fail, nothing more reaches the bucket, and the
 lease is not released at close.
 
-Limits: the local image holds the whole written byte space (import downloads every object
-before the pool opens, and syncs the image once before it trusts it); a flush costs
+Limits: the local image holds the whole written byte space (an import fetches every object
+into it, in the background once the pool serves: ``engine/hydration.py``); a flush costs
 O(written objects) in the marked case, O(written bytes of the image) when it compares.
 """
 
