@@ -7,6 +7,7 @@ cmd_cnt @12, cmd_ids @32; a CMD entry is at least 112 bytes."""
 
 from __future__ import annotations
 
+import random
 import struct
 from collections.abc import Sequence
 
@@ -364,6 +365,49 @@ def test_a_new_ring_picks_up_uncompleted_commands() -> None:
     second.complete(1, 0)
     assert image.tail == image.head
     assert image.kernel_walk(0) == [2, 3, 1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.sampled_from(["tur", "read", "wide"]), min_size=1, max_size=12),
+    st.randoms(use_true_random=False),
+)
+def test_completions_in_batches_leave_the_ring_as_one_by_one(
+    kinds: list[str], rnd: random.Random
+) -> None:
+    """``complete_many`` (one tail move per batch) writes exactly what ``complete`` does one
+    command at a time, whatever the order and the cut into batches: the same moves, the
+    same responses, the same tail, and the kernel meets every command once."""
+    one, many = Image(), Image()
+    for image in (one, many):
+        for n, kind in enumerate(kinds, 1):
+            if kind == "tur":
+                image.cmd(n, TUR)
+            elif kind == "read":
+                image.cmd(n, READ10, [(DATA_OFF + 512 * n, 512)])
+            else:  # does not fit an entry of 112 bytes: it waits for the tail
+                image.cmd(n, READ10, [(DATA_OFF + 512 * i, 512) for i in range(8)])
+    rings = Ring(one.view), Ring(many.view)
+    for ring in rings:
+        ring.next_entries()
+    order = list(range(1, len(kinds) + 1))
+    rnd.shuffle(order)
+    status = {n: rnd.choice((0, 2, 8)) for n in order}
+    done = 0
+    while done < len(order):
+        batch = order[done : done + rnd.randint(1, len(order) - done)]
+        for n in batch:
+            rings[0].complete(n, status[n], b"\x70" if status[n] == 2 else b"", 512)
+        rings[1].complete_many(
+            (n, status[n], b"\x70" if status[n] == 2 else b"", 512) for n in batch
+        )
+        assert many.tail == one.tail
+        done += len(batch)
+    assert many.buf == one.buf
+    assert many.tail == many.head
+    walked = many.kernel_walk(0)
+    assert sorted(walked) == sorted(order)
+    assert rings[1].outstanding == 0
 
 
 def _entry(cmd_id: int, iov_cnt: int, cdb_off: int, iovecs: list[tuple[int, int]]) -> bytes:

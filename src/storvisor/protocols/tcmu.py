@@ -76,7 +76,7 @@ from __future__ import annotations
 
 import enum
 import struct
-import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from storvisor.errors import ProtocolError, StateError
@@ -126,9 +126,6 @@ HDR = struct.Struct("<IHBB")
 """``struct tcmu_cmd_entry_hdr``: len_op, cmd_id, kflags, uflags."""
 CMD_ID = struct.Struct("<H")
 CMD_ID_OFFSET = 4
-IDS_AND_FLAGS = struct.Struct("<HBB")
-"""cmd_id, kflags, uflags at offset 4: stored as one aligned 32-bit word, so that a crash
-never leaves a new ``cmd_id`` with an old mark."""
 UFLAGS_OFFSET = 7
 REQ = struct.Struct("<III4xQ")
 """``req`` of ``struct tcmu_cmd_entry`` at offset 8: iov_cnt, iov_bidi_cnt, iov_dif_cnt,
@@ -229,6 +226,7 @@ class Ring:
         # byte: the kernel writes cmd_head while this runs, and a crash must not tear
         # cmd_tail
         self._words = self._area[:MAILBOX_SIZE].cast("I")
+        self._u32 = self._area[: size - size % 4].cast("I")  # entry headers, word by word
         self.flags = flags
         self.cmdr_off = cmdr_off
         self.cmdr_size = cmdr_size
@@ -357,26 +355,42 @@ class Ring:
             StateError: ``cmd_id`` is not outstanding, or ``sense`` is too long.
             ProtocolError: the entries at ``cmd_tail`` break the layout.
         """
-        pos = self._positions.get(cmd_id)
-        if pos is None:
-            raise StateError(f"TCMU command {cmd_id} is not outstanding")
-        if len(sense) > TCMU_SENSE_BUFFERSIZE:
-            raise StateError(f"sense data of {len(sense)} bytes (at most 96)")
-        del self._positions[cmd_id]
-        first = self._first_command()
-        moved = self._move(first, pos, cmd_id) if first != pos else None
-        if moved is None:
-            self._respond(pos, cmd_id, status, sense, read_len)
-        else:
-            self._respond(first, cmd_id, status, sense, read_len)
-            self._set_header(pos, moved, UFLAG_MOVED)
-        self._retire()
+        self.complete_many(((cmd_id, status, sense, read_len),))
+
+    def complete_many(self, done: Iterable[tuple[int, int, Buffer, int | None]]) -> None:
+        """``complete`` each of ``done`` (``(cmd_id, status, sense, read_len)``), then
+        advance ``cmd_tail`` once. The caller then notifies the kernel once.
+
+        Raises:
+            StateError: a ``cmd_id`` is not outstanding, or a ``sense`` is too long (the
+                ones before it are completed).
+            ProtocolError: the entries at ``cmd_tail`` break the layout.
+        """
+        first = self.cmd_tail  # entries before it are answered (until the tail moves)
+        try:
+            for cmd_id, status, sense, read_len in done:
+                pos = self._positions.get(cmd_id)
+                if pos is None:
+                    raise StateError(f"TCMU command {cmd_id} is not outstanding")
+                if len(sense) > TCMU_SENSE_BUFFERSIZE:
+                    raise StateError(f"sense data of {len(sense)} bytes (at most 96)")
+                del self._positions[cmd_id]
+                first = self._first_command(first)
+                moved = self._move(first, pos, cmd_id) if first != pos else None
+                if moved is None:
+                    self._respond(pos, cmd_id, status, sense, read_len)
+                else:
+                    self._respond(first, cmd_id, status, sense, read_len)
+                    self._set_header(pos, moved, UFLAG_MOVED)
+        finally:
+            self._retire()
 
     def _set_header(self, pos: int, cmd_id: int, uflags: int) -> None:
         """Store ``cmd_id`` and ``uflags`` of the entry at ``pos`` at once (kflags kept)."""
         at = self.cmdr_off + pos + CMD_ID_OFFSET
-        word = IDS_AND_FLAGS.pack(cmd_id, self._area[at + 2], uflags)
-        self._area[at : at + 4].cast("I")[0] = int.from_bytes(word, sys.byteorder)
+        # cmd_id, kflags, uflags: one aligned 32-bit store, so that a crash never leaves
+        # a new cmd_id with an old mark
+        self._u32[at >> 2] = cmd_id | self._area[at + 2] << 16 | uflags << 24
 
     def _respond(
         self,
@@ -404,14 +418,17 @@ class Ring:
             )
         self._area[base + UFLAGS_OFFSET] = uflags
 
-    def _first_command(self) -> int:
-        """The position of the first CMD entry at or after ``cmd_tail``."""
-        pos = self.cmd_tail
+    def _first_command(self, pos: int) -> int:
+        """The position of the first CMD entry not answered yet at or after ``pos`` (at or
+        after ``cmd_tail``, with only answered CMD entries and others before it)."""
         while True:
             if pos == self._next:
                 raise ProtocolError("TCMU ring: no command entry left at cmd_tail")
             op, length, _ = self._header(pos)
-            if op == TCMU_OP_CMD:
+            if (
+                op == TCMU_OP_CMD
+                and not self._area[self.cmdr_off + pos + UFLAGS_OFFSET] & UFLAG_DONE
+            ):
                 return pos
             pos = (pos + length) % self.cmdr_size
 
