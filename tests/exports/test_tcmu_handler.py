@@ -75,7 +75,9 @@ class Tcmu:
         """The handler made last."""
         return self.handlers[-1]
 
-    def make(self, device: BlockDevice, *, through_kernel: bool = True) -> TcmuHandler:
+    def make(
+        self, device: BlockDevice, *, through_kernel: bool = True, threads: int = 4
+    ) -> TcmuHandler:
         """A handler for ``device`` on the stand-in's uio device, not started; it opens the
         device through the stand-in, or (``through_kernel=False``) as it would a real one."""
         handler = TcmuHandler(
@@ -84,6 +86,7 @@ class Tcmu:
             identity=LunIdentity.for_volume("serial-1"),
             sysfs_root=self.kernel.sysfs_root,
             dev_root=self.kernel.dev_root,
+            threads=threads,
             opener=self.kernel.open if through_kernel else open_uio,
         )
         self.handlers.append(handler)
@@ -355,6 +358,112 @@ def test_close_leaves_a_stalled_request_to_the_next_handler(
         tcmu.start(volume)
         assert good(k.wait([slow])[0]) == b"x" * 512
         assert not k.in_flight and k.cmd_tail == k.cmd_head
+    finally:
+        stalling.release.set()
+
+
+class Recording(Forwarding):
+    """Records the thread of every read and write."""
+
+    def __init__(self, inner: BlockDevice) -> None:
+        super().__init__(inner)
+        self.threads: set[int] = set()
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        self.threads.add(threading.get_ident())
+        super().read_into(offset, buf)
+
+    def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
+        self.threads.add(threading.get_ident())
+        super().write(offset, data, fua=fua)
+
+
+def test_a_batch_runs_where_it_was_fetched(tcmu: Tcmu, volume: BlockDevice) -> None:
+    """No hand-off per batch: the thread that owns the ring runs the I/O it fetched."""
+    recording = Recording(volume)
+    tcmu.start(recording)
+    k = tcmu.kernel
+    data = os.urandom(4096)
+    for _ in range(5):
+        ids = [k.submit(rw10(0x2A, 8 * i, 8), data) for i in range(16)]
+        ids += [k.submit(rw10(0x28, 8 * i, 8), data_in=4096) for i in range(16)]
+        k.signal()
+        done = k.wait(ids)
+        assert all(good(c) == data for c in done[16:])
+    assert len(recording.threads) == 1 and threading.get_ident() not in recording.threads
+
+
+def _serving_threads(handler: TcmuHandler) -> int:
+    return sum(t.is_alive() and t.name == f"tcmu-{handler.uio}" for t in threading.enumerate())
+
+
+def test_the_rest_of_a_stalled_batch_is_served_by_another_thread(
+    tcmu: Tcmu, volume: BlockDevice
+) -> None:
+    stalling = Stalling(volume)
+    tcmu.start(stalling)
+    k = tcmu.kernel
+    try:
+        data = os.urandom(4096)
+        volume.write(64 * 512, data)
+        slow = k.submit(rw10(0x28, 0, 1), data_in=512)  # first in the batch
+        fast = [k.submit(rw10(0x28, 64, 8), data_in=4096), k.submit(rw10(0x2A, 128, 8), data)]
+        k.signal()
+        assert stalling.stalled.wait(10)
+        assert good(k.wait(fast)[0]) == data
+        assert slow in k.in_flight
+        stalling.release.set()
+        good(k.wait([slow])[0])
+        assert good(k.command(rw10(0x28, 128, 8), data_in=4096)) == data
+        assert not k.in_flight and k.cmd_tail == k.cmd_head
+    finally:
+        stalling.release.set()
+
+
+def test_what_ran_before_a_stalled_request_completes(tcmu: Tcmu, volume: BlockDevice) -> None:
+    stalling = Stalling(volume)
+    tcmu.start(stalling)
+    k = tcmu.kernel
+    try:
+        data = os.urandom(4096)
+        volume.write(64 * 512, data)
+        before = k.submit(rw10(0x28, 64, 8), data_in=4096)
+        slow = k.submit(rw10(0x28, 0, 1), data_in=512)  # last in the batch
+        k.signal()
+        assert stalling.stalled.wait(10)
+        assert good(k.wait([before])[0]) == data
+        assert slow in k.in_flight
+        stalling.release.set()
+        good(k.wait([slow])[0])
+    finally:
+        stalling.release.set()
+
+
+def test_threads_stuck_in_requests_are_bounded(tcmu: Tcmu, volume: BlockDevice) -> None:
+    """With ``threads=2`` one stuck request is passed, a second one on the thread that took
+    over holds everything up: no third thread starts; all complete once the device does."""
+    stalling = Stalling(volume)
+    handler = tcmu.make(stalling, threads=2)
+    handler.start()
+    k = tcmu.kernel
+    try:
+        first = k.submit(rw10(0x28, 0, 1), data_in=512)
+        k.signal()
+        assert stalling.stalled.wait(10)
+        good(k.command(bytes(6)))  # passed by the standby
+        second = k.submit(rw10(0x28, 0, 1), data_in=512)
+        k.signal()
+        time.sleep(0.5)  # the owner runs it and is stuck too
+        third = k.submit(bytes(6))
+        k.signal()
+        time.sleep(0.5)
+        assert {first, second, third} <= k.in_flight
+        assert _serving_threads(handler) <= 2
+        stalling.release.set()
+        for c in k.wait([first, second, third]):
+            good(c)
+        good(k.command(rw10(0x28, 0, 1), data_in=512))
+        assert _serving_threads(handler) <= 2
     finally:
         stalling.release.set()
 

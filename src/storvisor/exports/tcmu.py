@@ -9,17 +9,21 @@ The backstore is created in configfs by the LIO integration with ``dev_config`` 
 it shared: the mailbox, the command ring and the data area that
 ``storvisor.protocols.tcmu`` decodes.
 
-One loop thread waits for the kernel (a 4-byte ``read`` of the uio fd, through ``poll`` so
-that ``close`` can wake it), fetches every new entry, and hands each CDB to the sans-I/O
-SCSI emulation (``storvisor.protocols.scsi``). Commands answered without the volume are
-completed at once; I/O requests go to a few worker threads, so that one slow request (a
-cluster allocation, a stalled backing device) does not hold up the others, and complete out
-of order (the kernel offers ``CAP_OOOC``). A batch of requests is cut into one run per
-worker (a single hand-off each; each worker runs its run in ring order and completes it at
-once), so a slow request holds up at most the requests of its own run, and a request that
-came alone is a run of its own. Completions are batched: whichever thread has some appends
-them, and the one thread draining the batch writes them all into the ring and then
-notifies the kernel once (a 4-byte ``write`` of the uio fd).
+One thread at a time *owns* the ring: it waits for the kernel (a 4-byte ``read`` of the
+uio fd, through ``poll`` so that ``close`` can wake it), fetches every new entry, hands each
+CDB to the sans-I/O SCSI emulation (``storvisor.protocols.scsi``) and runs the I/O requests
+of the batch itself, in ring order; then it completes the batch, writing every response into
+the ring and notifying the kernel once (a 4-byte ``write`` of the uio fd). Running a batch
+where it was fetched costs no thread hand-off: in a guest with emulated CPUs, waking a worker
+and the owner again for each batch cost more than the request itself.
+
+A request that does not end (a stalled backing device) must not hold up the others. A
+*standby* thread wakes every ``TAKEOVER`` seconds and looks at the owner's progress stamp,
+renewed before each request: when one request has run for longer, the standby takes the ring
+over, completes what the stuck owner finished, runs the rest of its batch and serves on,
+and a new standby is started (at most ``threads`` threads in all). The stuck thread, once its
+request ends, completes it and stands by or ends. The kernel offers ``CAP_OOOC``, so
+requests complete out of ring order.
 
 An ``IOFailure`` of the volume fails only its command, with the sense
 ``storvisor.protocols.scsi.sense.io_error_sense`` picks (MEDIUM ERROR, DATA PROTECT for a
@@ -40,22 +44,22 @@ calls after an online extend; the LUN then reports CAPACITY DATA HAS CHANGED onc
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import gc
 import logging
 import mmap
 import os
-import queue
 import select
 import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from storvisor.engine.device import BlockDevice, Buffer
 from storvisor.errors import (
+    InvalidArgument,
     IOFailure,
     LocalFailure,
     NotFound,
@@ -92,6 +96,8 @@ at most half the data area is used for one command."""
 _GATHER = 4  # writes of more iovecs are gathered into one buffer, reads scattered from one
 _SAME_CHUNK = 1 << 20
 _NOTIFY = bytes(4)
+TAKEOVER = 0.1
+"""Seconds one request may run before a standby thread takes the ring over."""
 
 
 def open_uio(path: str) -> tuple[int, int]:
@@ -138,23 +144,22 @@ def map_size(uio: str, sysfs_root: str = "/sys") -> int:
         raise NotFound(f"cannot read the map size of {uio}: {e}") from e
 
 
-@dataclass(frozen=True, slots=True)
-class _Done:
-    cmd_id: int
-    reply: Reply
-    read_len: int | None
+_Done = tuple[int, int, bytes, int | None]
+"""A completion: cmd_id, SCSI status, sense, read_len (``Ring.complete_many``)."""
 
 
 class TcmuHandler:
     """Serves ``device`` on the TCMU backstore whose ``dev_config`` is ``dev_config``.
 
     Lifecycle: ``start`` (once), then ``close``; ``notify_resized`` at any time after an
-    online extend. ``workers`` threads execute I/O. ``block_size`` (512 or 4096) defaults
-    to 4096 for a device that prefers 4 KiB or more, else 512; it must match the
-    backstore's ``hw_block_size``. ``opener`` is the seam where a test stands in for the
-    kernel. ``reset_ring`` resets the kernel's ring (``action/reset_ring``); with it a
-    broken ring is reset once no request has run for up to ``reset_timeout`` seconds,
-    without it the handler stops. The device is not closed by the handler.
+    online extend. At most ``threads`` threads serve the ring: the owner and the standbys
+    that take over from an owner stuck in a request (``threads - 1`` stuck at once).
+    ``block_size`` (512 or 4096) defaults to 4096 for a device that prefers 4 KiB or more,
+    else 512; it must match the backstore's ``hw_block_size``. ``opener`` is the seam where
+    a test stands in for the kernel. ``reset_ring`` resets the kernel's ring
+    (``action/reset_ring``); with it a broken ring is reset once no request has run for up
+    to ``reset_timeout`` seconds, without it the handler stops. The device is not closed
+    by the handler.
     """
 
     def __init__(
@@ -165,7 +170,7 @@ class TcmuHandler:
         identity: LunIdentity,
         sysfs_root: str = "/sys",
         dev_root: str = "/dev",
-        workers: int = 4,
+        threads: int = 4,
         block_size: int | None = None,
         opener: UioOpener = open_uio,
         reset_ring: Callable[[], None] | None = None,
@@ -177,7 +182,9 @@ class TcmuHandler:
         self.sysfs_root = sysfs_root
         self.dev_root = dev_root
         self.block_size = block_size or (4096 if device.block_size >= 4096 else 512)
-        self._workers = workers
+        if threads < 2:
+            raise InvalidArgument("a TCMU handler needs two threads at least: owner, standby")
+        self._max_threads = threads
         self._open = opener
         self._reset_ring = reset_ring
         self.reset_timeout = reset_timeout
@@ -185,8 +192,14 @@ class TcmuHandler:
         """How many times the ring was reset after it broke the layout."""
         self._broken: ProtocolError | None = None
         self._resetting = False
-        self._busy = 0  # runs of requests handed to the workers and not yet completed
+        self._busy = 0  # runs of requests under way (a stuck owner's included)
         self._idle = threading.Condition()
+        self._turn = threading.Condition()  # who owns the ring; standbys wait on it
+        self._owner = 0  # the owning thread's ident
+        self._stamp: tuple[int, float] | None = None
+        """(owner, when its current request began); None between runs."""
+        self._standing = 0  # standby threads waiting
+        self._fresh = True  # the next owner serves what a predecessor left in the ring
         self.uio: str | None = None
         self.error: StorvisorError | None = None
         """Why the loop stopped by itself (a broken ring, a failed uio fd), else None."""
@@ -194,11 +207,9 @@ class TcmuHandler:
         self._done_lock = threading.Lock()
         self._done: list[_Done] = []
         self._draining = False
-        self._jobs: queue.SimpleQueue[list[tuple[tcmu.Command, IoRequest]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._pending: collections.deque[tuple[tcmu.Command, IoRequest]] = collections.deque()
+        """I/O requests of the batch under way, not started yet (the owner pops them)."""
         self._threads: list[threading.Thread] = []
-        self._loop_thread: threading.Thread | None = None
         self._started = False
         self._stopping = False
         self._event_fd = -1
@@ -256,14 +267,8 @@ class TcmuHandler:
             limits=limits,
         )
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        for i in range(self._workers):
-            thread = threading.Thread(target=self._work, name=f"tcmu-io{i}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        self._loop_thread = threading.Thread(
-            target=self._loop, name=f"tcmu-{self.uio}", daemon=True
-        )
-        self._loop_thread.start()
+        self._spawn(owner=True)
+        self._spawn(owner=False)
         log.info("serving TCMU device %s (%s) for %s", self.uio, self.dev_config, self.device)
 
     def notify_resized(self) -> None:
@@ -285,12 +290,10 @@ class TcmuHandler:
         if self._wake_w >= 0:
             with contextlib.suppress(BlockingIOError):
                 os.write(self._wake_w, b"q")
-        if self._loop_thread is not None:
-            self._loop_thread.join()  # no new jobs from now on
-        for _ in self._threads:
-            self._jobs.put(None)
+        with self._turn:
+            self._turn.notify_all()
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
+        for thread in list(self._threads):
             thread.join(max(deadline - time.monotonic(), 0))
         stuck = sum(thread.is_alive() for thread in self._threads)
         if stuck:
@@ -299,6 +302,7 @@ class TcmuHandler:
                 self.uio,
                 stuck,
             )
+        self._pending.clear()  # not started: they stay in the ring too
         self._release()
 
     def _release(self) -> None:
@@ -325,30 +329,97 @@ class TcmuHandler:
 
     # ------------------------------------------------------------------ the loop
 
-    def _loop(self) -> None:
-        poller = select.poll()
-        poller.register(self._event_fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+    def _spawn(self, *, owner: bool) -> None:
+        """Start a serving thread: the owner (once, at start) or a standby."""
+        thread = threading.Thread(
+            target=self._thread, args=(owner,), name=f"tcmu-{self.uio}", daemon=True
+        )
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        if owner:
+            self._owner = -1  # the thread's ident once it runs
+        thread.start()
+
+    def _thread(self, owner: bool) -> None:
+        """Own the ring, or stand by to take it over; after losing it to a standby (a
+        request of this thread's ran too long), stand by or end."""
         try:
+            if owner:
+                with self._turn:
+                    self._owner = threading.get_ident()
             while True:
-                try:
-                    self._run(poller)
+                if not owner and not self._stand_by():
                     return
-                except ProtocolError as e:
-                    if self._reset_ring is None or self._stopping:
-                        raise
-                    self._recover(e)
+                if self._own():
+                    return  # closing
+                owner = False  # taken over: its request has ended since
+                with self._turn:
+                    if self._standing:
+                        return  # one standby is enough
         except (ProtocolError, LocalFailure) as e:
             traceback.clear_frames(e.__traceback__)
-            self.error = e
+            self._stop_with(e)
             log.error("TCMU device %s stopped: %s", self.uio, e)
         except Exception as e:
-            self.error = LocalFailure(f"TCMU loop of {self.uio} failed: {e!r}")
+            self._stop_with(LocalFailure(f"TCMU loop of {self.uio} failed: {e!r}"))
             log.exception("TCMU device %s stopped", self.uio)
             traceback.clear_frames(e.__traceback__)
 
-    def _run(self, poller: select.poll) -> None:
-        self._serve(first=True)  # what a predecessor (or a reset) left in the ring
+    def _stop_with(self, error: StorvisorError) -> None:
+        self.error = error
+        with self._turn:
+            self._turn.notify_all()  # the standbys end
+
+    def _stand_by(self) -> bool:
+        """Wait until the owner has run one request for ``TAKEOVER`` seconds, then take the
+        ring over (and start the next standby while threads are left); False when the
+        handler stops instead."""
+        me = threading.get_ident()
+        with self._turn:
+            self._standing += 1
+            try:
+                while not self._stopping and self.error is None:
+                    self._turn.wait(TAKEOVER)
+                    stamp = self._stamp
+                    if stamp is None or stamp[0] != self._owner:
+                        continue
+                    if time.monotonic() - stamp[1] < TAKEOVER:
+                        continue
+                    log.info(
+                        "TCMU %s: a request has run for %.1f s; another thread serves on",
+                        self.uio,
+                        time.monotonic() - stamp[1],
+                    )
+                    self._owner, self._stamp = me, None
+                    if sum(t.is_alive() for t in self._threads) < self._max_threads:
+                        self._spawn(owner=False)
+                    return True
+                return False
+            finally:
+                self._standing -= 1
+
+    def _own(self) -> bool:
+        """Serve the ring while this thread owns it: True when the handler closes, False
+        when a standby took it over. A ring that breaks the layout is reset (``_recover``)
+        when the handler can, else this raises ``ProtocolError``."""
+        poller = select.poll()
+        poller.register(self._event_fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            try:
+                return self._serve_owned(poller)
+            except ProtocolError as e:
+                if self._reset_ring is None or self._stopping:
+                    raise
+                self._recover(e)
+                self._fresh = True
+
+    def _serve_owned(self, poller: select.poll) -> bool:
+        # after a takeover: complete what the stuck predecessor ran, run the rest of its
+        # batch; then serve what a predecessor (or a reset) left in the ring
+        first, self._fresh = self._fresh, False
+        self._finish([])
+        if not self._run_pending() or not self._serve(first=first):
+            return False
         while not self._stopping:
             events = poller.poll()
             for fd, mask in events:
@@ -361,8 +432,9 @@ class TcmuHandler:
                     self._read_event()
             if self._broken is not None:  # found by a completion
                 raise self._broken
-            if not self._stopping:
-                self._serve()
+            if not self._stopping and not self._serve():
+                return False
+        return True
 
     def _recover(self, cause: ProtocolError) -> None:
         """Reset a ring that broke the layout (``action/reset_ring``): wait until no
@@ -388,6 +460,7 @@ class TcmuHandler:
                     )
                 self._idle.wait(left)
         assert self._reset_ring is not None and self._area is not None
+        self._pending.clear()  # the kernel answers them BUSY at the reset
         with self._lock:
             try:
                 self._reset_ring()
@@ -410,8 +483,9 @@ class TcmuHandler:
         except OSError as e:
             raise LocalFailure(f"read of the uio fd of {self.uio}: {e.strerror}") from e
 
-    def _serve(self, *, first: bool = False) -> None:
-        """Fetch every new entry, answer what needs no I/O, queue the rest."""
+    def _serve(self, *, first: bool = False) -> bool:
+        """Fetch every new entry, answer what needs no I/O, run the rest (``_run_pending``);
+        False when a standby took the ring over meanwhile."""
         ring, lun = self._ring, self._lun
         assert ring is not None and lun is not None
         lun.resize(self.device.size)
@@ -423,7 +497,7 @@ class TcmuHandler:
                 # told the kernel: the kernel collects only when notified
                 self._notify()
         done: list[_Done] = []
-        jobs: list[tuple[tcmu.Command, IoRequest]] = []
+        pending = self._pending
         for entry in entries:
             if isinstance(entry, tcmu.TaskManagement):
                 log.info(
@@ -439,40 +513,48 @@ class TcmuHandler:
                 log.exception("TCMU %s: command %d failed", self.uio, entry.cmd_id)
                 result = check_condition(INTERNAL_TARGET_FAILURE)
             if isinstance(result, IoRequest):
-                jobs.append((entry, result))
+                pending.append((entry, result))
             else:
-                done.append(_Done(entry.cmd_id, result, _scatter(result.data, entry.iovecs)))
+                read_len = _scatter(result.data, entry.iovecs)
+                done.append((entry.cmd_id, result.status, result.sense, read_len))
+        del entries
         if done:
             self._finish(done)
-        if jobs:
-            # one hand-off per worker, not per request: each worker runs a run of the batch
-            # in ring order and completes it at once
-            chunks = min(self._workers, len(jobs))
-            size = -(-len(jobs) // chunks)
-            for i in range(0, len(jobs), size):
-                with self._idle:
-                    self._busy += 1
-                self._jobs.put(jobs[i : i + size])
+        return self._run_pending()
 
     # ------------------------------------------------------------------ I/O
 
-    def _work(self) -> None:
-        while True:
-            chunk = self._jobs.get()
-            if chunk is None:
-                return
-            try:
-                done = []
-                for command, request in chunk:
-                    reply, read_len = self._execute(command.iovecs, request)
-                    done.append(_Done(command.cmd_id, reply, read_len))
-                del chunk, command, request  # drop the views of the data area first
-                self._finish(done)
-            finally:
-                with self._idle:
-                    self._busy -= 1
-                    if not self._busy:
-                        self._idle.notify_all()
+    def _run_pending(self) -> bool:
+        """Run the pending requests in ring order, complete them; False when a standby
+        took the ring over meanwhile (it runs the rest)."""
+        me = threading.get_ident()
+        pending = self._pending
+        if not pending:
+            return self._owner == me
+        with self._idle:
+            self._busy += 1
+        try:
+            while not self._stopping and self._owner == me:
+                try:
+                    command, request = pending.popleft()
+                except IndexError:
+                    break
+                self._stamp = (me, time.monotonic())
+                reply, read_len = self._execute(command.iovecs, request)
+                done = (command.cmd_id, reply.status, reply.sense, read_len)
+                del command, request  # drop the views of the data area first
+                with self._done_lock:
+                    self._done.append(done)
+            with self._turn:
+                if self._owner == me:
+                    self._stamp = None
+            self._finish([])  # before the run ends: a reset drops these, then proceeds
+        finally:
+            with self._idle:
+                self._busy -= 1
+                if not self._busy:
+                    self._idle.notify_all()
+        return self._owner == me
 
     def _execute(
         self, iovecs: Sequence[memoryview], request: IoRequest
@@ -532,8 +614,7 @@ class TcmuHandler:
             if ring is None or self.error is not None or self._resetting or self._broken:
                 return
             try:
-                for d in batch:
-                    ring.complete(d.cmd_id, d.reply.status, d.reply.sense, d.read_len)
+                ring.complete_many(batch)
             except ProtocolError as e:
                 if self._reset_ring is not None:  # the loop resets the ring
                     self._broken = e
