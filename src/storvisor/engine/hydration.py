@@ -136,6 +136,7 @@ class Hydration:
         only ever turns false)."""
         self.total = len(missing)
         self._complete = False
+        self._claimed = False  # a thread is completing (``_complete_once``)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.failure: IOFailure | None = None
@@ -405,15 +406,17 @@ class Hydration:
         with self._cond:
             if self._complete:
                 return True
-            if self._pending or self._fetching or self._unrecorded:
+            if self._claimed or self._pending or self._fetching or self._unrecorded:
                 return False
-            self._complete = True
+            self._claimed = True  # by this thread: ``done`` once the files are gone
         try:
             os.unlink(self._directory / PENDING_NAME)
             sync_directory(self._directory)
             os.unlink(self._directory / DONE_NAME)
         except OSError as e:  # the next open finds everything recorded and completes
             log.warning("%s: cannot remove the hydration's files: %s", self._directory, e)
+        with self._cond:
+            self._complete = True
         log.info("%s: every object of the bucket is in the local image", self._directory)
         self.on_complete()
         return True
