@@ -31,11 +31,10 @@ from storvisor.errors import (
     IOFailure,
     NotFound,
     StateError,
-    StorvisorError,
 )
 from storvisor.testing.conformance import check_block_device
 from storvisor.testing.faultfs import Fault, FaultMount
-from waiting import wait_until
+from waiting import Background, wait_until
 
 CS = 4096
 VOL = 1 << 20
@@ -448,27 +447,10 @@ def _service_with_a_stalled_destage(tmp_path: Path, faulty: FaultMount) -> Servi
     return service
 
 
-class _Background(threading.Thread):
-    """``call()`` in a thread of its own; ``outcome``: what it returned or raised. A daemon
-    thread: one that hangs (the failure a test reports) does not hold up pytest's exit."""
-
-    def __init__(self, call: Callable[[], object]) -> None:
-        super().__init__(daemon=True)
-        self._call = call
-        self.outcome: object = None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self.outcome = self._call()
-        except StorvisorError as e:
-            self.outcome = e
-
-
-def _stalled(faulty: FaultMount, call: Callable[[], object]) -> _Background:
+def _stalled(faulty: FaultMount, call: Callable[[], object]) -> Background:
     """``call`` in the background, once a destage write reached the device after it began."""
     hits = faulty.hits()["write"]
-    waiting = _Background(call)
+    waiting = Background(call)
     wait_until(lambda: faulty.hits()["write"] > hits, "a destage write reaching the device")
     return waiting
 
