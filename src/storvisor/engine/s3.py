@@ -416,15 +416,11 @@ class Bucket:
 
     def get(self, key: str) -> tuple[bytes, str] | None:
         """The object's bytes and ETag, or None if it does not exist."""
-        from botocore.exceptions import ClientError
 
         def op(c: Any) -> tuple[bytes, str] | None:
-            try:
-                r = c.get_object(Bucket=self.spec.bucket, Key=key)
-            except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                    return None
-                raise
+            r = _get_object(c, self.spec.bucket, key)
+            if r is None:
+                return None
             return r["Body"].read(), str(r["ETag"]).strip('"')
 
         return self._call(f"read of {key}", op)
@@ -433,15 +429,11 @@ class Bucket:
         """Read the object into ``buf``: its length and ETag, or None if it does not exist.
         Raises ``IOFailure`` if it is longer than ``buf``. Nothing is allocated per object:
         the body goes from the socket into ``buf``."""
-        from botocore.exceptions import ClientError
 
         def op(c: Any) -> tuple[int, str] | None:
-            try:
-                r = c.get_object(Bucket=self.spec.bucket, Key=key)
-            except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                    return None
-                raise
+            r = _get_object(c, self.spec.bucket, key)
+            if r is None:
+                return None
             body = r["Body"]
             length = int(r["ContentLength"])
             if length > len(buf):
@@ -541,6 +533,20 @@ def _botocore_session() -> Any:
         session = botocore.session.Session()
         session.register_component("data_loader", _loader)
     return session
+
+
+def _get_object(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
+    """``get_object``'s response (the body still to read), or None if the key does not
+    exist."""
+    from botocore.exceptions import ClientError
+
+    try:
+        result: dict[str, Any] = client.get_object(Bucket=bucket, Key=key)
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise
+    return result
 
 
 def _list(args: dict[str, Any], client: Any) -> dict[str, Any]:
