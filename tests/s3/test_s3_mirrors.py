@@ -4,6 +4,7 @@ fails, and the data read back from the bucket alone is the writer's."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -14,12 +15,13 @@ import pytest
 from s3server import REGION, MotoServer
 from tcpproxy import Proxy
 
+from storvisor.api.service import Service
 from storvisor.engine.home import Home
 from storvisor.engine.object_pool import object_backing
 from storvisor.engine.s3 import Bucket, S3Spec
-from storvisor.engine.types import EndpointState
+from storvisor.engine.types import BackingSpec, EndpointState, PoolInfo
 from storvisor.errors import Conflict, IOFailure, NotFound, StorvisorError
-from waiting import wait_until
+from waiting import Background, wait_until
 
 MiB = 1 << 20
 VOLUME = 8 * MiB
@@ -259,3 +261,82 @@ def test_endpoints_are_added_and_removed_online(aws_env: MotoServer, tmp_path: P
         again.close()
         a.stop()
         b.stop()
+
+
+def _answer_meanwhile(service: Service, pools: list[str]) -> None:
+    """The service's other calls answer within 2 s: the pool list is ``pools``, a volume is
+    made on the local pool "q", the metrics are sampled."""
+    done: list[bool] = []
+
+    def calls() -> None:
+        assert [p.name for p in service.pools()] == pools
+        service.create_volume("q", f"v{len(service.volumes('q'))}", MiB)
+        service.metrics_sample()
+        done.append(True)
+
+    others = threading.Thread(target=calls, daemon=True)
+    others.start()
+    others.join(2)
+    assert done, "the other calls waited for the endpoint"
+
+
+def test_calls_that_wait_on_an_endpoint_hold_up_nothing_else(
+    aws_env: MotoServer, tmp_path: Path
+) -> None:
+    """Adding an endpoint that accepts and never answers, or importing a pool through one,
+    waits up to the pool's timeout and fails. Meanwhile the service's other calls answer;
+    the name being imported is neither listed nor opened, and a second import of it is
+    refused. Afterwards nothing is left of the import, and the name can be used: an import
+    through a slow endpoint, whose pool stays unlisted until it is open."""
+    silent, slow = proxies(aws_env, 2)
+    silent.stalled.set()
+    service = Service(Home(tmp_path / "home"))
+    try:
+        service.create_pool("q", [BackingSpec(str(tmp_path / "q.img"), 64 * MiB)])
+        timeout = 3.0
+        spec = dataclasses.replace(aws_env.spec(aws_env.bucket()), timeout=timeout)
+        service.create_s3_pool("m", spec, size=64 * MiB, object_size=MiB)
+        started = time.monotonic()
+        adding = Background(lambda: service.add_endpoint("m", silent.url))
+        time.sleep(0.3)
+        _answer_meanwhile(service, ["m", "q"])
+        assert service.pool_info("m").endpoints[0].url == aws_env.url
+        adding.join(3 * timeout)
+        assert isinstance(adding.outcome, IOFailure), adding.outcome
+        assert time.monotonic() - started >= timeout - 0.5
+        assert [e.url for e in service.pool_info("m").endpoints] == [aws_env.url]
+
+        other = aws_env.bucket()  # a pool another HOME made and released
+        elsewhere = Home(tmp_path / "elsewhere")
+        elsewhere.create_s3_pool("i", aws_env.spec(other), size=64 * MiB, object_size=MiB)
+        elsewhere.close()
+        through_silent = S3Spec(other, (silent.url,), REGION, timeout=timeout)
+        importing = Background(lambda: service.import_s3_pool("i", through_silent))
+        time.sleep(0.3)
+        _answer_meanwhile(service, ["m", "q"])
+        with pytest.raises(NotFound, match="being created"):
+            service.pool_info("i")
+        with pytest.raises(Conflict, match="being created"):
+            service.import_s3_pool("i", aws_env.spec(other))
+        importing.join(3 * timeout)
+        assert isinstance(importing.outcome, IOFailure), importing.outcome
+        assert not (tmp_path / "home/pools/i").exists()
+
+        # through a slow endpoint: the import's catalog is on disk seconds before the pool
+        # opens (its first object, 1 MiB, comes at 128 KiB/s); it is not listed meanwhile
+        slow.rate = 128 << 10
+        through_slow = S3Spec(other, (slow.url,), REGION, timeout=timeout)
+        importing = Background(lambda: service.import_s3_pool("i", through_slow))
+        catalog = tmp_path / "home/pools/i/catalog.db"
+        wait_until(catalog.exists, "the imported catalog on disk")
+        _answer_meanwhile(service, ["m", "q"])
+        with pytest.raises(NotFound, match="being created"):
+            service.pool_info("i")
+        assert importing.is_alive()
+        importing.join(30)
+        assert isinstance(importing.outcome, PoolInfo), importing.outcome
+        assert [p.name for p in service.pools()] == ["i", "m", "q"]
+    finally:
+        service.close()
+        silent.stop()
+        slow.stop()

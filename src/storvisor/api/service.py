@@ -278,25 +278,23 @@ class Service:
         """Create a pool in an S3 bucket, with this process's AWS credentials (``Home.
         create_s3_pool``). ``Conflict`` (name taken, bucket not empty), ``NotFound`` (no
         bucket), ``InvalidArgument`` (credentials refused, bad sizes), ``IOFailure`` (no
-        endpoint answers)."""
-        with self._lock:
-            return self.home.create_s3_pool(
-                name, spec, size=size, object_size=object_size, cluster_size=cluster_size
-            )
+        endpoint answers). Takes no lock of the service's: it waits on the network."""
+        return self.home.create_s3_pool(
+            name, spec, size=size, object_size=object_size, cluster_size=cluster_size
+        )
 
     def import_s3_pool(self, name: str, spec: S3Spec, *, force: bool = False) -> PoolInfo:
         """Open here an S3 pool released by another HOME (``force``: its holder is gone).
         ``Conflict`` (name taken, lease held), ``NotFound``, ``InvalidArgument``,
-        ``IOFailure``."""
-        with self._lock:
-            return self.home.import_s3_pool(name, spec, force=force)
+        ``IOFailure``. Takes no lock of the service's: it waits on the network."""
+        return self.home.import_s3_pool(name, spec, force=force)
 
     def add_endpoint(self, pool: str, url: str) -> PoolInfo:
         """Serve an S3 pool through one more endpoint, online, once it answers for the
         bucket. ``NotFound``, ``InvalidArgument`` (not an S3 pool), ``Conflict`` (listed),
-        ``IOFailure`` (it does not answer)."""
-        with self._lock:
-            return self.home.add_endpoint(pool, url)
+        ``IOFailure`` (it does not answer). Takes no lock of the service's: the check of
+        the endpoint waits up to the pool's timeout."""
+        return self.home.add_endpoint(pool, url)
 
     def remove_endpoint(self, pool: str, url: str) -> PoolInfo:
         """Stop using an endpoint of an S3 pool, online. ``NotFound`` (no such pool or

@@ -37,7 +37,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +128,11 @@ class Home:
     Thread-safe. Pools are opened on first use and cached until ``close``. A pool that
     fails to open is *offline*: ``pool`` raises ``PoolOffline`` with the reason, ``pools``
     and ``pool_info`` report it (``PoolState.OFFLINE``), until ``reopen_pool`` opens it.
+
+    What waits on the network runs without the HOME's lock, so that a slow or silent S3
+    endpoint holds up only its own call: the creation and the import of an S3 pool (its
+    name is *reserved* meanwhile: another creation of it is refused, ``pool`` says it is
+    being made, ``pools`` leaves it out) and the check of an endpoint being added.
     """
 
     def __init__(
@@ -155,6 +160,8 @@ class Home:
         self._lock = threading.RLock()
         self._pools: dict[str, Pool] = {}
         self._offline: dict[str, str] = {}
+        self._reserved: set[str] = set()
+        """Names of S3 pools being created or imported (without the lock)."""
 
     def _take_lock(self, fd: int, wait: float) -> None:
         """flock ``fd``, waiting up to ``wait`` seconds for a holder that is not a daemon."""
@@ -198,7 +205,7 @@ class Home:
         with self._lock:
             self._check_open()
             directory = self._dir(name)
-            if directory.exists():
+            if directory.exists() or name in self._reserved:
                 raise Conflict(f"pool {name!r} already exists")
             pool = Pool.create(directory, name, backings, cluster_size)
             self._pools[name] = pool
@@ -217,12 +224,7 @@ class Home:
         Raises ``Conflict`` (name taken, bucket not empty), ``NotFound`` (no bucket),
         ``InvalidArgument`` (credentials refused, bad sizes), ``IOFailure`` (no endpoint
         answers). Leaves nothing behind on failure."""
-        check_name(name, "pool")
-        with self._lock:
-            self._check_open()
-            directory = self._dir(name)
-            if directory.exists():
-                raise Conflict(f"pool {name!r} already exists")
+        with self._reserving(name) as directory:
             pool = object_pool.create(
                 directory,
                 name,
@@ -231,28 +233,54 @@ class Home:
                 object_size=object_size,
                 cluster_size=cluster_size,
             )
-            self._pools[name] = pool
-            return pool.info()
+            return self._publish(name, pool)
 
     def import_s3_pool(self, name: str, spec: S3Spec, *, force: bool = False) -> PoolInfo:
         """Open here the S3 pool another HOME released (``force``: whose holder is gone).
         Raises ``Conflict`` (name taken here, lease held elsewhere), ``NotFound``,
         ``InvalidArgument``, ``IOFailure``."""
+        with self._reserving(name) as directory:
+            pool = object_pool.import_(directory, name, spec, force=force)
+            return self._publish(name, pool)
+
+    @contextlib.contextmanager
+    def _reserving(self, name: str) -> Iterator[Path]:
+        """Reserve ``name`` for a pool made without the lock (its directory); ``Conflict``
+        if the name is taken or reserved."""
         check_name(name, "pool")
         with self._lock:
             self._check_open()
             directory = self._dir(name)
+            if name in self._reserved:
+                raise Conflict(f"pool {name!r} is being created")
             if directory.exists():
                 raise Conflict(f"pool {name!r} already exists")
-            pool = object_pool.import_(directory, name, spec, force=force)
+            self._reserved.add(name)
+        try:
+            yield directory
+        finally:
+            with self._lock:
+                self._reserved.discard(name)
+
+    def _publish(self, name: str, pool: Pool) -> PoolInfo:
+        """Add a pool made under a reservation; closed again if HOME closed meanwhile."""
+        with self._lock:
+            if self._lock_fd < 0:
+                pool.close()
+                raise StateError(f"{self.path} was closed while pool {name!r} was made")
             self._pools[name] = pool
             return pool.info()
 
     def add_endpoint(self, name: str, url: str) -> PoolInfo:
-        """Add an endpoint to an S3 pool, online (``object_pool.add_endpoint``)."""
+        """Add an endpoint to an S3 pool, online (``object_pool.add_endpoint``); the check
+        that it serves the bucket (up to the pool's timeout) holds no lock of the HOME's.
+        ``StateError`` if the pool closed meanwhile."""
         with self._lock:
             pool = self.pool(name)
-            object_pool.add_endpoint(pool, url)
+        object_pool.add_endpoint(pool, url)
+        with self._lock:
+            if self._pools.get(name) is not pool:
+                raise StateError(f"pool {name!r} was closed meanwhile")
             return pool.info()
 
     def set_cache(self, name: str, device: str | None, mode: CacheMode) -> PoolInfo:
@@ -306,7 +334,9 @@ class Home:
         with self._lock:
             self._check_open()
             names = sorted(
-                p.name for p in (self.path / "pools").iterdir() if (p / "catalog.db").exists()
+                p.name
+                for p in (self.path / "pools").iterdir()
+                if (p / "catalog.db").exists() and p.name not in self._reserved
             )
             return [self.pool_info(name) for name in names]
 
@@ -328,6 +358,8 @@ class Home:
             pool = self._pools.get(name)
             if pool is not None:
                 return pool
+            if name in self._reserved:
+                raise NotFound(f"pool {name!r} is being created")
             if name in self._offline:
                 raise PoolOffline(name, self._offline[name])
             if not (self._dir(name) / "catalog.db").exists():

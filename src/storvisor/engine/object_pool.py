@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import threading
 import uuid
 from pathlib import Path
 
@@ -231,8 +232,8 @@ def add_endpoint(pool: Pool, url: str) -> None:
     recorded in ``s3.json``. Raises ``InvalidArgument`` (not an S3 pool), ``Conflict``
     (listed already), ``NotFound``/``IOFailure`` (it does not serve the bucket)."""
     bucket = object_backing(pool).bucket
-    bucket.add_endpoint(url)
-    _save_spec(pool.directory, bucket.spec)
+    bucket.add_endpoint(url)  # the check of the endpoint takes up to the pool's timeout
+    _save_spec(pool.directory, bucket)
 
 
 def remove_endpoint(pool: Pool, url: str) -> None:
@@ -241,12 +242,18 @@ def remove_endpoint(pool: Pool, url: str) -> None:
     one)."""
     bucket = object_backing(pool).bucket
     bucket.remove_endpoint(url)
-    _save_spec(pool.directory, bucket.spec)
+    _save_spec(pool.directory, bucket)
 
 
-def _save_spec(directory: Path, spec: S3Spec) -> None:
-    config = S3Config.load(directory)
-    S3Config(spec, config.owner, config.epoch, config.object_size).save(directory)
+_spec_lock = threading.Lock()
+
+
+def _save_spec(directory: Path, bucket: Bucket) -> None:
+    """Record the bucket's endpoints as they are now: one save at a time, each of the spec
+    read under the lock, so that of two changes made at once neither is lost."""
+    with _spec_lock:
+        config = S3Config.load(directory)
+        S3Config(bucket.spec, config.owner, config.epoch, config.object_size).save(directory)
 
 
 def object_backing(pool: Pool) -> ObjectBacking:
