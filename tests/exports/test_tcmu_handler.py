@@ -316,28 +316,34 @@ class Stalling(Forwarding):
         self.release.set()
 
 
-def test_a_stalled_request_does_not_hold_up_the_others(tcmu: Tcmu, volume: BlockDevice) -> None:
-    stalling = Stalling(volume)
-    tcmu.start(stalling)
+@pytest.fixture
+def stalling(tcmu: Tcmu, volume: BlockDevice) -> Iterator[Stalling]:
+    """A handler started on ``volume`` behind ``Stalling``, released at the end."""
+    device = Stalling(volume)
+    tcmu.start(device)
+    yield device
+    device.release.set()
+
+
+def test_a_stalled_request_does_not_hold_up_the_others(
+    tcmu: Tcmu, volume: BlockDevice, stalling: Stalling
+) -> None:
     k = tcmu.kernel
-    try:
-        volume.write(0, b"first block".ljust(512, b"."))
-        slow = k.submit(rw10(0x28, 0, 1), data_in=512)
-        k.signal()
-        assert stalling.stalled.wait(10)
-        data = os.urandom(4096)
-        fast = [k.submit(rw10(0x2A, 64, 8), data), k.submit(rw10(0x28, 128, 8), data_in=4096)]
-        k.signal()
-        good(k.wait(fast[:1])[0])
-        good(k.wait(fast)[1])
-        assert good(k.command(rw10(0x28, 64, 8), data_in=4096)) == data
-        assert slow in k.in_flight  # still stalled; the others went past it
-        assert k.cmd_tail != k.cmd_head
-        stalling.release.set()
-        assert good(k.wait([slow])[0]) == b"first block".ljust(512, b".")
-        assert k.cmd_tail == k.cmd_head and not k.in_flight
-    finally:
-        stalling.release.set()
+    volume.write(0, b"first block".ljust(512, b"."))
+    slow = k.submit(rw10(0x28, 0, 1), data_in=512)
+    k.signal()
+    assert stalling.stalled.wait(10)
+    data = os.urandom(4096)
+    fast = [k.submit(rw10(0x2A, 64, 8), data), k.submit(rw10(0x28, 128, 8), data_in=4096)]
+    k.signal()
+    good(k.wait(fast[:1])[0])
+    good(k.wait(fast)[1])
+    assert good(k.command(rw10(0x28, 64, 8), data_in=4096)) == data
+    assert slow in k.in_flight  # still stalled; the others went past it
+    assert k.cmd_tail != k.cmd_head
+    stalling.release.set()
+    assert good(k.wait([slow])[0]) == b"first block".ljust(512, b".")
+    assert k.cmd_tail == k.cmd_head and not k.in_flight
 
 
 def test_close_leaves_a_stalled_request_to_the_next_handler(
@@ -398,45 +404,37 @@ def _serving_threads(handler: TcmuHandler) -> int:
 
 
 def test_the_rest_of_a_stalled_batch_is_served_by_another_thread(
-    tcmu: Tcmu, volume: BlockDevice
+    tcmu: Tcmu, volume: BlockDevice, stalling: Stalling
 ) -> None:
-    stalling = Stalling(volume)
-    tcmu.start(stalling)
     k = tcmu.kernel
-    try:
-        data = os.urandom(4096)
-        volume.write(64 * 512, data)
-        slow = k.submit(rw10(0x28, 0, 1), data_in=512)  # first in the batch
-        fast = [k.submit(rw10(0x28, 64, 8), data_in=4096), k.submit(rw10(0x2A, 128, 8), data)]
-        k.signal()
-        assert stalling.stalled.wait(10)
-        assert good(k.wait(fast)[0]) == data
-        assert slow in k.in_flight
-        stalling.release.set()
-        good(k.wait([slow])[0])
-        assert good(k.command(rw10(0x28, 128, 8), data_in=4096)) == data
-        assert not k.in_flight and k.cmd_tail == k.cmd_head
-    finally:
-        stalling.release.set()
+    data = os.urandom(4096)
+    volume.write(64 * 512, data)
+    slow = k.submit(rw10(0x28, 0, 1), data_in=512)  # first in the batch
+    fast = [k.submit(rw10(0x28, 64, 8), data_in=4096), k.submit(rw10(0x2A, 128, 8), data)]
+    k.signal()
+    assert stalling.stalled.wait(10)
+    assert good(k.wait(fast)[0]) == data
+    assert slow in k.in_flight
+    stalling.release.set()
+    good(k.wait([slow])[0])
+    assert good(k.command(rw10(0x28, 128, 8), data_in=4096)) == data
+    assert not k.in_flight and k.cmd_tail == k.cmd_head
 
 
-def test_what_ran_before_a_stalled_request_completes(tcmu: Tcmu, volume: BlockDevice) -> None:
-    stalling = Stalling(volume)
-    tcmu.start(stalling)
+def test_what_ran_before_a_stalled_request_completes(
+    tcmu: Tcmu, volume: BlockDevice, stalling: Stalling
+) -> None:
     k = tcmu.kernel
-    try:
-        data = os.urandom(4096)
-        volume.write(64 * 512, data)
-        before = k.submit(rw10(0x28, 64, 8), data_in=4096)
-        slow = k.submit(rw10(0x28, 0, 1), data_in=512)  # last in the batch
-        k.signal()
-        assert stalling.stalled.wait(10)
-        assert good(k.wait([before])[0]) == data
-        assert slow in k.in_flight
-        stalling.release.set()
-        good(k.wait([slow])[0])
-    finally:
-        stalling.release.set()
+    data = os.urandom(4096)
+    volume.write(64 * 512, data)
+    before = k.submit(rw10(0x28, 64, 8), data_in=4096)
+    slow = k.submit(rw10(0x28, 0, 1), data_in=512)  # last in the batch
+    k.signal()
+    assert stalling.stalled.wait(10)
+    assert good(k.wait([before])[0]) == data
+    assert slow in k.in_flight
+    stalling.release.set()
+    good(k.wait([slow])[0])
 
 
 def test_threads_stuck_in_requests_are_bounded(tcmu: Tcmu, volume: BlockDevice) -> None:
