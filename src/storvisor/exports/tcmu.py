@@ -279,11 +279,11 @@ class TcmuHandler:
                 os.write(self._wake_w, b"r")
 
     def close(self, timeout: float = 60.0) -> None:
-        """Stop fetching commands, finish and complete those in flight, unmap the ring and
-        close the uio device. Commands the kernel queues later stay in the ring for the
-        next handler. Requests still running after ``timeout`` seconds (a stalled device)
-        are left uncompleted: they stay in the ring too, and the next handler runs them
-        again. Idempotent."""
+        """Stop fetching commands, complete the requests running, unmap the ring and close
+        the uio device. Commands fetched and not started yet, and those the kernel queues
+        later, stay in the ring for the next handler. Requests still running after
+        ``timeout`` seconds (a stalled device) are left uncompleted: they stay in the ring
+        too, and the next handler runs them again. Idempotent."""
         if self._stopping:
             return
         self._stopping = True
