@@ -340,3 +340,42 @@ def test_calls_that_wait_on_an_endpoint_hold_up_nothing_else(
         service.close()
         silent.stop()
         slow.stop()
+
+
+def test_deleting_a_pool_through_a_slow_endpoint_holds_up_nothing_else(
+    aws_env: MotoServer, tmp_path: Path
+) -> None:
+    """Deleting an S3 pool erases its objects, one request each: through an endpoint that
+    answers at 1 KiB/s that takes seconds, and the service's other calls answer meanwhile;
+    the pool is neither listed nor opened, and its name is not taken until the bucket is
+    empty."""
+    (slow,) = proxies(aws_env, 1)
+    bucket = aws_env.bucket()
+    service = Service(Home(tmp_path / "home"))
+    try:
+        service.create_pool("q", [BackingSpec(str(tmp_path / "q.img"), 64 * MiB)])
+        spec = S3Spec(bucket, (slow.url,), REGION, timeout=10.0)
+        service.create_s3_pool("d", spec, size=64 * MiB, object_size=MiB)
+        service.create_volume("d", "v", 16 * MiB)
+        volume = service.home.pool("d").open_volume("v")
+        volume.write(0, random.Random(3).randbytes(16 * MiB))
+        volume.flush()
+        volume.close()
+        assert len(aws_env.keys(bucket)) > 16
+        slow.rate = 1024
+        deleting = Background(lambda: service.delete_pool("d", force=True))
+        wait_until(lambda: len(aws_env.keys(bucket)) < 16, "the erasure under way", timeout=30)
+        _answer_meanwhile(service, ["q"])
+        with pytest.raises(NotFound, match="being deleted"):
+            service.pool_info("d")
+        with pytest.raises(Conflict, match="being deleted"):
+            service.create_s3_pool("d", aws_env.spec(aws_env.bucket()), size=64 * MiB)
+        assert deleting.is_alive(), "the erasure ended early: the test ran late"
+        deleting.join(60)
+        assert deleting.outcome is None, deleting.outcome
+        assert aws_env.keys(bucket) == {}
+        assert not (tmp_path / "home/pools/d").exists()
+        assert [p.name for p in service.pools()] == ["q"]
+    finally:
+        service.close()
+        slow.stop()

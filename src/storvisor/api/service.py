@@ -345,11 +345,13 @@ class Service:
             return info
 
     def delete_pool(self, name: str, *, force: bool = False) -> None:
-        """Delete a pool. ``Conflict`` if it has volumes (unless ``force``) or exports."""
+        """Delete a pool. ``Conflict`` if it has volumes (unless ``force``) or exports. An
+        S3 pool's objects are erased without the service's lock (``Home.remove_pool``)."""
         with self._lock:
             self.home.pool_info(name)
             self._refuse_if_exported(name, None, None, f"pool {name}")
-            self.home.delete_pool(name, force=force)
+            rest = self.home.remove_pool(name, force=force)
+        rest()
 
     def add_backing(self, pool: str, spec: BackingSpec) -> PoolInfo:
         """Add a backing device to a pool, online."""

@@ -37,7 +37,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,9 +130,10 @@ class Home:
     and ``pool_info`` report it (``PoolState.OFFLINE``), until ``reopen_pool`` opens it.
 
     What waits on the network runs without the HOME's lock, so that a slow or silent S3
-    endpoint holds up only its own call: the creation and the import of an S3 pool (its
-    name is *reserved* meanwhile: another creation of it is refused, ``pool`` says it is
-    being made, ``pools`` leaves it out) and the check of an endpoint being added.
+    endpoint holds up only its own call: the creation, the import and the deletion of an
+    S3 pool (its name is *reserved* meanwhile: another creation of it is refused, ``pool``
+    says what is under way, ``pools`` leaves it out) and the check of an endpoint being
+    added.
     """
 
     def __init__(
@@ -160,8 +161,8 @@ class Home:
         self._lock = threading.RLock()
         self._pools: dict[str, Pool] = {}
         self._offline: dict[str, str] = {}
-        self._reserved: set[str] = set()
-        """Names of S3 pools being created or imported (without the lock)."""
+        self._reserved: dict[str, str] = {}
+        """Names of S3 pools being created, imported or deleted without the lock: what."""
 
     def _take_lock(self, fd: int, wait: float) -> None:
         """flock ``fd``, waiting up to ``wait`` seconds for a holder that is not a daemon."""
@@ -252,15 +253,15 @@ class Home:
             self._check_open()
             directory = self._dir(name)
             if name in self._reserved:
-                raise Conflict(f"pool {name!r} is being created")
+                raise Conflict(f"pool {name!r} is being {self._reserved[name]}")
             if directory.exists():
                 raise Conflict(f"pool {name!r} already exists")
-            self._reserved.add(name)
+            self._reserved[name] = "created"
         try:
             yield directory
         finally:
             with self._lock:
-                self._reserved.discard(name)
+                self._reserved.pop(name, None)
 
     def _publish(self, name: str, pool: Pool) -> PoolInfo:
         """Add a pool made under a reservation; closed again if HOME closed meanwhile."""
@@ -359,7 +360,7 @@ class Home:
             if pool is not None:
                 return pool
             if name in self._reserved:
-                raise NotFound(f"pool {name!r} is being created")
+                raise NotFound(f"pool {name!r} is being {self._reserved[name]}")
             if name in self._offline:
                 raise PoolOffline(name, self._offline[name])
             if not (self._dir(name) / "catalog.db").exists():
@@ -398,6 +399,15 @@ class Home:
         not ``force``, or if a volume is open. A pool that cannot be opened
         (``CorruptMetadata``: a device is missing or foreign, or another host took an S3
         pool) is deleted with ``force`` by removing its local catalog only."""
+        self.remove_pool(name, force=force)()
+
+    def remove_pool(self, name: str, *, force: bool = False) -> Callable[[], None]:
+        """``delete_pool`` in two steps: this one takes the pool out of HOME (what a caller
+        checks before it must not change meanwhile), and returns the rest, to run without
+        any lock: an S3 pool's objects erased from the bucket (as long as the bucket's
+        endpoints take), then its directory. Meanwhile the name is reserved: the pool is not
+        listed or opened, and no other pool takes the name. If the erasure fails, the pool
+        stays on this HOME (it opens again on next use)."""
         with self._lock:
             try:
                 pool = self.pool(name)
@@ -406,16 +416,28 @@ class Home:
                     raise
                 shutil.rmtree(self._dir(name))
                 self._offline.pop(name, None)
-                return
+                return lambda: None
             if pool.volumes() and not force:
                 raise Conflict(f"pool {name!r} has volumes (use force to delete them too)")
             if pool.has_open_volumes():
                 raise Conflict(f"pool {name!r} has open volumes")
             pool.destroy()
             del self._pools[name]
-            if is_object_pool(self._dir(name)):
-                object_pool.erase(self._dir(name))
-            shutil.rmtree(self._dir(name))
+            directory = self._dir(name)
+            if not is_object_pool(directory):
+                shutil.rmtree(directory)
+                return lambda: None
+            self._reserved[name] = "deleted"
+
+        def erase() -> None:
+            try:
+                object_pool.erase(directory)
+                shutil.rmtree(directory)
+            finally:
+                with self._lock:
+                    self._reserved.pop(name, None)
+
+        return erase
 
     def close(self) -> None:
         """Flush and close every pool and drop the lock. Idempotent."""
