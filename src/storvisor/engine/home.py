@@ -406,8 +406,9 @@ class Home:
         checks before it must not change meanwhile), and returns the rest, to run without
         any lock: an S3 pool's objects erased from the bucket (as long as the bucket's
         endpoints take), then its directory. Meanwhile the name is reserved: the pool is not
-        listed or opened, and no other pool takes the name. If the erasure fails, the pool
-        stays on this HOME (it opens again on next use)."""
+        listed or opened, and no other pool takes the name. If the erasure fails, it raises,
+        and the bucket keeps the objects not deleted yet (as ``delete_pool`` did when it ran
+        under the lock)."""
         with self._lock:
             try:
                 pool = self.pool(name)
