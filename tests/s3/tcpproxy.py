@@ -29,6 +29,12 @@ class Proxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def accepted(self) -> int:
+        """Connections accepted and forwarded so far (and not cut by ``stop``)."""
+        with self._lock:
+            return len(self._conns) // 2
+
     def start(self) -> None:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -298,7 +298,7 @@ def test_calls_that_wait_on_an_endpoint_hold_up_nothing_else(
         service.create_s3_pool("m", spec, size=64 * MiB, object_size=MiB)
         started = time.monotonic()
         adding = Background(lambda: service.add_endpoint("m", silent.url))
-        time.sleep(0.3)
+        wait_until(lambda: silent.accepted > 0, "the new endpoint's check under way")
         _answer_meanwhile(service, ["m", "q"])
         assert service.pool_info("m").endpoints[0].url == aws_env.url
         adding.join(3 * timeout)
@@ -311,8 +311,9 @@ def test_calls_that_wait_on_an_endpoint_hold_up_nothing_else(
         elsewhere.create_s3_pool("i", aws_env.spec(other), size=64 * MiB, object_size=MiB)
         elsewhere.close()
         through_silent = S3Spec(other, (silent.url,), REGION, timeout=timeout)
+        connected = silent.accepted
         importing = Background(lambda: service.import_s3_pool("i", through_silent))
-        time.sleep(0.3)
+        wait_until(lambda: silent.accepted > connected, "the import's first request")
         _answer_meanwhile(service, ["m", "q"])
         with pytest.raises(NotFound, match="being created"):
             service.pool_info("i")
