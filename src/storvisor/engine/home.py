@@ -202,12 +202,8 @@ class Home:
         """Create a pool over ``backings`` (see ``BackingSpec``); ``cluster_size`` defaults to
         64 KiB. Raises ``Conflict`` (name taken, device of another pool), ``InvalidArgument``,
         ``NotFound`` (missing device without a size). Leaves nothing behind on failure."""
-        check_name(name, "pool")
         with self._lock:
-            self._check_open()
-            directory = self._dir(name)
-            if directory.exists() or name in self._reserved:
-                raise Conflict(f"pool {name!r} already exists")
+            directory = self._free_directory(name)
             pool = Pool.create(directory, name, backings, cluster_size)
             self._pools[name] = pool
             return pool.info()
@@ -248,20 +244,26 @@ class Home:
     def _reserving(self, name: str) -> Iterator[Path]:
         """Reserve ``name`` for a pool made without the lock (its directory); ``Conflict``
         if the name is taken or reserved."""
-        check_name(name, "pool")
         with self._lock:
-            self._check_open()
-            directory = self._dir(name)
-            if name in self._reserved:
-                raise Conflict(f"pool {name!r} is being {self._reserved[name]}")
-            if directory.exists():
-                raise Conflict(f"pool {name!r} already exists")
+            directory = self._free_directory(name)
             self._reserved[name] = "created"
         try:
             yield directory
         finally:
             with self._lock:
                 self._reserved.pop(name, None)
+
+    def _free_directory(self, name: str) -> Path:
+        """The directory for a new pool ``name`` (with the lock held); ``Conflict`` if a
+        pool has the name or a call without the lock is making or deleting one."""
+        check_name(name, "pool")
+        self._check_open()
+        if name in self._reserved:
+            raise Conflict(f"pool {name!r} is being {self._reserved[name]}")
+        directory = self._dir(name)
+        if directory.exists():
+            raise Conflict(f"pool {name!r} already exists")
+        return directory
 
     def _publish(self, name: str, pool: Pool) -> PoolInfo:
         """Add a pool made under a reservation; closed again if HOME closed meanwhile."""

@@ -415,7 +415,11 @@ class ObjectBacking(Backing):
                 self.uploads += 1
             return
         # an object the bucket lacks is not hashed: no digest of it can match
-        if compare and known is not None and known == _md5(buf):
+        if (
+            compare
+            and known is not None
+            and known == hashlib.md5(buf, usedforsecurity=False).hexdigest()
+        ):
             return
         self._uploaded[index] = self.bucket.put(data_key(index), buf)
         self.uploads += 1
@@ -564,10 +568,6 @@ def opener(directory: Path, imported: Imported | None = None) -> _Open:
         )
 
     return open_backing
-
-
-def _md5(data: bytearray) -> str:
-    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 def _catalog_copy(path: Path) -> bytes:
