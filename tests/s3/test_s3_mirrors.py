@@ -19,7 +19,7 @@ from storvisor.api.service import Service
 from storvisor.engine.home import Home
 from storvisor.engine.object_pool import object_backing
 from storvisor.engine.s3 import Bucket, S3Spec
-from storvisor.engine.types import BackingSpec, EndpointState, PoolInfo
+from storvisor.engine.types import BackingSpec, EndpointState, PoolInfo, PoolState
 from storvisor.errors import Conflict, IOFailure, NotFound, StorvisorError
 from waiting import Background, wait_until
 
@@ -380,3 +380,51 @@ def test_deleting_a_pool_through_a_slow_endpoint_holds_up_nothing_else(
     finally:
         service.close()
         slow.stop()
+
+
+def test_a_deletion_cut_short_is_finished_by_deleting_again(
+    aws_env: MotoServer, tmp_path: Path
+) -> None:
+    """The endpoint goes away while a deletion erases the bucket: the call fails, and the
+    pool stays, offline, saying its deletion did not finish (after a restart too), with
+    the rest of its objects in the bucket. Deleting it again once the endpoint is back
+    empties the bucket and frees the name."""
+    (proxy,) = proxies(aws_env, 1)
+    bucket = aws_env.bucket()
+    spec = S3Spec(bucket, (proxy.url,), REGION, timeout=10.0, down_timeout=1.0)
+    service = Service(Home(tmp_path / "home"))
+    try:
+        service.create_s3_pool("d", spec, size=64 * MiB, object_size=MiB)
+        service.create_volume("d", "v", 16 * MiB)
+        volume = service.home.pool("d").open_volume("v")
+        volume.write(0, random.Random(5).randbytes(16 * MiB))
+        volume.close()
+        service.home.pool("d").flush()
+        proxy.rate = 1024
+        deleting = Background(lambda: service.delete_pool("d", force=True))
+        wait_until(lambda: len(aws_env.keys(bucket)) < 12, "the erasure under way", timeout=30)
+        proxy.stop()
+        deleting.join(60)
+        assert isinstance(deleting.outcome, IOFailure), deleting.outcome
+        left = aws_env.keys(bucket)
+        assert 0 < len(left) < 12
+    finally:
+        service.close()
+    service = Service(Home(tmp_path / "home"))  # a restart in between
+    try:
+        (info,) = service.pools()
+        assert info.state is PoolState.OFFLINE
+        assert "deletion did not finish" in (info.reason or "")
+        with pytest.raises(StorvisorError, match="deletion did not finish"):
+            service.home.pool("d")
+        assert aws_env.keys(bucket) == left
+        proxy.rate = 0
+        proxy.start()
+        service.delete_pool("d")
+        assert aws_env.keys(bucket) == {}
+        assert not (tmp_path / "home/pools/d").exists()
+        assert service.pools() == []
+        service.create_s3_pool("d", spec, size=64 * MiB, object_size=MiB)  # the name is free
+    finally:
+        service.close()
+        proxy.stop()

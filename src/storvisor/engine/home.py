@@ -409,32 +409,47 @@ class Home:
         any lock: an S3 pool's objects erased from the bucket (as long as the bucket's
         endpoints take), then its directory. Meanwhile the name is reserved: the pool is not
         listed or opened, and no other pool takes the name. If the erasure fails, it raises,
-        and the bucket keeps the objects not deleted yet (as ``delete_pool`` did when it ran
-        under the lock)."""
+        and the bucket keeps the objects not deleted yet. Such a pool stays, offline, until a
+        deletion of it again finishes the erasure (``force``: or, when another host has
+        taken its bucket since, removes the local directory only)."""
         with self._lock:
-            try:
-                pool = self.pool(name)
-            except CorruptMetadata:
-                if not force:
-                    raise
-                shutil.rmtree(self._dir(name))
-                self._offline.pop(name, None)
-                return lambda: None
-            if pool.volumes() and not force:
-                raise Conflict(f"pool {name!r} has volumes (use force to delete them too)")
-            if pool.has_open_volumes():
-                raise Conflict(f"pool {name!r} has open volumes")
-            pool.destroy()
-            del self._pools[name]
             directory = self._dir(name)
-            if not is_object_pool(directory):
-                shutil.rmtree(directory)
-                return lambda: None
+            if name not in self._pools and object_pool.erasing(directory):
+                self._check_open()
+                if name in self._reserved:
+                    raise Conflict(f"pool {name!r} is being {self._reserved[name]}")
+                self._offline.pop(name, None)
+            else:
+                try:
+                    pool = self.pool(name)
+                except CorruptMetadata:
+                    if not force:
+                        raise
+                    shutil.rmtree(directory)
+                    self._offline.pop(name, None)
+                    return lambda: None
+                if pool.volumes() and not force:
+                    raise Conflict(f"pool {name!r} has volumes (use force to delete them too)")
+                if pool.has_open_volumes():
+                    raise Conflict(f"pool {name!r} has open volumes")
+                if not is_object_pool(directory):
+                    pool.destroy()
+                    del self._pools[name]
+                    shutil.rmtree(directory)
+                    return lambda: None
+                object_pool.begin_erasure(directory)  # before the image goes: see erase
+                del self._pools[name]
+                pool.destroy()
             self._reserved[name] = "deleted"
 
         def erase() -> None:
             try:
-                object_pool.erase(directory)
+                try:
+                    object_pool.erase(directory)
+                except Conflict:
+                    if not force:
+                        raise
+                    log.info("pool %s: another host holds its bucket; deleted here only", name)
                 shutil.rmtree(directory)
             finally:
                 with self._lock:

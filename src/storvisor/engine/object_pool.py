@@ -21,6 +21,7 @@ fetched into it in the background, and on demand before a read or write touches 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -53,7 +54,14 @@ from storvisor.engine.s3 import (
     new_owner,
 )
 from storvisor.engine.types import BackingSpec
-from storvisor.errors import Conflict, CorruptMetadata, InvalidArgument, NotFound, StorvisorError
+from storvisor.errors import (
+    Conflict,
+    CorruptMetadata,
+    InvalidArgument,
+    IOFailure,
+    NotFound,
+    StorvisorError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +207,13 @@ def open_(directory: Path, name: str, imported: Imported | None = None) -> Pool:
     """Open an S3 pool this HOME holds (``Pool.open`` with the object backing; ``imported``:
     what ``import_`` just downloaded), and flush it before anything can allocate: the
     catalog a replayed journal committed reaches the bucket before a cluster it frees can be
-    handed out again. (An import has no journal: the bucket holds its catalog already.)"""
+    handed out again. (An import has no journal: the bucket holds its catalog already.)
+    Raises ``CorruptMetadata`` for a pool whose deletion did not finish."""
+    if erasing(directory):
+        raise CorruptMetadata(
+            f"pool {name!r}: its deletion did not finish (its bucket may still hold objects):"
+            " delete it again"
+        )
     pool = Pool.open(directory, name, open_backing=opener(directory, imported))
     if imported is not None:
         return pool
@@ -209,6 +223,32 @@ def open_(directory: Path, name: str, imported: Imported | None = None) -> Pool:
         pool.close()
         raise
     return pool
+
+
+ERASING_NAME = "erasing"
+"""The file in a pool's directory that says its deletion has begun: its local image may be
+gone already, and its bucket is erased next. Such a pool never opens again (``open_``
+refuses it): a deletion that stopped half way is finished by deleting it again."""
+
+
+def begin_erasure(directory: Path) -> None:
+    """Record, durably, that the S3 pool in ``directory`` is being deleted (before anything
+    of it is destroyed)."""
+    path = directory / ERASING_NAME
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise IOFailure(f"cannot create {path}: {e.strerror}", e.errno or errno.EIO) from e
+    sync_directory(directory)
+
+
+def erasing(directory: Path) -> bool:
+    """Whether a deletion of the S3 pool in ``directory`` began and did not finish."""
+    return (directory / ERASING_NAME).exists()
 
 
 def erase(directory: Path) -> None:
