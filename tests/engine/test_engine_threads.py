@@ -13,9 +13,11 @@ import time
 import pytest
 
 from gates import STALL, assert_waits_for_gate
+from storvisor.engine import pio
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.pool import Pool
 from storvisor.exports.dataplane import PlaneHost, RemoteVolume
+from waiting import Background
 
 CS = 64 << 10
 REGION = 16 * CS
@@ -218,6 +220,86 @@ def test_concurrent_first_writes_to_one_cluster_all_land(pool: Pool, round_: int
     expected = b"".join(bytes([s % 8 + 1]) * 512 for s in range(8 * sectors))
     assert got == expected
     assert pool.volume_info("v").allocated == 8 * CS
+    handle.close()
+    assert pool.fsck().clean
+
+
+def _same(got: bytes | bytearray, expected: bytes) -> None:
+    wrong = [
+        i for i in range(0, len(expected), BLOCK) if got[i : i + BLOCK] != expected[i : i + BLOCK]
+    ]
+    assert not wrong, f"the 4 KiB blocks at {wrong[:8]} differ"
+
+
+class _Held:
+    """A route (``pio.route``) for a pool's fd that holds every write of exactly ``size``
+    bytes until ``release`` is set, and records the length of each write."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.held = threading.Event()
+        self.release = threading.Event()
+        self.writes: list[int] = []
+
+    def read(self, views: list[memoryview], offset: int) -> None:
+        assert os.preadv(self.fd, views, offset) == sum(len(v) for v in views)
+
+    def write(self, views: list[memoryview], offset: int) -> None:
+        size = sum(len(v) for v in views)
+        self.writes.append(size)
+        if size == self.size and not self.release.is_set():
+            self.held.set()
+            assert self.release.wait(30), "never released"
+        assert os.pwritev(self.fd, views, offset) == size
+
+
+def test_new_clusters_of_one_write_are_written_together(pool: Pool) -> None:
+    """A write of whole clusters the volume does not have yet places them together and
+    writes them with one system call where they lie contiguous (here: all of them)."""
+    pool.create_volume("v", 32 * CS)
+    handle = pool.open_volume("v")
+    (fd,) = pool.backing_fds().values()
+    route = _Held(fd, -1)
+    pio.route(fd, route)
+    try:
+        handle.write(0, b"\x01" * 16 * CS)
+        handle.write(20 * CS + 512, b"\x02" * 4 * CS)  # a partial cluster at each end
+    finally:
+        pio.route(fd, None)
+    assert route.writes == [16 * CS, CS, 3 * CS, CS]
+    got = bytearray(32 * CS)
+    handle.read_into(0, memoryview(got))
+    _same(got, b"\x01" * 16 * CS + bytes(4 * CS + 512) + b"\x02" * 4 * CS + bytes(8 * CS - 512))
+    handle.close()
+    assert pool.fsck().clean
+
+
+def test_a_run_of_new_clusters_waits_for_one_being_allocated(pool: Pool) -> None:
+    """A write of whole new clusters that meets one another writer is still allocating
+    allocates the others, waits for that one and then writes it in place: the cluster ends
+    up all the later write's, with none of the zeros around the first writer's 4 KiB."""
+    pool.create_volume("v", 8 * CS)
+    handle = pool.open_volume("v")
+    (fd,) = pool.backing_fds().values()
+    route = _Held(fd, CS)
+    pio.route(fd, route)
+    try:
+        first = Background(lambda: handle.write(3 * CS + 4096, b"a" * 4096))
+        assert route.held.wait(10), "the first write never reached its cluster"
+        run = Background(lambda: handle.write(CS, b"b" * 5 * CS))
+        run.join(1.0)  # it must wait for cluster 3 (a run that took it too returns now)
+        route.release.set()
+        first.join(10)
+        run.join(10)
+        assert not first.is_alive() and not run.is_alive(), "a write hangs"
+        assert first.outcome is None and run.outcome is None, (first.outcome, run.outcome)
+    finally:
+        pio.route(fd, None)
+    got = bytearray(8 * CS)
+    handle.read_into(0, memoryview(got))
+    _same(got, bytes(CS) + b"b" * 5 * CS + bytes(2 * CS))
+    assert pool.volume_info("v").allocated == 5 * CS
     handle.close()
     assert pool.fsck().clean
 

@@ -274,15 +274,20 @@ def test_a_failed_write_fails_that_request_and_maps_nothing(
         vol.write(5 * CS + 512, fresh)
     assert e.value.errno == ERRNOS[action]
     model.failed(5 * CS + 512, fresh)
+    run = _payload(6, 3 * CS)
+    with pytest.raises(IOFailure) as e:  # new whole clusters, written together: undone too
+        vol.write(8 * CS, run)
+    assert e.value.errno == ERRNOS[action]
+    model.failed(8 * CS, run)
     assert rig.f.volume_info("v").allocated == 2 * CS
     over = _payload(3, 4096)
     with pytest.raises(IOFailure) as e:  # in place
         vol.write(CS, over)
     assert e.value.errno == ERRNOS[action]
     model.failed(CS, over)
-    assert rig.mount.hits()["write"] >= 2
+    assert rig.mount.hits()["write"] >= 3
     _degraded(rig.f, "a write of a backing device failed: write of ")
-    assert rig.f.io_errors.write == 2
+    assert rig.f.io_errors.write == 3
     records = [r for r in caplog.records if "a write of a backing device failed" in r.message]
     assert len(records) == 1, "logged once, not per request"
     vol.flush()  # a failed write is no failed sync: flushes go on

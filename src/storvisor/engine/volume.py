@@ -305,19 +305,91 @@ class VolumeState:
         except BaseException:
             pool.unallocate(phys)
             raise
+        self._map_written(vc, [phys])
+
+    def allocating_write_run(self, vc: int, data: memoryview) -> int:
+        """Write ``data``, whole clusters from virtual cluster ``vc`` on, where the top layer
+        owns none of them: the clusters claimable from ``vc`` on (neither owned nor being
+        allocated by another writer) are placed together and written with one ``pwritev``
+        for each stretch that lies contiguous on a device. Returns the number of clusters
+        written: 0 when ``vc`` itself is not claimable (the caller writes it with
+        ``allocating_write``, which waits or writes in place)."""
+        cs = self.cluster_size
+        claimed: list[threading.Event] = []
+        with self.lock:
+            for i in range(len(data) // cs):
+                entry = self.view.get(vc + i)
+                if entry is not None and entry[2] == self.top and entry[0] >= 0:
+                    break
+                if vc + i in self.pending:
+                    break
+                claimed.append(threading.Event())
+                self.pending[vc + i] = claimed[-1]
+        if not claimed:
+            return 0
+        try:
+            self._allocate_and_write_run(vc, data[: len(claimed) * cs], len(claimed))
+        finally:
+            with self.lock:
+                for i in range(len(claimed)):
+                    del self.pending[vc + i]
+            for done in claimed:
+                done.set()
+        return len(claimed)
+
+    def _allocate_and_write_run(self, vc: int, data: memoryview, count: int) -> None:
+        cs = self.cluster_size
+        pool = self.pool
+        placed: list[int] = []
+        full: NoSpace | None = None
+        with pool.lock:
+            for i in range(count):
+                try:
+                    placed.append(self.place(vc + i))
+                except NoSpace as e:  # the clusters placed are still written, as one by one
+                    full = e
+                    break
+        count = len(placed)
+        try:
+            start = 0
+            while start < count:
+                fd, base = pool.locate(placed[start])
+                end = start + 1
+                while end < count and pool.locate(placed[end]) == (fd, base + (end - start) * cs):
+                    end += 1
+                pwritev_full(fd, [data[start * cs : end * cs]], base)
+                start = end
+        except BaseException:
+            for phys in placed:
+                pool.unallocate(phys)
+            raise
+        self._map_written(vc, placed)
+        if full is not None:
+            raise full
+
+    def _map_written(self, vc: int, placed: list[int]) -> None:
+        """Map virtual clusters ``vc``, ``vc + 1``... of the top layer to the clusters
+        ``placed`` for them, which hold their data now; a bounded request abandoned meanwhile
+        maps none and gives them back."""
+        pool = self.pool
         request = bounded.current() if self.timeout else None
         if request is None:
-            with pool.lock:
-                pool.set_entry(self.top, vc, phys)
-                self._publish(vc, (fd, base, self.top), phys)
+            self._map_placed(vc, placed)
             return
         with request.lock:  # the request cannot be abandoned while its mapping is published
             if request.abandoned:
-                pool.unallocate(phys)
-                raise IOFailure("the write timed out: its cluster is not mapped", errno.ETIMEDOUT)
-            with pool.lock:
-                pool.set_entry(self.top, vc, phys)
-                self._publish(vc, (fd, base, self.top), phys)
+                for phys in placed:
+                    pool.unallocate(phys)
+                raise IOFailure("the write timed out: its clusters are not mapped", errno.ETIMEDOUT)
+            self._map_placed(vc, placed)
+
+    def _map_placed(self, vc: int, placed: list[int]) -> None:
+        pool = self.pool
+        with pool.lock:
+            for i, phys in enumerate(placed):
+                fd, base = pool.locate(phys)
+                pool.set_entry(self.top, vc + i, phys)
+                self._publish(vc + i, (fd, base, self.top), phys)
 
     def place(self, vc: int) -> int:
         """Allocate a physical cluster for ``vc`` of the top layer, next to the clusters the
@@ -651,7 +723,14 @@ class Volume:
                         run_len = 0
                     gate.leave()
                     try:
-                        s.allocating_write(off >> s.shift, within, view_[pos : pos + chunk])
+                        whole = (n - pos) & ~mask if chunk == cs else 0
+                        if whole > cs:  # whole clusters: allocated together where they can be
+                            done = s.allocating_write_run(off >> s.shift, view_[pos : pos + whole])
+                            chunk = max(done, 1) * cs
+                            if not done:
+                                s.allocating_write(off >> s.shift, 0, view_[pos : pos + cs])
+                        else:
+                            s.allocating_write(off >> s.shift, within, view_[pos : pos + chunk])
                     finally:
                         gate.enter()
                 pos += chunk
