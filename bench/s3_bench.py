@@ -17,10 +17,11 @@ moto server.
 
 With ``--nbd``, also 4 KiB random writes and reads at queue depth 32 through the daemon's
 NBD data planes and fio's ``nbd`` engine, on a volume of an S3 pool against one of a
-local-file pool (each of ``--nbd-size``, written once): a plane reads the S3 pool's local
-image itself but sends every write to the serving process (``Backing.writes_here``: the
-process records which objects the write touched), where the local pool's plane writes in
-place; fio never flushes. Rounds alternate the pools; medians and the S3/local ratio.
+local-file pool (each of ``--nbd-size``, written once): a plane reads and writes the S3
+pool's local image in place, as the local pool's device, and marks the objects it wrote in
+the table it shares with the serving process (``Backing.marks``); fio never flushes, and
+every fio run starts after an ``os.sync()``. Rounds alternate the pools; medians and the
+S3/local ratio.
 
 Each round runs both sides in turn (alternating which goes first), on fresh buckets; the
 figures are medians over the rounds, with each round's ratio. The machine's load average is
@@ -249,6 +250,7 @@ def planes(url: str, size: int, object_size: int, rounds: int, seconds: float) -
             for r in range(rounds):
                 for name in ("local", "s3") if r % 2 == 0 else ("s3", "local"):
                     for rw in ("randwrite", "randread"):
+                        os.sync()  # the last run's dirty image written back, not in this one
                         iops = served.fio_iops(name, rw, seconds, size)
                         figures.setdefault((name, rw), []).append(iops)
     print(f"through NBD data planes, 4 KiB at qd{planes_fio.QD}, {size // MiB} MiB volumes")

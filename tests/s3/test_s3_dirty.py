@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -22,6 +24,7 @@ from storvisor.engine.object_backing import S3Config
 from storvisor.engine.object_pool import object_backing
 from storvisor.engine.s3 import S3Spec
 from storvisor.errors import IOFailure
+from storvisor.exports.dataplane import Op, PlaneHost, RemoteVolume
 from storvisor.testing.faultfs import Fault, FaultMount
 
 MiB = 1 << 20
@@ -83,6 +86,54 @@ def test_a_flush_uploads_the_written_objects_without_reading_the_others(
         assert backing.uploads - before == 2, "a second flush uploads nothing"
     finally:
         volume.close()
+
+
+def test_a_data_plane_writes_in_place_and_marks_what_the_flush_uploads(
+    aws_env: MotoServer, s3home: Home
+) -> None:
+    """A data plane of an S3 volume writes the local image in place, as on a local pool,
+    and sets the shared marks of the objects it touched; the owner's next flush takes them
+    and uploads exactly those objects, then the marks are clear."""
+    model = make_pool(s3home, aws_env.spec(aws_env.bucket()))
+    pool = s3home.pool("d")
+    backing = object_backing(pool)
+    volume = pool.open_volume("v")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    host = PlaneHost(volume, ours)
+    host.start()
+    remote = RemoteVolume(theirs, os.dup(host.map.fd), pool.backing_fds(), pool.cluster_size)
+    try:
+        owner_writes = []
+        host_execute = host._execute
+
+        def execute(op: int, *args: Any) -> bytes:
+            owner_writes.extend([op] if op == Op.WRITE else [])
+            return host_execute(op, *args)
+
+        host._execute = execute  # type: ignore[method-assign]
+        writes = [(1 * MiB + 4096, b"p" * 4096), (6 * MiB - 512, b"q" * 1024)]
+        for offset, data in writes:
+            remote.write(offset, data)
+            model[offset : offset + len(data)] = data
+        assert owner_writes == [], "the plane sent its writes to the owner"
+        marked = [i for i, byte in enumerate(backing._shared[:64]) if byte]
+        assert 2 <= len(marked) <= 3, marked  # the second write spans two clusters
+        before = backing.uploads
+        volume.flush()
+        assert backing.uploads - before == len(marked), "the flush uploaded other objects"
+        assert not any(backing._shared[:64])
+    finally:
+        remote.close()
+        host.close()
+        volume.close()
+    other_home = s3home.path.parent / "other"
+    other = Home(other_home)
+    try:
+        other.import_s3_pool("d", aws_env.spec(backing.bucket.spec.bucket), force=True)
+        same = volume_bytes(other) == model
+        assert same, "the bucket lacks the plane's flushed writes"
+    finally:
+        other.close()
 
 
 def test_an_import_and_a_clean_close_open_without_comparing(

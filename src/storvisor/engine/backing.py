@@ -102,9 +102,6 @@ class Backing:
     than the pool's I/O timeout."""
 
     remote = False
-    writes_here = False
-    """Writes must be made by the pool's process, through ``pio`` (an object backing records
-    the objects they touch): data planes send theirs to it."""
 
     extensible = True
     """Whether the pool may add devices beside this one (not beside an S3 bucket's)."""
@@ -253,11 +250,18 @@ class Backing:
         image is not whole yet; None for every other device."""
         return None
 
+    def marks(self) -> tuple[int, int] | None:
+        """``(fd, object size)`` of a memfd with one byte per ``object size`` bytes of the
+        device, which a data plane sets to 1 for every such stretch its write in place touched,
+        before the write is acknowledged (an object backing uploads what they mark); None:
+        in-place writes need no mark. The fd stays the backing's."""
+        return None
+
     @property
     def reads_here(self) -> bool:
-        """Reads must be made by the pool's process too, through ``pio`` (an object backing
-        still fetching objects into its image): data planes send theirs to it. Turns false
-        by itself (then ``on_change`` is called), never true again."""
+        """Reads must be made by the pool's process, through ``pio`` (an object backing
+        still fetching objects into its image): data planes send theirs, and their writes,
+        to it. Turns false by itself (then ``on_change`` is called), never true again."""
         return False
 
     def opened(self) -> None:

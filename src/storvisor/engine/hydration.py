@@ -15,7 +15,7 @@ image whole:
   runs: a guest's request shares the link with the fetches already under way only. So a
   write never lands in an object that a fetch would then overwrite, and a read never sees
   a hole where the bucket holds data. Data
-  planes send their reads to the pool's process meanwhile (``missing``, see
+  planes send their reads and writes to the pool's process meanwhile (``missing``, see
   ``VolumeState.reads_here``);
 * an object is *recorded* in the append-only log ``hydrate.done`` only after the image was
   synced with its bytes in it: a sync of the pool records every object fetched before the

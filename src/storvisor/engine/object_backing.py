@@ -18,11 +18,13 @@ whose local bytes may differ from what the bucket holds; it returns when both ar
 clusters only. An object whose local bytes are all zeros is deleted instead. Uploads run in
 parallel (``UPLOAD_THREADS``).
 
-*Which objects changed.* Every write to the image is made by the pool's process through
-``pio`` (data planes send theirs to it: ``Backing.writes_here``), and the image's fd is
-routed (``pio.route``) to a ``_Tracker`` that writes through a duplicate fd and then, before
-the write is acknowledged, *marks* the objects it touched. A sync takes the marks (clears
-them) and only then reads the objects to upload them, so a write that lands meanwhile marks
+*Which objects changed.* Every write to the image *marks* the objects it touched, after the
+write and before it is acknowledged. In the pool's process the image's fd is routed
+(``pio.route``) to a ``_Tracker`` that writes through a duplicate fd and then marks. Data
+planes write in place through the image's fd, as they do on local devices, and mark in a
+*shared* table: a memfd of one byte per object (``Backing.marks``), which they map and set
+to 1 (``exports/dataplane.py``). A sync takes the marks (clears them, the shared bytes
+first) and only then reads the objects to upload them, so a write that lands meanwhile marks
 its object again for the next sync; marks taken by a sync that fails are put back. The
 marks are the whole truth only while ``_tracked``: from an import (the image is what was
 downloaded), from an open after a clean close (``S3Config.clean``, recorded at close when
@@ -62,6 +64,7 @@ import errno
 import hashlib
 import json
 import logging
+import mmap
 import os
 import sqlite3
 import threading
@@ -91,6 +94,7 @@ UPLOAD_THREADS = 16
 _Attach = Callable[[BackingSpec, Header], tuple[Backing, bool]]
 _Open = Callable[[str, Header], Backing]
 CONFIG_NAME = "s3.json"
+_MARKED = b"\x01"
 DATA_NAME = "data"
 
 
@@ -186,7 +190,6 @@ class ObjectBacking(Backing):
 
     extensible = False
     remote = True
-    writes_here = True
 
     def __init__(
         self,
@@ -211,6 +214,11 @@ class ObjectBacking(Backing):
         self._dirty: set[int] = set()
         """Objects written since they were last read for an upload (``_mark``)."""
         self._dirty_lock = threading.Lock()
+        objects = max(-(-(base.clusters + 1) * base.cluster_size // object_size), 1)
+        self._shared_fd = os.memfd_create("storvisor-marks", os.MFD_CLOEXEC)
+        os.ftruncate(self._shared_fd, objects)
+        self._shared = mmap.mmap(self._shared_fd, objects)
+        """One byte per object, set to 1 by a data plane's write in place (``marks``)."""
         self._tracked = tracked
         """Every object that may differ from the bucket is in ``_dirty``: true from an
         import, a clean open, or a full comparison made while the tracker routed every
@@ -307,6 +315,24 @@ class ObjectBacking(Backing):
             else:
                 self._dirty.update(range(first, last + 1))
 
+    def marks(self) -> tuple[int, int] | None:
+        return self._shared_fd, self.object_size
+
+    def _take_shared(self) -> None:
+        """Move the marks of the data planes' writes into ``_dirty``, each byte cleared
+        before the object is read for an upload (as ``_sync_objects`` requires)."""
+        shared = self._shared
+        at = shared.find(_MARKED)
+        if at < 0:
+            return
+        taken = []
+        while at >= 0:
+            shared[at] = 0
+            taken.append(at)
+            at = shared.find(_MARKED, at + 1)
+        with self._dirty_lock:
+            self._dirty.update(taken)
+
     def _watching(self) -> bool:
         """Whether the tracker routes the image's writes (put back when no route is there,
         as after a cache tier detached). While it did not, ``_tracked`` is cleared."""
@@ -326,6 +352,7 @@ class ObjectBacking(Backing):
         on failure the cleared marks are put back."""
         watching = self._watching()
         tracked = watching and self._tracked
+        self._take_shared()
         with self._dirty_lock:
             if objects is None:
                 taken, self._dirty = self._dirty, set()
@@ -457,6 +484,7 @@ class ObjectBacking(Backing):
                 with contextlib.suppress(IOFailure, Conflict):
                     self.bucket.release_lease(self.lease)
                     released = True
+            self._take_shared()
             clean = released and self._watching() and self._tracked and not self._dirty
             if pio.write_route(self.fd) == self._tracker.write:
                 pio.route(self.fd, None)
@@ -465,6 +493,10 @@ class ObjectBacking(Backing):
                 self._save_clean()
         self._pool.shutdown(wait=True)
         self.bucket.close()
+        if self._shared_fd >= 0:
+            self._shared.close()
+            os.close(self._shared_fd)
+            self._shared_fd = -1
         super().close()
 
     def _save_clean(self) -> None:

@@ -967,7 +967,6 @@ class Pool:
                 state = VolumeState(self, key, top, size, read_only, vol.serial)
                 state.timeout = self.data_timeout
                 state.cache_generation = 0 if self.cache is None else self.cache.lines.generation
-                state.writes_here = any(b.writes_here for b in self._backings.values())
                 state.reads_here = self._reads_here
                 state.view, state.homes = self._build_view(top, homes=not read_only)
                 self._states[key] = state
@@ -1405,6 +1404,10 @@ class Pool:
     def backing_fd(self, index: int) -> int:
         """The open fd of backing device ``index`` (no lock taken). Raises ``KeyError``."""
         return self._backings[index].fd
+
+    def backing_marks(self, index: int) -> tuple[int, int] | None:
+        """``Backing.marks`` of device ``index`` (no lock taken). Raises ``KeyError``."""
+        return self._backings[index].marks()
 
     def locate(self, phys: int) -> tuple[int, int]:
         """The backing fd and byte offset of a physical cluster."""

@@ -88,6 +88,8 @@ class VolumePool(Protocol):
 
     def backing_fd(self, index: int) -> int: ...
 
+    def backing_marks(self, index: int) -> tuple[int, int] | None: ...
+
     def drop_state(self, state: VolumeState) -> None:
         """A handle on ``state`` was closed."""
 
@@ -167,13 +169,9 @@ class VolumeState:
         """The generation of the pool's cache tier (0: none), whose line table planes use
         (``engine/cachelines.py``); -1: a cache the planes may not use (they send every
         read and write here). Set by the pool with the planes frozen."""
-        self.writes_here = False
-        """The pool's devices must see every write made (an S3 pool's local image records
-        which objects they touch): planes send their writes here and read directly. Set by
-        the pool."""
         self.reads_here = False
-        """The pool's devices must see every read too (an S3 pool's image still fetching
-        objects): planes send their reads here as well. Set by the pool."""
+        """The pool's devices must see every read (an S3 pool's image still fetching
+        objects): planes send their reads and writes here. Set by the pool."""
 
     # ------------------------------------------------------------- data planes, ownership
 
@@ -203,8 +201,6 @@ class VolumeState:
         """The view as ``(vc, phys or None, owned by the top)``. Call with the pool lock."""
         phys_at = self.pool.phys_at
         top = self.top
-        if self.writes_here:
-            top = -1  # no cluster is writable in place by a plane
         for vc, (fd, offset, owner) in self.view.items():
             if fd < 0:
                 yield vc, None, False
@@ -244,10 +240,7 @@ class VolumeState:
         else:
             self.view[vc] = entry
         for plane in self.planes:
-            if phys is not None and self.writes_here:
-                plane.map.set_shared(vc, phys)
-            else:
-                plane.map.set(vc, phys)
+            plane.map.set(vc, phys)
 
     # --------------------------------------------------------------- allocating writes
 
@@ -768,6 +761,11 @@ class Volume:
         """The fd of backing device ``index`` (one added since ``backing_fds``). Raises
         ``KeyError``."""
         return self._state.pool.backing_fd(index)
+
+    def backing_marks(self, index: int) -> tuple[int, int] | None:
+        """``(memfd, object size)`` in which a plane marks its writes in place to backing
+        device ``index`` (``Backing.marks``), or None. Raises ``KeyError``."""
+        return self._state.pool.backing_marks(index)
 
     def cache_fds(self, generation: int) -> tuple[int, int]:
         """``(line table memfd, cache device fd)`` of the pool's cache tier, for a plane

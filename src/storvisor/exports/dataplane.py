@@ -22,6 +22,11 @@ Python-bound (many small requests) would share one core however many volumes the
 Durability: the data plane's direct writes go to the same files the owner syncs; a flush is
 a request to the owner, which flushes the pool (``fdatasync`` of
 every backing device, then the catalog commit). A write with FUA is followed by such a flush.
+A device whose syncs upload what changed (an S3 pool's local image) has *marks*: a memfd of
+one byte per object, which the plane gets once per device (``MARKS``) and maps. A direct
+write to it sets the bytes of the objects it touched, after the write and before it is
+acknowledged; the owner's next sync takes them (``engine/object_backing.py``). A fd whose
+marks the plane has not learned yet is not written directly (the owner writes it).
 
 Channel frames (``protocols/frames.py``, sent and received by an ``exports/link.py`` ``Link``):
 an operation (``Op``), flags (``Flag``), an id, two integers ``a`` and ``b`` and a payload.
@@ -57,6 +62,7 @@ import contextlib
 import errno
 import itertools
 import logging
+import mmap
 import os
 import socket
 import struct
@@ -77,6 +83,7 @@ from storvisor.exports.link import Link
 log = logging.getLogger(__name__)
 
 EXTENT = struct.Struct("<QQB")
+_OBJECT_SIZE = struct.Struct("<Q")
 
 
 class Op:
@@ -98,6 +105,8 @@ class Op:
     CACHEFD = 13  # a = cache generation, b = 0 (line table) or 1 (device); reply carries it
     HITS = 14  # plane -> owner, unsolicited: a = reads and writes served from the cache here
     # that it had not told yet; owner -> plane: tell them now (the reply follows the HITS)
+    MARKS = 15  # a = device index; the reply carries the memfd of its marks and, as payload,
+    # their object size (no fd and no payload: its writes in place need no mark)
 
 
 class Flag:
@@ -274,7 +283,7 @@ class PlaneHost:
                         self.volume.backing_failed(kind, error)
                 elif op == Op.WRITE:
                     self._submit((op, frame.flags, frame.ident, frame.a, frame.b, frame.payload))
-                elif op in (Op.READ, Op.ZERO, Op.FLUSH, Op.STATUS, Op.GETFD, Op.CACHEFD):
+                elif op in (Op.READ, Op.ZERO, Op.FLUSH, Op.STATUS, Op.GETFD, Op.CACHEFD, Op.MARKS):
                     self._submit((op, frame.flags, frame.ident, frame.a, frame.b, None))
                 else:
                     raise LocalFailure(f"unknown data-plane operation {op}")
@@ -316,6 +325,14 @@ class PlaneHost:
                 return
             if op == Op.CACHEFD:
                 self._link.send(Op.REPLY, ident, fds=[self.volume.cache_fds(a)[b & 1]])
+                return
+            if op == Op.MARKS:
+                marks = self.volume.backing_marks(a)
+                if marks is None:
+                    self._link.send(Op.REPLY, ident)
+                else:
+                    size = _OBJECT_SIZE.pack(marks[1])
+                    self._link.send(Op.REPLY, ident, 0, len(size), size, fds=[marks[0]])
                 return
             payload = self._execute(op, flags, a, b, data)
             self._link.send(Op.REPLY, ident, 0, len(payload), payload)
@@ -398,6 +415,10 @@ class RemoteVolume:
         ``_check`` looks again for one beyond it."""
         self._fds = dict(backings)
         self._fds_lock = threading.Lock()
+        self._marks: dict[int, tuple[mmap.mmap, int] | None] = {}
+        """Backing fd -> the shared marks of its device and their object size
+        (``Backing.marks``), or None: its writes in place need no mark. A write to a fd
+        not in it goes to the owner until ``_know_marks`` has learned them."""
         self._cs = cluster_size
         self._shift = cluster_size.bit_length() - 1
         self._zeros = memoryview(bytes(cluster_size))
@@ -771,16 +792,55 @@ class RemoteVolume:
             if place is None or not place[2]:
                 return False
             fd = self._fds.get(place[0])
-            if fd is None:
+            if fd is None or fd not in self._marks:
                 return False
+            where = place[1] + within
             try:
-                pwritev_full(fd, [view], place[1] + within)
+                pwritev_full(fd, [view], where)
             except IOFailure as e:
                 self._report(1, e)
                 raise
+            finally:  # a failed write may have changed part of the range
+                self._mark(fd, where, n)
             return True
         finally:
             gate.leave()
+
+    def _mark(self, fd: int, where: int, length: int) -> None:
+        """Mark the objects that bytes ``[where, where + length)`` of ``fd`` lie in, if its
+        device wants it: after the write in place, before it is acknowledged."""
+        marks = self._marks[fd]
+        if marks is None or length <= 0:
+            return
+        shared, size = marks
+        first = where // size
+        last = (where + length - 1) // size
+        if first == last:
+            shared[first] = 1
+        else:
+            shared[first : last + 1] = b"\x01" * (last + 1 - first)
+
+    def _know_marks(self) -> None:
+        """Learn which backing devices want their writes in place marked (``Op.MARKS``),
+        for the fds not asked about yet; call outside the gate."""
+        if len(self._marks) >= len(self._fds):
+            return
+        with self._fds_lock:
+            for index, fd in list(self._fds.items()):
+                if fd not in self._marks:
+                    self._marks[fd] = self._fetch_marks(index)
+
+    def _fetch_marks(self, index: int) -> tuple[mmap.mmap, int] | None:
+        started = self._start_call(Op.MARKS, 0, index, 0)
+        payload = self._finish_call(started)
+        fd = started[1].fd
+        if fd < 0:
+            return None
+        try:
+            (size,) = _OBJECT_SIZE.unpack(payload)
+            return mmap.mmap(fd, 0), size
+        finally:
+            os.close(fd)
 
     def _report(self, writing: int, error: IOFailure) -> None:
         """Tell the owner that a direct read (0) or write (1) failed (see ``Op.FAILED``)."""
@@ -833,6 +893,10 @@ class RemoteVolume:
             for fd in self._owned:
                 os.close(fd)
             self._owned.clear()
+            for marks in self._marks.values():
+                if marks is not None:
+                    marks[0].close()
+            self._marks.clear()
 
     # -- direct I/O --
 
@@ -874,6 +938,7 @@ class RemoteVolume:
                 if found is None:
                     raise _NeedFd(device)
                 fd, where = found, base + within
+                owned = owned and fd in self._marks
             if runs:
                 rfd, roff, rlen, rown = runs[-1]
                 if rfd == fd and rown == owned and (fd < 0 or roff + rlen == where):
@@ -911,10 +976,12 @@ class RemoteVolume:
             if index not in self._fds:
                 started = self._start_call(Op.GETFD, 0, index, 0)
                 self._finish_call(started)
-                if started[1].fd < 0:
+                fd = started[1].fd
+                if fd < 0:
                     raise IOFailure(f"data plane: no backing device {index}", errno.ENODEV)
-                self._fds[index] = started[1].fd
-                self._owned.add(started[1].fd)
+                self._owned.add(fd)
+                self._marks[fd] = self._fetch_marks(index)
+                self._fds[index] = fd
 
     # -- the channel --
 
@@ -1093,6 +1160,7 @@ class _RemoteVectors:
         if generation:
             v._cached_write(offset, views, fua, generation)
             return
+        v._know_marks()
         if len(views) == 1 and v._write_one(offset, views[0]):
             if fua:
                 v._call(Op.FLUSH)
@@ -1111,7 +1179,10 @@ class _RemoteVectors:
             pos = 0
             for fd, where, n, owned in runs:
                 if owned:
-                    pwritev_full(fd, _slice(views, pos, n), where)
+                    try:
+                        pwritev_full(fd, _slice(views, pos, n), where)
+                    finally:  # a failed write may have changed part of the range
+                        v._mark(fd, where, n)
                 else:
                     remote.append((pos, n))
                 pos += n
