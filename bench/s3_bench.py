@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from botocore.config import Config
 
 import planes_fio
 from storvisor.engine.home import Home
@@ -161,7 +162,10 @@ def storvisor_side(url: str, bucket: str, data: bytes, object_size: int) -> tupl
 
 
 def run(url: str, mib: int, object_size: int, rounds: int) -> None:
-    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+    # as many pooled connections as storvisor's client keeps (botocore's default is 10, fewer
+    # than the 16 threads: it would open and drop connections beyond them)
+    config = Config(max_pool_connections=32)
+    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1", config=config)
     data = os.urandom(mib * MiB)
     times: dict[str, list[float]] = {k: [] for k in ("put", "get", "write", "import", "read")}
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)

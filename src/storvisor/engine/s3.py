@@ -427,8 +427,11 @@ class Bucket:
 
     def get_into(self, key: str, buf: memoryview) -> tuple[int, str] | None:
         """Read the object into ``buf``: its length and ETag, or None if it does not exist.
-        Raises ``IOFailure`` if it is longer than ``buf``. Nothing is allocated per object:
-        the body goes from the socket into ``buf``."""
+        Raises ``IOFailure`` if it is longer than ``buf``. A caller that reuses ``buf`` has
+        no object-sized buffer made for each object (``get``'s fresh bytes cost page faults):
+        urllib3 still passes the body through a temporary of its own (its ``readinto`` is a
+        ``read`` and a copy), yet an import's fetches measured faster this way than with
+        ``get`` (docs/benchmarks.md)."""
 
         def op(c: Any) -> tuple[int, str] | None:
             r = _get_object(c, self.spec.bucket, key)
