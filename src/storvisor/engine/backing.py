@@ -49,6 +49,7 @@ import struct
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from storvisor.engine.device import LIBC
 from storvisor.engine.probe import find_signature, wipe_signatures
@@ -390,14 +391,25 @@ def sync_directory(path: str | os.PathLike[str]) -> None:
     """fsync a directory so that the names created in it survive a machine crash.
 
     Raises ``IOFailure`` if the directory cannot be opened or synced."""
+    _open_and_sync(path, os.O_RDONLY | os.O_DIRECTORY, "sync directory")
+
+
+def create_synced(path: Path) -> None:
+    """Create the empty file ``path`` (if it is missing) so that it survives a machine crash:
+    the file, then its directory, synced. Raises ``IOFailure``."""
+    _open_and_sync(path, os.O_WRONLY | os.O_CREAT, "create")
+    sync_directory(path.parent)
+
+
+def _open_and_sync(path: str | os.PathLike[str], flags: int, what: str) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as e:
-        raise IOFailure(f"cannot sync directory {path}: {e.strerror}", e.errno or errno.EIO) from e
+        raise IOFailure(f"cannot {what} {path}: {e.strerror}", e.errno or errno.EIO) from e
 
 
 def _write_header(fd: int, raw: bytes, path: str) -> None:

@@ -21,7 +21,6 @@ fetched into it in the background, and on demand before a read or write touches 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ import uuid
 from pathlib import Path
 
 from storvisor.engine import hydration
-from storvisor.engine.backing import sync_directory
+from storvisor.engine.backing import create_synced, sync_directory
 from storvisor.engine.object_backing import (
     DATA_NAME,
     Imported,
@@ -58,7 +57,6 @@ from storvisor.errors import (
     Conflict,
     CorruptMetadata,
     InvalidArgument,
-    IOFailure,
     NotFound,
     StorvisorError,
 )
@@ -234,16 +232,7 @@ refuses it): a deletion that stopped half way is finished by deleting it again."
 def begin_erasure(directory: Path) -> None:
     """Record, durably, that the S3 pool in ``directory`` is being deleted (before anything
     of it is destroyed)."""
-    path = directory / ERASING_NAME
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise IOFailure(f"cannot create {path}: {e.strerror}", e.errno or errno.EIO) from e
-    sync_directory(directory)
+    create_synced(directory / ERASING_NAME)
 
 
 def erasing(directory: Path) -> bool:
