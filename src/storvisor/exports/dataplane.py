@@ -473,7 +473,7 @@ class RemoteVolume:
         if m.bounded:
             self._read_owner(offset, [buf])
         elif generation:
-            if not self._cached_read_one(offset, buf, generation):
+            if not self._cached_one(offset, buf, generation, False):
                 self._cached_read(offset, [buf], generation)
         elif not self._read_one(offset, buf):
             self.vectors.read_into(offset, [buf])
@@ -491,7 +491,7 @@ class RemoteVolume:
         if m.bounded:
             self._call(Op.WRITE, Flag.FUA if fua else 0, offset, n, view)
         elif generation:
-            if fua or not self._cached_write_one(offset, view, generation):
+            if fua or not self._cached_one(offset, view, generation, True):
                 self._cached_write(offset, [view], fua, generation)
         elif fua or not self._write_one(offset, view):
             self.vectors.write(offset, [view], fua=fua)
@@ -545,43 +545,10 @@ class RemoteVolume:
             self._lines = lines
             return lines
 
-    def _cached_read_one(self, offset: int, buf: memoryview, generation: int) -> bool:
-        """Serve a read within one cluster from the cache (the common hit); False if it is
-        not one (the caller takes the general path). The range is checked."""
-        lines = self._lines
-        n = len(buf)
-        within = offset & (self._cs - 1)
-        if lines is None or lines.generation != generation or within + n > self._cs:
-            return False
-        gate = self._gate
-        due = 0
-        gate.enter()
-        try:
-            m = self._reader_map
-            if m.cache != generation:
-                return False
-            try:
-                place = m.lookup(offset >> self._shift)
-            except IndexError:
-                return False
-            if place is None:
-                buf[:] = self._zeros[:n]
-                return True
-            if not lines.read(place[0], place[1] + within, [buf], n):
-                return False
-            due = self._hit()
-            return True
-        except IOFailure as e:
-            self._report(_CACHE_DEVICE, e)
-            raise
-        finally:
-            gate.leave()
-            if due:
-                self._tell_hits(due)
-
-    def _cached_write_one(self, offset: int, view: memoryview, generation: int) -> bool:
-        """Write within one cluster in place in the cache (the common overwrite); False if
-        it cannot be (nothing was written). The range is checked."""
+    def _cached_one(self, offset: int, view: memoryview, generation: int, writing: bool) -> bool:
+        """Serve a read within one cluster from the cache (the common hit), or write within
+        one owned cluster in place in the cache (the common overwrite); False if it is not
+        one (nothing was done: the caller takes the general path). The range is checked."""
         lines = self._lines
         n = len(view)
         within = offset & (self._cs - 1)
@@ -598,9 +565,15 @@ class RemoteVolume:
                 place = m.lookup(offset >> self._shift)
             except IndexError:
                 return False
-            if place is None or not place[2]:
-                return False
-            if not lines.write(place[0], place[1] + within, [view], n):
+            if writing:
+                if place is None or not place[2]:
+                    return False
+                if not lines.write(place[0], place[1] + within, [view], n):
+                    return False
+            elif place is None:
+                view[:] = self._zeros[:n]
+                return True
+            elif not lines.read(place[0], place[1] + within, [view], n):
                 return False
             due = self._hit()
             return True
