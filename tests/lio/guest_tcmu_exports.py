@@ -6,7 +6,6 @@ drives, whose writes NBD then reads back."""
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import re
 import signal
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli"))
 from cli_harness import CLI, Daemon
 from lio_kit import pool_of_volumes, serving
 
+from storvisor.testing.direct_io import read_direct, write_direct
 from storvisor.testing.vhost_scsi_frontend import VhostScsiFrontend
 
 MiB = 1 << 20
@@ -71,27 +71,6 @@ def export_scsi(cli: CLI, ref: str) -> tuple[str, str]:
     device, by_id = lines
     assert re.fullmatch(r"/dev/sd[a-z]+", device), device
     return device, by_id
-
-
-def read_direct(device: str, offset: int, length: int) -> bytes:
-    buf = mmap.mmap(-1, length)
-    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
-    try:
-        assert os.preadv(fd, [buf], offset) == length
-    finally:
-        os.close(fd)
-    return bytes(buf)
-
-
-def write_direct(device: str, offset: int, data: bytes) -> None:
-    buf = mmap.mmap(-1, len(data))
-    buf[:] = data
-    fd = os.open(device, os.O_WRONLY | os.O_DIRECT)
-    try:
-        assert os.pwritev(fd, [buf], offset) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def allocated(cli: CLI, ref: str) -> int:

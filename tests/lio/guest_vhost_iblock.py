@@ -5,7 +5,6 @@ test relies on is there (root, the modules, configfs, the ram disks, the overlay
 
 from __future__ import annotations
 
-import mmap
 import os
 import subprocess
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from storvisor.exports.lio import (
     LioUnavailable,
     backstore_name,
 )
+from storvisor.testing.direct_io import read_direct
 from storvisor.testing.vhost_scsi_frontend import VhostScsiFrontend
 
 WWPN = "naa.5001405aabbccdd0"
@@ -45,17 +45,6 @@ def lio() -> Iterator[Lio]:
     for found in lio.luns():
         lio.remove(found.backstore)
     assert configfs_snapshot() == before
-
-
-def read_direct(device: str, offset: int, length: int) -> bytes:
-    """Read the device bypassing the page cache (what the backstore wrote, not a stale copy)."""
-    buf = mmap.mmap(-1, length)
-    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
-    try:
-        assert os.preadv(fd, [buf], offset) == length
-    finally:
-        os.close(fd)
-    return bytes(buf)
 
 
 def test_runs_as_root_in_the_guest_kernel_with_lio_loaded() -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import mmap
 import os
 import re
 import shutil
@@ -49,6 +48,7 @@ from storvisor.api.client import Client  # noqa: E402
 from storvisor.integrations.openstack import brick  # noqa: E402
 from storvisor.integrations.openstack.backend import ExportKind  # noqa: E402
 from storvisor.integrations.openstack.connection import ConnectionData  # noqa: E402
+from storvisor.testing.direct_io import read_direct, write_direct  # noqa: E402
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -150,27 +150,6 @@ def wait_for_size(disk: str, size: int, seconds: float) -> bool:
             return False
         time.sleep(0.2)
     return True
-
-
-def read_direct(path: str, offset: int, length: int) -> bytes:
-    buf = mmap.mmap(-1, length)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        assert os.preadv(fd, [buf], offset) == length
-    finally:
-        os.close(fd)
-    return bytes(buf)
-
-
-def write_direct(path: str, offset: int, data: bytes) -> None:
-    buf = mmap.mmap(-1, len(data))
-    buf[:] = data
-    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-    try:
-        assert os.pwritev(fd, [buf], offset) == len(data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
