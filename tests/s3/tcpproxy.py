@@ -2,7 +2,9 @@
 (connections refused, open ones cut), restarted on its port, stalled (it accepts and
 reads, but forwards nothing and never answers), made to cut answers (it forwards the
 first chunk of what the server sends, then closes the connection: a response ends early),
-or slowed (``rate``: each connection's answers, in bytes per second)."""
+or slowed (``rate``: each connection's answers, in bytes per second), or made to corrupt
+answers (``corrupting``: one byte flipped in every chunk of an answer that carries no
+status line, so bodies change and headers do not)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ class Proxy:
         self.port = 0
         self.stalled = threading.Event()
         self.cutting = threading.Event()
+        self.corrupting = threading.Event()
         self.rate = 0.0
         """Bytes per second of each connection's answers (0: as fast as they come)."""
         self._lock = threading.Lock()
@@ -92,6 +95,8 @@ class Proxy:
                     now = time.monotonic()
                     due = max(due, now) + len(data) / rate
                     time.sleep(due - now)
+                if answers and self.corrupting.is_set() and b"HTTP/1." not in data:
+                    data = data[:-1] + bytes([data[-1] ^ 0xFF])
                 dst.sendall(data)
                 if answers and self.cutting.is_set():
                     with contextlib.suppress(OSError):

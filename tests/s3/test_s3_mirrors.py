@@ -142,6 +142,38 @@ def test_an_idle_endpoint_is_probed_and_marked_down_when_it_stalls(
 
 
 @pytest.mark.parametrize("into", [False, True], ids=["get", "get_into"])
+def test_a_body_that_arrives_changed_is_refused(aws_env: MotoServer, into: bool) -> None:
+    """A body whose bytes differ from the CRC-32 the store sent with it (a proxy flips a
+    byte in each chunk after the first) fails the read, whether botocore reads it (``get``)
+    or storvisor straight into the caller's buffer (``get_into``); the same object through
+    the proxy made honest again reads whole."""
+    bucket = aws_env.bucket()
+    (a,) = proxies(aws_env, 1)
+    s3 = Bucket(S3Spec(bucket, (a.url,), REGION, timeout=5.0, down_timeout=1.0))
+    body = bytes(range(256)) * 4096  # 1 MiB: more than one chunk of the proxy
+    key = "data/0000000000000000"
+    buf = memoryview(bytearray(len(body)))
+
+    def read() -> bytes | None:
+        if not into:
+            found = s3.get(key)
+            return None if found is None else found[0]
+        got = s3.get_into(key, buf)
+        return None if got is None else bytes(buf[: got[0]])
+
+    try:
+        s3.put(key, body)
+        a.corrupting.set()
+        with pytest.raises(IOFailure, match=r"(?i)checksum|CRC-32"):
+            read()
+        a.corrupting.clear()
+        assert read() == body
+    finally:
+        s3.close()
+        a.stop()
+
+
+@pytest.mark.parametrize("into", [False, True], ids=["get", "get_into"])
 def test_an_answer_cut_short_is_retried_on_another_endpoint(
     aws_env: MotoServer, into: bool
 ) -> None:

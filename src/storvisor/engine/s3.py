@@ -33,13 +33,16 @@ credentials ``InvalidArgument``, an unreachable endpoint or a failed transfer ``
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
+import http.client
 import json
 import logging
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -427,11 +430,10 @@ class Bucket:
 
     def get_into(self, key: str, buf: memoryview) -> tuple[int, str] | None:
         """Read the object into ``buf``: its length and ETag, or None if it does not exist.
-        Raises ``IOFailure`` if it is longer than ``buf``. A caller that reuses ``buf`` has
-        no object-sized buffer made for each object (``get``'s fresh bytes cost page faults):
-        urllib3 still passes the body through a temporary of its own (its ``readinto`` is a
-        ``read`` and a copy), yet an import's fetches measured faster this way than with
-        ``get`` (docs/benchmarks.md)."""
+        Raises ``IOFailure`` if it is longer than ``buf``. The body goes from the socket
+        into ``buf`` (``_direct_body``); its CRC-32, when the store sends one, is checked
+        here as botocore would. Where the libraries keep the response elsewhere, their
+        ``readinto`` serves (urllib3's is a ``read`` and a copy)."""
 
         def op(c: Any) -> tuple[int, str] | None:
             r = _get_object(c, self.spec.bucket, key)
@@ -445,14 +447,18 @@ class Bucket:
                     f"S3 object {key} in bucket {self.spec.bucket!r} holds {length} bytes, "
                     f"more than the {len(buf)} expected"
                 )
-            got = 0
-            while got < length:
-                n = body.readinto(buf[got:length])  # none at the end: raises IncompleteRead
-                if not n:
-                    raise IOFailure(f"S3 read of {key}: the body ended after {got} bytes")
-                got += n
-            body.read()  # the end: checks the length and frees the connection for reuse
-            return got, str(r["ETag"]).strip('"')
+            direct = _direct_body(r)
+            if direct is None:
+                got = 0
+                while got < length:
+                    n = body.readinto(buf[got:length])  # none at the end: IncompleteRead
+                    if not n:
+                        raise IOFailure(f"S3 read of {key}: the body ended after {got} bytes")
+                    got += n
+                body.read()  # the end: checks the length and frees the connection for reuse
+            else:
+                _read_direct(direct, body, buf[:length], r)
+            return length, str(r["ETag"]).strip('"')
 
         return self._call(f"read of {key}", op)
 
@@ -536,6 +542,57 @@ def _botocore_session() -> Any:
         session = botocore.session.Session()
         session.register_component("data_loader", _loader)
     return session
+
+
+def _direct_body(response: dict[str, Any]) -> http.client.HTTPResponse | None:
+    """The ``http.client`` response under botocore's body and urllib3's response of a
+    ``get_object`` answer, if the body can be read from it as it arrives: not encoded, and
+    with no checksum but a whole-object CRC-32 (which ``_read_direct`` checks). None
+    otherwise, or where the libraries keep it elsewhere (other versions)."""
+    raw = getattr(getattr(response["Body"], "_raw_stream", None), "_fp", None)
+    if not isinstance(raw, http.client.HTTPResponse) or response.get("ContentEncoding"):
+        return None
+    headers = response["ResponseMetadata"]["HTTPHeaders"]
+    sums = {k for k in headers if k.startswith("x-amz-checksum-")} - {"x-amz-checksum-type"}
+    if sums - {_CRC32} or headers.get("x-amz-checksum-type", "FULL_OBJECT") != "FULL_OBJECT":
+        return None
+    return raw
+
+
+def _read_direct(
+    raw: http.client.HTTPResponse, body: Any, buf: memoryview, response: dict[str, Any]
+) -> None:
+    """Fill ``buf`` (the whole body) from ``raw``; check the CRC-32 the store sent; give
+    the connection back. A connection cut or silent in the middle raises botocore's
+    ``IncompleteReadError`` (the endpoint failed: ``Bucket._call`` tries another), a CRC
+    that differs its ``FlexibleChecksumError``; the connection is then closed."""
+    from botocore.exceptions import FlexibleChecksumError, IncompleteReadError
+
+    got = 0
+    cause: Exception | None = None
+    try:
+        while got < len(buf):
+            n = raw.readinto(buf[got:])
+            if not n:  # the connection closed early
+                break
+            got += n
+    except (OSError, http.client.HTTPException) as e:  # reset, or silent past the timeout
+        cause = e
+    if got < len(buf):
+        body.close()
+        raise IncompleteReadError(actual_bytes=got, expected_bytes=len(buf)) from cause
+    sent = response["ResponseMetadata"]["HTTPHeaders"].get(_CRC32)
+    if sent is not None:
+        crc = base64.b64encode(zlib.crc32(buf).to_bytes(4, "big")).decode()
+        if crc != sent:
+            body.close()
+            raise FlexibleChecksumError(
+                error_msg=f"expected CRC-32 {sent}, got {crc} for the body read"
+            )
+    body._raw_stream.release_conn()
+
+
+_CRC32 = "x-amz-checksum-crc32"
 
 
 def _get_object(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
