@@ -414,17 +414,13 @@ def test_deleting_a_pool_through_a_slow_endpoint_holds_up_nothing_else(
         slow.stop()
 
 
-def test_a_deletion_cut_short_is_finished_by_deleting_again(
-    aws_env: MotoServer, tmp_path: Path
-) -> None:
-    """The endpoint goes away while a deletion erases the bucket: the call fails, and the
-    pool stays, offline, saying its deletion did not finish (after a restart too), with
-    the rest of its objects in the bucket. Deleting it again once the endpoint is back
-    empties the bucket and frees the name."""
+def _cut_deletion(aws_env: MotoServer, home: Path) -> tuple[Proxy, S3Spec, dict[str, str]]:
+    """Pool "d" of an S3 bucket reached through a proxy, written, then deleted while the
+    proxy is stopped in the middle of the erasure: the proxy (stopped), the pool's spec and
+    the keys left in the bucket."""
     (proxy,) = proxies(aws_env, 1)
-    bucket = aws_env.bucket()
-    spec = S3Spec(bucket, (proxy.url,), REGION, timeout=10.0, down_timeout=1.0)
-    service = Service(Home(tmp_path / "home"))
+    spec = S3Spec(aws_env.bucket(), (proxy.url,), REGION, timeout=10.0, down_timeout=1.0)
+    service = Service(Home(home))
     try:
         service.create_s3_pool("d", spec, size=64 * MiB, object_size=MiB)
         service.create_volume("d", "v", 16 * MiB)
@@ -434,14 +430,25 @@ def test_a_deletion_cut_short_is_finished_by_deleting_again(
         service.home.pool("d").flush()
         proxy.rate = 1024
         deleting = Background(lambda: service.delete_pool("d", force=True))
-        wait_until(lambda: len(aws_env.keys(bucket)) < 12, "the erasure under way", timeout=30)
+        wait_until(lambda: len(aws_env.keys(spec.bucket)) < 12, "the erasure under way", timeout=30)
         proxy.stop()
         deleting.join(60)
         assert isinstance(deleting.outcome, IOFailure), deleting.outcome
-        left = aws_env.keys(bucket)
+        left = aws_env.keys(spec.bucket)
         assert 0 < len(left) < 12
+        return proxy, spec, left
     finally:
         service.close()
+
+
+def test_a_deletion_cut_short_is_finished_by_deleting_again(
+    aws_env: MotoServer, tmp_path: Path
+) -> None:
+    """The endpoint goes away while a deletion erases the bucket: the call fails, and the
+    pool stays, offline, saying its deletion did not finish (after a restart too), with
+    the rest of its objects in the bucket. Deleting it again once the endpoint is back
+    empties the bucket and frees the name."""
+    proxy, spec, left = _cut_deletion(aws_env, tmp_path / "home")
     service = Service(Home(tmp_path / "home"))  # a restart in between
     try:
         (info,) = service.pools()
@@ -449,14 +456,45 @@ def test_a_deletion_cut_short_is_finished_by_deleting_again(
         assert "deletion did not finish" in (info.reason or "")
         with pytest.raises(StorvisorError, match="deletion did not finish"):
             service.home.pool("d")
-        assert aws_env.keys(bucket) == left
+        assert aws_env.keys(spec.bucket) == left
         proxy.rate = 0
         proxy.start()
         service.delete_pool("d")
-        assert aws_env.keys(bucket) == {}
+        assert aws_env.keys(spec.bucket) == {}
         assert not (tmp_path / "home/pools/d").exists()
         assert service.pools() == []
         service.create_s3_pool("d", spec, size=64 * MiB, object_size=MiB)  # the name is free
     finally:
         service.close()
         proxy.stop()
+
+
+def test_deleting_a_pool_another_host_took_lets_go_of_it_here_only(
+    aws_env: MotoServer, tmp_path: Path
+) -> None:
+    """Another host takes (imports with force) an S3 pool this HOME still has open.
+    Deleting it here is refused when the erasure finds the lease taken, and deletes nothing
+    of the bucket; the pool stays, offline, saying its deletion did not finish. With force
+    the deletion removes this HOME's copy only, and the other host's pool is whole."""
+    spec = aws_env.spec(aws_env.bucket())
+    service = Service(Home(tmp_path / "home"))
+    other = Home(tmp_path / "other")
+    try:
+        service.create_s3_pool("d", spec, size=64 * MiB, object_size=MiB)
+        other.import_s3_pool("d", spec, force=True)
+        other.pool("d").create_volume("v", MiB)
+        other.pool("d").flush()
+        keys = aws_env.keys(spec.bucket)
+        with pytest.raises(Conflict):
+            service.delete_pool("d")
+        assert aws_env.keys(spec.bucket) == keys
+        (info,) = service.pools()
+        assert "deletion did not finish" in (info.reason or "")
+        service.delete_pool("d", force=True)
+        assert not (tmp_path / "home/pools/d").exists()
+        assert service.pools() == []
+        assert aws_env.keys(spec.bucket) == keys
+        assert [v.name for v in other.pool("d").volumes()] == ["v"]
+    finally:
+        service.close()
+        other.close()
