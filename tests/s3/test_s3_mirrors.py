@@ -8,6 +8,7 @@ import dataclasses
 import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -141,6 +142,21 @@ def test_an_idle_endpoint_is_probed_and_marked_down_when_it_stalls(
         b.stop()
 
 
+def _reader(s3: Bucket, key: str, into: bool, room: int) -> Callable[[], bytes | None]:
+    """A read of ``key``: with ``get``, or with ``get_into`` into a buffer of ``room``
+    bytes (the fetches of an import); the object's bytes, None if it does not exist."""
+    buf = memoryview(bytearray(room))
+
+    def read() -> bytes | None:
+        if not into:
+            found = s3.get(key)
+            return None if found is None else found[0]
+        got = s3.get_into(key, buf)
+        return None if got is None else bytes(buf[: got[0]])
+
+    return read
+
+
 @pytest.mark.parametrize("into", [False, True], ids=["get", "get_into"])
 def test_a_body_that_arrives_changed_is_refused(aws_env: MotoServer, into: bool) -> None:
     """A body whose bytes differ from the CRC-32 the store sent with it (a proxy flips a
@@ -152,14 +168,7 @@ def test_a_body_that_arrives_changed_is_refused(aws_env: MotoServer, into: bool)
     s3 = Bucket(S3Spec(bucket, (a.url,), REGION, timeout=5.0, down_timeout=1.0))
     body = bytes(range(256)) * 4096  # 1 MiB: more than one chunk of the proxy
     key = "data/0000000000000000"
-    buf = memoryview(bytearray(len(body)))
-
-    def read() -> bytes | None:
-        if not into:
-            found = s3.get(key)
-            return None if found is None else found[0]
-        got = s3.get_into(key, buf)
-        return None if got is None else bytes(buf[: got[0]])
+    read = _reader(s3, key, into, len(body))
 
     try:
         s3.put(key, body)
@@ -185,14 +194,7 @@ def test_an_answer_cut_short_is_retried_on_another_endpoint(
     s3 = Bucket(S3Spec(bucket, (a.url, b.url), REGION, timeout=5.0, down_timeout=5.0))
     body = bytes(range(256)) * 4096  # 1 MiB: more than one chunk of the proxy
     key = "data/0000000000000000"
-    buf = memoryview(bytearray(2 * len(body)))
-
-    def read() -> bytes | None:
-        if not into:
-            found = s3.get(key)
-            return None if found is None else found[0]
-        got = s3.get_into(key, buf)
-        return None if got is None else bytes(buf[: got[0]])
+    read = _reader(s3, key, into, 2 * len(body))
 
     try:
         s3.put(key, body)
