@@ -53,13 +53,7 @@ from storvisor.engine.s3 import (
     new_owner,
 )
 from storvisor.engine.types import BackingSpec
-from storvisor.errors import (
-    Conflict,
-    CorruptMetadata,
-    InvalidArgument,
-    NotFound,
-    StorvisorError,
-)
+from storvisor.errors import Conflict, CorruptMetadata, InvalidArgument, NotFound, StorvisorError
 
 log = logging.getLogger(__name__)
 

@@ -298,7 +298,7 @@ class VolumeState:
         except BaseException:
             pool.unallocate(phys)
             raise
-        self._map_written(vc, [phys])
+        self._map_written(vc, [(phys, fd, base)])
 
     def allocating_write_run(self, vc: int, data: memoryview) -> int:
         """Write ``data``, whole clusters from virtual cluster ``vc`` on, where the top layer
@@ -342,13 +342,14 @@ class VolumeState:
                 except NoSpace as e:  # the clusters placed are still written, as one by one
                     full = e
                     break
-        count = len(placed)
+        located = [(phys, *pool.locate(phys)) for phys in placed]
+        count = len(located)
         try:
             start = 0
             while start < count:
-                fd, base = pool.locate(placed[start])
+                _, fd, base = located[start]
                 end = start + 1
-                while end < count and pool.locate(placed[end]) == (fd, base + (end - start) * cs):
+                while end < count and located[end][1:] == (fd, base + (end - start) * cs):
                     end += 1
                 pwritev_full(fd, [data[start * cs : end * cs]], base)
                 start = end
@@ -356,14 +357,15 @@ class VolumeState:
             for phys in placed:
                 pool.unallocate(phys)
             raise
-        self._map_written(vc, placed)
+        self._map_written(vc, located)
         if full is not None:
             raise full
 
-    def _map_written(self, vc: int, placed: list[int]) -> None:
+    def _map_written(self, vc: int, placed: list[tuple[int, int, int]]) -> None:
         """Map virtual clusters ``vc``, ``vc + 1``... of the top layer to the clusters
-        ``placed`` for them, which hold their data now; a bounded request abandoned meanwhile
-        maps none and gives them back."""
+        ``placed`` for them (``(phys, fd, byte offset)``, as ``place`` and ``locate`` gave
+        them), which hold their data now; a bounded request abandoned meanwhile maps none
+        and gives them back."""
         pool = self.pool
         request = bounded.current() if self.timeout else None
         if request is None:
@@ -371,16 +373,15 @@ class VolumeState:
             return
         with request.lock:  # the request cannot be abandoned while its mapping is published
             if request.abandoned:
-                for phys in placed:
+                for phys, _, _ in placed:
                     pool.unallocate(phys)
                 raise IOFailure("the write timed out: its clusters are not mapped", errno.ETIMEDOUT)
             self._map_placed(vc, placed)
 
-    def _map_placed(self, vc: int, placed: list[int]) -> None:
+    def _map_placed(self, vc: int, placed: list[tuple[int, int, int]]) -> None:
         pool = self.pool
         with pool.lock:
-            for i, phys in enumerate(placed):
-                fd, base = pool.locate(phys)
+            for i, (phys, fd, base) in enumerate(placed):
                 pool.set_entry(self.top, vc + i, phys)
                 self._publish(vc + i, (fd, base, self.top), phys)
 
