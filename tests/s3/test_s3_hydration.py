@@ -306,8 +306,13 @@ def test_kill9_rounds_while_objects_arrive_then_the_bucket_alone(
     mid_fetch = flushed_rounds = 0
     for round_ in range(ROUNDS):
         where = f"seed {seed} (STORVISOR_CRASH_SEED), round {round_}"
-        worker = worker_args(rng, round_, snapshots=False)
-        records = kill9_round(home_dir, where, rng, worker, logged=rng.randrange(10, 200))
+        # the first round flushes often and runs long enough to reach a flush (at 0.02 and
+        # 10-200 operations, every round could end before one)
+        first = round_ == 0
+        rates = (0.1,) if first else (0.1, 0.02)
+        worker = worker_args(rng, round_, snapshots=False, flush_rates=rates)
+        logged = rng.randrange(100 if first else 10, 200)
+        records = kill9_round(home_dir, where, rng, worker, logged=logged)
         mid_fetch += pending.exists()
         history = History(known, records)
         flushed_rounds += history.durable
