@@ -17,22 +17,23 @@ over 9p under a tmpfs overlay) and runs itself inside it with ``--inside``. Ther
   work on the host's cores) hits both alike.
 
 The guest is TCG (no KVM), so only the ratios mean anything. For each run it records IOPS,
-MiB/s, the guest's CPU busy fraction and the daemon's CPU per request (TCMU runs only). The
-host prints medians, the ratio TCMU/fileio and the goal of each workload (0.5x for 4k, 0.8x
-for 1 MiB). Usage::
+MiB/s, the guest's CPU busy fraction and the CPU per request of the daemon and its data-plane
+processes, one of which serves the ring (TCMU runs only). The host prints medians, the ratio
+TCMU/fileio and the goal of each workload (0.5x for 4k, 0.8x for 1 MiB). Usage::
 
     .venv/bin/python bench/tcmu_bench.py [--seconds 10] [--rounds 3] [--size 256M]
         [--cpus 2] [--json results.json] [--profile 'randwrite qd32']
 
-``--profile WORKLOAD`` records the daemon with py-spy during the TCMU runs of that workload
-and writes its collapsed stacks (``profile-RW-ROUND.txt``, py-spy's raw format) next to the
-``--json`` file (or to /tmp). Exit status 0 when every run completed without an I/O error, 1
-otherwise.
+``--profile WORKLOAD`` records the process serving the ring (a data-plane process) with
+py-spy during the TCMU runs of that workload and writes its collapsed stacks
+(``profile-RW-ROUND.txt``, py-spy's raw format) next to the ``--json`` file (or to /tmp).
+Exit status 0 when every run completed without an I/O error, 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -52,6 +53,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
+from storvisor.testing import procs  # noqa: E402
 from storvisor.testing.guest import (  # noqa: E402
     HOST_ROOT_MODULES,
     HOST_ROOT_OUTBOX,
@@ -172,9 +174,26 @@ def cpu_ticks() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-def process_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def storvisor_seconds(pid: int) -> float:
+    """CPU seconds the daemon ``pid`` and its data-plane processes used so far."""
+    ticks = 0
+    for member in procs.family(pid):
+        info = procs.process(member)
+        ticks += info.cpu_ticks if info is not None else 0
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def ring_holder(pid: int) -> int:
+    """The process of the daemon ``pid``'s family that serves the TCMU ring (holds the uio
+    device open): a data-plane process, or the daemon."""
+    for member in procs.family(pid):
+        with contextlib.suppress(OSError):
+            if any(
+                os.readlink(fd).startswith("/dev/uio")
+                for fd in Path(f"/proc/{member}/fd").iterdir()
+            ):
+                return member
+    return pid
 
 
 def fio(device: str, w: Workload, seconds: float, size: int) -> dict[str, Any]:
@@ -227,14 +246,14 @@ def inside(args: argparse.Namespace) -> int:
                     if name == "tcmu" and args.profile and args.profile in w.name:
                         svg = outbox / f"profile-{w.rw}-{round_no}.txt"
                         spy = subprocess.Popen(
-                            [PYSPY, "record", "--pid", str(daemon.pid), "--threads",
+                            [PYSPY, "record", "--pid", str(ring_holder(daemon.pid)), "--threads",
                              "--rate", "50", "--nonblocking", "--format", "raw", "-o", str(svg)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                         )  # fmt: skip
                     busy0, total0 = cpu_ticks()
-                    cpu0 = process_seconds(daemon.pid)
+                    cpu0 = storvisor_seconds(daemon.pid)
                     result = fio(disks[name], w, args.seconds, size)
-                    cpu = process_seconds(daemon.pid) - cpu0
+                    cpu = storvisor_seconds(daemon.pid) - cpu0
                     busy1, total1 = cpu_ticks()
                     if spy is not None:
                         spy.send_signal(signal.SIGINT)
@@ -246,7 +265,7 @@ def inside(args: argparse.Namespace) -> int:
                         guest_busy_pct=100 * (busy1 - busy0) / max(total1 - total0, 1),
                     )
                     if name == "tcmu":
-                        result["daemon_us_per_req"] = 1e6 * cpu / max(result["requests"], 1)
+                        result["storvisor_us_per_req"] = 1e6 * cpu / max(result["requests"], 1)
                     runs.append(result)
                     log(
                         f"round {round_no} {w.name:18} {name:6} {result['iops']:9,.0f} IOPS "
@@ -345,7 +364,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"workload": w.name, "goal": w.goal}
         for name in BACKSTORES:
             mine = [r for r in runs if r["workload"] == w.name and r["backstore"] == name]
-            for key in ("iops", "mib_s", "guest_busy_pct", "daemon_us_per_req"):
+            for key in ("iops", "mib_s", "guest_busy_pct", "storvisor_us_per_req"):
                 values = [r[key] for r in mine if key in r]
                 row[f"{name}_{key}"] = statistics.median(values) if values else None
         per_round = [
@@ -367,7 +386,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def print_table(summary: list[dict[str, Any]]) -> None:
     header = [
         "workload", "TCMU IOPS", "TCMU MiB/s", "fileio IOPS", "fileio MiB/s",
-        "TCMU/fileio", "rounds' range", "goal", "daemon µs/req", "guest busy TCMU/fileio",
+        "TCMU/fileio", "rounds' range", "goal", "storvisor µs/req", "guest busy TCMU/fileio",
     ]  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |")
@@ -383,7 +402,7 @@ def print_table(summary: list[dict[str, Any]]) -> None:
             "-" if ratio is None else f"{ratio:.2f}x",
             f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}x" if row["ratio_min"] else "-",
             f"{row['goal']:.1f}x {met}",
-            f"{row['tcmu_daemon_us_per_req']:,.0f}",
+            f"{row['tcmu_storvisor_us_per_req']:,.0f}",
             f"{row['tcmu_guest_busy_pct']:.0f}% / {row['fileio_guest_busy_pct']:.0f}%",
         ]
         print("| " + " | ".join(cells) + " |")
@@ -397,7 +416,9 @@ def main() -> int:
     parser.add_argument("--cpus", type=int, default=2, help="guest vCPUs")
     parser.add_argument("--memory", type=int, default=2048, help="guest MiB")
     parser.add_argument("--json", default=None, help="write every run and the summary here")
-    parser.add_argument("--profile", default=None, help="py-spy the daemon on this workload")
+    parser.add_argument(
+        "--profile", default=None, help="py-spy the ring's process on this workload"
+    )
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     return inside(args) if args.inside else on_host(args)

@@ -11,8 +11,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli"))
 from cli_harness import CLI, Daemon
 from lio_kit import pool_of_volumes, serving
 
+from storvisor.api.client import Client
+from storvisor.testing import procs
 from storvisor.testing.direct_io import read_direct, write_direct
 from storvisor.testing.vhost_scsi_frontend import VhostScsiFrontend
 
@@ -28,7 +31,7 @@ MiB = 1 << 20
 WWPN = "naa.5001405beef00001"
 
 
-VOLUMES = 8
+VOLUMES = 9
 """Volumes made up front: one for each test, which exports and removes its own."""
 
 
@@ -73,6 +76,69 @@ def export_scsi(cli: CLI, ref: str) -> tuple[str, str]:
     return device, by_id
 
 
+def ring_holders() -> list[int]:
+    """The pids that hold a uio device (a TCMU ring) open."""
+    found = []
+    for fds in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd).startswith("/dev/uio") for fd in fds.iterdir()):
+                found.append(int(fds.parent.name))
+        except OSError:
+            continue  # gone meanwhile
+    return found
+
+
+def describe(pid: int) -> str:
+    """A process's pid, parent, command line and uio fds, for an assertion's message."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        parent = next(line for line in status.splitlines() if line.startswith("PPid:"))
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        fds = [
+            f"{fd.name}->{os.readlink(fd)}"
+            for fd in Path(f"/proc/{pid}/fd").iterdir()
+            if os.readlink(fd).startswith("/dev/uio")
+        ]
+    except OSError as e:
+        return f"{pid}: {e}"
+    return f"{pid} ({parent}) {command} {fds}"
+
+
+def data_planes(daemon: Daemon) -> list[int]:
+    assert daemon.proc is not None
+    return [
+        c.pid
+        for c in procs.children(daemon.proc.pid)
+        if b"storvisor.exports.nbd_worker" in c.cmdline
+    ]
+
+
+def the_ring_holder(daemon: Daemon) -> int:
+    """The one process serving the rings: a data-plane process, not the daemon."""
+    deadline = time.monotonic() + 30
+    while len(holders := ring_holders()) != 1:
+        assert time.monotonic() < deadline, [describe(pid) for pid in holders]
+        time.sleep(0.1)
+    assert holders[0] in data_planes(daemon), (holders, data_planes(daemon))
+    return holders[0]
+
+
+def export_counts(cli: CLI, ref: str) -> dict[str, float]:
+    """The bytes the daemon's metrics count for the SCSI export of ``ref``, by operation."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    pool, volume = ref.split("/")
+    labels = {"export": f"scsi/{ref}", "kind": "scsi", "pool": pool, "volume": volume}
+    found = {}
+    text = Client(cli.home / "api.sock", timeout=60).metrics()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            rest = {k: v for k, v in sample.labels.items() if k != "op"}
+            if sample.name == "storvisor_export_bytes_total" and rest == labels:
+                found[sample.labels["op"]] = sample.value
+    return found
+
+
 def allocated(cli: CLI, ref: str) -> int:
     info = cli("volume", "show", ref, "--json").json()
     assert isinstance(info, dict)
@@ -81,6 +147,7 @@ def allocated(cli: CLI, ref: str) -> int:
 
 def test_scsi_disk_shows_the_emulation_to_sg3_utils(cli: CLI, daemon: Daemon, ref: str) -> None:
     device, by_id = export_scsi(cli, ref)
+    the_ring_holder(daemon)
     disk = os.path.basename(device)
     wwid = Path(f"/sys/block/{disk}/device/wwid").read_text().strip()
     assert wwid.startswith("naa.6") and by_id == f"/dev/disk/by-id/wwn-0x{wwid[4:]}"
@@ -114,6 +181,8 @@ def test_fio_verify_on_the_scsi_disk(cli: CLI, daemon: Daemon, ref: str) -> None
     job = json.loads(out[out.index("{") :])["jobs"][0]
     assert job["error"] == 0 and job["write"]["io_bytes"] == 16 * MiB
     assert job["read"]["io_bytes"] == 16 * MiB  # the verify pass read everything back
+    counted = export_counts(cli, ref)  # by the data-plane process, in the daemon's metrics
+    assert counted["write"] == 16 * MiB and counted["read"] >= 16 * MiB, counted
     cli("export", "remove", f"scsi/{ref}")
 
 
@@ -189,31 +258,60 @@ def test_vhost_scsi_endpoint_of_a_volume_read_back_over_nbd(
     assert not Path(f"/sys/kernel/config/target/vhost/{WWPN}").exists()
 
 
-def test_kill_9_of_the_daemon_under_io_loses_nothing(
-    cli: CLI, daemon: Daemon, ref: str, tmp_path: Path
-) -> None:
-    device, _ = export_scsi(cli, ref)
+def write_while(device: str, kill: Callable[[threading.Event], None]) -> None:
+    """Write 32 MiB of a random pattern to ``device``, a 256 KiB write with O_DIRECT and an
+    fsync at a time, with ``kill`` run on a thread of its own from the 9th write on (it sets
+    the event once its signal is sent; the writes go on meanwhile). The writes complete and
+    the data is intact, and the kernel logged no I/O error."""
     chunk = 256 * 1024
-    count = 64
-    source = tmp_path / "pattern.bin"
-    source.write_bytes(os.urandom(chunk * count))
-    writer = subprocess.Popen(
-        ["dd", f"if={source}", f"of={device}", f"bs={chunk}", "oflag=direct", "conv=fsync"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(1.0)
-    assert daemon.proc is not None
-    daemon.proc.send_signal(signal.SIGKILL)
-    daemon.proc.wait()
-    daemon.proc = None
-    started = time.monotonic()
-    daemon.start(timeout=120)
-    restart = time.monotonic() - started
-    _, err = writer.communicate(timeout=120)
-    assert writer.returncode == 0, err
-    assert read_direct(device, 0, chunk * count) == source.read_bytes()
+    count = 128
+    source = os.urandom(chunk * count)
+    sent = threading.Event()
+    killer = threading.Thread(target=kill, args=(sent,))
+    for n in range(count):
+        if n == 8:
+            killer.start()
+        if n == 16:
+            assert sent.wait(60), "the kill was not sent"
+        write_direct(device, n * chunk, source[n * chunk : (n + 1) * chunk])
+    killer.join(300)
+    assert not killer.is_alive()
+    assert read_direct(device, 0, chunk * count) == source
     dmesg = run("dmesg")
     assert "I/O error" not in dmesg and "timing out command" not in dmesg, dmesg[-3000:]
+
+
+def test_kill_9_of_the_data_plane_under_io_loses_nothing(
+    cli: CLI, daemon: Daemon, ref: str
+) -> None:
+    device, _ = export_scsi(cli, ref)
+    holder = the_ring_holder(daemon)
+
+    def kill_plane(sent: threading.Event) -> None:
+        os.kill(holder, signal.SIGKILL)
+        sent.set()
+
+    write_while(device, kill_plane)
+    assert the_ring_holder(daemon) != holder  # a new process took the ring over
+    cli("export", "remove", f"scsi/{ref}")
+
+
+def test_kill_9_of_the_daemon_under_io_loses_nothing(cli: CLI, daemon: Daemon, ref: str) -> None:
+    device, _ = export_scsi(cli, ref)
+    restart = 0.0
+
+    def kill_daemon(sent: threading.Event) -> None:
+        nonlocal restart
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGKILL)
+        sent.set()
+        daemon.proc.wait()
+        daemon.proc = None
+        started = time.monotonic()
+        daemon.start(timeout=120)
+        restart = time.monotonic() - started
+
+    write_while(device, kill_daemon)
+    the_ring_holder(daemon)
     print(f"daemon restart took {restart:.1f} s")
     cli("export", "remove", f"scsi/{ref}")

@@ -75,9 +75,9 @@ def serve(
     (``HOME/tokens.json``); the banner gives the certificate's SHA-256 fingerprint.
     ``InvalidArgument`` if the certificate cannot be loaded or generated.
 
-    ``data_planes`` is the number of data-plane processes serving NBD connections and
-    vhost-user-blk queues (default: one per CPU); 0 gives every vhost-user-blk export
-    processes of its own (``api/exports.py``)."""
+    ``data_planes`` is the number of data-plane processes serving NBD connections,
+    vhost-user-blk queues and TCMU rings (default: one per CPU); 0 gives every vhost-user-blk
+    and TCMU export processes of its own (``api/exports.py``)."""
     for name in (API_SOCKET, NBD_SOCKET):
         sock = Path(home_path).absolute() / name
         if len(os.fsencode(sock)) > _SUN_PATH_MAX:

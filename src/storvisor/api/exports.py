@@ -13,32 +13,36 @@ NBD exports share one ``NBDServer`` listening on ``HOME/nbd.sock`` (and on TCP w
 each client connection opens its own volume handle, which is closed when it ends. The daemon
 has a fixed set of data-plane processes (``exports/nbd_worker.py``'s ``DataPlanes``, one per
 CPU unless told otherwise): it hands every accepted NBD connection to one of them, and puts
-the queues of every vhost-user-blk export of a volume on the least loaded ones
-(``exports/vhost_worker.py``), so several clients and exports use several cores whatever
-their number; the daemon holds a vhost-user-blk export's volume handle for as long as the
-export lives and does its allocations and flushes. With ``per_export_planes`` every
-vhost-user-blk export has processes of its own instead.
+the queues of every vhost-user-blk export of a volume and the ring of every TCMU backstore on
+the least loaded ones (``exports/vhost_worker.py``, ``exports/tcmu_plane.py``), so several
+clients and exports use several cores whatever their number; the daemon holds such an
+export's volume handle for as long as the export lives and does its allocations and flushes.
+With ``per_export_planes`` every vhost-user-blk export and TCMU backstore has processes of
+its own instead; without data planes they are served in the daemon.
 
 The service opens every export's volume through a ``ThrottledDevice`` holding the volume's
-QoS block (``api/qos.py``); NBD and vhost-user-blk data planes are handed that block with the
-volume, so all of a volume's exports draw from one set of buckets.
+QoS block (``api/qos.py``); the data planes are handed that block with the volume, so all
+of a volume's exports draw from one set of buckets.
 
 SCSI exports go through LIO (``exports/lio.py``): ``scsi`` is a tcm_loop LUN (a host
 ``/dev/sdX``), ``vhost-scsi`` a LUN of a vhost target (``wwpn``, ``lun``) for QEMU, of a
-volume (a TCMU backstore served in the daemon) or of a host block device (``device``: an
-iblock backstore). Their LIO objects outlive the daemon: stopping it closes the handlers
-only, so a restarted daemon serves the same LUNs again; removing the export deletes them.
+volume (a TCMU backstore, its ring served by one of the data-plane processes, like a
+vhost-user-blk export's queues: ``exports/tcmu_plane.py``) or of a host block device
+(``device``: an iblock backstore). Their LIO objects outlive the daemon: stopping it closes
+the handlers only, so a restarted daemon serves the same LUNs again; removing the export
+deletes them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from storvisor.api.export_defs import (
     SCSI_KINDS,
@@ -53,8 +57,10 @@ from storvisor.errors import Conflict, InvalidArgument, NotFound
 from storvisor.exports.nbd import NBDExport, NBDServer, nbd_uri
 
 if TYPE_CHECKING:
+    from storvisor.engine.volume import Volume
     from storvisor.exports.lio import Lio, ScsiExport
     from storvisor.exports.nbd_worker import DataPlanes
+    from storvisor.exports.tcmu_plane import TcmuDataPlane
     from storvisor.exports.vhost_user_blk import VhostUserBlkServer
     from storvisor.exports.vhost_worker import VhostDataPlane
 
@@ -215,11 +221,26 @@ class ExportRuntime:
     def _activate_scsi(
         self, spec: ExportSpec, open_volume: Callable[[], BlockDevice], serial: str
     ) -> None:
+        from storvisor.engine.volume import Volume
         from storvisor.exports.lio import Fabric, Lio, ScsiExport
 
         if self._lio is None:
             self._lio = Lio()
         volume = open_volume() if spec.device is None else None
+        counters: StatsSet | None = None
+        plane = None
+        inner = volume.inner if isinstance(volume, ThrottledDevice) else volume
+        if volume is not None and isinstance(inner, Volume) and self._planes is not None:
+            counters = StatsSet(spec.name)
+            plane = functools.partial(
+                _tcmu_plane,
+                inner,
+                serial=serial,
+                read_only=inner.read_only or volume.read_only,
+                qos=volume.qos if isinstance(volume, ThrottledDevice) else None,
+                stats=counters,
+                planes=None if self._per_export else self._planes,
+            )
         export = ScsiExport(
             self._lio,
             spec.name,
@@ -229,6 +250,7 @@ class ExportRuntime:
             wwpn=spec.wwpn,
             lun=spec.lun,
             serial=serial,
+            plane=plane,
         )
         try:
             export.start()
@@ -237,6 +259,8 @@ class ExportRuntime:
                 volume.close()
             raise
         self._scsi[spec.name] = (export, volume)
+        if counters is not None:
+            self._stats[spec.name] = (spec, counters)
 
     def scsi_lun(self, name: str) -> int | None:
         """The LUN number an active SCSI export got (None if it is not active)."""
@@ -276,19 +300,24 @@ class ExportRuntime:
                 device.close()
 
     def io_stats(self) -> list[tuple[ExportSpec, StatsSet]]:
-        """The request counters of every active export that keeps them (NBD exports and
-        vhost-user-blk exports served by data-plane processes)."""
+        """The request counters of every active export that keeps them (NBD exports, and
+        vhost-user-blk exports and TCMU backstores served by data-plane processes)."""
         return list(self._stats.values())
 
     def restarts(self) -> list[tuple[str, str, int]]:
         """``(kind, export, count)``: data-plane processes started again after one ended,
-        for the NBD workers (export ``""``) and each vhost-user-blk export."""
-        from storvisor.exports.vhost_worker import VhostDataPlane
+        for the NBD workers (export ``""``) and each vhost-user-blk export and TCMU backstore
+        they serve."""
+        from storvisor.exports.slots import PlacedExport
 
         found = [(ExportKind.NBD.value, "", self._planes.restarts if self._planes else 0)]
         for name, (server, _) in sorted(self._vhost.items()):
-            if isinstance(server, VhostDataPlane):
+            if isinstance(server, PlacedExport):
                 found.append((ExportKind.VHOST_USER_BLK.value, name, max(server.starts - 1, 0)))
+        for name, (export, _) in sorted(self._scsi.items()):
+            if isinstance(export.handler, PlacedExport):
+                kind = ExportKind.SCSI if export.is_loopback else ExportKind.VHOST_SCSI
+                found.append((kind.value, name, max(export.handler.starts - 1, 0)))
         return found
 
     def notify_resized(self, names: list[str]) -> None:
@@ -314,6 +343,17 @@ class ExportRuntime:
             self._planes.close()
         with contextlib.suppress(FileNotFoundError):
             self.nbd_socket.unlink()
+
+
+def _tcmu_plane(
+    volume: Volume, dev_config: str, block_size: int, reset_path: str, **options: Any
+) -> TcmuDataPlane:
+    """A ``TcmuDataPlane`` of ``volume`` for a backstore (``ScsiExport``'s ``plane``)."""
+    from storvisor.exports.tcmu_plane import TcmuDataPlane
+
+    return TcmuDataPlane(
+        volume, dev_config, block_size=block_size, reset_path=reset_path, **options
+    )
 
 
 def forget_lio_objects(spec: ExportSpec) -> None:

@@ -3,12 +3,12 @@
 
 What is measured, and where:
 
-* per export (NBD, and vhost-user-blk served by data-plane processes; labels ``export``,
-  ``kind``, ``pool``, ``volume``, and ``op`` one of read, write, flush, trim, zero):
-  requests, bytes, failed requests and a latency histogram, from
+* per export (NBD, and vhost-user-blk and TCMU backstores served by data-plane processes;
+  labels ``export``, ``kind``, ``pool``, ``volume``, and ``op`` one of read, write, flush,
+  trim, zero): requests, bytes, failed requests and a latency histogram, from
   the export's ``StatsSet`` (``engine/iostats.py``), which sums the shared-memory counter
-  blocks of every connection (NBD) or data-plane process (vhost-user-blk); requests in
-  flight; open connections (NBD) or data-plane processes (vhost-user-blk);
+  blocks of every connection (NBD) or data-plane process (vhost-user-blk, TCMU); requests
+  in flight; open connections (NBD) or data-plane processes (vhost-user-blk, TCMU);
 * per volume (``pool``, ``volume``): seconds requests waited for QoS tokens, from the
   volume's QoS block (every process adds its waits there);
 * per pool (``pool``): capacity, allocated and provisioned bytes, clusters (``state``

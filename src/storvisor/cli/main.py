@@ -834,9 +834,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N|per-export",
         type=data_planes,
         default=None,
-        help="data-plane processes serving every NBD connection and vhost-user-blk queue "
-        "(default: one per CPU); per-export: each vhost-user-blk export gets processes of "
-        "its own",
+        help="data-plane processes serving every NBD connection, vhost-user-blk queue and "
+        "TCMU ring (default: one per CPU); per-export: each vhost-user-blk and TCMU export "
+        "gets processes of its own",
     )
     s.set_defaults(func=None, serve=True)
 

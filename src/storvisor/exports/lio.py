@@ -45,13 +45,25 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from storvisor.engine.device import BlockDevice
 from storvisor.errors import Conflict, InvalidArgument, LocalFailure, NotFound
 
 if TYPE_CHECKING:
     from storvisor.exports.tcmu import TcmuHandler
+
+
+class TcmuServer(Protocol):
+    """What serves a TCMU backstore: a ``TcmuHandler``, or a ``TcmuDataPlane`` that runs one
+    in a data-plane process."""
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def notify_resized(self) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -292,9 +304,12 @@ class Lio:
         starts the ring again at 0. Its handler must run no request meanwhile
         (``TcmuHandler`` calls this itself, at the right moment, after the ring broke).
         Raises ``NotFound``, or ``OSError`` from configfs."""
-        with open(self._user_attrib(name, "reset_ring", group="action"), "w") as f:
-            f.write(str(level))
-        log.warning("reset the TCMU ring of %s", name)
+        reset_ring_at(self.reset_ring_path(name), level)
+
+    def reset_ring_path(self, name: str) -> str:
+        """The configfs file that resets the ring of TCMU backstore ``name``. Raises
+        ``NotFound``."""
+        return self._user_attrib(name, "reset_ring", group="action")
 
     def _user_attrib(self, name: str, attrib: str, group: str = "attrib") -> str:
         pattern = os.path.join(
@@ -528,9 +543,13 @@ class Lio:
 
 
 class ScsiExport:
-    """One export through LIO: a storvisor volume (``volume``: a TCMU backstore served by a
-    ``TcmuHandler`` in this process) or a host block device (``host_device``: iblock), as a
-    LUN on ``fabric`` (see ``Lio.attach`` for ``wwpn`` and ``lun``).
+    """One export through LIO: a storvisor volume (``volume``: a TCMU backstore) or a host
+    block device (``host_device``: iblock), as a LUN on ``fabric`` (see ``Lio.attach`` for
+    ``wwpn`` and ``lun``).
+
+    The backstore of a volume is served by a ``TcmuHandler`` in this process, or, given
+    ``plane`` (which builds a ``TcmuDataPlane`` from the backstore's ``dev_config``, block
+    size and ``action/reset_ring`` file), in a data-plane process.
 
     ``start`` creates (or, after a restart, finds) the backstore, starts the handler before
     the LUN exists, then creates the LUN; on failure it closes the handler and deletes what
@@ -550,6 +569,7 @@ class ScsiExport:
         wwpn: str | None = None,
         lun: int | None = None,
         serial: str = "",
+        plane: Callable[[str, int, str], TcmuServer] | None = None,
     ) -> None:
         if (volume is None) == (host_device is None):
             raise InvalidArgument("an SCSI export is of a volume or of a host block device")
@@ -562,7 +582,8 @@ class ScsiExport:
         self.lun = lun
         self.serial = serial
         self.backstore = backstore_name(export)
-        self.handler: TcmuHandler | None = None
+        self.plane = plane
+        self.handler: TcmuServer | None = None
         self.found: LioLun | None = None
 
     def start(self) -> LioLun:
@@ -581,13 +602,18 @@ class ScsiExport:
                     self.backstore, dev_config, self.volume.size, block_size=block_size, wwn=wwn
                 )
                 backstore = self.backstore
-                self.handler = _start_handler(
-                    self.volume,
-                    dev_config,
-                    self.serial,
-                    block_size,
-                    lambda: self.lio.reset_ring(backstore),
-                )
+                if self.plane is not None:
+                    server = self.plane(dev_config, block_size, self.lio.reset_ring_path(backstore))
+                    self.handler = server
+                    server.start()
+                else:
+                    self.handler = _start_handler(
+                        self.volume,
+                        dev_config,
+                        self.serial,
+                        block_size,
+                        lambda: self.lio.reset_ring(backstore),
+                    )
             self.found = self.lio.attach(self.backstore, self.fabric, wwpn=self.wwpn, lun=self.lun)
         except BaseException:
             self.stop()
@@ -596,6 +622,11 @@ class ScsiExport:
                     self.lio.remove(self.backstore)
             raise
         return self.found
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether the LUN is a local one (tcm_loop), not a vhost target's."""
+        return self.fabric is Fabric.LOOPBACK
 
     def info(self) -> LioLun | None:
         """Its LUN as it is now (the loopback disk may have been renamed), or None."""
@@ -658,6 +689,15 @@ def _start_handler(
     )
     handler.start()
     return handler
+
+
+def reset_ring_at(path: str, level: int = 1) -> None:
+    """Reset a TCMU backstore's command ring through its configfs file ``path``
+    (``Lio.reset_ring_path``): the kernel answers every command in flight BUSY (``level`` 1;
+    2: CHECK CONDITION) and starts the ring again at 0. Raises ``OSError``."""
+    with open(path, "w") as f:
+        f.write(str(level))
+    log.warning("reset the TCMU ring through %s", path)
 
 
 def _is_configfs(path: str) -> bool:

@@ -1,15 +1,15 @@
 """The daemon's data-plane processes (see ``exports/dataplane.py``): a fixed set of worker
-processes, about one per CPU, that serve NBD connections and the queues of vhost-user-blk
-exports, however many exports there are.
+processes, about one per CPU, that serve NBD connections, the queues of vhost-user-blk
+exports and the rings of TCMU backstores, however many exports there are.
 
 Theory of operation
 -------------------
 ``DataPlanes`` starts ``processes`` workers and keeps that many running. Each worker serves
-NBD connections (below) and any number of vhost-user-blk *slots* (``exports/vhost_worker.py``:
-a slot is the part of one export that runs in one process, its queues ``i`` with
-``i % slots == slot``).
+NBD connections (below) and any number of *slots* (``exports/slots.py``: a slot is the part
+of one export that runs in one process: a vhost-user-blk export's queues ``i`` with
+``i % slots == slot``, or a TCMU backstore's ring).
 
-Placement: a vhost-user-blk export asks ``place`` for workers for its slots; each goes to the
+Placement: an export asks ``place`` for workers for its slots; each goes to the
 worker with the least load (queues of the slots it serves plus its open NBD connections),
 the slots of one export to distinct workers while there are enough, so that exports come and
 go without the processes changing. ``serve_slot`` hands a slot over (``SLOT``: its
@@ -21,7 +21,8 @@ threads, its channel to the daemon), never the worker's control loop or another 
 Supervision: when a worker ends (a crash, a kill), a new one is started in its place and
 every export that had a slot in it is told (``PlaneTenant.plane_lost``, on a thread of its
 own): it drops its remaining slots and places them again, and its front-end reconnects
-(vhost-user inflight resubmission). Exports with no slot in that worker never notice.
+(vhost-user inflight resubmission) or its ring is served again. Exports with no slot in
+that worker never notice.
 
 NBD: the daemon keeps listening on its NBD sockets, but hands every accepted connection,
 before the handshake, to one of the workers (in turn). A worker
@@ -87,7 +88,7 @@ from storvisor.exports.link import Link
 from storvisor.protocols.frames import Frame
 
 if TYPE_CHECKING:
-    from storvisor.exports.vhost_worker import Slot
+    from storvisor.exports.slots import Slot
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class _Op(IntEnum):
     # b = cluster size, fds = [channel, map, (QoS block,) (I/O stats block,) backing fds],
     # payload = their device indices (u32 each) + serial
     SLOT = 6  # ident = slot key; payload = the slot's WorkerConfig as JSON, its fd fields
-    # being positions in fds (exports/vhost_worker.py)
+    # being positions in fds (exports/slots.py)
     DROP = 7  # ident = slot key
 
 
@@ -608,20 +609,20 @@ class _Opener:
 
 
 def _start_slot(frame: Frame) -> Slot | None:
-    """Serve the vhost-user-blk slot ``SLOT`` describes (it owns the frame's fds); None if it
-    cannot be served: its channel is then closed, which the daemon sees."""
-    from storvisor.exports.vhost_worker import Slot, WorkerConfig  # loaded once needed
+    """Serve the slot ``SLOT`` describes (it owns the frame's fds); None if it cannot be
+    served: its channel is then closed, which the daemon sees."""
+    from storvisor.exports.slots import Slot, SlotConfig  # loaded once needed
 
     try:
-        config = WorkerConfig.from_json(_text(frame.payload, "a slot's configuration"))
+        config = SlotConfig.from_json(_text(frame.payload, "a slot's configuration"))
     except (ValueError, TypeError, KeyError, LocalFailure) as e:
-        log.error("vhost-user-blk slot %d: bad configuration: %s", frame.ident, e)
+        log.error("slot %d: bad configuration: %s", frame.ident, e)
         _close_fds(frame.fds)
         return None
     try:
         return Slot(config, list(frame.fds))
     except (StorvisorError, OSError, ValueError) as e:
-        log.error("vhost-user-blk slot %d did not start: %s", frame.ident, e)
+        log.error("%s slot %d did not start: %s", config.kind, frame.ident, e)
         return None
 
 

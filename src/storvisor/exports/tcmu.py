@@ -56,6 +56,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from storvisor.engine.device import BlockDevice, Buffer
 from storvisor.errors import (
@@ -130,6 +131,57 @@ def find_uio(dev_config: str, sysfs_root: str = "/sys") -> str:
     raise NotFound(f"no TCMU device with dev_config {dev_config!r} in {base}")
 
 
+@dataclass(frozen=True)
+class UioRing:
+    """An opened uio device of a TCMU backstore: its name (``uioN``), the size of its map,
+    the fd to ``read`` and ``write`` 4 bytes on and the fd to map (one fd for a real
+    device). Whoever holds it owns the fds (``close``), until a ``TcmuHandler`` is given it."""
+
+    uio: str
+    size: int
+    event_fd: int
+    map_fd: int
+
+    def close(self) -> None:
+        for fd in {self.event_fd, self.map_fd}:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+OPEN_BUSY_TIMEOUT = 10.0
+"""Seconds ``open_ring`` retries a device another process still holds open (a handler's
+process that was killed and is still exiting)."""
+
+
+def open_ring(
+    dev_config: str,
+    *,
+    sysfs_root: str = "/sys",
+    dev_root: str = "/dev",
+    opener: UioOpener = open_uio,
+    busy_timeout: float = OPEN_BUSY_TIMEOUT,
+) -> UioRing:
+    """Find and open the uio device of the TCMU backstore ``dev_config``. The kernel lets
+    one process at a time hold it open: ``EBUSY`` is retried for up to ``busy_timeout``.
+
+    Raises:
+        NotFound: no such device (``find_uio``), or its map is gone.
+        LocalFailure: the device node cannot be opened.
+    """
+    uio = find_uio(dev_config, sysfs_root)
+    size = map_size(uio, sysfs_root)
+    path = os.path.join(dev_root, uio)
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            event_fd, map_fd = opener(path)
+            return UioRing(uio, size, event_fd, map_fd)
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise LocalFailure(f"cannot open {path}: {e.strerror or e}") from e
+        time.sleep(0.05)
+
+
 def map_size(uio: str, sysfs_root: str = "/sys") -> int:
     """The size of map 0 of device ``uio`` (uio prints it in hex, ``0x...``).
 
@@ -158,8 +210,10 @@ class TcmuHandler:
     else 512; it must match the backstore's ``hw_block_size``. ``opener`` is the seam where
     a test stands in for the kernel. ``reset_ring`` resets the kernel's ring
     (``action/reset_ring``); with it a broken ring is reset once no request has run for up
-    to ``reset_timeout`` seconds, without it the handler stops. The device is not closed
-    by the handler.
+    to ``reset_timeout`` seconds, without it the handler stops. Given ``ring`` (a device
+    ``open_ring`` opened, maybe in another process that passed its fds on), the handler
+    serves it instead of looking the device up, and owns its fds from ``start`` on. The
+    device is not closed by the handler.
     """
 
     def __init__(
@@ -175,6 +229,7 @@ class TcmuHandler:
         opener: UioOpener = open_uio,
         reset_ring: Callable[[], None] | None = None,
         reset_timeout: float = 30.0,
+        ring: UioRing | None = None,
     ) -> None:
         self.device = device
         self.dev_config = dev_config
@@ -186,6 +241,7 @@ class TcmuHandler:
             raise InvalidArgument("a TCMU handler needs two threads at least: owner, standby")
         self._max_threads = threads
         self._open = opener
+        self._given = ring
         self._reset_ring = reset_ring
         self.reset_timeout = reset_timeout
         self.resets = 0
@@ -234,18 +290,25 @@ class TcmuHandler:
         if self._started:
             raise StateError("the TCMU handler was started before")
         self._started = True
-        self.uio = find_uio(self.dev_config, self.sysfs_root)
-        size = map_size(self.uio, self.sysfs_root)
-        path = os.path.join(self.dev_root, self.uio)
+        ring, self._given = self._given, None
+        if ring is None:
+            ring = open_ring(
+                self.dev_config,
+                sysfs_root=self.sysfs_root,
+                dev_root=self.dev_root,
+                opener=self._open,
+            )
+        self.uio = ring.uio
+        self._event_fd, self._map_fd = ring.event_fd, ring.map_fd
+        size = ring.size
         try:
-            self._event_fd, self._map_fd = self._open(path)
             self._map = mmap.mmap(
                 self._map_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
             )
         except (OSError, ValueError) as e:  # ValueError: not a device, a short file
             self._release()
             reason = e.strerror if isinstance(e, OSError) else str(e)
-            raise LocalFailure(f"cannot map {path}: {reason}") from e
+            raise LocalFailure(f"cannot map {ring.uio}: {reason}") from e
         try:
             self._area = memoryview(self._map)
             self._ring = tcmu.Ring(self._area)

@@ -33,7 +33,9 @@ empty ``dev/uioN``. A handler is given ``sysfs_root``, ``dev_root`` and ``open``
 ``opener`` seam): ``open`` checks the path it is asked for and returns one end of a fresh
 socket pair as the event fd (where the handler ``read``s and ``write``s 4 bytes) and a
 duplicate of the memfd as the map fd. The ring survives a handler: a new ``open`` gets a
-new event channel on the same memory.
+new event channel on the same memory, once no process holds the last one's event fd any
+more (before that ``open`` fails with EBUSY, as the kernel lets one process at a time hold
+the device open).
 """
 
 from __future__ import annotations
@@ -148,11 +150,21 @@ class TcmuKernel:
         if path != os.path.join(self.dev_root, self.uio):
             raise FileNotFoundError(2, "no such uio device", path)
         if self._events is not None:
+            if self.held():
+                raise OSError(errno.EBUSY, "the uio device is open", path)
             self._events.close()
         ours, theirs = socket.socketpair()
         self._events = ours
         ours.setblocking(False)
         return theirs.detach(), os.dup(self._fd)
+
+    def held(self) -> bool:
+        """Whether the last handler's event fd is still open somewhere (the kernel refuses
+        another ``open`` meanwhile, EBUSY)."""
+        assert self._events is not None
+        poller = select.poll()
+        poller.register(self._events, select.POLLRDHUP)
+        return not poller.poll(0)
 
     def signal(self) -> None:
         """Tell the handler that new entries are in the ring."""
@@ -337,6 +349,8 @@ class TcmuKernel:
 
     def wait(self, cmd_ids: list[int], timeout: float = 10.0) -> list[Completion]:
         """Wait for the handler's notifications until every one of ``cmd_ids`` completed.
+        A handler that goes away (its event channel ends) leaves the ring as it is, to the
+        handler that opens the device next, as the kernel does.
 
         Raises:
             TimeoutError: one did not complete within ``timeout`` seconds.
@@ -350,12 +364,18 @@ class TcmuKernel:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"commands {missing} not completed within {timeout} s")
-            ready, _, _ = select.select([self._events], [], [], left)
+            events = self._events
+            ready, _, _ = select.select([events], [], [], left)
             if ready:
                 try:
-                    if len(self._events.recv(4096)) == 0:
-                        raise RingBroken("the handler closed its event channel")
+                    got = events.recv(4096)
                 except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    got = b""
+                if not got:  # the handler is gone: the ring waits for the next one
+                    while self._events is events and time.monotonic() < deadline:
+                        time.sleep(0.01)
                     continue
                 self.reap()  # like tcmu_irqcontrol: only when the handler writes
 
