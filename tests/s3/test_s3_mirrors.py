@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from s3server import REGION, MotoServer
 from tcpproxy import Proxy
 
 from storvisor.api.service import Service
+from storvisor.engine import object_pool
 from storvisor.engine.home import Home
 from storvisor.engine.object_pool import object_backing
 from storvisor.engine.s3 import Bucket, S3Spec
@@ -465,6 +468,87 @@ def test_a_deletion_cut_short_is_finished_by_deleting_again(
         assert aws_env.keys(spec.bucket) == {}
         assert not (tmp_path / "home/pools/d").exists()
         assert service.pools() == []
+        service.create_s3_pool("d", spec, size=64 * MiB, object_size=MiB)  # the name is free
+    finally:
+        service.close()
+        proxy.stop()
+
+
+_DELETE = """
+import sys
+from storvisor.api.service import Service
+from storvisor.engine.home import Home
+Service(Home(sys.argv[1])).delete_pool("d", force=True)
+"""
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        "at once",  # the process still starting or opening the pool: nothing recorded yet
+        "recorded",  # right after the deletion was recorded, before any object went
+        "erasing",  # objects of the bucket deleted, others not yet
+    ],
+)
+def test_a_deletion_killed_midway_leaves_the_pool_whole_or_marked(
+    aws_env: MotoServer, tmp_path: Path, moment: str
+) -> None:
+    """kill -9 of a process deleting an S3 pool, whose erasure is slowed down: the pool is
+    then either whole (killed before the deletion was recorded), every byte of its volume
+    intact, or offline saying its deletion did not finish, with the objects not erased yet
+    still in the bucket; deleting it again empties the bucket and frees the name. Never an
+    online pool with objects gone."""
+    (proxy,) = proxies(aws_env, 1)
+    spec = S3Spec(aws_env.bucket(), (proxy.url,), REGION, timeout=10.0, down_timeout=1.0)
+    home = tmp_path / "home"
+    data = random.Random(moment).randbytes(16 * MiB)
+    service = Service(Home(home))
+    try:
+        service.create_s3_pool("d", spec, size=64 * MiB, object_size=MiB)
+        service.create_volume("d", "v", 16 * MiB)
+        volume = service.home.pool("d").open_volume("v")
+        volume.write(0, data)
+        volume.close()
+        service.home.pool("d").flush()
+    finally:
+        service.close()
+    written = len(aws_env.keys(spec.bucket))
+    mark = home / "pools" / "d" / object_pool.ERASING_NAME
+    proxy.rate = 2048
+    deleting = subprocess.Popen([sys.executable, "-c", _DELETE, str(home)])
+    try:
+        if moment == "recorded":
+            wait_until(mark.exists, "the deletion recorded", timeout=60)
+        elif moment == "erasing":
+            wait_until(
+                lambda: len(aws_env.keys(spec.bucket)) < written - 2, "objects erased", timeout=60
+            )
+        assert deleting.poll() is None, "the deletion ended before the kill"
+    finally:
+        deleting.kill()
+        deleting.wait()
+    proxy.rate = 0
+    left = aws_env.keys(spec.bucket)
+    service = Service(Home(home))
+    try:
+        (info,) = service.pools()
+        if moment != "at once":
+            assert info.state is PoolState.OFFLINE
+        if info.state is PoolState.ONLINE:  # killed before the deletion was recorded
+            assert len(left) == written
+            volume = service.home.pool("d").open_volume("v")
+            try:
+                back = bytearray(16 * MiB)
+                volume.read_into(0, memoryview(back))
+            finally:
+                volume.close()
+            assert back == data
+        else:
+            assert "deletion did not finish" in (info.reason or ""), info
+            assert aws_env.keys(spec.bucket) == left  # opening the HOME erased nothing
+        service.delete_pool("d", force=True)
+        assert aws_env.keys(spec.bucket) == {}
+        assert not (home / "pools/d").exists()
         service.create_s3_pool("d", spec, size=64 * MiB, object_size=MiB)  # the name is free
     finally:
         service.close()
