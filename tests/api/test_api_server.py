@@ -105,6 +105,11 @@ def test_errors_keep_their_class(client: Client, tmp_path: Path) -> None:
     assert client.volume_info("p", "v").size == 1 << 20
 
 
+def _s3_pool(bucket: str, endpoint: str) -> bytes:
+    s3 = {"bucket": bucket, "endpoints": [endpoint], "region": "us-east-1"}
+    return json.dumps({"name": "s", "s3": s3}).encode()
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "kind"),
     [
@@ -117,6 +122,9 @@ def test_errors_keep_their_class(client: Client, tmp_path: Path) -> None:
         ("POST", "/v1/pools", b'{"name": 3}', 400, "InvalidArgument"),
         ("POST", "/v1/pools", b'{"name": "x", "backings": []}', 400, "InvalidArgument"),
         ("POST", "/v1/exports", b'{"kind": "ftp", "pool": "a", "volume": "b"}', 400, None),
+        ("POST", "/v1/s3-pools", _s3_pool("b", ""), 400, "InvalidArgument"),
+        ("POST", "/v1/s3-pools", _s3_pool("b", "ftp://h"), 400, "InvalidArgument"),
+        ("POST", "/v1/s3-pools", _s3_pool("a bucket?", "http://h"), 400, "InvalidArgument"),
     ],
 )
 def test_raw_http_errors(api: APIServer, method, path, body, status, kind) -> None:

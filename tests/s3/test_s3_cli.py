@@ -74,6 +74,8 @@ def test_bad_input_gets_one_line(aws_env: MotoServer, tmp_path: Path) -> None:
     assert "does not exist" in run(home, "pool", "create", "s", *missing, rc=1)
     down = ["--s3", bucket, "--endpoint", "http://127.0.0.1:9"]
     assert "no endpoint answers" in run(home, "pool", "create", "s", *down, rc=1)
+    empty = ["--s3", bucket, "--endpoint", ""]
+    assert "not an http:// or https:// URL" in run(home, "pool", "create", "s", *empty, rc=1)
     assert "--endpoint" in run(home, "pool", "create", "s", "--s3", bucket, rc=1)
     both = ["--backing", str(tmp_path / "f.img:64M"), *where]
     assert "not both" in run(home, "pool", "create", "s", *both, rc=1)

@@ -206,6 +206,10 @@ def test_bad_input_is_refused_and_nothing_is_created(
 
     refused(NotFound, "does not exist", aws_env.spec("no-such-bucket"))
     refused(IOFailure, "no endpoint answers", S3Spec(bucket, ("http://127.0.0.1:9",), "us-east-1"))
+    for url in ("", "127.0.0.1:9", "ftp://127.0.0.1:9", "http://", "http://127.0.0.1:99999"):
+        refused(InvalidArgument, "not an http|out of range", S3Spec(bucket, (url,), "us-east-1"))
+    refused(InvalidArgument, "region", S3Spec(bucket, (aws_env.url,), "not a region!"))
+    refused(InvalidArgument, "invalid bucket name", aws_env.spec("a bucket?"))
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     refused(InvalidArgument, "refused the credentials", aws_env.spec(bucket))
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws_env.secret)
@@ -227,6 +231,8 @@ def test_bad_input_is_refused_and_nothing_is_created(
 
     other = aws_env.bucket()
     create(s3home, aws_env, other, name="p")
+    with pytest.raises(InvalidArgument, match="not an http"):
+        s3home.add_endpoint("p", "")
     with pytest.raises(Conflict, match="holds the storvisor pool 'p'"):
         s3home.create_s3_pool("s", aws_env.spec(other), size=POOL_BYTES, object_size=MiB)
     assert not (pools / "s").exists()

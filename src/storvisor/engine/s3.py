@@ -39,6 +39,7 @@ import functools
 import http.client
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -46,6 +47,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from storvisor.engine.types import EndpointInfo, EndpointState
 from storvisor.errors import Conflict, InvalidArgument, IOFailure, NotFound, Unavailable
@@ -112,6 +114,10 @@ class Lease:
         return f"lease epoch {self.epoch} {state} by {self.owner}"
 
 
+_BUCKET_NAME = re.compile(r"[a-zA-Z0-9._-]{1,255}")
+"""What botocore lets a request name as a bucket (stores may refuse more)."""
+
+
 def data_key(index: int) -> str:
     return f"{DATA_PREFIX}{index:016x}"
 
@@ -151,6 +157,11 @@ class Bucket:
     def __init__(self, spec: S3Spec) -> None:
         if not spec.bucket:
             raise InvalidArgument("an S3 pool needs a bucket name")
+        if not _BUCKET_NAME.fullmatch(spec.bucket):
+            raise InvalidArgument(
+                f"invalid bucket name {spec.bucket!r}: letters, digits, '.', '-' and '_' "
+                "only, at most 255"
+            )
         if not spec.endpoints:
             raise InvalidArgument("an S3 pool needs at least one endpoint")
         try:
@@ -169,13 +180,7 @@ class Bucket:
         )
         self._config = config
         self._session = boto3.session.Session(botocore_session=_botocore_session())
-        session = self._session
-        self._endpoints = [
-            _Endpoint(
-                url, session.client("s3", endpoint_url=url, region_name=spec.region, config=config)
-            )
-            for url in spec.endpoints
-        ]
+        self._endpoints = [_Endpoint(url, self._client(url)) for url in spec.endpoints]
         self._cond = threading.Condition()
         self._closed = False
         self._prober: threading.Thread | None = None
@@ -199,15 +204,29 @@ class Bucket:
         with self._cond:
             if url in self.spec.endpoints:
                 raise Conflict(f"endpoint {url} is already listed")
-        client = self._session.client(
-            "s3", endpoint_url=url, region_name=self.spec.region, config=self._config
-        )
-        endpoint = _Endpoint(url, client)
+        endpoint = _Endpoint(url, self._client(url))
         self._call_on(endpoint, "bucket check", lambda c: c.head_bucket(Bucket=self.spec.bucket))
         with self._cond:
             self._endpoints.append(endpoint)
             self.spec = dataclasses.replace(self.spec, endpoints=(*self.spec.endpoints, url))
             self._cond.notify_all()
+
+    def _client(self, url: str) -> Any:
+        """A client of the endpoint ``url`` in the spec's region. Raises ``InvalidArgument``
+        for a URL that is not ``http://`` or ``https://`` with a host, or a region that
+        botocore refuses."""
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("not an http:// or https:// URL with a host")
+            parts.port  # noqa: B018  (raises ValueError for a port out of range)
+            return self._session.client(
+                "s3", endpoint_url=url, region_name=self.spec.region, config=self._config
+            )
+        except (ValueError, BotoCoreError) as e:
+            raise InvalidArgument(f"S3 endpoint {url!r} in region {self.spec.region!r}: {e}") from e
 
     def remove_endpoint(self, url: str) -> None:
         """Stop using ``url``; requests in flight there finish. Raises ``NotFound`` if it is
