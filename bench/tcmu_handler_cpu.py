@@ -5,9 +5,15 @@
 batches of ``--depth`` (one signal each) and waits for them. It prints requests per second
 and the process's CPU time per request: the stand-in's share is included and is the same
 for every version of the handler, so compare versions, not absolute figures. Pin it to one
-core (``taskset -c 1``) to see what the handler costs where threads cannot hide it. Usage::
+core (``taskset -c 1``) to see what the handler costs where threads cannot hide it.
+
+With ``--plane`` the handler runs where the daemon runs it, in a data-plane process
+(``TcmuDataPlane`` of a ``DataPlanes`` of one process, the volume's QoS block unlimited and a
+block of I/O counters, as the daemon gives them); the CPU of that process per request is
+printed apart from this process's (the stand-in's). Usage::
 
     taskset -c 1 .venv/bin/python bench/tcmu_handler_cpu.py [--batches 300] [--depth 32]
+        [--plane]
 """
 
 from __future__ import annotations
@@ -26,9 +32,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from storvisor.engine.home import Home  # noqa: E402
+from storvisor.engine.iostats import StatsSet  # noqa: E402
+from storvisor.engine.qos import QosBlock  # noqa: E402
 from storvisor.engine.types import BackingSpec  # noqa: E402
+from storvisor.exports.nbd_worker import DataPlanes  # noqa: E402
 from storvisor.exports.tcmu import TcmuHandler  # noqa: E402
+from storvisor.exports.tcmu_plane import TcmuDataPlane  # noqa: E402
 from storvisor.protocols.scsi import LunIdentity  # noqa: E402
+from storvisor.testing import procs  # noqa: E402
 from storvisor.testing.tcmu_kernel import TcmuKernel  # noqa: E402
 
 SIZE = 64 << 20
@@ -38,8 +49,11 @@ def rw10(op: int, lba: int, blocks: int) -> bytes:
     return struct.pack(">BBIBHB", op, 0, lba, 0, blocks, 0)
 
 
-def run(kernel: TcmuKernel, write: bool, batches: int, depth: int) -> tuple[float, float]:
-    """(requests per second, CPU microseconds per request) over ``batches`` batches."""
+def run(
+    kernel: TcmuKernel, write: bool, batches: int, depth: int, plane: int
+) -> tuple[float, float, float]:
+    """(requests per second, CPU microseconds per request of this process and of the
+    process ``plane`` (0: none)) over ``batches`` batches."""
     data = os.urandom(4096)
 
     def batch() -> None:
@@ -56,18 +70,24 @@ def run(kernel: TcmuKernel, write: bool, batches: int, depth: int) -> tuple[floa
 
     for _ in range(10):
         batch()
-    t0, c0 = time.monotonic(), time.process_time()
+    t0, c0, p0 = time.monotonic(), time.process_time(), _seconds(plane)
     for _ in range(batches):
         batch()
-    t1, c1 = time.monotonic(), time.process_time()
+    t1, c1, p1 = time.monotonic(), time.process_time(), _seconds(plane)
     n = batches * depth
-    return n / (t1 - t0), 1e6 * (c1 - c0) / n
+    return n / (t1 - t0), 1e6 * (c1 - c0) / n, 1e6 * (p1 - p0) / n
+
+
+def _seconds(pid: int) -> float:
+    info = procs.process(pid) if pid else None
+    return info.cpu_ticks / os.sysconf("SC_CLK_TCK") if info is not None else 0.0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=300)
     parser.add_argument("--depth", type=int, default=32)
+    parser.add_argument("--plane", action="store_true", help="serve from a data-plane process")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sv-tcmu-cpu-", dir="/dev/shm"))
     try:
@@ -78,23 +98,52 @@ def main() -> int:
         volume = pool.open_volume("v")
         volume.write(0, os.urandom(SIZE))
         kernel = TcmuKernel(tmp, "storvisor/bench", ring_size=1 << 20, data_size=8 << 20)
-        handler = TcmuHandler(
-            volume,
-            "storvisor/bench",
-            identity=LunIdentity.for_volume("bench"),
-            sysfs_root=kernel.sysfs_root,
-            dev_root=kernel.dev_root,
-            opener=kernel.open,
-        )
+        handler: TcmuHandler | TcmuDataPlane
+        planes = qos = None
+        pid = 0
+        if args.plane:
+            planes = DataPlanes(processes=1)
+            planes.start()
+            qos = QosBlock()
+            handler = TcmuDataPlane(
+                volume,
+                "storvisor/bench",
+                block_size=512,
+                serial="bench",
+                qos=qos,
+                stats=StatsSet("bench"),
+                planes=planes,
+                sysfs_root=kernel.sysfs_root,
+                dev_root=kernel.dev_root,
+                opener=kernel.open,
+            )
+        else:
+            handler = TcmuHandler(
+                volume,
+                "storvisor/bench",
+                identity=LunIdentity.for_volume("bench"),
+                sysfs_root=kernel.sysfs_root,
+                dev_root=kernel.dev_root,
+                opener=kernel.open,
+            )
         handler.start()
+        if isinstance(handler, TcmuDataPlane):
+            (pid,) = handler.pids
         try:
             for name, write in (("4k randread", False), ("4k randwrite", True)):
-                rate, cpu = run(kernel, write, args.batches, args.depth)
-                print(f"{name} qd{args.depth}: {rate:8,.0f} req/s, {cpu:5.1f} µs CPU/req")
+                rate, cpu, plane = run(kernel, write, args.batches, args.depth, pid)
+                line = f"{name} qd{args.depth}: {rate:8,.0f} req/s, {cpu:5.1f} µs CPU/req"
+                if pid:
+                    line += f" here, {plane:5.1f} µs in the data plane"
+                print(line)
         finally:
             handler.close()
             volume.close()
             kernel.close()
+            if planes is not None:
+                planes.close()
+            if qos is not None:
+                qos.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -78,6 +78,7 @@ import enum
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from storvisor.errors import ProtocolError, StateError
 
@@ -165,9 +166,9 @@ class TmrType(enum.IntEnum):
     LUN_RESET_PRO = 128  # a pseudo reset after a PR OUT
 
 
-@dataclass(frozen=True, slots=True)
-class Command:
-    """A SCSI command fetched from the ring.
+class Command(NamedTuple):
+    """A SCSI command fetched from the ring (a named tuple: one is made per command, and a
+    tuple is made in a third of the time a frozen dataclass takes).
 
     ``cdb`` is a copy; ``iovecs`` are views of the data area (Data-Out for writes, to be
     filled for reads) that stay valid until the command is completed.

@@ -38,6 +38,7 @@ import hashlib
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from storvisor.errors import InvalidArgument
 from storvisor.protocols.scsi.sense import (
@@ -113,11 +114,11 @@ class IoKind(enum.Enum):
     """Write ``pattern`` (one logical block) over ``[offset, offset+length)``."""
 
 
-@dataclass(frozen=True, slots=True)
-class IoRequest:
+class IoRequest(NamedTuple):
     """What the caller must do on the volume; offsets and lengths are in bytes and lie
     within the capacity. READ fills and WRITE takes the first ``length`` bytes of the
-    command's buffers."""
+    command's buffers. (A named tuple: one is made per READ or WRITE, and a tuple is made in
+    a third of the time a frozen dataclass takes.)"""
 
     kind: IoKind
     offset: int = 0
@@ -482,7 +483,7 @@ class ScsiLun:
         length = blocks * self.block_size
         if length == 0:
             return GOOD
-        if sum(len(b) for b in data) < length:  # buffers shorter than the transfer
+        if sum(map(len, data)) < length:  # buffers shorter than the transfer
             return check_condition(INVALID_FIELD_IN_CDB)
         kind = IoKind.WRITE if writing else IoKind.READ
         fua = writing and (fua or not self.write_cache)
