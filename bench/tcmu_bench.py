@@ -25,9 +25,10 @@ TCMU/fileio and the goal of each workload (0.5x for 4k, 0.8x for 1 MiB). Usage::
         [--cpus 2] [--json results.json] [--profile 'randwrite qd32']
 
 ``--profile WORKLOAD`` records the process serving the ring (a data-plane process) with
-py-spy during the TCMU runs of that workload and writes its collapsed stacks
-(``profile-RW-ROUND.txt``, py-spy's raw format) next to the ``--json`` file (or to /tmp).
-Exit status 0 when every run completed without an I/O error, 1 otherwise.
+py-spy (the ``bench`` extra: ``pip install -e '.[bench]'``) during the TCMU runs of that
+workload and writes its collapsed stacks (``profile-RW-ROUND.txt``, py-spy's raw format)
+next to the ``--json`` file (or to /tmp). Exit status 0 when every run completed without an
+I/O error, 1 otherwise.
 """
 
 from __future__ import annotations
