@@ -36,13 +36,12 @@ deletes them.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from storvisor.api.export_defs import (
     SCSI_KINDS,
@@ -52,12 +51,11 @@ from storvisor.api.export_defs import (
 )
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.iostats import StatsSet
-from storvisor.engine.qos import ThrottledDevice
+from storvisor.engine.qos import QosBlock, ThrottledDevice
 from storvisor.errors import Conflict, InvalidArgument, NotFound
 from storvisor.exports.nbd import NBDExport, NBDServer, nbd_uri
 
 if TYPE_CHECKING:
-    from storvisor.engine.volume import Volume
     from storvisor.exports.lio import Lio, ScsiExport
     from storvisor.exports.nbd_worker import DataPlanes
     from storvisor.exports.tcmu_plane import TcmuDataPlane
@@ -190,7 +188,7 @@ class ExportRuntime:
         counters: StatsSet | None = None
         try:
             Path(spec.socket).parent.mkdir(parents=True, exist_ok=True)
-            volume = device.inner if isinstance(device, ThrottledDevice) else device
+            volume, qos = _unthrottled(device)
             if isinstance(volume, Volume):
                 counters = StatsSet(spec.name)
                 server = VhostDataPlane(
@@ -199,7 +197,7 @@ class ExportRuntime:
                     num_queues=spec.queues,
                     read_only=read_only,
                     serial=serial,
-                    qos=device.qos if isinstance(device, ThrottledDevice) else None,
+                    qos=qos,
                     stats=counters,
                     planes=None if self._per_export else self._planes,
                 )
@@ -228,19 +226,27 @@ class ExportRuntime:
             self._lio = Lio()
         volume = open_volume() if spec.device is None else None
         counters: StatsSet | None = None
-        plane = None
-        inner = volume.inner if isinstance(volume, ThrottledDevice) else volume
-        if volume is not None and isinstance(inner, Volume) and self._planes is not None:
-            counters = StatsSet(spec.name)
-            plane = functools.partial(
-                _tcmu_plane,
-                inner,
-                serial=serial,
-                read_only=inner.read_only or volume.read_only,
-                qos=volume.qos if isinstance(volume, ThrottledDevice) else None,
-                stats=counters,
-                planes=None if self._per_export else self._planes,
-            )
+        plane: Callable[[str, int, str], TcmuDataPlane] | None = None
+        inner, qos = _unthrottled(volume) if volume is not None else (None, None)
+        if isinstance(inner, Volume) and self._planes is not None:
+            from storvisor.exports.tcmu_plane import TcmuDataPlane
+
+            served: Volume = inner
+            stats = counters = StatsSet(spec.name)
+            planes = None if self._per_export else self._planes
+
+            def plane(dev_config: str, block_size: int, reset_path: str) -> TcmuDataPlane:
+                return TcmuDataPlane(
+                    served,
+                    dev_config,
+                    block_size=block_size,
+                    serial=serial,
+                    reset_path=reset_path,
+                    qos=qos,
+                    stats=stats,
+                    planes=planes,
+                )
+
         export = ScsiExport(
             self._lio,
             spec.name,
@@ -345,15 +351,12 @@ class ExportRuntime:
             self.nbd_socket.unlink()
 
 
-def _tcmu_plane(
-    volume: Volume, dev_config: str, block_size: int, reset_path: str, **options: Any
-) -> TcmuDataPlane:
-    """A ``TcmuDataPlane`` of ``volume`` for a backstore (``ScsiExport``'s ``plane``)."""
-    from storvisor.exports.tcmu_plane import TcmuDataPlane
-
-    return TcmuDataPlane(
-        volume, dev_config, block_size=block_size, reset_path=reset_path, **options
-    )
+def _unthrottled(device: BlockDevice) -> tuple[BlockDevice, QosBlock | None]:
+    """The device a ``ThrottledDevice`` wraps and its QoS block, which data planes are
+    handed apart; any other device as it is, with no block."""
+    if isinstance(device, ThrottledDevice):
+        return device.inner, device.qos
+    return device, None
 
 
 def forget_lio_objects(spec: ExportSpec) -> None:

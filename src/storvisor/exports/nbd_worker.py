@@ -107,7 +107,7 @@ class _Op(IntEnum):
     OPENED = 5  # ident; a = errno, payload = message; or a = 0, flags READ_ONLY,
     # b = cluster size, fds = [channel, map, (QoS block,) (I/O stats block,) backing fds],
     # payload = their device indices (u32 each) + serial
-    SLOT = 6  # ident = slot key; payload = the slot's WorkerConfig as JSON, its fd fields
+    SLOT = 6  # ident = slot key; payload = the slot's SlotConfig as JSON, its fd fields
     # being positions in fds (exports/slots.py)
     DROP = 7  # ident = slot key
 

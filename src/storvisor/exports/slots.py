@@ -50,7 +50,7 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.iostats import IoStats, StatsSet, ThreadCountedDevice
@@ -168,7 +168,7 @@ class _Placed:
 class PlacedExport:
     """The daemon's side of one export of ``volume`` served in ``slots`` slots by the
     worker processes of ``planes`` (see the module docstring); without ``planes``, by a
-    private set of ``processes`` that serves it alone. ``loads`` weighs each slot (its
+    private set of one process per slot that serves it alone. ``loads`` weighs each slot (its
     queues) for the placement. The volume handle stays the caller's.
 
     A kind subclasses it: ``_slot_fields`` says what its slots are started with, and
@@ -185,7 +185,6 @@ class PlacedExport:
         loads: list[int],
         read_only: bool = False,
         serial: str = "",
-        processes: int | None = None,
         qos: QosBlock | None = None,
         stats: StatsSet | None = None,
         planes: DataPlanes | None = None,
@@ -201,7 +200,6 @@ class PlacedExport:
         self.loads = loads
         self.starts = 0
         """Placements of the slots so far (1 unless they had to be placed again)."""
-        self._own_processes = processes or slots
         self._own_planes = planes is None
         self._planes = planes
         self._placed: list[_Placed] = []
@@ -224,7 +222,7 @@ class PlacedExport:
         not come up, and what ``_prepare`` raises."""
         try:
             if self._planes is None:
-                self._planes = DataPlanes(processes=self._own_processes)
+                self._planes = DataPlanes(processes=self.slots)
                 self._planes.start()
             with self._lock:
                 self._place()
@@ -382,15 +380,13 @@ class PlacedExport:
 # ------------------------------------------------------------------ the worker process's side
 
 
-class SlotServer:
+class SlotServer(Protocol):
     """What serves a slot in the worker, on its device: ``close`` it to stop;
     ``notify_resized`` once the volume grew."""
 
-    def close(self) -> None:
-        raise NotImplementedError
+    def close(self) -> None: ...
 
-    def notify_resized(self) -> None:
-        raise NotImplementedError
+    def notify_resized(self) -> None: ...
 
 
 class Slot:

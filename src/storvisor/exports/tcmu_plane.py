@@ -55,7 +55,6 @@ class TcmuDataPlane(PlacedExport):
         block_size: int,
         serial: str = "",
         reset_path: str = "",
-        read_only: bool = False,
         qos: QosBlock | None = None,
         stats: StatsSet | None = None,
         planes: DataPlanes | None = None,
@@ -68,7 +67,6 @@ class TcmuDataPlane(PlacedExport):
             dev_config,
             slots=1,
             loads=[1],
-            read_only=read_only,
             serial=serial,
             qos=qos,
             stats=stats,
@@ -111,17 +109,6 @@ class TcmuDataPlane(PlacedExport):
 # ------------------------------------------------------------------ the worker process's side
 
 
-class _TcmuSlot(SlotServer):
-    def __init__(self, handler: TcmuHandler) -> None:
-        self.handler = handler
-
-    def close(self) -> None:
-        self.handler.close()
-
-    def notify_resized(self) -> None:
-        self.handler.notify_resized()
-
-
 def serve_tcmu_slot(config: SlotConfig, device: BlockDevice) -> SlotServer:
     """Serve the TCMU slot ``config`` on ``device`` (``exports/slots.py``)."""
     ring = UioRing(config.uio, config.uio_size, config.event_fd, config.uio_fd)
@@ -139,4 +126,4 @@ def serve_tcmu_slot(config: SlotConfig, device: BlockDevice) -> SlotServer:
         ring.close()
         raise
     handler.start()  # it owns the ring's fds from here on, also when it raises
-    return _TcmuSlot(handler)
+    return handler

@@ -64,15 +64,12 @@ class VhostDataPlane(PlacedExport):
             loads=[len(range(slot, num_queues, slots)) for slot in range(slots)],
             read_only=read_only,
             serial=serial,
-            processes=slots,
             qos=qos,
             stats=stats,
             planes=planes,
         )
         self.socket_path = socket_path
         self.num_queues = num_queues
-        self.processes = slots
-        """The export's slots (each in a process, distinct ones while there are enough)."""
         self._listener: socket.socket | None = None
         self._links: list[tuple[socket.socket, socket.socket]] = []
 
@@ -130,7 +127,7 @@ class VhostDataPlane(PlacedExport):
 # ------------------------------------------------------------------ the worker process's side
 
 
-class _VhostSlot(SlotServer):
+class _VhostSlot:
     """The vhost-user-blk server of one slot, and its links to the other slots."""
 
     def __init__(self, config: SlotConfig, device: BlockDevice) -> None:
