@@ -34,7 +34,6 @@ I/O error, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import json
 import os
@@ -188,12 +187,8 @@ def ring_holder(pid: int) -> int:
     """The process of the daemon ``pid``'s family that serves the TCMU ring (holds the uio
     device open): a data-plane process, or the daemon."""
     for member in procs.family(pid):
-        with contextlib.suppress(OSError):
-            if any(
-                os.readlink(fd).startswith("/dev/uio")
-                for fd in Path(f"/proc/{member}/fd").iterdir()
-            ):
-                return member
+        if procs.open_files(member, "/dev/uio"):
+            return member
     return pid
 
 

@@ -54,11 +54,6 @@ def promtool_accepts(text: str) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def _workers(daemon_pid: int) -> list[int]:
-    children = procs.children(daemon_pid)
-    return sorted(c.pid for c in children if b"storvisor.exports.nbd_worker" in c.cmdline)
-
-
 def _until(check, what: str, timeout: float = 15.0):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while True:
@@ -99,7 +94,7 @@ def test_metrics_count_every_data_plane_request_exactly(
 
     # two connections per worker: requests served by several data-plane processes
     handles = []
-    for _ in range(2 * len(_workers(daemon.proc.pid))):  # type: ignore[union-attr]
+    for _ in range(2 * len(procs.data_planes(daemon.proc.pid))):  # type: ignore[union-attr]
         h = nbd.NBD()
         h.connect_uri(uri)
         handles.append(h)
@@ -193,7 +188,7 @@ def test_qos_waits_and_data_plane_restarts_are_counted(
     assert latency >= waited  # the latency includes the wait
     h.shutdown()
 
-    workers = _workers(daemon.proc.pid)  # type: ignore[union-attr]
+    workers = procs.data_planes(daemon.proc.pid)  # type: ignore[union-attr]
     os.kill(workers[0], signal.SIGKILL)
     _until(
         lambda: (
@@ -334,11 +329,6 @@ def test_without_prometheus_client_the_daemon_serves_and_metrics_answer_501(
         assert rc == 0, err
 
 
-def _vhost_planes(daemon_pid: int) -> list[int]:
-    children = procs.children(daemon_pid)
-    return sorted(c.pid for c in children if b"storvisor.exports.nbd_worker" in c.cmdline)
-
-
 def test_vhost_user_blk_requests_of_every_queue_process_are_counted(
     cli: CLI, daemon: Daemon, home: Path, tmp_path: Path
 ) -> None:
@@ -379,7 +369,7 @@ def test_vhost_user_blk_requests_of_every_queue_process_are_counted(
         assert value(found, "storvisor_dataplane_restarts_total", **restarts) == 0
 
         # a killed data plane is restarted and counted; what its processes counted stays
-        planes = _vhost_planes(daemon.proc.pid)  # type: ignore[union-attr]
+        planes = procs.data_planes(daemon.proc.pid)  # type: ignore[union-attr]
         os.kill(planes[-1], signal.SIGKILL)
         _until(
             lambda: (

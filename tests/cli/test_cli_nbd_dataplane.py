@@ -15,11 +15,6 @@ from storvisor.testing import procs
 nbd = require_module("nbd", "python3-libnbd is not installed")
 
 
-def _workers(daemon_pid: int) -> list[int]:
-    children = procs.children(daemon_pid)
-    return sorted(c.pid for c in children if b"storvisor.exports.nbd_worker" in c.cmdline)
-
-
 def _alive(handle) -> bool:  # type: ignore[no-untyped-def]
     try:
         handle.pread(512, 0)
@@ -33,7 +28,7 @@ def test_clients_are_served_by_data_plane_processes(cli, daemon, tmp_path):
     cli("pool", "create", "p", "--backing", f"{tmp_path}/disk.img:1G")
     cli("volume", "create", "p/v", "--size", "64M")
     uri = cli("export", "nbd", "p/v").out.strip()
-    workers = _workers(daemon.proc.pid)
+    workers = procs.data_planes(daemon.proc.pid)
     assert len(workers) == (os.cpu_count() or 1)
 
     handles = []
@@ -48,7 +43,7 @@ def test_clients_are_served_by_data_plane_processes(cli, daemon, tmp_path):
     os.kill(workers[0], signal.SIGKILL)
     deadline = time.monotonic() + 15
     while True:
-        now = _workers(daemon.proc.pid)
+        now = procs.data_planes(daemon.proc.pid)
         if len(now) == len(workers) and workers[0] not in now:
             break
         assert time.monotonic() < deadline, "the killed data plane was not replaced"

@@ -19,12 +19,6 @@ from storvisor.testing.vhost_frontend import VhostUserFrontend
 MiB = 1 << 20
 
 
-def _planes(daemon_pid: int) -> list[int]:
-    """The pids of the daemon's data-plane processes."""
-    children = procs.children(daemon_pid)
-    return sorted(c.pid for c in children if b"storvisor.exports.nbd_worker" in c.cmdline)
-
-
 def _dropped(fe: VhostUserFrontend, wait: float) -> bool:
     """Whether the back-end end of ``fe``'s connection has gone (within ``wait`` s)."""
     assert fe.sock is not None
@@ -58,7 +52,7 @@ def test_exports_share_the_data_planes_and_a_killed_one_restarts(cli, daemon, tm
         socks[name] = str(tmp_path / f"{name}.sock")
         cli("export", "vhost-user-blk", f"p/{name}", "--socket", socks[name])
     cpus = os.cpu_count() or 1
-    planes = _wait(lambda: len(p := _planes(daemon.proc.pid)) == cpus and p)
+    planes = _wait(lambda: len(p := procs.data_planes(daemon.proc.pid)) == cpus and p)
     assert daemon.proc.pid not in planes  # four exports, one process per CPU, none the daemon
 
     fes = {
@@ -75,7 +69,9 @@ def test_exports_share_the_data_planes_and_a_killed_one_restarts(cli, daemon, tm
         # one serving a
         victim = planes[0]
         os.kill(victim, signal.SIGKILL)
-        again = _wait(lambda: len(p := _planes(daemon.proc.pid)) == cpus and victim not in p and p)
+        again = _wait(
+            lambda: len(p := procs.data_planes(daemon.proc.pid)) == cpus and victim not in p and p
+        )
         assert set(again) - {victim} >= set(planes) - {victim}  # the others never restarted
         hit = [name for name, fe in fes.items() if _dropped(fe, 10 if name == "a" else 0)]
         assert len(hit) == 1, hit  # exactly one export lost its queue; the other carries on
@@ -126,13 +122,13 @@ def test_data_planes_count_and_per_export(cli, home, tmp_path):
         d = Daemon(home, *args).start()
         try:
             assert d.proc is not None
-            found = _wait(lambda d=d, n=expect: len(p := _planes(d.proc.pid)) == n and p)
+            found = _wait(lambda d=d, n=expect: len(p := procs.data_planes(d.proc.pid)) == n and p)
             for name in ("a", "b", "c"):
                 with VhostUserFrontend(str(tmp_path / f"{name}.sock"), queue_size=16) as fe:
                     fe.setup()
                     assert fe.blk.write(0, name.encode() * 4096) == Status.OK
                     assert _read(fe, 0, 4096) == name.encode() * 4096
-            assert len(_planes(d.proc.pid)) == len(found)
+            assert len(procs.data_planes(d.proc.pid)) == len(found)
         finally:
             rc, err = d.stop()
             assert rc == 0, err

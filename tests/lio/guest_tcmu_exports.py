@@ -78,14 +78,7 @@ def export_scsi(cli: CLI, ref: str) -> tuple[str, str]:
 
 def ring_holders() -> list[int]:
     """The pids that hold a uio device (a TCMU ring) open."""
-    found = []
-    for fds in Path("/proc").glob("[0-9]*/fd"):
-        try:
-            if any(os.readlink(fd).startswith("/dev/uio") for fd in fds.iterdir()):
-                found.append(int(fds.parent.name))
-        except OSError:
-            continue  # gone meanwhile
-    return found
+    return [info.pid for info in procs.processes() if procs.open_files(info.pid, "/dev/uio")]
 
 
 def describe(pid: int) -> str:
@@ -94,23 +87,14 @@ def describe(pid: int) -> str:
         status = Path(f"/proc/{pid}/status").read_text()
         parent = next(line for line in status.splitlines() if line.startswith("PPid:"))
         command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        fds = [
-            f"{fd.name}->{os.readlink(fd)}"
-            for fd in Path(f"/proc/{pid}/fd").iterdir()
-            if os.readlink(fd).startswith("/dev/uio")
-        ]
     except OSError as e:
         return f"{pid}: {e}"
-    return f"{pid} ({parent}) {command} {fds}"
+    return f"{pid} ({parent}) {command} {procs.open_files(pid, '/dev/uio')}"
 
 
 def data_planes(daemon: Daemon) -> list[int]:
     assert daemon.proc is not None
-    return [
-        c.pid
-        for c in procs.children(daemon.proc.pid)
-        if b"storvisor.exports.nbd_worker" in c.cmdline
-    ]
+    return procs.data_planes(daemon.proc.pid)
 
 
 def the_ring_holder(daemon: Daemon) -> int:

@@ -4,6 +4,7 @@ with it)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterable
@@ -43,6 +44,27 @@ def processes() -> list[ProcessInfo]:
 def children(pid: int) -> list[ProcessInfo]:
     """The live (not ended) children of ``pid``."""
     return [p for p in processes() if p.ppid == pid and p.state != "Z"]
+
+
+def data_planes(pid: int) -> list[int]:
+    """The live data-plane processes (``exports/nbd_worker.py``) that ``pid`` started,
+    sorted."""
+    return sorted(c.pid for c in children(pid) if b"storvisor.exports.nbd_worker" in c.cmdline)
+
+
+def open_files(pid: int, prefix: str) -> list[str]:
+    """The fds of ``pid`` open on a path that starts with ``prefix``, as ``"FD->PATH"``
+    (empty for a process that ended)."""
+    found = []
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):  # closed meanwhile
+                target = os.readlink(fd)
+                if target.startswith(prefix):
+                    found.append(f"{fd.name}->{target}")
+    except OSError:
+        return []  # gone meanwhile
+    return found
 
 
 def family(pid: int) -> list[int]:
