@@ -42,6 +42,41 @@ def storvisor(home: Path, *args: str) -> str:
     return proc.stdout
 
 
+@contextlib.contextmanager
+def serving(home: Path, *, answer_within: float = 60.0) -> Iterator[tuple[Client, Popen]]:
+    """``storvisor serve`` in ``home``, once its API answers (within ``answer_within``
+    seconds), and its process (stderr kept for the failure message); stopped with SIGTERM
+    at the end (killed after 60 s)."""
+    daemon = subprocess.Popen(
+        [STORVISOR, "--home", str(home), "serve"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        client = Client(home / "api.sock")
+        deadline = time.monotonic() + answer_within
+        while True:
+            try:
+                client.status()
+                break
+            except StorvisorError:
+                assert daemon.poll() is None, f"the daemon exited: {daemon.communicate()}"
+                assert time.monotonic() < deadline, "the daemon did not answer"
+                time.sleep(0.1)
+        yield client, daemon
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.communicate()
+
+
+Popen = subprocess.Popen[str]
+
+
 @dataclass
 class MirroredDaemon:
     home: Path

@@ -1,6 +1,7 @@
 """A small TCP proxy for the mirror tests: it forwards to a server, and can be stopped
 (connections refused, open ones cut), restarted on its port, stalled (it accepts and
-reads, but forwards nothing and never answers), made to cut answers (it forwards the
+reads, but forwards nothing and never answers), held (it forwards nothing until released,
+then all of it: an endpoint that answers late), made to cut answers (it forwards the
 first chunk of what the server sends, then closes the connection: a response ends early),
 or slowed (``rate``: each connection's answers, in bytes per second), or made to corrupt
 answers (``corrupting``: one byte flipped in every chunk of an answer that carries no
@@ -19,6 +20,7 @@ class Proxy:
         self.target = target
         self.port = 0
         self.stalled = threading.Event()
+        self.held = threading.Event()
         self.cutting = threading.Event()
         self.corrupting = threading.Event()
         self.rate = 0.0
@@ -90,6 +92,8 @@ class Proxy:
                     break
                 if self.stalled.is_set():
                     continue  # swallowed: the peer waits for an answer that never comes
+                while self.held.is_set():
+                    time.sleep(0.01)
                 rate = self.rate
                 if answers and rate:
                     now = time.monotonic()

@@ -7,20 +7,15 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
-from mirror_kit import STORVISOR, VOLUME, bucket_volume, fail_mirrors, mirrored_daemon, storvisor
+from mirror_kit import VOLUME, bucket_volume, fail_mirrors, mirrored_daemon, serving, storvisor
 from s3server import MotoServer
 
 from prereq import require_module
-from storvisor.api.client import Client
 from storvisor.engine.home import Home
-from storvisor.errors import StorvisorError
 
 nbd = require_module("nbd", "python3-libnbd is not installed")
 MiB = 1 << 20
@@ -32,23 +27,7 @@ def test_nbd_flush_reaches_the_bucket_and_a_fenced_daemon_stops(
     bucket = aws_env.bucket()
     first = tmp_path / "first"
     where = ["--s3", bucket, "--endpoint", aws_env.url, "--region", "us-east-1"]
-    daemon = subprocess.Popen(
-        [STORVISOR, "--home", str(first), "serve"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        client = Client(first / "api.sock")
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client.status()
-                break
-            except StorvisorError:
-                assert daemon.poll() is None, f"daemon exited: {daemon.communicate()}"
-                assert time.monotonic() < deadline, "the daemon did not answer"
-                time.sleep(0.1)
+    with serving(first):
         # through the daemon's API: the daemon's own AWS environment is used
         storvisor(first, "pool", "create", "s", *where, "--size", "64M", "--object-size", "1M")
         storvisor(first, "volume", "create", "s/v", "--size", "8M")
@@ -86,13 +65,6 @@ def test_nbd_flush_reaches_the_bucket_and_a_fenced_daemon_stops(
         with pytest.raises(nbd.Error):
             handle.flush()  # the daemon lost the lease: its flushes fail
         handle.shutdown()
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.communicate()
     assert os.path.exists(first / "pools" / "s")
 
 

@@ -283,7 +283,8 @@ def render(sample: MetricsSample) -> bytes:
             clusters.add_metric([info.name, "total"], float(stats.capacity // cs))
             clusters.add_metric([info.name, "allocated"], float(stats.allocated // cs))
             clusters.add_metric([info.name, "free"], float(stats.free // cs))
-            online.add_metric([info.name], 0.0 if info.state.value == "offline" else 1.0)
+            serving = info.state.value in ("online", "degraded")
+            online.add_metric([info.name], 1.0 if serving else 0.0)
             if p.commit_buckets:
                 commits.add_metric(
                     [info.name], _histogram_buckets(p.commit_buckets), sum_value=p.commit_ns / 1e9

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from storvisor.api.export_defs import (
@@ -84,6 +84,7 @@ DEMO_POOL_SIZE = 64 << 30
 DEMO_VOLUME = "demo"
 DEMO_VOLUME_SIZE = 1 << 30
 DEMO_EXPORT = "demo"
+_NOT_SERVING = (PoolState.OFFLINE, PoolState.OPENING)
 
 
 class Management(Protocol):
@@ -229,7 +230,7 @@ class Service:
                 buckets: tuple[int, ...] = ()
                 commit_ns = 0
                 errors = IoErrorCounts()
-                if info.state is not PoolState.OFFLINE:
+                if info.state not in _NOT_SERVING:
                     with contextlib.suppress(StorvisorError):
                         pool = self.home.pool(info.name)
                         buckets, commit_ns = pool.commit_times.snapshot()
@@ -329,8 +330,8 @@ class Service:
         """Open an offline pool again once its devices are back, and start its exports that
         are not serving (those that still fail stay ``broken`` with their reason). Raises
         ``NotFound``, ``PoolOffline`` (a ``CorruptMetadata``) if it is still offline."""
+        info = self.home.reopen_pool(name)  # the open waits without the service's lock
         with self._lock:
-            info = self.home.reopen_pool(name)
             if self._runtime is not None:
                 for spec in self._specs:
                     if spec.pool != name or self._runtime.is_active(spec.name):
@@ -347,7 +348,7 @@ class Service:
     def delete_pool(self, name: str, *, force: bool = False) -> None:
         """Delete a pool. ``Conflict`` if it has volumes (unless ``force``) or exports. An
         S3 pool's objects are erased without the service's lock (``Home.remove_pool``)."""
-        with self._lock:
+        with self._locked(name):
             self.home.pool_info(name)
             self._refuse_if_exported(name, None, None, f"pool {name}")
             rest = self.home.remove_pool(name, force=force)
@@ -355,7 +356,7 @@ class Service:
 
     def add_backing(self, pool: str, spec: BackingSpec) -> PoolInfo:
         """Add a backing device to a pool, online."""
-        with self._lock:
+        with self._locked(pool):
             return self.home.pool(pool).add_backing(spec)
 
     # -- volumes ------------------------------------------------------------------------
@@ -364,17 +365,17 @@ class Service:
         """Create a thin volume of ``size`` bytes (``Conflict`` if the name is taken)."""
         if size <= 0:
             raise InvalidArgument(f"invalid volume size {size}: must be positive")
-        with self._lock:
+        with self._locked(pool):
             return self.home.pool(pool).create_volume(name, size)
 
     def volumes(self, pool: str | None = None) -> list[VolumeInfo]:
-        """The volumes of ``pool``, or of every pool that is not offline, sorted by pool then
-        name. ``PoolOffline`` if the named ``pool`` is offline."""
-        with self._lock:
+        """The volumes of ``pool``, or of every pool that serves (neither offline nor being
+        opened), sorted by pool then name. ``PoolOffline`` if the named ``pool`` is offline."""
+        with self._locked(pool):
             names = (
                 [pool]
                 if pool is not None
-                else [p.name for p in self.home.pools() if p.state is not PoolState.OFFLINE]
+                else [p.name for p in self.home.pools() if p.state not in _NOT_SERVING]
             )
             found: list[VolumeInfo] = []
             for name in names:
@@ -382,12 +383,12 @@ class Service:
             return sorted(found, key=lambda v: (v.pool, v.name))
 
     def volume_info(self, pool: str, name: str) -> VolumeInfo:
-        with self._lock:
+        with self._locked(pool):
             return self.home.pool(pool).volume_info(name)
 
     def delete_volume(self, pool: str, name: str) -> None:
         """Delete a volume. ``Conflict`` if it (or one of its snapshots) is exported."""
-        with self._lock:
+        with self._locked(pool):
             p = self.home.pool(pool)
             p.volume_info(name)
             self._refuse_if_exported(pool, name, None, f"volume {pool}/{name}")
@@ -398,7 +399,7 @@ class Service:
         """Grow a volume online; its vhost-user-blk front-ends and SCSI LUNs are told the
         new size.
         ``InvalidArgument`` if ``size`` is smaller than the current size."""
-        with self._lock:
+        with self._locked(pool):
             info = self.home.pool(pool).extend_volume(name, size)
             self._qos.refresh(pool, name)
             if self._runtime is not None:
@@ -414,18 +415,18 @@ class Service:
 
     def clone(self, pool: str, volume: str, snapshot: str, new: str) -> VolumeInfo:
         """Create the writable linked clone ``new`` of ``volume@snapshot`` in the same pool."""
-        with self._lock:
+        with self._locked(pool):
             return self.home.pool(pool).clone(volume, snapshot, new)
 
     def flatten(self, pool: str, volume: str) -> VolumeInfo:
         """Copy the data a clone shares with its origin so it no longer depends on it."""
-        with self._lock:
+        with self._locked(pool):
             return self.home.pool(pool).flatten(volume)
 
     def start_flatten(self, pool: str, volume: str) -> JobInfo:
         """``flatten`` as a job, with progress; cancelling it keeps the clusters copied so
         far (the volume stays a consistent clone and a later flatten goes on from there)."""
-        with self._lock:
+        with self._locked(pool):
             p = self.home.pool(pool)
             p.volume_info(volume)
         job_id = self._jobs.create("flatten", f"{pool}/{volume}", Cleanup())
@@ -444,17 +445,17 @@ class Service:
     def create_snapshot(self, pool: str, volume: str, snapshot: str) -> SnapshotInfo:
         """Taken outside the service's lock: it waits for the volume's reads and writes in
         flight, which a stalled device may hold up for as long as it stalls."""
-        with self._lock:
+        with self._locked(pool):
             p = self.home.pool(pool)
         return p.create_snapshot(volume, snapshot)
 
     def snapshots(self, pool: str, volume: str) -> list[SnapshotInfo]:
-        with self._lock:
+        with self._locked(pool):
             return self.home.pool(pool).snapshots(volume)
 
     def delete_snapshot(self, pool: str, volume: str, snapshot: str) -> None:
         """Delete a snapshot; ``Conflict`` if it is exported."""
-        with self._lock:
+        with self._locked(pool):
             p = self.home.pool(pool)
             self._snapshot_info(pool, volume, snapshot)
             self._refuse_if_exported(pool, volume, snapshot, f"snapshot {pool}/{volume}@{snapshot}")
@@ -463,7 +464,7 @@ class Service:
     def rollback(self, pool: str, volume: str, snapshot: str) -> VolumeInfo:
         """Return a volume to a snapshot's contents; ``Conflict`` while it has open handles
         (a vhost-user-blk export or a connected NBD client)."""
-        with self._lock:
+        with self._locked(pool):
             return self.home.pool(pool).rollback(volume, snapshot)
 
     def set_timeouts(
@@ -472,7 +473,7 @@ class Service:
         """Set a pool's sync timeout (``io``, positive) and its read and write timeout
         (``data``, 0: none); None keeps a value. Returns both as they are now (durable).
         Raises ``NotFound``, ``InvalidArgument``, ``PoolOffline``."""
-        with self._lock:
+        with self._locked(pool):
             p = self.home.pool(pool)
             if io is not None:
                 p.set_io_timeout(io)
@@ -481,7 +482,7 @@ class Service:
             return Timeouts(p.io_timeout, p.data_timeout)
 
     def fsck(self, pool: str) -> FsckReport:
-        with self._lock:
+        with self._locked(pool):
             return self.home.pool(pool).fsck()
 
     # -- exports ------------------------------------------------------------------------
@@ -525,7 +526,7 @@ class Service:
             raise InvalidArgument(f"vhost-user socket path must be absolute: {socket!r}")
         if not 1 <= queues <= 64:
             raise InvalidArgument(f"invalid queue count {queues}: expected 1 to 64")
-        with self._lock:
+        with self._locked(pool):
             real = os.path.realpath(socket)
             for s in self._specs:
                 if s.socket is not None and self._real_socket(s.socket) == real:
@@ -576,7 +577,7 @@ class Service:
             raise InvalidArgument(f"block device path must be absolute: {device!r}")
         if lun is not None and not 0 <= lun <= 16383:
             raise InvalidArgument(f"invalid LUN {lun}: expected 0 to 16383")
-        with self._lock:
+        with self._locked(pool):
             wwpn = check_wwpn(wwpn) if wwpn is not None else generate_wwpn()
             taken = {s.lun for s in self._specs if s.wwpn == wwpn}
             if lun is None:
@@ -609,7 +610,7 @@ class Service:
         returns, its connections have closed their volume handles and every write they
         completed is durable (the volume's pool is flushed), as after any management
         operation."""
-        with self._lock:
+        with self._locked(self._pool_of(name)):
             rest = without(self._specs, name)
             spec = next(s for s in self._specs if s.name == name)
             if self._runtime is not None:
@@ -629,7 +630,7 @@ class Service:
         no vhost-user-blk export."""
         from storvisor.integrations.libvirt import vhost_user_disk_xml
 
-        with self._lock:
+        with self._locked(pool):
             info = self.home.pool(pool).volume_info(volume)
             for spec in self._specs:
                 if spec.kind is ExportKind.VHOST_USER_BLK and (spec.pool, spec.volume) == (
@@ -671,7 +672,7 @@ class Service:
             self._qos.delete_spec(name)
 
     def volume_qos(self, pool: str, volume: str) -> VolumeQos:
-        with self._lock:
+        with self._locked(pool):
             self.home.pool(pool).volume_info(volume)
             return self._qos.volume(pool, volume)
 
@@ -680,7 +681,7 @@ class Service:
     ) -> VolumeQos:
         """Give a volume a named spec or one-off ``keys`` (neither: no limit). Running
         exports of the volume follow at their next request."""
-        with self._lock:
+        with self._locked(pool):
             self.home.pool(pool).volume_info(volume)
             return self._qos.set_volume(pool, volume, spec=spec, keys=keys)
 
@@ -689,9 +690,15 @@ class Service:
     def start_exports(self) -> None:
         """Serve every recorded export (daemon only: ``StateError`` without a runtime). A
         definition that cannot start is logged and reported as ``broken`` by ``exports``; the
-        others still start."""
+        others still start. Every pool is opened first, all side by side (``Home.open_all``),
+        and this waits for those the exports use only: so a pool whose S3 endpoints do not
+        answer holds up the start for its own timeout, not for one after another."""
         runtime = self._require_runtime()
         self._jobs.recover()  # a job cut by a crash: its exports and partial result go first
+        self.home.open_all()
+        for pool in sorted({s.pool for s in self._specs if s.device is None}):
+            with contextlib.suppress(StorvisorError):  # an offline pool: its exports say why
+                self.home.pool(pool)
         with self._lock:
             for spec in self._specs:
                 try:
@@ -706,7 +713,7 @@ class Service:
         """Make sure the demo set-up exists: pool ``default`` on a 64G sparse file in HOME,
         volume ``default/demo`` (1G), exported over NBD as ``demo``. Idempotent. None (and
         a warning in the log) when pool ``default`` exists but is offline."""
-        with self._lock:
+        with self._locked(DEMO_POOL):
             pools = {p.name: p for p in self.home.pools()}
             if DEMO_POOL not in pools:
                 backing = BackingSpec(str(self.home.path / DEMO_BACKING), DEMO_POOL_SIZE)
@@ -739,7 +746,7 @@ class Service:
         size = -(-size // 512) * 512
         export = f"job-import-{os.urandom(4).hex()}"
         cleanup = Cleanup(exports=(export,), volumes=(f"{pool}/{volume}",))
-        with self._lock:
+        with self._locked(pool):
             p = self.home.pool(pool)  # NotFound before anything is recorded
             # checked here, not left to create_volume: abandoning the job deletes the volume
             # its cleanup names, which must never be one that was there before
@@ -829,6 +836,22 @@ class Service:
             raise StateError("this operation needs the running daemon (storvisor serve)")
         return self._runtime
 
+    @contextlib.contextmanager
+    def _locked(self, pool: str | None) -> Iterator[None]:
+        """The service's lock, taken once pool ``pool`` is open: its first open (an S3
+        pool's waits on the network), or the wait for an open under way, runs before, so
+        that the other calls go on meanwhile. What the open raises is left to the caller's
+        own ``home.pool``, which raises it again (an offline pool stays offline)."""
+        if pool:
+            with contextlib.suppress(StorvisorError):
+                self.home.pool(pool)
+        with self._lock:
+            yield
+
+    def _pool_of(self, export: str) -> str | None:
+        """The pool export ``export`` serves a volume of (None: none, or no such export)."""
+        return next((s.pool for s in self._specs if s.name == export and s.device is None), None)
+
     def _spec(self, name: str) -> ExportSpec:
         for spec in self._specs:
             if spec.name == name:
@@ -866,7 +889,7 @@ class Service:
 
     def _add_export(self, spec: ExportSpec) -> ExportInfo:
         check_export_name(spec.name)
-        with self._lock:
+        with self._locked(spec.pool or None):
             if any(s.name == spec.name for s in self._specs):
                 raise Conflict(f"export {spec.name!r} already exists")
             if spec.device is not None:

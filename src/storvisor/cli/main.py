@@ -323,6 +323,11 @@ def volume_list(m: Management, a: argparse.Namespace) -> int:
                     f"storvisor: warning: pool {p.name} is offline ({p.reason}); "
                     "its volumes are not listed\n"
                 )
+            elif p.state is PoolState.OPENING:
+                sys.stderr.write(
+                    f"storvisor: warning: pool {p.name} is being opened; "
+                    "its volumes are not listed\n"
+                )
     return _print(a, vols, output.volumes_table(vols))
 
 

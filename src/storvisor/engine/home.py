@@ -125,15 +125,18 @@ class Home:
     ``HomeInUse`` (a ``Conflict``) naming the holder. ``IOFailure`` if HOME cannot be
     created or opened.
 
-    Thread-safe. Pools are opened on first use and cached until ``close``. A pool that
-    fails to open is *offline*: ``pool`` raises ``PoolOffline`` with the reason, ``pools``
-    and ``pool_info`` report it (``PoolState.OFFLINE``), until ``reopen_pool`` opens it.
+    Thread-safe. Pools are opened on first use (or all at once in the background:
+    ``open_all``) and cached until ``close``. A pool that fails to open is *offline*:
+    ``pool`` raises ``PoolOffline`` with the reason, ``pools`` and ``pool_info`` report it
+    (``PoolState.OFFLINE``), until ``reopen_pool`` opens it.
 
     What waits on the network runs without the HOME's lock, so that a slow or silent S3
-    endpoint holds up only its own call: the creation, the import and the deletion of an
-    S3 pool (its name is *reserved* meanwhile: another creation of it is refused, ``pool``
-    says what is under way, ``pools`` leaves it out) and the check of an endpoint being
-    added.
+    endpoint holds up only its own call: the open of a pool (an S3 pool's takes its lease
+    and reads its catalog; a call for that pool waits for it, ``pools`` and ``pool_info``
+    report it ``PoolState.OPENING``, calls for other pools go on), the creation, the import
+    and the deletion of an S3 pool (its name is *reserved* meanwhile: another creation of it
+    is refused, ``pool`` says what is under way, ``pools`` leaves it out) and the check of
+    an endpoint being added. ``close`` waits for the opens under way.
     """
 
     def __init__(
@@ -163,6 +166,11 @@ class Home:
         self._offline: dict[str, str] = {}
         self._reserved: dict[str, str] = {}
         """Names of S3 pools being created, imported or deleted without the lock: what."""
+        self._opening: set[str] = set()
+        """Pools being opened without the lock (``pool``)."""
+        self._opened = threading.Condition(self._lock)
+        """Notified when an open without the lock ends."""
+        self._closing = False
 
     def _take_lock(self, fd: int, wait: float) -> None:
         """flock ``fd``, waiting up to ``wait`` seconds for a holder that is not a daemon."""
@@ -278,8 +286,7 @@ class Home:
         """Add an endpoint to an S3 pool, online (``object_pool.add_endpoint``); the check
         that it serves the bucket (up to the pool's timeout) holds no lock of the HOME's.
         ``StateError`` if the pool closed meanwhile."""
-        with self._lock:
-            pool = self.pool(name)
+        pool = self.pool(name)
         object_pool.add_endpoint(pool, url)
         with self._lock:
             if self._pools.get(name) is not pool:
@@ -294,8 +301,7 @@ class Home:
         destage before a detach) is waited for first, without the HOME's lock
         (``Pool.ready_cache``)."""
         spec = None if device is None else CacheSpec.parse(device)
-        with self._lock:
-            pool = self.pool(name)
+        pool = self.pool(name)
         pool.ready_cache(mode)  # the long waits, holding no lock of the HOME's
         with self._lock:  # the check of the device and the switch: one at a time
             if self._pools.get(name) is not pool:
@@ -307,8 +313,7 @@ class Home:
         and the wait for the destage, which take as long as the backing devices need, hold
         no lock of the HOME's: the pool's state (its dirty bytes going down) and the other
         pools stay available meanwhile. Raises ``StateError`` if the pool closes first."""
-        with self._lock:
-            pool = self.pool(name)
+        pool = self.pool(name)
         pool.flush_cache()
         return self.pool_info(name)
 
@@ -326,14 +331,16 @@ class Home:
 
     def remove_endpoint(self, name: str, url: str) -> PoolInfo:
         """Remove an endpoint of an S3 pool, online (``object_pool.remove_endpoint``)."""
+        pool = self.pool(name)
         with self._lock:
-            pool = self.pool(name)
+            if self._pools.get(name) is not pool:
+                raise StateError(f"pool {name!r} was closed meanwhile")
             object_pool.remove_endpoint(pool, url)
             return pool.info()
 
     def pools(self) -> list[PoolInfo]:
-        """Every pool, by name (opening each one); an offline pool is reported, never
-        raised."""
+        """Every pool, by name (opening each one that nobody opens yet); an offline pool is
+        reported, never raised, and so is a pool another call is opening (``OPENING``)."""
         with self._lock:
             self._check_open()
             names = sorted(
@@ -341,46 +348,95 @@ class Home:
                 for p in (self.path / "pools").iterdir()
                 if (p / "catalog.db").exists() and p.name not in self._reserved
             )
-            return [self.pool_info(name) for name in names]
+        return [self.pool_info(name) for name in names]
 
     def pool_info(self, name: str) -> PoolInfo:
-        """The pool's record, with its state. Raises ``NotFound`` only."""
+        """The pool's record, with its state; opened here if nobody opens it yet. Raises
+        ``NotFound`` only."""
         with self._lock:
-            try:
-                return self.pool(name).info()
-            except PoolOffline as e:
-                return _offline_info(self._dir(name), name, e.reason)
+            if name in self._opening:
+                return _pool_info(self._dir(name), name, PoolState.OPENING, "being opened")
+        try:
+            pool = self.pool(name)
+        except PoolOffline as e:
+            return _pool_info(self._dir(name), name, PoolState.OFFLINE, e.reason)
+        with self._lock:
+            return pool.info()
+
+    def open_all(self) -> list[threading.Thread]:
+        """Open every pool that is not open yet, each in a thread of its own (returned,
+        started): a daemon starts them all at once, and its calls for a pool wait for that
+        pool only. What fails leaves the pool offline (``pool``)."""
+        with self._lock:
+            self._check_open()
+            names = sorted(
+                p.name
+                for p in (self.path / "pools").iterdir()
+                if (p / "catalog.db").exists()
+                and p.name not in self._reserved
+                and p.name not in self._pools
+                and p.name not in self._opening
+            )
+        threads = [
+            threading.Thread(target=self._open_quietly, args=(n,), name=f"open-{n}", daemon=True)
+            for n in names
+        ]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    def _open_quietly(self, name: str) -> None:
+        try:
+            self.pool(name)
+        except StorvisorError as e:  # offline (logged by pool), deleted or closed meanwhile
+            log.debug("pool %s not opened: %s", name, e)
 
     def pool(self, name: str) -> Pool:
-        """The open pool ``name``. Raises ``NotFound``, ``PoolOffline`` (a
-        ``CorruptMetadata``) if it could not be opened, now or before (see ``reopen_pool``).
+        """The open pool ``name``, opened on first use: without the HOME's lock, so that calls
+        for other pools go on meanwhile; a call for this pool waits for the open under way.
+        Raises ``NotFound``, ``PoolOffline`` (a ``CorruptMetadata``) if it could not be
+        opened, now or before (see ``reopen_pool``), ``StateError`` if HOME closes meanwhile.
         """
         check_name(name, "pool")
         with self._lock:
-            self._check_open()
-            pool = self._pools.get(name)
-            if pool is not None:
-                return pool
+            while True:
+                self._check_open()
+                pool = self._pools.get(name)
+                if pool is not None:
+                    return pool
+                if name not in self._opening:
+                    break
+                self._opened.wait()  # the whole lock let go meanwhile, even a caller's
             if name in self._reserved:
                 raise NotFound(f"pool {name!r} is being {self._reserved[name]}")
             if name in self._offline:
                 raise PoolOffline(name, self._offline[name])
-            if not (self._dir(name) / "catalog.db").exists():
+            directory = self._dir(name)
+            if not (directory / "catalog.db").exists():
                 raise NotFound(f"no pool named {name!r}")
-            try:
-                if is_object_pool(self._dir(name)):
-                    pool = object_pool.open_(self._dir(name), name)
-                else:
-                    pool = Pool.open(self._dir(name), name)
-            except NotFound as e:
-                raise NotFound(f"no pool named {name!r}") from e
-            except StorvisorError as e:
-                reason = str(e).removeprefix(f"pool {name!r}: ")
-                self._offline[name] = reason
-                log.info("pool %s is offline: %s", name, reason)
-                raise PoolOffline(name, reason) from e
-            self._pools[name] = pool
-            return pool
+            self._opening.add(name)
+        opened: Pool | None = None
+        reason: str | None = None
+        try:
+            if is_object_pool(directory):
+                opened = object_pool.open_(directory, name)
+            else:
+                opened = Pool.open(directory, name)
+        except NotFound as e:
+            raise NotFound(f"no pool named {name!r}") from e
+        except StorvisorError as e:
+            reason = str(e).removeprefix(f"pool {name!r}: ")
+            log.info("pool %s is offline: %s", name, reason)
+            raise PoolOffline(name, reason) from e
+        finally:
+            with self._lock:
+                self._opening.discard(name)
+                self._opened.notify_all()
+                if reason is not None:
+                    self._offline[name] = reason
+                elif opened is not None:
+                    self._pools[name] = opened  # ``close`` waits for this, then closes it
+        return opened
 
     def reopen_pool(self, name: str) -> PoolInfo:
         """Open an offline pool again (its device is back), or bring a degraded pool back
@@ -391,7 +447,8 @@ class Home:
         with self._lock:
             self._check_open()
             self._offline.pop(name, None)
-            pool = self.pool(name)
+        pool = self.pool(name)
+        with self._lock:
             pool.recover()
             return pool.info()
 
@@ -462,6 +519,9 @@ class Home:
         with self._lock:
             if self._lock_fd < 0:
                 return
+            self._closing = True  # no open starts now; those under way end first
+            while self._opening:
+                self._opened.wait()
             try:
                 for pool in self._pools.values():
                     pool.close()
@@ -483,15 +543,16 @@ class Home:
         return self.path / "pools" / name
 
     def _check_open(self) -> None:
-        if self._lock_fd < 0:
+        if self._lock_fd < 0 or self._closing:
             raise StateError(f"{self.path} is closed")
 
     def __repr__(self) -> str:
         return f"<Home {self.path}>"
 
 
-def _offline_info(directory: Path, name: str, reason: str) -> PoolInfo:
-    """What the catalog of an offline pool says (read-only; nothing when unreadable)."""
+def _pool_info(directory: Path, name: str, state: PoolState, reason: str) -> PoolInfo:
+    """What the catalog of a pool that is not open says (read-only; nothing when
+    unreadable): an offline pool, or one being opened."""
     cluster_size = 0
     backings: list[BackingInfo] = []
     try:
@@ -504,7 +565,7 @@ def _offline_info(directory: Path, name: str, reason: str) -> PoolInfo:
     except (sqlite3.Error, ValueError):
         pass
     stats = PoolStats(0, 0, 0, 0)
-    return PoolInfo(name, cluster_size, tuple(backings), stats, PoolState.OFFLINE, reason)
+    return PoolInfo(name, cluster_size, tuple(backings), stats, state, reason)
 
 
 def _kind_of(path: str) -> BackingKind:

@@ -53,11 +53,14 @@ class PoolState(enum.StrEnum):
     unreadable, shorter than recorded, or carrying another identity); its volumes are not
     served and ``reason`` says why until ``Home.reopen_pool`` succeeds. ``DEGRADED``: it
     serves, with a problem ``reason`` names (a backing device failed or stalled a read, a
-    write or a sync; after a failed sync its flushes fail) until ``Home.reopen_pool``."""
+    write or a sync; after a failed sync its flushes fail) until ``Home.reopen_pool``.
+    ``OPENING``: it is being opened (an S3 pool takes its lease and reads its catalog over
+    the network); it serves once the open ends, or turns ``OFFLINE``."""
 
     ONLINE = "online"
     DEGRADED = "degraded"
     OFFLINE = "offline"
+    OPENING = "opening"
 
 
 class BackingOp(enum.StrEnum):
