@@ -680,10 +680,9 @@ def _start_handler(
     """A started TCMU handler serving ``volume`` on the backstore ``dev_config``, with the
     identity (unit serial, NAA designator) derived from the volume's stable ``serial``; it
     resets a broken ring with ``reset_ring``."""
-    from storvisor.exports.tcmu import TcmuHandler
-    from storvisor.protocols.scsi import LunIdentity
+    from storvisor.exports.tcmu import TcmuHandler, lun_identity
 
-    identity = LunIdentity.for_volume(serial or dev_config)
+    identity = lun_identity(serial, dev_config)
     handler = TcmuHandler(
         volume, dev_config, identity=identity, block_size=block_size, reset_ring=reset_ring
     )

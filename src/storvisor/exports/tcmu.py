@@ -196,6 +196,12 @@ def map_size(uio: str, sysfs_root: str = "/sys") -> int:
         raise NotFound(f"cannot read the map size of {uio}: {e}") from e
 
 
+def lun_identity(serial: str, dev_config: str) -> LunIdentity:
+    """The identity of the LUN a TCMU backstore serves: derived from the volume's stable
+    ``serial``, or from the backstore's ``dev_config`` when it has none (stable too)."""
+    return LunIdentity.for_volume(serial or dev_config)
+
+
 _Done = tuple[int, int, bytes, int | None]
 """A completion: cmd_id, SCSI status, sense, read_len (``Ring.complete_many``)."""
 

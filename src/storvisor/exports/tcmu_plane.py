@@ -33,8 +33,14 @@ from storvisor.engine.volume import Volume
 from storvisor.exports.lio import reset_ring_at
 from storvisor.exports.nbd_worker import DataPlanes
 from storvisor.exports.slots import TCMU, PlacedExport, SlotConfig, SlotServer
-from storvisor.exports.tcmu import TcmuHandler, UioOpener, UioRing, open_ring, open_uio
-from storvisor.protocols.scsi import LunIdentity
+from storvisor.exports.tcmu import (
+    TcmuHandler,
+    UioOpener,
+    UioRing,
+    lun_identity,
+    open_ring,
+    open_uio,
+)
 
 
 class TcmuDataPlane(PlacedExport):
@@ -117,7 +123,7 @@ def serve_tcmu_slot(config: SlotConfig, device: BlockDevice) -> SlotServer:
         handler = TcmuHandler(
             device,
             config.dev_config,
-            identity=LunIdentity.for_volume(config.serial or config.dev_config),
+            identity=lun_identity(config.serial, config.dev_config),
             block_size=config.block_size,
             reset_ring=reset,
             ring=ring,
