@@ -332,3 +332,57 @@ def test_a_stalled_read_or_write_fails_within_the_pools_data_timeout(
         assert rc == 0 and "Traceback" not in err, err
     finally:
         daemon.kill()
+
+
+def _exports(cli: CLI) -> dict[str, dict[str, object]]:
+    return {e["spec"]["name"]: e for e in cli("export", "list", "--json").json()}  # type: ignore[attr-defined]
+
+
+def test_a_pool_stalled_at_start_holds_up_its_own_exports_only(
+    cli: CLI, home: Path, tmp_path: Path, mount: FaultMount
+) -> None:
+    """A device that does not answer while the daemon starts (a LUN gone silent): the API
+    answers after ``--pool-wait``, the other pool's exports serve, the stalled pool is
+    ``opening`` and its exports ``broken`` until its open ends; then they serve."""
+    cli("pool", "create", "f", "--backing", f"{mount.mountpoint}/f.img:64M")
+    cli("pool", "create", "g", "--backing", f"{tmp_path}/g.img:64M")
+    for pool in ("f", "g"):
+        cli("volume", "create", f"{pool}/v", "--size", "4M")
+        cli("export", "nbd", f"{pool}/v")  # recorded: started by the daemon
+    with Home(home) as h:
+        volume = h.pool("f").open_volume("v")
+        volume.write(0, A)
+        volume.close()  # flushed
+    mount.set(Fault("read", "stall", 0, None, 120))
+    daemon = Daemon(home, "--pool-wait", "1")
+    try:
+        started = time.monotonic()
+        daemon.start(timeout=20)
+        assert time.monotonic() - started < 15, "the start waited for the stalled pool"
+        exports = _exports(cli)
+        assert exports["g/v"]["state"] == "active"
+        assert exports["f/v"]["state"] == "broken"
+        assert exports["f/v"]["message"] == "pool 'f' is being opened"
+        assert (_pool(cli, "f")["state"], _pool(cli, "g")["state"]) == ("opening", "online")
+        hg = nbd.NBD()
+        hg.connect_uri(str(exports["g/v"]["uris"][0]))  # type: ignore[index]
+        hg.pwrite(B, 0)
+        hg.flush()
+        assert mount.hits().get("read", 0) > 0, "the open never read the stalled device"
+
+        mount.clear()
+        deadline = time.monotonic() + 30
+        while _exports(cli)["f/v"]["state"] != "active":
+            assert time.monotonic() < deadline, _exports(cli)["f/v"]
+            time.sleep(0.1)
+        assert _pool(cli, "f")["state"] == "online"
+        hf = nbd.NBD()
+        hf.connect_uri(str(exports["f/v"]["uris"][0]))  # type: ignore[index]
+        assert hf.pread(len(A), 0) == A
+        assert hg.pread(len(B), 0) == B
+        for handle in (hf, hg):
+            handle.shutdown()
+        rc, err = daemon.stop()
+        assert rc == 0 and "Traceback" not in err, err
+    finally:
+        daemon.kill()

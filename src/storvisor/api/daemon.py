@@ -22,7 +22,7 @@ from storvisor.api.export_defs import ExportInfo, TcpAddress
 from storvisor.api.exports import NBD_SOCKET, ExportRuntime
 from storvisor.api.server import APIServer, TcpAPIServer
 from storvisor.api.service import Service
-from storvisor.api.status import API_SOCKET
+from storvisor.api.status import API_SOCKET, POOL_WAIT
 from storvisor.api.tls import (
     TlsFiles,
     file_fingerprint,
@@ -57,6 +57,7 @@ def serve(
     api_tcp: TcpAddress | None = None,
     tls: TlsFiles | None = None,
     data_planes: int | None = None,
+    pool_wait: float = POOL_WAIT,
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT.
 
@@ -64,7 +65,9 @@ def serve(
     the command-line tool. ``nbd_tls`` (a PEM certificate file and its key file) makes TLS
     required on ``nbd_tcp``; ``nbd_tls_shared`` does so with the API's certificate (``tls``,
     else the self-signed one of HOME). A command holding the HOME lock (one run while no daemon
-    answered) is waited for, up to ``lock_wait`` seconds. Raises ``HomeInUse`` (a
+    answered) is waited for, up to ``lock_wait`` seconds. The exports start before the API
+    answers, once their pools are open, or after ``pool_wait`` seconds for those still being
+    opened (``Service.start_exports``). Raises ``HomeInUse`` (a
     ``Conflict``) if another daemon holds HOME or the command did not finish in time,
     ``Conflict`` if a listening address is taken, ``InvalidArgument`` if an NBD certificate or
     key cannot be used, or NBD TLS is asked without ``nbd_tcp``; whatever happens, everything
@@ -123,7 +126,7 @@ def serve(
         if api_tcp is not None:  # before anything starts: a bad certificate or address fails
             tcp = _listen_tcp(home.path, api_tcp, tls, service)
         runtime.start()
-        service.start_exports()
+        service.start_exports(pool_wait)
         demo_export = service.ensure_demo() if demo else None
         try:
             api = APIServer(home.path / API_SOCKET, service)

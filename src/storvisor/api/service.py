@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
@@ -52,7 +53,7 @@ from storvisor.api.metrics import (
     Restarts,
 )
 from storvisor.api.qos import QosKey, QosManager, QosSpecInfo, VolumeQos
-from storvisor.api.status import API_SOCKET, ServiceStatus
+from storvisor.api.status import API_SOCKET, POOL_WAIT, ServiceStatus
 from storvisor.engine.device import BlockDevice
 from storvisor.engine.home import Home
 from storvisor.engine.qos import ThrottledDevice
@@ -199,6 +200,7 @@ class Service:
         self._real_sockets: dict[str, str] = {}
         self._broken: dict[str, str] = {}
         self._lock = threading.RLock()
+        self._closed = False
         self._qos = QosManager(home.path, lambda pool, vol: self.volume_info(pool, vol).size)
         self._jobs = JobManager(home.path, self._undo)
 
@@ -331,19 +333,8 @@ class Service:
         are not serving (those that still fail stay ``broken`` with their reason). Raises
         ``NotFound``, ``PoolOffline`` (a ``CorruptMetadata``) if it is still offline."""
         info = self.home.reopen_pool(name)  # the open waits without the service's lock
-        with self._lock:
-            if self._runtime is not None:
-                for spec in self._specs:
-                    if spec.pool != name or self._runtime.is_active(spec.name):
-                        continue
-                    try:
-                        self._activate(self._runtime, spec)
-                    except StorvisorError as e:
-                        self._broken[spec.name] = str(e)
-                        log.warning("export %s not started: %s", spec.name, e)
-                    else:
-                        log.info("export %s: %s over %s", spec.name, spec.target, spec.kind)
-            return info
+        self._start_pool_exports(name)
+        return info
 
     def delete_pool(self, name: str, *, force: bool = False) -> None:
         """Delete a pool. ``Conflict`` if it has volumes (unless ``force``) or exports. An
@@ -687,42 +678,77 @@ class Service:
 
     # -- daemon -------------------------------------------------------------------------
 
-    def start_exports(self) -> None:
+    def start_exports(self, pool_wait: float = POOL_WAIT) -> None:
         """Serve every recorded export (daemon only: ``StateError`` without a runtime). A
         definition that cannot start is logged and reported as ``broken`` by ``exports``; the
         others still start. Every pool is opened first, all side by side (``Home.open_all``),
-        and this waits for those the exports use only: so a pool whose S3 endpoints do not
-        answer holds up the start for its own timeout, not for one after another."""
+        and this waits up to ``pool_wait`` seconds for those the exports use: a pool whose
+        device or S3 endpoints do not answer holds up the start for that long at most, not
+        for one pool after another. The exports of a pool still opening then are ``broken``
+        ("being opened") until its open ends; they start then, or say why the pool is
+        offline."""
         runtime = self._require_runtime()
         self._jobs.recover()  # a job cut by a crash: its exports and partial result go first
         self.home.open_all()
-        for pool in sorted({s.pool for s in self._specs if s.device is None}):
-            with contextlib.suppress(StorvisorError):  # an offline pool: its exports say why
-                self.home.pool(pool)
+        deadline = time.monotonic() + pool_wait
+        late = {
+            pool
+            for pool in sorted({s.pool for s in self._specs if s.device is None})
+            if not self.home.wait_opened(pool, deadline - time.monotonic())
+        }
         with self._lock:
             for spec in self._specs:
-                try:
-                    self._activate(runtime, spec)
-                except StorvisorError as e:
-                    self._broken[spec.name] = str(e)
-                    log.warning("export %s (%s) not started: %s", spec.name, spec.target, e)
-                else:
-                    log.info("export %s: %s over %s", spec.name, spec.target, spec.kind)
+                if spec.device is None and spec.pool in late:
+                    self._broken[spec.name] = f"pool {spec.pool!r} is being opened"
+                    log.warning("export %s waits for pool %s to open", spec.name, spec.pool)
+                    continue
+                self._start(runtime, spec)
+        for pool in sorted(late):
+            threading.Thread(
+                target=self._start_once_open, args=(pool,), name=f"start-{pool}", daemon=True
+            ).start()
+
+    def _start_once_open(self, pool: str) -> None:
+        """Start the exports of ``pool`` once its open ends (they say why if it failed)."""
+        with contextlib.suppress(StorvisorError):
+            self.home.pool(pool)
+        self._start_pool_exports(pool)
+
+    def _start_pool_exports(self, pool: str) -> None:
+        """Start the exports of ``pool`` that do not serve (those that fail stay ``broken``
+        with their reason)."""
+        with self._lock:
+            if self._runtime is None or self._closed:
+                return
+            for spec in self._specs:
+                if spec.pool == pool and not self._runtime.is_active(spec.name):
+                    self._start(self._runtime, spec)
+
+    def _start(self, runtime: ExportRuntime, spec: ExportSpec) -> None:
+        try:
+            self._activate(runtime, spec)
+        except StorvisorError as e:
+            self._broken[spec.name] = str(e)
+            log.warning("export %s (%s) not started: %s", spec.name, spec.target, e)
+        else:
+            log.info("export %s: %s over %s", spec.name, spec.target, spec.kind)
 
     def ensure_demo(self) -> ExportInfo | None:
         """Make sure the demo set-up exists: pool ``default`` on a 64G sparse file in HOME,
         volume ``default/demo`` (1G), exported over NBD as ``demo``. Idempotent. None (and
-        a warning in the log) when pool ``default`` exists but is offline."""
-        with self._locked(DEMO_POOL):
+        a warning in the log) when pool ``default`` exists but is offline or still being
+        opened."""
+        with self._lock:
             pools = {p.name: p for p in self.home.pools()}
             if DEMO_POOL not in pools:
                 backing = BackingSpec(str(self.home.path / DEMO_BACKING), DEMO_POOL_SIZE)
                 self.home.create_pool(DEMO_POOL, [backing])
                 log.info("created pool %s on %s", DEMO_POOL, backing.path)
-            elif pools[DEMO_POOL].state is PoolState.OFFLINE:
+            elif pools[DEMO_POOL].state in _NOT_SERVING:
                 log.warning(
-                    "pool %s is offline (%s): the demo volume is not served",
+                    "pool %s is %s (%s): the demo volume is not served",
                     DEMO_POOL,
+                    pools[DEMO_POOL].state,
                     pools[DEMO_POOL].reason,
                 )
                 return None
@@ -822,6 +848,7 @@ class Service:
         """Stop every export, flush and close every pool, release the HOME lock."""
         self._jobs.close()  # before the lock: a job undoing itself takes it
         with self._lock:
+            self._closed = True
             try:
                 if self._runtime is not None:
                     self._runtime.close()

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 API_SOCKET = "api.sock"
+POOL_WAIT = 30.0
+"""Seconds a daemon's start waits for the pools its exports use (``Service.start_exports``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ from storvisor.api.client import Client, DaemonUnavailable
 from storvisor.api.export_defs import ExportInfo, ExportState, TcpAddress, parse_tcp_address
 from storvisor.api.jobs import JobInfo, JobState
 from storvisor.api.qos import QosKey
-from storvisor.api.status import default_home
+from storvisor.api.status import POOL_WAIT, default_home
 from storvisor.api.tls import TlsFiles
 from storvisor.api.tokens import TokenStore
 from storvisor.cli import output
@@ -843,6 +843,14 @@ def build_parser() -> argparse.ArgumentParser:
         "TCMU ring (default: one per CPU); per-export: each vhost-user-blk and TCMU export "
         "gets processes of its own",
     )
+    s.add_argument(
+        "--pool-wait",
+        metavar="SECONDS",
+        type=seconds,
+        default=POOL_WAIT,
+        help="how long the start waits for the pools the exports use before the API answers; "
+        f"the exports of a pool still being opened start once it opens (default: {POOL_WAIT:g})",
+    )
     s.set_defaults(func=None, serve=True)
 
     tok = group("token", "manage the bearer tokens of the API on TCP (in the local HOME)")
@@ -1187,6 +1195,7 @@ def _serve(args: argparse.Namespace, home: Path) -> int:
         api_tcp=args.api_tcp,
         tls=tls,
         data_planes=args.data_planes,
+        pool_wait=args.pool_wait,
     )
     return 0
 

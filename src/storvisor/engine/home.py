@@ -363,32 +363,43 @@ class Home:
         with self._lock:
             return pool.info()
 
-    def open_all(self) -> list[threading.Thread]:
-        """Open every pool that is not open yet, each in a thread of its own (returned,
-        started): a daemon starts them all at once, and its calls for a pool wait for that
-        pool only. What fails leaves the pool offline (``pool``)."""
+    def open_all(self) -> list[str]:
+        """Open every pool that is not open yet, each in a thread of its own; the names
+        are claimed before this returns (``pool`` and ``wait_opened`` wait for those opens),
+        and returned. A daemon starts them all at once, and its calls for a pool wait for
+        that pool only. What fails leaves the pool offline (``pool``)."""
+        claimed: list[tuple[str, Path]] = []
         with self._lock:
             self._check_open()
-            names = sorted(
-                p.name
-                for p in (self.path / "pools").iterdir()
-                if (p / "catalog.db").exists()
-                and p.name not in self._reserved
-                and p.name not in self._pools
-                and p.name not in self._opening
-            )
-        threads = [
-            threading.Thread(target=self._open_quietly, args=(n,), name=f"open-{n}", daemon=True)
-            for n in names
-        ]
-        for thread in threads:
-            thread.start()
-        return threads
+            for p in sorted((self.path / "pools").iterdir()):
+                name = p.name
+                if not (p / "catalog.db").exists() or name in self._pools:
+                    continue
+                if name in self._opening or name in self._reserved or name in self._offline:
+                    continue
+                claimed.append((name, self._claim(name)))
+        for name, directory in claimed:
+            threading.Thread(
+                target=self._open_quietly, args=(name, directory), name=f"open-{name}", daemon=True
+            ).start()
+        return [name for name, _ in claimed]
 
-    def _open_quietly(self, name: str) -> None:
+    def wait_opened(self, name: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the open of pool ``name`` under way (if any)
+        to end; whether none is under way now."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while name in self._opening:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._opened.wait(left)
+            return True
+
+    def _open_quietly(self, name: str, directory: Path) -> None:
         try:
-            self.pool(name)
-        except StorvisorError as e:  # offline (logged by pool), deleted or closed meanwhile
+            self._open_claimed(name, directory)
+        except StorvisorError as e:  # offline (logged), or HOME closed meanwhile
             log.debug("pool %s not opened: %s", name, e)
 
     def pool(self, name: str) -> Pool:
@@ -407,14 +418,25 @@ class Home:
                 if name not in self._opening:
                     break
                 self._opened.wait()  # the whole lock let go meanwhile, even a caller's
-            if name in self._reserved:
-                raise NotFound(f"pool {name!r} is being {self._reserved[name]}")
-            if name in self._offline:
-                raise PoolOffline(name, self._offline[name])
-            directory = self._dir(name)
-            if not (directory / "catalog.db").exists():
-                raise NotFound(f"no pool named {name!r}")
-            self._opening.add(name)
+            directory = self._claim(name)
+        return self._open_claimed(name, directory)
+
+    def _claim(self, name: str) -> Path:
+        """Claim the open of pool ``name`` (with the lock held): its directory. Raises
+        ``NotFound``, ``PoolOffline``."""
+        if name in self._reserved:
+            raise NotFound(f"pool {name!r} is being {self._reserved[name]}")
+        if name in self._offline:
+            raise PoolOffline(name, self._offline[name])
+        directory = self._dir(name)
+        if not (directory / "catalog.db").exists():
+            raise NotFound(f"no pool named {name!r}")
+        self._opening.add(name)
+        return directory
+
+    def _open_claimed(self, name: str, directory: Path) -> Pool:
+        """Open the pool whose open this thread claimed, without the lock; publish it, or
+        record it offline, and wake the calls waiting for it."""
         opened: Pool | None = None
         reason: str | None = None
         try:
