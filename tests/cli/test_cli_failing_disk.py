@@ -343,12 +343,14 @@ def test_a_pool_stalled_at_start_holds_up_its_own_exports_only(
 ) -> None:
     """A device that does not answer while the daemon starts (a LUN gone silent): the API
     answers after ``--pool-wait``, the other pool's exports serve, the stalled pool is
-    ``opening`` and its exports ``broken`` until its open ends; then they serve."""
+    ``opening`` and its exports ``broken`` (and removable) until its open ends; then they
+    serve."""
     cli("pool", "create", "f", "--backing", f"{mount.mountpoint}/f.img:64M")
     cli("pool", "create", "g", "--backing", f"{tmp_path}/g.img:64M")
     for pool in ("f", "g"):
         cli("volume", "create", f"{pool}/v", "--size", "4M")
         cli("export", "nbd", f"{pool}/v")  # recorded: started by the daemon
+    cli("export", "nbd", "f/v", "--name", "f2")
     with Home(home) as h:
         volume = h.pool("f").open_volume("v")
         volume.write(0, A)
@@ -369,6 +371,9 @@ def test_a_pool_stalled_at_start_holds_up_its_own_exports_only(
         hg.pwrite(B, 0)
         hg.flush()
         assert mount.hits().get("read", 0) > 0, "the open never read the stalled device"
+        assert _exports(cli)["f2"]["state"] == "broken"
+        cli("export", "remove", "f2", timeout=10)  # it never served: no wait for the pool
+        assert "f2" not in _exports(cli)
 
         mount.clear()
         deadline = time.monotonic() + 30

@@ -600,10 +600,12 @@ class Service:
         """Stop an export (disconnecting its clients) and forget its definition. When this
         returns, its connections have closed their volume handles and every write they
         completed is durable (the volume's pool is flushed), as after any management
-        operation."""
-        with self._locked(self._pool_of(name)):
+        operation. An export that did not serve (broken, or no daemon) had no connections:
+        its pool is not flushed (nor waited for while it is being opened)."""
+        with self._lock:
             rest = without(self._specs, name)
             spec = next(s for s in self._specs if s.name == name)
+            served = self._runtime is not None and self._runtime.is_active(name)
             if self._runtime is not None:
                 self._runtime.deactivate(name, forget=True)
             elif spec.kind in SCSI_KINDS:
@@ -611,7 +613,7 @@ class Service:
             self._store.save(rest)
             self._specs = rest
             self._broken.pop(name, None)
-            if spec.device is None:
+            if served and spec.device is None:
                 with contextlib.suppress(NotFound, CorruptMetadata):  # nothing left to flush
                     self.home.pool(spec.pool).flush()
 
@@ -874,10 +876,6 @@ class Service:
                 self.home.pool(pool)
         with self._lock:
             yield
-
-    def _pool_of(self, export: str) -> str | None:
-        """The pool export ``export`` serves a volume of (None: none, or no such export)."""
-        return next((s.pool for s in self._specs if s.name == export and s.device is None), None)
 
     def _spec(self, name: str) -> ExportSpec:
         for spec in self._specs:
