@@ -348,7 +348,11 @@ class Home:
                 for p in (self.path / "pools").iterdir()
                 if (p / "catalog.db").exists() and p.name not in self._reserved
             )
-        return [self.pool_info(name) for name in names]
+        found = []
+        for name in names:  # without the lock: each may wait for its open
+            with contextlib.suppress(NotFound):  # deleted meanwhile
+                found.append(self.pool_info(name))
+        return found
 
     def pool_info(self, name: str) -> PoolInfo:
         """The pool's record, with its state; opened here if nobody opens it yet. Raises
