@@ -7,6 +7,7 @@ pool's lease."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from mirror_kit import STORVISOR, serving, storvisor
 from s3server import REGION, MotoServer
 from tcpproxy import Proxy
 
+from storvisor.api.client import Client
 from storvisor.engine.home import Home
 from storvisor.engine.pool import Pool
 from storvisor.engine.s3 import S3Spec
@@ -73,6 +75,12 @@ def _opening(proxy: Proxy, before: int) -> None:
     """Wait until the open has sent a request to the held proxy."""
     wait_until(lambda: proxy.accepted > before, "the open's request to the held endpoint")
     time.sleep(0.3)  # the request itself, swallowed
+
+
+def _online(client: Client) -> dict[str, float]:
+    """``storvisor_pool_online`` of each pool, from the daemon's metrics."""
+    found = re.findall(r'^storvisor_pool_online\{pool="([^"]*)"\} (\S+)$', client.metrics(), re.M)
+    return {pool: float(value) for pool, value in found}
 
 
 def _finished(call: Background, timeout: float, what: str) -> object:
@@ -172,6 +180,7 @@ def test_the_daemon_serves_its_api_while_an_s3_pool_opens(
             assert "loc" in proc.stdout and "w" in proc.stdout
             assert time.monotonic() - started < 20, "the API waited for the held endpoint"
             assert client.pool_info("s").state is PoolState.OPENING
+            assert _online(client) == {"loc": 1.0, "s": 0.0}
             assert waiting.poll() is None, f"a call for s did not wait: {waiting.communicate()}"
         finally:  # the daemon's close waits for the open
             proxy.held.clear()
@@ -182,3 +191,4 @@ def test_the_daemon_serves_its_api_while_an_s3_pool_opens(
             timeout=2 * HOLD,
         )
         assert [v.name for v in client.volumes("s")] == ["v", "x"]
+        assert _online(client) == {"loc": 1.0, "s": 1.0}
