@@ -74,7 +74,7 @@ def _volume_data(pool: Pool) -> bytes:
 def _opening(proxy: Proxy, before: int) -> None:
     """Wait until the open has sent a request to the held proxy."""
     wait_until(lambda: proxy.accepted > before, "the open's request to the held endpoint")
-    time.sleep(0.3)  # the request itself, swallowed
+    time.sleep(0.3)  # the request itself reaches the proxy, which holds it
 
 
 def _online(client: Client) -> dict[str, float]:
