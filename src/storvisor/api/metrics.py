@@ -283,8 +283,7 @@ def render(sample: MetricsSample) -> bytes:
             clusters.add_metric([info.name, "total"], float(stats.capacity // cs))
             clusters.add_metric([info.name, "allocated"], float(stats.allocated // cs))
             clusters.add_metric([info.name, "free"], float(stats.free // cs))
-            serving = info.state.value in ("online", "degraded")
-            online.add_metric([info.name], 1.0 if serving else 0.0)
+            online.add_metric([info.name], 1.0 if info.state.serves else 0.0)
             if p.commit_buckets:
                 commits.add_metric(
                     [info.name], _histogram_buckets(p.commit_buckets), sum_value=p.commit_ns / 1e9

@@ -64,7 +64,6 @@ from storvisor.engine.types import (
     FsckReport,
     IoErrorCounts,
     PoolInfo,
-    PoolState,
     SnapshotInfo,
     VolumeInfo,
 )
@@ -85,7 +84,6 @@ DEMO_POOL_SIZE = 64 << 30
 DEMO_VOLUME = "demo"
 DEMO_VOLUME_SIZE = 1 << 30
 DEMO_EXPORT = "demo"
-_NOT_SERVING = (PoolState.OFFLINE, PoolState.OPENING)
 
 
 class Management(Protocol):
@@ -232,7 +230,7 @@ class Service:
                 buckets: tuple[int, ...] = ()
                 commit_ns = 0
                 errors = IoErrorCounts()
-                if info.state not in _NOT_SERVING:
+                if info.state.serves:
                     with contextlib.suppress(StorvisorError):
                         pool = self.home.pool(info.name)
                         buckets, commit_ns = pool.commit_times.snapshot()
@@ -366,7 +364,7 @@ class Service:
             names = (
                 [pool]
                 if pool is not None
-                else [p.name for p in self.home.pools() if p.state not in _NOT_SERVING]
+                else [p.name for p in self.home.pools() if p.state.serves]
             )
             found: list[VolumeInfo] = []
             for name in names:
@@ -746,7 +744,7 @@ class Service:
                 backing = BackingSpec(str(self.home.path / DEMO_BACKING), DEMO_POOL_SIZE)
                 self.home.create_pool(DEMO_POOL, [backing])
                 log.info("created pool %s on %s", DEMO_POOL, backing.path)
-            elif pools[DEMO_POOL].state in _NOT_SERVING:
+            elif not pools[DEMO_POOL].state.serves:
                 log.warning(
                     "pool %s is %s (%s): the demo volume is not served",
                     DEMO_POOL,

@@ -342,12 +342,7 @@ class Home:
         """Every pool, by name (opening each one that nobody opens yet); an offline pool is
         reported, never raised, and so is a pool another call is opening (``OPENING``)."""
         with self._lock:
-            self._check_open()
-            names = sorted(
-                p.name
-                for p in (self.path / "pools").iterdir()
-                if (p / "catalog.db").exists() and p.name not in self._reserved
-            )
+            names = self._names()
         found = []
         for name in names:  # without the lock: each may wait for its open
             with contextlib.suppress(NotFound):  # deleted meanwhile
@@ -372,21 +367,29 @@ class Home:
         are claimed before this returns (``pool`` and ``wait_opened`` wait for those opens),
         and returned. A daemon starts them all at once, and its calls for a pool wait for
         that pool only. What fails leaves the pool offline (``pool``)."""
-        claimed: list[tuple[str, Path]] = []
         with self._lock:
-            self._check_open()
-            for p in sorted((self.path / "pools").iterdir()):
-                name = p.name
-                if not (p / "catalog.db").exists() or name in self._pools:
-                    continue
-                if name in self._opening or name in self._reserved or name in self._offline:
-                    continue
-                claimed.append((name, self._claim(name)))
+            claimed = [
+                (name, self._claim(name))
+                for name in self._names()
+                if name not in self._pools
+                and name not in self._opening
+                and name not in self._offline
+            ]
         for name, directory in claimed:
             threading.Thread(
                 target=self._open_quietly, args=(name, directory), name=f"open-{name}", daemon=True
             ).start()
         return [name for name, _ in claimed]
+
+    def _names(self) -> list[str]:
+        """The pools of HOME, by name (with the lock held): their directories with a catalog,
+        but for those being created, imported or deleted (reserved)."""
+        self._check_open()
+        return sorted(
+            p.name
+            for p in (self.path / "pools").iterdir()
+            if (p / "catalog.db").exists() and p.name not in self._reserved
+        )
 
     def wait_opened(self, name: str, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the open of pool ``name`` under way (if any)

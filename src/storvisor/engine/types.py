@@ -62,6 +62,11 @@ class PoolState(enum.StrEnum):
     OFFLINE = "offline"
     OPENING = "opening"
 
+    @property
+    def serves(self) -> bool:
+        """Whether a pool in this state serves its volumes (online or degraded)."""
+        return self in (PoolState.ONLINE, PoolState.DEGRADED)
+
 
 class BackingOp(enum.StrEnum):
     """What a backing device was asked to do when it failed."""
