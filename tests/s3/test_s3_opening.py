@@ -124,6 +124,32 @@ def test_other_pools_and_the_listing_go_on_while_an_s3_pool_opens(
         home.close()
 
 
+def test_a_pool_being_imported_is_neither_listed_nor_opened_by_open_all(
+    aws_env: MotoServer, proxy: Proxy, tmp_path: Path
+) -> None:
+    """Through a slow endpoint, the import's catalog is on disk seconds before the pool
+    opens (its first object, 1 MiB, comes at 128 KiB/s): the name is reserved meanwhile."""
+    bucket = aws_env.bucket()
+    data = _two_pools(tmp_path / "first", bucket, proxy)
+    home = Home(tmp_path / "second")
+    try:
+        proxy.rate = 128 << 10
+        spec = S3Spec(bucket, (proxy.url,), REGION, timeout=HOLD)
+        importing = Background(lambda: home.import_s3_pool("s", spec))
+        catalog = tmp_path / "second/pools/s/catalog.db"
+        wait_until(catalog.exists, "the imported catalog on disk", timeout=HOLD)
+        assert _finished(Background(home.open_all), 10, "open_all") == []
+        assert _finished(Background(home.pools), 10, "the listing") == []
+        assert importing.is_alive(), "the import ended before the checks"
+        proxy.rate = 0.0
+        _finished(importing, 2 * HOLD, "the import")
+        assert [(p.name, p.state) for p in home.pools()] == [("s", PoolState.ONLINE)]
+        assert _volume_data(home.pool("s")) == data
+    finally:
+        proxy.rate = 0.0
+        home.close()
+
+
 def test_closing_home_waits_for_an_open_and_releases_the_pool(
     aws_env: MotoServer, proxy: Proxy, tmp_path: Path
 ) -> None:
