@@ -1,8 +1,11 @@
 """CPU per request of the TCMU handler, on the host, with the kernel stand-in.
 
 ``TcmuHandler`` serves a thin volume (64 MiB, written in full, on ``/dev/shm``) through
-``storvisor.testing.tcmu_kernel.TcmuKernel``, which submits 4k random reads or writes in
-batches of ``--depth`` (one signal each) and waits for them. It prints requests per second
+``storvisor.testing.tcmu_kernel.TcmuKernel``, which submits random reads or writes of
+``--bs`` bytes (4k by default, aligned to their size) in batches of ``--depth`` (one signal
+each) and waits for them; with ``--fragment`` each command's data lies in one iovec per 4 KiB
+block of the data area (as the kernel lays it out when the area is fragmented), else in one
+iovec per contiguous run. It prints requests per second
 and the process's CPU time per request: the stand-in's share is included and is the same
 for every version of the handler, so compare versions, not absolute figures. Pin it to one
 core (``taskset -c 1``) to see what the handler costs where threads cannot hide it.
@@ -13,7 +16,7 @@ block of I/O counters, as the daemon gives them); the CPU of that process per re
 printed apart from this process's (the stand-in's). Usage::
 
     taskset -c 1 .venv/bin/python bench/tcmu_handler_cpu.py [--batches 300] [--depth 32]
-        [--plane]
+        [--plane] [--bs 4096] [--fragment]
 """
 
 from __future__ import annotations
@@ -50,20 +53,23 @@ def rw10(op: int, lba: int, blocks: int) -> bytes:
 
 
 def run(
-    kernel: TcmuKernel, write: bool, batches: int, depth: int, plane: int
+    kernel: TcmuKernel, write: bool, args: argparse.Namespace, plane: int
 ) -> tuple[float, float, float]:
     """(requests per second, CPU microseconds per request of this process and of the
-    process ``plane`` (0: none)) over ``batches`` batches."""
-    data = os.urandom(4096)
+    process ``plane`` (0: none)) over ``args.batches`` batches."""
+    bs, depth, fragment = args.bs, args.depth, args.fragment
+    data = os.urandom(bs)
 
     def batch() -> None:
         ids = []
         for _ in range(depth):
-            lba = random.randrange(SIZE // 4096) * 8
+            lba = random.randrange(SIZE // bs) * (bs // 512)
             if write:
-                ids.append(kernel.submit(rw10(0x2A, lba, 8), data))
+                cdb = rw10(0x2A, lba, bs // 512)
+                ids.append(kernel.submit(cdb, data, fragment=fragment))
             else:
-                ids.append(kernel.submit(rw10(0x28, lba, 8), data_in=4096))
+                cdb = rw10(0x28, lba, bs // 512)
+                ids.append(kernel.submit(cdb, data_in=bs, fragment=fragment))
         kernel.signal()
         for done in kernel.wait(ids):
             assert done.status == 0, done
@@ -71,10 +77,10 @@ def run(
     for _ in range(10):
         batch()
     t0, c0, p0 = time.monotonic(), time.process_time(), _seconds(plane)
-    for _ in range(batches):
+    for _ in range(args.batches):
         batch()
     t1, c1, p1 = time.monotonic(), time.process_time(), _seconds(plane)
-    n = batches * depth
+    n = args.batches * depth
     return n / (t1 - t0), 1e6 * (c1 - c0) / n, 1e6 * (p1 - p0) / n
 
 
@@ -88,6 +94,8 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=300)
     parser.add_argument("--depth", type=int, default=32)
     parser.add_argument("--plane", action="store_true", help="serve from a data-plane process")
+    parser.add_argument("--bs", type=int, default=4096, help="bytes per request")
+    parser.add_argument("--fragment", action="store_true", help="one iovec per 4 KiB block")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sv-tcmu-cpu-", dir="/dev/shm"))
     try:
@@ -97,7 +105,8 @@ def main() -> int:
         pool.create_volume("v", SIZE)
         volume = pool.open_volume("v")
         volume.write(0, os.urandom(SIZE))
-        kernel = TcmuKernel(tmp, "storvisor/bench", ring_size=1 << 20, data_size=8 << 20)
+        data_size = max(8 << 20, 2 * args.depth * args.bs)
+        kernel = TcmuKernel(tmp, "storvisor/bench", ring_size=1 << 20, data_size=data_size)
         handler: TcmuHandler | TcmuDataPlane
         planes = qos = None
         pid = 0
@@ -130,8 +139,9 @@ def main() -> int:
         if isinstance(handler, TcmuDataPlane):
             (pid,) = handler.pids
         try:
-            for name, write in (("4k randread", False), ("4k randwrite", True)):
-                rate, cpu, plane = run(kernel, write, args.batches, args.depth, pid)
+            size = f"{args.bs // 1024}k" + (" fragmented" if args.fragment else "")
+            for name, write in ((f"{size} randread", False), (f"{size} randwrite", True)):
+                rate, cpu, plane = run(kernel, write, args, pid)
                 line = f"{name} qd{args.depth}: {rate:8,.0f} req/s, {cpu:5.1f} µs CPU/req"
                 if pid:
                     line += f" here, {plane:5.1f} µs in the data plane"

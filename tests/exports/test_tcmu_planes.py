@@ -133,6 +133,38 @@ def test_the_ring_is_served_in_a_data_plane_process(served: Served, planes: Data
     assert totals[IoOp.FLUSH].completed == 1
 
 
+def test_fragmented_commands_move_whole_and_in_order(served: Served) -> None:
+    """The plane moves a command's iovecs in one vectored call of its volume: one iovec
+    per 4 KiB block in descending address order lands in command order, and only the
+    transfer's bytes move when the iovecs hold more (the rest of a write's buffers is not
+    written, a read reports the transfer's length); the counts are the transfers'."""
+    kernel = served.kernel
+    before = read(served.volume, 0, 1 * MiB)
+    pattern = os.urandom(256 << 10)
+    cmd = kernel.submit(write16(1024, 512), pattern, fragment=True)  # 64 iovecs
+    kernel.signal()
+    good(kernel.wait([cmd])[0])
+    assert read(served.volume, 1024 * 512, len(pattern)) == pattern
+    cmd = kernel.submit(read16(1024, 512), data_in=len(pattern), fragment=True)
+    kernel.signal()
+    assert good(kernel.wait([cmd])[0]) == pattern
+    for fragment in (True, False):
+        # 12 blocks (6 KiB) in 8 KiB of buffers: two iovecs of 4 KiB, the second cut in its
+        # middle, or one iovec of 8 KiB
+        cmd = kernel.submit(read16(1024, 12), data_in=8192, fragment=fragment)
+        kernel.signal()
+        (done,) = kernel.wait([cmd])
+        assert (done.read_len, good(done)) == (6144, pattern[:6144])
+        extra = os.urandom(8192)
+        cmd = kernel.submit(write16(0, 12), extra, fragment=fragment)
+        kernel.signal()
+        good(kernel.wait([cmd])[0])
+        assert read(served.volume, 0, 8192) == extra[:6144] + before[6144:8192]
+    wait_until(lambda: served.stats.totals()[IoOp.WRITE].completed == 3, "the counts published")
+    assert served.stats.totals()[IoOp.WRITE].bytes == len(pattern) + 2 * 6144
+    wait_until(lambda: served.stats.totals()[IoOp.READ].bytes == len(pattern) + 2 * 6144, "reads")
+
+
 def test_a_killed_plane_leaves_its_commands_to_the_next(served: Served) -> None:
     kernel = served.kernel
     victim = served.pid

@@ -15,7 +15,10 @@ CDB to the sans-I/O SCSI emulation (``storvisor.protocols.scsi``) and runs the I
 of the batch itself, in ring order; then it completes the batch, writing every response into
 the ring and notifying the kernel once (a 4-byte ``write`` of the uio fd). Running a batch
 where it was fetched costs no thread hand-off: in a guest with emulated CPUs, waking a worker
-and the owner again for each batch cost more than the request itself.
+and the owner again for each batch cost more than the request itself. A READ or WRITE moves
+its data between the volume and its iovecs in the data area in one vectored call
+(``exports.vectors``: a data plane's volume, counted and throttled) however many iovecs the
+kernel made of it; a device without one is read and written iovec by iovec.
 
 A request that does not end (a stalled backing device) must not hold up the others. A
 *standby* thread wakes every ``TAKEOVER`` seconds and looks at the owner's progress stamp,
@@ -69,6 +72,7 @@ from storvisor.errors import (
     StorvisorError,
     Unavailable,
 )
+from storvisor.exports.vectors import vectors_of
 from storvisor.protocols import tcmu
 from storvisor.protocols.scsi import (
     BUSY,
@@ -238,6 +242,9 @@ class TcmuHandler:
         ring: UioRing | None = None,
     ) -> None:
         self.device = device
+        self.vectors = vectors_of(device)
+        """The device's vectored I/O: a command's iovecs in one call (``exports.vectors``);
+        None: iovec by iovec."""
         self.dev_config = dev_config
         self.identity = identity
         self.sysfs_root = sysfs_root
@@ -632,10 +639,17 @@ class TcmuHandler:
         kind = request.kind
         try:
             if kind is IoKind.READ:
-                _read(device, request.offset, request.length, iovecs)
+                if self.vectors is not None:
+                    self.vectors.read_into(request.offset, _first(iovecs, request.length))
+                else:
+                    _read(device, request.offset, request.length, iovecs)
                 return GOOD, request.length
             if kind is IoKind.WRITE:
-                _write(device, request.offset, request.length, iovecs, request.fua)
+                if self.vectors is not None:
+                    data = _first(iovecs, request.length)
+                    self.vectors.write(request.offset, data, fua=request.fua)
+                else:
+                    _write(device, request.offset, request.length, iovecs, request.fua)
             elif kind is IoKind.FLUSH:
                 device.flush()
             elif kind is IoKind.UNMAP:
@@ -716,6 +730,21 @@ def _scatter(data: Buffer, iovecs: Sequence[memoryview]) -> int | None:
         iov[:n] = data[pos : pos + n]
         pos += n
     return pos
+
+
+def _first(iovecs: Sequence[memoryview], length: int) -> list[memoryview]:
+    """The first ``length`` bytes of ``iovecs`` (which hold that many at least), as views."""
+    if len(iovecs) == 1:
+        return [iovecs[0][:length]]
+    views = []
+    for iov in iovecs:
+        n = len(iov)
+        if n >= length:
+            views.append(iov[:length] if n > length else iov)
+            break
+        views.append(iov)
+        length -= n
+    return views
 
 
 def _read(device: BlockDevice, offset: int, length: int, iovecs: Sequence[memoryview]) -> None:

@@ -47,7 +47,8 @@ shared bitmap, under one lock shared by the queue threads.
 
 Modules: ``server`` (the socket and the control thread), ``device`` (the ``BackendDevice`` of
 one connection), ``queues`` (queue threads and the I/O pool), ``peers`` (the links to the
-queue processes), ``file_io`` (vectored I/O on a raw file).
+queue processes); a request's buffers move through the device's vectored I/O when it has one
+(``exports.vectors``).
 """
 
 from storvisor.exports.vhost_user_blk.device import PROTOCOL_FEATURES, VIRTIO_FEATURES

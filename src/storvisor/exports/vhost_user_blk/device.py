@@ -15,12 +15,8 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from storvisor.engine.device import FileDevice
-from storvisor.engine.iostats import CountedDevice
-from storvisor.engine.qos import ThrottledDevice
 from storvisor.errors import LocalFailure, ProtocolError, QueueBroken
-from storvisor.exports.dataplane import RemoteVolume
-from storvisor.exports.vhost_user_blk.file_io import _FileVectors
+from storvisor.exports.vectors import vectors_of
 from storvisor.exports.vhost_user_blk.queues import _full_fence, _QueueWorker, _signal_eventfd
 from storvisor.protocols.vhost_user import inflight as infl
 from storvisor.protocols.vhost_user import messages as m
@@ -86,11 +82,7 @@ class _Device:
         self.block = server.device
         self.serial = server.serial.encode()[: blk.VIRTIO_BLK_ID_BYTES]
         self.read_only = server.read_only
-        self.vectored: blk.VectoredIO | None = None
-        if type(self.block) is FileDevice:  # a subclass may override read_into and write
-            self.vectored = _FileVectors(self.block)
-        elif isinstance(self.block, RemoteVolume | ThrottledDevice | CountedDevice):
-            self.vectored = self.block.vectors
+        self.vectored = vectors_of(self.block)
         self.writethrough = False
         n = server.num_queues
         self.kick_fds: list[int | None] = [None] * n
