@@ -19,6 +19,10 @@ APT_TEST += libvirt-daemon libvirt-daemon-driver-qemu
 # udev makes the /dev/disk/by-id links of SCSI LUNs in the guest of tests/openstack/guest_scsi.py
 APT_TEST += udev
 
+# The benchmarks' peers beyond the tests' (bench/tcmu_bench.py: tcmu-runner beside storvisor's
+# TCMU backstore)
+APT_BENCH := tcmu-runner
+
 # The OpenStack integration tests (tests/openstack) run from their own virtualenv with the
 # real cinder, os-brick and nova (requirements/openstack.txt), in their own pytest process:
 # importing Cinder patches eventlet. Rebuilt only when the requirements file changes.
@@ -88,7 +92,8 @@ apt-run:
 apt-test:
 	@scripts/apt-ensure $(APT_TEST)
 
-bench: venv
+bench: apt-test venv
+	@scripts/apt-ensure $(APT_BENCH)
 	$(PY) bench/run_all.py
 
 # Each mutation of tests/mutants.toml, alone, against the tests that must kill it (in a

@@ -1,4 +1,4 @@
-"""storvisor's TCMU backstore against LIO's own fileio backstore, in a TCG guest.
+"""storvisor's TCMU backstore against LIO's fileio backstore and tcmu-runner, in a TCG guest.
 
 LIO exists only in a guest here (the host kernel has none), so this boots a host-root guest
 (``storvisor.testing.guest``: this machine's kernel and userspace, the host root read-only
@@ -8,18 +8,24 @@ over 9p under a tmpfs overlay) and runs itself inside it with ``--inside``. Ther
   ``--size``, exported as a tcm_loop LUN (``storvisor export scsi``): backstore (a), TCMU;
 * a LIO fileio backstore (rtslib, write-back, as targetcli creates it) on a file of the same
   size on the same file system (the guest's ``/dev/shm``), also on a tcm_loop LUN: (b);
-* both disks written in full first (1 MiB sequential), so that reads find data everywhere
+* tcmu-runner (Debian's ``tcmu-runner``) serving a LIO ``user`` backstore of its ``qcow``
+  handler over a raw file of the same size on the same file system (a raw image is read and
+  written with ``preadv``/``pwritev`` by one I/O thread): the same kernel interface as
+  storvisor's, a handler written in C, also on a tcm_loop LUN: (c);
+* the disks written in full first (1 MiB sequential), so that reads find data everywhere
   and later writes overwrite, on the thin volume as on the file;
-* fio (libaio, O_DIRECT) on the two ``/dev/sdX``: 4k random read and write at qd32, 1 MiB
+* fio (libaio, O_DIRECT) on the three ``/dev/sdX``: 4k random read and write at qd32, 1 MiB
   sequential read and write at qd8, ``--seconds`` each after a one-second ramp, ``--rounds``
-  times; each round visits the workloads in turn and runs each on both disks one right
-  after the other, the order swapped every round, so that load from outside the guest (other
-  work on the host's cores) hits both alike.
+  times; each round visits the workloads in turn and runs each on every disk one right
+  after the other, the order rotated every round, so that load from outside the guest (other
+  work on the host's cores) hits them alike.
 
 The guest is TCG (no KVM), so only the ratios mean anything. For each run it records IOPS,
 MiB/s, the guest's CPU busy fraction and the CPU per request of the daemon and its data-plane
-processes, one of which serves the ring (TCMU runs only). The host prints medians, the ratio
-TCMU/fileio and the goal of each workload (0.5x for 4k, 0.8x for 1 MiB). Usage::
+processes, one of which serves the ring (TCMU runs only), and of tcmu-runner. The host prints
+medians, the ratio storvisor/fileio against the goal of each workload (0.5x for 4k, 0.8x for
+1 MiB), and what tcmu-runner reaches on the same interface (tcmu-runner/fileio,
+storvisor/tcmu-runner). Usage::
 
     .venv/bin/python bench/tcmu_bench.py [--seconds 10] [--rounds 3] [--size 256M]
         [--cpus 2] [--json results.json] [--profile 'randwrite qd32']
@@ -65,7 +71,11 @@ from storvisor.testing.guest import (  # noqa: E402
 MiB = 1 << 20
 STORVISOR = str(Path(sys.executable).with_name("storvisor"))
 PYSPY = str(Path(sys.executable).with_name("py-spy"))
-BACKSTORES = ("tcmu", "fileio")
+BACKSTORES = ("tcmu", "fileio", "runner")
+"""storvisor's TCMU backstore, LIO's fileio, tcmu-runner's (its qcow handler on a raw file)."""
+LIO_CONTROL = "hw_block_size=512,max_data_area_mb=32"
+"""The controls storvisor gives its TCMU backstores (``exports/lio.py``), given to
+tcmu-runner's too."""
 GOALS = {"4k": 0.5, "1M": 0.8}
 
 
@@ -142,6 +152,49 @@ def fileio_disk(path: Path, size: int) -> str:
     with open(path, "wb") as f:
         f.truncate(size)
     so = rts.FileIOStorageObject("bench-fileio", str(path), size=size, write_back=True)
+    return loop_disk(so)
+
+
+def start_runner(work: Path) -> subprocess.Popen[bytes]:
+    """tcmu-runner, logging to ``work``."""
+    binary = shutil.which("tcmu-runner")
+    if binary is None:
+        raise RuntimeError("tcmu-runner is not installed (apt-get install tcmu-runner)")
+    return subprocess.Popen(
+        [binary, "--tcmu-log-dir", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def runner_disk(path: Path, size: int, runner: subprocess.Popen[bytes]) -> str:
+    """A LIO ``user`` backstore of tcmu-runner's qcow handler over the raw file ``path``
+    (``size`` bytes) on a tcm_loop LUN: its /dev/sdX, once ``runner`` serves its ring."""
+    import rtslib_fb as rts
+
+    with open(path, "wb") as f:
+        f.truncate(size)
+    deadline = time.monotonic() + 60
+    so = None
+    while so is None:  # tcmu-runner answers the kernel's netlink events once it is up
+        try:
+            so = rts.UserBackedStorageObject(
+                "bench-runner", config=f"qcow/{path}", size=size, control=LIO_CONTROL
+            )
+        except rts.RTSLibError:
+            if runner.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    disk = loop_disk(so)
+    while not procs.open_files(runner.pid, "/dev/uio"):
+        if runner.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("tcmu-runner did not open the backstore's ring")
+        time.sleep(0.05)
+    return disk
+
+
+def loop_disk(so: Any) -> str:
+    """The storage object ``so`` as LUN 0 of a new tcm_loop target: its /dev/sdX."""
+    import rtslib_fb as rts
+
     target = rts.Target(rts.FabricModule("loopback"))
     tpg = rts.TPG(target, 1)
     rts.LUN(tpg, 0, so)
@@ -174,8 +227,9 @@ def cpu_ticks() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-def storvisor_seconds(pid: int) -> float:
-    """CPU seconds the daemon ``pid`` and its data-plane processes used so far."""
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds the process ``pid`` and its children (a daemon's data-plane processes)
+    used so far."""
     ticks = 0
     for member in procs.family(pid):
         info = procs.process(member)
@@ -221,10 +275,16 @@ def inside(args: argparse.Namespace) -> int:
     run(*cli, "pool", "create", "p", "--backing", f"{work / 'pool.img'}:{2 * size}")
     run(*cli, "volume", "create", "p/v", "--size", str(size))
     daemon = start_daemon(home)
+    runner = None
     try:
         tcmu = run(*cli, "export", "scsi", "p/v").split()[0]
         fileio = fileio_disk(work / "fileio.img", size)
-        disks = {"tcmu": tcmu, "fileio": fileio}
+        runner = start_runner(work)
+        disks = {
+            "tcmu": tcmu,
+            "fileio": fileio,
+            "runner": runner_disk(work / "raw.img", size, runner),
+        }
         log(f"disks {disks}, {os.cpu_count()} vCPU")
         for name, disk in disks.items():
             started = time.monotonic()
@@ -236,7 +296,8 @@ def inside(args: argparse.Namespace) -> int:
         runs: list[dict[str, Any]] = []
         for round_no in range(args.rounds):
             for w in WORKLOADS:
-                order = BACKSTORES if round_no % 2 == 0 else BACKSTORES[::-1]
+                turn = round_no % len(BACKSTORES)
+                order = BACKSTORES[turn:] + BACKSTORES[:turn]
                 for name in order:
                     spy = None
                     if name == "tcmu" and args.profile and args.profile in w.name:
@@ -247,9 +308,10 @@ def inside(args: argparse.Namespace) -> int:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                         )  # fmt: skip
                     busy0, total0 = cpu_ticks()
-                    cpu0 = storvisor_seconds(daemon.pid)
+                    server = {"tcmu": daemon.pid, "runner": runner.pid}.get(name)
+                    cpu0 = cpu_seconds(server) if server else 0.0
                     result = fio(disks[name], w, args.seconds, size)
-                    cpu = storvisor_seconds(daemon.pid) - cpu0
+                    cpu = cpu_seconds(server) - cpu0 if server else 0.0
                     busy1, total1 = cpu_ticks()
                     if spy is not None:
                         spy.send_signal(signal.SIGINT)
@@ -260,8 +322,8 @@ def inside(args: argparse.Namespace) -> int:
                         backstore=name,
                         guest_busy_pct=100 * (busy1 - busy0) / max(total1 - total0, 1),
                     )
-                    if name == "tcmu":
-                        result["storvisor_us_per_req"] = 1e6 * cpu / max(result["requests"], 1)
+                    if server:
+                        result["server_us_per_req"] = 1e6 * cpu / max(result["requests"], 1)
                     runs.append(result)
                     log(
                         f"round {round_no} {w.name:18} {name:6} {result['iops']:9,.0f} IOPS "
@@ -273,6 +335,9 @@ def inside(args: argparse.Namespace) -> int:
         # timeout at power-off
         subprocess.run([*cli, "export", "remove", "scsi/p/v"], capture_output=True, check=False)
         clear_lio()
+        if runner is not None:
+            runner.kill()
+            runner.wait()
         daemon.kill()
         daemon.wait()
     return 0
@@ -354,15 +419,19 @@ def echo_progress(guest: Guest, done: threading.Event) -> None:
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per workload: the medians of each backstore and the ratio of the medians."""
+    """Per workload: the medians of each backstore, and the ratios of the medians of
+    storvisor (``tcmu``) to fileio, tcmu-runner to fileio and storvisor to tcmu-runner, with
+    the range of storvisor/fileio over the rounds."""
     rows = []
     for w in WORKLOADS:
         row: dict[str, Any] = {"workload": w.name, "goal": w.goal}
         for name in BACKSTORES:
             mine = [r for r in runs if r["workload"] == w.name and r["backstore"] == name]
-            for key in ("iops", "mib_s", "guest_busy_pct", "storvisor_us_per_req"):
+            for key in ("iops", "mib_s", "guest_busy_pct", "server_us_per_req"):
                 values = [r[key] for r in mine if key in r]
                 row[f"{name}_{key}"] = statistics.median(values) if values else None
+        for top, bottom in (("tcmu", "fileio"), ("runner", "fileio"), ("tcmu", "runner")):
+            row[f"{top}/{bottom}"] = ratio(row[f"{top}_iops"], row[f"{bottom}_iops"])
         per_round = [
             t["iops"] / f["iops"]
             for t in runs
@@ -372,36 +441,45 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             and (t["backstore"], f["backstore"]) == ("tcmu", "fileio")
             and f["iops"]
         ]
-        row["ratio"] = row["tcmu_iops"] / row["fileio_iops"] if row["fileio_iops"] else None
         row["ratio_min"] = min(per_round, default=None)
         row["ratio_max"] = max(per_round, default=None)
         rows.append(row)
     return rows
 
 
+def ratio(top: float | None, bottom: float | None) -> float | None:
+    return top / bottom if top is not None and bottom else None
+
+
 def print_table(summary: list[dict[str, Any]]) -> None:
     header = [
-        "workload", "TCMU IOPS", "TCMU MiB/s", "fileio IOPS", "fileio MiB/s",
-        "TCMU/fileio", "rounds' range", "goal", "storvisor µs/req", "guest busy TCMU/fileio",
+        "workload", "storvisor IOPS", "MiB/s", "fileio IOPS", "MiB/s", "tcmu-runner IOPS",
+        "MiB/s", "storvisor/fileio", "rounds' range", "goal", "tcmu-runner/fileio",
+        "storvisor/tcmu-runner", "µs/req storvisor / tcmu-runner",
+        "guest busy storvisor / fileio / tcmu-runner",
     ]  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |")
     for row in summary:
-        ratio = row["ratio"]
-        met = "met" if ratio is not None and ratio >= row["goal"] else "missed"
-        cells = [
-            row["workload"],
-            f"{row['tcmu_iops']:,.0f}",
-            f"{row['tcmu_mib_s']:,.1f}",
-            f"{row['fileio_iops']:,.0f}",
-            f"{row['fileio_mib_s']:,.1f}",
-            "-" if ratio is None else f"{ratio:.2f}x",
+        mine = row["tcmu/fileio"]
+        met = "met" if mine is not None and mine >= row["goal"] else "missed"
+        cells = [row["workload"]]
+        for name in ("tcmu", "fileio", "runner"):
+            cells += [f"{row[f'{name}_iops']:,.0f}", f"{row[f'{name}_mib_s']:,.1f}"]
+        cells += [
+            times(mine),
             f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}x" if row["ratio_min"] else "-",
             f"{row['goal']:.1f}x {met}",
-            f"{row['tcmu_storvisor_us_per_req']:,.0f}",
-            f"{row['tcmu_guest_busy_pct']:.0f}% / {row['fileio_guest_busy_pct']:.0f}%",
+            times(row["runner/fileio"]),
+            times(row["tcmu/runner"]),
+            f"{row['tcmu_server_us_per_req']:,.0f} / {row['runner_server_us_per_req']:,.0f}",
+            " / ".join(f"{row[f'{name}_guest_busy_pct']:.0f}%" for name in BACKSTORES),
         ]
         print("| " + " | ".join(cells) + " |")
+
+
+def times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def main() -> int:
