@@ -8,6 +8,10 @@ moto server.
   requests (``Volume.write``: into the local image), then one ``flush``, which uploads them;
   the time is from the first write to the end of the flush;
 * ``boto3 get``: every object back, ``UPLOAD_THREADS`` threads, into memory;
+* ``boto3 get into a file``: the same, each body then written (``pwrite``) at its place in a
+  new file on the file system of storvisor's HOMEs: what keeping a local copy of the objects
+  costs by itself, the floor under the cold read of any pool that caches its objects on
+  local disk;
 * ``storvisor cold read``: the volume read in 1 MiB requests (``Volume.read_into``) on
   another HOME that has none of the pool's data, from the moment ``pool import`` returned
   (the pool is open over an empty local image; its objects are fetched in the background
@@ -101,8 +105,11 @@ def main() -> None:
         server.wait()
 
 
-def boto3_side(client: Any, bucket: str, data: bytes, object_size: int) -> tuple[float, float]:
-    """Seconds to put ``data`` as objects, then to get them all back."""
+def boto3_side(
+    client: Any, bucket: str, data: bytes, object_size: int
+) -> tuple[float, float, float]:
+    """Seconds to put ``data`` as objects, to get them all back, then to get them back into
+    a new file."""
     count = len(data) // object_size
     view = memoryview(data)
 
@@ -110,18 +117,26 @@ def boto3_side(client: Any, bucket: str, data: bytes, object_size: int) -> tuple
         chunk = view[i * object_size : (i + 1) * object_size]
         client.put_object(Bucket=bucket, Key=f"o{i}", Body=bytes(chunk))
 
-    def get(i: int) -> None:
-        client.get_object(Bucket=bucket, Key=f"o{i}")["Body"].read()
+    def get(i: int) -> bytes:
+        body: bytes = client.get_object(Bucket=bucket, Key=f"o{i}")["Body"].read()
+        return body
 
-    with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+    with ThreadPoolExecutor(UPLOAD_THREADS) as pool, tempfile.TemporaryFile() as copy:
+
+        def get_into_file(i: int) -> None:
+            os.pwrite(copy.fileno(), get(i), i * object_size)
+
         start = time.perf_counter()
         list(pool.map(put, range(count)))
         put_s = time.perf_counter() - start
         start = time.perf_counter()
         list(pool.map(get, range(count)))
         get_s = time.perf_counter() - start
+        start = time.perf_counter()
+        list(pool.map(get_into_file, range(count)))
+        get_file_s = time.perf_counter() - start
         list(pool.map(lambda i: client.delete_object(Bucket=bucket, Key=f"o{i}"), range(count)))
-    return put_s, get_s
+    return put_s, get_s, get_file_s
 
 
 def storvisor_side(url: str, bucket: str, data: bytes, object_size: int) -> tuple[float, ...]:
@@ -167,7 +182,8 @@ def run(url: str, mib: int, object_size: int, rounds: int) -> None:
     config = Config(max_pool_connections=32)
     client = boto3.client("s3", endpoint_url=url, region_name="us-east-1", config=config)
     data = os.urandom(mib * MiB)
-    times: dict[str, list[float]] = {k: [] for k in ("put", "get", "write", "import", "read")}
+    keys = ("put", "get", "get_file", "write", "import", "read")
+    times: dict[str, list[float]] = {k: [] for k in keys}
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     for r in range(rounds):
         raw, pool = f"raw{r}", f"pool{r}"
@@ -181,16 +197,18 @@ def run(url: str, mib: int, object_size: int, rounds: int) -> None:
             times["read"].append(rd)
 
         def theirs(raw: str = raw) -> None:
-            p, g = boto3_side(client, raw, data, object_size)
+            p, g, f = boto3_side(client, raw, data, object_size)
             times["put"].append(p)
             times["get"].append(g)
+            times["get_file"].append(f)
 
         sides: list[Callable[[], None]] = [theirs, ours] if r % 2 == 0 else [ours, theirs]
         for side in sides:
             side()
         print(
             f"round {r}: put {mib / times['put'][-1]:.0f}, write+flush"
-            f" {mib / times['write'][-1]:.0f}, get {mib / times['get'][-1]:.0f}, cold read"
+            f" {mib / times['write'][-1]:.0f}, get {mib / times['get'][-1]:.0f}, get into a"
+            f" file {mib / times['get_file'][-1]:.0f}, cold read"
             f" {mib / times['read'][-1]:.0f} MiB/s",
             flush=True,
         )
@@ -212,8 +230,14 @@ def run(url: str, mib: int, object_size: int, rounds: int) -> None:
     )
     print(f"{'boto3 get':<26}{rate('get'):8.1f} MiB/s")
     print(
+        f"{'boto3 get into a file':<26}{rate('get_file'):8.1f} MiB/s  "
+        f"{rate('get_file') / rate('get'):.2f}x of boto3 get  (rounds: {ratios('get_file', 'get')})"
+    )
+    print(
         f"{'storvisor cold read':<26}{rate('read'):8.1f} MiB/s  "
-        f"{rate('read') / rate('get'):.2f}x  (rounds: {ratios('read', 'get')})"
+        f"{rate('read') / rate('get'):.2f}x  (rounds: {ratios('read', 'get')}); "
+        f"{rate('read') / rate('get_file'):.2f}x of boto3 get into a file "
+        f"(rounds: {ratios('read', 'get_file')})"
     )
     both = [i + r for i, r in zip(times["import"], times["read"], strict=True)]
     each = " / ".join(f"{g / b:.2f}" for g, b in zip(times["get"], both, strict=True))
