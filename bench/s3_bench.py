@@ -4,9 +4,14 @@ moto server.
 
 * ``boto3 put``: ``--mib`` MiB as objects of ``--object-size`` MiB, ``UPLOAD_THREADS``
   threads (the object backing's parallelism), ``put_object`` of bytes already in memory;
+* ``boto3 put through a file``: the same MiB first written to a new file on the file system
+  of storvisor's HOMEs in 1 MiB ``pwrite``s and synced, then each object read back from it
+  and put, ``UPLOAD_THREADS`` threads: what a local copy of the data costs on the way to the
+  bucket, the floor under the writes of any pool that keeps them on local disk before it
+  uploads them;
 * ``storvisor write+flush``: the same MiB written to a volume of an S3 pool in 1 MiB
-  requests (``Volume.write``: into the local image), then one ``flush``, which uploads them;
-  the time is from the first write to the end of the flush;
+  requests (``Volume.write``: into the local image), then one ``flush``, which syncs the
+  image and uploads them; the time is from the first write to the end of the flush;
 * ``boto3 get``: every object back, ``UPLOAD_THREADS`` threads, into memory;
 * ``boto3 get into a file``: the same, each body then written (``pwrite``) at its place in a
   new file on the file system of storvisor's HOMEs: what keeping a local copy of the objects
@@ -105,13 +110,13 @@ def main() -> None:
         server.wait()
 
 
-def boto3_side(
-    client: Any, bucket: str, data: bytes, object_size: int
-) -> tuple[float, float, float]:
-    """Seconds to put ``data`` as objects, to get them all back, then to get them back into
-    a new file."""
+def boto3_side(client: Any, bucket: str, data: bytes, object_size: int) -> dict[str, float]:
+    """Seconds to put ``data`` as objects (``put``), to get them all back (``get``), to get
+    them back into a new file (``get_file``), and to put them through a file
+    (``put_file``)."""
     count = len(data) // object_size
     view = memoryview(data)
+    times: dict[str, float] = {}
 
     def put(i: int) -> None:
         chunk = view[i * object_size : (i + 1) * object_size]
@@ -121,22 +126,33 @@ def boto3_side(
         body: bytes = client.get_object(Bucket=bucket, Key=f"o{i}")["Body"].read()
         return body
 
-    with ThreadPoolExecutor(UPLOAD_THREADS) as pool, tempfile.TemporaryFile() as copy:
+    def timed(name: str, work: Callable[[int], object]) -> None:
+        start = time.perf_counter()
+        list(pool.map(work, range(count)))
+        times[name] = time.perf_counter() - start
 
-        def get_into_file(i: int) -> None:
-            os.pwrite(copy.fileno(), get(i), i * object_size)
+    with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+        timed("put", put)
+        timed("get", get)
+        with tempfile.TemporaryFile() as copy:
+            timed("get_file", lambda i: os.pwrite(copy.fileno(), get(i), i * object_size))
+        with tempfile.TemporaryFile() as local:
+            fd = local.fileno()
 
-        start = time.perf_counter()
-        list(pool.map(put, range(count)))
-        put_s = time.perf_counter() - start
-        start = time.perf_counter()
-        list(pool.map(get, range(count)))
-        get_s = time.perf_counter() - start
-        start = time.perf_counter()
-        list(pool.map(get_into_file, range(count)))
-        get_file_s = time.perf_counter() - start
-        list(pool.map(lambda i: client.delete_object(Bucket=bucket, Key=f"o{i}"), range(count)))
-    return put_s, get_s, get_file_s
+            def put_from_file(i: int) -> None:
+                body = os.pread(fd, object_size, i * object_size)
+                client.put_object(Bucket=bucket, Key=f"f{i}", Body=body)
+
+            start = time.perf_counter()
+            for offset in range(0, len(data), MiB):
+                os.pwrite(fd, view[offset : offset + MiB], offset)
+            os.fdatasync(fd)
+            written = time.perf_counter() - start
+            timed("put_file", put_from_file)
+            times["put_file"] += written
+        keys = [f"{prefix}{i}" for prefix in "of" for i in range(count)]
+        list(pool.map(lambda key: client.delete_object(Bucket=bucket, Key=key), keys))
+    return times
 
 
 def storvisor_side(url: str, bucket: str, data: bytes, object_size: int) -> tuple[float, ...]:
@@ -182,7 +198,7 @@ def run(url: str, mib: int, object_size: int, rounds: int) -> None:
     config = Config(max_pool_connections=32)
     client = boto3.client("s3", endpoint_url=url, region_name="us-east-1", config=config)
     data = os.urandom(mib * MiB)
-    keys = ("put", "get", "get_file", "write", "import", "read")
+    keys = ("put", "put_file", "get", "get_file", "write", "import", "read")
     times: dict[str, list[float]] = {k: [] for k in keys}
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     for r in range(rounds):
@@ -197,16 +213,15 @@ def run(url: str, mib: int, object_size: int, rounds: int) -> None:
             times["read"].append(rd)
 
         def theirs(raw: str = raw) -> None:
-            p, g, f = boto3_side(client, raw, data, object_size)
-            times["put"].append(p)
-            times["get"].append(g)
-            times["get_file"].append(f)
+            for key, seconds in boto3_side(client, raw, data, object_size).items():
+                times[key].append(seconds)
 
         sides: list[Callable[[], None]] = [theirs, ours] if r % 2 == 0 else [ours, theirs]
         for side in sides:
             side()
         print(
-            f"round {r}: put {mib / times['put'][-1]:.0f}, write+flush"
+            f"round {r}: put {mib / times['put'][-1]:.0f}, put through a file"
+            f" {mib / times['put_file'][-1]:.0f}, write+flush"
             f" {mib / times['write'][-1]:.0f}, get {mib / times['get'][-1]:.0f}, get into a"
             f" file {mib / times['get_file'][-1]:.0f}, cold read"
             f" {mib / times['read'][-1]:.0f} MiB/s",
@@ -225,8 +240,14 @@ def run(url: str, mib: int, object_size: int, rounds: int) -> None:
     print(f", {rounds} rounds")
     print(f"{'boto3 put':<26}{rate('put'):8.1f} MiB/s")
     print(
+        f"{'boto3 put through a file':<26}{rate('put_file'):8.1f} MiB/s  "
+        f"{rate('put_file') / rate('put'):.2f}x of boto3 put  (rounds: {ratios('put_file', 'put')})"
+    )
+    print(
         f"{'storvisor write+flush':<26}{rate('write'):8.1f} MiB/s  "
-        f"{rate('write') / rate('put'):.2f}x  (rounds: {ratios('write', 'put')})"
+        f"{rate('write') / rate('put'):.2f}x  (rounds: {ratios('write', 'put')}); "
+        f"{rate('write') / rate('put_file'):.2f}x of boto3 put through a file "
+        f"(rounds: {ratios('write', 'put_file')})"
     )
     print(f"{'boto3 get':<26}{rate('get'):8.1f} MiB/s")
     print(
