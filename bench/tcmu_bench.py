@@ -421,7 +421,7 @@ def echo_progress(guest: Guest, done: threading.Event) -> None:
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per workload: the medians of each backstore, and the ratios of the medians of
     storvisor (``tcmu``) to fileio, tcmu-runner to fileio and storvisor to tcmu-runner, with
-    the range of storvisor/fileio over the rounds."""
+    each round's ratio (``.../..._rounds``)."""
     rows = []
     for w in WORKLOADS:
         row: dict[str, Any] = {"workload": w.name, "goal": w.goal}
@@ -432,17 +432,16 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row[f"{name}_{key}"] = statistics.median(values) if values else None
         for top, bottom in (("tcmu", "fileio"), ("runner", "fileio"), ("tcmu", "runner")):
             row[f"{top}/{bottom}"] = ratio(row[f"{top}_iops"], row[f"{bottom}_iops"])
-        per_round = [
-            t["iops"] / f["iops"]
-            for t in runs
-            for f in runs
-            if t["workload"] == f["workload"] == w.name
-            and t["round"] == f["round"]
-            and (t["backstore"], f["backstore"]) == ("tcmu", "fileio")
-            and f["iops"]
-        ]
-        row["ratio_min"] = min(per_round, default=None)
-        row["ratio_max"] = max(per_round, default=None)
+            per_round = [
+                t["iops"] / b["iops"]
+                for t in runs
+                for b in runs
+                if t["workload"] == b["workload"] == w.name
+                and t["round"] == b["round"]
+                and (t["backstore"], b["backstore"]) == (top, bottom)
+                and b["iops"]
+            ]
+            row[f"{top}/{bottom}_rounds"] = per_round
         rows.append(row)
     return rows
 
@@ -454,8 +453,8 @@ def ratio(top: float | None, bottom: float | None) -> float | None:
 def print_table(summary: list[dict[str, Any]]) -> None:
     header = [
         "workload", "storvisor IOPS", "MiB/s", "fileio IOPS", "MiB/s", "tcmu-runner IOPS",
-        "MiB/s", "storvisor/fileio", "rounds' range", "goal", "tcmu-runner/fileio",
-        "storvisor/tcmu-runner", "µs/req storvisor / tcmu-runner",
+        "MiB/s", "storvisor/fileio (rounds)", "goal", "tcmu-runner/fileio (rounds)",
+        "storvisor/tcmu-runner (rounds)", "µs/req storvisor / tcmu-runner",
         "guest busy storvisor / fileio / tcmu-runner",
     ]  # fmt: skip
     print("| " + " | ".join(header) + " |")
@@ -467,19 +466,21 @@ def print_table(summary: list[dict[str, Any]]) -> None:
         for name in ("tcmu", "fileio", "runner"):
             cells += [f"{row[f'{name}_iops']:,.0f}", f"{row[f'{name}_mib_s']:,.1f}"]
         cells += [
-            times(mine),
-            f"{row['ratio_min']:.2f}-{row['ratio_max']:.2f}x" if row["ratio_min"] else "-",
+            with_rounds(row, "tcmu/fileio"),
             f"{row['goal']:.1f}x {met}",
-            times(row["runner/fileio"]),
-            times(row["tcmu/runner"]),
+            with_rounds(row, "runner/fileio"),
+            with_rounds(row, "tcmu/runner"),
             f"{row['tcmu_server_us_per_req']:,.0f} / {row['runner_server_us_per_req']:,.0f}",
             " / ".join(f"{row[f'{name}_guest_busy_pct']:.0f}%" for name in BACKSTORES),
         ]
         print("| " + " | ".join(cells) + " |")
 
 
-def times(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+def with_rounds(row: dict[str, Any], key: str) -> str:
+    """The ratio ``key`` of ``row``, then each round's: ``0.45x (0.38 / 0.49 / 0.45)``."""
+    value = row[key]
+    each = " / ".join(f"{x:.2f}" for x in row[f"{key}_rounds"])
+    return "-" if value is None else f"{value:.2f}x ({each})"
 
 
 def main() -> int:
