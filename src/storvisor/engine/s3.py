@@ -134,6 +134,8 @@ class _Endpoint:
         self.answered = time.monotonic()
         """When it last answered a request or a probe."""
         self.probing = False
+        self.returns = 0
+        """How many times a probe brought it back after it was marked down."""
 
 
 class Bucket:
@@ -148,7 +150,9 @@ class Bucket:
     leaves idle (the others were faster) is watched too, and a request never meets a
     failure that a probe could have found first. Each probe runs in a thread of its own, so
     a stalled endpoint delays no other's. While every endpoint is down a request waits up
-    to ``spec.down_timeout`` for one to come back, then fails with ``IOFailure`` (EIO).
+    to ``spec.down_timeout`` for one to come back, then fails with ``IOFailure`` (EIO);
+    an endpoint that comes back within that time takes the request again, even one that
+    failed on it before (so a pool of one endpoint rides out an endpoint's restart).
     ``close`` stops the probes.
     """
 
@@ -250,26 +254,24 @@ class Bucket:
 
     # ------------------------------------------------------------------------- requests
 
-    def _pick(self, tried: set[_Endpoint], wait: bool) -> _Endpoint | None:
-        """The best healthy endpoint not in ``tried``; waits up to ``down_timeout`` (if
-        ``wait``) while none is healthy. None if every healthy endpoint was tried or the wait
-        ran out."""
-        deadline = time.monotonic() + (self.spec.down_timeout if wait else 0)
+    def _pick(self, tried: dict[_Endpoint, int], deadline: float) -> _Endpoint | None:
+        """The best healthy endpoint this request has not tried, or has tried before a
+        probe last brought it back (``tried``: the endpoint's ``returns`` then) while
+        ``deadline`` has not passed; waits until ``deadline`` while none is healthy. None if
+        no endpoint can take the request."""
         with self._cond:
             self._start_prober()
             while True:
+                again = time.monotonic() < deadline
                 up = [e for e in self._endpoints if e.up]
-                fresh = [e for e in up if e not in tried]
+                fresh = [e for e in up if e not in tried or (again and tried[e] != e.returns)]
                 if fresh:
                     best = min(fresh, key=lambda e: (e.inflight, e.latency))
                     best.inflight += 1
                     return best
-                if up or self._closed:
+                if up or self._closed or not again:
                     return None
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self._cond.wait(left)
+                self._cond.wait(deadline - time.monotonic())
 
     def _mark(self, e: _Endpoint, ok: bool, seconds: float) -> None:
         with self._cond:
@@ -331,6 +333,7 @@ class Bucket:
                 e.answered = time.monotonic()
                 if not e.up:
                     e.up = True
+                    e.returns += 1
                     self._cond.notify_all()
                     log.info("S3 endpoint %s is back", e.url)
             elif e.up:
@@ -366,13 +369,14 @@ class Bucket:
         # the endpoint failed, not the request: no connection, no answer in time, a
         # connection closed before the whole answer came (headers or body)
         unreachable = (Unreachable, HTTPClientError, IncompleteReadError)
-        tried: set[_Endpoint] = set()
+        tried: dict[_Endpoint, int] = {}
         last: Exception | None = None
+        deadline = time.monotonic() + (self.spec.down_timeout if wait else 0)
         while True:
-            endpoint = self._pick(tried, wait)
+            endpoint = self._pick(tried, deadline)
             if endpoint is None:
                 break
-            tried.add(endpoint)
+            tried[endpoint] = endpoint.returns
             start = time.monotonic()
             try:
                 result = op(endpoint.client)
