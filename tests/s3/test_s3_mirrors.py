@@ -4,13 +4,14 @@ fails, and the data read back from the bucket alone is the writer's."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -22,8 +23,10 @@ from storvisor.api.service import Service
 from storvisor.engine import object_pool
 from storvisor.engine.home import Home
 from storvisor.engine.object_pool import object_backing
+from storvisor.engine.pool import Pool
 from storvisor.engine.s3 import Bucket, S3Spec
 from storvisor.engine.types import BackingSpec, EndpointState, PoolInfo, PoolState
+from storvisor.engine.volume import Volume
 from storvisor.errors import Conflict, IOFailure, NotFound, StorvisorError
 from waiting import Background, wait_until
 
@@ -218,22 +221,45 @@ def test_an_answer_cut_short_is_retried_on_another_endpoint(
         b.stop()
 
 
-def test_all_endpoints_down_fails_after_the_timeout_then_recovers(
-    aws_env: MotoServer, tmp_path: Path
-) -> None:
+@contextlib.contextmanager
+def _rewritten_behind_a_stopped_endpoint(
+    aws_env: MotoServer, tmp_path: Path, down_timeout: float
+) -> Iterator[tuple[Proxy, Pool, Volume]]:
+    """A pool of one endpoint (a proxy) whose volume's first block was written ("1") and
+    flushed, then written again ("2") after the proxy was stopped, unflushed. When the body
+    ends, the bucket alone must hold the second write."""
     bucket = aws_env.bucket()
     (a,) = proxies(aws_env, 1)
-    spec = S3Spec(bucket, (a.url,), REGION, timeout=1.0, down_timeout=2.0)
+    spec = S3Spec(bucket, (a.url,), REGION, timeout=1.0, down_timeout=down_timeout)
     home = Home(tmp_path / "home")
     try:
         home.create_s3_pool("m", spec, size=64 * MiB, object_size=MiB)
         pool = home.pool("m")
         pool.create_volume("v", MiB)
         volume = pool.open_volume("v")
+        assert isinstance(volume, Volume)
         volume.write(0, b"1" * 4096)
         volume.flush()
         a.stop()
         volume.write(0, b"2" * 4096)
+        yield a, pool, volume
+        volume.close()
+    finally:
+        home.close()
+        a.stop()
+    client = aws_env.client()
+    stored = b"".join(
+        client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        for key in aws_env.keys(bucket)
+        if key.startswith("data/")
+    )
+    assert b"2" * 4096 in stored and b"1" * 4096 not in stored
+
+
+def test_all_endpoints_down_fails_after_the_timeout_then_recovers(
+    aws_env: MotoServer, tmp_path: Path
+) -> None:
+    with _rewritten_behind_a_stopped_endpoint(aws_env, tmp_path, 2.0) as (a, _, volume):
         start = time.monotonic()
         with pytest.raises(IOFailure, match="no endpoint answers"):
             volume.flush()
@@ -243,17 +269,6 @@ def test_all_endpoints_down_fails_after_the_timeout_then_recovers(
         buf = bytearray(4096)
         volume.read_into(0, memoryview(buf))
         assert buf == b"2" * 4096
-        volume.close()
-    finally:
-        home.close()
-        a.stop()
-    client = aws_env.client()
-    stored = b"".join(
-        client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        for key in aws_env.keys(bucket)
-        if key.startswith("data/")
-    )
-    assert b"2" * 4096 in stored and b"1" * 4096 not in stored
 
 
 def test_a_flush_rides_out_a_restart_of_the_only_endpoint(
@@ -262,19 +277,7 @@ def test_a_flush_rides_out_a_restart_of_the_only_endpoint(
     """A request that failed on every endpoint (here the only one, restarting) is taken
     again by an endpoint that comes back within the down timeout: no error reaches the
     writer, and the data is in the bucket."""
-    bucket = aws_env.bucket()
-    (a,) = proxies(aws_env, 1)
-    spec = S3Spec(bucket, (a.url,), REGION, timeout=1.0, down_timeout=10.0)
-    home = Home(tmp_path / "home")
-    try:
-        home.create_s3_pool("m", spec, size=64 * MiB, object_size=MiB)
-        pool = home.pool("m")
-        pool.create_volume("v", MiB)
-        volume = pool.open_volume("v")
-        volume.write(0, b"1" * 4096)
-        volume.flush()
-        a.stop()
-        volume.write(0, b"2" * 4096)
+    with _rewritten_behind_a_stopped_endpoint(aws_env, tmp_path, 10.0) as (a, pool, volume):
         restart = threading.Timer(1.5, a.start)
         restart.start()
         start = time.monotonic()
@@ -284,17 +287,6 @@ def test_a_flush_rides_out_a_restart_of_the_only_endpoint(
         assert 1.5 <= took < 10.0, took
         (endpoint,) = pool.info().endpoints
         assert endpoint.state is EndpointState.UP and endpoint.errors >= 1
-        volume.close()
-    finally:
-        home.close()
-        a.stop()
-    client = aws_env.client()
-    stored = b"".join(
-        client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        for key in aws_env.keys(bucket)
-        if key.startswith("data/")
-    )
-    assert b"2" * 4096 in stored and b"1" * 4096 not in stored
 
 
 def _flushes(volume: object) -> bool:
