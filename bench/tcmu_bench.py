@@ -22,7 +22,8 @@ over 9p under a tmpfs overlay) and runs itself inside it with ``--inside``. Ther
 
 The guest is TCG (no KVM), so only the ratios mean anything. For each run it records IOPS,
 MiB/s, the guest's CPU busy fraction and the CPU per request of the daemon and its data-plane
-processes, one of which serves the ring (TCMU runs only), and of tcmu-runner. The host prints
+processes, one of which serves the ring (TCMU runs only; that process's own share in
+parentheses), and of tcmu-runner. The host prints
 medians, the ratio storvisor/fileio against the goal of each workload (0.5x for 4k, 0.8x for
 1 MiB), and what tcmu-runner reaches on the same interface (tcmu-runner/fileio,
 storvisor/tcmu-runner). Usage::
@@ -237,6 +238,12 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def process_seconds(pid: int) -> float:
+    """CPU seconds the process ``pid`` (alone) used so far; 0 for pid 0 or a process gone."""
+    info = procs.process(pid) if pid else None
+    return info.cpu_ticks / os.sysconf("SC_CLK_TCK") if info is not None else 0.0
+
+
 def ring_holder(pid: int) -> int:
     """The process of the daemon ``pid``'s family that serves the TCMU ring (holds the uio
     device open): a data-plane process, or the daemon."""
@@ -309,9 +316,12 @@ def inside(args: argparse.Namespace) -> int:
                         )  # fmt: skip
                     busy0, total0 = cpu_ticks()
                     server = {"tcmu": daemon.pid, "runner": runner.pid}.get(name)
+                    ring = ring_holder(daemon.pid) if name == "tcmu" else 0
                     cpu0 = cpu_seconds(server) if server else 0.0
+                    ring0 = process_seconds(ring)
                     result = fio(disks[name], w, args.seconds, size)
                     cpu = cpu_seconds(server) - cpu0 if server else 0.0
+                    ring_cpu = process_seconds(ring) - ring0
                     busy1, total1 = cpu_ticks()
                     if spy is not None:
                         spy.send_signal(signal.SIGINT)
@@ -324,6 +334,8 @@ def inside(args: argparse.Namespace) -> int:
                     )
                     if server:
                         result["server_us_per_req"] = 1e6 * cpu / max(result["requests"], 1)
+                    if ring:
+                        result["ring_us_per_req"] = 1e6 * ring_cpu / max(result["requests"], 1)
                     runs.append(result)
                     log(
                         f"round {round_no} {w.name:18} {name:6} {result['iops']:9,.0f} IOPS "
@@ -427,7 +439,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"workload": w.name, "goal": w.goal}
         for name in BACKSTORES:
             mine = [r for r in runs if r["workload"] == w.name and r["backstore"] == name]
-            for key in ("iops", "mib_s", "guest_busy_pct", "server_us_per_req"):
+            for key in ("iops", "mib_s", "guest_busy_pct", "server_us_per_req", "ring_us_per_req"):
                 values = [r[key] for r in mine if key in r]
                 row[f"{name}_{key}"] = statistics.median(values) if values else None
         for top, bottom in (("tcmu", "fileio"), ("runner", "fileio"), ("tcmu", "runner")):
@@ -454,7 +466,7 @@ def print_table(summary: list[dict[str, Any]]) -> None:
     header = [
         "workload", "storvisor IOPS", "MiB/s", "fileio IOPS", "MiB/s", "tcmu-runner IOPS",
         "MiB/s", "storvisor/fileio (rounds)", "goal", "tcmu-runner/fileio (rounds)",
-        "storvisor/tcmu-runner (rounds)", "µs/req storvisor / tcmu-runner",
+        "storvisor/tcmu-runner (rounds)", "µs/req storvisor (ring's process) / tcmu-runner",
         "guest busy storvisor / fileio / tcmu-runner",
     ]  # fmt: skip
     print("| " + " | ".join(header) + " |")
@@ -470,7 +482,8 @@ def print_table(summary: list[dict[str, Any]]) -> None:
             f"{row['goal']:.1f}x {met}",
             with_rounds(row, "runner/fileio"),
             with_rounds(row, "tcmu/runner"),
-            f"{row['tcmu_server_us_per_req']:,.0f} / {row['runner_server_us_per_req']:,.0f}",
+            f"{row['tcmu_server_us_per_req']:,.0f} ({row['tcmu_ring_us_per_req']:,.0f}) / "
+            f"{row['runner_server_us_per_req']:,.0f}",
             " / ".join(f"{row[f'{name}_guest_busy_pct']:.0f}%" for name in BACKSTORES),
         ]
         print("| " + " | ".join(cells) + " |")
