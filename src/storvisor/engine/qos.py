@@ -456,12 +456,12 @@ class _ThrottledVectors:
 
     def read_into(self, offset: int, views: list[memoryview]) -> None:
         if self._flag[0]:
-            self._qos.throttle(IoKind.READ, sum(len(v) for v in views))
+            self._qos.throttle(IoKind.READ, sum(map(len, views)))
         self._inner_read(offset, views)
 
     def write(self, offset: int, views: list[memoryview], *, fua: bool) -> None:
         if self._flag[0]:
-            self._qos.throttle(IoKind.WRITE, sum(len(v) for v in views))
+            self._qos.throttle(IoKind.WRITE, sum(map(len, views)))
         self._inner_write(offset, views, fua=fua)
 
 

@@ -498,7 +498,7 @@ class RemoteVolume:
 
     def _read_owner(self, offset: int, views: list[memoryview]) -> None:
         """Have the owner read ``views`` (a bounded volume, see the module docstring)."""
-        length = sum(len(view) for view in views)
+        length = sum(map(len, views))
         if not length:
             return
         data = memoryview(self._call(Op.READ, 0, offset, length))
@@ -618,7 +618,7 @@ class RemoteVolume:
     def _cached_read(self, offset: int, views: list[memoryview], generation: int) -> None:
         """Read through the cache tier: cached lines here, the rest from the owner."""
         lines = self._lines_of(generation)
-        length = sum(len(view) for view in views)
+        length = sum(map(len, views))
         if lines is None or not length:
             self._read_owner(offset, views)
             return
@@ -667,7 +667,7 @@ class RemoteVolume:
         """Write through the cache tier: in place into lines dirty in the open epoch,
         the rest by the owner."""
         lines = self._lines_of(generation)
-        length = sum(len(view) for view in views)
+        length = sum(map(len, views))
         if not length:
             return
         remote: list[tuple[int, int]] = []  # (position in the request, length)
@@ -1095,7 +1095,7 @@ class _RemoteVectors:
             return
         if len(views) == 1 and v._read_one(offset, views[0]):
             return
-        length = sum(len(view) for view in views)
+        length = sum(map(len, views))
         if not length:
             return
         gate = v._gate
@@ -1138,7 +1138,7 @@ class _RemoteVectors:
             if fua:
                 v._call(Op.FLUSH)
             return
-        length = sum(len(view) for view in views)
+        length = sum(map(len, views))
         gate = v._gate
         remote: list[tuple[int, int]] = []  # (position in the request, length)
         if not length:

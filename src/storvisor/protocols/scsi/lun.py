@@ -487,7 +487,7 @@ class ScsiLun:
             return check_condition(INVALID_FIELD_IN_CDB)
         kind = IoKind.WRITE if writing else IoKind.READ
         fua = writing and (fua or not self.write_cache)
-        return IoRequest(kind, lba * self.block_size, length, fua=fua)
+        return IoRequest(kind, lba * self.block_size, length, fua)  # positional: faster
 
     def _synchronize_cache(self, cdb: bytes, data: Sequence[Buffer]) -> Reply | IoRequest:
         if cdb[0] == SYNCHRONIZE_CACHE_10:
