@@ -5,7 +5,10 @@ then all of it: an endpoint that answers late), made to cut answers (it forwards
 first chunk of what the server sends, then closes the connection: a response ends early),
 or slowed (``rate``: each connection's answers, in bytes per second), or made to corrupt
 answers (``corrupting``: one byte flipped in every chunk of an answer that carries no
-status line, so bodies change and headers do not)."""
+status line, so bodies change and headers do not), or made to lose one answer
+(``lose_answer``: the server does the next matching request, the client never hears of it:
+the connection closes before the final answer; a ``100 Continue`` still goes through, so
+that the client sends the body)."""
 
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ class Proxy:
         self.corrupting = threading.Event()
         self.rate = 0.0
         """Bytes per second of each connection's answers (0: as fast as they come)."""
+        self._lose: bytes | None = None
+        self.lost = 0
+        """Answers lost so far (``lose_answer``)."""
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._listener: socket.socket | None = None
@@ -63,6 +69,13 @@ class Proxy:
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
 
+    def lose_answer(self, request_line: bytes) -> None:
+        """Lose the answer to the next request whose first line starts with
+        ``request_line`` (say ``b"PUT /bucket/key"``): forwarded to the server, its answer
+        swallowed and the connection closed."""
+        with self._lock:
+            self._lose = request_line
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -80,10 +93,13 @@ class Proxy:
                     server.close()
                     return
                 self._conns += [client, server]
+            deaf = threading.Event()  # this connection's next answer is lost
             for a, b, answers in ((client, server, False), (server, client, True)):
-                threading.Thread(target=self._pump, args=(a, b, answers), daemon=True).start()
+                threading.Thread(target=self._pump, args=(a, b, answers, deaf), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, answers: bool, deaf: threading.Event
+    ) -> None:
         due = 0.0  # when the answers forwarded so far are due at ``rate``
         try:
             while True:
@@ -92,6 +108,19 @@ class Proxy:
                     break
                 if self.stalled.is_set():
                     continue  # swallowed: the peer waits for an answer that never comes
+                if not answers and self._lose is not None:
+                    with self._lock:
+                        if self._lose is not None and data.startswith(self._lose):
+                            self._lose = None
+                            deaf.set()
+                if answers and deaf.is_set() and not data.startswith(b"HTTP/1.1 100 "):
+                    with self._lock:
+                        self.lost += 1
+                    with contextlib.suppress(OSError):
+                        src.shutdown(socket.SHUT_RDWR)
+                    with contextlib.suppress(OSError):
+                        dst.shutdown(socket.SHUT_RDWR)
+                    break
                 while self.held.is_set():
                     time.sleep(0.01)
                 rate = self.rate

@@ -24,7 +24,7 @@ from storvisor.engine import object_pool
 from storvisor.engine.home import Home
 from storvisor.engine.object_pool import object_backing
 from storvisor.engine.pool import Pool
-from storvisor.engine.s3 import Bucket, S3Spec
+from storvisor.engine.s3 import LEASE_KEY, Bucket, S3Spec
 from storvisor.engine.types import BackingSpec, EndpointState, PoolInfo, PoolState
 from storvisor.engine.volume import Volume
 from storvisor.errors import Conflict, IOFailure, NotFound, StorvisorError
@@ -287,6 +287,39 @@ def test_a_flush_rides_out_a_restart_of_the_only_endpoint(
         assert 1.5 <= took < 10.0, took
         (endpoint,) = pool.info().endpoints
         assert endpoint.state is EndpointState.UP and endpoint.errors >= 1
+
+
+def test_a_lease_take_whose_answer_was_lost_is_taken(aws_env: MotoServer, tmp_path: Path) -> None:
+    """The import's conditional PUT of the lease is done by the store, but its answer is
+    lost: the PUT is sent again (the S3 client retries it), its condition then fails, and
+    the lease read again is the one the import wrote: the import goes on, one epoch ahead."""
+    bucket = aws_env.bucket()
+    (a,) = proxies(aws_env, 1)
+    spec = S3Spec(bucket, (a.url,), REGION, timeout=1.0, down_timeout=10.0)
+    first = Home(tmp_path / "first")
+    try:
+        first.create_s3_pool("m", spec, size=64 * MiB, object_size=MiB)
+        first.pool("m")
+    finally:
+        first.close()  # releases the lease
+    released = Bucket(spec)
+    try:
+        before = released.lease()
+        assert before is not None and not before.held
+        a.lose_answer(f"PUT /{bucket}/{LEASE_KEY}".encode())
+        second = Home(tmp_path / "second")
+        try:
+            second.import_s3_pool("m", spec)
+            assert a.lost == 1, "the answer to the lease's PUT was not lost"
+        finally:
+            second.close()
+        after = released.lease()
+        # taken once by the second HOME (one epoch ahead), then released by its close
+        assert after is not None and after.epoch == before.epoch + 1, after
+        assert after.owner != before.owner and not after.held
+    finally:
+        released.close()
+        a.stop()
 
 
 def _flushes(volume: object) -> bool:

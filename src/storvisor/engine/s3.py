@@ -523,13 +523,25 @@ class Bucket:
 
     def take_lease(self, owner: str, previous: Lease | None) -> Lease:
         """Take the lease over ``previous`` (None: there is none) with a conditional PUT.
-        Raises ``Conflict`` if it changed since ``previous`` was read."""
+        Raises ``Conflict`` if it changed since ``previous`` was read.
+
+        A PUT whose answer was lost (the connection closed before it) is sent again, by the
+        S3 client (which retries once) or on an endpoint; if the first one was done, the
+        retry's condition fails. So a failed condition reads the lease again: when it is the
+        one this take wrote (the same epoch, owner and state; owners are unique), the lease
+        is taken."""
         epoch = 1 if previous is None else previous.epoch + 1
         body = json.dumps({"epoch": epoch, "owner": owner, "state": "held"}).encode()
-        if previous is None:
-            etag = self.put(LEASE_KEY, body, if_none_match=True)
-        else:
-            etag = self.put(LEASE_KEY, body, if_match=previous.etag)
+        try:
+            if previous is None:
+                etag = self.put(LEASE_KEY, body, if_none_match=True)
+            else:
+                etag = self.put(LEASE_KEY, body, if_match=previous.etag)
+        except Conflict:
+            now = self.lease()
+            if now is None or (now.epoch, now.owner, now.held) != (epoch, owner, True):
+                raise
+            return now
         return Lease(epoch, owner, True, etag)
 
     def release_lease(self, held: Lease) -> None:
