@@ -322,6 +322,60 @@ def test_a_lease_take_whose_answer_was_lost_is_taken(aws_env: MotoServer, tmp_pa
         a.stop()
 
 
+def test_the_client_retries_nothing_by_itself(aws_env: MotoServer) -> None:
+    """A request whose answer is lost is a failure of its endpoint that the bucket sees
+    (marked down, retried once a probe brings it back), not one the S3 client hides by
+    sending it again itself (two timeouts per endpoint before a failover)."""
+    bucket = aws_env.bucket()
+    (a,) = proxies(aws_env, 1)
+    s3 = Bucket(S3Spec(bucket, (a.url,), REGION, timeout=1.0, down_timeout=10.0))
+    try:
+        s3.check_bucket()
+        a.lose_answer(f"PUT /{bucket}/data/0000000000000001".encode())
+        s3.put("data/0000000000000001", b"x" * 4096)
+        assert a.lost == 1
+        (endpoint,) = s3.endpoints()
+        assert endpoint.errors == 1, endpoint
+        assert s3.get("data/0000000000000001") is not None
+    finally:
+        s3.close()
+        a.stop()
+
+
+def test_a_server_error_goes_to_another_endpoint(aws_env: MotoServer) -> None:
+    """A 5xx answer (SlowDown, InternalError) is the endpoint failing: the request goes to
+    the other endpoint at once. A 4xx answer is the request's own error: no retry."""
+    from botocore.exceptions import ClientError
+
+    bucket = aws_env.bucket()
+    a, b = proxies(aws_env, 2)
+    s3 = Bucket(S3Spec(bucket, (a.url, b.url), REGION, timeout=1.0, down_timeout=10.0))
+    used: list[object] = []
+
+    def answers(status: int, code: str) -> Callable[[object], str]:
+        def op(client: object) -> str:
+            used.append(client)
+            if len(used) == 1:
+                error = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+                raise ClientError(error, "PutObject")  # type: ignore[arg-type]
+            return "done"
+
+        return op
+
+    try:
+        assert s3._call("a test", answers(503, "SlowDown")) == "done"
+        assert len(used) == 2 and used[0] is not used[1]
+        assert sorted(e.errors for e in s3.endpoints()) == [0, 1]
+        used.clear()
+        with pytest.raises(IOFailure, match="InvalidRequest"):
+            s3._call("a test", answers(400, "InvalidRequest"))
+        assert len(used) == 1
+    finally:
+        s3.close()
+        a.stop()
+        b.stop()
+
+
 def _flushes(volume: object) -> bool:
     try:
         volume.flush()  # type: ignore[attr-defined]

@@ -62,6 +62,10 @@ DEFAULT_OBJECT_SIZE = 4 << 20
 _CREDENTIAL_CODES = frozenset(
     {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "403"}
 )
+_ENDPOINT_FAILED = frozenset({500, 502, 503, 504})
+"""HTTP statuses that say the endpoint failed the request, not that the request is wrong
+(S3's InternalError, SlowDown, ServiceUnavailable): such a request goes to another
+endpoint, or waits for one, as if this one had not answered."""
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -142,8 +146,9 @@ class Bucket:
     """A pool's bucket through its endpoints. Thread-safe (boto3 clients are).
 
     Requests go to the healthy endpoint with the fewest requests in flight (then the
-    fastest). An endpoint that cannot be reached or does not answer within
-    ``spec.timeout`` is marked down and the request is retried on another at once. A
+    fastest). An endpoint that cannot be reached, does not answer within ``spec.timeout``
+    or answers with a server error (5xx: InternalError, SlowDown...) is marked down and the
+    request is retried on another at once; the S3 client itself retries nothing. A
     background thread probes (``HEAD`` of the bucket) every ``PROBE_INTERVAL`` seconds the
     down endpoints, which it brings back when they answer, and the healthy ones that nothing
     was asked of meanwhile, which it marks down when they do not: an endpoint the balancing
@@ -179,7 +184,9 @@ class Bucket:
         config = Config(
             connect_timeout=spec.timeout,
             read_timeout=spec.timeout,
-            retries={"max_attempts": 1, "mode": "standard"},  # other endpoints retry
+            # no retry of the client's own: ``_call`` retries, on another endpoint (botocore's
+            # ``max_attempts`` counts retries, ``total_max_attempts`` attempts)
+            retries={"total_max_attempts": 1, "mode": "standard"},
             max_pool_connections=32,
         )
         self._config = config
@@ -355,8 +362,8 @@ class Bucket:
 
     def _call(self, what: str, op: Callable[[Any], T], *, wait: bool = True) -> T:
         """Run ``op(client)`` on the best healthy endpoint, on another one at once when it
-        cannot be reached or times out; translate the client's errors. ``wait``: wait for
-        an endpoint to come back when all are down."""
+        cannot be reached, times out or answers with a server error (5xx); translate the
+        client's errors. ``wait``: wait for an endpoint to come back when all are down."""
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
@@ -391,6 +398,10 @@ class Bucket:
                     "a credentials file"
                 ) from e
             except ClientError as e:
+                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in _ENDPOINT_FAILED:
+                    self._mark(endpoint, False, 0)
+                    last = e
+                    continue
                 self._mark(endpoint, True, time.monotonic() - start)
                 raise self._translate(what, e) from e
             except BotoCoreError as e:
