@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from storvisor.errors import IOFailure
@@ -79,6 +79,25 @@ def write_route(fd: int) -> Callable[[list[memoryview], int], None] | None:
 def routed() -> bool:
     """Whether any fd of this process is routed."""
     return bool(_readers)
+
+
+def slice_views(views: Sequence[memoryview], start: int, length: int) -> list[memoryview]:
+    """The bytes of ``views`` (concatenated) from ``start`` for ``length`` bytes, as views of
+    them (no copy): a buffer wholly inside the range is returned as it is, the ones at its
+    ends sliced."""
+    out: list[memoryview] = []
+    for view in views:
+        n = len(view)
+        if start >= n:
+            start -= n
+            continue
+        take = min(n - start, length)
+        out.append(view[start : start + take] if start or take != n else view)
+        length -= take
+        start = 0
+        if not length:
+            break
+    return out
 
 
 def preadv_full(

@@ -536,9 +536,9 @@ class Bucket:
         """Take the lease over ``previous`` (None: there is none) with a conditional PUT.
         Raises ``Conflict`` if it changed since ``previous`` was read.
 
-        A PUT whose answer was lost (the connection closed before it) is sent again, by the
-        S3 client (which retries once) or on an endpoint; if the first one was done, the
-        retry's condition fails. So a failed condition reads the lease again: when it is the
+        A PUT whose answer was lost (the connection closed before it) is sent again once
+        an endpoint takes it (``_call``); if the first one was done, the retry's condition
+        fails. So a failed condition reads the lease again: when it is the
         one this take wrote (the same epoch, owner and state; owners are unique), the lease
         is taken."""
         epoch = 1 if previous is None else previous.epoch + 1

@@ -73,7 +73,7 @@ from queue import SimpleQueue
 
 from storvisor.engine.cachelines import LinesReader
 from storvisor.engine.device import Buffer, Extent
-from storvisor.engine.pio import preadv_full, pwritev_full
+from storvisor.engine.pio import preadv_full, pwritev_full, slice_views
 from storvisor.engine.sharedmap import Gate, MapReader, SharedMap
 from storvisor.engine.types import BackingOp
 from storvisor.engine.volume import Volume
@@ -639,7 +639,7 @@ class RemoteVolume:
                     at = offset + pos
                     within = at & (cs - 1)
                     n = min(cs - within, length - pos)
-                    part = views if n == length else _slice(views, pos, n)
+                    part = views if n == length else slice_views(views, pos, n)
                     place = m.lookup(at >> self._shift)
                     if place is None:
                         for view in part:
@@ -659,7 +659,7 @@ class RemoteVolume:
         if due:
             self._tell_hits(due)
         for pos, n in misses:
-            self._read_owner(offset + pos, _slice(views, pos, n))
+            self._read_owner(offset + pos, slice_views(views, pos, n))
 
     def _cached_write(
         self, offset: int, views: list[memoryview], fua: bool, generation: int
@@ -687,7 +687,7 @@ class RemoteVolume:
                     at = offset + pos
                     within = at & (cs - 1)
                     n = min(cs - within, length - pos)
-                    part = views if n == length else _slice(views, pos, n)
+                    part = views if n == length else slice_views(views, pos, n)
                     place = m.lookup(at >> self._shift)
                     if (
                         place is not None
@@ -708,7 +708,7 @@ class RemoteVolume:
         if due:
             self._tell_hits(due)
         for pos, n in remote:  # outside the gate: the owner may freeze it meanwhile
-            data = b"".join(_slice(views, pos, n))
+            data = b"".join(slice_views(views, pos, n))
             self._call(Op.WRITE, 0, offset + pos, n, data)
         if fua:
             self._call(Op.FLUSH)
@@ -1061,23 +1061,6 @@ class _NeedFd(Exception):
         self.index = index
 
 
-def _slice(views: list[memoryview], start: int, length: int) -> list[memoryview]:
-    """The buffers of ``views`` (concatenated) from ``start`` for ``length`` bytes."""
-    out: list[memoryview] = []
-    for view in views:
-        n = len(view)
-        if start >= n:
-            start -= n
-            continue
-        take = min(n - start, length)
-        out.append(view[start : start + take] if start or take != n else view)
-        length -= take
-        start = 0
-        if not length:
-            break
-    return out
-
-
 class _RemoteVectors:
     """``blk.VectoredIO`` for a ``RemoteVolume``; ranges are checked by the caller."""
 
@@ -1110,7 +1093,7 @@ class _RemoteVectors:
                 return
             pos = 0
             for fd, where, n, _ in runs:
-                part = _slice(views, pos, n)
+                part = slice_views(views, pos, n)
                 if fd < 0:
                     for view in part:
                         _fill_zeros(view, v._zeros)
@@ -1153,7 +1136,7 @@ class _RemoteVectors:
             for fd, where, n, owned in runs:
                 if owned:
                     try:
-                        pwritev_full(fd, _slice(views, pos, n), where)
+                        pwritev_full(fd, slice_views(views, pos, n), where)
                     finally:  # a failed write may have changed part of the range
                         v._mark(fd, where, n)
                 else:
@@ -1165,7 +1148,7 @@ class _RemoteVectors:
         finally:
             gate.leave()
         for pos, n in remote:  # outside the gate: the owner may freeze it meanwhile
-            data = b"".join(_slice(views, pos, n))
+            data = b"".join(slice_views(views, pos, n))
             v._call(Op.WRITE, 0, offset + pos, n, data)
         if fua:
             v._call(Op.FLUSH)

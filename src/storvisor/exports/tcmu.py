@@ -62,6 +62,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from storvisor.engine.device import BlockDevice, Buffer
+from storvisor.engine.pio import slice_views
 from storvisor.errors import (
     InvalidArgument,
     IOFailure,
@@ -640,13 +641,13 @@ class TcmuHandler:
         try:
             if kind is IoKind.READ:
                 if self.vectors is not None:
-                    self.vectors.read_into(request.offset, _first(iovecs, request.length))
+                    self.vectors.read_into(request.offset, slice_views(iovecs, 0, request.length))
                 else:
                     _read(device, request.offset, request.length, iovecs)
                 return GOOD, request.length
             if kind is IoKind.WRITE:
                 if self.vectors is not None:
-                    data = _first(iovecs, request.length)
+                    data = slice_views(iovecs, 0, request.length)
                     self.vectors.write(request.offset, data, fua=request.fua)
                 else:
                     _write(device, request.offset, request.length, iovecs, request.fua)
@@ -730,21 +731,6 @@ def _scatter(data: Buffer, iovecs: Sequence[memoryview]) -> int | None:
         iov[:n] = data[pos : pos + n]
         pos += n
     return pos
-
-
-def _first(iovecs: Sequence[memoryview], length: int) -> list[memoryview]:
-    """The first ``length`` bytes of ``iovecs`` (which hold that many at least), as views."""
-    if len(iovecs) == 1:
-        return [iovecs[0][:length]]
-    views = []
-    for iov in iovecs:
-        n = len(iov)
-        if n >= length:
-            views.append(iov[:length] if n > length else iov)
-            break
-        views.append(iov)
-        length -= n
-    return views
 
 
 def _read(device: BlockDevice, offset: int, length: int, iovecs: Sequence[memoryview]) -> None:
